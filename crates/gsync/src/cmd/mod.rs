@@ -1,0 +1,4 @@
+//! One module per group of subcommands.
+
+pub(crate) mod outbox;
+pub(crate) mod serve;

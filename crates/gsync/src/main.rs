@@ -1,0 +1,53 @@
+//! `gsync`: inspect and drain guardian-sync outboxes, run the reference server, demo.
+
+mod cmd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Command-line tool for guardian-sync.
+#[derive(Debug, Parser)]
+#[command(name = "gsync", version, about)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every subcommand understands.
+#[derive(Debug, Args)]
+pub(crate) struct Global {
+    /// Outbox file to work on.
+    #[arg(long, global = true, env = "GSYNC_OUTBOX", default_value = "gsync.db")]
+    pub(crate) outbox: PathBuf,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Outbox(cmd::outbox::Command),
+    /// Run the reference backend (wire protocol v1).
+    Serve(cmd::serve::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
+        Command::Serve(args) => cmd::serve::run(&cli.global, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, no backtrace: user errors are not crashes.
+            eprintln!("gsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Wire protocol v1 of guardian-sync.
+//!
+//! These types are the contract between the engine (`guardian-sync`) and any
+//! backend, including the reference one (`guardian-server`). Both sides
+//! serialize exactly these structs, so a field renamed here is a protocol
+//! change: bump [`PROTOCOL_VERSION`] and keep the old shape readable.
+
+#![warn(missing_docs)]
+
+mod problem;
+mod validate;
+
+pub use problem::{problem_type, Problem, PROBLEM_CONTENT_TYPE};
+pub use validate::{validate_entity_id, validate_entity_type, ValidationError};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Version of the wire protocol described by this crate.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// HTTP header names used by the protocol (lower case, as `http` wants them).
+pub mod header {
+    /// Carries the client-chosen idempotency key of a mutation.
+    pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+    /// Set to `true` on a response replayed from the idempotency store.
+    pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+}
+
+/// An entity as the server stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Entity {
+    /// Entity type, `[a-z][a-z0-9_]{0,63}`.
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// Entity id, `[A-Za-z0-9._-]{1,128}`.
+    pub id: String,
+    /// Server version: 1 on create, +1 on every change (a delete included).
+    pub version: u64,
+    /// The entity's data, a JSON object (`null` once deleted).
+    pub data: Value,
+    /// Time of the last change, RFC 3339 in UTC.
+    pub updated_at: String,
+    /// True once the entity has been deleted (a tombstone).
+    pub deleted: bool,
+}
+
+/// Body of `POST /v1/entities/{type}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct CreateRequest {
+    /// Client-chosen id of the new entity.
+    pub id: String,
+    /// Initial data, a JSON object.
+    pub data: Value,
+}
+
+/// Body of `PUT /v1/entities/{type}/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UpdateRequest {
+    /// New data, a JSON object that replaces the old one.
+    pub data: Value,
+}
+
+/// Kind of a mutation, in batches and in the change feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MutationKind {
+    /// Create a new entity.
+    Create,
+    /// Replace the data of an existing entity.
+    Update,
+    /// Delete an entity (leaves a tombstone).
+    Delete,
+}
+
+impl MutationKind {
+    /// The lower-case wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Delete => "delete",
+        }
+    }
+}
+
+/// One op of a `POST /v1/batch` request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchOp {
+    /// What to do.
+    pub op: MutationKind,
+    /// Entity type.
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// Data for create and update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// Expected current version (as `If-Match` on a single request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_match: Option<u64>,
+    /// This op's own idempotency key.
+    pub idempotency_key: String,
+}
+
+/// Body of `POST /v1/batch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchRequest {
+    /// Ops, applied in order.
+    pub ops: Vec<BatchOp>,
+}
+
+/// Result of one batch op, at the same index as the op.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchResult {
+    /// The HTTP status the op would have had as a single request.
+    pub status: u16,
+    /// The body it would have had (an entity, a problem, or null for 204).
+    #[serde(default)]
+    pub body: Value,
+    /// True when replayed from the idempotency store.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
+/// Body of a `POST /v1/batch` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct BatchResponse {
+    /// One result per op, in op order.
+    pub results: Vec<BatchResult>,
+}
+
+/// One entry of the per-tenant change feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Change {
+    /// Per-tenant cursor, strictly increasing with no gaps.
+    pub cursor: u64,
+    /// What happened.
+    pub op: MutationKind,
+    /// Entity type.
+    #[serde(rename = "type")]
+    pub entity_type: String,
+    /// Entity id.
+    pub id: String,
+    /// Entity version after the change.
+    pub version: u64,
+    /// Entity data after the change, `null` for deletes.
+    #[serde(default)]
+    pub data: Value,
+}
+
+/// Body of a `GET /v1/changes` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ChangesPage {
+    /// Changes after `since`, in cursor order.
+    pub changes: Vec<Change>,
+    /// Cursor to pass as `since` for the next page.
+    pub next: u64,
+}
+
+/// A frame of the `GET /v1/realtime` WebSocket, server to client.
+///
+/// DESIGN §10 wrote a change frame as `{"type":"change", ...change}`, but a
+/// change has its own `type` member (the entity type), so the change is
+/// nested instead: `{"type":"change","change":{...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RealtimeFrame {
+    /// First frame: the feed's current cursor at connect time.
+    Hello {
+        /// Latest cursor of the tenant's feed.
+        cursor: u64,
+    },
+    /// A change, backlog first, then live.
+    Change {
+        /// The change.
+        change: Change,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn frames_have_the_documented_shape() {
+        let hello = serde_json::to_value(RealtimeFrame::Hello { cursor: 7 }).unwrap();
+        assert_eq!(hello, json!({"type": "hello", "cursor": 7}));
+        let frame = RealtimeFrame::Change {
+            change: Change {
+                cursor: 8,
+                op: MutationKind::Delete,
+                entity_type: "device".into(),
+                id: "d1".into(),
+                version: 3,
+                data: Value::Null,
+            },
+        };
+        let wire = serde_json::to_value(&frame).unwrap();
+        assert_eq!(
+            wire,
+            json!({"type": "change", "change": {
+                "cursor": 8, "op": "delete", "type": "device", "id": "d1", "version": 3, "data": null
+            }})
+        );
+        assert_eq!(
+            serde_json::from_value::<RealtimeFrame>(wire).unwrap(),
+            frame
+        );
+    }
+
+    #[test]
+    fn batch_op_omits_absent_fields() {
+        let op = BatchOp {
+            op: MutationKind::Delete,
+            entity_type: "device".into(),
+            id: "d1".into(),
+            data: None,
+            if_match: None,
+            idempotency_key: "k".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(op).unwrap(),
+            json!({"op": "delete", "type": "device", "id": "d1", "idempotency_key": "k"})
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! Syntax of entity types and ids (DESIGN §10), checked by client and server alike.
+
+/// Why an entity type or id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// The entity type does not match `[a-z][a-z0-9_]{0,63}`.
+    #[error("invalid entity type {0:?}: expected a lower-case letter, then up to 63 of [a-z0-9_]")]
+    EntityType(String),
+    /// The entity id does not match `[A-Za-z0-9._-]{1,128}`.
+    #[error("invalid entity id {0:?}: expected 1 to 128 of [A-Za-z0-9._-]")]
+    EntityId(String),
+}
+
+/// Checks an entity type against `[a-z][a-z0-9_]{0,63}`.
+pub fn validate_entity_type(entity_type: &str) -> Result<(), ValidationError> {
+    let bytes = entity_type.as_bytes();
+    let ok = matches!(bytes.first(), Some(b'a'..=b'z'))
+        && bytes.len() <= 64
+        && bytes[1..]
+            .iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::EntityType(truncated(entity_type)))
+    }
+}
+
+/// Checks an entity id against `[A-Za-z0-9._-]{1,128}`.
+pub fn validate_entity_id(id: &str) -> Result<(), ValidationError> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::EntityId(truncated(id)))
+    }
+}
+
+/// Keeps error messages short when the input is huge.
+fn truncated(s: &str) -> String {
+    s.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_types() {
+        for ok in ["a", "device", "a_b9", &"a".repeat(64)] {
+            assert_eq!(validate_entity_type(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "A", "9a", "_a", "a-b", "a b", "dév", &"a".repeat(65)] {
+            assert!(validate_entity_type(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn entity_ids() {
+        for ok in ["1", "A.b_c-9", &"x".repeat(128)] {
+            assert_eq!(validate_entity_id(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a/b", "a b", "é", "..%2f", &"x".repeat(129)] {
+            assert!(validate_entity_id(bad).is_err(), "{bad}");
+        }
+    }
+}

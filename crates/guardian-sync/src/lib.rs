@@ -1,0 +1,23 @@
+//! guardian-sync: an offline-first sync engine.
+//!
+//! Apps record changes in a durable local [`outbox`]; a runner drains them to
+//! an HTTP backend exactly once in effect, in order per entity, through
+//! crashes, server storms and conflicts. See the repository's
+//! `docs/design.md` for the on-disk schema, the lock protocol and the wire
+//! protocol.
+#![warn(missing_docs)]
+
+pub mod breaker;
+pub mod clock;
+pub mod coalesce;
+pub mod engine;
+pub mod error;
+pub mod lock;
+pub mod op;
+pub mod optimistic;
+pub mod outbox;
+pub mod realtime;
+pub mod reconcile;
+pub mod retry;
+pub mod telemetry;
+pub mod transport;
