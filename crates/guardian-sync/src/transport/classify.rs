@@ -1,0 +1,337 @@
+//! Classification of server responses (DESIGN §4), as pure functions.
+//!
+//! Kept apart from the HTTP driver so that every status, header and hostile
+//! body shape is tested without a socket, and so that batch results (which
+//! carry a status and a body per op) take exactly the same path.
+
+use guardian_protocol::{problem_type, Entity, MutationKind, Problem};
+
+use super::{Fetched, Outcome, RetryReason};
+
+/// Classifies the response to one mutation.
+///
+/// `body` is the full (size-limited) response body; `retry_after` the raw
+/// `Retry-After` header; `replayed` whether `Idempotent-Replayed: true` was set.
+pub fn classify_mutation(
+    kind: MutationKind,
+    status: u16,
+    retry_after: Option<&str>,
+    replayed: bool,
+    body: &[u8],
+) -> Outcome {
+    match status {
+        200..=299 => classify_success(kind, status, replayed, body),
+        404 | 410 if kind == MutationKind::Delete => Outcome::AlreadyGone,
+        409 => {
+            let problem = parse_problem(body);
+            match problem {
+                Some(p) if p.is(problem_type::IDEMPOTENCY_IN_FLIGHT) => Outcome::Retryable {
+                    reason: RetryReason::Server,
+                    status: Some(status),
+                    retry_after: retry_after.map(str::to_owned),
+                    detail: "the same idempotency key is still being processed".into(),
+                    // Says nothing about the server's health.
+                    counts_for_breaker: false,
+                },
+                Some(p) => Outcome::Conflict {
+                    problem: Box::new(p),
+                },
+                // A 409 without a readable problem is still a data conflict:
+                // the reconciler fetches the current state itself.
+                None => Outcome::Conflict {
+                    problem: Box::new(Problem::new(
+                        problem_type::CONFLICT_VERSION,
+                        "Conflict",
+                        status,
+                    )),
+                },
+            }
+        }
+        412 => Outcome::Conflict {
+            problem: Box::new(parse_problem(body).unwrap_or_else(|| {
+                Problem::new(
+                    problem_type::CONFLICT_VERSION,
+                    "Precondition Failed",
+                    status,
+                )
+            })),
+        },
+        401 => Outcome::AuthRequired,
+        408 | 425 | 429 | 500 | 502 | 503 | 504 => Outcome::Retryable {
+            reason: RetryReason::Server,
+            status: Some(status),
+            retry_after: retry_after.map(str::to_owned),
+            detail: format!("server answered {status}"),
+            counts_for_breaker: true,
+        },
+        300..=399 => protocol_error(Some(status), format!("unexpected redirect {status}")),
+        400..=499 => {
+            let problem = parse_problem(body);
+            let detail = problem
+                .as_ref()
+                .map(|p| {
+                    format!(
+                        "{status} {}: {}",
+                        p.problem_type,
+                        p.detail.as_deref().unwrap_or(&p.title)
+                    )
+                })
+                .unwrap_or_else(|| format!("server refused the request with {status}"));
+            Outcome::Permanent {
+                status,
+                problem: problem.map(Box::new),
+                detail,
+            }
+        }
+        500..=599 => Outcome::Retryable {
+            reason: RetryReason::Server,
+            status: Some(status),
+            retry_after: retry_after.map(str::to_owned),
+            detail: format!("server answered {status}"),
+            counts_for_breaker: true,
+        },
+        _ => protocol_error(Some(status), format!("unexpected status {status}")),
+    }
+}
+
+fn classify_success(kind: MutationKind, status: u16, replayed: bool, body: &[u8]) -> Outcome {
+    if kind == MutationKind::Delete {
+        return Outcome::Applied {
+            entity: None,
+            replayed,
+        };
+    }
+    match serde_json::from_slice::<Entity>(body) {
+        Ok(entity) => Outcome::Applied {
+            entity: Some(entity),
+            replayed,
+        },
+        // Logged without the body: it may hold user data.
+        Err(e) => protocol_error(
+            Some(status),
+            format!(
+                "malformed entity in a {status} response ({} bytes): {e}",
+                body.len()
+            ),
+        ),
+    }
+}
+
+/// Classifies the response to `GET /v1/entities/{type}/{id}`.
+pub fn classify_fetch(
+    status: u16,
+    retry_after: Option<&str>,
+    body: &[u8],
+) -> Result<Fetched, Outcome> {
+    match status {
+        200 => serde_json::from_slice::<Entity>(body)
+            .map(|e| {
+                if e.deleted {
+                    Fetched::Deleted
+                } else {
+                    Fetched::Present(e)
+                }
+            })
+            .map_err(|e| {
+                protocol_error(
+                    Some(status),
+                    format!(
+                        "malformed entity in a fetch response ({} bytes): {e}",
+                        body.len()
+                    ),
+                )
+            }),
+        404 => Ok(Fetched::Absent),
+        410 => Ok(Fetched::Deleted),
+        // Reuse the mutation rules for everything else (auth, retryable, permanent).
+        _ => Err(classify_mutation(
+            MutationKind::Update,
+            status,
+            retry_after,
+            false,
+            body,
+        )),
+    }
+}
+
+/// A retryable protocol violation by the server.
+pub(crate) fn protocol_error(status: Option<u16>, detail: String) -> Outcome {
+    Outcome::Retryable {
+        reason: RetryReason::Protocol,
+        status,
+        retry_after: None,
+        detail,
+        counts_for_breaker: true,
+    }
+}
+
+fn parse_problem(body: &[u8]) -> Option<Problem> {
+    serde_json::from_slice::<Problem>(body).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entity_body(version: u64) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "type": "device", "id": "d1", "version": version, "data": {"on": true},
+            "updated_at": "2026-11-25T00:00:00Z", "deleted": false
+        }))
+        .unwrap()
+    }
+
+    fn problem_body(ty: &str, status: u16) -> Vec<u8> {
+        serde_json::to_vec(&json!({"type": ty, "title": "t", "status": status})).unwrap()
+    }
+
+    #[test]
+    fn success_carries_the_entity_for_chaining() {
+        let out = classify_mutation(MutationKind::Update, 200, None, true, &entity_body(4));
+        match out {
+            Outcome::Applied {
+                entity: Some(e),
+                replayed: true,
+            } => assert_eq!(e.version, 4),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            classify_mutation(MutationKind::Delete, 204, None, false, b""),
+            Outcome::Applied {
+                entity: None,
+                replayed: false
+            }
+        );
+    }
+
+    #[test]
+    fn malformed_success_is_a_retryable_protocol_error() {
+        for body in [&b"{not json"[..], b"", b"[]", b"{\"version\":\"x\"}"] {
+            match classify_mutation(MutationKind::Create, 201, None, false, body) {
+                Outcome::Retryable {
+                    reason: RetryReason::Protocol,
+                    counts_for_breaker: true,
+                    ..
+                } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn delete_of_a_gone_entity_is_success() {
+        for status in [404, 410] {
+            assert_eq!(
+                classify_mutation(MutationKind::Delete, status, None, false, b""),
+                Outcome::AlreadyGone
+            );
+        }
+        // ...but an update of a missing entity is permanent.
+        assert!(matches!(
+            classify_mutation(MutationKind::Update, 404, None, false, b""),
+            Outcome::Permanent { status: 404, .. }
+        ));
+    }
+
+    #[test]
+    fn conflicts_go_to_the_reconciler_but_in_flight_retries() {
+        let body = problem_body(problem_type::CONFLICT_VERSION, 409);
+        assert!(matches!(
+            classify_mutation(MutationKind::Update, 409, None, false, &body),
+            Outcome::Conflict { .. }
+        ));
+        assert!(matches!(
+            classify_mutation(MutationKind::Update, 412, None, false, b"garbage"),
+            Outcome::Conflict { .. }
+        ));
+        assert!(matches!(
+            classify_mutation(MutationKind::Update, 409, None, false, b"garbage"),
+            Outcome::Conflict { .. }
+        ));
+        let body = problem_body(problem_type::IDEMPOTENCY_IN_FLIGHT, 409);
+        match classify_mutation(MutationKind::Update, 409, Some("1"), false, &body) {
+            Outcome::Retryable {
+                counts_for_breaker: false,
+                retry_after: Some(r),
+                ..
+            } => {
+                assert_eq!(r, "1");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn retryable_statuses_keep_retry_after() {
+        for status in [408, 425, 429, 500, 502, 503, 504] {
+            match classify_mutation(MutationKind::Create, status, Some("7"), false, b"") {
+                Outcome::Retryable {
+                    reason: RetryReason::Server,
+                    status: Some(s),
+                    retry_after: Some(r),
+                    counts_for_breaker: true,
+                    ..
+                } => {
+                    assert_eq!((s, r.as_str()), (status, "7"));
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn other_client_errors_are_permanent() {
+        let body = problem_body(problem_type::IDEMPOTENCY_MISMATCH, 422);
+        match classify_mutation(MutationKind::Create, 422, None, false, &body) {
+            Outcome::Permanent {
+                status: 422,
+                problem: Some(p),
+                ..
+            } => {
+                assert!(p.is(problem_type::IDEMPOTENCY_MISMATCH));
+            }
+            other => panic!("{other:?}"),
+        }
+        for status in [400, 403, 413, 428] {
+            assert!(matches!(
+                classify_mutation(MutationKind::Create, status, None, false, b"\x00\xff"),
+                Outcome::Permanent { .. }
+            ));
+        }
+        assert_eq!(
+            classify_mutation(MutationKind::Create, 401, None, false, b""),
+            Outcome::AuthRequired
+        );
+    }
+
+    #[test]
+    fn redirects_and_odd_statuses_are_protocol_errors() {
+        for status in [301, 302, 307, 308, 100, 999] {
+            assert!(matches!(
+                classify_mutation(MutationKind::Create, status, None, false, b""),
+                Outcome::Retryable {
+                    reason: RetryReason::Protocol,
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn fetch_outcomes() {
+        assert!(
+            matches!(classify_fetch(200, None, &entity_body(2)), Ok(Fetched::Present(e)) if e.version == 2)
+        );
+        assert_eq!(classify_fetch(404, None, b""), Ok(Fetched::Absent));
+        assert_eq!(classify_fetch(410, None, b""), Ok(Fetched::Deleted));
+        assert!(matches!(
+            classify_fetch(200, None, b"nope"),
+            Err(Outcome::Retryable { .. })
+        ));
+        assert!(matches!(
+            classify_fetch(503, None, b""),
+            Err(Outcome::Retryable { .. })
+        ));
+    }
+}

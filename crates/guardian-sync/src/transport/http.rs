@@ -1,0 +1,351 @@
+//! The default [`Transport`]: wire protocol v1 over reqwest with rustls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use guardian_protocol::{
+    header, BatchOp, BatchRequest, BatchResponse, CreateRequest, MutationKind, UpdateRequest,
+};
+use reqwest::{header as h, Method, StatusCode};
+
+use super::auth::Auth;
+use super::classify::{classify_fetch, classify_mutation, protocol_error};
+use super::{Fetched, OpRequest, Outcome, RetryReason, TokenProvider, Transport};
+
+/// Settings of [`HttpTransport`].
+#[derive(Debug, Clone)]
+pub struct HttpTransportConfig {
+    /// Base URL of the backend, e.g. `http://127.0.0.1:8080`.
+    pub base_url: String,
+    /// Time allowed to establish a connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for a whole request, body included.
+    pub request_timeout: Duration,
+    /// Largest response body read; a larger one is a protocol error.
+    pub max_response_bytes: usize,
+}
+
+impl HttpTransportConfig {
+    /// Defaults for a backend at `base_url`: 5 s connect, 30 s request, 4 MiB responses.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+            max_response_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Why an [`HttpTransport`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportBuildError {
+    /// The base URL is not an absolute http(s) URL.
+    #[error("invalid server URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The HTTP client could not be created (TLS setup).
+    #[error("cannot create the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Wire protocol v1 over HTTP.
+///
+/// Never follows redirects (a mutation must not be replayed somewhere else),
+/// bounds every response, and reads the bearer token from the app's
+/// [`TokenProvider`] for each request.
+#[derive(Debug, Clone)]
+pub struct HttpTransport {
+    client: reqwest::Client,
+    base: reqwest::Url,
+    max_response_bytes: usize,
+    auth: Arc<Auth>,
+}
+
+impl HttpTransport {
+    /// Builds a transport; fails on a malformed URL or TLS setup error.
+    pub fn new(
+        config: &HttpTransportConfig,
+        tokens: Arc<dyn TokenProvider>,
+    ) -> Result<Self, TransportBuildError> {
+        let bad = |reason: &str| TransportBuildError::BadUrl {
+            url: config.base_url.clone(),
+            reason: reason.to_owned(),
+        };
+        let mut base = reqwest::Url::parse(&config.base_url).map_err(|e| bad(&e.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(bad("expected an http:// or https:// URL"));
+        }
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            .user_agent(concat!("guardian-sync/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            client,
+            base,
+            max_response_bytes: config.max_response_bytes,
+            auth: Arc::new(Auth::new(tokens)),
+        })
+    }
+
+    fn url(&self, segments: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// Sends a request built by `build` with the current token; on 401
+    /// refreshes once (shared with concurrent requests) and retries.
+    async fn exchange(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<Response, Outcome> {
+        let token = self.auth.token().await.map_err(|_| Outcome::AuthRequired)?;
+        let first = self.round_trip(build(&token)).await?;
+        if first.status != StatusCode::UNAUTHORIZED {
+            return Ok(first);
+        }
+        tracing::debug!("401 from server; refreshing the token once");
+        let fresh = self
+            .auth
+            .refreshed(&token)
+            .await
+            .map_err(|_| Outcome::AuthRequired)?;
+        let second = self.round_trip(build(&fresh)).await?;
+        if second.status == StatusCode::UNAUTHORIZED {
+            return Err(Outcome::AuthRequired);
+        }
+        Ok(second)
+    }
+
+    async fn round_trip(&self, request: reqwest::RequestBuilder) -> Result<Response, Outcome> {
+        let mut response = request.send().await.map_err(|e| network_outcome(&e))?;
+        let status = response.status();
+        let header_str = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let retry_after = header_str(h::RETRY_AFTER.as_str());
+        let replayed = header_str(header::IDEMPOTENT_REPLAYED).is_some_and(|v| v == "true");
+        if response
+            .content_length()
+            .is_some_and(|len| len > self.max_response_bytes as u64)
+        {
+            return Err(protocol_error(
+                Some(status.as_u16()),
+                "response larger than the limit".into(),
+            ));
+        }
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > self.max_response_bytes {
+                        return Err(protocol_error(
+                            Some(status.as_u16()),
+                            "response larger than the limit".into(),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return Err(network_outcome(&e)),
+            }
+        }
+        Ok(Response {
+            status,
+            retry_after,
+            replayed,
+            body,
+        })
+    }
+
+    fn mutation(&self, op: &OpRequest, token: &str) -> reqwest::RequestBuilder {
+        let builder = match op.kind {
+            MutationKind::Create => self
+                .client
+                .post(self.url(&["v1", "entities", &op.entity_type]))
+                .json(&CreateRequest {
+                    id: op.entity_id.clone(),
+                    data: op.payload.clone(),
+                }),
+            MutationKind::Update => self
+                .client
+                .put(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
+                .json(&UpdateRequest {
+                    data: op.payload.clone(),
+                }),
+            MutationKind::Delete => {
+                self.client
+                    .delete(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
+            }
+        };
+        let builder = builder
+            .bearer_auth(token)
+            .header(header::IDEMPOTENCY_KEY, &op.idempotency_key);
+        match (op.kind, op.if_match) {
+            (MutationKind::Update | MutationKind::Delete, Some(v)) => {
+                builder.header(h::IF_MATCH, format!("\"{v}\""))
+            }
+            _ => builder,
+        }
+    }
+}
+
+struct Response {
+    status: StatusCode,
+    retry_after: Option<String>,
+    replayed: bool,
+    body: Vec<u8>,
+}
+
+fn network_outcome(e: &reqwest::Error) -> Outcome {
+    let reason = if e.is_timeout() {
+        RetryReason::Timeout
+    } else if e.is_decode() || e.is_body() {
+        RetryReason::Protocol
+    } else {
+        RetryReason::Network
+    };
+    // reqwest errors never include bodies or headers, so they are safe to log.
+    Outcome::network(reason, e.to_string())
+}
+
+impl Transport for HttpTransport {
+    fn send<'a>(&'a self, op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
+        Box::pin(async move {
+            match self.exchange(|token| self.mutation(op, token)).await {
+                Ok(r) => classify_mutation(
+                    op.kind,
+                    r.status.as_u16(),
+                    r.retry_after.as_deref(),
+                    r.replayed,
+                    &r.body,
+                ),
+                Err(outcome) => outcome,
+            }
+        })
+    }
+
+    fn send_batch<'a>(&'a self, ops: &'a [OpRequest]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let request = BatchRequest {
+                ops: ops
+                    .iter()
+                    .map(|op| BatchOp {
+                        op: op.kind,
+                        entity_type: op.entity_type.clone(),
+                        id: op.entity_id.clone(),
+                        data: (op.kind != MutationKind::Delete).then(|| op.payload.clone()),
+                        if_match: if op.kind == MutationKind::Create {
+                            None
+                        } else {
+                            op.if_match
+                        },
+                        idempotency_key: op.idempotency_key.clone(),
+                    })
+                    .collect(),
+            };
+            let url = self.url(&["v1", "batch"]);
+            let sent = self
+                .exchange(|token| {
+                    self.client
+                        .request(Method::POST, url.clone())
+                        .bearer_auth(token)
+                        .json(&request)
+                })
+                .await;
+            let whole = match sent {
+                Ok(r) if r.status == StatusCode::OK => {
+                    match serde_json::from_slice::<BatchResponse>(&r.body) {
+                        Ok(b) if b.results.len() == ops.len() => {
+                            return ops
+                                .iter()
+                                .zip(b.results)
+                                .map(|(op, res)| {
+                                    let body = serde_json::to_vec(&res.body).unwrap_or_default();
+                                    let retry_after = res
+                                        .body
+                                        .get("retry_after")
+                                        .and_then(|v| v.as_u64())
+                                        .map(|s| s.to_string());
+                                    classify_mutation(
+                                        op.kind,
+                                        res.status,
+                                        retry_after.as_deref(),
+                                        res.replayed,
+                                        &body,
+                                    )
+                                })
+                                .collect();
+                        }
+                        Ok(b) => protocol_error(
+                            Some(200),
+                            format!(
+                                "batch answered {} results for {} ops",
+                                b.results.len(),
+                                ops.len()
+                            ),
+                        ),
+                        Err(e) => {
+                            protocol_error(Some(200), format!("malformed batch response: {e}"))
+                        }
+                    }
+                }
+                // The batch as a whole failed: every op shares the outcome.
+                Ok(r) => classify_mutation(
+                    MutationKind::Update,
+                    r.status.as_u16(),
+                    r.retry_after.as_deref(),
+                    false,
+                    &r.body,
+                ),
+                Err(outcome) => outcome,
+            };
+            let whole = match whole {
+                // A 4xx for the whole batch (e.g. 413) must not fail ops that
+                // are fine on their own: send them one by one instead.
+                Outcome::Permanent { .. } | Outcome::Conflict { .. } | Outcome::AlreadyGone => {
+                    let mut out = Vec::with_capacity(ops.len());
+                    for op in ops {
+                        out.push(self.send(op).await);
+                    }
+                    return out;
+                }
+                other => other,
+            };
+            vec![whole; ops.len()]
+        })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        entity_type: &'a str,
+        entity_id: &'a str,
+    ) -> BoxFuture<'a, Result<Fetched, Outcome>> {
+        Box::pin(async move {
+            let url = self.url(&["v1", "entities", entity_type, entity_id]);
+            let r = self
+                .exchange(|token| self.client.get(url.clone()).bearer_auth(token))
+                .await?;
+            classify_fetch(r.status.as_u16(), r.retry_after.as_deref(), &r.body)
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! How ops reach a backend.
+//!
+//! [`Transport`] is the seam between the engine and a server: the default
+//! [`HttpTransport`] speaks wire protocol v1, and an app with another API shape
+//! plugs in its own implementation. A transport never returns an error for a
+//! request that went wrong: it *classifies* what happened into an [`Outcome`]
+//! (DESIGN §4), so every failure, hostile or not, takes one of a few
+//! well-defined paths in the engine.
+
+mod auth;
+mod classify;
+mod http;
+
+pub use auth::{StaticToken, TokenError, TokenProvider};
+pub use classify::{classify_fetch, classify_mutation};
+pub use http::{HttpTransport, HttpTransportConfig, TransportBuildError};
+
+use futures::future::BoxFuture;
+use guardian_protocol::{Entity, MutationKind, Problem};
+use serde_json::Value;
+
+/// One mutation to send, as the engine hands it to a transport.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpRequest {
+    /// Create, update or delete.
+    pub kind: MutationKind,
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// Entity data for create and update (ignored for delete).
+    pub payload: Value,
+    /// Version the change was made against, sent as `If-Match`.
+    pub if_match: Option<u64>,
+    /// The op's idempotency key: the same on every retry of the same request.
+    pub idempotency_key: String,
+}
+
+/// Why a request may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetryReason {
+    /// Connection refused, reset, DNS, TLS: the request may not have arrived.
+    Network,
+    /// The request or connection timed out.
+    Timeout,
+    /// The server answered 408, 425, 429, 500, 502, 503 or 504.
+    Server,
+    /// The server answered something the protocol does not allow: malformed
+    /// or oversized body, unexpected status such as a redirect.
+    Protocol,
+}
+
+/// The classified result of one mutation (DESIGN §4).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Applied (2xx). `entity` is the server's entity after the change
+    /// (absent for deletes), used for version chaining.
+    Applied {
+        /// The entity as the server now has it (None for a delete).
+        entity: Option<Entity>,
+        /// True when the server replayed a stored response for this key.
+        replayed: bool,
+    },
+    /// A DELETE of an entity that is already gone (404/410): success.
+    AlreadyGone,
+    /// A data conflict (409 `conflict:*`, 412): definitively not applied;
+    /// the reconciler decides what to do.
+    Conflict {
+        /// The server's problem document.
+        problem: Box<Problem>,
+    },
+    /// Transient: retry the same request, same key, later.
+    Retryable {
+        /// What kind of failure.
+        reason: RetryReason,
+        /// HTTP status, when there was a response.
+        status: Option<u16>,
+        /// Raw `Retry-After` header, when present (parsed by the retry policy).
+        retry_after: Option<String>,
+        /// Short description, never containing the body.
+        detail: String,
+        /// Whether this failure says something about server health (the
+        /// breaker counts it). `idempotency:in-flight` does not.
+        counts_for_breaker: bool,
+    },
+    /// Authentication failed even after one token refresh: the engine pauses.
+    AuthRequired,
+    /// Will never succeed as is (400, 403, 422, other 4xx): the op fails and is kept.
+    Permanent {
+        /// HTTP status.
+        status: u16,
+        /// The problem document, when the server sent a readable one.
+        problem: Option<Box<Problem>>,
+        /// Short description.
+        detail: String,
+    },
+}
+
+impl Outcome {
+    /// A retryable network-level failure.
+    pub fn network(reason: RetryReason, detail: impl Into<String>) -> Self {
+        Self::Retryable {
+            reason,
+            status: None,
+            retry_after: None,
+            detail: detail.into(),
+            counts_for_breaker: true,
+        }
+    }
+}
+
+/// What a fetch of the current server entity found (used by the reconciler).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched {
+    /// The entity exists.
+    Present(Entity),
+    /// No such entity (404).
+    Absent,
+    /// The entity was deleted (410).
+    Deleted,
+}
+
+/// A backend the engine can send ops to.
+///
+/// Implementations must send `Idempotency-Key` (or the equivalent of their
+/// API) with every mutation and must classify instead of failing: the only
+/// way out of `send` is an [`Outcome`].
+pub trait Transport: Send + Sync + std::fmt::Debug {
+    /// Sends one mutation.
+    fn send<'a>(&'a self, op: &'a OpRequest) -> BoxFuture<'a, Outcome>;
+
+    /// Sends several mutations in one request; one outcome per op, in order.
+    ///
+    /// A failure of the whole request (network, 5xx) is returned as the same
+    /// outcome for every op. The default sends them one by one.
+    fn send_batch<'a>(&'a self, ops: &'a [OpRequest]) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(ops.len());
+            for op in ops {
+                out.push(self.send(op).await);
+            }
+            out
+        })
+    }
+
+    /// Fetches the server's current state of an entity.
+    ///
+    /// On failure, returns the classified failure (never `Applied`).
+    fn fetch<'a>(
+        &'a self,
+        entity_type: &'a str,
+        entity_id: &'a str,
+    ) -> BoxFuture<'a, Result<Fetched, Outcome>>;
+}
