@@ -16,8 +16,10 @@
 //! row, given up after it): a contender that obtains the OS lock while the
 //! row names another owner knows that owner's process is gone.
 
+mod driver;
 mod observer;
 
+pub use driver::{Acquired, LockError, ProcessingLock};
 pub use observer::{Judgement, LockView, StalenessObserver};
 
 use std::time::Duration;

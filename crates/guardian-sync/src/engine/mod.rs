@@ -1,0 +1,428 @@
+//! [`SyncEngine`]: drains the outbox to the backend.
+//!
+//! One engine per outbox per process. Whichever runner holds the processing
+//! lock drains; every write it makes is fenced by the lock's epoch. The drain
+//! loop claims ready ops (per-entity heads only, so one entity's ops go out
+//! strictly in order), sends them concurrently up to a limit or in one batch,
+//! and records each outcome: ack (with version chaining), reconciled retry,
+//! backoff, or permanent failure.
+
+mod drain;
+mod events;
+mod run;
+
+pub use events::SyncEvent;
+pub use run::{DrainReport, RunReport};
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{broadcast, Notify};
+
+use crate::breaker::{BreakerConfig, BreakerConfigError, CircuitBreaker};
+use crate::clock::{SharedClock, SystemClock};
+use crate::lock::{LockConfig, LockError};
+use crate::op::NewOp;
+use crate::optimistic::OptimisticStore;
+use crate::outbox::{EnqueueError, Enqueued, OpenError, Outbox, OutboxError, OutboxOptions};
+use crate::reconcile::{ReconcilePolicies, Reconciler};
+use crate::retry::RetryPolicy;
+use crate::telemetry::{Counter, SyncMetrics};
+use crate::transport::{
+    HttpTransport, HttpTransportConfig, TokenProvider, Transport, TransportBuildError,
+};
+
+/// Batching: several ready ops of distinct entities in one `POST /v1/batch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most ops per batch request.
+    pub max_ops: usize,
+    /// Most payload bytes per batch request (the server's body limit is 1 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_ops: 100,
+            max_bytes: 512 * 1024,
+        }
+    }
+}
+
+/// Why an engine could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Neither a transport nor a server URL with a token provider was given.
+    #[error("no transport: give a server URL and a token provider, or a transport")]
+    NoTransport,
+    /// Neither an outbox nor an outbox path was given.
+    #[error("no outbox: give an outbox path or an opened outbox")]
+    NoOutbox,
+    /// The outbox could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The HTTP transport could not be built.
+    #[error(transparent)]
+    Transport(#[from] TransportBuildError),
+    /// The breaker configuration is invalid.
+    #[error(transparent)]
+    Breaker(#[from] BreakerConfigError),
+    /// Concurrency must be at least 1.
+    #[error("concurrency must be at least 1")]
+    ZeroConcurrency,
+}
+
+/// Why a drain or run stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// Another runner holds the processing lock (drain_once only).
+    #[error("another runner holds the processing lock")]
+    LockHeld,
+    /// We lost the processing lock mid-drain; nothing more was written.
+    #[error("lost the processing lock to another runner; stopped")]
+    LockLost,
+    /// The outbox failed.
+    #[error(transparent)]
+    Outbox(OutboxError),
+}
+
+impl From<OutboxError> for EngineError {
+    fn from(e: OutboxError) -> Self {
+        match e {
+            OutboxError::LockLost => Self::LockLost,
+            other => Self::Outbox(other),
+        }
+    }
+}
+
+impl From<LockError> for EngineError {
+    fn from(e: LockError) -> Self {
+        match e {
+            LockError::Lost => Self::LockLost,
+            LockError::Outbox(o) => o.into(),
+        }
+    }
+}
+
+/// Builder of a [`SyncEngine`].
+#[derive(Debug)]
+pub struct SyncEngineBuilder {
+    outbox_path: Option<PathBuf>,
+    outbox: Option<Outbox>,
+    outbox_options: Option<OutboxOptions>,
+    server: Option<HttpTransportConfig>,
+    tokens: Option<Arc<dyn TokenProvider>>,
+    transport: Option<Arc<dyn Transport>>,
+    retry: RetryPolicy,
+    breaker: BreakerConfig,
+    lock: LockConfig,
+    concurrency: usize,
+    batch: Option<BatchConfig>,
+    policies: ReconcilePolicies,
+    max_reconciliations: u32,
+    clock: Option<SharedClock>,
+    metrics: Option<Arc<SyncMetrics>>,
+    stall_after: Duration,
+    owner_id: Option<String>,
+}
+
+impl Default for SyncEngineBuilder {
+    fn default() -> Self {
+        Self {
+            outbox_path: None,
+            outbox: None,
+            outbox_options: None,
+            server: None,
+            tokens: None,
+            transport: None,
+            retry: RetryPolicy::default(),
+            breaker: BreakerConfig::default(),
+            lock: LockConfig::default(),
+            concurrency: 8,
+            batch: None,
+            policies: ReconcilePolicies::default(),
+            max_reconciliations: 5,
+            clock: None,
+            metrics: None,
+            stall_after: Duration::from_secs(300),
+            owner_id: None,
+        }
+    }
+}
+
+impl SyncEngineBuilder {
+    /// The outbox file to open (created if missing).
+    #[must_use]
+    pub fn outbox_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.outbox_path = Some(path.into());
+        self
+    }
+
+    /// Options for opening the outbox file.
+    #[must_use]
+    pub fn outbox_options(mut self, options: OutboxOptions) -> Self {
+        self.outbox_options = Some(options);
+        self
+    }
+
+    /// An outbox the app already opened (shared with its own enqueuers).
+    #[must_use]
+    pub fn outbox(mut self, outbox: Outbox) -> Self {
+        self.outbox = Some(outbox);
+        self
+    }
+
+    /// The backend's base URL, for the default HTTP transport.
+    #[must_use]
+    pub fn server(mut self, base_url: impl Into<String>) -> Self {
+        self.server = Some(HttpTransportConfig::new(base_url));
+        self
+    }
+
+    /// Full HTTP transport settings (timeouts, response limit).
+    #[must_use]
+    pub fn http(mut self, config: HttpTransportConfig) -> Self {
+        self.server = Some(config);
+        self
+    }
+
+    /// Where bearer tokens come from.
+    #[must_use]
+    pub fn token_provider(mut self, tokens: Arc<dyn TokenProvider>) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    /// A custom transport instead of the HTTP one.
+    #[must_use]
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Backoff and attempt budget.
+    #[must_use]
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Circuit breaker tuning.
+    #[must_use]
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// Processing lock timing.
+    #[must_use]
+    pub fn lock(mut self, lock: LockConfig) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    /// Most requests in flight at once (ops of distinct entities).
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Send ready ops in batches.
+    #[must_use]
+    pub fn batching(mut self, batch: BatchConfig) -> Self {
+        self.batch = Some(batch);
+        self
+    }
+
+    /// Conflict policies per entity type.
+    #[must_use]
+    pub fn reconcile(mut self, policies: ReconcilePolicies) -> Self {
+        self.policies = policies;
+        self
+    }
+
+    /// Most reconciliations of one op before it fails.
+    #[must_use]
+    pub fn max_reconciliations(mut self, n: u32) -> Self {
+        self.max_reconciliations = n;
+        self
+    }
+
+    /// The clock (tests inject a manual one).
+    #[must_use]
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// A metrics registry shared with the app.
+    #[must_use]
+    pub fn metrics(mut self, metrics: Arc<SyncMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// How long queued ops may sit without progress (breaker closed) before
+    /// a [`SyncEvent::Stalled`] is raised.
+    #[must_use]
+    pub fn stall_after(mut self, d: Duration) -> Self {
+        self.stall_after = d;
+        self
+    }
+
+    /// This runner's lock owner id (default: a random UUID).
+    #[must_use]
+    pub fn owner_id(mut self, id: impl Into<String>) -> Self {
+        self.owner_id = Some(id.into());
+        self
+    }
+
+    /// Opens the outbox if needed and builds the engine.
+    pub async fn build(self) -> Result<SyncEngine, BuildError> {
+        if self.concurrency == 0 {
+            return Err(BuildError::ZeroConcurrency);
+        }
+        let clock = self.clock.unwrap_or_else(SystemClock::shared);
+        let outbox = match (self.outbox, self.outbox_path) {
+            (Some(o), _) => o,
+            (None, Some(path)) => {
+                let mut options = self.outbox_options.unwrap_or_default();
+                options.clock = clock.clone();
+                Outbox::open(&path, options).await?.0
+            }
+            (None, None) => return Err(BuildError::NoOutbox),
+        };
+        let transport: Arc<dyn Transport> = match (self.transport, self.server, self.tokens) {
+            (Some(t), _, _) => t,
+            (None, Some(config), Some(tokens)) => Arc::new(HttpTransport::new(&config, tokens)?),
+            _ => return Err(BuildError::NoTransport),
+        };
+        let breaker = CircuitBreaker::new(self.breaker)?;
+        let (events, _) = broadcast::channel(1024);
+        Ok(SyncEngine {
+            inner: Arc::new(Inner {
+                outbox,
+                transport,
+                retry: self.retry,
+                breaker: Mutex::new(breaker),
+                lock: self.lock,
+                concurrency: self.concurrency,
+                batch: self.batch,
+                reconciler: Reconciler::new(self.policies, self.max_reconciliations),
+                clock,
+                metrics: self.metrics.unwrap_or_default(),
+                events,
+                optimistic: OptimisticStore::new(),
+                wake: Notify::new(),
+                auth_paused: AtomicBool::new(false),
+                stall_after: self.stall_after,
+                owner_id: self
+                    .owner_id
+                    .unwrap_or_else(|| format!("runner-{}", uuid::Uuid::now_v7())),
+            }),
+        })
+    }
+}
+
+/// The sync engine: enqueue from anywhere, drain from one runner.
+#[derive(Debug, Clone)]
+pub struct SyncEngine {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    outbox: Outbox,
+    transport: Arc<dyn Transport>,
+    retry: RetryPolicy,
+    breaker: Mutex<CircuitBreaker>,
+    lock: LockConfig,
+    concurrency: usize,
+    batch: Option<BatchConfig>,
+    reconciler: Reconciler,
+    clock: SharedClock,
+    metrics: Arc<SyncMetrics>,
+    events: broadcast::Sender<SyncEvent>,
+    optimistic: OptimisticStore,
+    /// Woken by `enqueue` and `resume` so an idle runner drains at once.
+    wake: Notify,
+    auth_paused: AtomicBool,
+    stall_after: Duration,
+    owner_id: String,
+}
+
+impl Inner {
+    fn breaker(&self) -> MutexGuard<'_, CircuitBreaker> {
+        // The breaker is plain data updated atomically under the lock; a
+        // panic elsewhere cannot leave it inconsistent.
+        self.breaker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn emit(&self, event: SyncEvent) {
+        // No subscriber is fine.
+        let _ = self.events.send(event);
+    }
+}
+
+impl SyncEngine {
+    /// A builder with defaults.
+    pub fn builder() -> SyncEngineBuilder {
+        SyncEngineBuilder::default()
+    }
+
+    /// Durably records an op; returns once it is committed. Wakes the runner.
+    pub async fn enqueue(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
+        let enqueued = self.inner.outbox.enqueue(op).await?;
+        self.inner.metrics.incr(Counter::Enqueued);
+        if enqueued.coalesced.is_some() {
+            self.inner.metrics.incr(Counter::Coalesced);
+        }
+        self.inner.wake.notify_one();
+        Ok(enqueued)
+    }
+
+    /// The outbox this engine drains.
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
+    /// Subscribes to events from now on.
+    pub fn events(&self) -> broadcast::Receiver<SyncEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// The metrics this engine records into.
+    pub fn metrics(&self) -> &Arc<SyncMetrics> {
+        &self.inner.metrics
+    }
+
+    /// Optimistic transactions: register tokens here, carry them on ops.
+    pub fn optimistic(&self) -> &OptimisticStore {
+        &self.inner.optimistic
+    }
+
+    /// The circuit breaker's state name (`closed`, `open`, `half_open`).
+    pub fn breaker_state(&self) -> &'static str {
+        self.inner.breaker().state().name()
+    }
+
+    /// Resumes after [`SyncEvent::AuthRequired`], once the app's token
+    /// provider can supply a valid token again.
+    pub fn resume(&self) {
+        self.inner
+            .auth_paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.inner.wake.notify_one();
+    }
+
+    /// This runner's lock owner id.
+    pub fn owner_id(&self) -> &str {
+        &self.inner.owner_id
+    }
+}

@@ -1,0 +1,282 @@
+//! Runner sessions: hold the lock, beat, drain, wait, stop.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::lock::{Acquired, ProcessingLock};
+use crate::op::Fence;
+
+use super::drain::Step;
+use super::{EngineError, Inner, SyncEngine, SyncEvent};
+
+/// What one drain (or one run) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DrainReport {
+    /// Requests sent (a batch counts each op).
+    pub sent: u64,
+    /// Ops applied (acknowledged and deleted).
+    pub succeeded: u64,
+    /// Ops that failed permanently (kept as `failed`).
+    pub failed: u64,
+    /// Attempts that will be retried.
+    pub retried: u64,
+    /// Conflicts reconciled into a new request.
+    pub conflicts_resolved: u64,
+}
+
+impl DrainReport {
+    pub(super) fn add(&mut self, other: &Self) {
+        self.sent += other.sent;
+        self.succeeded += other.succeeded;
+        self.failed += other.failed;
+        self.retried += other.retried;
+        self.conflicts_resolved += other.conflicts_resolved;
+    }
+}
+
+/// What a [`SyncEngine::run`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RunReport {
+    /// Totals of every drain step.
+    pub drain: DrainReport,
+    /// Times this runner acquired the lock.
+    pub acquisitions: u64,
+    /// Of those, takeovers from another owner.
+    pub takeovers: u64,
+}
+
+/// A held lock with its heartbeat task; dropping it stops the beat.
+struct Session {
+    lock: Arc<AsyncMutex<ProcessingLock>>,
+    fence: Fence,
+    lost: Arc<AtomicBool>,
+    beat: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    fn lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    async fn release(self) {
+        self.beat.abort();
+        if let Err(e) = self.lock.lock().await.release().await {
+            tracing::warn!("releasing the processing lock failed: {e}");
+        }
+    }
+}
+
+impl SyncEngine {
+    fn new_lock(&self) -> ProcessingLock {
+        let inner = &self.inner;
+        ProcessingLock::new(
+            inner.outbox.clone(),
+            inner.owner_id.clone(),
+            inner.lock,
+            inner.clock.clone(),
+        )
+    }
+
+    /// Tries the lock once; on success starts the heartbeat.
+    async fn try_session(
+        &self,
+        lock: ProcessingLock,
+        report: &mut RunReport,
+    ) -> Result<Result<Session, (ProcessingLock, Duration)>, EngineError> {
+        let mut lock = lock;
+        match lock.try_acquire().await? {
+            Acquired::No { retry_in } => Ok(Err((lock, retry_in))),
+            Acquired::Yes {
+                fence,
+                took_over_from,
+            } => {
+                report.acquisitions += 1;
+                if took_over_from.is_some() {
+                    report.takeovers += 1;
+                }
+                self.inner.emit(SyncEvent::LockAcquired {
+                    epoch: fence.epoch,
+                    took_over_from,
+                });
+                let lock = Arc::new(AsyncMutex::new(lock));
+                let lost = Arc::new(AtomicBool::new(false));
+                let beat = tokio::spawn(heartbeat(lock.clone(), lost.clone(), self.inner.clone()));
+                Ok(Ok(Session {
+                    lock,
+                    fence,
+                    lost,
+                    beat,
+                }))
+            }
+        }
+    }
+
+    /// Drains what is ready now, once, then releases the lock.
+    ///
+    /// Fails with [`EngineError::LockHeld`] when a live runner holds the lock.
+    /// Ops in backoff are left for later; see [`SyncEngine::run_until_empty`].
+    pub async fn drain_once(&self) -> Result<DrainReport, EngineError> {
+        let mut report = RunReport::default();
+        let Ok(session) = self.try_session(self.new_lock(), &mut report).await? else {
+            return Err(EngineError::LockHeld);
+        };
+        let result = self.drain_ready(&session).await;
+        session.release().await;
+        result
+    }
+
+    /// Steps until nothing is ready now.
+    async fn drain_ready(&self, session: &Session) -> Result<DrainReport, EngineError> {
+        let mut report = DrainReport::default();
+        self.inner.deliver_outcomes().await?;
+        loop {
+            if session.lost() {
+                return Err(self.lock_lost());
+            }
+            match self.inner.step(&session.fence).await {
+                Ok(Step::Progressed(r)) => report.add(&r),
+                Ok(_) => return Ok(report),
+                Err(EngineError::LockLost) => return Err(self.lock_lost()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn lock_lost(&self) -> EngineError {
+        self.inner.emit(SyncEvent::LockLost);
+        tracing::warn!("lost the processing lock; this runner stops writing");
+        EngineError::LockLost
+    }
+
+    /// Runs until `shutdown` completes: waits for the lock, drains, sleeps
+    /// until the next op is due or a new one is enqueued, and repeats.
+    ///
+    /// On shutdown, requests in flight are abandoned (their ops stay
+    /// `in_flight` and are re-sent with the same key by the next runner) and
+    /// the lock is released. Returns [`EngineError::LockLost`] if another
+    /// runner took the lock over.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport, EngineError> {
+        self.run_inner(shutdown, false).await
+    }
+
+    /// Runs until no op is pending or in flight (failed ops stay), waiting
+    /// out backoffs and Retry-After. For tests, scripts and `gsync run --once`.
+    pub async fn run_until_empty(&self) -> Result<RunReport, EngineError> {
+        self.run_inner(std::future::pending(), true).await
+    }
+
+    async fn run_inner(
+        &self,
+        shutdown: impl Future<Output = ()>,
+        until_empty: bool,
+    ) -> Result<RunReport, EngineError> {
+        tokio::pin!(shutdown);
+        let mut report = RunReport::default();
+        let mut lock = self.new_lock();
+        // Wait for the lock.
+        let session = loop {
+            match self.try_session(lock, &mut report).await? {
+                Ok(session) => break session,
+                Err((l, retry_in)) => {
+                    lock = l;
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(report),
+                        () = tokio::time::sleep(retry_in) => {}
+                    }
+                }
+            }
+        };
+        let result = self
+            .drive(&session, &mut shutdown, until_empty, &mut report)
+            .await;
+        if !session.lost() {
+            session.release().await;
+        }
+        result.map(|()| report)
+    }
+
+    async fn drive(
+        &self,
+        session: &Session,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        until_empty: bool,
+        report: &mut RunReport,
+    ) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let mut last_progress = inner.clock.monotonic();
+        let mut stall_reported = false;
+        loop {
+            let drained = tokio::select! {
+                () = shutdown.as_mut() => return Ok(()),
+                r = self.drain_ready(session) => r?,
+            };
+            if drained != DrainReport::default() {
+                last_progress = inner.clock.monotonic();
+                stall_reported = false;
+            }
+            report.drain.add(&drained);
+            let stats = inner.outbox.stats().await?;
+            inner
+                .metrics
+                .set_queue_depth(stats.pending + stats.in_flight);
+            if until_empty && stats.pending + stats.in_flight == 0 {
+                return Ok(());
+            }
+            // How long to sleep: until the next op is due, the breaker
+            // half-opens, or a heartbeat-sized tick for the watchdog.
+            let now = inner.clock.now_millis();
+            let mut wait = inner.lock.heartbeat_interval;
+            if let Some(due) = stats.next_attempt_at {
+                let until_due = u64::try_from(due.saturating_sub(now)).unwrap_or(0);
+                wait = wait.min(Duration::from_millis(until_due));
+            }
+            if let Some(cool) = inner.breaker().cooldown_remaining(inner.clock.monotonic()) {
+                wait = wait.max(cool.min(inner.lock.heartbeat_interval));
+            }
+            let stalled_for = inner.clock.monotonic().saturating_sub(last_progress);
+            if stats.pending > 0
+                && !stall_reported
+                && stalled_for >= inner.stall_after
+                && !inner.breaker().is_tripped(inner.clock.monotonic())
+            {
+                stall_reported = true;
+                inner.metrics.incr(crate::telemetry::Counter::Stalls);
+                inner.emit(SyncEvent::Stalled {
+                    stalled_for_ms: u64::try_from(stalled_for.as_millis()).unwrap_or(u64::MAX),
+                    pending: stats.pending,
+                });
+            }
+            tokio::select! {
+                () = shutdown.as_mut() => return Ok(()),
+                () = inner.wake.notified() => {}
+                () = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+            }
+        }
+    }
+}
+
+/// Beats every interval; on loss flags the session and wakes the runner.
+async fn heartbeat(
+    lock: Arc<AsyncMutex<ProcessingLock>>,
+    lost: Arc<AtomicBool>,
+    inner: Arc<Inner>,
+) {
+    let interval = inner.lock.heartbeat_interval;
+    loop {
+        tokio::time::sleep(interval).await;
+        match lock.lock().await.heartbeat().await {
+            Ok(()) => {}
+            Err(crate::lock::LockError::Lost) => {
+                lost.store(true, Ordering::SeqCst);
+                inner.wake.notify_one();
+                return;
+            }
+            Err(e) => tracing::warn!("heartbeat failed (will retry): {e}"),
+        }
+    }
+}

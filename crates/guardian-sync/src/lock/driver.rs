@@ -1,0 +1,223 @@
+//! [`ProcessingLock`]: the lock row in the outbox plus the OS lock file.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::clock::SharedClock;
+use crate::op::Fence;
+use crate::outbox::{Outbox, OutboxError};
+
+use super::{Judgement, LockConfig, LockView, StalenessObserver};
+
+/// Why a lock operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// Another runner holds the lock now (we held it before, or never did).
+    #[error("the processing lock was taken over by another runner")]
+    Lost,
+    /// The outbox could not be read or written.
+    #[error("outbox error while handling the processing lock: {0}")]
+    Outbox(#[from] OutboxError),
+}
+
+/// Result of [`ProcessingLock::try_acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// We hold the lock.
+    Yes {
+        /// Fencing token to pass to every queue write.
+        fence: Fence,
+        /// True when we took it from another owner (dead or stale).
+        took_over_from: Option<String>,
+    },
+    /// A live runner holds it; try again later.
+    No {
+        /// When to try again at the latest.
+        retry_in: Duration,
+    },
+}
+
+/// One runner's handle on an outbox's processing lock.
+#[derive(Debug)]
+pub struct ProcessingLock {
+    outbox: Outbox,
+    owner: String,
+    config: LockConfig,
+    clock: SharedClock,
+    os_lock_path: PathBuf,
+    os_lock: Option<File>,
+    observer: StalenessObserver,
+    fence: Option<Fence>,
+}
+
+impl ProcessingLock {
+    /// A lock handle for `owner` (unique per runner, e.g. a UUID).
+    pub fn new(
+        outbox: Outbox,
+        owner: impl Into<String>,
+        config: LockConfig,
+        clock: SharedClock,
+    ) -> Self {
+        let mut os_lock_path = outbox.path().as_os_str().to_owned();
+        os_lock_path.push(".lock");
+        Self {
+            outbox,
+            owner: owner.into(),
+            observer: StalenessObserver::new(config.stale_after),
+            config,
+            clock,
+            os_lock_path: PathBuf::from(os_lock_path),
+            os_lock: None,
+            fence: None,
+        }
+    }
+
+    /// Our owner id.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> LockConfig {
+        self.config
+    }
+
+    /// The fence while we hold the lock.
+    pub fn fence(&self) -> Option<&Fence> {
+        self.fence.as_ref()
+    }
+
+    /// Tries the OS lock file; true when we hold it. An error other than
+    /// "held elsewhere" (e.g. a file system without locks) counts as not held,
+    /// which leaves the heartbeat threshold as the only judge.
+    fn try_os_lock(&mut self) -> bool {
+        if self.os_lock.is_some() {
+            return true;
+        }
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.os_lock_path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!("cannot open {}: {e}", self.os_lock_path.display());
+                return false;
+            }
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                self.os_lock = Some(file);
+                true
+            }
+            Err(TryLockError::WouldBlock) => false,
+            Err(TryLockError::Error(e)) => {
+                tracing::debug!(
+                    "OS lock unsupported on {}: {e}",
+                    self.os_lock_path.display()
+                );
+                false
+            }
+        }
+    }
+
+    /// Takes the lock if it is free, ours, held by a dead process, or stale.
+    ///
+    /// Taking it increments the epoch, so the previous holder's writes are
+    /// refused from now on.
+    pub async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
+        let os_locked = self.try_os_lock();
+        let row = self.outbox.lock_read().await?;
+        let view = LockView {
+            owner: row
+                .as_ref()
+                .map(|r| r.owner.as_str())
+                .filter(|o| !o.is_empty()),
+            epoch: row.as_ref().map_or(0, |r| r.epoch),
+            heartbeat: row.as_ref().map_or(0, |r| r.heartbeat),
+        };
+        let previous = view.owner.map(str::to_owned);
+        let judgement = self
+            .observer
+            .judge(&self.owner, view, os_locked, self.clock.monotonic());
+        let (epoch, heartbeat, took_over) = match judgement {
+            Judgement::Free { epoch, heartbeat } | Judgement::Ours { epoch, heartbeat } => {
+                (epoch, heartbeat, None)
+            }
+            Judgement::Stale { epoch, heartbeat } => (epoch, heartbeat, previous),
+            Judgement::Held { stale_in } => {
+                self.os_lock = None;
+                return Ok(Acquired::No {
+                    retry_in: stale_in.min(self.config.heartbeat_interval),
+                });
+            }
+        };
+        match self
+            .outbox
+            .lock_acquire(&self.owner, Some((epoch, heartbeat)))
+            .await?
+        {
+            Some(fence) => {
+                if let Some(prev) = &took_over {
+                    tracing::info!(
+                        epoch = fence.epoch,
+                        "took over the processing lock from {prev}"
+                    );
+                }
+                self.fence = Some(fence.clone());
+                Ok(Acquired::Yes {
+                    fence,
+                    took_over_from: took_over,
+                })
+            }
+            // Someone beat us to it (or the holder beat in between).
+            None => {
+                self.os_lock = None;
+                Ok(Acquired::No {
+                    retry_in: self.config.heartbeat_interval,
+                })
+            }
+        }
+    }
+
+    /// Proves we are alive; fails with [`LockError::Lost`] once taken over.
+    pub async fn heartbeat(&mut self) -> Result<(), LockError> {
+        let Some(fence) = self.fence.clone() else {
+            return Err(LockError::Lost);
+        };
+        // After a stale takeover the hung holder may still have the OS lock;
+        // pick it up as soon as it is free so fast takeover works against us.
+        self.try_os_lock();
+        match self.outbox.lock_heartbeat(&fence).await {
+            Ok(()) => Ok(()),
+            Err(OutboxError::LockLost) => {
+                self.fence = None;
+                self.os_lock = None;
+                Err(LockError::Lost)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Gives the lock up: the row first, then the OS lock (the order matters:
+    /// a contender that gets the OS lock must never see our row as live).
+    pub async fn release(&mut self) -> Result<(), LockError> {
+        if let Some(fence) = self.fence.take() {
+            match self.outbox.lock_release(&fence).await {
+                Ok(()) | Err(OutboxError::LockLost) => {}
+                Err(e) => {
+                    self.os_lock = None;
+                    return Err(e.into());
+                }
+            }
+        }
+        self.os_lock = None;
+        Ok(())
+    }
+}
