@@ -1,1 +1,353 @@
-//! (in progress)
+//! Operations in the outbox: what the app asks for ([`NewOp`]) and what the
+//! outbox keeps ([`PendingOp`]).
+//!
+//! An op is one CREATE, UPDATE or DELETE of one entity. Its idempotency key is
+//! created before the op is first stored and never changes while the op can
+//! still be re-sent, so a retry can never take effect twice on the server.
+
+use guardian_protocol::MutationKind;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// Identity of an op in the outbox (a UUIDv7, so ids sort by creation time).
+pub type OpId = Uuid;
+
+/// What an op does to its entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OpKind {
+    /// Create the entity with the payload as its data.
+    Create,
+    /// Replace the entity's data with the payload (a full PUT).
+    Update,
+    /// Delete the entity.
+    Delete,
+}
+
+impl OpKind {
+    /// The lower-case name used on disk and on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Update => "update",
+            Self::Delete => "delete",
+        }
+    }
+
+    /// The op kind that performs a wire mutation kind.
+    pub fn from_mutation(kind: MutationKind) -> Self {
+        match kind {
+            MutationKind::Create => Self::Create,
+            MutationKind::Update => Self::Update,
+            MutationKind::Delete => Self::Delete,
+        }
+    }
+
+    /// Parses the on-disk name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "create" => Some(Self::Create),
+            "update" => Some(Self::Update),
+            "delete" => Some(Self::Delete),
+            _ => None,
+        }
+    }
+
+    /// The wire-protocol mutation kind.
+    pub fn mutation(self) -> MutationKind {
+        match self {
+            Self::Create => MutationKind::Create,
+            Self::Update => MutationKind::Update,
+            Self::Delete => MutationKind::Delete,
+        }
+    }
+}
+
+impl std::fmt::Display for OpKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an op is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpState {
+    /// Waiting to be sent (possibly again, after `next_attempt_at`).
+    Pending,
+    /// Claimed by the runner; a request may be on the wire.
+    InFlight,
+    /// Permanently failed; kept in the dead-letter list until retried or discarded.
+    Failed,
+}
+
+impl OpState {
+    /// The name used on disk (`pending`, `in_flight`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::InFlight => "in_flight",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Parses the on-disk name; `None` for anything else.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(Self::Pending),
+            "in_flight" => Some(Self::InFlight),
+            "failed" => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for OpState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An op the app wants to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewOp {
+    /// What to do.
+    pub kind: OpKind,
+    /// Entity type, `[a-z][a-z0-9_]{0,63}`.
+    pub entity_type: String,
+    /// Entity id, `[A-Za-z0-9._-]{1,128}`.
+    pub entity_id: String,
+    /// The entity's new data (a JSON object) for create/update; `Null` for delete.
+    pub payload: Value,
+    /// The entity state this change was made from (for a 3-way merge on conflict).
+    pub base: Option<Value>,
+    /// The server version this change was made against (sent as `If-Match`).
+    pub base_version: Option<u64>,
+    /// Optimistic-update transaction token travelling with the op.
+    pub txn_token: Option<String>,
+    /// Payload format version; `None` means the outbox's current version.
+    pub envelope_version: Option<u32>,
+}
+
+impl NewOp {
+    fn new(kind: OpKind, entity_type: impl Into<String>, entity_id: impl Into<String>) -> Self {
+        Self {
+            kind,
+            entity_type: entity_type.into(),
+            entity_id: entity_id.into(),
+            payload: Value::Null,
+            base: None,
+            base_version: None,
+            txn_token: None,
+            envelope_version: None,
+        }
+    }
+
+    /// A CREATE of `entity_type/entity_id` with `payload` as its data.
+    pub fn create(
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+        payload: Value,
+    ) -> Self {
+        Self {
+            payload,
+            ..Self::new(OpKind::Create, entity_type, entity_id)
+        }
+    }
+
+    /// An UPDATE replacing the data of `entity_type/entity_id` with `payload`.
+    pub fn update(
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+        payload: Value,
+    ) -> Self {
+        Self {
+            payload,
+            ..Self::new(OpKind::Update, entity_type, entity_id)
+        }
+    }
+
+    /// A DELETE of `entity_type/entity_id`.
+    pub fn delete(entity_type: impl Into<String>, entity_id: impl Into<String>) -> Self {
+        Self::new(OpKind::Delete, entity_type, entity_id)
+    }
+
+    /// Records the state and server version the change was made from.
+    #[must_use]
+    pub fn with_base(mut self, base: Value, version: u64) -> Self {
+        self.base = Some(base);
+        self.base_version = Some(version);
+        self
+    }
+
+    /// Records only the server version the change was made against.
+    #[must_use]
+    pub fn with_base_version(mut self, version: u64) -> Self {
+        self.base_version = Some(version);
+        self
+    }
+
+    /// Attaches an optimistic-update transaction token.
+    #[must_use]
+    pub fn with_txn_token(mut self, token: impl Into<String>) -> Self {
+        self.txn_token = Some(token.into());
+        self
+    }
+
+    /// Sets the payload format version (default: the outbox's current one).
+    #[must_use]
+    pub fn with_envelope_version(mut self, version: u32) -> Self {
+        self.envelope_version = Some(version);
+        self
+    }
+}
+
+/// One event in an op's life kept for inspection (conflicts, reconciliations).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// When it happened (Unix ms).
+    pub at: i64,
+    /// What happened, e.g. `conflict`, `reconciled`, `upcast`.
+    pub event: String,
+    /// Human-readable detail.
+    pub detail: String,
+    /// The idempotency key the op had before this event, if it changed.
+    pub old_idempotency_key: Option<Uuid>,
+}
+
+/// An op as stored in the outbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingOp {
+    /// FIFO position (monotonically increasing, never reused).
+    pub seq: i64,
+    /// Identity of the op.
+    pub op_id: OpId,
+    /// Sent as `Idempotency-Key`; changes only when a reconciled retry makes a new request.
+    pub idempotency_key: Uuid,
+    /// What to do.
+    pub kind: OpKind,
+    /// Entity type.
+    pub entity_type: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// New data (object) for create/update; `Null` for delete.
+    pub payload: Value,
+    /// The entity state the change was made from.
+    pub base: Option<Value>,
+    /// Server version to send as `If-Match`.
+    pub base_version: Option<u64>,
+    /// True while the op waits for its predecessor's ack to learn its `base_version`.
+    pub chained: bool,
+    /// Optimistic transaction tokens settled by this op (several after coalescing).
+    pub txn_tokens: Vec<String>,
+    /// Payload format version.
+    pub envelope_version: u32,
+    /// Life-cycle state.
+    pub state: OpState,
+    /// Sends started (incremented durably before each send).
+    pub attempts: u32,
+    /// Earliest time of the next send (Unix ms).
+    pub next_attempt_at: i64,
+    /// Error of the last failed attempt.
+    pub last_error: Option<String>,
+    /// When the op was enqueued (Unix ms).
+    pub created_at: i64,
+    /// Last change of the row (Unix ms).
+    pub updated_at: i64,
+    /// How many later ops were merged into this one.
+    pub coalesced_count: u32,
+    /// How many conflicts were reconciled for this op.
+    pub reconciliations: u32,
+    /// Conflicts and reconciliations, oldest first.
+    pub history: Vec<HistoryEntry>,
+}
+
+impl PendingOp {
+    /// True if no send was ever started: the op may still be coalesced, edited or cancelled.
+    pub fn never_attempted(&self) -> bool {
+        self.attempts == 0 && self.state == OpState::Pending
+    }
+}
+
+/// Proof of holding the processing lock: every runner write is conditioned on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    /// The lock holder's owner id.
+    pub owner: String,
+    /// The lock epoch taken by this holder (a fencing token).
+    pub epoch: u64,
+}
+
+/// What the server said when it accepted an op.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Ack {
+    /// The entity's new server version, if known; becomes the next chained op's `If-Match`.
+    pub version: Option<u64>,
+    /// The entity's new server data, if known; becomes the next chained op's base.
+    pub data: Option<Value>,
+}
+
+/// A reconciled retry of an op after a conflict: a new request with a new key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reconciled {
+    /// Send as another kind from now on (a conflicted CREATE of an entity
+    /// that exists retries as an UPDATE); `None` keeps the kind.
+    pub kind: Option<OpKind>,
+    /// The merged payload to send.
+    pub payload: Value,
+    /// The new base (usually the server's current data).
+    pub base: Option<Value>,
+    /// The new `If-Match` version (usually the server's current version).
+    pub base_version: Option<u64>,
+    /// What was reconciled, kept in the op's history.
+    pub detail: String,
+}
+
+/// The outcome of an optimistic-update transaction token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum TxnOutcome {
+    /// Some op carrying the token has not been settled yet.
+    Pending,
+    /// Every op carrying the token was applied (or coalesced away).
+    Succeeded,
+    /// An op carrying the token failed permanently (or was cancelled).
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_round_trip() {
+        for k in [OpKind::Create, OpKind::Update, OpKind::Delete] {
+            assert_eq!(OpKind::parse(k.as_str()), Some(k));
+            assert_eq!(k.mutation().as_str(), k.as_str());
+        }
+        for s in [OpState::Pending, OpState::InFlight, OpState::Failed] {
+            assert_eq!(OpState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(OpKind::parse("upsert"), None);
+        assert_eq!(OpState::parse(""), None);
+    }
+
+    #[test]
+    fn builders_fill_fields() {
+        let op = NewOp::update("device", "d1", json!({"on": true}))
+            .with_base(json!({"on": false}), 3)
+            .with_txn_token("t1");
+        assert_eq!(op.kind, OpKind::Update);
+        assert_eq!(op.base_version, Some(3));
+        assert_eq!(op.txn_token.as_deref(), Some("t1"));
+        let d = NewOp::delete("device", "d1").with_base_version(4);
+        assert_eq!(d.payload, Value::Null);
+        assert_eq!(d.base_version, Some(4));
+        assert_eq!(d.base, None);
+    }
+}

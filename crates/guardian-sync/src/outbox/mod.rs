@@ -1,1 +1,661 @@
-//! (in progress)
+//! The durable outbox: a SQLite-backed queue of ops that survives crashes.
+//!
+//! One dedicated writer thread owns the connection and commits everything
+//! queued at once (group commit); every method is async and returns only
+//! after its transaction committed, so an op is durable when
+//! [`Outbox::enqueue`] returns. See `docs/design/outbox.md` for the on-disk
+//! schema, durability assumptions, the ready index and the coalescing rules.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use guardian_sync::op::NewOp;
+//! use guardian_sync::outbox::{Outbox, OutboxOptions};
+//! use serde_json::json;
+//!
+//! let (outbox, _report) = Outbox::open("app-outbox.db", OutboxOptions::default()).await?;
+//! let done = outbox
+//!     .enqueue(NewOp::update("device", "d1", json!({"on": true})).with_base_version(3))
+//!     .await?;
+//! println!("queued {} (key {})", done.op_id, done.idempotency_key);
+//! # Ok(()) }
+//! ```
+
+mod app;
+mod damage;
+mod enqueue;
+mod error;
+mod lock_row;
+mod outcomes;
+mod rows;
+mod runner;
+mod schema;
+mod upcast;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+pub use app::{ListFilter, Stats};
+pub use damage::{CheckReport, SalvageReport};
+pub use enqueue::{Coalesced, Enqueued, RemovedOp};
+pub use error::{EnqueueError, OpenError, OutboxError, StorageError};
+pub use lock_row::LockRow;
+pub use outcomes::OutcomeRecord;
+pub use upcast::{UpcastFn, Upcasters};
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::op::{Ack, Fence, NewOp, OpId, PendingOp, Reconciled, TxnOutcome};
+use writer::{Ctx, Writer};
+
+/// The newest on-disk schema version this build reads and writes.
+pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
+
+/// SQLite's `synchronous` setting: how hard a commit pushes to disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Synchronous {
+    /// fsync the WAL at every commit: a returned enqueue survives power loss.
+    #[default]
+    Full,
+    /// In WAL mode, the last commits may be lost on power loss (not on a
+    /// process crash). An explicit opt-in.
+    Normal,
+    /// No fsync at all; for tests and benchmarks only.
+    Off,
+}
+
+impl Synchronous {
+    fn pragma(self) -> &'static str {
+        match self {
+            Self::Full => "FULL",
+            Self::Normal => "NORMAL",
+            Self::Off => "OFF",
+        }
+    }
+}
+
+/// How to open an outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxOptions {
+    /// Durability of commits (default [`Synchronous::Full`]).
+    pub synchronous: Synchronous,
+    /// How long to wait for another connection's write lock (default 5 s).
+    pub busy_timeout: Duration,
+    /// Largest accepted payload (and base), serialized (default 1 MiB).
+    pub max_payload_bytes: usize,
+    /// Time source for stored timestamps.
+    pub clock: SharedClock,
+    /// Coalesce new ops into never-attempted ones at enqueue (default true).
+    pub coalesce: bool,
+    /// The app's current payload envelope version (default 1).
+    pub envelope_version: u32,
+    /// Migrations of queued payloads from older envelope versions.
+    pub upcasters: Upcasters,
+    /// Run the full `PRAGMA integrity_check` at open (default false: it is
+    /// O(file size); open does a cheap probe instead).
+    pub integrity_check_at_open: bool,
+    /// Settled and delivered transaction outcomes older than this are
+    /// forgotten at open (default 7 days).
+    pub outcome_retention: Duration,
+}
+
+impl Default for OutboxOptions {
+    fn default() -> Self {
+        Self {
+            synchronous: Synchronous::Full,
+            busy_timeout: Duration::from_secs(5),
+            max_payload_bytes: 1 << 20,
+            clock: SystemClock::shared(),
+            coalesce: true,
+            envelope_version: 1,
+            upcasters: Upcasters::default(),
+            integrity_check_at_open: false,
+            outcome_retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl OutboxOptions {
+    /// Sets the commit durability.
+    #[must_use]
+    pub fn synchronous(mut self, s: Synchronous) -> Self {
+        self.synchronous = s;
+        self
+    }
+    /// Sets the busy timeout.
+    #[must_use]
+    pub fn busy_timeout(mut self, d: Duration) -> Self {
+        self.busy_timeout = d;
+        self
+    }
+    /// Sets the payload size limit.
+    #[must_use]
+    pub fn max_payload_bytes(mut self, n: usize) -> Self {
+        self.max_payload_bytes = n;
+        self
+    }
+    /// Sets the clock.
+    #[must_use]
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = clock;
+        self
+    }
+    /// Turns coalescing on or off.
+    #[must_use]
+    pub fn coalesce(mut self, on: bool) -> Self {
+        self.coalesce = on;
+        self
+    }
+    /// Sets the app's current envelope version.
+    #[must_use]
+    pub fn envelope_version(mut self, v: u32) -> Self {
+        self.envelope_version = v;
+        self
+    }
+    /// Sets the upcasters.
+    #[must_use]
+    pub fn upcasters(mut self, u: Upcasters) -> Self {
+        self.upcasters = u;
+        self
+    }
+    /// Runs a full integrity check at open.
+    #[must_use]
+    pub fn integrity_check_at_open(mut self, on: bool) -> Self {
+        self.integrity_check_at_open = on;
+        self
+    }
+    /// Sets how long settled outcomes are kept.
+    #[must_use]
+    pub fn outcome_retention(mut self, d: Duration) -> Self {
+        self.outcome_retention = d;
+        self
+    }
+}
+
+/// What happened while opening.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenReport {
+    /// The file did not exist and was created.
+    pub created: bool,
+    /// The schema was migrated from this version.
+    pub migrated_from: Option<u32>,
+    /// In-flight ops of a dead runner put back to pending (only when the lock was free).
+    pub requeued_in_flight: u64,
+    /// Ops whose payloads were upcast to the current envelope version.
+    pub upcast: u64,
+    /// Ops whose upcast failed (moved to `failed`).
+    pub upcast_failed: u64,
+    /// Set if the file was damaged and salvaged.
+    pub salvage: Option<SalvageReport>,
+}
+
+/// A handle to an open outbox. Cheap to clone; all clones share one writer thread.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    writer: Writer,
+    path: PathBuf,
+    max_payload_bytes: usize,
+    envelope_version: u32,
+}
+
+/// Why preparing a connection failed.
+enum Prep {
+    Damaged(String),
+    Fatal(OpenError),
+}
+
+impl From<rusqlite::Error> for Prep {
+    fn from(e: rusqlite::Error) -> Self {
+        if error::is_corrupt(&e) {
+            Prep::Damaged(e.to_string())
+        } else {
+            Prep::Fatal(e.into())
+        }
+    }
+}
+
+impl From<OpenError> for Prep {
+    fn from(e: OpenError) -> Self {
+        match e {
+            OpenError::Storage(s) if s.corrupt => Prep::Damaged(s.message),
+            other => Prep::Fatal(other),
+        }
+    }
+}
+
+/// Reads a few pages through the indexes the start-up path needs: cheap
+/// damage detection (a full check is O(file size)).
+fn probe(conn: &Connection) -> rusqlite::Result<()> {
+    conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
+    conn.query_row("SELECT max(seq) FROM ops", [], |r| {
+        r.get::<_, Option<i64>>(0)
+    })?;
+    conn.query_row(
+        "SELECT count(*) FROM (SELECT seq FROM ops WHERE state = 'pending' AND is_head = 1 \
+         ORDER BY next_attempt_at, seq LIMIT 1)",
+        [],
+        |r| r.get::<_, i64>(0),
+    )?;
+    lock_row::read(conn)?;
+    Ok(())
+}
+
+/// Start-up work, all through indexes: requeue a dead runner's in-flight
+/// ops, upcast old payloads, forget old outcomes.
+fn startup(
+    conn: &mut Connection,
+    options: &OutboxOptions,
+    report: &mut OpenReport,
+) -> rusqlite::Result<()> {
+    let now = options.clock.now_millis();
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let lock_free = lock_row::read(&tx)?.is_none_or(|l| l.owner.is_empty());
+    if lock_free {
+        report.requeued_in_flight = requeue_in_flight(&tx)?;
+    }
+    let counts = upcast::run(&tx, &options.upcasters, options.envelope_version, now)?;
+    report.upcast = counts.migrated;
+    report.upcast_failed = counts.failed;
+    let retention = i64::try_from(options.outcome_retention.as_millis()).unwrap_or(i64::MAX);
+    outcomes::prune(&tx, now.saturating_sub(retention))?;
+    tx.commit()
+}
+
+/// Puts every in-flight op back to pending (found through the state index).
+fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
+    let entities: Vec<(String, String)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT DISTINCT entity_type, entity_id FROM ops WHERE state = 'in_flight'",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    if entities.is_empty() {
+        return Ok(0);
+    }
+    let n = conn.execute(
+        "UPDATE ops SET state = 'pending' WHERE state = 'in_flight'",
+        [],
+    )?;
+    for (t, id) in &entities {
+        rows::recompute_head(conn, t, id)?;
+    }
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+fn prepare_conn(
+    path: &Path,
+    options: &OutboxOptions,
+    report: &mut OpenReport,
+) -> Result<Connection, Prep> {
+    let io = |source| {
+        Prep::Fatal(OpenError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    if let Some(reason) = damage::header_damage(path).map_err(io)? {
+        return Err(Prep::Damaged(reason));
+    }
+    let mut conn = schema::connect(path, options.synchronous, options.busy_timeout)?;
+    report.migrated_from = schema::migrate(&mut conn)?;
+    probe(&conn)?;
+    if options.integrity_check_at_open {
+        let check = damage::check(&conn)?;
+        if !check.ok {
+            return Err(Prep::Damaged(format!(
+                "integrity check: {}",
+                check.remaining.join("; ")
+            )));
+        }
+    }
+    startup(&mut conn, options, report)?;
+    Ok(conn)
+}
+
+fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenReport), OpenError> {
+    let io = |source| OpenError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut report = OpenReport {
+        created: schema::create_file(path).map_err(io)?,
+        ..OpenReport::default()
+    };
+    let conn = match prepare_conn(path, options, &mut report) {
+        Ok(conn) => conn,
+        Err(Prep::Fatal(e)) => return Err(e),
+        Err(Prep::Damaged(reason)) => {
+            tracing::error!(path = %path.display(), %reason, "outbox file is damaged; salvaging");
+            let salvage_failed = |reason: String| OpenError::SalvageFailed {
+                path: path.to_path_buf(),
+                reason,
+            };
+            let aside = damage::move_aside(path, options.clock.now_millis())
+                .map_err(|e| salvage_failed(format!("cannot move it aside: {e}")))?;
+            schema::create_file(path)
+                .map_err(|e| salvage_failed(format!("cannot create a fresh file: {e}")))?;
+            let salvage = {
+                let mut fresh = schema::connect(path, options.synchronous, options.busy_timeout)
+                    .map_err(|e| salvage_failed(e.to_string()))?;
+                schema::migrate(&mut fresh).map_err(|e| salvage_failed(e.to_string()))?;
+                damage::salvage_into(&aside, &fresh, reason)
+            };
+            let mut again = OpenReport::default();
+            let conn = match prepare_conn(path, options, &mut again) {
+                Ok(conn) => conn,
+                Err(Prep::Fatal(e)) => return Err(e),
+                Err(Prep::Damaged(r)) => return Err(salvage_failed(r)),
+            };
+            report.requeued_in_flight = again.requeued_in_flight;
+            report.upcast = again.upcast;
+            report.upcast_failed = again.upcast_failed;
+            report.salvage = Some(salvage);
+            conn
+        }
+    };
+    let ctx = Ctx {
+        clock: options.clock.clone(),
+        max_payload_bytes: options.max_payload_bytes,
+        coalesce: options.coalesce,
+    };
+    let writer = Writer::spawn(conn, ctx).map_err(OpenError::Thread)?;
+    let outbox = Outbox {
+        inner: Arc::new(Inner {
+            writer,
+            path: path.to_path_buf(),
+            max_payload_bytes: options.max_payload_bytes,
+            envelope_version: options.envelope_version,
+        }),
+    };
+    Ok((outbox, report))
+}
+
+impl Outbox {
+    /// Opens (creating, migrating or salvaging as needed) the outbox at `path`.
+    ///
+    /// The file is created with mode 0600; put it in a directory only the
+    /// app can read. A damaged file is moved aside and salvaged (see
+    /// [`OpenReport::salvage`]); open never panics on a bad file.
+    pub async fn open(
+        path: impl AsRef<Path>,
+        options: OutboxOptions,
+    ) -> Result<(Self, OpenReport), OpenError> {
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || open_blocking(&path, &options))
+            .await
+            .map_err(|e| OpenError::Thread(std::io::Error::other(e.to_string())))?
+    }
+
+    /// The outbox file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Finishes queued work and closes the database. Later calls on any
+    /// clone fail with `Closed`.
+    pub async fn close(&self) {
+        self.inner.writer.close().await;
+    }
+
+    /// Validates and stores an op; returns once it is durable. Coalesces it
+    /// into never-attempted ops of its entity when enabled. On error nothing
+    /// in the outbox changed.
+    pub async fn enqueue(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
+        let prepared = enqueue::prepare(
+            op,
+            self.inner.max_payload_bytes,
+            self.inner.envelope_version,
+        )?;
+        self.inner
+            .writer
+            .call(move |conn, ctx| enqueue::apply(conn, ctx, &prepared))
+            .await
+    }
+
+    // ---- runner side (fenced) ----
+
+    /// Claims up to `limit` ready ops (due by `now_ms`, head of their
+    /// entity), marking them in flight with `attempts += 1` before returning.
+    pub async fn claim_ready(
+        &self,
+        fence: &Fence,
+        limit: usize,
+        now_ms: i64,
+    ) -> Result<Vec<PendingOp>, OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, ctx| runner::claim(conn, ctx, &fence, limit, now_ms))
+            .await
+    }
+
+    /// The server applied the op: delete it, record its tokens' success and
+    /// pass `ack.version`/`ack.data` to the entity's next chained op.
+    pub async fn ack(&self, fence: &Fence, op_id: OpId, ack: Ack) -> Result<(), OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, ctx| runner::ack(conn, ctx, &fence, op_id, &ack))
+            .await
+    }
+
+    /// A retryable failure: back to pending, due at `next_attempt_at` (Unix ms).
+    pub async fn retry_later(
+        &self,
+        fence: &Fence,
+        op_id: OpId,
+        next_attempt_at: i64,
+        error: &str,
+    ) -> Result<(), OutboxError> {
+        let fence = fence.clone();
+        let error = error.to_owned();
+        self.inner
+            .writer
+            .call(move |conn, ctx| {
+                runner::retry_later(conn, ctx, &fence, op_id, next_attempt_at, &error)
+            })
+            .await
+    }
+
+    /// A permanent failure: the op moves to the dead-letter list (kept).
+    pub async fn fail(&self, fence: &Fence, op_id: OpId, error: &str) -> Result<(), OutboxError> {
+        let fence = fence.clone();
+        let error = error.to_owned();
+        self.inner
+            .writer
+            .call(move |conn, ctx| runner::fail(conn, ctx, &fence, op_id, &error))
+            .await
+    }
+
+    /// A conflict was reconciled: store the new request (new idempotency key,
+    /// returned) before it is sent; the old key goes to the op's history.
+    pub async fn reconciled(
+        &self,
+        fence: &Fence,
+        op_id: OpId,
+        r: Reconciled,
+    ) -> Result<Uuid, OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, ctx| runner::reconciled(conn, ctx, &fence, op_id, &r))
+            .await
+    }
+
+    // ---- processing lock row ----
+
+    /// The lock row, if any runner ever took the lock.
+    pub async fn lock_read(&self) -> Result<Option<LockRow>, OutboxError> {
+        self.inner
+            .writer
+            .call(|conn, _| Ok::<_, OutboxError>(lock_row::read(conn)?))
+            .await
+    }
+
+    /// Takes the lock (epoch + 1) if it is free, ours, or still exactly
+    /// `expect = (epoch, heartbeat)` as the caller saw it when judging it
+    /// stale. On success the previous holder's in-flight ops go back to
+    /// pending in the same transaction (that holder is gone).
+    pub async fn lock_acquire(
+        &self,
+        owner: &str,
+        expect: Option<(u64, u64)>,
+    ) -> Result<Option<Fence>, OutboxError> {
+        let owner = owner.to_owned();
+        self.inner
+            .writer
+            .call(move |conn, ctx| {
+                let fence = lock_row::acquire(conn, &owner, expect, ctx.now())?;
+                if fence.is_some() {
+                    requeue_in_flight(conn)?;
+                }
+                Ok::<_, OutboxError>(fence)
+            })
+            .await
+    }
+
+    /// Proves the holder is alive (heartbeat + 1); `LockLost` if it is not the holder.
+    pub async fn lock_heartbeat(&self, fence: &Fence) -> Result<(), OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, ctx| lock_row::heartbeat(conn, &fence, ctx.now()))
+            .await
+    }
+
+    /// Frees the lock if `fence` still holds it.
+    pub async fn lock_release(&self, fence: &Fence) -> Result<(), OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, _| lock_row::release(conn, &fence))
+            .await
+    }
+
+    // ---- app side ----
+
+    /// One op by id.
+    pub async fn get(&self, op_id: OpId) -> Result<Option<PendingOp>, OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, _| Ok::<_, OutboxError>(rows::by_id(conn, op_id)?))
+            .await
+    }
+
+    /// Ops in FIFO order, filtered and paged.
+    pub async fn list(&self, filter: ListFilter) -> Result<Vec<PendingOp>, OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, _| app::list(conn, &filter))
+            .await
+    }
+
+    /// Puts a failed op back in the queue, due now (same key; attempts kept).
+    pub async fn retry_failed(&self, op_id: OpId) -> Result<(), OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, ctx| app::retry_failed(conn, ctx, op_id))
+            .await
+    }
+
+    /// Puts every failed op back in the queue; returns how many.
+    pub async fn retry_all_failed(&self) -> Result<u64, OutboxError> {
+        self.inner.writer.call(app::retry_all_failed).await
+    }
+
+    /// Removes a failed op for good; returns it.
+    pub async fn discard(&self, op_id: OpId) -> Result<PendingOp, OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, _| app::discard(conn, op_id))
+            .await
+    }
+
+    /// Removes a pending op that was never attempted; returns it. Its tokens fail as cancelled.
+    pub async fn cancel(&self, op_id: OpId) -> Result<PendingOp, OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, ctx| app::cancel(conn, ctx, op_id))
+            .await
+    }
+
+    /// Replaces the payload of a pending op that was never attempted.
+    pub async fn edit_payload(&self, op_id: OpId, payload: Value) -> Result<(), OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, ctx| app::edit_payload(conn, ctx, op_id, &payload))
+            .await
+    }
+
+    /// Queue depth by state, oldest op, next due time.
+    pub async fn stats(&self) -> Result<Stats, OutboxError> {
+        self.inner.writer.call(|conn, _| app::stats(conn)).await
+    }
+
+    /// A meta value (e.g. the realtime cursor).
+    pub async fn meta_get(&self, key: &str) -> Result<Option<String>, OutboxError> {
+        let key = key.to_owned();
+        self.inner
+            .writer
+            .call(move |conn, _| app::meta_get(conn, &key))
+            .await
+    }
+
+    /// Sets a meta value durably.
+    pub async fn meta_set(&self, key: &str, value: &str) -> Result<(), OutboxError> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.inner
+            .writer
+            .call(move |conn, _| app::meta_set(conn, &key, &value))
+            .await
+    }
+
+    /// Full `PRAGMA integrity_check`; rebuilds indexes (`REINDEX`) if it fails.
+    pub async fn check(&self) -> Result<CheckReport, OutboxError> {
+        self.inner
+            .writer
+            .call(|conn, _| Ok::<_, OutboxError>(damage::check(conn)?))
+            .await
+    }
+
+    /// The outcome of an optimistic-update token, if known.
+    pub async fn txn_outcome(&self, token: &str) -> Result<Option<TxnOutcome>, OutboxError> {
+        let token = token.to_owned();
+        self.inner
+            .writer
+            .call(move |conn, _| Ok::<_, OutboxError>(outcomes::get(conn, &token)?))
+            .await
+    }
+
+    /// Settled outcomes not yet confirmed as delivered, oldest first.
+    pub async fn undelivered_outcomes(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<OutcomeRecord>, OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, _| Ok::<_, OutboxError>(outcomes::undelivered(conn, limit)?))
+            .await
+    }
+
+    /// Confirms outcomes as delivered (they stop showing in `undelivered_outcomes`).
+    pub async fn mark_outcomes_delivered(&self, ids: Vec<i64>) -> Result<(), OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, _| Ok::<_, OutboxError>(outcomes::mark_delivered(conn, &ids)?))
+            .await
+    }
+}

@@ -1,0 +1,236 @@
+//! App-side reads and edits: inspection, the dead-letter list, and changes to
+//! ops that were never attempted.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::enqueue::check_payload;
+use super::error::OutboxError;
+use super::writer::Ctx;
+use super::{outcomes, rows};
+use crate::op::{OpId, OpKind, OpState, PendingOp};
+
+/// Which ops [`list`](super::Outbox::list) returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListFilter {
+    /// Only ops in this state (all states if `None`).
+    pub state: Option<OpState>,
+    /// At most this many ops.
+    pub limit: usize,
+    /// Only ops after this position (for paging; 0 to start).
+    pub after_seq: i64,
+}
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        Self {
+            state: None,
+            limit: 100,
+            after_seq: 0,
+        }
+    }
+}
+
+/// Queue depth and timing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Ops waiting to be sent.
+    pub pending: u64,
+    /// Ops claimed by a runner.
+    pub in_flight: u64,
+    /// Ops in the dead-letter list.
+    pub failed: u64,
+    /// Creation time of the oldest pending or in-flight op (Unix ms).
+    pub oldest_created_at: Option<i64>,
+    /// Earliest time a ready op is due (Unix ms).
+    pub next_attempt_at: Option<i64>,
+}
+
+fn load(conn: &Connection, op_id: OpId) -> Result<PendingOp, OutboxError> {
+    rows::by_id(conn, op_id)?.ok_or(OutboxError::NotFound(op_id))
+}
+
+fn expect_never_attempted(op: &PendingOp) -> Result<(), OutboxError> {
+    if op.state != OpState::Pending {
+        return Err(OutboxError::WrongState {
+            op_id: op.op_id,
+            state: op.state,
+            needed: "pending",
+        });
+    }
+    if op.attempts > 0 {
+        return Err(OutboxError::AlreadyAttempted {
+            op_id: op.op_id,
+            attempts: op.attempts,
+        });
+    }
+    Ok(())
+}
+
+pub(crate) fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<PendingOp>, OutboxError> {
+    let limit = i64::try_from(f.limit).unwrap_or(i64::MAX);
+    let ops = if let Some(state) = f.state {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {} FROM ops WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            rows::OP_COLUMNS
+        ))?;
+        let rows = stmt.query_map(params![state.as_str(), f.after_seq, limit], rows::read_op)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    } else {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {} FROM ops WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            rows::OP_COLUMNS
+        ))?;
+        let rows = stmt.query_map(params![f.after_seq, limit], rows::read_op)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    Ok(ops)
+}
+
+/// Puts a failed op back in the queue, due now (its key and attempts are kept).
+pub(crate) fn retry_failed(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<(), OutboxError> {
+    let op = load(conn, op_id)?;
+    if op.state != OpState::Failed {
+        return Err(OutboxError::WrongState {
+            op_id,
+            state: op.state,
+            needed: "failed",
+        });
+    }
+    let now = ctx.now();
+    conn.prepare_cached(
+        "UPDATE ops SET state = 'pending', next_attempt_at = ?1, updated_at = ?1 WHERE seq = ?2",
+    )?
+    .execute(params![now, op.seq])?;
+    for t in &op.txn_tokens {
+        outcomes::reopened(conn, t, now)?;
+    }
+    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    Ok(())
+}
+
+pub(crate) fn retry_all_failed(conn: &Connection, ctx: &Ctx) -> Result<u64, OutboxError> {
+    let ids: Vec<String> = {
+        let mut stmt =
+            conn.prepare_cached("SELECT op_id FROM ops WHERE state = 'failed' ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut n = 0;
+    for id in ids {
+        if let Ok(id) = uuid::Uuid::parse_str(&id) {
+            retry_failed(conn, ctx, id)?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// Removes a failed op for good (its tokens already failed).
+pub(crate) fn discard(conn: &Connection, op_id: OpId) -> Result<PendingOp, OutboxError> {
+    let op = load(conn, op_id)?;
+    if op.state != OpState::Failed {
+        return Err(OutboxError::WrongState {
+            op_id,
+            state: op.state,
+            needed: "failed",
+        });
+    }
+    rows::delete(conn, op.seq)?;
+    Ok(op)
+}
+
+/// Removes a never-attempted op; its tokens fail as "cancelled", and a
+/// successor chained on it inherits its base (it now follows what preceded it).
+pub(crate) fn cancel(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<PendingOp, OutboxError> {
+    let op = load(conn, op_id)?;
+    expect_never_attempted(&op)?;
+    let now = ctx.now();
+    rows::delete(conn, op.seq)?;
+    for t in &op.txn_tokens {
+        outcomes::failed(conn, t, "cancelled", now)?;
+    }
+    if let Some((next, true)) = rows::successor(conn, &op.entity_type, &op.entity_id, op.seq)? {
+        conn.prepare_cached(
+            "UPDATE ops SET base = ?1, base_version = ?2, chained = ?3, updated_at = ?4 WHERE seq = ?5",
+        )?
+        .execute(params![
+            op.base.as_ref().map(Value::to_string),
+            rows::version_to_sql(op.base_version),
+            op.chained,
+            now,
+            next
+        ])?;
+    }
+    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    Ok(op)
+}
+
+/// Replaces the payload of a never-attempted create/update.
+pub(crate) fn edit_payload(
+    conn: &Connection,
+    ctx: &Ctx,
+    op_id: OpId,
+    payload: &Value,
+) -> Result<(), OutboxError> {
+    let op = load(conn, op_id)?;
+    expect_never_attempted(&op)?;
+    if op.kind == OpKind::Delete && !payload.is_null() {
+        return Err(OutboxError::InvalidPayload(
+            super::EnqueueError::PayloadOnDelete { found: "a value" },
+        ));
+    }
+    let text = check_payload(op.kind, payload, ctx.max_payload_bytes)
+        .map_err(OutboxError::InvalidPayload)?;
+    conn.prepare_cached("UPDATE ops SET payload = ?1, updated_at = ?2 WHERE seq = ?3")?
+        .execute(params![text, ctx.now(), op.seq])?;
+    Ok(())
+}
+
+/// Counts by state (a pass over the small `ops_state` index, not the table)
+/// plus two O(log n) probes.
+pub(crate) fn stats(conn: &Connection) -> Result<Stats, OutboxError> {
+    let mut s = Stats::default();
+    {
+        let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM ops GROUP BY state")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let state: String = r.get(0)?;
+            let n = u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0);
+            match OpState::parse(&state) {
+                Some(OpState::Pending) => s.pending = n,
+                Some(OpState::InFlight) => s.in_flight = n,
+                Some(OpState::Failed) => s.failed = n,
+                None => {}
+            }
+        }
+    }
+    s.oldest_created_at = conn
+        .prepare_cached(
+            "SELECT created_at FROM ops WHERE state IN ('pending', 'in_flight') ORDER BY seq LIMIT 1",
+        )?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    s.next_attempt_at = conn
+        .prepare_cached(
+            "SELECT min(next_attempt_at) FROM ops WHERE state = 'pending' AND is_head = 1",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok(s)
+}
+
+pub(crate) fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, OutboxError> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?)
+}
+
+pub(crate) fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), OutboxError> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}

@@ -1,0 +1,375 @@
+//! Enqueue: validation (before anything touches the database) and the
+//! insert-or-coalesce step run inside the group-commit transaction.
+
+use rusqlite::{params, Connection};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::error::EnqueueError;
+use super::writer::Ctx;
+use super::{outcomes, rows};
+use crate::coalesce::{self, Decision, TailOp};
+use crate::op::{NewOp, OpId, OpKind, OpState};
+
+/// What `enqueue` did with an op.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enqueued {
+    /// The op that now carries the change. For a merge this is the op merged
+    /// into; for an annihilating DELETE it is an id that was never stored.
+    pub op_id: OpId,
+    /// That op's idempotency key.
+    pub idempotency_key: Uuid,
+    /// That op's position (for an annihilating DELETE, the removed CREATE's).
+    pub seq: i64,
+    /// Set when coalescing changed what is stored.
+    pub coalesced: Option<Coalesced>,
+}
+
+/// An op removed by coalescing (so the app can settle its tokens as succeeded).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedOp {
+    /// The removed op.
+    pub op_id: OpId,
+    /// Its position.
+    pub seq: i64,
+    /// What it did.
+    pub kind: OpKind,
+    /// Its transaction tokens.
+    pub txn_tokens: Vec<String>,
+}
+
+/// How coalescing folded the new op into the queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "how", rename_all = "snake_case")]
+pub enum Coalesced {
+    /// The new op was merged into an earlier never-attempted op.
+    MergedInto {
+        /// The op that absorbed it.
+        op_id: OpId,
+        /// Its position.
+        seq: i64,
+    },
+    /// A DELETE removed a never-sent CREATE (and its UPDATEs); nothing was
+    /// stored and the removed ops' tokens (and the DELETE's) succeeded.
+    Annihilated {
+        /// The removed ops, oldest first.
+        removed: Vec<RemovedOp>,
+    },
+    /// A DELETE replaced never-attempted UPDATEs and was stored; their tokens
+    /// now travel on the DELETE.
+    ReplacedUpdates {
+        /// The removed ops, oldest first.
+        removed: Vec<RemovedOp>,
+    },
+}
+
+/// A validated op, serialized once, ready for the writer thread.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    kind: OpKind,
+    entity_type: String,
+    entity_id: String,
+    payload: String,
+    base: Option<String>,
+    base_version: Option<i64>,
+    txn_token: Option<String>,
+    envelope_version: u32,
+    op_id: OpId,
+    key: Uuid,
+}
+
+fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Checks a create/update payload (object, within the size limit) and serializes it.
+pub(crate) fn check_payload(
+    kind: OpKind,
+    payload: &Value,
+    max: usize,
+) -> Result<String, EnqueueError> {
+    match (kind, payload) {
+        (OpKind::Delete, Value::Null) => return Ok("null".into()),
+        (OpKind::Delete, other) => {
+            return Err(EnqueueError::PayloadOnDelete {
+                found: json_type(other),
+            })
+        }
+        (_, Value::Object(_)) => {}
+        (_, other) => {
+            return Err(EnqueueError::PayloadNotObject {
+                kind,
+                found: json_type(other),
+            })
+        }
+    }
+    let text = serde_json::to_string(payload)?;
+    if text.len() > max {
+        return Err(EnqueueError::PayloadTooLarge {
+            size: text.len(),
+            max,
+        });
+    }
+    Ok(text)
+}
+
+/// Validates `op` without touching the outbox.
+pub(crate) fn prepare(
+    op: NewOp,
+    max: usize,
+    current_envelope: u32,
+) -> Result<Prepared, EnqueueError> {
+    guardian_protocol::validate_entity_type(&op.entity_type)?;
+    guardian_protocol::validate_entity_id(&op.entity_id)?;
+    let payload = check_payload(op.kind, &op.payload, max)?;
+    let base = match &op.base {
+        None => None,
+        Some(b) => {
+            let text = serde_json::to_string(b)?;
+            if text.len() > max {
+                return Err(EnqueueError::PayloadTooLarge {
+                    size: text.len(),
+                    max,
+                });
+            }
+            Some(text)
+        }
+    };
+    if let Some(t) = &op.txn_token {
+        if t.is_empty() || t.len() > 256 {
+            return Err(EnqueueError::InvalidTxnToken);
+        }
+    }
+    Ok(Prepared {
+        kind: op.kind,
+        entity_type: op.entity_type,
+        entity_id: op.entity_id,
+        payload,
+        base,
+        base_version: rows::version_to_sql(op.base_version),
+        txn_token: op.txn_token,
+        envelope_version: op.envelope_version.unwrap_or(current_envelope),
+        op_id: Uuid::now_v7(),
+        key: Uuid::new_v4(),
+    })
+}
+
+/// The entity's tail: its never-attempted active suffix plus the active op
+/// just before it, oldest first (empty if the entity has no active op).
+fn tail(conn: &Connection, p: &Prepared, only_last: bool) -> rusqlite::Result<Vec<TailOp>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, kind, state, attempts FROM ops WHERE entity_type = ?1 AND entity_id = ?2 \
+         AND state IN ('pending', 'in_flight') ORDER BY seq DESC",
+    )?;
+    let mut rows = stmt.query(params![p.entity_type, p.entity_id])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let kind: String = r.get(1)?;
+        let state: String = r.get(2)?;
+        let attempts: i64 = r.get(3)?;
+        let never_attempted = attempts == 0 && OpState::parse(&state) == Some(OpState::Pending);
+        out.push(TailOp {
+            seq: r.get(0)?,
+            kind: OpKind::parse(&kind).unwrap_or(OpKind::Update),
+            never_attempted,
+        });
+        if !never_attempted || only_last {
+            break;
+        }
+    }
+    out.reverse();
+    Ok(out)
+}
+
+struct Inherit {
+    base: Option<String>,
+    base_version: Option<i64>,
+    chained: bool,
+    tokens: Vec<String>,
+}
+
+fn insert(
+    conn: &Connection,
+    p: &Prepared,
+    inherit: Option<&Inherit>,
+    chained: bool,
+    is_head: bool,
+    now: i64,
+) -> Result<i64, EnqueueError> {
+    let mut tokens: Vec<String> = inherit.map(|i| i.tokens.clone()).unwrap_or_default();
+    if let Some(t) = &p.txn_token {
+        if !tokens.contains(t) {
+            tokens.push(t.clone());
+        }
+    }
+    let (base, base_version, chained) = match inherit {
+        Some(i) => (i.base.as_deref(), i.base_version, i.chained),
+        None => (p.base.as_deref(), p.base_version, chained),
+    };
+    conn.prepare_cached(
+        "INSERT INTO ops (op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \
+         base_version, chained, txn_tokens, envelope_version, state, is_head, attempts, \
+         next_attempt_at, created_at, updated_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13)",
+    )?
+    .execute(params![
+        p.op_id.to_string(),
+        p.key.to_string(),
+        p.kind.as_str(),
+        p.entity_type,
+        p.entity_id,
+        p.payload,
+        base,
+        base_version,
+        chained,
+        serde_json::to_string(&tokens)?,
+        p.envelope_version,
+        is_head,
+        now,
+    ])?;
+    for t in &tokens {
+        outcomes::add(conn, t, now)?;
+    }
+    Ok(conn.last_insert_rowid())
+}
+
+/// Removes ops for coalescing; returns what was removed, oldest first, and
+/// what the first one carried for a DELETE to inherit.
+fn remove(
+    conn: &Connection,
+    seqs: &[i64],
+) -> Result<(Vec<RemovedOp>, Option<Inherit>), EnqueueError> {
+    let mut removed = Vec::with_capacity(seqs.len());
+    let mut inherit: Option<Inherit> = None;
+    for &seq in seqs {
+        let Some(op) = rows::by_seq(conn, seq)? else {
+            continue;
+        };
+        rows::delete(conn, seq)?;
+        match &mut inherit {
+            None => {
+                inherit = Some(Inherit {
+                    base: op.base.as_ref().map(Value::to_string),
+                    base_version: rows::version_to_sql(op.base_version),
+                    chained: op.chained,
+                    tokens: op.txn_tokens.clone(),
+                });
+            }
+            Some(i) => {
+                for t in &op.txn_tokens {
+                    if !i.tokens.contains(t) {
+                        i.tokens.push(t.clone());
+                    }
+                }
+            }
+        }
+        removed.push(RemovedOp {
+            op_id: op.op_id,
+            seq,
+            kind: op.kind,
+            txn_tokens: op.txn_tokens,
+        });
+    }
+    Ok((removed, inherit))
+}
+
+/// Stores (or coalesces) a validated op. Runs in the writer's transaction.
+pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueued, EnqueueError> {
+    let now = ctx.now();
+    // Without coalescing only the existence of an active op matters.
+    let tail = tail(conn, p, !ctx.coalesce)?;
+    let has_active = !tail.is_empty();
+    match coalesce::decide(&tail, p.kind, ctx.coalesce) {
+        Decision::Insert => {
+            let seq = insert(conn, p, None, has_active, !has_active, now)?;
+            Ok(Enqueued {
+                op_id: p.op_id,
+                idempotency_key: p.key,
+                seq,
+                coalesced: None,
+            })
+        }
+        Decision::MergeInto { seq } => {
+            let Some(target) = rows::by_seq(conn, seq)? else {
+                return Err(EnqueueError::Storage(super::StorageError {
+                    message: format!("coalescing target {seq} vanished"),
+                    corrupt: false,
+                }));
+            };
+            let mut tokens = target.txn_tokens.clone();
+            if let Some(t) = &p.txn_token {
+                if !tokens.contains(t) {
+                    tokens.push(t.clone());
+                    outcomes::add(conn, t, now)?;
+                }
+            }
+            let (payload, envelope) = if p.kind == OpKind::Delete {
+                (target.payload.to_string(), target.envelope_version)
+            } else {
+                (p.payload.clone(), p.envelope_version)
+            };
+            conn.prepare_cached(
+                "UPDATE ops SET payload = ?1, envelope_version = ?2, txn_tokens = ?3, \
+                 coalesced_count = coalesced_count + 1, updated_at = ?4 WHERE seq = ?5",
+            )?
+            .execute(params![
+                payload,
+                envelope,
+                serde_json::to_string(&tokens)?,
+                now,
+                seq
+            ])?;
+            Ok(Enqueued {
+                op_id: target.op_id,
+                idempotency_key: target.idempotency_key,
+                seq,
+                coalesced: Some(Coalesced::MergedInto {
+                    op_id: target.op_id,
+                    seq,
+                }),
+            })
+        }
+        Decision::Annihilate { remove: seqs } => {
+            let (removed, _) = remove(conn, &seqs)?;
+            for r in &removed {
+                for t in &r.txn_tokens {
+                    outcomes::succeeded(conn, t, now)?;
+                }
+            }
+            if let Some(t) = &p.txn_token {
+                outcomes::succeeded_at_once(conn, t, now)?;
+            }
+            rows::recompute_head(conn, &p.entity_type, &p.entity_id)?;
+            Ok(Enqueued {
+                op_id: p.op_id,
+                idempotency_key: p.key,
+                seq: seqs.first().copied().unwrap_or_default(),
+                coalesced: Some(Coalesced::Annihilated { removed }),
+            })
+        }
+        Decision::ReplaceUpdates { remove: seqs } => {
+            let (removed, inherit) = remove(conn, &seqs)?;
+            for r in &removed {
+                for t in &r.txn_tokens {
+                    outcomes::drop_one(conn, t)?;
+                }
+            }
+            let seq = insert(conn, p, inherit.as_ref(), has_active, false, now)?;
+            rows::recompute_head(conn, &p.entity_type, &p.entity_id)?;
+            Ok(Enqueued {
+                op_id: p.op_id,
+                idempotency_key: p.key,
+                seq,
+                coalesced: Some(Coalesced::ReplacedUpdates { removed }),
+            })
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Errors of the outbox, one enum per operation.
+
+use std::path::PathBuf;
+
+use crate::op::{OpId, OpKind, OpState};
+
+/// A failure of the underlying SQLite database (disk full, I/O error, ...).
+///
+/// Kept as a message and code so one commit failure can be reported to every
+/// caller whose work was in that commit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("outbox storage error: {message}")]
+pub struct StorageError {
+    /// SQLite's description.
+    pub message: String,
+    /// True if SQLite reported the file as corrupt or not a database.
+    pub corrupt: bool,
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self {
+            corrupt: is_corrupt(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<serde_json::Error> for StorageError {
+    fn from(e: serde_json::Error) -> Self {
+        Self {
+            message: format!("stored JSON is unreadable: {e}"),
+            corrupt: false,
+        }
+    }
+}
+
+/// True for errors meaning the file is damaged rather than busy or full.
+pub(crate) fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase)
+    )
+}
+
+/// Why [`Outbox::open`](super::Outbox::open) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The file or its directory could not be created or read.
+    #[error("cannot open outbox file {path}: {source}")]
+    Io {
+        /// The outbox path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file was written by a newer version of this library.
+    #[error("outbox schema version {found} is newer than this build supports ({supported}); upgrade the app")]
+    SchemaTooNew {
+        /// `PRAGMA user_version` of the file.
+        found: u32,
+        /// Newest schema this build knows.
+        supported: u32,
+    },
+    /// SQLite failed (and the file did not look damaged, so it was left alone).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The file was damaged and could not even be salvaged into a fresh one.
+    #[error("outbox file {path} is damaged and salvage failed: {reason}")]
+    SalvageFailed {
+        /// The outbox path.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the outbox writer thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why [`Outbox::enqueue`](super::Outbox::enqueue) refused an op. Nothing in
+/// the outbox is changed when it does.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnqueueError {
+    /// The entity type or id has the wrong syntax.
+    #[error(transparent)]
+    Invalid(#[from] guardian_protocol::ValidationError),
+    /// A create/update payload must be a JSON object.
+    #[error("{kind} payload must be a JSON object, got {found}")]
+    PayloadNotObject {
+        /// The op kind.
+        kind: OpKind,
+        /// The JSON type found.
+        found: &'static str,
+    },
+    /// A delete carries no payload.
+    #[error("delete takes no payload (got {found})")]
+    PayloadOnDelete {
+        /// The JSON type found.
+        found: &'static str,
+    },
+    /// The payload (or base) is larger than `OutboxOptions::max_payload_bytes`.
+    #[error("payload is {size} bytes, over the limit of {max} bytes")]
+    PayloadTooLarge {
+        /// Serialized size.
+        size: usize,
+        /// The configured limit.
+        max: usize,
+    },
+    /// The transaction token is empty or longer than 256 bytes.
+    #[error("transaction token must be 1 to 256 bytes")]
+    InvalidTxnToken,
+    /// SQLite failed; the op was not stored.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The outbox was closed.
+    #[error("the outbox is closed")]
+    Closed,
+}
+
+/// Why an outbox call other than open/enqueue failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboxError {
+    /// The processing lock is no longer held at the fence's epoch; nothing was written.
+    #[error("processing lock lost: another runner took over; stop processing")]
+    LockLost,
+    /// No op has this id.
+    #[error("no op {0} in the outbox")]
+    NotFound(OpId),
+    /// The op is not in a state that allows this.
+    #[error("op {op_id} is {state}, this needs it {needed}")]
+    WrongState {
+        /// The op.
+        op_id: OpId,
+        /// Its state.
+        state: OpState,
+        /// What the call needs.
+        needed: &'static str,
+    },
+    /// The op was already sent at least once; its request must not change.
+    #[error("op {op_id} was already attempted {attempts} time(s); its key may be applied, so it cannot be changed")]
+    AlreadyAttempted {
+        /// The op.
+        op_id: OpId,
+        /// Sends started so far.
+        attempts: u32,
+    },
+    /// A new payload was refused.
+    #[error("invalid payload: {0}")]
+    InvalidPayload(EnqueueError),
+    /// SQLite failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The outbox was closed.
+    #[error("the outbox is closed")]
+    Closed,
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+impl From<rusqlite::Error> for EnqueueError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+impl From<rusqlite::Error> for OpenError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+impl From<serde_json::Error> for OutboxError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+impl From<serde_json::Error> for EnqueueError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Storage(e.into())
+    }
+}
+
+/// Errors a writer-thread job can report when its commit fails or the thread is gone.
+pub(crate) trait JobError: Send + 'static {
+    fn storage(e: StorageError) -> Self;
+    fn closed() -> Self;
+}
+
+impl JobError for OutboxError {
+    fn storage(e: StorageError) -> Self {
+        Self::Storage(e)
+    }
+    fn closed() -> Self {
+        Self::Closed
+    }
+}
+
+impl JobError for EnqueueError {
+    fn storage(e: StorageError) -> Self {
+        Self::Storage(e)
+    }
+    fn closed() -> Self {
+        Self::Closed
+    }
+}

@@ -1,0 +1,196 @@
+//! Runner-side writes. Every one is fenced: it first checks, in the same
+//! transaction, that the lock row still names the caller's owner and epoch,
+//! so a runner that lost the lock writes nothing more (DESIGN §11.4).
+
+use rusqlite::{params, Connection};
+use uuid::Uuid;
+
+use super::enqueue::check_payload;
+use super::error::OutboxError;
+use super::writer::Ctx;
+use super::{lock_row, outcomes, rows};
+use crate::op::{Ack, Fence, HistoryEntry, OpId, OpState, PendingOp, Reconciled};
+
+fn load(conn: &Connection, op_id: OpId) -> Result<PendingOp, OutboxError> {
+    rows::by_id(conn, op_id)?.ok_or(OutboxError::NotFound(op_id))
+}
+
+fn expect_in_flight(op: &PendingOp) -> Result<(), OutboxError> {
+    if op.state == OpState::InFlight {
+        Ok(())
+    } else {
+        Err(OutboxError::WrongState {
+            op_id: op.op_id,
+            state: op.state,
+            needed: "in flight",
+        })
+    }
+}
+
+/// Claims up to `limit` ready ops (pending, head of their entity, due by
+/// `now`) in ready order, marking them in flight with `attempts += 1`
+/// durably before any request is sent. Served by the partial `ops_ready`
+/// index: no scan however long the queue.
+pub(crate) fn claim(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    limit: usize,
+    now: i64,
+) -> Result<Vec<PendingOp>, OutboxError> {
+    lock_row::check(conn, fence)?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut ops: Vec<PendingOp> = {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {} FROM ops WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
+             ORDER BY next_attempt_at, seq LIMIT ?2",
+            rows::OP_COLUMNS
+        ))?;
+        let rows = stmt.query_map(params![now, limit], rows::read_op)?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let stamp = ctx.now();
+    let mut update = conn.prepare_cached(
+        "UPDATE ops SET state = 'in_flight', attempts = attempts + 1, updated_at = ?1 WHERE seq = ?2",
+    )?;
+    for op in &mut ops {
+        update.execute(params![stamp, op.seq])?;
+        op.state = OpState::InFlight;
+        op.attempts += 1;
+        op.updated_at = stamp;
+    }
+    Ok(ops)
+}
+
+/// The server applied the op: delete it, settle its tokens, and give the
+/// entity's next chained op its `If-Match` (and base).
+pub(crate) fn ack(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    op_id: OpId,
+    ack: &Ack,
+) -> Result<(), OutboxError> {
+    lock_row::check(conn, fence)?;
+    let op = load(conn, op_id)?;
+    expect_in_flight(&op)?;
+    let now = ctx.now();
+    rows::delete(conn, op.seq)?;
+    for t in &op.txn_tokens {
+        outcomes::succeeded(conn, t, now)?;
+    }
+    if let Some((next, true)) = rows::successor(conn, &op.entity_type, &op.entity_id, op.seq)? {
+        conn.prepare_cached(
+            "UPDATE ops SET base_version = ?1, base = coalesce(?2, base), chained = 0, updated_at = ?3 \
+             WHERE seq = ?4",
+        )?
+        .execute(params![
+            rows::version_to_sql(ack.version),
+            ack.data.as_ref().map(serde_json::Value::to_string),
+            now,
+            next
+        ])?;
+    }
+    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    Ok(())
+}
+
+/// A retryable failure: back to pending, due at `next_attempt_at`.
+pub(crate) fn retry_later(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    op_id: OpId,
+    next_attempt_at: i64,
+    error: &str,
+) -> Result<(), OutboxError> {
+    lock_row::check(conn, fence)?;
+    let op = load(conn, op_id)?;
+    expect_in_flight(&op)?;
+    conn.prepare_cached(
+        "UPDATE ops SET state = 'pending', next_attempt_at = ?1, last_error = ?2, updated_at = ?3 \
+         WHERE seq = ?4",
+    )?
+    .execute(params![next_attempt_at, error, ctx.now(), op.seq])?;
+    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    Ok(())
+}
+
+/// A permanent failure: the op moves to the dead-letter list (kept), its
+/// tokens fail, and the entity's next op no longer waits for it.
+pub(crate) fn fail(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    op_id: OpId,
+    error: &str,
+) -> Result<(), OutboxError> {
+    lock_row::check(conn, fence)?;
+    let op = load(conn, op_id)?;
+    if op.state == OpState::Failed {
+        return Err(OutboxError::WrongState {
+            op_id,
+            state: op.state,
+            needed: "pending or in flight",
+        });
+    }
+    let now = ctx.now();
+    conn.prepare_cached(
+        "UPDATE ops SET state = 'failed', is_head = 0, last_error = ?1, updated_at = ?2 WHERE seq = ?3",
+    )?
+    .execute(params![error, now, op.seq])?;
+    for t in &op.txn_tokens {
+        outcomes::failed(conn, t, error, now)?;
+    }
+    // Its successor can never learn a version from it: send it with its own
+    // base version (a conflict then goes to the reconciler).
+    if let Some((next, true)) = rows::successor(conn, &op.entity_type, &op.entity_id, op.seq)? {
+        conn.prepare_cached("UPDATE ops SET chained = 0 WHERE seq = ?1")?
+            .execute([next])?;
+    }
+    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    Ok(())
+}
+
+/// A conflict was reconciled: the op becomes a new request (new idempotency
+/// key, merged payload, new `If-Match`), due now; the old key is kept in history.
+pub(crate) fn reconciled(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    op_id: OpId,
+    r: &Reconciled,
+) -> Result<Uuid, OutboxError> {
+    lock_row::check(conn, fence)?;
+    let op = load(conn, op_id)?;
+    expect_in_flight(&op)?;
+    let kind = r.kind.unwrap_or(op.kind);
+    let payload = check_payload(kind, &r.payload, ctx.max_payload_bytes)
+        .map_err(OutboxError::InvalidPayload)?;
+    let now = ctx.now();
+    let key = Uuid::new_v4();
+    let mut history = op.history;
+    history.push(HistoryEntry {
+        at: now,
+        event: "reconciled".into(),
+        detail: r.detail.clone(),
+        old_idempotency_key: Some(op.idempotency_key),
+    });
+    conn.prepare_cached(
+        "UPDATE ops SET state = 'pending', idempotency_key = ?1, payload = ?2, base = ?3, \
+         base_version = ?4, chained = 0, next_attempt_at = ?5, updated_at = ?5, \
+         reconciliations = reconciliations + 1, history = ?6, kind = ?8 WHERE seq = ?7",
+    )?
+    .execute(params![
+        key.to_string(),
+        payload,
+        r.base.as_ref().map(serde_json::Value::to_string),
+        rows::version_to_sql(r.base_version),
+        now,
+        serde_json::to_string(&history)?,
+        op.seq,
+        kind.as_str()
+    ])?;
+    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    Ok(key)
+}

@@ -1,0 +1,164 @@
+//! The writer thread: sole owner of the outbox's SQLite connection, doing
+//! group commit.
+//!
+//! Callers send jobs (closures run against the connection) over a channel and
+//! await a oneshot reply. The thread takes the first job, then everything else
+//! already queued, runs them all in ONE `BEGIN IMMEDIATE` transaction (each
+//! inside its own savepoint, so a refused job leaves no trace) and replies to
+//! each caller only after `COMMIT` has returned. Concurrent enqueuers thus
+//! share one fsync, and no op is acknowledged before it is durable.
+
+use std::sync::mpsc;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::error::{JobError, StorageError};
+use crate::clock::SharedClock;
+
+/// Settings the jobs read; fixed for the outbox's life.
+#[derive(Debug)]
+pub(crate) struct Ctx {
+    pub(crate) clock: SharedClock,
+    pub(crate) max_payload_bytes: usize,
+    pub(crate) coalesce: bool,
+}
+
+impl Ctx {
+    pub(crate) fn now(&self) -> i64 {
+        self.clock.now_millis()
+    }
+}
+
+type Done = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+/// A job; `None` means "do not run, the transaction could not begin".
+type Job = Box<dyn FnOnce(Option<(&Connection, &Ctx)>) -> (bool, Done) + Send>;
+
+enum Msg {
+    Job(Job),
+    Close(oneshot::Sender<()>),
+}
+
+/// Most jobs committed together; bounds the latency of the first one.
+const MAX_GROUP: usize = 4096;
+
+/// Handle to the writer thread.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Job(_) => "Job",
+            Msg::Close(_) => "Close",
+        })
+    }
+}
+
+impl Writer {
+    /// Starts the thread; it owns `conn` until the outbox is closed or dropped.
+    pub(crate) fn spawn(conn: Connection, ctx: Ctx) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("guardian-outbox-writer".into())
+            .spawn(move || run(conn, &ctx, &rx))?;
+        Ok(Self { tx })
+    }
+
+    /// Runs `f` in the next group commit and returns its result once committed.
+    pub(crate) async fn call<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel::<Result<T, E>>();
+        let job: Job = Box::new(move |env| {
+            let result = match env {
+                Some((conn, ctx)) => f(conn, ctx),
+                None => Err(E::closed()),
+            };
+            let ok = result.is_ok();
+            let done: Done = Box::new(move |commit| {
+                let _ = reply.send(match commit {
+                    Ok(()) => result,
+                    Err(e) => Err(E::storage(e)),
+                });
+            });
+            (ok, done)
+        });
+        if self.tx.send(Msg::Job(job)).is_err() {
+            return Err(E::closed());
+        }
+        rx.await.unwrap_or_else(|_| Err(E::closed()))
+    }
+
+    /// Finishes queued work, closes the connection and stops the thread.
+    pub(crate) async fn close(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Msg::Close(reply)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
+    let mut batch = Vec::new();
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut close = None;
+        let mut dones = Vec::with_capacity(batch.len());
+        let began = conn.execute_batch("BEGIN IMMEDIATE");
+        for msg in batch.drain(..) {
+            match msg {
+                Msg::Job(job) => {
+                    if began.is_err() {
+                        // Run nothing outside a transaction; report the failure.
+                        let (_, done) = job(None);
+                        dones.push(done);
+                        continue;
+                    }
+                    let savepoint = conn.execute_batch("SAVEPOINT job");
+                    let (ok, done) = job(Some((&conn, ctx)));
+                    if savepoint.is_ok() {
+                        if !ok {
+                            let _ = conn.execute_batch("ROLLBACK TO job");
+                        }
+                        let _ = conn.execute_batch("RELEASE job");
+                    }
+                    dones.push(done);
+                }
+                Msg::Close(reply) => close = Some(reply),
+            }
+        }
+        let commit = match began {
+            Err(e) => Err(StorageError::from(e)),
+            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| {
+                let err = StorageError::from(e);
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                err
+            }),
+        };
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, jobs = dones.len(), "outbox commit failed");
+        }
+        for done in dones {
+            done(commit.clone());
+        }
+        if let Some(reply) = close {
+            drop(conn);
+            let _ = reply.send(());
+            return;
+        }
+    }
+}
