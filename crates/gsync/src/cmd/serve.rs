@@ -1,11 +1,232 @@
-//! `gsync serve` (in progress).
+//! `gsync serve`: run the reference backend (wire protocol v1) standalone.
+//!
+//! Prints `listening on http://ADDR` on stdout once bound (so a parent
+//! process can use `--listen 127.0.0.1:0` and read the port), then serves
+//! until Ctrl-C or SIGTERM, shutting down gracefully.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use guardian_server::{Faults, RateLimit, RetryAfter, RetryAfterForm, ServerBuilder, Synchronous};
 
 use crate::Global;
 
 /// Arguments of `gsync serve`.
 #[derive(Debug, clap::Args)]
-pub(crate) struct Args {}
+pub(crate) struct Args {
+    /// SQLite database file (WAL mode), created if missing.
+    #[arg(long, conflicts_with = "in_memory")]
+    db: Option<PathBuf>,
+    /// Keep everything in memory (lost at exit).
+    #[arg(long)]
+    in_memory: bool,
+    /// Address to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// A bearer token of a tenant, `TENANT:TOKEN` (repeatable).
+    #[arg(long = "token", value_name = "TENANT:TOKEN")]
+    tokens: Vec<String>,
+    /// A file of `TENANT:TOKEN` lines (`#` starts a comment).
+    #[arg(long, value_name = "PATH")]
+    tokens_file: Option<PathBuf>,
+    /// Answer 428 to updates and deletes without If-Match.
+    #[arg(long)]
+    require_if_match: bool,
+    /// Bearer token of the /admin routes (disabled without one).
+    #[arg(long, env = "GSYNC_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// How long idempotent responses are kept.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    idempotency_retention: Duration,
+    /// How long changes stay in the feed.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
+    feed_retention: Duration,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    body_limit: usize,
+    /// Most ops per batch.
+    #[arg(long, default_value_t = 1000)]
+    max_batch_ops: usize,
+    /// Request timeout.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    request_timeout: Duration,
+    /// Most requests handled at once.
+    #[arg(long, default_value_t = 256)]
+    concurrency_limit: usize,
+    /// Per-tenant requests per second (no limit without it).
+    #[arg(long)]
+    rate_limit: Option<f64>,
+    /// Per-tenant burst for --rate-limit.
+    #[arg(long, default_value_t = 20)]
+    rate_burst: u32,
+    /// Interval of WebSocket pings.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    ws_ping_interval: Duration,
+    /// Close WebSocket peers silent this long.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "45s")]
+    ws_idle_timeout: Duration,
+    /// Commit durability: `full` (fsync every commit) or `normal`.
+    #[arg(long, default_value = "full")]
+    sync: String,
+    /// Fault: probability that a /v1 request fails.
+    #[arg(long, default_value_t = 0.0)]
+    fault_rate: f64,
+    /// Fault: status to fail with (500, 502, 503, 429; repeatable).
+    #[arg(long = "fault-status")]
+    fault_statuses: Vec<u16>,
+    /// Fault: Retry-After seconds sent with injected failures.
+    #[arg(long)]
+    fault_retry_after: Option<u64>,
+    /// Send --fault-retry-after as an HTTP-date instead of seconds.
+    #[arg(long)]
+    fault_retry_after_date: bool,
+    /// Fault: latency added to every /v1 request.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    fault_latency: Option<Duration>,
+    /// Fault: probability of a forced version conflict on conditional writes.
+    #[arg(long, default_value_t = 0.0)]
+    fault_conflict_rate: f64,
+    /// Fault: probability of dropping a mutation's connection before commit.
+    #[arg(long, default_value_t = 0.0)]
+    fault_drop_before_commit: f64,
+    /// Fault: probability of dropping a mutation's connection after commit.
+    #[arg(long, default_value_t = 0.0)]
+    fault_drop_after_commit: f64,
+    /// Fault: seed of the fault generator (deterministic faults).
+    #[arg(long)]
+    fault_seed: Option<u64>,
+}
 
-pub(crate) fn run(_global: &Global, _args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+fn parse_token(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once(':') {
+        Some((tenant, token)) if !tenant.trim().is_empty() && !token.trim().is_empty() => {
+            Ok((tenant.trim().to_owned(), token.trim().to_owned()))
+        }
+        // Never echo the value: it holds a secret.
+        _ => bail!("a token must be given as TENANT:TOKEN"),
+    }
+}
+
+impl Args {
+    fn builder(&self) -> anyhow::Result<ServerBuilder> {
+        let mut b = ServerBuilder::new();
+        let mut count = 0;
+        for t in &self.tokens {
+            let (tenant, token) = parse_token(t)?;
+            b = b.token(tenant, token);
+            count += 1;
+        }
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read tokens file {}", path.display()))?;
+            for (n, line) in text.lines().enumerate() {
+                let line = line.split('#').next().unwrap_or("").trim();
+                if line.is_empty() {
+                    continue;
+                }
+                let (tenant, token) =
+                    parse_token(line).with_context(|| format!("{}:{}", path.display(), n + 1))?;
+                b = b.token(tenant, token);
+                count += 1;
+            }
+        }
+        if count == 0 {
+            bail!("no tokens: give --token TENANT:TOKEN or --tokens-file PATH");
+        }
+        b = match (&self.db, self.in_memory) {
+            (Some(db), _) => b.database(db),
+            (None, true) => b.in_memory(),
+            (None, false) => bail!("give --db PATH or --in-memory"),
+        };
+        b = b.synchronous(match self.sync.as_str() {
+            "full" => Synchronous::Full,
+            "normal" => Synchronous::Normal,
+            other => bail!("--sync must be full or normal, not {other:?}"),
+        });
+        if let Some(t) = &self.admin_token {
+            b = b.admin_token(t.clone());
+        }
+        let faults = Faults {
+            failure_rate: self.fault_rate,
+            failure_statuses: self.fault_statuses.clone(),
+            retry_after: self.fault_retry_after.map(|seconds| RetryAfter {
+                seconds,
+                form: if self.fault_retry_after_date {
+                    RetryAfterForm::HttpDate
+                } else {
+                    RetryAfterForm::Seconds
+                },
+            }),
+            latency_ms: self
+                .fault_latency
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            conflict_rate: self.fault_conflict_rate,
+            drop_before_commit_rate: self.fault_drop_before_commit,
+            drop_after_commit_rate: self.fault_drop_after_commit,
+            seed: self.fault_seed,
+            ..Faults::default()
+        };
+        faults.validate()?;
+        Ok(b.require_if_match(self.require_if_match)
+            .idempotency_retention(self.idempotency_retention)
+            .feed_retention(self.feed_retention)
+            .body_limit(self.body_limit)
+            .max_batch_ops(self.max_batch_ops)
+            .request_timeout(self.request_timeout)
+            .concurrency_limit(self.concurrency_limit)
+            .rate_limit(self.rate_limit.map(|per_second| RateLimit {
+                per_second,
+                burst: self.rate_burst,
+            }))
+            .ws_ping_interval(self.ws_ping_interval)
+            .ws_idle_timeout(self.ws_idle_timeout)
+            .faults(faults))
+    }
+}
+
+pub(crate) fn run(_global: &Global, args: Args) -> anyhow::Result<()> {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+    let builder = args.builder()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let server = builder
+            .bind(args.listen.as_str())
+            .await
+            .with_context(|| format!("cannot serve on {}", args.listen))?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "listening on {}", server.url())?;
+            out.flush()?;
+        }
+        wait_for_signal().await;
+        eprintln!("gsync serve: shutting down");
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,0 +1,271 @@
+//! Server settings and the [`ServerBuilder`] that binds a [`crate::RunningServer`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::faults::{Faults, FaultsError};
+use crate::store::{Storage, StoreError, Synchronous};
+
+/// A per-tenant token bucket: `burst` requests at once, refilled at
+/// `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    /// Sustained requests per second per tenant.
+    pub per_second: f64,
+    /// Requests allowed at once.
+    pub burst: u32,
+}
+
+/// Everything the server needs to know, fixed at bind time (faults excepted).
+#[derive(Debug, Clone)]
+pub(crate) struct ServerConfig {
+    /// Token → tenant.
+    pub(crate) tokens: HashMap<String, Arc<str>>,
+    pub(crate) storage: Storage,
+    pub(crate) synchronous: Synchronous,
+    pub(crate) require_if_match: bool,
+    pub(crate) idempotency_retention: Duration,
+    pub(crate) feed_retention: Duration,
+    pub(crate) purge_interval: Duration,
+    pub(crate) body_limit: usize,
+    pub(crate) max_batch_ops: usize,
+    pub(crate) request_timeout: Duration,
+    pub(crate) concurrency_limit: usize,
+    pub(crate) rate_limit: Option<RateLimit>,
+    pub(crate) ws_ping_interval: Duration,
+    pub(crate) ws_idle_timeout: Duration,
+    pub(crate) faults: Faults,
+    pub(crate) admin_token: Option<String>,
+    pub(crate) clock: SharedClock,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BindError {
+    /// A setting is invalid.
+    #[error("invalid server setting: {0}")]
+    Config(String),
+    /// The fault settings are invalid.
+    #[error("invalid faults: {0}")]
+    Faults(#[from] FaultsError),
+    /// The database could not be opened.
+    #[error("cannot open the server database: {0}")]
+    Store(#[from] StoreError),
+    /// The address could not be bound.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds and binds a server.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), guardian_server::BindError> {
+/// let server = guardian_server::ServerBuilder::new()
+///     .token("acme", "secret-token")
+///     .in_memory()
+///     .bind("127.0.0.1:0")
+///     .await?;
+/// println!("listening on {}", server.url());
+/// server.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ServerBuilder {
+    pub(crate) config: ServerConfig,
+}
+
+impl Default for ServerBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ServerBuilder {
+    /// Defaults: in memory, no tokens, 24 h idempotency retention, 7 d feed
+    /// retention, 1 MiB bodies, 1000 ops per batch, 30 s request timeout,
+    /// 256 concurrent requests, no rate limit, WebSocket ping every 15 s and
+    /// close after 45 s of silence, no faults, no admin route.
+    pub fn new() -> Self {
+        Self {
+            config: ServerConfig {
+                tokens: HashMap::new(),
+                storage: Storage::Memory,
+                synchronous: Synchronous::Full,
+                require_if_match: false,
+                idempotency_retention: Duration::from_secs(24 * 3600),
+                feed_retention: Duration::from_secs(7 * 24 * 3600),
+                purge_interval: Duration::from_secs(60),
+                body_limit: 1024 * 1024,
+                max_batch_ops: 1000,
+                request_timeout: Duration::from_secs(30),
+                concurrency_limit: 256,
+                rate_limit: None,
+                ws_ping_interval: Duration::from_secs(15),
+                ws_idle_timeout: Duration::from_secs(45),
+                faults: Faults::default(),
+                admin_token: None,
+                clock: Arc::new(SystemClock),
+            },
+        }
+    }
+
+    /// Accepts `token` as a bearer token of `tenant`.
+    #[must_use]
+    pub fn token(mut self, tenant: impl Into<String>, token: impl Into<String>) -> Self {
+        self.config
+            .tokens
+            .insert(token.into(), Arc::from(tenant.into()));
+        self
+    }
+
+    /// Stores data in a SQLite file (WAL mode), created if missing.
+    #[must_use]
+    pub fn database(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.storage = Storage::File(path.into());
+        self
+    }
+
+    /// Stores data in memory (lost at shutdown). The default.
+    #[must_use]
+    pub fn in_memory(mut self) -> Self {
+        self.config.storage = Storage::Memory;
+        self
+    }
+
+    /// Commit durability of the database file.
+    #[must_use]
+    pub fn synchronous(mut self, synchronous: Synchronous) -> Self {
+        self.config.synchronous = synchronous;
+        self
+    }
+
+    /// Answers 428 to updates and deletes without `If-Match`.
+    #[must_use]
+    pub fn require_if_match(mut self, yes: bool) -> Self {
+        self.config.require_if_match = yes;
+        self
+    }
+
+    /// How long a stored idempotent response is kept.
+    #[must_use]
+    pub fn idempotency_retention(mut self, d: Duration) -> Self {
+        self.config.idempotency_retention = d;
+        self
+    }
+
+    /// How long changes stay in the feed.
+    #[must_use]
+    pub fn feed_retention(mut self, d: Duration) -> Self {
+        self.config.feed_retention = d;
+        self
+    }
+
+    /// How often expired records are purged in the background.
+    #[must_use]
+    pub fn purge_interval(mut self, d: Duration) -> Self {
+        self.config.purge_interval = d;
+        self
+    }
+
+    /// Largest accepted request body in bytes (413 beyond).
+    #[must_use]
+    pub fn body_limit(mut self, bytes: usize) -> Self {
+        self.config.body_limit = bytes;
+        self
+    }
+
+    /// Most ops in one batch (413 beyond).
+    #[must_use]
+    pub fn max_batch_ops(mut self, n: usize) -> Self {
+        self.config.max_batch_ops = n;
+        self
+    }
+
+    /// Longest time a request may take before a 503 `timeout` problem. A
+    /// mutation whose transaction has started always finishes.
+    #[must_use]
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.config.request_timeout = d;
+        self
+    }
+
+    /// Most requests handled at once; more wait for a slot.
+    #[must_use]
+    pub fn concurrency_limit(mut self, n: usize) -> Self {
+        self.config.concurrency_limit = n;
+        self
+    }
+
+    /// Per-tenant rate limit (429 with `Retry-After` beyond); `None` for none.
+    #[must_use]
+    pub fn rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.config.rate_limit = limit;
+        self
+    }
+
+    /// Interval of server pings on WebSockets.
+    #[must_use]
+    pub fn ws_ping_interval(mut self, d: Duration) -> Self {
+        self.config.ws_ping_interval = d;
+        self
+    }
+
+    /// A WebSocket peer silent this long (no pong, no frame) is closed.
+    #[must_use]
+    pub fn ws_idle_timeout(mut self, d: Duration) -> Self {
+        self.config.ws_idle_timeout = d;
+        self
+    }
+
+    /// Initial fault settings.
+    #[must_use]
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.config.faults = faults;
+        self
+    }
+
+    /// Enables the `/admin` routes, guarded by this bearer token.
+    #[must_use]
+    pub fn admin_token(mut self, token: impl Into<String>) -> Self {
+        self.config.admin_token = Some(token.into());
+        self
+    }
+
+    /// The wall clock (retention, `updated_at`, HTTP dates).
+    #[must_use]
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.config.clock = clock;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), BindError> {
+        let c = &self.config;
+        self.config.faults.validate()?;
+        let bad = |what: &str| Err(BindError::Config(what.to_owned()));
+        if c.body_limit == 0 {
+            return bad("body limit must be positive");
+        }
+        if c.max_batch_ops == 0 {
+            return bad("max batch ops must be positive");
+        }
+        if c.concurrency_limit == 0 {
+            return bad("concurrency limit must be positive");
+        }
+        if c.ws_ping_interval.is_zero() || c.purge_interval.is_zero() {
+            return bad("intervals must be positive");
+        }
+        if let Some(r) = c.rate_limit {
+            if !(r.per_second > 0.0 && r.per_second.is_finite()) || r.burst == 0 {
+                return bad("rate limit needs a positive rate and burst");
+            }
+        }
+        if c.tokens.keys().any(String::is_empty) || c.tokens.values().any(|t| t.is_empty()) {
+            return bad("tokens and tenants must not be empty");
+        }
+        Ok(())
+    }
+}

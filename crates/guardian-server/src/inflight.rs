@@ -1,0 +1,117 @@
+//! Idempotency keys being processed right now.
+//!
+//! A second request with a key that is in flight gets 409
+//! `idempotency:in-flight` at once instead of waiting. The set lives in
+//! memory: the mutation's transaction is atomic, so after a crash nothing is
+//! half-applied and there is nothing in flight to remember.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::watch;
+
+type Key = (Arc<str>, String);
+
+/// The set of `(tenant, key)` in flight.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    keys: Mutex<HashSet<Key>>,
+    count: watch::Sender<usize>,
+}
+
+/// Keys reserved by one request; released when dropped.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    owner: Arc<InFlight>,
+    keys: Vec<Key>,
+}
+
+impl InFlight {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self {
+            keys: Mutex::new(HashSet::new()),
+            count: watch::Sender::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashSet<Key>> {
+        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reserves `keys` for one request; returns the reservation and, per key,
+    /// whether another request holds it. A key repeated within the request
+    /// is reserved once and is not "held by another".
+    pub(crate) fn reserve<'a>(
+        self: &Arc<Self>,
+        tenant: &Arc<str>,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> (Reservation, Vec<bool>) {
+        let mut set = self.lock();
+        let mut mine: Vec<Key> = Vec::new();
+        let mut busy = Vec::new();
+        for key in keys {
+            let k = (Arc::clone(tenant), key.to_owned());
+            if mine.contains(&k) {
+                busy.push(false);
+            } else if set.insert(k.clone()) {
+                mine.push(k);
+                busy.push(false);
+            } else {
+                busy.push(true);
+            }
+        }
+        let n = set.len();
+        drop(set);
+        self.count.send_replace(n);
+        (
+            Reservation {
+                owner: Arc::clone(self),
+                keys: mine,
+            },
+            busy,
+        )
+    }
+
+    /// Number of keys in flight.
+    pub(crate) fn len(&self) -> usize {
+        *self.count.borrow()
+    }
+
+    /// Watches the number of keys in flight.
+    pub(crate) fn watch(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut set = self.owner.lock();
+        for k in &self.keys {
+            set.remove(k);
+        }
+        let n = set.len();
+        drop(set);
+        self.owner.count.send_replace(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_reservation_of_a_key_is_busy_until_released() {
+        let f = InFlight::new();
+        let t: Arc<str> = Arc::from("t");
+        let (r1, busy) = f.reserve(&t, ["a", "b", "a"]);
+        assert_eq!(busy, vec![false, false, false]);
+        let (_r2, busy) = f.reserve(&t, ["b", "c"]);
+        assert_eq!(busy, vec![true, false]);
+        assert_eq!(f.len(), 3);
+        drop(r1);
+        assert_eq!(f.len(), 1);
+        let other: Arc<str> = Arc::from("u");
+        let (_r3, busy) = f.reserve(&other, ["c"]);
+        assert_eq!(busy, vec![false], "keys are per tenant");
+    }
+}

@@ -1,0 +1,178 @@
+//! RFC 9457 problem responses and the JSON body extractor.
+//!
+//! Every error the server answers is an [`ApiError`]: a [`Problem`] plus
+//! optional headers, rendered as `application/problem+json`. The
+//! [`ApiJson`] extractor replaces axum's `Json` so that oversized and
+//! malformed bodies get problem documents too, not plain text.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use guardian_protocol::{problem_type, Entity, Problem, PROBLEM_CONTENT_TYPE};
+use serde::de::DeserializeOwned;
+
+use crate::state::AppState;
+
+/// An error response: a problem document and extra headers.
+#[derive(Debug, Clone)]
+pub(crate) struct ApiError {
+    /// Boxed: errors travel in `Result`s and should stay small.
+    pub(crate) problem: Box<Problem>,
+    pub(crate) headers: Vec<(HeaderName, String)>,
+}
+
+impl ApiError {
+    pub(crate) fn new(
+        problem_type: &str,
+        status: u16,
+        title: &str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            problem: Box::new(Problem::new(problem_type, title, status).with_detail(detail)),
+            headers: Vec::new(),
+        }
+    }
+
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(problem_type::BAD_REQUEST, 400, "Bad request", detail)
+    }
+
+    pub(crate) fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(problem_type::UNAUTHORIZED, 401, "Unauthorized", detail)
+            .with_header(header::WWW_AUTHENTICATE, "Bearer")
+    }
+
+    pub(crate) fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(problem_type::NOT_FOUND, 404, "Not found", detail)
+    }
+
+    pub(crate) fn gone(detail: impl Into<String>) -> Self {
+        Self::new(problem_type::GONE, 410, "Gone", detail)
+    }
+
+    pub(crate) fn too_large(detail: impl Into<String>) -> Self {
+        Self::new(
+            problem_type::PAYLOAD_TOO_LARGE,
+            413,
+            "Payload too large",
+            detail,
+        )
+    }
+
+    pub(crate) fn internal(detail: impl Into<String>) -> Self {
+        Self::new(problem_type::INTERNAL, 500, "Internal server error", detail)
+    }
+
+    pub(crate) fn cursor_expired(detail: impl Into<String>) -> Self {
+        Self::new(problem_type::CURSOR_EXPIRED, 410, "Cursor expired", detail)
+    }
+
+    pub(crate) fn with_current(mut self, current: Entity) -> Self {
+        self.problem.current = Some(current);
+        self
+    }
+
+    pub(crate) fn with_header(mut self, name: HeaderName, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+
+    pub(crate) fn status(&self) -> u16 {
+        self.problem.status
+    }
+}
+
+/// Renders a problem (possibly replayed from the store) as a response.
+pub(crate) fn problem_response(problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+    );
+    resp
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = problem_response(&self.problem);
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                resp.headers_mut().append(name, v);
+            }
+        }
+        resp
+    }
+}
+
+/// A JSON body, refused with a problem document when too large or malformed.
+#[derive(Debug)]
+pub(crate) struct ApiJson<T>(pub(crate) T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.config.body_limit;
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|ct| {
+                let ct = ct.to_ascii_lowercase();
+                ct.starts_with("application/json") || ct.contains("+json")
+            });
+        if !is_json {
+            return Err(ApiError::new(
+                problem_type::BAD_REQUEST,
+                415,
+                "Unsupported media type",
+                "the body must be application/json",
+            ));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|e| {
+                if is_length_limit(&e) {
+                    ApiError::too_large(format!("the body is larger than {limit} bytes"))
+                } else {
+                    ApiError::bad_request(format!("could not read the body: {e}"))
+                }
+            })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// axum does not re-export `http-body-util`'s `LengthLimitError`, so the
+/// error chain is matched on that type's fixed message.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.to_string().contains("length limit exceeded") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Parses a JSON body with a message that says where it went wrong.
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+                "malformed JSON"
+            }
+            _ => "unexpected JSON shape",
+        };
+        ApiError::bad_request(format!(
+            "{what} at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ))
+    })
+}

@@ -1,0 +1,79 @@
+//! `GET /v1/changes?since=&limit=`: pages through the tenant's change feed.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use guardian_protocol::{ChangesPage, Problem};
+
+use crate::auth::Tenant;
+use crate::problem::ApiError;
+use crate::state::AppState;
+use crate::store::feed_problem;
+
+/// Default and largest page size.
+const DEFAULT_LIMIT: usize = 100;
+const MAX_LIMIT: usize = 1000;
+
+/// Parses an optional unsigned query parameter.
+pub(crate) fn param(
+    query: &Result<Query<HashMap<String, String>>, QueryRejection>,
+    name: &str,
+) -> Result<Option<u64>, ApiError> {
+    let q = query
+        .as_ref()
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))?;
+    q.get(name)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("{name} must be a non-negative integer, got {v:?}"))
+            })
+        })
+        .transpose()
+}
+
+/// Reads changes after a cursor.
+#[utoipa::path(
+    get,
+    path = "/v1/changes",
+    tag = "changes",
+    params(
+        ("since" = Option<u64>, Query, description = "Return changes after this cursor (default 0)"),
+        ("limit" = Option<u64>, Query, description = "Page size, 1..=1000 (default 100)"),
+    ),
+    responses(
+        (status = 200, description = "A page of changes; pass `next` as `since` for the next page", body = ChangesPage),
+        (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`cursor-expired`: `since` is older than the retained feed (or ahead of it); resync", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn changes(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Response {
+    let (since, limit) = match param(&query, "since").and_then(|s| Ok((s, param(&query, "limit")?)))
+    {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    let limit = limit.map_or(DEFAULT_LIMIT, |l| usize::try_from(l).unwrap_or(MAX_LIMIT));
+    if limit == 0 {
+        return ApiError::bad_request("limit must be at least 1").into_response();
+    }
+    match state
+        .store
+        .changes(tenant.0, since.unwrap_or(0), limit.min(MAX_LIMIT))
+        .await
+    {
+        Ok(Ok(page)) => Json(page).into_response(),
+        Ok(Err(refusal)) => feed_problem(&refusal).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "feed read failed");
+            ApiError::internal("the database failed").into_response()
+        }
+    }
+}

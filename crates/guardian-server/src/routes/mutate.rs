@@ -1,0 +1,307 @@
+//! The mutation pipeline shared by single requests and batches.
+//!
+//! reserve keys (in-flight) → added latency → maybe drop before commit →
+//! forced conflicts → one transaction (replay / refuse / apply + store) →
+//! maybe drop after commit → results.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use guardian_protocol::{
+    problem_type, validate_entity_id, validate_entity_type, MutationKind, PROBLEM_CONTENT_TYPE,
+};
+use serde_json::Value;
+
+use crate::conn::ConnInfo;
+use crate::faults::DropPoint;
+use crate::limits::CommitStarted;
+use crate::problem::ApiError;
+use crate::state::AppState;
+use crate::store::{fingerprint, MutationInput, OpResult, Precondition};
+
+/// One op of a request: ready for the store, or already answered.
+#[derive(Debug)]
+pub(crate) enum Slot {
+    Ready(MutationInput),
+    Done(OpResult),
+}
+
+/// Why a mutation request produced no results.
+#[derive(Debug)]
+pub(crate) enum Interrupted {
+    /// Fault injection cut the connection; the response is never delivered.
+    Dropped,
+    /// The store failed; nothing was applied.
+    Store(ApiError),
+}
+
+impl IntoResponse for Interrupted {
+    fn into_response(self) -> Response {
+        match self {
+            // Nobody will read this: the connection is already cut.
+            Self::Dropped => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            Self::Store(e) => e.into_response(),
+        }
+    }
+}
+
+/// Per-request handles the pipeline needs: the connection (to cut it) and
+/// the commit flag (to stop the timeout from cutting a started commit).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RequestCtx {
+    pub(crate) conn: Option<ConnInfo>,
+    pub(crate) commit: Option<CommitStarted>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestCtx {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self {
+            conn: parts
+                .extensions
+                .get::<ConnectInfo<ConnInfo>>()
+                .map(|c| c.0.clone()),
+            commit: parts.extensions.get::<CommitStarted>().cloned(),
+        })
+    }
+}
+
+/// Builds a validated store input (or a 400 result) from request parts.
+pub(crate) fn prepare(
+    key: &str,
+    kind: MutationKind,
+    entity_type: &str,
+    id: &str,
+    data: Option<Value>,
+    if_match: Option<Precondition>,
+) -> Result<MutationInput, ApiError> {
+    validate_key(key)?;
+    validate_entity_type(entity_type).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    validate_entity_id(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let data = match kind {
+        MutationKind::Delete => Value::Null,
+        MutationKind::Create | MutationKind::Update => match data {
+            Some(d @ Value::Object(_)) => d,
+            Some(_) => return Err(ApiError::bad_request("data must be a JSON object")),
+            None => {
+                return Err(ApiError::bad_request(format!(
+                    "{} needs data",
+                    kind.as_str()
+                )))
+            }
+        },
+    };
+    Ok(MutationInput {
+        key: key.to_owned(),
+        fingerprint: fingerprint(kind, entity_type, id, &data),
+        kind,
+        entity_type: entity_type.to_owned(),
+        id: id.to_owned(),
+        data,
+        if_match,
+        force_conflict: false,
+    })
+}
+
+fn validate_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(missing_key());
+    }
+    if key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::bad_request(
+            "an idempotency key is 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn missing_key() -> ApiError {
+    ApiError::new(
+        problem_type::IDEMPOTENCY_MISSING,
+        400,
+        "Idempotency key missing",
+        "every mutation needs an Idempotency-Key header (batch: an idempotency_key per op)",
+    )
+}
+
+/// The `Idempotency-Key` header, or a 400 problem.
+pub(crate) fn key_header(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(guardian_protocol::header::IDEMPOTENCY_KEY) {
+        None => Err(missing_key()),
+        Some(v) => {
+            let key = v
+                .to_str()
+                .map_err(|_| ApiError::bad_request("the Idempotency-Key header is not ASCII"))?
+                .trim()
+                .to_owned();
+            validate_key(&key)?;
+            Ok(key)
+        }
+    }
+}
+
+/// Parses `If-Match`: `"3"`, `3` or `*`.
+pub(crate) fn if_match_header(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let bad = || ApiError::bad_request("If-Match must be a quoted version such as \"3\", or *");
+    let s = v.to_str().map_err(|_| bad())?.trim();
+    if s == "*" {
+        return Ok(Some(Precondition::Any));
+    }
+    let inner = s
+        .strip_prefix('"')
+        .and_then(|r| r.strip_suffix('"'))
+        .unwrap_or(s);
+    inner
+        .parse::<u64>()
+        .map(|n| Some(Precondition::Version(n)))
+        .map_err(|_| bad())
+}
+
+/// Runs the pipeline for `slots` on behalf of `tenant`.
+pub(crate) async fn execute(
+    state: &AppState,
+    tenant: &Arc<str>,
+    ctx: &RequestCtx,
+    mut slots: Vec<Slot>,
+) -> Result<Vec<OpResult>, Interrupted> {
+    let conn = ctx.conn.as_ref();
+    let commit = ctx.commit.as_ref();
+    let keys: Vec<&str> = slots
+        .iter()
+        .filter_map(|s| match s {
+            Slot::Ready(i) => Some(i.key.as_str()),
+            Slot::Done(_) => None,
+        })
+        .collect();
+    let (reservation, busy) = state.inflight.reserve(tenant, keys);
+    let mut busy = busy.into_iter();
+    for slot in &mut slots {
+        if let Slot::Ready(input) = slot {
+            if busy.next() == Some(true) {
+                *slot = Slot::Done(OpResult::problem(&ApiError::new(
+                    problem_type::IDEMPOTENCY_IN_FLIGHT,
+                    409,
+                    "Request in flight",
+                    format!(
+                        "a request with idempotency key {:?} is still being processed; retry later with the same key",
+                        input.key
+                    ),
+                )));
+            }
+        }
+    }
+    let latency = state.faults.latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let drop_point = state.faults.drop_point();
+    if drop_point == DropPoint::BeforeCommit {
+        if let Some(conn) = conn {
+            tracing::debug!("fault: dropping the connection before commit");
+            state.metrics.dropped_connection();
+            conn.kill();
+            return Err(Interrupted::Dropped);
+        }
+    }
+    let mut inputs = Vec::new();
+    for slot in &mut slots {
+        if let Slot::Ready(input) = slot {
+            let conditional = input.kind != MutationKind::Create
+                && matches!(input.if_match, Some(Precondition::Version(_)));
+            input.force_conflict = conditional && state.faults.force_conflict();
+            inputs.push(input.clone());
+        }
+    }
+    if let Some(commit) = commit {
+        commit.set();
+    }
+    let mut applied = if inputs.is_empty() {
+        Vec::new()
+    } else {
+        state
+            .store
+            .apply(Arc::clone(tenant), inputs)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "mutation failed");
+                Interrupted::Store(ApiError::internal(
+                    "the database failed; nothing was applied",
+                ))
+            })?
+    }
+    .into_iter();
+    drop(reservation);
+    let results: Vec<OpResult> = slots
+        .into_iter()
+        .map(|slot| match slot {
+            Slot::Done(r) => r,
+            Slot::Ready(_) => applied
+                .next()
+                .unwrap_or_else(|| OpResult::problem(&ApiError::internal("missing result"))),
+        })
+        .collect();
+    let replays = results.iter().filter(|r| r.replayed).count();
+    let conflicts = results.iter().filter(|r| r.status == 409).count();
+    let fresh = results
+        .iter()
+        .filter(|r| !r.replayed && (200..300).contains(&r.status))
+        .count();
+    state.metrics.replays(replays as u64);
+    state.metrics.conflicts(conflicts as u64);
+    state.metrics.applied(fresh as u64);
+    if drop_point == DropPoint::AfterCommit {
+        if let Some(conn) = conn {
+            tracing::debug!("fault: dropping the connection after commit");
+            state.metrics.dropped_connection();
+            conn.kill();
+            return Err(Interrupted::Dropped);
+        }
+    }
+    Ok(results)
+}
+
+/// The HTTP response of a single mutation (or a GET of an entity).
+pub(crate) fn op_response(r: &OpResult) -> Response {
+    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = if status == StatusCode::NO_CONTENT {
+        Response::new(Body::empty())
+    } else {
+        Response::new(Body::from(r.body.to_string()))
+    };
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    if status.is_client_error() || status.is_server_error() {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+        );
+        if r.body.get("type").and_then(Value::as_str) == Some(problem_type::IDEMPOTENCY_IN_FLIGHT) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+    } else if status != StatusCode::NO_CONTENT {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Some(v) = r.body.get("version").and_then(Value::as_u64) {
+            if let Ok(etag) = HeaderValue::from_str(&format!("\"{v}\"")) {
+                headers.insert(header::ETAG, etag);
+            }
+        }
+    }
+    if r.replayed {
+        headers.insert(
+            guardian_protocol::header::IDEMPOTENT_REPLAYED,
+            HeaderValue::from_static("true"),
+        );
+    }
+    resp
+}

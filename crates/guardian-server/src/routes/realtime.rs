@@ -1,0 +1,233 @@
+//! `GET /v1/realtime?since=`: the change feed pushed over a WebSocket.
+//!
+//! The session subscribes to the broadcast *before* reading the backlog, so a
+//! change committed in between is seen at least once; every frame is sent
+//! only if its cursor is above the last one sent, so none is sent twice. A
+//! gap (a lagging receiver, or a change out of order) is filled from the
+//! database. The server pings every `ws_ping_interval` and closes a peer
+//! silent for `ws_idle_timeout`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Extension, Query, State};
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use guardian_protocol::{problem_type, Change, Problem, RealtimeFrame};
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use super::changes::param;
+use crate::auth::Tenant;
+use crate::problem::ApiError;
+use crate::state::AppState;
+use crate::store::{feed_problem, TenantChange};
+
+/// Backlog page size.
+const PAGE: usize = 500;
+/// Close code "going away" (RFC 6455 §7.4.1).
+const GOING_AWAY: u16 = 1001;
+/// Close code "policy violation", used for a cursor that expired mid-session.
+const POLICY: u16 = 1008;
+
+/// Opens the realtime feed.
+#[utoipa::path(
+    get,
+    path = "/v1/realtime",
+    tag = "realtime",
+    params(("since" = Option<u64>, Query, description = "Resume after this cursor; without it only live changes are sent")),
+    responses(
+        (status = 101, description = "WebSocket: a `hello` frame with the current cursor, then `change` frames (`{\"type\":\"change\",\"change\":{...}}`), backlog first, then live", body = RealtimeFrame),
+        (status = 400, description = "Not a WebSocket upgrade, or bad parameters", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`cursor-expired`", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn realtime(
+    State(state): State<AppState>,
+    Extension(tenant): Extension<Tenant>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            return ApiError::new(
+                problem_type::BAD_REQUEST,
+                e.status().as_u16(),
+                "WebSocket upgrade required",
+                format!("this route speaks WebSocket only: {e}"),
+            )
+            .into_response()
+        }
+    };
+    let since = match param(&query, "since") {
+        Ok(s) => s,
+        Err(e) => return e.into_response(),
+    };
+    // Subscribe before anything is read so no commit can slip between.
+    let rx = state.store.subscribe();
+    let cursor = match state.store.check_since(Arc::clone(&tenant.0), since).await {
+        Ok(Ok(cursor)) => cursor,
+        Ok(Err(refusal)) => return feed_problem(&refusal).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "feed read failed");
+            return ApiError::internal("the database failed").into_response();
+        }
+    };
+    ws.on_upgrade(move |socket| async move {
+        let session = Session {
+            last_sent: since.unwrap_or(cursor),
+            tenant: tenant.0,
+            state,
+        };
+        session.run(socket, rx, cursor).await;
+    })
+}
+
+struct Session {
+    state: AppState,
+    tenant: Arc<str>,
+    last_sent: u64,
+}
+
+/// Why the session ended.
+enum End {
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+    /// The peer left or the socket failed: nothing more to send.
+    Gone,
+}
+
+type Sink = futures::stream::SplitSink<WebSocket, Message>;
+
+impl Session {
+    async fn run(
+        mut self,
+        socket: WebSocket,
+        mut rx: broadcast::Receiver<Arc<TenantChange>>,
+        cursor: u64,
+    ) {
+        let metrics = Arc::clone(&self.state.metrics);
+        let _active = metrics.ws_client();
+        let (mut sink, mut stream) = socket.split();
+        let end = self.serve(&mut sink, &mut stream, &mut rx, cursor).await;
+        if let End::Close(code, reason) = end {
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
+                })))
+                .await;
+        }
+        let _ = sink.close().await;
+    }
+
+    async fn serve(
+        &mut self,
+        sink: &mut Sink,
+        stream: &mut futures::stream::SplitStream<WebSocket>,
+        rx: &mut broadcast::Receiver<Arc<TenantChange>>,
+        cursor: u64,
+    ) -> End {
+        if send(sink, &RealtimeFrame::Hello { cursor }).await.is_err() {
+            return End::Gone;
+        }
+        if let Err(end) = self.backfill(sink).await {
+            return end;
+        }
+        let cfg = Arc::clone(&self.state.config);
+        let mut shutdown = self.state.shutdown.clone();
+        let mut kick = self.state.kick.subscribe();
+        let mut ping = tokio::time::interval(cfg.ws_ping_interval);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Ok(tc) => {
+                        if *tc.tenant != *self.tenant || tc.change.cursor <= self.last_sent {
+                            continue;
+                        }
+                        if tc.change.cursor != self.last_sent + 1 {
+                            if let Err(end) = self.backfill(sink).await {
+                                return end;
+                            }
+                            continue;
+                        }
+                        if let Err(end) = self.send_change(sink, tc.change.clone()).await {
+                            return end;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if let Err(end) = self.backfill(sink).await {
+                            return end;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return End::Close(GOING_AWAY, "server shutting down");
+                    }
+                },
+                incoming = stream.next() => match incoming {
+                    Some(Ok(Message::Close(_)) | Err(_)) | None => return End::Gone,
+                    Some(Ok(_)) => last_heard = Instant::now(),
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > cfg.ws_idle_timeout {
+                        tracing::debug!("closing a silent realtime peer");
+                        return End::Close(GOING_AWAY, "idle timeout");
+                    }
+                    if sink.send(Message::Ping(bytes::Bytes::from_static(b"guardian"))).await.is_err() {
+                        return End::Gone;
+                    }
+                },
+                _ = shutdown.changed() => return End::Close(GOING_AWAY, "server shutting down"),
+                _ = kick.changed() => return End::Close(GOING_AWAY, "disconnected by the server"),
+            }
+        }
+    }
+
+    /// Sends every stored change after `last_sent`.
+    async fn backfill(&mut self, sink: &mut Sink) -> Result<(), End> {
+        loop {
+            let page = match self
+                .state
+                .store
+                .changes(Arc::clone(&self.tenant), self.last_sent, PAGE)
+                .await
+            {
+                Ok(Ok(page)) => page,
+                Ok(Err(_)) => return Err(End::Close(POLICY, "cursor expired; resync")),
+                Err(e) => {
+                    tracing::error!(error = %e, "feed read failed");
+                    return Err(End::Close(1011, "database failure"));
+                }
+            };
+            let n = page.changes.len();
+            for change in page.changes {
+                self.send_change(sink, change).await?;
+            }
+            if n < PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn send_change(&mut self, sink: &mut Sink, change: Change) -> Result<(), End> {
+        let cursor = change.cursor;
+        send(sink, &RealtimeFrame::Change { change })
+            .await
+            .map_err(|()| End::Gone)?;
+        self.state.metrics.ws_frame();
+        self.last_sent = cursor;
+        Ok(())
+    }
+}
+
+async fn send(sink: &mut Sink, frame: &RealtimeFrame) -> Result<(), ()> {
+    let text = serde_json::to_string(frame).map_err(|_| ())?;
+    sink.send(Message::Text(text.into())).await.map_err(|_| ())
+}

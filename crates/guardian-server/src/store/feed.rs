@@ -1,0 +1,173 @@
+//! The per-tenant change feed.
+//!
+//! Cursors come from `tenants.last_cursor`, bumped in the mutation's own
+//! transaction, so they are gap-free per tenant and a change is visible
+//! exactly when its mutation is. Retention deletes old changes from the front
+//! and raises `purged_through`; a reader whose `since` is below it has missed
+//! changes and is told so (410 `cursor-expired`).
+
+use guardian_protocol::{Change, MutationKind};
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::{from_i64, to_i64, StoreError};
+
+/// Why a feed read was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FeedRefusal {
+    /// `since` is older than the retained feed.
+    Expired { since: u64, purged_through: u64 },
+    /// `since` is newer than any cursor this server handed out.
+    Ahead { since: u64, last: u64 },
+}
+
+/// `(last_cursor, purged_through)` of a tenant; zeros for a new tenant.
+pub(crate) fn counters(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+) -> Result<(u64, u64), StoreError> {
+    let row = conn
+        .prepare_cached("SELECT last_cursor, purged_through FROM tenants WHERE tenant = ?1")?
+        .query_row(params![tenant], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?;
+    Ok(row.map_or((0, 0), |(l, p)| (from_i64(l), from_i64(p))))
+}
+
+/// Checks that the changes after `since` are all still retained.
+pub(crate) fn check_since(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+    since: u64,
+) -> Result<Result<u64, FeedRefusal>, StoreError> {
+    let (last, purged_through) = counters(conn, tenant)?;
+    Ok(if since < purged_through {
+        Err(FeedRefusal::Expired {
+            since,
+            purged_through,
+        })
+    } else if since > last {
+        Err(FeedRefusal::Ahead { since, last })
+    } else {
+        Ok(last)
+    })
+}
+
+/// Appends a change and returns it with its new cursor.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn append(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    op: MutationKind,
+    entity_type: &str,
+    id: &str,
+    version: u64,
+    data: &serde_json::Value,
+    now_ms: i64,
+) -> Result<Change, StoreError> {
+    tx.prepare_cached("INSERT OR IGNORE INTO tenants (tenant) VALUES (?1)")?
+        .execute(params![tenant])?;
+    let cursor: i64 = tx
+        .prepare_cached(
+            "UPDATE tenants SET last_cursor = last_cursor + 1 WHERE tenant = ?1 RETURNING last_cursor",
+        )?
+        .query_row(params![tenant], |r| r.get(0))?;
+    tx.prepare_cached(
+        "INSERT INTO changes (tenant, cursor, op, entity_type, id, version, data, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        tenant,
+        cursor,
+        op.as_str(),
+        entity_type,
+        id,
+        to_i64(version),
+        data.to_string(),
+        now_ms
+    ])?;
+    Ok(Change {
+        cursor: from_i64(cursor),
+        op,
+        entity_type: entity_type.to_owned(),
+        id: id.to_owned(),
+        version,
+        data: data.clone(),
+    })
+}
+
+/// Up to `limit` changes after `since`, in cursor order.
+pub(crate) fn read(
+    conn: &rusqlite::Connection,
+    tenant: &str,
+    since: u64,
+    limit: usize,
+) -> Result<Vec<Change>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT cursor, op, entity_type, id, version, data FROM changes
+         WHERE tenant = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            tenant,
+            to_i64(since),
+            i64::try_from(limit).unwrap_or(i64::MAX)
+        ],
+        |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        },
+    )?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (cursor, op, entity_type, id, version, data) = row?;
+        out.push(Change {
+            cursor: from_i64(cursor),
+            op: parse_op(&op)?,
+            entity_type,
+            id,
+            version: from_i64(version),
+            data: serde_json::from_str(&data)
+                .map_err(|e| StoreError::Corrupt(format!("change data is not JSON: {e}")))?,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn parse_op(op: &str) -> Result<MutationKind, StoreError> {
+    match op {
+        "create" => Ok(MutationKind::Create),
+        "update" => Ok(MutationKind::Update),
+        "delete" => Ok(MutationKind::Delete),
+        other => Err(StoreError::Corrupt(format!("unknown op {other:?}"))),
+    }
+}
+
+/// Deletes changes recorded before `not_before_ms`, from the front of each
+/// tenant's feed; returns how many.
+pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, StoreError> {
+    let fronts: Vec<(String, i64)> = {
+        let mut stmt =
+            tx.prepare("SELECT tenant, MAX(cursor) FROM changes WHERE at < ?1 GROUP BY tenant")?;
+        let rows = stmt.query_map(params![not_before_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let mut purged = 0;
+    for (tenant, through) in fronts {
+        purged += tx.execute(
+            "DELETE FROM changes WHERE tenant = ?1 AND cursor <= ?2",
+            params![tenant, through],
+        )?;
+        tx.execute(
+            "UPDATE tenants SET purged_through = MAX(purged_through, ?2) WHERE tenant = ?1",
+            params![tenant, through],
+        )?;
+    }
+    Ok(purged)
+}

@@ -1,0 +1,443 @@
+//! Storage: entities, idempotency records, change feed and applied log in one
+//! SQLite database (a file in WAL mode, or in memory).
+//!
+//! rusqlite is synchronous, so every call runs on tokio's blocking pool with
+//! the one connection behind a mutex; tokio workers never wait on disk. The
+//! mutex also serializes mutations, which is what makes the feed's broadcast
+//! order equal to cursor order: changes are published after the commit while
+//! the connection is still held.
+
+mod applied;
+mod entities;
+mod feed;
+mod idempotency;
+mod schema;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use guardian_protocol::{Change, ChangesPage, Entity, MutationKind};
+use rusqlite::Connection;
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+pub use applied::AppliedMutation;
+pub(crate) use entities::Decision;
+pub(crate) use feed::FeedRefusal;
+pub(crate) use idempotency::fingerprint;
+pub use schema::Synchronous;
+
+use crate::clock::SharedClock;
+use crate::problem::ApiError;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// SQLite refused.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database directory could not be created.
+    #[error("cannot create the database directory: {0}")]
+    Io(std::io::Error),
+    /// The database holds something this server cannot read.
+    #[error("database content is invalid: {0}")]
+    Corrupt(String),
+    /// The blocking task running the query died.
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+/// A precondition of an update or delete (`If-Match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Precondition {
+    /// `If-Match: *`: any live entity.
+    Any,
+    /// `If-Match: "v"`.
+    Version(u64),
+}
+
+/// One validated mutation, ready for the store.
+#[derive(Debug, Clone)]
+pub(crate) struct MutationInput {
+    pub(crate) key: String,
+    pub(crate) fingerprint: [u8; 32],
+    pub(crate) kind: MutationKind,
+    pub(crate) entity_type: String,
+    pub(crate) id: String,
+    /// The new data (`Null` for deletes).
+    pub(crate) data: Value,
+    pub(crate) if_match: Option<Precondition>,
+    /// Fault: a concurrent writer bumps the entity just before this op.
+    pub(crate) force_conflict: bool,
+}
+
+/// The response to one mutation, as a single request would get it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct OpResult {
+    pub(crate) status: u16,
+    /// Entity for 200/201, `Null` for 204, a problem document otherwise.
+    pub(crate) body: Value,
+    pub(crate) replayed: bool,
+}
+
+impl OpResult {
+    pub(crate) fn problem(e: &ApiError) -> Self {
+        Self {
+            status: e.status(),
+            body: serde_json::to_value(&e.problem).unwrap_or(Value::Null),
+            replayed: false,
+        }
+    }
+}
+
+/// A change with the tenant it belongs to, as broadcast to realtime sessions.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantChange {
+    pub(crate) tenant: Arc<str>,
+    pub(crate) change: Change,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Expired idempotency records deleted.
+    pub idempotency_records: usize,
+    /// Changes deleted from the front of the feeds.
+    pub changes: usize,
+}
+
+/// Where the database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Storage {
+    /// A SQLite file in WAL mode.
+    File(PathBuf),
+    /// An in-memory database, lost at shutdown.
+    Memory,
+}
+
+/// Settings the store needs.
+#[derive(Debug, Clone)]
+pub(crate) struct StoreOptions {
+    pub(crate) storage: Storage,
+    pub(crate) synchronous: Synchronous,
+    pub(crate) idempotency_retention_ms: i64,
+    pub(crate) feed_retention_ms: i64,
+    pub(crate) require_if_match: bool,
+    pub(crate) clock: SharedClock,
+}
+
+#[derive(Debug)]
+struct Inner {
+    conn: Mutex<Connection>,
+    opts: StoreOptions,
+    changes_tx: broadcast::Sender<Arc<TenantChange>>,
+    fault_seq: std::sync::atomic::AtomicU64,
+}
+
+/// The server's storage handle (cheap to clone).
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    inner: Arc<Inner>,
+}
+
+/// Capacity of the realtime broadcast; a session that falls further behind
+/// re-reads the feed from the database, so this only bounds memory.
+const BROADCAST_CAPACITY: usize = 4096;
+
+impl Store {
+    pub(crate) fn open(opts: StoreOptions) -> Result<Self, StoreError> {
+        let path = match &opts.storage {
+            Storage::File(p) => Some(p.as_path()),
+            Storage::Memory => None,
+        };
+        let conn = schema::open(path, opts.synchronous)?;
+        let (changes_tx, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(conn),
+                opts,
+                changes_tx,
+                fault_seq: std::sync::atomic::AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Receives every change committed after this call.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<TenantChange>> {
+        self.inner.changes_tx.subscribe()
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn run<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Connection, &Inner) -> Result<R, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let mut conn = lock(&inner.conn);
+            f(&mut conn, &inner)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Applies mutations in order in one transaction and returns one result
+    /// each. A replay or refusal writes nothing; an applied op writes the
+    /// entity, a change, an applied-log row and its idempotency record.
+    pub(crate) async fn apply(
+        &self,
+        tenant: Arc<str>,
+        inputs: Vec<MutationInput>,
+    ) -> Result<Vec<OpResult>, StoreError> {
+        self.run(move |conn, inner| {
+            let now = inner.opts.clock.now_millis();
+            let not_before = now.saturating_sub(inner.opts.idempotency_retention_ms);
+            let tx = conn.transaction()?;
+            let mut results = Vec::with_capacity(inputs.len());
+            let mut changes = Vec::new();
+            for input in &inputs {
+                if let Some(stored) = idempotency::lookup(&tx, &tenant, &input.key, not_before)? {
+                    results.push(if stored.fingerprint == input.fingerprint {
+                        OpResult {
+                            status: stored.status,
+                            body: stored.body,
+                            replayed: true,
+                        }
+                    } else {
+                        OpResult::problem(&mismatch(&input.key))
+                    });
+                    continue;
+                }
+                let mut current = entities::load(&tx, &tenant, &input.entity_type, &input.id)?;
+                if input.force_conflict {
+                    if let Some(bumped) =
+                        concurrent_writer(&tx, inner, &tenant, current.as_ref(), now)?
+                    {
+                        changes.push(bumped.1.clone());
+                        current = Some((bumped.0, now));
+                    }
+                }
+                match entities::decide(current, input, inner.opts.require_if_match, now) {
+                    Decision::Refuse(e) => results.push(OpResult::problem(&e)),
+                    Decision::Apply {
+                        entity,
+                        updated_at_ms,
+                        status,
+                    } => {
+                        entities::save(&tx, &tenant, &entity, updated_at_ms)?;
+                        let change = feed::append(
+                            &tx,
+                            &tenant,
+                            input.kind,
+                            &entity.entity_type,
+                            &entity.id,
+                            entity.version,
+                            &entity.data,
+                            now,
+                        )?;
+                        applied::append(
+                            &tx,
+                            &tenant,
+                            &input.key,
+                            &entity.entity_type,
+                            &entity.id,
+                            input.kind,
+                            entity.version,
+                            change.cursor,
+                            now,
+                        )?;
+                        let body = if status == 204 {
+                            Value::Null
+                        } else {
+                            serde_json::to_value(&entity).unwrap_or(Value::Null)
+                        };
+                        idempotency::store(
+                            &tx,
+                            &tenant,
+                            &input.key,
+                            &input.fingerprint,
+                            status,
+                            &body,
+                            now,
+                        )?;
+                        changes.push(change);
+                        results.push(OpResult {
+                            status,
+                            body,
+                            replayed: false,
+                        });
+                    }
+                }
+            }
+            tx.commit()?;
+            // Still holding the connection: broadcast order is cursor order.
+            for change in changes {
+                // No receiver is fine: nobody is listening.
+                let _ = inner.changes_tx.send(Arc::new(TenantChange {
+                    tenant: Arc::clone(&tenant),
+                    change,
+                }));
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    /// The entity (tombstones included), if it ever existed.
+    pub(crate) async fn get(
+        &self,
+        tenant: Arc<str>,
+        entity_type: String,
+        id: String,
+    ) -> Result<Option<Entity>, StoreError> {
+        self.run(move |conn, _| {
+            Ok(entities::load(conn, &tenant, &entity_type, &id)?.map(|(e, _)| e))
+        })
+        .await
+    }
+
+    /// A page of the tenant's feed after `since`.
+    pub(crate) async fn changes(
+        &self,
+        tenant: Arc<str>,
+        since: u64,
+        limit: usize,
+    ) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
+        self.run(move |conn, _| {
+            let tx = conn.transaction()?;
+            if let Err(refusal) = feed::check_since(&tx, &tenant, since)? {
+                return Ok(Err(refusal));
+            }
+            let changes = feed::read(&tx, &tenant, since, limit)?;
+            let next = changes.last().map_or(since, |c| c.cursor);
+            Ok(Ok(ChangesPage { changes, next }))
+        })
+        .await
+    }
+
+    /// The tenant's latest cursor, or a refusal if `since` is not servable.
+    pub(crate) async fn check_since(
+        &self,
+        tenant: Arc<str>,
+        since: Option<u64>,
+    ) -> Result<Result<u64, FeedRefusal>, StoreError> {
+        self.run(move |conn, _| match since {
+            Some(s) => feed::check_since(conn, &tenant, s),
+            None => Ok(Ok(feed::counters(conn, &tenant)?.0)),
+        })
+        .await
+    }
+
+    /// Every applied mutation, in order.
+    pub(crate) async fn applied_log(&self) -> Result<Vec<AppliedMutation>, StoreError> {
+        self.run(|conn, _| applied::read_all(conn)).await
+    }
+
+    /// Deletes expired idempotency records and changes older than the feed
+    /// retention.
+    pub(crate) async fn purge_expired(&self) -> Result<PurgeReport, StoreError> {
+        self.run(|conn, inner| {
+            let now = inner.opts.clock.now_millis();
+            let tx = conn.transaction()?;
+            let report = PurgeReport {
+                idempotency_records: idempotency::purge(
+                    &tx,
+                    now.saturating_sub(inner.opts.idempotency_retention_ms),
+                )?,
+                changes: feed::purge(&tx, now.saturating_sub(inner.opts.feed_retention_ms))?,
+            };
+            tx.commit()?;
+            Ok(report)
+        })
+        .await
+    }
+}
+
+/// The forced-conflict fault: another writer updates the live entity (same
+/// data, version + 1) just before the op, so a conditional op conflicts for
+/// real. Returns the bumped entity and its change.
+fn concurrent_writer(
+    tx: &rusqlite::Transaction<'_>,
+    inner: &Inner,
+    tenant: &str,
+    current: Option<&(Entity, i64)>,
+    now: i64,
+) -> Result<Option<(Entity, Change)>, StoreError> {
+    let Some((cur, _)) = current.filter(|(e, _)| !e.deleted) else {
+        return Ok(None);
+    };
+    let mut bumped = cur.clone();
+    bumped.version += 1;
+    bumped.updated_at = crate::clock::format_rfc3339(now);
+    entities::save(tx, tenant, &bumped, now)?;
+    let change = feed::append(
+        tx,
+        tenant,
+        MutationKind::Update,
+        &bumped.entity_type,
+        &bumped.id,
+        bumped.version,
+        &bumped.data,
+        now,
+    )?;
+    let n = inner
+        .fault_seq
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    applied::append(
+        tx,
+        tenant,
+        &format!("fault:conflict:{n}"),
+        &bumped.entity_type,
+        &bumped.id,
+        MutationKind::Update,
+        bumped.version,
+        change.cursor,
+        now,
+    )?;
+    Ok(Some((bumped, change)))
+}
+
+fn mismatch(key: &str) -> ApiError {
+    ApiError::new(
+        guardian_protocol::problem_type::IDEMPOTENCY_MISMATCH,
+        422,
+        "Idempotency key reused",
+        format!(
+            "idempotency key {key:?} was used before with another method, path or body; \
+             use a new key for a different request"
+        ),
+    )
+}
+
+/// A problem document from a feed refusal.
+pub(crate) fn feed_problem(refusal: &FeedRefusal) -> ApiError {
+    match refusal {
+        FeedRefusal::Expired {
+            since,
+            purged_through,
+        } => ApiError::cursor_expired(format!(
+            "cursor {since} is older than the retained feed (changes through {purged_through} \
+             were purged); resync from scratch"
+        )),
+        FeedRefusal::Ahead { since, last } => ApiError::cursor_expired(format!(
+            "cursor {since} is ahead of this server's feed (latest {last}); \
+             the server lost its data or this is another server: resync from scratch"
+        )),
+    }
+}
+
+fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// SQLite stores signed 64-bit integers; versions and cursors never reach 2^63.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn from_i64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}

@@ -1,0 +1,131 @@
+//! The server database: pragmas, schema and migrations.
+//!
+//! Schema version 1 (`PRAGMA user_version`):
+//! - `tenants`: per-tenant feed counters (`last_cursor`, `purged_through`).
+//! - `entities`: current state of every entity, tombstones included.
+//! - `idempotency`: `(tenant, key)` → fingerprint and stored response.
+//! - `changes`: the per-tenant change feed, keyed by `(tenant, cursor)`.
+//! - `applied`: the applied-mutations log, one row per mutation that took effect.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Durability of commits in WAL mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Synchronous {
+    /// fsync on every commit (default): a committed mutation survives power loss.
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a process crash, may lose the last
+    /// commits on power loss. Faster.
+    Normal,
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE tenants (
+    tenant TEXT PRIMARY KEY,
+    last_cursor INTEGER NOT NULL DEFAULT 0,
+    purged_through INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE entities (
+    tenant TEXT NOT NULL,
+    entity_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    deleted INTEGER NOT NULL,
+    PRIMARY KEY (tenant, entity_type, id)
+) WITHOUT ROWID;
+CREATE TABLE idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, key)
+) WITHOUT ROWID;
+CREATE INDEX idempotency_created ON idempotency (created_at);
+CREATE TABLE changes (
+    tenant TEXT NOT NULL,
+    cursor INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    entity_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, cursor)
+) WITHOUT ROWID;
+CREATE INDEX changes_at ON changes (at);
+CREATE TABLE applied (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    entity_type TEXT NOT NULL,
+    id TEXT NOT NULL,
+    op TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    cursor INTEGER NOT NULL,
+    at INTEGER NOT NULL
+);
+"];
+
+/// Opens (creating if needed) the database at `path`, or in memory for `None`.
+pub(crate) fn open(path: Option<&Path>, sync: Synchronous) -> Result<Connection, StoreError> {
+    let conn = match path {
+        Some(p) => {
+            if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(StoreError::Io)?;
+            }
+            let conn = Connection::open(p)?;
+            let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                return Err(StoreError::Corrupt(format!(
+                    "could not switch {} to WAL mode (got {mode})",
+                    p.display()
+                )));
+            }
+            conn
+        }
+        None => Connection::open_in_memory()?,
+    };
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match sync {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "database schema version {version} is newer than this server ({SCHEMA_VERSION})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate() {
+        let target = i64::try_from(i + 1).unwrap_or(i64::MAX);
+        if target > version {
+            conn.execute_batch(&format!(
+                "BEGIN; {sql} PRAGMA user_version = {target}; COMMIT;"
+            ))?;
+        }
+    }
+    Ok(())
+}
