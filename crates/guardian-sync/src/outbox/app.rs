@@ -214,7 +214,7 @@ pub(crate) fn stats(conn: &Connection) -> Result<Stats, OutboxError> {
         .optional()?;
     s.next_attempt_at = conn
         .prepare_cached(
-            "SELECT min(next_attempt_at) FROM ops WHERE state = 'pending' AND is_head = 1",
+            "SELECT min(next_attempt_at) FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1",
         )?
         .query_row([], |r| r.get(0))?;
     Ok(s)

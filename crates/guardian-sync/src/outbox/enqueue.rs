@@ -166,7 +166,7 @@ pub(crate) fn prepare(
 /// just before it, oldest first (empty if the entity has no active op).
 fn tail(conn: &Connection, p: &Prepared, only_last: bool) -> rusqlite::Result<Vec<TailOp>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, kind, state, attempts FROM ops WHERE entity_type = ?1 AND entity_id = ?2 \
+        "SELECT seq, kind, state, attempts FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
          AND state IN ('pending', 'in_flight') ORDER BY seq DESC",
     )?;
     let mut rows = stmt.query(params![p.entity_type, p.entity_id])?;

@@ -243,7 +243,7 @@ fn probe(conn: &Connection) -> rusqlite::Result<()> {
         r.get::<_, Option<i64>>(0)
     })?;
     conn.query_row(
-        "SELECT count(*) FROM (SELECT seq FROM ops WHERE state = 'pending' AND is_head = 1 \
+        "SELECT count(*) FROM (SELECT seq FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 \
          ORDER BY next_attempt_at, seq LIMIT 1)",
         [],
         |r| r.get::<_, i64>(0),
@@ -286,7 +286,7 @@ fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
         return Ok(0);
     }
     let n = conn.execute(
-        "UPDATE ops SET state = 'pending' WHERE state = 'in_flight'",
+        "UPDATE ops INDEXED BY ops_state SET state = 'pending' WHERE state = 'in_flight'",
         [],
     )?;
     for (t, id) in &entities {
@@ -657,5 +657,56 @@ impl Outbox {
             .writer
             .call(move |conn, _| Ok::<_, OutboxError>(outcomes::mark_delivered(conn, &ids)?))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
+        rows.map(Result::unwrap).collect::<Vec<_>>().join(" | ")
+    }
+
+    /// The hot and start-up queries must be served by indexes, never a scan
+    /// (they pin their index with `INDEXED BY`, which fails to prepare if the
+    /// index cannot serve them).
+    #[test]
+    fn queries_use_their_indexes() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        let cases = [
+            (
+                "SELECT seq FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 \
+                 AND next_attempt_at <= 5 ORDER BY next_attempt_at, seq LIMIT 10",
+                "ops_ready",
+            ),
+            (
+                "SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type = 't' AND entity_id = 'a' \
+                 AND state IN ('pending', 'in_flight') ORDER BY seq DESC",
+                "ops_entity",
+            ),
+            (
+                "SELECT seq FROM ops INDEXED BY ops_envelope WHERE envelope_version < 3",
+                "ops_envelope",
+            ),
+            (
+                "SELECT DISTINCT entity_type, entity_id FROM ops INDEXED BY ops_state \
+                 WHERE state = 'in_flight'",
+                "ops_state",
+            ),
+            (
+                "SELECT min(next_attempt_at) FROM ops INDEXED BY ops_ready \
+                 WHERE state = 'pending' AND is_head = 1",
+                "ops_ready",
+            ),
+        ];
+        for (sql, index) in cases {
+            let p = plan(&conn, sql);
+            assert!(p.contains(index), "{sql}\n  plan: {p}");
+            assert!(!p.contains("TEMP B-TREE FOR ORDER"), "{sql}\n  plan: {p}");
+        }
     }
 }

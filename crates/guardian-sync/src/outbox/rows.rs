@@ -97,11 +97,11 @@ pub(crate) fn recompute_head(
     entity_id: &str,
 ) -> rusqlite::Result<()> {
     conn.prepare_cached(
-        "UPDATE ops SET is_head = 0 WHERE entity_type = ?1 AND entity_id = ?2 AND is_head = 1",
+        "UPDATE ops INDEXED BY ops_entity SET is_head = 0 WHERE entity_type = ?1 AND entity_id = ?2 AND is_head = 1",
     )?
     .execute(params![entity_type, entity_id])?;
     conn.prepare_cached(
-        "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops \
+        "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
          WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
          ORDER BY state = 'in_flight' DESC, seq LIMIT 1)",
     )?
@@ -117,7 +117,7 @@ pub(crate) fn successor(
     seq: i64,
 ) -> rusqlite::Result<Option<(i64, bool)>> {
     conn.prepare_cached(
-        "SELECT seq, chained FROM ops WHERE entity_type = ?1 AND entity_id = ?2 AND seq > ?3 \
+        "SELECT seq, chained FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 AND seq > ?3 \
          AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT 1",
     )?
     .query_row(params![entity_type, entity_id, seq], |r| {

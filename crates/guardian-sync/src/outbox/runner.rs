@@ -42,7 +42,7 @@ pub(crate) fn claim(
     let limit = i64::try_from(limit).unwrap_or(i64::MAX);
     let mut ops: Vec<PendingOp> = {
         let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {} FROM ops WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
+            "SELECT {} FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
              ORDER BY next_attempt_at, seq LIMIT ?2",
             rows::OP_COLUMNS
         ))?;

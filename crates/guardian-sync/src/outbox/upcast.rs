@@ -102,7 +102,8 @@ pub(crate) fn run(
 ) -> rusqlite::Result<UpcastCounts> {
     let mut counts = UpcastCounts::default();
     let seqs: Vec<i64> = {
-        let mut stmt = conn.prepare("SELECT seq FROM ops WHERE envelope_version < ?1")?;
+        let mut stmt = conn
+            .prepare("SELECT seq FROM ops INDEXED BY ops_envelope WHERE envelope_version < ?1")?;
         let rows = stmt.query_map([current], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
