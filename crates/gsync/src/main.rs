@@ -33,14 +33,26 @@ enum Command {
     #[command(flatten)]
     Outbox(cmd::outbox::Command),
     /// Run the reference backend (wire protocol v1).
-    Serve(cmd::serve::Args),
+    Serve(Box<cmd::serve::Args>),
+    /// Drain the outbox to a server (holds the processing lock while running).
+    Run(cmd::run::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs go to stderr; RUST_LOG overrides the quiet default. Tokens and
+    // payloads are never logged at info level by the libraries.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let result = match cli.command {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
-        Command::Serve(args) => cmd::serve::run(&cli.global, args),
+        Command::Serve(args) => cmd::serve::run(&cli.global, *args),
+        Command::Run(args) => cmd::run::run(&cli.global, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

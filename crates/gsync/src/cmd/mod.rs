@@ -1,4 +1,5 @@
 //! One module per group of subcommands.
 
 pub(crate) mod outbox;
+pub(crate) mod run;
 pub(crate) mod serve;

@@ -1,0 +1,148 @@
+//! `gsync run`: drain an outbox to a server.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use guardian_sync::engine::{BatchConfig, EngineError, SyncEngine, SyncEvent};
+use guardian_sync::lock::LockConfig;
+use guardian_sync::transport::StaticToken;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::Global;
+
+/// Arguments of `gsync run`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Base URL of the backend.
+    #[arg(long, env = "GSYNC_SERVER")]
+    server: String,
+    /// Bearer token (read from the environment rather than the command line
+    /// where possible: command lines are visible to other users).
+    #[arg(long, env = "GSYNC_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Exit once no op is pending or in flight (waiting out backoffs).
+    #[arg(long)]
+    once: bool,
+    /// Lock heartbeat interval.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// Take over a lock whose heartbeat stood still this long.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    stale_after: Duration,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Send up to N ops per batch request (0 = one request per op).
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    /// Print every engine event as a JSON line on stdout (for scripts and tests).
+    #[arg(long)]
+    events: bool,
+}
+
+pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(drain(global, args))
+}
+
+async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
+    let lock = LockConfig::new(args.heartbeat, args.stale_after)?;
+    let mut builder = SyncEngine::builder()
+        .outbox_path(&global.outbox)
+        .server(&args.server)
+        .token_provider(Arc::new(StaticToken::new(args.token.clone())))
+        .lock(lock)
+        .concurrency(args.concurrency.max(1));
+    if args.batch > 0 {
+        builder = builder.batching(BatchConfig {
+            max_ops: args.batch,
+            ..BatchConfig::default()
+        });
+    }
+    let engine = builder.build().await?;
+    let total = engine.outbox().stats().await?;
+    let interactive = std::io::stderr().is_terminal() && !global.json && !args.events;
+    let bar = if interactive {
+        let bar = ProgressBar::new(total.pending + total.in_flight);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        Some(bar)
+    } else {
+        None
+    };
+    let mut events = engine.events();
+    let printer_bar = bar.clone();
+    let print_events = args.events;
+    let printer = tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) => report_event(&event, print_events, printer_bar.as_ref()),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!("{n} events were not shown");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    let result = if args.once {
+        engine.run_until_empty().await
+    } else {
+        engine
+            .run(async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+    };
+    printer.abort();
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let summary = engine.metrics().summary();
+    match &result {
+        Ok(report) => {
+            if global.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"report": report, "metrics": summary})
+                );
+            } else if !args.events {
+                eprintln!(
+                    "drained: {} succeeded, {} failed, {} retried, {} conflicts resolved, {} takeovers",
+                    report.drain.succeeded,
+                    report.drain.failed,
+                    report.drain.retried,
+                    report.drain.conflicts_resolved,
+                    report.takeovers
+                );
+                eprintln!("{}", engine.metrics().summary());
+            }
+        }
+        Err(EngineError::LockLost) => {
+            anyhow::bail!("lost the processing lock to another runner; stopped without writing")
+        }
+        Err(e) => anyhow::bail!("{e}"),
+    }
+    Ok(())
+}
+
+fn report_event(event: &SyncEvent, json: bool, bar: Option<&ProgressBar>) {
+    if json {
+        if let Ok(line) = serde_json::to_string(event) {
+            println!("{line}");
+        }
+        return;
+    }
+    match (event, bar) {
+        (SyncEvent::OpSucceeded { .. } | SyncEvent::OpFailed { .. }, Some(bar)) => bar.inc(1),
+        (SyncEvent::Breaker { to, .. }, Some(bar)) => bar.set_message(format!("breaker {to}")),
+        // Routine progress is not worth a line when nobody watches a bar.
+        (_, Some(_)) | (SyncEvent::OpSucceeded { .. } | SyncEvent::OpRetried { .. }, None) => {}
+        (other, None) => eprintln!("{}", serde_json::to_string(other).unwrap_or_default()),
+    }
+}
