@@ -277,7 +277,8 @@ fn startup(
 fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
     let entities: Vec<(String, String)> = {
         let mut stmt = conn.prepare_cached(
-            "SELECT DISTINCT entity_type, entity_id FROM ops WHERE state = 'in_flight'",
+            "SELECT DISTINCT entity_type, entity_id FROM ops INDEXED BY ops_state \
+             WHERE state = 'in_flight'",
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
