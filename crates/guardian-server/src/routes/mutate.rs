@@ -198,6 +198,17 @@ pub(crate) async fn execute(
             }
         }
     }
+    if !slots.iter().any(|s| matches!(s, Slot::Ready(_))) {
+        // Nothing to apply (all refused or in flight): answer at once.
+        drop(reservation);
+        return Ok(slots
+            .into_iter()
+            .filter_map(|s| match s {
+                Slot::Done(r) => Some(r),
+                Slot::Ready(_) => None,
+            })
+            .collect());
+    }
     let latency = state.faults.latency();
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;

@@ -1,0 +1,105 @@
+//! `GET /v1/changes`: gap-free cursors, paging, retention.
+
+use std::time::Duration;
+
+use guardian_protocol::problem_type;
+use guardian_server::clock::ManualClock;
+use reqwest::Method;
+use serde_json::json;
+
+use crate::common::{builder, start, start_default};
+
+#[tokio::test]
+async fn the_feed_pages_with_gap_free_cursors() {
+    let h = start_default().await;
+    for i in 0..5 {
+        h.create(
+            "device",
+            &format!("d{i}"),
+            json!({"i": i}),
+            &format!("c{i}"),
+        )
+        .await;
+    }
+    h.put("device", "d0", json!({"i": 10}), "u0", Some(1)).await;
+    h.delete("device", "d1", "x1", None).await;
+    let mut since = 0;
+    let mut cursors = Vec::new();
+    loop {
+        let page = h.changes(since, 3).await;
+        assert_eq!(page.status, 200);
+        let changes = page.body["changes"].as_array().unwrap().clone();
+        if changes.is_empty() {
+            assert_eq!(page.body["next"], since);
+            break;
+        }
+        cursors.extend(changes.iter().map(|c| c["cursor"].as_u64().unwrap()));
+        since = page.body["next"].as_u64().unwrap();
+    }
+    assert_eq!(cursors, (1..=7).collect::<Vec<_>>());
+    let all = h.changes(0, 1000).await.body["changes"].clone();
+    assert_eq!(
+        all[5],
+        json!({"cursor": 6, "op": "update", "type": "device", "id": "d0", "version": 2, "data": {"i": 10}})
+    );
+    assert_eq!(
+        all[6],
+        json!({"cursor": 7, "op": "delete", "type": "device", "id": "d1", "version": 2, "data": null})
+    );
+}
+
+#[tokio::test]
+async fn bad_parameters_are_400() {
+    let h = start_default().await;
+    for q in ["since=-1", "since=abc", "limit=0", "limit=x"] {
+        let r = h
+            .send(h.req(Method::GET, &format!("/v1/changes?{q}")))
+            .await;
+        assert_eq!(
+            (r.status, r.problem_type()),
+            (400, problem_type::BAD_REQUEST),
+            "{q}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_the_retention_is_410() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(
+        builder()
+            .clock(clock.clone())
+            .feed_retention(Duration::from_secs(3600)),
+    )
+    .await;
+    h.create("device", "d1", json!({}), "a").await;
+    h.create("device", "d2", json!({}), "b").await;
+    clock.advance_millis(3_600_001);
+    h.create("device", "d3", json!({}), "c").await;
+    let report = h.server.purge_expired().await.unwrap();
+    assert_eq!(report.changes, 2);
+    for since in [0, 1] {
+        let r = h.changes(since, 10).await;
+        assert_eq!(
+            (r.status, r.problem_type()),
+            (410, problem_type::CURSOR_EXPIRED),
+            "since={since}"
+        );
+        assert!(r.is_problem());
+    }
+    let r = h.changes(2, 10).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["changes"][0]["cursor"], 3);
+}
+
+#[tokio::test]
+async fn a_cursor_ahead_of_the_feed_is_410() {
+    let h = start_default().await;
+    h.create("device", "d1", json!({}), "a").await;
+    let r = h.changes(5, 10).await;
+    assert_eq!(
+        (r.status, r.problem_type()),
+        (410, problem_type::CURSOR_EXPIRED)
+    );
+    assert_eq!(h.changes(1, 10).await.status, 200);
+}

@@ -1,0 +1,18 @@
+//! Integration tests of wire protocol v1 over real HTTP and WebSocket on
+//! 127.0.0.1, against an in-process server. One binary, one module per area.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::needless_pass_by_value
+)]
+
+mod batch;
+mod changes;
+mod common;
+mod entities;
+mod faults;
+mod idempotency;
+mod limits;
+mod ops;
+mod property;
+mod realtime;

@@ -1,0 +1,294 @@
+//! `GET /v1/realtime`: hello, backlog then live with no gap or duplicate,
+//! resume, auth, pings and dead peers.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use guardian_protocol::RealtimeFrame;
+use reqwest::Method;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::{builder, start, start_default, Harness, ADMIN, TOKEN};
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(
+    h: &Harness,
+    query: &str,
+    token: Option<&str>,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("{}{query}", h.server.realtime_url())
+        .into_client_request()
+        .unwrap();
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// The next protocol frame, skipping pings; `None` once closed.
+async fn next_frame(ws: &mut Ws) -> Option<RealtimeFrame> {
+    let limit = Duration::from_secs(20);
+    loop {
+        let msg = tokio::time::timeout(limit, ws.next())
+            .await
+            .expect("no frame within 20 s")?;
+        match msg.ok()? {
+            Message::Text(t) => return Some(serde_json::from_str(&t).expect("frame JSON")),
+            Message::Close(_) => return None,
+            _ => {}
+        }
+    }
+}
+
+fn change_cursor(f: &RealtimeFrame) -> u64 {
+    match f {
+        RealtimeFrame::Change { change } => change.cursor,
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn hello_backlog_then_live() {
+    let h = start_default().await;
+    h.create("device", "d1", json!({"a": 1}), "a").await;
+    h.create("device", "d2", json!({"a": 2}), "b").await;
+    h.put("device", "d1", json!({"a": 3}), "c", None).await;
+    let mut ws = connect(&h, "?since=1", Some(TOKEN)).await.unwrap();
+    assert_eq!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 3 })
+    );
+    assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), 2);
+    let f = next_frame(&mut ws).await.unwrap();
+    let RealtimeFrame::Change { change } = f else {
+        panic!()
+    };
+    assert_eq!(
+        (change.cursor, change.id.as_str(), change.version),
+        (3, "d1", 2)
+    );
+    h.delete("device", "d2", "d", None).await;
+    let RealtimeFrame::Change { change } = next_frame(&mut ws).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (change.cursor, change.data.clone()),
+        (4, serde_json::Value::Null)
+    );
+    // The wire shape: change frames nest the change.
+    h.create("device", "d3", json!({}), "e").await;
+    let raw = loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Text(t) => break serde_json::from_str::<serde_json::Value>(&t).unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!(raw["type"], "change");
+    assert_eq!(raw["change"]["type"], "device");
+    assert_eq!(raw["change"]["cursor"], 5);
+}
+
+#[tokio::test]
+async fn without_since_only_live_changes_come() {
+    let h = start_default().await;
+    h.create("device", "d1", json!({}), "a").await;
+    let mut ws = connect(&h, "", Some(TOKEN)).await.unwrap();
+    assert_eq!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 1 })
+    );
+    h.create("device", "d2", json!({}), "b").await;
+    assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), 2);
+}
+
+#[tokio::test]
+async fn other_tenants_changes_are_not_pushed() {
+    let h = start_default().await;
+    let mut ws = connect(&h, "?since=0", Some(TOKEN)).await.unwrap();
+    assert_eq!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 0 })
+    );
+    let other = h.as_token(crate::common::OTHER_TOKEN);
+    other
+        .send(
+            other
+                .req(Method::POST, "/v1/entities/t")
+                .header("idempotency-key", "x")
+                .json(&json!({"id": "o", "data": {}})),
+        )
+        .await;
+    h.create("t", "mine", json!({}), "y").await;
+    let RealtimeFrame::Change { change } = next_frame(&mut ws).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!((change.cursor, change.id.as_str()), (1, "mine"));
+}
+
+#[tokio::test]
+async fn resume_from_a_cursor_after_a_disconnect() {
+    let h = start_default().await;
+    h.create("device", "d1", json!({}), "a").await;
+    let mut ws = connect(&h, "?since=0", Some(TOKEN)).await.unwrap();
+    assert_eq!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 1 })
+    );
+    let last = change_cursor(&next_frame(&mut ws).await.unwrap());
+    ws.close(None).await.unwrap();
+    // Changes while disconnected.
+    h.create("device", "d2", json!({}), "b").await;
+    h.put("device", "d1", json!({"x": 1}), "c", None).await;
+    let mut ws = connect(&h, &format!("?since={last}"), Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 3 })
+    );
+    assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), 2);
+    assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), 3);
+    h.create("device", "d3", json!({}), "d").await;
+    assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), 4);
+}
+
+#[tokio::test]
+async fn backlog_and_live_meet_without_gap_or_duplicate() {
+    let h = start_default().await;
+    const N: u64 = 300;
+    let writer = {
+        let reqs: Vec<_> = (0..N)
+            .map(|i| h.create_req("t", &format!("i{i}"), json!({"i": i}), &format!("k{i}")))
+            .collect();
+        tokio::spawn(async move {
+            for r in reqs {
+                assert_eq!(r.send().await.unwrap().status(), 201);
+            }
+        })
+    };
+    // Connect while the writer runs.
+    h.create("t", "first", json!({}), "first").await;
+    let mut ws = connect(&h, "?since=0", Some(TOKEN)).await.unwrap();
+    let Some(RealtimeFrame::Hello { .. }) = next_frame(&mut ws).await else {
+        panic!("no hello")
+    };
+    let mut seen = Vec::new();
+    while seen.len() < usize::try_from(N + 1).unwrap() {
+        seen.push(change_cursor(&next_frame(&mut ws).await.unwrap()));
+    }
+    writer.await.unwrap();
+    assert_eq!(seen, (1..=N + 1).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn upgrade_needs_a_token_and_a_servable_cursor() {
+    let h = start_default().await;
+    match connect(&h, "", None).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 401),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    match connect(&h, "?since=9", Some(TOKEN)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 410),
+        other => panic!("expected 410, got {other:?}"),
+    }
+    // A plain GET is a problem, not a hang.
+    let r = h.send(h.req(Method::GET, "/v1/realtime")).await;
+    assert!(r.status >= 400 && r.is_problem(), "{r:?}");
+}
+
+#[tokio::test]
+async fn the_server_pings_and_closes_a_dead_peer() {
+    let h = start(
+        builder()
+            .ws_ping_interval(Duration::from_millis(50))
+            .ws_idle_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    // A hand-made client that completes the handshake and then never answers.
+    let mut tcp = tokio::net::TcpStream::connect(h.server.addr())
+        .await
+        .unwrap();
+    let handshake = format!(
+        "GET /v1/realtime HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {TOKEN}\r\n\r\n",
+        h.server.addr()
+    );
+    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let read_all = async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), read_all)
+        .await
+        .expect("the server never closed the dead peer");
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    // 0x89 is a ping frame, 0x88 a close frame.
+    assert!(received.contains(&0x89), "no ping seen");
+    assert!(received.contains(&0x88), "no close frame seen");
+}
+
+#[tokio::test]
+async fn live_peers_answer_pings_and_stay() {
+    let h = start(
+        builder()
+            .ws_ping_interval(Duration::from_millis(30))
+            .ws_idle_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let mut ws = connect(&h, "", Some(TOKEN)).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { .. })
+    ));
+    // Read (and so answer) pings until well past the idle timeout.
+    let mut pings = 0;
+    while pings < 15 {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Ping(_) => pings += 1,
+            Message::Close(c) => panic!("closed a live peer: {c:?}"),
+            _ => {}
+        }
+    }
+    h.create("t", "x", json!({}), "k").await;
+    assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), 1);
+}
+
+#[tokio::test]
+async fn admin_disconnect_and_shutdown_close_sessions() {
+    let h = start_default().await;
+    let mut ws = connect(&h, "", Some(TOKEN)).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { .. })
+    ));
+    let r = h
+        .send(h.admin(Method::POST, "/admin/realtime/disconnect"))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(next_frame(&mut ws).await, None);
+
+    let mut ws = connect(&h, "", Some(TOKEN)).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { .. })
+    ));
+    let _ = ADMIN;
+    h.server.handle().shutdown();
+    assert_eq!(next_frame(&mut ws).await, None);
+}
