@@ -1,0 +1,667 @@
+//! The engine against the real reference server on loopback (issue 4 and 5
+//! end-to-end rules). Every test checks the server's applied log.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use guardian_protocol::MutationKind;
+use guardian_server::{
+    AppliedMutation, Faults, RetryAfter, RetryAfterForm, RunningServer, ServerBuilder,
+};
+use guardian_sync::breaker::BreakerConfig;
+use guardian_sync::engine::{BatchConfig, SyncEngine, SyncEngineBuilder, SyncEvent};
+use guardian_sync::op::{NewOp, OpState, TxnOutcome};
+use guardian_sync::optimistic::Registration;
+use guardian_sync::outbox::{ListFilter, Outbox, OutboxOptions};
+use guardian_sync::reconcile::{ConflictPolicy, ReconcilePolicies};
+use guardian_sync::retry::RetryPolicy;
+use guardian_sync::transport::{StaticToken, TokenError, TokenProvider};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+const TOKEN: &str = "tok-a";
+
+async fn server(faults: Faults) -> RunningServer {
+    ServerBuilder::new()
+        .token("tenant-a", TOKEN)
+        .in_memory()
+        .faults(faults)
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap()
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy::new(
+        Duration::from_millis(5),
+        2.0,
+        Duration::from_millis(50),
+        20,
+        Duration::from_secs(10),
+    )
+    .unwrap()
+}
+
+fn builder(dir: &tempfile::TempDir, server: &RunningServer) -> SyncEngineBuilder {
+    SyncEngine::builder()
+        .outbox_path(dir.path().join("outbox.db"))
+        .server(server.url())
+        .token_provider(Arc::new(StaticToken::new(TOKEN)))
+        .retry(fast_retry())
+}
+
+async fn engine(dir: &tempfile::TempDir, server: &RunningServer) -> SyncEngine {
+    builder(dir, server).build().await.unwrap()
+}
+
+/// Waits (bounded) for the run to end.
+async fn drain(engine: &SyncEngine) {
+    tokio::time::timeout(Duration::from_secs(60), engine.run_until_empty())
+        .await
+        .expect("drain did not finish in 60 s")
+        .unwrap();
+}
+
+fn collect(rx: &mut broadcast::Receiver<SyncEvent>) -> Vec<SyncEvent> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+    out
+}
+
+/// Invariants 2 and 3 on the applied log: each key once, per-entity order by version.
+fn assert_log_clean(log: &[AppliedMutation]) {
+    let mut keys = std::collections::HashSet::new();
+    let mut versions: HashMap<(String, String), u64> = HashMap::new();
+    for m in log {
+        assert!(
+            keys.insert(m.idempotency_key.clone()),
+            "key applied twice: {m:?}"
+        );
+        let v = versions
+            .entry((m.entity_type.clone(), m.id.clone()))
+            .or_insert(0);
+        assert!(m.version > *v, "version went backwards: {m:?}");
+        *v = m.version;
+    }
+}
+
+async fn get(server: &RunningServer, ty: &str, id: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/entities/{ty}/{id}", server.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn drains_in_order_and_chains_versions() {
+    let server = ServerBuilder::new()
+        .token("tenant-a", TOKEN)
+        .in_memory()
+        .require_if_match(true)
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server).concurrency(4).build().await.unwrap();
+    // Creates go out first; then an offline burst of updates made from
+    // version 1 of each entity.
+    for i in 0..10 {
+        engine
+            .enqueue(NewOp::create(
+                "device",
+                format!("d{i}"),
+                json!({"on": false, "n": i}),
+            ))
+            .await
+            .unwrap();
+    }
+    engine.drain_once().await.unwrap();
+    for round in 1..=3 {
+        for i in 0..10 {
+            engine
+                .enqueue(
+                    NewOp::update(
+                        "device",
+                        format!("d{i}"),
+                        json!({"on": round % 2 == 1, "n": i}),
+                    )
+                    .with_base_version(1),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    // The three updates of one entity coalesce into one op that keeps the
+    // earliest base version (If-Match 1, required by this server).
+    drain(&engine).await;
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    assert_eq!(log.len(), 20, "{log:?}");
+    for i in 0..10 {
+        let (status, body) = get(&server, "device", &format!("d{i}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["data"], json!({"on": true, "n": i}));
+        assert_eq!(body["version"], 2);
+    }
+    let stats = engine.outbox().stats().await.unwrap();
+    assert_eq!((stats.pending, stats.in_flight, stats.failed), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn chained_ops_of_one_entity_carry_the_previous_version() {
+    let server = ServerBuilder::new()
+        .token("tenant-a", TOKEN)
+        .in_memory()
+        .require_if_match(true)
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .outbox_options(OutboxOptions::default().coalesce(false))
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("note", "n1", json!({"t": "a"})))
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::update("note", "n1", json!({"t": "b"})))
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::update("note", "n1", json!({"t": "c"})))
+        .await
+        .unwrap();
+    engine.enqueue(NewOp::delete("note", "n1")).await.unwrap();
+    drain(&engine).await;
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    let ops: Vec<(MutationKind, u64)> = log.iter().map(|m| (m.op, m.version)).collect();
+    assert_eq!(
+        ops,
+        vec![
+            (MutationKind::Create, 1),
+            (MutationKind::Update, 2),
+            (MutationKind::Update, 3),
+            (MutationKind::Delete, 4)
+        ]
+    );
+}
+
+async fn storm_honours_retry_after(form: RetryAfterForm) {
+    let server = server(Faults {
+        fail_next: 2,
+        failure_statuses: vec![503],
+        retry_after: Some(RetryAfter { seconds: 2, form }),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server).concurrency(1).build().await.unwrap();
+    let mut events = engine.events();
+    engine
+        .enqueue(NewOp::create("device", "d1", json!({"on": true})))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    drain(&engine).await;
+    let elapsed = started.elapsed();
+    let retried: Vec<_> = collect(&mut events)
+        .into_iter()
+        .filter(|e| matches!(e, SyncEvent::OpRetried { .. }))
+        .collect();
+    assert_eq!(retried.len(), 2, "{retried:?}");
+    // Two waits of Retry-After: 2 s each (an HTTP-date has 1 s resolution,
+    // so each wait is at least 1 s in that form).
+    let floor = match form {
+        RetryAfterForm::Seconds => Duration::from_secs(4),
+        RetryAfterForm::HttpDate => Duration::from_secs(2),
+    };
+    assert!(elapsed >= floor, "sent before Retry-After: {elapsed:?}");
+    let log = server.applied_log().await.unwrap();
+    assert_eq!(log.len(), 1);
+}
+
+#[tokio::test]
+async fn retry_after_seconds_is_honoured() {
+    storm_honours_retry_after(RetryAfterForm::Seconds).await;
+}
+
+#[tokio::test]
+async fn retry_after_http_date_is_honoured() {
+    storm_honours_retry_after(RetryAfterForm::HttpDate).await;
+}
+
+#[tokio::test]
+async fn breaker_opens_cools_down_half_opens_and_closes() {
+    let server = server(Faults {
+        fail_next: 3,
+        failure_statuses: vec![502],
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .concurrency(1)
+        .breaker(BreakerConfig {
+            failure_threshold: 3,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_millis(300),
+            ..BreakerConfig::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    for i in 0..5 {
+        engine
+            .enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
+            .await
+            .unwrap();
+    }
+    drain(&engine).await;
+    let transitions: Vec<(String, String)> = collect(&mut events)
+        .into_iter()
+        .filter_map(|e| match e {
+            SyncEvent::Breaker { from, to } => Some((from, to)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        transitions,
+        vec![
+            ("closed".into(), "open".into()),
+            ("open".into(), "half_open".into()),
+            ("half_open".into(), "closed".into()),
+        ]
+    );
+    assert_eq!(
+        engine
+            .metrics()
+            .get(guardian_sync::telemetry::Counter::BreakerTrips),
+        1
+    );
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    assert_eq!(log.len(), 5);
+}
+
+#[tokio::test]
+async fn a_response_lost_after_commit_is_retried_with_the_same_key() {
+    let server = server(Faults {
+        drop_after_commit_next: 1,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    let mut events = engine.events();
+    let e = engine
+        .enqueue(NewOp::create("device", "d1", json!({"on": true})))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let log = server.applied_log().await.unwrap();
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0].idempotency_key, e.idempotency_key.to_string());
+    let events = collect(&mut events);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SyncEvent::OpRetried { .. })),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, SyncEvent::OpSucceeded { replayed: true, .. })),
+        "{events:?}"
+    );
+}
+
+/// A provider whose first token is stale; refresh yields `fresh`.
+#[derive(Debug)]
+struct Rotating {
+    current: Mutex<String>,
+    fresh: Mutex<String>,
+    refreshes: AtomicUsize,
+}
+
+impl TokenProvider for Rotating {
+    fn token(&self) -> BoxFuture<'_, Result<String, TokenError>> {
+        Box::pin(async move { Ok(self.current.lock().unwrap().clone()) })
+    }
+    fn refresh(&self) -> BoxFuture<'_, Result<String, TokenError>> {
+        Box::pin(async move {
+            self.refreshes.fetch_add(1, Ordering::SeqCst);
+            let fresh = self.fresh.lock().unwrap().clone();
+            *self.current.lock().unwrap() = fresh.clone();
+            Ok(fresh)
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_401_refreshes_once_then_pauses_until_resumed() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = Arc::new(Rotating {
+        current: Mutex::new("expired".into()),
+        fresh: Mutex::new(TOKEN.into()),
+        refreshes: AtomicUsize::new(0),
+    });
+    let engine = builder(&dir, &server)
+        .token_provider(tokens.clone())
+        .concurrency(8)
+        .build()
+        .await
+        .unwrap();
+    for i in 0..8 {
+        engine
+            .enqueue(NewOp::create("device", format!("d{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    drain(&engine).await;
+    assert_eq!(server.applied_log().await.unwrap().len(), 8);
+    // Concurrent 401s shared one refresh.
+    assert_eq!(tokens.refreshes.load(Ordering::SeqCst), 1);
+
+    // Now the refresh itself yields a bad token: the engine pauses.
+    *tokens.current.lock().unwrap() = "revoked".into();
+    *tokens.fresh.lock().unwrap() = "still-bad".into();
+    let mut events = engine.events();
+    engine
+        .enqueue(NewOp::create("device", "late", json!({})))
+        .await
+        .unwrap();
+    let report = engine.drain_once().await.unwrap();
+    assert_eq!(report.succeeded, 0);
+    assert!(collect(&mut events)
+        .iter()
+        .any(|e| matches!(e, SyncEvent::AuthRequired)));
+    let stats = engine.outbox().stats().await.unwrap();
+    assert_eq!(
+        (stats.pending, stats.failed),
+        (1, 0),
+        "the op stays pending"
+    );
+    // The app fixes its token and resumes.
+    *tokens.current.lock().unwrap() = TOKEN.into();
+    engine.resume();
+    drain(&engine).await;
+    assert_eq!(server.applied_log().await.unwrap().len(), 9);
+}
+
+#[tokio::test]
+async fn permanent_failures_are_kept_and_do_not_block_other_entities() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    // An update of an entity the server never had: 404, permanent.
+    let bad = engine
+        .enqueue(NewOp::update("device", "ghost", json!({"x": 1})))
+        .await
+        .unwrap();
+    for i in 0..5 {
+        engine
+            .enqueue(NewOp::create("device", format!("ok{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    drain(&engine).await;
+    assert_eq!(server.applied_log().await.unwrap().len(), 5);
+    let failed = engine
+        .outbox()
+        .list(ListFilter {
+            state: Some(OpState::Failed),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].op_id, bad.op_id);
+    assert!(
+        failed[0]
+            .last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("404"),
+        "{:?}",
+        failed[0].last_error
+    );
+}
+
+#[tokio::test]
+async fn conflicts_merge_three_ways_under_local_wins() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    engine
+        .enqueue(NewOp::create(
+            "form",
+            "f1",
+            json!({"name": "a", "city": "x", "zip": "1"}),
+        ))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    // Another device edits city and zip on the server (version 2).
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/entities/form/f1", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "other-device-1")
+        .header("if-match", "\"1\"")
+        .json(&json!({"data": {"name": "a", "city": "remote", "zip": "9"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // This device edited name and zip offline from version 1.
+    let mut events = engine.events();
+    engine
+        .enqueue(
+            NewOp::update(
+                "form",
+                "f1",
+                json!({"name": "local", "city": "x", "zip": "2"}),
+            )
+            .with_base(json!({"name": "a", "city": "x", "zip": "1"}), 1),
+        )
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let (_, body) = get(&server, "form", "f1").await;
+    // name: local only; city: remote only; zip: both → local wins.
+    assert_eq!(
+        body["data"],
+        json!({"name": "local", "city": "remote", "zip": "2"})
+    );
+    assert_eq!(body["version"], 3);
+    assert!(collect(&mut events)
+        .iter()
+        .any(|e| matches!(e, SyncEvent::Conflict { resolution, .. } if resolution == "retry")));
+    assert_log_clean(&server.applied_log().await.unwrap());
+}
+
+#[tokio::test]
+async fn conflicts_follow_remote_wins_per_entity_type() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .reconcile(ReconcilePolicies::default().with("form", ConflictPolicy::RemoteWins))
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("form", "f1", json!({"a": 1, "b": 1})))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/entities/form/f1", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "other-device-2")
+        .json(&json!({"data": {"a": 1, "b": 7}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    engine
+        .enqueue(
+            NewOp::update("form", "f1", json!({"a": 2, "b": 3}))
+                .with_base(json!({"a": 1, "b": 1}), 1),
+        )
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let (_, body) = get(&server, "form", "f1").await;
+    // a: local only → merged; b: both → remote wins.
+    assert_eq!(body["data"], json!({"a": 2, "b": 7}));
+}
+
+#[tokio::test]
+async fn forced_conflicts_from_a_concurrent_writer_are_reconciled() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    engine
+        .enqueue(NewOp::create("device", "d1", json!({"on": false})))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    server
+        .set_faults(Faults {
+            conflict_next: 2,
+            ..Faults::default()
+        })
+        .unwrap();
+    engine
+        .enqueue(
+            NewOp::update("device", "d1", json!({"on": true})).with_base(json!({"on": false}), 1),
+        )
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let (_, body) = get(&server, "device", "d1").await;
+    assert_eq!(body["data"]["on"], json!(true));
+    assert!(
+        engine
+            .metrics()
+            .get(guardian_sync::telemetry::Counter::ConflictsResolved)
+            >= 1
+    );
+    assert_log_clean(&server.applied_log().await.unwrap());
+}
+
+#[tokio::test]
+async fn a_batch_with_one_bad_op_fails_it_alone() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .batching(BatchConfig {
+            max_ops: 50,
+            ..BatchConfig::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    for i in 0..20 {
+        engine
+            .enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
+            .await
+            .unwrap();
+    }
+    engine
+        .enqueue(NewOp::update("device", "ghost", json!({})))
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    drain(&engine).await;
+    assert_eq!(server.applied_log().await.unwrap().len(), 20);
+    let stats = engine.outbox().stats().await.unwrap();
+    assert_eq!((stats.pending, stats.failed), (0, 1));
+    let failed = collect(&mut events)
+        .into_iter()
+        .filter(|e| matches!(e, SyncEvent::OpFailed { entity_id, .. } if entity_id == "ghost"))
+        .count();
+    assert_eq!(failed, 1);
+    // All 21 went out in one batch request, and no single mutation was sent.
+    let metrics = server.metrics_text();
+    let count = |route: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("guardian_http_requests_total")
+                    && l.contains(&format!("route=\"{route}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(count("/v1/batch"), 1, "{metrics}");
+    assert_eq!(count("/v1/entities/{type}"), 0, "{metrics}");
+}
+
+#[tokio::test]
+async fn optimistic_updates_commit_roll_back_and_survive_restarts() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (ok_tx, err_tx) = (tx.clone(), tx.clone());
+    engine.optimistic().register(
+        "toggle-1",
+        Registration::new(json!({"on": false}), || {})
+            .on_success(move || ok_tx.send("committed".into()).unwrap()),
+    );
+    engine.optimistic().register(
+        "edit-ghost",
+        Registration::new(json!({}), move || tx.send("rolled back".into()).unwrap())
+            .on_error(move |e| err_tx.send(format!("error {}", e.contains("404"))).unwrap()),
+    );
+    engine
+        .enqueue(NewOp::create("device", "d1", json!({"on": true})).with_txn_token("toggle-1"))
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::update("device", "ghost", json!({})).with_txn_token("edit-ghost"))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let mut got: Vec<String> = (0..3)
+        .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, vec!["committed", "error true", "rolled back"]);
+    drop(engine);
+
+    // A token settled by a process that died before telling the app: the
+    // next engine publishes it, and outcome() answers.
+    let dir2 = tempfile::tempdir().unwrap();
+    let path = dir2.path().join("outbox.db");
+    {
+        let e1 = builder(&dir2, &server).build().await.unwrap();
+        e1.enqueue(NewOp::create("device", "d2", json!({})).with_txn_token("t-restart"))
+            .await
+            .unwrap();
+        drain(&e1).await;
+    }
+    let (outbox, _) = Outbox::open(&path, OutboxOptions::default()).await.unwrap();
+    assert_eq!(
+        outbox.txn_outcome("t-restart").await.unwrap(),
+        Some(TxnOutcome::Succeeded)
+    );
+    assert_eq!(outbox.txn_outcome("never-seen").await.unwrap(), None);
+}
