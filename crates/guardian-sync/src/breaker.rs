@@ -21,6 +21,26 @@
 //! State changes are queued as [`BreakerTransition`]s; the engine drains them
 //! with [`CircuitBreaker::take_transitions`] and turns them into events and
 //! metrics.
+//!
+//! ```
+//! use std::time::Duration;
+//! use guardian_sync::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
+//!
+//! let mut breaker = CircuitBreaker::new(BreakerConfig {
+//!     failure_threshold: 2,
+//!     ..BreakerConfig::default()
+//! })
+//! .unwrap();
+//! let s = Duration::from_secs;
+//! breaker.record_failure(s(0), None);
+//! breaker.record_failure(s(1), None);
+//! assert_eq!(breaker.state(), BreakerState::Open { until: s(61) });
+//! assert_eq!(breaker.allow_request(s(31)), Admission::Rejected { retry_in: s(30) });
+//! assert_eq!(breaker.allow_request(s(61)), Admission::Trial);
+//! breaker.record_success(s(62));
+//! assert_eq!(breaker.state(), BreakerState::Closed);
+//! assert_eq!(breaker.take_transitions().len(), 3);
+//! ```
 
 use std::collections::VecDeque;
 use std::time::Duration;

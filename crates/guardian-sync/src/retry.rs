@@ -9,6 +9,24 @@
 //! Full jitter (a delay drawn uniformly from `[0, min(cap, base * factor^n)]`)
 //! spreads the retries of many clients after a shared outage instead of
 //! having them return in lockstep.
+//!
+//! ```
+//! use std::time::Duration;
+//! use guardian_sync::retry::{parse_retry_after, RetryDecision, RetryPolicy};
+//!
+//! let policy = RetryPolicy::default();
+//! let now = 1_700_000_000_000; // Unix ms
+//! let retry_after = parse_retry_after("120", now);
+//! // After the first attempt failed with `Retry-After: 120`:
+//! let decision = policy.schedule(1, retry_after, now, &mut rand::rng());
+//! assert_eq!(decision, RetryDecision::RetryAt(now + 120_000));
+//! // Without it, a jittered delay of at most `base` (500 ms):
+//! let RetryDecision::RetryAt(at) = policy.schedule(1, None, now, &mut rand::rng()) else {
+//!     unreachable!()
+//! };
+//! assert!(at - now <= 500);
+//! assert_eq!(policy.ceiling(3), Duration::from_secs(4));
+//! ```
 
 use std::time::{Duration, UNIX_EPOCH};
 

@@ -6,6 +6,21 @@
 //!
 //! All of it is sans-IO: the engine fetches the server's entity, asks the
 //! [`Reconciler`], and performs the [`Resolution`].
+//!
+//! ```
+//! use guardian_sync::reconcile::{merge3, ConflictPolicy};
+//! use serde_json::json;
+//!
+//! let base = json!({"on": false, "name": "lamp", "room": "hall"});
+//! let local = json!({"on": true, "name": "desk lamp", "room": "hall"});
+//! let remote = json!({"on": false, "name": "reading lamp"});
+//! let out = merge3(Some(&base), &local, &remote, &ConflictPolicy::LocalWins);
+//! // "on" changed only locally, "room" was deleted only remotely: clean.
+//! // "name" changed on both sides: the policy picks the local value.
+//! assert_eq!(out.merged, json!({"on": true, "name": "desk lamp"}));
+//! assert_eq!(out.conflicts.len(), 1);
+//! assert_eq!(out.conflicts[0].path, "/name");
+//! ```
 
 pub mod decide;
 pub mod merge;
