@@ -14,5 +14,6 @@ mod faults;
 mod idempotency;
 mod limits;
 mod ops;
+mod persistence;
 mod property;
 mod realtime;
