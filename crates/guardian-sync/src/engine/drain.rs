@@ -151,8 +151,7 @@ impl Inner {
                 self.publish_breaker();
                 self.metrics.record_latency(latency);
                 let current = match problem.current {
-                    Some(e) if !e.deleted => Fetched::Present(e),
-                    Some(_) => Fetched::Deleted,
+                    Some(e) => Fetched::Present(e),
                     None => match self.transport.fetch(&op.entity_type, &op.entity_id).await {
                         Ok(f) => f,
                         Err(failure) => {
@@ -294,9 +293,23 @@ impl Inner {
         current: Fetched,
         report: &mut DrainReport,
     ) -> Result<(), EngineError> {
+        // A tombstone (deleted flag, or a 410 without a body) is not the same
+        // as "absent": a CREATE or UPDATE against it must not loop.
+        let tombstone;
         let entity = match &current {
             Fetched::Present(e) => Some(e),
-            Fetched::Absent | Fetched::Deleted => None,
+            Fetched::Absent => None,
+            Fetched::Deleted => {
+                tombstone = Entity {
+                    entity_type: op.entity_type.clone(),
+                    id: op.entity_id.clone(),
+                    version: 0,
+                    data: Value::Null,
+                    updated_at: String::new(),
+                    deleted: true,
+                };
+                Some(&tombstone)
+            }
         };
         let resolution = self.reconciler.decide(&ConflictInput {
             kind: op.kind.mutation(),

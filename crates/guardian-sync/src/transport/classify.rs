@@ -57,13 +57,6 @@ pub fn classify_mutation(
             })),
         },
         401 => Outcome::AuthRequired,
-        408 | 425 | 429 | 500 | 502 | 503 | 504 => Outcome::Retryable {
-            reason: RetryReason::Server,
-            status: Some(status),
-            retry_after: retry_after.map(str::to_owned),
-            detail: format!("server answered {status}"),
-            counts_for_breaker: true,
-        },
         300..=399 => protocol_error(Some(status), format!("unexpected redirect {status}")),
         400..=499 => {
             let problem = parse_problem(body);
@@ -83,7 +76,8 @@ pub fn classify_mutation(
                 detail,
             }
         }
-        500..=599 => Outcome::Retryable {
+        // 408, 425 and 429 are the retryable 4xx; every 5xx is retryable.
+        408 | 425 | 429 | 500..=599 => Outcome::Retryable {
             reason: RetryReason::Server,
             status: Some(status),
             retry_after: retry_after.map(str::to_owned),
@@ -124,14 +118,9 @@ pub fn classify_fetch(
     body: &[u8],
 ) -> Result<Fetched, Outcome> {
     match status {
+        // A tombstone served with 200 stays Present: it carries the version.
         200 => serde_json::from_slice::<Entity>(body)
-            .map(|e| {
-                if e.deleted {
-                    Fetched::Deleted
-                } else {
-                    Fetched::Present(e)
-                }
-            })
+            .map(Fetched::Present)
             .map_err(|e| {
                 protocol_error(
                     Some(status),

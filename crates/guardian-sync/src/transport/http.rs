@@ -284,7 +284,7 @@ impl Transport for HttpTransport {
                                     let retry_after = res
                                         .body
                                         .get("retry_after")
-                                        .and_then(|v| v.as_u64())
+                                        .and_then(serde_json::Value::as_u64)
                                         .map(|s| s.to_string());
                                     classify_mutation(
                                         op.kind,

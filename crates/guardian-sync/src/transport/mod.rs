@@ -114,11 +114,11 @@ impl Outcome {
 /// What a fetch of the current server entity found (used by the reconciler).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fetched {
-    /// The entity exists.
+    /// The server returned the entity (possibly a tombstone: `deleted`).
     Present(Entity),
     /// No such entity (404).
     Absent,
-    /// The entity was deleted (410).
+    /// The entity was deleted and the server sent no tombstone (410).
     Deleted,
 }
 
