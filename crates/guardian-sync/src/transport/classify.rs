@@ -57,6 +57,14 @@ pub fn classify_mutation(
             })),
         },
         401 => Outcome::AuthRequired,
+        // 408, 425 and 429 are the retryable 4xx; every 5xx is retryable.
+        408 | 425 | 429 | 500..=599 => Outcome::Retryable {
+            reason: RetryReason::Server,
+            status: Some(status),
+            retry_after: retry_after.map(str::to_owned),
+            detail: format!("server answered {status}"),
+            counts_for_breaker: true,
+        },
         300..=399 => protocol_error(Some(status), format!("unexpected redirect {status}")),
         400..=499 => {
             let problem = parse_problem(body);
@@ -76,14 +84,6 @@ pub fn classify_mutation(
                 detail,
             }
         }
-        // 408, 425 and 429 are the retryable 4xx; every 5xx is retryable.
-        408 | 425 | 429 | 500..=599 => Outcome::Retryable {
-            reason: RetryReason::Server,
-            status: Some(status),
-            retry_after: retry_after.map(str::to_owned),
-            detail: format!("server answered {status}"),
-            counts_for_breaker: true,
-        },
         _ => protocol_error(Some(status), format!("unexpected status {status}")),
     }
 }
