@@ -1,0 +1,407 @@
+//! The follower task: WebSocket sessions, the polling fallback between them,
+//! and delivery through the dedupe.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use guardian_protocol::{Change, RealtimeFrame};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use reqwest::Url;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::dedupe::{Dedupe, Verdict};
+use super::poll::{self, FetchError};
+use super::reconnect::{Phase, Reconnect};
+use super::ws::{self, ConnectError, Limits, Socket};
+use super::{ConnectionState, RealtimeConfig, RealtimeMessage, Resync, Validated};
+use crate::telemetry::Counter;
+
+/// The service was stopped (or the app dropped its stream): unwind.
+#[derive(Debug)]
+pub(super) struct Stopped;
+
+/// How a WebSocket attempt or session ended.
+#[derive(Debug)]
+enum SessionEnd {
+    /// Lost or never established; reconnect later.
+    Lost(String),
+    /// The cursor is not servable: resync.
+    Expired(String),
+}
+
+/// A resync waiting for the next `hello`.
+#[derive(Debug)]
+struct PendingResync {
+    stale: Option<u64>,
+    reason: String,
+}
+
+/// Everything the driver is built from.
+pub(super) struct Parts {
+    pub(super) config: RealtimeConfig,
+    pub(super) validated: Validated,
+    pub(super) http: reqwest::Client,
+    pub(super) tx: mpsc::Sender<RealtimeMessage>,
+    pub(super) state: watch::Sender<ConnectionState>,
+    pub(super) delivered: watch::Sender<Option<u64>>,
+    pub(super) consumed: Arc<watch::Sender<Option<u64>>>,
+    pub(super) stop: watch::Receiver<bool>,
+    pub(super) start: Option<u64>,
+}
+
+pub(super) struct Driver {
+    cfg: RealtimeConfig,
+    base: Url,
+    realtime: Url,
+    http: reqwest::Client,
+    tx: mpsc::Sender<RealtimeMessage>,
+    state: watch::Sender<ConnectionState>,
+    delivered: watch::Sender<Option<u64>>,
+    consumed: Arc<watch::Sender<Option<u64>>>,
+    stop: watch::Receiver<bool>,
+    dedupe: Dedupe,
+    reconnect: Reconnect,
+    resync: Option<PendingResync>,
+    has_connected: bool,
+    next_poll: Instant,
+}
+
+impl Driver {
+    pub(super) fn new(p: Parts) -> Self {
+        let reconnect = Reconnect::new(
+            p.validated.policy,
+            p.config.max_reconnect_attempts,
+            p.config.probe_interval,
+        );
+        Self {
+            base: p.validated.base,
+            realtime: p.validated.realtime,
+            cfg: p.config,
+            http: p.http,
+            tx: p.tx,
+            state: p.state,
+            delivered: p.delivered,
+            consumed: p.consumed,
+            stop: p.stop,
+            dedupe: Dedupe::new(p.start),
+            reconnect,
+            resync: None,
+            has_connected: false,
+            next_poll: Instant::now(),
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let Err(Stopped) = self.follow().await;
+        self.set_state(ConnectionState::Stopped);
+    }
+
+    async fn follow(&mut self) -> Result<std::convert::Infallible, Stopped> {
+        let mut rng = StdRng::from_os_rng();
+        loop {
+            self.check_stop()?;
+            match self.websocket().await? {
+                SessionEnd::Lost(reason) => {
+                    tracing::debug!(%reason, "realtime WebSocket unavailable");
+                }
+                SessionEnd::Expired(reason) => self.begin_resync(reason),
+            }
+            if self.state() == ConnectionState::Connected
+                || self.state() == ConnectionState::Connecting
+            {
+                self.set_state(ConnectionState::Disconnected);
+            }
+            let (delay, phase) = self.reconnect.next_delay(&mut rng);
+            match phase {
+                Phase::Backoff(n) => {
+                    tracing::debug!(attempt = n + 1, ?delay, "realtime reconnect scheduled");
+                }
+                Phase::Probe => tracing::info!(
+                    ?delay,
+                    "realtime reconnect attempts spent; probing slowly (polling continues)"
+                ),
+            }
+            self.disconnected(delay).await?;
+        }
+    }
+
+    fn check_stop(&self) -> Result<(), Stopped> {
+        if *self.stop.borrow() {
+            Err(Stopped)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn state(&self) -> ConnectionState {
+        *self.state.borrow()
+    }
+
+    fn set_state(&self, new: ConnectionState) {
+        let changed = self.state.send_if_modified(|s| {
+            if *s == new {
+                false
+            } else {
+                *s = new;
+                true
+            }
+        });
+        if changed {
+            tracing::info!(state = %new, "realtime connection state");
+        }
+    }
+
+    fn begin_resync(&mut self, reason: String) {
+        if self.resync.is_none() {
+            tracing::warn!(%reason, cursor = ?self.dedupe.last(), "realtime cursor expired; resync");
+            self.resync = Some(PendingResync {
+                stale: self.dedupe.last(),
+                reason,
+            });
+        }
+    }
+
+    /// One WebSocket attempt and, if it opens, the session.
+    async fn websocket(&mut self) -> Result<SessionEnd, Stopped> {
+        let since = if self.resync.is_some() {
+            None
+        } else {
+            self.dedupe.last()
+        };
+        let url = ws::with_since(&self.realtime, since);
+        let limits = Limits {
+            max_frame: self.cfg.max_frame_size,
+            max_message: self.cfg.max_message_size,
+            timeout: self.cfg.connect_timeout,
+        };
+        let tokens = Arc::clone(&self.cfg.tokens);
+        let mut stop = self.stop.clone();
+        let attempt = async {
+            let token = tokens
+                .token()
+                .await
+                .map_err(|e| ConnectError::Failed(e.to_string()))?;
+            ws::connect(&url, &token, limits).await
+        };
+        let result = tokio::select! {
+            r = attempt => r,
+            () = stopped(&mut stop) => return Err(Stopped),
+        };
+        let socket = match result {
+            Ok(socket) => socket,
+            Err(ConnectError::Expired(reason)) => return Ok(SessionEnd::Expired(reason)),
+            Err(ConnectError::Unauthorized) => {
+                // The next attempt reads the refreshed token.
+                if let Err(e) = self.cfg.tokens.refresh().await {
+                    tracing::warn!(error = %e, "token refresh after a realtime 401 failed");
+                }
+                return Ok(SessionEnd::Lost("401 on upgrade".to_owned()));
+            }
+            Err(ConnectError::Failed(reason)) => return Ok(SessionEnd::Lost(reason)),
+        };
+        self.reconnect.connected();
+        if self.has_connected {
+            if let Some(m) = &self.cfg.metrics {
+                m.incr(Counter::RealtimeReconnects);
+            }
+        }
+        self.has_connected = true;
+        self.set_state(ConnectionState::Connected);
+        let end = self.session(socket).await;
+        // Catch up by polling at once: the socket may have died a while ago.
+        self.next_poll = Instant::now();
+        end
+    }
+
+    /// Reads frames until the connection ends; pings on our own schedule.
+    async fn session(&mut self, socket: Socket) -> Result<SessionEnd, Stopped> {
+        let (mut sink, mut stream) = socket.split();
+        let interval = self.cfg.ping_interval;
+        let deadline = self.cfg.pong_deadline;
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Set while a ping is unanswered: the connection is dead at this instant.
+        let mut dead_at: Option<Instant> = None;
+        let mut stop = self.stop.clone();
+        loop {
+            let silent_until = dead_at;
+            tokio::select! {
+                biased;
+                () = stopped(&mut stop) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+                    return Err(Stopped);
+                }
+                frame = stream.next() => {
+                    // Any frame proves the peer alive, not only a pong.
+                    dead_at = None;
+                    match frame {
+                        None => return Ok(SessionEnd::Lost("closed".to_owned())),
+                        Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
+                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await?,
+                        Some(Ok(Message::Close(frame))) => {
+                            let reason = frame.as_ref().map_or_else(String::new, |f| f.reason.to_string());
+                            if frame.is_some_and(|f| f.code == CloseCode::Policy) {
+                                return Ok(SessionEnd::Expired(reason));
+                            }
+                            return Ok(SessionEnd::Lost(format!("closed by the server: {reason}")));
+                        }
+                        Some(Ok(Message::Binary(b))) => {
+                            tracing::warn!(len = b.len(), "skipping an unexpected binary realtime frame");
+                        }
+                        // Pings are answered by tungstenite; pongs only prove life.
+                        Some(Ok(_)) => {}
+                    }
+                }
+                _ = ping.tick() => {
+                    if dead_at.is_none() {
+                        let sent = tokio::time::timeout(deadline, sink.send(Message::Ping(bytes::Bytes::from_static(b"gs")))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            return Ok(SessionEnd::Lost("could not send a ping".to_owned()));
+                        }
+                        dead_at = Some(Instant::now() + deadline);
+                    }
+                }
+                () = sleep_until(silent_until.unwrap_or_else(Instant::now)), if silent_until.is_some() => {
+                    tracing::info!(?deadline, "realtime peer silent past the pong deadline; dropping it");
+                    return Ok(SessionEnd::Lost("pong deadline passed".to_owned()));
+                }
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), Stopped> {
+        let frame = match serde_json::from_str::<RealtimeFrame>(text) {
+            Ok(f) => f,
+            Err(e) => {
+                // Never log the payload itself (it holds app data).
+                tracing::warn!(error = %e, len = text.len(), "skipping a malformed realtime frame");
+                return Ok(());
+            }
+        };
+        match frame {
+            RealtimeFrame::Hello { cursor } => {
+                if let Some(r) = self.resync.take() {
+                    self.dedupe.reset(cursor);
+                    let resync = Resync {
+                        stale_cursor: r.stale,
+                        resume_cursor: cursor,
+                        reason: r.reason,
+                    };
+                    self.send(RealtimeMessage::Resync(resync)).await?;
+                } else if self.dedupe.last().is_none() {
+                    // First contact without a cursor: start from the server's latest.
+                    self.dedupe.reset(cursor);
+                    self.delivered.send_replace(Some(cursor));
+                    self.consumed.send_replace(Some(cursor));
+                }
+                Ok(())
+            }
+            RealtimeFrame::Change { change } => self.deliver(change).await,
+        }
+    }
+
+    async fn deliver(&mut self, change: Change) -> Result<(), Stopped> {
+        match self.dedupe.accept(change.cursor) {
+            Verdict::Duplicate => {
+                tracing::trace!(
+                    cursor = change.cursor,
+                    "dropping an already delivered change"
+                );
+                return Ok(());
+            }
+            Verdict::DeliverAfterGap { expected } => tracing::warn!(
+                expected,
+                got = change.cursor,
+                "gap in the change feed (the server should never skip cursors)"
+            ),
+            Verdict::Deliver => {}
+        }
+        self.send(RealtimeMessage::Change { change }).await?;
+        if let Some(m) = &self.cfg.metrics {
+            m.incr(Counter::MessagesReceived);
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, message: RealtimeMessage) -> Result<(), Stopped> {
+        let cursor = message.cursor();
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            biased;
+            sent = self.tx.send(message) => sent.map_err(|_| Stopped)?,
+            () = stopped(&mut stop) => return Err(Stopped),
+        }
+        self.delivered.send_replace(Some(cursor));
+        Ok(())
+    }
+
+    /// Between WebSocket attempts: polls the feed until `delay` has passed.
+    async fn disconnected(&mut self, delay: Duration) -> Result<(), Stopped> {
+        let reconnect_at = Instant::now() + delay;
+        let mut stop = self.stop.clone();
+        loop {
+            // Polling needs a cursor: none before the first hello, and none
+            // that the server accepts while a resync is pending.
+            let can_poll = self.resync.is_none() && self.dedupe.last().is_some();
+            if can_poll && self.next_poll < reconnect_at {
+                tokio::select! {
+                    () = sleep_until(self.next_poll) => {}
+                    () = stopped(&mut stop) => return Err(Stopped),
+                }
+                self.poll_feed().await?;
+                self.next_poll = Instant::now() + self.cfg.poll_interval;
+            } else {
+                tokio::select! {
+                    () = sleep_until(reconnect_at) => return Ok(()),
+                    () = stopped(&mut stop) => return Err(Stopped),
+                }
+            }
+        }
+    }
+
+    /// Polls until the feed has no more changes (page by page).
+    async fn poll_feed(&mut self) -> Result<(), Stopped> {
+        let tokens = Arc::clone(&self.cfg.tokens);
+        let mut stop = self.stop.clone();
+        while let Some(since) = self.dedupe.last() {
+            let url = poll::changes_url(&self.base, since, self.cfg.page_size);
+            let fetched = tokio::select! {
+                r = poll::fetch(&self.http, url, tokens.as_ref(), self.cfg.max_poll_body) => r,
+                () = stopped(&mut stop) => return Err(Stopped),
+            };
+            let page = match fetched {
+                Ok(page) => page,
+                Err(FetchError::Expired(reason)) => {
+                    self.begin_resync(reason);
+                    self.set_state(ConnectionState::Disconnected);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "realtime fallback poll failed");
+                    self.set_state(ConnectionState::Disconnected);
+                    return Ok(());
+                }
+            };
+            self.set_state(ConnectionState::Polling);
+            let full = page.changes.len() >= self.cfg.page_size;
+            for change in page.changes {
+                self.deliver(change).await?;
+            }
+            if !full || self.dedupe.last() == Some(since) {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves once the service is asked to stop (or its handle is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard returned by `wait_for` must not live across an await.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}

@@ -1,0 +1,125 @@
+//! One poll of `GET /v1/changes?since=&limit=` (the fallback path).
+
+use guardian_protocol::{problem_type, ChangesPage};
+use reqwest::{StatusCode, Url};
+
+use crate::transport::{TokenError, TokenProvider};
+
+/// Why a poll failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FetchError {
+    /// 410 `cursor-expired`: the app must resync.
+    #[error("cursor expired: {0}")]
+    Expired(String),
+    /// Still 401 after one token refresh.
+    #[error("the server refused the token (401)")]
+    Unauthorized,
+    /// The app supplied no token.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// Any other non-success status.
+    #[error("the feed answered HTTP {0}")]
+    Status(u16),
+    /// Connect, timeout, or a broken body.
+    #[error("feed request failed: {0}")]
+    Network(#[from] reqwest::Error),
+    /// The body exceeded the configured limit.
+    #[error("feed response larger than {0} bytes")]
+    TooLarge(usize),
+    /// The body is not a change page.
+    #[error("malformed feed response: {0}")]
+    Malformed(String),
+}
+
+/// `base/v1/changes?since=..&limit=..`.
+pub(super) fn changes_url(base: &Url, since: u64, limit: usize) -> Url {
+    let mut url = base.clone();
+    url.set_query(None);
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(["v1", "changes"]);
+    }
+    url.query_pairs_mut()
+        .append_pair("since", &since.to_string())
+        .append_pair("limit", &limit.to_string());
+    url
+}
+
+/// Fetches one page after `since`, refreshing the token once on a 401.
+pub(super) async fn fetch(
+    http: &reqwest::Client,
+    url: Url,
+    tokens: &dyn TokenProvider,
+    max_body: usize,
+) -> Result<ChangesPage, FetchError> {
+    let token = tokens.token().await?;
+    let mut resp = http.get(url.clone()).bearer_auth(&token).send().await?;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        tracing::debug!("feed poll got 401; refreshing the token once");
+        let fresh = tokens.refresh().await?;
+        resp = http.get(url).bearer_auth(&fresh).send().await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(FetchError::Unauthorized);
+        }
+    }
+    let status = resp.status();
+    let body = read_bounded(resp, max_body).await?;
+    if status == StatusCode::GONE {
+        return Err(FetchError::Expired(problem_detail(&body)));
+    }
+    if !status.is_success() {
+        return Err(FetchError::Status(status.as_u16()));
+    }
+    serde_json::from_slice(&body).map_err(|e| FetchError::Malformed(e.to_string()))
+}
+
+async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, FetchError> {
+    if resp
+        .content_length()
+        .is_some_and(|n| usize::try_from(n).map_or(true, |n| n > max))
+    {
+        return Err(FetchError::TooLarge(max));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len().saturating_add(chunk.len()) > max {
+            return Err(FetchError::TooLarge(max));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The `detail` of a problem body for logs and the `Resync` reason; the
+/// problem `type` is checked so an unrelated 410 is still reported.
+pub(super) fn problem_detail(body: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return "410 without a problem body".to_owned();
+    };
+    let detail = v
+        .get("detail")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or("cursor expired");
+    match v.get("type").and_then(serde_json::Value::as_str) {
+        Some(problem_type::CURSOR_EXPIRED) | None => detail.to_owned(),
+        Some(other) => format!("{other}: {detail}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_keeps_the_base_path() {
+        let base = Url::parse("http://h:1/api/").unwrap();
+        assert_eq!(
+            changes_url(&base, 5, 100).as_str(),
+            "http://h:1/api/v1/changes?since=5&limit=100"
+        );
+        let base = Url::parse("http://h:1").unwrap();
+        assert_eq!(
+            changes_url(&base, 0, 1).as_str(),
+            "http://h:1/v1/changes?since=0&limit=1"
+        );
+    }
+}
