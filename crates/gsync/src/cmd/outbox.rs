@@ -1,14 +1,377 @@
-//! Outbox inspection commands (in progress).
+//! Outbox commands: enqueue, status, ops, retry, discard, cancel, check.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use guardian_sync::clock::{Clock, SystemClock};
+use guardian_sync::op::{NewOp, OpState, PendingOp};
+use guardian_sync::outbox::{ListFilter, OpenReport, Outbox, OutboxOptions};
+use serde_json::Value;
+use uuid::Uuid;
 
 use crate::Global;
 
 /// Outbox commands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
-    /// Show counts by state.
+    /// Queue a change (creates the outbox file if needed).
+    Enqueue(EnqueueArgs),
+    /// Counts by state, oldest op age, next attempt time.
     Status,
+    /// List queued and failed ops (a table, or JSON with --json).
+    Ops(OpsArgs),
+    /// Put a failed op (or all of them) back in the queue.
+    Retry(RetryArgs),
+    /// Remove a failed op for good.
+    Discard {
+        /// The op id.
+        op_id: Uuid,
+    },
+    /// Remove a pending op that was never attempted.
+    Cancel {
+        /// The op id.
+        op_id: Uuid,
+    },
+    /// Run an integrity check; rebuild indexes if it finds problems.
+    Check,
 }
 
-pub(crate) fn run(_global: &Global, _command: Command) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+/// Kind of change to enqueue.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum Kind {
+    Create,
+    Update,
+    Delete,
+}
+
+/// Arguments of `enqueue`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct EnqueueArgs {
+    /// What to do.
+    kind: Kind,
+    /// Entity type, e.g. `device`.
+    entity_type: String,
+    /// Entity id.
+    id: String,
+    /// The entity's data, a JSON object (create and update only).
+    #[arg(value_name = "JSON")]
+    payload: Option<String>,
+    /// The state the change was made from (JSON), for conflict merges.
+    #[arg(long, value_name = "JSON")]
+    base: Option<String>,
+    /// The server version the change was made against (sent as If-Match).
+    #[arg(long, value_name = "N")]
+    base_version: Option<u64>,
+    /// Optimistic-update transaction token.
+    #[arg(long, value_name = "TOKEN")]
+    txn_token: Option<String>,
+    /// Store the op as it is, without coalescing it into queued ops.
+    #[arg(long)]
+    no_coalesce: bool,
+}
+
+/// State filter of `ops`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum StateArg {
+    Pending,
+    InFlight,
+    Failed,
+}
+
+impl From<StateArg> for OpState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Pending => OpState::Pending,
+            StateArg::InFlight => OpState::InFlight,
+            StateArg::Failed => OpState::Failed,
+        }
+    }
+}
+
+/// Arguments of `ops`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct OpsArgs {
+    /// Only ops in this state.
+    #[arg(long, value_enum)]
+    state: Option<StateArg>,
+    /// At most this many ops.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+    /// Only ops after this position (for paging).
+    #[arg(long, default_value_t = 0)]
+    after: i64,
+}
+
+/// Arguments of `retry`.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub(crate) struct RetryArgs {
+    /// The failed op to retry.
+    op_id: Option<Uuid>,
+    /// Retry every failed op.
+    #[arg(long)]
+    all_failed: bool,
+}
+
+/// Runs an outbox command.
+pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run_async(global, command))
+}
+
+async fn open(path: &Path, create: bool, coalesce: bool) -> anyhow::Result<Outbox> {
+    if !create && !path.exists() {
+        bail!(
+            "no outbox at {} (pass --outbox PATH or set GSYNC_OUTBOX)",
+            path.display()
+        );
+    }
+    let options = OutboxOptions::default().coalesce(coalesce);
+    let (outbox, report) = Outbox::open(path, options)
+        .await
+        .with_context(|| format!("cannot open outbox {}", path.display()))?;
+    warn_about(&report);
+    Ok(outbox)
+}
+
+fn warn_about(report: &OpenReport) {
+    if let Some(s) = &report.salvage {
+        eprintln!(
+            "gsync: warning: the outbox was damaged ({}); moved to {}, salvaged {} ops ({} unreadable{})",
+            s.reason,
+            s.moved_to.display(),
+            s.ops_saved,
+            s.ops_unreadable,
+            if s.ops_table_lost {
+                ", ops table lost"
+            } else {
+                ""
+            }
+        );
+    }
+    if report.upcast_failed > 0 {
+        eprintln!(
+            "gsync: warning: {} ops could not be upcast and were moved to failed",
+            report.upcast_failed
+        );
+    }
+}
+
+fn parse_json(what: &str, text: &str) -> anyhow::Result<Value> {
+    serde_json::from_str(text).with_context(|| format!("{what} is not valid JSON"))
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
+    let path = global.outbox.as_path();
+    match command {
+        Command::Enqueue(args) => enqueue(global, args).await,
+        Command::Status => {
+            let outbox = open(path, false, true).await?;
+            let stats = outbox.stats().await?;
+            if global.json {
+                return print_json(&stats);
+            }
+            let now = SystemClock::new().now_millis();
+            println!("outbox:       {}", path.display());
+            println!("pending:      {}", stats.pending);
+            println!("in flight:    {}", stats.in_flight);
+            println!("failed:       {}", stats.failed);
+            println!(
+                "oldest op:    {}",
+                stats
+                    .oldest_created_at
+                    .map_or_else(|| "-".into(), |t| format!("{} ago", age(now - t)))
+            );
+            println!(
+                "next attempt: {}",
+                stats.next_attempt_at.map_or_else(
+                    || "-".into(),
+                    |t| if t <= now {
+                        "now".into()
+                    } else {
+                        format!("in {}", age(t - now))
+                    }
+                )
+            );
+            Ok(())
+        }
+        Command::Ops(args) => {
+            let outbox = open(path, false, true).await?;
+            let ops = outbox
+                .list(ListFilter {
+                    state: args.state.map(OpState::from),
+                    limit: args.limit,
+                    after_seq: args.after,
+                })
+                .await?;
+            if global.json {
+                print_json(&ops)
+            } else {
+                print_table(&ops);
+                Ok(())
+            }
+        }
+        Command::Retry(args) => {
+            let outbox = open(path, false, true).await?;
+            let n = if args.all_failed {
+                outbox.retry_all_failed().await?
+            } else if let Some(id) = args.op_id {
+                outbox.retry_failed(id).await?;
+                1
+            } else {
+                bail!("give an op id or --all-failed");
+            };
+            report(global, "retried", &serde_json::json!({ "retried": n }))
+        }
+        Command::Discard { op_id } => {
+            let outbox = open(path, false, true).await?;
+            let op = outbox.discard(op_id).await?;
+            report(global, "discarded", &op)
+        }
+        Command::Cancel { op_id } => {
+            let outbox = open(path, false, true).await?;
+            let op = outbox.cancel(op_id).await?;
+            report(global, "cancelled", &op)
+        }
+        Command::Check => {
+            let outbox = open(path, false, true).await?;
+            let check = outbox.check().await?;
+            if global.json {
+                print_json(&check)?;
+            } else if check.ok && !check.reindexed {
+                println!("ok");
+            } else {
+                for p in &check.problems {
+                    println!("problem: {p}");
+                }
+                if check.reindexed {
+                    println!("indexes rebuilt");
+                }
+                println!("{}", if check.ok { "ok now" } else { "still damaged" });
+            }
+            if check.ok {
+                Ok(())
+            } else {
+                bail!(
+                    "integrity check failed: {}",
+                    check.remaining.first().map_or("", String::as_str)
+                )
+            }
+        }
+    }
+}
+
+fn report(global: &Global, verb: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    if global.json {
+        return print_json(value);
+    }
+    let v = serde_json::to_value(value)?;
+    match (v.get("op_id"), v.get("retried")) {
+        (Some(id), _) => println!("{verb} {}", id.as_str().unwrap_or_default()),
+        (_, Some(n)) => println!("{verb} {n} op(s)"),
+        _ => println!("{verb}"),
+    }
+    Ok(())
+}
+
+async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
+    let payload = match (&args.kind, &args.payload) {
+        (Kind::Delete, None) => Value::Null,
+        (Kind::Delete, Some(_)) => bail!("delete takes no JSON payload"),
+        (_, None) => bail!("create and update need a JSON object payload"),
+        (_, Some(text)) => parse_json("payload", text)?,
+    };
+    let mut op = match args.kind {
+        Kind::Create => NewOp::create(&args.entity_type, &args.id, payload),
+        Kind::Update => NewOp::update(&args.entity_type, &args.id, payload),
+        Kind::Delete => NewOp::delete(&args.entity_type, &args.id),
+    };
+    if let Some(b) = &args.base {
+        op.base = Some(parse_json("--base", b)?);
+    }
+    op.base_version = args.base_version;
+    op.txn_token = args.txn_token;
+    let outbox = open(&global.outbox, true, !args.no_coalesce).await?;
+    let done = outbox.enqueue(op).await?;
+    if global.json {
+        return print_json(&done);
+    }
+    match &done.coalesced {
+        None => println!("{}", done.op_id),
+        Some(c) => {
+            let how = serde_json::to_value(c)?;
+            println!(
+                "{} (coalesced: {})",
+                done.op_id,
+                how["how"].as_str().unwrap_or("yes")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn age(ms: i64) -> String {
+    let secs = u64::try_from(ms.max(0) / 1000).unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn cut(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_owned()
+    } else {
+        let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+fn print_table(ops: &[PendingOp]) {
+    if ops.is_empty() {
+        println!("(no ops)");
+        return;
+    }
+    let now = SystemClock::new().now_millis();
+    println!(
+        "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  ERROR",
+        "SEQ", "OP ID", "KIND", "ENTITY", "STATE", "TRY", "NEXT", "COAL", "RECON"
+    );
+    for op in ops {
+        let next = if op.next_attempt_at <= now {
+            "now".to_owned()
+        } else {
+            format!("+{}s", (op.next_attempt_at - now + 999) / 1000)
+        };
+        let line = format!(
+            "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {}",
+            op.seq,
+            op.op_id,
+            op.kind.as_str(),
+            cut(&format!("{}/{}", op.entity_type, op.entity_id), 28),
+            op.state.as_str(),
+            op.attempts,
+            next,
+            op.coalesced_count,
+            op.reconciliations,
+            cut(op.last_error.as_deref().unwrap_or(""), 60)
+        );
+        println!("{}", line.trim_end());
+        for h in &op.history {
+            println!(
+                "{:>6}  └ {} {} ago: {}",
+                "",
+                h.event,
+                age(now - h.at),
+                cut(&h.detail, 100)
+            );
+        }
+    }
 }
