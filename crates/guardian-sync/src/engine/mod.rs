@@ -12,7 +12,7 @@ mod events;
 mod run;
 
 pub use events::SyncEvent;
-pub use run::{DrainReport, RunReport};
+pub use run::{DrainReport, RunReport, RUNNER_STATUS_KEY};
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;

@@ -260,6 +260,30 @@ impl SyncEngine {
     }
 }
 
+/// Meta key under which a live runner publishes its status for `gsync status`.
+pub const RUNNER_STATUS_KEY: &str = "runner.status";
+
+impl Inner {
+    /// Publishes breaker state and telemetry for other processes
+    /// (`gsync status --metrics`). Informational, so not fenced; a failure
+    /// is logged, never fatal.
+    pub(super) async fn publish_status(&self) {
+        let status = serde_json::json!({
+            "owner": self.owner_id,
+            "breaker": self.breaker().state().name(),
+            "at": self.clock.now_millis(),
+            "metrics": self.metrics.summary(),
+        });
+        if let Err(e) = self
+            .outbox
+            .meta_set(RUNNER_STATUS_KEY, &status.to_string())
+            .await
+        {
+            tracing::debug!("cannot publish runner status: {e}");
+        }
+    }
+}
+
 /// Beats every interval; on loss flags the session and wakes the runner.
 async fn heartbeat(
     lock: Arc<AsyncMutex<ProcessingLock>>,
@@ -270,7 +294,7 @@ async fn heartbeat(
     loop {
         tokio::time::sleep(interval).await;
         match lock.lock().await.heartbeat().await {
-            Ok(()) => {}
+            Ok(()) => inner.publish_status().await,
             Err(crate::lock::LockError::Lost) => {
                 lost.store(true, Ordering::SeqCst);
                 inner.wake.notify_one();
