@@ -21,3 +21,10 @@ pub mod reconcile;
 pub mod retry;
 pub mod telemetry;
 pub mod transport;
+
+pub use error::Error;
+
+/// The README's examples, compiled and run as doc-tests.
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
