@@ -665,3 +665,56 @@ async fn optimistic_updates_commit_roll_back_and_survive_restarts() {
     );
     assert_eq!(outbox.txn_outcome("never-seen").await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn the_stall_watchdog_fires_when_nothing_progresses() {
+    // Every request fails with a Retry-After far beyond the stall time; the
+    // breaker never opens (threshold high), so the queue is stuck.
+    let server = server(Faults {
+        failure_rate: 1.0,
+        failure_statuses: vec![503],
+        retry_after: Some(RetryAfter {
+            seconds: 3600,
+            form: RetryAfterForm::Seconds,
+        }),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .breaker(BreakerConfig {
+            failure_threshold: 1000,
+            ..BreakerConfig::default()
+        })
+        .lock(
+            guardian_sync::lock::LockConfig::new(Duration::from_millis(50), Duration::from_secs(5))
+                .unwrap(),
+        )
+        .stall_after(Duration::from_millis(200))
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("device", "d1", json!({})))
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    let stalled = async {
+        loop {
+            if let Ok(SyncEvent::Stalled { pending, .. }) = events.recv().await {
+                return pending;
+            }
+        }
+    };
+    let pending = tokio::select! {
+        p = tokio::time::timeout(Duration::from_secs(20), stalled) => p.expect("no stall event"),
+        r = engine.run(std::future::pending()) => panic!("run ended: {r:?}"),
+    };
+    assert_eq!(pending, 1);
+    assert_eq!(
+        engine
+            .metrics()
+            .get(guardian_sync::telemetry::Counter::Stalls),
+        1
+    );
+}

@@ -215,7 +215,9 @@ impl SyncEngine {
                 () = shutdown.as_mut() => return Ok(()),
                 r = self.drain_ready(session) => r?,
             };
-            if drained != DrainReport::default() {
+            // Progress means an op left the queue or was reconciled; a retry
+            // is not progress (an endless retry loop is exactly a stall).
+            if drained.succeeded + drained.failed + drained.conflicts_resolved > 0 {
                 last_progress = inner.clock.monotonic();
                 stall_reported = false;
             }
