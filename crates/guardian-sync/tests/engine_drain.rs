@@ -718,3 +718,46 @@ async fn the_stall_watchdog_fires_when_nothing_progresses() {
         1
     );
 }
+
+#[tokio::test]
+async fn outcomes_settled_by_a_dead_process_are_published_after_restart() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    {
+        // A runner acks an op carrying a token, then dies before telling the app.
+        let (outbox, _) = Outbox::open(&path, OutboxOptions::default()).await.unwrap();
+        let e = outbox
+            .enqueue(NewOp::create("device", "d1", json!({})).with_txn_token("tok-1"))
+            .await
+            .unwrap();
+        let fence = outbox
+            .lock_acquire("dead-runner", None)
+            .await
+            .unwrap()
+            .unwrap();
+        outbox.claim_ready(&fence, 1, i64::MAX).await.unwrap();
+        outbox
+            .ack(&fence, e.op_id, Default::default())
+            .await
+            .unwrap();
+        outbox.close().await;
+    }
+    let engine = engine(&dir, &server).await;
+    let (tx, rx) = std::sync::mpsc::channel();
+    engine.optimistic().register(
+        "tok-1",
+        Registration::new(json!(null), || {}).on_success(move || tx.send(()).unwrap()),
+    );
+    let mut events = engine.events();
+    engine.drain_once().await.unwrap();
+    assert!(collect(&mut events).iter().any(
+        |e| matches!(e, SyncEvent::TxnSettled { token, succeeded: true, .. } if token == "tok-1")
+    ));
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // Delivered once: a second drain publishes nothing more.
+    engine.drain_once().await.unwrap();
+    assert!(!collect(&mut events)
+        .iter()
+        .any(|e| matches!(e, SyncEvent::TxnSettled { .. })));
+}
