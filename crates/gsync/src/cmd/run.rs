@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use guardian_sync::breaker::BreakerConfig;
 use guardian_sync::engine::{BatchConfig, EngineError, SyncEngine, SyncEvent};
 use guardian_sync::lock::LockConfig;
+use guardian_sync::retry::RetryPolicy;
 use guardian_sync::transport::StaticToken;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -40,6 +42,24 @@ pub(crate) struct Args {
     /// Print every engine event as a JSON line on stdout (for scripts and tests).
     #[arg(long)]
     events: bool,
+    /// Largest delay before the first retry (exponential backoff, full jitter).
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    retry_base: Duration,
+    /// Longest backoff delay.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    retry_cap: Duration,
+    /// Sends of one op (the first included) before it fails permanently.
+    #[arg(long, default_value_t = 20)]
+    max_attempts: u32,
+    /// Failures within the breaker window that open the circuit breaker.
+    #[arg(long, default_value_t = 10)]
+    breaker_threshold: u32,
+    /// Sliding window the breaker counts failures in.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    breaker_window: Duration,
+    /// How long an open breaker waits before a trial request.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    breaker_cooldown: Duration,
 }
 
 pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
@@ -54,6 +74,19 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
         .server(&args.server)
         .token_provider(Arc::new(StaticToken::new(args.token.clone())))
         .lock(lock)
+        .retry(RetryPolicy::new(
+            args.retry_base,
+            2.0,
+            args.retry_cap,
+            args.max_attempts,
+            RetryPolicy::default().max_retry_after(),
+        )?)
+        .breaker(BreakerConfig {
+            failure_threshold: args.breaker_threshold,
+            window: args.breaker_window,
+            cooldown: args.breaker_cooldown,
+            ..BreakerConfig::default()
+        })
         .concurrency(args.concurrency.max(1));
     if args.batch > 0 {
         builder = builder.batching(BatchConfig {
@@ -138,11 +171,58 @@ fn report_event(event: &SyncEvent, json: bool, bar: Option<&ProgressBar>) {
         }
         return;
     }
-    match (event, bar) {
-        (SyncEvent::OpSucceeded { .. } | SyncEvent::OpFailed { .. }, Some(bar)) => bar.inc(1),
-        (SyncEvent::Breaker { to, .. }, Some(bar)) => bar.set_message(format!("breaker {to}")),
-        // Routine progress is not worth a line when nobody watches a bar.
-        (_, Some(_)) | (SyncEvent::OpSucceeded { .. } | SyncEvent::OpRetried { .. }, None) => {}
-        (other, None) => eprintln!("{}", serde_json::to_string(other).unwrap_or_default()),
+    if let Some(bar) = bar {
+        match event {
+            SyncEvent::OpSucceeded { .. } | SyncEvent::OpFailed { .. } => bar.inc(1),
+            SyncEvent::Breaker { to, .. } => bar.set_message(format!("breaker {to}")),
+            SyncEvent::AuthRequired => bar.set_message("authentication required"),
+            _ => {}
+        }
+        return;
     }
+    // Not a terminal: one plain line per event (never payloads).
+    let line = match event {
+        SyncEvent::OpSucceeded {
+            op_id,
+            entity_type,
+            entity_id,
+            version,
+            replayed,
+        } => format!(
+            "ok      {op_id} {entity_type}/{entity_id} v{}{}",
+            version.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+            if *replayed { " (replayed)" } else { "" }
+        ),
+        SyncEvent::OpFailed {
+            op_id,
+            entity_type,
+            entity_id,
+            error,
+        } => format!("failed  {op_id} {entity_type}/{entity_id}: {error}"),
+        SyncEvent::OpRetried {
+            op_id,
+            attempts,
+            reason,
+            ..
+        } => format!("retry   {op_id} after attempt {attempts}: {reason}"),
+        SyncEvent::Conflict {
+            op_id, resolution, ..
+        } => format!("conflict {op_id}: {resolution}"),
+        SyncEvent::Breaker { from, to } => format!("breaker {from} -> {to}"),
+        SyncEvent::LockAcquired {
+            epoch,
+            took_over_from,
+        } => match took_over_from {
+            Some(prev) => format!("lock    acquired at epoch {epoch} (took over from {prev})"),
+            None => format!("lock    acquired at epoch {epoch}"),
+        },
+        SyncEvent::LockLost => "lock    lost to another runner".to_owned(),
+        SyncEvent::AuthRequired => "auth    required: ops stay pending".to_owned(),
+        SyncEvent::Stalled {
+            stalled_for_ms,
+            pending,
+        } => format!("stalled {pending} pending, no progress for {stalled_for_ms} ms"),
+        other => serde_json::to_string(other).unwrap_or_default(),
+    };
+    eprintln!("{line}");
 }
