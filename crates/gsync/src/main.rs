@@ -36,6 +36,8 @@ enum Command {
     Serve(Box<cmd::serve::Args>),
     /// Drain the outbox to a server (holds the processing lock while running).
     Run(cmd::run::Args),
+    /// Follow a server's change feed live (WebSocket, falling back to polling).
+    Watch(cmd::watch::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,7 @@ fn main() -> ExitCode {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
         Command::Serve(args) => cmd::serve::run(&cli.global, *args),
         Command::Run(args) => cmd::run::run(&cli.global, args),
+        Command::Watch(args) => cmd::watch::run(&cli.global, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,3 +3,4 @@
 pub(crate) mod outbox;
 pub(crate) mod run;
 pub(crate) mod serve;
+pub(crate) mod watch;

@@ -503,7 +503,7 @@ async fn save_loop(
                 match store.save(c).await {
                     Ok(()) => saved = latest,
                     Err(e) => {
-                        tracing::warn!(error = %e, cursor = c, "saving the realtime cursor failed")
+                        tracing::warn!(error = %e, cursor = c, "saving the realtime cursor failed");
                     }
                 }
             }
