@@ -38,6 +38,10 @@ enum Command {
     Run(cmd::run::Args),
     /// Follow a server's change feed live (WebSocket, falling back to polling).
     Watch(cmd::watch::Args),
+    /// Show the whole engine under chaos (server faults, an outage, a killed
+    /// runner) and check every op against a model; exit 0 only if no op was
+    /// lost, duplicated or reordered.
+    Demo(cmd::demo::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
         Command::Serve(args) => cmd::serve::run(&cli.global, *args),
         Command::Run(args) => cmd::run::run(&cli.global, args),
+        Command::Demo(args) => cmd::demo::run(&cli.global, args),
         Command::Watch(args) => cmd::watch::run(&cli.global, args),
     };
     match result {

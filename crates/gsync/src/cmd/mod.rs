@@ -1,5 +1,6 @@
 //! One module per group of subcommands.
 
+pub(crate) mod demo;
 pub(crate) mod outbox;
 pub(crate) mod run;
 pub(crate) mod serve;
