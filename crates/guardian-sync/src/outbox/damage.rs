@@ -143,6 +143,35 @@ pub(crate) fn header_damage(path: &Path) -> std::io::Result<Option<String>> {
     Ok(None)
 }
 
+/// If `path` is shorter than its header's page count (and has no WAL), a
+/// copy of it extended with zero pages to that size; unreadable pages then
+/// fail one by one instead of the whole file being refused.
+fn padded_copy(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::io::Read;
+    let mut header = [0u8; 100];
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    if file.read_exact(&mut header).is_err() || &header[..16] != b"SQLite format 3\0" {
+        return Ok(None);
+    }
+    let raw_page = u32::from(u16::from_be_bytes([header[16], header[17]]));
+    let page_size = u64::from(if raw_page == 1 { 65_536 } else { raw_page });
+    let pages = u64::from(u32::from_be_bytes([
+        header[28], header[29], header[30], header[31],
+    ]));
+    let expected = pages * page_size;
+    if pages == 0 || len >= expected || with_suffix(path, "-wal").exists() {
+        return Ok(None);
+    }
+    let copy = with_suffix(path, ".salvage");
+    std::fs::copy(path, &copy)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copy)?
+        .set_len(expected)?;
+    Ok(Some(copy))
+}
+
 /// `<path><suffix>` as a path.
 pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
@@ -215,7 +244,7 @@ fn op_row_valid(v: &[SqlValue]) -> bool {
 /// Copies every readable op row from `old` to `new`, skipping unreadable ones.
 fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     // Without a readable max, probe a bounded distance past the last good row.
-    const BLIND_PROBE: i64 = 1_000_000;
+    const BLIND_PROBE: i64 = 100_000;
     if let Err(e) = old.prepare("SELECT seq FROM ops LIMIT 0") {
         report.ops_table_lost = true;
         note(report, format!("ops table unreadable: {e}"));
@@ -225,11 +254,18 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     let select = format!("SELECT {cols} FROM ops WHERE seq >= ?1 ORDER BY seq");
     let placeholders = vec!["?"; OP_COPY_COLUMNS.len()].join(", ");
     let insert = format!("INSERT OR IGNORE INTO ops ({cols}) VALUES ({placeholders})");
+    // AUTOINCREMENT keeps the largest seq ever used in a tiny table that
+    // usually survives when the end of `ops` does not.
     let max_seq: Option<i64> = match old.query_row("SELECT max(seq) FROM ops", [], |r| r.get(0)) {
         Ok(v) => v,
         Err(e) => {
             note(report, format!("max(seq) unreadable: {e}"));
-            None
+            old.query_row(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'ops'",
+                [],
+                |r| r.get(0),
+            )
+            .ok()
         }
     };
     let mut next: i64 = 0;
@@ -287,7 +323,7 @@ fn scan_from(
         first_read: None,
         result: Ok(()),
     };
-    let mut stmt = match old.prepare(select) {
+    let mut stmt = match old.prepare_cached(select) {
         Ok(s) => s,
         Err(e) => {
             end.result = Err((from, e.to_string()));
@@ -406,7 +442,17 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         lock_saved: false,
         notes: Vec::new(),
     };
-    let old = match Connection::open_with_flags(aside, OpenFlags::SQLITE_OPEN_READ_WRITE) {
+    // SQLite refuses a file shorter than its header says: read from a copy
+    // padded with zero pages instead (the moved file stays as it was).
+    let padded = match padded_copy(aside) {
+        Ok(p) => p,
+        Err(e) => {
+            note(&mut report, format!("cannot pad the truncated file: {e}"));
+            None
+        }
+    };
+    let source = padded.as_deref().unwrap_or(aside);
+    let old = match Connection::open_with_flags(source, OpenFlags::SQLITE_OPEN_READ_WRITE) {
         Ok(c) => c,
         Err(e) => {
             report.ops_table_lost = true;
@@ -416,6 +462,12 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
     };
     copy_ops(&old, fresh, &mut report);
     copy_small(&old, fresh, &mut report);
+    drop(old);
+    if let Some(p) = padded {
+        for f in [with_suffix(&p, "-wal"), with_suffix(&p, "-shm"), p] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
     if report.ops_saved > 0 {
         // Heads and in-flight state are rebuilt from scratch below.
         let fix = fresh.execute_batch(
