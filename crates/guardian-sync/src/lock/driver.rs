@@ -40,6 +40,21 @@ pub enum Acquired {
     },
 }
 
+/// What [`ProcessingLock::try_os_lock`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OsLock {
+    /// We hold the OS lock file.
+    Ours,
+    /// Another live process holds it.
+    Busy,
+    /// It cannot be used here (no file, no locks on this file system).
+    Unavailable,
+}
+
+/// How often to look again while the row is free but another process holds
+/// the OS lock (it is taking the row right now, or has just released it).
+const FREE_BUT_BUSY_RETRY: Duration = Duration::from_millis(20);
+
 /// One runner's handle on an outbox's processing lock.
 #[derive(Debug)]
 pub struct ProcessingLock {
@@ -51,6 +66,9 @@ pub struct ProcessingLock {
     os_lock: Option<File>,
     observer: StalenessObserver,
     fence: Option<Fence>,
+    /// (epoch, heartbeat) of a free row seen while another process held the
+    /// OS lock, and when it was first seen (monotonic).
+    free_but_busy: Option<(u64, u64, Duration)>,
 }
 
 impl ProcessingLock {
@@ -72,6 +90,7 @@ impl ProcessingLock {
             os_lock_path: PathBuf::from(os_lock_path),
             os_lock: None,
             fence: None,
+            free_but_busy: None,
         }
     }
 
@@ -93,9 +112,9 @@ impl ProcessingLock {
     /// Tries the OS lock file; true when we hold it. An error other than
     /// "held elsewhere" (e.g. a file system without locks) counts as not held,
     /// which leaves the heartbeat threshold as the only judge.
-    fn try_os_lock(&mut self) -> bool {
+    fn try_os_lock(&mut self) -> OsLock {
         if self.os_lock.is_some() {
-            return true;
+            return OsLock::Ours;
         }
         let file = match OpenOptions::new()
             .read(true)
@@ -108,21 +127,21 @@ impl ProcessingLock {
             Ok(f) => f,
             Err(e) => {
                 tracing::debug!("cannot open {}: {e}", self.os_lock_path.display());
-                return false;
+                return OsLock::Unavailable;
             }
         };
         match file.try_lock() {
             Ok(()) => {
                 self.os_lock = Some(file);
-                true
+                OsLock::Ours
             }
-            Err(TryLockError::WouldBlock) => false,
+            Err(TryLockError::WouldBlock) => OsLock::Busy,
             Err(TryLockError::Error(e)) => {
                 tracing::debug!(
                     "OS lock unsupported on {}: {e}",
                     self.os_lock_path.display()
                 );
-                false
+                OsLock::Unavailable
             }
         }
     }
@@ -132,7 +151,7 @@ impl ProcessingLock {
     /// Taking it increments the epoch, so the previous holder's writes are
     /// refused from now on.
     pub async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
-        let os_locked = self.try_os_lock();
+        let os = self.try_os_lock();
         let row = self.outbox.lock_read().await?;
         let view = LockView {
             owner: row
@@ -143,9 +162,31 @@ impl ProcessingLock {
             heartbeat: row.as_ref().map_or(0, |r| r.heartbeat),
         };
         let previous = view.owner.map(str::to_owned);
+        let now = self.clock.monotonic();
         let judgement = self
             .observer
-            .judge(&self.owner, view, os_locked, self.clock.monotonic());
+            .judge(&self.owner, view, os == OsLock::Ours, now);
+        if let (Judgement::Free { epoch, heartbeat }, OsLock::Busy) = (&judgement, os) {
+            // Another live process holds the OS lock: it is about to take
+            // the row (or has just released it). Taking the row now would
+            // make us a holder without the OS lock, whom the next contender
+            // to get that lock would judge dead and take over from. Wait for
+            // it, but no longer than for a stale holder (it may be hung).
+            let since = match self.free_but_busy {
+                Some((e, h, at)) if e == *epoch && h == *heartbeat => at,
+                _ => {
+                    self.free_but_busy = Some((*epoch, *heartbeat, now));
+                    now
+                }
+            };
+            let still = now.saturating_sub(since);
+            if still < self.config.stale_after {
+                return Ok(Acquired::No {
+                    retry_in: (self.config.stale_after - still).min(FREE_BUT_BUSY_RETRY),
+                });
+            }
+        }
+        self.free_but_busy = None;
         let (epoch, heartbeat, took_over) = match judgement {
             Judgement::Free { epoch, heartbeat } | Judgement::Ours { epoch, heartbeat } => {
                 (epoch, heartbeat, None)
@@ -193,7 +234,7 @@ impl ProcessingLock {
         };
         // After a stale takeover the hung holder may still have the OS lock;
         // pick it up as soon as it is free so fast takeover works against us.
-        self.try_os_lock();
+        let _ = self.try_os_lock();
         match self.outbox.lock_heartbeat(&fence).await {
             Ok(()) => Ok(()),
             Err(OutboxError::LockLost) => {
