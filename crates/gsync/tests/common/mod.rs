@@ -99,6 +99,8 @@ pub struct RunnerOpts {
     /// Command and arguments to run `gsync` under (e.g. `faketime -f +2h`).
     pub wrapper: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// More `gsync run` arguments.
+    pub extra: Vec<String>,
 }
 
 impl Default for RunnerOpts {
@@ -111,11 +113,19 @@ impl Default for RunnerOpts {
             batch: 0,
             wrapper: Vec::new(),
             env: Vec::new(),
+            extra: Vec::new(),
         }
     }
 }
 
 impl RunnerOpts {
+    /// Adds `gsync run` arguments.
+    #[must_use]
+    pub fn args<S: Into<String>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.extra.extend(args.into_iter().map(Into::into));
+        self
+    }
+
     pub fn stale(heartbeat: &str, stale_after: &str) -> Self {
         Self {
             heartbeat: heartbeat.into(),
@@ -169,6 +179,7 @@ impl Runner {
         if opts.once {
             cmd.arg("--once");
         }
+        cmd.args(&opts.extra);
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -421,6 +432,15 @@ pub async fn wait_applied(
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A plain counter of the server's Prometheus text (0 when absent).
+pub fn metric(server: &RunningServer, name: &str) -> u64 {
+    server
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// One op the workload enqueued, and what it must do on the server.
