@@ -162,3 +162,59 @@ fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::OutboxError;
+
+    fn writer() -> (tempfile::TempDir, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        conn.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
+        let ctx = Ctx {
+            clock: crate::clock::SystemClock::shared(),
+            max_payload_bytes: 0,
+            coalesce: false,
+        };
+        (dir, Writer::spawn(conn, ctx).unwrap())
+    }
+
+    /// Jobs committed together are isolated: a refused job leaves no trace,
+    /// its neighbours in the same group commit are kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_job_is_rolled_back_alone() {
+        let (_dir, w) = writer();
+        let w = std::sync::Arc::new(w);
+        let mut tasks = Vec::new();
+        for i in 0..64i64 {
+            let w = w.clone();
+            tasks.push(tokio::spawn(async move {
+                w.call(move |conn, _| {
+                    conn.execute("INSERT INTO t (v) VALUES (?1)", [i])?;
+                    if i % 2 == 1 {
+                        return Err(OutboxError::LockLost);
+                    }
+                    Ok(i)
+                })
+                .await
+            }));
+        }
+        for (i, t) in tasks.into_iter().enumerate() {
+            let r = t.await.unwrap();
+            assert_eq!(r.is_ok(), i % 2 == 0);
+        }
+        let rows: Vec<i64> = w
+            .call(|conn, _| {
+                let mut stmt = conn.prepare("SELECT v FROM t ORDER BY v")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                Ok::<_, OutboxError>(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, (0..64).step_by(2).collect::<Vec<_>>());
+        w.close().await;
+        let after = w.call(|_, _| Ok::<_, OutboxError>(())).await;
+        assert_eq!(after.unwrap_err(), OutboxError::Closed);
+    }
+}
