@@ -149,13 +149,11 @@ async fn wall_clock_jumps_cause_no_false_takeover() {
     check_invariants(&server, &work).await;
 }
 
-/// KNOWN BUG (found by this test, reported to the outbox/engine owners):
-/// `next_attempt_at` is wall-clock time and `claim_ready` compares it with
-/// the wall clock only, so ops scheduled before the wall clock steps back by
-/// two hours stay "not due" for two hours, and block their entities' queues.
-/// Run with `cargo test -p gsync --test chaos_clock -- --ignored`.
+/// Found by this test and fixed: `next_attempt_at` is wall-clock time, so a
+/// step back of the wall clock used to strand retried ops for the size of
+/// the step. The runner now detects steps (wall minus monotonic drift) and
+/// re-bases the stored schedule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a backward wall-clock step strands ops in backoff (see docs/design/testing.md)"]
 async fn backward_wall_clock_step_does_not_strand_retried_ops() {
     let server = server(Faults {
         latency_ms: 40,

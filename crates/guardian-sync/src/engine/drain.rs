@@ -43,6 +43,7 @@ impl Inner {
             Admission::Trial => 1,
             Admission::Allowed => self.batch.map_or(self.concurrency, |b| b.max_ops.max(1)),
         };
+        self.rebase_after_clock_step(fence).await?;
         let ops = self
             .outbox
             .claim_ready(fence, limit, self.clock.now_millis())
@@ -74,6 +75,31 @@ impl Inner {
         }
         self.deliver_outcomes().await?;
         Ok(Step::Progressed(total))
+    }
+
+    /// Keeps stored backoffs their length across wall-clock steps.
+    async fn rebase_after_clock_step(&self, fence: &Fence) -> Result<(), EngineError> {
+        let step = self
+            .clock_watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .observe(self.clock.now_millis(), self.clock.monotonic());
+        if let Some(step) = step {
+            // Ops not yet due in the old timeline move by the step. After a
+            // step back, ops that were already due would look due far in the
+            // future: they move too (anything due after the new "now").
+            let after = step.old_now.saturating_add(step.delta_ms.min(0));
+            let moved = self
+                .outbox
+                .rebase_schedule(fence, after, step.delta_ms)
+                .await?;
+            tracing::warn!(
+                delta_ms = step.delta_ms,
+                moved,
+                "wall clock stepped; re-based the schedule of pending ops"
+            );
+        }
+        Ok(())
     }
 
     fn request(op: &PendingOp) -> OpRequest {

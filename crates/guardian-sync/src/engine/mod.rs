@@ -7,6 +7,7 @@
 //! and records each outcome: ack (with version chaining), reconciled retry,
 //! backoff, or permanent failure.
 
+mod clock_watch;
 mod drain;
 mod events;
 mod run;
@@ -322,6 +323,7 @@ impl SyncEngineBuilder {
                 wake: Notify::new(),
                 auth_paused: AtomicBool::new(false),
                 stall_after: self.stall_after,
+                clock_watch: Mutex::new(clock_watch::ClockWatch::new(Duration::from_secs(2))),
                 owner_id: self
                     .owner_id
                     .unwrap_or_else(|| format!("runner-{}", uuid::Uuid::now_v7())),
@@ -355,6 +357,8 @@ struct Inner {
     auth_paused: AtomicBool,
     stall_after: Duration,
     owner_id: String,
+    /// Detects wall-clock steps, to re-base stored backoffs.
+    clock_watch: Mutex<clock_watch::ClockWatch>,
 }
 
 impl Inner {

@@ -453,6 +453,22 @@ impl Outbox {
             .await
     }
 
+    /// After a wall-clock step of `delta_ms` detected by the runner, moves
+    /// every pending op due after `after_ms` (old timeline) by the step, so
+    /// stored backoffs keep their length. Fenced. Returns how many moved.
+    pub async fn rebase_schedule(
+        &self,
+        fence: &Fence,
+        after_ms: i64,
+        delta_ms: i64,
+    ) -> Result<u64, OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, _ctx| runner::rebase_schedule(conn, &fence, after_ms, delta_ms))
+            .await
+    }
+
     /// A retryable failure: back to pending, due at `next_attempt_at` (Unix ms).
     pub async fn retry_later(
         &self,

@@ -116,6 +116,29 @@ pub(crate) fn retry_later(
     Ok(())
 }
 
+/// Re-bases the schedule after the wall clock stepped by `delta_ms`: every
+/// pending op due after `after_ms` (a time in the old timeline) moves by the
+/// step, so a backoff keeps its length instead of shrinking (step forward)
+/// or growing by the step (step back). Returns how many ops moved.
+///
+/// A scan of the pending ops: clock steps are rare, and correctness of every
+/// backoff matters more than the cost of this one statement.
+pub(crate) fn rebase_schedule(
+    conn: &Connection,
+    fence: &Fence,
+    after_ms: i64,
+    delta_ms: i64,
+) -> Result<u64, OutboxError> {
+    lock_row::check(conn, fence)?;
+    let moved = conn
+        .prepare_cached(
+            "UPDATE ops SET next_attempt_at = next_attempt_at + ?1 \
+             WHERE state = 'pending' AND next_attempt_at > ?2",
+        )?
+        .execute(params![delta_ms, after_ms])?;
+    Ok(u64::try_from(moved).unwrap_or(0))
+}
+
 /// A permanent failure: the op moves to the dead-letter list (kept), its
 /// tokens fail, and the entity's next op no longer waits for it.
 pub(crate) fn fail(
