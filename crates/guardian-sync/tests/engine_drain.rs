@@ -761,3 +761,36 @@ async fn outcomes_settled_by_a_dead_process_are_published_after_restart() {
         .iter()
         .any(|e| matches!(e, SyncEvent::TxnSettled { .. })));
 }
+
+#[tokio::test]
+async fn a_wall_clock_step_back_keeps_backoffs_their_length() {
+    let server = server(Faults {
+        fail_next: 1,
+        failure_statuses: vec![503],
+        retry_after: Some(RetryAfter {
+            seconds: 1,
+            form: RetryAfterForm::Seconds,
+        }),
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = guardian_sync::clock::ManualClock::new(1_795_000_000_000);
+    let engine = builder(&dir, &server)
+        .clock(clock.clone())
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("device", "d1", json!({})))
+        .await
+        .unwrap();
+    let first = engine.drain_once().await.unwrap();
+    assert_eq!(first.retried, 1);
+    // The wall clock steps back two hours; 1.5 s of real (monotonic) time pass.
+    clock.jump_wall(-7_200_000);
+    clock.advance(Duration::from_millis(1_500));
+    let second = engine.drain_once().await.unwrap();
+    assert_eq!(second.succeeded, 1, "the op was stranded by the clock step");
+    assert_eq!(server.applied_log().await.unwrap().len(), 1);
+}
