@@ -458,6 +458,7 @@ async fn a_polled_410_waits_for_the_websocket_and_resyncs() {
     let mut cfg = config(&server.url());
     cfg.realtime_url = Some(proxy.url());
     let service = RealtimeService::start(cfg).await.unwrap();
+    let states = record_states(&service);
     let mut messages = service.messages().unwrap();
     // The poll gets 410; without a WebSocket nothing can be delivered.
     wait_state(&service, ConnectionState::Disconnected).await;
@@ -468,6 +469,9 @@ async fn a_polled_410_waits_for_the_websocket_and_resyncs() {
     }
     writer.create([4]).await;
     assert_eq!(next_change(&mut messages).await.cursor, 4);
+    // A 410 poll never counts as a working fallback.
+    let states = states.lock().unwrap().clone();
+    assert!(!states.contains(&ConnectionState::Polling), "{states:?}");
     service.shutdown().await;
 }
 

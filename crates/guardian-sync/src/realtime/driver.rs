@@ -381,6 +381,12 @@ impl Driver {
                     self.set_state(ConnectionState::Disconnected);
                     return Ok(());
                 }
+                Err(e @ (FetchError::Unauthorized | FetchError::Token(_))) => {
+                    // Not a network blip: the app's token is refused.
+                    tracing::warn!(error = %e, "realtime fallback poll refused");
+                    self.set_state(ConnectionState::Disconnected);
+                    return Ok(());
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "realtime fallback poll failed");
                     self.set_state(ConnectionState::Disconnected);

@@ -548,3 +548,40 @@ impl Stream for RealtimeMessages {
         polled
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::StaticToken;
+
+    fn cfg(base: &str) -> RealtimeConfig {
+        RealtimeConfig::new(base, Arc::new(StaticToken::new("t")))
+    }
+
+    #[test]
+    fn websocket_url_is_derived_from_the_base() {
+        let v = cfg("http://h:8080").validate().unwrap();
+        assert_eq!(v.realtime.as_str(), "ws://h:8080/v1/realtime");
+        let v = cfg("https://api.example.com/sync/").validate().unwrap();
+        assert_eq!(
+            v.realtime.as_str(),
+            "wss://api.example.com/sync/v1/realtime"
+        );
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let mut c = cfg("http://h");
+        c.page_size = 0;
+        assert_eq!(c.validate().unwrap_err(), ConfigError::PageSize(0));
+        let mut c = cfg("http://h");
+        c.poll_interval = Duration::ZERO;
+        assert_eq!(
+            c.validate().unwrap_err(),
+            ConfigError::ZeroDuration("poll_interval")
+        );
+        let mut c = cfg("http://h");
+        c.realtime_url = Some("http://h/v1/realtime".into());
+        assert!(matches!(c.validate().unwrap_err(), ConfigError::Url(_)));
+    }
+}
