@@ -574,3 +574,76 @@ async fn bad_configs_are_refused() {
     c.pong_deadline = Duration::ZERO;
     assert!(RealtimeService::start(c).await.is_err());
 }
+
+/// First connection: `hello` then a text frame above the client's frame
+/// limit. Later connections: `hello` and a valid change.
+async fn oversized_then_good_ws_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        let mut first = true;
+        while let Ok((stream, _)) = listener.accept().await {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                continue;
+            };
+            ws.send(Message::text(
+                json!({"type": "hello", "cursor": 0}).to_string(),
+            ))
+            .await
+            .unwrap();
+            let text = if first {
+                first = false;
+                "x".repeat(200 * 1024)
+            } else {
+                serde_json::to_string(&RealtimeFrame::Change {
+                    change: Change {
+                        cursor: 1,
+                        op: guardian_protocol::MutationKind::Create,
+                        entity_type: "note".into(),
+                        id: "n1".into(),
+                        version: 1,
+                        data: json!({}),
+                    },
+                })
+                .unwrap()
+            };
+            let _ = ws.send(Message::text(text)).await;
+            held.push(tokio::spawn(
+                async move { while ws.next().await.is_some() {} },
+            ));
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_oversized_frame_drops_the_connection_and_the_service_reconnects() {
+    let server = server().await;
+    let fake = oversized_then_good_ws_server().await;
+    let metrics = Arc::new(SyncMetrics::new());
+    let mut cfg = config(&server.url());
+    cfg.realtime_url = Some(format!("ws://{fake}/v1/realtime"));
+    cfg.start_from = StartFrom::Latest;
+    cfg.max_frame_size = 64 * 1024;
+    cfg.metrics = Some(Arc::clone(&metrics));
+    let service = RealtimeService::start(cfg).await.unwrap();
+    let mut messages = service.messages().unwrap();
+    let c = next_change(&mut messages).await;
+    assert_eq!((c.cursor, c.id.as_str()), (1, "n1"));
+    assert_eq!(metrics.get(Counter::RealtimeReconnects), 1);
+    service.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_corrupt_saved_cursor_fails_start_instead_of_guessing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), OutboxOptions::default())
+        .await
+        .unwrap();
+    outbox.meta_set("realtime.cursor", "twelve").await.unwrap();
+    let mut cfg = config("http://127.0.0.1:1");
+    cfg.cursor_store = Arc::new(OutboxCursorStore::new(outbox));
+    let err = RealtimeService::start(cfg).await.unwrap_err();
+    assert!(err.to_string().contains("twelve"), "{err}");
+}
