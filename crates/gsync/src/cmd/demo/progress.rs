@@ -16,12 +16,22 @@ pub(crate) struct Live {
 }
 
 impl Live {
-    fn line(&self) -> String {
+    fn status(&self) -> String {
+        format!(
+            "{}, server {}",
+            self.phase,
+            if self.online {
+                "online"
+            } else {
+                "OFFLINE (refusing connections)"
+            }
+        )
+    }
+
+    fn counters(&self) -> String {
         let c = &self.counts;
         format!(
-            "{} | server {} | answered {} retried {} replayed {} conflicts {} | breaker opened {} | takeovers {}",
-            self.phase,
-            if self.online { "online" } else { "OFFLINE" },
+            "answered {}  retried {}  replayed {}  conflicts {}  breaker opened {}  takeovers {}",
             c.answered(),
             c.retried,
             c.replayed,
@@ -38,6 +48,7 @@ pub(crate) struct Ui {
     multi: Option<MultiProgress>,
     bars: Vec<ProgressBar>,
     line: Option<ProgressBar>,
+    counters: Option<ProgressBar>,
     started: Instant,
     last_plain: Instant,
 }
@@ -51,6 +62,7 @@ impl Ui {
                 multi: None,
                 bars: Vec::new(),
                 line: None,
+                counters: None,
                 started,
                 last_plain: started,
             };
@@ -75,10 +87,16 @@ impl Ui {
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         line.enable_steady_tick(Duration::from_millis(120));
+        let counters = multi.add(ProgressBar::new_spinner());
+        counters.set_style(
+            ProgressStyle::with_template("      {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
         Self {
             multi: Some(multi),
             bars,
             line: Some(line),
+            counters: Some(counters),
             started,
             last_plain: started,
         }
@@ -104,7 +122,10 @@ impl Ui {
                 bar.set_message(format!("enqueued {}/{}", d.next, d.actions.len()));
             }
             if let Some(line) = &self.line {
-                line.set_message(live.line());
+                line.set_message(live.status());
+            }
+            if let Some(counters) = &self.counters {
+                counters.set_message(live.counters());
             }
             return;
         }
@@ -115,8 +136,9 @@ impl Ui {
             let enqueued: usize = devices.iter().map(|d| d.next).sum();
             let total: usize = devices.iter().map(|d| d.actions.len()).sum();
             self.note(&format!(
-                "acked {acked}/{expected}, enqueued {enqueued}/{total} | {}",
-                live.line()
+                "acked {acked}/{expected}, enqueued {enqueued}/{total}; {}; {}",
+                live.status(),
+                live.counters()
             ));
         }
     }
@@ -126,7 +148,7 @@ impl Ui {
         for bar in &self.bars {
             bar.finish();
         }
-        if let Some(line) = &self.line {
+        for line in [&self.line, &self.counters].into_iter().flatten() {
             line.finish_and_clear();
         }
     }
