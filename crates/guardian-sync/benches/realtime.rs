@@ -159,7 +159,6 @@ fn row(name: &str, s: &Stats) -> String {
 /// interval (`jitter` up to that long before each), then the change is awaited.
 async fn latency(
     server: &RunningServer,
-    service: &RealtimeService,
     messages: &mut RealtimeMessages,
     samples: usize,
     first_id: u64,
@@ -168,7 +167,6 @@ async fn latency(
     let http = reqwest::Client::new();
     let mut lat = Vec::new();
     let mut rtt = Vec::new();
-    let _ = service;
     for k in 0..samples {
         if !jitter.is_zero() {
             let wait = rand::rng().random_range(Duration::ZERO..jitter);
@@ -224,7 +222,7 @@ async fn main() {
         let service = RealtimeService::start(ws_config(&server)).await.unwrap();
         let mut messages = service.messages().unwrap();
         wait_state(&service, ConnectionState::Connected).await;
-        let (lat, rtt) = latency(&server, &service, &mut messages, 500, 1, Duration::ZERO).await;
+        let (lat, rtt) = latency(&server, &mut messages, 500, 1, Duration::ZERO).await;
         out.push(row("WebSocket (defaults)", &stats(lat)));
         out.push(row("  (POST round trip alone)", &stats(rtt)));
         service.shutdown().await;
@@ -244,7 +242,7 @@ async fn main() {
             .unwrap();
         let mut messages = service.messages().unwrap();
         wait_state(&service, ConnectionState::Polling).await;
-        let (lat, _) = latency(&server, &service, &mut messages, samples, 1, poll).await;
+        let (lat, _) = latency(&server, &mut messages, samples, 1, poll).await;
         out.push(row(&format!("polling every {poll:?}"), &stats(lat)));
         service.shutdown().await;
     }
