@@ -17,7 +17,7 @@ use axum::extract::{Extension, Query, State};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use guardian_protocol::{problem_type, Change, Problem, RealtimeFrame};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
 use super::changes::param;
@@ -68,8 +68,10 @@ pub(crate) async fn realtime(
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    // Subscribe before anything is read so no commit can slip between.
+    // Subscribe before anything is read so no commit (and no disconnect
+    // order) can slip between.
     let rx = state.store.subscribe();
+    let kick = state.kick.subscribe();
     let cursor = match state.store.check_since(Arc::clone(&tenant.0), since).await {
         Ok(Ok(cursor)) => cursor,
         Ok(Err(refusal)) => return feed_problem(&refusal).into_response(),
@@ -84,7 +86,7 @@ pub(crate) async fn realtime(
             tenant: tenant.0,
             state,
         };
-        session.run(socket, rx, cursor).await;
+        session.run(socket, rx, kick, cursor).await;
     })
 }
 
@@ -109,12 +111,15 @@ impl Session {
         mut self,
         socket: WebSocket,
         mut rx: broadcast::Receiver<Arc<TenantChange>>,
+        mut kick: watch::Receiver<u64>,
         cursor: u64,
     ) {
         let metrics = Arc::clone(&self.state.metrics);
         let _active = metrics.ws_client();
         let (mut sink, mut stream) = socket.split();
-        let end = self.serve(&mut sink, &mut stream, &mut rx, cursor).await;
+        let end = self
+            .serve(&mut sink, &mut stream, &mut rx, &mut kick, cursor)
+            .await;
         if let End::Close(code, reason) = end {
             let _ = sink
                 .send(Message::Close(Some(CloseFrame {
@@ -131,6 +136,7 @@ impl Session {
         sink: &mut Sink,
         stream: &mut futures::stream::SplitStream<WebSocket>,
         rx: &mut broadcast::Receiver<Arc<TenantChange>>,
+        kick: &mut watch::Receiver<u64>,
         cursor: u64,
     ) -> End {
         if send(sink, &RealtimeFrame::Hello { cursor }).await.is_err() {
@@ -141,7 +147,6 @@ impl Session {
         }
         let cfg = Arc::clone(&self.state.config);
         let mut shutdown = self.state.shutdown.clone();
-        let mut kick = self.state.kick.subscribe();
         let mut ping = tokio::time::interval(cfg.ws_ping_interval);
         ping.tick().await;
         let mut last_heard = Instant::now();

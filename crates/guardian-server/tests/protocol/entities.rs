@@ -245,6 +245,17 @@ async fn bad_input_is_400_problem() {
         "{:?}",
         r.body
     );
+    // Not JSON at all.
+    let r = h
+        .send(
+            h.req(Method::POST, "/v1/entities/device")
+                .header("idempotency-key", "k")
+                .header("content-type", "text/plain")
+                .body("hello"),
+        )
+        .await;
+    assert_eq!(r.status, 415);
+    assert!(r.is_problem());
     // Right JSON, wrong shape.
     let r = h
         .send(

@@ -172,7 +172,7 @@ async fn concurrent_same_key_gets_in_flight_then_replay() {
     let h = start_default().await;
     h.server
         .set_faults(Faults {
-            latency_ms: 1500,
+            latency_ms: 3000,
             ..Faults::default()
         })
         .unwrap();
