@@ -183,19 +183,32 @@ pub(crate) async fn execute(
         .collect();
     let (reservation, busy) = state.inflight.reserve(tenant, keys);
     let mut busy = busy.into_iter();
+    // Entities with an op held back as in flight: later ops of the same
+    // entity in this request are held back too, so per-entity order holds.
+    let mut held: Vec<(String, String)> = Vec::new();
     for slot in &mut slots {
         if let Slot::Ready(input) = slot {
-            if busy.next() == Some(true) {
-                *slot = Slot::Done(OpResult::problem(&ApiError::new(
-                    problem_type::IDEMPOTENCY_IN_FLIGHT,
-                    409,
-                    "Request in flight",
-                    format!(
-                        "a request with idempotency key {:?} is still being processed; retry later with the same key",
-                        input.key
-                    ),
-                )));
-            }
+            let entity = (input.entity_type.clone(), input.id.clone());
+            let detail = if busy.next() == Some(true) {
+                held.push(entity);
+                format!(
+                    "a request with idempotency key {:?} is still being processed; retry later with the same key",
+                    input.key
+                )
+            } else if held.contains(&entity) {
+                format!(
+                    "an earlier op on {}/{} in this batch is still being processed elsewhere; retry later with the same key",
+                    entity.0, entity.1
+                )
+            } else {
+                continue;
+            };
+            *slot = Slot::Done(OpResult::problem(&ApiError::new(
+                problem_type::IDEMPOTENCY_IN_FLIGHT,
+                409,
+                "Request in flight",
+                detail,
+            )));
         }
     }
     if !slots.iter().any(|s| matches!(s, Slot::Ready(_))) {

@@ -132,3 +132,45 @@ async fn batch_ops_respect_require_if_match() {
         .collect();
     assert_eq!(statuses, vec![201, 428, 200]);
 }
+
+#[tokio::test]
+async fn ops_behind_an_in_flight_op_of_the_same_entity_wait() {
+    let h = start_default().await;
+    h.create("t", "e", json!({}), "init").await;
+    h.server
+        .set_faults(guardian_server::Faults {
+            latency_ms: 3000,
+            ..guardian_server::Faults::default()
+        })
+        .unwrap();
+    let first = tokio::spawn({
+        let req = h.put_req("t", "e", json!({"step": 1}), "one", None);
+        async move { req.send().await.unwrap().status().as_u16() }
+    });
+    h.server.wait_in_flight(1).await;
+    let r = h
+        .batch(json!([
+            {"op": "update", "type": "t", "id": "e", "data": {"step": 1}, "idempotency_key": "one"},
+            {"op": "update", "type": "t", "id": "e", "data": {"step": 2}, "idempotency_key": "two"},
+        ]))
+        .await;
+    let types: Vec<&str> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["body"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            problem_type::IDEMPOTENCY_IN_FLIGHT,
+            problem_type::IDEMPOTENCY_IN_FLIGHT
+        ]
+    );
+    assert_eq!(first.await.unwrap(), 200);
+    assert_eq!(
+        h.applied_keys().await,
+        vec!["init", "one"],
+        "two did not overtake one"
+    );
+}
