@@ -44,6 +44,8 @@ fn under_fake_clock(spec: &Path, heartbeat: &str, stale: &str) -> RunnerOpts {
         ("FAKETIME_TIMESTAMP_FILE".into(), spec.display().to_string()),
         ("FAKETIME_NO_CACHE".into(), "1".into()),
         ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+        // The engine warns when it sees the wall clock step: keep it for diagnosis.
+        ("RUST_LOG".into(), "warn".into()),
     ];
     o
 }
@@ -116,7 +118,9 @@ async fn wall_clock_jumps_cause_no_false_takeover() {
         .is_some());
     let opts_b = under_fake_clock(&spec_b, "300ms", "1500ms");
     let mut b = Runner::spawn("b", &path, &server.url(), &opts_b);
-    assert!(a.wait_named("op_retried", 1, Duration::from_secs(30)).await);
+    // All three injected 503s answered, so no retry is scheduled between the
+    // step and the runner noticing it (that case has its own test below).
+    assert!(a.wait_named("op_retried", 3, Duration::from_secs(30)).await);
     let retried_at = Instant::now();
     set_clock(&spec_a, "+2h");
     set_clock(&spec_b, "+3h");
@@ -192,7 +196,9 @@ async fn backward_wall_clock_step_does_not_strand_retried_ops() {
     );
     // A scheduled retries on a clock two hours ahead; now its clock steps
     // back by two hours and B's forward by four.
-    assert!(a.wait_named("op_retried", 1, Duration::from_secs(30)).await);
+    // All three injected 503s answered, so no retry is scheduled between the
+    // step and the runner noticing it (that case has its own test below).
+    assert!(a.wait_named("op_retried", 3, Duration::from_secs(30)).await);
     let jumped = Instant::now();
     set_clock(&spec_a, "+0");
     set_clock(&spec_b, "+3h");
@@ -229,6 +235,53 @@ async fn backward_wall_clock_step_does_not_strand_retried_ops() {
     eprintln!(
         "clock jumps: drained {drained_in:?} after the backward jump; retries {}",
         a.named("op_retried").len()
+    );
+    check_invariants(&server, &work).await;
+}
+
+/// A request is at the server when the wall clock steps forward by 3 h; its
+/// connection is then dropped, so its retry is scheduled on the new clock
+/// before the runner notices the step. Re-basing must not move that retry a
+/// second time (it would then wait 3 h).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_step_during_a_request_does_not_strand_its_retry() {
+    let server = server(Faults {
+        latency_ms: 400,
+        drop_before_commit_next: 1,
+        ..Faults::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("outbox.db");
+    let spec: PathBuf = dir.path().join("clock");
+    set_clock(&spec, "+0");
+    let mut work = Workload::open(&path, "inflight").await;
+    work.simple(1, 2).await;
+    let opts = under_fake_clock(&spec, "300ms", "1500ms");
+    let mut a = Runner::spawn("a", &path, &server.url(), &opts);
+    tokio::time::timeout(Duration::from_secs(30), server.wait_in_flight(1))
+        .await
+        .expect("the first request never reached the server");
+    set_clock(&spec, "+3h");
+    assert!(a.wait_named("op_retried", 1, Duration::from_secs(30)).await);
+    let stepped = Instant::now();
+    if tokio::time::timeout(
+        Duration::from_secs(20),
+        a.wait_exit(Duration::from_secs(30)),
+    )
+    .await
+    .is_err()
+    {
+        panic!(
+            "the retry scheduled after the step is stranded: {}; stderr: {}",
+            describe_queue(&work).await,
+            a.stderr()
+        );
+    }
+    a.expect_success(Duration::from_secs(1)).await;
+    eprintln!(
+        "in-flight step: drained {:?} after the retry",
+        stepped.elapsed()
     );
     check_invariants(&server, &work).await;
 }

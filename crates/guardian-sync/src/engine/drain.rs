@@ -91,7 +91,7 @@ impl Inner {
             let after = step.old_now.saturating_add(step.delta_ms.min(0));
             let moved = self
                 .outbox
-                .rebase_schedule(fence, after, step.delta_ms)
+                .rebase_schedule(fence, after, step.old_now, step.delta_ms)
                 .await?;
             tracing::warn!(
                 delta_ms = step.delta_ms,

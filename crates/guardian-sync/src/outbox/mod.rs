@@ -454,18 +454,23 @@ impl Outbox {
     }
 
     /// After a wall-clock step of `delta_ms` detected by the runner, moves
-    /// every pending op due after `after_ms` (old timeline) by the step, so
-    /// stored backoffs keep their length. Fenced. Returns how many moved.
+    /// every pending op due after `after_ms` and scheduled at or before
+    /// `scheduled_by_ms` (both in the old timeline) by the step, so stored
+    /// backoffs keep their length; retries already scheduled on the new
+    /// clock stay. Fenced. Returns how many moved.
     pub async fn rebase_schedule(
         &self,
         fence: &Fence,
         after_ms: i64,
+        scheduled_by_ms: i64,
         delta_ms: i64,
     ) -> Result<u64, OutboxError> {
         let fence = fence.clone();
         self.inner
             .writer
-            .call(move |conn, _ctx| runner::rebase_schedule(conn, &fence, after_ms, delta_ms))
+            .call(move |conn, _ctx| {
+                runner::rebase_schedule(conn, &fence, after_ms, scheduled_by_ms, delta_ms)
+            })
             .await
     }
 

@@ -117,9 +117,13 @@ pub(crate) fn retry_later(
 }
 
 /// Re-bases the schedule after the wall clock stepped by `delta_ms`: every
-/// pending op due after `after_ms` (a time in the old timeline) moves by the
-/// step, so a backoff keeps its length instead of shrinking (step forward)
-/// or growing by the step (step back). Returns how many ops moved.
+/// pending op due after `after_ms` (a time in the old timeline) and
+/// scheduled at or before `scheduled_by_ms` (the old timeline's "now") moves
+/// by the step, so a backoff keeps its length instead of shrinking (step
+/// forward) or growing by the step (step back). A retry scheduled after the
+/// step but before the runner noticed it was computed on the new clock
+/// already and must not move again (after a forward step it would wait the
+/// step twice). Returns how many ops moved.
 ///
 /// A scan of the pending ops: clock steps are rare, and correctness of every
 /// backoff matters more than the cost of this one statement.
@@ -127,15 +131,16 @@ pub(crate) fn rebase_schedule(
     conn: &Connection,
     fence: &Fence,
     after_ms: i64,
+    scheduled_by_ms: i64,
     delta_ms: i64,
 ) -> Result<u64, OutboxError> {
     lock_row::check(conn, fence)?;
     let moved = conn
         .prepare_cached(
             "UPDATE ops SET next_attempt_at = next_attempt_at + ?1 \
-             WHERE state = 'pending' AND next_attempt_at > ?2",
+             WHERE state = 'pending' AND next_attempt_at > ?2 AND updated_at <= ?3",
         )?
-        .execute(params![delta_ms, after_ms])?;
+        .execute(params![delta_ms, after_ms, scheduled_by_ms])?;
     Ok(u64::try_from(moved).unwrap_or(0))
 }
 
