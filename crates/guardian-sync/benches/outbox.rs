@@ -245,6 +245,22 @@ fn bench_open_big(c: &mut Criterion) {
     );
     let mut group = c.benchmark_group("open_1m_pending");
     group.sample_size(20);
+    // Open alone: the start-up path (probe, requeue check, upcast check).
+    group.bench_function("open_only", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let start = Instant::now();
+                    let (outbox, _) = Outbox::open(&path, OutboxOptions::default()).await.unwrap();
+                    total += start.elapsed();
+                    outbox.close().await;
+                }
+                total
+            })
+        });
+    });
+    // Open, take the lock and claim the first ready op: two fsynced commits.
     group.bench_function("open_to_first_ready", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
