@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::model::DeviceModel;
-use super::workload::{self, Action};
+use super::workload::{self, Step};
 
 /// One simulated device.
 #[derive(Debug)]
@@ -27,7 +27,7 @@ pub(crate) struct Device {
     pub(crate) index: usize,
     pub(crate) outbox_path: PathBuf,
     pub(crate) outbox: Outbox,
-    pub(crate) actions: Vec<Action>,
+    pub(crate) actions: Vec<Step>,
     /// Actions enqueued so far.
     pub(crate) next: usize,
     pub(crate) model: DeviceModel,
@@ -40,6 +40,8 @@ impl Device {
         index: usize,
         seed: u64,
         ops: usize,
+        boards: usize,
+        board_seed: impl Fn(usize) -> serde_json::Value,
     ) -> anyhow::Result<Self> {
         let dir = work.join(format!("device-{index}"));
         std::fs::DirBuilder::new()
@@ -55,9 +57,9 @@ impl Device {
             index,
             outbox_path,
             outbox,
-            actions: workload::generate(seed, index, ops),
+            actions: workload::generate(seed, index, ops, boards),
             next: 0,
-            model: DeviceModel::default(),
+            model: DeviceModel::new(index, boards, board_seed),
         })
     }
 
@@ -65,15 +67,37 @@ impl Device {
     /// user makes them; each is durable when `enqueue` returns.
     pub(crate) async fn enqueue_until(&mut self, until: usize) -> anyhow::Result<()> {
         while self.next < until.min(self.actions.len()) {
-            let action = &self.actions[self.next];
-            let op = self.model.new_op(action);
-            let enqueued = self
-                .outbox
-                .enqueue(op)
-                .await
-                .with_context(|| format!("device {} cannot enqueue", self.index))?;
-            self.model.record(action, &enqueued);
+            match &self.actions[self.next] {
+                Step::Task(action) => {
+                    let op = self.model.new_op(action);
+                    let enqueued = self
+                        .outbox
+                        .enqueue(op)
+                        .await
+                        .with_context(|| format!("device {} cannot enqueue", self.index))?;
+                    self.model.record(action, &enqueued);
+                }
+                &Step::Board { board, value } => {
+                    self.model.board_edit(board, value);
+                }
+            }
             self.next += 1;
+        }
+        self.flush_boards().await
+    }
+
+    /// Enqueues the waiting board edits that can go now.
+    pub(crate) async fn flush_boards(&mut self) -> anyhow::Result<()> {
+        for board in 0..self.model.boards.len() {
+            if let Some(op) = self.model.board_op(board) {
+                let payload = op.payload.clone();
+                let enqueued = self
+                    .outbox
+                    .enqueue(op)
+                    .await
+                    .with_context(|| format!("device {} cannot enqueue", self.index))?;
+                self.model.record_board(board, payload, &enqueued);
+            }
         }
         Ok(())
     }

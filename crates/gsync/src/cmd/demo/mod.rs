@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::StreamExt;
 use guardian_server::RetryAfterForm;
-use guardian_sync::transport::{HttpTransport, HttpTransportConfig, StaticToken, Transport};
+use guardian_sync::transport::{
+    Fetched, HttpTransport, HttpTransportConfig, StaticToken, Transport,
+};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
@@ -57,6 +59,10 @@ pub(crate) struct Args {
     /// the same workload.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Shared boards every device edits (its own field of each); conflicts
+    /// between devices are resolved by the default LocalWins 3-way merge.
+    #[arg(long, default_value_t = 3)]
+    boards: usize,
     /// Keep the work directory (outboxes, server database, runner logs) and
     /// print its path.
     #[arg(long)]
@@ -108,6 +114,7 @@ struct Demo {
     rx: mpsc::UnboundedReceiver<RunnerMsg>,
     ui: Ui,
     server: DemoServer,
+    http: HttpTransport,
     phase: &'static str,
     problems: Vec<String>,
 }
@@ -125,9 +132,19 @@ async fn demo(args: &Args) -> anyhow::Result<Verdict> {
         server::faults(args.fault_rate, args.seed, RetryAfterForm::Seconds),
     )
     .await?;
+    let http = HttpTransport::new(
+        &HttpTransportConfig::new(server.url()),
+        Arc::new(StaticToken::new(token.clone())),
+    )?;
+    let n = usize::from(args.devices);
+    setup_boards(&server, &http, args.boards, n).await?;
     let mut devices = Vec::new();
-    for d in 0..usize::from(args.devices) {
-        devices.push(Device::open(work.path(), d, args.seed, args.ops).await?);
+    for d in 0..n {
+        let device = Device::open(work.path(), d, args.seed, args.ops, args.boards, |b| {
+            board_seed(b, n)
+        })
+        .await?;
+        devices.push(device);
     }
     let spec = RunnerSpec {
         exe: std::env::current_exe().context("cannot find the gsync executable")?,
@@ -155,6 +172,7 @@ async fn demo(args: &Args) -> anyhow::Result<Verdict> {
         rx,
         ui,
         server,
+        http,
         phase: "enqueueing",
         problems: Vec::new(),
     };
@@ -274,6 +292,11 @@ impl Demo {
                     model.on_reconciled(id, v.get("resolved").cloned().unwrap_or(Value::Null));
                 }
             }
+            "conflict" if v.get("resolution").and_then(Value::as_str) == Some("succeeded") => {
+                if let Some(id) = op_id() {
+                    model.on_settled_by_conflict(id);
+                }
+            }
             "breaker" if v.get("to").and_then(Value::as_str) == Some("open") => {
                 r.counts.breaker_opened += 1;
             }
@@ -340,6 +363,10 @@ impl Demo {
             for r in futures::future::join_all(enqueues).await {
                 r?;
             }
+            // Acks seen since the last tick may have freed waiting board edits.
+            for d in &mut self.devices {
+                d.flush_boards().await?;
+            }
             let next = start + TICK * u32::try_from(tick + 1).unwrap_or(u32::MAX);
             self.idle(next.saturating_duration_since(Instant::now()))
                 .await?;
@@ -351,11 +378,20 @@ impl Demo {
         loop {
             self.idle(Duration::from_millis(50)).await?;
             let mut left = 0;
-            for d in &self.devices {
-                let s = d.stats().await?;
+            let mut boards_busy = false;
+            for d in 0..self.devices.len() {
+                self.devices[d].flush_boards().await?;
+                let s = self.devices[d].stats().await?;
                 left += s.pending + s.in_flight;
+                if s.pending + s.in_flight == 0 && self.devices[d].model.boards_busy() {
+                    // Everything this device queued was applied; a killed
+                    // runner may have taken the last acks with it: read the
+                    // boards again, as an app would, and send what waits.
+                    self.refresh_boards(d).await?;
+                    boards_busy = true;
+                }
             }
-            if left == 0 {
+            if left == 0 && !boards_busy {
                 break;
             }
             if Instant::now() > deadline {
@@ -400,6 +436,18 @@ impl Demo {
         ));
         self.current[d] = self.spawn(d)?;
         Ok(())
+    }
+
+    /// Reads device `d`'s boards from the server (faults may fail a read:
+    /// the drain loop simply tries again).
+    async fn refresh_boards(&mut self, d: usize) -> anyhow::Result<()> {
+        for b in self.devices[d].model.boards_to_refresh() {
+            let id = workload::board_id(b);
+            if let Ok(Fetched::Present(e)) = self.http.fetch(workload::BOARD_TYPE, &id).await {
+                self.devices[d].model.board_refreshed(b, e.version, e.data);
+            }
+        }
+        self.devices[d].flush_boards().await
     }
 
     /// SIGINTs every live runner and waits for their final reports.
@@ -524,34 +572,84 @@ impl Demo {
         let log = self.server.applied_log().await?;
         let models: Vec<_> = self.devices.iter().map(|d| &d.model).collect();
         v.check_log(&models, &log);
-        let transport = HttpTransport::new(
-            &HttpTransportConfig::new(self.server.url()),
-            Arc::new(StaticToken::new(self.spec.token.clone())),
-        )?;
-        let wanted: Vec<(String, model::Expected)> = self
+        let mut wanted: Vec<(&str, String, model::Expected)> = self
             .devices
             .iter()
             .flat_map(|d| {
                 d.model
                     .entities()
-                    .map(|(id, _, expected)| (id.to_owned(), expected))
+                    .map(|(id, _, expected)| (workload::ENTITY_TYPE, id.to_owned(), expected))
             })
             .collect();
+        // Each board must hold every device's last value of its own field.
+        let boards = self.devices.first().map_or(0, |d| d.model.boards.len());
+        for b in 0..boards {
+            let mut data = board_seed(b, self.devices.len());
+            if let Value::Object(fields) = &mut data {
+                for d in &self.devices {
+                    fields.insert(
+                        workload::board_field(d.index),
+                        Value::from(d.model.boards[b].last),
+                    );
+                }
+            }
+            wanted.push((
+                workload::BOARD_TYPE,
+                workload::board_id(b),
+                model::Expected::Live(data),
+            ));
+        }
         let fetched: Vec<_> = futures::stream::iter(wanted.iter())
-            .map(|(id, _)| transport.fetch(workload::ENTITY_TYPE, id))
+            .map(|(t, id, _)| self.http.fetch(t, id))
             .buffered(16)
             .collect()
             .await;
-        for ((id, expected), actual) in wanted.iter().zip(fetched) {
+        for ((t, id, expected), actual) in wanted.iter().zip(fetched) {
             match actual {
-                Ok(actual) => v.check_state(id, expected, &actual),
+                Ok(actual) => v.check_state(t, id, expected, &actual),
                 Err(outcome) => {
                     v.state_mismatches += 1;
                     v.problems
-                        .push(format!("cannot read task/{id}: {outcome:?}"));
+                        .push(format!("cannot read {t}/{id}: {outcome:?}"));
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The data a shared board starts with: a title and every device's field at 0.
+fn board_seed(board: usize, devices: usize) -> Value {
+    let mut fields = serde_json::Map::new();
+    fields.insert("title".into(), Value::from(format!("shared board {board}")));
+    for d in 0..devices {
+        fields.insert(workload::board_field(d), Value::from(0));
+    }
+    Value::Object(fields)
+}
+
+/// Creates the shared boards (version 1) before the devices start, with
+/// faults off for the moment.
+async fn setup_boards(
+    server: &DemoServer,
+    http: &HttpTransport,
+    boards: usize,
+    devices: usize,
+) -> anyhow::Result<()> {
+    server.calm()?;
+    for b in 0..boards {
+        let request = guardian_sync::transport::OpRequest {
+            kind: guardian_protocol::MutationKind::Create,
+            entity_type: workload::BOARD_TYPE.into(),
+            entity_id: workload::board_id(b),
+            payload: board_seed(b, devices),
+            if_match: None,
+            idempotency_key: format!("{}{}", verdict::SETUP_KEY_PREFIX, workload::board_id(b)),
+        };
+        match http.send(&request).await {
+            guardian_sync::transport::Outcome::Applied { .. } => {}
+            other => anyhow::bail!("cannot create the shared boards: {other:?}"),
+        }
+    }
+    server.set_latency(0)
 }

@@ -17,7 +17,7 @@ use guardian_sync::outbox::{Coalesced, Enqueued};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::workload::{Action, ENTITY_TYPE};
+use super::workload::{board_field, board_id, Action, BOARD_TYPE, ENTITY_TYPE};
 
 /// An op the outbox stores (or stored, until it was acknowledged).
 #[derive(Debug, Clone)]
@@ -26,6 +26,7 @@ pub(crate) struct StoredOp {
     /// The key it was enqueued with (a reconciled retry gets a new one).
     pub(crate) key: Uuid,
     pub(crate) kind: OpKind,
+    pub(crate) entity_type: &'static str,
     pub(crate) entity: String,
     /// What it writes now (coalescing replaces it).
     pub(crate) payload: Value,
@@ -37,6 +38,24 @@ pub(crate) struct StoredOp {
     pub(crate) reconciled: bool,
     /// The payload of the reconciled request, if any.
     pub(crate) resolved: Option<Value>,
+    /// A conflict settled it without our payload: the server's data is
+    /// not known from the events.
+    pub(crate) data_unknown: bool,
+}
+
+/// A shared board as one device sees it. The device edits a board only
+/// when nothing of it is outstanding in its outbox, with the version and
+/// data it last learned as `base` (so a concurrent edit of another device
+/// is a 409 and a 3-way merge, never a blind overwrite); edits made
+/// meanwhile wait and only the latest is sent.
+#[derive(Debug, Clone)]
+pub(crate) struct BoardState {
+    pub(crate) id: String,
+    known: Option<(u64, Value)>,
+    outstanding: Option<OpId>,
+    deferred: Option<u64>,
+    /// The last value the device set: what the server must end with.
+    pub(crate) last: u64,
 }
 
 /// What the server must hold for an entity at the end.
@@ -72,6 +91,9 @@ pub(crate) struct DeviceModel {
     pub(crate) enqueued: u64,
     /// Ops reported applied by a runner.
     pub(crate) acked: u64,
+    /// The field of the shared boards this device owns.
+    field: String,
+    pub(crate) boards: Vec<BoardState>,
 }
 
 impl DeviceModel {
@@ -110,6 +132,7 @@ impl DeviceModel {
             op_id: enqueued.op_id,
             key: enqueued.idempotency_key,
             kind,
+            entity_type: ENTITY_TYPE,
             entity: action.id().to_owned(),
             payload: match action {
                 Action::Create { data, .. } | Action::Update { data, .. } => data.clone(),
@@ -119,6 +142,7 @@ impl DeviceModel {
             acked: false,
             reconciled: false,
             resolved: None,
+            data_unknown: false,
         });
         self.by_id.insert(enqueued.op_id, index);
         let entity = self.entities.entry(action.id().to_owned()).or_default();
@@ -137,6 +161,115 @@ impl DeviceModel {
                     }
                 }
             }
+        }
+    }
+
+    /// The model of device `device`, which knows the `boards` shared boards
+    /// at version 1 with the data `seed(n)`.
+    pub(crate) fn new(device: usize, boards: usize, seed: impl Fn(usize) -> Value) -> Self {
+        Self {
+            field: board_field(device),
+            boards: (0..boards)
+                .map(|n| BoardState {
+                    id: board_id(n),
+                    known: Some((1, seed(n))),
+                    outstanding: None,
+                    deferred: None,
+                    last: 0,
+                })
+                .collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The user set the device's field of `board` to `value`.
+    pub(crate) fn board_edit(&mut self, board: usize, value: u64) {
+        if let Some(b) = self.boards.get_mut(board) {
+            b.deferred = Some(value);
+            b.last = value;
+        }
+    }
+
+    /// The op that sends `board`'s waiting edit, when it can go now.
+    pub(crate) fn board_op(&self, board: usize) -> Option<NewOp> {
+        let b = self.boards.get(board)?;
+        let value = b.deferred?;
+        if b.outstanding.is_some() {
+            return None;
+        }
+        let (version, data) = b.known.clone()?;
+        let mut payload = data.clone();
+        if let Value::Object(fields) = &mut payload {
+            fields.insert(self.field.clone(), Value::from(value));
+        }
+        Some(NewOp::update(BOARD_TYPE, &b.id, payload).with_base(data, version))
+    }
+
+    /// Records the enqueue of [`Self::board_op`]'s op.
+    pub(crate) fn record_board(&mut self, board: usize, payload: Value, enqueued: &Enqueued) {
+        let Some(b) = self.boards.get_mut(board) else {
+            return;
+        };
+        self.enqueued += 1;
+        b.outstanding = Some(enqueued.op_id);
+        b.deferred = None;
+        if enqueued.coalesced.is_some() {
+            // Cannot happen (nothing of the board was outstanding); a
+            // merged op would break the model, so make it visible.
+            tracing::error!("a board edit was coalesced; the verdict will count it");
+            return;
+        }
+        self.by_id.insert(enqueued.op_id, self.ops.len());
+        self.ops.push(StoredOp {
+            op_id: enqueued.op_id,
+            key: enqueued.idempotency_key,
+            kind: OpKind::Update,
+            entity_type: BOARD_TYPE,
+            entity: b.id.clone(),
+            payload,
+            removed: false,
+            acked: false,
+            reconciled: false,
+            resolved: None,
+            data_unknown: false,
+        });
+    }
+
+    /// Boards with an edit waiting or an op outstanding.
+    pub(crate) fn boards_busy(&self) -> bool {
+        self.boards
+            .iter()
+            .any(|b| b.deferred.is_some() || b.outstanding.is_some())
+    }
+
+    /// Boards whose op is outstanding or whose server state is unknown
+    /// (to read again once the outbox is empty: the runner that applied the
+    /// op may have been killed before it reported it).
+    pub(crate) fn boards_to_refresh(&self) -> Vec<usize> {
+        (0..self.boards.len())
+            .filter(|&n| self.boards[n].outstanding.is_some() || self.boards[n].known.is_none())
+            .collect()
+    }
+
+    /// The device read `board` from the server.
+    pub(crate) fn board_refreshed(&mut self, board: usize, version: u64, data: Value) {
+        if let Some(b) = self.boards.get_mut(board) {
+            if let Some(op) = b.outstanding.take() {
+                if let Some(&i) = self.by_id.get(&op) {
+                    if !self.ops[i].acked {
+                        self.ops[i].acked = true;
+                        self.acked += 1;
+                    }
+                }
+            }
+            b.known = Some((version, data));
+        }
+    }
+
+    /// A conflict of `op_id` was settled without a new request.
+    pub(crate) fn on_settled_by_conflict(&mut self, op_id: OpId) {
+        if let Some(&i) = self.by_id.get(&op_id) {
+            self.ops[i].data_unknown = true;
         }
     }
 
@@ -191,9 +324,23 @@ impl DeviceModel {
         op.acked = true;
         self.acked += 1;
         let data = op.resolved.clone().unwrap_or_else(|| op.payload.clone());
+        let known = if op.data_unknown {
+            None
+        } else {
+            version.map(|v| (v, data.clone()))
+        };
+        if op.entity_type == BOARD_TYPE {
+            if let Some(b) = self.boards.iter_mut().find(|b| b.id == op.entity) {
+                if b.outstanding == Some(op_id) {
+                    b.outstanding = None;
+                    b.known = known;
+                }
+            }
+            return;
+        }
         if let Some(e) = self.entities.get_mut(&op.entity) {
             e.unacked = e.unacked.saturating_sub(1);
-            e.known = version.map(|v| (v, data));
+            e.known = known;
         }
     }
 

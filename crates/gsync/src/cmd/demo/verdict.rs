@@ -29,7 +29,10 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::model::{DeviceModel, Expected};
-use super::workload::ENTITY_TYPE;
+use super::workload::{BOARD_TYPE, ENTITY_TYPE};
+
+/// Prefix of the keys the demo itself uses to create the shared boards.
+pub(crate) const SETUP_KEY_PREFIX: &str = "demo-setup:";
 
 /// Everything the demo measured and checked.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -88,7 +91,10 @@ impl Verdict {
             .count() as u64;
         let rows: Vec<&AppliedMutation> = rows
             .into_iter()
-            .filter(|r| !r.idempotency_key.starts_with("fault:"))
+            .filter(|r| {
+                !r.idempotency_key.starts_with("fault:")
+                    && !r.idempotency_key.starts_with(SETUP_KEY_PREFIX)
+            })
             .collect();
         self.applied_on_server = rows.len() as u64;
 
@@ -168,8 +174,9 @@ impl Verdict {
                 }
             }
         }
+        self.check_boards(models, &by_entity, &mut modelled);
         for ((entity_type, id), rows) in &by_entity {
-            if *entity_type != ENTITY_TYPE || !modelled.contains(*id) {
+            if !modelled.contains(*id) || !matches!(*entity_type, ENTITY_TYPE | BOARD_TYPE) {
                 self.unexpected += rows.len() as u64;
                 self.problem(format!(
                     "{entity_type}/{id}: written but no device wrote it"
@@ -178,8 +185,77 @@ impl Verdict {
         }
     }
 
+    /// Shared boards: every device's board ops must each take effect once
+    /// (counted over the board, since reconciled keys cannot be attributed
+    /// to a device), and the rows under a device's own keys must come in
+    /// that device's enqueue order.
+    fn check_boards(
+        &mut self,
+        models: &[&DeviceModel],
+        by_entity: &HashMap<(&str, &str), Vec<&AppliedMutation>>,
+        modelled: &mut HashSet<String>,
+    ) {
+        let mut boards: HashSet<&str> = HashSet::new();
+        for m in models {
+            for b in &m.boards {
+                boards.insert(b.id.as_str());
+            }
+        }
+        for board in boards {
+            modelled.insert(board.to_owned());
+            // key → (device, position among the device's ops on this board)
+            let mut owner: HashMap<String, (usize, usize)> = HashMap::new();
+            let mut expected = 0usize;
+            for (d, m) in models.iter().enumerate() {
+                let ops = m
+                    .ops
+                    .iter()
+                    .filter(|o| o.entity_type == BOARD_TYPE && o.entity == board && !o.removed);
+                for (i, op) in ops.enumerate() {
+                    owner.insert(op.key.to_string(), (d, i));
+                    expected += 1;
+                }
+            }
+            let rows = by_entity
+                .get(&(BOARD_TYPE, board))
+                .map_or(&[][..], Vec::as_slice);
+            if rows.len() < expected {
+                self.lost += (expected - rows.len()) as u64;
+                self.problem(format!(
+                    "{BOARD_TYPE}/{board}: {} of {expected} edits never took effect",
+                    expected - rows.len()
+                ));
+            } else if rows.len() > expected {
+                self.unexpected += (rows.len() - expected) as u64;
+                self.problem(format!(
+                    "{BOARD_TYPE}/{board}: {} applied rows for {expected} edits",
+                    rows.len()
+                ));
+            }
+            let mut last: HashMap<usize, usize> = HashMap::new();
+            for row in rows {
+                if let Some(&(d, i)) = owner.get(&row.idempotency_key) {
+                    if last.get(&d).is_some_and(|&prev| prev >= i) {
+                        self.order_violations += 1;
+                        self.problem(format!(
+                            "{BOARD_TYPE}/{board}: device {d}'s edit #{} applied after a later one",
+                            i + 1
+                        ));
+                    }
+                    last.insert(d, i);
+                }
+            }
+        }
+    }
+
     /// Compares one entity's final server state with the model.
-    pub(crate) fn check_state(&mut self, id: &str, expected: &Expected, actual: &Fetched) {
+    pub(crate) fn check_state(
+        &mut self,
+        entity_type: &str,
+        id: &str,
+        expected: &Expected,
+        actual: &Fetched,
+    ) {
         self.entities_checked += 1;
         let ok = match (expected, actual) {
             (Expected::Live(data), Fetched::Present(e)) => !e.deleted && e.data == *data,
@@ -189,7 +265,7 @@ impl Verdict {
         };
         if !ok {
             self.state_mismatches += 1;
-            let text = format!("{ENTITY_TYPE}/{id}: expected {expected:?}, server has {actual:?}");
+            let text = format!("{entity_type}/{id}: expected {expected:?}, server has {actual:?}");
             self.problem(text);
         }
     }

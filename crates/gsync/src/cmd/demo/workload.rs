@@ -11,8 +11,32 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-/// The entity type every device writes.
+/// The entity type of each device's own tasks.
 pub(crate) const ENTITY_TYPE: &str = "task";
+
+/// The entity type of the boards every device writes (its own field only).
+pub(crate) const BOARD_TYPE: &str = "board";
+
+/// The id of shared board `n`.
+pub(crate) fn board_id(n: usize) -> String {
+    format!("board-{n}")
+}
+
+/// The field of a board that device `device` owns.
+pub(crate) fn board_field(device: usize) -> String {
+    format!("d{device}")
+}
+
+/// One step of a device's workload.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Step {
+    /// A change to one of the device's own tasks.
+    Task(Action),
+    /// The device sets its own field of a shared board to `value` (1, 2, …
+    /// per device and board). Other devices write their fields of the same
+    /// board concurrently; the default LocalWins 3-way merge must keep them all.
+    Board { board: usize, value: u64 },
+}
 
 /// One change a device's user makes.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,15 +88,26 @@ fn device_rng(seed: u64, device: usize) -> StdRng {
     StdRng::seed_from_u64(seed ^ mix)
 }
 
-/// `ops` actions of device `device` (ids `d<device>-t<n>`).
-pub(crate) fn generate(seed: u64, device: usize, ops: usize) -> Vec<Action> {
+/// `ops` steps of device `device` (task ids `d<device>-t<n>`); about one in
+/// ten is a board edit when there are `boards`.
+pub(crate) fn generate(seed: u64, device: usize, ops: usize, boards: usize) -> Vec<Step> {
     let mut rng = device_rng(seed, device);
+    let mut board_values = vec![0u64; boards];
     // The device's local view: live tasks and their data, in creation order
     // (a Vec, so picks are deterministic).
     let mut live: Vec<(String, Value)> = Vec::new();
     let mut next_id = 0u32;
     let mut out = Vec::with_capacity(ops);
     for _ in 0..ops {
+        if boards > 0 && rng.random_bool(0.1) {
+            let board = rng.random_range(0..boards);
+            board_values[board] += 1;
+            out.push(Step::Board {
+                board,
+                value: board_values[board],
+            });
+            continue;
+        }
         let roll: f64 = rng.random();
         if live.len() < 3 || roll < 0.25 {
             let id = format!("d{device}-t{next_id}");
@@ -85,7 +120,7 @@ pub(crate) fn generate(seed: u64, device: usize, ops: usize) -> Vec<Action> {
                 "rev": 0,
             });
             live.push((id.clone(), data.clone()));
-            out.push(Action::Create { id, data });
+            out.push(Step::Task(Action::Create { id, data }));
         } else if roll < 0.88 {
             let i = rng.random_range(0..live.len());
             let (id, data) = &mut live[i];
@@ -104,14 +139,14 @@ pub(crate) fn generate(seed: u64, device: usize, ops: usize) -> Vec<Action> {
             }
             let rev = fields.get("rev").and_then(Value::as_u64).unwrap_or(0) + 1;
             fields.insert("rev".into(), json!(rev));
-            out.push(Action::Update {
+            out.push(Step::Task(Action::Update {
                 id: id.clone(),
                 data: data.clone(),
-            });
+            }));
         } else {
             let i = rng.random_range(0..live.len());
             let (id, _) = live.swap_remove(i);
-            out.push(Action::Delete { id });
+            out.push(Step::Task(Action::Delete { id }));
         }
     }
     out
@@ -123,15 +158,27 @@ mod tests {
 
     #[test]
     fn same_seed_same_workload() {
-        assert_eq!(generate(7, 1, 200), generate(7, 1, 200));
-        assert_ne!(generate(7, 1, 200), generate(8, 1, 200));
-        assert_ne!(generate(7, 0, 200), generate(7, 1, 200));
+        assert_eq!(generate(7, 1, 200, 3), generate(7, 1, 200, 3));
+        assert_ne!(generate(7, 1, 200, 3), generate(8, 1, 200, 3));
+        assert_ne!(generate(7, 0, 200, 3), generate(7, 1, 200, 3));
     }
 
     #[test]
     fn actions_respect_the_lifecycle() {
         // Creates first, never an update or delete of an unknown or deleted id.
-        let actions = generate(3, 2, 500);
+        let steps = generate(3, 2, 500, 2);
+        let boards = steps
+            .iter()
+            .filter(|s| matches!(s, Step::Board { .. }))
+            .count();
+        assert!(boards > 20, "{boards} board edits");
+        let actions: Vec<Action> = steps
+            .into_iter()
+            .filter_map(|s| match s {
+                Step::Task(a) => Some(a),
+                Step::Board { .. } => None,
+            })
+            .collect();
         let mut state = std::collections::HashMap::new();
         for a in &actions {
             assert!(a.id().starts_with("d2-"));
