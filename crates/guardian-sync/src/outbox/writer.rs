@@ -9,6 +9,7 @@
 //! share one fsync, and no op is acknowledged before it is durable.
 
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -104,16 +105,46 @@ impl Writer {
     }
 }
 
+/// Longest wait for more callers to join a group commit.
+const GATHER_WAIT: Duration = Duration::from_micros(200);
+
+/// Takes everything already queued. If the previous group had several
+/// callers, they are probably about to send again (they were all woken by
+/// the last commit at once): wait briefly, up to [`GATHER_WAIT`], until as
+/// many have joined, so groups stay full instead of alternating between one
+/// caller and the rest. A lone caller never waits.
+fn collect(rx: &mpsc::Receiver<Msg>, batch: &mut Vec<Msg>, last_group: usize) {
+    let deadline = Instant::now() + GATHER_WAIT;
+    while batch.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(m) => {
+                batch.push(m);
+                continue;
+            }
+            Err(mpsc::TryRecvError::Disconnected) => return,
+            Err(mpsc::TryRecvError::Empty) => {}
+        }
+        if batch.len() >= last_group {
+            return;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(m) => batch.push(m),
+            Err(_) => return,
+        }
+    }
+}
+
 fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
     let mut batch = Vec::new();
+    let mut last_group = 1;
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
+        collect(rx, &mut batch, last_group);
+        last_group = batch.len();
         let mut close = None;
         let mut dones = Vec::with_capacity(batch.len());
         let began = conn.execute_batch("BEGIN IMMEDIATE");
