@@ -103,8 +103,8 @@ pub(crate) fn telemetry_and_realtime() -> Section {
          out into one `SyncMetrics`.\n\n\
          **Realtime vs polling**: computed from `RealtimeConfig::new` defaults (poll every \
          {poll:.0} s while the WebSocket is down, pages of {page:.0} changes, ping every \
-         {ping:.0} s), not measured: both are fixed by configuration, and the realtime \
-         engineer's own figures, when present, are folded in below.\n\n"
+         {ping:.0} s), not measured: both are fixed by configuration. The realtime engineer measured delivery \
+         latency and idle-hour requests and bytes; those figures are folded in below.\n\n"
     );
     body.push_str(&t.to_markdown());
     Section {

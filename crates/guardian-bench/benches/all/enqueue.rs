@@ -26,7 +26,7 @@ use crate::common::{client_runtime, rate, scratch, Config, Section, Target};
 const WRITERS: usize = 8;
 
 fn payload(i: usize) -> Value {
-    json!({"on": i % 2 == 0, "level": i % 100, "room": "living-room", "scene": "evening"})
+    json!({"on": i.is_multiple_of(2), "level": i % 100, "room": "living-room", "scene": "evening"})
 }
 
 fn entity_id(side: &str, i: usize) -> String {

@@ -86,7 +86,7 @@ fn build_outbox(rt: &tokio::runtime::Runtime, path: &Path, n: usize) -> Duration
                 format!("rec-{i:08}"),
                 format!(
                     "{{\"on\":{},\"level\":{},\"room\":\"living-room\"}}",
-                    i % 2 == 0,
+                    i.is_multiple_of(2),
                     i % 100
                 ),
                 now,
@@ -245,9 +245,11 @@ pub(crate) fn run(config: &Config) -> Section {
             scenario: "3 recovery",
             target: format!("peak RSS flat from 10k to 1M pending ops, < 64 MiB{size_note}"),
             measured: format!(
-                "{:.1} MiB at 1M, {} of the 10k figure",
+                "{:.1} MiB at {}, {} of the {} figure",
                 rss_big_med.unwrap_or_default(),
-                ratio(rss_ratio)
+                thousands(big as f64),
+                ratio(rss_ratio),
+                thousands(small as f64)
             ),
             met: rss_big_med.is_some_and(|m| m < 64.0) && rss_ratio.is_some_and(|r| r <= 1.25),
             why: "SQLite's page cache and the file mapping of a larger database are touched \
