@@ -30,6 +30,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::StreamExt;
 use guardian_server::RetryAfterForm;
+use guardian_sync::op::OpState;
+use guardian_sync::outbox::ListFilter;
 use guardian_sync::transport::{
     Fetched, HttpTransport, HttpTransportConfig, StaticToken, Transport,
 };
@@ -52,7 +54,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 200)]
     ops: usize,
     /// Probability of each server fault (503/429, dropped connections); forced
-    /// conflicts happen at twice this rate.
+    /// conflicts happen at twice this rate (at most 10 %).
     #[arg(long, default_value_t = 0.03)]
     fault_rate: f64,
     /// Seed of the workload and of the server's faults: the same seed gives
@@ -158,7 +160,7 @@ async fn demo(args: &Args) -> anyhow::Result<Verdict> {
         "server on {} (faults: {:.0}% 503/429 with Retry-After, {:.0}% forced conflicts, {:.0}% dropped responses); {} devices in {}",
         server.url(),
         args.fault_rate * 100.0,
-        args.fault_rate * 200.0,
+        (args.fault_rate * 2.0).min(server::MAX_CONFLICT_RATE) * 100.0,
         args.fault_rate * 150.0,
         devices.len(),
         work.path().display()
@@ -547,6 +549,21 @@ impl Demo {
                             s.failed,
                             d.outbox_path.display()
                         ));
+                        let filter = ListFilter {
+                            state: Some(OpState::Failed),
+                            limit: 3,
+                            after_seq: 0,
+                        };
+                        for op in d.outbox.list(filter).await.unwrap_or_default() {
+                            self.problems.push(format!(
+                                "device {}: {} {}/{} failed: {}",
+                                d.index,
+                                op.kind.as_str(),
+                                op.entity_type,
+                                op.entity_id,
+                                op.last_error.unwrap_or_default()
+                            ));
+                        }
                     }
                 }
                 Err(e) => self
