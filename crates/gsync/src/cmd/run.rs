@@ -60,6 +60,10 @@ pub(crate) struct Args {
     /// How long an open breaker waits before a trial request.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     breaker_cooldown: Duration,
+    /// Conflicts one op may reconcile before it fails (raise it for entities
+    /// many writers edit at once).
+    #[arg(long, default_value_t = 5)]
+    max_reconciliations: u32,
 }
 
 pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
@@ -87,6 +91,7 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
             cooldown: args.breaker_cooldown,
             ..BreakerConfig::default()
         })
+        .max_reconciliations(args.max_reconciliations)
         .concurrency(args.concurrency.max(1));
     if args.batch > 0 {
         builder = builder.batching(BatchConfig {

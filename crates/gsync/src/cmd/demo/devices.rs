@@ -203,6 +203,9 @@ impl RunnerProc {
             .args(["--max-attempts", "200"])
             .args(["--breaker-threshold", "8", "--breaker-window", "5s"])
             .args(["--breaker-cooldown", "1s"])
+            // Every device edits the shared boards: under heavy faults a
+            // board edit can lose the race to another device many times.
+            .args(["--max-reconciliations", "50"])
             .env("GSYNC_TOKEN", &spec.token)
             .env_remove("GSYNC_SERVER")
             .stdin(Stdio::null())
