@@ -81,8 +81,10 @@ fn enqueue_status_ops_cancel_check() {
     let status = json(&db, &["status"]);
     assert_eq!(status["pending"], 2);
     assert_eq!(status["failed"], 0);
-    let human = ok(&db, &["status"]);
+    assert!(status["lock"].is_null() && status["runner"].is_null());
+    let human = ok(&db, &["status", "--metrics"]);
     assert!(human.contains("pending:      2"), "{human}");
+    assert!(human.contains("lock:         never taken"), "{human}");
     let ops = json(&db, &["ops"]);
     assert_eq!(ops.as_array().unwrap().len(), 2);
     assert_eq!(ops[0]["coalesced_count"], 1);

@@ -17,8 +17,8 @@ use crate::Global;
 pub(crate) enum Command {
     /// Queue a change (creates the outbox file if needed).
     Enqueue(EnqueueArgs),
-    /// Counts by state, oldest op age, next attempt time.
-    Status,
+    /// Counts by state, oldest op age, next attempt time, lock holder and runner status.
+    Status(StatusArgs),
     /// List queued and failed ops (a table, or JSON with --json).
     Ops(OpsArgs),
     /// Put a failed op (or all of them) back in the queue.
@@ -103,6 +103,14 @@ pub(crate) struct OpsArgs {
     after: i64,
 }
 
+/// Arguments of `status`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct StatusArgs {
+    /// Also print the telemetry a live runner last published (counters, latency, health).
+    #[arg(long)]
+    metrics: bool,
+}
+
 /// Arguments of `retry`.
 #[derive(Debug, clap::Args)]
 #[group(required = true, multiple = false)]
@@ -174,11 +182,25 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
     let path = global.outbox.as_path();
     match command {
         Command::Enqueue(args) => enqueue(global, args).await,
-        Command::Status => {
+        Command::Status(args) => {
             let outbox = open(path, false, true).await?;
             let stats = outbox.stats().await?;
+            let lock = outbox.lock_read().await?;
+            let runner: Option<Value> = outbox
+                .meta_get(guardian_sync::engine::RUNNER_STATUS_KEY)
+                .await?
+                .and_then(|s| serde_json::from_str(&s).ok());
             if global.json {
-                return print_json(&stats);
+                let mut v = serde_json::to_value(&stats)?;
+                v["lock"] = serde_json::to_value(&lock)?;
+                let mut runner = runner.unwrap_or(Value::Null);
+                if !args.metrics {
+                    if let Some(r) = runner.as_object_mut() {
+                        r.remove("metrics");
+                    }
+                }
+                v["runner"] = runner;
+                return print_json(&v);
             }
             let now = SystemClock::new().now_millis();
             println!("outbox:       {}", path.display());
@@ -202,6 +224,29 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
                     }
                 )
             );
+            match &lock {
+                Some(l) if !l.owner.is_empty() => println!(
+                    "lock:         held by {} (epoch {}, last beat {} ago)",
+                    l.owner,
+                    l.epoch,
+                    age(now - l.beat_at)
+                ),
+                Some(l) => println!("lock:         free (epoch {})", l.epoch),
+                None => println!("lock:         never taken"),
+            }
+            if let Some(r) = &runner {
+                println!(
+                    "runner:       {} breaker {}, published {} ago",
+                    r["owner"].as_str().unwrap_or("?"),
+                    r["breaker"].as_str().unwrap_or("?"),
+                    age(now - r["at"].as_i64().unwrap_or(now))
+                );
+                if args.metrics {
+                    println!("{}", serde_json::to_string_pretty(&r["metrics"])?);
+                }
+            } else if args.metrics {
+                println!("runner:       no runner has published metrics yet");
+            }
             Ok(())
         }
         Command::Ops(args) => {
