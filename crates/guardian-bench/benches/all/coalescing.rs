@@ -200,8 +200,8 @@ fn table(name: &str, ops: usize, figures: &[Figures]) -> String {
 
 pub(crate) fn run(config: &Config) -> Section {
     let devices = config.size(200, 20);
-    let n_toggles = config.size(4_000, 200);
-    let n_forms = config.size(40, 8);
+    let n_toggles = config.size(2_000, 200);
+    let n_forms = config.size(20, 8);
     let edits = config.size(24, 5);
     let rt = client_runtime();
     let server = Server::start();

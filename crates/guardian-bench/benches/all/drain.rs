@@ -170,9 +170,9 @@ async fn bare_batched(url: &str, n: usize, batch: usize, prefix: &str) -> f64 {
 }
 
 pub(crate) fn run(config: &Config) -> Section {
-    let n1 = config.size(1_000, 100);
-    let n16 = config.size(3_000, 300);
-    let nb = config.size(10_000, 1_000);
+    let n1 = config.size(500, 100);
+    let n16 = config.size(2_000, 300);
+    let nb = config.size(2_000, 1_000);
     let server = Server::start();
     let url = server.url();
     let rt = client_runtime();
