@@ -75,7 +75,6 @@ fn bad_options_are_refused() {
 /// coalescing). A → 409 → merged {a:1,b:1} → applied v3; B gets If-Match 3,
 /// base {a:1,b:1} and is applied as {a:2,b:0}: b=1 is lost.
 #[test]
-#[ignore = "guardian-sync bug: chained successor after a merged predecessor overwrites remote fields (see issue 7 report)"]
 fn chained_update_after_a_merged_conflict_keeps_remote_fields() {
     use std::sync::Arc;
 

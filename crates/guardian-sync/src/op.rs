@@ -214,6 +214,11 @@ pub struct HistoryEntry {
     pub detail: String,
     /// The idempotency key the op had before this event, if it changed.
     pub old_idempotency_key: Option<Uuid>,
+    /// On an op's first reconciliation: the payload as the app wrote it,
+    /// i.e. the app's view of the entity after this op. The entity's next
+    /// op was made from that view, which version chaining needs to know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_payload: Option<Value>,
 }
 
 /// An op as stored in the outbox.

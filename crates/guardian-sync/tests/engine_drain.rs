@@ -794,3 +794,67 @@ async fn a_wall_clock_step_back_keeps_backoffs_their_length() {
     assert_eq!(second.succeeded, 1, "the op was stranded by the clock step");
     assert_eq!(server.applied_log().await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_chained_update_after_a_merged_conflict_keeps_remote_fields() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    engine
+        .enqueue(NewOp::create("board", "b1", json!({"a": 0, "b": 0})))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    // Another writer sets b = 1 (version 2).
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/entities/board/b1", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "other-writer")
+        .json(&json!({"data": {"a": 0, "b": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Offline, this device sets a = 1 then a = 2 (from version 1); the first
+    // send fails so the two edits stay separate ops, chained.
+    let first = engine
+        .enqueue(
+            NewOp::update("board", "b1", json!({"a": 1, "b": 0}))
+                .with_base(json!({"a": 0, "b": 0}), 1),
+        )
+        .await
+        .unwrap();
+    server
+        .set_faults(Faults {
+            fail_next: 1,
+            retry_after: Some(RetryAfter {
+                seconds: 1,
+                form: RetryAfterForm::Seconds,
+            }),
+            ..Faults::default()
+        })
+        .unwrap();
+    assert_eq!(engine.drain_once().await.unwrap().retried, 1);
+    let second = engine
+        .enqueue(NewOp::update("board", "b1", json!({"a": 2, "b": 0})))
+        .await
+        .unwrap();
+    assert!(second.coalesced.is_none());
+    assert_ne!(first.op_id, second.op_id);
+    assert!(
+        engine
+            .outbox()
+            .get(second.op_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .chained
+    );
+    drain(&engine).await;
+    let (_, body) = get(&server, "board", "b1").await;
+    assert_eq!(
+        body["data"],
+        json!({"a": 2, "b": 1}),
+        "the other writer's b = 1 was overwritten"
+    );
+}

@@ -80,13 +80,30 @@ pub(crate) fn ack(
         outcomes::succeeded(conn, t, now)?;
     }
     if let Some((next, true)) = rows::successor(conn, &op.entity_type, &op.entity_id, op.seq)? {
+        // The successor was made from the app's view after this op. When the
+        // server's result differs from that view (this op was merged with a
+        // concurrent change), chaining on the new version would overwrite
+        // that change: keep the app's view as the successor's base and give
+        // it a version the server is certain to refuse, so its 409 goes
+        // through the reconciler's 3-way merge onto the server's state.
+        let app_view = op
+            .history
+            .iter()
+            .find_map(|h| h.app_payload.as_ref())
+            .unwrap_or(&op.payload);
+        let (base, version) = match (&ack.data, ack.version) {
+            (Some(data), Some(v)) if data != app_view => {
+                (Some(app_view), Some(v.saturating_sub(1)))
+            }
+            (data, v) => (data.as_ref(), v),
+        };
         conn.prepare_cached(
             "UPDATE ops SET base_version = ?1, base = coalesce(?2, base), chained = 0, updated_at = ?3 \
              WHERE seq = ?4",
         )?
         .execute(params![
-            rows::version_to_sql(ack.version),
-            ack.data.as_ref().map(serde_json::Value::to_string),
+            rows::version_to_sql(version),
+            base.map(serde_json::Value::to_string),
             now,
             next
         ])?;
@@ -203,6 +220,8 @@ pub(crate) fn reconciled(
         event: "reconciled".into(),
         detail: r.detail.clone(),
         old_idempotency_key: Some(op.idempotency_key),
+        // Only the first reconciliation sees the app's own payload.
+        app_payload: (op.reconciliations == 0).then(|| op.payload.clone()),
     });
     conn.prepare_cached(
         "UPDATE ops SET state = 'pending', idempotency_key = ?1, payload = ?2, base = ?3, \

@@ -119,6 +119,7 @@ pub(crate) fn run(
                     event: "upcast".into(),
                     detail: format!("envelope v{} -> v{current}", op.envelope_version),
                     old_idempotency_key: None,
+                    app_payload: None,
                 });
                 conn.execute(
                     "UPDATE ops SET payload = ?1, base = ?2, envelope_version = ?3, history = ?4, \
