@@ -73,6 +73,8 @@ async fn enqueue_under_faults(fiu_command: &str, tag: &str, rounds: usize) {
     work.outbox.close().await;
     let prefix = ["fiu-run", "-x", "-f", "", "-c", fiu_command];
     let (mut acked, mut refused) = (0, 0);
+    // Ops whose enqueue reported an unknown outcome (the commit failed).
+    let mut announced: Vec<String> = Vec::new();
     for i in 0..rounds {
         let id = format!("{tag}-cli-{i}");
         let data = json!({ "n": i, "via": "cli" });
@@ -105,6 +107,10 @@ async fn enqueue_under_faults(fiu_command: &str, tag: &str, rounds: usize) {
         } else {
             refused += 1;
             assert_clean_failure(&out, &format!("enqueue {i} under {fiu_command}"));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if let Some(rest) = stderr.split("may or may not be stored (op ").nth(1) {
+                announced.extend(rest.split(')').next().map(str::to_owned));
+            }
             if refused == 1 {
                 eprintln!("{tag}: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
@@ -149,6 +155,13 @@ async fn enqueue_under_faults(fiu_command: &str, tag: &str, rounds: usize) {
         phantoms.len() <= refused,
         "{tag}: ops appeared from nowhere"
     );
+    for o in &phantoms {
+        assert!(
+            announced.contains(&o.op_id.to_string()),
+            "{tag}: op {} was stored although its enqueue reported a definite failure",
+            o.op_id
+        );
+    }
     if !phantoms.is_empty() {
         eprintln!(
             "{tag}: {} of {refused} refused enqueues were stored anyway (ambiguous outcome)",

@@ -162,6 +162,13 @@ pub(crate) fn prepare(
     })
 }
 
+impl Prepared {
+    /// The id the op gets if stored.
+    pub(crate) fn op_id(&self) -> OpId {
+        self.op_id
+    }
+}
+
 /// The entity's tail: its never-attempted active suffix plus the active op
 /// just before it, oldest first (empty if the entity has no active op).
 fn tail(conn: &Connection, p: &Prepared, only_last: bool) -> rusqlite::Result<Vec<TailOp>> {
@@ -302,6 +309,7 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
                 return Err(EnqueueError::Storage(super::StorageError {
                     message: format!("coalescing target {seq} vanished"),
                     corrupt: false,
+                    outcome_unknown: false,
                 }));
             };
             let mut tokens = target.txn_tokens.clone();

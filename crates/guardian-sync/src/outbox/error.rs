@@ -15,6 +15,10 @@ pub struct StorageError {
     pub message: String,
     /// True if SQLite reported the file as corrupt or not a database.
     pub corrupt: bool,
+    /// True when `COMMIT` itself failed (e.g. an fsync error after the WAL
+    /// frames were written): the work may or may not be on disk, and may
+    /// reappear at the next open. Never treat such a write as absent.
+    pub outcome_unknown: bool,
 }
 
 impl From<rusqlite::Error> for StorageError {
@@ -22,6 +26,7 @@ impl From<rusqlite::Error> for StorageError {
         Self {
             corrupt: is_corrupt(&e),
             message: e.to_string(),
+            outcome_unknown: false,
         }
     }
 }
@@ -31,6 +36,7 @@ impl From<serde_json::Error> for StorageError {
         Self {
             message: format!("stored JSON is unreadable: {e}"),
             corrupt: false,
+            outcome_unknown: false,
         }
     }
 }
@@ -112,9 +118,20 @@ pub enum EnqueueError {
     /// The transaction token is empty or longer than 256 bytes.
     #[error("transaction token must be 1 to 256 bytes")]
     InvalidTxnToken,
-    /// SQLite failed; the op was not stored.
+    /// SQLite failed before the commit; the op was not stored.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The commit itself failed: the op may or may not be stored (it can
+    /// reappear at the next open). Do not enqueue the change again blindly:
+    /// look for `op_id` with [`Outbox::get`](super::Outbox::get) after
+    /// reopening, or the change may be applied twice under two keys.
+    #[error("the commit failed and the op may or may not be stored (op {op_id}); check before enqueueing again: {source}")]
+    OutcomeUnknown {
+        /// The id the op has if it was stored.
+        op_id: OpId,
+        /// The storage failure.
+        source: StorageError,
+    },
     /// The outbox was closed.
     #[error("the outbox is closed")]
     Closed,

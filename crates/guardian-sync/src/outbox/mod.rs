@@ -420,10 +420,18 @@ impl Outbox {
             self.inner.max_payload_bytes,
             self.inner.envelope_version,
         )?;
-        self.inner
+        let op_id = prepared.op_id();
+        match self
+            .inner
             .writer
             .call(move |conn, ctx| enqueue::apply(conn, ctx, &prepared))
             .await
+        {
+            Err(EnqueueError::Storage(source)) if source.outcome_unknown => {
+                Err(EnqueueError::OutcomeUnknown { op_id, source })
+            }
+            other => other,
+        }
     }
 
     // ---- runner side (fenced) ----

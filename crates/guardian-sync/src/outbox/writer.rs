@@ -173,7 +173,8 @@ fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
         let commit = match began {
             Err(e) => Err(StorageError::from(e)),
             Ok(()) => conn.execute_batch("COMMIT").map_err(|e| {
-                let err = StorageError::from(e);
+                let mut err = StorageError::from(e);
+                err.outcome_unknown = true;
                 if !conn.is_autocommit() {
                     let _ = conn.execute_batch("ROLLBACK");
                 }
