@@ -161,3 +161,30 @@ async fn two_contenders_for_a_stale_lock_produce_one_winner() {
         .count();
     assert_eq!(winners, 1, "{rb:?} {rc:?}");
 }
+
+#[tokio::test]
+async fn a_database_held_by_a_frozen_writer_reads_as_held_not_as_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(1_000_000);
+    let ob = Outbox::open(
+        dir.path().join("o.db"),
+        OutboxOptions::default()
+            .clock(clock.clone())
+            .busy_timeout(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap()
+    .0;
+    // Another process froze inside a write transaction.
+    let frozen = rusqlite::Connection::open(dir.path().join("o.db")).unwrap();
+    frozen
+        .execute_batch("BEGIN IMMEDIATE; UPDATE meta SET value = value;")
+        .unwrap();
+    let mut b = ProcessingLock::new(ob.clone(), "b", config(), clock.clone());
+    assert!(matches!(
+        b.try_acquire().await.unwrap(),
+        Acquired::No { .. }
+    ));
+    frozen.execute_batch("ROLLBACK").unwrap();
+    acquired(&mut b).await;
+}

@@ -151,6 +151,21 @@ impl ProcessingLock {
     /// Taking it increments the epoch, so the previous holder's writes are
     /// refused from now on.
     pub async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
+        match self.try_acquire_inner().await {
+            // Another process holds the database inside a transaction past
+            // the busy timeout (e.g. a holder frozen mid-write): the lock is
+            // held as far as we can tell; look again later.
+            Err(LockError::Outbox(OutboxError::Storage(e))) if e.busy => {
+                self.os_lock = None;
+                Ok(Acquired::No {
+                    retry_in: self.config.heartbeat_interval,
+                })
+            }
+            other => other,
+        }
+    }
+
+    async fn try_acquire_inner(&mut self) -> Result<Acquired, LockError> {
         let os = self.try_os_lock();
         let row = self.outbox.lock_read().await?;
         let view = LockView {

@@ -310,6 +310,7 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
                     message: format!("coalescing target {seq} vanished"),
                     corrupt: false,
                     outcome_unknown: false,
+                    busy: false,
                 }));
             };
             let mut tokens = target.txn_tokens.clone();

@@ -19,12 +19,19 @@ pub struct StorageError {
     /// frames were written): the work may or may not be on disk, and may
     /// reappear at the next open. Never treat such a write as absent.
     pub outcome_unknown: bool,
+    /// True when another connection held the database past the busy
+    /// timeout (e.g. a frozen process inside a transaction): try again later.
+    pub busy: bool,
 }
 
 impl From<rusqlite::Error> for StorageError {
     fn from(e: rusqlite::Error) -> Self {
         Self {
             corrupt: is_corrupt(&e),
+            busy: matches!(
+                e.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
             message: e.to_string(),
             outcome_unknown: false,
         }
@@ -37,6 +44,7 @@ impl From<serde_json::Error> for StorageError {
             message: format!("stored JSON is unreadable: {e}"),
             corrupt: false,
             outcome_unknown: false,
+            busy: false,
         }
     }
 }
