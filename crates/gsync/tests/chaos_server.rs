@@ -365,6 +365,10 @@ async fn dripping_body_times_out_and_is_retried() {
         "the drip held the drain {elapsed:?}"
     );
     eprintln!("drip: {reasons:?} after {elapsed:?}");
+    assert!(
+        reasons.iter().all(|r| r.starts_with("timed out")),
+        "a body cut off by the timeout must be reported as a timeout: {reasons:?}"
+    );
     let stats = work.outbox.stats().await.unwrap();
     assert_eq!((stats.pending, stats.failed), (2, 0), "{stats:?}");
     // Then the real server gets everything.

@@ -216,8 +216,29 @@ struct Response {
     body: Vec<u8>,
 }
 
+/// True when the error is, or was caused by, a timeout. reqwest reports a
+/// body cut off by the request timeout as a decode/body error whose cause
+/// is the timeout, so the whole source chain is inspected.
+fn caused_by_timeout(e: &reqwest::Error) -> bool {
+    if e.is_timeout() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let io_timeout = s
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        // reqwest's own timeout error type is private; its text is stable.
+        if io_timeout || s.to_string().contains("timed out") {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn network_outcome(e: &reqwest::Error) -> Outcome {
-    let reason = if e.is_timeout() {
+    let reason = if caused_by_timeout(e) {
         RetryReason::Timeout
     } else if e.is_decode() || e.is_body() {
         RetryReason::Protocol
@@ -225,7 +246,12 @@ fn network_outcome(e: &reqwest::Error) -> Outcome {
         RetryReason::Network
     };
     // reqwest errors never include bodies or headers, so they are safe to log.
-    Outcome::network(reason, e.to_string())
+    let detail = if reason == RetryReason::Timeout {
+        format!("timed out: {e}")
+    } else {
+        e.to_string()
+    };
+    Outcome::network(reason, detail)
 }
 
 impl Transport for HttpTransport {
