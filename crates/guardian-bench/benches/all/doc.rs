@@ -178,7 +178,7 @@ pub(crate) fn render(config: &Config, info: &RunInfo, sections: &[Section]) -> S
                 verdict(target.met)
             );
             if !target.met && !target.why.is_empty() {
-                let _ = write!(out, " Why: {}.", target.why);
+                let _ = write!(out, " Why: {}.", target.why.trim_end_matches('.'));
             }
         }
         out.push('\n');

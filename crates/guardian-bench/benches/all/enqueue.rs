@@ -251,7 +251,7 @@ pub(crate) fn run(config: &Config) -> Section {
     let group_gain = s[1].ratio_to(&s[0]);
     let mut body = format!(
         "{n} ops per side per run, each durable when the call returns \
-         (`synchronous=FULL` in WAL mode; `fdatasync`). Records are ~{record_bytes} bytes \
+         (`synchronous=FULL` in WAL mode for SQLite; `fdatasync` for the others). Records are ~{record_bytes} bytes \
          (op id, idempotency key, kind, type, id, a 4-field JSON payload); every op is a \
          distinct entity, so coalescing never applies. Files live in the system temp dir \
          (ext4 on the same disk as the repository). `strace -c` of a run shows SQLite (ours \
