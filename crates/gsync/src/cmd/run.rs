@@ -100,9 +100,10 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
         });
     }
     let engine = builder.build().await?;
-    let total = engine.outbox().stats().await?;
     let interactive = std::io::stderr().is_terminal() && !global.json && !args.events;
     let bar = if interactive {
+        // Counting the queue costs O(queue); only a terminal user needs it.
+        let total = engine.outbox().stats().await?;
         let bar = ProgressBar::new(total.pending + total.in_flight);
         bar.set_style(
             ProgressStyle::with_template(

@@ -222,18 +222,18 @@ impl SyncEngine {
                 stall_reported = false;
             }
             report.drain.add(&drained);
-            let stats = inner.outbox.stats().await?;
-            inner
-                .metrics
-                .set_queue_depth(stats.pending + stats.in_flight);
-            if until_empty && stats.pending + stats.in_flight == 0 {
+            // Index lookups only: counting rows here would cost O(queue) per
+            // step (the queue depth gauge is refreshed at each heartbeat).
+            let due = inner.outbox.next_due().await?;
+            if until_empty && !due.active {
+                inner.metrics.set_queue_depth(0);
                 return Ok(());
             }
             // How long to sleep: until the next op is due, the breaker
             // half-opens, or a heartbeat-sized tick for the watchdog.
             let now = inner.clock.now_millis();
             let mut wait = inner.lock.heartbeat_interval;
-            if let Some(due) = stats.next_attempt_at {
+            if let Some(due) = due.next_attempt_at {
                 let until_due = u64::try_from(due.saturating_sub(now)).unwrap_or(0);
                 wait = wait.min(Duration::from_millis(until_due));
             }
@@ -241,12 +241,13 @@ impl SyncEngine {
                 wait = wait.max(cool.min(inner.lock.heartbeat_interval));
             }
             let stalled_for = inner.clock.monotonic().saturating_sub(last_progress);
-            if stats.pending > 0
+            if due.active
                 && !stall_reported
                 && stalled_for >= inner.stall_after
                 && !inner.breaker().is_tripped(inner.clock.monotonic())
             {
                 stall_reported = true;
+                let stats = inner.outbox.stats().await?;
                 inner.metrics.incr(crate::telemetry::Counter::Stalls);
                 inner.emit(SyncEvent::Stalled {
                     stalled_for_ms: u64::try_from(stalled_for.as_millis()).unwrap_or(u64::MAX),
@@ -270,6 +271,10 @@ impl Inner {
     /// (`gsync status --metrics`). Informational, so not fenced; a failure
     /// is logged, never fatal.
     pub(super) async fn publish_status(&self) {
+        if let Ok(stats) = self.outbox.stats().await {
+            self.metrics
+                .set_queue_depth(stats.pending + stats.in_flight);
+        }
         let status = serde_json::json!({
             "owner": self.owner_id,
             "breaker": self.breaker().state().name(),

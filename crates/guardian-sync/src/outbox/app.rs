@@ -32,7 +32,18 @@ impl Default for ListFilter {
     }
 }
 
-/// Queue depth and timing.
+/// The queue as the run loop sees it between drain steps (index lookups only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NextDue {
+    /// Some op is pending or in flight.
+    pub active: bool,
+    /// Earliest time a ready head is due (Unix ms).
+    pub next_attempt_at: Option<i64>,
+}
+
+/// Queue depth and timing. Counting rows grows with the queue: keep
+/// [`Outbox::stats`](super::Outbox::stats) off hot paths (the run loop uses
+/// [`Outbox::next_due`](super::Outbox::next_due)).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// Ops waiting to be sent.
@@ -218,6 +229,28 @@ pub(crate) fn stats(conn: &Connection) -> Result<Stats, OutboxError> {
         )?
         .query_row([], |r| r.get(0))?;
     Ok(s)
+}
+
+/// What the run loop needs between drain steps, from indexes only (no
+/// count): whether any op is still pending or in flight, and when the next
+/// ready head is due.
+pub(crate) fn next_due(conn: &Connection) -> Result<NextDue, OutboxError> {
+    let active = conn
+        .prepare_cached(
+            "SELECT 1 FROM ops INDEXED BY ops_state WHERE state IN ('pending', 'in_flight') LIMIT 1",
+        )?
+        .query_row([], |_| Ok(()))
+        .optional()?
+        .is_some();
+    let next_attempt_at = conn
+        .prepare_cached(
+            "SELECT min(next_attempt_at) FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1",
+        )?
+        .query_row([], |r| r.get(0))?;
+    Ok(NextDue {
+        active,
+        next_attempt_at,
+    })
 }
 
 pub(crate) fn meta_get(conn: &Connection, key: &str) -> Result<Option<String>, OutboxError> {

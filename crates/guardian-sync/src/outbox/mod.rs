@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-pub use app::{ListFilter, Stats};
+pub use app::{ListFilter, NextDue, Stats};
 pub use damage::{CheckReport, SalvageReport};
 pub use enqueue::{Coalesced, Enqueued, RemovedOp};
 pub use error::{EnqueueError, OpenError, OutboxError, StorageError};
@@ -627,6 +627,15 @@ impl Outbox {
         self.inner
             .writer
             .call(move |conn, ctx| app::edit_payload(conn, ctx, op_id, &payload))
+            .await
+    }
+
+    /// Whether any op is pending or in flight, and when the next ready op is
+    /// due: two index lookups, cheap at any queue length (unlike `stats`).
+    pub async fn next_due(&self) -> Result<NextDue, OutboxError> {
+        self.inner
+            .writer
+            .call(|conn, _ctx| app::next_due(conn))
             .await
     }
 
