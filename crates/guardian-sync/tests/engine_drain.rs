@@ -858,3 +858,53 @@ async fn a_chained_update_after_a_merged_conflict_keeps_remote_fields() {
         "the other writer's b = 1 was overwritten"
     );
 }
+
+#[tokio::test]
+async fn a_422_rolls_the_optimistic_update_back() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    let e = engine
+        .enqueue(NewOp::create("device", "d1", json!({"on": true})).with_txn_token("t422"))
+        .await
+        .unwrap();
+    // Someone used this op's idempotency key for another body: the server
+    // answers the op with 422 idempotency:mismatch, a permanent failure.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/entities/device", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", e.idempotency_key.to_string())
+        .json(&json!({"id": "other", "data": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let tx2 = tx.clone();
+    engine.optimistic().register(
+        "t422",
+        Registration::new(json!({"on": false}), move || {
+            tx.send("rollback".into()).unwrap()
+        })
+        .on_error(move |err| tx2.send(format!("error: {}", err.contains("422"))).unwrap()),
+    );
+    drain(&engine).await;
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), "rollback");
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        "error: true"
+    );
+    assert_eq!(
+        engine.outbox().txn_outcome("t422").await.unwrap(),
+        Some(TxnOutcome::Failed {
+            error: engine
+                .outbox()
+                .get(e.op_id)
+                .await
+                .unwrap()
+                .unwrap()
+                .last_error
+                .unwrap()
+        })
+    );
+}
