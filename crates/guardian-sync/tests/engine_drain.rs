@@ -884,7 +884,7 @@ async fn a_422_rolls_the_optimistic_update_back() {
     engine.optimistic().register(
         "t422",
         Registration::new(json!({"on": false}), move || {
-            tx.send("rollback".into()).unwrap()
+            tx.send("rollback".into()).unwrap();
         })
         .on_error(move |err| tx2.send(format!("error: {}", err.contains("422"))).unwrap()),
     );
