@@ -35,6 +35,18 @@ async fn server(faults: Faults) -> RunningServer {
         .unwrap()
 }
 
+/// Faults that fail `fail_next` requests (every request when `None`) with a
+/// 503 and, if given, a `Retry-After` of `seconds` in `form`.
+fn unavailable(fail_next: Option<u32>, retry_after: Option<(u64, RetryAfterForm)>) -> Faults {
+    Faults {
+        fail_next: fail_next.unwrap_or(0),
+        failure_rate: if fail_next.is_none() { 1.0 } else { 0.0 },
+        failure_statuses: vec![503],
+        retry_after: retry_after.map(|(seconds, form)| RetryAfter { seconds, form }),
+        ..Faults::default()
+    }
+}
+
 fn fast_retry() -> RetryPolicy {
     RetryPolicy::new(
         Duration::from_millis(5),
@@ -201,13 +213,7 @@ async fn chained_ops_of_one_entity_carry_the_previous_version() {
 }
 
 async fn storm_honours_retry_after(form: RetryAfterForm) {
-    let server = server(Faults {
-        fail_next: 2,
-        failure_statuses: vec![503],
-        retry_after: Some(RetryAfter { seconds: 2, form }),
-        ..Faults::default()
-    })
-    .await;
+    let server = server(unavailable(Some(2), Some((2, form)))).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = builder(&dir, &server).concurrency(1).build().await.unwrap();
     let mut events = engine.events();
@@ -670,16 +676,7 @@ async fn optimistic_updates_commit_roll_back_and_survive_restarts() {
 async fn the_stall_watchdog_fires_when_nothing_progresses() {
     // Every request fails with a Retry-After far beyond the stall time; the
     // breaker never opens (threshold high), so the queue is stuck.
-    let server = server(Faults {
-        failure_rate: 1.0,
-        failure_statuses: vec![503],
-        retry_after: Some(RetryAfter {
-            seconds: 3600,
-            form: RetryAfterForm::Seconds,
-        }),
-        ..Faults::default()
-    })
-    .await;
+    let server = server(unavailable(None, Some((3600, RetryAfterForm::Seconds)))).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = builder(&dir, &server)
         .breaker(BreakerConfig {
@@ -764,16 +761,7 @@ async fn outcomes_settled_by_a_dead_process_are_published_after_restart() {
 
 #[tokio::test]
 async fn a_wall_clock_step_back_keeps_backoffs_their_length() {
-    let server = server(Faults {
-        fail_next: 1,
-        failure_statuses: vec![503],
-        retry_after: Some(RetryAfter {
-            seconds: 1,
-            form: RetryAfterForm::Seconds,
-        }),
-        ..Faults::default()
-    })
-    .await;
+    let server = server(unavailable(Some(1), Some((1, RetryAfterForm::Seconds)))).await;
     let dir = tempfile::tempdir().unwrap();
     let clock = guardian_sync::clock::ManualClock::new(1_795_000_000_000);
     let engine = builder(&dir, &server)
@@ -825,14 +813,7 @@ async fn a_chained_update_after_a_merged_conflict_keeps_remote_fields() {
         .await
         .unwrap();
     server
-        .set_faults(Faults {
-            fail_next: 1,
-            retry_after: Some(RetryAfter {
-                seconds: 1,
-                form: RetryAfterForm::Seconds,
-            }),
-            ..Faults::default()
-        })
+        .set_faults(unavailable(Some(1), Some((1, RetryAfterForm::Seconds))))
         .unwrap();
     assert_eq!(engine.drain_once().await.unwrap().retried, 1);
     let second = engine
