@@ -889,3 +889,58 @@ async fn a_422_rolls_the_optimistic_update_back() {
         })
     );
 }
+
+/// The engine claims ahead of its sends; when the breaker opens, the ops it
+/// claimed but never sent go back to the queue as never attempted (still
+/// coalescable and cancellable), and the attempts stored equal the requests
+/// actually sent.
+#[tokio::test]
+async fn ops_claimed_ahead_are_released_unattempted_when_the_breaker_opens() {
+    let server = server(unavailable(None, None)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .concurrency(4)
+        .breaker(BreakerConfig {
+            failure_threshold: 4,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(600),
+            ..BreakerConfig::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    for i in 0..40 {
+        engine
+            .enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
+            .await
+            .unwrap();
+    }
+    engine.drain_once().await.unwrap();
+    let retried = collect(&mut events)
+        .into_iter()
+        .filter(|e| matches!(e, SyncEvent::OpRetried { .. }))
+        .count();
+    let ops = engine
+        .outbox()
+        .list(ListFilter {
+            state: None,
+            limit: 100,
+            after_seq: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(ops.len(), 40);
+    assert!(ops.iter().all(|op| op.state == OpState::Pending), "{ops:?}");
+    let attempts: u32 = ops.iter().map(|op| op.attempts).sum();
+    // Every failure was a real request; the breaker stopped the rest.
+    assert_eq!(attempts as usize, retried);
+    assert!(
+        (4..40).contains(&retried),
+        "breaker should stop sending after 4 failures, {retried} sent"
+    );
+    // A released op is never attempted again: it can still be cancelled.
+    let unsent = ops.iter().find(|op| op.attempts == 0).unwrap();
+    engine.outbox().cancel(unsent.op_id).await.unwrap();
+    assert!(server.applied_log().await.unwrap().is_empty());
+}

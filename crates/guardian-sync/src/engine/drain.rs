@@ -1,8 +1,10 @@
 //! One drain step: claim ready ops, send them, record every outcome.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::future::{join_all, BoxFuture};
+use futures::stream::{FuturesUnordered, StreamExt as _};
 use guardian_protocol::Entity;
 use serde_json::Value;
 
@@ -29,52 +31,221 @@ pub(super) enum Step {
     AuthPaused,
 }
 
+/// A claimed unit on its way: one op, or one batch of ops of distinct entities.
+type Unit = Vec<PendingOp>;
+/// A unit's responses: each op with its outcome, and the request latency.
+type Responses = (Unit, Vec<Outcome>, Duration);
+type Recorded = Vec<Result<DrainReport, EngineError>>;
+/// A claim's result: how many ops it asked for, and those it got.
+type Claimed = Result<(usize, Vec<PendingOp>), EngineError>;
+
+/// Batch requests in flight at once. Two keep the link busy: the next batch
+/// is claimed and sent while the previous one's results are recorded.
+const BATCHES_IN_FLIGHT: usize = 2;
+
 impl Inner {
+    /// Drains everything ready now through a sliding window.
+    ///
+    /// Three kinds of work overlap instead of alternating in waves:
+    /// requests in flight (at most `concurrency` ops, or
+    /// [`BATCHES_IN_FLIGHT`] batches), recording of outcomes that came back,
+    /// and claiming the next ops. An op is still claimed durably (in flight,
+    /// attempts + 1) before its request is sent, but the claim happens while
+    /// earlier requests are on the wire, and the writer's group commit folds
+    /// it into the same transaction as the acks that are being recorded, so
+    /// the steady state costs about one commit per round trip, not two per
+    /// op. Per-entity order is untouched: only an entity's head is ever
+    /// claimed, and its successor becomes the head when its ack commits.
+    ///
+    /// Ops claimed but not yet sent when sending must stop (breaker open,
+    /// authentication required) are released as never attempted. On a
+    /// cancelled drain (shutdown) they stay in flight and go back to pending
+    /// when the lock is next acquired, with one attempt counted.
     pub(super) async fn step(&self, fence: &Fence) -> Result<Step, EngineError> {
-        if self.auth_paused.load(std::sync::atomic::Ordering::SeqCst) {
-            return Ok(Step::AuthPaused);
-        }
-        let admission = self.breaker().allow_request(self.clock.monotonic());
-        self.publish_breaker();
-        let limit = match admission {
-            // Ops stay pending (not failed) while the breaker is open; the
-            // run loop sleeps until the cooldown ends.
-            Admission::Rejected { .. } => return Ok(Step::BreakerOpen),
-            Admission::Trial => 1,
-            Admission::Allowed => self.batch.map_or(self.concurrency, |b| b.max_ops.max(1)),
+        let per_unit = self.batch.map_or(1, |b| b.max_ops.max(1));
+        let max_units = if per_unit > 1 {
+            BATCHES_IN_FLIGHT
+        } else {
+            self.concurrency.max(1)
         };
-        self.rebase_after_clock_step(fence).await?;
-        let ops = self
-            .outbox
-            .claim_ready(fence, limit, self.clock.now_millis())
-            .await?;
-        if ops.is_empty() {
-            return Ok(Step::Idle);
-        }
-        let reports = match self.batch {
-            Some(batch) if ops.len() > 1 => {
-                let mut reports = Vec::new();
-                for chunk in chunk_by_bytes(&ops, batch.max_bytes) {
-                    reports.extend(self.send_batch(fence, chunk).await);
-                }
-                reports
-            }
-            _ => join_all(ops.iter().map(|op| self.process(fence, op))).await,
-        };
+        // Claimed ahead of the wire: a full round of single ops, or one
+        // batch, so a freed slot is refilled without waiting for a commit.
+        let window = max_units * per_unit + per_unit.max(max_units);
+        let mut ready: VecDeque<PendingOp> = VecDeque::new();
+        let mut requests: FuturesUnordered<BoxFuture<'_, Responses>> = FuturesUnordered::new();
+        let mut records: FuturesUnordered<BoxFuture<'_, Recorded>> = FuturesUnordered::new();
+        // At most one claim at a time.
+        let mut claiming: FuturesUnordered<BoxFuture<'_, Claimed>> = FuturesUnordered::new();
+        // The last claim found fewer ops than it asked for ...
+        let mut exhausted = false;
+        // ... but an outcome has come back since, which may have freed an
+        // entity's next op.
+        let mut maybe_more = false;
+        // Sending has stopped for this drain (breaker, auth).
+        let mut stop: Option<Step> = None;
         let mut total = DrainReport::default();
-        let mut lost = false;
-        for r in reports {
-            match r {
-                Ok(r) => total.add(&r),
-                Err(EngineError::LockLost) => lost = true,
-                Err(e) => return Err(e),
+        let mut progressed = false;
+        let mut outcomes_pending = false;
+        loop {
+            // Send what is claimed, as far as the window and breaker allow.
+            while stop.is_none() && requests.len() < max_units && !ready.is_empty() {
+                if self.auth_paused.load(std::sync::atomic::Ordering::SeqCst) {
+                    stop = Some(Step::AuthPaused);
+                    break;
+                }
+                let admission = self.breaker().allow_request(self.clock.monotonic());
+                self.publish_breaker();
+                let take = match admission {
+                    Admission::Rejected { .. } => {
+                        // Wait for what is outstanding (a trial may close the
+                        // breaker); with nothing outstanding, stop.
+                        if requests.is_empty() && records.is_empty() {
+                            stop = Some(Step::BreakerOpen);
+                        }
+                        break;
+                    }
+                    Admission::Trial => 1,
+                    Admission::Allowed => per_unit,
+                };
+                let unit = self.next_unit(&mut ready, take);
+                requests.push(Box::pin(self.send_unit(unit)));
             }
-        }
-        if lost {
-            return Err(EngineError::LockLost);
+            // Claim ahead while there is room in the window.
+            let outstanding = ready.len() + requests.len() * per_unit;
+            if stop.is_none()
+                && claiming.is_empty()
+                && outstanding < window
+                && (!exhausted || maybe_more)
+            {
+                let idle = requests.is_empty() && records.is_empty() && ready.is_empty();
+                if self.auth_paused.load(std::sync::atomic::Ordering::SeqCst) {
+                    stop = Some(Step::AuthPaused);
+                } else if self.breaker().is_tripped(self.clock.monotonic()) {
+                    // Open, or a half-open trial is out: claim nothing more.
+                    if idle {
+                        stop = Some(Step::BreakerOpen);
+                    }
+                } else {
+                    maybe_more = false;
+                    let limit = window - outstanding;
+                    claiming.push(Box::pin(async move {
+                        self.rebase_after_clock_step(fence).await?;
+                        let ops = self
+                            .outbox
+                            .claim_ready(fence, limit, self.clock.now_millis())
+                            .await?;
+                        Ok((limit, ops))
+                    }));
+                }
+            }
+            if stop.is_some() && !ready.is_empty() {
+                let ids = ready.drain(..).map(|op| op.op_id).collect();
+                self.outbox.release_claimed(fence, ids).await?;
+            }
+            if requests.is_empty() && records.is_empty() && claiming.is_empty() && ready.is_empty()
+            {
+                break;
+            }
+            // Records first: their writes reach the writer thread before the
+            // claim's, so the claim sees the acks' effects in the same commit.
+            tokio::select! {
+                biased;
+                Some(results) = records.next(), if !records.is_empty() => {
+                    maybe_more = true;
+                    for r in results {
+                        match r {
+                            Ok(r) => {
+                                progressed = true;
+                                total.add(&r);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if outcomes_pending && records.is_empty() {
+                        outcomes_pending = false;
+                        self.deliver_outcomes().await?;
+                    }
+                }
+                Some((unit, outcomes, latency)) = requests.next(), if !requests.is_empty() => {
+                    maybe_more = true;
+                    outcomes_pending |= unit.iter().any(|op| !op.txn_tokens.is_empty());
+                    records.push(Box::pin(self.record_unit(fence, unit, outcomes, latency)));
+                }
+                Some(claimed) = claiming.next(), if !claiming.is_empty() => {
+                    let (asked, ops) = claimed?;
+                    exhausted = ops.len() < asked;
+                    ready.extend(ops);
+                }
+            }
         }
         self.deliver_outcomes().await?;
-        Ok(Step::Progressed(total))
+        if let Some(step) = stop {
+            if !progressed {
+                return Ok(step);
+            }
+        }
+        Ok(if progressed {
+            Step::Progressed(total)
+        } else {
+            Step::Idle
+        })
+    }
+
+    /// Takes the next unit off the claimed queue: one op, or (batching) as
+    /// many as `take` allows within the batch byte limit.
+    fn next_unit(&self, ready: &mut VecDeque<PendingOp>, take: usize) -> Unit {
+        let max_bytes = self.batch.map_or(usize::MAX, |b| b.max_bytes);
+        let mut unit = Vec::new();
+        let mut bytes = 0;
+        while unit.len() < take {
+            let Some(op) = ready.front() else { break };
+            let size = request_size(op);
+            if !unit.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            if let Some(op) = ready.pop_front() {
+                unit.push(op);
+            }
+        }
+        unit
+    }
+
+    /// Sends a unit: one request per op, or one batch request.
+    async fn send_unit(&self, unit: Unit) -> Responses {
+        for _ in &unit {
+            self.metrics.incr(Counter::Sent);
+        }
+        let started = self.clock.monotonic();
+        let outcomes = if unit.len() > 1 {
+            let requests: Vec<OpRequest> = unit.iter().map(Self::request).collect();
+            self.transport.send_batch(&requests).await
+        } else {
+            let mut outcomes = Vec::with_capacity(1);
+            for op in &unit {
+                outcomes.push(self.transport.send(&Self::request(op)).await);
+            }
+            outcomes
+        };
+        let latency = self.clock.monotonic().saturating_sub(started);
+        (unit, outcomes, latency)
+    }
+
+    /// Records a unit's outcomes concurrently, so the outbox's group commit
+    /// writes them (and any claim issued meanwhile) in one transaction.
+    async fn record_unit(
+        &self,
+        fence: &Fence,
+        unit: Unit,
+        outcomes: Vec<Outcome>,
+        latency: Duration,
+    ) -> Recorded {
+        join_all(
+            unit.iter()
+                .zip(outcomes)
+                .map(|(op, outcome)| self.handle(fence, op, outcome, latency)),
+        )
+        .await
     }
 
     /// Keeps stored backoffs their length across wall-clock steps.
@@ -111,37 +282,6 @@ impl Inner {
             if_match: op.base_version,
             idempotency_key: op.idempotency_key.to_string(),
         }
-    }
-
-    async fn process(&self, fence: &Fence, op: &PendingOp) -> Result<DrainReport, EngineError> {
-        let request = Self::request(op);
-        let started = self.clock.monotonic();
-        self.metrics.incr(Counter::Sent);
-        let outcome = self.transport.send(&request).await;
-        let latency = self.clock.monotonic().saturating_sub(started);
-        self.handle(fence, op, outcome, latency).await
-    }
-
-    async fn send_batch(
-        &self,
-        fence: &Fence,
-        ops: &[PendingOp],
-    ) -> Vec<Result<DrainReport, EngineError>> {
-        let requests: Vec<OpRequest> = ops.iter().map(Self::request).collect();
-        let started = self.clock.monotonic();
-        for _ in ops {
-            self.metrics.incr(Counter::Sent);
-        }
-        let outcomes = self.transport.send_batch(&requests).await;
-        let latency = self.clock.monotonic().saturating_sub(started);
-        // Concurrently, so the outbox's group commit records the whole
-        // batch's outcomes in one transaction instead of one fsync each.
-        join_all(
-            ops.iter()
-                .zip(outcomes)
-                .map(|(op, outcome)| self.handle(fence, op, outcome, latency)),
-        )
-        .await
     }
 
     /// Records one outcome (DESIGN §4).
@@ -289,10 +429,11 @@ impl Inner {
         report: &mut DrainReport,
     ) -> Result<DrainReport, EngineError> {
         let now = self.clock.now_millis();
-        match self
+        // Decided before any await: the thread-local RNG is not `Send`.
+        let decision = self
             .retry
-            .schedule(op.attempts, retry_after, now, &mut rand::rng())
-        {
+            .schedule(op.attempts, retry_after, now, &mut rand::rng());
+        match decision {
             RetryDecision::RetryAt(at) => {
                 self.outbox
                     .retry_later(fence, op.op_id, at, &detail)
@@ -483,22 +624,7 @@ fn failure_detail(outcome: &Outcome) -> String {
     }
 }
 
-/// Splits claimed ops into batches of at most `max_bytes` of payload.
-fn chunk_by_bytes(ops: &[PendingOp], max_bytes: usize) -> Vec<&[PendingOp]> {
-    let mut chunks = Vec::new();
-    let mut start = 0;
-    let mut bytes = 0;
-    for (i, op) in ops.iter().enumerate() {
-        let size = op.payload.to_string().len() + 200;
-        if i > start && bytes + size > max_bytes {
-            chunks.push(&ops[start..i]);
-            start = i;
-            bytes = 0;
-        }
-        bytes += size;
-    }
-    if start < ops.len() {
-        chunks.push(&ops[start..]);
-    }
-    chunks
+/// An op's share of a batch body: its payload plus the envelope fields.
+fn request_size(op: &PendingOp) -> usize {
+    op.payload.to_string().len() + 200
 }

@@ -241,3 +241,48 @@ pub(crate) fn reconciled(
     rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
     Ok(key)
 }
+
+/// Gives claimed ops that were never sent back to the queue: pending again,
+/// `attempts` restored, so they count as never attempted (coalescable,
+/// cancellable) exactly as before the claim. Ops no longer in flight are left
+/// alone. Used when the engine claimed ahead of its sends and then stops
+/// sending (breaker open, authentication required).
+pub(crate) fn release(
+    conn: &Connection,
+    fence: &Fence,
+    op_ids: &[OpId],
+) -> Result<(), OutboxError> {
+    lock_row::check(conn, fence)?;
+    let mut update = conn.prepare_cached(
+        "UPDATE ops SET state = 'pending', attempts = max(attempts - 1, 0) \
+         WHERE seq = ?1 AND state = 'in_flight'",
+    )?;
+    for &op_id in op_ids {
+        let Some(op) = rows::by_id(conn, op_id)? else {
+            continue;
+        };
+        if update.execute([op.seq])? > 0 {
+            rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+        }
+    }
+    Ok(())
+}
+
+impl super::Outbox {
+    /// Returns claimed but never-sent ops to the queue as if never claimed
+    /// (pending, `attempts` restored). Fenced like every runner write.
+    pub async fn release_claimed(
+        &self,
+        fence: &Fence,
+        op_ids: Vec<OpId>,
+    ) -> Result<(), OutboxError> {
+        if op_ids.is_empty() {
+            return Ok(());
+        }
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, _| release(conn, &fence, &op_ids))
+            .await
+    }
+}
