@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::enqueue::check_payload;
 use super::error::OutboxError;
 use super::writer::Ctx;
-use super::{outcomes, rows};
+use super::{outcomes, rows, upcast};
 use crate::op::{OpId, OpKind, OpState, PendingOp};
 
 /// Which ops [`list`](super::Outbox::list) returns.
@@ -82,10 +82,21 @@ fn expect_never_attempted(op: &PendingOp) -> Result<(), OutboxError> {
 pub(crate) fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<PendingOp>, OutboxError> {
     let limit = i64::try_from(f.limit).unwrap_or(i64::MAX);
     let ops = if let Some(state) = f.state {
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {} FROM ops WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            rows::OP_COLUMNS
-        ))?;
+        // Pending ops are most of the table: walk it in order. The others
+        // are few: read them through the partial `ops_state` index.
+        let sql = if state == OpState::Pending {
+            format!(
+                "SELECT {} FROM ops WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                rows::OP_COLUMNS
+            )
+        } else {
+            format!(
+                "SELECT {} FROM ops INDEXED BY ops_state WHERE state <> 'pending' AND state = ?1 \
+                 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                rows::OP_COLUMNS
+            )
+        };
+        let mut stmt = conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params![state.as_str(), f.after_seq, limit], rows::read_op)?;
         rows.collect::<rusqlite::Result<Vec<_>>>()?
     } else {
@@ -114,6 +125,8 @@ pub(crate) fn retry_failed(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<
         "UPDATE ops SET state = 'pending', next_attempt_at = ?1, updated_at = ?1 WHERE seq = ?2",
     )?
     .execute(params![now, op.seq])?;
+    // It may still carry an old envelope version: list it for the next open.
+    upcast::note_version(conn, op.envelope_version)?;
     for t in &op.txn_tokens {
         outcomes::reopened(conn, t, now)?;
     }
@@ -123,8 +136,10 @@ pub(crate) fn retry_failed(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<
 
 pub(crate) fn retry_all_failed(conn: &Connection, ctx: &Ctx) -> Result<u64, OutboxError> {
     let ids: Vec<String> = {
-        let mut stmt =
-            conn.prepare_cached("SELECT op_id FROM ops WHERE state = 'failed' ORDER BY seq")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT op_id FROM ops INDEXED BY ops_state WHERE state <> 'pending' AND state = 'failed' \
+             ORDER BY seq",
+        )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         rows.collect::<rusqlite::Result<_>>()?
     };
@@ -199,54 +214,67 @@ pub(crate) fn edit_payload(
     Ok(())
 }
 
-/// Counts by state (a pass over the small `ops_state` index, not the table)
+/// Counts by state: all ops through the smallest index, in-flight and
+/// failed ones through the partial `ops_state` index (pending is the rest),
 /// plus two O(log n) probes.
 pub(crate) fn stats(conn: &Connection) -> Result<Stats, OutboxError> {
     let mut s = Stats::default();
+    let total: i64 = conn
+        .prepare_cached("SELECT count(*) FROM ops")?
+        .query_row([], |r| r.get(0))?;
+    let mut others: i64 = 0;
     {
-        let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM ops GROUP BY state")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, count(*) FROM ops INDEXED BY ops_state WHERE state <> 'pending' \
+             GROUP BY state",
+        )?;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             let state: String = r.get(0)?;
-            let n = u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0);
+            let n: i64 = r.get(1)?;
+            others += n;
+            let n = u64::try_from(n).unwrap_or(0);
             match OpState::parse(&state) {
-                Some(OpState::Pending) => s.pending = n,
                 Some(OpState::InFlight) => s.in_flight = n,
                 Some(OpState::Failed) => s.failed = n,
-                None => {}
+                Some(OpState::Pending) | None => {}
             }
         }
     }
+    s.pending = u64::try_from(total - others).unwrap_or(0);
     s.oldest_created_at = conn
         .prepare_cached(
             "SELECT created_at FROM ops WHERE state IN ('pending', 'in_flight') ORDER BY seq LIMIT 1",
         )?
         .query_row([], |r| r.get(0))
         .optional()?;
-    s.next_attempt_at = conn
-        .prepare_cached(
-            "SELECT min(next_attempt_at) FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1",
-        )?
-        .query_row([], |r| r.get(0))?;
+    s.next_attempt_at = next_ready_at(conn)?;
     Ok(s)
+}
+
+/// Earliest time a ready head is due, through `ops_ready`.
+fn next_ready_at(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT min(next_attempt_at) FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1",
+    )?
+    .query_row([], |r| r.get(0))
 }
 
 /// What the run loop needs between drain steps, from indexes only (no
 /// count): whether any op is still pending or in flight, and when the next
-/// ready head is due.
+/// ready head is due. Every entity with a pending op has a head: its
+/// in-flight op (found through `ops_state`) or its lowest pending op (in
+/// `ops_ready`), so the two probes answer "active" without touching the
+/// pending rows.
 pub(crate) fn next_due(conn: &Connection) -> Result<NextDue, OutboxError> {
-    let active = conn
-        .prepare_cached(
-            "SELECT 1 FROM ops INDEXED BY ops_state WHERE state IN ('pending', 'in_flight') LIMIT 1",
-        )?
-        .query_row([], |_| Ok(()))
-        .optional()?
-        .is_some();
-    let next_attempt_at = conn
-        .prepare_cached(
-            "SELECT min(next_attempt_at) FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1",
-        )?
-        .query_row([], |r| r.get(0))?;
+    let next_attempt_at = next_ready_at(conn)?;
+    let active = next_attempt_at.is_some()
+        || conn
+            .prepare_cached(
+                "SELECT 1 FROM ops INDEXED BY ops_state WHERE state <> 'pending' AND state = 'in_flight' \
+                 LIMIT 1",
+            )?
+            .exists([])?;
     Ok(NextDue {
         active,
         next_attempt_at,

@@ -474,7 +474,9 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
             "UPDATE ops SET state = 'pending' WHERE state = 'in_flight';
              UPDATE ops SET is_head = 0;
              UPDATE ops SET is_head = 1 WHERE seq IN (SELECT min(seq) FROM ops
-                 WHERE state = 'pending' GROUP BY entity_type, entity_id);",
+                 WHERE state = 'pending' GROUP BY entity_type, entity_id);
+             INSERT OR IGNORE INTO op_envelopes (version)
+                 SELECT DISTINCT envelope_version FROM ops;",
         );
         if let Err(e) = fix {
             note(&mut report, format!("rebuilding heads failed: {e}"));

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::error::EnqueueError;
 use super::writer::Ctx;
-use super::{outcomes, rows};
+use super::{outcomes, rows, upcast};
 use crate::coalesce::{self, Decision, TailOp};
 use crate::op::{NewOp, OpId, OpKind, OpState};
 
@@ -221,6 +221,15 @@ fn insert(
         Some(i) => (i.base.as_deref(), i.base_version, i.chained),
         None => (p.base.as_deref(), p.base_version, chained),
     };
+    let tokens_json = if tokens.is_empty() {
+        "[]".to_owned()
+    } else {
+        serde_json::to_string(&tokens)?
+    };
+    let (mut id_buf, mut key_buf) = (
+        [0u8; uuid::fmt::Hyphenated::LENGTH],
+        [0u8; uuid::fmt::Hyphenated::LENGTH],
+    );
     conn.prepare_cached(
         "INSERT INTO ops (op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \
          base_version, chained, txn_tokens, envelope_version, state, is_head, attempts, \
@@ -228,8 +237,8 @@ fn insert(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13)",
     )?
     .execute(params![
-        p.op_id.to_string(),
-        p.key.to_string(),
+        &*p.op_id.hyphenated().encode_lower(&mut id_buf),
+        &*p.key.hyphenated().encode_lower(&mut key_buf),
         p.kind.as_str(),
         p.entity_type,
         p.entity_id,
@@ -237,15 +246,17 @@ fn insert(
         base,
         base_version,
         chained,
-        serde_json::to_string(&tokens)?,
+        tokens_json,
         p.envelope_version,
         is_head,
         now,
     ])?;
+    let seq = conn.last_insert_rowid();
+    upcast::note_version(conn, p.envelope_version)?;
     for t in &tokens {
         outcomes::add(conn, t, now)?;
     }
-    Ok(conn.last_insert_rowid())
+    Ok(seq)
 }
 
 /// Removes ops for coalescing; returns what was removed, oldest first, and
@@ -325,6 +336,7 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
             } else {
                 (p.payload.clone(), p.envelope_version)
             };
+            upcast::note_version(conn, envelope)?;
             conn.prepare_cached(
                 "UPDATE ops SET payload = ?1, envelope_version = ?2, txn_tokens = ?3, \
                  coalesced_count = coalesced_count + 1, updated_at = ?4 WHERE seq = ?5",

@@ -278,7 +278,7 @@ fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
     let entities: Vec<(String, String)> = {
         let mut stmt = conn.prepare_cached(
             "SELECT DISTINCT entity_type, entity_id FROM ops INDEXED BY ops_state \
-             WHERE state = 'in_flight'",
+             WHERE state <> 'pending' AND state = 'in_flight'",
         )?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<rusqlite::Result<_>>()?
@@ -287,7 +287,8 @@ fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
         return Ok(0);
     }
     let n = conn.execute(
-        "UPDATE ops INDEXED BY ops_state SET state = 'pending' WHERE state = 'in_flight'",
+        "UPDATE ops INDEXED BY ops_state SET state = 'pending' \
+         WHERE state <> 'pending' AND state = 'in_flight'",
         [],
     )?;
     for (t, id) in &entities {
@@ -728,12 +729,8 @@ mod tests {
                 "ops_entity",
             ),
             (
-                "SELECT seq FROM ops INDEXED BY ops_envelope WHERE envelope_version < 3",
-                "ops_envelope",
-            ),
-            (
                 "SELECT DISTINCT entity_type, entity_id FROM ops INDEXED BY ops_state \
-                 WHERE state = 'in_flight'",
+                 WHERE state <> 'pending' AND state = 'in_flight'",
                 "ops_state",
             ),
             (
@@ -741,6 +738,27 @@ mod tests {
                  WHERE state = 'pending' AND is_head = 1",
                 "ops_ready",
             ),
+            (
+                "SELECT 1 FROM ops INDEXED BY ops_state WHERE state <> 'pending' \
+                 AND state = 'in_flight' LIMIT 1",
+                "ops_state",
+            ),
+            (
+                "SELECT seq FROM ops INDEXED BY ops_state WHERE state <> 'pending' \
+                 AND state = 'failed' AND seq > 0 ORDER BY seq LIMIT 10",
+                "ops_state",
+            ),
+            (
+                "SELECT state, count(*) FROM ops INDEXED BY ops_state WHERE state <> 'pending' \
+                 GROUP BY state",
+                "ops_state",
+            ),
+            (
+                "SELECT seq FROM ops INDEXED BY ops_state WHERE state <> 'pending' AND state = 'failed' \
+                 AND envelope_version < 3 ORDER BY seq",
+                "ops_state",
+            ),
+            ("SELECT 1 FROM op_envelopes WHERE version < 3 LIMIT 1", "op_envelopes"),
         ];
         for (sql, index) in cases {
             let p = plan(&conn, sql);

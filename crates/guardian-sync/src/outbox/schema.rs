@@ -70,11 +70,27 @@ CREATE INDEX txn_outcomes_undelivered ON txn_outcomes(id) WHERE delivered = 0;
 CREATE INDEX txn_outcomes_at ON txn_outcomes(at) WHERE state <> 'pending';
 ";
 
+/// Version 2: a leaner insert. Enqueueing a pending op no longer touches
+/// `ops_state` (now partial: only in-flight and failed ops, which its users
+/// look for) nor `ops_envelope`, replaced by `op_envelopes`, the set of
+/// envelope versions that pending or in-flight ops may carry (a superset).
+/// An insert of an already listed version reads one row and writes nothing;
+/// open upcasts only when a listed version is older than the app's.
+const V2: &str = r"
+CREATE TABLE op_envelopes (
+    version INTEGER PRIMARY KEY
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO op_envelopes (version) SELECT DISTINCT envelope_version FROM ops;
+DROP INDEX ops_envelope;
+DROP INDEX ops_state;
+CREATE INDEX ops_state ON ops(state, seq) WHERE state <> 'pending';
+";
+
 /// The migrations, in order; index `i` brings version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 2;
 
 /// Creates the file with mode 0600 if it does not exist, so the `-wal` and
 /// `-shm` files SQLite creates beside it inherit that mode. Returns true if
@@ -94,6 +110,9 @@ pub(crate) fn create_file(path: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// Prepared statements kept per connection (the outbox uses about 50).
+const STATEMENT_CACHE: usize = 128;
+
 /// Opens a read-write connection with the outbox's pragmas.
 pub(crate) fn connect(
     path: &Path,
@@ -102,6 +121,8 @@ pub(crate) fn connect(
 ) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)?;
+    // Room for every statement the outbox prepares, so none is re-parsed.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(busy_timeout)?;
     let _mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
     conn.pragma_update(None, "synchronous", synchronous.pragma())?;

@@ -2,11 +2,17 @@
 //! envelope version to the next, run at open so an app upgrade never strands
 //! or drops queued ops.
 //!
-//! Ops needing migration are found through the `envelope_version` index, so
-//! an open with a million current ops does no scan. An op whose migration
-//! fails (or has no upcaster) moves to `failed` with the error: kept, visible,
-//! never dropped. The migration is retried at every open, so registering a
-//! fixed upcaster repairs the payload (the op then waits for `retry_failed`).
+//! Finding the ops to migrate costs nothing per insert and no scan in the
+//! common case: the `op_envelopes` table lists every envelope version a
+//! pending or in-flight op may carry (each write that gives an active op a
+//! version lists it; listing an already listed version writes nothing). At
+//! open, only if a listed version is older than the app's are the ops
+//! scanned (once, by the open that upgrades the app); failed ops, which keep
+//! their old version, are found through the small partial `ops_state`
+//! index. An op whose migration fails (or has no upcaster) moves to `failed`
+//! with the error: kept, visible, never dropped. The migration is retried at
+//! every open, so registering a fixed upcaster repairs the payload (the op
+//! then waits for `retry_failed`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -93,7 +99,36 @@ fn migrate_op(up: &Upcasters, op: &PendingOp, to: u32) -> Result<(Value, Option<
     Ok((payload, base))
 }
 
-/// Migrates every op with `envelope_version < current`.
+/// Lists `version` as one an active op may carry. Call it in the same
+/// transaction as any write that gives a pending or in-flight op an envelope
+/// version (insert, merge, retry of a failed op). Writes nothing when the
+/// version is already listed (the common case: one index probe).
+pub(crate) fn note_version(conn: &Connection, version: u32) -> rusqlite::Result<()> {
+    conn.prepare_cached("INSERT OR IGNORE INTO op_envelopes (version) VALUES (?1)")?
+        .execute([version])?;
+    Ok(())
+}
+
+/// The positions of the ops to migrate to `current`, oldest first: a scan
+/// of `ops` only if an active op may carry an older version, else the
+/// failed ops (through the partial `ops_state` index) still on one.
+fn candidates(conn: &Connection, current: u32) -> rusqlite::Result<Vec<i64>> {
+    let old_listed = conn
+        .prepare_cached("SELECT 1 FROM op_envelopes WHERE version < ?1 LIMIT 1")?
+        .exists([current])?;
+    let sql = if old_listed {
+        "SELECT seq FROM ops WHERE envelope_version < ?1 ORDER BY seq"
+    } else {
+        "SELECT seq FROM ops INDEXED BY ops_state WHERE state <> 'pending' AND state = 'failed' \
+         AND envelope_version < ?1 ORDER BY seq"
+    };
+    let mut stmt = conn.prepare(sql)?;
+    let rows = stmt.query_map([current], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Migrates every op with `envelope_version < current`; afterwards only
+/// `current` (and any newer version) stays listed in `op_envelopes`.
 pub(crate) fn run(
     conn: &Connection,
     up: &Upcasters,
@@ -101,12 +136,7 @@ pub(crate) fn run(
     now: i64,
 ) -> rusqlite::Result<UpcastCounts> {
     let mut counts = UpcastCounts::default();
-    let seqs: Vec<i64> = {
-        let mut stmt = conn
-            .prepare("SELECT seq FROM ops INDEXED BY ops_envelope WHERE envelope_version < ?1")?;
-        let rows = stmt.query_map([current], |r| r.get(0))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+    let seqs = candidates(conn, current)?;
     for seq in seqs {
         let Some(op) = rows::by_seq(conn, seq)? else {
             continue;
@@ -151,6 +181,11 @@ pub(crate) fn run(
             }
         }
     }
+    // Every active op is on `current` (or newer) now; failed ones that kept
+    // an older version are found through `ops_state` at the next open.
+    conn.prepare_cached("DELETE FROM op_envelopes WHERE version < ?1")?
+        .execute([current])?;
+    note_version(conn, current)?;
     Ok(counts)
 }
 

@@ -4,7 +4,8 @@
 //! Callers send jobs (closures run against the connection) over a channel and
 //! await a oneshot reply. The thread takes the first job, then everything else
 //! already queued, runs them all in ONE `BEGIN IMMEDIATE` transaction (each
-//! inside its own savepoint, so a refused job leaves no trace) and replies to
+//! inside its own savepoint, so a refused job leaves no trace; a group of one
+//! needs none: a refused lone job rolls the transaction back) and replies to
 //! each caller only after `COMMIT` has returned. Concurrent enqueuers thus
 //! share one fsync, and no op is acknowledged before it is durable.
 
@@ -138,48 +139,87 @@ fn collect(rx: &mpsc::Receiver<Msg>, batch: &mut Vec<Msg>, last_group: usize) {
     }
 }
 
+/// Runs one transaction-control statement (`BEGIN`, `SAVEPOINT`, …) through
+/// the statement cache: they are parsed once per connection, not per group.
+fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
+/// Runs the jobs of one group inside the open transaction; returns their
+/// completions and whether the whole transaction must be rolled back (a
+/// lone job that failed: without a savepoint, rolling back the transaction
+/// is what undoes it).
+fn run_jobs(conn: &Connection, ctx: &Ctx, jobs: &mut Vec<Job>, dones: &mut Vec<Done>) -> bool {
+    if jobs.len() == 1 {
+        if let Some(job) = jobs.pop() {
+            let (ok, done) = job(Some((conn, ctx)));
+            dones.push(done);
+            return !ok;
+        }
+    }
+    for job in jobs.drain(..) {
+        let savepoint = control(conn, "SAVEPOINT job");
+        let (ok, done) = job(Some((conn, ctx)));
+        if savepoint.is_ok() {
+            if !ok {
+                let _ = control(conn, "ROLLBACK TO job");
+            }
+            let _ = control(conn, "RELEASE job");
+        }
+        dones.push(done);
+    }
+    false
+}
+
 fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
     let mut batch = Vec::new();
+    let mut jobs = Vec::new();
     let mut last_group = 1;
     while let Ok(first) = rx.recv() {
         batch.push(first);
         collect(rx, &mut batch, last_group);
         last_group = batch.len();
         let mut close = None;
-        let mut dones = Vec::with_capacity(batch.len());
-        let began = conn.execute_batch("BEGIN IMMEDIATE");
         for msg in batch.drain(..) {
             match msg {
-                Msg::Job(job) => {
-                    if began.is_err() {
-                        // Run nothing outside a transaction; report the failure.
-                        let (_, done) = job(None);
-                        dones.push(done);
-                        continue;
-                    }
-                    let savepoint = conn.execute_batch("SAVEPOINT job");
-                    let (ok, done) = job(Some((&conn, ctx)));
-                    if savepoint.is_ok() {
-                        if !ok {
-                            let _ = conn.execute_batch("ROLLBACK TO job");
-                        }
-                        let _ = conn.execute_batch("RELEASE job");
-                    }
-                    dones.push(done);
-                }
+                Msg::Job(job) => jobs.push(job),
                 Msg::Close(reply) => close = Some(reply),
             }
         }
-        let commit = match began {
-            Err(e) => Err(StorageError::from(e)),
-            Ok(()) => conn.execute_batch("COMMIT").map_err(|e| {
-                let mut err = StorageError::from(e);
-                err.outcome_unknown = true;
-                if !conn.is_autocommit() {
-                    let _ = conn.execute_batch("ROLLBACK");
+        let mut dones = Vec::with_capacity(jobs.len());
+        let commit = if jobs.is_empty() {
+            Ok(())
+        } else {
+            match control(&conn, "BEGIN IMMEDIATE") {
+                Err(e) => {
+                    // Run nothing outside a transaction; report the failure.
+                    for job in jobs.drain(..) {
+                        let (_, done) = job(None);
+                        dones.push(done);
+                    }
+                    Err(StorageError::from(e))
                 }
-                err
-            }),
+                Ok(()) => {
+                    if run_jobs(&conn, ctx, &mut jobs, &mut dones) {
+                        // The lone job failed: undo it (its caller gets its
+                        // own error, nothing was committed).
+                        if control(&conn, "ROLLBACK").is_err() && !conn.is_autocommit() {
+                            let _ = conn.execute_batch("ROLLBACK");
+                        }
+                        Ok(())
+                    } else {
+                        control(&conn, "COMMIT").map_err(|e| {
+                            let mut err = StorageError::from(e);
+                            err.outcome_unknown = true;
+                            if !conn.is_autocommit() {
+                                let _ = conn.execute_batch("ROLLBACK");
+                            }
+                            err
+                        })
+                    }
+                }
+            }
         };
         if let Err(e) = &commit {
             tracing::error!(error = %e, jobs = dones.len(), "outbox commit failed");
@@ -248,5 +288,35 @@ mod tests {
         w.close().await;
         let after = w.call(|_, _| Ok::<_, OutboxError>(())).await;
         assert_eq!(after.unwrap_err(), OutboxError::Closed);
+    }
+
+    /// A group of one runs without a savepoint: a refused lone job is undone
+    /// by rolling the whole transaction back, and the next job still works.
+    #[tokio::test]
+    async fn a_refused_lone_job_is_rolled_back() {
+        let (_dir, w) = writer();
+        let refused = w
+            .call(|conn, _| {
+                conn.execute("INSERT INTO t (v) VALUES (1)", [])?;
+                Err::<(), _>(OutboxError::LockLost)
+            })
+            .await;
+        assert_eq!(refused.unwrap_err(), OutboxError::LockLost);
+        w.call(|conn, _| {
+            conn.execute("INSERT INTO t (v) VALUES (2)", [])?;
+            Ok::<_, OutboxError>(())
+        })
+        .await
+        .unwrap();
+        let rows: Vec<i64> = w
+            .call(|conn, _| {
+                let mut stmt = conn.prepare("SELECT v FROM t ORDER BY v")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                Ok::<_, OutboxError>(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, [2]);
+        w.close().await;
     }
 }
