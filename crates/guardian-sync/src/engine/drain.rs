@@ -43,6 +43,9 @@ type Claimed = Result<(usize, Vec<PendingOp>), EngineError>;
 /// is claimed and sent while the previous one's results are recorded.
 const BATCHES_IN_FLIGHT: usize = 2;
 
+/// Fewest ops claimed ahead of the wire.
+const CLAIM_AHEAD: usize = 16;
+
 impl Inner {
     /// Drains everything ready now through a sliding window.
     ///
@@ -70,7 +73,10 @@ impl Inner {
         };
         // Claimed ahead of the wire: a full round of single ops, or one
         // batch, so a freed slot is refilled without waiting for a commit.
-        let window = max_units * per_unit + per_unit.max(max_units);
+        // At least CLAIM_AHEAD single ops, so even at concurrency 1 a claim
+        // commit is paid once per several requests, not once per request.
+        let ahead = per_unit.max(max_units).max(CLAIM_AHEAD);
+        let window = max_units * per_unit + ahead;
         let mut ready: VecDeque<PendingOp> = VecDeque::new();
         let mut requests: FuturesUnordered<BoxFuture<'_, Responses>> = FuturesUnordered::new();
         let mut records: FuturesUnordered<BoxFuture<'_, Recorded>> = FuturesUnordered::new();
@@ -111,12 +117,16 @@ impl Inner {
                 requests.push(Box::pin(self.send_unit(unit)));
             }
             // Claim ahead while there is room in the window.
-            let outstanding = ready.len() + requests.len() * per_unit;
-            if stop.is_none()
-                && claiming.is_empty()
-                && outstanding < window
-                && (!exhausted || maybe_more)
-            {
+            let deficit = window.saturating_sub(ready.len() + requests.len() * per_unit);
+            // Refill once half the claimed-ahead ops are used up; when the
+            // queue ran dry, try again after every outcome (an ack may have
+            // made an entity's next op its head).
+            let want = if exhausted {
+                maybe_more && deficit > 0
+            } else {
+                deficit >= ahead.div_ceil(2)
+            };
+            if stop.is_none() && claiming.is_empty() && want {
                 let idle = requests.is_empty() && records.is_empty() && ready.is_empty();
                 if self.auth_paused.load(std::sync::atomic::Ordering::SeqCst) {
                     stop = Some(Step::AuthPaused);
@@ -127,7 +137,7 @@ impl Inner {
                     }
                 } else {
                     maybe_more = false;
-                    let limit = window - outstanding;
+                    let limit = deficit;
                     claiming.push(Box::pin(async move {
                         self.rebase_after_clock_step(fence).await?;
                         let ops = self
