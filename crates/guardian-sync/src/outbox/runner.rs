@@ -2,7 +2,7 @@
 //! transaction, that the lock row still names the caller's owner and epoch,
 //! so a runner that lost the lock writes nothing more (DESIGN §11.4).
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
 use super::enqueue::check_payload;
@@ -63,7 +63,12 @@ pub(crate) fn claim(
 }
 
 /// The server applied the op: delete it, settle its tokens, and give the
-/// entity's next chained op its `If-Match` (and base).
+/// entity's next op its `If-Match` (and base) and the head position.
+///
+/// The hot path of a drain, so it reads only the columns it needs: the
+/// payload and history are read only when a chained successor must be
+/// given a base. An in-flight op is always its entity's head and the only
+/// op of its entity in flight, so its successor becomes the head directly.
 pub(crate) fn ack(
     conn: &Connection,
     ctx: &Ctx,
@@ -72,44 +77,88 @@ pub(crate) fn ack(
     ack: &Ack,
 ) -> Result<(), OutboxError> {
     lock_row::check(conn, fence)?;
-    let op = load(conn, op_id)?;
-    expect_in_flight(&op)?;
+    let (seq, entity_type, entity_id, state, tokens): (i64, String, String, String, String) = conn
+        .prepare_cached(
+            "SELECT seq, entity_type, entity_id, state, txn_tokens FROM ops WHERE op_id = ?1",
+        )?
+        .query_row([op_id.to_string()], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })
+        .optional()?
+        .ok_or(OutboxError::NotFound(op_id))?;
+    let state = OpState::parse(&state).ok_or(OutboxError::NotFound(op_id))?;
+    if state != OpState::InFlight {
+        return Err(OutboxError::WrongState {
+            op_id,
+            state,
+            needed: "in flight",
+        });
+    }
     let now = ctx.now();
-    rows::delete(conn, op.seq)?;
-    for t in &op.txn_tokens {
+    let successor: Option<(i64, bool, String)> = conn
+        .prepare_cached(
+            "SELECT seq, chained, state FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 \
+             AND entity_id = ?2 AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT 1",
+        )?
+        .query_row(params![entity_type, entity_id, seq], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    let chain = match &successor {
+        Some((next, true, _)) => Some((*next, chained_base(conn, seq, ack)?)),
+        _ => None,
+    };
+    rows::delete(conn, seq)?;
+    let tokens: Vec<String> = serde_json::from_str(&tokens)?;
+    for t in &tokens {
         outcomes::succeeded(conn, t, now)?;
     }
-    if let Some((next, true)) = rows::successor(conn, &op.entity_type, &op.entity_id, op.seq)? {
-        // The successor was made from the app's view after this op. When the
-        // server's result differs from that view (this op was merged with a
-        // concurrent change), chaining on the new version would overwrite
-        // that change: keep the app's view as the successor's base and give
-        // it a version the server is certain to refuse, so its 409 goes
-        // through the reconciler's 3-way merge onto the server's state.
-        let app_view = op
-            .history
-            .iter()
-            .find_map(|h| h.app_payload.as_ref())
-            .unwrap_or(&op.payload);
-        let (base, version) = match (&ack.data, ack.version) {
-            (Some(data), Some(v)) if data != app_view => {
-                (Some(app_view), Some(v.saturating_sub(1)))
-            }
-            (data, v) => (data.as_ref(), v),
-        };
+    if let Some((next, (base, version))) = chain {
         conn.prepare_cached(
             "UPDATE ops SET base_version = ?1, base = coalesce(?2, base), chained = 0, updated_at = ?3 \
              WHERE seq = ?4",
         )?
-        .execute(params![
-            rows::version_to_sql(version),
-            base.map(serde_json::Value::to_string),
-            now,
-            next
-        ])?;
+        .execute(params![rows::version_to_sql(version), base, now, next])?;
     }
-    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    match successor {
+        None => {}
+        Some((next, _, state)) if state == "pending" => {
+            conn.prepare_cached("UPDATE ops SET is_head = 1 WHERE seq = ?1")?
+                .execute([next])?;
+        }
+        Some(_) => rows::recompute_head(conn, &entity_type, &entity_id)?,
+    }
     Ok(())
+}
+
+/// The base and `If-Match` a chained successor gets from an ack.
+///
+/// The successor was made from the app's view after the acked op. When the
+/// server's result differs from that view (the acked op was merged with a
+/// concurrent change), chaining on the new version would overwrite that
+/// change: the successor keeps the app's view as its base and gets a
+/// version the server is certain to refuse, so its 409 goes through the
+/// reconciler's 3-way merge onto the server's state.
+fn chained_base(
+    conn: &Connection,
+    seq: i64,
+    ack: &Ack,
+) -> Result<(Option<String>, Option<u64>), OutboxError> {
+    let Some(data) = &ack.data else {
+        return Ok((None, ack.version));
+    };
+    let (payload, history): (String, String) = conn
+        .prepare_cached("SELECT payload, history FROM ops WHERE seq = ?1")?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let history: Vec<HistoryEntry> = serde_json::from_str(&history)?;
+    let app_view = match history.into_iter().find_map(|h| h.app_payload) {
+        Some(v) => v,
+        None => serde_json::from_str(&payload)?,
+    };
+    Ok(match ack.version {
+        Some(v) if *data != app_view => (Some(app_view.to_string()), Some(v.saturating_sub(1))),
+        v => (Some(data.to_string()), v),
+    })
 }
 
 /// A retryable failure: back to pending, due at `next_attempt_at`.
