@@ -1,18 +1,33 @@
-//! A loopback TCP proxy that counts what passes through it.
+//! A loopback TCP proxy that counts what passes through it and can stand in
+//! for a slow link.
 //!
 //! Placed between a client and the reference server, it measures bytes sent
 //! each way and connections opened without touching either side's code, and
 //! records when the first byte of the first request arrived (the end of the
 //! "process start to first request" measurement).
+//!
+//! [`CountingProxy::with_latency`] also delays every chunk by a fixed one-way
+//! delay in each direction, like a wide-area link: a chunk read at `t` is
+//! written at `t + delay`, in order, by a forwarding task per direction fed
+//! through a channel of timestamped chunks. Delays overlap (a chunk waits only
+//! for its own due time, never behind another chunk's sleep), so the link
+//! adds latency without limiting throughput. A new connection's first bytes
+//! also wait one extra round trip, as a TCP handshake would make them. There
+//! is no bandwidth cap, loss or reordering.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+/// Chunks in flight per direction of a delayed connection before the reader
+/// waits for the link to drain (64 KiB each at most).
+const CHUNKS_IN_FLIGHT: usize = 1024;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -28,6 +43,7 @@ pub struct CountingProxy {
     addr: SocketAddr,
     counters: Arc<Counters>,
     accept: JoinHandle<()>,
+    one_way: Duration,
 }
 
 /// Counts read from a [`CountingProxy`].
@@ -43,21 +59,36 @@ pub struct Traffic {
 
 impl CountingProxy {
     /// Listens on an ephemeral loopback port and forwards every connection
-    /// to `upstream`. Must be called inside a tokio runtime.
+    /// to `upstream` as fast as loopback allows. Must be called inside a
+    /// tokio runtime.
     pub async fn start(upstream: SocketAddr) -> std::io::Result<Self> {
+        Self::with_latency(upstream, Duration::ZERO).await
+    }
+
+    /// Like [`CountingProxy::start`], but every chunk is delayed by
+    /// `one_way` in each direction (a round trip of twice that), and a new
+    /// connection's first bytes wait one more round trip (the handshake).
+    /// A zero delay forwards directly. Must be called inside a tokio
+    /// runtime; connections are served on that runtime.
+    pub async fn with_latency(upstream: SocketAddr, one_way: Duration) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let counters = Arc::new(Counters::default());
         let c = counters.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let accepted = tokio::time::Instant::now();
                 c.connections.fetch_add(1, Ordering::Relaxed);
                 let c = c.clone();
                 tokio::spawn(async move {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        pump_pair(client, server, &c).await;
+                        if one_way.is_zero() {
+                            pump_pair(client, server, &c).await;
+                        } else {
+                            delay_pair(client, server, c, one_way, accepted).await;
+                        }
                     }
                 });
             }
@@ -66,7 +97,13 @@ impl CountingProxy {
             addr,
             counters,
             accept,
+            one_way,
         })
+    }
+
+    /// The one-way delay added in each direction (zero for a plain proxy).
+    pub fn one_way(&self) -> Duration {
+        self.one_way
     }
 
     /// The address clients should connect to.
@@ -126,12 +163,7 @@ async fn pump_pair(client: TcpStream, server: TcpStream, c: &Counters) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            {
-                let mut first = c.first_byte.lock().unwrap_or_else(PoisonError::into_inner);
-                if first.is_none() {
-                    *first = Some(Instant::now());
-                }
-            }
+            note_first_byte(c);
             c.up.fetch_add(n as u64, Ordering::Relaxed);
             if sw.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -154,6 +186,94 @@ async fn pump_pair(client: TcpStream, server: TcpStream, c: &Counters) {
         let _ = cw.shutdown().await;
     };
     tokio::join!(up, down);
+}
+
+fn note_first_byte(c: &Counters) {
+    let mut first = c.first_byte.lock().unwrap_or_else(PoisonError::into_inner);
+    if first.is_none() {
+        *first = Some(Instant::now());
+    }
+}
+
+/// A chunk on the simulated link: when it may be written, and its bytes
+/// (`None`: the sender closed its side, to be passed on at that time).
+type Timed = (tokio::time::Instant, Option<Vec<u8>>);
+
+/// Forwards both directions of a connection through the delayed link.
+async fn delay_pair(
+    client: TcpStream,
+    server: TcpStream,
+    c: Arc<Counters>,
+    one_way: Duration,
+    accepted: tokio::time::Instant,
+) {
+    let (cr, cw) = client.into_split();
+    let (sr, sw) = server.into_split();
+    // The client believes it is connected at once, but on a real link its
+    // first bytes could leave only after the SYN / SYN-ACK round trip.
+    let handshake_done = accepted + one_way * 2;
+    let up = delay_direction(cr, sw, c.clone(), one_way, Some(handshake_done), true);
+    let down = delay_direction(sr, cw, c, one_way, None, false);
+    tokio::join!(up, down);
+}
+
+/// One direction of the delayed link: this task reads and timestamps chunks
+/// as they arrive; a forwarding task writes each at its due time, in order.
+async fn delay_direction<R, W>(
+    mut reader: R,
+    writer: W,
+    c: Arc<Counters>,
+    one_way: Duration,
+    not_before: Option<tokio::time::Instant>,
+    upward: bool,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel::<Timed>(CHUNKS_IN_FLIGHT);
+    let forward = tokio::spawn(forward_timed(rx, writer));
+    let due = || {
+        let now = tokio::time::Instant::now();
+        not_before.map_or(now, |t| t.max(now)) + one_way
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if upward {
+            note_first_byte(&c);
+            c.up.fetch_add(n as u64, Ordering::Relaxed);
+        } else {
+            c.down.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if tx.send((due(), Some(buf[..n].to_vec()))).await.is_err() {
+            // The far side is gone; stop reading.
+            break;
+        }
+    }
+    let _ = tx.send((due(), None)).await;
+    drop(tx);
+    let _ = forward.await;
+}
+
+/// Writes each chunk once it is due. Chunks arrive in read order with
+/// nondecreasing due times, so sleeping until each one's due time in turn
+/// delays every chunk by the same amount without adding delays up.
+async fn forward_timed<W: AsyncWrite + Unpin>(mut rx: mpsc::Receiver<Timed>, mut writer: W) {
+    while let Some((due, chunk)) = rx.recv().await {
+        tokio::time::sleep_until(due).await;
+        match chunk {
+            Some(bytes) => {
+                if writer.write_all(&bytes).await.is_err() {
+                    return;
+                }
+            }
+            None => break,
+        }
+    }
+    let _ = writer.shutdown().await;
 }
 
 #[cfg(test)]
@@ -185,5 +305,55 @@ mod tests {
         proxy.reset();
         assert_eq!(proxy.traffic(), Traffic::default());
         assert!(proxy.first_byte_at().is_none());
+    }
+
+    /// Delays are lower bounds only (never an upper bound on wall-clock time).
+    #[tokio::test]
+    async fn delays_each_direction_and_keeps_order() {
+        const ONE_WAY: Duration = Duration::from_millis(20);
+        // An echo server as the upstream.
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = upstream.accept().await.unwrap();
+            let (mut r, mut w) = s.into_split();
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let proxy = CountingProxy::with_latency(up_addr, ONE_WAY).await.unwrap();
+        assert_eq!(proxy.one_way(), ONE_WAY);
+        let started = Instant::now();
+        let c = TcpStream::connect(proxy.addr()).await.unwrap();
+        let (mut r, mut w) = c.into_split();
+        // First exchange: handshake round trip, then one round trip.
+        w.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"hello");
+        assert!(started.elapsed() >= ONE_WAY * 4, "{:?}", started.elapsed());
+        // Later exchanges: one round trip each.
+        let sent = Instant::now();
+        w.write_all(b"again").await.unwrap();
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"again");
+        assert!(sent.elapsed() >= ONE_WAY * 2, "{:?}", sent.elapsed());
+        // Many writes arrive whole and in order; the close is passed on.
+        let expected: Vec<u8> = (0..2_000u32).flat_map(u32::to_be_bytes).collect();
+        let writer = tokio::spawn(async move {
+            for chunk in (0..2_000u32).collect::<Vec<_>>().chunks(50) {
+                let bytes: Vec<u8> = chunk.iter().copied().flat_map(u32::to_be_bytes).collect();
+                w.write_all(&bytes).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            w.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::new();
+        r.read_to_end(&mut echoed).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(echoed, expected);
+        let t = proxy.traffic();
+        assert_eq!(t.bytes_up, 10 + expected.len() as u64);
+        assert_eq!(t.bytes_down, t.bytes_up);
+        assert_eq!(t.connections, 1);
     }
 }
