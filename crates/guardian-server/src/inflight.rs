@@ -46,14 +46,19 @@ impl InFlight {
         tenant: &Arc<str>,
         keys: impl IntoIterator<Item = &'a str>,
     ) -> (Reservation, Vec<bool>) {
+        let keys = keys.into_iter();
+        let mut seen: HashSet<&str> = HashSet::with_capacity(keys.size_hint().0);
+        let mut mine: Vec<Key> = Vec::with_capacity(keys.size_hint().0);
+        let mut busy = Vec::with_capacity(keys.size_hint().0);
         let mut set = self.lock();
-        let mut mine: Vec<Key> = Vec::new();
-        let mut busy = Vec::new();
         for key in keys {
+            if !seen.insert(key) {
+                // Repeated within this request: reserved (or refused) once.
+                busy.push(mine.iter().all(|(_, k)| k != key));
+                continue;
+            }
             let k = (Arc::clone(tenant), key.to_owned());
-            if mine.contains(&k) {
-                busy.push(false);
-            } else if set.insert(k.clone()) {
+            if set.insert(k.clone()) {
                 mine.push(k);
                 busy.push(false);
             } else {

@@ -6,9 +6,9 @@
 //! request is a 500 and nothing was applied.
 
 use axum::extract::{Extension, State};
+use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
-use guardian_protocol::{BatchRequest, BatchResponse, BatchResult, MutationKind, Problem};
+use guardian_protocol::{BatchRequest, BatchResponse, MutationKind, Problem};
 
 use super::mutate::{execute, prepare, RequestCtx, Slot};
 use crate::auth::Tenant;
@@ -66,17 +66,80 @@ pub(crate) async fn batch(
         })
         .collect();
     match execute(&state, &tenant.0, &ctx, slots).await {
-        Ok(results) => Json(BatchResponse {
+        Ok(results) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            response_json(&results),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The [`BatchResponse`] document as `Json(BatchResponse)` would print it
+/// (no whitespace, fields in declaration order), with each result's body
+/// spliced in as the JSON text it already is instead of being re-serialized.
+fn response_json(results: &[OpResult]) -> String {
+    let mut out =
+        String::with_capacity(16 + results.iter().map(|r| r.body.len() + 40).sum::<usize>());
+    out.push_str("{\"results\":[");
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"status\":");
+        out.push_str(&r.status.to_string());
+        out.push_str(",\"body\":");
+        out.push_str(&r.body);
+        out.push_str(if r.replayed {
+            ",\"replayed\":true}"
+        } else {
+            ",\"replayed\":false}"
+        });
+    }
+    out.push_str("]}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guardian_protocol::BatchResult;
+    use serde_json::json;
+
+    #[test]
+    fn response_json_is_what_serde_prints() {
+        let bodies = [
+            json!({"data": {"a": [1, 2.5, "x\"y"]}, "deleted": false, "id": "d1", "type": "t", "updated_at": "2024-01-01T00:00:00.000Z", "version": 3}),
+            json!(null),
+            json!({"status": 409, "title": "Entity exists", "type": "urn:guardian:conflict:exists"}),
+        ];
+        let results: Vec<OpResult> = bodies
+            .iter()
+            .enumerate()
+            .map(|(i, b)| OpResult {
+                status: [201, 204, 409][i],
+                body: b.to_string(),
+                replayed: i == 1,
+                version: None,
+                in_flight: false,
+            })
+            .collect();
+        let want = serde_json::to_string(&BatchResponse {
             results: results
-                .into_iter()
-                .map(|r| BatchResult {
+                .iter()
+                .zip(&bodies)
+                .map(|(r, b)| BatchResult {
                     status: r.status,
-                    body: r.body,
+                    body: b.clone(),
                     replayed: r.replayed,
                 })
                 .collect(),
         })
-        .into_response(),
-        Err(e) => e.into_response(),
+        .unwrap();
+        assert_eq!(response_json(&results), want);
+        assert_eq!(response_json(&[]), r#"{"results":[]}"#);
     }
 }

@@ -23,7 +23,7 @@ fn path_error(e: &PathRejection) -> ApiError {
 async fn single(state: &AppState, tenant: &Tenant, ctx: &RequestCtx, slot: Slot) -> Response {
     match execute(state, &tenant.0, ctx, vec![slot]).await {
         Ok(mut results) => match results.pop() {
-            Some(r) => op_response(&r),
+            Some(r) => op_response(r),
             None => ApiError::internal("no result").into_response(),
         },
         Err(e) => e.into_response(),
@@ -119,11 +119,7 @@ pub(crate) async fn get(
         Ok(Some(e)) if e.deleted => ApiError::gone(format!("{entity_type}/{id} was deleted"))
             .with_current(e)
             .into_response(),
-        Ok(Some(e)) => op_response(&OpResult {
-            status: 200,
-            body: serde_json::to_value(&e).unwrap_or_default(),
-            replayed: false,
-        }),
+        Ok(Some(e)) => op_response(OpResult::entity(&e)),
         Ok(None) => {
             ApiError::not_found(format!("{entity_type}/{id} does not exist")).into_response()
         }

@@ -21,13 +21,15 @@ use crate::faults::DropPoint;
 use crate::limits::CommitStarted;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::store::{fingerprint, MutationInput, OpResult, Precondition};
+use crate::store::{canonical, fingerprint, MutationInput, OpResult, Precondition};
 
 /// One op of a request: ready for the store, or already answered.
 #[derive(Debug)]
 pub(crate) enum Slot {
     Ready(MutationInput),
     Done(OpResult),
+    /// Handed to the store; its result comes back in order.
+    Sent,
 }
 
 /// Why a mutation request produced no results.
@@ -96,13 +98,15 @@ pub(crate) fn prepare(
             }
         },
     };
+    let data_json = canonical(&data);
     Ok(MutationInput {
         key: key.to_owned(),
-        fingerprint: fingerprint(kind, entity_type, id, &data),
+        fingerprint: fingerprint(kind, entity_type, id, &data_json),
         kind,
         entity_type: entity_type.to_owned(),
         id: id.to_owned(),
         data,
+        data_json,
         if_match,
         force_conflict: false,
     })
@@ -178,7 +182,7 @@ pub(crate) async fn execute(
         .iter()
         .filter_map(|s| match s {
             Slot::Ready(i) => Some(i.key.as_str()),
-            Slot::Done(_) => None,
+            Slot::Done(_) | Slot::Sent => None,
         })
         .collect();
     let (reservation, busy) = state.inflight.reserve(tenant, keys);
@@ -218,7 +222,7 @@ pub(crate) async fn execute(
             .into_iter()
             .filter_map(|s| match s {
                 Slot::Done(r) => Some(r),
-                Slot::Ready(_) => None,
+                Slot::Ready(_) | Slot::Sent => None,
             })
             .collect());
     }
@@ -235,13 +239,16 @@ pub(crate) async fn execute(
             return Err(Interrupted::Dropped);
         }
     }
-    let mut inputs = Vec::new();
+    let mut inputs = Vec::with_capacity(slots.len());
     for slot in &mut slots {
-        if let Slot::Ready(input) = slot {
+        if let Slot::Ready(_) = slot {
+            let Slot::Ready(mut input) = std::mem::replace(slot, Slot::Sent) else {
+                continue;
+            };
             let conditional = input.kind != MutationKind::Create
                 && matches!(input.if_match, Some(Precondition::Version(_)));
             input.force_conflict = conditional && state.faults.force_conflict();
-            inputs.push(input.clone());
+            inputs.push(input);
         }
     }
     if let Some(commit) = commit {
@@ -267,7 +274,7 @@ pub(crate) async fn execute(
         .into_iter()
         .map(|slot| match slot {
             Slot::Done(r) => r,
-            Slot::Ready(_) => applied
+            Slot::Ready(_) | Slot::Sent => applied
                 .next()
                 .unwrap_or_else(|| OpResult::problem(&ApiError::internal("missing result"))),
         })
@@ -293,12 +300,12 @@ pub(crate) async fn execute(
 }
 
 /// The HTTP response of a single mutation (or a GET of an entity).
-pub(crate) fn op_response(r: &OpResult) -> Response {
+pub(crate) fn op_response(r: OpResult) -> Response {
     let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = if status == StatusCode::NO_CONTENT {
         Response::new(Body::empty())
     } else {
-        Response::new(Body::from(r.body.to_string()))
+        Response::new(Body::from(r.body))
     };
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
@@ -307,7 +314,7 @@ pub(crate) fn op_response(r: &OpResult) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
-        if r.body.get("type").and_then(Value::as_str) == Some(problem_type::IDEMPOTENCY_IN_FLIGHT) {
+        if r.in_flight {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
     } else if status != StatusCode::NO_CONTENT {
@@ -315,7 +322,7 @@ pub(crate) fn op_response(r: &OpResult) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(v) = r.body.get("version").and_then(Value::as_u64) {
+        if let Some(v) = r.version {
             if let Ok(etag) = HeaderValue::from_str(&format!("\"{v}\"")) {
                 headers.insert(header::ETAG, etag);
             }

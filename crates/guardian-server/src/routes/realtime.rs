@@ -24,7 +24,7 @@ use super::changes::param;
 use crate::auth::Tenant;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::store::{feed_problem, TenantChange};
+use crate::store::{feed_problem, TenantChanges};
 
 /// Backlog page size.
 const PAGE: usize = 500;
@@ -110,7 +110,7 @@ impl Session {
     async fn run(
         mut self,
         socket: WebSocket,
-        mut rx: broadcast::Receiver<Arc<TenantChange>>,
+        mut rx: broadcast::Receiver<Arc<TenantChanges>>,
         mut kick: watch::Receiver<u64>,
         cursor: u64,
     ) {
@@ -135,7 +135,7 @@ impl Session {
         &mut self,
         sink: &mut Sink,
         stream: &mut futures::stream::SplitStream<WebSocket>,
-        rx: &mut broadcast::Receiver<Arc<TenantChange>>,
+        rx: &mut broadcast::Receiver<Arc<TenantChanges>>,
         kick: &mut watch::Receiver<u64>,
         cursor: u64,
     ) -> End {
@@ -154,17 +154,24 @@ impl Session {
             tokio::select! {
                 msg = rx.recv() => match msg {
                     Ok(tc) => {
-                        if *tc.tenant != *self.tenant || tc.change.cursor <= self.last_sent {
+                        if *tc.tenant != *self.tenant {
                             continue;
                         }
-                        if tc.change.cursor != self.last_sent + 1 {
-                            if let Err(end) = self.backfill(sink).await {
+                        for change in &tc.changes {
+                            if change.cursor <= self.last_sent {
+                                continue;
+                            }
+                            if change.cursor != self.last_sent + 1 {
+                                // A gap: the backfill sends the rest of
+                                // this commit too (it is committed).
+                                if let Err(end) = self.backfill(sink).await {
+                                    return end;
+                                }
+                                continue;
+                            }
+                            if let Err(end) = self.send_change(sink, change.clone()).await {
                                 return end;
                             }
-                            continue;
-                        }
-                        if let Err(end) = self.send_change(sink, tc.change.clone()).await {
-                            return end;
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {

@@ -7,7 +7,7 @@
 //! start with `fault:`.
 
 use guardian_protocol::MutationKind;
-use rusqlite::{params, Transaction};
+use rusqlite::{params, Statement};
 use serde::{Deserialize, Serialize};
 
 use super::{feed::parse_op, from_i64, to_i64, StoreError};
@@ -35,9 +35,15 @@ pub struct AppliedMutation {
     pub at_millis: i64,
 }
 
+/// SQL of [`append`].
+pub(crate) const APPEND_SQL: &str =
+    "INSERT INTO applied (tenant, idempotency_key, entity_type, id, op, version, cursor, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+/// Appends one applied mutation (`stmt`: [`APPEND_SQL`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn append(
-    tx: &Transaction<'_>,
+    stmt: &mut Statement<'_>,
     tenant: &str,
     key: &str,
     entity_type: &str,
@@ -47,11 +53,7 @@ pub(crate) fn append(
     cursor: u64,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO applied (tenant, idempotency_key, entity_type, id, op, version, cursor, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
+    stmt.execute(params![
         tenant,
         key,
         entity_type,

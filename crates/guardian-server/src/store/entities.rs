@@ -13,46 +13,63 @@
 //!   before the entity is even looked at.
 
 use guardian_protocol::{problem_type, Entity, MutationKind};
-use rusqlite::{params, OptionalExtension, Transaction};
-use serde_json::Value;
+use rusqlite::{params, OptionalExtension, Statement};
 
 use crate::clock::format_rfc3339;
 use crate::problem::ApiError;
 
+use super::idempotency::json_string;
 use super::{from_i64, to_i64, MutationInput, Precondition, StoreError};
+
+/// A stored entity row; `data` stays JSON text until someone needs the value
+/// (most mutations only need the version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Row {
+    pub(crate) version: u64,
+    pub(crate) deleted: bool,
+    pub(crate) updated_at_ms: i64,
+    /// The data as stored: JSON text (`null` for a tombstone).
+    pub(crate) data: String,
+}
+
+impl Row {
+    /// The row as a protocol entity.
+    pub(crate) fn to_entity(&self, entity_type: &str, id: &str) -> Result<Entity, StoreError> {
+        Ok(Entity {
+            entity_type: entity_type.to_owned(),
+            id: id.to_owned(),
+            version: self.version,
+            data: serde_json::from_str(&self.data)
+                .map_err(|e| StoreError::Corrupt(format!("entity data is not JSON: {e}")))?,
+            updated_at: format_rfc3339(self.updated_at_ms),
+            deleted: self.deleted,
+        })
+    }
+}
 
 /// What a mutation does to an entity.
 #[derive(Debug)]
 pub(crate) enum Decision {
-    /// Write `entity` and answer `status` with it (or 204 with no body).
+    /// Write the entity at `version` (a tombstone when `deleted`, else with
+    /// the op's data) and answer `status` with it (or 204 with no body).
     Apply {
-        entity: Entity,
-        updated_at_ms: i64,
+        version: u64,
+        deleted: bool,
         status: u16,
     },
     /// Refuse with a problem; nothing is written.
     Refuse(ApiError),
+    /// Refuse with a problem that carries the current entity as `current`;
+    /// nothing is written.
+    RefuseWithCurrent(ApiError),
 }
 
 /// Applies the entity rules to the current row (`None` when absent).
 pub(crate) fn decide(
-    current: Option<(Entity, i64)>,
+    current: Option<&Row>,
     input: &MutationInput,
     require_if_match: bool,
-    now_ms: i64,
 ) -> Decision {
-    let apply = |version: u64, data: Value, deleted: bool, status: u16| Decision::Apply {
-        entity: Entity {
-            entity_type: input.entity_type.clone(),
-            id: input.id.clone(),
-            version,
-            data,
-            updated_at: format_rfc3339(now_ms),
-            deleted,
-        },
-        updated_at_ms: now_ms,
-        status,
-    };
     let what = || format!("{}/{}", input.entity_type, input.id);
     if require_if_match && input.kind != MutationKind::Create && input.if_match.is_none() {
         return Decision::Refuse(ApiError::new(
@@ -62,114 +79,140 @@ pub(crate) fn decide(
             "this server requires If-Match on updates and deletes",
         ));
     }
+    let apply = |version: u64, deleted: bool, status: u16| Decision::Apply {
+        version,
+        deleted,
+        status,
+    };
     match (input.kind, current) {
-        (MutationKind::Create, None) => apply(1, input.data.clone(), false, 201),
-        (MutationKind::Create, Some((cur, _))) if cur.deleted => {
-            apply(cur.version + 1, input.data.clone(), false, 201)
-        }
-        (MutationKind::Create, Some((cur, _))) => Decision::Refuse(
-            ApiError::new(
-                problem_type::CONFLICT_EXISTS,
-                409,
-                "Entity exists",
-                format!("{} already exists", what()),
-            )
-            .with_current(cur),
-        ),
+        (MutationKind::Create, None) => apply(1, false, 201),
+        (MutationKind::Create, Some(cur)) if cur.deleted => apply(cur.version + 1, false, 201),
+        (MutationKind::Create, Some(_)) => Decision::RefuseWithCurrent(ApiError::new(
+            problem_type::CONFLICT_EXISTS,
+            409,
+            "Entity exists",
+            format!("{} already exists", what()),
+        )),
         (MutationKind::Update | MutationKind::Delete, None) => {
             Decision::Refuse(ApiError::not_found(format!("{} does not exist", what())))
         }
-        (MutationKind::Update | MutationKind::Delete, Some((cur, _))) if cur.deleted => {
-            Decision::Refuse(ApiError::gone(format!("{} was deleted", what())).with_current(cur))
+        (MutationKind::Update | MutationKind::Delete, Some(cur)) if cur.deleted => {
+            Decision::RefuseWithCurrent(ApiError::gone(format!("{} was deleted", what())))
         }
-        (kind, Some((cur, _))) => {
+        (kind, Some(cur)) => {
             if let Some(Precondition::Version(v)) = input.if_match {
                 if v != cur.version {
-                    return Decision::Refuse(
-                        ApiError::new(
-                            problem_type::CONFLICT_VERSION,
-                            409,
-                            "Version conflict",
-                            format!(
-                                "If-Match {v} does not match the current version {} of {}",
-                                cur.version,
-                                what()
-                            ),
-                        )
-                        .with_current(cur),
-                    );
+                    return Decision::RefuseWithCurrent(ApiError::new(
+                        problem_type::CONFLICT_VERSION,
+                        409,
+                        "Version conflict",
+                        format!(
+                            "If-Match {v} does not match the current version {} of {}",
+                            cur.version,
+                            what()
+                        ),
+                    ));
                 }
             }
             if kind == MutationKind::Delete {
-                apply(cur.version + 1, Value::Null, true, 204)
+                apply(cur.version + 1, true, 204)
             } else {
-                apply(cur.version + 1, input.data.clone(), false, 200)
+                apply(cur.version + 1, false, 200)
             }
         }
     }
 }
 
-/// Loads an entity row with its `updated_at` in milliseconds.
+/// The JSON text of an entity exactly as `serde_json::to_value(&entity)`
+/// prints it (object keys sorted, no whitespace), built from parts that
+/// are already JSON text: `data_json` and the RFC 3339 `updated_at`.
+pub(crate) fn entity_json(
+    entity_type: &str,
+    id: &str,
+    version: u64,
+    data_json: &str,
+    updated_at: &str,
+    deleted: bool,
+) -> String {
+    let mut out = String::with_capacity(data_json.len() + entity_type.len() + id.len() + 96);
+    out.push_str("{\"data\":");
+    out.push_str(data_json);
+    out.push_str(if deleted {
+        ",\"deleted\":true,\"id\":"
+    } else {
+        ",\"deleted\":false,\"id\":"
+    });
+    out.push_str(&json_string(id));
+    out.push_str(",\"type\":");
+    out.push_str(&json_string(entity_type));
+    out.push_str(",\"updated_at\":");
+    out.push_str(&json_string(updated_at));
+    out.push_str(",\"version\":");
+    out.push_str(&version.to_string());
+    out.push('}');
+    out
+}
+
+/// SQL of [`load`].
+pub(crate) const LOAD_SQL: &str = "SELECT version, data, updated_at, deleted FROM entities
+             WHERE tenant = ?1 AND entity_type = ?2 AND id = ?3";
+
+/// Loads an entity row (`stmt`: [`LOAD_SQL`]).
 pub(crate) fn load(
-    tx: &rusqlite::Connection,
+    stmt: &mut Statement<'_>,
     tenant: &str,
     entity_type: &str,
     id: &str,
-) -> Result<Option<(Entity, i64)>, StoreError> {
-    let row = tx
-        .prepare_cached(
-            "SELECT version, data, updated_at, deleted FROM entities
-             WHERE tenant = ?1 AND entity_type = ?2 AND id = ?3",
-        )?
+) -> Result<Option<Row>, StoreError> {
+    Ok(stmt
         .query_row(params![tenant, entity_type, id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, bool>(3)?,
-            ))
+            Ok(Row {
+                version: from_i64(r.get::<_, i64>(0)?),
+                data: r.get(1)?,
+                updated_at_ms: r.get(2)?,
+                deleted: r.get(3)?,
+            })
         })
-        .optional()?;
-    let Some((version, data, updated_at, deleted)) = row else {
-        return Ok(None);
-    };
-    let data = serde_json::from_str(&data)
-        .map_err(|e| StoreError::Corrupt(format!("entity data is not JSON: {e}")))?;
-    Ok(Some((
-        Entity {
-            entity_type: entity_type.to_owned(),
-            id: id.to_owned(),
-            version: from_i64(version),
-            data,
-            updated_at: format_rfc3339(updated_at),
-            deleted,
-        },
-        updated_at,
-    )))
+        .optional()?)
 }
 
-/// Writes an entity row (insert or replace).
-pub(crate) fn save(
-    tx: &Transaction<'_>,
+/// Loads an entity as a protocol entity (tombstones included).
+pub(crate) fn load_entity(
+    conn: &rusqlite::Connection,
     tenant: &str,
-    entity: &Entity,
-    updated_at_ms: i64,
-) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT INTO entities (tenant, entity_type, id, version, data, updated_at, deleted)
+    entity_type: &str,
+    id: &str,
+) -> Result<Option<Entity>, StoreError> {
+    let mut stmt = conn.prepare_cached(LOAD_SQL)?;
+    load(&mut stmt, tenant, entity_type, id)?
+        .map(|row| row.to_entity(entity_type, id))
+        .transpose()
+}
+
+/// SQL of [`save`].
+pub(crate) const SAVE_SQL: &str =
+    "INSERT INTO entities (tenant, entity_type, id, version, data, updated_at, deleted)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (tenant, entity_type, id) DO UPDATE SET
            version = excluded.version, data = excluded.data,
-           updated_at = excluded.updated_at, deleted = excluded.deleted",
-    )?
-    .execute(params![
+           updated_at = excluded.updated_at, deleted = excluded.deleted";
+
+/// Writes an entity row, insert or replace (`stmt`: [`SAVE_SQL`]).
+pub(crate) fn save(
+    stmt: &mut Statement<'_>,
+    tenant: &str,
+    entity_type: &str,
+    id: &str,
+    row: &Row,
+) -> Result<(), StoreError> {
+    stmt.execute(params![
         tenant,
-        entity.entity_type,
-        entity.id,
-        to_i64(entity.version),
-        entity.data.to_string(),
-        updated_at_ms,
-        entity.deleted
+        entity_type,
+        id,
+        to_i64(row.version),
+        row.data,
+        row.updated_at_ms,
+        row.deleted
     ])?;
     Ok(())
 }
@@ -177,47 +220,42 @@ pub(crate) fn save(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn input(kind: MutationKind, if_match: Option<Precondition>) -> MutationInput {
+        let data = if kind == MutationKind::Delete {
+            Value::Null
+        } else {
+            json!({"a": 1})
+        };
         MutationInput {
             key: "k".into(),
             fingerprint: [0; 32],
             kind,
             entity_type: "device".into(),
             id: "d1".into(),
-            data: if kind == MutationKind::Delete {
-                Value::Null
-            } else {
-                json!({"a": 1})
-            },
+            data_json: data.to_string(),
+            data,
             if_match,
             force_conflict: false,
         }
     }
 
-    fn entity(version: u64, deleted: bool) -> Option<(Entity, i64)> {
-        Some((
-            Entity {
-                entity_type: "device".into(),
-                id: "d1".into(),
-                version,
-                data: if deleted {
-                    Value::Null
-                } else {
-                    json!({"a": 0})
-                },
-                updated_at: format_rfc3339(0),
-                deleted,
-            },
-            0,
-        ))
+    fn entity(version: u64, deleted: bool) -> Option<Row> {
+        Some(Row {
+            version,
+            deleted,
+            updated_at_ms: 0,
+            data: if deleted { "null" } else { r#"{"a":0}"# }.to_owned(),
+        })
     }
 
     fn status(d: &Decision) -> (u16, u64) {
         match d {
-            Decision::Apply { entity, status, .. } => (*status, entity.version),
-            Decision::Refuse(e) => (e.status(), 0),
+            Decision::Apply {
+                version, status, ..
+            } => (*status, *version),
+            Decision::Refuse(e) | Decision::RefuseWithCurrent(e) => (e.status(), 0),
         }
     }
 
@@ -225,7 +263,7 @@ mod tests {
     fn rules() {
         use MutationKind::{Create, Delete, Update};
         use Precondition::{Any, Version};
-        type Case = (Option<(Entity, i64)>, MutationInput, bool, (u16, u64));
+        type Case = (Option<Row>, MutationInput, bool, (u16, u64));
         let cases: Vec<Case> = vec![
             (None, input(Create, None), false, (201, 1)),
             (entity(3, true), input(Create, None), false, (201, 4)),
@@ -264,7 +302,7 @@ mod tests {
             (entity(2, false), input(Delete, None), true, (428, 0)),
         ];
         for (cur, inp, require, want) in cases {
-            let got = status(&decide(cur, &inp, require, 0));
+            let got = status(&decide(cur.as_ref(), &inp, require));
             assert_eq!(
                 got, want,
                 "{:?} {:?} require={require}",
@@ -276,15 +314,43 @@ mod tests {
     #[test]
     fn conflicts_carry_current() {
         let d = decide(
-            entity(2, false),
+            entity(2, false).as_ref(),
             &input(MutationKind::Update, Some(Precondition::Version(1))),
             false,
-            0,
         );
-        let Decision::Refuse(e) = d else {
-            panic!("expected a refusal")
+        let Decision::RefuseWithCurrent(e) = d else {
+            panic!("expected a refusal with the current entity")
         };
         assert_eq!(e.problem.problem_type, problem_type::CONFLICT_VERSION);
-        assert_eq!(e.problem.current.map(|c| c.version), Some(2));
+    }
+
+    #[test]
+    fn entity_json_is_what_serde_json_prints() {
+        for (data, deleted) in [
+            (
+                json!({"b": [1, 2.5], "a": {"z": "\u{e9}\"", "c": null}}),
+                false,
+            ),
+            (Value::Null, true),
+        ] {
+            let e = Entity {
+                entity_type: "device_2".into(),
+                id: "A.b-c_9".into(),
+                version: u64::from(u32::MAX) + 7,
+                data: data.clone(),
+                updated_at: format_rfc3339(1_700_000_000_123),
+                deleted,
+            };
+            let want = serde_json::to_value(&e).map(|v| v.to_string()).unwrap();
+            let got = entity_json(
+                &e.entity_type,
+                &e.id,
+                e.version,
+                &super::super::idempotency::canonical(&data),
+                &e.updated_at,
+                deleted,
+            );
+            assert_eq!(got, want);
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! changes and is told so (410 `cursor-expired`).
 
 use guardian_protocol::{Change, MutationKind};
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension, Statement, Transaction};
 
 use super::{from_i64, to_i64, StoreError};
 
@@ -53,47 +53,75 @@ pub(crate) fn check_since(
     })
 }
 
-/// Appends a change and returns it with its new cursor.
+/// Hands out a tenant's next cursors inside one write transaction: reads
+/// `last_cursor` once, counts in memory, and writes it back once
+/// ([`Cursors::finish`], before the commit) instead of bumping the row per
+/// change. Sound because the store's single connection serializes writers.
+#[derive(Debug, Default)]
+pub(crate) struct Cursors {
+    /// The last cursor handed out, once the row has been read.
+    last: Option<u64>,
+    /// Whether any cursor was handed out (the row must be written back).
+    dirty: bool,
+}
+
+impl Cursors {
+    /// The next cursor of `tenant`.
+    pub(crate) fn next(&mut self, tx: &Transaction<'_>, tenant: &str) -> Result<u64, StoreError> {
+        let last = match self.last {
+            Some(l) => l,
+            None => counters(tx, tenant)?.0,
+        };
+        let next = last + 1;
+        self.last = Some(next);
+        self.dirty = true;
+        Ok(next)
+    }
+
+    /// Writes the last cursor handed out to `tenants`.
+    pub(crate) fn finish(self, tx: &Transaction<'_>, tenant: &str) -> Result<(), StoreError> {
+        let (true, Some(last)) = (self.dirty, self.last) else {
+            return Ok(());
+        };
+        tx.prepare_cached(
+            "INSERT INTO tenants (tenant, last_cursor) VALUES (?1, ?2)
+             ON CONFLICT (tenant) DO UPDATE SET last_cursor = excluded.last_cursor",
+        )?
+        .execute(params![tenant, to_i64(last)])?;
+        Ok(())
+    }
+}
+
+/// SQL of [`append`].
+pub(crate) const APPEND_SQL: &str =
+    "INSERT INTO changes (tenant, cursor, op, entity_type, id, version, data, at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+/// Appends a change at `cursor` (from [`Cursors::next`]); `data_json` is the
+/// change's data as JSON text (`null` for a delete). `stmt`: [`APPEND_SQL`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn append(
-    tx: &Transaction<'_>,
+    stmt: &mut Statement<'_>,
     tenant: &str,
+    cursor: u64,
     op: MutationKind,
     entity_type: &str,
     id: &str,
     version: u64,
-    data: &serde_json::Value,
+    data_json: &str,
     now_ms: i64,
-) -> Result<Change, StoreError> {
-    tx.prepare_cached("INSERT OR IGNORE INTO tenants (tenant) VALUES (?1)")?
-        .execute(params![tenant])?;
-    let cursor: i64 = tx
-        .prepare_cached(
-            "UPDATE tenants SET last_cursor = last_cursor + 1 WHERE tenant = ?1 RETURNING last_cursor",
-        )?
-        .query_row(params![tenant], |r| r.get(0))?;
-    tx.prepare_cached(
-        "INSERT INTO changes (tenant, cursor, op, entity_type, id, version, data, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )?
-    .execute(params![
+) -> Result<(), StoreError> {
+    stmt.execute(params![
         tenant,
-        cursor,
+        to_i64(cursor),
         op.as_str(),
         entity_type,
         id,
         to_i64(version),
-        data.to_string(),
+        data_json,
         now_ms
     ])?;
-    Ok(Change {
-        cursor: from_i64(cursor),
-        op,
-        entity_type: entity_type.to_owned(),
-        id: id.to_owned(),
-        version,
-        data: data.clone(),
-    })
+    Ok(())
 }
 
 /// Up to `limit` changes after `since`, in cursor order.

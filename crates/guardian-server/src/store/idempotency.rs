@@ -16,7 +16,7 @@
 //! again. Records expire after the retention; an expired key is new again.
 
 use guardian_protocol::MutationKind;
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension, Statement, Transaction};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -27,135 +27,158 @@ use super::StoreError;
 pub(crate) struct StoredResponse {
     pub(crate) fingerprint: Vec<u8>,
     pub(crate) status: u16,
-    pub(crate) body: Value,
+    /// The response body as stored: JSON text.
+    pub(crate) body: String,
 }
 
 /// The fingerprint of a mutation, as the single request it is or stands for.
+///
+/// `data_json` is [`canonical`] of the data (ignored for deletes). The
+/// canonical body of a create, `{"data":…,"id":…}`, and of an update,
+/// `{"data":…}`, is hashed piecewise rather than built.
 pub(crate) fn fingerprint(
     kind: MutationKind,
     entity_type: &str,
     id: &str,
-    data: &Value,
+    data_json: &str,
 ) -> [u8; 32] {
-    let (method, path, body) = match kind {
-        MutationKind::Create => (
-            "POST",
-            format!("/v1/entities/{entity_type}"),
-            canonical(&serde_json::json!({"id": id, "data": data})),
-        ),
-        MutationKind::Update => (
-            "PUT",
-            format!("/v1/entities/{entity_type}/{id}"),
-            canonical(&serde_json::json!({"data": data})),
-        ),
-        MutationKind::Delete => (
-            "DELETE",
-            format!("/v1/entities/{entity_type}/{id}"),
-            String::new(),
-        ),
-    };
     let mut h = Sha256::new();
-    h.update(method.as_bytes());
-    h.update(b"\n");
-    h.update(path.as_bytes());
-    h.update(b"\n");
-    h.update(body.as_bytes());
+    match kind {
+        MutationKind::Create => {
+            h.update(b"POST\n/v1/entities/");
+            h.update(entity_type.as_bytes());
+            h.update(b"\n{\"data\":");
+            h.update(data_json.as_bytes());
+            h.update(b",\"id\":");
+            h.update(json_string(id).as_bytes());
+            h.update(b"}");
+        }
+        MutationKind::Update => {
+            h.update(b"PUT\n/v1/entities/");
+            h.update(entity_type.as_bytes());
+            h.update(b"/");
+            h.update(id.as_bytes());
+            h.update(b"\n{\"data\":");
+            h.update(data_json.as_bytes());
+            h.update(b"}");
+        }
+        MutationKind::Delete => {
+            h.update(b"DELETE\n/v1/entities/");
+            h.update(entity_type.as_bytes());
+            h.update(b"/");
+            h.update(id.as_bytes());
+            h.update(b"\n");
+        }
+    }
     h.finalize().into()
+}
+
+/// `s` as a JSON string literal.
+pub(crate) fn json_string(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    write_json_string(s, &mut out);
+    into_string(out)
+}
+
+fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+/// serde_json only ever writes UTF-8.
+fn into_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// JSON with object keys sorted and no whitespace.
 pub(crate) fn canonical(v: &Value) -> String {
-    let mut out = String::new();
+    let mut out = Vec::with_capacity(128);
     write_canonical(v, &mut out);
-    out
+    into_string(out)
 }
 
-fn write_canonical(v: &Value, out: &mut String) {
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
+            out.push(b'{');
+            let mut write_member = |i: usize, k: &str, inner: &Value| {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                if let Some(inner) = map.get(k) {
-                    write_canonical(inner, out);
+                write_json_string(k, out);
+                out.push(b':');
+                write_canonical(inner, out);
+            };
+            // serde_json's default map is already sorted: no need to sort.
+            if map.keys().is_sorted() {
+                for (i, (k, inner)) in map.iter().enumerate() {
+                    write_member(i, k, inner);
+                }
+            } else {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                for (i, (k, inner)) in entries.into_iter().enumerate() {
+                    write_member(i, k, inner);
                 }
             }
-            out.push('}');
+            out.push(b'}');
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        // Scalars: serde_json's own compact form (cannot fail into a Vec).
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
     }
 }
 
-/// The unexpired record of `(tenant, key)`, if any.
+/// SQL of [`lookup`].
+pub(crate) const LOOKUP_SQL: &str = "SELECT fingerprint, status, body FROM idempotency
+             WHERE tenant = ?1 AND key = ?2 AND created_at >= ?3";
+
+/// The unexpired record of `(tenant, key)`, if any (`stmt`: [`LOOKUP_SQL`]).
 pub(crate) fn lookup(
-    tx: &Transaction<'_>,
+    stmt: &mut Statement<'_>,
     tenant: &str,
     key: &str,
     not_before_ms: i64,
 ) -> Result<Option<StoredResponse>, StoreError> {
-    let row = tx
-        .prepare_cached(
-            "SELECT fingerprint, status, body FROM idempotency
-             WHERE tenant = ?1 AND key = ?2 AND created_at >= ?3",
-        )?
+    Ok(stmt
         .query_row(params![tenant, key, not_before_ms], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, u16>(1)?,
-                r.get::<_, String>(2)?,
-            ))
+            Ok(StoredResponse {
+                fingerprint: r.get(0)?,
+                status: r.get(1)?,
+                body: r.get(2)?,
+            })
         })
-        .optional()?;
-    row.map(|(fingerprint, status, body)| {
-        let body = serde_json::from_str(&body)
-            .map_err(|e| StoreError::Corrupt(format!("stored response is not JSON: {e}")))?;
-        Ok(StoredResponse {
-            fingerprint,
-            status,
-            body,
-        })
-    })
-    .transpose()
+        .optional()?)
 }
 
-/// Stores the response of an applied mutation (replacing an expired record).
+/// SQL of [`store`].
+pub(crate) const STORE_SQL: &str =
+    "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, status, body, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+/// Stores the response of an applied mutation, replacing an expired record
+/// (`stmt`: [`STORE_SQL`]).
 pub(crate) fn store(
-    tx: &Transaction<'_>,
+    stmt: &mut Statement<'_>,
     tenant: &str,
     key: &str,
     fingerprint: &[u8],
     status: u16,
-    body: &Value,
+    body: &str,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, status, body, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        tenant,
-        key,
-        fingerprint,
-        status,
-        body.to_string(),
-        now_ms
-    ])?;
+    stmt.execute(params![tenant, key, fingerprint, status, body, now_ms])?;
     Ok(())
 }
 
@@ -178,19 +201,62 @@ mod tests {
         assert_eq!(canonical(&v), r#"{"a":"x\"y","b":[{"a":2,"z":1}]}"#);
     }
 
+    fn fp(kind: MutationKind, t: &str, i: &str, d: &Value) -> [u8; 32] {
+        fingerprint(kind, t, i, &canonical(d))
+    }
+
     #[test]
     fn fingerprints_differ_by_method_path_and_body() {
         let d = json!({"a": 1});
-        let create = fingerprint(MutationKind::Create, "t", "i", &d);
-        let update = fingerprint(MutationKind::Update, "t", "i", &d);
-        let other = fingerprint(MutationKind::Update, "t", "j", &d);
-        let body = fingerprint(MutationKind::Update, "t", "i", &json!({"a": 2}));
+        let create = fp(MutationKind::Create, "t", "i", &d);
+        let update = fp(MutationKind::Update, "t", "i", &d);
+        let other = fp(MutationKind::Update, "t", "j", &d);
+        let body = fp(MutationKind::Update, "t", "i", &json!({"a": 2}));
         assert_ne!(create, update);
         assert_ne!(update, other);
         assert_ne!(update, body);
-        assert_eq!(
-            update,
-            fingerprint(MutationKind::Update, "t", "i", &json!({"a": 1}))
-        );
+        assert_eq!(update, fp(MutationKind::Update, "t", "i", &json!({"a": 1})));
+    }
+
+    /// The documented definition, built the slow way: the hash of
+    /// `METHOD "\n" PATH "\n" canonical(typed body)`.
+    fn by_definition(kind: MutationKind, t: &str, i: &str, d: &Value) -> [u8; 32] {
+        let (method, path, body) = match kind {
+            MutationKind::Create => (
+                "POST",
+                format!("/v1/entities/{t}"),
+                canonical(&json!({"id": i, "data": d})),
+            ),
+            MutationKind::Update => (
+                "PUT",
+                format!("/v1/entities/{t}/{i}"),
+                canonical(&json!({"data": d})),
+            ),
+            MutationKind::Delete => ("DELETE", format!("/v1/entities/{t}/{i}"), String::new()),
+        };
+        Sha256::digest(format!("{method}\n{path}\n{body}")).into()
+    }
+
+    #[test]
+    fn piecewise_fingerprint_is_the_documented_one() {
+        let d = json!({"z": [1, 2.5, {"y": null, "b": "\u{e9}\"\n"}], "a": {"k": true}});
+        for kind in [
+            MutationKind::Create,
+            MutationKind::Update,
+            MutationKind::Delete,
+        ] {
+            assert_eq!(
+                fp(kind, "device", "d-1.x_", &d),
+                by_definition(kind, "device", "d-1.x_", &d),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn canonical_escapes_and_formats_like_serde_json() {
+        // Keys already in order, so this holds whatever map serde_json uses.
+        let d = json!({"a": "x\u{1}\u{2028}\\", "b": [1, -2, 3.25, 1e300, u64::MAX], "c": {"d": [], "e": {}}});
+        assert_eq!(canonical(&d), d.to_string());
     }
 }

@@ -17,14 +17,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use guardian_protocol::{Change, ChangesPage, Entity, MutationKind};
-use rusqlite::Connection;
+use rusqlite::{CachedStatement, Connection, Transaction};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
 pub use applied::AppliedMutation;
 pub(crate) use entities::Decision;
 pub(crate) use feed::FeedRefusal;
-pub(crate) use idempotency::fingerprint;
+pub(crate) use idempotency::{canonical, fingerprint};
 pub use schema::Synchronous;
 
 use crate::clock::SharedClock;
@@ -67,6 +67,9 @@ pub(crate) struct MutationInput {
     pub(crate) id: String,
     /// The new data (`Null` for deletes).
     pub(crate) data: Value,
+    /// `data` as canonical JSON text (`null` for deletes): what the
+    /// fingerprint hashes and what is stored, serialized once.
+    pub(crate) data_json: String,
     pub(crate) if_match: Option<Precondition>,
     /// Fault: a concurrent writer bumps the entity just before this op.
     pub(crate) force_conflict: bool,
@@ -76,26 +79,76 @@ pub(crate) struct MutationInput {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct OpResult {
     pub(crate) status: u16,
-    /// Entity for 200/201, `Null` for 204, a problem document otherwise.
-    pub(crate) body: Value,
+    /// JSON text: the entity for 200/201, `null` for 204, a problem document
+    /// otherwise. Object keys are sorted (as `serde_json::Value` prints them),
+    /// so a replay from the store is byte for byte the first answer.
+    pub(crate) body: String,
     pub(crate) replayed: bool,
+    /// The entity version in the body, for the `ETag` of single requests.
+    pub(crate) version: Option<u64>,
+    /// A 409 `idempotency:in-flight` problem (single requests get
+    /// `Retry-After: 1`).
+    pub(crate) in_flight: bool,
 }
 
 impl OpResult {
     pub(crate) fn problem(e: &ApiError) -> Self {
         Self {
             status: e.status(),
-            body: serde_json::to_value(&e.problem).unwrap_or(Value::Null),
+            body: serde_json::to_value(&e.problem)
+                .unwrap_or(Value::Null)
+                .to_string(),
             replayed: false,
+            version: None,
+            in_flight: e.problem.problem_type
+                == guardian_protocol::problem_type::IDEMPOTENCY_IN_FLIGHT,
         }
+    }
+
+    /// A 200 answer carrying `entity` (a GET).
+    pub(crate) fn entity(entity: &Entity) -> Self {
+        Self {
+            status: 200,
+            body: serde_json::to_value(entity)
+                .unwrap_or(Value::Null)
+                .to_string(),
+            replayed: false,
+            version: Some(entity.version),
+            in_flight: false,
+        }
+    }
+
+    /// A response replayed from the idempotency store.
+    fn replay(stored: idempotency::StoredResponse) -> Result<Self, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Versioned {
+            version: Option<u64>,
+        }
+        // Validates the stored text too: it is spliced into responses as is.
+        let body: Value = serde_json::from_str(&stored.body)
+            .map_err(|e| StoreError::Corrupt(format!("stored response is not JSON: {e}")))?;
+        let version = match body {
+            Value::Object(_) => serde_json::from_value::<Versioned>(body)
+                .ok()
+                .and_then(|v| v.version),
+            _ => None,
+        };
+        Ok(Self {
+            status: stored.status,
+            body: stored.body,
+            replayed: true,
+            version,
+            in_flight: false,
+        })
     }
 }
 
-/// A change with the tenant it belongs to, as broadcast to realtime sessions.
+/// The changes of one commit, with the tenant they belong to, as broadcast
+/// to realtime sessions: one message per commit, in cursor order.
 #[derive(Debug, Clone)]
-pub(crate) struct TenantChange {
+pub(crate) struct TenantChanges {
     pub(crate) tenant: Arc<str>,
-    pub(crate) change: Change,
+    pub(crate) changes: Vec<Change>,
 }
 
 /// What a purge removed.
@@ -132,7 +185,7 @@ pub(crate) struct StoreOptions {
 struct Inner {
     conn: Mutex<Connection>,
     opts: StoreOptions,
-    changes_tx: broadcast::Sender<Arc<TenantChange>>,
+    changes_tx: broadcast::Sender<Arc<TenantChanges>>,
     fault_seq: std::sync::atomic::AtomicU64,
 }
 
@@ -142,8 +195,9 @@ pub(crate) struct Store {
     inner: Arc<Inner>,
 }
 
-/// Capacity of the realtime broadcast; a session that falls further behind
-/// re-reads the feed from the database, so this only bounds memory.
+/// Capacity of the realtime broadcast, in commits; a session that falls
+/// further behind re-reads the feed from the database, so this only bounds
+/// memory.
 const BROADCAST_CAPACITY: usize = 4096;
 
 impl Store {
@@ -164,8 +218,8 @@ impl Store {
         })
     }
 
-    /// Receives every change committed after this call.
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<TenantChange>> {
+    /// Receives the changes of every commit after this call.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<Arc<TenantChanges>> {
         self.inner.changes_tx.subscribe()
     }
 
@@ -193,92 +247,16 @@ impl Store {
         inputs: Vec<MutationInput>,
     ) -> Result<Vec<OpResult>, StoreError> {
         self.run(move |conn, inner| {
-            let now = inner.opts.clock.now_millis();
-            let not_before = now.saturating_sub(inner.opts.idempotency_retention_ms);
             let tx = conn.transaction()?;
-            let mut results = Vec::with_capacity(inputs.len());
-            let mut changes = Vec::new();
-            for input in &inputs {
-                if let Some(stored) = idempotency::lookup(&tx, &tenant, &input.key, not_before)? {
-                    results.push(if stored.fingerprint == input.fingerprint {
-                        OpResult {
-                            status: stored.status,
-                            body: stored.body,
-                            replayed: true,
-                        }
-                    } else {
-                        OpResult::problem(&mismatch(&input.key))
-                    });
-                    continue;
-                }
-                let mut current = entities::load(&tx, &tenant, &input.entity_type, &input.id)?;
-                if input.force_conflict {
-                    if let Some(bumped) =
-                        concurrent_writer(&tx, inner, &tenant, current.as_ref(), now)?
-                    {
-                        changes.push(bumped.1.clone());
-                        current = Some((bumped.0, now));
-                    }
-                }
-                match entities::decide(current, input, inner.opts.require_if_match, now) {
-                    Decision::Refuse(e) => results.push(OpResult::problem(&e)),
-                    Decision::Apply {
-                        entity,
-                        updated_at_ms,
-                        status,
-                    } => {
-                        entities::save(&tx, &tenant, &entity, updated_at_ms)?;
-                        let change = feed::append(
-                            &tx,
-                            &tenant,
-                            input.kind,
-                            &entity.entity_type,
-                            &entity.id,
-                            entity.version,
-                            &entity.data,
-                            now,
-                        )?;
-                        applied::append(
-                            &tx,
-                            &tenant,
-                            &input.key,
-                            &entity.entity_type,
-                            &entity.id,
-                            input.kind,
-                            entity.version,
-                            change.cursor,
-                            now,
-                        )?;
-                        let body = if status == 204 {
-                            Value::Null
-                        } else {
-                            serde_json::to_value(&entity).unwrap_or(Value::Null)
-                        };
-                        idempotency::store(
-                            &tx,
-                            &tenant,
-                            &input.key,
-                            &input.fingerprint,
-                            status,
-                            &body,
-                            now,
-                        )?;
-                        changes.push(change);
-                        results.push(OpResult {
-                            status,
-                            body,
-                            replayed: false,
-                        });
-                    }
-                }
-            }
+            let (results, changes) = apply_all(&tx, inner, &tenant, inputs)?;
             tx.commit()?;
             // Still holding the connection: broadcast order is cursor order.
-            for change in changes {
+            // One message per commit: one lock and one wake-up per session.
+            if !changes.is_empty() {
                 // No receiver is fine: nobody is listening.
-                let _ = inner.changes_tx.send(Arc::new(TenantChange {
+                let _ = inner.changes_tx.send(Arc::new(TenantChanges {
                     tenant: Arc::clone(&tenant),
-                    change,
+                    changes,
                 }));
             }
             Ok(results)
@@ -293,10 +271,8 @@ impl Store {
         entity_type: String,
         id: String,
     ) -> Result<Option<Entity>, StoreError> {
-        self.run(move |conn, _| {
-            Ok(entities::load(conn, &tenant, &entity_type, &id)?.map(|(e, _)| e))
-        })
-        .await
+        self.run(move |conn, _| entities::load_entity(conn, &tenant, &entity_type, &id))
+            .await
     }
 
     /// A page of the tenant's feed after `since`.
@@ -356,29 +332,209 @@ impl Store {
     }
 }
 
-/// The forced-conflict fault: another writer updates the live entity (same
-/// data, version + 1) just before the op, so a conditional op conflicts for
-/// real. Returns the bumped entity and its change.
-fn concurrent_writer(
-    tx: &rusqlite::Transaction<'_>,
+/// The statements of a write transaction, prepared (or fetched from the
+/// cache) once per transaction rather than once per op.
+struct Statements<'c> {
+    lookup: CachedStatement<'c>,
+    load: CachedStatement<'c>,
+    save: CachedStatement<'c>,
+    change: CachedStatement<'c>,
+    applied: CachedStatement<'c>,
+    store: CachedStatement<'c>,
+}
+
+impl<'c> Statements<'c> {
+    fn prepare(tx: &'c Transaction<'_>) -> Result<Self, StoreError> {
+        Ok(Self {
+            lookup: tx.prepare_cached(idempotency::LOOKUP_SQL)?,
+            load: tx.prepare_cached(entities::LOAD_SQL)?,
+            save: tx.prepare_cached(entities::SAVE_SQL)?,
+            change: tx.prepare_cached(feed::APPEND_SQL)?,
+            applied: tx.prepare_cached(applied::APPEND_SQL)?,
+            store: tx.prepare_cached(idempotency::STORE_SQL)?,
+        })
+    }
+}
+
+/// The body of [`Store::apply`] inside its transaction: the results, and
+/// the changes to broadcast after the commit.
+fn apply_all(
+    tx: &Transaction<'_>,
     inner: &Inner,
     tenant: &str,
-    current: Option<&(Entity, i64)>,
+    inputs: Vec<MutationInput>,
+) -> Result<(Vec<OpResult>, Vec<Change>), StoreError> {
+    let now = inner.opts.clock.now_millis();
+    let not_before = now.saturating_sub(inner.opts.idempotency_retention_ms);
+    let updated_at = crate::clock::format_rfc3339(now);
+    let mut st = Statements::prepare(tx)?;
+    let mut cursors = feed::Cursors::default();
+    let mut results = Vec::with_capacity(inputs.len());
+    let mut changes = Vec::new();
+    for input in inputs {
+        if let Some(stored) = idempotency::lookup(&mut st.lookup, tenant, &input.key, not_before)? {
+            results.push(if stored.fingerprint == input.fingerprint {
+                OpResult::replay(stored)?
+            } else {
+                OpResult::problem(&mismatch(&input.key))
+            });
+            continue;
+        }
+        let mut current = entities::load(&mut st.load, tenant, &input.entity_type, &input.id)?;
+        if input.force_conflict {
+            if let Some((row, change)) = concurrent_writer(
+                tx,
+                &mut st,
+                &mut cursors,
+                inner,
+                tenant,
+                &input,
+                current.as_ref(),
+                now,
+            )? {
+                changes.push(change);
+                current = Some(row);
+            }
+        }
+        let (version, deleted, status) =
+            match entities::decide(current.as_ref(), &input, inner.opts.require_if_match) {
+                Decision::Refuse(e) => {
+                    results.push(OpResult::problem(&e));
+                    continue;
+                }
+                Decision::RefuseWithCurrent(e) => {
+                    let current = match &current {
+                        Some(row) => Some(row.to_entity(&input.entity_type, &input.id)?),
+                        None => None,
+                    };
+                    let e = match current {
+                        Some(c) => e.with_current(c),
+                        None => e,
+                    };
+                    results.push(OpResult::problem(&e));
+                    continue;
+                }
+                Decision::Apply {
+                    version,
+                    deleted,
+                    status,
+                } => (version, deleted, status),
+            };
+        let MutationInput {
+            key,
+            fingerprint,
+            kind,
+            entity_type,
+            id,
+            data,
+            data_json,
+            ..
+        } = input;
+        let (data, data_json) = if deleted {
+            (Value::Null, "null".to_owned())
+        } else {
+            (data, data_json)
+        };
+        let row = entities::Row {
+            version,
+            deleted,
+            updated_at_ms: now,
+            data: data_json,
+        };
+        entities::save(&mut st.save, tenant, &entity_type, &id, &row)?;
+        let cursor = cursors.next(tx, tenant)?;
+        feed::append(
+            &mut st.change,
+            tenant,
+            cursor,
+            kind,
+            &entity_type,
+            &id,
+            version,
+            &row.data,
+            now,
+        )?;
+        applied::append(
+            &mut st.applied,
+            tenant,
+            &key,
+            &entity_type,
+            &id,
+            kind,
+            version,
+            cursor,
+            now,
+        )?;
+        let body = if status == 204 {
+            "null".to_owned()
+        } else {
+            entities::entity_json(&entity_type, &id, version, &row.data, &updated_at, deleted)
+        };
+        idempotency::store(
+            &mut st.store,
+            tenant,
+            &key,
+            &fingerprint,
+            status,
+            &body,
+            now,
+        )?;
+        changes.push(Change {
+            cursor,
+            op: kind,
+            entity_type,
+            id,
+            version,
+            data,
+        });
+        results.push(OpResult {
+            status,
+            body,
+            replayed: false,
+            version: Some(version),
+            in_flight: false,
+        });
+    }
+    drop(st);
+    cursors.finish(tx, tenant)?;
+    Ok((results, changes))
+}
+
+/// The forced-conflict fault: another writer updates the live entity (same
+/// data, version + 1) just before the op, so a conditional op conflicts for
+/// real. Returns the bumped row and its change.
+#[allow(clippy::too_many_arguments)]
+fn concurrent_writer(
+    tx: &Transaction<'_>,
+    st: &mut Statements<'_>,
+    cursors: &mut feed::Cursors,
+    inner: &Inner,
+    tenant: &str,
+    input: &MutationInput,
+    current: Option<&entities::Row>,
     now: i64,
-) -> Result<Option<(Entity, Change)>, StoreError> {
-    let Some((cur, _)) = current.filter(|(e, _)| !e.deleted) else {
+) -> Result<Option<(entities::Row, Change)>, StoreError> {
+    let Some(cur) = current.filter(|r| !r.deleted) else {
         return Ok(None);
     };
-    let mut bumped = cur.clone();
-    bumped.version += 1;
-    bumped.updated_at = crate::clock::format_rfc3339(now);
-    entities::save(tx, tenant, &bumped, now)?;
-    let change = feed::append(
-        tx,
+    let (entity_type, id) = (input.entity_type.as_str(), input.id.as_str());
+    let bumped = entities::Row {
+        version: cur.version + 1,
+        deleted: false,
+        updated_at_ms: now,
+        data: cur.data.clone(),
+    };
+    let data: Value = serde_json::from_str(&bumped.data)
+        .map_err(|e| StoreError::Corrupt(format!("entity data is not JSON: {e}")))?;
+    entities::save(&mut st.save, tenant, entity_type, id, &bumped)?;
+    let cursor = cursors.next(tx, tenant)?;
+    feed::append(
+        &mut st.change,
         tenant,
+        cursor,
         MutationKind::Update,
-        &bumped.entity_type,
-        &bumped.id,
+        entity_type,
+        id,
         bumped.version,
         &bumped.data,
         now,
@@ -387,16 +543,24 @@ fn concurrent_writer(
         .fault_seq
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     applied::append(
-        tx,
+        &mut st.applied,
         tenant,
         &format!("fault:conflict:{n}"),
-        &bumped.entity_type,
-        &bumped.id,
+        entity_type,
+        id,
         MutationKind::Update,
         bumped.version,
-        change.cursor,
+        cursor,
         now,
     )?;
+    let change = Change {
+        cursor,
+        op: MutationKind::Update,
+        entity_type: entity_type.to_owned(),
+        id: id.to_owned(),
+        version: bumped.version,
+        data,
+    };
     Ok(Some((bumped, change)))
 }
 
