@@ -67,8 +67,8 @@ pub(crate) fn claim(
 ///
 /// The hot path of a drain, so it reads only the columns it needs: the
 /// payload and history are read only when a chained successor must be
-/// given a base. An in-flight op is always its entity's head and the only
-/// op of its entity in flight, so its successor becomes the head directly.
+/// given a base. An in-flight op is its entity's only head, so no other
+/// row's head flag needs clearing.
 pub(crate) fn ack(
     conn: &Connection,
     ctx: &Ctx,
@@ -95,17 +95,17 @@ pub(crate) fn ack(
         });
     }
     let now = ctx.now();
-    let successor: Option<(i64, bool, String)> = conn
+    let successor: Option<(i64, bool)> = conn
         .prepare_cached(
-            "SELECT seq, chained, state FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 \
+            "SELECT seq, chained FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 \
              AND entity_id = ?2 AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT 1",
         )?
         .query_row(params![entity_type, entity_id, seq], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?))
         })
         .optional()?;
-    let chain = match &successor {
-        Some((next, true, _)) => Some((*next, chained_base(conn, seq, ack)?)),
+    let chain = match successor {
+        Some((next, true)) => Some((next, chained_base(conn, seq, ack)?)),
         _ => None,
     };
     rows::delete(conn, seq)?;
@@ -120,14 +120,15 @@ pub(crate) fn ack(
         )?
         .execute(params![rows::version_to_sql(version), base, now, next])?;
     }
-    match successor {
-        None => {}
-        Some((next, _, state)) if state == "pending" => {
-            conn.prepare_cached("UPDATE ops SET is_head = 1 WHERE seq = ?1")?
-                .execute([next])?;
-        }
-        Some(_) => rows::recompute_head(conn, &entity_type, &entity_id)?,
-    }
+    // The acked op was the entity's only head; the first active op by
+    // position takes over (usually the successor, but a failed op put back
+    // by `retry_failed` can sit before it).
+    conn.prepare_cached(
+        "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
+         WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
+         ORDER BY state = 'in_flight' DESC, seq LIMIT 1)",
+    )?
+    .execute(params![entity_type, entity_id])?;
     Ok(())
 }
 
