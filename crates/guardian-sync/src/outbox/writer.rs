@@ -3,10 +3,11 @@
 //!
 //! Callers send jobs (closures run against the connection) over a channel and
 //! await a oneshot reply. The thread takes the first job, then everything else
-//! already queued, runs them all in ONE `BEGIN IMMEDIATE` transaction (each
-//! inside its own savepoint, so a refused job leaves no trace; a group of one
-//! needs none: a refused lone job rolls the transaction back) and replies to
-//! each caller only after `COMMIT` has returned. Concurrent enqueuers thus
+//! already queued (waiting briefly for more when the previous group had
+//! several callers), runs them all in ONE `BEGIN IMMEDIATE` transaction, each
+//! as soon as it arrives and inside its own savepoint, so a refused job leaves
+//! no trace (a lone caller needs none: its refusal rolls the transaction
+//! back), and replies to each caller only after `COMMIT` has returned. Concurrent enqueuers thus
 //! share one fsync, and no op is acknowledged before it is durable.
 
 use std::sync::mpsc;
@@ -109,124 +110,159 @@ impl Writer {
 /// Longest wait for more callers to join a group commit.
 const GATHER_WAIT: Duration = Duration::from_micros(200);
 
-/// Takes everything already queued. If the previous group had several
-/// callers, they are probably about to send again (they were all woken by
-/// the last commit at once): wait briefly, up to [`GATHER_WAIT`], until as
-/// many have joined, so groups stay full instead of alternating between one
-/// caller and the rest. A lone caller never waits.
-fn collect(rx: &mpsc::Receiver<Msg>, batch: &mut Vec<Msg>, last_group: usize) {
-    let deadline = Instant::now() + GATHER_WAIT;
-    while batch.len() < MAX_GROUP {
-        match rx.try_recv() {
-            Ok(m) => {
-                batch.push(m);
-                continue;
-            }
-            Err(mpsc::TryRecvError::Disconnected) => return,
-            Err(mpsc::TryRecvError::Empty) => {}
-        }
-        if batch.len() >= last_group {
-            return;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return;
-        }
-        match rx.recv_timeout(deadline - now) {
-            Ok(m) => batch.push(m),
-            Err(_) => return,
-        }
-    }
-}
-
 /// Runs one transaction-control statement (`BEGIN`, `SAVEPOINT`, …) through
-/// the statement cache: they are parsed once per connection, not per group.
+/// the statement cache: parsed once per connection, not once per group.
 fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     conn.prepare_cached(sql)?.execute([])?;
     Ok(())
 }
 
-/// Runs the jobs of one group inside the open transaction; returns their
-/// completions and whether the whole transaction must be rolled back (a
-/// lone job that failed: without a savepoint, rolling back the transaction
-/// is what undoes it).
-fn run_jobs(conn: &Connection, ctx: &Ctx, jobs: &mut Vec<Job>, dones: &mut Vec<Done>) -> bool {
-    if jobs.len() == 1 {
-        if let Some(job) = jobs.pop() {
-            let (ok, done) = job(Some((conn, ctx)));
-            dones.push(done);
-            return !ok;
+/// One group commit in progress: the transaction begins with its first
+/// job, and each job runs as soon as it arrives (while later callers are
+/// still being waited for).
+struct Group<'a> {
+    conn: &'a Connection,
+    ctx: &'a Ctx,
+    /// `None` until the first job begins the transaction.
+    began: Option<rusqlite::Result<()>>,
+    /// Each job in its own savepoint (several callers); a lone job runs
+    /// without one and a refusal rolls the whole transaction back.
+    savepoints: bool,
+    /// The lone job was refused: roll back instead of committing.
+    rollback: bool,
+    dones: Vec<Done>,
+}
+
+impl<'a> Group<'a> {
+    fn new(conn: &'a Connection, ctx: &'a Ctx, savepoints: bool) -> Self {
+        Self {
+            conn,
+            ctx,
+            began: None,
+            savepoints,
+            rollback: false,
+            dones: Vec::new(),
         }
     }
-    for job in jobs.drain(..) {
+
+    fn run(&mut self, job: Job) {
+        let conn = self.conn;
+        let began = self
+            .began
+            .get_or_insert_with(|| control(conn, "BEGIN IMMEDIATE"));
+        if began.is_err() {
+            // Run nothing outside a transaction; report the failure.
+            let (_, done) = job(None);
+            self.dones.push(done);
+            return;
+        }
+        if !self.savepoints {
+            let (ok, done) = job(Some((conn, self.ctx)));
+            self.rollback |= !ok;
+            self.dones.push(done);
+            return;
+        }
         let savepoint = control(conn, "SAVEPOINT job");
-        let (ok, done) = job(Some((conn, ctx)));
+        let (ok, done) = job(Some((conn, self.ctx)));
         if savepoint.is_ok() {
             if !ok {
                 let _ = control(conn, "ROLLBACK TO job");
             }
             let _ = control(conn, "RELEASE job");
         }
-        dones.push(done);
+        self.dones.push(done);
     }
-    false
+
+    fn len(&self) -> usize {
+        self.dones.len()
+    }
+
+    /// Commits (or, for a refused lone job, rolls back) and replies to every
+    /// caller, only now.
+    fn finish(self) {
+        let conn = self.conn;
+        let commit = match self.began {
+            None => Ok(()),
+            Some(Err(e)) => Err(StorageError::from(e)),
+            Some(Ok(())) if self.rollback => {
+                // The lone job was refused: undo it. Its caller gets its own
+                // error; nothing was committed.
+                if control(conn, "ROLLBACK").is_err() && !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                Ok(())
+            }
+            Some(Ok(())) => control(conn, "COMMIT").map_err(|e| {
+                let mut err = StorageError::from(e);
+                err.outcome_unknown = true;
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                err
+            }),
+        };
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, jobs = self.dones.len(), "outbox commit failed");
+        }
+        for done in self.dones {
+            done(commit.clone());
+        }
+    }
+}
+
+/// Takes the next message without waiting, if one is queued.
+fn try_next(rx: &mpsc::Receiver<Msg>) -> Option<Msg> {
+    rx.try_recv().ok()
 }
 
 fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
-    let mut batch = Vec::new();
-    let mut jobs = Vec::new();
     let mut last_group = 1;
     while let Ok(first) = rx.recv() {
-        batch.push(first);
-        collect(rx, &mut batch, last_group);
-        last_group = batch.len();
-        let mut close = None;
-        for msg in batch.drain(..) {
-            match msg {
-                Msg::Job(job) => jobs.push(job),
-                Msg::Close(reply) => close = Some(reply),
+        let second = try_next(rx);
+        // A lone caller (nothing else queued, and the previous group had one
+        // caller too) runs without a savepoint and never waits.
+        let lone = second.is_none() && last_group <= 1;
+        let mut group = Group::new(&conn, ctx, !lone);
+        // Runs a job; returns the reply channel of a close request.
+        let take = |msg: Msg, group: &mut Group<'_>| match msg {
+            Msg::Job(job) => {
+                group.run(job);
+                None
             }
-        }
-        let mut dones = Vec::with_capacity(jobs.len());
-        let commit = if jobs.is_empty() {
-            Ok(())
-        } else {
-            match control(&conn, "BEGIN IMMEDIATE") {
-                Err(e) => {
-                    // Run nothing outside a transaction; report the failure.
-                    for job in jobs.drain(..) {
-                        let (_, done) = job(None);
-                        dones.push(done);
-                    }
-                    Err(StorageError::from(e))
-                }
-                Ok(()) => {
-                    if run_jobs(&conn, ctx, &mut jobs, &mut dones) {
-                        // The lone job failed: undo it (its caller gets its
-                        // own error, nothing was committed).
-                        if control(&conn, "ROLLBACK").is_err() && !conn.is_autocommit() {
-                            let _ = conn.execute_batch("ROLLBACK");
-                        }
-                        Ok(())
-                    } else {
-                        control(&conn, "COMMIT").map_err(|e| {
-                            let mut err = StorageError::from(e);
-                            err.outcome_unknown = true;
-                            if !conn.is_autocommit() {
-                                let _ = conn.execute_batch("ROLLBACK");
-                            }
-                            err
-                        })
-                    }
-                }
-            }
+            Msg::Close(reply) => Some(reply),
         };
-        if let Err(e) = &commit {
-            tracing::error!(error = %e, jobs = dones.len(), "outbox commit failed");
+        let mut close = take(first, &mut group);
+        if let Some(m) = second {
+            close = close.or(take(m, &mut group));
         }
-        for done in dones {
-            done(commit.clone());
+        if !lone && close.is_none() {
+            // Take everything already queued. If the previous group had
+            // several callers, they are probably about to send again (they
+            // were all woken by the last commit at once): wait briefly, up
+            // to GATHER_WAIT, until as many have joined, so groups stay full
+            // instead of alternating between one caller and the rest. Jobs
+            // run as they arrive, so the wait overlaps with their work.
+            let deadline = Instant::now() + GATHER_WAIT;
+            while group.len() < MAX_GROUP && close.is_none() {
+                if let Some(m) = try_next(rx) {
+                    close = take(m, &mut group);
+                    continue;
+                }
+                if group.len() >= last_group {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                match rx.recv_timeout(deadline - now) {
+                    Ok(m) => close = take(m, &mut group),
+                    Err(_) => break,
+                }
+            }
         }
+        last_group = group.len().max(1);
+        group.finish();
         if let Some(reply) = close {
             drop(conn);
             let _ = reply.send(());
