@@ -44,7 +44,7 @@ type Claimed = Result<(usize, Vec<PendingOp>), EngineError>;
 const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Fewest ops claimed ahead of the wire.
-const CLAIM_AHEAD: usize = 16;
+const CLAIM_AHEAD: usize = 64;
 
 impl Inner {
     /// Drains everything ready now through a sliding window.
