@@ -39,9 +39,10 @@ type Recorded = Vec<Result<DrainReport, EngineError>>;
 /// A claim's result: how many ops it asked for, and those it got.
 type Claimed = Result<(usize, Vec<PendingOp>), EngineError>;
 
-/// Batch requests in flight at once. Two keep the link busy: the next batch
-/// is claimed and sent while the previous one's results are recorded.
-const BATCHES_IN_FLIGHT: usize = 2;
+/// Most batch requests in flight at once (fewer if `concurrency` is lower):
+/// enough to keep a long link busy while earlier results are recorded,
+/// while bounding what one device puts on the server at a time.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
 /// Fewest ops claimed ahead of the wire.
 const CLAIM_AHEAD: usize = 64;
@@ -51,7 +52,7 @@ impl Inner {
     ///
     /// Three kinds of work overlap instead of alternating in waves:
     /// requests in flight (at most `concurrency` ops, or
-    /// [`BATCHES_IN_FLIGHT`] batches), recording of outcomes that came back,
+    /// up to [`MAX_BATCHES_IN_FLIGHT`] batches), recording of outcomes that came back,
     /// and claiming the next ops. An op is still claimed durably (in flight,
     /// attempts + 1) before its request is sent, but the claim happens while
     /// earlier requests are on the wire, and the writer's group commit folds
@@ -67,7 +68,7 @@ impl Inner {
     pub(super) async fn step(&self, fence: &Fence) -> Result<Step, EngineError> {
         let per_unit = self.batch.map_or(1, |b| b.max_ops.max(1));
         let max_units = if per_unit > 1 {
-            BATCHES_IN_FLIGHT
+            self.concurrency.clamp(1, MAX_BATCHES_IN_FLIGHT)
         } else {
             self.concurrency.max(1)
         };
@@ -250,12 +251,78 @@ impl Inner {
         outcomes: Vec<Outcome>,
         latency: Duration,
     ) -> Recorded {
-        join_all(
-            unit.iter()
-                .zip(outcomes)
+        if unit.len() < 2 {
+            return join_all(
+                unit.iter()
+                    .zip(outcomes)
+                    .map(|(op, outcome)| self.handle(fence, op, outcome, latency)),
+            )
+            .await;
+        }
+        // A batch: its successes (the common case) are recorded in one
+        // writer job; every other outcome goes through `handle` alone.
+        let mut applied = Vec::new();
+        let mut others = Vec::new();
+        for (op, outcome) in unit.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Applied { entity, replayed } => applied.push((op, entity, replayed)),
+                Outcome::AlreadyGone => applied.push((op, None, false)),
+                other => others.push((op, other)),
+            }
+        }
+        let acked = async {
+            if applied.is_empty() {
+                return Vec::new();
+            }
+            let now_mono = self.clock.monotonic();
+            {
+                let mut breaker = self.breaker();
+                for _ in &applied {
+                    breaker.record_success(now_mono);
+                }
+            }
+            self.publish_breaker();
+            let acks = applied
+                .iter()
+                .map(|(op, entity, _)| {
+                    let ack = Ack {
+                        version: entity.as_ref().map(|e| e.version),
+                        data: entity.as_ref().map(|e| e.data.clone()),
+                    };
+                    (op.op_id, ack)
+                })
+                .collect();
+            if let Err(e) = self.outbox.ack_many(fence, acks).await {
+                return vec![Err(EngineError::from(e))];
+            }
+            applied
+                .iter()
+                .map(|(op, entity, replayed)| {
+                    self.metrics.incr(Counter::Succeeded);
+                    self.metrics.record_latency(latency);
+                    self.emit(SyncEvent::OpSucceeded {
+                        op_id: op.op_id,
+                        entity_type: op.entity_type.clone(),
+                        entity_id: op.entity_id.clone(),
+                        version: entity.as_ref().map(|e| e.version),
+                        replayed: *replayed,
+                    });
+                    Ok(DrainReport {
+                        sent: 1,
+                        succeeded: 1,
+                        ..DrainReport::default()
+                    })
+                })
+                .collect()
+        };
+        let rest = join_all(
+            others
+                .into_iter()
                 .map(|(op, outcome)| self.handle(fence, op, outcome, latency)),
-        )
-        .await
+        );
+        let (mut acked, rest) = futures::join!(acked, rest);
+        acked.extend(rest);
+        acked
     }
 
     /// Keeps stored backoffs their length across wall-clock steps.

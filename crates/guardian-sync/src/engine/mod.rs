@@ -36,6 +36,9 @@ use crate::transport::{
 };
 
 /// Batching: several ready ops of distinct entities in one `POST /v1/batch`.
+///
+/// With batching on, `concurrency` bounds batch requests in flight, at most
+/// four at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchConfig {
     /// Most ops per batch request.

@@ -77,6 +77,25 @@ pub(crate) fn ack(
     ack: &Ack,
 ) -> Result<(), OutboxError> {
     lock_row::check(conn, fence)?;
+    ack_op(conn, ctx, op_id, ack)
+}
+
+/// Several acks in one job: one lock check, no savepoint per op. Any error
+/// refuses them all (the writer rolls the job back), as a lost lock would.
+pub(crate) fn ack_many(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    acks: &[(OpId, Ack)],
+) -> Result<(), OutboxError> {
+    lock_row::check(conn, fence)?;
+    for (op_id, ack) in acks {
+        ack_op(conn, ctx, *op_id, ack)?;
+    }
+    Ok(())
+}
+
+fn ack_op(conn: &Connection, ctx: &Ctx, op_id: OpId, ack: &Ack) -> Result<(), OutboxError> {
     let (seq, entity_type, entity_id, state, tokens): (i64, String, String, String, String) = conn
         .prepare_cached(
             "SELECT seq, entity_type, entity_id, state, txn_tokens FROM ops WHERE op_id = ?1",
@@ -319,6 +338,16 @@ pub(crate) fn release(
 }
 
 impl super::Outbox {
+    /// Records several acks in one writer job (a batch's successes): the
+    /// same effect as [`super::Outbox::ack`] for each, all or none.
+    pub async fn ack_many(&self, fence: &Fence, acks: Vec<(OpId, Ack)>) -> Result<(), OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, ctx| ack_many(conn, ctx, &fence, &acks))
+            .await
+    }
+
     /// Returns claimed but never-sent ops to the queue as if never claimed
     /// (pending, `attempts` restored). Fenced like every runner write.
     pub async fn release_claimed(
