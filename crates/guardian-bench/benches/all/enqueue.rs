@@ -264,12 +264,30 @@ pub(crate) fn run(config: &Config) -> Section {
     let targets = vec![
         Target {
             scenario: "1 enqueue",
-            target: "1 enqueuer ≥ 0.8× bare rusqlite".into(),
+            target: "1 enqueuer ≥ 0.9× bare rusqlite (issue 2)".into(),
             measured: ratio(one_vs_sqlite),
-            met: one_vs_sqlite.is_some_and(|r| r >= 0.8),
-            why: "each enqueue crosses a channel to the writer thread, runs the coalescing \
-                  tail query and 5 index updates before the same one fsync the bare loop pays; \
-                  closing it means a leaner insert path (fewer indexes on the hot table)"
+            met: one_vs_sqlite.is_some_and(|r| r >= 0.9),
+            why: "when fsync is fast (~0.15 ms on a quiet machine) what each commit writes shows: \
+                  an enqueue of a new entity dirties 5 b-tree pages (the row, the op_id unique \
+                  index, `ops_entity`, `ops_ready`, `sqlite_sequence`), the bare loop 3 (row, \
+                  unique index, sequence), and every dirty page is a WAL frame written and \
+                  fsynced (~20 µs each here); each op also crosses to the writer thread and \
+                  back (two thread wake-ups). Schema 2 already took the two other indexes off \
+                  the insert path; the per-entity and ready indexes are what keep claims and \
+                  coalescing index-only, so the rest of the gap needs a different layout (an \
+                  append log in front of SQLite), not fewer indexes. With slower fsync the \
+                  fixed costs shrink relatively (0.91–0.94× at 1.4–6 ms per fsync, outbox bench)"
+                .into(),
+        },
+        Target {
+            scenario: "1 enqueue",
+            target: "8 enqueuers ≥ 5× one enqueuer (issue 2)".into(),
+            measured: ratio(group_gain),
+            met: group_gain.is_some_and(|r| r >= 5.0),
+            why: "a group of 8 ops on 8 distinct entities dirties about twice the pages of a \
+                  lone op (the `ops_entity` leaves of 8 key ranges, more table pages), so on a \
+                  fast disk a group commit costs ~2× a single one and 8 callers gain ~4×; the \
+                  gain grows with fsync latency (7.7× at ~6 ms per fsync in the outbox bench)"
                 .into(),
         },
         Target {
@@ -294,10 +312,11 @@ pub(crate) fn run(config: &Config) -> Section {
                 .into(),
             measured: format!("{:.0} %", vs_raw8.unwrap_or_default() * 100.0),
             met: vs_raw8.is_some_and(|r| r >= 0.5),
-            why: "a SQLite WAL commit writes a 4 KiB page per touched b-tree page plus the \
-                  frame headers (the ops table and its 5 indexes), not ~1.5 KiB of records, and \
-                  each op also runs the coalescing lookup on the single writer thread; closing \
-                  it needs fewer indexes or a dedicated append log in front of SQLite"
+            why: "a SQLite WAL commit writes a whole 4 KiB page per touched b-tree page plus \
+                  frame headers (for 8 ops on 8 entities about 10 pages: table, op_id index, \
+                  `ops_entity` leaves, `ops_ready`, `sqlite_sequence`), not ~1.8 KiB of \
+                  records, and the 8 ops run one after another on the single writer thread; \
+                  closing it needs a dedicated append log in front of SQLite"
                 .into(),
         },
     ];
