@@ -14,7 +14,7 @@ use crate::faults::{FaultInjector, Faults, FaultsError};
 use crate::inflight::InFlight;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 use crate::store::{AppliedMutation, PurgeReport, Store, StoreError, StoreOptions};
 
 /// Stops a running server from anywhere (cheap to clone).
@@ -63,7 +63,7 @@ impl ServerBuilder {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let state = AppState {
+        let state = AppState::new(Shared {
             store,
             faults: Arc::new(FaultInjector::new(config.faults.clone())),
             inflight: InFlight::new(),
@@ -73,7 +73,7 @@ impl ServerBuilder {
             shutdown: shutdown_rx.clone(),
             kick: Arc::new(watch::Sender::new(0)),
             config,
-        };
+        });
         let app =
             crate::routes::router(state.clone()).into_make_service_with_connect_info::<ConnInfo>();
         let mut stop = shutdown_rx.clone();

@@ -11,9 +11,28 @@ use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// Everything a handler may touch; cheap to clone.
+/// Everything a handler may touch; cheap to clone: one reference count
+/// (each middleware layer and extractor clones it per request).
 #[derive(Debug, Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub(crate) fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The state behind [`AppState`].
+#[derive(Debug)]
+pub(crate) struct Shared {
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) store: Store,
     pub(crate) faults: Arc<FaultInjector>,

@@ -13,13 +13,14 @@ mod feed;
 mod idempotency;
 mod schema;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use guardian_protocol::{Change, ChangesPage, Entity, MutationKind};
 use rusqlite::{CachedStatement, Connection, Transaction};
 use serde_json::Value;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, oneshot};
 
 pub use applied::AppliedMutation;
 pub(crate) use entities::Decision;
@@ -46,6 +47,10 @@ pub enum StoreError {
     /// The blocking task running the query died.
     #[error("database task failed: {0}")]
     Task(String),
+    /// The commit of a group of requests failed; nothing of the group was
+    /// applied.
+    #[error("commit failed: {0}")]
+    Commit(String),
 }
 
 /// A precondition of an update or delete (`If-Match`).
@@ -187,7 +192,28 @@ struct Inner {
     opts: StoreOptions,
     changes_tx: broadcast::Sender<Arc<TenantChanges>>,
     fault_seq: std::sync::atomic::AtomicU64,
+    writes: Mutex<WriteQueue>,
 }
+
+/// One request's mutations waiting for the writer.
+#[derive(Debug)]
+struct WriteJob {
+    tenant: Arc<str>,
+    inputs: Vec<MutationInput>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
+}
+
+/// Mutation requests waiting for the writer, and whether a writer is
+/// running (at most one: it drains the queue, then stops).
+#[derive(Debug, Default)]
+struct WriteQueue {
+    jobs: VecDeque<WriteJob>,
+    writer_active: bool,
+}
+
+/// A group commit takes queued requests up to this many ops (at least one
+/// request, whatever its size).
+const GROUP_MAX_OPS: usize = 1000;
 
 /// The server's storage handle (cheap to clone).
 #[derive(Debug, Clone)]
@@ -214,6 +240,7 @@ impl Store {
                 opts,
                 changes_tx,
                 fault_seq: std::sync::atomic::AtomicU64::new(0),
+                writes: Mutex::new(WriteQueue::default()),
             }),
         })
     }
@@ -241,27 +268,37 @@ impl Store {
     /// Applies mutations in order in one transaction and returns one result
     /// each. A replay or refusal writes nothing; an applied op writes the
     /// entity, a change, an applied-log row and its idempotency record.
+    ///
+    /// Group commit: concurrent requests queue up and one writer on the
+    /// blocking pool applies the queued requests in one transaction, each
+    /// inside its own savepoint (a request that fails is rolled back alone
+    /// and gets its error; the others are unaffected). Every request's
+    /// result is sent only after the commit, so nothing is acknowledged
+    /// before it is durable, and a failed commit fails the whole group with
+    /// nothing applied.
     pub(crate) async fn apply(
         &self,
         tenant: Arc<str>,
         inputs: Vec<MutationInput>,
     ) -> Result<Vec<OpResult>, StoreError> {
-        self.run(move |conn, inner| {
-            let tx = conn.transaction()?;
-            let (results, changes) = apply_all(&tx, inner, &tenant, inputs)?;
-            tx.commit()?;
-            // Still holding the connection: broadcast order is cursor order.
-            // One message per commit: one lock and one wake-up per session.
-            if !changes.is_empty() {
-                // No receiver is fine: nobody is listening.
-                let _ = inner.changes_tx.send(Arc::new(TenantChanges {
-                    tenant: Arc::clone(&tenant),
-                    changes,
-                }));
-            }
-            Ok(results)
-        })
-        .await
+        let (reply, rx) = oneshot::channel();
+        let job = WriteJob {
+            tenant,
+            inputs,
+            reply,
+        };
+        let start_writer = {
+            let mut q = lock(&self.inner.writes);
+            q.jobs.push_back(job);
+            !std::mem::replace(&mut q.writer_active, true)
+        };
+        if start_writer {
+            let inner = Arc::clone(&self.inner);
+            // Not awaited: the writer outlives this request if it has to.
+            drop(tokio::task::spawn_blocking(move || write_loop(&inner)));
+        }
+        rx.await
+            .map_err(|_| StoreError::Task("the database writer stopped".into()))?
     }
 
     /// The entity (tombstones included), if it ever existed.
@@ -332,6 +369,113 @@ impl Store {
     }
 }
 
+/// Stops the writer if it unwinds, failing the requests still queued
+/// (their callers get an error instead of waiting forever).
+struct WriterGuard<'a>(&'a Inner);
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut q = lock(&self.0.writes);
+            q.jobs.clear();
+            q.writer_active = false;
+        }
+    }
+}
+
+/// The writer: takes groups of queued requests and commits each group in
+/// one transaction until the queue is empty.
+fn write_loop(inner: &Inner) {
+    let _guard = WriterGuard(inner);
+    loop {
+        let group = {
+            let mut q = lock(&inner.writes);
+            if q.jobs.is_empty() {
+                q.writer_active = false;
+                return;
+            }
+            let mut group = Vec::new();
+            let mut ops = 0;
+            while let Some(job) = q.jobs.front() {
+                if !group.is_empty() && ops + job.inputs.len() > GROUP_MAX_OPS {
+                    break;
+                }
+                ops += job.inputs.len();
+                group.extend(q.jobs.pop_front());
+            }
+            group
+        };
+        let mut conn = lock(&inner.conn);
+        commit_group(&mut conn, inner, group);
+    }
+}
+
+/// Applies one group of requests in one transaction, then broadcasts the
+/// changes (still holding the connection, so broadcast order is cursor
+/// order) and answers every request.
+fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
+    let mut replies = Vec::with_capacity(group.len());
+    let mut work = Vec::with_capacity(group.len());
+    for job in group {
+        replies.push((Arc::clone(&job.tenant), job.reply));
+        work.push((job.tenant, job.inputs));
+    }
+    let single = work.len() == 1;
+    let committed = (|| -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        let tx = conn.transaction()?;
+        let mut outcomes = Vec::with_capacity(work.len());
+        for (tenant, inputs) in work {
+            // A lone request needs no savepoint: its failure is the
+            // transaction's.
+            if single {
+                outcomes.push(Ok(apply_all(&tx, inner, &tenant, inputs)?));
+                continue;
+            }
+            tx.prepare_cached("SAVEPOINT request")?.execute([])?;
+            match apply_all(&tx, inner, &tenant, inputs) {
+                Ok(done) => {
+                    tx.prepare_cached("RELEASE request")?.execute([])?;
+                    outcomes.push(Ok(done));
+                }
+                Err(e) => {
+                    tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
+                    outcomes.push(Err(e));
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    })();
+    match committed {
+        Ok(outcomes) => {
+            for ((tenant, reply), outcome) in replies.into_iter().zip(outcomes) {
+                let outcome = outcome.map(|(results, changes)| {
+                    if !changes.is_empty() {
+                        // One message per request; no receiver is fine.
+                        let _ = inner
+                            .changes_tx
+                            .send(Arc::new(TenantChanges { tenant, changes }));
+                    }
+                    results
+                });
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(e) if single => {
+            if let Some((_, reply)) = replies.pop() {
+                let _ = reply.send(Err(e));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, requests = replies.len(), "group commit failed");
+            let msg = e.to_string();
+            for (_, reply) in replies {
+                let _ = reply.send(Err(StoreError::Commit(msg.clone())));
+            }
+        }
+    }
+}
+
 /// The statements of a write transaction, prepared (or fetched from the
 /// cache) once per transaction rather than once per op.
 struct Statements<'c> {
@@ -358,12 +502,14 @@ impl<'c> Statements<'c> {
 
 /// The body of [`Store::apply`] inside its transaction: the results, and
 /// the changes to broadcast after the commit.
+type Applied = (Vec<OpResult>, Vec<Change>);
+
 fn apply_all(
     tx: &Transaction<'_>,
     inner: &Inner,
     tenant: &str,
     inputs: Vec<MutationInput>,
-) -> Result<(Vec<OpResult>, Vec<Change>), StoreError> {
+) -> Result<Applied, StoreError> {
     let now = inner.opts.clock.now_millis();
     let not_before = now.saturating_sub(inner.opts.idempotency_retention_ms);
     let updated_at = crate::clock::format_rfc3339(now);
@@ -593,7 +739,7 @@ pub(crate) fn feed_problem(refusal: &FeedRefusal) -> ApiError {
     }
 }
 
-fn lock(m: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -604,4 +750,136 @@ pub(crate) fn to_i64(v: u64) -> i64 {
 
 pub(crate) fn from_i64(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use serde_json::json;
+
+    fn store() -> Store {
+        Store::open(StoreOptions {
+            storage: Storage::Memory,
+            synchronous: Synchronous::Full,
+            idempotency_retention_ms: 60_000,
+            feed_retention_ms: 60_000,
+            require_if_match: false,
+            clock: ManualClock::new(1_700_000_000_000),
+        })
+        .unwrap()
+    }
+
+    fn create(key: &str, id: &str) -> MutationInput {
+        let data = json!({"k": key});
+        let data_json = canonical(&data);
+        MutationInput {
+            key: key.into(),
+            fingerprint: fingerprint(MutationKind::Create, "device", id, &data_json),
+            kind: MutationKind::Create,
+            entity_type: "device".into(),
+            id: id.into(),
+            data,
+            data_json,
+            if_match: None,
+            force_conflict: false,
+        }
+    }
+
+    fn job(
+        tenant: &str,
+        inputs: Vec<MutationInput>,
+    ) -> (
+        WriteJob,
+        oneshot::Receiver<Result<Vec<OpResult>, StoreError>>,
+    ) {
+        let (reply, rx) = oneshot::channel();
+        let job = WriteJob {
+            tenant: Arc::from(tenant),
+            inputs,
+            reply,
+        };
+        (job, rx)
+    }
+
+    /// A request of a group that fails is rolled back alone (its earlier
+    /// ops too) and gets its error; the others commit, with gap-free cursors.
+    #[test]
+    fn a_failing_request_of_a_group_leaves_no_trace() {
+        let store = store();
+        let inner = &store.inner;
+        let mut conn = lock(&inner.conn);
+        // A stored response that is not JSON: replaying it fails.
+        let bad = create("bad", "y");
+        conn.execute(
+            "INSERT INTO idempotency (tenant, key, fingerprint, status, body, created_at)
+             VALUES ('t', 'bad', ?1, 201, 'not json', 1700000000000)",
+            [&bad.fingerprint[..]],
+        )
+        .unwrap();
+        let mut rx = store.subscribe();
+        let (a, a_rx) = job("t", vec![create("k1", "x"), bad]);
+        let (b, b_rx) = job("t", vec![create("k2", "z")]);
+        let (c, c_rx) = job("u", vec![create("k3", "x")]);
+        commit_group(&mut conn, inner, vec![a, b, c]);
+        assert!(matches!(
+            a_rx.blocking_recv().unwrap(),
+            Err(StoreError::Corrupt(_))
+        ));
+        let b = b_rx.blocking_recv().unwrap().unwrap();
+        assert_eq!((b[0].status, b[0].version), (201, Some(1)));
+        let c = c_rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(c[0].status, 201);
+        assert!(entities::load_entity(&conn, "t", "device", "x")
+            .unwrap()
+            .is_none());
+        assert!(entities::load_entity(&conn, "t", "device", "z")
+            .unwrap()
+            .is_some());
+        let applied = applied::read_all(&conn).unwrap();
+        let keys: Vec<_> = applied.iter().map(|a| a.idempotency_key.as_str()).collect();
+        assert_eq!(keys, ["k2", "k3"]);
+        assert_eq!(feed::counters(&conn, "t").unwrap().0, 1);
+        let feed = feed::read(&conn, "t", 0, 10).unwrap();
+        assert_eq!(
+            feed.iter()
+                .map(|c| (c.cursor, c.id.as_str()))
+                .collect::<Vec<_>>(),
+            [(1, "z")]
+        );
+        // One broadcast per committed request, in order.
+        let first = rx.try_recv().unwrap();
+        assert_eq!((&*first.tenant, first.changes[0].id.as_str()), ("t", "z"));
+        let second = rx.try_recv().unwrap();
+        assert_eq!((&*second.tenant, second.changes[0].cursor), ("u", 1));
+        assert!(rx.try_recv().is_err());
+    }
+
+    /// Requests of one tenant in one group get consecutive cursors, and a
+    /// key applied earlier in the group replays later in it.
+    #[test]
+    fn a_group_counts_cursors_across_requests() {
+        let store = store();
+        let inner = &store.inner;
+        let mut conn = lock(&inner.conn);
+        let (a, a_rx) = job("t", vec![create("k1", "a"), create("k2", "b")]);
+        let (b, b_rx) = job("t", vec![create("k3", "c"), create("k1", "a")]);
+        commit_group(&mut conn, inner, vec![a, b]);
+        let a = a_rx.blocking_recv().unwrap().unwrap();
+        let b = b_rx.blocking_recv().unwrap().unwrap();
+        assert!(a.iter().all(|r| r.status == 201 && !r.replayed));
+        assert_eq!((b[0].status, b[0].replayed), (201, false));
+        assert_eq!((b[1].status, b[1].replayed), (201, true));
+        assert_eq!(
+            b[1].body, a[0].body,
+            "a replay is the first answer, byte for byte"
+        );
+        let cursors: Vec<u64> = feed::read(&conn, "t", 0, 10)
+            .unwrap()
+            .iter()
+            .map(|c| c.cursor)
+            .collect();
+        assert_eq!(cursors, [1, 2, 3]);
+        assert_eq!(feed::counters(&conn, "t").unwrap().0, 3);
+    }
 }
