@@ -39,6 +39,17 @@ type Recorded = Vec<Result<DrainReport, EngineError>>;
 /// A claim's result: how many ops it asked for, and those it got.
 type Claimed = Result<(usize, Vec<PendingOp>), EngineError>;
 
+/// Acks collected before they are written while requests keep flowing.
+const ACK_GROUP: usize = 16;
+
+/// An applied op whose ack is not yet written.
+struct Success {
+    op: PendingOp,
+    entity: Option<Entity>,
+    replayed: bool,
+    latency: Duration,
+}
+
 /// Most batch requests in flight at once (fewer if `concurrency` is lower):
 /// enough to keep a long link busy while earlier results are recorded,
 /// while bounding what one device puts on the server at a time.
@@ -55,11 +66,13 @@ impl Inner {
     /// up to [`MAX_BATCHES_IN_FLIGHT`] batches), recording of outcomes that came back,
     /// and claiming the next ops. An op is still claimed durably (in flight,
     /// attempts + 1) before its request is sent, but the claim happens while
-    /// earlier requests are on the wire, and the writer's group commit folds
-    /// it into the same transaction as the acks that are being recorded, so
-    /// the steady state costs about one commit per round trip, not two per
-    /// op. Per-entity order is untouched: only an entity's head is ever
-    /// claimed, and its successor becomes the head when its ack commits.
+    /// earlier requests are on the wire (up to [`CLAIM_AHEAD`] ops ahead),
+    /// and acks of applied ops are written together, one writer job at a
+    /// time, [`ACK_GROUP`] at once while requests keep flowing; the writer's
+    /// group commit folds claims and acks into shared transactions. Per-entity
+    /// order is untouched: only an entity's head is ever claimed, and its
+    /// successor becomes the head when its ack commits (acks are written at
+    /// once whenever the claimed queue runs dry, so a chain never waits).
     ///
     /// Ops claimed but not yet sent when sending must stop (breaker open,
     /// authentication required) are released as never attempted. On a
@@ -83,6 +96,10 @@ impl Inner {
         let mut records: FuturesUnordered<BoxFuture<'_, Recorded>> = FuturesUnordered::new();
         // At most one claim at a time.
         let mut claiming: FuturesUnordered<BoxFuture<'_, Claimed>> = FuturesUnordered::new();
+        // Applied ops whose acks are not yet written, and the one ack write
+        // in progress (acks that arrive meanwhile wait and go together).
+        let mut acks: Vec<Success> = Vec::new();
+        let mut flushing: FuturesUnordered<BoxFuture<'_, Recorded>> = FuturesUnordered::new();
         // The last claim found fewer ops than it asked for ...
         let mut exhausted = false;
         // ... but an outcome has come back since, which may have freed an
@@ -116,6 +133,21 @@ impl Inner {
                 };
                 let unit = self.next_unit(&mut ready, take);
                 requests.push(Box::pin(self.send_unit(unit)));
+            }
+            // Write the acks collected so far, unless requests are flowing
+            // from claimed ops and too few have come back: then they wait
+            // for more (an unwritten ack only means the request would be
+            // re-sent with the same key after a crash, and replayed).
+            if flushing.is_empty()
+                && !acks.is_empty()
+                && (acks.len() >= ACK_GROUP
+                    || ready.is_empty()
+                    || requests.is_empty()
+                    || exhausted
+                    || stop.is_some())
+            {
+                let batch = std::mem::take(&mut acks);
+                flushing.push(Box::pin(self.flush_acks(fence, batch)));
             }
             // Claim ahead while there is room in the window.
             let deficit = window.saturating_sub(ready.len() + requests.len() * per_unit);
@@ -153,7 +185,12 @@ impl Inner {
                 let ids = ready.drain(..).map(|op| op.op_id).collect();
                 self.outbox.release_claimed(fence, ids).await?;
             }
-            if requests.is_empty() && records.is_empty() && claiming.is_empty() && ready.is_empty()
+            if requests.is_empty()
+                && records.is_empty()
+                && claiming.is_empty()
+                && ready.is_empty()
+                && flushing.is_empty()
+                && acks.is_empty()
             {
                 break;
             }
@@ -172,15 +209,34 @@ impl Inner {
                             Err(e) => return Err(e),
                         }
                     }
-                    if outcomes_pending && records.is_empty() {
+                    if outcomes_pending && records.is_empty() && flushing.is_empty() {
+                        outcomes_pending = false;
+                        self.deliver_outcomes().await?;
+                    }
+                }
+                Some(results) = flushing.next(), if !flushing.is_empty() => {
+                    maybe_more = true;
+                    for r in results {
+                        match r {
+                            Ok(r) => {
+                                progressed = true;
+                                total.add(&r);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if outcomes_pending && records.is_empty() && acks.is_empty() {
                         outcomes_pending = false;
                         self.deliver_outcomes().await?;
                     }
                 }
                 Some((unit, outcomes, latency)) = requests.next(), if !requests.is_empty() => {
-                    maybe_more = true;
                     outcomes_pending |= unit.iter().any(|op| !op.txn_tokens.is_empty());
-                    records.push(Box::pin(self.record_unit(fence, unit, outcomes, latency)));
+                    let others = self.sort_outcomes(unit, outcomes, latency, &mut acks);
+                    if !others.is_empty() {
+                        maybe_more = true;
+                        records.push(Box::pin(self.record_others(fence, others, latency)));
+                    }
                 }
                 Some(claimed) = claiming.next(), if !claiming.is_empty() => {
                     let (asked, ops) = claimed?;
@@ -242,87 +298,96 @@ impl Inner {
         (unit, outcomes, latency)
     }
 
-    /// Records a unit's outcomes concurrently, so the outbox's group commit
-    /// writes them (and any claim issued meanwhile) in one transaction.
-    async fn record_unit(
+    /// Splits a unit's outcomes: successes join `acks` (the breaker hears
+    /// of them at once), everything else is returned for [`Self::handle`].
+    fn sort_outcomes(
         &self,
-        fence: &Fence,
         unit: Unit,
         outcomes: Vec<Outcome>,
         latency: Duration,
-    ) -> Recorded {
-        if unit.len() < 2 {
-            return join_all(
-                unit.iter()
-                    .zip(outcomes)
-                    .map(|(op, outcome)| self.handle(fence, op, outcome, latency)),
-            )
-            .await;
-        }
-        // A batch: its successes (the common case) are recorded in one
-        // writer job; every other outcome goes through `handle` alone.
-        let mut applied = Vec::new();
+        acks: &mut Vec<Success>,
+    ) -> Vec<(PendingOp, Outcome)> {
         let mut others = Vec::new();
-        for (op, outcome) in unit.iter().zip(outcomes) {
-            match outcome {
-                Outcome::Applied { entity, replayed } => applied.push((op, entity, replayed)),
-                Outcome::AlreadyGone => applied.push((op, None, false)),
-                other => others.push((op, other)),
-            }
-        }
-        let acked = async {
-            if applied.is_empty() {
-                return Vec::new();
-            }
-            let now_mono = self.clock.monotonic();
-            {
-                let mut breaker = self.breaker();
-                for _ in &applied {
-                    breaker.record_success(now_mono);
+        let mut successes = 0;
+        for (op, outcome) in unit.into_iter().zip(outcomes) {
+            let (entity, replayed) = match outcome {
+                Outcome::Applied { entity, replayed } => (entity, replayed),
+                Outcome::AlreadyGone => (None, false),
+                other => {
+                    others.push((op, other));
+                    continue;
                 }
+            };
+            successes += 1;
+            acks.push(Success {
+                op,
+                entity,
+                replayed,
+                latency,
+            });
+        }
+        if successes > 0 {
+            let now = self.clock.monotonic();
+            let mut breaker = self.breaker();
+            for _ in 0..successes {
+                breaker.record_success(now);
             }
+            drop(breaker);
             self.publish_breaker();
-            let acks = applied
-                .iter()
-                .map(|(op, entity, _)| {
-                    let ack = Ack {
-                        version: entity.as_ref().map(|e| e.version),
-                        data: entity.as_ref().map(|e| e.data.clone()),
-                    };
-                    (op.op_id, ack)
+        }
+        others
+    }
+
+    /// Records outcomes other than success, concurrently, so the outbox's
+    /// group commit writes them together.
+    async fn record_others(
+        &self,
+        fence: &Fence,
+        others: Vec<(PendingOp, Outcome)>,
+        latency: Duration,
+    ) -> Recorded {
+        join_all(
+            others.into_iter().map(|(op, outcome)| async move {
+                self.handle(fence, &op, outcome, latency).await
+            }),
+        )
+        .await
+    }
+
+    /// Writes collected acks in one writer job, then reports them.
+    async fn flush_acks(&self, fence: &Fence, batch: Vec<Success>) -> Recorded {
+        let acks = batch
+            .iter()
+            .map(|s| {
+                let ack = Ack {
+                    version: s.entity.as_ref().map(|e| e.version),
+                    data: s.entity.as_ref().map(|e| e.data.clone()),
+                };
+                (s.op.op_id, ack)
+            })
+            .collect();
+        if let Err(e) = self.outbox.ack_many(fence, acks).await {
+            return vec![Err(EngineError::from(e))];
+        }
+        batch
+            .into_iter()
+            .map(|s| {
+                self.metrics.incr(Counter::Succeeded);
+                self.metrics.record_latency(s.latency);
+                self.emit(SyncEvent::OpSucceeded {
+                    op_id: s.op.op_id,
+                    entity_type: s.op.entity_type,
+                    entity_id: s.op.entity_id,
+                    version: s.entity.as_ref().map(|e| e.version),
+                    replayed: s.replayed,
+                });
+                Ok(DrainReport {
+                    sent: 1,
+                    succeeded: 1,
+                    ..DrainReport::default()
                 })
-                .collect();
-            if let Err(e) = self.outbox.ack_many(fence, acks).await {
-                return vec![Err(EngineError::from(e))];
-            }
-            applied
-                .iter()
-                .map(|(op, entity, replayed)| {
-                    self.metrics.incr(Counter::Succeeded);
-                    self.metrics.record_latency(latency);
-                    self.emit(SyncEvent::OpSucceeded {
-                        op_id: op.op_id,
-                        entity_type: op.entity_type.clone(),
-                        entity_id: op.entity_id.clone(),
-                        version: entity.as_ref().map(|e| e.version),
-                        replayed: *replayed,
-                    });
-                    Ok(DrainReport {
-                        sent: 1,
-                        succeeded: 1,
-                        ..DrainReport::default()
-                    })
-                })
-                .collect()
-        };
-        let rest = join_all(
-            others
-                .into_iter()
-                .map(|(op, outcome)| self.handle(fence, op, outcome, latency)),
-        );
-        let (mut acked, rest) = futures::join!(acked, rest);
-        acked.extend(rest);
-        acked
+            })
+            .collect()
     }
 
     /// Keeps stored backoffs their length across wall-clock steps.
