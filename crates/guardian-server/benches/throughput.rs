@@ -1,9 +1,12 @@
 //! Throughput of the reference server over loopback: single PUTs and 100-op
-//! batches from 16 concurrent clients, beside a bare axum handler that
-//! answers 200 without storage, in the same run.
+//! batches from 16 concurrent clients, and one client sending 100-op batches
+//! of CREATEs one after another (the shape of the engine's batched drain),
+//! beside a bare axum handler that answers 200 without storage, in the same
+//! run.
 //!
-//! `cargo bench -p guardian-server` (env `BENCH_PUTS`, `BENCH_BATCHES` per
-//! client scale the run). Prints a Markdown table.
+//! `cargo bench -p guardian-server --bench throughput` (env `BENCH_PUTS`,
+//! `BENCH_BATCHES` per client and `BENCH_SEQ_OPS` in all scale the run).
+//! Prints a Markdown table.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::time::{Duration, Instant};
@@ -85,6 +88,38 @@ fn batch_req(
         .json(&json!({"ops": ops}))
 }
 
+/// One client sends `n` CREATEs of new entities in 100-op batches, one
+/// request at a time; returns ops/s.
+async fn sequential_creates(base: &str, n: usize, run: &str) -> f64 {
+    let http = reqwest::Client::new();
+    let bodies: Vec<Vec<u8>> = (0..n.div_ceil(BATCH))
+        .map(|b| {
+            let ops: Vec<_> = (b * BATCH..((b + 1) * BATCH).min(n))
+                .map(|i| {
+                    json!({"op": "create", "type": "device", "id": format!("{run}-{i:07}"),
+                           "data": {"on": i % 2 == 0, "level": i % 100, "room": "living-room", "scene": "evening"},
+                           "idempotency_key": format!("{run}-key-{i:07}")})
+                })
+                .collect();
+            serde_json::to_vec(&json!({"ops": ops})).unwrap()
+        })
+        .collect();
+    let start = Instant::now();
+    for body in bodies {
+        let resp = http
+            .post(format!("{base}/v1/batch"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+        let _ = resp.bytes().await.unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 async fn seed(base: &str) {
     let http = reqwest::Client::new();
     let mut ops = Vec::new();
@@ -125,6 +160,7 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let puts = env_or("BENCH_PUTS", if quick { 5 } else { 300 });
     let batches = env_or("BENCH_BATCHES", if quick { 1 } else { 20 });
+    let seq_ops = env_or("BENCH_SEQ_OPS", if quick { 200 } else { 10_000 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,7 +169,12 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let mut rows = Vec::new();
         let bare_url = bare().await;
-        rows.push(("bare axum (no storage)", drive(&bare_url, puts, put_req).await, drive(&bare_url, batches, batch_req).await));
+        rows.push((
+            "bare axum (no storage)",
+            drive(&bare_url, puts, put_req).await,
+            drive(&bare_url, batches, batch_req).await,
+            sequential_creates(&bare_url, seq_ops, "bare").await,
+        ));
         let configs: [(&str, ServerBuilder); 3] = [
             ("guardian-server, in memory", ServerBuilder::new().in_memory()),
             ("guardian-server, file WAL sync=NORMAL", ServerBuilder::new().database(dir.path().join("n.db")).synchronous(Synchronous::Normal)),
@@ -150,14 +191,15 @@ fn main() {
             seed(&server.url()).await;
             let p = drive(&server.url(), puts, put_req).await;
             let b = drive(&server.url(), batches, batch_req).await;
-            rows.push((name, p, b));
+            let s = sequential_creates(&server.url(), seq_ops, "seq").await;
+            rows.push((name, p, b, s));
             server.shutdown().await;
         }
-        println!("\n{CLIENTS} concurrent clients over loopback; {puts} PUTs and {batches} batches of {BATCH} ops per client\n");
-        println!("| server | single PUT req/s | 100-op batch req/s | batch ops/s |");
-        println!("|---|---:|---:|---:|");
-        for (name, p, b) in rows {
-            println!("| {name} | {p:.0} | {b:.1} | {:.0} |", b * BATCH as f64);
+        println!("\n{CLIENTS} concurrent clients over loopback; {puts} PUTs and {batches} batches of {BATCH} ops per client; then one client sending {seq_ops} CREATEs in {BATCH}-op batches, one request at a time\n");
+        println!("| server | single PUT req/s | 100-op batch req/s | batch ops/s | sequential CREATE batches ops/s |");
+        println!("|---|---:|---:|---:|---:|");
+        for (name, p, b, s) in rows {
+            println!("| {name} | {p:.0} | {b:.1} | {:.0} | {s:.0} |", b * BATCH as f64);
         }
     });
 }
