@@ -243,8 +243,14 @@ async fn in_flight_ops_go_back_to_pending_when_the_runner_is_gone() {
     assert_eq!(f3.epoch, 3);
     let (fourth, report) = Outbox::open(path(&dir), opts(&clock)).await.unwrap();
     assert_eq!(report.requeued_in_flight, 1);
+    // Interrupted claims are not counted (the op may never have been sent),
+    // but the op stays marked as possibly sent.
     let op = fourth.get(e.op_id).await.unwrap().unwrap();
-    assert_eq!((op.state, op.attempts), (OpState::Pending, 2));
+    assert_eq!((op.state, op.attempts), (OpState::Pending, 1));
+    assert!(matches!(
+        fourth.cancel(e.op_id).await.unwrap_err(),
+        OutboxError::AlreadyAttempted { attempts: 1, .. }
+    ));
 }
 
 #[tokio::test]

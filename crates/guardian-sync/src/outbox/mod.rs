@@ -286,8 +286,13 @@ fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
     if entities.is_empty() {
         return Ok(0);
     }
+    // The interrupted claim is not counted as an attempt (the runner claims
+    // ahead of its sends, so it may never have been sent, and a crash loop
+    // must not exhaust `max_attempts` of ops no server ever refused), but an
+    // op stays marked as possibly sent (attempts >= 1): it is never
+    // coalesced into, edited or cancelled, since its key may be applied.
     let n = conn.execute(
-        "UPDATE ops INDEXED BY ops_state SET state = 'pending' \
+        "UPDATE ops INDEXED BY ops_state SET state = 'pending', attempts = max(attempts - 1, 1) \
          WHERE state <> 'pending' AND state = 'in_flight'",
         [],
     )?;
