@@ -169,7 +169,11 @@ pub(crate) fn run(config: &Config) -> Section {
     let (mut req_small, mut req_big) = (Samples::new(), Samples::new());
     for run in 0..config.runs {
         eprintln!("recovery: run {}/{}", run + 1, config.runs);
-        let p = probe_once(&rt, &gsync, &small_path, &proxy, &server);
+        // A fresh copy each run: the engine drains more of the small queue
+        // in the window than a run leaves behind.
+        let small_run = dir.path().join(format!("small-{run}.db"));
+        std::fs::copy(&small_path, &small_run).expect("copy the small outbox");
+        let p = probe_once(&rt, &gsync, &small_run, &proxy, &server);
         first_small.push(p.first_request_ms);
         rss_small.push(p.peak_rss_mib);
         req_small.push(p.requests_in_window as f64);
@@ -210,8 +214,10 @@ pub(crate) fn run(config: &Config) -> Section {
          of a distinct device, its entity's head, due now): {} ops in {:.1} s, {} ops in \
          {:.1} s ({big_size_mib:.0} MiB file). The page cache is warm (the file was just \
          written or used), as after an app restart; a cold cache adds disk reads. Each run \
-         drains for {} s after the first request, so the 1M file loses a few thousand ops \
-         over the runs; runs after the first restart over a SIGKILLed runner's lock.\n\n",
+         drains for {} s after the first request, then the runner is SIGKILLed. The small \
+         queue starts each run from a copy of the built file (a run drains most of it); the \
+         1M file is reused, so it loses a few thousand ops over the runs and every run after \
+         the first restarts over a SIGKILLed runner's lock.\n\n",
         thousands(small as f64),
         small_build.as_secs_f64(),
         thousands(big as f64),
@@ -233,12 +239,9 @@ pub(crate) fn run(config: &Config) -> Section {
             target: format!("start → first request with 1M pending ops < 200 ms{size_note}"),
             measured: millis(first_ms),
             met: first_ms.is_some_and(|m| m < 200.0),
-            why: "the start-up path does work proportional to the queue: `gsync run` asks \
-                  `stats()` for the progress-bar total and the run loop asks again after each \
-                  drain step, and `stats()` counts rows with `SELECT state, count(*) … GROUP \
-                  BY state` (a full scan of the state index). Closing it: keep per-state \
-                  counters in the meta table, updated in the same transactions, or compute the \
-                  total lazily after the first send"
+            why: "the start-up path must stay independent of the queue length: open reads \
+                  no counts and the run loop uses index lookups only (`next_due`, the partial \
+                  `ops_ready` index); a miss means something on that path now scans the queue"
                 .into(),
         },
         Target {
