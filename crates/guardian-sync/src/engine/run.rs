@@ -131,19 +131,27 @@ impl SyncEngine {
     }
 
     /// Steps until nothing is ready now.
+    ///
+    /// The steps run as a task on the runtime, not inside the caller's
+    /// future: an app that drives the engine with `block_on` (as `gsync`
+    /// does) would otherwise run the drain loop on its own thread, and
+    /// every response and every request would cross threads to and from
+    /// the runtime's I/O tasks. Dropping this future (shutdown) aborts the
+    /// task at its next await; a write it may still issue is fenced by the
+    /// lock like any other.
     async fn drain_ready(&self, session: &Session) -> Result<DrainReport, EngineError> {
-        let mut report = DrainReport::default();
-        self.inner.deliver_outcomes().await?;
-        loop {
-            if session.lost() {
-                return Err(self.lock_lost());
-            }
-            match self.inner.step(&session.fence).await {
-                Ok(Step::Progressed(r)) => report.add(&r),
-                Ok(_) => return Ok(report),
-                Err(EngineError::LockLost) => return Err(self.lock_lost()),
-                Err(e) => return Err(e),
-            }
+        let inner = self.inner.clone();
+        let fence = session.fence.clone();
+        let lost = session.lost.clone();
+        let task = tokio::spawn(async move { inner.drain_steps(&fence, &lost).await });
+        let _abort = AbortOnDrop(task.abort_handle());
+        match task.await {
+            Ok(Err(EngineError::LockLost)) => Err(self.lock_lost()),
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: only the runtime shutting down can do that while
+            // this future is still polled (`_abort` fires on drop).
+            Err(_) => Err(EngineError::from(crate::outbox::OutboxError::Closed)),
         }
     }
 
@@ -258,6 +266,36 @@ impl SyncEngine {
                 () = shutdown.as_mut() => return Ok(()),
                 () = inner.wake.notified() => {}
                 () = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
+            }
+        }
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Inner {
+    /// Delivers outcomes left from earlier, then steps until nothing is ready.
+    async fn drain_steps(
+        &self,
+        fence: &Fence,
+        lost: &AtomicBool,
+    ) -> Result<DrainReport, EngineError> {
+        let mut report = DrainReport::default();
+        self.deliver_outcomes().await?;
+        loop {
+            if lost.load(Ordering::SeqCst) {
+                return Err(EngineError::LockLost);
+            }
+            match self.step(fence).await? {
+                Step::Progressed(r) => report.add(&r),
+                _ => return Ok(report),
             }
         }
     }
