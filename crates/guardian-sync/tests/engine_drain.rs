@@ -35,6 +35,27 @@ async fn server(faults: Faults) -> RunningServer {
         .unwrap()
 }
 
+/// A server that requires `If-Match` on every update and delete.
+async fn strict_server() -> RunningServer {
+    ServerBuilder::new()
+        .token("tenant-a", TOKEN)
+        .in_memory()
+        .require_if_match(true)
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap()
+}
+
+/// Enqueues CREATEs of devices `d0..dn`, each `{"i": i}`.
+async fn enqueue_devices(engine: &SyncEngine, n: usize) {
+    for i in 0..n {
+        engine
+            .enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
+            .await
+            .unwrap();
+    }
+}
+
 /// Faults that fail `fail_next` requests (every request when `None`) with a
 /// 503 and, if given, a `Retry-After` of `seconds` in `form`.
 fn unavailable(fail_next: Option<u32>, retry_after: Option<(u64, RetryAfterForm)>) -> Faults {
@@ -116,13 +137,7 @@ async fn get(server: &RunningServer, ty: &str, id: &str) -> (u16, Value) {
 
 #[tokio::test]
 async fn drains_in_order_and_chains_versions() {
-    let server = ServerBuilder::new()
-        .token("tenant-a", TOKEN)
-        .in_memory()
-        .require_if_match(true)
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let server = strict_server().await;
     let dir = tempfile::tempdir().unwrap();
     let engine = builder(&dir, &server).concurrency(4).build().await.unwrap();
     // Creates go out first; then an offline burst of updates made from
@@ -171,13 +186,7 @@ async fn drains_in_order_and_chains_versions() {
 
 #[tokio::test]
 async fn chained_ops_of_one_entity_carry_the_previous_version() {
-    let server = ServerBuilder::new()
-        .token("tenant-a", TOKEN)
-        .in_memory()
-        .require_if_match(true)
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let server = strict_server().await;
     let dir = tempfile::tempdir().unwrap();
     let engine = builder(&dir, &server)
         .outbox_options(OutboxOptions::default().coalesce(false))
@@ -271,12 +280,7 @@ async fn breaker_opens_cools_down_half_opens_and_closes() {
         .await
         .unwrap();
     let mut events = engine.events();
-    for i in 0..5 {
-        engine
-            .enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
-            .await
-            .unwrap();
-    }
+    enqueue_devices(&engine, 5).await;
     drain(&engine).await;
     let transitions: Vec<(String, String)> = collect(&mut events)
         .into_iter()
@@ -584,12 +588,7 @@ async fn a_batch_with_one_bad_op_fails_it_alone() {
         .build()
         .await
         .unwrap();
-    for i in 0..20 {
-        engine
-            .enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
-            .await
-            .unwrap();
-    }
+    enqueue_devices(&engine, 20).await;
     engine
         .enqueue(NewOp::update("device", "ghost", json!({})))
         .await
@@ -910,12 +909,7 @@ async fn ops_claimed_ahead_are_released_unattempted_when_the_breaker_opens() {
         .await
         .unwrap();
     let mut events = engine.events();
-    for i in 0..40 {
-        engine
-            .enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
-            .await
-            .unwrap();
-    }
+    enqueue_devices(&engine, 40).await;
     engine.drain_once().await.unwrap();
     let retried = collect(&mut events)
         .into_iter()
@@ -950,13 +944,7 @@ async fn ops_claimed_ahead_are_released_unattempted_when_the_breaker_opens() {
 /// predecessor got (the server requires it), in order, with no conflict.
 #[tokio::test]
 async fn batches_record_successes_together_and_chain_versions() {
-    let server = ServerBuilder::new()
-        .token("tenant-a", TOKEN)
-        .in_memory()
-        .require_if_match(true)
-        .bind("127.0.0.1:0")
-        .await
-        .unwrap();
+    let server = strict_server().await;
     let dir = tempfile::tempdir().unwrap();
     let engine = builder(&dir, &server)
         .outbox_options(OutboxOptions::default().coalesce(false))

@@ -196,39 +196,14 @@ impl Inner {
             }
             // Records first: their writes reach the writer thread before the
             // claim's, so the claim sees the acks' effects in the same commit.
+            let mut recorded: Option<Recorded> = None;
             tokio::select! {
                 biased;
                 Some(results) = records.next(), if !records.is_empty() => {
-                    maybe_more = true;
-                    for r in results {
-                        match r {
-                            Ok(r) => {
-                                progressed = true;
-                                total.add(&r);
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    if outcomes_pending && records.is_empty() && flushing.is_empty() {
-                        outcomes_pending = false;
-                        self.deliver_outcomes().await?;
-                    }
+                    recorded = Some(results);
                 }
                 Some(results) = flushing.next(), if !flushing.is_empty() => {
-                    maybe_more = true;
-                    for r in results {
-                        match r {
-                            Ok(r) => {
-                                progressed = true;
-                                total.add(&r);
-                            }
-                            Err(e) => return Err(e),
-                        }
-                    }
-                    if outcomes_pending && records.is_empty() && acks.is_empty() {
-                        outcomes_pending = false;
-                        self.deliver_outcomes().await?;
-                    }
+                    recorded = Some(results);
                 }
                 Some((unit, outcomes, latency)) = requests.next(), if !requests.is_empty() => {
                     outcomes_pending |= unit.iter().any(|op| !op.txn_tokens.is_empty());
@@ -242,6 +217,19 @@ impl Inner {
                     let (asked, ops) = claimed?;
                     exhausted = ops.len() < asked;
                     ready.extend(ops);
+                }
+            }
+            if let Some(results) = recorded {
+                // Outcomes were written: an entity's next op may be ready.
+                maybe_more = true;
+                for r in results {
+                    total.add(&r?);
+                    progressed = true;
+                }
+                if outcomes_pending && records.is_empty() && flushing.is_empty() && acks.is_empty()
+                {
+                    outcomes_pending = false;
+                    self.deliver_outcomes().await?;
                 }
             }
         }
