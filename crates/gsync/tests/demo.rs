@@ -79,7 +79,7 @@ fn chained_update_after_a_merged_conflict_keeps_remote_fields() {
     use std::sync::Arc;
 
     use guardian_protocol::MutationKind;
-    use guardian_server::{Faults, ServerBuilder};
+    use guardian_server::{Faults, RetryAfter, RetryAfterForm, ServerBuilder};
     use guardian_sync::engine::SyncEngine;
     use guardian_sync::op::NewOp;
     use guardian_sync::outbox::{Outbox, OutboxOptions};
@@ -157,13 +157,27 @@ fn chained_update_after_a_merged_conflict_keeps_remote_fields() {
             )
             .await
             .unwrap();
+        // The first send fails with a 503 whose Retry-After (1 s) keeps the
+        // op pending past this drain, so the next update chains on it (a
+        // jittered backoff alone may expire within the drain on a slow
+        // machine, and the op would be applied before the update exists).
         server
             .set_faults(Faults {
                 fail_next: 1,
+                retry_after: Some(RetryAfter {
+                    seconds: 1,
+                    form: RetryAfterForm::Seconds,
+                }),
                 ..Faults::default()
             })
             .unwrap();
         engine.drain_once().await.unwrap();
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            (stats.pending, stats.in_flight),
+            (1, 0),
+            "the first update must still be queued"
+        );
         engine
             .enqueue(NewOp::update("board", "b1", json!({"a": 2, "b": 0})))
             .await
