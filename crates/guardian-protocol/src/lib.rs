@@ -102,6 +102,21 @@ pub struct BatchOp {
     pub if_match: Option<u64>,
     /// This op's own idempotency key.
     pub idempotency_key: String,
+    /// Index of an earlier op of this batch, on the same entity, that must
+    /// succeed (a 2xx result, fresh or replayed) before this op is applied.
+    /// If it did not, this op is not applied, its key is not recorded, and
+    /// its result is 424 [`problem_type::DEPENDENCY_FAILED`]: the client
+    /// sends it again later, after its predecessor. This lets one batch
+    /// carry several consecutive ops of one entity without a refused op
+    /// being overtaken by its successors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub depends_on: Option<u32>,
+    /// Version chaining inside a batch: the precondition is the version the
+    /// `depends_on` op left the entity at, as if this op had been sent alone
+    /// with that `If-Match` after its predecessor's response (none when the
+    /// predecessor was a delete). Requires `depends_on`; excludes `if_match`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub if_match_chained: bool,
 }
 
 /// Body of `POST /v1/batch`.

@@ -18,6 +18,9 @@ pub mod problem_type {
     pub const IDEMPOTENCY_MISMATCH: &str = "urn:guardian:idempotency:mismatch";
     /// A mutation came without an `Idempotency-Key` header.
     pub const IDEMPOTENCY_MISSING: &str = "urn:guardian:idempotency:missing";
+    /// A batch op was not applied because the op it depends on (its
+    /// `depends_on`) did not succeed (424); send it again after that op.
+    pub const DEPENDENCY_FAILED: &str = "urn:guardian:batch:dependency-failed";
     /// The server requires `If-Match` on this request (428).
     pub const PRECONDITION_REQUIRED: &str = "urn:guardian:precondition-required";
     /// The entity does not exist.

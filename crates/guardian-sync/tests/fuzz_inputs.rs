@@ -121,16 +121,22 @@ fn batch_op() -> impl Strategy<Value = BatchOp> {
         prop::option::of(json_value()),
         prop::option::of(any::<u64>()),
         "\\PC{0,40}",
+        prop::option::of(any::<u32>()),
+        any::<bool>(),
     )
         .prop_map(
-            |(op, entity_type, id, data, if_match, idempotency_key)| BatchOp {
-                op,
-                entity_type,
-                id,
-                // `Some(Null)` serializes as `null`, which reads back as `None`.
-                data: data.filter(|d| !d.is_null()),
-                if_match,
-                idempotency_key,
+            |(op, entity_type, id, data, if_match, idempotency_key, depends_on, if_match_chained)| {
+                BatchOp {
+                    op,
+                    entity_type,
+                    id,
+                    // `Some(Null)` serializes as `null`, which reads back as `None`.
+                    data: data.filter(|d| !d.is_null()),
+                    if_match,
+                    idempotency_key,
+                    depends_on,
+                    if_match_chained,
+                }
             },
         )
 }

@@ -156,6 +156,8 @@ async fn bare_batched(url: &str, n: usize, batch: usize, prefix: &str) -> f64 {
                     data: Some(data(i)),
                     if_match: None,
                     idempotency_key: Uuid::new_v4().to_string(),
+                    depends_on: None,
+                    if_match_chained: false,
                 })
                 .collect(),
         };
