@@ -235,10 +235,22 @@ mod tests {
             data: None,
             if_match: None,
             idempotency_key: "k".into(),
+            depends_on: None,
+            if_match_chained: false,
         };
         assert_eq!(
             serde_json::to_value(op).unwrap(),
             json!({"op": "delete", "type": "device", "id": "d1", "idempotency_key": "k"})
         );
+    }
+
+    #[test]
+    fn batch_op_dependency_fields_round_trip() {
+        let wire = json!({"op": "update", "type": "device", "id": "d1", "data": {"on": true},
+            "idempotency_key": "k2", "depends_on": 0, "if_match_chained": true});
+        let op: BatchOp = serde_json::from_value(wire.clone()).unwrap();
+        assert_eq!(op.depends_on, Some(0));
+        assert!(op.if_match_chained);
+        assert_eq!(serde_json::to_value(op).unwrap(), wire);
     }
 }
