@@ -2,28 +2,46 @@
 //!
 //! Ops are applied in order in one transaction; each gets the result it would
 //! have had as a single request (status, body, replayed). One op's refusal
-//! does not stop the others. If the transaction itself fails, the whole
-//! request is a 500 and nothing was applied.
+//! does not stop the others, except ops that depend on it: an op with
+//! `depends_on` is applied only if that earlier op of the same entity
+//! succeeded (2xx, fresh or replayed), else it gets 424
+//! `batch:dependency-failed` and its key is not recorded; with
+//! `if_match_chained` its precondition is the version that op left the
+//! entity at. If the transaction itself fails, the whole request is a 500
+//! and nothing was applied.
 
 use axum::extract::{Extension, State};
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use guardian_protocol::{BatchRequest, BatchResponse, MutationKind, Problem};
+use guardian_protocol::{BatchOp, BatchRequest, BatchResponse, MutationKind, Problem};
 
 use super::mutate::{execute, prepare, RequestCtx, Slot};
 use crate::auth::Tenant;
 use crate::problem::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::store::{OpResult, Precondition};
+use crate::store::{Dependency, OpResult, Precondition};
 
 /// Applies a batch of mutations.
+///
+/// Ops apply in order in one transaction; each result is what the op would
+/// have had as a single request. An op may name an earlier op of the same
+/// entity in `depends_on`: it is applied only if that op succeeded (any 2xx,
+/// fresh or replayed); otherwise its result is 424
+/// `urn:guardian:batch:dependency-failed`, nothing is applied or recorded
+/// for it, and its key stays new (send it again after its predecessor). With
+/// `if_match_chained` its precondition is the version its `depends_on` op
+/// left the entity at (none after a delete). A `depends_on` that is not an
+/// earlier op of the same entity, or `if_match_chained` without `depends_on`
+/// or with `if_match`, is a 400 result for that op. The idempotency
+/// fingerprint ignores preconditions, so a key replays whether it comes back
+/// chained, with `if_match`, or as a single request with `If-Match`.
 #[utoipa::path(
     post,
     path = "/v1/batch",
     tag = "batch",
     request_body = BatchRequest,
     responses(
-        (status = 200, description = "One result per op, in op order; each op's status is what it would have had alone", body = BatchResponse),
+        (status = 200, description = "One result per op, in op order; each op's status is what it would have had alone (400 for a malformed op or dependency; 424 `batch:dependency-failed` when its `depends_on` op did not succeed)", body = BatchResponse),
         (status = 400, description = "Malformed JSON or op shape", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too many ops or too many bytes", body = Problem, content_type = "application/problem+json"),
     ),
@@ -43,28 +61,36 @@ pub(crate) async fn batch(
         ))
         .into_response();
     }
-    let slots = body
-        .ops
-        .into_iter()
-        .map(|op| {
-            let data = if op.op == MutationKind::Delete {
-                None
-            } else {
-                op.data
-            };
-            match prepare(
-                &op.idempotency_key,
-                op.op,
-                &op.entity_type,
-                &op.id,
-                data,
-                op.if_match.map(Precondition::Version),
-            ) {
-                Ok(input) => Slot::Ready(input),
-                Err(e) => Slot::Done(OpResult::problem(&e)),
+    let mut ops = body.ops;
+    let mut slots = Vec::with_capacity(ops.len());
+    for i in 0..ops.len() {
+        let slot = match dependency(&ops, i) {
+            Err(e) => Slot::Done(OpResult::problem(&e)),
+            Ok(dependency) => {
+                let op = &mut ops[i];
+                let data = if op.op == MutationKind::Delete {
+                    None
+                } else {
+                    op.data.take()
+                };
+                match prepare(
+                    &op.idempotency_key,
+                    op.op,
+                    &op.entity_type,
+                    &op.id,
+                    data,
+                    op.if_match.map(Precondition::Version),
+                ) {
+                    Ok(mut input) => {
+                        input.dependency = dependency;
+                        Slot::Ready(input)
+                    }
+                    Err(e) => Slot::Done(OpResult::problem(&e)),
+                }
             }
-        })
-        .collect();
+        };
+        slots.push(slot);
+    }
     match execute(&state, &tenant.0, &ctx, slots).await {
         Ok(results) => (
             [(
@@ -76,6 +102,46 @@ pub(crate) async fn batch(
             .into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// Checks op `i`'s `depends_on` / `if_match_chained` against the batch: the
+/// op it names must come earlier and be on the same entity; chaining needs a
+/// dependency and excludes an explicit `if_match`.
+fn dependency(ops: &[BatchOp], i: usize) -> Result<Option<Dependency>, ApiError> {
+    let op = &ops[i];
+    let Some(on) = op.depends_on else {
+        if op.if_match_chained {
+            return Err(ApiError::bad_request(
+                "if_match_chained needs depends_on (the op whose version to chain on)",
+            ));
+        }
+        return Ok(None);
+    };
+    if op.if_match_chained && op.if_match.is_some() {
+        return Err(ApiError::bad_request(
+            "if_match_chained and if_match exclude each other",
+        ));
+    }
+    let earlier = usize::try_from(on)
+        .ok()
+        .filter(|&d| d < i)
+        .and_then(|d| ops.get(d).map(|e| (d, e)));
+    let Some((d, earlier)) = earlier else {
+        return Err(ApiError::bad_request(format!(
+            "depends_on must name an earlier op of this batch; op {i} names {on}"
+        )));
+    };
+    if earlier.entity_type != op.entity_type || earlier.id != op.id {
+        return Err(ApiError::bad_request(format!(
+            "depends_on must name an op on the same entity; op {i} is on {}/{}, op {on} on {}/{}",
+            op.entity_type, op.id, earlier.entity_type, earlier.id
+        )));
+    }
+    Ok(Some(Dependency {
+        on: d,
+        batch_index: on,
+        chained: op.if_match_chained,
+    }))
 }
 
 /// The [`BatchResponse`] document as `Json(BatchResponse)` would print it

@@ -109,6 +109,7 @@ pub(crate) fn prepare(
         data_json,
         if_match,
         force_conflict: false,
+        dependency: None,
     })
 }
 
@@ -190,24 +191,45 @@ pub(crate) async fn execute(
     // Entities with an op held back as in flight: later ops of the same
     // entity in this request are held back too, so per-entity order holds.
     let mut held: Vec<(String, String)> = Vec::new();
-    for slot in &mut slots {
-        if let Slot::Ready(input) = slot {
-            let entity = (input.entity_type.clone(), input.id.clone());
-            let detail = if busy.next() == Some(true) {
-                held.push(entity);
+    for i in 0..slots.len() {
+        let (earlier, rest) = slots.split_at_mut(i);
+        if let Some(Slot::Ready(input)) = rest.first_mut() {
+            let own_busy = busy.next() == Some(true);
+            // A dependency already answered here (refused before the store,
+            // or held back as in flight) is resolved now; one on an op that
+            // goes to the store is resolved there, from that op's result.
+            if let Some(dep) = input.dependency {
+                if let Some(Slot::Done(r)) = earlier.get(dep.on) {
+                    match dep.resolve(r, input.if_match) {
+                        Ok(precondition) => {
+                            input.if_match = precondition;
+                            input.dependency = None;
+                        }
+                        Err(failed) => {
+                            slots[i] = Slot::Done(failed);
+                            continue;
+                        }
+                    }
+                }
+            }
+            let detail = if own_busy {
+                held.push((input.entity_type.clone(), input.id.clone()));
                 format!(
                     "a request with idempotency key {:?} is still being processed; retry later with the same key",
                     input.key
                 )
-            } else if held.contains(&entity) {
+            } else if held
+                .iter()
+                .any(|(t, id)| *t == input.entity_type && *id == input.id)
+            {
                 format!(
                     "an earlier op on {}/{} in this batch is still being processed elsewhere; retry later with the same key",
-                    entity.0, entity.1
+                    input.entity_type, input.id
                 )
             } else {
                 continue;
             };
-            *slot = Slot::Done(OpResult::problem(&ApiError::new(
+            slots[i] = Slot::Done(OpResult::problem(&ApiError::new(
                 problem_type::IDEMPOTENCY_IN_FLIGHT,
                 409,
                 "Request in flight",
@@ -240,13 +262,30 @@ pub(crate) async fn execute(
         }
     }
     let mut inputs = Vec::with_capacity(slots.len());
+    // Batch index → index in `inputs`, for remapping dependencies (only
+    // built when some op has one).
+    let remap = slots
+        .iter()
+        .any(|s| matches!(s, Slot::Ready(i) if i.dependency.is_some()));
+    let mut positions: Vec<usize> = Vec::with_capacity(if remap { slots.len() } else { 0 });
     for slot in &mut slots {
+        if remap {
+            positions.push(inputs.len());
+        }
         if let Slot::Ready(_) = slot {
             let Slot::Ready(mut input) = std::mem::replace(slot, Slot::Sent) else {
                 continue;
             };
+            if let Some(dep) = &mut input.dependency {
+                // Still a dependency: the earlier op was Ready, so it is in
+                // `inputs` already (it came first).
+                dep.on = positions.get(dep.on).copied().unwrap_or(usize::MAX);
+            }
+            // A chained op is conditional too (unless its predecessor turns
+            // out to be a delete, when there is no live entity to bump).
             let conditional = input.kind != MutationKind::Create
-                && matches!(input.if_match, Some(Precondition::Version(_)));
+                && (matches!(input.if_match, Some(Precondition::Version(_)))
+                    || input.dependency.is_some_and(|d| d.chained));
             input.force_conflict = conditional && state.faults.force_conflict();
             inputs.push(input);
         }

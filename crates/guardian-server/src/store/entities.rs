@@ -238,6 +238,7 @@ mod tests {
             data,
             if_match,
             force_conflict: false,
+            dependency: None,
         }
     }
 

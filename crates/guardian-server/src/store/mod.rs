@@ -78,6 +78,62 @@ pub(crate) struct MutationInput {
     pub(crate) if_match: Option<Precondition>,
     /// Fault: a concurrent writer bumps the entity just before this op.
     pub(crate) force_conflict: bool,
+    /// A batch op's `depends_on`: an earlier op of the same request that
+    /// must have succeeded before this one is applied.
+    pub(crate) dependency: Option<Dependency>,
+}
+
+/// A batch op's dependency on an earlier op of its batch (same entity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Dependency {
+    /// Where the earlier op is: its index in the batch while the request is
+    /// prepared; its index in the inputs given to [`Store::apply`] (whose
+    /// results come in the same order) once the pipeline hands it over.
+    pub(crate) on: usize,
+    /// The earlier op's index in the batch, as the client sent it (for the
+    /// 424 detail).
+    pub(crate) batch_index: u32,
+    /// `if_match_chained`: the precondition is the version the earlier op
+    /// left the entity at (none after a delete).
+    pub(crate) chained: bool,
+}
+
+impl Dependency {
+    /// What a dependent op gets given the result of the op it depends on:
+    /// `Ok(precondition)` to go ahead (the precondition only replaces the
+    /// op's own when chained), or the 424 result when the earlier op did not
+    /// succeed (a non-2xx status, whatever it was).
+    pub(crate) fn resolve(
+        &self,
+        earlier: &OpResult,
+        own: Option<Precondition>,
+    ) -> Result<Option<Precondition>, OpResult> {
+        if !(200..300).contains(&earlier.status) {
+            return Err(OpResult::problem(&dependency_failed(self.batch_index)));
+        }
+        if !self.chained {
+            return Ok(own);
+        }
+        // A delete (204) returns no entity: nothing to chain on.
+        Ok(if earlier.status == 204 {
+            None
+        } else {
+            earlier.version.map(Precondition::Version)
+        })
+    }
+}
+
+/// The 424 problem of an op whose dependency did not succeed.
+pub(crate) fn dependency_failed(batch_index: u32) -> ApiError {
+    ApiError::new(
+        guardian_protocol::problem_type::DEPENDENCY_FAILED,
+        424,
+        "Dependency failed",
+        format!(
+            "op {batch_index} of this batch, which this op depends on, did not succeed; \
+             this op was not applied and its key was not recorded: send it again after that op"
+        ),
+    )
 }
 
 /// The response to one mutation, as a single request would get it.
@@ -517,7 +573,23 @@ fn apply_all(
     let mut cursors = feed::Cursors::default();
     let mut results = Vec::with_capacity(inputs.len());
     let mut changes = Vec::new();
-    for input in inputs {
+    for mut input in inputs {
+        if let Some(dep) = &input.dependency {
+            // Resolved from the earlier op's result in this request: it was
+            // applied, replayed or refused just now, in this transaction.
+            let resolved = match results.get(dep.on) {
+                Some(earlier) => dep.resolve(earlier, input.if_match),
+                None => Err(OpResult::problem(&dependency_failed(dep.batch_index))),
+            };
+            match resolved {
+                Ok(precondition) => input.if_match = precondition,
+                Err(failed) => {
+                    // Not applied and nothing stored: the key stays new.
+                    results.push(failed);
+                    continue;
+                }
+            }
+        }
         if let Some(stored) = idempotency::lookup(&mut st.lookup, tenant, &input.key, not_before)? {
             results.push(if stored.fingerprint == input.fingerprint {
                 OpResult::replay(stored)?
@@ -783,6 +855,7 @@ mod tests {
             data_json,
             if_match: None,
             force_conflict: false,
+            dependency: None,
         }
     }
 
@@ -853,6 +926,58 @@ mod tests {
         let second = rx.try_recv().unwrap();
         assert_eq!((&*second.tenant, second.changes[0].cursor), ("u", 1));
         assert!(rx.try_recv().is_err());
+    }
+
+    /// A dependency names an earlier input of its own request, whatever
+    /// else shares the group; a chained op takes its predecessor's version
+    /// (a replay's too), and a failed predecessor stores nothing for it.
+    #[test]
+    fn dependencies_resolve_within_their_request() {
+        let store = store();
+        let inner = &store.inner;
+        let mut conn = lock(&inner.conn);
+        let chained = |key: &str, id: &str, on: usize| {
+            let mut input = create(key, id);
+            input.kind = MutationKind::Update;
+            input.fingerprint = fingerprint(MutationKind::Update, "device", id, &input.data_json);
+            input.dependency = Some(Dependency {
+                on,
+                batch_index: u32::try_from(on).unwrap(),
+                chained: true,
+            });
+            input
+        };
+        let (a, a_rx) = job("t", vec![create("k1", "a"), create("k2", "b")]);
+        // In b, input 0 is a replay of k1 (version 1): k3 chains on it.
+        let (b, b_rx) = job("t", vec![create("k1", "a"), chained("k3", "a", 0)]);
+        // In c, input 0 refuses (exists): k5 gets 424 and is not stored.
+        let (c, c_rx) = job(
+            "t",
+            vec![
+                create("k4", "b"),
+                chained("k5", "b", 0),
+                chained("k6", "b", 1),
+            ],
+        );
+        commit_group(&mut conn, inner, vec![a, b, c]);
+        let _ = a_rx.blocking_recv().unwrap().unwrap();
+        let b = b_rx.blocking_recv().unwrap().unwrap();
+        assert_eq!((b[0].status, b[0].replayed), (201, true));
+        assert_eq!((b[1].status, b[1].version), (200, Some(2)));
+        let c = c_rx.blocking_recv().unwrap().unwrap();
+        let got: Vec<u16> = c.iter().map(|r| r.status).collect();
+        assert_eq!(got, [409, 424, 424]);
+        assert!(c[1]
+            .body
+            .contains(guardian_protocol::problem_type::DEPENDENCY_FAILED));
+        let stored: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM idempotency WHERE key IN ('k4', 'k5', 'k6')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 0);
     }
 
     /// Requests of one tenant in one group get consecutive cursors, and a

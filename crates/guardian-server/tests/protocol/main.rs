@@ -7,6 +7,7 @@
 )]
 
 mod batch;
+mod batch_dependencies;
 mod changes;
 mod common;
 mod entities;
