@@ -1,9 +1,11 @@
 //! guardian-server: the reference backend of guardian-sync's wire protocol v1.
 //!
 //! It speaks DESIGN §10 exactly: entities with versions and `If-Match`,
-//! idempotency keys with stored responses, batches, a gap-free per-tenant
-//! change feed over HTTP and WebSocket, bearer-token tenancy, limits, and
-//! fault injection for tests and demos. Storage is SQLite (a WAL file, or in
+//! idempotency keys with stored responses, batches (whose ops may depend on
+//! an earlier op of the same entity: `depends_on`, `if_match_chained`, 424
+//! `batch:dependency-failed`), a gap-free per-tenant change feed over HTTP
+//! and WebSocket, bearer-token tenancy, limits, and fault injection for tests
+//! and demos. Storage is SQLite (a WAL file, or in
 //! memory). Start it in-process with [`ServerBuilder`]:
 //!
 //! ```no_run
