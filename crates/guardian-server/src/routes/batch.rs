@@ -91,6 +91,8 @@ pub(crate) async fn batch(
         };
         slots.push(slot);
     }
+    // What remains of the ops (keys, types, ids) is copied into the slots.
+    drop(ops);
     match execute(&state, &tenant.0, &ctx, slots).await {
         Ok(results) => (
             [(
