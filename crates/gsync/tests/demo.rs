@@ -103,13 +103,8 @@ fn chained_update_after_a_merged_conflict_keeps_remote_fields() {
             Arc::new(StaticToken::new("tok")),
         )
         .unwrap();
-        let send = |kind, key: &str, data: serde_json::Value, if_match| OpRequest {
-            kind,
-            entity_type: "board".into(),
-            entity_id: "b1".into(),
-            payload: data,
-            if_match,
-            idempotency_key: key.into(),
+        let send = |kind, key: &str, data: serde_json::Value, if_match| {
+            OpRequest::new(kind, "board", "b1", data, if_match, key)
         };
         let r = http
             .send(&send(

@@ -25,14 +25,14 @@ async fn create(server: &RunningServer, ids: std::ops::RangeInclusive<u32>) {
     )
     .unwrap();
     for i in ids {
-        let op = OpRequest {
-            kind: MutationKind::Create,
-            entity_type: "note".into(),
-            entity_id: format!("n{i}"),
-            payload: json!({"i": i}),
-            if_match: None,
-            idempotency_key: uuid::Uuid::new_v4().to_string(),
-        };
+        let op = OpRequest::new(
+            MutationKind::Create,
+            "note",
+            format!("n{i}"),
+            json!({"i": i}),
+            None,
+            uuid::Uuid::new_v4().to_string(),
+        );
         let outcome = t.send(&op).await;
         assert!(format!("{outcome:?}").starts_with("Applied"), "{outcome:?}");
     }

@@ -273,6 +273,27 @@ impl PendingOp {
     pub fn never_attempted(&self) -> bool {
         self.attempts == 0 && self.state == OpState::Pending
     }
+
+    /// About what the op adds to a request body: its payload's JSON length
+    /// plus a fixed allowance for the envelope (kind, type, id, key,
+    /// `If-Match`). Used to keep batches under their byte limit.
+    pub fn wire_size(&self) -> usize {
+        /// Counts bytes instead of storing them.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        // Writing a `Value` into a sink that cannot fail cannot fail.
+        let _ = serde_json::to_writer(&mut count, &self.payload);
+        count.0 + 200
+    }
 }
 
 /// Proof of holding the processing lock: every runner write is conditioned on it.

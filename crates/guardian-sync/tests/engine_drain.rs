@@ -124,6 +124,19 @@ fn assert_log_clean(log: &[AppliedMutation]) {
     }
 }
 
+/// Requests the server answered on `route` (as its metrics label it).
+fn requests(server: &RunningServer, route: &str) -> u64 {
+    server
+        .metrics_text()
+        .lines()
+        .filter(|l| {
+            l.starts_with("guardian_http_requests_total")
+                && l.contains(&format!("route=\"{route}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 async fn get(server: &RunningServer, ty: &str, id: &str) -> (u16, Value) {
     let r = reqwest::Client::new()
         .get(format!("{}/v1/entities/{ty}/{id}", server.url()))
@@ -604,19 +617,8 @@ async fn a_batch_with_one_bad_op_fails_it_alone() {
         .count();
     assert_eq!(failed, 1);
     // All 21 went out in one batch request, and no single mutation was sent.
-    let metrics = server.metrics_text();
-    let count = |route: &str| -> u64 {
-        metrics
-            .lines()
-            .filter(|l| {
-                l.starts_with("guardian_http_requests_total")
-                    && l.contains(&format!("route=\"{route}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
-    assert_eq!(count("/v1/batch"), 1, "{metrics}");
-    assert_eq!(count("/v1/entities/{type}"), 0, "{metrics}");
+    assert_eq!(requests(&server, "/v1/batch"), 1);
+    assert_eq!(requests(&server, "/v1/entities/{type}"), 0);
 }
 
 #[tokio::test]
@@ -988,4 +990,154 @@ async fn batches_record_successes_together_and_chain_versions() {
             .get(guardian_sync::telemetry::Counter::ConflictsResolved),
         0
     );
+}
+
+/// Enqueues, with coalescing off, a CREATE `{"n": 0}` then UPDATEs
+/// `{"n": 1..=updates}` of each device `d0..d{devices}`: chains of one entity.
+async fn enqueue_chains(engine: &SyncEngine, devices: usize, updates: u64) {
+    for i in 0..devices {
+        engine
+            .enqueue(NewOp::create("device", format!("d{i}"), json!({"n": 0})))
+            .await
+            .unwrap();
+        for n in 1..=updates {
+            engine
+                .enqueue(NewOp::update("device", format!("d{i}"), json!({"n": n})))
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_entitys_consecutive_ops_travel_in_one_batch() {
+    let server = strict_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .outbox_options(OutboxOptions::default().coalesce(false))
+        .batching(BatchConfig::default())
+        .build()
+        .await
+        .unwrap();
+    enqueue_chains(&engine, 10, 9).await;
+    drain(&engine).await;
+    // 100 ops of 10 entities, each chained on the version of the one before
+    // (the server requires If-Match): one request.
+    assert_eq!(requests(&server, "/v1/batch"), 1);
+    assert_eq!(requests(&server, "/v1/entities/{type}"), 0);
+    assert_eq!(requests(&server, "/v1/entities/{type}/{id}"), 0);
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    assert_eq!(log.len(), 100);
+    for i in 0..10 {
+        let (_, body) = get(&server, "device", &format!("d{i}")).await;
+        assert_eq!(
+            (&body["data"], &body["version"]),
+            (&json!({"n": 9}), &json!(10))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_conflict_in_a_batch_holds_its_entitys_next_ops_back_and_merges() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .outbox_options(OutboxOptions::default().coalesce(false))
+        .batching(BatchConfig::default())
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("board", "b1", json!({"a": 0, "b": 0})))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    // Another writer sets b = 1 (version 2) while this device, from
+    // version 1, sets a = 1 then a = 2 (the second chained on the first).
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/entities/board/b1", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "other-writer")
+        .json(&json!({"data": {"a": 0, "b": 1}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    engine
+        .enqueue(
+            NewOp::update("board", "b1", json!({"a": 1, "b": 0}))
+                .with_base(json!({"a": 0, "b": 0}), 1),
+        )
+        .await
+        .unwrap();
+    let second = engine
+        .enqueue(NewOp::update("board", "b1", json!({"a": 2, "b": 0})))
+        .await
+        .unwrap();
+    enqueue_devices(&engine, 3).await;
+    let report = engine.run_until_empty().await.unwrap();
+    // The first batch carried both edits; the first conflicted, so the
+    // second was not applied and waited; it never counted as an attempt.
+    assert_eq!(report.drain.deferred, 1, "{report:?}");
+    assert_eq!(report.drain.failed, 0, "{report:?}");
+    // The first edit merged with b = 1; the second, made from the app's
+    // view, then went into its own 3-way merge instead of overwriting b.
+    assert_eq!(report.drain.conflicts_resolved, 2, "{report:?}");
+    assert_log_clean(&server.applied_log().await.unwrap());
+    assert!(engine.outbox().get(second.op_id).await.unwrap().is_none());
+    let (_, body) = get(&server, "board", "b1").await;
+    assert_eq!(
+        body["data"],
+        json!({"a": 2, "b": 1}),
+        "the other writer's b = 1 was overwritten"
+    );
+    for i in 0..3 {
+        assert_eq!(get(&server, "device", &format!("d{i}")).await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_lost_response_to_a_batch_of_chains_replays_every_op_once() {
+    let server = ServerBuilder::new()
+        .token("tenant-a", TOKEN)
+        .in_memory()
+        .require_if_match(true)
+        .faults(Faults {
+            drop_after_commit_next: 1,
+            ..Faults::default()
+        })
+        .bind("127.0.0.1:0")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .outbox_options(OutboxOptions::default().coalesce(false))
+        .batching(BatchConfig::default())
+        .build()
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    enqueue_chains(&engine, 5, 3).await;
+    // One lost response is one failure for the breaker, not twenty (the
+    // default opens at ten, and its minute of cooldown would outlast `drain`).
+    drain(&engine).await;
+    assert_eq!(engine.breaker_state(), "closed");
+    // The batch was applied but its response lost; every op was sent again
+    // with its key (in whatever batch shape its retry fell into) and replayed.
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    assert_eq!(log.len(), 20, "{log:?}");
+    let replayed = collect(&mut events)
+        .iter()
+        .filter(|e| matches!(e, SyncEvent::OpSucceeded { replayed: true, .. }))
+        .count();
+    assert_eq!(replayed, 20);
+    for i in 0..5 {
+        let (_, body) = get(&server, "device", &format!("d{i}")).await;
+        assert_eq!(
+            (&body["data"], &body["version"]),
+            (&json!({"n": 3}), &json!(4))
+        );
+    }
 }

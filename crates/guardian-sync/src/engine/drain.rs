@@ -31,13 +31,22 @@ pub(super) enum Step {
     AuthPaused,
 }
 
-/// A claimed unit on its way: one op, or one batch of ops of distinct entities.
+/// A claimed unit on its way: one op, or one batch of ops, where ops of one
+/// entity are consecutive and in order (each depends on the one before).
 type Unit = Vec<PendingOp>;
 /// A unit's responses: each op with its outcome, and the request latency.
 type Responses = (Unit, Vec<Outcome>, Duration);
 type Recorded = Vec<Result<DrainReport, EngineError>>;
-/// A claim's result: how many ops it asked for, and those it got.
-type Claimed = Result<(usize, Vec<PendingOp>), EngineError>;
+/// A claim's result: how many ops it asked for, and the chains it got.
+type Claimed = Result<(usize, Vec<Chain>), EngineError>;
+
+/// Claimed ops of one entity, in order, that travel in one unit: a lone
+/// op, or (batching with dependencies) the entity's next ops behind it.
+struct Chain {
+    ops: Vec<PendingOp>,
+    /// Their [`PendingOp::wire_size`] together (0 when not batching).
+    bytes: usize,
+}
 
 /// Acks collected before they are written while requests keep flowing.
 const ACK_GROUP: usize = 16;
@@ -91,7 +100,9 @@ impl Inner {
         // commit is paid once per several requests, not once per request.
         let ahead = per_unit.max(max_units).max(CLAIM_AHEAD);
         let window = max_units * per_unit + ahead;
-        let mut ready: VecDeque<PendingOp> = VecDeque::new();
+        let mut ready: VecDeque<Chain> = VecDeque::new();
+        // Ops in `ready`, all chains together.
+        let mut ready_ops = 0;
         let mut requests: FuturesUnordered<BoxFuture<'_, Responses>> = FuturesUnordered::new();
         let mut records: FuturesUnordered<BoxFuture<'_, Recorded>> = FuturesUnordered::new();
         // At most one claim at a time.
@@ -132,6 +143,7 @@ impl Inner {
                     Admission::Allowed => per_unit,
                 };
                 let unit = self.next_unit(&mut ready, take);
+                ready_ops -= unit.len();
                 requests.push(Box::pin(self.send_unit(unit)));
             }
             // Write the acks collected so far, unless requests are flowing
@@ -150,7 +162,7 @@ impl Inner {
                 flushing.push(Box::pin(self.flush_acks(fence, batch)));
             }
             // Claim ahead while there is room in the window.
-            let deficit = window.saturating_sub(ready.len() + requests.len() * per_unit);
+            let deficit = window.saturating_sub(ready_ops + requests.len() * per_unit);
             // Refill once half the claimed-ahead ops are used up; when the
             // queue ran dry, try again after every outcome (an ack may have
             // made an entity's next op its head).
@@ -173,16 +185,17 @@ impl Inner {
                     let limit = deficit;
                     claiming.push(Box::pin(async move {
                         self.rebase_after_clock_step(fence).await?;
-                        let ops = self
-                            .outbox
-                            .claim_ready(fence, limit, self.clock.now_millis())
-                            .await?;
-                        Ok((limit, ops))
+                        Ok((limit, self.claim(fence, limit, per_unit).await?))
                     }));
                 }
             }
             if stop.is_some() && !ready.is_empty() {
-                let ids = ready.drain(..).map(|op| op.op_id).collect();
+                let ids = ready
+                    .drain(..)
+                    .flat_map(|chain| chain.ops)
+                    .map(|op| op.op_id)
+                    .collect();
+                ready_ops = 0;
                 self.outbox.release_claimed(fence, ids).await?;
             }
             if requests.is_empty()
@@ -207,16 +220,22 @@ impl Inner {
                 }
                 Some((unit, outcomes, latency)) = requests.next(), if !requests.is_empty() => {
                     outcomes_pending |= unit.iter().any(|op| !op.txn_tokens.is_empty());
-                    let others = self.sort_outcomes(unit, outcomes, latency, &mut acks);
+                    let (others, deferred) = self.sort_outcomes(unit, outcomes, latency, &mut acks);
                     if !others.is_empty() {
                         maybe_more = true;
                         records.push(Box::pin(self.record_others(fence, others, latency)));
                     }
+                    if !deferred.is_empty() {
+                        maybe_more = true;
+                        records.push(Box::pin(self.defer(fence, deferred)));
+                    }
                 }
                 Some(claimed) = claiming.next(), if !claiming.is_empty() => {
-                    let (asked, ops) = claimed?;
-                    exhausted = ops.len() < asked;
-                    ready.extend(ops);
+                    let (asked, chains) = claimed?;
+                    let got: usize = chains.iter().map(|c| c.ops.len()).sum();
+                    exhausted = got < asked;
+                    ready_ops += got;
+                    ready.extend(chains);
                 }
             }
             if let Some(results) = recorded {
@@ -246,21 +265,59 @@ impl Inner {
         })
     }
 
-    /// Takes the next unit off the claimed queue: one op, or (batching) as
-    /// many as `take` allows within the batch byte limit.
-    fn next_unit(&self, ready: &mut VecDeque<PendingOp>, take: usize) -> Unit {
+    /// Claims up to `limit` ready ops: lone ops, or, when batches may carry
+    /// dependencies, each entity's head with its next ops behind it (up to a
+    /// batch's worth of ops and bytes).
+    async fn claim(
+        &self,
+        fence: &Fence,
+        limit: usize,
+        per_unit: usize,
+    ) -> Result<Vec<Chain>, EngineError> {
+        let now = self.clock.now_millis();
+        let Some(batch) = self.batch.filter(|_| per_unit > 1) else {
+            let ops = self.outbox.claim_ready(fence, limit, now).await?;
+            return Ok(ops
+                .into_iter()
+                .map(|op| Chain {
+                    ops: vec![op],
+                    bytes: 0,
+                })
+                .collect());
+        };
+        let chains = if self.transport.batch_dependencies() {
+            self.outbox
+                .claim_ready_chains(fence, limit, now, per_unit, batch.max_bytes)
+                .await?
+        } else {
+            let ops = self.outbox.claim_ready(fence, limit, now).await?;
+            ops.into_iter().map(|op| vec![op]).collect()
+        };
+        Ok(chains
+            .into_iter()
+            .map(|ops| Chain {
+                bytes: ops.iter().map(PendingOp::wire_size).sum(),
+                ops,
+            })
+            .collect())
+    }
+
+    /// Takes the next unit off the claimed queue: whole chains, as many as
+    /// `take` ops and the batch byte limit allow (at least one chain, so a
+    /// chain is never split across units and a trial is one chain).
+    fn next_unit(&self, ready: &mut VecDeque<Chain>, take: usize) -> Unit {
         let max_bytes = self.batch.map_or(usize::MAX, |b| b.max_bytes);
         let mut unit = Vec::new();
         let mut bytes = 0;
-        while unit.len() < take {
-            let Some(op) = ready.front() else { break };
-            let size = request_size(op);
-            if !unit.is_empty() && bytes + size > max_bytes {
+        while let Some(chain) = ready.front() {
+            if !unit.is_empty()
+                && (unit.len() + chain.ops.len() > take || bytes + chain.bytes > max_bytes)
+            {
                 break;
             }
-            bytes += size;
-            if let Some(op) = ready.pop_front() {
-                unit.push(op);
+            bytes += chain.bytes;
+            if let Some(chain) = ready.pop_front() {
+                unit.extend(chain.ops);
             }
         }
         unit
@@ -273,7 +330,16 @@ impl Inner {
         }
         let started = self.clock.monotonic();
         let outcomes = if unit.len() > 1 {
-            let requests: Vec<OpRequest> = unit.iter().map(Self::request).collect();
+            let requests: Vec<OpRequest> = unit
+                .iter()
+                .enumerate()
+                .map(|(i, op)| {
+                    let mut request = Self::request(op);
+                    request.depends_on = dependency(&unit, i);
+                    request.if_match_chained = request.depends_on.is_some() && op.chained;
+                    request
+                })
+                .collect();
             self.transport.send_batch(&requests).await
         } else {
             let mut outcomes = Vec::with_capacity(1);
@@ -287,25 +353,50 @@ impl Inner {
     }
 
     /// Splits a unit's outcomes: successes join `acks` (the breaker hears
-    /// of them at once), everything else is returned for [`Self::handle`].
+    /// of them at once); ops not applied because their predecessor in the
+    /// batch was not are returned second, to go back to the queue; everything
+    /// else is returned first, for [`Self::handle`].
+    ///
+    /// A dependency failure is believed only when the op's predecessor in
+    /// the unit really did not succeed; otherwise it is a protocol error (a
+    /// server that answered it for nothing would otherwise have the op
+    /// released and re-sent at once, forever).
     fn sort_outcomes(
         &self,
         unit: Unit,
         outcomes: Vec<Outcome>,
         latency: Duration,
         acks: &mut Vec<Success>,
-    ) -> Vec<(PendingOp, Outcome)> {
+    ) -> (Vec<(PendingOp, Outcome)>, Vec<PendingOp>) {
+        let mut outcomes = outcomes;
+        self.count_whole_failure_once(&mut outcomes);
         let mut others = Vec::new();
+        let mut deferred = Vec::new();
         let mut successes = 0;
-        for (op, outcome) in unit.into_iter().zip(outcomes) {
+        let deps: Vec<Option<usize>> = (0..unit.len()).map(|i| dependency(&unit, i)).collect();
+        let mut succeeded = vec![false; unit.len()];
+        for (i, (op, outcome)) in unit.into_iter().zip(outcomes).enumerate() {
             let (entity, replayed) = match outcome {
                 Outcome::Applied { entity, replayed } => (entity, replayed),
                 Outcome::AlreadyGone => (None, false),
+                Outcome::DependencyFailed => {
+                    match deps[i] {
+                        Some(dep) if !succeeded[dep] => deferred.push(op),
+                        _ => others.push((
+                            op,
+                            protocol_error(
+                                "dependency failure reported for an op without a failed dependency",
+                            ),
+                        )),
+                    }
+                    continue;
+                }
                 other => {
                     others.push((op, other));
                     continue;
                 }
             };
+            succeeded[i] = true;
             successes += 1;
             acks.push(Success {
                 op,
@@ -323,7 +414,60 @@ impl Inner {
             drop(breaker);
             self.publish_breaker();
         }
-        others
+        (others, deferred)
+    }
+
+    /// A batch request that failed as a whole (network, timeout, 5xx) is one
+    /// failure of the server, not one per op: the breaker hears of it once,
+    /// here, and the ops' own outcomes no longer count. Otherwise a single
+    /// lost response to a batch of ten ops would open the breaker.
+    fn count_whole_failure_once(&self, outcomes: &mut [Outcome]) {
+        let Some((first, rest)) = outcomes.split_first() else {
+            return;
+        };
+        let Outcome::Retryable {
+            retry_after,
+            counts_for_breaker: true,
+            ..
+        } = first
+        else {
+            return;
+        };
+        if rest.is_empty() || rest.iter().any(|o| o != first) {
+            return;
+        }
+        let retry_after = retry_after
+            .as_deref()
+            .and_then(|v| parse_retry_after(v, self.clock.now_millis()));
+        self.breaker()
+            .record_failure(self.clock.monotonic(), retry_after.map(|r| r.delay()));
+        self.publish_breaker();
+        for outcome in outcomes.iter_mut() {
+            if let Outcome::Retryable {
+                counts_for_breaker, ..
+            } = outcome
+            {
+                *counts_for_breaker = false;
+            }
+        }
+    }
+
+    /// Puts ops back in the queue that were not applied because their
+    /// predecessor in the same batch was not: not an attempt (the server
+    /// recorded nothing under their keys), so they are released as if never
+    /// claimed and go out again after their predecessor.
+    async fn defer(&self, fence: &Fence, ops: Vec<PendingOp>) -> Recorded {
+        let n = ops.len();
+        let ids = ops.iter().map(|op| op.op_id).collect();
+        if let Err(e) = self.outbox.release_claimed(fence, ids).await {
+            return vec![Err(e.into())];
+        }
+        self.metrics.add(Counter::Deferred, n as u64);
+        vec![Ok(DrainReport {
+            sent: n as u64,
+            deferred: n as u64,
+            ..DrainReport::default()
+        })]
     }
 
     /// Records outcomes other than success, concurrently, so the outbox's
@@ -411,6 +555,8 @@ impl Inner {
             payload: op.payload.clone(),
             if_match: op.base_version,
             idempotency_key: op.idempotency_key.to_string(),
+            depends_on: None,
+            if_match_chained: false,
         }
     }
 
@@ -498,6 +644,17 @@ impl Inner {
                     )
                     .await?;
                 self.emit(SyncEvent::AuthRequired);
+            }
+            // Sorted out before handling when the op had a failed
+            // dependency; anything else is a server breaking the protocol.
+            Outcome::DependencyFailed => {
+                return Box::pin(self.handle(
+                    fence,
+                    op,
+                    protocol_error("dependency failure reported for a lone request"),
+                    latency,
+                ))
+                .await;
             }
             Outcome::Permanent { detail, .. } => {
                 self.breaker().record_success(now_mono);
@@ -754,7 +911,22 @@ fn failure_detail(outcome: &Outcome) -> String {
     }
 }
 
-/// An op's share of a batch body: its payload plus the envelope fields.
-fn request_size(op: &PendingOp) -> usize {
-    op.payload.to_string().len() + 200
+/// The index of the op before `i` in `unit` when it is of the same entity:
+/// chains are consecutive in a unit, so that op is `i`'s predecessor, and
+/// `i` must not be applied unless it was.
+fn dependency(unit: &[PendingOp], i: usize) -> Option<usize> {
+    let prev = unit.get(i.checked_sub(1)?)?;
+    let op = unit.get(i)?;
+    (prev.entity_type == op.entity_type && prev.entity_id == op.entity_id).then(|| i - 1)
+}
+
+/// A response the protocol does not allow, as the transport classifies one.
+fn protocol_error(detail: &str) -> Outcome {
+    Outcome::Retryable {
+        reason: crate::transport::RetryReason::Protocol,
+        status: None,
+        retry_after: None,
+        detail: detail.to_owned(),
+        counts_for_breaker: true,
+    }
 }

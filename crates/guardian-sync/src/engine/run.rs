@@ -27,6 +27,9 @@ pub struct DrainReport {
     pub retried: u64,
     /// Conflicts reconciled into a new request.
     pub conflicts_resolved: u64,
+    /// Batch ops not applied because their predecessor in the batch was not,
+    /// put back in the queue behind it (not counted as attempts).
+    pub deferred: u64,
 }
 
 impl DrainReport {
@@ -36,6 +39,7 @@ impl DrainReport {
         self.failed += other.failed;
         self.retried += other.retried;
         self.conflicts_resolved += other.conflicts_resolved;
+        self.deferred += other.deferred;
     }
 }
 

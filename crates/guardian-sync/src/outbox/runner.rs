@@ -62,6 +62,96 @@ pub(crate) fn claim(
     Ok(ops)
 }
 
+/// Like [`claim`], but each claimed head brings along the entity's next ops
+/// in order while they are pending and due, up to `max_chain` ops and
+/// `max_chain_bytes` (by [`PendingOp::wire_size`]) per entity, for a batch
+/// that carries them with dependencies (each applied only if the one before
+/// it was). Returns one chain per entity, heads in ready order; `limit`
+/// bounds the ops of all chains together. A chain stops at the first op
+/// that is not pending (failed ops are skipped, as they no longer hold their
+/// entity back), not yet due, or chained on a reconciled op.
+pub(crate) fn claim_chains(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    limit: usize,
+    now: i64,
+    max_chain: usize,
+    max_chain_bytes: usize,
+) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
+    lock_row::check(conn, fence)?;
+    let heads: Vec<PendingOp> = {
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {} FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
+             ORDER BY next_attempt_at, seq LIMIT ?2",
+            rows::OP_COLUMNS
+        ))?;
+        let rows = stmt.query_map(
+            params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
+            rows::read_op,
+        )?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut next_ops = conn.prepare_cached(&format!(
+        "SELECT {} FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
+         AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT ?4",
+        rows::OP_COLUMNS
+    ))?;
+    let mut chains = Vec::with_capacity(heads.len());
+    let mut total = 0;
+    for head in heads {
+        if total >= limit {
+            break;
+        }
+        let room = max_chain.min(limit - total).max(1);
+        let mut bytes = head.wire_size();
+        let mut chain = vec![head];
+        if room > 1 {
+            let first = &chain[0];
+            let more = next_ops.query_map(
+                params![
+                    first.entity_type,
+                    first.entity_id,
+                    first.seq,
+                    i64::try_from(room - 1).unwrap_or(i64::MAX)
+                ],
+                rows::read_op,
+            )?;
+            for op in more {
+                let op = op?;
+                let size = op.wire_size();
+                // A reconciled op's result is a merge, not the app's view
+                // its chained successor was made from: the successor must see
+                // that result first (`chained_base` sends it into a 3-way
+                // merge), so it cannot ride in the same batch.
+                let after_merge = chain.last().is_some_and(|p| p.reconciliations > 0);
+                if op.state != OpState::Pending
+                    || op.next_attempt_at > now
+                    || bytes + size > max_chain_bytes
+                    || (op.chained && after_merge)
+                {
+                    break;
+                }
+                bytes += size;
+                chain.push(op);
+            }
+        }
+        total += chain.len();
+        chains.push(chain);
+    }
+    let stamp = ctx.now();
+    let mut update = conn.prepare_cached(
+        "UPDATE ops SET state = 'in_flight', attempts = attempts + 1, updated_at = ?1 WHERE seq = ?2",
+    )?;
+    for op in chains.iter_mut().flatten() {
+        update.execute(params![stamp, op.seq])?;
+        op.state = OpState::InFlight;
+        op.attempts += 1;
+        op.updated_at = stamp;
+    }
+    Ok(chains)
+}
+
 /// The server applied the op: delete it, settle its tokens, and give the
 /// entity's next op its `If-Match` (and base) and the head position.
 ///
@@ -345,6 +435,28 @@ impl super::Outbox {
         self.inner
             .writer
             .call(move |conn, ctx| ack_many(conn, ctx, &fence, &acks))
+            .await
+    }
+
+    /// Claims ready ops with, behind each, its entity's next pending and due
+    /// ops (see [`claim_chains`]): one chain per entity, to be sent in one
+    /// batch with dependencies. `limit` bounds all ops together; a chain has
+    /// at most `max_chain` ops and `max_chain_bytes` (its head alone may be
+    /// larger). Fenced and durable like [`super::Outbox::claim_ready`].
+    pub async fn claim_ready_chains(
+        &self,
+        fence: &Fence,
+        limit: usize,
+        now_ms: i64,
+        max_chain: usize,
+        max_chain_bytes: usize,
+    ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, ctx| {
+                claim_chains(conn, ctx, &fence, limit, now_ms, max_chain, max_chain_bytes)
+            })
             .await
     }
 

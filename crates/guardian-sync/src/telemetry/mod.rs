@@ -52,11 +52,14 @@ pub enum Counter {
     MessagesReceived,
     /// The stall watchdog fired.
     Stalls,
+    /// A batch op was not applied because its predecessor in the batch was
+    /// not, and went back to the queue (not an attempt).
+    Deferred,
 }
 
 impl Counter {
     /// Every counter, in summary order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Enqueued,
         Counter::Coalesced,
         Counter::Sent,
@@ -68,6 +71,7 @@ impl Counter {
         Counter::RealtimeReconnects,
         Counter::MessagesReceived,
         Counter::Stalls,
+        Counter::Deferred,
     ];
 
     /// The name exported through the `metrics` facade.
@@ -84,6 +88,7 @@ impl Counter {
             Counter::RealtimeReconnects => "gsync_realtime_reconnects_total",
             Counter::MessagesReceived => "gsync_realtime_messages_total",
             Counter::Stalls => "gsync_stalls_total",
+            Counter::Deferred => "gsync_ops_deferred_total",
         }
     }
 

@@ -57,6 +57,11 @@ pub fn classify_mutation(
             })),
         },
         401 => Outcome::AuthRequired,
+        // Only meaningful inside a batch; the engine checks that the op's
+        // dependency really did not succeed before believing it.
+        424 if parse_problem(body).is_some_and(|p| p.is(problem_type::DEPENDENCY_FAILED)) => {
+            Outcome::DependencyFailed
+        }
         // 408, 425 and 429 are the retryable 4xx; every 5xx is retryable.
         408 | 425 | 429 | 500..=599 => Outcome::Retryable {
             reason: RetryReason::Server,

@@ -280,12 +280,14 @@ impl Transport for HttpTransport {
                         entity_type: op.entity_type.clone(),
                         id: op.entity_id.clone(),
                         data: (op.kind != MutationKind::Delete).then(|| op.payload.clone()),
-                        if_match: if op.kind == MutationKind::Create {
+                        if_match: if op.kind == MutationKind::Create || op.if_match_chained {
                             None
                         } else {
                             op.if_match
                         },
                         idempotency_key: op.idempotency_key.clone(),
+                        depends_on: op.depends_on.and_then(|i| u32::try_from(i).ok()),
+                        if_match_chained: op.if_match_chained && op.depends_on.is_some(),
                     })
                     .collect(),
             };
@@ -349,16 +351,16 @@ impl Transport for HttpTransport {
                 // A 4xx for the whole batch (e.g. 413) must not fail ops that
                 // are fine on their own: send them one by one instead.
                 Outcome::Permanent { .. } | Outcome::Conflict { .. } | Outcome::AlreadyGone => {
-                    let mut out = Vec::with_capacity(ops.len());
-                    for op in ops {
-                        out.push(self.send(op).await);
-                    }
-                    return out;
+                    return super::send_in_order(self, ops).await;
                 }
                 other => other,
             };
             vec![whole; ops.len()]
         })
+    }
+
+    fn batch_dependencies(&self) -> bool {
+        true
     }
 
     fn fetch<'a>(

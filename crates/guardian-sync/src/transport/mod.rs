@@ -34,6 +34,37 @@ pub struct OpRequest {
     pub if_match: Option<u64>,
     /// The op's idempotency key: the same on every retry of the same request.
     pub idempotency_key: String,
+    /// In a batch: the index of an earlier request of the same batch, on the
+    /// same entity, that must succeed before this one is applied (else its
+    /// outcome is [`Outcome::DependencyFailed`]). `None` for a lone request.
+    pub depends_on: Option<usize>,
+    /// With `depends_on`: `If-Match` is the version the request it depends on
+    /// left the entity at (version chaining inside one batch); `if_match` is
+    /// then unused.
+    pub if_match_chained: bool,
+}
+
+impl OpRequest {
+    /// A lone request: no dependency inside a batch.
+    pub fn new(
+        kind: MutationKind,
+        entity_type: impl Into<String>,
+        entity_id: impl Into<String>,
+        payload: Value,
+        if_match: Option<u64>,
+        idempotency_key: impl Into<String>,
+    ) -> Self {
+        Self {
+            kind,
+            entity_type: entity_type.into(),
+            entity_id: entity_id.into(),
+            payload,
+            if_match,
+            idempotency_key: idempotency_key.into(),
+            depends_on: None,
+            if_match_chained: false,
+        }
+    }
 }
 
 /// Why a request may be retried.
@@ -87,6 +118,11 @@ pub enum Outcome {
     },
     /// Authentication failed even after one token refresh: the engine pauses.
     AuthRequired,
+    /// A batch op that was not applied because the op it depends on (an
+    /// earlier op of its entity in the same batch) did not succeed; the
+    /// server recorded nothing under its key (424 `batch:dependency-failed`).
+    /// Not an attempt: the op waits in the queue behind its predecessor.
+    DependencyFailed,
     /// Will never succeed as is (400, 403, 422, other 4xx): the op fails and is kept.
     Permanent {
         /// HTTP status.
@@ -134,15 +170,20 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
     /// Sends several mutations in one request; one outcome per op, in order.
     ///
     /// A failure of the whole request (network, 5xx) is returned as the same
-    /// outcome for every op. The default sends them one by one.
+    /// outcome for every op. The default sends them one by one, honoring
+    /// dependencies (see [`send_in_order`]).
     fn send_batch<'a>(&'a self, ops: &'a [OpRequest]) -> BoxFuture<'a, Vec<Outcome>> {
-        Box::pin(async move {
-            let mut out = Vec::with_capacity(ops.len());
-            for op in ops {
-                out.push(self.send(op).await);
-            }
-            out
-        })
+        send_in_order(self, ops)
+    }
+
+    /// Whether [`Self::send_batch`] honors [`OpRequest::depends_on`] and
+    /// [`OpRequest::if_match_chained`], so the engine may put consecutive
+    /// ops of one entity in one batch. False unless a transport says so: a
+    /// `send_batch` written without dependencies in mind would apply an op
+    /// whose predecessor was refused. (The default `send_batch` honors
+    /// them, but sends op by op, so there is nothing to gain.)
+    fn batch_dependencies(&self) -> bool {
+        false
     }
 
     /// Fetches the server's current state of an entity.
@@ -153,4 +194,46 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
         entity_type: &'a str,
         entity_id: &'a str,
     ) -> BoxFuture<'a, Result<Fetched, Outcome>>;
+}
+
+/// Sends `ops` one by one, in order, each as a lone request: an op whose
+/// dependency did not succeed is not sent ([`Outcome::DependencyFailed`]),
+/// and a chained op gets the version its dependency's response carried as
+/// `If-Match` (none after a delete). What a transport without native
+/// batches does, and what [`HttpTransport`] falls back to when a server
+/// refuses a whole batch.
+pub fn send_in_order<'a, T: Transport + ?Sized>(
+    transport: &'a T,
+    ops: &'a [OpRequest],
+) -> BoxFuture<'a, Vec<Outcome>> {
+    Box::pin(async move {
+        let mut out: Vec<Outcome> = Vec::with_capacity(ops.len());
+        for op in ops {
+            let version_after_dependency = match op.depends_on.map(|dep| out.get(dep)) {
+                None => None,
+                Some(Some(Outcome::Applied { entity, .. })) => {
+                    Some(entity.as_ref().map(|e| e.version))
+                }
+                Some(Some(Outcome::AlreadyGone)) => Some(None),
+                Some(_) => {
+                    out.push(Outcome::DependencyFailed);
+                    continue;
+                }
+            };
+            let outcome = match version_after_dependency {
+                Some(version) if op.if_match_chained => {
+                    let lone = OpRequest {
+                        if_match: version,
+                        depends_on: None,
+                        if_match_chained: false,
+                        ..op.clone()
+                    };
+                    transport.send(&lone).await
+                }
+                _ => transport.send(op).await,
+            };
+            out.push(outcome);
+        }
+        out
+    })
 }

@@ -655,14 +655,14 @@ async fn setup_boards(
 ) -> anyhow::Result<()> {
     server.calm()?;
     for b in 0..boards {
-        let request = guardian_sync::transport::OpRequest {
-            kind: guardian_protocol::MutationKind::Create,
-            entity_type: workload::BOARD_TYPE.into(),
-            entity_id: workload::board_id(b),
-            payload: board_seed(b, devices),
-            if_match: None,
-            idempotency_key: format!("{}{}", verdict::SETUP_KEY_PREFIX, workload::board_id(b)),
-        };
+        let request = guardian_sync::transport::OpRequest::new(
+            guardian_protocol::MutationKind::Create,
+            workload::BOARD_TYPE,
+            workload::board_id(b),
+            board_seed(b, devices),
+            None,
+            format!("{}{}", verdict::SETUP_KEY_PREFIX, workload::board_id(b)),
+        );
         match http.send(&request).await {
             guardian_sync::transport::Outcome::Applied { .. } => {}
             other => anyhow::bail!("cannot create the shared boards: {other:?}"),
