@@ -1141,3 +1141,30 @@ async fn a_lost_response_to_a_batch_of_chains_replays_every_op_once() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_chain_longer_than_a_batch_continues_in_the_next() {
+    let server = strict_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .outbox_options(OutboxOptions::default().coalesce(false))
+        .batching(BatchConfig {
+            max_ops: 4,
+            ..BatchConfig::default()
+        })
+        .build()
+        .await
+        .unwrap();
+    enqueue_chains(&engine, 1, 9).await;
+    drain(&engine).await;
+    // 4 + 4 + 2: each batch's last ack hands the head to the next op.
+    assert_eq!(requests(&server, "/v1/batch"), 3);
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    assert_eq!(log.len(), 10);
+    let (_, body) = get(&server, "device", "d0").await;
+    assert_eq!(
+        (&body["data"], &body["version"]),
+        (&json!({"n": 9}), &json!(10))
+    );
+}

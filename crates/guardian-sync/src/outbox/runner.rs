@@ -2,6 +2,8 @@
 //! transaction, that the lock row still names the caller's owner and epoch,
 //! so a runner that lost the lock writes nothing more (DESIGN §11.4).
 
+use std::collections::HashSet;
+
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
@@ -167,11 +169,13 @@ pub(crate) fn ack(
     ack: &Ack,
 ) -> Result<(), OutboxError> {
     lock_row::check(conn, fence)?;
-    ack_op(conn, ctx, op_id, ack)
+    ack_op(conn, ctx, op_id, ack, &HashSet::new())
 }
 
 /// Several acks in one job: one lock check, no savepoint per op. Any error
 /// refuses them all (the writer rolls the job back), as a lost lock would.
+/// Acks come in send order, so an entity's chain from one batch is acked
+/// front to back.
 pub(crate) fn ack_many(
     conn: &Connection,
     ctx: &Ctx,
@@ -179,13 +183,27 @@ pub(crate) fn ack_many(
     acks: &[(OpId, Ack)],
 ) -> Result<(), OutboxError> {
     lock_row::check(conn, fence)?;
+    let acked: HashSet<OpId> = if acks.len() > 1 {
+        acks.iter().map(|(id, _)| *id).collect()
+    } else {
+        HashSet::new()
+    };
     for (op_id, ack) in acks {
-        ack_op(conn, ctx, *op_id, ack)?;
+        ack_op(conn, ctx, *op_id, ack, &acked)?;
     }
     Ok(())
 }
 
-fn ack_op(conn: &Connection, ctx: &Ctx, op_id: OpId, ack: &Ack) -> Result<(), OutboxError> {
+/// Acks one op. `acked_later` holds ops acked after it in the same job: when
+/// its successor is one of them, the successor needs no base and no head
+/// flag (it is about to be deleted too, and its own ack sets the head).
+fn ack_op(
+    conn: &Connection,
+    ctx: &Ctx,
+    op_id: OpId,
+    ack: &Ack,
+    acked_later: &HashSet<OpId>,
+) -> Result<(), OutboxError> {
     let (seq, entity_type, entity_id, state, tokens): (i64, String, String, String, String) = conn
         .prepare_cached(
             "SELECT seq, entity_type, entity_id, state, txn_tokens FROM ops WHERE op_id = ?1",
@@ -204,17 +222,20 @@ fn ack_op(conn: &Connection, ctx: &Ctx, op_id: OpId, ack: &Ack) -> Result<(), Ou
         });
     }
     let now = ctx.now();
-    let successor: Option<(i64, bool)> = conn
+    let successor: Option<(i64, bool, String)> = conn
         .prepare_cached(
-            "SELECT seq, chained FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 \
+            "SELECT seq, chained, op_id FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 \
              AND entity_id = ?2 AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT 1",
         )?
         .query_row(params![entity_type, entity_id, seq], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
         })
         .optional()?;
+    let successor_acked = successor.as_ref().is_some_and(|(_, _, id)| {
+        !acked_later.is_empty() && Uuid::parse_str(id).is_ok_and(|id| acked_later.contains(&id))
+    });
     let chain = match successor {
-        Some((next, true)) => Some((next, chained_base(conn, seq, ack)?)),
+        Some((next, true, _)) if !successor_acked => Some((next, chained_base(conn, seq, ack)?)),
         _ => None,
     };
     rows::delete(conn, seq)?;
@@ -229,9 +250,12 @@ fn ack_op(conn: &Connection, ctx: &Ctx, op_id: OpId, ack: &Ack) -> Result<(), Ou
         )?
         .execute(params![rows::version_to_sql(version), base, now, next])?;
     }
-    // The acked op was the entity's only head; the first active op by
-    // position takes over (usually the successor, but a failed op put back
-    // by `retry_failed` can sit before it).
+    if successor_acked {
+        return Ok(());
+    }
+    // The acked op was the entity's head; the first active op by position
+    // takes over (usually the successor, but a failed op put back by
+    // `retry_failed` can sit before it).
     conn.prepare_cached(
         "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
          WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
