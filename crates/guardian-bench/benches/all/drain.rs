@@ -54,6 +54,67 @@ pub(crate) async fn filled_outbox(
     outbox
 }
 
+/// CPU time of this process's threads by role (ns), from
+/// `/proc/self/task/*/schedstat`: the reference server's workers, the
+/// outbox writer thread(s), and everything else (the client runtime).
+/// Linux only; zeros elsewhere. For `BENCH_DRAIN_PEROP` runs, which show
+/// where each side's CPU per op goes.
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSplit {
+    server: u64,
+    writer: u64,
+    client: u64,
+}
+
+impl CpuSplit {
+    fn now() -> Self {
+        let mut split = Self::default();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return split;
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+            let ns: u64 = std::fs::read_to_string(path.join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            if comm.starts_with("bench-server") {
+                split.server += ns;
+            } else if comm.starts_with("guardian-outbox") {
+                split.writer += ns;
+            } else {
+                split.client += ns;
+            }
+        }
+        split
+    }
+
+    /// Microseconds per op spent between `self` (earlier) and `later`.
+    /// Threads that ended in between are not counted (none do while a
+    /// side is timed).
+    fn per_op(self, later: Self, n: usize) -> String {
+        let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1000.0 / n as f64;
+        format!(
+            "cpu/op server {:.0} us, writer {:.0} us, client {:.0} us",
+            us(self.server, later.server),
+            us(self.writer, later.writer),
+            us(self.client, later.client)
+        )
+    }
+}
+
+/// The last timed side's CPU split per op (`BENCH_DRAIN_PEROP` output).
+static LAST_CPU: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+
+fn note_cpu(before: CpuSplit, n: usize) {
+    *LAST_CPU.lock().unwrap() = before.per_op(CpuSplit::now(), n);
+}
+
+fn last_cpu() -> String {
+    LAST_CPU.lock().unwrap().clone()
+}
+
 /// The engine drains `n` CREATEs; returns ops/s (enqueue not timed).
 async fn engine(
     url: &str,
@@ -83,9 +144,11 @@ async fn engine(
         });
     }
     let engine = builder.build().await.expect("build engine");
+    let cpu = CpuSplit::now();
     let start = Instant::now();
     let report = engine.run_until_empty().await.expect("drain");
     let elapsed = start.elapsed();
+    note_cpu(cpu, n);
     assert_eq!(report.drain.succeeded, n as u64, "every op applied");
     outbox.close().await;
     rate(n, elapsed)
@@ -106,6 +169,7 @@ async fn bare(url: &str, n: usize, concurrency: usize, prefix: &str) -> f64 {
     let http = client();
     let endpoint = format!("{url}/v1/entities/device");
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu = CpuSplit::now();
     let start = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -137,7 +201,9 @@ async fn bare(url: &str, n: usize, concurrency: usize, prefix: &str) -> f64 {
     for w in workers {
         w.await.expect("worker");
     }
-    rate(n, start.elapsed())
+    let elapsed = start.elapsed();
+    note_cpu(cpu, n);
+    rate(n, elapsed)
 }
 
 /// A bare reqwest loop sending the same CREATEs in batches of `batch`.
@@ -275,14 +341,39 @@ pub(crate) fn run(config: &Config) -> Section {
     ];
     let mut s: Vec<Samples> = vec![Samples::new(); rows.len()];
     let mut w: Vec<Samples> = vec![Samples::new(); wan_rows.len()];
+    // `BENCH_DRAIN_PEROP=1`: only the loopback per-op rows (engine and bare
+    // at concurrency 1 and 16), for quick A/B runs; the other rows stay empty.
+    let per_op_only = std::env::var("BENCH_DRAIN_PEROP").is_ok_and(|v| v != "0");
     for run in 0..config.runs {
         eprintln!("drain: run {}/{}", run + 1, config.runs);
         rt.block_on(async {
             let p = |k: usize| format!("r{run}k{k}");
+            let mut cpu = Vec::new();
             s[0].push(engine(&url, n1, 1, None, Synchronous::Full, &p(0)).await);
+            cpu.push(last_cpu());
             s[1].push(bare(&url, n1, 1, &p(1)).await);
+            cpu.push(last_cpu());
             s[3].push(bare(&url, n16, 16, &p(3)).await);
+            cpu.push(last_cpu());
             s[2].push(engine(&url, n16, 16, None, Synchronous::Full, &p(2)).await);
+            cpu.push(last_cpu());
+            if per_op_only {
+                eprintln!(
+                    "  engine c=1: {}\n  bare c=1: {}\n  bare c=16: {}\n  engine c=16: {}",
+                    cpu[0], cpu[1], cpu[2], cpu[3]
+                );
+                eprintln!(
+                    "drain per-op run {}: c=1 {:.0} vs {:.0} ops/s ({:.2}x), c=16 {:.0} vs {:.0} ops/s ({:.2}x)",
+                    run + 1,
+                    s[0].values()[run],
+                    s[1].values()[run],
+                    s[0].values()[run] / s[1].values()[run],
+                    s[2].values()[run],
+                    s[3].values()[run],
+                    s[2].values()[run] / s[3].values()[run],
+                );
+                return;
+            }
             s[4].push(engine(&url, nb, 16, Some(BATCH), Synchronous::Full, &p(4)).await);
             s[5].push(bare_batched(&url, nb, BATCH, &p(5)).await);
             s[6].push(engine(&url, n1, 1, None, Synchronous::Normal, &p(6)).await);
