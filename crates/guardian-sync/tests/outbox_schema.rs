@@ -1,12 +1,13 @@
-//! On-disk schema: a file written by an older version migrates in place, and
-//! the envelope-version bookkeeping of schema 2 finds every op to upcast.
+//! On-disk schema: a file written by an older version migrates in place, the
+//! envelope-version bookkeeping of schema 2 finds every op to upcast, and
+//! schema 3's positions (no AUTOINCREMENT) are still never reused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::sync::Arc;
 
 use guardian_sync::clock::ManualClock;
-use guardian_sync::op::{NewOp, OpState};
+use guardian_sync::op::{Ack, NewOp, OpState};
 use guardian_sync::outbox::{ListFilter, Outbox, OutboxOptions, Synchronous, Upcasters};
 use rusqlite::{params, Connection};
 use serde_json::json;
@@ -67,6 +68,18 @@ CREATE TABLE txn_outcomes (
 CREATE INDEX txn_outcomes_undelivered ON txn_outcomes(id) WHERE delivered = 0;
 CREATE INDEX txn_outcomes_at ON txn_outcomes(at) WHERE state <> 'pending';
 PRAGMA user_version = 1;
+";
+
+/// Migration 2 exactly as schema 2 shipped it (frozen here on purpose).
+const V2: &str = r"
+CREATE TABLE op_envelopes (
+    version INTEGER PRIMARY KEY
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO op_envelopes (version) SELECT DISTINCT envelope_version FROM ops;
+DROP INDEX ops_envelope;
+DROP INDEX ops_state;
+CREATE INDEX ops_state ON ops(state, seq) WHERE state <> 'pending';
+PRAGMA user_version = 2;
 ";
 
 fn opts(clock: &Arc<ManualClock>) -> OutboxOptions {
@@ -373,4 +386,158 @@ async fn an_older_app_enqueueing_after_an_upgrade_is_upcast_at_the_next_open() {
     }
     v2.close().await;
     assert_eq!(listed_envelopes(&path), [2]);
+}
+
+/// Writes a version-2 file holding `rows` at positions 1..=n, whose newest
+/// `acked_after` positions were used and deleted (acknowledged) afterwards,
+/// as an app built on schema 2 would have left it.
+fn v2_file(path: &Path, rows: &[Row<'_>], acked_after: i64) {
+    v1_file(path, rows);
+    let conn = Connection::open(path).unwrap();
+    let n = i64::try_from(rows.len()).unwrap();
+    for k in 1..=acked_after {
+        conn.execute(
+            "INSERT INTO ops (op_id, idempotency_key, kind, entity_type, entity_id, payload, \
+             envelope_version, state, next_attempt_at, created_at, updated_at) \
+             VALUES (?1, ?2, 'update', 'device', 'gone', '{}', 1, 'pending', ?3, ?3, ?3)",
+            params![
+                format!("0190a000-0000-7000-8000-0000000001{k:02}"),
+                uuid::Uuid::new_v4().to_string(),
+                T0
+            ],
+        )
+        .unwrap();
+    }
+    conn.execute("DELETE FROM ops WHERE seq > ?1", [n]).unwrap();
+    conn.execute_batch(V2).unwrap();
+}
+
+fn ops_table_sql(path: &Path) -> String {
+    let conn = Connection::open(path).unwrap();
+    conn.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'ops'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_version_2_file_migrates_to_3_and_never_reuses_a_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.db");
+    // Positions 1-4 live, 5-6 used by ops acknowledged since.
+    v2_file(&path, &v1_rows(), 2);
+    let clock = ManualClock::new(T0);
+    let (outbox, report) = Outbox::open(&path, opts(&clock)).await.unwrap();
+    assert_eq!(report.migrated_from, Some(2));
+    assert_eq!(report.requeued_in_flight, 1);
+
+    let all = outbox.list(ListFilter::default()).await.unwrap();
+    let got: Vec<(i64, String)> = all.iter().map(|o| (o.seq, o.op_id.to_string())).collect();
+    let want: Vec<(i64, String)> = [A1, A2, B1, C1]
+        .iter()
+        .zip(1..)
+        .map(|(id, seq)| (seq, (*id).to_owned()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(all[1].chained);
+    assert_eq!(all[3].state, OpState::Failed);
+
+    // Above the old AUTOINCREMENT counter, not just above the live ops.
+    let d = outbox
+        .enqueue(NewOp::create("device", "d", json!({"n": 1})))
+        .await
+        .unwrap();
+    assert_eq!(d.seq, 7);
+    // Deleting the newest op does not hand its position out again.
+    outbox.cancel(d.op_id).await.unwrap();
+    let e = outbox
+        .enqueue(NewOp::create("device", "e", json!({"n": 2})))
+        .await
+        .unwrap();
+    assert_eq!(e.seq, 8);
+
+    // Order and heads are intact: a1 and b's create are the ready heads.
+    let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
+    let claimed = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let claimed: Vec<String> = claimed.iter().map(|o| o.op_id.to_string()).collect();
+    assert_eq!(claimed, [A1.to_owned(), B1.to_owned(), e.op_id.to_string()]);
+    outbox.close().await;
+
+    let sql = ops_table_sql(&path);
+    assert!(!sql.contains("AUTOINCREMENT"), "{sql}");
+    let indexes = index_sql(&path);
+    let names: Vec<&str> = indexes.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ops_entity",
+            "ops_ready",
+            "ops_state",
+            "sqlite_autoindex_ops_1"
+        ]
+    );
+    let conn = Connection::open(&path).unwrap();
+    let version: u32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, guardian_sync::outbox::SCHEMA_VERSION);
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}
+
+/// Schema 3 dropped AUTOINCREMENT, yet a position is never handed out twice:
+/// not after the newest op is acknowledged, cancelled or coalesced away, not
+/// when the queue runs empty, not across a reopen.
+#[tokio::test]
+async fn positions_are_never_reused_after_the_newest_op_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let clock = ManualClock::new(T0);
+    let (outbox, _) = Outbox::open(&path, opts(&clock)).await.unwrap();
+    let enqueue = |id: &'static str| {
+        let outbox = outbox.clone();
+        async move {
+            outbox
+                .enqueue(NewOp::create("device", id, json!({"id": id})))
+                .await
+                .unwrap()
+        }
+    };
+    let a = enqueue("a").await;
+    let b = enqueue("b").await;
+    assert_eq!((a.seq, b.seq), (1, 2));
+
+    // Acknowledged newest op, then the queue runs empty.
+    let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
+    let claimed = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    outbox.ack(&fence, b.op_id, Ack::default()).await.unwrap();
+    outbox.ack(&fence, a.op_id, Ack::default()).await.unwrap();
+    assert_eq!(outbox.stats().await.unwrap().pending, 0);
+    let c = enqueue("c").await;
+    assert_eq!(c.seq, 3);
+
+    // Cancelled newest op.
+    outbox.cancel(c.op_id).await.unwrap();
+    let d = enqueue("d").await;
+    assert_eq!(d.seq, 4);
+
+    // Coalesced away: a DELETE annihilates d's never-sent CREATE.
+    let gone = outbox.enqueue(NewOp::delete("device", "d")).await.unwrap();
+    assert!(gone.coalesced.is_some());
+    assert_eq!(outbox.stats().await.unwrap().pending, 0);
+    outbox.close().await;
+
+    // Across a reopen.
+    let (outbox, _) = Outbox::open(&path, opts(&clock)).await.unwrap();
+    let e = outbox
+        .enqueue(NewOp::create("device", "e", json!({})))
+        .await
+        .unwrap();
+    assert_eq!(e.seq, 5);
+    outbox.close().await;
 }

@@ -254,17 +254,23 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     let select = format!("SELECT {cols} FROM ops WHERE seq >= ?1 ORDER BY seq");
     let placeholders = vec!["?"; OP_COPY_COLUMNS.len()].join(", ");
     let insert = format!("INSERT OR IGNORE INTO ops ({cols}) VALUES ({placeholders})");
-    // AUTOINCREMENT keeps the largest seq ever used in a tiny table that
-    // usually survives when the end of `ops` does not.
+    // A tiny table that usually survives when the end of `ops` does not
+    // bounds every seq ever used: `ops_seq_mark.bound` (schema 3), or
+    // AUTOINCREMENT's `sqlite_sequence` (schemas 1 and 2).
     let max_seq: Option<i64> = match old.query_row("SELECT max(seq) FROM ops", [], |r| r.get(0)) {
         Ok(v) => v,
         Err(e) => {
             note(report, format!("max(seq) unreadable: {e}"));
-            old.query_row(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'ops'",
-                [],
-                |r| r.get(0),
-            )
+            old.query_row("SELECT bound FROM ops_seq_mark WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .or_else(|_| {
+                old.query_row(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'ops'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
             .ok()
         }
     };
@@ -292,7 +298,9 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
         // The row at `pos` (or the page holding it) cannot be read: skip it.
         gap_start.get_or_insert(pos);
         next = pos + 1;
-        let limit = max_seq.unwrap_or_else(|| pos.saturating_add(BLIND_PROBE));
+        // Blind: at most BLIND_PROBE positions past the last good row (the
+        // gap's start), not past each failed probe, or it never ends.
+        let limit = max_seq.unwrap_or_else(|| gap_start.unwrap_or(pos).saturating_add(BLIND_PROBE));
         if next > limit {
             if let Some(gap) = gap_start.take() {
                 report.unreadable_seq_ranges.push((gap, limit.max(gap)));

@@ -230,11 +230,15 @@ fn insert(
         [0u8; uuid::fmt::Hyphenated::LENGTH],
         [0u8; uuid::fmt::Hyphenated::LENGTH],
     );
+    // The new position is above every live op and every op ever deleted
+    // while newest (`ops_seq_mark.deleted_max`, kept by a trigger): FIFO
+    // order holds and no position is reused, without a counter write per insert.
     conn.prepare_cached(
-        "INSERT INTO ops (op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \
+        "INSERT INTO ops (seq, op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \
          base_version, chained, txn_tokens, envelope_version, state, is_head, attempts, \
          next_attempt_at, created_at, updated_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13)",
+         VALUES ((SELECT max(coalesce((SELECT max(seq) FROM ops), 0), deleted_max) + 1 FROM ops_seq_mark), \
+         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13)",
     )?
     .execute(params![
         &*p.op_id.hyphenated().encode_lower(&mut id_buf),
