@@ -320,7 +320,7 @@ pub(crate) fn run(config: &Config) -> Section {
             met: vs_raw8.is_some_and(|r| r >= 0.5),
             why: "a SQLite WAL commit writes a whole 4 KiB page per touched b-tree page plus \
                   frame headers (for 8 ops on 8 entities about 10 pages: table, op_id index, \
-                  `ops_entity` leaves, `ops_ready`, `sqlite_sequence`), not ~1.8 KiB of \
+                  8 `ops_entity` leaves, `ops_ready`), not ~1.8 KiB of \
                   records, and the 8 ops run one after another on the single writer thread; \
                   closing it needs a dedicated append log in front of SQLite"
                 .into(),
