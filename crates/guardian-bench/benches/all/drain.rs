@@ -64,6 +64,8 @@ struct CpuSplit {
     server: u64,
     writer: u64,
     client: u64,
+    /// Context switches of all threads (voluntary and not).
+    switches: u64,
 }
 
 impl CpuSplit {
@@ -79,6 +81,12 @@ impl CpuSplit {
                 .ok()
                 .and_then(|s| s.split_whitespace().next()?.parse().ok())
                 .unwrap_or(0);
+            let status = std::fs::read_to_string(path.join("status")).unwrap_or_default();
+            split.switches += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
             if comm.starts_with("bench-server") {
                 split.server += ns;
             } else if comm.starts_with("guardian-outbox") {
@@ -96,10 +104,11 @@ impl CpuSplit {
     fn per_op(self, later: Self, n: usize) -> String {
         let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1000.0 / n as f64;
         format!(
-            "cpu/op server {:.0} us, writer {:.0} us, client {:.0} us",
+            "cpu/op server {:.0} us, writer {:.0} us, client {:.0} us, switches/op {:.1}",
             us(self.server, later.server),
             us(self.writer, later.writer),
-            us(self.client, later.client)
+            us(self.client, later.client),
+            later.switches.saturating_sub(self.switches) as f64 / n as f64
         )
     }
 }

@@ -317,34 +317,47 @@ impl Inner {
             }
             bytes += chain.bytes;
             if let Some(chain) = ready.pop_front() {
-                unit.extend(chain.ops);
+                if unit.is_empty() {
+                    unit = chain.ops;
+                } else {
+                    unit.extend(chain.ops);
+                }
             }
         }
         unit
     }
 
     /// Sends a unit: one request per op, or one batch request.
+    ///
+    /// The requests borrow the ops' payloads (moved out and back, not
+    /// copied): a payload is needed again only if the outcome is a conflict.
     async fn send_unit(&self, unit: Unit) -> Responses {
-        for _ in &unit {
-            self.metrics.incr(Counter::Sent);
-        }
+        let mut unit = unit;
+        self.metrics.add(Counter::Sent, unit.len() as u64);
         let started = self.clock.monotonic();
         let outcomes = if unit.len() > 1 {
+            let deps: Vec<Option<usize>> = (0..unit.len()).map(|i| dependency(&unit, i)).collect();
             let requests: Vec<OpRequest> = unit
-                .iter()
-                .enumerate()
-                .map(|(i, op)| {
-                    let mut request = Self::request(op);
-                    request.depends_on = dependency(&unit, i);
-                    request.if_match_chained = request.depends_on.is_some() && op.chained;
+                .iter_mut()
+                .zip(deps)
+                .map(|(op, depends_on)| {
+                    let mut request = Self::lend_request(op);
+                    request.depends_on = depends_on;
+                    request.if_match_chained = depends_on.is_some() && op.chained;
                     request
                 })
                 .collect();
-            self.transport.send_batch(&requests).await
+            let outcomes = self.transport.send_batch(&requests).await;
+            for (op, request) in unit.iter_mut().zip(requests) {
+                op.payload = request.payload;
+            }
+            outcomes
         } else {
             let mut outcomes = Vec::with_capacity(1);
-            for op in &unit {
-                outcomes.push(self.transport.send(&Self::request(op)).await);
+            for op in &mut unit {
+                let request = Self::lend_request(op);
+                outcomes.push(self.transport.send(&request).await);
+                op.payload = request.payload;
             }
             outcomes
         };
@@ -373,15 +386,26 @@ impl Inner {
         let mut others = Vec::new();
         let mut deferred = Vec::new();
         let mut successes = 0;
-        let deps: Vec<Option<usize>> = (0..unit.len()).map(|i| dependency(&unit, i)).collect();
-        let mut succeeded = vec![false; unit.len()];
+        // A lone op has no dependency: no bookkeeping to allocate.
+        let deps: Vec<Option<usize>> = if unit.len() > 1 {
+            (0..unit.len()).map(|i| dependency(&unit, i)).collect()
+        } else {
+            Vec::new()
+        };
+        let mut succeeded = if unit.len() > 1 {
+            vec![false; unit.len()]
+        } else {
+            Vec::new()
+        };
         for (i, (op, outcome)) in unit.into_iter().zip(outcomes).enumerate() {
             let (entity, replayed) = match outcome {
                 Outcome::Applied { entity, replayed } => (entity, replayed),
                 Outcome::AlreadyGone => (None, false),
                 Outcome::DependencyFailed => {
-                    match deps[i] {
-                        Some(dep) if !succeeded[dep] => deferred.push(op),
+                    match deps.get(i).copied().flatten() {
+                        Some(dep) if !succeeded.get(dep).copied().unwrap_or(false) => {
+                            deferred.push(op);
+                        }
                         _ => others.push((
                             op,
                             protocol_error(
@@ -396,7 +420,9 @@ impl Inner {
                     continue;
                 }
             };
-            succeeded[i] = true;
+            if let Some(s) = succeeded.get_mut(i) {
+                *s = true;
+            }
             successes += 1;
             acks.push(Success {
                 op,
@@ -487,39 +513,40 @@ impl Inner {
     }
 
     /// Writes collected acks in one writer job, then reports them.
+    ///
+    /// The entities' data moves into the acks (it is only needed there, for
+    /// version chaining), so nothing is copied.
     async fn flush_acks(&self, fence: &Fence, batch: Vec<Success>) -> Recorded {
-        let acks = batch
-            .iter()
-            .map(|s| {
-                let ack = Ack {
-                    version: s.entity.as_ref().map(|e| e.version),
-                    data: s.entity.as_ref().map(|e| e.data.clone()),
-                };
-                (s.op.op_id, ack)
-            })
-            .collect();
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut done = Vec::with_capacity(batch.len());
+        for s in batch {
+            let (version, data) = match s.entity {
+                Some(e) => (Some(e.version), Some(e.data)),
+                None => (None, None),
+            };
+            acks.push((s.op.op_id, Ack { version, data }));
+            done.push((s.op, version, s.replayed, s.latency));
+        }
         if let Err(e) = self.outbox.ack_many(fence, acks).await {
             return vec![Err(EngineError::from(e))];
         }
-        batch
-            .into_iter()
-            .map(|s| {
-                self.metrics.incr(Counter::Succeeded);
-                self.metrics.record_latency(s.latency);
-                self.emit(SyncEvent::OpSucceeded {
-                    op_id: s.op.op_id,
-                    entity_type: s.op.entity_type,
-                    entity_id: s.op.entity_id,
-                    version: s.entity.as_ref().map(|e| e.version),
-                    replayed: s.replayed,
-                });
-                Ok(DrainReport {
-                    sent: 1,
-                    succeeded: 1,
-                    ..DrainReport::default()
-                })
-            })
-            .collect()
+        let n = done.len() as u64;
+        self.metrics.add(Counter::Succeeded, n);
+        for (op, version, replayed, latency) in done {
+            self.metrics.record_latency(latency);
+            self.emit(SyncEvent::OpSucceeded {
+                op_id: op.op_id,
+                entity_type: op.entity_type,
+                entity_id: op.entity_id,
+                version,
+                replayed,
+            });
+        }
+        vec![Ok(DrainReport {
+            sent: n,
+            succeeded: n,
+            ..DrainReport::default()
+        })]
     }
 
     /// Keeps stored backoffs their length across wall-clock steps.
@@ -547,12 +574,14 @@ impl Inner {
         Ok(())
     }
 
-    fn request(op: &PendingOp) -> OpRequest {
+    /// The op's request, holding its payload (left `Null` in the op until
+    /// the caller puts it back).
+    fn lend_request(op: &mut PendingOp) -> OpRequest {
         OpRequest {
             kind: op.kind.mutation(),
             entity_type: op.entity_type.clone(),
             entity_id: op.entity_id.clone(),
-            payload: op.payload.clone(),
+            payload: std::mem::take(&mut op.payload),
             if_match: op.base_version,
             idempotency_key: op.idempotency_key.to_string(),
             depends_on: None,

@@ -4,9 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use guardian_protocol::{
-    header, BatchOp, BatchRequest, BatchResponse, CreateRequest, MutationKind, UpdateRequest,
-};
+use guardian_protocol::{header, BatchOp, BatchRequest, BatchResponse, MutationKind};
 use reqwest::{header as h, Method, StatusCode};
 
 use super::auth::Auth;
@@ -182,16 +180,14 @@ impl HttpTransport {
             MutationKind::Create => self
                 .client
                 .post(self.url(&["v1", "entities", &op.entity_type]))
-                .json(&CreateRequest {
-                    id: op.entity_id.clone(),
-                    data: op.payload.clone(),
+                .json(&CreateBody {
+                    id: &op.entity_id,
+                    data: &op.payload,
                 }),
             MutationKind::Update => self
                 .client
                 .put(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
-                .json(&UpdateRequest {
-                    data: op.payload.clone(),
-                }),
+                .json(&UpdateBody { data: &op.payload }),
             MutationKind::Delete => {
                 self.client
                     .delete(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
@@ -207,6 +203,21 @@ impl HttpTransport {
             _ => builder,
         }
     }
+}
+
+/// [`guardian_protocol::CreateRequest`] serialized from borrowed parts
+/// (byte for byte the same JSON, so idempotency fingerprints match; no
+/// copy of the payload per send).
+#[derive(serde::Serialize)]
+struct CreateBody<'a> {
+    id: &'a str,
+    data: &'a serde_json::Value,
+}
+
+/// [`guardian_protocol::UpdateRequest`] serialized from a borrowed payload.
+#[derive(serde::Serialize)]
+struct UpdateBody<'a> {
+    data: &'a serde_json::Value,
 }
 
 struct Response {
@@ -375,5 +386,39 @@ impl Transport for HttpTransport {
                 .await?;
             classify_fetch(r.status.as_u16(), r.retry_after.as_deref(), &r.body)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use guardian_protocol::{CreateRequest, UpdateRequest};
+    use serde_json::json;
+
+    use super::{CreateBody, UpdateBody};
+
+    /// The borrowed bodies are byte for byte the protocol's: a retry by
+    /// this build of an op first sent by an older one must replay, not
+    /// mismatch its idempotency fingerprint.
+    #[test]
+    fn borrowed_bodies_serialize_like_the_protocol_types() {
+        let data =
+            json!({"on": true, "level": 7, "room": "kitchen", "nested": {"b": [1, 2], "a": null}});
+        let create = CreateRequest {
+            id: "lamp-1".into(),
+            data: data.clone(),
+        };
+        let borrowed = CreateBody {
+            id: "lamp-1",
+            data: &data,
+        };
+        assert_eq!(
+            serde_json::to_vec(&borrowed).unwrap(),
+            serde_json::to_vec(&create).unwrap()
+        );
+        let update = UpdateRequest { data: data.clone() };
+        assert_eq!(
+            serde_json::to_vec(&UpdateBody { data: &data }).unwrap(),
+            serde_json::to_vec(&update).unwrap()
+        );
     }
 }
