@@ -169,13 +169,22 @@ pub(crate) fn ack(
     ack: &Ack,
 ) -> Result<(), OutboxError> {
     lock_row::check(conn, fence)?;
-    ack_op(conn, ctx, op_id, ack, &HashSet::new())
+    let acked = ack_op(conn, ctx, op_id, ack, &HashSet::new())?;
+    rows::delete(conn, acked.seq)?;
+    acked.set_head(conn)
 }
 
 /// Several acks in one job: one lock check, no savepoint per op. Any error
 /// refuses them all (the writer rolls the job back), as a lost lock would.
 /// Acks come in send order, so an entity's chain from one batch is acked
 /// front to back.
+///
+/// The acked rows go in one `DELETE` after every op's successor was given
+/// its base: a delete fires the schema's `AFTER DELETE` trigger, so SQLite
+/// journals the pages each delete statement touches (a statement journal);
+/// one statement journals each page once for the group instead of once per
+/// op. The heads are set after that delete, as each lone ack does after its
+/// own.
 pub(crate) fn ack_many(
     conn: &Connection,
     ctx: &Ctx,
@@ -183,27 +192,72 @@ pub(crate) fn ack_many(
     acks: &[(OpId, Ack)],
 ) -> Result<(), OutboxError> {
     lock_row::check(conn, fence)?;
-    let acked: HashSet<OpId> = if acks.len() > 1 {
-        acks.iter().map(|(id, _)| *id).collect()
-    } else {
-        HashSet::new()
-    };
+    if acks.is_empty() {
+        return Ok(());
+    }
+    if let [(op_id, ack)] = acks {
+        let acked = ack_op(conn, ctx, *op_id, ack, &HashSet::new())?;
+        rows::delete(conn, acked.seq)?;
+        return acked.set_head(conn);
+    }
+    let all: HashSet<OpId> = acks.iter().map(|(id, _)| *id).collect();
+    if all.len() < acks.len() {
+        // The same op twice: its second ack would find it deleted.
+        let mut seen = HashSet::new();
+        if let Some((op_id, _)) = acks.iter().find(|(id, _)| !seen.insert(*id)) {
+            return Err(OutboxError::NotFound(*op_id));
+        }
+    }
+    let mut done = Vec::with_capacity(acks.len());
     for (op_id, ack) in acks {
-        ack_op(conn, ctx, *op_id, ack, &acked)?;
+        done.push(ack_op(conn, ctx, *op_id, ack, &all)?);
+    }
+    let seqs = serde_json::to_string(&done.iter().map(|a| a.seq).collect::<Vec<i64>>())?;
+    conn.prepare_cached("DELETE FROM ops WHERE seq IN (SELECT value FROM json_each(?1))")?
+        .execute([seqs])?;
+    for acked in &done {
+        acked.set_head(conn)?;
     }
     Ok(())
 }
 
-/// Acks one op. `acked_later` holds ops acked after it in the same job: when
-/// its successor is one of them, the successor needs no base and no head
-/// flag (it is about to be deleted too, and its own ack sets the head).
+/// An acked op whose row is still to be deleted.
+struct Acked {
+    seq: i64,
+    /// Its entity, whose head must be set once the row is gone; `None` when
+    /// its successor is acked later in the same job (that ack sets it).
+    head_of: Option<(String, String)>,
+}
+
+impl Acked {
+    /// The acked op was the entity's head; the first active op by position
+    /// takes over (usually the successor, but a failed op put back by
+    /// `retry_failed` can sit before it). Runs after the row is deleted.
+    fn set_head(&self, conn: &Connection) -> Result<(), OutboxError> {
+        if let Some((entity_type, entity_id)) = &self.head_of {
+            conn.prepare_cached(
+                "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
+                 WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
+                 ORDER BY state = 'in_flight' DESC, seq LIMIT 1)",
+            )?
+            .execute(params![entity_type, entity_id])?;
+        }
+        Ok(())
+    }
+}
+
+/// Acks one op, all but deleting its row and setting its entity's next head
+/// (the caller does both, in that order). `acked_later` holds ops acked
+/// after it in the same job: when its successor is one of them, the
+/// successor needs no base and no head flag (it is about to be deleted too,
+/// and its own ack sets the head).
 fn ack_op(
     conn: &Connection,
     ctx: &Ctx,
     op_id: OpId,
     ack: &Ack,
     acked_later: &HashSet<OpId>,
-) -> Result<(), OutboxError> {
+) -> Result<Acked, OutboxError> {
     let (seq, entity_type, entity_id, state, tokens): (i64, String, String, String, String) = conn
         .prepare_cached(
             "SELECT seq, entity_type, entity_id, state, txn_tokens FROM ops WHERE op_id = ?1",
@@ -238,7 +292,6 @@ fn ack_op(
         Some((next, true, _)) if !successor_acked => Some((next, chained_base(conn, seq, ack)?)),
         _ => None,
     };
-    rows::delete(conn, seq)?;
     let tokens: Vec<String> = serde_json::from_str(&tokens)?;
     for t in &tokens {
         outcomes::succeeded(conn, t, now)?;
@@ -250,19 +303,10 @@ fn ack_op(
         )?
         .execute(params![rows::version_to_sql(version), base, now, next])?;
     }
-    if successor_acked {
-        return Ok(());
-    }
-    // The acked op was the entity's head; the first active op by position
-    // takes over (usually the successor, but a failed op put back by
-    // `retry_failed` can sit before it).
-    conn.prepare_cached(
-        "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
-         WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
-         ORDER BY state = 'in_flight' DESC, seq LIMIT 1)",
-    )?
-    .execute(params![entity_type, entity_id])?;
-    Ok(())
+    Ok(Acked {
+        seq,
+        head_of: (!successor_acked).then_some((entity_type, entity_id)),
+    })
 }
 
 /// The base and `If-Match` a chained successor gets from an ack.
@@ -499,5 +543,76 @@ impl super::Outbox {
             .writer
             .call(move |conn, _| release(conn, &fence, &op_ids))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::op::{Ack, NewOp, OpState};
+    use crate::outbox::{Outbox, OutboxOptions};
+
+    /// Acks written together delete their rows in one statement: the
+    /// newest position is still never reused (the delete trigger sees each
+    /// row), a chained successor still gets its base and `If-Match` and
+    /// becomes its entity's head, and an op acked twice in one job is
+    /// refused with nothing written.
+    #[tokio::test]
+    async fn acks_in_one_job_delete_together_and_keep_positions_chains_and_heads() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _) = Outbox::open(dir.path().join("o.db"), OutboxOptions::default())
+            .await
+            .unwrap();
+        let create = |id: &str| NewOp::create("device", id, json!({"on": false}));
+        let a = outbox.enqueue(create("a")).await.unwrap();
+        let b = outbox.enqueue(create("b")).await.unwrap();
+        let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
+        let now = i64::MAX / 2;
+        assert_eq!(outbox.claim_ready(&fence, 10, now).await.unwrap().len(), 2);
+        // Made while b's create is in flight: chains on it.
+        let b2 = outbox
+            .enqueue(NewOp::update("device", "b", json!({"on": true})))
+            .await
+            .unwrap();
+        let c = outbox.enqueue(create("c")).await.unwrap();
+        assert_eq!(outbox.claim_ready(&fence, 10, now).await.unwrap().len(), 1);
+
+        let twice = vec![(a.op_id, Ack::default()), (a.op_id, Ack::default())];
+        assert!(outbox.ack_many(&fence, twice).await.is_err());
+        assert_eq!(outbox.stats().await.unwrap().in_flight, 3);
+
+        let acks = vec![
+            (a.op_id, Ack::default()),
+            (
+                b.op_id,
+                Ack {
+                    version: Some(1),
+                    data: Some(json!({"on": false})),
+                },
+            ),
+            // The newest op: its position must not come back.
+            (c.op_id, Ack::default()),
+        ];
+        outbox.ack_many(&fence, acks).await.unwrap();
+        for id in [a.op_id, b.op_id, c.op_id] {
+            assert!(outbox.get(id).await.unwrap().is_none());
+        }
+        let next = outbox.get(b2.op_id).await.unwrap().unwrap();
+        assert_eq!(next.state, OpState::Pending);
+        assert_eq!(next.base_version, Some(1));
+        assert!(!next.chained);
+        let claimed = outbox.claim_ready(&fence, 10, now).await.unwrap();
+        assert_eq!(
+            claimed.iter().map(|op| op.op_id).collect::<Vec<_>>(),
+            [b2.op_id]
+        );
+        outbox
+            .ack_many(&fence, vec![(b2.op_id, Ack::default())])
+            .await
+            .unwrap();
+        let d = outbox.enqueue(create("d")).await.unwrap();
+        assert!(d.seq > b2.seq.max(c.seq), "position {} reused", d.seq);
+        outbox.close().await;
     }
 }
