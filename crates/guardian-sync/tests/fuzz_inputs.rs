@@ -125,7 +125,16 @@ fn batch_op() -> impl Strategy<Value = BatchOp> {
         any::<bool>(),
     )
         .prop_map(
-            |(op, entity_type, id, data, if_match, idempotency_key, depends_on, if_match_chained)| {
+            |(
+                op,
+                entity_type,
+                id,
+                data,
+                if_match,
+                idempotency_key,
+                depends_on,
+                if_match_chained,
+            )| {
                 BatchOp {
                     op,
                     entity_type,

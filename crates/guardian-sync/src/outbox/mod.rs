@@ -249,6 +249,15 @@ fn probe(conn: &Connection) -> rusqlite::Result<()> {
         |r| r.get::<_, i64>(0),
     )?;
     lock_row::read(conn)?;
+    // The root page of every other table: damage there would otherwise stay
+    // hidden until an optimistic outcome, an envelope or a position is read.
+    for table in ["meta", "txn_outcomes", "op_envelopes", "ops_seq_mark"] {
+        conn.query_row(
+            &format!("SELECT count(*) FROM (SELECT * FROM {table} NOT INDEXED LIMIT 1)"),
+            [],
+            |r| r.get::<_, i64>(0),
+        )?;
+    }
     Ok(())
 }
 
