@@ -507,10 +507,13 @@ impl super::Outbox {
     }
 
     /// Claims ready ops with, behind each, its entity's next pending and due
-    /// ops (see [`claim_chains`]): one chain per entity, to be sent in one
-    /// batch with dependencies. `limit` bounds all ops together; a chain has
-    /// at most `max_chain` ops and `max_chain_bytes` (its head alone may be
-    /// larger). Fenced and durable like [`super::Outbox::claim_ready`].
+    /// ops: one chain per entity, to be sent in one batch with dependencies
+    /// (each op applied only if the one before it was). `limit` bounds all
+    /// ops together; a chain has at most `max_chain` ops and
+    /// `max_chain_bytes` (its head alone may be larger). A chain stops at an
+    /// op not pending or not yet due, and before a chained op whose
+    /// predecessor was reconciled (it must see the merge's result first).
+    /// Fenced and durable like [`super::Outbox::claim_ready`].
     pub async fn claim_ready_chains(
         &self,
         fence: &Fence,
