@@ -73,9 +73,20 @@ fn integrity(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     })
 }
 
+/// Runs [`integrity`]; a check that SQLite had to abort on a corrupt page
+/// is itself a finding, reported like the others instead of as an error.
+fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    match integrity(conn) {
+        Err(e) if super::error::is_corrupt(&e) => {
+            Ok(vec![format!("the integrity check stopped: {e}")])
+        }
+        other => other,
+    }
+}
+
 /// Full integrity check; rebuilds indexes if it finds problems.
 pub(crate) fn check(conn: &Connection) -> rusqlite::Result<CheckReport> {
-    let problems = integrity(conn)?;
+    let problems = integrity_findings(conn)?;
     if problems.is_empty() {
         return Ok(CheckReport {
             ok: true,
@@ -88,8 +99,13 @@ pub(crate) fn check(conn: &Connection) -> rusqlite::Result<CheckReport> {
         count = problems.len(),
         "outbox integrity check failed; rebuilding indexes"
     );
-    conn.execute_batch("REINDEX")?;
-    let remaining = integrity(conn)?;
+    let remaining = match conn.execute_batch("REINDEX") {
+        Err(e) if super::error::is_corrupt(&e) => {
+            vec![format!("rebuilding the indexes failed: {e}")]
+        }
+        Err(e) => return Err(e),
+        Ok(()) => integrity_findings(conn)?,
+    };
     Ok(CheckReport {
         ok: remaining.is_empty(),
         problems,
