@@ -42,6 +42,15 @@ impl Metrics {
             .or_insert(0) += 1;
     }
 
+    /// Requests answered on `route` (its matched pattern), any method or status.
+    pub(crate) fn requests_on(&self, route: &str) -> u64 {
+        let m = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        m.iter()
+            .filter(|((_, r, _), _)| r == route)
+            .map(|(_, n)| *n)
+            .sum()
+    }
+
     pub(crate) fn replays(&self, n: u64) {
         self.replays.fetch_add(n, Ordering::Relaxed);
     }

@@ -193,6 +193,13 @@ impl RunningServer {
     pub fn metrics_text(&self) -> String {
         self.state.metrics.render()
     }
+
+    /// Requests answered on `route`, the matched pattern as `/metrics`
+    /// labels it (e.g. `/v1/batch`, `/v1/entities/{type}`), any method or
+    /// status: for tests and benches that count round trips.
+    pub fn requests_on(&self, route: &str) -> u64 {
+        self.state.metrics.requests_on(route)
+    }
 }
 
 impl Drop for RunningServer {

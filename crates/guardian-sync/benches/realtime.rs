@@ -85,18 +85,6 @@ async fn counting_proxy(upstream: SocketAddr) -> Counting {
     Counting { addr, bytes }
 }
 
-fn requests(server: &RunningServer, route: &str) -> u64 {
-    server
-        .metrics_text()
-        .lines()
-        .filter(|l| {
-            l.starts_with("guardian_http_requests_total")
-                && l.contains(&format!("route=\"{route}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 async fn create(http: &reqwest::Client, url: &str, i: u64) -> Duration {
     let t = Instant::now();
     let resp = http
@@ -284,11 +272,11 @@ async fn main() {
         let service = RealtimeService::start(c).await.unwrap();
         wait_state(&service, ConnectionState::Connected).await;
         let (r0, b0) = (
-            requests(&server, "/v1/realtime") + requests(&server, "/v1/changes"),
+            server.requests_on("/v1/realtime") + server.requests_on("/v1/changes"),
             proxy.bytes.load(Ordering::Relaxed),
         );
         tokio::time::sleep(window).await;
-        let reqs = requests(&server, "/v1/realtime") + requests(&server, "/v1/changes") - r0;
+        let reqs = server.requests_on("/v1/realtime") + server.requests_on("/v1/changes") - r0;
         let bytes = proxy.bytes.load(Ordering::Relaxed) - b0;
         let pings = window.as_secs_f64() / scaled.as_secs_f64();
         out.push(format!(
@@ -308,11 +296,11 @@ async fn main() {
         let service = RealtimeService::start(c).await.unwrap();
         wait_state(&service, ConnectionState::Polling).await;
         let (r0, b0) = (
-            requests(&server, "/v1/changes"),
+            server.requests_on("/v1/changes"),
             proxy.bytes.load(Ordering::Relaxed),
         );
         tokio::time::sleep(window).await;
-        let reqs = requests(&server, "/v1/changes") - r0;
+        let reqs = server.requests_on("/v1/changes") - r0;
         let bytes = proxy.bytes.load(Ordering::Relaxed) - b0;
         let polls = window.as_secs_f64() / scaled.as_secs_f64();
         out.push(format!(

@@ -124,17 +124,24 @@ fn assert_log_clean(log: &[AppliedMutation]) {
     }
 }
 
-/// Requests the server answered on `route` (as its metrics label it).
-fn requests(server: &RunningServer, route: &str) -> u64 {
-    server
-        .metrics_text()
-        .lines()
-        .filter(|l| {
-            l.starts_with("guardian_http_requests_total")
-                && l.contains(&format!("route=\"{route}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+/// Another writer replaces the entity's data (optionally `If-Match`) under
+/// its own idempotency key, as a second device would.
+async fn other_writer_put(
+    server: &RunningServer,
+    path: &str,
+    key: &str,
+    if_match: Option<u64>,
+    data: Value,
+) {
+    let mut put = reqwest::Client::new()
+        .put(format!("{}/v1/entities/{path}", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", key);
+    if let Some(v) = if_match {
+        put = put.header("if-match", format!("\"{v}\""));
+    }
+    let r = put.json(&json!({ "data": data })).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 async fn get(server: &RunningServer, ty: &str, id: &str) -> (u16, Value) {
@@ -482,16 +489,14 @@ async fn conflicts_merge_three_ways_under_local_wins() {
         .unwrap();
     drain(&engine).await;
     // Another device edits city and zip on the server (version 2).
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/entities/form/f1", server.url()))
-        .bearer_auth(TOKEN)
-        .header("idempotency-key", "other-device-1")
-        .header("if-match", "\"1\"")
-        .json(&json!({"data": {"name": "a", "city": "remote", "zip": "9"}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    other_writer_put(
+        &server,
+        "form/f1",
+        "other-device-1",
+        Some(1),
+        json!({"name": "a", "city": "remote", "zip": "9"}),
+    )
+    .await;
     // This device edited name and zip offline from version 1.
     let mut events = engine.events();
     engine
@@ -533,15 +538,14 @@ async fn conflicts_follow_remote_wins_per_entity_type() {
         .await
         .unwrap();
     drain(&engine).await;
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/entities/form/f1", server.url()))
-        .bearer_auth(TOKEN)
-        .header("idempotency-key", "other-device-2")
-        .json(&json!({"data": {"a": 1, "b": 7}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    other_writer_put(
+        &server,
+        "form/f1",
+        "other-device-2",
+        None,
+        json!({"a": 1, "b": 7}),
+    )
+    .await;
     engine
         .enqueue(
             NewOp::update("form", "f1", json!({"a": 2, "b": 3}))
@@ -617,8 +621,8 @@ async fn a_batch_with_one_bad_op_fails_it_alone() {
         .count();
     assert_eq!(failed, 1);
     // All 21 went out in one batch request, and no single mutation was sent.
-    assert_eq!(requests(&server, "/v1/batch"), 1);
-    assert_eq!(requests(&server, "/v1/entities/{type}"), 0);
+    assert_eq!(server.requests_on("/v1/batch"), 1);
+    assert_eq!(server.requests_on("/v1/entities/{type}"), 0);
 }
 
 #[tokio::test]
@@ -795,15 +799,14 @@ async fn a_chained_update_after_a_merged_conflict_keeps_remote_fields() {
         .unwrap();
     drain(&engine).await;
     // Another writer sets b = 1 (version 2).
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/entities/board/b1", server.url()))
-        .bearer_auth(TOKEN)
-        .header("idempotency-key", "other-writer")
-        .json(&json!({"data": {"a": 0, "b": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    other_writer_put(
+        &server,
+        "board/b1",
+        "other-writer",
+        None,
+        json!({"a": 0, "b": 1}),
+    )
+    .await;
     // Offline, this device sets a = 1 then a = 2 (from version 1); the first
     // send fails so the two edits stay separate ops, chained.
     let first = engine
@@ -1023,9 +1026,9 @@ async fn an_entitys_consecutive_ops_travel_in_one_batch() {
     drain(&engine).await;
     // 100 ops of 10 entities, each chained on the version of the one before
     // (the server requires If-Match): one request.
-    assert_eq!(requests(&server, "/v1/batch"), 1);
-    assert_eq!(requests(&server, "/v1/entities/{type}"), 0);
-    assert_eq!(requests(&server, "/v1/entities/{type}/{id}"), 0);
+    assert_eq!(server.requests_on("/v1/batch"), 1);
+    assert_eq!(server.requests_on("/v1/entities/{type}"), 0);
+    assert_eq!(server.requests_on("/v1/entities/{type}/{id}"), 0);
     let log = server.applied_log().await.unwrap();
     assert_log_clean(&log);
     assert_eq!(log.len(), 100);
@@ -1055,15 +1058,14 @@ async fn a_conflict_in_a_batch_holds_its_entitys_next_ops_back_and_merges() {
     drain(&engine).await;
     // Another writer sets b = 1 (version 2) while this device, from
     // version 1, sets a = 1 then a = 2 (the second chained on the first).
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/entities/board/b1", server.url()))
-        .bearer_auth(TOKEN)
-        .header("idempotency-key", "other-writer")
-        .json(&json!({"data": {"a": 0, "b": 1}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    other_writer_put(
+        &server,
+        "board/b1",
+        "other-writer",
+        None,
+        json!({"a": 0, "b": 1}),
+    )
+    .await;
     engine
         .enqueue(
             NewOp::update("board", "b1", json!({"a": 1, "b": 0}))
@@ -1158,7 +1160,7 @@ async fn a_chain_longer_than_a_batch_continues_in_the_next() {
     enqueue_chains(&engine, 1, 9).await;
     drain(&engine).await;
     // 4 + 4 + 2: each batch's last ack hands the head to the next op.
-    assert_eq!(requests(&server, "/v1/batch"), 3);
+    assert_eq!(server.requests_on("/v1/batch"), 3);
     let log = server.applied_log().await.unwrap();
     assert_log_clean(&log);
     assert_eq!(log.len(), 10);

@@ -4,7 +4,7 @@ use guardian_protocol::problem_type;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::common::{builder, start, start_default};
+use crate::common::{batch_outcomes, batch_statuses, builder, start, start_default};
 
 #[tokio::test]
 async fn ops_apply_in_order_with_per_op_results() {
@@ -52,18 +52,10 @@ async fn ops_apply_in_order_with_per_op_results() {
             {"op": "delete", "type": "device", "id": "d1", "idempotency_key": "e"},
         ]))
         .await;
-    let replayed: Vec<(u64, bool)> = again.body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["status"].as_u64().unwrap(),
-                r["replayed"].as_bool().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(replayed, vec![(201, true), (200, true), (204, true)]);
+    assert_eq!(
+        batch_outcomes(&again.body),
+        vec![(201, true), (200, true), (204, true)]
+    );
     assert_eq!(h.applied_keys().await, vec!["pre", "a", "b", "e"]);
 }
 
@@ -124,13 +116,7 @@ async fn batch_ops_respect_require_if_match() {
             {"op": "update", "type": "t", "id": "i", "data": {"x": 1}, "if_match": 1, "idempotency_key": "c"},
         ]))
         .await;
-    let statuses: Vec<u64> = r.body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["status"].as_u64().unwrap())
-        .collect();
-    assert_eq!(statuses, vec![201, 428, 200]);
+    assert_eq!(batch_statuses(&r.body), vec![201, 428, 200]);
 }
 
 #[tokio::test]

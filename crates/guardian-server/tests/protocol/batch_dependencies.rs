@@ -9,26 +9,9 @@ use guardian_server::Faults;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::common::{builder, start, start_default, Harness};
-
-/// `(status, replayed)` of each result.
-fn outcomes(r: &Value) -> Vec<(u64, bool)> {
-    r["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["status"].as_u64().unwrap(),
-                r["replayed"].as_bool().unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn statuses(r: &Value) -> Vec<u64> {
-    outcomes(r).into_iter().map(|(s, _)| s).collect()
-}
+use crate::common::{
+    batch_outcomes as outcomes, batch_statuses as statuses, builder, start, start_default, Harness,
+};
 
 /// The batch response as raw text (for byte-for-byte comparisons).
 async fn batch_text(h: &Harness, ops: &Value) -> (u16, String) {

@@ -226,3 +226,23 @@ impl Harness2<'_> {
         self.h.send(req).await
     }
 }
+
+/// `(status, replayed)` of each result of a batch response body.
+pub(crate) fn batch_outcomes(r: &Value) -> Vec<(u64, bool)> {
+    r["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_u64().unwrap(),
+                r["replayed"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The status of each result of a batch response body.
+pub(crate) fn batch_statuses(r: &Value) -> Vec<u64> {
+    batch_outcomes(r).into_iter().map(|(s, _)| s).collect()
+}

@@ -34,8 +34,10 @@ pub(super) enum Step {
 /// A claimed unit on its way: one op, or one batch of ops, where ops of one
 /// entity are consecutive and in order (each depends on the one before).
 type Unit = Vec<PendingOp>;
-/// A unit's responses: each op with its outcome, and the request latency.
-type Responses = (Unit, Vec<Outcome>, Duration);
+/// A unit's responses: its ops, each op's dependency in the unit (see
+/// [`dependency`]; empty for a lone op), each op's outcome, and the request
+/// latency.
+type Responses = (Unit, Vec<Option<usize>>, Vec<Outcome>, Duration);
 type Recorded = Vec<Result<DrainReport, EngineError>>;
 /// A claim's result: how many ops it asked for, and the chains it got.
 type Claimed = Result<(usize, Vec<Chain>), EngineError>;
@@ -218,9 +220,10 @@ impl Inner {
                 Some(results) = flushing.next(), if !flushing.is_empty() => {
                     recorded = Some(results);
                 }
-                Some((unit, outcomes, latency)) = requests.next(), if !requests.is_empty() => {
+                Some((unit, deps, outcomes, latency)) = requests.next(), if !requests.is_empty() => {
                     outcomes_pending |= unit.iter().any(|op| !op.txn_tokens.is_empty());
-                    let (others, deferred) = self.sort_outcomes(unit, outcomes, latency, &mut acks);
+                    let (others, deferred) =
+                        self.sort_outcomes(unit, &deps, outcomes, latency, &mut acks);
                     if !others.is_empty() {
                         maybe_more = true;
                         records.push(Box::pin(self.record_others(fence, others, latency)));
@@ -335,11 +338,12 @@ impl Inner {
         let mut unit = unit;
         self.metrics.add(Counter::Sent, unit.len() as u64);
         let started = self.clock.monotonic();
+        let mut deps = Vec::new();
         let outcomes = if unit.len() > 1 {
-            let deps: Vec<Option<usize>> = (0..unit.len()).map(|i| dependency(&unit, i)).collect();
+            deps = (0..unit.len()).map(|i| dependency(&unit, i)).collect();
             let requests: Vec<OpRequest> = unit
                 .iter_mut()
-                .zip(deps)
+                .zip(deps.iter().copied())
                 .map(|(op, depends_on)| {
                     let mut request = Self::lend_request(op);
                     request.depends_on = depends_on;
@@ -362,7 +366,7 @@ impl Inner {
             outcomes
         };
         let latency = self.clock.monotonic().saturating_sub(started);
-        (unit, outcomes, latency)
+        (unit, deps, outcomes, latency)
     }
 
     /// Splits a unit's outcomes: successes join `acks` (the breaker hears
@@ -377,6 +381,7 @@ impl Inner {
     fn sort_outcomes(
         &self,
         unit: Unit,
+        deps: &[Option<usize>],
         outcomes: Vec<Outcome>,
         latency: Duration,
         acks: &mut Vec<Success>,
@@ -386,17 +391,8 @@ impl Inner {
         let mut others = Vec::new();
         let mut deferred = Vec::new();
         let mut successes = 0;
-        // A lone op has no dependency: no bookkeeping to allocate.
-        let deps: Vec<Option<usize>> = if unit.len() > 1 {
-            (0..unit.len()).map(|i| dependency(&unit, i)).collect()
-        } else {
-            Vec::new()
-        };
-        let mut succeeded = if unit.len() > 1 {
-            vec![false; unit.len()]
-        } else {
-            Vec::new()
-        };
+        // Which ops succeeded, for their dependents (none for a lone op).
+        let mut succeeded = vec![false; deps.len()];
         for (i, (op, outcome)) in unit.into_iter().zip(outcomes).enumerate() {
             let (entity, replayed) = match outcome {
                 Outcome::Applied { entity, replayed } => (entity, replayed),
