@@ -17,6 +17,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::error::{JobError, StorageError};
+use super::wal_prefill::WalPrefill;
 use crate::clock::SharedClock;
 
 /// Settings the jobs read; fixed for the outbox's life.
@@ -25,6 +26,9 @@ pub(crate) struct Ctx {
     pub(crate) clock: SharedClock,
     pub(crate) max_payload_bytes: usize,
     pub(crate) coalesce: bool,
+    /// The database file and busy timeout, when the writer should
+    /// preallocate the WAL once it grows (see `wal_prefill`).
+    pub(crate) prefill_wal: Option<(std::path::PathBuf, Duration)>,
 }
 
 impl Ctx {
@@ -215,9 +219,40 @@ fn try_next(rx: &mpsc::Receiver<Msg>) -> Option<Msg> {
     rx.try_recv().ok()
 }
 
+/// Longest busy-wait for the next job after a group of several callers.
+const SPIN_AFTER_GROUP: Duration = Duration::from_micros(100);
+
+/// The next message: after a group of several callers, busy-wait briefly
+/// first. They were all answered at once and most come back within tens of
+/// microseconds; catching them spinning saves the writer a sleep and a
+/// wake-up (a cross-CPU interrupt, ~20–40 µs on the benchmark VM) per
+/// group. A lone caller is never spun for: on a device that enqueues now
+/// and then, the writer sleeps.
+fn next_message(rx: &mpsc::Receiver<Msg>, spin: bool) -> Option<Msg> {
+    if spin {
+        let until = Instant::now() + SPIN_AFTER_GROUP;
+        while Instant::now() < until {
+            match rx.try_recv() {
+                Ok(m) => return Some(m),
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+                Err(mpsc::TryRecvError::Empty) => {
+                    for _ in 0..32 {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+        }
+    }
+    rx.recv().ok()
+}
+
 fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
+    let mut prefill = ctx
+        .prefill_wal
+        .as_ref()
+        .map(|(path, busy)| WalPrefill::new(path.clone(), *busy));
     let mut last_group = 1;
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = next_message(rx, last_group > 1) {
         let second = try_next(rx);
         // A lone caller (nothing else queued, and the previous group had one
         // caller too) runs without a savepoint and never waits.
@@ -263,6 +298,9 @@ fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
         }
         last_group = group.len().max(1);
         group.finish();
+        if let Some(p) = prefill.as_mut() {
+            p.after_commit(&conn);
+        }
         if let Some(reply) = close {
             drop(conn);
             let _ = reply.send(());
@@ -284,6 +322,7 @@ mod tests {
             clock: crate::clock::SystemClock::shared(),
             max_payload_bytes: 0,
             coalesce: false,
+            prefill_wal: None,
         };
         (dir, Writer::spawn(conn, ctx).unwrap())
     }
