@@ -3,7 +3,8 @@
 //! - enqueue at `synchronous=FULL` with 1 and 8 concurrent enqueuers, beside a
 //!   bare rusqlite INSERT loop (one autocommit transaction per row, same
 //!   pragmas) measured in the same run;
-//! - the same with coalescing off, and with coalescing on a toggle workload;
+//! - the same with coalescing off, and from plain threads through
+//!   `enqueue_blocking`;
 //! - claim + ack throughput;
 //! - open-to-first-ready-op with 1,000,000 pending ops (file built by a
 //!   bulk insert, not through enqueue). Peak RSS of the whole bench process
@@ -122,6 +123,53 @@ fn bench_enqueue(c: &mut Criterion) {
                                 .elapsed()
                                 .mul_f64(iters as f64 / (per * enqueuers) as f64)
                         })
+                    });
+                },
+            );
+        }
+        rt.block_on(outbox.close());
+    }
+
+    // The same from plain threads through `enqueue_blocking` (FFI bindings,
+    // sync apps): a lone caller commits on its own thread.
+    {
+        let path = dir.path().join("blocking.db");
+        let (outbox, _) = rt
+            .block_on(Outbox::open(&path, OutboxOptions::default()))
+            .unwrap();
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        for enqueuers in [1u64, 8] {
+            group.bench_with_input(
+                BenchmarkId::new("outbox_blocking", format!("{enqueuers}_enqueuers")),
+                &enqueuers,
+                |b, &enqueuers| {
+                    b.iter_custom(|iters| {
+                        let per = iters.div_ceil(enqueuers);
+                        let start = Instant::now();
+                        let threads: Vec<_> = (0..enqueuers)
+                            .map(|_| {
+                                let o = outbox.clone();
+                                let counter = counter.clone();
+                                std::thread::spawn(move || {
+                                    for _ in 0..per {
+                                        let i = counter
+                                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        o.enqueue_blocking(NewOp::create(
+                                            "device",
+                                            format!("b{i}"),
+                                            payload(i),
+                                        ))
+                                        .unwrap();
+                                    }
+                                })
+                            })
+                            .collect();
+                        for t in threads {
+                            t.join().unwrap();
+                        }
+                        start
+                            .elapsed()
+                            .mul_f64(iters as f64 / (per * enqueuers) as f64)
                     });
                 },
             );

@@ -918,3 +918,115 @@ async fn closed_outbox_reports_closed() {
     );
     assert_eq!(outbox.stats().await.unwrap_err(), OutboxError::Closed);
 }
+
+/// `enqueue_blocking` from plain threads (an FFI binding's, a sync app's):
+/// a lone caller commits on its own thread, concurrent callers (threads and
+/// async tasks together) share group commits; every op is stored exactly
+/// once, each caller's ops in order, coalescing and validation as for
+/// `enqueue`, and nothing is accepted after close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_enqueue_from_threads_shares_commits_with_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    // FULL: the lone path commits with its own fsync.
+    let outbox = open_with(&path(&dir), opts(&clock).synchronous(Synchronous::Full)).await;
+
+    // A lone caller, on a thread outside the runtime.
+    let lone = outbox.clone();
+    let (first, merged, refused) = std::thread::spawn(move || {
+        let first = lone
+            .enqueue_blocking(NewOp::create("lamp", "solo", json!({"on": false})))
+            .unwrap();
+        let merged = lone
+            .enqueue_blocking(NewOp::update("lamp", "solo", json!({"on": true})))
+            .unwrap();
+        let refused = lone.enqueue_blocking(NewOp::create("lamp", "bad", json!([1])));
+        (first, merged, refused)
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        merged.coalesced,
+        Some(Coalesced::MergedInto {
+            op_id: first.op_id,
+            seq: first.seq
+        })
+    );
+    assert!(matches!(
+        refused,
+        Err(EnqueueError::PayloadNotObject { .. })
+    ));
+
+    // 4 threads and 4 tasks at once, 40 ops each on entities of their own.
+    let threads: Vec<_> = (0..4)
+        .map(|w| {
+            let o = outbox.clone();
+            std::thread::spawn(move || {
+                (0..40)
+                    .map(|k| {
+                        o.enqueue_blocking(NewOp::create(
+                            "lamp",
+                            format!("t{w}-{k}"),
+                            json!({"k": k}),
+                        ))
+                        .unwrap()
+                        .seq
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let tasks: Vec<_> = (0..4)
+        .map(|w| {
+            let o = outbox.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for k in 0..40 {
+                    let e = o
+                        .enqueue(NewOp::create("lamp", format!("a{w}-{k}"), json!({"k": k})))
+                        .await
+                        .unwrap();
+                    seqs.push(e.seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut all: Vec<Vec<i64>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    for seqs in &all {
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "a caller's ops in order"
+        );
+    }
+    let stored = outbox
+        .list(ListFilter {
+            state: None,
+            limit: 1000,
+            after_seq: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1 + 8 * 40);
+    let mut seen: Vec<i64> = all.concat();
+    seen.push(first.seq);
+    seen.sort_unstable();
+    let mut listed: Vec<i64> = stored.iter().map(|o| o.seq).collect();
+    listed.sort_unstable();
+    assert_eq!(seen, listed, "each op stored exactly once, at its position");
+
+    outbox.close().await;
+    let after = outbox.clone();
+    let closed = std::thread::spawn(move || {
+        after.enqueue_blocking(NewOp::create("lamp", "late", json!({})))
+    })
+    .join()
+    .unwrap();
+    assert!(matches!(closed, Err(EnqueueError::Closed)), "{closed:?}");
+    // Everything acknowledged is in the file.
+    let reopened = open_with(&path(&dir), opts(&clock)).await;
+    assert_eq!(reopened.stats().await.unwrap().pending, 1 + 8 * 40);
+}

@@ -1,8 +1,12 @@
-//! The writer thread: sole owner of the outbox's SQLite connection, doing
-//! group commit.
+//! The writer thread and group commit over the outbox's one read-write
+//! SQLite connection.
 //!
-//! Callers send jobs (closures run against the connection) over a channel and
-//! await a oneshot reply. The thread takes the first job, then everything else
+//! Async callers send jobs (closures run against the connection) over a
+//! channel and await a oneshot reply. A blocking caller (an FFI binding's
+//! thread, a sync app) whose job would be a group of one anyway runs it on
+//! its own thread instead, under the same connection lock, sparing the two
+//! cross-thread wake-ups of the hand-off; otherwise it joins the writer's
+//! group like everyone else. The thread takes the first job, then everything else
 //! already queued (waiting briefly for more when the previous group had
 //! several callers), runs them all in ONE `BEGIN IMMEDIATE` transaction, each
 //! as soon as it arrives and inside its own savepoint, so a refused job leaves
@@ -10,7 +14,8 @@
 //! back), and replies to each caller only after `COMMIT` has returned. Concurrent enqueuers thus
 //! share one fsync, and no op is acknowledged before it is durable.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
@@ -53,6 +58,60 @@ const MAX_GROUP: usize = 4096;
 #[derive(Debug)]
 pub(crate) struct Writer {
     tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+/// What the writer thread and blocking callers share.
+#[derive(Debug)]
+struct Shared {
+    /// The connection, held by whoever runs a group (the writer thread, or
+    /// a blocking caller committing alone); `None` once closed.
+    db: Mutex<Option<Db>>,
+    ctx: Ctx,
+    /// Jobs sent to the writer thread and not yet taken by it.
+    queued: AtomicUsize,
+    /// Callers in the last group committed: the lone rule of both paths.
+    last_group: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct Db {
+    conn: Connection,
+    prefill: Option<WalPrefill>,
+}
+
+impl Db {
+    /// Runs after every commit (group or lone).
+    fn committed(&mut self) {
+        if let Some(p) = self.prefill.as_mut() {
+            p.after_commit(&self.conn);
+        }
+    }
+}
+
+/// Wraps `f` as a job whose outcome, once its group has committed (or
+/// failed to), goes to `reply`.
+fn job<T, E, F, R>(f: F, reply: R) -> Job
+where
+    T: Send + 'static,
+    E: JobError,
+    F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
+    R: FnOnce(Result<T, E>) + Send + 'static,
+{
+    Box::new(move |env| {
+        let result = match env {
+            Some((conn, ctx)) => f(conn, ctx),
+            None => Err(E::closed()),
+        };
+        let ok = result.is_ok();
+        let done: Done = Box::new(move |commit| {
+            reply(match commit {
+                Ok(()) => result,
+                Err(e) => Err(E::storage(e)),
+            });
+        });
+        (ok, done)
+    })
 }
 
 impl std::fmt::Debug for Msg {
@@ -65,13 +124,35 @@ impl std::fmt::Debug for Msg {
 }
 
 impl Writer {
-    /// Starts the thread; it owns `conn` until the outbox is closed or dropped.
+    /// Starts the thread; the connection lives until the outbox is closed
+    /// or dropped.
     pub(crate) fn spawn(conn: Connection, ctx: Ctx) -> std::io::Result<Self> {
+        let prefill = ctx
+            .prefill_wal
+            .as_ref()
+            .map(|(path, busy)| WalPrefill::new(path.clone(), *busy));
+        let shared = Arc::new(Shared {
+            db: Mutex::new(Some(Db { conn, prefill })),
+            ctx,
+            queued: AtomicUsize::new(0),
+            last_group: AtomicUsize::new(1),
+        });
         let (tx, rx) = mpsc::channel();
+        let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("guardian-outbox-writer".into())
-            .spawn(move || run(conn, &ctx, &rx))?;
-        Ok(Self { tx })
+            .spawn(move || run(&thread_shared, &rx))?;
+        Ok(Self { tx, shared })
+    }
+
+    /// Hands a job to the writer thread.
+    fn send(&self, job: Job) -> bool {
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Msg::Job(job)).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 
     /// Runs `f` in the next group commit and returns its result once committed.
@@ -82,24 +163,63 @@ impl Writer {
         F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel::<Result<T, E>>();
-        let job: Job = Box::new(move |env| {
-            let result = match env {
-                Some((conn, ctx)) => f(conn, ctx),
-                None => Err(E::closed()),
-            };
-            let ok = result.is_ok();
-            let done: Done = Box::new(move |commit| {
-                let _ = reply.send(match commit {
-                    Ok(()) => result,
-                    Err(e) => Err(E::storage(e)),
-                });
-            });
-            (ok, done)
-        });
-        if self.tx.send(Msg::Job(job)).is_err() {
+        if !self.send(job(f, move |r| {
+            let _ = reply.send(r);
+        })) {
             return Err(E::closed());
         }
         rx.await.unwrap_or_else(|_| Err(E::closed()))
+    }
+
+    /// [`call`](Self::call) for a thread that may block. When the writer
+    /// has nothing queued, no group is forming and the last group was a
+    /// single caller, the job is a group of one anyway: it runs here, under
+    /// the connection lock, and commits (its fsync included) on this thread.
+    /// Otherwise it joins the writer thread's group and this thread waits.
+    /// Must not be called on an async executor's thread.
+    pub(crate) fn call_blocking<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
+    {
+        let (reply, rx) = mpsc::sync_channel::<Result<T, E>>(1);
+        let job = job(f, move |r| {
+            let _ = reply.try_send(r);
+        });
+        let sh = &*self.shared;
+        let alone =
+            sh.queued.load(Ordering::Acquire) == 0 && sh.last_group.load(Ordering::Acquire) <= 1;
+        let guard = if alone {
+            match sh.db.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        } else {
+            None
+        };
+        match guard {
+            Some(mut guard) => {
+                match guard.as_mut() {
+                    Some(db) => {
+                        let mut group = Group::new(&db.conn, &sh.ctx, false);
+                        group.run(job);
+                        group.finish();
+                        db.committed();
+                        sh.last_group.store(1, Ordering::Release);
+                    }
+                    None => return Err(E::closed()),
+                }
+                drop(guard);
+            }
+            None => {
+                if !self.send(job) {
+                    return Err(E::closed());
+                }
+            }
+        }
+        rx.recv().unwrap_or_else(|_| Err(E::closed()))
     }
 
     /// Finishes queued work, closes the connection and stops the thread.
@@ -246,29 +366,61 @@ fn next_message(rx: &mpsc::Receiver<Msg>, spin: bool) -> Option<Msg> {
     rx.recv().ok()
 }
 
-fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
-    let mut prefill = ctx
-        .prefill_wal
-        .as_ref()
-        .map(|(path, busy)| WalPrefill::new(path.clone(), *busy));
-    let mut last_group = 1;
-    while let Some(first) = next_message(rx, last_group > 1) {
-        let second = try_next(rx);
+/// Counts a job as taken off the queue.
+fn taken(shared: &Shared, msg: Msg) -> Msg {
+    if matches!(msg, Msg::Job(_)) {
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+    msg
+}
+
+fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
+    let ctx = &shared.ctx;
+    loop {
+        let last_group = shared.last_group.load(Ordering::Acquire);
+        let Some(first) = next_message(rx, last_group > 1) else {
+            break;
+        };
+        let first = taken(shared, first);
+        let mut guard = shared.db.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(db) = guard.as_mut() else {
+            // Closed (by an earlier close request): nothing runs any more.
+            match first {
+                Msg::Job(job) => job(None).1(Ok(())),
+                Msg::Close(reply) => {
+                    let _ = reply.send(());
+                }
+            }
+            continue;
+        };
+        let second = try_next(rx).map(|m| taken(shared, m));
         // A lone caller (nothing else queued, and the previous group had one
         // caller too) runs without a savepoint and never waits.
         let lone = second.is_none() && last_group <= 1;
-        let mut group = Group::new(&conn, ctx, !lone);
+        let mut group = Group::new(&db.conn, ctx, !lone);
         // Runs a job; returns the reply channel of a close request.
-        let take = |msg: Msg, group: &mut Group<'_>| match msg {
+        let take = |msg: Msg, group: &mut Group<'_>| match taken(shared, msg) {
             Msg::Job(job) => {
                 group.run(job);
                 None
             }
             Msg::Close(reply) => Some(reply),
         };
-        let mut close = take(first, &mut group);
+        let mut close = match first {
+            Msg::Job(job) => {
+                group.run(job);
+                None
+            }
+            Msg::Close(reply) => Some(reply),
+        };
         if let Some(m) = second {
-            close = close.or(take(m, &mut group));
+            close = close.or(match m {
+                Msg::Job(job) => {
+                    group.run(job);
+                    None
+                }
+                Msg::Close(reply) => Some(reply),
+            });
         }
         if !lone && close.is_none() {
             // Take everything already queued. If the previous group had
@@ -296,15 +448,16 @@ fn run(conn: Connection, ctx: &Ctx, rx: &mpsc::Receiver<Msg>) {
                 }
             }
         }
-        last_group = group.len().max(1);
+        shared
+            .last_group
+            .store(group.len().max(1), Ordering::Release);
         group.finish();
-        if let Some(p) = prefill.as_mut() {
-            p.after_commit(&conn);
-        }
+        db.committed();
         if let Some(reply) = close {
-            drop(conn);
+            // Closes the connection; later jobs are answered `closed`.
+            *guard = None;
+            drop(guard);
             let _ = reply.send(());
-            return;
         }
     }
 }
@@ -362,6 +515,41 @@ mod tests {
         assert_eq!(rows, (0..64).step_by(2).collect::<Vec<_>>());
         w.close().await;
         let after = w.call(|_, _| Ok::<_, OutboxError>(())).await;
+        assert_eq!(after.unwrap_err(), OutboxError::Closed);
+    }
+
+    /// A blocking caller's lone job runs on its own thread: refused, it is
+    /// rolled back and leaves the connection usable; accepted, it is seen by
+    /// the writer thread's next job.
+    #[test]
+    fn a_blocking_lone_job_commits_on_the_calling_thread() {
+        let (_dir, w) = writer();
+        let caller = std::thread::current().id();
+        let refused = w.call_blocking(|conn, _| {
+            conn.execute("INSERT INTO t (v) VALUES (1)", [])?;
+            Err::<(), _>(OutboxError::LockLost)
+        });
+        assert_eq!(refused.unwrap_err(), OutboxError::LockLost);
+        let ran_on = w
+            .call_blocking(|conn, _| {
+                conn.execute("INSERT INTO t (v) VALUES (2)", [])?;
+                Ok::<_, OutboxError>(std::thread::current().id())
+            })
+            .unwrap();
+        assert_eq!(ran_on, caller, "a lone blocking job runs on its caller");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let rows: Vec<i64> = rt
+            .block_on(w.call(|conn, _| {
+                let mut stmt = conn.prepare("SELECT v FROM t ORDER BY v")?;
+                let rows = stmt.query_map([], |r| r.get(0))?;
+                Ok::<_, OutboxError>(rows.collect::<rusqlite::Result<_>>()?)
+            }))
+            .unwrap();
+        assert_eq!(rows, [2]);
+        rt.block_on(w.close());
+        let after = w.call_blocking(|_, _| Ok::<_, OutboxError>(()));
         assert_eq!(after.unwrap_err(), OutboxError::Closed);
     }
 
