@@ -1170,3 +1170,59 @@ async fn a_chain_longer_than_a_batch_continues_in_the_next() {
         (&json!({"n": 9}), &json!(10))
     );
 }
+
+/// A running engine drains what a plain thread (an FFI binding's) enqueues
+/// with `enqueue_blocking`: each enqueue wakes the run loop, every op is
+/// applied once, in order per entity, and counted as enqueued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_engine_drains_blocking_enqueues_from_a_thread() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    let mut events = engine.events();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+    let app = engine.clone();
+    let thread = std::thread::spawn(move || {
+        for i in 0..20 {
+            app.enqueue_blocking(NewOp::create("device", format!("b{i}"), json!({"i": i})))
+                .unwrap();
+        }
+    });
+    let applied = async {
+        let mut n = 0;
+        while n < 20 {
+            if let Ok(SyncEvent::OpSucceeded { .. }) = events.recv().await {
+                n += 1;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), applied)
+        .await
+        .expect("the running engine did not drain the blocking enqueues");
+    thread.join().unwrap();
+    let _ = stop.send(());
+    runner.await.unwrap().unwrap();
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    assert_eq!(
+        engine
+            .metrics()
+            .get(guardian_sync::telemetry::Counter::Enqueued),
+        20
+    );
+    assert_eq!(log.len(), 20);
+    for i in 0..20 {
+        let (status, body) = get(&server, "device", &format!("b{i}")).await;
+        assert_eq!((status, &body["data"]), (200, &json!({"i": i})));
+    }
+}

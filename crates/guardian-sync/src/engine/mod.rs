@@ -386,12 +386,26 @@ impl SyncEngine {
     /// Durably records an op; returns once it is committed. Wakes the runner.
     pub async fn enqueue(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
         let enqueued = self.inner.outbox.enqueue(op).await?;
+        Ok(self.enqueued(enqueued))
+    }
+
+    /// [`enqueue`](Self::enqueue) for a thread that may block (an FFI
+    /// binding's worker thread, a sync app's); see
+    /// [`Outbox::enqueue_blocking`]. Never call it on an async executor's
+    /// thread.
+    pub fn enqueue_blocking(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
+        let enqueued = self.inner.outbox.enqueue_blocking(op)?;
+        Ok(self.enqueued(enqueued))
+    }
+
+    /// Counts a stored op and wakes the run loop for it.
+    fn enqueued(&self, enqueued: Enqueued) -> Enqueued {
         self.inner.metrics.incr(Counter::Enqueued);
         if enqueued.coalesced.is_some() {
             self.inner.metrics.incr(Counter::Coalesced);
         }
         self.inner.wake.notify_one();
-        Ok(enqueued)
+        enqueued
     }
 
     /// The outbox this engine drains.
