@@ -107,19 +107,40 @@ fn ours_threads(rt: &tokio::runtime::Runtime, n: usize, writers: usize, warm_up:
             .expect("warm-up enqueue");
     }
     let per = n / writers;
+    let shared = outbox.clone();
+    let r = threaded(writers, per, move |w| {
+        let outbox = shared.clone();
+        move || {
+            for k in 0..per {
+                let i = w * per + k;
+                outbox
+                    .enqueue_blocking(NewOp::update("device", entity_id("ours", i), payload(i)))
+                    .expect("enqueue");
+            }
+        }
+    });
+    rt.block_on(outbox.close());
+    r
+}
+
+/// Runs `writers` threads doing `per` ops each and returns ops/s. Thread
+/// `w` first runs `prepare(w)` (untimed: opening its connection, say), which
+/// returns its timed work; the clock starts once every thread is ready.
+fn threaded<P, W>(writers: usize, per: usize, prepare: P) -> f64
+where
+    P: Fn(usize) -> W + Send + Sync + 'static,
+    W: FnOnce(),
+{
+    let prepare = Arc::new(prepare);
     let barrier = Arc::new(Barrier::new(writers + 1));
     let threads: Vec<_> = (0..writers)
         .map(|w| {
             let barrier = barrier.clone();
-            let outbox = outbox.clone();
+            let prepare = prepare.clone();
             std::thread::spawn(move || {
+                let work = prepare(w);
                 barrier.wait();
-                for k in 0..per {
-                    let i = w * per + k;
-                    outbox
-                        .enqueue_blocking(NewOp::update("device", entity_id("ours", i), payload(i)))
-                        .expect("enqueue");
-                }
+                work();
             })
         })
         .collect();
@@ -128,9 +149,7 @@ fn ours_threads(rt: &tokio::runtime::Runtime, n: usize, writers: usize, warm_up:
     for t in threads {
         t.join().expect("enqueuer thread");
     }
-    let r = rate(per * writers, start.elapsed());
-    rt.block_on(outbox.close());
-    r
+    rate(per * writers, start.elapsed())
 }
 
 fn sqlite_conn(path: &std::path::Path) -> Connection {
@@ -179,27 +198,15 @@ fn bare_sqlite(n: usize, writers: usize, warm_up: usize) -> f64 {
         }
     }
     let per = n / writers;
-    let barrier = Arc::new(Barrier::new(writers + 1));
-    let threads: Vec<_> = (0..writers)
-        .map(|w| {
-            let barrier = barrier.clone();
-            let path = path.clone();
-            std::thread::spawn(move || {
-                let conn = sqlite_conn(&path);
-                let mut stmt = conn.prepare(BARE_INSERT).expect("prepare");
-                barrier.wait();
-                for k in 0..per {
-                    bare_insert(&mut stmt, "sqlite", w * per + k);
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
-    let start = Instant::now();
-    for t in threads {
-        t.join().expect("writer thread");
-    }
-    rate(per * writers, start.elapsed())
+    threaded(writers, per, move |w| {
+        let conn = sqlite_conn(&path);
+        move || {
+            let mut stmt = conn.prepare(BARE_INSERT).expect("prepare");
+            for k in 0..per {
+                bare_insert(&mut stmt, "sqlite", w * per + k);
+            }
+        }
+    })
 }
 
 fn queue_file(n: usize, writers: usize) -> f64 {
@@ -208,26 +215,15 @@ fn queue_file(n: usize, writers: usize) -> f64 {
     qf.set_sync_writes(true);
     let qf = Arc::new(Mutex::new(qf));
     let per = n / writers;
-    let barrier = Arc::new(Barrier::new(writers + 1));
-    let threads: Vec<_> = (0..writers)
-        .map(|w| {
-            let barrier = barrier.clone();
-            let qf = qf.clone();
-            std::thread::spawn(move || {
-                barrier.wait();
-                for k in 0..per {
-                    let bytes = record("qf", w * per + k);
-                    qf.lock().expect("queue lock").add(&bytes).expect("add");
-                }
-            })
-        })
-        .collect();
-    barrier.wait();
-    let start = Instant::now();
-    for t in threads {
-        t.join().expect("writer thread");
-    }
-    rate(per * writers, start.elapsed())
+    threaded(writers, per, move |w| {
+        let qf = qf.clone();
+        move || {
+            for k in 0..per {
+                let bytes = record("qf", w * per + k);
+                qf.lock().expect("queue lock").add(&bytes).expect("add");
+            }
+        }
+    })
 }
 
 /// `pwrite` of `group` records at a time into a preallocated file, then
