@@ -167,6 +167,11 @@ impl Prepared {
     pub(crate) fn op_id(&self) -> OpId {
         self.op_id
     }
+
+    /// Stores (or coalesces) it: [`apply`] as a writer job.
+    pub(crate) fn apply(&self, conn: &Connection, ctx: &Ctx) -> Result<Enqueued, EnqueueError> {
+        apply(conn, ctx, self)
+    }
 }
 
 /// The entity's tail: its never-attempted active suffix plus the active op

@@ -52,6 +52,7 @@ pub use upcast::{UpcastFn, Upcasters};
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::op::{Ack, Fence, NewOp, OpId, PendingOp, Reconciled, TxnOutcome};
+use wal_prefill::WalPrefill;
 use writer::{Ctx, Writer};
 
 /// The newest on-disk schema version this build reads and writes.
@@ -403,10 +404,10 @@ fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenRe
         clock: options.clock.clone(),
         max_payload_bytes: options.max_payload_bytes,
         coalesce: options.coalesce,
-        prefill_wal: (options.preallocate_wal && options.synchronous != Synchronous::Off)
-            .then(|| (path.to_path_buf(), options.busy_timeout)),
     };
-    let writer = Writer::spawn(conn, ctx).map_err(OpenError::Thread)?;
+    let prefill = (options.preallocate_wal && options.synchronous != Synchronous::Off)
+        .then(|| WalPrefill::new(path, options.busy_timeout));
+    let writer = Writer::spawn(conn, ctx, prefill).map_err(OpenError::Thread)?;
     let outbox = Outbox {
         inner: Arc::new(Inner {
             writer,
@@ -460,14 +461,11 @@ impl Outbox {
     /// into never-attempted ops of its entity when enabled. On error nothing
     /// in the outbox changed.
     pub async fn enqueue(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
-        let prepared = self.prepare(op)?;
-        let op_id = prepared.op_id();
+        let p = self.prepare(op)?;
+        let op_id = p.op_id();
         outcome(
             op_id,
-            self.inner
-                .writer
-                .call(move |conn, ctx| enqueue::apply(conn, ctx, &prepared))
-                .await,
+            self.inner.writer.call(move |c, x| p.apply(c, x)).await,
         )
     }
 
@@ -482,13 +480,11 @@ impl Outbox {
     /// It blocks for a commit (an fsync): never call it on an async
     /// executor's thread, use [`enqueue`](Self::enqueue) there.
     pub fn enqueue_blocking(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
-        let prepared = self.prepare(op)?;
-        let op_id = prepared.op_id();
+        let p = self.prepare(op)?;
+        let op_id = p.op_id();
         outcome(
             op_id,
-            self.inner
-                .writer
-                .call_blocking(move |conn, ctx| enqueue::apply(conn, ctx, &prepared)),
+            self.inner.writer.call_blocking(move |c, x| p.apply(c, x)),
         )
     }
 

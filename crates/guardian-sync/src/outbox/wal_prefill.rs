@@ -27,7 +27,7 @@
 //! transaction is rolled back.
 
 use std::fs::OpenOptions;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -49,16 +49,17 @@ const ATTEMPTS: u32 = 3;
 /// The writer's fill state for one session of the outbox.
 #[derive(Debug)]
 pub(crate) struct WalPrefill {
-    db_path: std::path::PathBuf,
+    wal: PathBuf,
     busy_timeout: Duration,
     attempts_left: u32,
 }
 
 impl WalPrefill {
-    /// Watches the WAL of `db_path`; `busy_timeout` is the connection's own.
-    pub(crate) fn new(db_path: std::path::PathBuf, busy_timeout: Duration) -> Self {
+    /// Watches the WAL of the database at `db_path`; `busy_timeout` is the
+    /// connection's own.
+    pub(crate) fn new(db_path: &Path, busy_timeout: Duration) -> Self {
         Self {
-            db_path,
+            wal: wal_path(db_path),
             busy_timeout,
             attempts_left: ATTEMPTS,
         }
@@ -70,14 +71,12 @@ impl WalPrefill {
         if self.attempts_left == 0 {
             return;
         }
-        let mut wal = self.db_path.as_os_str().to_owned();
-        wal.push("-wal");
-        if std::fs::metadata(&wal).map_or(true, |m| m.len() < START_AFTER) {
+        if std::fs::metadata(&self.wal).map_or(true, |m| m.len() < START_AFTER) {
             return;
         }
         self.attempts_left -= 1;
         let started = std::time::Instant::now();
-        match prefill(conn, &self.db_path, self.busy_timeout) {
+        match prefill(conn, &self.wal, self.busy_timeout) {
             Ok(0) => {}
             Ok(bytes) => {
                 self.attempts_left = 0;
@@ -107,7 +106,15 @@ pub(crate) fn target_len(page_size: u64, autocheckpoint_pages: u64) -> u64 {
     WAL_HEADER + (autocheckpoint_pages + HEADROOM_FRAMES) * (page_size + FRAME_HEADER)
 }
 
-/// Zero-fills `<db>-wal` from its end up to [`target_len`] and syncs it.
+/// The `-wal` file beside the database at `db_path`.
+pub(crate) fn wal_path(db_path: &Path) -> PathBuf {
+    let mut wal = db_path.as_os_str().to_owned();
+    wal.push("-wal");
+    PathBuf::from(wal)
+}
+
+/// Zero-fills the WAL file `wal` (of `conn`'s database) from its end up to
+/// [`target_len`] and syncs it.
 /// Returns the bytes added (0 when it was long enough already, missing, or
 /// another connection held the write lock: the fill never waits for one).
 /// `busy_timeout` is the connection's own, restored afterwards. Errors are
@@ -115,7 +122,7 @@ pub(crate) fn target_len(page_size: u64, autocheckpoint_pages: u64) -> u64 {
 /// commits are slower.
 pub(crate) fn prefill(
     conn: &Connection,
-    db_path: &Path,
+    wal: &Path,
     busy_timeout: Duration,
 ) -> std::io::Result<u64> {
     let page_size: u64 = conn
@@ -130,14 +137,12 @@ pub(crate) fn prefill(
         return Ok(0);
     }
     let target = target_len(page_size, autocheckpoint);
-    let mut wal = db_path.as_os_str().to_owned();
-    wal.push("-wal");
     // Holding the write lock is what makes writing past the end safe.
     conn.busy_timeout(Duration::ZERO)
         .map_err(std::io::Error::other)?;
     let began = conn.execute_batch("BEGIN IMMEDIATE");
     let filled = match began {
-        Ok(()) => fill(Path::new(&wal), target),
+        Ok(()) => fill(wal, target),
         Err(_) => Ok(0),
     };
     if !conn.is_autocommit() {
@@ -202,9 +207,7 @@ mod tests {
     }
 
     fn wal_len(path: &Path) -> u64 {
-        std::fs::metadata(format!("{}-wal", path.display()))
-            .unwrap()
-            .len()
+        std::fs::metadata(wal_path(path)).unwrap().len()
     }
 
     /// What a crash leaves: the database and WAL files as they are now,
@@ -243,11 +246,15 @@ mod tests {
         let (path, conn) = wal_conn(dir.path());
         conn.execute("INSERT INTO t VALUES ('before')", []).unwrap();
         let busy = Duration::from_secs(5);
-        let added = prefill(&conn, &path, busy).unwrap();
+        let added = prefill(&conn, &wal_path(&path), busy).unwrap();
         let target = target_len(4096, 1000);
         assert_eq!(wal_len(&path), target);
         assert!(added > 0 && added < target);
-        assert_eq!(prefill(&conn, &path, busy).unwrap(), 0, "filled once");
+        assert_eq!(
+            prefill(&conn, &wal_path(&path), busy).unwrap(),
+            0,
+            "filled once"
+        );
         crash_copy(&path, dir.path(), 1);
         for i in 0..10 {
             conn.execute("INSERT INTO t VALUES (?1)", [format!("after {i}")])
@@ -268,7 +275,7 @@ mod tests {
     fn fills_once_the_wal_has_grown() {
         let dir = tempfile::tempdir().unwrap();
         let (path, conn) = wal_conn(dir.path());
-        let mut watch = WalPrefill::new(path.clone(), Duration::from_secs(5));
+        let mut watch = WalPrefill::new(&path, Duration::from_secs(5));
         conn.execute("INSERT INTO t VALUES ('one')", []).unwrap();
         watch.after_commit(&conn);
         assert!(wal_len(&path) < START_AFTER);
@@ -296,10 +303,10 @@ mod tests {
         // Had it waited for the lock, it would have waited this long.
         let long = Duration::from_secs(120);
         let started = std::time::Instant::now();
-        assert_eq!(prefill(&conn, &path, long).unwrap(), 0);
+        assert_eq!(prefill(&conn, &wal_path(&path), long).unwrap(), 0);
         assert!(started.elapsed() < long / 2, "waited for the lock");
         assert_eq!(wal_len(&path), before);
         other.execute_batch("ROLLBACK").unwrap();
-        assert!(prefill(&conn, &path, long).unwrap() > 0);
+        assert!(prefill(&conn, &wal_path(&path), long).unwrap() > 0);
     }
 }

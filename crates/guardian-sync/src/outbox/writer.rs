@@ -31,9 +31,6 @@ pub(crate) struct Ctx {
     pub(crate) clock: SharedClock,
     pub(crate) max_payload_bytes: usize,
     pub(crate) coalesce: bool,
-    /// The database file and busy timeout, when the writer should
-    /// preallocate the WAL once it grows (see `wal_prefill`).
-    pub(crate) prefill_wal: Option<(std::path::PathBuf, Duration)>,
 }
 
 impl Ctx {
@@ -199,12 +196,12 @@ impl std::fmt::Debug for Msg {
 
 impl Writer {
     /// Starts the thread; the connection lives until the outbox is closed
-    /// or dropped.
-    pub(crate) fn spawn(conn: Connection, ctx: Ctx) -> std::io::Result<Self> {
-        let prefill = ctx
-            .prefill_wal
-            .as_ref()
-            .map(|(path, busy)| WalPrefill::new(path.clone(), *busy));
+    /// or dropped. `prefill`, if given, preallocates the WAL once it grows.
+    pub(crate) fn spawn(
+        conn: Connection,
+        ctx: Ctx,
+        prefill: Option<WalPrefill>,
+    ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             db: Mutex::new(Some(Db { conn, prefill })),
             ctx,
@@ -300,7 +297,8 @@ impl Writer {
         sh.board.wait_for(&slot)
     }
 
-    /// Finishes queued work, closes the connection and stops the thread.
+    /// Finishes queued work and closes the connection; every later call,
+    /// async or blocking, gets `closed`.
     pub(crate) async fn close(&self) {
         let (reply, rx) = oneshot::channel();
         if self.tx.send(Msg::Close(reply)).is_ok() {
@@ -418,7 +416,7 @@ fn try_next(rx: &mpsc::Receiver<Msg>) -> Option<Msg> {
 }
 
 /// Longest poll for the next job after a group of several callers.
-const SPIN_AFTER_GROUP: Duration = Duration::from_micros(100);
+const POLL_AFTER_GROUP: Duration = Duration::from_micros(100);
 
 /// The next message: after a group of several callers, poll briefly first,
 /// yielding the CPU between polls. They were all answered at once and most
@@ -429,9 +427,9 @@ const SPIN_AFTER_GROUP: Duration = Duration::from_micros(100);
 /// spinning writer halves their CPU: 8 tasks 18.7k ops/s spinning, 21.2k
 /// yielding, same interleaved run). A lone caller is never polled for: on
 /// a device that enqueues now and then, the writer sleeps.
-fn next_message(rx: &mpsc::Receiver<Msg>, spin: bool) -> Option<Msg> {
-    if spin {
-        let until = Instant::now() + SPIN_AFTER_GROUP;
+fn next_message(rx: &mpsc::Receiver<Msg>, poll: bool) -> Option<Msg> {
+    if poll {
+        let until = Instant::now() + POLL_AFTER_GROUP;
         while Instant::now() < until {
             match rx.try_recv() {
                 Ok(m) => return Some(m),
@@ -540,9 +538,8 @@ mod tests {
             clock: crate::clock::SystemClock::shared(),
             max_payload_bytes: 0,
             coalesce: false,
-            prefill_wal: None,
         };
-        (dir, Writer::spawn(conn, ctx).unwrap())
+        (dir, Writer::spawn(conn, ctx, None).unwrap())
     }
 
     /// Jobs committed together are isolated: a refused job leaves no trace,
