@@ -376,16 +376,23 @@ pub(crate) fn run(config: &Config) -> Section {
          writer that spins for a lone caller's next job; threads that can block use \
          `enqueue_blocking` (rows above). Once the WAL wraps, the preallocation no longer helps \
          either side";
-    let group_why = "a closed loop of 8 callers makes one group per fsync (traced: 74 of 77 \
-         groups held all 8). A traced group of 8 took ~375 µs: ~190 µs of commit with its \
-         fsync (a lone commit ~170 µs), ~110 µs from the first job's arrival to the eighth's \
-         execution and ~50 µs from the replies to the first next job (8 callers woken on 2 \
-         CPUs, each then sending its next op), ~25 µs sending 8 replies. The fsync is shared; \
-         the wake-ups and arrivals are per caller, and on this 2-core VM they cost about as \
-         much as the fsyncs saved. Committing at NORMAL and syncing on a second thread overlaps \
-         nothing here (8 closed-loop callers are all in the group being synced; modelled, two \
-         interleaved cohorts gain ~10 %). The gain grows with fsync latency (7.7× at ~6 ms \
-         per fsync in the outbox bench)";
+    let group_why = "a closed loop of 8 callers makes one group per fsync (8.0 callers per \
+         group, traced). Traced over 1,500 groups of 8 threads: the commit with its fsync \
+         ~195 µs (median ~172; checkpoints make the tail), waking the 8 callers ~23 µs (one \
+         futex wake of all; ~3 µs per woken thread on this VM), ~15–25 µs until the first next \
+         job arrives, ~70 µs gathering the 8 jobs, ~60 µs of it their execution on the writer \
+         (~7.5 µs each: the tail lookup, the insert into 4 b-trees, the savepoint): ~310 µs for \
+         8 ops against ~175 µs for one op alone. At `synchronous=OFF` the same cycle is ~115 µs \
+         (commit 22, wake 22, gather 57): ~100 µs per group is CPU and wake-up work that no fsync \
+         hides. Callers that spin instead of sleeping (no wake-ups, twice the CPU) reached \
+         24–29k ops/s, 4.6–5.6× a lone thread of the same run: even with no wake-up cost the \
+         target sits at the floor of one SQLite commit plus 8 executions. No gain measured \
+         from `temp_store=MEMORY`, a futex counter instead of the condvar, or \
+         `wal_autocheckpoint=4000`; a background checkpointer was slower (the WAL stops \
+         wrapping). Committing at NORMAL and syncing on a second \
+         thread overlaps nothing here (8 closed-loop callers are all in the group being synced; \
+         modelled, two interleaved cohorts gain ~10 %). The gain grows with fsync latency (7.7× \
+         at ~6 ms per fsync in the outbox bench)";
     let one = |measured: Option<f64>, target: String, why: &str| Target {
         scenario: "1 enqueue",
         target,
