@@ -172,6 +172,12 @@ pub struct ChangesPage {
     pub changes: Vec<Change>,
     /// Cursor to pass as `since` for the next page.
     pub next: u64,
+    /// The tenant's latest cursor when the page was read. A client that
+    /// has no cursor, or whose cursor expired, rejoins the feed here after
+    /// refetching its state, without a WebSocket (whose `hello` says the
+    /// same). Absent from backends that do not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<u64>,
 }
 
 /// A frame of the `GET /v1/realtime` WebSocket, server to client.

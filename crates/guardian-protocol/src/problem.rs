@@ -27,8 +27,13 @@ pub mod problem_type {
     pub const NOT_FOUND: &str = "urn:guardian:not-found";
     /// The entity existed and was deleted.
     pub const GONE: &str = "urn:guardian:gone";
-    /// The change feed no longer holds the requested cursor: resync.
+    /// The change feed no longer holds the requested cursor: resync. The
+    /// problem carries the feed's latest cursor as the [`FEED_HEAD`]
+    /// extension member, where the client rejoins after refetching.
     pub const CURSOR_EXPIRED: &str = "urn:guardian:cursor-expired";
+    /// Extension member of a [`CURSOR_EXPIRED`] problem: the tenant's
+    /// latest cursor (an integer).
+    pub const FEED_HEAD: &str = "head";
     /// The request is malformed (JSON, entity type or id, parameters).
     pub const BAD_REQUEST: &str = "urn:guardian:bad-request";
     /// Missing or unknown bearer token.

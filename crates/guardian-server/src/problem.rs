@@ -65,8 +65,14 @@ impl ApiError {
         Self::new(problem_type::INTERNAL, 500, "Internal server error", detail)
     }
 
-    pub(crate) fn cursor_expired(detail: impl Into<String>) -> Self {
-        Self::new(problem_type::CURSOR_EXPIRED, 410, "Cursor expired", detail)
+    /// 410 `cursor-expired`, carrying the feed's latest cursor (`head`)
+    /// where the client rejoins after refetching its state.
+    pub(crate) fn cursor_expired(detail: impl Into<String>, head: u64) -> Self {
+        let mut e = Self::new(problem_type::CURSOR_EXPIRED, 410, "Cursor expired", detail);
+        e.problem
+            .extensions
+            .insert(problem_type::FEED_HEAD.to_owned(), head.into());
+        e
     }
 
     pub(crate) fn with_current(mut self, current: Entity) -> Self {

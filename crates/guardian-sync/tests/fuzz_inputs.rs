@@ -379,7 +379,7 @@ proptest! {
     fn wire_messages_from_hostile_bytes(bytes in hostile_bytes(prop_oneof![
         valid_entity_bytes(),
         valid_problem_bytes(),
-        prop::collection::vec(change(), 0..3).prop_map(|changes| serde_json::to_vec(&ChangesPage { changes, next: 7 }).unwrap()),
+        prop::collection::vec(change(), 0..3).prop_map(|changes| serde_json::to_vec(&ChangesPage { changes, next: 7, head: Some(7) }).unwrap()),
         change().prop_map(|change| serde_json::to_vec(&RealtimeFrame::Change { change }).unwrap()),
         prop::collection::vec(batch_op(), 0..3).prop_map(|ops| serde_json::to_vec(&BatchRequest { ops }).unwrap()),
     ])) {
@@ -416,7 +416,7 @@ proptest! {
         }
         rt(&e)?;
         rt(&p)?;
-        rt(&ChangesPage { changes: changes.clone(), next: cursor })?;
+        rt(&ChangesPage { changes: changes.clone(), next: cursor, head: None })?;
         rt(&RealtimeFrame::Hello { cursor })?;
         for change in changes {
             rt(&RealtimeFrame::Change { change })?;

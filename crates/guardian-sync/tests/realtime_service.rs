@@ -437,8 +437,11 @@ async fn an_expired_cursor_delivers_a_resync_then_continues() {
     service.shutdown().await;
 }
 
+/// A WebSocket that never opens (a proxy refusing upgrades) does not stall
+/// a resync: the polled 410 carries the feed's head, the app gets its
+/// `Resync` there and polling delivers what follows.
 #[tokio::test]
-async fn a_polled_410_waits_for_the_websocket_and_resyncs() {
+async fn a_polled_410_resyncs_and_polls_on_while_the_websocket_is_refused() {
     let clock = guardian_server::clock::ManualClock::new(1_700_000_000_000);
     let server = ServerBuilder::new()
         .token("tenant-rt", TOKEN)
@@ -458,20 +461,44 @@ async fn a_polled_410_waits_for_the_websocket_and_resyncs() {
     let mut cfg = config(&server.url());
     cfg.realtime_url = Some(proxy.url());
     let service = RealtimeService::start(cfg).await.unwrap();
-    let states = record_states(&service);
     let mut messages = service.messages().unwrap();
-    // The poll gets 410; without a WebSocket nothing can be delivered.
-    wait_state(&service, ConnectionState::Disconnected).await;
-    proxy.reopen();
     match next(&mut messages).await {
         RealtimeMessage::Resync(r) => assert_eq!((r.stale_cursor, r.resume_cursor), (Some(0), 3)),
         other => panic!("expected a resync, got {other:?}"),
     }
-    writer.create([4]).await;
+    wait_state(&service, ConnectionState::Polling).await;
+    writer.create([4, 5]).await;
     assert_eq!(next_change(&mut messages).await.cursor, 4);
-    // A 410 poll never counts as a working fallback.
-    let states = states.lock().unwrap().clone();
-    assert!(!states.contains(&ConnectionState::Polling), "{states:?}");
+    assert_eq!(next_change(&mut messages).await.cursor, 5);
+    // The WebSocket coming back later delivers nothing twice, and no
+    // second resync.
+    proxy.reopen();
+    wait_state(&service, ConnectionState::Connected).await;
+    writer.create([6]).await;
+    assert_eq!(next(&mut messages).await.cursor(), 6);
+    service.shutdown().await;
+}
+
+/// A first start with no saved cursor (`StartFrom::Latest`) behind a proxy
+/// that refuses WebSockets follows the feed by polling from its head: what
+/// was there before the start is not delivered, what comes after is.
+#[tokio::test]
+async fn a_first_start_follows_the_feed_by_polling_when_websockets_are_refused() {
+    let server = server().await;
+    let writer = Writer::new(&server.url());
+    let proxy = Proxy::start(server.addr()).await;
+    proxy.cut();
+    writer.create(1..=3).await;
+
+    let mut cfg = config(&server.url());
+    cfg.realtime_url = Some(proxy.url());
+    cfg.start_from = StartFrom::Latest;
+    let service = RealtimeService::start(cfg).await.unwrap();
+    let mut messages = service.messages().unwrap();
+    wait_state(&service, ConnectionState::Polling).await;
+    writer.create([4]).await;
+    let change = next_change(&mut messages).await;
+    assert_eq!((change.cursor, change.id.as_str()), (4, "n4"));
     service.shutdown().await;
 }
 
@@ -646,4 +673,68 @@ async fn a_corrupt_saved_cursor_fails_start_instead_of_guessing() {
     cfg.cursor_store = Arc::new(OutboxCursorStore::new(outbox));
     let err = RealtimeService::start(cfg).await.unwrap_err();
     assert!(err.to_string().contains("twelve"), "{err}");
+}
+
+/// A feed endpoint from a backend without `head`: every request gets an
+/// empty page (`{"changes":[],"next":0}`) and is counted, as is every
+/// connection to its (refusing) WebSocket port.
+async fn headless_feed() -> (SocketAddr, SocketAddr, watch::Receiver<(u32, u32)>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (http_addr, ws_addr) = (http.local_addr().unwrap(), ws.local_addr().unwrap());
+    let (counts, rx) = watch::channel((0u32, 0u32));
+    let counts = Arc::new(counts);
+    let polls = Arc::clone(&counts);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = http.accept().await {
+            let polls = Arc::clone(&polls);
+            tokio::spawn(async move {
+                let body = r#"{"changes":[],"next":0}"#;
+                let mut buf = vec![0u8; 4096];
+                // One request per read is enough for reqwest's small GETs.
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    polls.send_modify(|c| c.0 += 1);
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if stream.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = ws.accept().await {
+            counts.send_modify(|c| c.1 += 1);
+            drop(stream); // refused: closed at once
+        }
+    });
+    (http_addr, ws_addr, rx)
+}
+
+/// Against a backend whose feed reports no `head`, a first start from the
+/// latest cannot learn a baseline by polling: the service asks once, notes
+/// it, and then only retries the WebSocket (no poll per interval, no
+/// delivery, state `disconnected`).
+#[tokio::test]
+async fn without_a_head_in_the_feed_a_first_start_waits_for_the_websocket() {
+    let (http, ws, mut counts) = headless_feed().await;
+    let mut cfg = config(&format!("http://{http}"));
+    cfg.realtime_url = Some(format!("ws://{ws}/v1/realtime"));
+    cfg.start_from = StartFrom::Latest;
+    let service = RealtimeService::start(cfg).await.unwrap();
+    // Several reconnect attempts, each with poll intervals in between.
+    tokio::time::timeout(WAIT, counts.wait_for(|c| c.1 >= 6))
+        .await
+        .expect("reconnect attempts")
+        .unwrap();
+    assert_eq!(counts.borrow().0, 1, "one feed request, then none");
+    assert_eq!(service.state(), ConnectionState::Disconnected);
+    service.shutdown().await;
 }

@@ -44,9 +44,9 @@ pub(crate) fn param(
         ("limit" = Option<u64>, Query, description = "Page size, 1..=1000 (default 100)"),
     ),
     responses(
-        (status = 200, description = "A page of changes; pass `next` as `since` for the next page", body = ChangesPage),
+        (status = 200, description = "A page of changes; pass `next` as `since` for the next page. `head` is the feed's latest cursor", body = ChangesPage),
         (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "`cursor-expired`: `since` is older than the retained feed (or ahead of it); resync", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`cursor-expired`: `since` is older than the retained feed (or ahead of it); resync, then follow the feed from the problem's `head` member (its latest cursor)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

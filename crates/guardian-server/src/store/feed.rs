@@ -15,7 +15,11 @@ use super::{from_i64, to_i64, StoreError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum FeedRefusal {
     /// `since` is older than the retained feed.
-    Expired { since: u64, purged_through: u64 },
+    Expired {
+        since: u64,
+        purged_through: u64,
+        last: u64,
+    },
     /// `since` is newer than any cursor this server handed out.
     Ahead { since: u64, last: u64 },
 }
@@ -45,6 +49,7 @@ pub(crate) fn check_since(
         Err(FeedRefusal::Expired {
             since,
             purged_through,
+            last,
         })
     } else if since > last {
         Err(FeedRefusal::Ahead { since, last })

@@ -377,12 +377,17 @@ impl Store {
     ) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
         self.run(move |conn, _| {
             let tx = conn.transaction()?;
-            if let Err(refusal) = feed::check_since(&tx, &tenant, since)? {
-                return Ok(Err(refusal));
-            }
+            let head = match feed::check_since(&tx, &tenant, since)? {
+                Ok(last) => last,
+                Err(refusal) => return Ok(Err(refusal)),
+            };
             let changes = feed::read(&tx, &tenant, since, limit)?;
             let next = changes.last().map_or(since, |c| c.cursor);
-            Ok(Ok(ChangesPage { changes, next }))
+            Ok(Ok(ChangesPage {
+                changes,
+                next,
+                head: Some(head),
+            }))
         })
         .await
     }
@@ -796,18 +801,25 @@ fn mismatch(key: &str) -> ApiError {
 
 /// A problem document from a feed refusal.
 pub(crate) fn feed_problem(refusal: &FeedRefusal) -> ApiError {
-    match refusal {
+    match *refusal {
         FeedRefusal::Expired {
             since,
             purged_through,
-        } => ApiError::cursor_expired(format!(
-            "cursor {since} is older than the retained feed (changes through {purged_through} \
-             were purged); resync from scratch"
-        )),
-        FeedRefusal::Ahead { since, last } => ApiError::cursor_expired(format!(
-            "cursor {since} is ahead of this server's feed (latest {last}); \
-             the server lost its data or this is another server: resync from scratch"
-        )),
+            last,
+        } => ApiError::cursor_expired(
+            format!(
+                "cursor {since} is older than the retained feed (changes through \
+                 {purged_through} were purged); resync from scratch"
+            ),
+            last,
+        ),
+        FeedRefusal::Ahead { since, last } => ApiError::cursor_expired(
+            format!(
+                "cursor {since} is ahead of this server's feed (latest {last}); the server \
+                 lost its data or this is another server: resync from scratch"
+            ),
+            last,
+        ),
     }
 }
 

@@ -34,6 +34,8 @@ async fn the_feed_pages_with_gap_free_cursors() {
             break;
         }
         cursors.extend(changes.iter().map(|c| c["cursor"].as_u64().unwrap()));
+        // Every page names the feed's latest cursor, whatever it holds.
+        assert_eq!(page.body["head"], 7);
         since = page.body["next"].as_u64().unwrap();
     }
     assert_eq!(cursors, (1..=7).collect::<Vec<_>>());
@@ -86,6 +88,8 @@ async fn a_cursor_older_than_the_retention_is_410() {
             "since={since}"
         );
         assert!(r.is_problem());
+        // Where the client rejoins after refetching its state.
+        assert_eq!(r.body[problem_type::FEED_HEAD], 3, "since={since}");
     }
     let r = h.changes(2, 10).await;
     assert_eq!(r.status, 200);
@@ -101,5 +105,6 @@ async fn a_cursor_ahead_of_the_feed_is_410() {
         (r.status, r.problem_type()),
         (410, problem_type::CURSOR_EXPIRED)
     );
+    assert_eq!(r.body[problem_type::FEED_HEAD], 1);
     assert_eq!(h.changes(1, 10).await.status, 200);
 }

@@ -69,6 +69,10 @@ pub(super) struct Driver {
     resync: Option<PendingResync>,
     has_connected: bool,
     next_poll: Instant,
+    /// False once the backend answered a feed request without its latest
+    /// cursor (`head`): then polling cannot rejoin the feed on its own, and
+    /// a resync or a first start waits for the WebSocket's `hello`.
+    feed_reports_head: bool,
 }
 
 impl Driver {
@@ -93,6 +97,7 @@ impl Driver {
             resync: None,
             has_connected: false,
             next_poll: Instant::now(),
+            feed_reports_head: true,
         }
     }
 
@@ -284,25 +289,30 @@ impl Driver {
             }
         };
         match frame {
-            RealtimeFrame::Hello { cursor } => {
-                if let Some(r) = self.resync.take() {
-                    self.dedupe.reset(cursor);
-                    let resync = Resync {
-                        stale_cursor: r.stale,
-                        resume_cursor: cursor,
-                        reason: r.reason,
-                    };
-                    self.send(RealtimeMessage::Resync(resync)).await?;
-                } else if self.dedupe.last().is_none() {
-                    // First contact without a cursor: start from the server's latest.
-                    self.dedupe.reset(cursor);
-                    self.delivered.send_replace(Some(cursor));
-                    self.consumed.send_replace(Some(cursor));
-                }
-                Ok(())
-            }
+            RealtimeFrame::Hello { cursor } => self.rejoin(cursor).await,
             RealtimeFrame::Change { change } => self.deliver(change).await,
         }
+    }
+
+    /// Learns the feed's latest cursor (`head`, from a WebSocket `hello` or a
+    /// feed response): a pending resync completes there (the app gets
+    /// [`RealtimeMessage::Resync`] and refetches), and a first start without
+    /// a cursor begins there. Otherwise the head changes nothing.
+    async fn rejoin(&mut self, head: u64) -> Result<(), Stopped> {
+        if let Some(r) = self.resync.take() {
+            self.dedupe.reset(head);
+            let resync = Resync {
+                stale_cursor: r.stale,
+                resume_cursor: head,
+                reason: r.reason,
+            };
+            self.send(RealtimeMessage::Resync(resync)).await?;
+        } else if self.dedupe.last().is_none() {
+            self.dedupe.reset(head);
+            self.delivered.send_replace(Some(head));
+            self.consumed.send_replace(Some(head));
+        }
+        Ok(())
     }
 
     async fn deliver(&mut self, change: Change) -> Result<(), Stopped> {
@@ -345,9 +355,10 @@ impl Driver {
         let reconnect_at = Instant::now() + delay;
         let mut stop = self.stop.clone();
         loop {
-            // Polling needs a cursor: none before the first hello, and none
-            // that the server accepts while a resync is pending.
-            let can_poll = self.resync.is_none() && self.dedupe.last().is_some();
+            // Polling needs a cursor, or a backend that tells where its feed
+            // is now (then a first start or a resync rejoins it by polling).
+            let can_poll =
+                self.feed_reports_head || (self.resync.is_none() && self.dedupe.last().is_some());
             if can_poll && self.next_poll < reconnect_at {
                 tokio::select! {
                     () = sleep_until(self.next_poll) => {}
@@ -364,10 +375,50 @@ impl Driver {
         }
     }
 
-    /// Polls until the feed has no more changes (page by page).
-    async fn poll_feed(&mut self) -> Result<(), Stopped> {
+    /// One feed request for its `head`, when the driver has no usable
+    /// cursor (a first start, or a pending resync); true once rejoined.
+    async fn rejoin_by_poll(&mut self) -> Result<bool, Stopped> {
         let tokens = Arc::clone(&self.cfg.tokens);
         let mut stop = self.stop.clone();
+        // The smallest page: only its `head` is used.
+        let url = poll::changes_url(&self.base, 0, 1);
+        let fetched = tokio::select! {
+            r = poll::fetch(&self.http, url, tokens.as_ref(), self.cfg.max_poll_body) => r,
+            () = stopped(&mut stop) => return Err(Stopped),
+        };
+        let head = match fetched {
+            Ok(page) => page.head,
+            Err(FetchError::Expired { head, .. }) => head,
+            Err(e) => {
+                tracing::debug!(error = %e, "realtime fallback poll failed");
+                self.set_state(ConnectionState::Disconnected);
+                return Ok(false);
+            }
+        };
+        let Some(head) = head else {
+            tracing::info!(
+                "the feed does not report its latest cursor; a resync or first start waits for \
+                 the WebSocket"
+            );
+            self.feed_reports_head = false;
+            return Ok(false);
+        };
+        self.rejoin(head).await?;
+        self.set_state(ConnectionState::Polling);
+        Ok(true)
+    }
+
+    /// Polls until the feed has no more changes (page by page).
+    async fn poll_feed(&mut self) -> Result<(), Stopped> {
+        if (self.resync.is_some() || self.dedupe.last().is_none()) && !self.rejoin_by_poll().await?
+        {
+            return Ok(());
+        }
+        let tokens = Arc::clone(&self.cfg.tokens);
+        let mut stop = self.stop.clone();
+        // A backend that refuses its own head again gets no second resync
+        // from this poll (no loop of resyncs without a pause).
+        let mut rejoined = false;
         while let Some(since) = self.dedupe.last() {
             let url = poll::changes_url(&self.base, since, self.cfg.page_size);
             let fetched = tokio::select! {
@@ -376,8 +427,14 @@ impl Driver {
             };
             let page = match fetched {
                 Ok(page) => page,
-                Err(FetchError::Expired(reason)) => {
+                Err(FetchError::Expired { reason, head }) => {
                     self.begin_resync(reason);
+                    if let (Some(head), false) = (head, rejoined) {
+                        // Resync here and keep polling from the head.
+                        rejoined = true;
+                        self.rejoin(head).await?;
+                        continue;
+                    }
                     self.set_state(ConnectionState::Disconnected);
                     return Ok(());
                 }

@@ -27,8 +27,11 @@
 //!   WebSocket without a cursor, and delivers [`RealtimeMessage::Resync`]
 //!   carrying the server's current cursor (from `hello`); changes after
 //!   that cursor follow. The app must refetch its state on `Resync`.
-//!   Polling cannot learn the current cursor, so until the WebSocket answers
-//!   again nothing is delivered.
+//!   While the WebSocket is down (a proxy that refuses upgrades, say),
+//!   polling does the same: a 410 from `GET /v1/changes` carries the
+//!   feed's latest cursor (`head`), the service delivers the `Resync` with
+//!   it and polls on from there. Against a backend that does not report
+//!   `head`, a resync waits for the WebSocket's `hello`.
 //! - A malformed frame is logged and skipped; an oversized one ends the
 //!   connection (tungstenite refuses it) and the service reconnects.
 //!
@@ -150,8 +153,9 @@ impl RealtimeMessage {
 /// Where to start when the cursor store holds no cursor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StartFrom {
-    /// Only changes after the server's current cursor (from `hello`). Until
-    /// the WebSocket has answered once, polling has no cursor and waits.
+    /// Only changes after the server's current cursor: from `hello`, or from
+    /// the `head` of a feed response while the WebSocket is down (against a
+    /// backend that reports no `head`, polling waits for the first `hello`).
     #[default]
     Latest,
     /// Every change after this cursor (0: the whole retained feed).

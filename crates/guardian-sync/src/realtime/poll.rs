@@ -8,9 +8,15 @@ use crate::transport::{TokenError, TokenProvider};
 /// Why a poll failed.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum FetchError {
-    /// 410 `cursor-expired`: the app must resync.
-    #[error("cursor expired: {0}")]
-    Expired(String),
+    /// 410 `cursor-expired`: the app must resync, from `head` if the server
+    /// said where its feed is now.
+    #[error("cursor expired: {reason}")]
+    Expired {
+        /// The problem's detail.
+        reason: String,
+        /// The feed's latest cursor, from the problem's `head` member.
+        head: Option<u64>,
+    },
     /// Still 401 after one token refresh.
     #[error("the server refused the token (401)")]
     Unauthorized,
@@ -64,7 +70,10 @@ pub(super) async fn fetch(
     let status = resp.status();
     let body = read_bounded(resp, max_body).await?;
     if status == StatusCode::GONE {
-        return Err(FetchError::Expired(problem_detail(&body)));
+        return Err(FetchError::Expired {
+            reason: problem_detail(&body),
+            head: problem_head(&body),
+        });
     }
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
@@ -105,9 +114,36 @@ pub(super) fn problem_detail(body: &[u8]) -> String {
     }
 }
 
+/// The `head` member of a `cursor-expired` problem: where the feed is now.
+/// Only that problem type is trusted with it.
+fn problem_head(body: &[u8]) -> Option<u64> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    if v.get("type").and_then(serde_json::Value::as_str) != Some(problem_type::CURSOR_EXPIRED) {
+        return None;
+    }
+    v.get(problem_type::FEED_HEAD)?.as_u64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_is_read_only_from_a_cursor_expired_problem() {
+        let expired =
+            br#"{"type":"urn:guardian:cursor-expired","title":"t","status":410,"head":42}"#;
+        assert_eq!(problem_head(expired), Some(42));
+        let other = br#"{"type":"urn:guardian:gone","title":"t","status":410,"head":42}"#;
+        assert_eq!(problem_head(other), None);
+        let negative =
+            br#"{"type":"urn:guardian:cursor-expired","title":"t","status":410,"head":-1}"#;
+        assert_eq!(problem_head(negative), None);
+        assert_eq!(problem_head(b"not json"), None);
+        assert_eq!(
+            problem_head(br#"{"type":"urn:guardian:cursor-expired"}"#),
+            None
+        );
+    }
 
     #[test]
     fn url_keeps_the_base_path() {
