@@ -60,6 +60,10 @@ impl ServerBuilder {
         let store = tokio::task::spawn_blocking(move || Store::open(opts))
             .await
             .map_err(|e| StoreError::Task(e.to_string()))??;
+        // What expired while the server was down goes before it serves, so
+        // the first purge does not race the first requests (with an injected
+        // clock it ran whenever its task was first scheduled).
+        log_purge(store.purge_expired().await);
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -96,18 +100,26 @@ impl ServerBuilder {
     }
 }
 
+fn log_purge(result: Result<PurgeReport, StoreError>) {
+    match result {
+        Ok(r) if r != PurgeReport::default() => tracing::debug!(
+            idempotency = r.idempotency_records,
+            changes = r.changes,
+            "purged expired records"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "purge failed"),
+    }
+}
+
+/// Purges every `purge_interval`, the first one an interval after start
+/// (`bind` purged at start).
 async fn purge_loop(state: AppState, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(state.config.purge_interval);
+    let period = state.config.purge_interval;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                match state.store.purge_expired().await {
-                    Ok(r) if r != PurgeReport::default() => tracing::debug!(
-                        idempotency = r.idempotency_records, changes = r.changes, "purged expired records"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "purge failed"),
-                }
-            }
+            _ = tick.tick() => log_purge(state.store.purge_expired().await),
             changed = stop.changed() => {
                 if changed.is_err() || *stop.borrow() {
                     return;
