@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use guardian_protocol::{Change, RealtimeFrame};
+use guardian_protocol::{Change, ChangesPage, RealtimeFrame};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use reqwest::Url;
@@ -375,23 +375,41 @@ impl Driver {
         }
     }
 
+    /// One feed request (`limit` changes after `since`), abandoned if the
+    /// service is stopped.
+    async fn fetch_page(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<Result<ChangesPage, FetchError>, Stopped> {
+        let url = poll::changes_url(&self.base, since, limit);
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            r = poll::fetch(&self.http, url, self.cfg.tokens.as_ref(), self.cfg.max_poll_body) => Ok(r),
+            () = stopped(&mut stop) => Err(Stopped),
+        }
+    }
+
+    /// A feed request failed (other than a 410): the fallback is down.
+    fn poll_failed(&self, e: &FetchError) {
+        if matches!(e, FetchError::Unauthorized | FetchError::Token(_)) {
+            // Not a network blip: the app's token is refused.
+            tracing::warn!(error = %e, "realtime fallback poll refused");
+        } else {
+            tracing::debug!(error = %e, "realtime fallback poll failed");
+        }
+        self.set_state(ConnectionState::Disconnected);
+    }
+
     /// One feed request for its `head`, when the driver has no usable
     /// cursor (a first start, or a pending resync); true once rejoined.
     async fn rejoin_by_poll(&mut self) -> Result<bool, Stopped> {
-        let tokens = Arc::clone(&self.cfg.tokens);
-        let mut stop = self.stop.clone();
         // The smallest page: only its `head` is used.
-        let url = poll::changes_url(&self.base, 0, 1);
-        let fetched = tokio::select! {
-            r = poll::fetch(&self.http, url, tokens.as_ref(), self.cfg.max_poll_body) => r,
-            () = stopped(&mut stop) => return Err(Stopped),
-        };
-        let head = match fetched {
+        let head = match self.fetch_page(0, 1).await? {
             Ok(page) => page.head,
             Err(FetchError::Expired { head, .. }) => head,
             Err(e) => {
-                tracing::debug!(error = %e, "realtime fallback poll failed");
-                self.set_state(ConnectionState::Disconnected);
+                self.poll_failed(&e);
                 return Ok(false);
             }
         };
@@ -410,22 +428,17 @@ impl Driver {
 
     /// Polls until the feed has no more changes (page by page).
     async fn poll_feed(&mut self) -> Result<(), Stopped> {
-        if (self.resync.is_some() || self.dedupe.last().is_none()) && !self.rejoin_by_poll().await?
-        {
-            return Ok(());
-        }
-        let tokens = Arc::clone(&self.cfg.tokens);
-        let mut stop = self.stop.clone();
-        // A backend that refuses its own head again gets no second resync
-        // from this poll (no loop of resyncs without a pause).
+        // At most one resync per poll, so a backend that refuses its own
+        // head again cannot make the service loop through resyncs.
         let mut rejoined = false;
+        if self.resync.is_some() || self.dedupe.last().is_none() {
+            if !self.rejoin_by_poll().await? {
+                return Ok(());
+            }
+            rejoined = true;
+        }
         while let Some(since) = self.dedupe.last() {
-            let url = poll::changes_url(&self.base, since, self.cfg.page_size);
-            let fetched = tokio::select! {
-                r = poll::fetch(&self.http, url, tokens.as_ref(), self.cfg.max_poll_body) => r,
-                () = stopped(&mut stop) => return Err(Stopped),
-            };
-            let page = match fetched {
+            let page = match self.fetch_page(since, self.cfg.page_size).await? {
                 Ok(page) => page,
                 Err(FetchError::Expired { reason, head }) => {
                     self.begin_resync(reason);
@@ -438,15 +451,8 @@ impl Driver {
                     self.set_state(ConnectionState::Disconnected);
                     return Ok(());
                 }
-                Err(e @ (FetchError::Unauthorized | FetchError::Token(_))) => {
-                    // Not a network blip: the app's token is refused.
-                    tracing::warn!(error = %e, "realtime fallback poll refused");
-                    self.set_state(ConnectionState::Disconnected);
-                    return Ok(());
-                }
                 Err(e) => {
-                    tracing::debug!(error = %e, "realtime fallback poll failed");
-                    self.set_state(ConnectionState::Disconnected);
+                    self.poll_failed(&e);
                     return Ok(());
                 }
             };

@@ -70,10 +70,7 @@ pub(super) async fn fetch(
     let status = resp.status();
     let body = read_bounded(resp, max_body).await?;
     if status == StatusCode::GONE {
-        return Err(FetchError::Expired {
-            reason: problem_detail(&body),
-            head: problem_head(&body),
-        });
+        return Err(expired(&body));
     }
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
@@ -98,30 +95,37 @@ async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>
     Ok(body)
 }
 
-/// The `detail` of a problem body for logs and the `Resync` reason; the
-/// problem `type` is checked so an unrelated 410 is still reported.
-pub(super) fn problem_detail(body: &[u8]) -> String {
+/// A 410's problem body, parsed once: its `detail` (for logs and the
+/// `Resync` reason; the problem `type` is checked so an unrelated 410 is
+/// still reported as such) and, from a `cursor-expired` problem only, the
+/// `head` member where the feed is now.
+fn gone_problem(body: &[u8]) -> (String, Option<u64>) {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return "410 without a problem body".to_owned();
+        return ("410 without a problem body".to_owned(), None);
     };
     let detail = v
         .get("detail")
         .and_then(serde_json::Value::as_str)
         .unwrap_or("cursor expired");
     match v.get("type").and_then(serde_json::Value::as_str) {
-        Some(problem_type::CURSOR_EXPIRED) | None => detail.to_owned(),
-        Some(other) => format!("{other}: {detail}"),
+        Some(problem_type::CURSOR_EXPIRED) => (
+            detail.to_owned(),
+            v.get(problem_type::FEED_HEAD)
+                .and_then(serde_json::Value::as_u64),
+        ),
+        None => (detail.to_owned(), None),
+        Some(other) => (format!("{other}: {detail}"), None),
     }
 }
 
-/// The `head` member of a `cursor-expired` problem: where the feed is now.
-/// Only that problem type is trusted with it.
-fn problem_head(body: &[u8]) -> Option<u64> {
-    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
-    if v.get("type").and_then(serde_json::Value::as_str) != Some(problem_type::CURSOR_EXPIRED) {
-        return None;
-    }
-    v.get(problem_type::FEED_HEAD)?.as_u64()
+fn expired(body: &[u8]) -> FetchError {
+    let (reason, head) = gone_problem(body);
+    FetchError::Expired { reason, head }
+}
+
+/// The `detail` of a 410 problem body (see [`gone_problem`]).
+pub(super) fn problem_detail(body: &[u8]) -> String {
+    gone_problem(body).0
 }
 
 #[cfg(test)]
@@ -132,15 +136,15 @@ mod tests {
     fn head_is_read_only_from_a_cursor_expired_problem() {
         let expired =
             br#"{"type":"urn:guardian:cursor-expired","title":"t","status":410,"head":42}"#;
-        assert_eq!(problem_head(expired), Some(42));
+        assert_eq!(gone_problem(expired).1, Some(42));
         let other = br#"{"type":"urn:guardian:gone","title":"t","status":410,"head":42}"#;
-        assert_eq!(problem_head(other), None);
+        assert_eq!(gone_problem(other).1, None);
         let negative =
             br#"{"type":"urn:guardian:cursor-expired","title":"t","status":410,"head":-1}"#;
-        assert_eq!(problem_head(negative), None);
-        assert_eq!(problem_head(b"not json"), None);
+        assert_eq!(gone_problem(negative).1, None);
+        assert_eq!(gone_problem(b"not json").1, None);
         assert_eq!(
-            problem_head(br#"{"type":"urn:guardian:cursor-expired"}"#),
+            gone_problem(br#"{"type":"urn:guardian:cursor-expired"}"#).1,
             None
         );
     }
