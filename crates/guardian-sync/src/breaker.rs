@@ -5,12 +5,20 @@
 //! jump can neither open nor close the breaker, and tests drive time by hand.
 //!
 //! ```text
-//!            N failures within `window`
+//!            the trip policy's rule holds
 //!   Closed ───────────────────────────▶ Open { until }
 //!     ▲                                   │ now >= until: next allow_request
 //!     │ trial succeeds                    ▼ admits one trial
 //!     └──────────────────────────────  HalfOpen ── trial fails ──▶ Open
 //! ```
+//!
+//! Two [`TripPolicy`]s decide when a closed breaker opens. The default,
+//! [`TripPolicy::Rate`], looks at the share of failures among the latest
+//! outcomes (as resilience4j's count-based window does), so a healthy server
+//! with a few percent of faults never stalls a long drain, while a dead one
+//! opens it after a handful of failures. [`TripPolicy::Count`] is the
+//! specification's rule: a fixed number of failures within the window,
+//! whatever succeeded in between.
 //!
 //! **Only retryable failures are recorded** (5xx, 408, 425, 429, timeouts,
 //! connection and protocol errors). A 409, 412 or 422 says nothing about the
@@ -24,10 +32,12 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use guardian_sync::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
+//! use guardian_sync::breaker::{
+//!     Admission, BreakerConfig, BreakerState, CircuitBreaker, TripPolicy,
+//! };
 //!
 //! let mut breaker = CircuitBreaker::new(BreakerConfig {
-//!     failure_threshold: 2,
+//!     policy: TripPolicy::Count { failures: 2 },
 //!     ..BreakerConfig::default()
 //! })
 //! .unwrap();
@@ -50,20 +60,88 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum BreakerConfigError {
     /// A threshold of zero would open the breaker without any failure.
-    #[error("breaker failure_threshold must be at least 1")]
+    #[error("breaker failure threshold must be at least 1")]
     ZeroThreshold,
     /// A zero window can never hold a failure.
     #[error("breaker window must be greater than zero")]
     ZeroWindow,
+    /// The rate policy's numbers do not describe a window.
+    #[error(
+        "breaker rate policy needs 1 <= minimum_calls <= calls and a failure percent in 1..=100"
+    )]
+    BadRate,
 }
 
-/// Tuning of a [`CircuitBreaker`]. Defaults from the spec: 10 failures
-/// within 1 min open it for 1 min.
+/// The rule that opens a closed [`CircuitBreaker`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TripPolicy {
+    /// Opens at the `failures`-th recorded failure within the window,
+    /// whatever succeeded in between (the specification's rule).
+    Count {
+        /// Failures within the window that open the breaker.
+        failures: u32,
+    },
+    /// Opens when, among the latest `calls` outcomes within the window, at
+    /// least `minimum_calls` were recorded and at least `failure_percent` %
+    /// of them failed.
+    Rate {
+        /// Size of the sliding window of outcomes.
+        calls: u32,
+        /// Outcomes needed before the rate is judged at all.
+        minimum_calls: u32,
+        /// Share of failures, in percent, that opens the breaker.
+        failure_percent: u8,
+    },
+}
+
+impl TripPolicy {
+    /// The default rate policy: half of the latest 20 outcomes, once 10
+    /// were seen (the choice is argued in `docs/design/core.md`).
+    pub const DEFAULT_RATE: Self = Self::Rate {
+        calls: 20,
+        minimum_calls: 10,
+        failure_percent: 50,
+    };
+
+    fn validate(self) -> Result<(), BreakerConfigError> {
+        match self {
+            Self::Count { failures: 0 } => Err(BreakerConfigError::ZeroThreshold),
+            Self::Count { .. } => Ok(()),
+            Self::Rate {
+                calls,
+                minimum_calls,
+                failure_percent,
+            } => {
+                if minimum_calls == 0
+                    || minimum_calls > calls
+                    || failure_percent == 0
+                    || failure_percent > 100
+                {
+                    Err(BreakerConfigError::BadRate)
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Outcomes the breaker keeps at most.
+    fn capacity(self) -> usize {
+        match self {
+            Self::Count { failures } => failures as usize,
+            Self::Rate { calls, .. } => calls as usize,
+        }
+    }
+}
+
+/// Tuning of a [`CircuitBreaker`]. Defaults: the rate policy
+/// ([`TripPolicy::DEFAULT_RATE`]) over 1 min, open for 1 min.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BreakerConfig {
-    /// Failures within `window` that open the breaker.
-    pub failure_threshold: u32,
-    /// Length of the sliding window failures are counted in.
+    /// The rule that opens the breaker.
+    pub policy: TripPolicy,
+    /// Outcomes older than this no longer count.
     pub window: Duration,
     /// How long the breaker stays open before a trial request.
     pub cooldown: Duration,
@@ -76,7 +154,7 @@ pub struct BreakerConfig {
 impl Default for BreakerConfig {
     fn default() -> Self {
         Self {
-            failure_threshold: 10,
+            policy: TripPolicy::DEFAULT_RATE,
             window: Duration::from_secs(60),
             cooldown: Duration::from_secs(60),
             trial_wait: Duration::from_secs(1),
@@ -87,9 +165,7 @@ impl Default for BreakerConfig {
 impl BreakerConfig {
     /// Checks the values; [`CircuitBreaker::new`] calls it.
     pub fn validate(&self) -> Result<(), BreakerConfigError> {
-        if self.failure_threshold == 0 {
-            return Err(BreakerConfigError::ZeroThreshold);
-        }
+        self.policy.validate()?;
         if self.window.is_zero() {
             return Err(BreakerConfigError::ZeroWindow);
         }
@@ -150,15 +226,17 @@ pub enum Admission {
 /// Transitions kept when the engine does not drain them; older ones drop.
 const MAX_QUEUED_TRANSITIONS: usize = 64;
 
-/// Closed → Open → HalfOpen → Closed breaker over a sliding failure window.
+/// Closed → Open → HalfOpen → Closed breaker over a sliding window.
 ///
-/// Memory is bounded: at most `failure_threshold` failure times are kept.
+/// Memory is bounded by the policy: at most `failures` or `calls` outcomes
+/// are kept.
 #[derive(Debug, Clone)]
 pub struct CircuitBreaker {
     config: BreakerConfig,
     state: BreakerState,
-    /// Times of the latest failures while closed, oldest first.
-    failures: VecDeque<Duration>,
+    /// The latest outcomes while closed, oldest first: (time, failed). The
+    /// count policy keeps failures only.
+    outcomes: VecDeque<(Duration, bool)>,
     /// Latest end of a `Retry-After` seen on a failure in the current window.
     retry_after_until: Option<Duration>,
     /// Start of the outstanding half-open trial, if any.
@@ -184,7 +262,7 @@ impl CircuitBreaker {
         Self {
             config,
             state: BreakerState::Closed,
-            failures: VecDeque::with_capacity(config.failure_threshold.min(1024) as usize),
+            outcomes: VecDeque::with_capacity(config.policy.capacity().min(1024)),
             retry_after_until: None,
             trial_started: None,
             transitions: VecDeque::new(),
@@ -246,6 +324,11 @@ impl CircuitBreaker {
     /// and clears the failure window; a late success while open changes
     /// nothing (the trial decides).
     pub fn record_success(&mut self, now: Duration) {
+        if self.state == BreakerState::Closed {
+            if let TripPolicy::Rate { .. } = self.config.policy {
+                self.remember(now, false);
+            }
+        }
         if self.state == BreakerState::HalfOpen {
             self.clear_window();
             self.trial_started = None;
@@ -255,8 +338,8 @@ impl CircuitBreaker {
 
     /// Records a retryable failure, with the server's `Retry-After` if any.
     ///
-    /// Closed: counted in the window; the `failure_threshold`-th failure
-    /// within `window` opens the breaker. Half-open: the trial failed, open
+    /// Closed: counted in the window, and the trip policy decides whether
+    /// the breaker opens. Half-open: the trial failed, open
     /// again. Open: a late failure can only extend the open period through
     /// its `Retry-After`. The open period lasts `max(cooldown, Retry-After)`.
     pub fn record_failure(&mut self, now: Duration, retry_after: Option<Duration>) {
@@ -264,18 +347,8 @@ impl CircuitBreaker {
         match self.state {
             BreakerState::Closed => {
                 self.retry_after_until = self.retry_after_until.max(asked_until);
-                self.failures.push_back(now);
-                let threshold = self.config.failure_threshold as usize;
-                while self.failures.len() > threshold {
-                    self.failures.pop_front();
-                }
-                let window = self.config.window;
-                let in_window = self
-                    .failures
-                    .iter()
-                    .filter(|t| now.saturating_sub(**t) < window)
-                    .count();
-                if in_window >= threshold {
+                self.remember(now, true);
+                if self.rule_holds() {
                     let until = self.open_until(now, self.retry_after_until);
                     self.open(until, now);
                 }
@@ -329,8 +402,43 @@ impl CircuitBreaker {
         self.transition(BreakerState::Open { until }, now);
     }
 
+    /// Adds an outcome and forgets those past the window or the capacity.
+    fn remember(&mut self, now: Duration, failed: bool) {
+        self.outcomes.push_back((now, failed));
+        let capacity = self.config.policy.capacity();
+        while self.outcomes.len() > capacity {
+            self.outcomes.pop_front();
+        }
+        let window = self.config.window;
+        while self
+            .outcomes
+            .front()
+            .is_some_and(|(t, _)| now.saturating_sub(*t) >= window)
+        {
+            self.outcomes.pop_front();
+        }
+    }
+
+    /// Whether the remembered outcomes open the breaker (called after
+    /// [`remember`](Self::remember), so all of them lie within the window).
+    fn rule_holds(&self) -> bool {
+        let failed = self.outcomes.iter().filter(|(_, f)| *f).count() as u64;
+        match self.config.policy {
+            TripPolicy::Count { failures } => failed >= u64::from(failures),
+            TripPolicy::Rate {
+                minimum_calls,
+                failure_percent,
+                ..
+            } => {
+                let seen = self.outcomes.len() as u64;
+                seen >= u64::from(minimum_calls)
+                    && failed * 100 >= u64::from(failure_percent) * seen
+            }
+        }
+    }
+
     fn clear_window(&mut self) {
-        self.failures.clear();
+        self.outcomes.clear();
         self.retry_after_until = None;
     }
 
@@ -363,7 +471,7 @@ mod tests {
 
     fn small() -> CircuitBreaker {
         CircuitBreaker::new(BreakerConfig {
-            failure_threshold: 3,
+            policy: TripPolicy::Count { failures: 3 },
             window: s(10),
             cooldown: s(30),
             trial_wait: s(1),
@@ -372,7 +480,10 @@ mod tests {
     }
 
     fn trip(b: &mut CircuitBreaker, at: Duration) {
-        for _ in 0..b.config().failure_threshold {
+        let TripPolicy::Count { failures } = b.config().policy else {
+            panic!("count policy expected");
+        };
+        for _ in 0..failures {
             b.record_failure(at, None);
         }
         assert!(matches!(b.state(), BreakerState::Open { .. }));
@@ -381,7 +492,7 @@ mod tests {
     #[test]
     fn config_is_validated() {
         let bad = BreakerConfig {
-            failure_threshold: 0,
+            policy: TripPolicy::Count { failures: 0 },
             ..BreakerConfig::default()
         };
         assert_eq!(
@@ -397,7 +508,7 @@ mod tests {
             BreakerConfigError::ZeroWindow
         );
         let d = CircuitBreaker::default();
-        assert_eq!(d.config().failure_threshold, 10);
+        assert_eq!(d.config().policy, TripPolicy::DEFAULT_RATE);
         assert_eq!(d.config().window, s(60));
         assert_eq!(d.config().cooldown, s(60));
     }
@@ -459,7 +570,7 @@ mod tests {
     #[test]
     fn memory_is_bounded_by_threshold() {
         let mut b = CircuitBreaker::new(BreakerConfig {
-            failure_threshold: 5,
+            policy: TripPolicy::Count { failures: 5 },
             window: ms(10),
             cooldown: s(1),
             trial_wait: s(1),
@@ -468,7 +579,7 @@ mod tests {
         for i in 0..10_000u64 {
             // Spaced wider than the window: never trips.
             b.record_failure(ms(i * 20), None);
-            assert!(b.failures.len() <= 5);
+            assert!(b.outcomes.len() <= 5);
         }
         assert_eq!(b.state(), BreakerState::Closed);
     }
@@ -619,7 +730,7 @@ mod tests {
     #[test]
     fn transition_queue_is_bounded() {
         let mut b = CircuitBreaker::new(BreakerConfig {
-            failure_threshold: 1,
+            policy: TripPolicy::Count { failures: 1 },
             window: s(1),
             cooldown: s(1),
             trial_wait: s(1),
@@ -648,5 +759,127 @@ mod tests {
             }
         );
         assert_eq!(b.cooldown_remaining(Duration::MAX), None);
+    }
+
+    fn rate() -> CircuitBreaker {
+        CircuitBreaker::new(BreakerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn rate_policy_is_validated() {
+        for policy in [
+            TripPolicy::Rate {
+                calls: 10,
+                minimum_calls: 0,
+                failure_percent: 50,
+            },
+            TripPolicy::Rate {
+                calls: 10,
+                minimum_calls: 11,
+                failure_percent: 50,
+            },
+            TripPolicy::Rate {
+                calls: 10,
+                minimum_calls: 5,
+                failure_percent: 0,
+            },
+            TripPolicy::Rate {
+                calls: 10,
+                minimum_calls: 5,
+                failure_percent: 101,
+            },
+        ] {
+            let config = BreakerConfig {
+                policy,
+                ..BreakerConfig::default()
+            };
+            assert_eq!(
+                CircuitBreaker::new(config).unwrap_err(),
+                BreakerConfigError::BadRate
+            );
+        }
+    }
+
+    #[test]
+    fn rate_policy_waits_for_minimum_calls() {
+        let mut b = rate();
+        for i in 0..9 {
+            b.record_failure(ms(i), None);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.record_failure(ms(9), None);
+        assert!(matches!(b.state(), BreakerState::Open { .. }));
+    }
+
+    #[test]
+    fn rate_policy_opens_on_a_dead_server_after_healthy_traffic() {
+        let mut b = rate();
+        for i in 0..1_000 {
+            b.record_success(ms(i));
+        }
+        for i in 0..9 {
+            b.record_failure(ms(1_000 + i), None);
+            assert_eq!(b.state(), BreakerState::Closed, "after {} failures", i + 1);
+        }
+        b.record_failure(ms(1_009), None);
+        assert!(matches!(b.state(), BreakerState::Open { .. }));
+        assert_eq!(b.trips(), 1);
+    }
+
+    #[test]
+    fn rate_policy_forgets_outcomes_past_the_window() {
+        let mut b = rate();
+        for i in 0..9 {
+            b.record_failure(s(i), None);
+        }
+        // A minute later those nine no longer count: nine more do not open.
+        for i in 0..9 {
+            b.record_failure(s(70 + i), None);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.outcomes.len() <= 20);
+    }
+
+    #[test]
+    fn rate_policy_never_opens_at_five_percent_faults() {
+        // Seeded, so the test is deterministic: 200 drains of 3,000
+        // outcomes each, every outcome failing with probability 1/20.
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200 {
+            let mut b = rate();
+            for i in 0..3_000 {
+                if next() % 20 == 0 {
+                    b.record_failure(ms(i), None);
+                } else {
+                    b.record_success(ms(i));
+                }
+            }
+            assert_eq!(b.trips(), 0);
+        }
+    }
+
+    #[test]
+    fn count_policy_still_opens_at_its_threshold_among_successes() {
+        let mut b = CircuitBreaker::new(BreakerConfig {
+            policy: TripPolicy::Count { failures: 10 },
+            ..BreakerConfig::default()
+        })
+        .unwrap();
+        // 5 % faults over a minute reach ten failures: the stall the rate
+        // policy exists to avoid.
+        for i in 0..200u64 {
+            if i % 20 == 0 {
+                b.record_failure(ms(i * 250), None);
+            } else {
+                b.record_success(ms(i * 250));
+            }
+        }
+        assert_eq!(b.trips(), 1);
     }
 }

@@ -1,11 +1,12 @@
-//! Model-based property test of the circuit breaker: random sequences of
-//! requests, outcomes and time steps, checked against a plain model that
-//! keeps every failure time (the breaker keeps at most `threshold`).
+//! Model-based property test of the circuit breaker under both trip
+//! policies: random sequences of requests, outcomes and time steps, checked
+//! against a plain model that keeps every outcome since the breaker last
+//! closed or opened (the breaker keeps a bounded ring).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
-use guardian_sync::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker};
+use guardian_sync::breaker::{Admission, BreakerConfig, BreakerState, CircuitBreaker, TripPolicy};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -25,26 +26,69 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
+fn policy() -> impl Strategy<Value = TripPolicy> {
+    prop_oneof![
+        (1u32..6).prop_map(|failures| TripPolicy::Count { failures }),
+        (1u32..12, 1u32..12, 1u8..=100).prop_map(|(calls, min, failure_percent)| {
+            TripPolicy::Rate {
+                calls,
+                minimum_calls: min.min(calls),
+                failure_percent,
+            }
+        }),
+    ]
+}
+
+/// The model's rule over every outcome since the last close or open.
+fn model_opens(
+    policy: TripPolicy,
+    outcomes: &[(Duration, bool)],
+    now: Duration,
+    window: Duration,
+) -> bool {
+    let recent: Vec<bool> = outcomes
+        .iter()
+        .filter(|(t, _)| now - *t < window)
+        .map(|(_, failed)| *failed)
+        .collect();
+    match policy {
+        TripPolicy::Count { failures } => {
+            recent.iter().filter(|f| **f).count() >= failures as usize
+        }
+        TripPolicy::Rate {
+            calls,
+            minimum_calls,
+            failure_percent,
+        } => {
+            let last = &recent[recent.len().saturating_sub(calls as usize)..];
+            let failed = last.iter().filter(|f| **f).count();
+            last.len() >= minimum_calls as usize
+                && failed * 100 >= usize::from(failure_percent) * last.len()
+        }
+        _ => unreachable!("a policy this test does not know"),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
     fn breaker_follows_the_model(
-        threshold in 1u32..6,
+        policy in policy(),
         window_ms in 1u64..5_000,
         cooldown_ms in 0u64..10_000,
         events in prop::collection::vec(event(), 0..300),
     ) {
         let config = BreakerConfig {
-            failure_threshold: threshold,
+            policy,
             window: Duration::from_millis(window_ms),
             cooldown: Duration::from_millis(cooldown_ms),
             trial_wait: Duration::from_millis(100),
         };
         let mut b = CircuitBreaker::new(config).unwrap();
         let mut now = Duration::ZERO;
-        // Model: every failure since the breaker last closed or opened.
-        let mut failures: Vec<Duration> = Vec::new();
+        // Model: every outcome since the breaker last closed or opened.
+        let mut outcomes: Vec<(Duration, bool)> = Vec::new();
         let mut trips = 0u64;
         for e in events {
             let before = b.state();
@@ -72,9 +116,12 @@ proptest! {
                 },
                 Event::Success => {
                     b.record_success(now);
+                    if before == BreakerState::Closed {
+                        outcomes.push((now, false));
+                    }
                     if before == BreakerState::HalfOpen {
                         prop_assert_eq!(b.state(), BreakerState::Closed);
-                        failures.clear();
+                        outcomes.clear();
                     } else {
                         prop_assert_eq!(b.state(), before);
                     }
@@ -84,19 +131,15 @@ proptest! {
                     b.record_failure(now, ra);
                     match before {
                         BreakerState::Closed => {
-                            failures.push(now);
-                            let recent = failures
-                                .iter()
-                                .filter(|t| now - **t < config.window)
-                                .count();
-                            let should_open = recent >= threshold as usize;
+                            outcomes.push((now, true));
+                            let should_open = model_opens(policy, &outcomes, now, config.window);
                             prop_assert_eq!(
                                 matches!(b.state(), BreakerState::Open { .. }),
                                 should_open
                             );
                             if should_open {
                                 trips += 1;
-                                failures.clear();
+                                outcomes.clear();
                                 let BreakerState::Open { until } = b.state() else { unreachable!() };
                                 prop_assert!(until >= now + config.cooldown);
                                 if let Some(ra) = ra {

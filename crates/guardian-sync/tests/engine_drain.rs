@@ -12,7 +12,7 @@ use guardian_protocol::MutationKind;
 use guardian_server::{
     AppliedMutation, Faults, RetryAfter, RetryAfterForm, RunningServer, ServerBuilder,
 };
-use guardian_sync::breaker::BreakerConfig;
+use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::engine::{BatchConfig, SyncEngine, SyncEngineBuilder, SyncEvent};
 use guardian_sync::op::{NewOp, OpState, TxnOutcome};
 use guardian_sync::optimistic::Registration;
@@ -291,7 +291,7 @@ async fn breaker_opens_cools_down_half_opens_and_closes() {
     let engine = builder(&dir, &server)
         .concurrency(1)
         .breaker(BreakerConfig {
-            failure_threshold: 3,
+            policy: TripPolicy::Count { failures: 3 },
             window: Duration::from_secs(60),
             cooldown: Duration::from_millis(300),
             ..BreakerConfig::default()
@@ -685,7 +685,7 @@ async fn the_stall_watchdog_fires_when_nothing_progresses() {
     let dir = tempfile::tempdir().unwrap();
     let engine = builder(&dir, &server)
         .breaker(BreakerConfig {
-            failure_threshold: 1000,
+            policy: TripPolicy::Count { failures: 1000 },
             ..BreakerConfig::default()
         })
         .lock(
@@ -905,7 +905,7 @@ async fn ops_claimed_ahead_are_released_unattempted_when_the_breaker_opens() {
     let engine = builder(&dir, &server)
         .concurrency(4)
         .breaker(BreakerConfig {
-            failure_threshold: 4,
+            policy: TripPolicy::Count { failures: 4 },
             window: Duration::from_secs(60),
             cooldown: Duration::from_secs(600),
             ..BreakerConfig::default()

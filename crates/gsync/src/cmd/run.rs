@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use guardian_sync::breaker::BreakerConfig;
+use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::engine::{BatchConfig, EngineError, SyncEngine, SyncEvent};
 use guardian_sync::lock::LockConfig;
 use guardian_sync::retry::RetryPolicy;
@@ -51,9 +51,11 @@ pub(crate) struct Args {
     /// Sends of one op (the first included) before it fails permanently.
     #[arg(long, default_value_t = 20)]
     max_attempts: u32,
-    /// Failures within the breaker window that open the circuit breaker.
-    #[arg(long, default_value_t = 10)]
-    breaker_threshold: u32,
+    /// Open the circuit breaker at this many failures within its window
+    /// (the count policy). Without it, the breaker opens when at least half
+    /// of the latest 20 outcomes failed, once 10 were seen (the rate policy).
+    #[arg(long)]
+    breaker_threshold: Option<u32>,
     /// Sliding window the breaker counts failures in.
     #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
     breaker_window: Duration,
@@ -86,7 +88,11 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
             RetryPolicy::default().max_retry_after(),
         )?)
         .breaker(BreakerConfig {
-            failure_threshold: args.breaker_threshold,
+            policy: args
+                .breaker_threshold
+                .map_or(TripPolicy::DEFAULT_RATE, |failures| TripPolicy::Count {
+                    failures,
+                }),
             window: args.breaker_window,
             cooldown: args.breaker_cooldown,
             ..BreakerConfig::default()
