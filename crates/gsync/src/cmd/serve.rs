@@ -204,13 +204,7 @@ impl Args {
 }
 
 pub(crate) fn run(_global: &Global, args: Args) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::logging::init("info");
     let builder = args.builder()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
