@@ -1,6 +1,7 @@
 //! `gsync`: inspect and drain guardian-sync outboxes, run the reference server, demo.
 
 mod cmd;
+mod logging;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,13 +49,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr; RUST_LOG overrides the quiet default. Tokens and
     // payloads are never logged at info level by the libraries.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    logging::init("warn");
     let result = match cli.command {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
         Command::Serve(args) => cmd::serve::run(&cli.global, *args),

@@ -37,6 +37,10 @@ pub(crate) struct ServerConfig {
     pub(crate) rate_limit: Option<RateLimit>,
     pub(crate) ws_ping_interval: Duration,
     pub(crate) ws_idle_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
+    /// `None`: derived from the open-file limit at bind time.
+    pub(crate) max_connections: Option<usize>,
+    pub(crate) max_connections_per_peer: usize,
     pub(crate) faults: Faults,
     pub(crate) admin_token: Option<String>,
     pub(crate) clock: SharedClock,
@@ -88,7 +92,11 @@ impl ServerBuilder {
     /// Defaults: in memory, no tokens, 24 h idempotency retention, 7 d feed
     /// retention, 1 MiB bodies, 1000 ops per batch, 30 s request timeout,
     /// 256 concurrent requests, no rate limit, WebSocket ping every 15 s and
-    /// close after 45 s of silence, no faults, no admin route.
+    /// close after 45 s of silence, 10 s to send a request's headers, at
+    /// most 64 connections per peer address and a total connection cap
+    /// derived from the open-file limit (see
+    /// [`max_connections`](Self::max_connections)), no faults, no admin
+    /// route.
     pub fn new() -> Self {
         Self {
             config: ServerConfig {
@@ -106,6 +114,9 @@ impl ServerBuilder {
                 rate_limit: None,
                 ws_ping_interval: Duration::from_secs(15),
                 ws_idle_timeout: Duration::from_secs(45),
+                header_read_timeout: Duration::from_secs(10),
+                max_connections: None,
+                max_connections_per_peer: 64,
                 faults: Faults::default(),
                 admin_token: None,
                 clock: Arc::new(SystemClock),
@@ -221,6 +232,34 @@ impl ServerBuilder {
         self
     }
 
+    /// Longest time a client may take to send a request's headers, counted
+    /// from when the server starts waiting for them (a new connection, or
+    /// an idle kept-alive one); the connection is closed when it expires.
+    #[must_use]
+    pub fn header_read_timeout(mut self, d: Duration) -> Self {
+        self.config.header_read_timeout = d;
+        self
+    }
+
+    /// Most connections open at once (WebSockets included). Beyond it, new
+    /// connections wait in the listen backlog until one closes. Without
+    /// this setting: three quarters of the process's open-file limit,
+    /// between 16 and 4096, so that slow clients cannot exhaust the
+    /// descriptors.
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = Some(n);
+        self
+    }
+
+    /// Most connections open at once from one IP address; more are closed
+    /// as soon as they are accepted.
+    #[must_use]
+    pub fn max_connections_per_peer(mut self, n: usize) -> Self {
+        self.config.max_connections_per_peer = n;
+        self
+    }
+
     /// Initial fault settings.
     #[must_use]
     pub fn faults(mut self, faults: Faults) -> Self {
@@ -254,6 +293,12 @@ impl ServerBuilder {
         }
         if c.concurrency_limit == 0 {
             return bad("concurrency limit must be positive");
+        }
+        if c.max_connections == Some(0) || c.max_connections_per_peer == 0 {
+            return bad("connection caps must be positive");
+        }
+        if c.header_read_timeout.is_zero() {
+            return bad("the header read timeout must be positive");
         }
         if c.ws_ping_interval.is_zero() || c.purge_interval.is_zero() {
             return bad("intervals must be positive");

@@ -1,4 +1,10 @@
-//! A TCP listener whose connections a handler can cut.
+//! Accepted connections: the caps on how many are open, and the switch a
+//! handler uses to cut one.
+//!
+//! [`ConnLimits`] bounds the open connections in total and per peer address,
+//! so that clients which connect and never finish a request cannot use up
+//! the process's file descriptors (the header-read timeout, set where the
+//! connections are served, closes them in time).
 //!
 //! The drop-connection faults need to close a connection without sending a
 //! response, before or after the mutation commits. Each accepted stream
@@ -7,17 +13,78 @@
 //! fails, so hyper abandons the connection and closes the socket: the client
 //! sees the connection end with no response.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Caps on open connections, in total and per peer IP address.
+#[derive(Debug)]
+pub(crate) struct ConnLimits {
+    total: Arc<Semaphore>,
+    per_peer: usize,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// One open connection's share of the caps, returned when dropped.
+#[derive(Debug)]
+pub(crate) struct ConnSlot {
+    _total: OwnedSemaphorePermit,
+    peer: IpAddr,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = peers.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.peer);
+            }
+        }
+    }
+}
+
+impl ConnLimits {
+    pub(crate) fn new(total: usize, per_peer: usize) -> Self {
+        Self {
+            total: Arc::new(Semaphore::new(total)),
+            per_peer,
+            peers: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Waits until the total cap allows one more connection. Taken before
+    /// `accept`, so that connections beyond the cap wait in the kernel's
+    /// backlog instead of holding a descriptor.
+    pub(crate) async fn reserve(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.total).acquire_owned().await.ok()
+    }
+
+    /// Admits a connection from `peer`, or `None` when that peer already
+    /// has its share open.
+    pub(crate) fn admit(&self, permit: OwnedSemaphorePermit, peer: IpAddr) -> Option<ConnSlot> {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = peers.entry(peer).or_insert(0);
+        if *n >= self.per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(ConnSlot {
+            _total: permit,
+            peer,
+            peers: Arc::clone(&self.peers),
+        })
+    }
+}
 
 /// Cuts one connection.
 #[derive(Debug, Default)]
@@ -44,40 +111,25 @@ impl ConnInfo {
     }
 }
 
-impl Connected<IncomingStream<'_, KillableListener>> for ConnInfo {
-    fn connect_info(stream: IncomingStream<'_, KillableListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// A TCP listener producing [`KillableStream`]s.
-#[derive(Debug)]
-pub(crate) struct KillableListener(pub(crate) TcpListener);
-
-impl Listener for KillableListener {
-    type Io = KillableStream;
-    type Addr = ConnInfo;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (stream, remote) = Listener::accept(&mut self.0).await;
-        // Small request/response pairs: don't wait for Nagle.
-        let _ = stream.set_nodelay(true);
-        let kill = Arc::new(KillSwitch::default());
-        (
-            KillableStream {
-                inner: stream,
-                kill: Arc::clone(&kill),
-            },
-            ConnInfo { remote, kill },
-        )
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(ConnInfo {
-            remote: self.0.local_addr()?,
-            kill: Arc::new(KillSwitch::default()),
-        })
-    }
+/// Wraps an accepted stream with a fresh kill switch.
+/// The stream holds `slot`, so a connection counts against the caps until
+/// its socket closes, also after an upgrade to WebSocket.
+pub(crate) fn killable(
+    stream: TcpStream,
+    remote: SocketAddr,
+    slot: ConnSlot,
+) -> (KillableStream, ConnInfo) {
+    // Small request/response pairs: don't wait for Nagle.
+    let _ = stream.set_nodelay(true);
+    let kill = Arc::new(KillSwitch::default());
+    (
+        KillableStream {
+            inner: stream,
+            kill: Arc::clone(&kill),
+            _slot: slot,
+        },
+        ConnInfo { remote, kill },
+    )
 }
 
 /// A TCP stream that fails every operation once its switch is flipped.
@@ -85,6 +137,7 @@ impl Listener for KillableListener {
 pub(crate) struct KillableStream {
     inner: TcpStream,
     kill: Arc<KillSwitch>,
+    _slot: ConnSlot,
 }
 
 fn cut() -> io::Error {

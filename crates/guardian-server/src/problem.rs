@@ -140,6 +140,22 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
                 "the body must be application/json",
             ));
         }
+        // A declared length over the limit is refused before any of the
+        // body is read (or `100 Continue` sent): waiting for a body that
+        // will be refused anyway would end in the request timeout's 503,
+        // which tells the client to retry. `Connection: close` because the
+        // unread body cannot be skipped.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
+            return Err(
+                ApiError::too_large(format!("the body is larger than {limit} bytes"))
+                    .with_header(header::CONNECTION, "close"),
+            );
+        }
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|e| {

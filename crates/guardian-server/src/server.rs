@@ -4,12 +4,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, ToSocketAddrs};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
+use tower::ServiceExt as _;
 
 use crate::config::{BindError, ServerBuilder};
-use crate::conn::{ConnInfo, KillableListener};
+use crate::conn::{killable, ConnLimits};
 use crate::faults::{FaultInjector, Faults, FaultsError};
 use crate::inflight::InFlight;
 use crate::limits::RateLimiter;
@@ -78,16 +83,21 @@ impl ServerBuilder {
             kick: Arc::new(watch::Sender::new(0)),
             config,
         });
-        let app =
-            crate::routes::router(state.clone()).into_make_service_with_connect_info::<ConnInfo>();
-        let mut stop = shutdown_rx.clone();
-        let task = tokio::spawn(async move {
-            axum::serve(KillableListener(listener), app)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        });
+        let app = crate::routes::router(state.clone());
+        let limits = ConnLimits::new(
+            state
+                .config
+                .max_connections
+                .unwrap_or_else(default_max_connections),
+            state.config.max_connections_per_peer,
+        );
+        let task = tokio::spawn(serve(
+            listener,
+            app,
+            limits,
+            state.config.header_read_timeout,
+            shutdown_rx.clone(),
+        ));
         let purger = tokio::spawn(purge_loop(state.clone(), shutdown_rx));
         tracing::info!(%local, "guardian-server listening");
         Ok(RunningServer {
@@ -98,6 +108,108 @@ impl ServerBuilder {
             purger,
         })
     }
+}
+
+/// The total connection cap when none is configured: three quarters of the
+/// process's open-file limit (the rest is left to the database, the
+/// listener and the runtime), between 16 and 4096.
+fn default_max_connections() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft / 4 * 3)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 4096)
+}
+
+/// The accept loop: one task per connection, within the caps, each served
+/// by hyper with the header-read timeout, until shutdown; then it waits for
+/// the open connections to finish their requests.
+async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    header_read_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // Each connection task holds a receiver; `closed` resolves when all ended.
+    let (done_tx, done_rx) = watch::channel(());
+    loop {
+        let permit = tokio::select! {
+            permit = limits.reserve() => match permit {
+                Some(p) => p,
+                None => break,
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            },
+            () = stopped(&mut stop) => break,
+        };
+        let Some(slot) = limits.admit(permit, remote.ip()) else {
+            // Closed at once (dropping the stream): the peer holds its share.
+            tracing::debug!(peer = %remote.ip(), "connection refused: too many open from this peer");
+            continue;
+        };
+        let (io, info) = killable(stream, remote, slot);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(info.clone()));
+            app.clone().oneshot(req)
+        });
+        let mut stop = stop.clone();
+        let done = done_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let conn = builder
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::trace!(error = %e, "connection ended with an error");
+            }
+            drop(done);
+        });
+    }
+    drop(listener);
+    drop(done_rx);
+    done_tx.closed().await;
+    Ok(())
+}
+
+/// Resolves once shutdown is asked for (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// An accept error never stops the loop. Out of descriptors (`EMFILE`,
+/// `ENFILE`) or memory, it pauses briefly so that open connections can
+/// end; a connection that failed before it was accepted is just skipped.
+async fn accept_failed(e: &std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    ) {
+        return;
+    }
+    tracing::warn!(error = %e, "accept failed; retrying shortly");
+    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 fn log_purge(result: Result<PurgeReport, StoreError>) {

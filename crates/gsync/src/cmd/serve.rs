@@ -67,6 +67,18 @@ pub(crate) struct Args {
     /// Close WebSocket peers silent this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "45s")]
     ws_idle_timeout: Duration,
+    /// Close a connection that has not sent a request's headers this long
+    /// after connecting or after its previous response.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    header_read_timeout: Duration,
+    /// Most connections open at once; more wait in the listen backlog.
+    /// [default: three quarters of the open-file limit, 16 to 4096]
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most connections open at once from one IP address; more are closed
+    /// at once.
+    #[arg(long, default_value_t = 64)]
+    max_connections_per_peer: usize,
     /// Commit durability: `full` (fsync every commit) or `normal`.
     #[arg(long, default_value = "full")]
     sync: String,
@@ -145,6 +157,9 @@ impl Args {
             "normal" => Synchronous::Normal,
             other => bail!("--sync must be full or normal, not {other:?}"),
         });
+        if let Some(n) = self.max_connections {
+            b = b.max_connections(n);
+        }
         if let Some(t) = &self.admin_token {
             b = b.admin_token(t.clone());
         }
@@ -182,18 +197,14 @@ impl Args {
             }))
             .ws_ping_interval(self.ws_ping_interval)
             .ws_idle_timeout(self.ws_idle_timeout)
+            .header_read_timeout(self.header_read_timeout)
+            .max_connections_per_peer(self.max_connections_per_peer)
             .faults(faults))
     }
 }
 
 pub(crate) fn run(_global: &Global, args: Args) -> anyhow::Result<()> {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::logging::init("info");
     let builder = args.builder()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

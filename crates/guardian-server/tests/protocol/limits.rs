@@ -108,3 +108,93 @@ async fn requests_beyond_the_concurrency_limit_wait_their_turn() {
         assert_eq!(t.await.unwrap(), 201);
     }
 }
+
+/// Sends `head` (and whatever body bytes follow it) on a raw connection
+/// and returns what the server answers within 10 s, or `None`.
+async fn raw_answer(h: &crate::common::Harness, head: &[u8]) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(h.server.addr())
+        .await
+        .unwrap();
+    s.write_all(head).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    (!got.is_empty()).then(|| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// A declared length over the limit is refused before the body is read.
+/// Before the check the server waited for the body, and answered 503 (retry)
+/// when the request timeout expired.
+#[tokio::test]
+async fn a_declared_body_over_the_limit_is_413_at_once() {
+    let h = start(builder().body_limit(1024)).await;
+    let head = format!(
+        "POST /v1/entities/device HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Idempotency-Key: k\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{\"id\":",
+        crate::common::TOKEN
+    );
+    let answer = raw_answer(&h, head.as_bytes())
+        .await
+        .expect("no answer within 10 s to a declared oversized body");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(h.applied_keys().await.is_empty());
+}
+
+/// A chunked body is refused as soon as it crosses the limit, though the
+/// client has not finished sending it.
+#[tokio::test]
+async fn a_chunked_body_crossing_the_limit_is_413_at_once() {
+    let h = start(builder().body_limit(1024)).await;
+    let chunk = "y".repeat(2000);
+    let head = format!(
+        "POST /v1/entities/device HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Idempotency-Key: k\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
+         {:x}\r\n{chunk}\r\n",
+        crate::common::TOKEN,
+        chunk.len()
+    );
+    let answer = raw_answer(&h, head.as_bytes())
+        .await
+        .expect("no answer within 10 s to a chunked oversized body");
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(h.applied_keys().await.is_empty());
+}
+
+/// A connection that never completes its request head is closed after the
+/// header-read timeout. Before it, such connections stayed open for good.
+#[tokio::test]
+async fn a_connection_that_never_finishes_its_headers_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start(builder().header_read_timeout(Duration::from_millis(300))).await;
+    let mut s = tokio::net::TcpStream::connect(h.server.addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("the half-header connection was still open after 10 s");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected the connection to close, got {read:?}"
+    );
+    // Silence from the start counts as well.
+    let mut idle = tokio::net::TcpStream::connect(h.server.addr())
+        .await
+        .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the silent connection was still open after 10 s");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    assert_eq!(h.send(h.http.get(h.url("/healthz"))).await.status, 200);
+}
