@@ -1,11 +1,34 @@
 //! `gsync`: inspect and drain guardian-sync outboxes, run the reference server, demo.
 
+// Every `println!` and `print!` of the commands goes through `cmd::out`, so
+// that a closed stdout (`gsync ops | head -1`) ends the process quietly
+// instead of panicking. Defined before `mod cmd` so that the commands' plain
+// `println!` resolves to these (a macro in textual scope shadows the
+// prelude's).
+macro_rules! println {
+    () => {
+        $crate::cmd::out::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cmd::out::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::cmd::out::write(format_args!($($arg)*))
+    };
+}
+
 mod cmd;
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::cmd::out::{one_line, Stopped, FAILURE};
 
 /// Command-line tool for guardian-sync.
 #[derive(Debug, Parser)]
@@ -23,7 +46,8 @@ pub(crate) struct Global {
     /// Outbox file to work on.
     #[arg(long, global = true, env = "GSYNC_OUTBOX", default_value = "gsync.db")]
     pub(crate) outbox: PathBuf,
-    /// Print machine-readable JSON instead of tables.
+    /// Print machine-readable JSON instead of tables (errors too: one JSON
+    /// object on stderr).
     #[arg(long, global = true)]
     pub(crate) json: bool,
 }
@@ -46,15 +70,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Logs go to stderr; RUST_LOG overrides the quiet default. Tokens and
-    // payloads are never logged at info level by the libraries.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    init_logs(&cli.command);
     let result = match cli.command {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
         Command::Serve(args) => cmd::serve::run(&cli.global, *args),
@@ -66,8 +82,41 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, no backtrace: user errors are not crashes.
-            eprintln!("gsync: {e:#}");
-            ExitCode::FAILURE
+            let (code, kind) = match e.downcast_ref::<Stopped>() {
+                Some(stopped) => (stopped.code, stopped.kind),
+                None => (FAILURE, "error"),
+            };
+            let message = one_line(&e);
+            if cli.global.json {
+                let error = serde_json::json!({
+                    "error": { "kind": kind, "message": message, "exit_code": code }
+                });
+                eprintln!("{error}");
+            } else {
+                eprintln!("gsync: {message}");
+            }
+            ExitCode::from(code)
         }
     }
+}
+
+/// Logs go to stderr, without colours off a terminal. By default the outbox
+/// commands and `run` log nothing: they print what a user needs themselves,
+/// and a log record would break their one-line errors. `RUST_LOG` overrides
+/// the default.
+fn init_logs(command: &Command) {
+    let default = match command {
+        Command::Serve(_) => "info",
+        Command::Watch(_) | Command::Demo(_) => "warn",
+        Command::Outbox(_) | Command::Run(_) => "off",
+    };
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(colour)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .init();
 }
