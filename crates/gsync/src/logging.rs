@@ -1,5 +1,7 @@
 //! The log subscriber every gsync command installs.
 
+use std::io::IsTerminal as _;
+
 use tracing::{Level, Metadata};
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -11,12 +13,15 @@ use tracing_subscriber::EnvFilter;
 /// records are dropped whatever `RUST_LOG` says.
 const REDACTED_TARGETS: [&str; 2] = ["tungstenite", "tokio_tungstenite"];
 
-/// Installs the stderr subscriber: `RUST_LOG`, or `default` without it.
-/// A no-op if one is installed already.
+/// Installs the stderr subscriber: `RUST_LOG`, or `default` without it;
+/// colours only on a terminal and without `NO_COLOR`. A no-op if one is
+/// installed already.
 pub(crate) fn init(default: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_env_filter(filter)
         .finish()
         .with(tracing_subscriber::filter::filter_fn(allowed))

@@ -1,12 +1,35 @@
 //! `gsync`: inspect and drain guardian-sync outboxes, run the reference server, demo.
 
+// Every `println!` and `print!` of the commands goes through `cmd::out`, so
+// that a closed stdout (`gsync ops | head -1`) ends the process quietly
+// instead of panicking. Defined before `mod cmd` so that the commands' plain
+// `println!` resolves to these (a macro in textual scope shadows the
+// prelude's).
+macro_rules! println {
+    () => {
+        $crate::cmd::out::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cmd::out::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::cmd::out::write(format_args!($($arg)*))
+    };
+}
+
 mod cmd;
 mod logging;
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
+use crate::cmd::out::{one_line, Stopped, FAILURE};
 
 /// Command-line tool for guardian-sync.
 #[derive(Debug, Parser)]
@@ -24,7 +47,8 @@ pub(crate) struct Global {
     /// Outbox file to work on.
     #[arg(long, global = true, env = "GSYNC_OUTBOX", default_value = "gsync.db")]
     pub(crate) outbox: PathBuf,
-    /// Print machine-readable JSON instead of tables.
+    /// Print machine-readable JSON instead of tables (errors too: one JSON
+    /// object on stderr).
     #[arg(long, global = true)]
     pub(crate) json: bool,
 }
@@ -47,9 +71,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Logs go to stderr; RUST_LOG overrides the quiet default. Tokens and
-    // payloads are never logged at info level by the libraries.
-    logging::init("warn");
+    logging::init(log_default(&cli.command));
     let result = match cli.command {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
         Command::Serve(args) => cmd::serve::run(&cli.global, *args),
@@ -61,8 +83,34 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line, no backtrace: user errors are not crashes.
-            eprintln!("gsync: {e:#}");
-            ExitCode::FAILURE
+            let (code, kind) = match e.downcast_ref::<Stopped>() {
+                Some(stopped) => (stopped.code, stopped.kind),
+                None => (FAILURE, "error"),
+            };
+            let message = one_line(&e);
+            if cli.global.json {
+                let error = serde_json::json!({
+                    "error": { "kind": kind, "message": message, "exit_code": code }
+                });
+                eprintln!("{error}");
+            } else {
+                eprintln!("gsync: {message}");
+            }
+            ExitCode::from(code)
         }
+    }
+}
+
+/// Logs go to stderr, without colours off a terminal. By default the outbox
+/// commands and `run` log nothing: they print what a user needs themselves,
+/// and a log record would break their one-line errors. `RUST_LOG` overrides
+/// the default.
+/// The log level of a command when `RUST_LOG` is not set: commands whose
+/// output is the answer stay silent, the server says what it serves.
+fn log_default(command: &Command) -> &'static str {
+    match command {
+        Command::Serve(_) => "info",
+        Command::Watch(_) | Command::Demo(_) => "warn",
+        Command::Outbox(_) | Command::Run(_) => "off",
     }
 }

@@ -1,17 +1,22 @@
 //! `gsync run`: drain an outbox to a server.
 
 use std::io::IsTerminal;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use guardian_sync::breaker::{BreakerConfig, TripPolicy};
-use guardian_sync::engine::{BatchConfig, EngineError, SyncEngine, SyncEvent};
+use guardian_sync::clock::{Clock as _, SystemClock};
+use guardian_sync::engine::{
+    BatchConfig, EngineError, OnceReport, OnceStop, SyncEngine, SyncEvent,
+};
 use guardian_sync::lock::LockConfig;
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::transport::StaticToken;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use super::out::{Stopped, AUTH_REFUSED, DEAD_LETTERED, LOCK_HELD, OPS_REMAIN};
+use super::progress::{Progress, Waiting};
 use crate::Global;
 
 /// Arguments of `gsync run`.
@@ -24,9 +29,15 @@ pub(crate) struct Args {
     /// where possible: command lines are visible to other users).
     #[arg(long, env = "GSYNC_TOKEN", hide_env_values = true)]
     token: String,
-    /// Exit once no op is pending or in flight (waiting out backoffs).
+    /// Make one pass and exit: send everything that is due, wait out
+    /// backoffs only up to --max-wait, and exit with a status that says why
+    /// it stopped (see the README).
     #[arg(long)]
     once: bool,
+    /// With --once: longest total time to wait with nothing to send
+    /// (backoff, Retry-After, open breaker, a lock held by another runner).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
     /// Lock heartbeat interval.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
@@ -107,50 +118,76 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
     }
     let engine = builder.build().await?;
     let interactive = std::io::stderr().is_terminal() && !global.json && !args.events;
-    let bar = if interactive {
+    let progress = if interactive {
         // Counting the queue costs O(queue); only a terminal user needs it.
         let total = engine.outbox().stats().await?;
-        let bar = ProgressBar::new(total.pending + total.in_flight);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        Some(bar)
+        Some(Arc::new(Mutex::new(Progress::new(
+            total.pending + total.in_flight,
+        ))))
     } else {
         None
     };
+    let bar = progress.as_ref().map(|_| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template("{wide_msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
     let mut events = engine.events();
-    let printer_bar = bar.clone();
+    let printer_progress = progress.clone();
     let print_events = args.events;
+    // With --json, stdout carries the report and stderr only a JSON error:
+    // no plain event lines.
+    let plain_lines = !global.json;
     let printer = tokio::spawn(async move {
         loop {
             match events.recv().await {
-                Ok(event) => report_event(&event, print_events, printer_bar.as_ref()),
+                Ok(event) if print_events || plain_lines => {
+                    report_event(&event, print_events, printer_progress.as_deref());
+                }
+                Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!("{n} events were not shown");
+                    if print_events {
+                        println!("{}", serde_json::json!({"event": "lagged", "missed": n}));
+                    }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
         }
     });
+    let ticker = match (&progress, &bar) {
+        (Some(p), Some(b)) => Some(tokio::spawn(tick(engine.clone(), p.clone(), b.clone()))),
+        _ => None,
+    };
     let result = if args.once {
-        engine.run_until_empty().await
+        engine.run_once(args.max_wait).await.map(Finished::Once)
     } else {
         engine
             .run(async {
                 let _ = tokio::signal::ctrl_c().await;
             })
             .await
+            .map(|r| Finished::Run(Box::new(r)))
     };
+    if let Some(t) = ticker {
+        t.abort();
+    }
     printer.abort();
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
     let summary = engine.metrics().summary();
-    match &result {
-        Ok(report) => {
+    let finished = match result {
+        Ok(finished) => finished,
+        Err(EngineError::LockLost) => {
+            anyhow::bail!("lost the processing lock to another runner; stopped without writing")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match finished {
+        Finished::Run(report) => {
             if global.json {
                 println!(
                     "{}",
@@ -165,29 +202,185 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
                     report.drain.conflicts_resolved,
                     report.takeovers
                 );
-                eprintln!("{}", engine.metrics().summary());
+                eprintln!("{summary}");
+            }
+            Ok(())
+        }
+        Finished::Once(once) => {
+            let now = SystemClock::new().now_millis();
+            let breaker_open = engine.breaker_retry_in().is_some();
+            let verdict = verdict(&once, args.max_wait, breaker_open, now);
+            if global.json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "report": once.run,
+                        "metrics": summary,
+                        "stop": once.stop,
+                        "remaining": once.remaining,
+                        "next_attempt_at": once.next_attempt_at,
+                        "last_error": once.last_error,
+                        "lock_holder": once.lock_holder,
+                        "waited_ms": once.waited_ms,
+                        "exit_code": verdict.as_ref().map_or(0, |v| v.code),
+                    })
+                );
+            }
+            match verdict {
+                Some(stopped) => Err(stopped.into()),
+                None => {
+                    if !global.json {
+                        eprintln!(
+                            "done: queue empty; {} succeeded, {} retried, {} conflicts resolved",
+                            once.run.drain.succeeded,
+                            once.run.drain.retried,
+                            once.run.drain.conflicts_resolved
+                        );
+                    }
+                    Ok(())
+                }
             }
         }
-        Err(EngineError::LockLost) => {
-            anyhow::bail!("lost the processing lock to another runner; stopped without writing")
-        }
-        Err(e) => anyhow::bail!("{e}"),
     }
-    Ok(())
 }
 
-fn report_event(event: &SyncEvent, json: bool, bar: Option<&ProgressBar>) {
+/// How a run ended without an engine error.
+enum Finished {
+    Run(Box<guardian_sync::engine::RunReport>),
+    Once(OnceReport),
+}
+
+/// The exit status and line of a `run --once` pass, `None` for success.
+///
+/// One pass can stop for several reasons at once; the status names the one
+/// that asks most of the user: a lock held (nothing was tried), a refused
+/// token, ops moved to the failed list, then ops left for a later pass.
+fn verdict(
+    once: &OnceReport,
+    max_wait: Duration,
+    breaker_open: bool,
+    now_ms: i64,
+) -> Option<Stopped> {
+    let d = &once.run.drain;
+    let tally = format!(
+        "this pass: {} succeeded, {} failed, {} retried",
+        d.succeeded, d.failed, d.retried
+    );
+    let last = once
+        .last_error
+        .as_deref()
+        .map(|e| format!("; last error: {e}"))
+        .unwrap_or_default();
+    let remain = || {
+        let when = match once.next_attempt_at {
+            Some(at) if at > now_ms => format!(
+                "next attempt in {}",
+                humantime::format_duration(Duration::from_secs(
+                    u64::try_from(at - now_ms).unwrap_or(0).div_ceil(1000)
+                ))
+            ),
+            // The breaker lives in this process: a new pass may try at once.
+            Some(_) if breaker_open => {
+                "stopped while the circuit breaker was open; due now".to_owned()
+            }
+            Some(_) => "next attempt due now".to_owned(),
+            None => "blocked behind failed ops".to_owned(),
+        };
+        format!("{} op(s) remain, {when}", once.remaining)
+    };
+    let (code, kind, reason) = match once.stop {
+        OnceStop::LockHeld => (
+            LOCK_HELD,
+            "lock_held",
+            format!(
+                "another runner holds the processing lock{} (waited {})",
+                once.lock_holder
+                    .as_deref()
+                    .map(|h| format!(" ({h})"))
+                    .unwrap_or_default(),
+                humantime::format_duration(max_wait)
+            ),
+        ),
+        OnceStop::AuthRefused => (
+            AUTH_REFUSED,
+            "auth_refused",
+            format!("the server refused the token; {}; {tally}", remain()),
+        ),
+        _ if d.failed > 0 => (
+            DEAD_LETTERED,
+            "dead_lettered",
+            format!(
+                "{} op(s) failed for good (see `gsync ops --state failed`){last}; {tally}",
+                d.failed
+            ),
+        ),
+        OnceStop::Remaining => (
+            OPS_REMAIN,
+            "ops_remain",
+            format!("{}{last}; {tally}", remain()),
+        ),
+        _ => return None,
+    };
+    Some(Stopped { code, kind, reason })
+}
+
+/// Redraws the progress line on a steady tick, so the clock, the rate and
+/// a countdown move while nothing else happens.
+async fn tick(engine: SyncEngine, progress: Arc<Mutex<Progress>>, bar: ProgressBar) {
+    const TICK: Duration = Duration::from_millis(250);
+    let started = Instant::now();
+    let clock = SystemClock::new();
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut backoff_until = None;
+    let mut ticks: u64 = 0;
+    loop {
+        interval.tick().await;
+        let now = started.elapsed();
+        // The next due op is an index lookup on the writer thread: once a
+        // second is plenty for a countdown in seconds.
+        if ticks.is_multiple_of(4) {
+            backoff_until = match engine.outbox().next_due().await {
+                Ok(due) => due.next_attempt_at.and_then(|at| {
+                    let ms = at - clock.now_millis();
+                    (ms > 0).then(|| now + Duration::from_millis(ms.unsigned_abs()))
+                }),
+                Err(_) => None,
+            };
+        }
+        ticks += 1;
+        let waiting = if engine.auth_paused() {
+            Waiting::Auth
+        } else if let Some(left) = engine.breaker_retry_in() {
+            Waiting::Breaker { until: now + left }
+        } else if let Some(until) = backoff_until.filter(|u| *u > now) {
+            Waiting::Backoff { until }
+        } else {
+            Waiting::No
+        };
+        let line = {
+            let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
+            p.set_waiting(waiting);
+            p.sample(now);
+            p.line(now)
+        };
+        bar.set_message(line);
+    }
+}
+
+fn report_event(event: &SyncEvent, json: bool, progress: Option<&Mutex<Progress>>) {
     if json {
         if let Ok(line) = serde_json::to_string(event) {
             println!("{line}");
         }
         return;
     }
-    if let Some(bar) = bar {
+    if let Some(progress) = progress {
+        let mut p = progress.lock().unwrap_or_else(PoisonError::into_inner);
         match event {
-            SyncEvent::OpSucceeded { .. } | SyncEvent::OpFailed { .. } => bar.inc(1),
-            SyncEvent::Breaker { to, .. } => bar.set_message(format!("breaker {to}")),
-            SyncEvent::AuthRequired => bar.set_message("authentication required"),
+            SyncEvent::OpSucceeded { .. } => p.succeeded(),
+            SyncEvent::OpFailed { error, .. } => p.failed(error),
+            SyncEvent::OpRetried { reason, .. } => p.attempt_failed(reason),
             _ => {}
         }
         return;

@@ -1,7 +1,8 @@
 //! `gsync serve`: run the reference backend (wire protocol v1) standalone.
 //!
 //! Prints `listening on http://ADDR` on stdout once bound (so a parent
-//! process can use `--listen 127.0.0.1:0` and read the port), then serves
+//! process can use `--listen 127.0.0.1:0` and read the port; with `--json`,
+//! `{"event":"listening","url":"http://ADDR"}`), then serves
 //! until Ctrl-C or SIGTERM, shutting down gracefully.
 
 use std::io::Write as _;
@@ -203,8 +204,7 @@ impl Args {
     }
 }
 
-pub(crate) fn run(_global: &Global, args: Args) -> anyhow::Result<()> {
-    crate::logging::init("info");
+pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
     let builder = args.builder()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -217,11 +217,20 @@ pub(crate) fn run(_global: &Global, args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot serve on {}", args.listen))?;
         {
             let mut out = std::io::stdout().lock();
-            writeln!(out, "listening on {}", server.url())?;
+            if global.json {
+                let line = serde_json::json!({ "event": "listening", "url": server.url() });
+                writeln!(out, "{line}")?;
+            } else {
+                writeln!(out, "listening on {}", server.url())?;
+            }
             out.flush()?;
         }
         wait_for_signal().await;
-        eprintln!("gsync serve: shutting down");
+        if global.json {
+            eprintln!("{}", serde_json::json!({ "event": "shutting_down" }));
+        } else {
+            eprintln!("gsync serve: shutting down");
+        }
         server.shutdown().await;
         Ok(())
     })

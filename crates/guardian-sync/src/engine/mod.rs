@@ -10,9 +10,11 @@
 mod clock_watch;
 mod drain;
 mod events;
+mod once;
 mod run;
 
 pub use events::SyncEvent;
+pub use once::{OnceReport, OnceStop};
 pub use run::{DrainReport, RunReport, RUNNER_STATUS_KEY};
 
 use std::path::PathBuf;
@@ -431,6 +433,21 @@ impl SyncEngine {
     /// The circuit breaker's state name (`closed`, `open`, `half_open`).
     pub fn breaker_state(&self) -> &'static str {
         self.inner.breaker().state().name()
+    }
+
+    /// How long the open circuit breaker still refuses requests (`None`
+    /// unless it is open), on the engine's clock.
+    pub fn breaker_retry_in(&self) -> Option<Duration> {
+        self.inner
+            .breaker()
+            .cooldown_remaining(self.inner.clock.monotonic())
+    }
+
+    /// True after the server refused the token, until [`Self::resume`].
+    pub fn auth_paused(&self) -> bool {
+        self.inner
+            .auth_paused
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Resumes after [`SyncEvent::AuthRequired`], once the app's token

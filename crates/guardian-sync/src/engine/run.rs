@@ -55,7 +55,7 @@ pub struct RunReport {
 }
 
 /// A held lock with its heartbeat task; dropping it stops the beat.
-struct Session {
+pub(super) struct Session {
     lock: Arc<AsyncMutex<ProcessingLock>>,
     fence: Fence,
     lost: Arc<AtomicBool>,
@@ -63,11 +63,11 @@ struct Session {
 }
 
 impl Session {
-    fn lost(&self) -> bool {
+    pub(super) fn lost(&self) -> bool {
         self.lost.load(Ordering::SeqCst)
     }
 
-    async fn release(self) {
+    pub(super) async fn release(self) {
         self.beat.abort();
         if let Err(e) = self.lock.lock().await.release().await {
             tracing::warn!("releasing the processing lock failed: {e}");
@@ -76,7 +76,7 @@ impl Session {
 }
 
 impl SyncEngine {
-    fn new_lock(&self) -> ProcessingLock {
+    pub(super) fn new_lock(&self) -> ProcessingLock {
         let inner = &self.inner;
         ProcessingLock::new(
             inner.outbox.clone(),
@@ -87,7 +87,7 @@ impl SyncEngine {
     }
 
     /// Tries the lock once; on success starts the heartbeat.
-    async fn try_session(
+    pub(super) async fn try_session(
         &self,
         lock: ProcessingLock,
         report: &mut RunReport,
@@ -143,7 +143,7 @@ impl SyncEngine {
     /// the runtime's I/O tasks. Dropping this future (shutdown) aborts the
     /// task at its next await; a write it may still issue is fenced by the
     /// lock like any other.
-    async fn drain_ready(&self, session: &Session) -> Result<DrainReport, EngineError> {
+    pub(super) async fn drain_ready(&self, session: &Session) -> Result<DrainReport, EngineError> {
         let inner = self.inner.clone();
         let fence = session.fence.clone();
         let lost = session.lost.clone();

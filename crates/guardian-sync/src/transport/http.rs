@@ -248,6 +248,23 @@ fn caused_by_timeout(e: &reqwest::Error) -> bool {
     false
 }
 
+/// The error followed by its causes, each said once. reqwest's own message
+/// ("error sending request for url (…)") leaves out the cause a user acts
+/// on, such as "Connection refused".
+fn with_causes(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
+}
+
 fn network_outcome(e: &reqwest::Error) -> Outcome {
     let reason = if caused_by_timeout(e) {
         RetryReason::Timeout
@@ -258,9 +275,9 @@ fn network_outcome(e: &reqwest::Error) -> Outcome {
     };
     // reqwest errors never include bodies or headers, so they are safe to log.
     let detail = if reason == RetryReason::Timeout {
-        format!("timed out: {e}")
+        format!("timed out: {}", with_causes(e))
     } else {
-        e.to_string()
+        with_causes(e)
     };
     Outcome::network(reason, detail)
 }

@@ -1,0 +1,124 @@
+//! What gsync prints: standard output that survives a closed pipe, one-line
+//! errors, and the exit statuses (listed in the README).
+
+use std::fmt;
+use std::io::Write as _;
+
+/// Exit status: an error of gsync or of its input (clap's usage errors
+/// exit with 2, unchanged).
+pub(crate) const FAILURE: u8 = 1;
+/// Exit status of `run --once`: ops remain (due after `--max-wait`, or
+/// blocked behind a failed op).
+pub(crate) const OPS_REMAIN: u8 = 3;
+/// Exit status of `run --once`: this pass moved ops to the failed list.
+pub(crate) const DEAD_LETTERED: u8 = 4;
+/// Exit status of `run --once`: the server refused the token.
+pub(crate) const AUTH_REFUSED: u8 = 5;
+/// Exit status of `run --once`: another runner held the processing lock
+/// for all of `--max-wait`.
+pub(crate) const LOCK_HELD: u8 = 6;
+
+/// A command that ended without an error of its own but not as asked, with
+/// the exit status and the one line that says why.
+#[derive(Debug)]
+pub(crate) struct Stopped {
+    /// Exit status.
+    pub(crate) code: u8,
+    /// Short name for JSON (`ops_remain`, `dead_lettered`, ...).
+    pub(crate) kind: &'static str,
+    /// Why, in words.
+    pub(crate) reason: String,
+}
+
+impl fmt::Display for Stopped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::error::Error for Stopped {}
+
+/// An error and its causes on one line, each cause said once: many errors
+/// already repeat their source's text in their own message, and printing
+/// the chain as it is would say the same thing twice.
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        let part = part.split_whitespace().collect::<Vec<_>>().join(" ");
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+/// Writes to standard output (what `println!` and `print!` expand to).
+///
+/// A reader that went away (a closed pipe) ends the process at once with
+/// status 0, as it would for a program killed by SIGPIPE, minus the noise:
+/// nothing is left to say to anybody. Any other write error ends it with
+/// one line and status 1. Only read-only output and event lines are
+/// printed this way; a runner ended here releases its lock through the OS
+/// like a killed one.
+pub(crate) fn write(args: fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let result = out.write_fmt(args).and_then(|()| out.flush());
+    if let Err(e) = result {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("gsync: cannot write to standard output: {e}");
+        std::process::exit(i32::from(FAILURE));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Full;
+
+    impl fmt::Display for Full {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("database or disk is full")
+        }
+    }
+
+    impl std::error::Error for Full {}
+
+    #[derive(Debug)]
+    struct Wrapping(Full);
+
+    impl fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "cannot write: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let e = anyhow::Error::new(Wrapping(Full)).context("cannot enqueue");
+        assert_eq!(
+            one_line(&e),
+            "cannot enqueue: cannot write: database or disk is full"
+        );
+    }
+
+    #[test]
+    fn a_multi_line_message_becomes_one_line() {
+        let e = anyhow::anyhow!("first\n  second").context("outer");
+        assert_eq!(one_line(&e), "outer: first second");
+    }
+}
