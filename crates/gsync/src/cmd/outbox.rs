@@ -21,7 +21,7 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// List queued and failed ops (a table, or JSON with --json).
     Ops(OpsArgs),
-    /// Put a failed op (or all of them) back in the queue.
+    /// Put a failed op (or all of them) back in the queue as new: attempts reset, error cleared (kept in its history).
     Retry(RetryArgs),
     /// Remove a failed op for good.
     Discard {
@@ -71,10 +71,12 @@ pub(crate) struct EnqueueArgs {
     no_coalesce: bool,
 }
 
-/// State filter of `ops`.
+/// State filter of `ops`: the names of the JSON output (`in-flight` is
+/// accepted too, as earlier versions spelled it).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(crate) enum StateArg {
     Pending,
+    #[value(name = "in_flight", alias = "in-flight")]
     InFlight,
     Failed,
 }
