@@ -178,3 +178,46 @@ fn retry_resets_and_state_names_match_json() {
     assert_eq!(op["history"][0]["event"], "retried");
 }
 
+/// Issue 15 point 9: ops enqueued while the wall clock was 2 h ahead are
+/// shown due now by `status` and `ops`, as a runner will send them, not
+/// "in 1h 59m".
+#[test]
+fn status_and_ops_show_ops_written_under_a_clock_ahead_as_due() {
+    use guardian_sync::clock::ManualClock;
+    use guardian_sync::op::NewOp;
+    use guardian_sync::outbox::{Outbox, OutboxOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ahead = ManualClock::new(now + 7_200_000);
+        let (outbox, _) = Outbox::open(&db, OutboxOptions::default().clock(ahead))
+            .await
+            .unwrap();
+        outbox
+            .enqueue(NewOp::create("device", "a", serde_json::json!({})))
+            .await
+            .unwrap();
+        outbox.close().await;
+    });
+    let text = ok(&db, &["status"]);
+    assert!(text.contains("next attempt: now"), "{text}");
+    let status = json(&db, &["status"]);
+    let next = status["next_attempt_at"].as_i64().unwrap();
+    assert!(next < now + 60_000, "{status}");
+    let table = ok(&db, &["ops"]);
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.contains(" now ")),
+        "{table}"
+    );
+}

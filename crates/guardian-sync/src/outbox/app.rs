@@ -284,6 +284,41 @@ fn next_ready_at(conn: &Connection) -> rusqlite::Result<Option<i64>> {
     .query_row([], |r| r.get(0))
 }
 
+/// When the next ready head is due as the runner will see it
+/// ([`crate::retry::clamp_due`]), for display: a stored time written under a
+/// wall clock ahead of `now` is not shown as hours away. Reads the heads in
+/// backoff only when none is due.
+pub(crate) fn next_attempt(
+    conn: &Connection,
+    now: i64,
+    horizon: std::time::Duration,
+) -> Result<Option<i64>, OutboxError> {
+    let Some(first) = next_ready_at(conn)? else {
+        return Ok(None);
+    };
+    if first <= now {
+        return Ok(Some(first));
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT o.next_attempt_at, o.attempts, o.updated_at FROM ops AS o \
+         WHERE o.seq IN (SELECT seq FROM ops INDEXED BY ops_ready \
+         WHERE state = 'pending' AND is_head = 1 AND next_attempt_at > ?1)",
+    )?;
+    let mut rows = stmt.query([now])?;
+    let mut due = first;
+    while let Some(r) = rows.next()? {
+        let attempts = u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX);
+        due = due.min(crate::retry::clamp_due(
+            r.get(0)?,
+            attempts,
+            r.get(2)?,
+            now,
+            horizon,
+        ));
+    }
+    Ok(Some(due))
+}
+
 /// What the run loop needs between drain steps, from indexes only (no
 /// count): whether any op is still pending or in flight, and when the next
 /// ready head is due. Every entity with a pending op has a head: its
