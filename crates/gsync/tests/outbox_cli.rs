@@ -129,3 +129,95 @@ fn bad_input_and_usage_errors() {
     fails(&db, &["enqueue", "delete", "device", "d1", "{}"], 1);
     assert_eq!(json(&db, &["status"])["pending"], 0);
 }
+
+/// `retry` makes a failed op new again (attempts 0, no error), and `ops`
+/// takes the state names its JSON prints (`in_flight`), and the older
+/// `in-flight` too.
+#[test]
+fn retry_resets_and_state_names_match_json() {
+    use guardian_sync::outbox::{Outbox, OutboxOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let a = ok(&db, &["enqueue", "create", "device", "a", "{}"]);
+    let b = ok(&db, &["enqueue", "create", "device", "b", "{}"]);
+    let (a, b) = (a.trim().to_owned(), b.trim().to_owned());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (outbox, _) = Outbox::open(&db, OutboxOptions::default()).await.unwrap();
+        let fence = outbox.lock_acquire("test", None).await.unwrap().unwrap();
+        let now = i64::MAX / 2;
+        outbox.claim_ready(&fence, 10, now).await.unwrap();
+        outbox
+            .fail(&fence, a.parse().unwrap(), "gave up after 1 attempts: 503")
+            .await
+            .unwrap();
+        outbox.close().await;
+    });
+    for name in ["in_flight", "in-flight"] {
+        let ops = json(&db, &["ops", "--state", name]);
+        let ids: Vec<&str> = ops
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["op_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, [b.as_str()], "--state {name}");
+        assert_eq!(ops[0]["state"], "in_flight");
+    }
+    let table = ok(&db, &["ops", "--state", "in_flight"]);
+    assert!(table.contains(" in_flight "), "{table}");
+    ok(&db, &["retry", &a]);
+    let ops = json(&db, &["ops", "--state", "pending"]);
+    let op = &ops.as_array().unwrap()[0];
+    assert_eq!(op["op_id"], a.as_str());
+    assert_eq!(op["attempts"], 0);
+    assert!(op["last_error"].is_null(), "{op}");
+    assert_eq!(op["history"][0]["event"], "retried");
+}
+
+/// Issue 15 point 9: ops enqueued while the wall clock was 2 h ahead are
+/// shown due now by `status` and `ops`, as a runner will send them, not
+/// "in 1h 59m".
+#[test]
+fn status_and_ops_show_ops_written_under_a_clock_ahead_as_due() {
+    use guardian_sync::clock::ManualClock;
+    use guardian_sync::op::NewOp;
+    use guardian_sync::outbox::{Outbox, OutboxOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ahead = ManualClock::new(now + 7_200_000);
+        let (outbox, _) = Outbox::open(&db, OutboxOptions::default().clock(ahead))
+            .await
+            .unwrap();
+        outbox
+            .enqueue(NewOp::create("device", "a", serde_json::json!({})))
+            .await
+            .unwrap();
+        outbox.close().await;
+    });
+    let text = ok(&db, &["status"]);
+    assert!(text.contains("next attempt: now"), "{text}");
+    let status = json(&db, &["status"]);
+    let next = status["next_attempt_at"].as_i64().unwrap();
+    assert!(next < now + 60_000, "{status}");
+    let table = ok(&db, &["ops"]);
+    assert!(
+        table.lines().nth(1).is_some_and(|l| l.contains(" now ")),
+        "{table}"
+    );
+}

@@ -71,12 +71,17 @@ impl std::fmt::Display for OpKind {
 }
 
 /// Where an op is in its life.
+///
+/// Its names are the same everywhere: on disk, in JSON and on the command
+/// line (`pending`, `in_flight`, `failed`); `in-flight`, the spelling of
+/// earlier command lines, is still accepted on input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OpState {
     /// Waiting to be sent (possibly again, after `next_attempt_at`).
     Pending,
     /// Claimed by the runner; a request may be on the wire.
+    #[serde(alias = "in-flight")]
     InFlight,
     /// Permanently failed; kept in the dead-letter list until retried or discarded.
     Failed,
@@ -203,6 +208,14 @@ impl NewOp {
     }
 }
 
+/// The history event of a `retry` that put back an op that had been sent:
+/// its attempt count starts again from zero, but its key may be applied, so
+/// it never again counts as never attempted (see [`PendingOp::never_attempted`]).
+pub const RETRIED_AFTER_SEND: &str = "retried";
+
+/// The history event of a `retry` that put back an op that was never sent.
+pub const REQUEUED: &str = "requeued";
+
 /// One event in an op's life kept for inspection (conflicts, reconciliations).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {
@@ -219,6 +232,12 @@ pub struct HistoryEntry {
     /// op was made from that view, which version chaining needs to know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_payload: Option<Value>,
+}
+
+/// True when the history shows a `retry` of an op that had been sent: its
+/// attempt count was reset, yet its key may be applied by the server.
+pub(crate) fn sent_before_retry(history: &[HistoryEntry]) -> bool {
+    history.iter().any(|h| h.event == RETRIED_AFTER_SEND)
 }
 
 /// An op as stored in the outbox.
@@ -271,7 +290,7 @@ pub struct PendingOp {
 impl PendingOp {
     /// True if no send was ever started: the op may still be coalesced, edited or cancelled.
     pub fn never_attempted(&self) -> bool {
-        self.attempts == 0 && self.state == OpState::Pending
+        self.attempts == 0 && self.state == OpState::Pending && !sent_before_retry(&self.history)
     }
 
     /// About what the op adds to a request body: its payload's JSON length

@@ -171,6 +171,12 @@ impl RetryPolicy {
         self.max_retry_after
     }
 
+    /// The furthest ahead this policy ever schedules an attempt: the larger
+    /// of the backoff cap and the `Retry-After` cap.
+    pub fn horizon(&self) -> Duration {
+        self.cap.max(self.max_retry_after)
+    }
+
     /// The largest delay retry number `retry` (0-based) may draw:
     /// `min(cap, base * factor^retry)`, computed without overflow.
     pub fn ceiling(&self, retry: u32) -> Duration {
@@ -217,6 +223,43 @@ impl RetryPolicy {
         let delay = backoff.max(server);
         RetryDecision::RetryAt(now_millis.saturating_add(ceil_millis(delay)))
     }
+}
+
+/// When a stored op is due, read against the current wall clock `now`
+/// (all Unix ms), so that a wall-clock step never parks it:
+///
+/// - never attempted (`attempts == 0`): due at once;
+/// - written under a clock ahead of `now` (`updated_at > now`): its delay
+///   is measured again from `now` (the step back is taken out), so it waits
+///   no longer than the delay it was given;
+/// - never further ahead than `horizon` (the policy's
+///   [`RetryPolicy::horizon`]).
+///
+/// A time already due is returned unchanged. Never earlier than `now` unless
+/// `next_attempt_at` is, so no backoff or `Retry-After` is cut short by more
+/// than the clock step.
+pub fn clamp_due(
+    next_attempt_at: i64,
+    attempts: u32,
+    updated_at: i64,
+    now: i64,
+    horizon: Duration,
+) -> i64 {
+    if next_attempt_at <= now {
+        return next_attempt_at;
+    }
+    if attempts == 0 {
+        return now;
+    }
+    let mut due = next_attempt_at.min(now.saturating_add(ceil_millis(horizon)));
+    if updated_at > now {
+        due = due.min(
+            next_attempt_at
+                .saturating_sub(updated_at.saturating_sub(now))
+                .max(now),
+        );
+    }
+    due
 }
 
 /// Parses a `Retry-After` header value (RFC 9110 §10.2.3).
@@ -394,6 +437,35 @@ mod tests {
             panic!("expected a retry");
         };
         assert!((1_000..=100_000).contains(&at), "{at}");
+    }
+
+    #[test]
+    fn clamp_due_takes_clock_steps_out_of_stored_times() {
+        const H: i64 = 3_600_000;
+        let h = Duration::from_millis(H as u64);
+        let now = 1_000_000_000;
+        // Due already: unchanged.
+        assert_eq!(clamp_due(now - 5, 3, now - 9, now, h), now - 5);
+        // Never attempted, stored 2 h ahead (enqueued under a clock 2 h ahead).
+        assert_eq!(clamp_due(now + 2 * H, 0, now + 2 * H, now, h), now);
+        // A backoff of 10 s given under a clock 2 h ahead: 10 s from now.
+        assert_eq!(
+            clamp_due(now + 2 * H + 10_000, 4, now + 2 * H, now, h),
+            now + 10_000
+        );
+        // A backoff given on this clock keeps its length.
+        assert_eq!(
+            clamp_due(now + 10_000, 4, now - 1_000, now, h),
+            now + 10_000
+        );
+        // Never further than the horizon, whatever the row says.
+        assert_eq!(clamp_due(now + 5 * H, 4, now - 1_000, now, h), now + H);
+        assert_eq!(clamp_due(i64::MAX, 4, i64::MIN, now, h), now + H);
+        // Its delay is measured again from now: none.
+        assert_eq!(clamp_due(i64::MAX, 4, i64::MAX, now, h), now);
+        assert_eq!(clamp_due(i64::MAX, 4, i64::MAX, i64::MIN, h), i64::MIN + H);
+        let p = RetryPolicy::default();
+        assert_eq!(p.horizon(), p.max_retry_after().max(p.cap()));
     }
 
     #[test]

@@ -788,6 +788,125 @@ async fn a_wall_clock_step_back_keeps_backoffs_their_length() {
     assert_eq!(server.applied_log().await.unwrap().len(), 1);
 }
 
+/// Waits (bounded) until the server applied `n` mutations.
+async fn wait_applied(server: &RunningServer, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = server.applied_log().await.unwrap().len();
+        if got >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {got} of {n} applied");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Issue 15 point 9: ops written while the wall clock was 2 h ahead (by an
+/// enqueuer, or by a runner that scheduled a retry) are not parked for 2 h
+/// once it is back: a one-pass drain sends the never-attempted ones at once,
+/// and a retry waits its own delay (its Retry-After), not the step.
+#[tokio::test]
+async fn ops_written_under_a_clock_two_hours_ahead_are_not_parked() {
+    let server = server(unavailable(Some(1), Some((1, RetryAfterForm::Seconds)))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = 1_795_000_000_000;
+    let ahead = guardian_sync::clock::ManualClock::new(t + 7_200_000);
+    {
+        let runner = builder(&dir, &server)
+            .clock(ahead.clone())
+            .build()
+            .await
+            .unwrap();
+        runner
+            .enqueue(NewOp::create("device", "retried", json!({})))
+            .await
+            .unwrap();
+        // 503 with Retry-After: 1 s, scheduled on the clock ahead.
+        assert_eq!(runner.drain_once().await.unwrap().retried, 1);
+        enqueue_devices(&runner, 3).await;
+        runner.outbox().close().await;
+    }
+    let clock = guardian_sync::clock::ManualClock::new(t);
+    let engine = builder(&dir, &server)
+        .clock(clock.clone())
+        .build()
+        .await
+        .unwrap();
+    let first = engine.drain_once().await.unwrap();
+    let queue = engine.outbox().list(ListFilter::default()).await.unwrap();
+    assert_eq!(
+        first.succeeded, 3,
+        "never-attempted ops were parked by the clock step: {queue:?}"
+    );
+    let retried = &queue[0];
+    assert_eq!(retried.entity_id, "retried");
+    assert_eq!(
+        retried.next_attempt_at,
+        t + 1_000,
+        "the retry waits its Retry-After from now"
+    );
+    clock.advance(Duration::from_millis(1_000));
+    assert_eq!(engine.drain_once().await.unwrap().succeeded, 1);
+    assert_eq!(server.applied_log().await.unwrap().len(), 4);
+}
+
+/// Issue 15 point 9, live runner: ops another process enqueued under a wall
+/// clock 2 h ahead are sent within a heartbeat, not 2 h later.
+#[tokio::test]
+async fn a_live_runner_sends_ops_enqueued_under_a_clock_ahead() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let t = 1_795_000_000_000;
+    let clock = guardian_sync::clock::ManualClock::new(t);
+    let engine = builder(&dir, &server)
+        .clock(clock.clone())
+        .lock(
+            guardian_sync::lock::LockConfig::new(
+                Duration::from_millis(50),
+                Duration::from_secs(60),
+            )
+            .unwrap(),
+        )
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("device", "first", json!({})))
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            engine
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    });
+    wait_applied(&server, 1, "the runner did not start").await;
+    let ahead = guardian_sync::clock::ManualClock::new(t + 7_200_000);
+    let (other, _) = Outbox::open(
+        dir.path().join("outbox.db"),
+        OutboxOptions::default().clock(ahead),
+    )
+    .await
+    .unwrap();
+    for i in 0..3 {
+        other
+            .enqueue(NewOp::create("device", format!("ahead{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    // A heartbeat interval passes on the runner's clock.
+    clock.advance(Duration::from_millis(100));
+    wait_applied(&server, 4, "ops enqueued under a clock ahead were parked").await;
+    stop.send(()).unwrap();
+    runner.await.unwrap().unwrap();
+    other.close().await;
+}
+
 #[tokio::test]
 async fn a_chained_update_after_a_merged_conflict_keeps_remote_fields() {
     let server = server(Faults::default()).await;

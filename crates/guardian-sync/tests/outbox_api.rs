@@ -369,10 +369,10 @@ async fn failed_ops_are_kept_and_do_not_block_anyone() {
         .await
         .unwrap();
     assert_eq!(failed.len(), 1);
-    // Retry puts it back (same key, attempts kept), and it is pending again.
+    // Retry puts it back (same key, attempts reset), and it is pending again.
     outbox.retry_failed(bad.op_id).await.unwrap();
     let op = outbox.get(bad.op_id).await.unwrap().unwrap();
-    assert_eq!((op.state, op.attempts), (OpState::Pending, 1));
+    assert_eq!((op.state, op.attempts), (OpState::Pending, 0));
     assert_eq!(op.idempotency_key, bad.idempotency_key);
     assert_eq!(
         outbox.txn_outcome("ta").await.unwrap(),
@@ -404,6 +404,107 @@ async fn failed_ops_are_kept_and_do_not_block_anyone() {
     ));
     outbox.discard(bad.op_id).await.unwrap();
     assert!(outbox.get(bad.op_id).await.unwrap().is_none());
+}
+
+/// `retry` makes a failed op new again: attempts reset (a full retry
+/// budget) and error cleared, the old ones kept in its history. An op that
+/// had been sent keeps its key and stays immutable (its key may be applied);
+/// one that never was can be cancelled, edited and coalesced into again.
+#[tokio::test]
+async fn retry_makes_a_failed_op_new_again() {
+    let (_dir, _clock, outbox, fence) = fresh().await;
+    let sent = outbox
+        .enqueue(NewOp::create("t", "a", json!({})))
+        .await
+        .unwrap();
+    let never = outbox
+        .enqueue(NewOp::create("t", "b", json!({})))
+        .await
+        .unwrap();
+    // `a` is sent twice and given up on; `b` fails before any send.
+    outbox
+        .fail(&fence, never.op_id, "upcast failed")
+        .await
+        .unwrap();
+    outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox
+        .retry_later(&fence, sent.op_id, T0, "503")
+        .await
+        .unwrap();
+    outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox
+        .fail(&fence, sent.op_id, "gave up after 2 attempts: 503")
+        .await
+        .unwrap();
+    assert_eq!(outbox.retry_all_failed().await.unwrap(), 2);
+
+    let op = outbox.get(sent.op_id).await.unwrap().unwrap();
+    assert_eq!(
+        (op.state, op.attempts, op.last_error.as_deref()),
+        (OpState::Pending, 0, None)
+    );
+    assert_eq!(op.idempotency_key, sent.idempotency_key);
+    assert_eq!(op.next_attempt_at, T0);
+    let last = op.history.last().unwrap();
+    assert_eq!(last.event, "retried");
+    assert_eq!(
+        last.detail,
+        "failed after 2 attempt(s): gave up after 2 attempts: 503"
+    );
+    assert!(!op.never_attempted(), "its key may be applied");
+    assert!(matches!(
+        outbox.cancel(sent.op_id).await.unwrap_err(),
+        OutboxError::AlreadyAttempted { attempts: 0, .. }
+    ));
+    assert!(matches!(
+        outbox
+            .edit_payload(sent.op_id, json!({"x": 1}))
+            .await
+            .unwrap_err(),
+        OutboxError::AlreadyAttempted { .. }
+    ));
+    let behind = outbox
+        .enqueue(NewOp::update("t", "a", json!({"x": 2})))
+        .await
+        .unwrap();
+    assert!(behind.coalesced.is_none(), "coalesced into a sent op");
+
+    let op = outbox.get(never.op_id).await.unwrap().unwrap();
+    assert_eq!((op.attempts, op.last_error.as_deref()), (0, None));
+    assert_eq!(op.history.last().unwrap().event, "requeued");
+    assert!(op.never_attempted());
+    let merged = outbox
+        .enqueue(NewOp::update("t", "b", json!({"y": 1})))
+        .await
+        .unwrap();
+    assert!(merged.coalesced.is_some());
+    outbox.cancel(never.op_id).await.unwrap();
+
+    // A full budget again: claiming counts from zero.
+    let got = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    assert_eq!(
+        got.iter()
+            .map(|o| (o.op_id, o.attempts))
+            .collect::<Vec<_>>(),
+        [(sent.op_id, 1)]
+    );
+}
+
+/// One spelling of the state names everywhere: `in_flight`, as stored and
+/// serialized; the older `in-flight` is still read.
+#[test]
+fn state_names_have_one_spelling() {
+    assert_eq!(
+        serde_json::to_value(OpState::InFlight).unwrap(),
+        json!("in_flight")
+    );
+    assert_eq!(OpState::InFlight.as_str(), "in_flight");
+    for name in ["in_flight", "in-flight"] {
+        assert_eq!(
+            serde_json::from_value::<OpState>(json!(name)).unwrap(),
+            OpState::InFlight
+        );
+    }
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use guardian_sync::clock::{Clock, SystemClock};
 use guardian_sync::op::{NewOp, OpState, PendingOp};
 use guardian_sync::outbox::{ListFilter, OpenReport, Outbox, OutboxOptions};
+use guardian_sync::retry::{clamp_due, RetryPolicy};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -21,7 +22,7 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// List queued and failed ops (a table, or JSON with --json).
     Ops(OpsArgs),
-    /// Put a failed op (or all of them) back in the queue.
+    /// Put a failed op (or all of them) back in the queue as new: attempts reset, error cleared (kept in its history).
     Retry(RetryArgs),
     /// Remove a failed op for good.
     Discard {
@@ -71,10 +72,12 @@ pub(crate) struct EnqueueArgs {
     no_coalesce: bool,
 }
 
-/// State filter of `ops`.
+/// State filter of `ops`: the names of the JSON output (`in-flight` is
+/// accepted too, as earlier versions spelled it).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub(crate) enum StateArg {
     Pending,
+    #[value(name = "in_flight", alias = "in-flight")]
     InFlight,
     Failed,
 }
@@ -184,7 +187,13 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
         Command::Enqueue(args) => enqueue(global, args).await,
         Command::Status(args) => {
             let outbox = open(path, false, true).await?;
-            let stats = outbox.stats().await?;
+            let mut stats = outbox.stats().await?;
+            let now = SystemClock::new().now_millis();
+            // As a runner will see it: a time stored under a wall clock
+            // ahead of this one is not shown as hours away.
+            stats.next_attempt_at = outbox
+                .next_attempt(now, RetryPolicy::default().horizon())
+                .await?;
             let lock = outbox.lock_read().await?;
             let runner: Option<Value> = outbox
                 .meta_get(guardian_sync::engine::RUNNER_STATUS_KEY)
@@ -202,7 +211,6 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
                 v["runner"] = runner;
                 return print_json(&v);
             }
-            let now = SystemClock::new().now_millis();
             println!("outbox:       {}", path.display());
             println!("pending:      {}", stats.pending);
             println!("in flight:    {}", stats.in_flight);
@@ -389,11 +397,16 @@ fn print_table(ops: &[PendingOp]) {
         "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  ERROR",
         "SEQ", "OP ID", "KIND", "ENTITY", "STATE", "TRY", "NEXT", "COAL", "RECON"
     );
+    let horizon = RetryPolicy::default().horizon();
     for op in ops {
-        let next = if op.next_attempt_at <= now {
+        // As a runner will see it (a time stored under a clock ahead is not shown as hours away).
+        let due = clamp_due(op.next_attempt_at, op.attempts, op.updated_at, now, horizon);
+        let next = if op.state != OpState::Pending {
+            "-".to_owned()
+        } else if due <= now {
             "now".to_owned()
         } else {
-            format!("+{}s", (op.next_attempt_at - now + 999) / 1000)
+            format!("+{}s", (due - now + 999) / 1000)
         };
         let line = format!(
             "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {}",

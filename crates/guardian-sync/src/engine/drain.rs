@@ -545,13 +545,21 @@ impl Inner {
         })]
     }
 
-    /// Keeps stored backoffs their length across wall-clock steps.
+    /// Keeps stored backoffs their length across wall-clock steps: a step
+    /// seen by this runner re-bases the schedule by its size; then stored
+    /// times further ahead than they may wait (written by any process before
+    /// a step back, seen or not) are clamped, at the start of each session,
+    /// after a step, and at most once a heartbeat interval otherwise (it
+    /// reads every head in backoff). Both use one reading of the clock, and
+    /// the re-base goes first, so no step is taken out twice.
     async fn rebase_after_clock_step(&self, fence: &Fence) -> Result<(), EngineError> {
+        let now = self.clock.now_millis();
+        let mono = self.clock.monotonic();
         let step = self
             .clock_watch
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .observe(self.clock.now_millis(), self.clock.monotonic());
+            .observe(now, mono);
         if let Some(step) = step {
             // Ops not yet due in the old timeline move by the step. After a
             // step back, ops that were already due would look due far in the
@@ -566,6 +574,31 @@ impl Inner {
                 moved,
                 "wall clock stepped; re-based the schedule of pending ops"
             );
+        }
+        let clamp = {
+            let mut last = self
+                .schedule_clamped_at
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = step.is_some()
+                || last.is_none_or(|at| mono.saturating_sub(at) >= self.lock.heartbeat_interval);
+            if due {
+                *last = Some(mono);
+            }
+            due
+        };
+        if clamp {
+            let moved = self
+                .outbox
+                .clamp_schedule(fence, now, self.retry.horizon())
+                .await?;
+            if moved > 0 {
+                tracing::warn!(
+                    moved,
+                    "ops were scheduled further ahead than they may wait (written under a \
+                     wall clock ahead of this one); they are due again"
+                );
+            }
         }
         Ok(())
     }

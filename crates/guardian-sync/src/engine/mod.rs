@@ -329,6 +329,7 @@ impl SyncEngineBuilder {
                 auth_paused: AtomicBool::new(false),
                 stall_after: self.stall_after,
                 clock_watch: Mutex::new(clock_watch::ClockWatch::new(Duration::from_secs(2))),
+                schedule_clamped_at: Mutex::new(None),
                 owner_id: self
                     .owner_id
                     .unwrap_or_else(|| format!("runner-{}", uuid::Uuid::now_v7())),
@@ -364,6 +365,9 @@ struct Inner {
     owner_id: String,
     /// Detects wall-clock steps, to re-base stored backoffs.
     clock_watch: Mutex<clock_watch::ClockWatch>,
+    /// When (monotonic) this session last clamped stored schedules; `None`
+    /// at the start of a session.
+    schedule_clamped_at: Mutex<Option<Duration>>,
 }
 
 impl Inner {

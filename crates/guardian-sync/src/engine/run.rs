@@ -100,6 +100,13 @@ impl SyncEngine {
                 took_over_from,
             } => {
                 report.acquisitions += 1;
+                // Ops written while another process held the lock may lie
+                // ahead of this clock: check them at the first claim.
+                *self
+                    .inner
+                    .schedule_clamped_at
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 if took_over_from.is_some() {
                     report.takeovers += 1;
                 }

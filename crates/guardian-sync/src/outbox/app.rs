@@ -9,7 +9,9 @@ use super::enqueue::check_payload;
 use super::error::OutboxError;
 use super::writer::Ctx;
 use super::{outcomes, rows, upcast};
-use crate::op::{OpId, OpKind, OpState, PendingOp};
+use crate::op::{
+    sent_before_retry, HistoryEntry, OpId, OpKind, OpState, PendingOp, REQUEUED, RETRIED_AFTER_SEND,
+};
 
 /// Which ops [`list`](super::Outbox::list) returns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,7 +72,7 @@ fn expect_never_attempted(op: &PendingOp) -> Result<(), OutboxError> {
             needed: "pending",
         });
     }
-    if op.attempts > 0 {
+    if op.attempts > 0 || sent_before_retry(&op.history) {
         return Err(OutboxError::AlreadyAttempted {
             op_id: op.op_id,
             attempts: op.attempts,
@@ -110,7 +112,11 @@ pub(crate) fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<PendingOp>, 
     Ok(ops)
 }
 
-/// Puts a failed op back in the queue, due now (its key and attempts are kept).
+/// Puts a failed op back in the queue as new: due now, attempt count reset
+/// (a full retry budget) and error cleared. Its key is kept (it may be
+/// applied: the server then replays the result), and so is the old error,
+/// in its history. An op that had been sent stays marked as such there, so
+/// it is never coalesced into, edited or cancelled.
 pub(crate) fn retry_failed(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<(), OutboxError> {
     let op = load(conn, op_id)?;
     if op.state != OpState::Failed {
@@ -121,10 +127,28 @@ pub(crate) fn retry_failed(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<
         });
     }
     let now = ctx.now();
+    let mut history = op.history;
+    history.push(HistoryEntry {
+        at: now,
+        event: if op.attempts > 0 {
+            RETRIED_AFTER_SEND
+        } else {
+            REQUEUED
+        }
+        .to_owned(),
+        detail: format!(
+            "failed after {} attempt(s): {}",
+            op.attempts,
+            op.last_error.as_deref().unwrap_or("no error recorded")
+        ),
+        old_idempotency_key: None,
+        app_payload: None,
+    });
     conn.prepare_cached(
-        "UPDATE ops SET state = 'pending', next_attempt_at = ?1, updated_at = ?1 WHERE seq = ?2",
+        "UPDATE ops SET state = 'pending', attempts = 0, last_error = NULL, history = ?1, \
+         next_attempt_at = ?2, updated_at = ?2 WHERE seq = ?3",
     )?
-    .execute(params![now, op.seq])?;
+    .execute(params![serde_json::to_string(&history)?, now, op.seq])?;
     // It may still carry an old envelope version: list it for the next open.
     upcast::note_version(conn, op.envelope_version)?;
     for t in &op.txn_tokens {
@@ -258,6 +282,41 @@ fn next_ready_at(conn: &Connection) -> rusqlite::Result<Option<i64>> {
         "SELECT min(next_attempt_at) FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1",
     )?
     .query_row([], |r| r.get(0))
+}
+
+/// When the next ready head is due as the runner will see it
+/// ([`crate::retry::clamp_due`]), for display: a stored time written under a
+/// wall clock ahead of `now` is not shown as hours away. Reads the heads in
+/// backoff only when none is due.
+pub(crate) fn next_attempt(
+    conn: &Connection,
+    now: i64,
+    horizon: std::time::Duration,
+) -> Result<Option<i64>, OutboxError> {
+    let Some(first) = next_ready_at(conn)? else {
+        return Ok(None);
+    };
+    if first <= now {
+        return Ok(Some(first));
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT o.next_attempt_at, o.attempts, o.updated_at FROM ops AS o \
+         WHERE o.seq IN (SELECT seq FROM ops INDEXED BY ops_ready \
+         WHERE state = 'pending' AND is_head = 1 AND next_attempt_at > ?1)",
+    )?;
+    let mut rows = stmt.query([now])?;
+    let mut due = first;
+    while let Some(r) = rows.next()? {
+        let attempts = u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX);
+        due = due.min(crate::retry::clamp_due(
+            r.get(0)?,
+            attempts,
+            r.get(2)?,
+            now,
+            horizon,
+        ));
+    }
+    Ok(Some(due))
 }
 
 /// What the run loop needs between drain steps, from indexes only (no

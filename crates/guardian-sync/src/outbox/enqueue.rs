@@ -10,7 +10,7 @@ use super::error::EnqueueError;
 use super::writer::Ctx;
 use super::{outcomes, rows, upcast};
 use crate::coalesce::{self, Decision, TailOp};
-use crate::op::{NewOp, OpId, OpKind, OpState};
+use crate::op::{sent_before_retry, HistoryEntry, NewOp, OpId, OpKind, OpState};
 
 /// What `enqueue` did with an op.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +178,7 @@ impl Prepared {
 /// just before it, oldest first (empty if the entity has no active op).
 fn tail(conn: &Connection, p: &Prepared, only_last: bool) -> rusqlite::Result<Vec<TailOp>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, kind, state, attempts FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
+        "SELECT seq, kind, state, attempts, history FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
          AND state IN ('pending', 'in_flight') ORDER BY seq DESC",
     )?;
     let mut rows = stmt.query(params![p.entity_type, p.entity_id])?;
@@ -187,7 +187,12 @@ fn tail(conn: &Connection, p: &Prepared, only_last: bool) -> rusqlite::Result<Ve
         let kind: String = r.get(1)?;
         let state: String = r.get(2)?;
         let attempts: i64 = r.get(3)?;
-        let never_attempted = attempts == 0 && OpState::parse(&state) == Some(OpState::Pending);
+        // A retried op starts again at zero attempts but may be applied:
+        // its history says so (an unreadable history counts as sent).
+        let never_attempted = attempts == 0
+            && OpState::parse(&state) == Some(OpState::Pending)
+            && serde_json::from_str::<Vec<HistoryEntry>>(&r.get::<_, String>(4)?)
+                .is_ok_and(|h| !sent_before_retry(&h));
         out.push(TailOp {
             seq: r.get(0)?,
             kind: OpKind::parse(&kind).unwrap_or(OpKind::Update),

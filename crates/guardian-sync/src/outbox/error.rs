@@ -165,12 +165,13 @@ pub enum OutboxError {
         /// What the call needs.
         needed: &'static str,
     },
-    /// The op was already sent at least once; its request must not change.
-    #[error("op {op_id} was already attempted {attempts} time(s); its key may be applied, so it cannot be changed")]
+    /// The op was already sent at least once (perhaps before a `retry`
+    /// reset its attempt count); its request must not change.
+    #[error("op {op_id} was already sent ({attempts} attempt(s) since it was last queued); its key may be applied, so it cannot be changed")]
     AlreadyAttempted {
         /// The op.
         op_id: OpId,
-        /// Sends started so far.
+        /// Sends started since it was last queued (0 after a `retry`).
         attempts: u32,
     },
     /// A new payload was refused.

@@ -692,6 +692,21 @@ impl Outbox {
             .await
     }
 
+    /// When the next ready op is due as a runner at wall time `now_ms`
+    /// with a retry policy of this `horizon` sees it
+    /// ([`crate::retry::clamp_due`]: a time stored under a wall clock ahead
+    /// is not shown as hours away), or `None` when none is pending.
+    pub async fn next_attempt(
+        &self,
+        now_ms: i64,
+        horizon: Duration,
+    ) -> Result<Option<i64>, OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, _| app::next_attempt(conn, now_ms, horizon))
+            .await
+    }
+
     /// Whether any op is pending or in flight, and when the next ready op is
     /// due: two index lookups, cheap at any queue length (unlike `stats`).
     pub async fn next_due(&self) -> Result<NextDue, OutboxError> {

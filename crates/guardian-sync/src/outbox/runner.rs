@@ -3,6 +3,7 @@
 //! so a runner that lost the lock writes nothing more (DESIGN §11.4).
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
@@ -12,6 +13,7 @@ use super::error::OutboxError;
 use super::writer::Ctx;
 use super::{lock_row, outcomes, rows};
 use crate::op::{Ack, Fence, HistoryEntry, OpId, OpState, PendingOp, Reconciled};
+use crate::retry::clamp_due;
 
 fn load(conn: &Connection, op_id: OpId) -> Result<PendingOp, OutboxError> {
     rows::by_id(conn, op_id)?.ok_or(OutboxError::NotFound(op_id))
@@ -379,13 +381,63 @@ pub(crate) fn rebase_schedule(
     delta_ms: i64,
 ) -> Result<u64, OutboxError> {
     lock_row::check(conn, fence)?;
+    // `updated_at` moves too: the row is then wholly in the new timeline,
+    // and `clamp_schedule` finds nothing more to take out.
     let moved = conn
         .prepare_cached(
-            "UPDATE ops SET next_attempt_at = next_attempt_at + ?1 \
+            "UPDATE ops SET next_attempt_at = next_attempt_at + ?1, updated_at = updated_at + ?1 \
              WHERE state = 'pending' AND next_attempt_at > ?2 AND updated_at <= ?3",
         )?
         .execute(params![delta_ms, after_ms, scheduled_by_ms])?;
     Ok(u64::try_from(moved).unwrap_or(0))
+}
+
+/// Brings every ready head due after `now` back to when it is due by
+/// [`clamp_due`] (never attempted: now; written under a clock ahead: its
+/// delay from now; never beyond `horizon`), so an op written before a step
+/// back of the wall clock is not parked for the size of the step. Rows it
+/// moves get `updated_at = now`: they are in this timeline from then on.
+/// Reads the part of `ops_ready` due after `now`: the heads in backoff.
+/// Returns how many moved.
+pub(crate) fn clamp_schedule(
+    conn: &Connection,
+    fence: &Fence,
+    now: i64,
+    horizon: Duration,
+) -> Result<u64, OutboxError> {
+    lock_row::check(conn, fence)?;
+    let moves: Vec<(i64, i64)> = {
+        let mut stmt = conn.prepare_cached(
+            "SELECT o.seq, o.next_attempt_at, o.attempts, o.updated_at FROM ops AS o \
+             WHERE o.seq IN (SELECT seq FROM ops INDEXED BY ops_ready \
+             WHERE state = 'pending' AND is_head = 1 AND next_attempt_at > ?1)",
+        )?;
+        let rows = stmt.query_map([now], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        let mut moves = Vec::new();
+        for row in rows {
+            let (seq, next, attempts, updated_at) = row?;
+            let attempts = u32::try_from(attempts).unwrap_or(u32::MAX);
+            let due = clamp_due(next, attempts, updated_at, now, horizon);
+            if due != next {
+                moves.push((seq, due));
+            }
+        }
+        moves
+    };
+    let mut update = conn.prepare_cached(
+        "UPDATE ops SET next_attempt_at = ?1, updated_at = min(updated_at, ?2) WHERE seq = ?3",
+    )?;
+    for &(seq, due) in &moves {
+        update.execute(params![due, now, seq])?;
+    }
+    Ok(u64::try_from(moves.len()).unwrap_or(u64::MAX))
 }
 
 /// A permanent failure: the op moves to the dead-letter list (kept), its
@@ -528,6 +580,24 @@ impl super::Outbox {
             .call(move |conn, ctx| {
                 claim_chains(conn, ctx, &fence, limit, now_ms, max_chain, max_chain_bytes)
             })
+            .await
+    }
+
+    /// Brings ready ops whose stored `next_attempt_at` lies further ahead
+    /// than they may wait back to when they are due (see
+    /// [`crate::retry::clamp_due`]; `horizon` is the retry policy's
+    /// [`crate::retry::RetryPolicy::horizon`]), after a step back of the
+    /// wall clock, whoever wrote them. Fenced. Returns how many moved.
+    pub async fn clamp_schedule(
+        &self,
+        fence: &Fence,
+        now_ms: i64,
+        horizon: Duration,
+    ) -> Result<u64, OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, _| clamp_schedule(conn, &fence, now_ms, horizon))
             .await
     }
 
