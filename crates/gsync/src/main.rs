@@ -23,7 +23,6 @@ macro_rules! print {
 mod cmd;
 mod logging;
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
