@@ -45,17 +45,22 @@ async fn gsync(prefix: &[&str], outbox: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// A one-line `gsync: ...` error and no panic.
+/// A one-line error (`gsync: ...`, or with `--json` a JSON error object)
+/// and no panic.
 fn assert_clean_failure(out: &Output, what: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_no_panic(&stderr);
     assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
-    let errors: Vec<&str> = stderr
-        .lines()
-        .filter(|l| l.starts_with("gsync: "))
-        .collect();
+    let message = |line: &str| -> Option<String> {
+        if let Some(text) = line.strip_prefix("gsync: ") {
+            return Some(text.to_owned());
+        }
+        let v: Value = serde_json::from_str(line).ok()?;
+        v["error"]["message"].as_str().map(str::to_owned)
+    };
+    let errors: Vec<String> = stderr.lines().filter_map(message).collect();
     assert!(
-        errors.len() == 1 && !errors[0].trim_start_matches("gsync: ").is_empty(),
+        errors.len() == 1 && !errors[0].is_empty(),
         "{what}: expected one clear error line, got: {stderr}"
     );
 }

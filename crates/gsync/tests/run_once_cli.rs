@@ -463,3 +463,45 @@ async fn serve_json_prints_its_listening_line_as_json() {
     assert_eq!(v["event"], "listening");
     assert!(v["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
 }
+
+/// On a terminal (a pty from `script`), the progress line redraws on its
+/// own while the runner waits for an open breaker, counting down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_line_counts_down_on_a_terminal() {
+    common::require_tool("script", "bsdutils");
+    let server = server(unavailable(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    enqueue(&outbox, 3).await;
+    let line = format!(
+        "'{}' --outbox '{}' run --once --server {} --token {TOKEN} --retry-base 50ms \
+         --retry-cap 200ms --breaker-threshold 2 --breaker-cooldown 4s --max-wait 5s",
+        env!("CARGO_BIN_EXE_gsync"),
+        outbox.display(),
+        server.url()
+    );
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::process::Command::new("script")
+            .args(["-qfec", &line, "/dev/null"])
+            .env_remove("RUST_LOG")
+            .env("TERM", "xterm")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the run under a pty did not end")
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let countdowns: std::collections::BTreeSet<&str> = text
+        .split(['\r', '\n'])
+        .filter_map(|l| l.split("breaker open, trial in ").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter(|n| !n.is_empty())
+        .collect();
+    assert!(
+        countdowns.len() >= 2,
+        "the line did not count down while waiting: {countdowns:?} in {text:?}"
+    );
+}
