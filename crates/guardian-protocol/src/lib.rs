@@ -49,8 +49,10 @@ pub struct Entity {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreateRequest {
     /// Client-chosen id of the new entity.
+    #[schema(pattern = r"^[A-Za-z0-9._-]{1,128}$")]
     pub id: String,
     /// Initial data, a JSON object.
+    #[schema(value_type = Object)]
     pub data: Value,
 }
 
@@ -58,6 +60,7 @@ pub struct CreateRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpdateRequest {
     /// New data, a JSON object that replaces the old one.
+    #[schema(value_type = Object)]
     pub data: Value,
 }
 

@@ -2,7 +2,9 @@
 //! annotations so it cannot drift from the code. Served at `/openapi.json`
 //! and committed as `docs/openapi.json` (a test compares the two).
 
+use utoipa::openapi::path::Operation;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use crate::routes::{admin, batch, changes, entities, health, realtime};
@@ -31,7 +33,7 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
         crate::faults::Faults, crate::faults::RetryAfter, crate::faults::RetryAfterForm,
         crate::store::AppliedMutation,
     )),
-    modifiers(&Security),
+    modifiers(&Security, &CommonResponses),
     tags(
         (name = "entities", description = "Versioned entities"),
         (name = "batch", description = "Many mutations in one request"),
@@ -55,6 +57,82 @@ impl Modify for Security {
             );
         }
     }
+}
+
+/// Adds the statuses the middleware and the body extractor can answer on
+/// every operation they wrap, so that no route's list misses one:
+/// `/v1` routes 401 (token), 429 (rate limit, injected), 500 (database,
+/// injected), 502 (injected) and 503 (request timeout, injected); routes
+/// with a JSON body 400 (malformed), 413 (declared or actual size) and 415
+/// (not JSON); `/admin` routes 401 (admin token) and 404 (disabled: no
+/// admin token configured).
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in &mut openapi.paths.paths {
+            let ops = [
+                item.get.as_mut(),
+                item.put.as_mut(),
+                item.post.as_mut(),
+                item.delete.as_mut(),
+            ];
+            for op in ops.into_iter().flatten() {
+                let has_body = op.request_body.is_some();
+                if path.starts_with("/v1/") {
+                    add(
+                        op,
+                        401,
+                        "`unauthorized`: no bearer token, or an unknown one",
+                    );
+                    add(op, 429, "`rate-limited` (tenant rate limit, or an injected fault): retry after `Retry-After`");
+                    add(op, 500, "`internal`: the database failed, or an injected fault; nothing was applied");
+                    add(
+                        op,
+                        502,
+                        "`unavailable`: an injected fault; nothing was applied",
+                    );
+                    add(op, 503, "`timeout` (the request timeout expired before commit) or `unavailable` (an injected fault); nothing was applied, retry after `Retry-After`");
+                } else if path.starts_with("/admin/") {
+                    add(op, 401, "`unauthorized`: not the admin token");
+                    add(op, 404, "`not-found`: the admin routes are disabled (the server has no admin token)");
+                }
+                if has_body {
+                    add(
+                        op,
+                        400,
+                        "`bad-request`: malformed JSON or an unexpected shape",
+                    );
+                    add(
+                        op,
+                        413,
+                        "`payload-too-large`: the body (declared or sent) is over the body limit",
+                    );
+                    add(op, 415, "`bad-request`: the body is not `application/json`");
+                }
+            }
+        }
+    }
+}
+
+/// Adds a problem response for `status` unless the operation declares it.
+fn add(op: &mut Operation, status: u16, description: &str) {
+    op.responses
+        .responses
+        .entry(status.to_string())
+        .or_insert_with(|| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        guardian_protocol::PROBLEM_CONTENT_TYPE,
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("Problem")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        });
 }
 
 /// The OpenAPI document.

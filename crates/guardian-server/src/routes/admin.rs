@@ -61,7 +61,8 @@ pub(crate) async fn put_faults(
 
 /// Every applied mutation, for tests that run the server out of process.
 #[utoipa::path(get, path = "/admin/applied", tag = "admin",
-    responses((status = 200, description = "The applied-mutations log, in order", body = Vec<AppliedMutation>)),
+    responses((status = 200, description = "The applied-mutations log, in order", body = Vec<AppliedMutation>),
+              (status = 500, description = "`internal`: the database failed", body = Problem, content_type = "application/problem+json")),
     security(("admin" = [])))]
 pub(crate) async fn applied(State(state): State<AppState>) -> Response {
     match state.store.applied_log().await {

@@ -40,8 +40,8 @@ pub(crate) fn param(
     path = "/v1/changes",
     tag = "changes",
     params(
-        ("since" = Option<u64>, Query, description = "Return changes after this cursor (default 0)"),
-        ("limit" = Option<u64>, Query, description = "Page size, 1..=1000 (default 100)"),
+        ("since" = Option<u64>, Query, description = "Return changes after this cursor (default 0)", minimum = 0),
+        ("limit" = Option<u64>, Query, description = "Page size (default 100); above 1000 a page holds 1000", minimum = 1),
     ),
     responses(
         (status = 200, description = "A page of changes; pass `next` as `since` for the next page. `head` is the feed's latest cursor", body = ChangesPage),

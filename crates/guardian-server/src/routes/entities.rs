@@ -43,8 +43,8 @@ fn slot(r: Result<crate::store::MutationInput, ApiError>) -> Slot {
     path = "/v1/entities/{type}",
     tag = "entities",
     params(
-        ("type" = String, Path, description = "Entity type, `[a-z][a-z0-9_]{0,63}`"),
-        ("Idempotency-Key" = String, Header, description = "Client-chosen key; the same key on every retry"),
+        ("type" = String, Path, description = "Entity type", pattern = r"^[a-z][a-z0-9_]{0,63}$"),
+        ("Idempotency-Key" = String, Header, description = "Client-chosen key, 1 to 255 visible ASCII characters; the same key on every retry", pattern = r"^[\x21-\x7e]{1,255}$"),
     ),
     request_body = CreateRequest,
     responses(
@@ -89,11 +89,12 @@ pub(crate) async fn create(
     path = "/v1/entities/{type}/{id}",
     tag = "entities",
     params(
-        ("type" = String, Path, description = "Entity type"),
-        ("id" = String, Path, description = "Entity id, `[A-Za-z0-9._-]{1,128}`"),
+        ("type" = String, Path, description = "Entity type", pattern = r"^[a-z][a-z0-9_]{0,63}$"),
+        ("id" = String, Path, description = "Entity id (`.` and `..` cannot be addressed in a URL path)", pattern = r"^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$"),
     ),
     responses(
         (status = 200, description = "The entity", body = Entity, headers(("ETag" = String, description = "Quoted version"))),
+        (status = 400, description = "`bad-request`: the type or id does not match its pattern", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`gone`: deleted; `current` is the tombstone", body = Problem, content_type = "application/problem+json"),
     ),
@@ -136,10 +137,10 @@ pub(crate) async fn get(
     path = "/v1/entities/{type}/{id}",
     tag = "entities",
     params(
-        ("type" = String, Path, description = "Entity type"),
-        ("id" = String, Path, description = "Entity id"),
-        ("Idempotency-Key" = String, Header, description = "Client-chosen key; the same key on every retry"),
-        ("If-Match" = Option<String>, Header, description = "Expected version, quoted (`\"3\"`) or `*`; required when the server runs with --require-if-match"),
+        ("type" = String, Path, description = "Entity type", pattern = r"^[a-z][a-z0-9_]{0,63}$"),
+        ("id" = String, Path, description = "Entity id (`.` and `..` cannot be addressed in a URL path)", pattern = r"^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$"),
+        ("Idempotency-Key" = String, Header, description = "Client-chosen key, 1 to 255 visible ASCII characters; the same key on every retry", pattern = r"^[\x21-\x7e]{1,255}$"),
+        ("If-Match" = Option<String>, Header, description = "Expected version, quoted (`\"3\"`) or `*`; required when the server runs with --require-if-match", pattern = r#"^(\*|"[0-9]{1,19}"|[0-9]{1,19})$"#),
     ),
     request_body = UpdateRequest,
     responses(
@@ -187,13 +188,14 @@ pub(crate) async fn update(
     path = "/v1/entities/{type}/{id}",
     tag = "entities",
     params(
-        ("type" = String, Path, description = "Entity type"),
-        ("id" = String, Path, description = "Entity id"),
-        ("Idempotency-Key" = String, Header, description = "Client-chosen key; the same key on every retry"),
-        ("If-Match" = Option<String>, Header, description = "Expected version, quoted, or `*`"),
+        ("type" = String, Path, description = "Entity type", pattern = r"^[a-z][a-z0-9_]{0,63}$"),
+        ("id" = String, Path, description = "Entity id (`.` and `..` cannot be addressed in a URL path)", pattern = r"^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$"),
+        ("Idempotency-Key" = String, Header, description = "Client-chosen key, 1 to 255 visible ASCII characters; the same key on every retry", pattern = r"^[\x21-\x7e]{1,255}$"),
+        ("If-Match" = Option<String>, Header, description = "Expected version, quoted, or `*`", pattern = r#"^(\*|"[0-9]{1,19}"|[0-9]{1,19})$"#),
     ),
     responses(
         (status = 204, description = "Deleted"),
+        (status = 400, description = "`bad-request`: bad type or id, bad If-Match, or `idempotency:missing`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not-found`", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`conflict:version` with `current`, or `idempotency:in-flight`", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`gone`: already deleted", body = Problem, content_type = "application/problem+json"),

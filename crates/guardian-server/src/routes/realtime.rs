@@ -38,10 +38,11 @@ const POLICY: u16 = 1008;
     get,
     path = "/v1/realtime",
     tag = "realtime",
-    params(("since" = Option<u64>, Query, description = "Resume after this cursor; without it only live changes are sent")),
+    params(("since" = Option<u64>, Query, description = "Resume after this cursor; without it only live changes are sent", minimum = 0)),
     responses(
         (status = 101, description = "WebSocket: a `hello` frame with the current cursor, then `change` frames (`{\"type\":\"change\",\"change\":{...}}`), backlog first, then live", body = RealtimeFrame),
         (status = 400, description = "Not a WebSocket upgrade, or bad parameters", body = Problem, content_type = "application/problem+json"),
+        (status = 426, description = "The connection cannot be upgraded (not HTTP/1.1)", body = Problem, content_type = "application/problem+json"),
         (status = 410, description = "`cursor-expired`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))

@@ -72,3 +72,53 @@ async fn openapi_is_served_and_matches_the_committed_document() {
         assert!(doc["paths"].get(p).is_some(), "{p} missing");
     }
 }
+
+/// Every status the middleware and the extractors can answer is declared on
+/// each operation they wrap, and path parameters carry their real syntax
+/// (`.ci/schemathesis.sh` checks the same against the live server).
+#[test]
+fn openapi_declares_every_status_and_the_path_syntax() {
+    let doc: serde_json::Value =
+        serde_json::from_str(&guardian_server::openapi::document_json()).unwrap();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let declared = |status: &str| op["responses"].get(status).is_some();
+            let want: &[&str] = if path.starts_with("/v1/") {
+                &["401", "429", "500", "503"]
+            } else if path.starts_with("/admin/") {
+                &["401", "404"]
+            } else {
+                &[]
+            };
+            for status in want {
+                assert!(
+                    declared(status),
+                    "{method} {path} does not declare {status}"
+                );
+            }
+            if op.get("requestBody").is_some() {
+                for status in ["400", "413", "415"] {
+                    assert!(
+                        declared(status),
+                        "{method} {path} does not declare {status}"
+                    );
+                }
+            }
+            if path == "/v1/entities/{type}/{id}" {
+                assert!(declared("400"), "{method} {path} does not declare 400");
+            }
+            for param in op["parameters"].as_array().into_iter().flatten() {
+                if param["in"] == "path" {
+                    assert!(
+                        param["schema"]["pattern"].is_string(),
+                        "{method} {path}: path parameter {} has no pattern",
+                        param["name"]
+                    );
+                }
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 14);
+}
