@@ -413,3 +413,32 @@ async fn index_damage_is_found_by_check_and_repaired() {
         no_temp_files(dir.path());
     }
 }
+
+/// A value of the wrong type in a row open reads (the lock's epoch) fails
+/// every plain open; the read-only check says the file is damaged, and a
+/// repair salvages it: every op delivered, the epoch still increasing.
+#[tokio::test]
+async fn a_wrong_column_type_met_at_open_is_repaired() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    build(&path, 20).await;
+    {
+        let (outbox, _) = Outbox::open(&path, opts()).await.unwrap();
+        let fence = outbox.lock_acquire("old", None).await.unwrap().unwrap();
+        outbox.lock_release(&fence).await.unwrap();
+        outbox.close().await;
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("UPDATE lock SET heartbeat = 'x\u{FF}'", [])
+            .unwrap();
+    }
+    assert!(Outbox::open(&path, opts()).await.is_err());
+    let err = guardian_sync::outbox::OutboxReader::open(&path).unwrap_err();
+    assert!(err.to_string().contains("--repair"), "{err}");
+    let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
+    assert!(check.ok, "{check:?}");
+    let s = report.salvage.expect("salvaged");
+    assert_eq!(s.ops_saved, 20, "{s:?}");
+    assert_eq!(drain(&outbox).await.len(), 20);
+    outbox.close().await;
+    no_temp_files(dir.path());
+}

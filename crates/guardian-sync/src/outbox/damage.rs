@@ -586,6 +586,20 @@ fn note(report: &mut SalvageReport, msg: String) {
     }
 }
 
+/// None of the small tables holds blobs (a blob here is text that is not
+/// UTF-8), and the lock row's counters are integers: a row that breaks
+/// this would fail every open of the fresh file.
+fn small_row_valid(table: &str, v: &[SqlValue]) -> bool {
+    let no_blob = v.iter().all(|x| !matches!(x, SqlValue::Blob(_)));
+    let ints = |ix: &[usize]| ix.iter().all(|&i| matches!(v[i], SqlValue::Integer(_)));
+    no_blob
+        && match table {
+            "lock" => ints(&[0, 2, 3, 4]) && matches!(v[1], SqlValue::Text(_)),
+            "txn_outcomes" => ints(&[0, 2, 5, 6]),
+            _ => true,
+        }
+}
+
 /// Copies the small tables best-effort.
 fn copy_small(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     let tables: [(&str, &str, usize); 3] = [
@@ -612,8 +626,12 @@ fn copy_small(old: &Connection, new: &Connection, report: &mut SalvageReport) {
             match rows.next() {
                 Ok(Some(row)) => {
                     let values: Result<Vec<SqlValue>, _> =
-                        (0..n).map(|i| row.get::<_, SqlValue>(i)).collect();
+                        (0..n).map(|i| row.get_ref(i).map(owned)).collect();
                     let Ok(values) = values else { continue };
+                    if !small_row_valid(table, &values) {
+                        note(report, format!("a damaged {table} row was not copied"));
+                        continue;
+                    }
                     if new
                         .execute(&insert, rusqlite::params_from_iter(values))
                         .is_ok()

@@ -244,7 +244,7 @@ enum Prep {
 
 /// True for SQLite failures that point at the file's contents rather than
 /// at the system (busy, I/O, disk full, permissions, memory).
-fn content_failure(e: &rusqlite::Error) -> bool {
+pub(crate) fn content_failure(e: &rusqlite::Error) -> bool {
     use rusqlite::ErrorCode as C;
     match e {
         rusqlite::Error::SqliteFailure(f, _) => matches!(

@@ -111,7 +111,9 @@ impl OutboxReader {
         })();
         let schema = match probed {
             Ok(v) => v,
-            Err(e) if super::error::is_corrupt(&e) => return Err(damaged(e.to_string())),
+            Err(e) if super::error::is_corrupt(&e) || super::content_failure(&e) => {
+                return Err(damaged(e.to_string()))
+            }
             Err(e) => return Err(OpenError::Storage(e.into())),
         };
         if schema > schema::SCHEMA_VERSION {
