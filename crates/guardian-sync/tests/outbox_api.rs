@@ -994,7 +994,10 @@ async fn a_newer_schema_is_refused_not_downgraded() {
     let dir = tempfile::tempdir().unwrap();
     let p = path(&dir);
     {
+        // As a newer version would write it: marked as an outbox.
         let conn = rusqlite::Connection::open(&p).unwrap();
+        conn.pragma_update(None, "application_id", 0x4753_4F42)
+            .unwrap();
         conn.pragma_update(None, "user_version", 99).unwrap();
     }
     let err = Outbox::open(&p, OutboxOptions::default())

@@ -63,34 +63,21 @@ async fn count(outbox: &Outbox) -> usize {
         .len()
 }
 
+/// Garbage is not an outbox: refused, left exactly as it was, nothing
+/// created beside it (it used to be moved aside and replaced).
 #[tokio::test]
-async fn garbage_file_is_moved_aside_and_replaced() {
+async fn garbage_file_is_refused_and_left_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("o.db");
     let garbage: Vec<u8> = (0..10_000u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&path, &garbage).unwrap();
-    let (outbox, report) = Outbox::open(&path, opts()).await.unwrap();
-    let s = report.salvage.expect("garbage must be reported");
-    assert!(s.reason.contains("not a SQLite database"), "{s:?}");
-    assert_eq!(s.ops_saved, 0);
-    assert!(s.ops_table_lost);
-    assert_eq!(
-        std::fs::read(&s.moved_to).unwrap(),
-        garbage,
-        "the damaged file is kept as it was"
-    );
-    assert_eq!(moved_files(dir.path()), vec![s.moved_to.clone()]);
-    outbox
-        .enqueue(NewOp::create("thing", "a", json!({})))
-        .await
-        .unwrap();
-    assert_eq!(count(&outbox).await, 1);
-    // And it stays fixed: the next open finds nothing wrong.
-    outbox.close().await;
-    let (_, again) = Outbox::open(&path, opts()).await.unwrap();
-    assert!(again.salvage.is_none());
+    let err = Outbox::open(&path, opts()).await.unwrap_err();
+    assert!(err.to_string().contains("not a guardian outbox"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), garbage);
+    assert!(moved_files(dir.path()).is_empty());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
 
 #[tokio::test]
@@ -98,12 +85,9 @@ async fn short_garbage_and_zero_length_files() {
     let dir = tempfile::tempdir().unwrap();
     let short = dir.path().join("short.db");
     std::fs::write(&short, b"hello").unwrap();
-    let (_, report) = Outbox::open(&short, opts()).await.unwrap();
-    assert!(report
-        .salvage
-        .unwrap()
-        .reason
-        .contains("shorter than a database header"));
+    let err = Outbox::open(&short, opts()).await.unwrap_err();
+    assert!(err.to_string().contains("not a SQLite database"), "{err}");
+    assert_eq!(std::fs::read(&short).unwrap(), b"hello");
 
     let empty = dir.path().join("empty.db");
     std::fs::write(&empty, b"").unwrap();

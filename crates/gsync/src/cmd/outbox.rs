@@ -6,7 +6,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use guardian_sync::clock::{Clock, SystemClock};
 use guardian_sync::op::{NewOp, OpState, PendingOp};
-use guardian_sync::outbox::{ListFilter, OpenReport, Outbox, OutboxOptions};
+use guardian_sync::outbox::{
+    CheckReport, ListFilter, OpenError, OpenReport, Outbox, OutboxOptions, OutboxReader,
+    UnreadableOp,
+};
 use guardian_sync::retry::{clamp_due, RetryPolicy};
 use serde_json::Value;
 use uuid::Uuid;
@@ -34,8 +37,17 @@ pub(crate) enum Command {
         /// The op id.
         op_id: Uuid,
     },
-    /// Run an integrity check; rebuild indexes if it finds problems.
-    Check,
+    /// Check the file and every op row, changing nothing (exit 1 if damaged).
+    Check(CheckArgs),
+}
+
+/// Arguments of `check`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct CheckArgs {
+    /// Repair what the check finds: rebuild indexes, quarantine damaged ops
+    /// (to the failed list) and salvage a damaged file into a fresh one.
+    #[arg(long)]
+    repair: bool,
 }
 
 /// Kind of change to enqueue.
@@ -149,13 +161,26 @@ async fn open(path: &Path, create: bool, coalesce: bool) -> anyhow::Result<Outbo
     Ok(outbox)
 }
 
+/// Opens the outbox for a read-only command: nothing is written, moved or
+/// created, whatever is at the path.
+fn open_read_only(path: &Path) -> anyhow::Result<OutboxReader> {
+    OutboxReader::open(path).map_err(|e| match e {
+        OpenError::Missing { .. } => anyhow::anyhow!(
+            "no outbox at {} (pass --outbox PATH or set GSYNC_OUTBOX)",
+            path.display()
+        ),
+        other => anyhow::Error::new(other),
+    })
+}
+
 fn warn_about(report: &OpenReport) {
     if let Some(s) = &report.salvage {
         eprintln!(
-            "gsync: warning: the outbox was damaged ({}); moved to {}, salvaged {} ops ({} unreadable{})",
+            "gsync: warning: the outbox was damaged ({}); moved to {}, salvaged {} ops ({} quarantined to failed, {} unreadable{})",
             s.reason,
             s.moved_to.display(),
             s.ops_saved,
+            s.ops_quarantined,
             s.ops_unreadable,
             if s.ops_table_lost {
                 ", ops table lost"
@@ -186,18 +211,15 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Enqueue(args) => enqueue(global, args).await,
         Command::Status(args) => {
-            let outbox = open(path, false, true).await?;
-            let mut stats = outbox.stats().await?;
+            let outbox = open_read_only(path)?;
+            let mut stats = outbox.stats()?;
             let now = SystemClock::new().now_millis();
             // As a runner will see it: a time stored under a wall clock
             // ahead of this one is not shown as hours away.
-            stats.next_attempt_at = outbox
-                .next_attempt(now, RetryPolicy::default().horizon())
-                .await?;
-            let lock = outbox.lock_read().await?;
+            stats.next_attempt_at = outbox.next_attempt(now, RetryPolicy::default().horizon())?;
+            let lock = outbox.lock_read()?;
             let runner: Option<Value> = outbox
-                .meta_get(guardian_sync::engine::RUNNER_STATUS_KEY)
-                .await?
+                .meta_get(guardian_sync::engine::RUNNER_STATUS_KEY)?
                 .and_then(|s| serde_json::from_str(&s).ok());
             if global.json {
                 let mut v = serde_json::to_value(&stats)?;
@@ -258,16 +280,25 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ops(args) => {
-            let outbox = open(path, false, true).await?;
-            let ops = outbox
-                .list(ListFilter {
-                    state: args.state.map(OpState::from),
-                    limit: args.limit,
-                    after_seq: args.after,
-                })
-                .await?;
+            let outbox = open_read_only(path)?;
+            let ops = outbox.list_checked(&ListFilter {
+                state: args.state.map(OpState::from),
+                limit: args.limit,
+                after_seq: args.after,
+            })?;
             if global.json {
-                print_json(&ops)
+                let rows = ops
+                    .iter()
+                    .map(|r| match r {
+                        Ok(op) => serde_json::to_value(op),
+                        Err(u) => {
+                            let mut v = serde_json::to_value(u)?;
+                            v["unreadable"] = Value::Bool(true);
+                            Ok(v)
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                print_json(&rows)
             } else {
                 print_table(&ops);
                 Ok(())
@@ -295,32 +326,76 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             let op = outbox.cancel(op_id).await?;
             report(global, "cancelled", &op)
         }
-        Command::Check => {
-            let outbox = open(path, false, true).await?;
-            let check = outbox.check().await?;
-            if global.json {
-                print_json(&check)?;
-            } else if check.ok && !check.reindexed {
-                println!("ok");
+        Command::Check(args) => {
+            let check = if args.repair {
+                let options = OutboxOptions::default();
+                let (outbox, opened, check) = Outbox::repair(path, options)
+                    .await
+                    .with_context(|| format!("cannot repair outbox {}", path.display()))?;
+                warn_about(&opened);
+                outbox.close().await;
+                if global.json {
+                    let mut v = serde_json::to_value(&check)?;
+                    v["salvage"] = serde_json::to_value(&opened.salvage)?;
+                    print_json(&v)?;
+                } else {
+                    print_check(&check, true);
+                }
+                check
             } else {
-                for p in &check.problems {
-                    println!("problem: {p}");
+                let check = open_read_only(path)?.check()?;
+                if global.json {
+                    print_json(&check)?;
+                } else {
+                    print_check(&check, false);
                 }
-                if check.reindexed {
-                    println!("indexes rebuilt");
-                }
-                println!("{}", if check.ok { "ok now" } else { "still damaged" });
-            }
+                check
+            };
             if check.ok {
                 Ok(())
-            } else {
+            } else if args.repair {
                 bail!(
-                    "integrity check failed: {}",
+                    "the outbox is still damaged after the repair: {}",
                     check.remaining.first().map_or("", String::as_str)
                 )
+            } else {
+                bail!("the outbox is damaged; repair it with `gsync check --repair`")
             }
         }
     }
+}
+
+fn print_check(check: &CheckReport, repaired: bool) {
+    for p in &check.problems {
+        println!("problem: {p}");
+    }
+    if check.reindexed {
+        println!("indexes rebuilt");
+    }
+    for u in &check.unreadable_ops {
+        println!("{}", unreadable_line(u));
+    }
+    match (check.ok, repaired) {
+        (true, _) if check.problems.is_empty() && check.unreadable_ops.is_empty() => {
+            println!("ok");
+        }
+        (true, true) => println!("ok now"),
+        (true, false) => println!("ok (damaged ops are quarantined in the failed list)"),
+        (false, true) => println!("still damaged"),
+        (false, false) => println!("damaged"),
+    }
+}
+
+fn unreadable_line(u: &UnreadableOp) -> String {
+    format!(
+        "damaged op: seq {} (op {}, {}/{}, {}): {}",
+        u.seq,
+        cut(&u.op_id, 36),
+        cut(&u.entity_type, 20),
+        cut(&u.entity_id, 20),
+        u.state,
+        u.reason
+    )
 }
 
 fn report(global: &Global, verb: &str, value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -387,7 +462,7 @@ fn cut(s: &str, n: usize) -> String {
     }
 }
 
-fn print_table(ops: &[PendingOp]) {
+fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
     if ops.is_empty() {
         println!("(no ops)");
         return;
@@ -399,6 +474,26 @@ fn print_table(ops: &[PendingOp]) {
     );
     let horizon = RetryPolicy::default().horizon();
     for op in ops {
+        let op = match op {
+            Ok(op) => op,
+            Err(u) => {
+                let line = format!(
+                    "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {}",
+                    u.seq,
+                    cut(&u.op_id, 36),
+                    "?",
+                    cut(&format!("{}/{}", u.entity_type, u.entity_id), 28),
+                    cut(&u.state, 9),
+                    "",
+                    "-",
+                    "",
+                    "",
+                    cut(&u.reason, 80)
+                );
+                println!("{}", line.trim_end());
+                continue;
+            }
+        };
         // As a runner will see it (a time stored under a clock ahead is not shown as hours away).
         let due = clamp_due(op.next_attempt_at, op.attempts, op.updated_at, now, horizon);
         let next = if op.state != OpState::Pending {

@@ -81,35 +81,13 @@ fn expect_never_attempted(op: &PendingOp) -> Result<(), OutboxError> {
     Ok(())
 }
 
+/// Ops in FIFO order; rows that cannot be used are left out (see
+/// [`rows::list_checked`], which shows them).
 pub(crate) fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<PendingOp>, OutboxError> {
-    let limit = i64::try_from(f.limit).unwrap_or(i64::MAX);
-    let ops = if let Some(state) = f.state {
-        // Pending ops are most of the table: walk it in order. The others
-        // are few: read them through the partial `ops_state` index.
-        let sql = if state == OpState::Pending {
-            format!(
-                "SELECT {} FROM ops WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-                rows::OP_COLUMNS
-            )
-        } else {
-            format!(
-                "SELECT {} FROM ops INDEXED BY ops_state WHERE state <> 'pending' AND state = ?1 \
-                 AND seq > ?2 ORDER BY seq LIMIT ?3",
-                rows::OP_COLUMNS
-            )
-        };
-        let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(params![state.as_str(), f.after_seq, limit], rows::read_op)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()?
-    } else {
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {} FROM ops WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            rows::OP_COLUMNS
-        ))?;
-        let rows = stmt.query_map(params![f.after_seq, limit], rows::read_op)?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()?
-    };
-    Ok(ops)
+    Ok(rows::list_checked(conn, f, true)?
+        .into_iter()
+        .filter_map(Result::ok)
+        .collect())
 }
 
 /// Puts a failed op back in the queue as new: due now, attempt count reset

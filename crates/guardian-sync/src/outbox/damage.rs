@@ -16,11 +16,12 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::rows::{self, UnreadableOp};
 use crate::op::{OpKind, OpState};
 
 /// What salvage saved and lost.
@@ -34,6 +35,10 @@ pub struct SalvageReport {
     pub ops_saved: u64,
     /// Op rows found but unreadable (bad values), not copied.
     pub ops_unreadable: u64,
+    /// Op rows whose values do not decode, copied into the failed list
+    /// (quarantined) with the reason, so nothing readable is dropped.
+    #[serde(default)]
+    pub ops_quarantined: u64,
     /// Ranges of positions (`seq`, inclusive) that could not be read at all;
     /// they may have held ops (or been empty). Empty when the scan was clean.
     pub unreadable_seq_ranges: Vec<(i64, i64)>,
@@ -49,10 +54,12 @@ pub struct SalvageReport {
     pub notes: Vec<String>,
 }
 
-/// Result of [`Outbox::check`](super::Outbox::check).
+/// Result of [`Outbox::check`](super::Outbox::check) and
+/// [`OutboxReader::check`](super::OutboxReader::check).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckReport {
-    /// True if the file passes `PRAGMA integrity_check` now.
+    /// True if the file passes `PRAGMA integrity_check` now and every op
+    /// row that cannot be used is in the failed list (quarantined).
     pub ok: bool,
     /// What the first integrity check reported (empty if it said "ok").
     pub problems: Vec<String>,
@@ -60,6 +67,41 @@ pub struct CheckReport {
     pub reindexed: bool,
     /// What remains after the rebuild (empty if it is now ok).
     pub remaining: Vec<String>,
+    /// Op rows that cannot be decoded or do not match their checksum
+    /// (state `failed` once quarantined).
+    #[serde(default)]
+    pub unreadable_ops: Vec<UnreadableOp>,
+}
+
+impl CheckReport {
+    pub(crate) fn new(
+        problems: Vec<String>,
+        reindexed: bool,
+        remaining: Vec<String>,
+        unreadable_ops: Vec<UnreadableOp>,
+    ) -> Self {
+        let structure_ok = if reindexed {
+            remaining.is_empty()
+        } else {
+            problems.is_empty()
+        };
+        Self {
+            ok: structure_ok && unreadable_ops.iter().all(|u| u.state == "failed"),
+            problems,
+            reindexed,
+            remaining,
+            unreadable_ops,
+        }
+    }
+
+    /// True if SQLite's integrity check passes now (whatever the rows hold).
+    pub fn structure_ok(&self) -> bool {
+        if self.reindexed {
+            self.remaining.is_empty()
+        } else {
+            self.problems.is_empty()
+        }
+    }
 }
 
 fn integrity(conn: &Connection) -> rusqlite::Result<Vec<String>> {
@@ -75,7 +117,7 @@ fn integrity(conn: &Connection) -> rusqlite::Result<Vec<String>> {
 
 /// Runs [`integrity`]; a check that SQLite had to abort on a corrupt page
 /// is itself a finding, reported like the others instead of as an error.
-fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+pub(crate) fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     match integrity(conn) {
         Err(e) if super::error::is_corrupt(&e) => {
             Ok(vec![format!("the integrity check stopped: {e}")])
@@ -84,16 +126,14 @@ fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<String>> {
     }
 }
 
-/// Full integrity check; rebuilds indexes if it finds problems.
-pub(crate) fn check(conn: &Connection) -> rusqlite::Result<CheckReport> {
+/// Full integrity check; rebuilds indexes if it finds problems, then
+/// quarantines every active op row that cannot be used (see
+/// [`rows::quarantine`]).
+pub(crate) fn check(conn: &Connection, now: i64) -> rusqlite::Result<CheckReport> {
     let problems = integrity_findings(conn)?;
     if problems.is_empty() {
-        return Ok(CheckReport {
-            ok: true,
-            problems,
-            reindexed: false,
-            remaining: Vec::new(),
-        });
+        let unreadable = quarantine_unreadable(conn, now)?;
+        return Ok(CheckReport::new(problems, false, Vec::new(), unreadable));
     }
     tracing::warn!(
         count = problems.len(),
@@ -106,12 +146,29 @@ pub(crate) fn check(conn: &Connection) -> rusqlite::Result<CheckReport> {
         Err(e) => return Err(e),
         Ok(()) => integrity_findings(conn)?,
     };
-    Ok(CheckReport {
-        ok: remaining.is_empty(),
-        problems,
-        reindexed: true,
-        remaining,
-    })
+    let unreadable = if remaining.is_empty() {
+        quarantine_unreadable(conn, now)?
+    } else {
+        Vec::new()
+    };
+    Ok(CheckReport::new(problems, true, remaining, unreadable))
+}
+
+/// Quarantines every unusable op row not yet in the failed list; returns
+/// all unusable rows as they are now.
+fn quarantine_unreadable(conn: &Connection, now: i64) -> rusqlite::Result<Vec<UnreadableOp>> {
+    let mut found = match rows::unreadable(conn, true) {
+        Err(e) if super::error::is_corrupt(&e) => return Ok(Vec::new()),
+        other => other?,
+    };
+    for u in &mut found {
+        if u.state != "failed" {
+            let reason = format!("quarantined: {}", u.reason);
+            rows::quarantine(conn, now, u.seq, &reason)?;
+            u.state = "failed".into();
+        }
+    }
+    Ok(found)
 }
 
 /// Checks the 100-byte header without SQLite: returns why the file is
@@ -138,6 +195,9 @@ pub(crate) fn header_damage(path: &Path) -> std::io::Result<Option<String>> {
     if page_size < 512 || !page_size.is_power_of_two() {
         return Ok(Some(format!("invalid page size {raw_page} in header")));
     }
+    if let Some(what) = bad_fixed_fields(&header) {
+        return Ok(Some(format!("damaged database header: {what}")));
+    }
     let pages = u32::from_be_bytes([header[28], header[29], header[30], header[31]]);
     let change = &header[24..28];
     let valid_for = &header[92..96];
@@ -159,33 +219,104 @@ pub(crate) fn header_damage(path: &Path) -> std::io::Result<Option<String>> {
     Ok(None)
 }
 
-/// If `path` is shorter than its header's page count (and has no WAL), a
-/// copy of it extended with zero pages to that size; unreadable pages then
-/// fail one by one instead of the whole file being refused.
-fn padded_copy(path: &Path) -> std::io::Result<Option<PathBuf>> {
-    use std::io::Read;
-    let mut header = [0u8; 100];
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    if file.read_exact(&mut header).is_err() || &header[..16] != b"SQLite format 3\0" {
-        return Ok(None);
+/// Header fields that have one valid value (or a few) in every outbox;
+/// SQLite refuses the whole file when one is off.
+fn bad_fixed_fields(h: &[u8; 100]) -> Option<&'static str> {
+    if !matches!(h[18], 1 | 2) || !matches!(h[19], 1 | 2) {
+        return Some("file format version bytes");
     }
+    if h[21..24] != [64, 32, 32] {
+        return Some("payload fraction bytes");
+    }
+    // 0 in both: a database whose first commit is still in the WAL.
+    if u32::from_be_bytes([h[44], h[45], h[46], h[47]]) > 4 {
+        return Some("schema format number");
+    }
+    if u32::from_be_bytes([h[56], h[57], h[58], h[59]]) > 3 {
+        return Some("text encoding");
+    }
+    None
+}
+
+/// Writes valid values into the fields of a copy's header that SQLite
+/// checks before reading anything, keeping the ones it can still use; an
+/// invalid page size becomes SQLite's default, the outbox's.
+fn repair_header(h: &mut [u8; 100]) {
+    h[..16].copy_from_slice(b"SQLite format 3\0");
+    let raw_page = u32::from(u16::from_be_bytes([h[16], h[17]]));
+    let page = if raw_page == 1 { 65_536 } else { raw_page };
+    if !(512..=65_536).contains(&page) || !page.is_power_of_two() {
+        h[16..18].copy_from_slice(&4096u16.to_be_bytes());
+    }
+    for i in [18, 19] {
+        if !matches!(h[i], 1 | 2) {
+            h[i] = 2;
+        }
+    }
+    h[20] = 0;
+    h[21..24].copy_from_slice(&[64, 32, 32]);
+    if u32::from_be_bytes([h[44], h[45], h[46], h[47]]) > 4 {
+        h[44..48].copy_from_slice(&4u32.to_be_bytes());
+    }
+    if u32::from_be_bytes([h[56], h[57], h[58], h[59]]) > 3 {
+        h[56..60].copy_from_slice(&1u32.to_be_bytes());
+    }
+}
+
+/// Removes a working copy and its side files when dropped, whatever path
+/// salvage leaves by: no temporary file survives it.
+struct WorkCopy(PathBuf);
+
+impl Drop for WorkCopy {
+    fn drop(&mut self) {
+        for f in [
+            with_suffix(&self.0, "-wal"),
+            with_suffix(&self.0, "-shm"),
+            with_suffix(&self.0, "-journal"),
+            self.0.clone(),
+        ] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// A copy of the moved file (and its WAL) to read from, so the moved file
+/// stays exactly as it was: its header repaired (see [`repair_header`]),
+/// and, if it is shorter than its header's page count and has no WAL,
+/// extended with zero pages to that size, so unreadable pages fail one by
+/// one instead of the whole file being refused.
+fn work_copy(aside: &Path) -> std::io::Result<WorkCopy> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let copy = WorkCopy(with_suffix(aside, ".salvage"));
+    drop(WorkCopy(copy.0.clone()));
+    std::fs::copy(aside, &copy.0)?;
+    let wal = with_suffix(aside, "-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, with_suffix(&copy.0, "-wal"))?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&copy.0)?;
+    let len = file.metadata()?.len();
+    let mut header = [0u8; 100];
+    if len < 100 || file.read_exact(&mut header).is_err() {
+        return Ok(copy);
+    }
+    repair_header(&mut header);
+    file.seek(SeekFrom::Start(0))?;
+    file.write_all(&header)?;
     let raw_page = u32::from(u16::from_be_bytes([header[16], header[17]]));
     let page_size = u64::from(if raw_page == 1 { 65_536 } else { raw_page });
     let pages = u64::from(u32::from_be_bytes([
         header[28], header[29], header[30], header[31],
     ]));
-    let expected = pages * page_size;
-    if pages == 0 || len >= expected || with_suffix(path, "-wal").exists() {
-        return Ok(None);
+    let expected = pages.saturating_mul(page_size);
+    // A damaged page count may claim anything: pad only up to twice the file.
+    if pages > 0 && len < expected && expected <= len.saturating_mul(2) && !wal.exists() {
+        file.set_len(expected)?;
     }
-    let copy = with_suffix(path, ".salvage");
-    std::fs::copy(path, &copy)?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&copy)?
-        .set_len(expected)?;
-    Ok(Some(copy))
+    Ok(copy)
 }
 
 /// `<path><suffix>` as a path.
@@ -234,7 +365,23 @@ const OP_COPY_COLUMNS: &[&str] = &[
     "history",
 ];
 
-/// Rejects rows whose values cannot be a valid op (they would poison the fresh file).
+/// A stored value as an owned one; text that is not UTF-8 is kept, as a
+/// blob (rusqlite's own conversion panics on it).
+fn owned(v: ValueRef<'_>) -> SqlValue {
+    match v {
+        ValueRef::Null => SqlValue::Null,
+        ValueRef::Integer(i) => SqlValue::Integer(i),
+        ValueRef::Real(f) => SqlValue::Real(f),
+        ValueRef::Text(t) => match std::str::from_utf8(t) {
+            Ok(s) => SqlValue::Text(s.to_owned()),
+            Err(_) => SqlValue::Blob(t.to_vec()),
+        },
+        ValueRef::Blob(b) => SqlValue::Blob(b.to_vec()),
+    }
+}
+
+/// Rejects rows whose values cannot be a valid op: they are copied into
+/// the failed list instead of the queue.
 fn op_row_valid(v: &[SqlValue]) -> bool {
     let text = |i: usize| match &v[i] {
         SqlValue::Text(s) => Some(s.as_str()),
@@ -267,9 +414,19 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
         return;
     }
     let cols = OP_COPY_COLUMNS.join(", ");
-    let select = format!("SELECT {cols} FROM ops WHERE seq >= ?1 ORDER BY seq");
+    // A row keeps its stored seal (a row altered on disk stays detectable
+    // and is quarantined before it is sent); rows of files older than the
+    // seals get one computed from what they hold.
+    let sealed = old.prepare("SELECT checksum FROM ops LIMIT 0").is_ok();
+    let seal = if sealed { "checksum" } else { "NULL" };
+    let select = format!("SELECT {cols}, {seal} FROM ops WHERE seq >= ?1 ORDER BY seq");
     let placeholders = vec!["?"; OP_COPY_COLUMNS.len()].join(", ");
-    let insert = format!("INSERT OR IGNORE INTO ops ({cols}) VALUES ({placeholders})");
+    let n = OP_COPY_COLUMNS.len();
+    let insert = format!(
+        "INSERT OR IGNORE INTO ops ({cols}, checksum) VALUES ({placeholders}, \
+         CASE WHEN {sealed} THEN ?{} ELSE op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8) END)",
+        n + 1
+    );
     // A tiny table that usually survives when the end of `ops` does not
     // bounds every seq ever used: `ops_seq_mark.bound` (schema 3), or
     // AUTOINCREMENT's `sqlite_sequence` (schemas 1 and 2).
@@ -366,26 +523,15 @@ fn scan_from(
         match rows.next() {
             Ok(None) => return end,
             Ok(Some(row)) => {
-                let values: Result<Vec<SqlValue>, _> = (0..OP_COPY_COLUMNS.len())
-                    .map(|i| row.get::<_, SqlValue>(i))
+                let values: Result<Vec<SqlValue>, _> = (0..=OP_COPY_COLUMNS.len())
+                    .map(|i| row.get_ref(i).map(owned))
                     .collect();
                 let seq = match values.as_ref().ok().and_then(|v| v.first()) {
                     Some(SqlValue::Integer(s)) => *s,
                     _ => pos,
                 };
                 end.first_read.get_or_insert(seq);
-                match values {
-                    Ok(v) if op_row_valid(&v) => {
-                        match new.execute(insert, rusqlite::params_from_iter(v)) {
-                            Ok(_) => report.ops_saved += 1,
-                            Err(e) => {
-                                report.ops_unreadable += 1;
-                                note(report, format!("op {seq} not copied: {e}"));
-                            }
-                        }
-                    }
-                    _ => report.ops_unreadable += 1,
-                }
+                copy_row(new, insert, seq, values.ok(), report);
                 pos = seq.saturating_add(1);
             }
             Err(e) => {
@@ -396,10 +542,62 @@ fn scan_from(
     }
 }
 
+/// Copies one op row: into the queue if its values make an op, else into
+/// the failed list with the reason (quarantine); counted as unreadable only
+/// if even that fails.
+fn copy_row(
+    new: &Connection,
+    insert: &str,
+    seq: i64,
+    values: Option<Vec<SqlValue>>,
+    report: &mut SalvageReport,
+) {
+    let Some(mut v) = values else {
+        report.ops_unreadable += 1;
+        return;
+    };
+    let valid = op_row_valid(&v[..OP_COPY_COLUMNS.len()]);
+    if !valid {
+        v[12] = SqlValue::Text("failed".into());
+        v[15] = SqlValue::Text(
+            "quarantined: damaged row found by salvage (its values do not make an op)".into(),
+        );
+    }
+    match new.execute(insert, rusqlite::params_from_iter(v)) {
+        Ok(1) if valid => report.ops_saved += 1,
+        Ok(1) => report.ops_quarantined += 1,
+        Ok(_) => {
+            report.ops_unreadable += 1;
+            note(
+                report,
+                format!("op {seq} not copied: its op id is already copied"),
+            );
+        }
+        Err(e) => {
+            report.ops_unreadable += 1;
+            note(report, format!("op {seq} not copied: {e}"));
+        }
+    }
+}
+
 fn note(report: &mut SalvageReport, msg: String) {
     if report.notes.len() < 20 {
         report.notes.push(msg);
     }
+}
+
+/// None of the small tables holds blobs (a blob here is text that is not
+/// UTF-8), and the lock row's counters are integers: a row that breaks
+/// this would fail every open of the fresh file.
+fn small_row_valid(table: &str, v: &[SqlValue]) -> bool {
+    let no_blob = v.iter().all(|x| !matches!(x, SqlValue::Blob(_)));
+    let ints = |ix: &[usize]| ix.iter().all(|&i| matches!(v[i], SqlValue::Integer(_)));
+    no_blob
+        && match table {
+            "lock" => ints(&[0, 2, 3, 4]) && matches!(v[1], SqlValue::Text(_)),
+            "txn_outcomes" => ints(&[0, 2, 5, 6]),
+            _ => true,
+        }
 }
 
 /// Copies the small tables best-effort.
@@ -428,8 +626,12 @@ fn copy_small(old: &Connection, new: &Connection, report: &mut SalvageReport) {
             match rows.next() {
                 Ok(Some(row)) => {
                     let values: Result<Vec<SqlValue>, _> =
-                        (0..n).map(|i| row.get::<_, SqlValue>(i)).collect();
+                        (0..n).map(|i| row.get_ref(i).map(owned)).collect();
                     let Ok(values) = values else { continue };
+                    if !small_row_valid(table, &values) {
+                        note(report, format!("a damaged {table} row was not copied"));
+                        continue;
+                    }
                     if new
                         .execute(&insert, rusqlite::params_from_iter(values))
                         .is_ok()
@@ -459,6 +661,7 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         moved_to: aside.to_path_buf(),
         ops_saved: 0,
         ops_unreadable: 0,
+        ops_quarantined: 0,
         unreadable_seq_ranges: Vec::new(),
         ops_table_lost: false,
         meta_saved: 0,
@@ -466,17 +669,17 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         lock_saved: false,
         notes: Vec::new(),
     };
-    // SQLite refuses a file shorter than its header says: read from a copy
-    // padded with zero pages instead (the moved file stays as it was).
-    let padded = match padded_copy(aside) {
-        Ok(p) => p,
+    // Read from a working copy: the moved file stays exactly as it was,
+    // and the copy's header can be repaired (see `work_copy`).
+    let copy = match work_copy(aside) {
+        Ok(c) => c,
         Err(e) => {
-            note(&mut report, format!("cannot pad the truncated file: {e}"));
-            None
+            report.ops_table_lost = true;
+            note(&mut report, format!("cannot copy the moved file: {e}"));
+            return report;
         }
     };
-    let source = padded.as_deref().unwrap_or(aside);
-    let old = match Connection::open_with_flags(source, OpenFlags::SQLITE_OPEN_READ_WRITE) {
+    let old = match Connection::open_with_flags(&copy.0, OpenFlags::SQLITE_OPEN_READ_WRITE) {
         Ok(c) => c,
         Err(e) => {
             report.ops_table_lost = true;
@@ -486,13 +689,32 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
     };
     copy_ops(&old, fresh, &mut report);
     copy_small(&old, fresh, &mut report);
+    // No position is reused: every one the old file may have used is
+    // marked as taken (its bound is above all of them).
+    let taken: i64 = [
+        "SELECT bound FROM ops_seq_mark WHERE id = 1",
+        "SELECT deleted_max FROM ops_seq_mark WHERE id = 1",
+        "SELECT seq FROM sqlite_sequence WHERE name = 'ops'",
+    ]
+    .iter()
+    .filter_map(|q| old.query_row(q, [], |r| r.get::<_, i64>(0)).ok())
+    .chain(report.unreadable_seq_ranges.iter().map(|r| r.1))
+    .max()
+    .unwrap_or(0);
     drop(old);
-    if let Some(p) = padded {
-        for f in [with_suffix(&p, "-wal"), with_suffix(&p, "-shm"), p] {
-            let _ = std::fs::remove_file(f);
-        }
+    drop(copy);
+    if let Err(e) = fresh.execute(
+        "UPDATE ops_seq_mark SET deleted_max = max(deleted_max, ?1) WHERE id = 1",
+        [taken],
+    ) {
+        note(&mut report, format!("marking old positions failed: {e}"));
     }
-    if report.ops_saved > 0 {
+    // The runner that held the old file is gone from this one: the lock is
+    // free (its epoch is kept, so fences keep increasing).
+    if let Err(e) = fresh.execute("UPDATE lock SET owner = '' WHERE id = 1", []) {
+        note(&mut report, format!("freeing the lock failed: {e}"));
+    }
+    if report.ops_saved + report.ops_quarantined > 0 {
         // Heads and in-flight state are rebuilt from scratch below.
         let fix = fresh.execute_batch(
             "UPDATE ops SET state = 'pending' WHERE state = 'in_flight';

@@ -1,6 +1,7 @@
 //! Enqueue: validation (before anything touches the database) and the
 //! insert-or-coalesce step run inside the group-commit transaction.
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -8,7 +9,7 @@ use uuid::Uuid;
 
 use super::error::EnqueueError;
 use super::writer::Ctx;
-use super::{outcomes, rows, upcast};
+use super::{outcomes, rows, schema, upcast};
 use crate::coalesce::{self, Decision, TailOp};
 use crate::op::{sent_before_retry, HistoryEntry, NewOp, OpId, OpKind, OpState};
 
@@ -243,16 +244,27 @@ fn insert(
     // The new position is above every live op and every op ever deleted
     // while newest (`ops_seq_mark.deleted_max`, kept by a trigger): FIFO
     // order holds and no position is reused, without a counter write per insert.
+    let op_id = &*p.op_id.hyphenated().encode_lower(&mut id_buf);
+    let key = &*p.key.hyphenated().encode_lower(&mut key_buf);
+    let checksum = schema::op_checksum([
+        ValueRef::from(op_id),
+        ValueRef::from(key),
+        ValueRef::from(p.kind.as_str()),
+        ValueRef::from(p.entity_type.as_str()),
+        ValueRef::from(p.entity_id.as_str()),
+        ValueRef::from(p.payload.as_str()),
+        base.map_or(ValueRef::Null, ValueRef::from),
+    ]);
     conn.prepare_cached(
         "INSERT INTO ops (seq, op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \
          base_version, chained, txn_tokens, envelope_version, state, is_head, attempts, \
-         next_attempt_at, created_at, updated_at) \
+         next_attempt_at, created_at, updated_at, checksum) \
          VALUES ((SELECT max(coalesce((SELECT max(seq) FROM ops), 0), deleted_max) + 1 FROM ops_seq_mark), \
-         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13)",
+         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13, ?14)",
     )?
     .execute(params![
-        &*p.op_id.hyphenated().encode_lower(&mut id_buf),
-        &*p.key.hyphenated().encode_lower(&mut key_buf),
+        op_id,
+        key,
         p.kind.as_str(),
         p.entity_type,
         p.entity_id,
@@ -264,6 +276,7 @@ fn insert(
         p.envelope_version,
         is_head,
         now,
+        checksum,
     ])?;
     let seq = conn.last_insert_rowid();
     upcast::note_version(conn, p.envelope_version)?;

@@ -88,6 +88,29 @@ pub enum OpenError {
         /// What went wrong.
         reason: String,
     },
+    /// Nothing is at the path (a read-only open creates nothing).
+    #[error("no outbox at {path}")]
+    Missing {
+        /// The outbox path.
+        path: PathBuf,
+    },
+    /// The path holds something that is not an outbox; it was left as it was.
+    #[error("{path} is not a guardian outbox: {reason}; nothing was changed")]
+    NotAnOutbox {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        reason: String,
+    },
+    /// A read-only open found the outbox damaged; a repair (`gsync check
+    /// --repair`, [`Outbox::repair`](super::Outbox::repair)) salvages it.
+    #[error("outbox {path} is damaged ({reason}); repair it with `gsync check --repair`")]
+    Damaged {
+        /// The outbox path.
+        path: PathBuf,
+        /// What is damaged.
+        reason: String,
+    },
     /// The writer thread could not be started.
     #[error("cannot start the outbox writer thread: {0}")]
     Thread(std::io::Error),

@@ -24,8 +24,10 @@ mod app;
 mod damage;
 mod enqueue;
 mod error;
+mod ident;
 mod lock_row;
 mod outcomes;
+mod reader;
 mod rows;
 mod runner;
 mod schema;
@@ -48,6 +50,8 @@ pub use enqueue::{Coalesced, Enqueued, RemovedOp};
 pub use error::{EnqueueError, OpenError, OutboxError, StorageError};
 pub use lock_row::LockRow;
 pub use outcomes::OutcomeRecord;
+pub use reader::OutboxReader;
+pub use rows::UnreadableOp;
 pub use upcast::{UpcastFn, Upcasters};
 
 use crate::clock::{SharedClock, SystemClock};
@@ -228,14 +232,44 @@ struct Inner {
 
 /// Why preparing a connection failed.
 enum Prep {
+    /// SQLite calls the file corrupt: salvage.
     Damaged(String),
+    /// A failure that damage can cause but SQLite does not call corrupt
+    /// (an unsupported format, a value of the wrong type): an error at a
+    /// plain open, salvaged by a repair.
+    Suspect(String, OpenError),
+    /// Anything else (busy, I/O, disk full, a newer schema).
     Fatal(OpenError),
+}
+
+/// True for SQLite failures that point at the file's contents rather than
+/// at the system (busy, I/O, disk full, permissions, memory).
+pub(crate) fn content_failure(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode as C;
+    match e {
+        rusqlite::Error::SqliteFailure(f, _) => matches!(
+            f.code,
+            C::Unknown
+                | C::SchemaChanged
+                | C::TypeMismatch
+                | C::ParameterOutOfRange
+                | C::ConstraintViolation
+                | C::TooBig
+        ),
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::Utf8Error(..) => true,
+        _ => false,
+    }
 }
 
 impl From<rusqlite::Error> for Prep {
     fn from(e: rusqlite::Error) -> Self {
         if error::is_corrupt(&e) {
             Prep::Damaged(e.to_string())
+        } else if content_failure(&e) {
+            Prep::Suspect(e.to_string(), e.into())
         } else {
             Prep::Fatal(e.into())
         }
@@ -347,8 +381,8 @@ fn prepare_conn(
     report.migrated_from = schema::migrate(&mut conn)?;
     probe(&conn)?;
     if options.integrity_check_at_open {
-        let check = damage::check(&conn)?;
-        if !check.ok {
+        let check = damage::check(&conn, options.clock.now_millis())?;
+        if !check.structure_ok() {
             return Err(Prep::Damaged(format!(
                 "integrity check: {}",
                 check.remaining.join("; ")
@@ -360,6 +394,19 @@ fn prepare_conn(
 }
 
 fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenReport), OpenError> {
+    let (conn, report, _) = open_conn(path, options, false)?;
+    Ok((spawn(path, options, conn)?, report))
+}
+
+/// Opens (creating, migrating, salvaging) the outbox's connection. With
+/// `repair`, also runs the full check (index rebuild, quarantine) and
+/// salvages what the cheap probe at open cannot see: a failed check, or a
+/// file that fails in a way SQLite does not call corrupt.
+fn open_conn(
+    path: &Path,
+    options: &OutboxOptions,
+    repair: bool,
+) -> Result<(Connection, OpenReport, Option<CheckReport>), OpenError> {
     let io = |source| OpenError::Io {
         path: path.to_path_buf(),
         source,
@@ -373,42 +420,71 @@ fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenRe
             });
         }
     }
-    let mut report = OpenReport {
-        created: schema::create_file(path).map_err(io)?,
-        ..OpenReport::default()
-    };
-    let conn = match prepare_conn(path, options, &mut report) {
-        Ok(conn) => conn,
-        Err(Prep::Fatal(e)) => return Err(e),
-        Err(Prep::Damaged(reason)) => {
-            tracing::error!(path = %path.display(), %reason, "outbox file is damaged; salvaging");
-            let salvage_failed = |reason: String| OpenError::SalvageFailed {
+    // Decided before anything is written: a path that is not ours is never
+    // moved, replaced or written to.
+    let created = match ident::classify(path).map_err(io)? {
+        ident::Identity::Missing => schema::create_file(path).map_err(io)?,
+        ident::Identity::Empty | ident::Identity::Ours => false,
+        ident::Identity::NotOurs(reason) => {
+            return Err(OpenError::NotAnOutbox {
                 path: path.to_path_buf(),
                 reason,
-            };
-            let aside = damage::move_aside(path, options.clock.now_millis())
-                .map_err(|e| salvage_failed(format!("cannot move it aside: {e}")))?;
-            schema::create_file(path)
-                .map_err(|e| salvage_failed(format!("cannot create a fresh file: {e}")))?;
-            let salvage = {
-                let mut fresh = schema::connect(path, options.synchronous, options.busy_timeout)
-                    .map_err(|e| salvage_failed(e.to_string()))?;
-                schema::migrate(&mut fresh).map_err(|e| salvage_failed(e.to_string()))?;
-                damage::salvage_into(&aside, &fresh, reason)
-            };
-            let mut again = OpenReport::default();
-            let conn = match prepare_conn(path, options, &mut again) {
-                Ok(conn) => conn,
-                Err(Prep::Fatal(e)) => return Err(e),
-                Err(Prep::Damaged(r)) => return Err(salvage_failed(r)),
-            };
-            report.requeued_in_flight = again.requeued_in_flight;
-            report.upcast = again.upcast;
-            report.upcast_failed = again.upcast_failed;
-            report.salvage = Some(salvage);
-            conn
+            })
         }
     };
+    let mut report = OpenReport {
+        created,
+        ..OpenReport::default()
+    };
+    let reason = match prepare_conn(path, options, &mut report) {
+        Ok(conn) if !repair => return Ok((conn, report, None)),
+        Ok(conn) => match damage::check(&conn, options.clock.now_millis()) {
+            Ok(check) if check.structure_ok() => return Ok((conn, report, Some(check))),
+            Ok(check) => format!("integrity check: {}", check.remaining.join("; ")),
+            Err(e) if error::is_corrupt(&e) => e.to_string(),
+            Err(e) => return Err(e.into()),
+        },
+        Err(Prep::Fatal(e)) => return Err(e),
+        Err(Prep::Suspect(_, e)) if !repair => return Err(e),
+        Err(Prep::Damaged(reason) | Prep::Suspect(reason, _)) => reason,
+    };
+    tracing::error!(path = %path.display(), %reason, "outbox file is damaged; salvaging");
+    let salvage_failed = |reason: String| OpenError::SalvageFailed {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let aside = damage::move_aside(path, options.clock.now_millis())
+        .map_err(|e| salvage_failed(format!("cannot move it aside: {e}")))?;
+    schema::create_file(path)
+        .map_err(|e| salvage_failed(format!("cannot create a fresh file: {e}")))?;
+    let salvage = {
+        let mut fresh = schema::connect(path, options.synchronous, options.busy_timeout)
+            .map_err(|e| salvage_failed(e.to_string()))?;
+        schema::migrate(&mut fresh).map_err(|e| salvage_failed(e.to_string()))?;
+        damage::salvage_into(&aside, &fresh, reason)
+    };
+    let mut again = OpenReport::default();
+    let conn = match prepare_conn(path, options, &mut again) {
+        Ok(conn) => conn,
+        Err(Prep::Fatal(e)) => return Err(e),
+        Err(Prep::Damaged(r) | Prep::Suspect(r, _)) => return Err(salvage_failed(r)),
+    };
+    report.requeued_in_flight = again.requeued_in_flight;
+    report.upcast = again.upcast;
+    report.upcast_failed = again.upcast_failed;
+    report.salvage = Some(salvage);
+    let check = if repair {
+        Some(
+            damage::check(&conn, options.clock.now_millis())
+                .map_err(|e| salvage_failed(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    Ok((conn, report, check))
+}
+
+fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbox, OpenError> {
     let ctx = Ctx {
         clock: options.clock.clone(),
         max_payload_bytes: options.max_payload_bytes,
@@ -417,15 +493,14 @@ fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenRe
     let prefill = (options.preallocate_wal && options.synchronous != Synchronous::Off)
         .then(|| WalPrefill::new(path, options.busy_timeout));
     let writer = Writer::spawn(conn, ctx, prefill).map_err(OpenError::Thread)?;
-    let outbox = Outbox {
+    Ok(Outbox {
         inner: Arc::new(Inner {
             writer,
             path: path.to_path_buf(),
             max_payload_bytes: options.max_payload_bytes,
             envelope_version: options.envelope_version,
         }),
-    };
-    Ok((outbox, report))
+    })
 }
 
 /// A commit that failed after its frames may have reached the file leaves
@@ -455,9 +530,44 @@ impl Outbox {
             .map_err(|e| OpenError::Thread(std::io::Error::other(e.to_string())))?
     }
 
+    /// Opens the outbox at `path` like [`open`](Self::open), then checks it
+    /// in full and repairs what it finds: rebuilds damaged indexes,
+    /// quarantines op rows that cannot be used, and salvages the file (as
+    /// open does) when the check still fails or the file fails in a way the
+    /// cheap probe at open does not catch (`gsync check --repair`). Returns
+    /// the final file's check; a salvage is in [`OpenReport::salvage`].
+    /// Refuses a path that is not an outbox, like `open`.
+    pub async fn repair(
+        path: impl AsRef<Path>,
+        options: OutboxOptions,
+    ) -> Result<(Self, OpenReport, CheckReport), OpenError> {
+        let path = path.as_ref().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let (conn, report, check) = open_conn(&path, &options, true)?;
+            let check = check
+                .unwrap_or_else(|| CheckReport::new(Vec::new(), false, Vec::new(), Vec::new()));
+            Ok((spawn(&path, &options, conn)?, report, check))
+        })
+        .await
+        .map_err(|e| OpenError::Thread(std::io::Error::other(e.to_string())))?
+    }
+
     /// The outbox file.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Ops in FIFO order, filtered and paged, each decoded or, if its row
+    /// cannot be decoded or does not match its checksum, described as
+    /// unreadable ([`list`](Self::list) leaves those out).
+    pub async fn list_checked(
+        &self,
+        filter: ListFilter,
+    ) -> Result<Vec<Result<PendingOp, UnreadableOp>>, OutboxError> {
+        self.inner
+            .writer
+            .call(move |conn, _| Ok::<_, OutboxError>(rows::list_checked(conn, &filter, true)?))
+            .await
     }
 
     /// Finishes queued work and closes the database. Later calls on any
@@ -696,7 +806,8 @@ impl Outbox {
             .await
     }
 
-    /// Ops in FIFO order, filtered and paged.
+    /// Ops in FIFO order, filtered and paged; ops whose rows cannot be used
+    /// are left out (see [`list_checked`](Self::list_checked)).
     pub async fn list(&self, filter: ListFilter) -> Result<Vec<PendingOp>, OutboxError> {
         self.inner
             .writer
@@ -788,11 +899,13 @@ impl Outbox {
             .await
     }
 
-    /// Full `PRAGMA integrity_check`; rebuilds indexes (`REINDEX`) if it fails.
+    /// Full `PRAGMA integrity_check`; rebuilds indexes (`REINDEX`) if it
+    /// fails; quarantines every op row that cannot be used (see
+    /// [`CheckReport::unreadable_ops`]).
     pub async fn check(&self) -> Result<CheckReport, OutboxError> {
         self.inner
             .writer
-            .call(|conn, _| Ok::<_, OutboxError>(damage::check(conn)?))
+            .call(|conn, ctx| Ok::<_, OutboxError>(damage::check(conn, ctx.now())?))
             .await
     }
 

@@ -1,6 +1,8 @@
 //! Reading and writing op rows.
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -10,6 +12,85 @@ use crate::op::{HistoryEntry, OpId, OpKind, OpState, PendingOp};
 pub(crate) const OP_COLUMNS: &str = "seq, op_id, idempotency_key, kind, entity_type, entity_id, \
      payload, base, base_version, chained, txn_tokens, envelope_version, state, attempts, \
      next_attempt_at, last_error, created_at, updated_at, coalesced_count, reconciliations, history";
+
+/// [`OP_COLUMNS`] and the row's seal (schema 4), as [`read_checked`] expects.
+pub(crate) const OP_COLUMNS_SEALED: &str = "seq, op_id, idempotency_key, kind, entity_type, \
+     entity_id, payload, base, base_version, chained, txn_tokens, envelope_version, state, \
+     attempts, next_attempt_at, last_error, created_at, updated_at, coalesced_count, \
+     reconciliations, history, checksum";
+
+/// Index of `checksum` in [`OP_COLUMNS_SEALED`].
+const CHECKSUM_COLUMN: usize = 21;
+
+/// An op row that cannot be used: its values do not decode (damaged bytes,
+/// a wrong type) or do not match its seal. Shown with whatever can be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreadableOp {
+    /// Its position.
+    pub seq: i64,
+    /// Its op id, as far as it can be read (lossy text).
+    pub op_id: String,
+    /// Its entity type, as far as it can be read.
+    pub entity_type: String,
+    /// Its entity id, as far as it can be read.
+    pub entity_id: String,
+    /// Its stored state (`failed` once a runner or a repair quarantined it).
+    pub state: String,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
+/// Lossy text of a stored value, for display only.
+fn lossy(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Text(b) | ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+        ValueRef::Integer(i) => i.to_string(),
+        ValueRef::Real(f) => f.to_string(),
+        ValueRef::Null => String::new(),
+    }
+}
+
+impl UnreadableOp {
+    /// Describes a row read with [`OP_COLUMNS`] (or the sealed variant).
+    fn from_row(row: &Row<'_>, reason: String) -> Self {
+        let col = |i: usize| row.get_ref(i).map(lossy).unwrap_or_default();
+        Self {
+            seq: row.get(0).unwrap_or_default(),
+            op_id: col(1),
+            entity_type: col(4),
+            entity_id: col(5),
+            state: col(12),
+            reason,
+        }
+    }
+}
+
+/// True if the sealed fields of a row read with [`OP_COLUMNS_SEALED`]
+/// match its stored seal.
+fn seal_matches(row: &Row<'_>) -> rusqlite::Result<bool> {
+    let mut fields = [ValueRef::Null; 7];
+    for (i, f) in fields.iter_mut().enumerate() {
+        *f = row.get_ref(i + 1)?;
+    }
+    Ok(matches!(row.get_ref(CHECKSUM_COLUMN)?,
+        ValueRef::Integer(c) if c == super::schema::op_checksum(fields)))
+}
+
+/// Decodes a row read with [`OP_COLUMNS_SEALED`] (or, if `sealed` is
+/// false, [`OP_COLUMNS`]), verifying its seal when there is one; never
+/// fails on the row's contents, only says why it cannot be used.
+// The error is the rare path, and no larger than the op itself.
+#[allow(clippy::result_large_err)]
+pub(crate) fn read_checked(row: &Row<'_>, sealed: bool) -> Result<PendingOp, UnreadableOp> {
+    let op = read_op(row).map_err(|e| UnreadableOp::from_row(row, format!("damaged row: {e}")))?;
+    if sealed && !seal_matches(row).unwrap_or(false) {
+        return Err(UnreadableOp::from_row(
+            row,
+            "damaged row: its checksum does not match its contents".into(),
+        ));
+    }
+    Ok(op)
+}
 
 fn bad(idx: usize, what: impl Into<String>) -> rusqlite::Error {
     let msg: String = what.into();
@@ -130,5 +211,102 @@ pub(crate) fn successor(
 pub(crate) fn delete(conn: &Connection, seq: i64) -> rusqlite::Result<()> {
     conn.prepare_cached("DELETE FROM ops WHERE seq = ?1")?
         .execute([seq])?;
+    Ok(())
+}
+
+/// Ops in FIFO order, filtered and paged like [`super::Outbox::list`], each
+/// decoded or described as unreadable. `sealed`: the file has seals
+/// (schema 4) and they are verified.
+pub(crate) fn list_checked(
+    conn: &Connection,
+    f: &super::ListFilter,
+    sealed: bool,
+) -> rusqlite::Result<Vec<Result<PendingOp, UnreadableOp>>> {
+    let cols = if sealed {
+        OP_COLUMNS_SEALED
+    } else {
+        OP_COLUMNS
+    };
+    let limit = i64::try_from(f.limit).unwrap_or(i64::MAX);
+    // Pending ops are most of the table: walk it in order. The others are
+    // few: read them through the partial `ops_state` index.
+    let sql = match f.state {
+        Some(OpState::Pending) => {
+            format!("SELECT {cols} FROM ops WHERE state = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3")
+        }
+        Some(_) => format!(
+            "SELECT {cols} FROM ops INDEXED BY ops_state WHERE state <> 'pending' AND state = ?1 \
+             AND seq > ?2 ORDER BY seq LIMIT ?3"
+        ),
+        None => format!("SELECT {cols} FROM ops WHERE ?1 = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"),
+    };
+    let state = f.state.map_or("", OpState::as_str);
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query(params![state, f.after_seq, limit])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(read_checked(r, sealed));
+    }
+    Ok(out)
+}
+
+/// Every row that cannot be used, in position order (a full scan: for
+/// `check`, not for hot paths).
+pub(crate) fn unreadable(conn: &Connection, sealed: bool) -> rusqlite::Result<Vec<UnreadableOp>> {
+    let cols = if sealed {
+        OP_COLUMNS_SEALED
+    } else {
+        OP_COLUMNS
+    };
+    let mut stmt = conn.prepare(&format!("SELECT {cols} FROM ops ORDER BY seq"))?;
+    let mut rows = stmt.query([])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        if let Err(bad) = read_checked(r, sealed) {
+            out.push(bad);
+        }
+    }
+    Ok(out)
+}
+
+/// Moves an unusable op to the failed list (quarantine) with `reason`: it
+/// is kept, shown, never sent; its tokens fail; its entity's next op takes
+/// over as head and no longer waits for it. Works on the stored values
+/// alone, whatever their encoding.
+pub(crate) fn quarantine(
+    conn: &Connection,
+    now: i64,
+    seq: i64,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    let tokens: Vec<String> = conn
+        .prepare_cached("SELECT txn_tokens FROM ops WHERE seq = ?1")?
+        .query_row([seq], |r| r.get::<_, String>(0))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    conn.prepare_cached(
+        "UPDATE ops SET state = 'failed', is_head = 0, last_error = ?1, updated_at = ?2 WHERE seq = ?3",
+    )?
+    .execute(params![reason, now, seq])?;
+    for t in &tokens {
+        super::outcomes::failed(conn, t, reason, now)?;
+    }
+    // The same entity, compared as stored values (they may not be text).
+    conn.prepare_cached(
+        "UPDATE ops SET chained = 0 WHERE seq = (SELECT o.seq FROM ops o, ops q WHERE q.seq = ?1 \
+         AND o.entity_type = q.entity_type AND o.entity_id = q.entity_id AND o.seq > ?1 \
+         AND o.state IN ('pending', 'in_flight') ORDER BY o.seq LIMIT 1)",
+    )?
+    .execute([seq])?;
+    conn.prepare_cached(
+        "UPDATE ops SET is_head = 1 WHERE seq = (SELECT o.seq FROM ops o, ops q WHERE q.seq = ?1 \
+         AND o.entity_type = q.entity_type AND o.entity_id = q.entity_id \
+         AND o.state IN ('pending', 'in_flight') \
+         AND NOT EXISTS (SELECT 1 FROM ops h WHERE h.entity_type = q.entity_type \
+             AND h.entity_id = q.entity_id AND h.is_head = 1) \
+         ORDER BY o.state = 'in_flight' DESC, o.seq LIMIT 1)",
+    )?
+    .execute([seq])?;
     Ok(())
 }

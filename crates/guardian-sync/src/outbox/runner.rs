@@ -31,6 +31,57 @@ fn expect_in_flight(op: &PendingOp) -> Result<(), OutboxError> {
     }
 }
 
+/// Up to `limit` ready heads (pending, head of their entity, due by `now`)
+/// in ready order, through the partial `ops_ready` index. A head that
+/// cannot be decoded or whose seal does not match is quarantined (see
+/// [`rows::quarantine`]) and the next one is read instead: one damaged op
+/// never holds back the others, nor is it sent altered.
+fn ready_heads(
+    conn: &Connection,
+    ctx: &Ctx,
+    limit: usize,
+    now: i64,
+) -> Result<Vec<PendingOp>, OutboxError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {} FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
+         ORDER BY next_attempt_at, seq LIMIT ?2",
+        rows::OP_COLUMNS_SEALED
+    ))?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    // Each round quarantines at least one row, so this ends.
+    loop {
+        let mut ops = Vec::new();
+        let mut bad = Vec::new();
+        {
+            let mut found = stmt.query(params![now, limit])?;
+            while let Some(r) = found.next()? {
+                match rows::read_checked(r, true) {
+                    Ok(op) => ops.push(op),
+                    Err(u) => bad.push(u),
+                }
+            }
+        }
+        if bad.is_empty() {
+            return Ok(ops);
+        }
+        for u in bad {
+            quarantine_op(conn, ctx, &u)?;
+        }
+    }
+}
+
+/// Quarantines an unreadable op, logged without its contents.
+fn quarantine_op(conn: &Connection, ctx: &Ctx, u: &rows::UnreadableOp) -> Result<(), OutboxError> {
+    tracing::error!(seq = u.seq, reason = %u.reason, "outbox op is damaged; moved to failed, not sent");
+    rows::quarantine(
+        conn,
+        ctx.now(),
+        u.seq,
+        &format!("quarantined: {}", u.reason),
+    )?;
+    Ok(())
+}
+
 /// Claims up to `limit` ready ops (pending, head of their entity, due by
 /// `now`) in ready order, marking them in flight with `attempts += 1`
 /// durably before any request is sent. Served by the partial `ops_ready`
@@ -43,16 +94,7 @@ pub(crate) fn claim(
     now: i64,
 ) -> Result<Vec<PendingOp>, OutboxError> {
     lock_row::check(conn, fence)?;
-    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-    let mut ops: Vec<PendingOp> = {
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {} FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
-             ORDER BY next_attempt_at, seq LIMIT ?2",
-            rows::OP_COLUMNS
-        ))?;
-        let rows = stmt.query_map(params![now, limit], rows::read_op)?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+    let mut ops = ready_heads(conn, ctx, limit, now)?;
     let stamp = ctx.now();
     let mut update = conn.prepare_cached(
         "UPDATE ops SET state = 'in_flight', attempts = attempts + 1, updated_at = ?1 WHERE seq = ?2",
@@ -84,23 +126,13 @@ pub(crate) fn claim_chains(
     max_chain_bytes: usize,
 ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
     lock_row::check(conn, fence)?;
-    let heads: Vec<PendingOp> = {
-        let mut stmt = conn.prepare_cached(&format!(
-            "SELECT {} FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
-             ORDER BY next_attempt_at, seq LIMIT ?2",
-            rows::OP_COLUMNS
-        ))?;
-        let rows = stmt.query_map(
-            params![now, i64::try_from(limit).unwrap_or(i64::MAX)],
-            rows::read_op,
-        )?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
+    let heads = ready_heads(conn, ctx, limit, now)?;
     let mut next_ops = conn.prepare_cached(&format!(
         "SELECT {} FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
          AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT ?4",
-        rows::OP_COLUMNS
+        rows::OP_COLUMNS_SEALED
     ))?;
+    let mut damaged = Vec::new();
     let mut chains = Vec::with_capacity(heads.len());
     let mut total = 0;
     for head in heads {
@@ -112,17 +144,21 @@ pub(crate) fn claim_chains(
         let mut chain = vec![head];
         if room > 1 {
             let first = &chain[0];
-            let more = next_ops.query_map(
-                params![
-                    first.entity_type,
-                    first.entity_id,
-                    first.seq,
-                    i64::try_from(room - 1).unwrap_or(i64::MAX)
-                ],
-                rows::read_op,
-            )?;
-            for op in more {
-                let op = op?;
+            let mut more = next_ops.query(params![
+                first.entity_type,
+                first.entity_id,
+                first.seq,
+                i64::try_from(room - 1).unwrap_or(i64::MAX)
+            ])?;
+            while let Some(r) = more.next()? {
+                // A damaged successor ends the chain; it is quarantined below.
+                let op = match rows::read_checked(r, true) {
+                    Ok(op) => op,
+                    Err(u) => {
+                        damaged.push(u);
+                        break;
+                    }
+                };
                 let size = op.wire_size();
                 // A reconciled op's result is a merge, not the app's view
                 // its chained successor was made from: the successor must see
@@ -142,6 +178,10 @@ pub(crate) fn claim_chains(
         }
         total += chain.len();
         chains.push(chain);
+    }
+    drop(next_ops);
+    for u in &damaged {
+        quarantine_op(conn, ctx, u)?;
     }
     let stamp = ctx.now();
     let mut update = conn.prepare_cached(

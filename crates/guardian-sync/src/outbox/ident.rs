@@ -1,0 +1,137 @@
+//! Is this path an outbox? Decided before anything is written, so a wrong
+//! path (a directory, a text file, another program's SQLite database) is
+//! refused and left exactly as it was; only a file that is ours, intact or
+//! damaged, may be opened, migrated or salvaged.
+//!
+//! Ours means: `application_id` [`APPLICATION_ID`] in the header (schema 4
+//! and later), or, for files of earlier schemas and for a damaged header,
+//! our tables: read through SQLite when it can read the schema, otherwise
+//! the text of our `CREATE TABLE` statements found in the file's bytes.
+
+use std::io::Read;
+use std::path::Path;
+
+use super::schema::APPLICATION_ID;
+
+/// What is at an outbox path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Identity {
+    /// Nothing: a new outbox may be created there.
+    Missing,
+    /// An empty file: what SQLite (and an interrupted create) leaves; a new
+    /// database.
+    Empty,
+    /// An outbox, intact or damaged.
+    Ours,
+    /// Something else; the reason says what.
+    NotOurs(String),
+}
+
+const MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// Statements only an outbox's schema holds (as stored in `sqlite_master`).
+const SIGNATURES: [&[u8]; 2] = [b"CREATE TABLE txn_outcomes", b"idempotency_key  TEXT"];
+
+/// Looks at `path` without writing anything.
+pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Identity::Missing),
+        Err(e) => return Err(e),
+    };
+    if meta.is_dir() {
+        return Ok(Identity::NotOurs("it is a directory".into()));
+    }
+    if !meta.is_file() {
+        return Ok(Identity::NotOurs("it is not a regular file".into()));
+    }
+    if meta.len() == 0 {
+        // A first session's commits may all still be in the WAL.
+        let wal = super::damage::with_suffix(path, "-wal");
+        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0) && has_our_tables(path) == Some(true) {
+            return Ok(Identity::Ours);
+        }
+        return Ok(Identity::Empty);
+    }
+    let mut header = Vec::with_capacity(100);
+    std::fs::File::open(path)?
+        .take(100)
+        .read_to_end(&mut header)?;
+    let sqlite = header.len() == 100 && header.starts_with(MAGIC);
+    let app_id = (header.len() >= 72)
+        .then(|| u32::from_be_bytes([header[68], header[69], header[70], header[71]]));
+    if app_id == Some(APPLICATION_ID) {
+        return Ok(Identity::Ours);
+    }
+    if sqlite {
+        if let Some(id) = app_id.filter(|&id| id != 0) {
+            return Ok(Identity::NotOurs(format!(
+                "it is a SQLite database of another application (application_id {id:#010x})"
+            )));
+        }
+        // Schema 1 to 3 (no application_id yet): our tables, if SQLite can read them.
+        if let Some(ours) = has_our_tables(path) {
+            return Ok(if ours {
+                Identity::Ours
+            } else {
+                Identity::NotOurs("it is a SQLite database of another application".into())
+            });
+        }
+    }
+    // A damaged header (or schema): whole pages, page 1's b-tree header
+    // after the file header, and our statements' text in the bytes. A text
+    // file quoting our schema (this crate's source) has no b-tree page.
+    let mut page1 = [0u8; 101];
+    let btree = meta.len() % 512 == 0
+        && std::fs::File::open(path)?.read_exact(&mut page1).is_ok()
+        && matches!(page1[100], 0x05 | 0x0D);
+    if btree && contains_signatures(path)? {
+        return Ok(Identity::Ours);
+    }
+    Ok(Identity::NotOurs(if sqlite {
+        "it is a SQLite database without the outbox's tables".into()
+    } else {
+        "it is not a SQLite database".into()
+    }))
+}
+
+/// Whether the schema SQLite reads has the outbox's tables; `None` if it
+/// cannot be read. Opened immutable: no lock, no `-wal` or `-shm` created.
+fn has_our_tables(path: &Path) -> Option<bool> {
+    let conn = super::reader::connect_read_only(path).ok()?;
+    let names: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .ok()?
+        .query_map([], |r| r.get(0))
+        .ok()?
+        .collect::<rusqlite::Result<_>>()
+        .ok()?;
+    let has = |t: &str| names.iter().any(|n| n == t);
+    Some(has("ops") && has("meta") && has("lock") && has("txn_outcomes"))
+}
+
+/// Whether the file's bytes hold every [`SIGNATURES`] entry (read in
+/// chunks that overlap by the longest signature).
+fn contains_signatures(path: &Path) -> std::io::Result<bool> {
+    const CHUNK: usize = 1 << 20;
+    let overlap = SIGNATURES.iter().map(|s| s.len()).max().unwrap_or(0);
+    let mut file = std::fs::File::open(path)?;
+    let mut found = [false; SIGNATURES.len()];
+    let mut buf = vec![0u8; CHUNK + overlap];
+    let mut kept = 0;
+    loop {
+        let n = file.read(&mut buf[kept..])?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let filled = kept + n;
+        for (f, sig) in found.iter_mut().zip(SIGNATURES) {
+            *f = *f || buf[..filled].windows(sig.len()).any(|w| w == sig);
+        }
+        if found.iter().all(|f| *f) {
+            return Ok(true);
+        }
+        kept = overlap.min(filled);
+        buf.copy_within(filled - kept..filled, 0);
+    }
+}

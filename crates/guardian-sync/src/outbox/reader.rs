@@ -1,0 +1,194 @@
+//! A read-only view of an outbox, for inspection: it never writes, moves
+//! or creates a file. No migration, no start-up work, no salvage: a damaged
+//! or foreign file is an error that says so.
+//!
+//! SQLite's read-only mode still creates the `-wal` and `-shm` files of a
+//! WAL database and leaves them behind. So when no `-wal` exists (no
+//! connection is open, and the file holds every commit) the file is opened
+//! `immutable`: read directly, without locks or side files. A runner that
+//! starts meanwhile writes to its new WAL, not to the file, until its first
+//! checkpoint. When a `-wal` exists the view opens read-only through it and
+//! sees the latest commits.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::damage::{self, CheckReport};
+use super::error::{OpenError, OutboxError};
+use super::ident::{self, Identity};
+use super::rows::{self, UnreadableOp};
+use super::{app, lock_row, schema, ListFilter, LockRow, Stats};
+use crate::op::PendingOp;
+
+/// A `file:` URI for `path`, every byte outside the unreserved set escaped.
+fn uri(path: &Path, query: &str) -> String {
+    #[cfg(unix)]
+    let bytes = {
+        use std::os::unix::ffi::OsStrExt;
+        path.as_os_str().as_bytes().to_vec()
+    };
+    #[cfg(not(unix))]
+    let bytes = path.to_string_lossy().into_owned().into_bytes();
+    let mut s = String::from("file:");
+    for b in bytes {
+        if b.is_ascii_alphanumeric() || b"/._-~".contains(&b) {
+            s.push(char::from(b));
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s.push('?');
+    s.push_str(query);
+    s
+}
+
+/// Opens `path` for reading without creating or changing any file (see the
+/// module's notes).
+pub(crate) fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
+    let wal = damage::with_suffix(path, "-wal");
+    let query = if wal.exists() {
+        "mode=ro"
+    } else {
+        "mode=ro&immutable=1"
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    Connection::open_with_flags(uri(path, query), flags)
+}
+
+/// A read-only view of an outbox (what `gsync status`, `ops` and `check`
+/// use). See [`Outbox`](super::Outbox) for the read-write handle.
+#[derive(Debug)]
+pub struct OutboxReader {
+    conn: Connection,
+    path: PathBuf,
+    /// The file's schema version (older files are read as they are).
+    schema: u32,
+}
+
+impl OutboxReader {
+    /// Opens the outbox at `path` for reading. Refuses a missing path, a
+    /// file that is not an outbox, a damaged one (run a repair: see
+    /// [`Outbox::repair`](super::Outbox::repair)) and a newer schema.
+    /// Blocking: a few small reads.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        let io = |source| OpenError::Io {
+            path: path.clone(),
+            source,
+        };
+        match ident::classify(&path).map_err(io)? {
+            Identity::Missing => return Err(OpenError::Missing { path }),
+            Identity::Empty => {
+                return Err(OpenError::NotAnOutbox {
+                    path,
+                    reason: "it is an empty file".into(),
+                })
+            }
+            Identity::NotOurs(reason) => return Err(OpenError::NotAnOutbox { path, reason }),
+            Identity::Ours => {}
+        }
+        let damaged = |reason: String| OpenError::Damaged {
+            path: path.clone(),
+            reason,
+        };
+        if let Some(reason) = damage::header_damage(&path).map_err(io)? {
+            return Err(damaged(reason));
+        }
+        let conn = connect_read_only(&path).map_err(|e| damaged(e.to_string()))?;
+        let probed = (|| -> rusqlite::Result<u32> {
+            let v: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            conn.query_row("SELECT max(seq) FROM ops", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?;
+            lock_row::read(&conn)?;
+            Ok(v)
+        })();
+        let schema = match probed {
+            Ok(v) => v,
+            Err(e) if super::error::is_corrupt(&e) || super::content_failure(&e) => {
+                return Err(damaged(e.to_string()))
+            }
+            Err(e) => return Err(OpenError::Storage(e.into())),
+        };
+        if schema > schema::SCHEMA_VERSION {
+            return Err(OpenError::SchemaTooNew {
+                found: schema,
+                supported: schema::SCHEMA_VERSION,
+            });
+        }
+        Ok(Self { conn, path, schema })
+    }
+
+    /// The outbox file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file's schema version (it is migrated by the next read-write open).
+    pub fn schema_version(&self) -> u32 {
+        self.schema
+    }
+
+    /// Queue depth by state, oldest op, next due time.
+    pub fn stats(&self) -> Result<Stats, OutboxError> {
+        app::stats(&self.conn)
+    }
+
+    /// When the next ready op is due as a runner will see it: a time stored
+    /// under a wall clock ahead of `now_ms` is clamped to `horizon`, like
+    /// [`Outbox::next_attempt`](super::Outbox::next_attempt).
+    pub fn next_attempt(
+        &self,
+        now_ms: i64,
+        horizon: std::time::Duration,
+    ) -> Result<Option<i64>, OutboxError> {
+        app::next_attempt(&self.conn, now_ms, horizon)
+    }
+
+    /// The lock row, if any runner ever took the lock.
+    pub fn lock_read(&self) -> Result<Option<LockRow>, OutboxError> {
+        Ok(lock_row::read(&self.conn)?)
+    }
+
+    /// A meta value (e.g. the realtime cursor, the runner's status).
+    pub fn meta_get(&self, key: &str) -> Result<Option<String>, OutboxError> {
+        app::meta_get(&self.conn, key)
+    }
+
+    /// Ops in FIFO order, filtered and paged; an op whose row cannot be
+    /// decoded, or does not match its checksum, is listed as unreadable.
+    pub fn list_checked(
+        &self,
+        filter: &ListFilter,
+    ) -> Result<Vec<Result<PendingOp, UnreadableOp>>, OutboxError> {
+        Ok(rows::list_checked(&self.conn, filter, self.sealed())?)
+    }
+
+    /// Full `PRAGMA integrity_check` and a scan of every op row, changing
+    /// nothing (no index rebuild, no quarantine: see
+    /// [`Outbox::repair`](super::Outbox::repair)).
+    pub fn check(&self) -> Result<CheckReport, OutboxError> {
+        let problems = damage::integrity_findings(&self.conn)?;
+        let unreadable_ops = match rows::unreadable(&self.conn, self.sealed()) {
+            Ok(u) => u,
+            Err(e) if super::error::is_corrupt(&e) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(CheckReport::new(
+            problems,
+            false,
+            Vec::new(),
+            unreadable_ops,
+        ))
+    }
+
+    fn sealed(&self) -> bool {
+        self.schema >= 4
+    }
+}
