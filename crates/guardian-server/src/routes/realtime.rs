@@ -24,7 +24,7 @@ use super::changes::param;
 use crate::auth::Tenant;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::store::{feed_problem, TenantChanges};
+use crate::store::{feed_problem, FeedEvent};
 
 /// Backlog page size.
 const PAGE: usize = 500;
@@ -110,7 +110,7 @@ impl Session {
     async fn run(
         mut self,
         socket: WebSocket,
-        mut rx: broadcast::Receiver<Arc<TenantChanges>>,
+        mut rx: broadcast::Receiver<FeedEvent>,
         mut kick: watch::Receiver<u64>,
         cursor: u64,
     ) {
@@ -135,7 +135,7 @@ impl Session {
         &mut self,
         sink: &mut Sink,
         stream: &mut futures::stream::SplitStream<WebSocket>,
-        rx: &mut broadcast::Receiver<Arc<TenantChanges>>,
+        rx: &mut broadcast::Receiver<FeedEvent>,
         kick: &mut watch::Receiver<u64>,
         cursor: u64,
     ) -> End {
@@ -153,10 +153,17 @@ impl Session {
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Ok(tc) => {
-                        if *tc.tenant != *self.tenant {
+                    Ok(event) => {
+                        if !event.concerns(&self.tenant) {
                             continue;
                         }
+                        let FeedEvent::Committed(tc) = event else {
+                            // Committed elsewhere: the feed says what.
+                            if let Err(end) = self.backfill(sink).await {
+                                return end;
+                            }
+                            continue;
+                        };
                         for change in &tc.changes {
                             if change.cursor <= self.last_sent {
                                 continue;
