@@ -306,3 +306,44 @@ async fn watchers_on_every_instance_see_every_change_once() {
     .await;
     assert!(!matches!(quiet, Ok(Some(_))), "an extra frame: {quiet:?}");
 }
+
+/// The listening connections are killed by the database while another
+/// instance writes: those notifications are lost, yet the watcher gets
+/// every change once the listener is back (it rings every doorbell on
+/// reconnecting, and the session re-reads the feed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_notification_costs_a_re_read_not_a_change() {
+    let db = pg::PgDb::create();
+    let s = instances(&db, 2).await;
+    let http = reqwest::Client::new();
+    let mut ws = watch(&s[0]).await;
+    let (client, conn) = tokio_postgres::connect(&db.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    let create = |i: u64| {
+        http.post(format!("{}/v1/entities/device", s[1].url()))
+            .bearer_auth(TOKEN)
+            .header("idempotency-key", format!("k{i}"))
+            .json(&json!({"id": format!("d{i}"), "data": {"i": i}}))
+            .send()
+    };
+    assert_eq!(create(1).await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(next_change(&mut ws).await, 1);
+    for i in 2..=4 {
+        // Every listening connection of the database goes.
+        let killed = client
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                 WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert!(!killed.is_empty(), "no listener to kill");
+        assert_eq!(create(i).await.unwrap().status(), StatusCode::CREATED);
+        assert_eq!(next_change(&mut ws).await, i);
+    }
+    drop(client);
+    let _ = driver.await;
+}

@@ -4,8 +4,9 @@
 //! change committed in between is seen at least once; every frame is sent
 //! only if its cursor is above the last one sent, so none is sent twice. A
 //! gap (a lagging receiver, or a change out of order) is filled from the
-//! database. The server pings every `ws_ping_interval` and closes a peer
-//! silent for `ws_idle_timeout`.
+//! database, and so is a doorbell (a commit of another server instance on
+//! the same PostgreSQL database). The server pings every `ws_ping_interval`
+//! and closes a peer silent for `ws_idle_timeout`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
