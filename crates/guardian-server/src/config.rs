@@ -140,6 +140,16 @@ impl ServerBuilder {
         self
     }
 
+    /// Stores data in PostgreSQL (`postgres://user[:password]@host[:port]/dbname`
+    /// or key=value form). Several servers given the same database behave
+    /// as one: any of them may take any request. The tables (`guardian_*`)
+    /// are created if missing.
+    #[must_use]
+    pub fn postgres(mut self, url: impl Into<String>) -> Self {
+        self.config.storage = Storage::Postgres(url.into());
+        self
+    }
+
     /// Stores data in memory (lost at shutdown). The default.
     #[must_use]
     pub fn in_memory(mut self) -> Self {

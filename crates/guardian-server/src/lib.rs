@@ -6,7 +6,8 @@
 //! `batch:dependency-failed`), a gap-free per-tenant change feed over HTTP
 //! and WebSocket, bearer-token tenancy, limits, and fault injection for tests
 //! and demos. Storage is SQLite (a WAL file, or in
-//! memory). Start it in-process with [`ServerBuilder`]:
+//! memory), or PostgreSQL shared by several instances
+//! ([`ServerBuilder::postgres`]). Start it in-process with [`ServerBuilder`]:
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -62,9 +62,7 @@ impl ServerBuilder {
             require_if_match: config.require_if_match,
             clock: Arc::clone(&config.clock),
         };
-        let store = tokio::task::spawn_blocking(move || Store::open(opts))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let store = Store::open(opts).await?;
         // What expired while the server was down goes before it serves, so
         // the first purge does not race the first requests (with an injected
         // clock it ran whenever its task was first scheduled).

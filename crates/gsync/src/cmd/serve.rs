@@ -14,10 +14,17 @@ use guardian_server::{Faults, RateLimit, RetryAfter, RetryAfterForm, ServerBuild
 
 use crate::Global;
 
+/// Whether `--db` names a PostgreSQL database rather than a SQLite file.
+fn is_postgres_url(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
 /// Arguments of `gsync serve`.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
-    /// SQLite database file (WAL mode), created if missing.
+    /// SQLite database file (WAL mode), created if missing; or a
+    /// PostgreSQL URL (`postgres://user@host:port/dbname`), which several
+    /// `gsync serve` processes may share.
     #[arg(long, conflicts_with = "in_memory")]
     db: Option<PathBuf>,
     /// Keep everything in memory (lost at exit).
@@ -149,7 +156,10 @@ impl Args {
             bail!("no tokens: give --token TENANT:TOKEN or --tokens-file PATH");
         }
         b = match (&self.db, self.in_memory) {
-            (Some(db), _) => b.database(db),
+            (Some(db), _) => match db.to_str().filter(|s| is_postgres_url(s)) {
+                Some(url) => b.postgres(url),
+                None => b.database(db),
+            },
             (None, true) => b.in_memory(),
             (None, false) => bail!("give --db PATH or --in-memory"),
         };

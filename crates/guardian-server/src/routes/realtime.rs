@@ -4,8 +4,9 @@
 //! change committed in between is seen at least once; every frame is sent
 //! only if its cursor is above the last one sent, so none is sent twice. A
 //! gap (a lagging receiver, or a change out of order) is filled from the
-//! database. The server pings every `ws_ping_interval` and closes a peer
-//! silent for `ws_idle_timeout`.
+//! database, and so is a doorbell (a commit of another server instance on
+//! the same PostgreSQL database). The server pings every `ws_ping_interval`
+//! and closes a peer silent for `ws_idle_timeout`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,7 +25,7 @@ use super::changes::param;
 use crate::auth::Tenant;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::store::{feed_problem, TenantChanges};
+use crate::store::{feed_problem, FeedEvent};
 
 /// Backlog page size.
 const PAGE: usize = 500;
@@ -111,7 +112,7 @@ impl Session {
     async fn run(
         mut self,
         socket: WebSocket,
-        mut rx: broadcast::Receiver<Arc<TenantChanges>>,
+        mut rx: broadcast::Receiver<FeedEvent>,
         mut kick: watch::Receiver<u64>,
         cursor: u64,
     ) {
@@ -136,7 +137,7 @@ impl Session {
         &mut self,
         sink: &mut Sink,
         stream: &mut futures::stream::SplitStream<WebSocket>,
-        rx: &mut broadcast::Receiver<Arc<TenantChanges>>,
+        rx: &mut broadcast::Receiver<FeedEvent>,
         kick: &mut watch::Receiver<u64>,
         cursor: u64,
     ) -> End {
@@ -154,10 +155,17 @@ impl Session {
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Ok(tc) => {
-                        if *tc.tenant != *self.tenant {
+                    Ok(event) => {
+                        if !event.concerns(&self.tenant) {
                             continue;
                         }
+                        let FeedEvent::Committed(tc) = event else {
+                            // Committed elsewhere: the feed says what.
+                            if let Err(end) = self.backfill(sink).await {
+                                return end;
+                            }
+                            continue;
+                        };
                         for change in &tc.changes {
                             if change.cursor <= self.last_sent {
                                 continue;

@@ -45,7 +45,13 @@ pub(crate) fn check_since(
     since: u64,
 ) -> Result<Result<u64, FeedRefusal>, StoreError> {
     let (last, purged_through) = counters(conn, tenant)?;
-    Ok(if since < purged_through {
+    Ok(judge_since(since, last, purged_through))
+}
+
+/// Whether the changes after `since` are all retained, given the tenant's
+/// counters: `Ok(last)`, or why not.
+pub(crate) fn judge_since(since: u64, last: u64, purged_through: u64) -> Result<u64, FeedRefusal> {
+    if since < purged_through {
         Err(FeedRefusal::Expired {
             since,
             purged_through,
@@ -55,7 +61,7 @@ pub(crate) fn check_since(
         Err(FeedRefusal::Ahead { since, last })
     } else {
         Ok(last)
-    })
+    }
 }
 
 /// Hands out a tenant's next cursors inside one write transaction: reads

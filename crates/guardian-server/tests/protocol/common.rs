@@ -9,19 +9,38 @@ pub(crate) const TOKEN: &str = "tok-acme";
 pub(crate) const OTHER_TOKEN: &str = "tok-globex";
 pub(crate) const ADMIN: &str = "adm-secret";
 
-/// The default builder of the tests: two tenants, an admin token, in memory.
+/// The default builder of the tests: two tenants, an admin token, in memory
+/// (SQLite), or in a fresh PostgreSQL database of its own when this test
+/// binary runs the suite on PostgreSQL (`crate::POSTGRES`).
 pub(crate) fn builder() -> ServerBuilder {
-    ServerBuilder::new()
+    let b = ServerBuilder::new()
         .token("acme", TOKEN)
         .token("globex", OTHER_TOKEN)
         .admin_token(ADMIN)
-        .in_memory()
+        .in_memory();
+    if !crate::POSTGRES {
+        return b;
+    }
+    let db = crate::pg::PgDb::create();
+    let b = b.postgres(db.url());
+    // Dropped with the harness that `start` makes from this builder.
+    PENDING_DB.with(|p| p.borrow_mut().push(db));
+    b
+}
+
+thread_local! {
+    /// Databases made by `builder` on this test's thread, waiting for
+    /// `start` to tie them to a harness.
+    static PENDING_DB: std::cell::RefCell<Vec<crate::pg::PgDb>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 pub(crate) struct Harness {
     pub(crate) server: RunningServer,
     pub(crate) http: reqwest::Client,
     pub(crate) token: String,
+    /// Dropped after the server (fields drop in order).
+    _dbs: Vec<crate::pg::PgDb>,
 }
 
 #[derive(Debug)]
@@ -52,6 +71,7 @@ pub(crate) async fn start(b: ServerBuilder) -> Harness {
         server,
         http: reqwest::Client::new(),
         token: TOKEN.to_owned(),
+        _dbs: PENDING_DB.with(|p| std::mem::take(&mut *p.borrow_mut())),
     }
 }
 

@@ -1,5 +1,6 @@
 //! Integration tests of wire protocol v1 over real HTTP and WebSocket on
-//! 127.0.0.1, against an in-process server. One binary, one module per area.
+//! 127.0.0.1, against an in-process server on SQLite. One binary, one module
+//! per area; `tests/protocol_pg` runs the same modules on PostgreSQL.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,5 +17,9 @@ mod idempotency;
 mod limits;
 mod ops;
 mod persistence;
+mod pg;
 mod property;
 mod realtime;
+
+/// Whether `common::builder` gives each test a PostgreSQL database.
+const POSTGRES: bool = false;
