@@ -35,6 +35,7 @@ pub mod clock;
 mod config;
 mod conn;
 mod faults;
+pub mod fleet;
 mod inflight;
 mod limits;
 mod metrics;
@@ -47,5 +48,7 @@ mod store;
 
 pub use config::{BindError, RateLimit, ServerBuilder};
 pub use faults::{Faults, FaultsError, RetryAfter, RetryAfterForm};
+pub use fleet::alerts::AlertRules;
+pub use fleet::FleetLimits;
 pub use server::{RunningServer, ShutdownHandle};
 pub use store::{AppliedMutation, PurgeReport, Storage, StoreError, Synchronous};

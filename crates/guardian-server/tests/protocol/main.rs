@@ -18,3 +18,4 @@ mod ops;
 mod persistence;
 mod property;
 mod realtime;
+mod telemetry;
