@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 mod problem;
+pub mod telemetry;
 mod validate;
 
 pub use problem::{problem_type, Problem, PROBLEM_CONTENT_TYPE};

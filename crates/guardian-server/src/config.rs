@@ -44,6 +44,9 @@ pub(crate) struct ServerConfig {
     pub(crate) faults: Faults,
     pub(crate) admin_token: Option<String>,
     pub(crate) clock: SharedClock,
+    pub(crate) fleet_limits: crate::fleet::FleetLimits,
+    pub(crate) alert_rules: crate::fleet::alerts::AlertRules,
+    pub(crate) alert_webhook: Option<String>,
 }
 
 /// Why the server could not start.
@@ -120,6 +123,9 @@ impl ServerBuilder {
                 faults: Faults::default(),
                 admin_token: None,
                 clock: Arc::new(SystemClock),
+                fleet_limits: crate::fleet::FleetLimits::default(),
+                alert_rules: crate::fleet::alerts::AlertRules::default(),
+                alert_webhook: None,
             },
         }
     }
@@ -291,6 +297,27 @@ impl ServerBuilder {
         self
     }
 
+    /// Bounds of the in-memory telemetry store (`/v1/telemetry`).
+    #[must_use]
+    pub fn fleet_limits(mut self, limits: crate::fleet::FleetLimits) -> Self {
+        self.config.fleet_limits = limits;
+        self
+    }
+
+    /// When fleet alerts fire (default: [`AlertRules::default`](crate::AlertRules::default)).
+    #[must_use]
+    pub fn alert_rules(mut self, rules: crate::fleet::alerts::AlertRules) -> Self {
+        self.config.alert_rules = rules;
+        self
+    }
+
+    /// Where alert events are POSTed as JSON (none by default).
+    #[must_use]
+    pub fn alert_webhook(mut self, url: impl Into<String>) -> Self {
+        self.config.alert_webhook = Some(url.into());
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), BindError> {
         let c = &self.config;
         self.config.faults.validate()?;
@@ -316,6 +343,15 @@ impl ServerBuilder {
         if let Some(r) = c.rate_limit {
             if !(r.per_second > 0.0 && r.per_second.is_finite()) || r.burst == 0 {
                 return bad("rate limit needs a positive rate and burst");
+            }
+        }
+        let f = c.fleet_limits;
+        if f.devices_per_tenant == 0 || f.devices_total == 0 || f.history == 0 {
+            return bad("fleet limits must be positive");
+        }
+        if let Some(url) = &c.alert_webhook {
+            if reqwest::Url::parse(url).map_or(true, |u| !matches!(u.scheme(), "http" | "https")) {
+                return bad("the alert webhook must be an http(s) URL");
             }
         }
         if c.tokens.keys().any(String::is_empty) || c.tokens.values().any(|t| t.is_empty()) {

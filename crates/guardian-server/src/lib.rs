@@ -36,6 +36,7 @@ pub mod clock;
 mod config;
 mod conn;
 mod faults;
+pub mod fleet;
 mod inflight;
 mod limits;
 mod metrics;
@@ -48,5 +49,7 @@ mod store;
 
 pub use config::{BindError, RateLimit, ServerBuilder};
 pub use faults::{Faults, FaultsError, RetryAfter, RetryAfterForm};
+pub use fleet::alerts::AlertRules;
+pub use fleet::FleetLimits;
 pub use server::{RunningServer, ShutdownHandle};
 pub use store::{AppliedMutation, PurgeReport, Storage, StoreError, Synchronous};

@@ -51,6 +51,12 @@ impl Metrics {
             .sum()
     }
 
+    /// Requests answered on every route.
+    pub(crate) fn requests_total(&self) -> u64 {
+        let m = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
+        m.values().sum()
+    }
+
     pub(crate) fn replays(&self, n: u64) {
         self.replays.fetch_add(n, Ordering::Relaxed);
     }

@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, batch, changes, entities, health, realtime};
+use crate::routes::{admin, batch, changes, entities, health, realtime, telemetry};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,7 +21,7 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
     ),
     paths(
         entities::create, entities::get, entities::update, entities::delete,
-        batch::batch, changes::changes, realtime::realtime,
+        batch::batch, changes::changes, realtime::realtime, telemetry::telemetry,
         health::healthz, health::metrics, health::openapi,
         admin::get_faults, admin::put_faults, admin::applied, admin::disconnect,
     ),
@@ -32,6 +32,8 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
         guardian_protocol::ChangesPage, guardian_protocol::RealtimeFrame, guardian_protocol::Problem,
         crate::faults::Faults, crate::faults::RetryAfter, crate::faults::RetryAfterForm,
         crate::store::AppliedMutation,
+        guardian_protocol::telemetry::TelemetrySnapshot, guardian_protocol::telemetry::QueueDepth,
+        guardian_protocol::telemetry::BreakerStateName,
     )),
     modifiers(&Security, &CommonResponses),
     tags(
@@ -39,6 +41,7 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
         (name = "batch", description = "Many mutations in one request"),
         (name = "changes", description = "The per-tenant change feed"),
         (name = "realtime", description = "The change feed over WebSocket"),
+        (name = "telemetry", description = "Devices' sync health (best effort)"),
         (name = "ops", description = "Health, metrics, this document"),
         (name = "admin", description = "Fault injection and test hooks (admin token)"),
     )

@@ -70,7 +70,20 @@ impl ServerBuilder {
         let listener = TcpListener::bind(addr).await?;
         let local = listener.local_addr()?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let webhook = match &config.alert_webhook {
+            Some(url) => Some(
+                crate::fleet::webhook::Webhook::start(url.clone(), shutdown_rx.clone())
+                    .map_err(|e| BindError::Config(format!("alert webhook client: {e}")))?,
+            ),
+            None => None,
+        };
         let state = AppState::new(Shared {
+            fleet: Arc::new(crate::fleet::Fleet::new(
+                config.fleet_limits,
+                config.alert_rules,
+            )),
+            webhook,
+            dashboard_session: crate::routes::dashboard::new_session_secret(),
             store,
             faults: Arc::new(FaultInjector::new(config.faults.clone())),
             inflight: InFlight::new(),
@@ -96,7 +109,8 @@ impl ServerBuilder {
             state.config.header_read_timeout,
             shutdown_rx.clone(),
         ));
-        let purger = tokio::spawn(purge_loop(state.clone(), shutdown_rx));
+        let purger = tokio::spawn(purge_loop(state.clone(), shutdown_rx.clone()));
+        tokio::spawn(crate::fleet::tick_loop(state.clone(), shutdown_rx));
         tracing::info!(%local, "guardian-server listening");
         Ok(RunningServer {
             addr: local,

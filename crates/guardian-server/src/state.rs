@@ -6,6 +6,8 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::config::ServerConfig;
 use crate::faults::FaultInjector;
+use crate::fleet::webhook::Webhook;
+use crate::fleet::Fleet;
 use crate::inflight::InFlight;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
@@ -44,4 +46,10 @@ pub(crate) struct Shared {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Bumped to close every realtime session (admin route, tests).
     pub(crate) kick: Arc<watch::Sender<u64>>,
+    /// Devices' telemetry, the dashboard's data and the alerts.
+    pub(crate) fleet: Arc<Fleet>,
+    /// Where alert events go, when configured.
+    pub(crate) webhook: Option<Webhook>,
+    /// Secret of the dashboard's session cookie (random per process).
+    pub(crate) dashboard_session: String,
 }

@@ -2,15 +2,19 @@
 //!
 //! `/v1/*` (outer to inner): metrics → timeout + concurrency → bearer auth →
 //! rate limit → injected faults → handler. `/admin/*`: metrics → admin token.
-//! `/healthz`, `/metrics`, `/openapi.json`: metrics only.
+//! `/healthz`, `/metrics`, `/openapi.json`: metrics only. `/v1/telemetry`:
+//! like `/v1/*` without injected faults. `/dashboard*`: metrics → admin
+//! token or dashboard session cookie.
 
 pub(crate) mod admin;
 pub(crate) mod batch;
 pub(crate) mod changes;
+pub(crate) mod dashboard;
 pub(crate) mod entities;
 pub(crate) mod health;
 pub(crate) mod mutate;
 pub(crate) mod realtime;
+pub(crate) mod telemetry;
 
 use axum::extract::{Request, State};
 use axum::http::{header, Method};
@@ -43,6 +47,21 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             limits::timeout_and_concurrency,
         ));
+    // Telemetry is best effort and no part of the protocol's data path:
+    // authenticated and rate limited, but exempt from injected faults.
+    let telemetry = Router::new()
+        .route("/v1/telemetry", post(telemetry::telemetry))
+        .layer(from_fn_with_state(state.clone(), limits::rate_limit))
+        .layer(from_fn_with_state(state.clone(), auth::authenticate))
+        .layer(from_fn_with_state(
+            state.clone(),
+            limits::timeout_and_concurrency,
+        ));
+    let dashboard = Router::new()
+        .route("/dashboard/state", get(dashboard::state_json))
+        .route("/dashboard/events", get(dashboard::events))
+        .layer(from_fn_with_state(state.clone(), dashboard::guard))
+        .route("/dashboard", get(dashboard::page));
     let admin = Router::new()
         .route(
             "/admin/faults",
@@ -57,6 +76,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/openapi.json", get(health::openapi));
     Router::new()
         .merge(v1)
+        .merge(telemetry)
+        .merge(dashboard)
         .merge(admin)
         .merge(ops)
         .fallback(not_found)

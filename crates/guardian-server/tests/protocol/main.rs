@@ -20,6 +20,7 @@ mod persistence;
 mod pg;
 mod property;
 mod realtime;
+mod telemetry;
 
 /// Whether `common::builder` gives each test a PostgreSQL database.
 const POSTGRES: bool = false;

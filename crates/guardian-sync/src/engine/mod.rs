@@ -11,6 +11,7 @@ mod clock_watch;
 mod drain;
 mod events;
 mod once;
+mod export;
 mod run;
 
 pub use events::SyncEvent;
@@ -32,6 +33,7 @@ use crate::optimistic::OptimisticStore;
 use crate::outbox::{EnqueueError, Enqueued, OpenError, Outbox, OutboxError, OutboxOptions};
 use crate::reconcile::{ReconcilePolicies, Reconciler};
 use crate::retry::RetryPolicy;
+use crate::telemetry::export::{Sender as TelemetrySender, TelemetryConfig};
 use crate::telemetry::{Counter, SyncMetrics};
 use crate::transport::{
     HttpTransport, HttpTransportConfig, TokenProvider, Transport, TransportBuildError,
@@ -135,6 +137,7 @@ pub struct SyncEngineBuilder {
     metrics: Option<Arc<SyncMetrics>>,
     stall_after: Duration,
     owner_id: Option<String>,
+    telemetry: Option<TelemetryConfig>,
 }
 
 impl Default for SyncEngineBuilder {
@@ -157,6 +160,7 @@ impl Default for SyncEngineBuilder {
             metrics: None,
             stall_after: Duration::from_secs(300),
             owner_id: None,
+            telemetry: Some(TelemetryConfig::default()),
         }
     }
 }
@@ -289,6 +293,23 @@ impl SyncEngineBuilder {
         self
     }
 
+    /// Telemetry export settings. Export is on by default when the engine
+    /// talks to a backend over HTTP ([`server`](Self::server) or
+    /// [`http`](Self::http) with a token provider); a custom
+    /// [`transport`](Self::transport) has no telemetry route.
+    #[must_use]
+    pub fn telemetry(mut self, config: TelemetryConfig) -> Self {
+        self.telemetry = Some(config);
+        self
+    }
+
+    /// Turns telemetry export off.
+    #[must_use]
+    pub fn no_telemetry(mut self) -> Self {
+        self.telemetry = None;
+        self
+    }
+
     /// Opens the outbox if needed and builds the engine.
     pub async fn build(self) -> Result<SyncEngine, BuildError> {
         if self.concurrency == 0 {
@@ -304,9 +325,20 @@ impl SyncEngineBuilder {
             }
             (None, None) => return Err(BuildError::NoOutbox),
         };
+        let mut telemetry = None;
         let transport: Arc<dyn Transport> = match (self.transport, self.server, self.tokens) {
             (Some(t), _, _) => t,
-            (None, Some(config), Some(tokens)) => Arc::new(HttpTransport::new(&config, tokens)?),
+            (None, Some(config), Some(tokens)) => {
+                let transport = Arc::new(HttpTransport::new(&config, tokens.clone())?);
+                if let Some(t) = self.telemetry {
+                    // The URL was checked by the transport just built.
+                    match TelemetrySender::new(&config.base_url, tokens, t.timeout) {
+                        Ok(sender) => telemetry = Some((t, sender)),
+                        Err(e) => tracing::warn!("telemetry export off: {e}"),
+                    }
+                }
+                transport
+            }
             _ => return Err(BuildError::NoTransport),
         };
         let breaker = CircuitBreaker::new(self.breaker)?;
@@ -330,6 +362,7 @@ impl SyncEngineBuilder {
                 stall_after: self.stall_after,
                 clock_watch: Mutex::new(clock_watch::ClockWatch::new(Duration::from_secs(2))),
                 schedule_clamped_at: Mutex::new(None),
+                telemetry,
                 owner_id: self
                     .owner_id
                     .unwrap_or_else(|| format!("runner-{}", uuid::Uuid::now_v7())),
@@ -363,6 +396,8 @@ struct Inner {
     auth_paused: AtomicBool,
     stall_after: Duration,
     owner_id: String,
+    /// Telemetry export, when on.
+    telemetry: Option<(TelemetryConfig, TelemetrySender)>,
     /// Detects wall-clock steps, to re-base stored backoffs.
     clock_watch: Mutex<clock_watch::ClockWatch>,
     /// When (monotonic) this session last clamped stored schedules; `None`

@@ -210,6 +210,14 @@ impl SyncEngine {
                 }
             }
         };
+        // Telemetry runs beside the drain while this runner holds the lock.
+        let _export = self.inner.telemetry.is_some().then(|| {
+            let task = tokio::spawn(super::export::export_loop(
+                self.inner.clone(),
+                self.inner.events.subscribe(),
+            ));
+            AbortOnDrop(task.abort_handle())
+        });
         let result = self
             .drive(&session, &mut shutdown, until_empty, &mut report)
             .await;

@@ -10,6 +10,7 @@
 //!
 //! The health score formula is documented in [`health`].
 
+pub mod export;
 pub mod health;
 pub mod summary;
 
@@ -23,6 +24,7 @@ use hdrhistogram::Histogram;
 use crate::breaker::{BreakerState, BreakerTransition};
 use health::{breaker_code, breaker_name, AtomicEwma};
 
+pub use export::TelemetryConfig;
 pub use health::{health_score, HealthConfig};
 pub use summary::{LatencySummary, MetricsSummary, OperationCounts};
 

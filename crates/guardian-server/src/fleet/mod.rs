@@ -1,0 +1,581 @@
+//! The fleet: the latest telemetry snapshot of each device, a short history,
+//! the events a dashboard shows, and the alerts.
+//!
+//! Everything is in memory and bounded: devices per tenant (the tenant's
+//! least recently seen device makes room), devices in total (a new device
+//! beyond it is refused), history points per device, and the event logs.
+//! Times are the server's clock (`Clock`), not the devices', so a device
+//! with a wrong clock cannot hide a stall or an open breaker.
+
+pub mod alerts;
+pub(crate) mod webhook;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use guardian_protocol::telemetry::{BreakerStateName, QueueDepth, TelemetrySnapshot};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use alerts::{Alert, AlertRules};
+
+/// Bounds of the fleet's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetLimits {
+    /// Devices kept per tenant; the least recently seen makes room.
+    pub devices_per_tenant: usize,
+    /// Devices kept in total; beyond it a new device is refused (429).
+    pub devices_total: usize,
+    /// History points kept per device.
+    pub history: usize,
+}
+
+impl Default for FleetLimits {
+    fn default() -> Self {
+        Self {
+            devices_per_tenant: 1000,
+            devices_total: 10_000,
+            history: 120,
+        }
+    }
+}
+
+/// Entries kept in each event log (breaker timeline, incidents, alerts).
+const LOG_LEN: usize = 200;
+/// Points kept in the fleet's one-per-second series.
+const SERIES_LEN: usize = 180;
+
+/// One device as alerts and the dashboard see it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeviceView {
+    /// Tenant of the token that sent the snapshots.
+    pub tenant: String,
+    /// The runner id.
+    pub runner_id: String,
+    /// The app's labels.
+    pub labels: BTreeMap<String, String>,
+    /// Breaker state.
+    pub breaker: BreakerStateName,
+    /// Since when (server ms) the breaker has been in this state.
+    pub breaker_since: i64,
+    /// Health score 0-100.
+    pub health_score: u8,
+    /// Ops by state.
+    pub queue: QueueDepth,
+    /// Age of the oldest queued op when reported, ms.
+    pub oldest_pending_age_ms: Option<u64>,
+    /// Latest dead-letter reasons.
+    pub last_failures: Vec<String>,
+    /// Median latency, ms.
+    pub latency_p50_ms: Option<f64>,
+    /// p95 latency, ms.
+    pub latency_p95_ms: Option<f64>,
+    /// Acknowledged ops since the runner started.
+    pub succeeded: u64,
+    /// Conflicts since the runner started.
+    pub conflicts: u64,
+    /// Breaker trips since the runner started.
+    pub breaker_trips: u64,
+    /// The device's last successful sync (device clock, Unix ms).
+    pub last_sync_at: Option<i64>,
+    /// Last snapshot received (server ms).
+    pub last_seen: i64,
+    /// Last time (server ms) the device was seen acknowledging ops or with
+    /// an empty queue.
+    pub last_progress_at: i64,
+}
+
+/// One history point of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HistoryPoint {
+    /// Server ms.
+    pub at: i64,
+    /// Breaker state.
+    pub breaker: BreakerStateName,
+    /// Health score.
+    pub health_score: u8,
+    /// Pending plus in flight.
+    pub queue: u64,
+}
+
+#[derive(Debug)]
+struct Device {
+    view: DeviceView,
+    history: VecDeque<HistoryPoint>,
+}
+
+/// A breaker change seen in the fleet.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BreakerChange {
+    /// Server ms.
+    pub at: i64,
+    /// Tenant.
+    pub tenant: String,
+    /// Device.
+    pub device: String,
+    /// Previous state (`None` for a new device).
+    pub from: Option<BreakerStateName>,
+    /// New state.
+    pub to: BreakerStateName,
+}
+
+/// A conflict or dead letter a device reported.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Incident {
+    /// Server ms.
+    pub at: i64,
+    /// Tenant.
+    pub tenant: String,
+    /// Device.
+    pub device: String,
+    /// `conflict` or `dead_letter`.
+    pub kind: &'static str,
+    /// How many since the previous snapshot.
+    pub count: u64,
+    /// The latest reason (dead letters).
+    pub reason: Option<String>,
+}
+
+/// An alert firing or resolving.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertEvent {
+    /// `firing` or `resolved`.
+    pub status: &'static str,
+    /// Server ms.
+    pub at: i64,
+    /// The alert.
+    pub alert: Alert,
+}
+
+/// One second of the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SeriesPoint {
+    /// Server ms.
+    pub at: i64,
+    /// Ops acknowledged by devices (from their counters) in this second.
+    pub acked: u64,
+    /// Requests this server answered in this second.
+    pub requests: u64,
+    /// Mean of the devices' median latency, ms.
+    pub p50_ms: Option<f64>,
+    /// Highest p95 latency of any device, ms.
+    pub p95_ms: Option<f64>,
+}
+
+/// Fleet-wide totals (`/metrics` and the dashboard).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Aggregates {
+    /// Devices.
+    pub devices: u64,
+    /// Devices by breaker state.
+    pub closed: u64,
+    /// Open breakers.
+    pub open: u64,
+    /// Half-open breakers.
+    pub half_open: u64,
+    /// Pending plus in-flight ops over all devices.
+    pub queue_depth: u64,
+    /// Dead letters over all devices.
+    pub dead_letters: u64,
+    /// Devices stalled longer than the stall rule (or 5 min without one).
+    pub stalled: u64,
+    /// Alerts firing.
+    pub alerts: u64,
+}
+
+/// Why a snapshot was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// The fleet holds its total of devices.
+    Full,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    devices: BTreeMap<(String, String), Device>,
+    timeline: VecDeque<BreakerChange>,
+    incidents: VecDeque<Incident>,
+    active: Vec<Alert>,
+    alert_log: VecDeque<AlertEvent>,
+    series: VecDeque<SeriesPoint>,
+    acked_since_tick: u64,
+    requests_at_tick: Option<u64>,
+}
+
+/// The fleet store; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Fleet {
+    limits: FleetLimits,
+    pub(crate) rules: AlertRules,
+    state: Mutex<State>,
+    /// Bumped on every change, for the dashboard's live stream.
+    changed: watch::Sender<u64>,
+}
+
+fn push_bounded<T>(q: &mut VecDeque<T>, item: T, len: usize) {
+    if q.len() >= len {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+impl Fleet {
+    pub(crate) fn new(limits: FleetLimits, rules: AlertRules) -> Self {
+        Self {
+            limits,
+            rules,
+            state: Mutex::new(State::default()),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Plain data, each update complete under the lock.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every change.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Records a validated snapshot of `tenant`'s device at server time `now`.
+    pub(crate) fn record(
+        &self,
+        tenant: &str,
+        snap: TelemetrySnapshot,
+        now: i64,
+    ) -> Result<(), Refused> {
+        let mut st = self.lock();
+        let key = (tenant.to_owned(), snap.runner_id.clone());
+        if !st.devices.contains_key(&key) {
+            let in_tenant: Vec<_> = st
+                .devices
+                .iter()
+                .filter(|((t, _), _)| t == tenant)
+                .map(|(k, d)| (d.view.last_seen, k.clone()))
+                .collect();
+            if in_tenant.len() >= self.limits.devices_per_tenant {
+                if let Some((_, oldest)) = in_tenant.into_iter().min() {
+                    st.devices.remove(&oldest);
+                }
+            }
+            if st.devices.len() >= self.limits.devices_total {
+                return Err(Refused::Full);
+            }
+        }
+        let queued = snap.queue.pending + snap.queue.in_flight;
+        let prev = st.devices.remove(&key);
+        let prev_breaker = prev.as_ref().map(|p| p.view.breaker);
+        let (mut history, breaker_since, last_progress_at, acked, conflicts, dead) = match prev {
+            Some(p) => {
+                let v = &p.view;
+                // Counters restart with the runner: a smaller value is a
+                // new run, all of it new.
+                let delta = |new: u64, old: u64| if new >= old { new - old } else { new };
+                let acked = delta(snap.succeeded, v.succeeded);
+                let progressed = acked > 0 || queued == 0;
+                let since = if v.breaker == snap.breaker {
+                    v.breaker_since
+                } else {
+                    now
+                };
+                let conflicts = delta(snap.conflicts, v.conflicts);
+                let dead = snap.queue.failed.saturating_sub(v.queue.failed);
+                let progress_at = if progressed { now } else { v.last_progress_at };
+                (p.history, since, progress_at, acked, conflicts, dead)
+            }
+            None => (VecDeque::new(), now, now, 0, 0, 0),
+        };
+        if prev_breaker != Some(snap.breaker) {
+            push_bounded(
+                &mut st.timeline,
+                BreakerChange {
+                    at: now,
+                    tenant: tenant.to_owned(),
+                    device: snap.runner_id.clone(),
+                    from: prev_breaker,
+                    to: snap.breaker,
+                },
+                LOG_LEN,
+            );
+        }
+        if conflicts > 0 {
+            push_bounded(
+                &mut st.incidents,
+                Incident {
+                    at: now,
+                    tenant: tenant.to_owned(),
+                    device: snap.runner_id.clone(),
+                    kind: "conflict",
+                    count: conflicts,
+                    reason: None,
+                },
+                LOG_LEN,
+            );
+        }
+        if dead > 0 {
+            push_bounded(
+                &mut st.incidents,
+                Incident {
+                    at: now,
+                    tenant: tenant.to_owned(),
+                    device: snap.runner_id.clone(),
+                    kind: "dead_letter",
+                    count: dead,
+                    reason: snap.last_failures.last().cloned(),
+                },
+                LOG_LEN,
+            );
+        }
+        st.acked_since_tick = st.acked_since_tick.saturating_add(acked);
+        push_bounded(
+            &mut history,
+            HistoryPoint {
+                at: now,
+                breaker: snap.breaker,
+                health_score: snap.health_score,
+                queue: queued,
+            },
+            self.limits.history.max(1),
+        );
+        let view = DeviceView {
+            tenant: tenant.to_owned(),
+            runner_id: snap.runner_id,
+            labels: snap.labels,
+            breaker: snap.breaker,
+            breaker_since,
+            health_score: snap.health_score,
+            queue: snap.queue,
+            oldest_pending_age_ms: snap.oldest_pending_age_ms,
+            last_failures: snap.last_failures,
+            latency_p50_ms: snap.latency_p50_ms,
+            latency_p95_ms: snap.latency_p95_ms,
+            succeeded: snap.succeeded,
+            conflicts: snap.conflicts,
+            breaker_trips: snap.breaker_trips,
+            last_sync_at: snap.last_sync_at,
+            last_seen: now,
+            last_progress_at,
+        };
+        st.devices.insert(key, Device { view, history });
+        drop(st);
+        self.bump();
+        Ok(())
+    }
+
+    /// Every device, worst health first.
+    pub(crate) fn devices(&self) -> Vec<DeviceView> {
+        let st = self.lock();
+        let mut v: Vec<_> = st.devices.values().map(|d| d.view.clone()).collect();
+        v.sort_by(|a, b| {
+            (a.health_score, &a.tenant, &a.runner_id).cmp(&(
+                b.health_score,
+                &b.tenant,
+                &b.runner_id,
+            ))
+        });
+        v
+    }
+
+    /// Evaluates the rules at `now`; returns what started and stopped firing.
+    pub(crate) fn evaluate(&self, now: i64) -> Vec<AlertEvent> {
+        let devices = self.devices();
+        let firing = alerts::evaluate(&devices, &self.rules, now);
+        let mut st = self.lock();
+        let mut events = Vec::new();
+        for a in &firing {
+            if !st.active.iter().any(|b| b.key == a.key) {
+                events.push(AlertEvent {
+                    status: "firing",
+                    at: now,
+                    alert: a.clone(),
+                });
+            }
+        }
+        for b in &st.active {
+            if !firing.iter().any(|a| a.key == b.key) {
+                events.push(AlertEvent {
+                    status: "resolved",
+                    at: now,
+                    alert: b.clone(),
+                });
+            }
+        }
+        // Messages carry durations: refresh them without an event.
+        st.active = firing;
+        for e in &events {
+            push_bounded(&mut st.alert_log, e.clone(), LOG_LEN);
+        }
+        drop(st);
+        if !events.is_empty() {
+            self.bump();
+        }
+        events
+    }
+
+    /// Closes one second of the series: ops acknowledged since the last
+    /// tick and requests answered (`requests_total`, a running counter).
+    pub(crate) fn tick(&self, now: i64, requests_total: u64) {
+        let devices = self.devices();
+        let p50: Vec<f64> = devices.iter().filter_map(|d| d.latency_p50_ms).collect();
+        let p95 = devices
+            .iter()
+            .filter_map(|d| d.latency_p95_ms)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let mut st = self.lock();
+        let requests = requests_total.saturating_sub(st.requests_at_tick.unwrap_or(requests_total));
+        st.requests_at_tick = Some(requests_total);
+        let point = SeriesPoint {
+            at: now,
+            acked: std::mem::take(&mut st.acked_since_tick),
+            requests,
+            p50_ms: (!p50.is_empty()).then(|| p50.iter().sum::<f64>() / p50.len() as f64),
+            p95_ms: p95,
+        };
+        push_bounded(&mut st.series, point, SERIES_LEN);
+        drop(st);
+        self.bump();
+    }
+
+    /// Fleet-wide totals at `now`.
+    pub(crate) fn aggregates(&self, now: i64) -> Aggregates {
+        let stall_ms = self.rules.stalled_for.map_or(300_000, |d| {
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        });
+        let devices = self.devices();
+        let mut a = Aggregates {
+            devices: devices.len() as u64,
+            alerts: self.lock().active.len() as u64,
+            ..Aggregates::default()
+        };
+        for d in &devices {
+            match d.breaker {
+                BreakerStateName::Closed => a.closed += 1,
+                BreakerStateName::Open => a.open += 1,
+                BreakerStateName::HalfOpen => a.half_open += 1,
+            }
+            a.queue_depth += d.queue.pending + d.queue.in_flight;
+            a.dead_letters += d.queue.failed;
+            if alerts::stalled_for_ms(d, now).is_some_and(|s| s >= stall_ms) {
+                a.stalled += 1;
+            }
+        }
+        a
+    }
+
+    /// The Prometheus text of the fleet gauges.
+    pub(crate) fn render(&self, now: i64) -> String {
+        let a = self.aggregates(now);
+        let mut out = String::new();
+        out.push_str("# HELP guardian_fleet_devices Devices reporting telemetry, by breaker state.\n# TYPE guardian_fleet_devices gauge\n");
+        for (state, n) in [
+            ("closed", a.closed),
+            ("open", a.open),
+            ("half_open", a.half_open),
+        ] {
+            let _ = writeln!(out, "guardian_fleet_devices{{breaker=\"{state}\"}} {n}");
+        }
+        for (name, help, v) in [
+            (
+                "guardian_fleet_queue_depth",
+                "Ops pending or in flight over all devices.",
+                a.queue_depth,
+            ),
+            (
+                "guardian_fleet_dead_letters",
+                "Dead-letter ops over all devices.",
+                a.dead_letters,
+            ),
+            (
+                "guardian_fleet_stalled_devices",
+                "Devices with queued ops and no progress for the stall time.",
+                a.stalled,
+            ),
+            ("guardian_fleet_alerts_firing", "Alerts firing.", a.alerts),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+
+    /// Everything the dashboard shows, at `now`.
+    pub(crate) fn dashboard(&self, now: i64) -> DashboardData {
+        let aggregates = self.aggregates(now);
+        let st = self.lock();
+        let mut devices: Vec<_> = st
+            .devices
+            .values()
+            .map(|d| DashboardDevice {
+                view: d.view.clone(),
+                history: d.history.iter().copied().collect(),
+            })
+            .collect();
+        devices.sort_by_key(|d| d.view.health_score);
+        DashboardData {
+            now,
+            aggregates,
+            devices,
+            timeline: st.timeline.iter().cloned().collect(),
+            incidents: st.incidents.iter().rev().take(50).cloned().collect(),
+            alerts: st.active.clone(),
+            alert_log: st.alert_log.iter().rev().take(50).cloned().collect(),
+            series: st.series.iter().copied().collect(),
+        }
+    }
+}
+
+/// A device with its history, for the dashboard.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct DashboardDevice {
+    #[serde(flatten)]
+    view: DeviceView,
+    history: Vec<HistoryPoint>,
+}
+
+/// The dashboard's data (JSON of `/dashboard/state` and of each SSE event).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct DashboardData {
+    now: i64,
+    aggregates: Aggregates,
+    devices: Vec<DashboardDevice>,
+    timeline: Vec<BreakerChange>,
+    incidents: Vec<Incident>,
+    alerts: Vec<Alert>,
+    alert_log: Vec<AlertEvent>,
+    series: Vec<SeriesPoint>,
+}
+
+/// Evaluates the alert rules now and hands new events to the webhook.
+pub(crate) fn evaluate_alerts(state: &crate::state::AppState) {
+    let now = state.config.clock.now_millis();
+    for event in state.fleet.evaluate(now) {
+        tracing::info!(status = event.status, key = %event.alert.key, "fleet alert");
+        if let Some(hook) = &state.webhook {
+            hook.send(event);
+        }
+    }
+}
+
+/// Once a second: closes a point of the series and re-evaluates the alerts
+/// (time-based rules fire without a new snapshot).
+pub(crate) async fn tick_loop(state: crate::state::AppState, mut stop: watch::Receiver<bool>) {
+    let period = std::time::Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = state.config.clock.now_millis();
+                state.fleet.tick(now, state.metrics.requests_total());
+                evaluate_alerts(&state);
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! `/v1/telemetry`, the fleet gauges of `/metrics`, the dashboard's routes
+//! and the alert webhook, over real HTTP on 127.0.0.1.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use guardian_server::clock::ManualClock;
+use guardian_server::{AlertRules, FleetLimits};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::common::{builder, start, start_default, Harness, ADMIN, OTHER_TOKEN, TOKEN};
+
+fn snapshot(id: &str, breaker: &str, pending: u64, failed: u64, succeeded: u64) -> Value {
+    json!({
+        "runner_id": id, "labels": {"app": "test"}, "at": 1, "seq": 1,
+        "queue": {"pending": pending, "in_flight": 0, "failed": failed},
+        "oldest_pending_age_ms": null, "last_failures": if failed > 0 { json!(["422: bad"]) } else { json!([]) },
+        "breaker": breaker, "health_score": if breaker == "open" { 10 } else { 95 },
+        "latency_p50_ms": 3.0, "latency_p95_ms": 9.5,
+        "succeeded": succeeded, "failed": failed, "conflicts": 0, "breaker_trips": 0,
+        "last_sync_at": null,
+    })
+}
+
+async fn post(h: &Harness, token: &str, body: &Value) -> u16 {
+    h.http
+        .post(h.url("/v1/telemetry"))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn state(h: &Harness) -> Value {
+    h.http
+        .get(h.url("/dashboard/state"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn metrics(h: &Harness) -> String {
+    h.http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn gauge(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+#[tokio::test]
+async fn snapshots_need_a_token_and_valid_bounds() {
+    let h = start_default().await;
+    let good = snapshot("phone-1", "closed", 0, 0, 0);
+    let r = h
+        .http
+        .post(h.url("/v1/telemetry"))
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let mut bad = good.clone();
+    bad["runner_id"] = json!("");
+    assert_eq!(post(&h, TOKEN, &bad).await, 400);
+    bad = good.clone();
+    bad["last_failures"] = json!(vec!["x"; 6]);
+    assert_eq!(post(&h, TOKEN, &bad).await, 400);
+    bad = good.clone();
+    bad["breaker"] = json!("sideways");
+    assert_eq!(post(&h, TOKEN, &bad).await, 400);
+    let r = h
+        .http
+        .post(h.url("/v1/telemetry"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(state(&h).await["devices"].as_array().unwrap().len(), 0);
+    assert_eq!(post(&h, TOKEN, &good).await, 204);
+    let s = state(&h).await;
+    assert_eq!(s["devices"][0]["runner_id"], "phone-1");
+    assert_eq!(s["devices"][0]["tenant"], "acme");
+}
+
+#[tokio::test]
+async fn tenants_keep_their_own_devices_and_metrics_aggregate_them() {
+    let h = start_default().await;
+    // The same runner id in two tenants is two devices.
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("d1", "closed", 3, 1, 5)).await,
+        204
+    );
+    assert_eq!(
+        post(&h, OTHER_TOKEN, &snapshot("d1", "open", 4, 0, 0)).await,
+        204
+    );
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("d2", "half_open", 0, 2, 0)).await,
+        204
+    );
+    let m = metrics(&h).await;
+    assert_eq!(gauge(&m, "guardian_fleet_devices{breaker=\"closed\"}"), 1);
+    assert_eq!(gauge(&m, "guardian_fleet_devices{breaker=\"open\"}"), 1);
+    assert_eq!(
+        gauge(&m, "guardian_fleet_devices{breaker=\"half_open\"}"),
+        1
+    );
+    assert_eq!(gauge(&m, "guardian_fleet_queue_depth"), 7);
+    assert_eq!(gauge(&m, "guardian_fleet_dead_letters"), 3);
+    // A later snapshot replaces the device's earlier one.
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("d1", "closed", 0, 1, 8)).await,
+        204
+    );
+    assert_eq!(gauge(&metrics(&h).await, "guardian_fleet_queue_depth"), 4);
+    let s = state(&h).await;
+    let tenants: Vec<_> = s["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            format!(
+                "{}/{}",
+                d["tenant"].as_str().unwrap(),
+                d["runner_id"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(tenants.len(), 3, "{tenants:?}");
+    assert!(tenants.contains(&"globex/d1".to_owned()));
+}
+
+#[tokio::test]
+async fn stalled_devices_are_counted_by_the_server_clock() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(builder().clock(clock.clone()).alert_rules(AlertRules {
+        stalled_for: Some(Duration::from_secs(60)),
+        ..AlertRules::default()
+    }))
+    .await;
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("busy", "closed", 5, 0, 10)).await,
+        204
+    );
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("idle", "closed", 0, 0, 10)).await,
+        204
+    );
+    clock.advance_millis(59_000);
+    // Progress (acked ops) resets the stall; the idle device has no queue.
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("busy", "closed", 5, 0, 10)).await,
+        204
+    );
+    assert_eq!(
+        gauge(&metrics(&h).await, "guardian_fleet_stalled_devices"),
+        0
+    );
+    clock.advance_millis(1_000);
+    assert_eq!(
+        gauge(&metrics(&h).await, "guardian_fleet_stalled_devices"),
+        1
+    );
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("busy", "closed", 4, 0, 11)).await,
+        204
+    );
+    assert_eq!(
+        gauge(&metrics(&h).await, "guardian_fleet_stalled_devices"),
+        0
+    );
+}
+
+#[tokio::test]
+async fn the_fleet_is_bounded_per_tenant_and_in_total() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(builder().clock(clock.clone()).fleet_limits(FleetLimits {
+        devices_per_tenant: 2,
+        devices_total: 3,
+        history: 4,
+    }))
+    .await;
+    for id in ["a", "b", "c"] {
+        assert_eq!(post(&h, TOKEN, &snapshot(id, "closed", 0, 0, 0)).await, 204);
+        clock.advance_millis(1);
+    }
+    // acme keeps its two most recently seen devices.
+    let ids = |s: &Value| {
+        let mut v: Vec<String> = s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["runner_id"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&state(&h).await), ["b", "c"]);
+    assert_eq!(
+        post(&h, OTHER_TOKEN, &snapshot("x", "closed", 0, 0, 0)).await,
+        204
+    );
+    // Three devices in total: a new one is refused, a known one still reports.
+    assert_eq!(
+        post(&h, OTHER_TOKEN, &snapshot("y", "closed", 0, 0, 0)).await,
+        503
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            post(&h, TOKEN, &snapshot("c", "closed", 0, 0, 0)).await,
+            204
+        );
+    }
+    let s = state(&h).await;
+    let c = s["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["runner_id"] == "c")
+        .unwrap();
+    assert_eq!(c["history"].as_array().unwrap().len(), 4);
+}
+
+#[tokio::test]
+async fn the_dashboard_needs_the_admin_token_and_trades_it_for_a_cookie() {
+    let h = start_default().await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |path: &str| http.get(h.url(path));
+    assert_eq!(get("/dashboard").send().await.unwrap().status(), 401);
+    assert_eq!(
+        get("/dashboard?token=nope").send().await.unwrap().status(),
+        401
+    );
+    assert_eq!(get("/dashboard/state").send().await.unwrap().status(), 401);
+    // A tenant's token is no admin token.
+    let r = get("/dashboard/state")
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = get(&format!("/dashboard?token={ADMIN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/dashboard");
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"));
+    assert!(
+        !cookie.contains(ADMIN),
+        "the cookie must not carry the token"
+    );
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let r = get("/dashboard")
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let html = r.text().await.unwrap();
+    assert!(html.contains("EventSource(\"/dashboard/events\")"));
+    let r = get("/dashboard/state")
+        .header("cookie", &pair)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = get("/dashboard/state")
+        .header("cookie", "gsync_dashboard=forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Without an admin token the dashboard does not exist.
+    let bare = start(guardian_server::ServerBuilder::new().token("acme", TOKEN)).await;
+    let r = http
+        .get(bare.url(&format!("/dashboard?token={ADMIN}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = http.get(bare.url("/dashboard/state")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+/// Reads SSE `data:` lines until one satisfies `pred` (bounded).
+async fn next_state(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    buf: &mut String,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        while let Some(i) = buf.find("\n\n") {
+            let event: String = buf.drain(..i + 2).collect();
+            for line in event.lines() {
+                if let Some(data) = line.strip_prefix("data:") {
+                    let v: Value = serde_json::from_str(data.trim()).unwrap();
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+            }
+        }
+        let chunk = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .expect("no matching event in time")
+            .expect("stream ended")
+            .unwrap();
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+#[tokio::test]
+async fn the_event_stream_pushes_changes_live() {
+    let h = start_default().await;
+    let resp = h
+        .http
+        .get(h.url("/dashboard/events"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.bytes_stream();
+    let mut buf = String::new();
+    let first = next_state(&mut stream, &mut buf, |_| true).await;
+    assert_eq!(first["devices"].as_array().unwrap().len(), 0);
+    assert!(first["faults"].is_object());
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("live", "open", 2, 0, 0)).await,
+        204
+    );
+    let s = next_state(&mut stream, &mut buf, |v| {
+        v["devices"].as_array().is_some_and(|d| !d.is_empty())
+    })
+    .await;
+    assert_eq!(s["devices"][0]["breaker"], "open");
+    assert_eq!(s["timeline"][0]["to"], "open");
+    // Shutdown ends the stream instead of holding the server open.
+    tokio::time::timeout(Duration::from_secs(10), h.server.shutdown())
+        .await
+        .expect("shutdown waited on the event stream");
+}
+
+async fn recv(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Value {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no webhook call in time")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn alerts_reach_a_real_webhook_with_retries() {
+    use axum::routing::post as axum_post;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    // The receiver refuses its first delivery: the alert must be retried.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let calls = Arc::new(AtomicU32::new(0));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum_post({
+            let calls = calls.clone();
+            move |axum::Json(v): axum::Json<Value>| {
+                let tx = tx.clone();
+                let calls = calls.clone();
+                async move {
+                    if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    let _ = tx.send(v);
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    let receiver = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let h = start(builder().alert_webhook(hook).alert_rules(AlertRules {
+        breaker_open_for: Some(Duration::ZERO),
+        stalled_for: None,
+        dead_letters_above: Some(1),
+        fleet_health_below: None,
+    }))
+    .await;
+    assert_eq!(post(&h, TOKEN, &snapshot("p1", "open", 1, 0, 0)).await, 204);
+    let fired = recv(&mut rx).await;
+    assert_eq!(fired["status"], "firing");
+    assert_eq!(fired["alert"]["rule"], "breaker_open");
+    assert_eq!(fired["alert"]["device"], "p1");
+    assert_eq!(fired["alert"]["tenant"], "acme");
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the first refusal was retried"
+    );
+    // The dashboard shows it while it fires.
+    let s = state(&h).await;
+    assert_eq!(s["alerts"][0]["rule"], "breaker_open");
+    assert_eq!(
+        post(&h, TOKEN, &snapshot("p1", "closed", 1, 2, 0)).await,
+        204
+    );
+    let mut got = [recv(&mut rx).await, recv(&mut rx).await];
+    got.sort_by_key(|v| v["alert"]["rule"].as_str().unwrap().to_owned());
+    assert_eq!(got[0]["alert"]["rule"], "breaker_open");
+    assert_eq!(got[0]["status"], "resolved");
+    assert_eq!(got[1]["alert"]["rule"], "dead_letters");
+    assert_eq!(got[1]["status"], "firing");
+    let s = state(&h).await;
+    assert_eq!(s["alerts"].as_array().unwrap().len(), 1);
+    assert_eq!(s["incidents"][0]["kind"], "dead_letter");
+    assert_eq!(s["incidents"][0]["reason"], "422: bad");
+    receiver.abort();
+}
+
+#[tokio::test]
+async fn telemetry_is_in_the_openapi_document() {
+    let h = start_default().await;
+    let doc: Value = h.send(h.req(Method::GET, "/openapi.json")).await.body;
+    assert!(doc["paths"]["/v1/telemetry"]["post"].is_object());
+    assert!(doc["components"]["schemas"]["TelemetrySnapshot"].is_object());
+}
