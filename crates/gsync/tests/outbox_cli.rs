@@ -127,6 +127,11 @@ fn bad_input_and_usage_errors() {
     let err = fails(&db, &["enqueue", "create", "device", "d1", "{oops"], 1);
     assert!(err.contains("not valid JSON"), "{err}");
     fails(&db, &["enqueue", "delete", "device", "d1", "{}"], 1);
+    // Ids that could not route (dot segments) are refused the same way.
+    for id in [".", ".."] {
+        let err = fails(&db, &["enqueue", "update", "device", id, "{}"], 1);
+        assert!(err.contains("invalid entity id"), "{err}");
+    }
     assert_eq!(json(&db, &["status"])["pending"], 0);
 }
 

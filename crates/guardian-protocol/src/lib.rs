@@ -34,7 +34,7 @@ pub struct Entity {
     /// Entity type, `[a-z][a-z0-9_]{0,63}`.
     #[serde(rename = "type")]
     pub entity_type: String,
-    /// Entity id, `[A-Za-z0-9._-]{1,128}`.
+    /// Entity id, `[A-Za-z0-9._-]{1,128}` other than `.` and `..`.
     pub id: String,
     /// Server version: 1 on create, +1 on every change (a delete included).
     pub version: u64,

@@ -7,8 +7,10 @@ pub enum ValidationError {
     /// The entity type does not match `[a-z][a-z0-9_]{0,63}`.
     #[error("invalid entity type {0:?}: expected a lower-case letter, then up to 63 of [a-z0-9_]")]
     EntityType(String),
-    /// The entity id does not match `[A-Za-z0-9._-]{1,128}`.
-    #[error("invalid entity id {0:?}: expected 1 to 128 of [A-Za-z0-9._-]")]
+    /// The entity id does not match `[A-Za-z0-9._-]{1,128}`, or is `.` or `..`.
+    #[error(
+        "invalid entity id {0:?}: expected 1 to 128 of [A-Za-z0-9._-], other than \".\" and \"..\""
+    )]
     EntityId(String),
 }
 
@@ -27,9 +29,16 @@ pub fn validate_entity_type(entity_type: &str) -> Result<(), ValidationError> {
     }
 }
 
-/// Checks an entity id against `[A-Za-z0-9._-]{1,128}`.
+/// Checks an entity id against `[A-Za-z0-9._-]{1,128}`, other than `.` and `..`.
+///
+/// Every id that passes is a path segment that routes unchanged: URL parsers
+/// (RFC 3986 §5.2.4) remove the dot segments `.` and `..` from a path, so
+/// `PUT /v1/entities/device/..` would reach `/v1/entities/` instead. This is
+/// the one rule for client and server.
 pub fn validate_entity_id(id: &str) -> Result<(), ValidationError> {
     let ok = (1..=128).contains(&id.len())
+        && id != "."
+        && id != ".."
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -61,10 +70,28 @@ mod tests {
 
     #[test]
     fn entity_ids() {
-        for ok in ["1", "A.b_c-9", &"x".repeat(128)] {
+        for ok in ["1", "A.b_c-9", "...", ".a", "a.", "-", &"x".repeat(128)] {
             assert_eq!(validate_entity_id(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "a/b", "a b", "é", "..%2f", &"x".repeat(129)] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "/",
+            "a/b",
+            "%",
+            "%2e",
+            "?",
+            "#",
+            " ",
+            "a b",
+            "\t",
+            "\0",
+            "\u{7f}",
+            "é",
+            "..%2f",
+            &"x".repeat(129),
+        ] {
             assert!(validate_entity_id(bad).is_err(), "{bad}");
         }
     }

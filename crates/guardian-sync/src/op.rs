@@ -121,7 +121,7 @@ pub struct NewOp {
     pub kind: OpKind,
     /// Entity type, `[a-z][a-z0-9_]{0,63}`.
     pub entity_type: String,
-    /// Entity id, `[A-Za-z0-9._-]{1,128}`.
+    /// Entity id, `[A-Za-z0-9._-]{1,128}` other than `.` and `..`.
     pub entity_id: String,
     /// The entity's new data (a JSON object) for create/update; `Null` for delete.
     pub payload: Value,

@@ -292,3 +292,82 @@ async fn unknown_routes_and_methods_are_problems() {
     assert_eq!(r.status, 405);
     assert!(r.is_problem());
 }
+
+/// Ids that could not route as one path segment, checked by the rule the
+/// client shares ([`guardian_protocol::validate_entity_id`]): `.` and `..`
+/// are removed from a URL path by every client, the rest cannot be a
+/// segment at all. Each is refused on create (id in the body), in a batch
+/// (every kind), and, where it can be spelled in a path, on GET, PUT and
+/// DELETE; nothing is applied.
+#[tokio::test]
+async fn unroutable_ids_are_refused_everywhere() {
+    let h = start_default().await;
+    let long = "x".repeat(129);
+    let bad = [
+        "", ".", "..", "/", "a/b", "%", "%2e", "?", "#", " ", "a b", "\t", "\n", "\0", "\u{7f}",
+        "é", &long,
+    ];
+    for (n, id) in bad.iter().enumerate() {
+        let r = h.create("device", id, json!({}), &format!("c{n}")).await;
+        assert_eq!(
+            (r.status, r.problem_type()),
+            (400, problem_type::BAD_REQUEST),
+            "create {id:?}"
+        );
+        let ops: Vec<_> = ["create", "update", "delete"]
+            .iter()
+            .map(|op| json!({"op": op, "type": "device", "id": id, "data": {}, "idempotency_key": format!("b{n}{op}")}))
+            .map(|mut o| {
+                if o["op"] == "delete" {
+                    o.as_object_mut().unwrap().remove("data");
+                }
+                o
+            })
+            .collect();
+        let r = h.batch(json!(ops)).await;
+        assert_eq!(r.status, 200, "batch {id:?}");
+        assert_eq!(
+            crate::common::batch_statuses(&r.body),
+            vec![400, 400, 400],
+            "batch {id:?}"
+        );
+    }
+    // The dot segments, plain or percent-encoded, sent raw: URL libraries
+    // (reqwest's included) remove them from a path before sending.
+    for path_id in ["%2E", "%2e%2E", "%2e%2e", ".", ".."] {
+        for (method, body) in [("GET", ""), ("PUT", r#"{"data":{}}"#), ("DELETE", "")] {
+            let status =
+                raw_status(&h, method, &format!("/v1/entities/device/{path_id}"), body).await;
+            assert_eq!(status, 400, "{method} {path_id}");
+        }
+    }
+    assert!(h.applied_keys().await.is_empty());
+}
+
+/// The status of one request written byte for byte on a fresh connection.
+async fn raw_status(h: &crate::common::Harness, method: &str, path: &str, body: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = h.server.url().trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {}\r\n\
+         idempotency-key: raw\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        h.token,
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        conn.read_to_end(&mut response),
+    )
+    .await
+    .expect("no response in 10 s")
+    .unwrap();
+    let text = String::from_utf8_lossy(&response);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
