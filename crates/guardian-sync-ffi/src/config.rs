@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use guardian_sync::breaker::BreakerConfig;
+use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::engine::BatchConfig;
 use guardian_sync::lock::LockConfig;
 use guardian_sync::op::{NewOp, OpKind, OpState};
@@ -134,7 +134,11 @@ impl Config {
             return d;
         };
         BreakerConfig {
-            failure_threshold: b.failure_threshold.unwrap_or(d.failure_threshold),
+            // A threshold selects the count policy; without it the default
+            // failure-rate policy applies.
+            policy: b
+                .failure_threshold
+                .map_or(d.policy, |failures| TripPolicy::Count { failures }),
             window: b.window_ms.map_or(d.window, ms),
             cooldown: b.cooldown_ms.map_or(d.cooldown, ms),
             trial_wait: b.trial_wait_ms.map_or(d.trial_wait, ms),

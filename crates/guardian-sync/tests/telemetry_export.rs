@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guardian_server::{Faults, RunningServer, ServerBuilder};
-use guardian_sync::breaker::BreakerConfig;
+use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::engine::{SyncEngine, SyncEngineBuilder};
 use guardian_sync::op::NewOp;
 use guardian_sync::retry::RetryPolicy;
@@ -48,7 +48,7 @@ fn builder(dir: &tempfile::TempDir, server: &RunningServer) -> SyncEngineBuilder
             .unwrap(),
         )
         .breaker(BreakerConfig {
-            failure_threshold: 2,
+            policy: TripPolicy::Count { failures: 2 },
             window: Duration::from_secs(60),
             cooldown: Duration::from_secs(60),
             ..BreakerConfig::default()

@@ -10,8 +10,8 @@
 mod clock_watch;
 mod drain;
 mod events;
-mod once;
 mod export;
+mod once;
 mod run;
 
 pub use events::SyncEvent;
