@@ -110,9 +110,8 @@ async fn slow_client(flood: Arc<Flood>, from: IpAddr, server: SocketAddr) {
                         flood.closed_by_server.fetch_add(1, Ordering::SeqCst);
                         break;
                     }
-                    Ok(Ok(_)) => {}
                     Err(_) if flood.stop.load(Ordering::SeqCst) => break,
-                    Err(_) => {}
+                    Ok(Ok(_)) | Err(_) => {}
                 }
             }
         }
