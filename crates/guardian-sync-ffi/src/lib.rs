@@ -611,3 +611,40 @@ const VERSION: &CStr =
 pub extern "C" fn gs_version() -> *const c_char {
     VERSION.as_ptr()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn last_error() -> Option<String> {
+        let p = gs_last_error_message();
+        // SAFETY: non-null pointers from gs_last_error_message point to a
+        // NUL-terminated string valid until the next call on this thread.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    }
+
+    #[test]
+    fn a_panic_becomes_a_code_and_a_message() {
+        let status = guard(|| panic!("boom at the boundary"));
+        assert_eq!(status, GsStatus::Panic);
+        assert!(last_error().unwrap().contains("boom at the boundary"));
+        // The next successful call clears the message.
+        assert_eq!(guard(|| Ok(GsStatus::Ok)), GsStatus::Ok);
+        assert_eq!(last_error(), None);
+    }
+
+    #[test]
+    fn invalid_utf8_and_nulls_are_refused() {
+        let bad = [0xffu8, 0xfe, 0];
+        let mut e: *mut GsEngine = std::ptr::null_mut();
+        // SAFETY: a NUL-terminated (if not UTF-8) string and a writable out-pointer.
+        let status = unsafe { gs_engine_open(bad.as_ptr().cast(), &mut e) };
+        assert_eq!(status, GsStatus::InvalidArgument);
+        assert!(e.is_null());
+        assert!(last_error().unwrap().contains("UTF-8"));
+        // SAFETY: NULL handles are checked before use.
+        let status = unsafe { gs_engine_status(std::ptr::null(), std::ptr::null_mut()) };
+        assert_eq!(status, GsStatus::InvalidArgument);
+    }
+}
