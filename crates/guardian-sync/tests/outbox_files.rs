@@ -442,3 +442,62 @@ async fn a_wrong_column_type_met_at_open_is_repaired() {
     outbox.close().await;
     no_temp_files(dir.path());
 }
+
+/// A crash image whose WAL holds every commit, with one byte flipped in an
+/// early frame: SQLite alone would stop at that frame and silently drop
+/// every later commit. Open sees the damage and salvages; every op whose
+/// row survives is recovered and drains.
+#[tokio::test]
+async fn a_damaged_wal_frame_does_not_lose_the_commits_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = dir.path().join("live.db");
+    let options = opts().preallocate_wal(false);
+    let (outbox, _) = Outbox::open(&live, options.clone()).await.unwrap();
+    for i in 0..20 {
+        outbox
+            .enqueue(NewOp::create(
+                "thing",
+                format!("ent-{i:04}-x"),
+                json!({"marker": format!("m{i:04}-payload"), "n": 5}),
+            ))
+            .await
+            .unwrap();
+    }
+    // The crash image: the file and its WAL as they are now.
+    let crash = tempfile::tempdir().unwrap();
+    let path = crash.path().join("o.db");
+    std::fs::copy(&live, &path).unwrap();
+    let wal_path = crash.path().join("o.db-wal");
+    std::fs::copy(dir.path().join("live.db-wal"), &wal_path).unwrap();
+    outbox.close().await;
+    let mut wal = std::fs::read(&wal_path).unwrap();
+    let frame = 24 + 4096;
+    let frames = (wal.len() - 32) / frame;
+    assert!(frames > 10, "{frames} frames");
+    // The last byte of the second frame's page (cell content ends there).
+    let at = 32 + 2 * frame - 1;
+    wal[at] ^= 0x55;
+    std::fs::write(&wal_path, &wal).unwrap();
+    {
+        // What SQLite alone makes of a copy: the commits after the frame are gone.
+        let alone = tempfile::tempdir().unwrap();
+        let p = alone.path().join("o.db");
+        std::fs::copy(&path, &p).unwrap();
+        std::fs::copy(&wal_path, alone.path().join("o.db-wal")).unwrap();
+        let seen: i64 = Connection::open(&p)
+            .unwrap()
+            .query_row("SELECT count(*) FROM ops", [], |r| r.get(0))
+            .unwrap_or(0);
+        assert!(seen < 20, "SQLite read {seen} ops past the damaged frame");
+    }
+    let err = guardian_sync::outbox::OutboxReader::open(&path).unwrap_err();
+    assert!(err.to_string().contains("WAL frame"), "{err}");
+    let (outbox, report) = Outbox::open(&path, options).await.unwrap();
+    let s = report.salvage.expect("the damaged WAL is salvaged");
+    assert!(s.reason.contains("WAL frame 2"), "{s:?}");
+    assert_eq!(s.ops_saved + s.ops_quarantined, 20, "{s:?}");
+    let delivered = drain(&outbox).await;
+    assert_eq!(delivered.len() as u64, s.ops_saved);
+    outbox.close().await;
+    no_temp_files(crash.path());
+}
