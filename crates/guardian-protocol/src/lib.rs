@@ -7,10 +7,12 @@
 
 #![warn(missing_docs)]
 
+mod number;
 mod problem;
 pub mod telemetry;
 mod validate;
 
+pub use number::{canonical_number, json_eq, numbers_are_canonical};
 pub use problem::{problem_type, Problem, PROBLEM_CONTENT_TYPE};
 pub use validate::{validate_entity_id, validate_entity_type, ValidationError};
 
@@ -234,6 +236,26 @@ mod tests {
             serde_json::from_value::<RealtimeFrame>(wire).unwrap(),
             frame
         );
+    }
+
+    /// Frames are parsed from text; with `arbitrary_precision` a number
+    /// buffered by the internally tagged enum must still read as a `u64`,
+    /// and change data must keep its numbers' text.
+    #[test]
+    fn frames_parse_from_text_with_exact_numbers() {
+        let hello: RealtimeFrame = serde_json::from_str(r#"{"type":"hello","cursor":7}"#).unwrap();
+        assert_eq!(hello, RealtimeFrame::Hello { cursor: 7 });
+        let text = r#"{"type":"change","change":{"cursor":8,"op":"update","type":"device","id":"d1","version":18446744073709551615,"data":{"n":12345678901234567890123,"z":-0}}}"#;
+        let frame: RealtimeFrame = serde_json::from_str(text).unwrap();
+        let RealtimeFrame::Change { change } = &frame else {
+            panic!("{frame:?}")
+        };
+        assert_eq!(change.version, u64::MAX);
+        assert_eq!(
+            change.data.to_string(),
+            r#"{"n":12345678901234567890123,"z":-0}"#
+        );
+        assert_eq!(serde_json::to_string(&frame).unwrap(), text);
     }
 
     #[test]

@@ -138,3 +138,103 @@ async fn dotted_ids_deliver_every_kind() {
     }
     assert_eq!(failed_ops(&engine).await, Vec::<String>::new());
 }
+
+/// JSON text parsed as the application would hand it to `enqueue`.
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap()
+}
+
+/// The `data` of every change of the feed, as text.
+async fn feed_data(server: &RunningServer) -> Vec<String> {
+    let (status, text) = get_text(server, "/v1/changes?since=0&limit=100").await;
+    assert_eq!(status, 200, "{text}");
+    parse(&text)["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["data"].to_string())
+        .collect()
+}
+
+/// Numbers beyond `i64`, `u64` and `f64`, in every spelling JSON allows,
+/// reach the server's store, `GET` and the change feed as written.
+#[tokio::test]
+async fn numbers_round_trip_exactly_through_outbox_server_and_feed() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    // Keys in order: the server stores objects with sorted keys.
+    let created = r#"{"big":12345678901234567890123,"dec":3.141592653589793238462643383279,"exp":1E400,"neg":-9223372036854775809,"nz":-0,"one":1.0,"tiny":-2.5e-400,"u":18446744073709551616}"#;
+    let updated = r#"{"big":-12345678901234567890123.000,"dec":0.1000000000000000000001,"exp":1e+22,"neg":-9223372036854775810,"nz":-0.0,"one":1.00}"#;
+    engine
+        .enqueue(NewOp::create("device", "n1", parse(created)))
+        .await
+        .unwrap();
+    let pending = engine.outbox().list(ListFilter::default()).await.unwrap();
+    // serde_json writes an exponent as `e` with a sign; the digits stay.
+    let created = &created.replace("1E400", "1e+400");
+    assert_eq!(pending[0].payload.to_string(), *created, "outbox");
+    drain(&engine).await;
+    let (status, text) = get_text(&server, "/v1/entities/device/n1").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains(&format!("\"data\":{created},")),
+        "GET: {text}"
+    );
+    // Sent alone (not coalesced into the create).
+    engine
+        .enqueue(NewOp::update("device", "n1", parse(updated)))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    assert_eq!(failed_ops(&engine).await, Vec::<String>::new());
+    let (status, text) = get_text(&server, "/v1/entities/device/n1").await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains(&format!("\"data\":{updated},")),
+        "GET: {text}"
+    );
+    assert_eq!(feed_data(&server).await, vec![created.as_str(), updated]);
+}
+
+/// A 409 merged three ways compares numbers by value and keeps their text:
+/// a digit changed beyond `f64`'s precision is a change, a respelling of
+/// the base's value (`1.5` for `1.50`) is not.
+#[tokio::test]
+async fn a_conflict_merges_exact_numbers() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    let base = r#"{"a":12345678901234567890123,"b":1.50,"d":-9223372036854775809}"#;
+    engine
+        .enqueue(NewOp::create("form", "f1", parse(base)))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    // Another device changes b and d, and adds r, at version 2.
+    let remote = r#"{"a":12345678901234567890123,"b":2.50,"d":-9223372036854775810,"r":0.1000000000000000000001}"#;
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/entities/form/f1", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "other-device")
+        .header("if-match", "\"1\"")
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"data":{remote}}}"#))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // This device, from version 1: a changed in its 23rd digit, b respelled
+    // (same value), d changed too (a conflict: local wins).
+    let local = r#"{"a":12345678901234567890124,"b":1.5,"d":-9223372036854775811}"#;
+    engine
+        .enqueue(NewOp::update("form", "f1", parse(local)).with_base(parse(base), 1))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    assert_eq!(failed_ops(&engine).await, Vec::<String>::new());
+    let (_, text) = get_text(&server, "/v1/entities/form/f1").await;
+    let merged = r#"{"a":12345678901234567890124,"b":2.50,"d":-9223372036854775811,"r":0.1000000000000000000001}"#;
+    assert!(text.contains(&format!("\"data\":{merged},")), "GET: {text}");
+    assert!(text.contains("\"version\":3"), "GET: {text}");
+}

@@ -21,7 +21,9 @@ use crate::faults::DropPoint;
 use crate::limits::CommitStarted;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::store::{canonical, fingerprint, MutationInput, OpResult, Precondition};
+use crate::store::{
+    canonical, fingerprint, fingerprint_data, MutationInput, OpResult, Precondition,
+};
 
 /// One op of a request: ready for the store, or already answered.
 #[derive(Debug)]
@@ -101,7 +103,7 @@ pub(crate) fn prepare(
     let data_json = canonical(&data);
     Ok(MutationInput {
         key: key.to_owned(),
-        fingerprint: fingerprint(kind, entity_type, id, &data_json),
+        fingerprint: fingerprint(kind, entity_type, id, &fingerprint_data(&data, &data_json)),
         kind,
         entity_type: entity_type.to_owned(),
         id: id.to_owned(),

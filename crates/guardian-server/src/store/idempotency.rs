@@ -2,7 +2,9 @@
 //!
 //! The fingerprint is `sha256(METHOD "\n" PATH "\n" canonical-body)`, where
 //! the canonical body is the typed request body re-serialized with object
-//! keys sorted (no whitespace), and empty for DELETE. A batch op is
+//! keys sorted (no whitespace) and numbers by the value they denote
+//! ([`guardian_protocol::canonical_number`]: `1.0` and `1` are one request,
+//! `12345678901234567890123` and `…124` two), and empty for DELETE. A batch op is
 //! fingerprinted as the single request it stands for:
 //! - `create` → `POST /v1/entities/{type}` with body `{"data":…,"id":…}`;
 //! - `update` → `PUT /v1/entities/{type}/{id}` with body `{"data":…}`;
@@ -14,6 +16,8 @@
 //! Only mutations that took effect store their response: a refused mutation
 //! (404, 409, 410, 428…) changed nothing, so a retry is simply evaluated
 //! again. Records expire after the retention; an expired key is new again.
+
+use std::borrow::Cow;
 
 use guardian_protocol::MutationKind;
 use rusqlite::{params, OptionalExtension, Statement, Transaction};
@@ -33,7 +37,7 @@ pub(crate) struct StoredResponse {
 
 /// The fingerprint of a mutation, as the single request it is or stands for.
 ///
-/// `data_json` is [`canonical`] of the data (ignored for deletes). The
+/// `data_json` is [`fingerprint_data`] of the data (ignored for deletes). The
 /// canonical body of a create, `{"data":…,"id":…}`, and of an update,
 /// `{"data":…}`, is hashed piecewise rather than built.
 pub(crate) fn fingerprint(
@@ -90,14 +94,28 @@ fn into_string(bytes: Vec<u8>) -> String {
     String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
-/// JSON with object keys sorted and no whitespace.
+/// JSON with object keys sorted and no whitespace, numbers as written: the
+/// text the store keeps and serves.
 pub(crate) fn canonical(v: &Value) -> String {
     let mut out = Vec::with_capacity(128);
-    write_canonical(v, &mut out);
+    write_canonical(v, &mut out, false);
     into_string(out)
 }
 
-fn write_canonical(v: &Value, out: &mut Vec<u8>) {
+/// The data text a [`fingerprint`] hashes: `data_json` ([`canonical`] of
+/// `data`) with every number in its canonical form, which it already is
+/// unless a number is spelled otherwise (`1.0`, `-0`, `1e+2`).
+pub(crate) fn fingerprint_data<'a>(data: &Value, data_json: &'a str) -> Cow<'a, str> {
+    if guardian_protocol::numbers_are_canonical(data) {
+        Cow::Borrowed(data_json)
+    } else {
+        let mut out = Vec::with_capacity(data_json.len());
+        write_canonical(data, &mut out, true);
+        Cow::Owned(into_string(out))
+    }
+}
+
+fn write_canonical(v: &Value, out: &mut Vec<u8>, numbers_by_value: bool) {
     match v {
         Value::Object(map) => {
             out.push(b'{');
@@ -107,7 +125,7 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>) {
                 }
                 write_json_string(k, out);
                 out.push(b':');
-                write_canonical(inner, out);
+                write_canonical(inner, out, numbers_by_value);
             };
             // serde_json's default map is already sorted: no need to sort.
             if map.keys().is_sorted() {
@@ -129,9 +147,12 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>) {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_canonical(item, out);
+                write_canonical(item, out, numbers_by_value);
             }
             out.push(b']');
+        }
+        Value::Number(n) if numbers_by_value => {
+            out.extend_from_slice(guardian_protocol::canonical_number(n).as_bytes());
         }
         // Scalars: serde_json's own compact form (cannot fail into a Vec).
         other => {
@@ -251,6 +272,40 @@ mod tests {
                 "{kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn numbers_are_kept_as_written_and_fingerprinted_by_value() {
+        let written: Value =
+            serde_json::from_str(r#"{"b":[1.0,-0],"a":{"x":1E2,"y":1.2345678901234567890123e22}}"#)
+                .unwrap();
+        let plain: Value =
+            serde_json::from_str(r#"{"a":{"x":100,"y":12345678901234567890123},"b":[1,0]}"#)
+                .unwrap();
+        let text = canonical(&written);
+        assert_eq!(
+            text,
+            r#"{"a":{"x":1e+2,"y":1.2345678901234567890123e+22},"b":[1.0,-0]}"#
+        );
+        let by_value = fingerprint_data(&written, &text);
+        assert_eq!(by_value, canonical(&plain));
+        assert!(matches!(
+            fingerprint_data(&plain, &canonical(&plain)),
+            Cow::Borrowed(_)
+        ));
+        let fp = |d: &Value| {
+            fingerprint(
+                MutationKind::Update,
+                "t",
+                "i",
+                &fingerprint_data(d, &canonical(d)),
+            )
+        };
+        assert_eq!(fp(&written), fp(&plain));
+        let other: Value =
+            serde_json::from_str(r#"{"a":{"x":100,"y":12345678901234567890124},"b":[1,0]}"#)
+                .unwrap();
+        assert_ne!(fp(&other), fp(&plain));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 pub use applied::AppliedMutation;
 pub(crate) use entities::Decision;
 pub(crate) use feed::FeedRefusal;
-pub(crate) use idempotency::{canonical, fingerprint};
+pub(crate) use idempotency::{canonical, fingerprint, fingerprint_data};
 pub use schema::Synchronous;
 
 use crate::clock::SharedClock;
@@ -83,8 +83,9 @@ pub(crate) struct MutationInput {
     pub(crate) id: String,
     /// The new data (`Null` for deletes).
     pub(crate) data: Value,
-    /// `data` as canonical JSON text (`null` for deletes): what the
-    /// fingerprint hashes and what is stored, serialized once.
+    /// `data` as canonical JSON text (`null` for deletes), numbers as
+    /// written: what is stored (the fingerprint hashes it too when its
+    /// numbers are in canonical form).
     pub(crate) data_json: String,
     pub(crate) if_match: Option<Precondition>,
     /// Fault: a concurrent writer bumps the entity just before this op.

@@ -278,3 +278,46 @@ async fn records_expire_after_the_retention() {
     let r = h.create("device", "d1", json!({"b": 2}), "k1").await;
     assert_eq!(r.status, 409, "no 422 after expiry");
 }
+
+/// Numbers are stored and served as written (issue 15 point 7), and a key
+/// is fingerprinted by the values its numbers denote: a retry that spells
+/// them differently replays, one that changes a digit beyond `f64`'s
+/// precision is another request (422).
+#[tokio::test]
+async fn numbers_are_kept_exactly_and_fingerprinted_by_value() {
+    let h = start_default().await;
+    let create = |key: &str, data: &str| {
+        h.send(
+            h.req(Method::POST, "/v1/entities/device")
+                .header("idempotency-key", key)
+                .header("content-type", "application/json")
+                .body(format!(r#"{{"id":"n1","data":{data}}}"#)),
+        )
+    };
+    let data = r#"{"big":12345678901234567890123,"dec":3.141592653589793238462643383279,"exp":1E400,"neg":-9223372036854775809,"nz":-0,"one":1.0,"tiny":1e-400}"#;
+    let r = create("k1", data).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    // serde_json writes an exponent as `e` with a sign; the digits stay.
+    let data = data.replace("1E400", "1e+400");
+    assert_eq!(r.body["data"].to_string(), data);
+    assert_eq!(h.get("device", "n1").await.body["data"].to_string(), data);
+    let feed = h.changes(0, 10).await;
+    assert_eq!(feed.body["changes"][0]["data"].to_string(), data);
+    // The same values spelled otherwise: the same request, replayed as first answered.
+    let respelled = r#"{"big":1.2345678901234567890123e22,"dec":3.1415926535897932384626433832790,"exp":10e399,"neg":-9223372036854775809,"nz":0,"one":1,"tiny":0.1E-399}"#;
+    let r = create("k1", respelled).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.header("idempotent-replayed"), Some("true"));
+    assert_eq!(r.body["data"].to_string(), data);
+    // One digit more in the 23rd place: another request under the same key.
+    let changed = data.replace("12345678901234567890123", "12345678901234567890124");
+    let r = create("k1", &changed).await;
+    assert_eq!(
+        (r.status, r.problem_type()),
+        (422, problem_type::IDEMPOTENCY_MISMATCH)
+    );
+    let changed = data.replace("-9223372036854775809", "-9223372036854775808");
+    let r = create("k1", &changed).await;
+    assert_eq!(r.status, 422);
+    assert_eq!(h.applied_keys().await, vec!["k1"]);
+}

@@ -376,7 +376,9 @@ fn chained_base(
         None => serde_json::from_str(&payload)?,
     };
     Ok(match ack.version {
-        Some(v) if *data != app_view => (Some(app_view.to_string()), Some(v.saturating_sub(1))),
+        Some(v) if !guardian_protocol::json_eq(data, &app_view) => {
+            (Some(app_view.to_string()), Some(v.saturating_sub(1)))
+        }
         v => (Some(data.to_string()), v),
     })
 }

@@ -20,7 +20,7 @@
 //! versions kept. "Succeeded" carries the server's version and data, so the
 //! engine acks the op with them and the next op of the entity chains on it.
 
-use guardian_protocol::{Entity, MutationKind};
+use guardian_protocol::{json_eq, Entity, MutationKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -179,7 +179,7 @@ impl Reconciler {
                 local: input.payload.clone(),
                 remote: None,
             },
-            (MutationKind::Create, Some(cur)) if cur.data == *input.payload => {
+            (MutationKind::Create, Some(cur)) if json_eq(&cur.data, input.payload) => {
                 settled(SettledReason::AlreadyApplied, Some(cur))
             }
             (MutationKind::Create, Some(cur)) if remote_wins => {
@@ -187,7 +187,7 @@ impl Reconciler {
             }
             (MutationKind::Create | MutationKind::Update, Some(cur)) => {
                 let out = merge3(input.base, input.payload, &cur.data, policy);
-                if out.merged == cur.data {
+                if json_eq(&out.merged, &cur.data) {
                     let reason = if out.is_clean() && !remote_wins {
                         SettledReason::AlreadyApplied
                     } else {

@@ -1,8 +1,9 @@
 //! Three-way JSON merge over nested objects.
 //!
 //! Rules, applied at every level (a key absent on a side is a value too, so
-//! deleting a key is a change like any other):
-//! - both sides equal → that value;
+//! deleting a key is a change like any other; numbers are equal when they
+//! denote the same value, [`guardian_protocol::json_eq`]):
+//! - both sides equal → that value (the local side's text);
 //! - only one side differs from the base → that side (a clean merge);
 //! - both differ, and both are objects → merge key by key, recursively
 //!   (if the base is not an object there, each key counts as new);
@@ -140,10 +141,10 @@ impl Merger<'_, '_> {
         local: Option<&Value>,
         remote: Option<&Value>,
     ) -> Option<Value> {
-        if local == remote || remote == base {
+        if same(local, remote) || same(remote, base) {
             return local.cloned();
         }
-        if local == base {
+        if same(local, base) {
             return remote.cloned();
         }
         if let (Some(Value::Object(l)), Some(Value::Object(r))) = (local, remote) {
@@ -199,6 +200,16 @@ impl Merger<'_, '_> {
             }
         }
         out
+    }
+}
+
+/// Equal values, numbers by the value they denote (`1.5` and `1.50` are
+/// one value; each side keeps its own text in the result).
+fn same(a: Option<&Value>, b: Option<&Value>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => guardian_protocol::json_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 
@@ -421,6 +432,21 @@ mod tests {
                 remote: Some(json!(2)),
                 resolved: None,
             }]
+        );
+    }
+
+    #[test]
+    fn numbers_compare_by_value_and_keep_their_text() {
+        let v = |t: &str| serde_json::from_str::<Value>(t).unwrap();
+        let base = v(r#"{"a":12345678901234567890123,"b":1.50,"c":0}"#);
+        // a: changed beyond f64 precision; b: respelled only; c: -0 is 0.
+        let local = v(r#"{"a":12345678901234567890124,"b":1.5,"c":-0}"#);
+        let remote = v(r#"{"a":12345678901234567890123,"b":2.50,"c":0,"r":1E400}"#);
+        let out = merge3(Some(&base), &local, &remote, &ConflictPolicy::RemoteWins);
+        assert!(out.is_clean(), "{:?}", out.conflicts);
+        assert_eq!(
+            out.merged.to_string(),
+            r#"{"a":12345678901234567890124,"b":2.50,"c":-0,"r":1e+400}"#
         );
     }
 
