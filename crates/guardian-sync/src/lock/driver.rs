@@ -1,7 +1,7 @@
 //! [`ProcessingLock`]: the lock row in the outbox plus the OS lock file.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,7 +63,8 @@ pub struct ProcessingLock {
     config: LockConfig,
     clock: SharedClock,
     os_lock_path: PathBuf,
-    os_lock: Option<File>,
+    /// The OS lock file we hold, and its identity (`dev:inode`).
+    os_lock: Option<(File, String)>,
     observer: StalenessObserver,
     fence: Option<Fence>,
     /// (epoch, heartbeat) of a free row seen while another process held the
@@ -79,7 +80,11 @@ impl ProcessingLock {
         config: LockConfig,
         clock: SharedClock,
     ) -> Self {
-        let mut os_lock_path = outbox.path().as_os_str().to_owned();
+        // One lock file per outbox file however its path is spelled (a
+        // symlink, `..`, a relative path): named after the resolved path.
+        let resolved =
+            std::fs::canonicalize(outbox.path()).unwrap_or_else(|_| outbox.path().to_path_buf());
+        let mut os_lock_path = resolved.into_os_string();
         os_lock_path.push(".lock");
         Self {
             outbox,
@@ -132,7 +137,14 @@ impl ProcessingLock {
         };
         match file.try_lock() {
             Ok(()) => {
-                self.os_lock = Some(file);
+                let id = match file.metadata() {
+                    Ok(m) => format!("{}:{}", m.dev(), m.ino()),
+                    Err(e) => {
+                        tracing::debug!("cannot stat {}: {e}", self.os_lock_path.display());
+                        return OsLock::Unavailable;
+                    }
+                };
+                self.os_lock = Some((file, id));
                 OsLock::Ours
             }
             Err(TryLockError::WouldBlock) => OsLock::Busy,
@@ -167,7 +179,15 @@ impl ProcessingLock {
 
     async fn try_acquire_inner(&mut self) -> Result<Acquired, LockError> {
         let os = self.try_os_lock();
-        let row = self.outbox.lock_read().await?;
+        let (row, holder_os_file) = self.outbox.lock_read_with_os_file().await?;
+        // Obtaining an OS lock proves the holder's process gone only if it
+        // is the very file the holder recorded: a lock file deleted and
+        // created again, or another path's, proves nothing, and the
+        // heartbeat stays the judge.
+        let holder_process_dead = match (&self.os_lock, &holder_os_file) {
+            (Some((_, ours)), Some(theirs)) => ours == theirs,
+            _ => false,
+        };
         let view = LockView {
             owner: row
                 .as_ref()
@@ -180,7 +200,7 @@ impl ProcessingLock {
         let now = self.clock.monotonic();
         let judgement = self
             .observer
-            .judge(&self.owner, view, os == OsLock::Ours, now);
+            .judge(&self.owner, view, holder_process_dead, now);
         if let (Judgement::Free { epoch, heartbeat }, OsLock::Busy) = (&judgement, os) {
             // Another live process holds the OS lock: it is about to take
             // the row (or has just released it). Taking the row now would
@@ -214,9 +234,10 @@ impl ProcessingLock {
                 });
             }
         };
+        let os_file = self.os_lock.as_ref().map(|(_, id)| id.clone());
         match self
             .outbox
-            .lock_acquire(&self.owner, Some((epoch, heartbeat)))
+            .lock_acquire_noting(&self.owner, Some((epoch, heartbeat)), os_file)
             .await?
         {
             Some(fence) => {
@@ -248,8 +269,26 @@ impl ProcessingLock {
             return Err(LockError::Lost);
         };
         // After a stale takeover the hung holder may still have the OS lock;
-        // pick it up as soon as it is free so fast takeover works against us.
-        let _ = self.try_os_lock();
+        // pick it up as soon as it is free (and record it) so fast takeover
+        // works against us.
+        let had = self.os_lock.is_some();
+        if !had && self.try_os_lock() == OsLock::Ours {
+            if let Some((_, id)) = &self.os_lock {
+                match self.outbox.lock_note_os_file(&fence, id.clone()).await {
+                    Ok(()) => {}
+                    Err(OutboxError::LockLost) => {
+                        self.fence = None;
+                        self.os_lock = None;
+                        return Err(LockError::Lost);
+                    }
+                    Err(e) => {
+                        // Not recorded: keep trying at the next beat.
+                        self.os_lock = None;
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
         match self.outbox.lock_heartbeat(&fence).await {
             Ok(()) => Ok(()),
             Err(OutboxError::LockLost) => {

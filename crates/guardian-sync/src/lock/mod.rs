@@ -14,7 +14,11 @@
 //! A crashed holder is detected faster through an OS file lock on
 //! `<outbox>.lock` that the holder keeps while it runs (taken before the
 //! row, given up after it): a contender that obtains the OS lock while the
-//! row names another owner knows that owner's process is gone.
+//! row names another owner knows that owner's process is gone, provided it
+//! is the very file (device and inode) the holder recorded in the outbox: a
+//! lock file deleted and created again, or another path's, proves nothing,
+//! and the heartbeat threshold judges. The lock file is named after the
+//! outbox's resolved path, so every spelling of the path shares it.
 
 mod driver;
 mod observer;

@@ -91,6 +91,17 @@ pub enum OpenError {
     /// The writer thread could not be started.
     #[error("cannot start the outbox writer thread: {0}")]
     Thread(std::io::Error),
+    /// The file has several hard links. SQLite names its write-ahead log
+    /// after the path, so two processes using two names of one file would
+    /// each keep their own log of it, and the processing lock could not
+    /// tell them apart: refused, nothing touched.
+    #[error("outbox file {path} has {links} hard links; open it by one name only (remove the other links)")]
+    HardLinked {
+        /// The outbox path.
+        path: PathBuf,
+        /// Its link count.
+        links: u64,
+    },
 }
 
 /// Why [`Outbox::enqueue`](super::Outbox::enqueue) refused an op. Nothing in

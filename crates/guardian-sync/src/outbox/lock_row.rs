@@ -93,6 +93,35 @@ pub(crate) fn acquire(
     }))
 }
 
+/// Meta key of the identity (`dev:inode`) of the OS lock file the holder
+/// keeps. A contender that obtains an OS lock takes it as proof that the
+/// holder's process is gone only if it is this very file: a lock file
+/// deleted and created again, or reached by another name, proves nothing.
+const OS_FILE_KEY: &str = "lock.os_file";
+
+/// The identity of the holder's OS lock file, if it recorded one.
+pub(crate) fn os_file(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row([OS_FILE_KEY], |r| r.get(0))
+        .optional()
+}
+
+/// Records (or, with `None`, forgets) the holder's OS lock file.
+pub(crate) fn note_os_file(conn: &Connection, id: Option<&str>) -> rusqlite::Result<()> {
+    match id {
+        Some(id) => conn
+            .prepare_cached(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT(key) DO UPDATE SET value = ?2",
+            )?
+            .execute(params![OS_FILE_KEY, id])?,
+        None => conn
+            .prepare_cached("DELETE FROM meta WHERE key = ?1")?
+            .execute([OS_FILE_KEY])?,
+    };
+    Ok(())
+}
+
 /// Proves liveness: heartbeat += 1, beat_at = now.
 pub(crate) fn heartbeat(conn: &Connection, fence: &Fence, now: i64) -> Result<(), OutboxError> {
     check(conn, fence)?;

@@ -364,6 +364,15 @@ fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenRe
         path: path.to_path_buf(),
         source,
     };
+    if let Ok(meta) = std::fs::metadata(path) {
+        let links = std::os::unix::fs::MetadataExt::nlink(&meta);
+        if links > 1 {
+            return Err(OpenError::HardLinked {
+                path: path.to_path_buf(),
+                links,
+            });
+        }
+    }
     let mut report = OpenReport {
         created: schema::create_file(path).map_err(io)?,
         ..OpenReport::default()
@@ -606,15 +615,55 @@ impl Outbox {
         owner: &str,
         expect: Option<(u64, u64)>,
     ) -> Result<Option<Fence>, OutboxError> {
+        self.lock_acquire_noting(owner, expect, None).await
+    }
+
+    /// [`Outbox::lock_acquire`], recording in the same transaction the
+    /// identity of the OS lock file the new holder keeps (`None`: none).
+    pub(crate) async fn lock_acquire_noting(
+        &self,
+        owner: &str,
+        expect: Option<(u64, u64)>,
+        os_file: Option<String>,
+    ) -> Result<Option<Fence>, OutboxError> {
         let owner = owner.to_owned();
         self.inner
             .writer
             .call(move |conn, ctx| {
                 let fence = lock_row::acquire(conn, &owner, expect, ctx.now())?;
                 if fence.is_some() {
+                    lock_row::note_os_file(conn, os_file.as_deref())?;
                     requeue_in_flight(conn)?;
                 }
                 Ok::<_, OutboxError>(fence)
+            })
+            .await
+    }
+
+    /// The lock row and the identity of the OS lock file its holder keeps,
+    /// read together.
+    pub(crate) async fn lock_read_with_os_file(
+        &self,
+    ) -> Result<(Option<LockRow>, Option<String>), OutboxError> {
+        self.inner
+            .writer
+            .call(|conn, _| Ok::<_, OutboxError>((lock_row::read(conn)?, lock_row::os_file(conn)?)))
+            .await
+    }
+
+    /// Records the OS lock file the holder of `fence` obtained after it
+    /// took the lock. Fenced.
+    pub(crate) async fn lock_note_os_file(
+        &self,
+        fence: &Fence,
+        os_file: String,
+    ) -> Result<(), OutboxError> {
+        let fence = fence.clone();
+        self.inner
+            .writer
+            .call(move |conn, _| {
+                lock_row::check(conn, &fence)?;
+                Ok::<_, OutboxError>(lock_row::note_os_file(conn, Some(&os_file))?)
             })
             .await
     }
