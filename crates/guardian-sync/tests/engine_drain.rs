@@ -733,11 +733,19 @@ async fn outcomes_settled_by_a_dead_process_are_published_after_restart() {
             .enqueue(NewOp::create("device", "d1", json!({})).with_txn_token("tok-1"))
             .await
             .unwrap();
-        let fence = outbox
-            .lock_acquire("dead-runner", None)
-            .await
-            .unwrap()
-            .unwrap();
+        // It holds the lock as a runner does (row and OS lock file); its
+        // handle is dropped without a release, as its process would die.
+        let mut lock = guardian_sync::lock::ProcessingLock::new(
+            outbox.clone(),
+            "dead-runner",
+            guardian_sync::lock::LockConfig::default(),
+            guardian_sync::clock::SystemClock::shared(),
+        );
+        let guardian_sync::lock::Acquired::Yes { fence, .. } = lock.try_acquire().await.unwrap()
+        else {
+            panic!("the lock was free");
+        };
+        drop(lock);
         outbox.claim_ready(&fence, 1, i64::MAX).await.unwrap();
         outbox
             .ack(&fence, e.op_id, Default::default())
