@@ -184,13 +184,21 @@ async fn a_lock_held_by_a_live_runner_exits_6() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = dir.path().join("outbox.db");
     enqueue(&outbox, 1).await;
-    // A live runner (no --once) holds the lock until it is killed.
+    // A live runner (no --once) holds the lock until it is killed; it
+    // sends to a port with no listener, so the ops stay queued.
+    let dead = format!(
+        "http://{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    );
     let mut holder = command(
         &outbox,
         &[
             "run",
             "--server",
-            &server.url(),
+            &dead,
             "--token",
             TOKEN,
             "--events",
@@ -227,6 +235,7 @@ async fn a_lock_held_by_a_live_runner_exits_6() {
         line.starts_with("gsync: another runner holds the processing lock (runner-"),
         "{line}"
     );
+    assert!(line.contains("2 op(s) wait for it"), "{line}");
     assert_clean(&out);
 }
 

@@ -293,12 +293,13 @@ fn verdict(
             LOCK_HELD,
             "lock_held",
             format!(
-                "another runner holds the processing lock{} (waited {})",
+                "another runner holds the processing lock{} (waited {}); {} op(s) wait for it",
                 once.lock_holder
                     .as_deref()
                     .map(|h| format!(" ({h})"))
                     .unwrap_or_default(),
-                humantime::format_duration(max_wait)
+                humantime::format_duration(max_wait),
+                once.remaining
             ),
         ),
         OnceStop::AuthRefused => (

@@ -140,11 +140,12 @@ impl SyncEngine {
                             .await?
                             .map(|row| row.owner)
                             .filter(|owner| !owner.is_empty());
+                        let stats = inner.outbox.stats().await?;
                         return Ok(OnceReport {
                             stop: OnceStop::LockHeld,
                             run: report,
-                            remaining: 0,
-                            next_attempt_at: None,
+                            remaining: stats.pending + stats.in_flight,
+                            next_attempt_at: stats.next_attempt_at,
                             last_error: None,
                             lock_holder: holder,
                             waited_ms: millis(waited),
