@@ -188,3 +188,86 @@ fn chained_update_after_a_merged_conflict_keeps_remote_fields() {
         );
     });
 }
+
+/// `demo --dashboard` prints the dashboard's URL at once and the page's
+/// data lists the demo's runners while the demo runs.
+#[test]
+fn the_dashboard_serves_the_demos_devices() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gsync"))
+        .args([
+            "demo",
+            "--dashboard",
+            "--devices",
+            "2",
+            "--ops",
+            "40",
+            "--seed",
+            "3",
+        ])
+        .env_remove("GSYNC_OUTBOX")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gsync demo runs");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut url = None;
+    let mut seen = String::new();
+    for _ in 0..20 {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if let Some(u) = line.trim().strip_prefix("dashboard: ") {
+            url = Some(u.to_owned());
+            break;
+        }
+    }
+    let url = url.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("no dashboard URL on stderr:\n{seen}")
+    });
+    // Keep draining stderr so the demo never blocks on a full pipe.
+    let drain = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let (base, token) = url.split_once("/dashboard?token=").expect("URL shape");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = Value::Null;
+    let runners = loop {
+        // The server may be in its offline window: errors are retried.
+        let got = rt.block_on(async {
+            let r = http
+                .get(format!("{base}/dashboard/state"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .ok()?;
+            r.json::<Value>().await.ok()
+        });
+        if let Some(v) = got {
+            let n = v["devices"].as_array().map_or(0, Vec::len);
+            last = v;
+            if n >= 2 {
+                break n;
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the dashboard never listed the demo's runners: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(runners >= 2);
+    assert!(last["devices"][0]["tenant"] == "demo", "{last}");
+    let status = child.wait().unwrap();
+    let _ = drain.join();
+    assert!(status.success(), "demo failed: {status}");
+}

@@ -83,7 +83,9 @@ impl ServerBuilder {
                 config.alert_rules,
             )),
             webhook,
-            dashboard_session: crate::routes::dashboard::new_session_secret(),
+            dashboard_session: crate::routes::dashboard::session_secret(
+                config.admin_token.as_deref(),
+            ),
             store,
             faults: Arc::new(FaultInjector::new(config.faults.clone())),
             inflight: InFlight::new(),

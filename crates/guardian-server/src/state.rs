@@ -50,6 +50,6 @@ pub(crate) struct Shared {
     pub(crate) fleet: Arc<Fleet>,
     /// Where alert events go, when configured.
     pub(crate) webhook: Option<Webhook>,
-    /// Secret of the dashboard's session cookie (random per process).
+    /// Secret of the dashboard's session cookie (derived from the admin token).
     pub(crate) dashboard_session: String,
 }

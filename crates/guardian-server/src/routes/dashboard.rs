@@ -5,8 +5,8 @@
 //! `/dashboard/events`, a server-sent-event stream of the whole dashboard
 //! state. A browser cannot put the admin token in a header on navigation or
 //! on an `EventSource`, so `GET /dashboard?token=<admin token>` trades it for
-//! an `HttpOnly`, `SameSite=Strict` session cookie (a random secret of this
-//! process, not the token) and redirects to `/dashboard`, so the token
+//! an `HttpOnly`, `SameSite=Strict` session cookie (a hash of the token,
+//! not the token) and redirects to `/dashboard`, so the token
 //! leaves the address bar. A bearer header works on every route too.
 
 use std::convert::Infallible;
@@ -33,9 +33,19 @@ const COOKIE: &str = "gsync_dashboard";
 /// Least time between two events of one stream (the state is sent whole).
 const MIN_EVENT_GAP: Duration = Duration::from_millis(200);
 
-/// A fresh random session secret (hex).
-pub(crate) fn new_session_secret() -> String {
-    let bytes: [u8; 32] = rand::random();
+/// The session secret of `admin_token` (hex): a hash, so the cookie never
+/// carries the token, yet stable across restarts with the same token (an
+/// open page reconnects to a restarted server). Random without a token.
+pub(crate) fn session_secret(admin_token: Option<&str>) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes: [u8; 32] = match admin_token {
+        Some(t) => Sha256::new()
+            .chain_update(b"guardian-dashboard-session\0")
+            .chain_update(t.as_bytes())
+            .finalize()
+            .into(),
+        None => rand::random(),
+    };
     bytes.iter().fold(String::with_capacity(64), |mut s, b| {
         let _ = write!(s, "{b:02x}");
         s

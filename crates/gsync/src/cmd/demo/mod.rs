@@ -69,6 +69,12 @@ pub(crate) struct Args {
     /// print its path.
     #[arg(long)]
     keep: bool,
+    /// Serve the fleet dashboard (`/dashboard`) for the demo's devices while
+    /// the demo runs, and print its URL. The runners report their health
+    /// every few seconds; the page is down, and forgets, while the server
+    /// is offline.
+    #[arg(long)]
+    dashboard: bool,
 }
 
 const TICK: Duration = Duration::from_millis(200);
@@ -132,8 +138,13 @@ async fn demo(args: &Args) -> anyhow::Result<Verdict> {
         work.path().join("server.db"),
         token.clone(),
         server::faults(args.fault_rate, args.seed, RetryAfterForm::Seconds),
+        args.dashboard.then(|| uuid::Uuid::new_v4().to_string()),
     )
     .await?;
+    if let Some(url) = server.dashboard_url() {
+        // Printed at once, before the run, so it can be opened while it runs.
+        eprintln!("dashboard: {url}");
+    }
     let http = HttpTransport::new(
         &HttpTransportConfig::new(server.url()),
         Arc::new(StaticToken::new(token.clone())),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use guardian_server::{
-    AppliedMutation, Faults, RetryAfter, RetryAfterForm, RunningServer, ServerBuilder,
+    AlertRules, AppliedMutation, Faults, RetryAfter, RetryAfterForm, RunningServer, ServerBuilder,
 };
 
 /// The tenant every device belongs to.
@@ -29,6 +29,8 @@ pub(crate) struct DemoServer {
     db: PathBuf,
     token: String,
     faults: Faults,
+    /// The dashboard's admin token, when `--dashboard` asked for it.
+    admin: Option<String>,
 }
 
 /// The faults of a demo run at `rate`: failures (503 and 429 with
@@ -52,19 +54,35 @@ pub(crate) fn faults(rate: f64, seed: u64, form: RetryAfterForm) -> Faults {
     }
 }
 
-fn builder(db: &Path, token: &str, faults: Faults) -> ServerBuilder {
-    ServerBuilder::new()
+fn builder(db: &Path, token: &str, faults: Faults, admin: Option<&str>) -> ServerBuilder {
+    let b = ServerBuilder::new()
         .token(TENANT, token)
         .database(db)
         // A stuck request must not outlive the demo.
         .request_timeout(Duration::from_secs(10))
-        .faults(faults)
+        .faults(faults);
+    match admin {
+        // Thresholds the demo's chaos crosses, so its alerts show.
+        Some(admin) => b.admin_token(admin).alert_rules(AlertRules {
+            breaker_open_for: Some(Duration::from_secs(3)),
+            stalled_for: Some(Duration::from_secs(20)),
+            dead_letters_above: Some(0),
+            fleet_health_below: Some(60),
+        }),
+        None => b,
+    }
 }
 
 impl DemoServer {
     /// Starts the server on a free loopback port.
-    pub(crate) async fn start(db: PathBuf, token: String, faults: Faults) -> anyhow::Result<Self> {
-        let running = builder(&db, &token, faults.clone())
+    /// With `admin`, the server also serves `/dashboard` and raises alerts.
+    pub(crate) async fn start(
+        db: PathBuf,
+        token: String,
+        faults: Faults,
+        admin: Option<String>,
+    ) -> anyhow::Result<Self> {
+        let running = builder(&db, &token, faults.clone(), admin.as_deref())
             .bind("127.0.0.1:0")
             .await
             .context("cannot start the reference server")?;
@@ -74,7 +92,14 @@ impl DemoServer {
             db,
             token,
             faults,
+            admin,
         })
+    }
+
+    /// The dashboard's address with its one-time token, when served.
+    pub(crate) fn dashboard_url(&self) -> Option<String> {
+        let admin = self.admin.as_deref()?;
+        Some(format!("{}/dashboard?token={admin}", self.url()))
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -102,9 +127,14 @@ impl DemoServer {
         let mut last = None;
         // The port was ours a moment ago; a few tries cover a slow release.
         for _ in 0..50 {
-            match builder(&self.db, &self.token, self.faults.clone())
-                .bind(self.addr)
-                .await
+            match builder(
+                &self.db,
+                &self.token,
+                self.faults.clone(),
+                self.admin.as_deref(),
+            )
+            .bind(self.addr)
+            .await
             {
                 Ok(running) => {
                     self.running = Some(running);
