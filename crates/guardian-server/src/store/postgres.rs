@@ -136,19 +136,23 @@ const COUNTERS_SQL: &str =
 
 /// The PostgreSQL store.
 pub(crate) struct PgStore {
+    inner: Arc<PgInner>,
+    listener: JoinHandle<()>,
+}
+
+struct PgInner {
     pool: Pool,
     opts: StoreOptions,
     /// Names this instance in notifications, so it skips its own.
     instance: String,
     changes_tx: broadcast::Sender<FeedEvent>,
     fault_seq: AtomicU64,
-    listener: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgStore")
-            .field("instance", &self.instance)
+            .field("instance", &self.inner.instance)
             .finish_non_exhaustive()
     }
 }
@@ -188,15 +192,19 @@ impl PgStore {
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let listener = tokio::spawn(listen(config, instance.clone(), changes_tx.clone()));
         Ok(Self {
-            pool,
-            opts,
-            instance,
-            changes_tx,
-            fault_seq: AtomicU64::new(0),
+            inner: Arc::new(PgInner {
+                pool,
+                opts,
+                instance,
+                changes_tx,
+                fault_seq: AtomicU64::new(0),
+            }),
             listener,
         })
     }
+}
 
+impl PgInner {
     async fn apply(
         &self,
         tenant: Arc<str>,
@@ -538,7 +546,12 @@ impl Backend for PgStore {
         tenant: Arc<str>,
         inputs: Vec<MutationInput>,
     ) -> BoxFuture<'_, Result<Vec<OpResult>, StoreError>> {
-        PgStore::apply(self, tenant, inputs).boxed()
+        let inner = Arc::clone(&self.inner);
+        // A task of its own: a request that times out or whose client
+        // leaves does not cut a transaction short between its commit and
+        // the broadcast to this instance's sessions.
+        let task = tokio::spawn(async move { inner.apply(tenant, inputs).await });
+        async move { task.await.map_err(|e| StoreError::Task(e.to_string()))? }.boxed()
     }
 
     fn get(
@@ -547,7 +560,7 @@ impl Backend for PgStore {
         entity_type: String,
         id: String,
     ) -> BoxFuture<'_, Result<Option<Entity>, StoreError>> {
-        PgStore::get(self, tenant, entity_type, id).boxed()
+        self.inner.get(tenant, entity_type, id).boxed()
     }
 
     fn changes(
@@ -556,7 +569,7 @@ impl Backend for PgStore {
         since: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Result<ChangesPage, FeedRefusal>, StoreError>> {
-        PgStore::changes(self, tenant, since, limit).boxed()
+        self.inner.changes(tenant, since, limit).boxed()
     }
 
     fn check_since(
@@ -564,19 +577,19 @@ impl Backend for PgStore {
         tenant: Arc<str>,
         since: Option<u64>,
     ) -> BoxFuture<'_, Result<Result<u64, FeedRefusal>, StoreError>> {
-        self.check_since_now(tenant, since).boxed()
+        self.inner.check_since_now(tenant, since).boxed()
     }
 
     fn applied_log(&self) -> BoxFuture<'_, Result<Vec<AppliedMutation>, StoreError>> {
-        PgStore::applied_log(self).boxed()
+        self.inner.applied_log().boxed()
     }
 
     fn purge_expired(&self) -> BoxFuture<'_, Result<PurgeReport, StoreError>> {
-        PgStore::purge_expired(self).boxed()
+        self.inner.purge_expired().boxed()
     }
 
     fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
-        self.changes_tx.subscribe()
+        self.inner.changes_tx.subscribe()
     }
 }
 

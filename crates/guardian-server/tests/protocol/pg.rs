@@ -20,8 +20,13 @@ pub(crate) struct PgDb {
     name: String,
 }
 
-/// Runs one statement on the maintenance database, on a thread of its own
-/// (callable from sync code and from inside a runtime alike).
+/// Serializes CREATE/DROP DATABASE of every test process: two CREATE
+/// DATABASE at once fail ("template1 is being accessed by other users").
+const ADMIN_LOCK: i64 = 0x6773_7465_7374_6462;
+
+/// Runs one statement on the maintenance database under [`ADMIN_LOCK`], on
+/// a thread of its own (callable from sync code and from inside a runtime
+/// alike).
 fn admin(sql: String) -> Result<(), String> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -36,7 +41,19 @@ fn admin(sql: String) -> Result<(), String> {
                 .map_err(|_| "timed out connecting to PostgreSQL".to_owned())?
                 .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
             let driver = tokio::spawn(conn);
-            let r = client.batch_execute(&sql).await.map_err(|e| e.to_string());
+            let detail = |e: tokio_postgres::Error| match e.as_db_error() {
+                Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                None => e.to_string(),
+            };
+            // Session-level: CREATE DATABASE cannot run in a transaction.
+            let r = async {
+                client
+                    .execute("SELECT pg_advisory_lock($1)", &[&ADMIN_LOCK])
+                    .await
+                    .map_err(detail)?;
+                client.batch_execute(&sql).await.map_err(detail)
+            }
+            .await;
             drop(client);
             let _ = driver.await;
             r
