@@ -258,18 +258,48 @@ async fn corrupt_outbox_at_startup_is_salvaged_without_panic() {
             let _ = std::fs::remove_file(format!("{}{side}", path.display()));
         }
         damage(&path, how);
+        if how == "garbage" {
+            // Nothing left says it was an outbox: it cannot be told from
+            // another program's file, so it is refused and left as it is.
+            let before = std::fs::read(&path).unwrap();
+            for args in [
+                &["status"][..],
+                &[
+                    "run",
+                    "--once",
+                    "--server",
+                    "http://127.0.0.1:9",
+                    "--token",
+                    "t",
+                ],
+            ] {
+                let out = gsync(&[], &path, args).await;
+                assert_clean_failure(&out, how);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert!(stderr.contains("not a guardian outbox"), "{stderr}");
+            }
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+            continue;
+        }
+        // `status` is read-only: it reports damage it meets, never salvages.
+        let before = std::fs::read(&path).unwrap();
         let status = gsync(&[], &path, &["status"]).await;
         let stderr = String::from_utf8_lossy(&status.stderr).to_string();
         assert_no_panic(&stderr);
-        if status.status.success() {
-            // Salvaged at open, and said so (an empty file is a new outbox).
-            assert!(
-                how == "zero-length" || stderr.contains("damaged"),
-                "{how}: no salvage report: {stderr}"
-            );
-        } else {
+        if !status.status.success() {
             assert_clean_failure(&status, how);
+            // An empty file is a new outbox only for a writer.
+            assert!(
+                stderr.contains("check --repair")
+                    || (how == "zero-length" && stderr.contains("empty file")),
+                "{how}: {stderr}"
+            );
         }
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "{how}: status changed the file"
+        );
         // Runs (and a second run) neither panic nor fail on the salvaged file.
         for round in 0..2 {
             let mut r = Runner::spawn(

@@ -263,145 +263,6 @@ fn repair_header(h: &mut [u8; 100]) {
     }
 }
 
-/// One WAL frame as read from the file.
-struct Frame {
-    pgno: u32,
-    commit_size: u32,
-    /// Its stored checksum matches its contents, seeded with the stored
-    /// checksum of the frame before it (so a damaged frame does not make
-    /// every later one look damaged).
-    intact: bool,
-    /// Offset of its page in the WAL.
-    page_at: usize,
-}
-
-/// The frames of a WAL that belong to its current generation (header
-/// salts), in order; `None` if the WAL header itself is not one.
-fn wal_frames(wal: &[u8]) -> Option<(u32, Vec<Frame>)> {
-    if wal.len() < 32 {
-        return None;
-    }
-    let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    let magic = be(&wal[0..4]);
-    let big_endian = match magic {
-        0x377f_0683 => true,
-        0x377f_0682 => false,
-        _ => return None,
-    };
-    let page_size = be(&wal[8..12]);
-    if !(512..=65_536).contains(&page_size) || !page_size.is_power_of_two() {
-        return None;
-    }
-    let word = |b: &[u8]| {
-        if big_endian {
-            be(b)
-        } else {
-            u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-        }
-    };
-    let checksum = |seed: (u32, u32), data: &[u8]| {
-        let (mut s0, mut s1) = seed;
-        for pair in data.chunks_exact(8) {
-            s0 = s0.wrapping_add(word(&pair[0..4])).wrapping_add(s1);
-            s1 = s1.wrapping_add(word(&pair[4..8])).wrapping_add(s0);
-        }
-        (s0, s1)
-    };
-    let salts = &wal[16..24];
-    let mut seed = (be(&wal[24..28]), be(&wal[28..32]));
-    let frame_len = 24 + page_size as usize;
-    let mut frames = Vec::new();
-    let mut at = 32;
-    while at + frame_len <= wal.len() {
-        let h = &wal[at..at + 24];
-        if &h[8..16] != salts {
-            break;
-        }
-        let mut data = h[0..8].to_vec();
-        data.extend_from_slice(&wal[at + 24..at + frame_len]);
-        let stored = (be(&h[16..20]), be(&h[20..24]));
-        frames.push(Frame {
-            pgno: be(&h[0..4]),
-            commit_size: be(&h[4..8]),
-            intact: checksum(seed, &data) == stored,
-            page_at: at + 24,
-        });
-        seed = stored;
-        at += frame_len;
-    }
-    Some((page_size, frames))
-}
-
-/// Whether some copy of page 1 in the WAL beside `path` (checksum
-/// aside) carries `application_id`: a file whose stamp is still in its WAL.
-pub(crate) fn wal_page1_has_application_id(path: &Path, application_id: u32) -> bool {
-    let Ok(bytes) = std::fs::read(with_suffix(path, "-wal")) else {
-        return false;
-    };
-    let Some((_, frames)) = wal_frames(&bytes) else {
-        return false;
-    };
-    frames.iter().any(|f| {
-        f.pgno == 1
-            && bytes.get(f.page_at + 68..f.page_at + 72) == Some(&application_id.to_be_bytes()[..])
-    })
-}
-
-/// Checks the WAL beside `path` the way SQLite cannot: SQLite stops at the
-/// first frame whose checksum fails and ignores every later commit, without
-/// an error. A damaged frame followed by intact committed frames is damage
-/// to salvage (a torn tail after a crash is not: nothing follows it).
-pub(crate) fn wal_damage(path: &Path) -> std::io::Result<Option<String>> {
-    let wal = with_suffix(path, "-wal");
-    let bytes = match std::fs::read(&wal) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let Some((_, frames)) = wal_frames(&bytes) else {
-        return Ok(None);
-    };
-    let Some(bad) = frames.iter().position(|f| !f.intact) else {
-        return Ok(None);
-    };
-    let later_commit = frames[bad + 1..]
-        .iter()
-        .any(|f| f.intact && f.commit_size > 0);
-    Ok(later_commit.then(|| {
-        format!(
-            "WAL frame {} is damaged and later commits would be ignored",
-            bad + 1
-        )
-    }))
-}
-
-/// Writes the WAL's committed frames into `db` (the working copy) in
-/// order, damaged ones included, up to the last commit: every page SQLite
-/// would have read, and those it would have ignored after a damaged frame
-/// (a damaged page then costs only its own rows). Returns false if the
-/// WAL has no frames of its own (nothing to apply).
-fn replay_wal(wal: &[u8], db: &mut std::fs::File) -> std::io::Result<bool> {
-    use std::io::{Seek, SeekFrom, Write};
-    let Some((page_size, frames)) = wal_frames(wal) else {
-        return Ok(false);
-    };
-    let Some(last) = frames.iter().rposition(|f| f.commit_size > 0) else {
-        return Ok(false);
-    };
-    let page = page_size as usize;
-    for f in &frames[..=last] {
-        if f.pgno == 0 {
-            continue;
-        }
-        db.seek(SeekFrom::Start(
-            u64::from(f.pgno - 1) * u64::from(page_size),
-        ))?;
-        db.write_all(&wal[f.page_at..f.page_at + page])?;
-    }
-    db.set_len(u64::from(frames[last].commit_size) * u64::from(page_size))?;
-    Ok(true)
-}
-
 /// Removes a working copy and its side files when dropped, whatever path
 /// salvage leaves by: no temporary file survives it.
 struct WorkCopy(PathBuf);
@@ -419,32 +280,26 @@ impl Drop for WorkCopy {
     }
 }
 
-/// A copy of the moved file to read from, so the moved file stays exactly
-/// as it was: its WAL's commits written in (see [`replay_wal`]), its
-/// header repaired (see [`repair_header`]), and, if it is shorter than its
-/// header's page count, extended with zero pages to that size, so
-/// unreadable pages fail one by one instead of the whole file being refused.
+/// A copy of the moved file (and its WAL) to read from, so the moved file
+/// stays exactly as it was: its header repaired (see [`repair_header`]),
+/// and, if it is shorter than its header's page count and has no WAL,
+/// extended with zero pages to that size, so unreadable pages fail one by
+/// one instead of the whole file being refused.
 fn work_copy(aside: &Path) -> std::io::Result<WorkCopy> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let copy = WorkCopy(with_suffix(aside, ".salvage"));
     drop(WorkCopy(copy.0.clone()));
     std::fs::copy(aside, &copy.0)?;
+    let wal = with_suffix(aside, "-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, with_suffix(&copy.0, "-wal"))?;
+    }
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&copy.0)?;
-    // The WAL's commits go into the copy itself (see `replay_wal`).
-    let wal = with_suffix(aside, "-wal");
-    match std::fs::read(&wal) {
-        Ok(bytes) => {
-            replay_wal(&bytes, &mut file)?;
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
     let len = file.metadata()?.len();
     let mut header = [0u8; 100];
-    file.seek(SeekFrom::Start(0))?;
     if len < 100 || file.read_exact(&mut header).is_err() {
         return Ok(copy);
     }
@@ -457,9 +312,8 @@ fn work_copy(aside: &Path) -> std::io::Result<WorkCopy> {
         header[28], header[29], header[30], header[31],
     ]));
     let expected = pages.saturating_mul(page_size);
-    let len = file.metadata()?.len();
     // A damaged page count may claim anything: pad only up to twice the file.
-    if pages > 0 && len < expected && expected <= len.saturating_mul(2) {
+    if pages > 0 && len < expected && expected <= len.saturating_mul(2) && !wal.exists() {
         file.set_len(expected)?;
     }
     Ok(copy)

@@ -48,10 +48,7 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     if meta.len() == 0 {
         // A first session's commits may all still be in the WAL.
         let wal = super::damage::with_suffix(path, "-wal");
-        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0)
-            && (super::damage::wal_page1_has_application_id(path, APPLICATION_ID)
-                || has_our_tables(path) == Some(true))
-        {
+        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0) && has_our_tables(path) == Some(true) {
             return Ok(Identity::Ours);
         }
         return Ok(Identity::Empty);
@@ -63,10 +60,7 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     let sqlite = header.len() == 100 && header.starts_with(MAGIC);
     let app_id = (header.len() >= 72)
         .then(|| u32::from_be_bytes([header[68], header[69], header[70], header[71]]));
-    // Stamped, in the header or, before a checkpoint, in the WAL.
-    if app_id == Some(APPLICATION_ID)
-        || super::damage::wal_page1_has_application_id(path, APPLICATION_ID)
-    {
+    if app_id == Some(APPLICATION_ID) {
         return Ok(Identity::Ours);
     }
     if sqlite {

@@ -377,9 +377,6 @@ fn prepare_conn(
     if let Some(reason) = damage::header_damage(path).map_err(io)? {
         return Err(Prep::Damaged(reason));
     }
-    if let Some(reason) = damage::wal_damage(path).map_err(io)? {
-        return Err(Prep::Damaged(reason));
-    }
     let mut conn = schema::connect(path, options.synchronous, options.busy_timeout)?;
     report.migrated_from = schema::migrate(&mut conn)?;
     probe(&conn)?;

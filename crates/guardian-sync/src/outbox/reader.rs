@@ -97,9 +97,6 @@ impl OutboxReader {
         if let Some(reason) = damage::header_damage(&path).map_err(io)? {
             return Err(damaged(reason));
         }
-        if let Some(reason) = damage::wal_damage(&path).map_err(io)? {
-            return Err(damaged(reason));
-        }
         let conn = connect_read_only(&path).map_err(|e| damaged(e.to_string()))?;
         let probed = (|| -> rusqlite::Result<u32> {
             let v: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
