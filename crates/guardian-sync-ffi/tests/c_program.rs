@@ -15,6 +15,16 @@ const TOKEN: &str = "c-driver-secret";
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+    if !dir.join("libguardian_sync_ffi.so").exists() {
+        // `cargo test --workspace` builds this crate only as an rlib, for
+        // the Python binding that depends on it: build the C libraries.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "-p", "guardian-sync-ffi", "--lib"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build -p guardian-sync-ffi failed");
+    }
     assert!(
         dir.join("libguardian_sync_ffi.so").exists(),
         "no libguardian_sync_ffi.so in {}",

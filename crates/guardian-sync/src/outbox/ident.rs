@@ -39,6 +39,10 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Identity::Missing),
         Err(e) => return Err(e),
     };
+    // SQLite names the WAL after the resolved path: through a symlink the
+    // `-wal` beside the link is not the one that holds the latest commits.
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = resolved.as_path();
     if meta.is_dir() {
         return Ok(Identity::NotOurs("it is a directory".into()));
     }

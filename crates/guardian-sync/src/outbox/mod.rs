@@ -411,7 +411,12 @@ fn open_conn(
         path: path.to_path_buf(),
         source,
     };
-    if let Ok(meta) = std::fs::metadata(path) {
+    // Only a regular file can be a second name of an outbox; a directory's
+    // link count says nothing (it is refused below as not ours).
+    if let Some(meta) = std::fs::metadata(path)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+    {
         let links = std::os::unix::fs::MetadataExt::nlink(&meta);
         if links > 1 {
             return Err(OpenError::HardLinked {

@@ -46,7 +46,9 @@ fn uri(path: &Path, query: &str) -> String {
 /// Opens `path` for reading without creating or changing any file (see the
 /// module's notes).
 pub(crate) fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
-    let wal = damage::with_suffix(path, "-wal");
+    // The WAL is named after the resolved path (a symlink's target).
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let wal = damage::with_suffix(&resolved, "-wal");
     let query = if wal.exists() {
         "mode=ro"
     } else {
