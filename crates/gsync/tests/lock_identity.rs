@@ -46,6 +46,13 @@ async fn must_not_take_over(label: &str, path: &Path, url: &str) -> Runner {
         "{label} displaced a live holder: {took:?}; stderr: {}",
         c.stderr()
     );
+    // Still waiting for the lock: a contender that failed to open the
+    // outbox would pass the check above without testing anything.
+    assert!(
+        c.is_running(),
+        "{label} exited instead of waiting for the lock; stderr: {}",
+        c.stderr()
+    );
     c.kill9().await;
     c
 }

@@ -334,6 +334,12 @@ impl Runner {
         status
     }
 
+    /// Whether the child is still running (not exited, not reaped).
+    #[allow(dead_code)] // not every test binary that includes this module uses it
+    pub fn is_running(&mut self) -> bool {
+        self.status.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// SIGKILL and reap.
     pub async fn kill9(&mut self) -> ExitStatus {
         // The child may have exited on its own in the meantime: fine.
