@@ -335,7 +335,6 @@ async fn dripping_body_times_out_and_is_retried() {
         .http(http)
         .token_provider(Arc::new(StaticToken::new(TOKEN)))
         .retry(
-            // Long enough that a retried op is not due again in this drain.
             RetryPolicy::new(
                 Duration::from_secs(2),
                 2.0,
@@ -353,7 +352,13 @@ async fn dripping_body_times_out_and_is_retried() {
     let report = engine.drain_once().await.unwrap();
     let elapsed = started.elapsed();
     assert_eq!((report.succeeded, report.failed), (0, 0), "{report:?}");
-    assert_eq!(report.retried, 2, "{report:?}");
+    // Every send was cut off and retried. Full jitter may draw a delay short
+    // enough for an op to come due again within this drain, so an op may be
+    // sent more than once here.
+    assert!(
+        report.retried >= 2 && report.retried == report.sent,
+        "{report:?}"
+    );
     let mut reasons = Vec::new();
     while let Ok(e) = events.try_recv() {
         if let guardian_sync::engine::SyncEvent::OpRetried { reason, .. } = e {
