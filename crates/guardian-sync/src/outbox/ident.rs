@@ -52,7 +52,9 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     if meta.len() == 0 {
         // A first session's commits may all still be in the WAL.
         let wal = super::damage::with_suffix(path, "-wal");
-        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0) && has_our_tables(path) == Some(true) {
+        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0)
+            && table_names(path).is_some_and(|names| are_ours(&names))
+        {
             return Ok(Identity::Ours);
         }
         return Ok(Identity::Empty);
@@ -73,13 +75,19 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
                 "it is a SQLite database of another application (application_id {id:#010x})"
             )));
         }
-        // Schema 1 to 3 (no application_id yet): our tables, if SQLite can read them.
-        if let Some(ours) = has_our_tables(path) {
-            return Ok(if ours {
-                Identity::Ours
-            } else {
-                Identity::NotOurs("it is a SQLite database of another application".into())
-            });
+        // Schema 1 to 3 (no application_id yet): our tables, if SQLite can
+        // read them. No table at all is an interrupted create (a process
+        // killed before its first commit): there is nothing to lose, and
+        // refusing it would leave the outbox stuck for good.
+        match table_names(path) {
+            Some(names) if names.is_empty() => return Ok(Identity::Empty),
+            Some(names) if are_ours(&names) => return Ok(Identity::Ours),
+            Some(_) => {
+                return Ok(Identity::NotOurs(
+                    "it is a SQLite database of another application".into(),
+                ))
+            }
+            None => {}
         }
     }
     // A damaged header (or schema): whole pages, page 1's b-tree header
@@ -99,9 +107,9 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     }))
 }
 
-/// Whether the schema SQLite reads has the outbox's tables; `None` if it
-/// cannot be read. Opened immutable: no lock, no `-wal` or `-shm` created.
-fn has_our_tables(path: &Path) -> Option<bool> {
+/// The tables of the schema SQLite reads; `None` if it cannot be read.
+/// Opened read-only (immutable without a WAL): no lock, nothing created.
+fn table_names(path: &Path) -> Option<Vec<String>> {
     let conn = super::reader::connect_read_only(path).ok()?;
     let names: Vec<String> = conn
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
@@ -110,8 +118,13 @@ fn has_our_tables(path: &Path) -> Option<bool> {
         .ok()?
         .collect::<rusqlite::Result<_>>()
         .ok()?;
+    Some(names)
+}
+
+/// Whether `names` hold the outbox's tables.
+fn are_ours(names: &[String]) -> bool {
     let has = |t: &str| names.iter().any(|n| n == t);
-    Some(has("ops") && has("meta") && has("lock") && has("txn_outcomes"))
+    has("ops") && has("meta") && has("lock") && has("txn_outcomes")
 }
 
 /// Whether the file's bytes hold every [`SIGNATURES`] entry (read in
