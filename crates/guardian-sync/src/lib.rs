@@ -10,6 +10,7 @@
 pub mod breaker;
 pub mod clock;
 pub mod coalesce;
+pub mod core;
 pub mod engine;
 pub mod error;
 pub mod lock;

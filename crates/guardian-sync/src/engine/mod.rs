@@ -7,16 +7,16 @@
 //! and records each outcome: ack (with version chaining), reconciled retry,
 //! backoff, or permanent failure.
 
-mod clock_watch;
 mod drain;
 mod events;
 mod export;
 mod once;
 mod run;
 
+pub use crate::core::drain::{BatchConfig, DrainReport};
 pub use events::SyncEvent;
 pub use once::{OnceReport, OnceStop};
-pub use run::{DrainReport, RunReport, RUNNER_STATUS_KEY};
+pub use run::{RunReport, RUNNER_STATUS_KEY};
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -27,6 +27,7 @@ use tokio::sync::{broadcast, Notify};
 
 use crate::breaker::{BreakerConfig, BreakerConfigError, CircuitBreaker};
 use crate::clock::{SharedClock, SystemClock};
+use crate::core::clock_watch::ScheduleGuard;
 use crate::lock::{LockConfig, LockError};
 use crate::op::NewOp;
 use crate::optimistic::OptimisticStore;
@@ -38,27 +39,6 @@ use crate::telemetry::{Counter, SyncMetrics};
 use crate::transport::{
     HttpTransport, HttpTransportConfig, TokenProvider, Transport, TransportBuildError,
 };
-
-/// Batching: several ready ops of distinct entities in one `POST /v1/batch`.
-///
-/// With batching on, `concurrency` bounds batch requests in flight, at most
-/// four at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchConfig {
-    /// Most ops per batch request.
-    pub max_ops: usize,
-    /// Most payload bytes per batch request (the server's body limit is 1 MiB).
-    pub max_bytes: usize,
-}
-
-impl Default for BatchConfig {
-    fn default() -> Self {
-        Self {
-            max_ops: 100,
-            max_bytes: 512 * 1024,
-        }
-    }
-}
 
 /// Why an engine could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -360,8 +340,10 @@ impl SyncEngineBuilder {
                 wake: Notify::new(),
                 auth_paused: AtomicBool::new(false),
                 stall_after: self.stall_after,
-                clock_watch: Mutex::new(clock_watch::ClockWatch::new(Duration::from_secs(2))),
-                schedule_clamped_at: Mutex::new(None),
+                schedule: Mutex::new(ScheduleGuard::new(
+                    Duration::from_secs(2),
+                    self.lock.heartbeat_interval,
+                )),
                 telemetry,
                 owner_id: self
                     .owner_id
@@ -398,11 +380,8 @@ struct Inner {
     owner_id: String,
     /// Telemetry export, when on.
     telemetry: Option<(TelemetryConfig, TelemetrySender)>,
-    /// Detects wall-clock steps, to re-base stored backoffs.
-    clock_watch: Mutex<clock_watch::ClockWatch>,
-    /// When (monotonic) this session last clamped stored schedules; `None`
-    /// at the start of a session.
-    schedule_clamped_at: Mutex<Option<Duration>>,
+    /// Keeps stored backoffs their length across wall-clock steps.
+    schedule: Mutex<ScheduleGuard>,
 }
 
 impl Inner {

@@ -11,37 +11,8 @@ use tokio::sync::Mutex as AsyncMutex;
 use crate::lock::{Acquired, ProcessingLock};
 use crate::op::Fence;
 
-use super::drain::Step;
 use super::{EngineError, Inner, SyncEngine, SyncEvent};
-
-/// What one drain (or one run) did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct DrainReport {
-    /// Requests sent (a batch counts each op).
-    pub sent: u64,
-    /// Ops applied (acknowledged and deleted).
-    pub succeeded: u64,
-    /// Ops that failed permanently (kept as `failed`).
-    pub failed: u64,
-    /// Attempts that will be retried.
-    pub retried: u64,
-    /// Conflicts reconciled into a new request.
-    pub conflicts_resolved: u64,
-    /// Batch ops not applied because their predecessor in the batch was not,
-    /// put back in the queue behind it (not counted as attempts).
-    pub deferred: u64,
-}
-
-impl DrainReport {
-    pub(super) fn add(&mut self, other: &Self) {
-        self.sent += other.sent;
-        self.succeeded += other.succeeded;
-        self.failed += other.failed;
-        self.retried += other.retried;
-        self.conflicts_resolved += other.conflicts_resolved;
-        self.deferred += other.deferred;
-    }
-}
+use crate::core::drain::{DrainEnd, DrainReport};
 
 /// What a [`SyncEngine::run`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -102,11 +73,11 @@ impl SyncEngine {
                 report.acquisitions += 1;
                 // Ops written while another process held the lock may lie
                 // ahead of this clock: check them at the first claim.
-                *self
-                    .inner
-                    .schedule_clamped_at
+                self.inner
+                    .schedule
                     .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .new_session();
                 if took_over_from.is_some() {
                     report.takeovers += 1;
                 }
@@ -313,7 +284,7 @@ impl Inner {
                 return Err(EngineError::LockLost);
             }
             match self.step(fence).await? {
-                Step::Progressed(r) => report.add(&r),
+                DrainEnd::Progressed(r) => report.add(&r),
                 _ => return Ok(report),
             }
         }

@@ -12,6 +12,7 @@ use super::enqueue::check_payload;
 use super::error::OutboxError;
 use super::writer::Ctx;
 use super::{lock_row, outcomes, rows};
+use crate::core::mutant::{self, Mutant};
 use crate::op::{Ack, Fence, HistoryEntry, OpId, OpState, PendingOp, Reconciled};
 use crate::retry::clamp_due;
 
@@ -42,8 +43,13 @@ fn ready_heads(
     limit: usize,
     now: i64,
 ) -> Result<Vec<PendingOp>, OutboxError> {
+    let (index, heads) = if mutant::active(Mutant::NoHeadRule) {
+        ("", "")
+    } else {
+        ("INDEXED BY ops_ready", "AND is_head = 1")
+    };
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {} FROM ops INDEXED BY ops_ready WHERE state = 'pending' AND is_head = 1 AND next_attempt_at <= ?1 \
+        "SELECT {} FROM ops {index} WHERE state = 'pending' {heads} AND next_attempt_at <= ?1 \
          ORDER BY next_attempt_at, seq LIMIT ?2",
         rows::OP_COLUMNS_SEALED
     ))?;
@@ -400,6 +406,12 @@ pub(crate) fn retry_later(
          WHERE seq = ?4",
     )?
     .execute(params![next_attempt_at, error, ctx.now(), op.seq])?;
+    if mutant::active(Mutant::NewKeyOnRetry) {
+        conn.execute(
+            "UPDATE ops SET idempotency_key = ?1 WHERE seq = ?2",
+            params![uuid::Uuid::new_v4().to_string(), op.seq],
+        )?;
+    }
     rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
     Ok(())
 }

@@ -70,7 +70,7 @@ pub fn classify_mutation(
             detail: format!("server answered {status}"),
             counts_for_breaker: true,
         },
-        300..=399 => protocol_error(Some(status), format!("unexpected redirect {status}")),
+        300..=399 => Outcome::protocol(Some(status), format!("unexpected redirect {status}")),
         400..=499 => {
             let problem = parse_problem(body);
             let detail = problem
@@ -89,7 +89,7 @@ pub fn classify_mutation(
                 detail,
             }
         }
-        _ => protocol_error(Some(status), format!("unexpected status {status}")),
+        _ => Outcome::protocol(Some(status), format!("unexpected status {status}")),
     }
 }
 
@@ -106,7 +106,7 @@ fn classify_success(kind: MutationKind, status: u16, replayed: bool, body: &[u8]
             replayed,
         },
         // Logged without the body: it may hold user data.
-        Err(e) => protocol_error(
+        Err(e) => Outcome::protocol(
             Some(status),
             format!(
                 "malformed entity in a {status} response ({} bytes): {e}",
@@ -127,7 +127,7 @@ pub fn classify_fetch(
         200 => serde_json::from_slice::<Entity>(body)
             .map(Fetched::Present)
             .map_err(|e| {
-                protocol_error(
+                Outcome::protocol(
                     Some(status),
                     format!(
                         "malformed entity in a fetch response ({} bytes): {e}",
@@ -145,17 +145,6 @@ pub fn classify_fetch(
             false,
             body,
         )),
-    }
-}
-
-/// A retryable protocol violation by the server.
-pub(crate) fn protocol_error(status: Option<u16>, detail: String) -> Outcome {
-    Outcome::Retryable {
-        reason: RetryReason::Protocol,
-        status,
-        retry_after: None,
-        detail,
-        counts_for_breaker: true,
     }
 }
 

@@ -8,7 +8,7 @@ use guardian_protocol::{header, BatchOp, BatchRequest, BatchResponse, MutationKi
 use reqwest::{header as h, Method, StatusCode};
 
 use super::auth::Auth;
-use super::classify::{classify_fetch, classify_mutation, protocol_error};
+use super::classify::{classify_fetch, classify_mutation};
 use super::{Fetched, OpRequest, Outcome, RetryReason, TokenProvider, Transport};
 
 /// Settings of [`HttpTransport`].
@@ -146,9 +146,9 @@ impl HttpTransport {
             .content_length()
             .is_some_and(|len| len > self.max_response_bytes as u64)
         {
-            return Err(protocol_error(
+            return Err(Outcome::protocol(
                 Some(status.as_u16()),
-                "response larger than the limit".into(),
+                "response larger than the limit",
             ));
         }
         let mut body = Vec::new();
@@ -156,9 +156,9 @@ impl HttpTransport {
             match response.chunk().await {
                 Ok(Some(chunk)) => {
                     if body.len() + chunk.len() > self.max_response_bytes {
-                        return Err(protocol_error(
+                        return Err(Outcome::protocol(
                             Some(status.as_u16()),
-                            "response larger than the limit".into(),
+                            "response larger than the limit",
                         ));
                     }
                     body.extend_from_slice(&chunk);
@@ -352,7 +352,7 @@ impl Transport for HttpTransport {
                                 })
                                 .collect();
                         }
-                        Ok(b) => protocol_error(
+                        Ok(b) => Outcome::protocol(
                             Some(200),
                             format!(
                                 "batch answered {} results for {} ops",
@@ -361,7 +361,7 @@ impl Transport for HttpTransport {
                             ),
                         ),
                         Err(e) => {
-                            protocol_error(Some(200), format!("malformed batch response: {e}"))
+                            Outcome::protocol(Some(200), format!("malformed batch response: {e}"))
                         }
                     }
                 }

@@ -1,0 +1,1141 @@
+//! The drain as a state machine.
+//!
+//! [`DrainMachine::step`] takes what happened (ops claimed, responses,
+//! finished writes, a fetched entity) with the time and the shared pure
+//! state ([`Env`]), and returns what to do next as [`DrainCommand`]s. The
+//! driver carries them out and feeds back their results; it decides
+//! nothing. The machine's own state changes only when a result comes back:
+//! an op's success is reported, and counted in the [`DrainReport`], only
+//! after its ack is written.
+//!
+//! Three kinds of work overlap instead of alternating in waves: requests in
+//! flight (at most `concurrency` ops, or up to [`MAX_BATCHES_IN_FLIGHT`]
+//! batches), recording of outcomes that came back, and claiming the next
+//! ops. An op is claimed durably (in flight, attempts + 1) before its
+//! request is sent, but the claim happens while earlier requests are on the
+//! wire (up to [`CLAIM_AHEAD`] ops ahead), and acks of applied ops are
+//! written together, [`ACK_GROUP`] at once, while requests keep flowing.
+//! Per-entity order is untouched: only an entity's head is ever claimed, and
+//! its successor becomes the head when its ack commits (acks are written at
+//! once whenever the claimed queue runs dry, so a chain never waits).
+//!
+//! Ops claimed but not yet sent when sending must stop (breaker open,
+//! authentication required) are released as never attempted.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+use guardian_protocol::Entity;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::breaker::{Admission, CircuitBreaker};
+use crate::engine::SyncEvent;
+use crate::op::{Ack, OpId, OpKind, PendingOp, Reconciled};
+use crate::reconcile::{ConflictInput, Reconciler, Resolution};
+use crate::retry::{parse_retry_after, RetryAfter, RetryDecision, RetryPolicy};
+use crate::telemetry::{Counter, SyncMetrics};
+
+use super::mutant::{self, Mutant};
+use super::outcome::{Fetched, Outcome};
+
+/// Batching: several ready ops of distinct entities in one `POST /v1/batch`.
+///
+/// With batching on, `concurrency` bounds batch requests in flight, at most
+/// [`MAX_BATCHES_IN_FLIGHT`] at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Most ops per batch request.
+    pub max_ops: usize,
+    /// Most payload bytes per batch request (the server's body limit is 1 MiB).
+    pub max_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_ops: 100,
+            max_bytes: 512 * 1024,
+        }
+    }
+}
+
+/// What one drain (or one run) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DrainReport {
+    /// Requests sent (a batch counts each op).
+    pub sent: u64,
+    /// Ops applied (acknowledged and deleted).
+    pub succeeded: u64,
+    /// Ops that failed permanently (kept as `failed`).
+    pub failed: u64,
+    /// Attempts that will be retried.
+    pub retried: u64,
+    /// Conflicts reconciled into a new request.
+    pub conflicts_resolved: u64,
+    /// Batch ops not applied because their predecessor in the batch was not,
+    /// put back in the queue behind it (not counted as attempts).
+    pub deferred: u64,
+}
+
+impl DrainReport {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Self) {
+        self.sent += other.sent;
+        self.succeeded += other.succeeded;
+        self.failed += other.failed;
+        self.retried += other.retried;
+        self.conflicts_resolved += other.conflicts_resolved;
+        self.deferred += other.deferred;
+    }
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainEnd {
+    /// Ops were sent and their outcomes recorded.
+    Progressed(DrainReport),
+    /// Nothing is ready now.
+    Idle,
+    /// The breaker is open: no request may be sent for now.
+    BreakerOpen,
+    /// Authentication is required; waiting for the app to resume.
+    AuthPaused,
+    /// Another runner took the lock: nothing more was written.
+    LockLost,
+}
+
+/// Most batch requests in flight at once (fewer if `concurrency` is lower):
+/// enough to keep a long link busy while earlier results are recorded,
+/// while bounding what one device puts on the server at a time.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
+/// Fewest ops claimed ahead of the wire.
+pub const CLAIM_AHEAD: usize = 64;
+
+/// Acks collected before they are written while requests keep flowing.
+pub const ACK_GROUP: usize = 16;
+
+/// The drain's shape, fixed for one drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainConfig {
+    /// Most ops per request.
+    per_unit: usize,
+    /// Most requests in flight.
+    max_units: usize,
+    /// Ops claimed ahead of the wire.
+    ahead: usize,
+    /// Most ops claimed and not yet answered.
+    window: usize,
+    /// Most payload bytes per batch request.
+    max_bytes: usize,
+    /// Batches may carry an entity's next ops behind its head.
+    chains: bool,
+}
+
+impl DrainConfig {
+    /// The shape for `concurrency` requests, or batches as `batch` says;
+    /// `chains` when the transport honors dependencies inside a batch.
+    pub fn new(concurrency: usize, batch: Option<BatchConfig>, chains: bool) -> Self {
+        let per_unit = batch.map_or(1, |b| b.max_ops.max(1));
+        let max_units = if per_unit > 1 {
+            concurrency.clamp(1, MAX_BATCHES_IN_FLIGHT)
+        } else {
+            concurrency.max(1)
+        };
+        // A full round of single ops, or one batch, so a freed slot is
+        // refilled without waiting for a commit; at least CLAIM_AHEAD, so
+        // even at concurrency 1 a claim commit is paid once per several
+        // requests.
+        let ahead = per_unit.max(max_units).max(CLAIM_AHEAD);
+        Self {
+            per_unit,
+            max_units,
+            ahead,
+            window: max_units * per_unit + ahead,
+            max_bytes: batch.map_or(usize::MAX, |b| b.max_bytes),
+            chains: per_unit > 1 && chains,
+        }
+    }
+}
+
+/// The shared state and time a step decides with.
+pub struct Env<'a> {
+    /// Wall clock, Unix ms.
+    pub now_ms: i64,
+    /// Monotonic clock.
+    pub mono: Duration,
+    /// The app has not resumed since the server last refused the token.
+    pub auth_paused: bool,
+    /// The engine's breaker.
+    pub breaker: &'a mut CircuitBreaker,
+    /// How long to back off.
+    pub retry: &'a RetryPolicy,
+    /// How to settle conflicts.
+    pub reconciler: &'a Reconciler,
+    /// Where counters go.
+    pub metrics: &'a SyncMetrics,
+    /// Jitter.
+    pub rng: &'a mut dyn rand::RngCore,
+}
+
+impl std::fmt::Debug for Env<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Env")
+            .field("now_ms", &self.now_ms)
+            .field("mono", &self.mono)
+            .field("auth_paused", &self.auth_paused)
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Identifies a [`DrainCommand::Write`] in its [`DrainInput::Written`].
+pub type WriteId = u64;
+
+/// One fenced write to the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Applied ops: acknowledge (delete) them, chaining their versions.
+    Ack(Vec<(OpId, Ack)>),
+    /// Send again at `at` (Unix ms), same key.
+    RetryAt {
+        /// The op.
+        op_id: OpId,
+        /// When.
+        at: i64,
+        /// Why the attempt failed.
+        detail: String,
+    },
+    /// Keep the op as failed.
+    Fail {
+        /// The op.
+        op_id: OpId,
+        /// Why.
+        error: String,
+    },
+    /// A reconciled retry: a new request with a new key.
+    Reconciled {
+        /// The op.
+        op_id: OpId,
+        /// What to send instead.
+        reconciled: Reconciled,
+    },
+    /// Back to the queue as never attempted.
+    Release(Vec<OpId>),
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DrainCommand {
+    /// Claim up to `limit` ready ops (each entity's head, with its next ops
+    /// behind it when `chains`, up to `per_unit` and the batch byte limit),
+    /// then answer [`DrainInput::Claimed`].
+    Claim {
+        /// Most ops.
+        limit: usize,
+        /// Most ops per chain.
+        per_unit: usize,
+        /// Claim chains rather than lone heads.
+        chains: bool,
+    },
+    /// Send these ops: one request, or one batch where `deps[i]` is the
+    /// index of op `i`'s predecessor in the unit; then answer
+    /// [`DrainInput::Responded`].
+    Send {
+        /// The ops.
+        unit: Vec<PendingOp>,
+        /// Dependencies inside the batch (empty for a lone op).
+        deps: Vec<Option<usize>>,
+    },
+    /// Fetch the server's current entity for a conflict, then answer
+    /// [`DrainInput::Fetched`].
+    Fetch {
+        /// The conflicted op.
+        op: Box<PendingOp>,
+        /// The request's latency.
+        latency: Duration,
+    },
+    /// Write to the outbox, fenced; then answer [`DrainInput::Written`].
+    /// A failed write ends the drain with its error.
+    Write {
+        /// For the answer.
+        id: WriteId,
+        /// What to write.
+        write: Write,
+    },
+    /// Release claimed, unsent ops now (nothing to answer).
+    Release(Vec<OpId>),
+    /// The server refused the token: pause until the app resumes.
+    PauseAuth,
+    /// Publish an event.
+    Emit(SyncEvent),
+    /// Settle optimistic transactions whose ops are all settled.
+    DeliverOutcomes,
+    /// The drain is over.
+    Finish(DrainEnd),
+}
+
+/// What happened, for [`DrainMachine::step`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum DrainInput {
+    /// A [`DrainCommand::Claim`] asked for `asked` ops and got these chains.
+    Claimed {
+        /// The claim's limit.
+        asked: usize,
+        /// Each entity's ops, in order.
+        chains: Vec<Vec<PendingOp>>,
+    },
+    /// A [`DrainCommand::Send`] came back.
+    Responded {
+        /// The ops sent.
+        unit: Vec<PendingOp>,
+        /// As in the command.
+        deps: Vec<Option<usize>>,
+        /// One per op.
+        outcomes: Vec<Outcome>,
+        /// How long the request took.
+        latency: Duration,
+    },
+    /// A [`DrainCommand::Fetch`] came back.
+    Fetched {
+        /// The conflicted op.
+        op: Box<PendingOp>,
+        /// The request's latency.
+        latency: Duration,
+        /// What the server has, or why it could not be learned.
+        result: Result<Fetched, Outcome>,
+    },
+    /// A [`DrainCommand::Write`] committed.
+    Written {
+        /// The command's id.
+        id: WriteId,
+    },
+    /// A fenced write or claim was refused: another runner holds the lock.
+    LockLost,
+}
+
+/// Claimed ops of one entity, in order, that travel in one unit.
+#[derive(Debug)]
+struct Chain {
+    ops: Vec<PendingOp>,
+    /// Their wire size together (0 when not batching).
+    bytes: usize,
+}
+
+/// What a write's commit makes true: reported, counted and published only
+/// then.
+#[derive(Debug, Default)]
+struct AfterWrite {
+    report: DrainReport,
+    events: Vec<SyncEvent>,
+    counters: Vec<(Counter, u64)>,
+    latencies: Vec<Duration>,
+    /// The ack group's write.
+    flush: bool,
+}
+
+/// An applied op whose ack is not yet written.
+#[derive(Debug)]
+struct Success {
+    op: PendingOp,
+    entity: Option<Entity>,
+    replayed: bool,
+    latency: Duration,
+}
+
+/// One drain, from its first claim to its [`DrainCommand::Finish`].
+#[derive(Debug)]
+pub struct DrainMachine {
+    cfg: DrainConfig,
+    ready: VecDeque<Chain>,
+    /// Ops in `ready`, all chains together.
+    ready_ops: usize,
+    /// Requests in flight.
+    requests: usize,
+    /// Outcome writes and fetches in flight (not the ack group).
+    records: usize,
+    /// The ack group's write is in flight.
+    flushing: bool,
+    claiming: bool,
+    /// Applied ops whose acks wait to be written together.
+    acks: Vec<Success>,
+    /// The last claim found fewer ops than it asked for ...
+    exhausted: bool,
+    /// ... but an outcome has come back since, which may have freed an
+    /// entity's next op.
+    maybe_more: bool,
+    /// Sending has stopped for this drain.
+    stop: Option<DrainEnd>,
+    /// The server refused the token during this drain.
+    auth_refused: bool,
+    total: DrainReport,
+    progressed: bool,
+    /// Ops carrying optimistic tokens were answered: settle them once their
+    /// writes are done.
+    outcomes_pending: bool,
+    next_write: WriteId,
+    after: BTreeMap<WriteId, AfterWrite>,
+    finished: bool,
+}
+
+impl DrainMachine {
+    /// A drain of this shape; its first [`Self::step`] claims.
+    pub fn new(cfg: DrainConfig) -> Self {
+        Self {
+            cfg,
+            ready: VecDeque::new(),
+            ready_ops: 0,
+            requests: 0,
+            records: 0,
+            flushing: false,
+            claiming: false,
+            acks: Vec::new(),
+            exhausted: false,
+            maybe_more: false,
+            stop: None,
+            auth_refused: false,
+            total: DrainReport::default(),
+            progressed: false,
+            outcomes_pending: false,
+            next_write: 0,
+            after: BTreeMap::new(),
+            finished: false,
+        }
+    }
+
+    /// Takes in what happened (nothing on the first call) and returns what
+    /// to do now. After [`DrainCommand::Finish`] it returns nothing more.
+    pub fn step(&mut self, input: Option<DrainInput>, env: &mut Env<'_>) -> Vec<DrainCommand> {
+        let mut out = Vec::new();
+        if self.finished {
+            return out;
+        }
+        if matches!(input, Some(DrainInput::LockLost)) {
+            // Nothing more may be written, and what was not written did
+            // not happen: no event, no report.
+            self.finished = true;
+            out.push(DrainCommand::Finish(DrainEnd::LockLost));
+            return out;
+        }
+        if let Some(input) = input {
+            self.take(input, env, &mut out);
+        }
+        self.schedule(env, &mut out);
+        out
+    }
+
+    /// How the drain ends, given what it did so far.
+    pub fn verdict(&self) -> DrainEnd {
+        match self.stop {
+            Some(stop) if !self.progressed => stop,
+            _ if self.progressed => DrainEnd::Progressed(self.total),
+            _ => DrainEnd::Idle,
+        }
+    }
+
+    fn take(&mut self, input: DrainInput, env: &mut Env<'_>, out: &mut Vec<DrainCommand>) {
+        match input {
+            DrainInput::Claimed { asked, chains } => {
+                self.claiming = false;
+                let got: usize = chains.iter().map(Vec::len).sum();
+                self.exhausted = got < asked;
+                self.ready_ops += got;
+                let batching = self.cfg.per_unit > 1;
+                self.ready.extend(chains.into_iter().map(|ops| Chain {
+                    bytes: if batching {
+                        ops.iter().map(PendingOp::wire_size).sum()
+                    } else {
+                        0
+                    },
+                    ops,
+                }));
+            }
+            DrainInput::Responded {
+                unit,
+                deps,
+                outcomes,
+                latency,
+            } => {
+                self.requests = self.requests.saturating_sub(1);
+                if mutant::active(Mutant::AckBeforeResponse) {
+                    return;
+                }
+                self.outcomes_pending |= unit.iter().any(|op| !op.txn_tokens.is_empty());
+                self.responded(unit, &deps, outcomes, latency, env, out);
+            }
+            DrainInput::Fetched {
+                op,
+                latency: _,
+                result,
+            } => {
+                self.records = self.records.saturating_sub(1);
+                match result {
+                    Ok(current) => self.reconcile(*op, current, env, out),
+                    // Could not learn the server state: retry the same
+                    // request later (it was not applied).
+                    Err(failure) => {
+                        let detail = fetch_failure(&failure);
+                        self.retry_or_fail(*op, detail, None, DrainReport::sent(), env, out);
+                    }
+                }
+            }
+            DrainInput::LockLost => {}
+            DrainInput::Written { id } => {
+                let Some(after) = self.after.remove(&id) else {
+                    return;
+                };
+                if after.flush {
+                    self.flushing = false;
+                } else {
+                    self.records = self.records.saturating_sub(1);
+                }
+                // Outcomes were written: an entity's next op may be ready.
+                self.maybe_more = true;
+                self.total.add(&after.report);
+                self.progressed = true;
+                for (counter, n) in after.counters {
+                    env.metrics.add(counter, n);
+                }
+                for latency in after.latencies {
+                    env.metrics.record_latency(latency);
+                }
+                out.extend(after.events.into_iter().map(DrainCommand::Emit));
+                if self.outcomes_pending
+                    && self.records == 0
+                    && !self.flushing
+                    && self.acks.is_empty()
+                {
+                    self.outcomes_pending = false;
+                    out.push(DrainCommand::DeliverOutcomes);
+                }
+            }
+        }
+    }
+
+    /// Sends, writes the ack group, claims, or finishes, as the window and
+    /// the breaker allow.
+    fn schedule(&mut self, env: &mut Env<'_>, out: &mut Vec<DrainCommand>) {
+        let cfg = self.cfg;
+        while self.stop.is_none() && self.requests < cfg.max_units && !self.ready.is_empty() {
+            if self.auth_paused(env) {
+                self.stop = Some(DrainEnd::AuthPaused);
+                break;
+            }
+            let admission = env.breaker.allow_request(env.mono);
+            publish_breaker(env, out);
+            let take = match admission {
+                Admission::Rejected { .. } => {
+                    // Wait for what is outstanding (a trial may close the
+                    // breaker); with nothing outstanding, stop.
+                    if self.requests == 0 && self.records == 0 {
+                        self.stop = Some(DrainEnd::BreakerOpen);
+                    }
+                    break;
+                }
+                Admission::Trial => 1,
+                Admission::Allowed => cfg.per_unit,
+            };
+            let unit = self.next_unit(take);
+            self.ready_ops -= unit.len();
+            self.requests += 1;
+            env.metrics.add(Counter::Sent, unit.len() as u64);
+            let deps = if unit.len() > 1 {
+                (0..unit.len()).map(|i| dependency(&unit, i)).collect()
+            } else {
+                Vec::new()
+            };
+            if mutant::active(Mutant::AckBeforeResponse) {
+                let acks = unit.iter().map(|op| (op.op_id, Ack::default())).collect();
+                self.write(Write::Ack(acks), AfterWrite::default(), out);
+            }
+            out.push(DrainCommand::Send { unit, deps });
+        }
+        // Write the acks collected so far, unless requests are flowing from
+        // claimed ops and too few have come back: then they wait for more (an
+        // unwritten ack only means the request would be re-sent with the same
+        // key after a crash, and replayed).
+        if !self.flushing
+            && !self.acks.is_empty()
+            && (self.acks.len() >= ACK_GROUP
+                || self.ready.is_empty()
+                || self.requests == 0
+                || self.exhausted
+                || self.stop.is_some())
+        {
+            self.flush(out);
+        }
+        let deficit = cfg
+            .window
+            .saturating_sub(self.ready_ops + self.requests * cfg.per_unit);
+        // Refill once half the claimed-ahead ops are used up; when the queue
+        // ran dry, try again after every outcome (an ack may have made an
+        // entity's next op its head).
+        let want = if self.exhausted {
+            self.maybe_more && deficit > 0
+        } else {
+            deficit >= cfg.ahead.div_ceil(2)
+        };
+        if self.stop.is_none() && !self.claiming && want {
+            let idle = self.requests == 0 && self.records == 0 && self.ready.is_empty();
+            if self.auth_paused(env) {
+                self.stop = Some(DrainEnd::AuthPaused);
+            } else if env.breaker.is_tripped(env.mono) {
+                // Open, or a half-open trial is out: claim nothing more.
+                if idle {
+                    self.stop = Some(DrainEnd::BreakerOpen);
+                }
+            } else {
+                self.maybe_more = false;
+                self.claiming = true;
+                out.push(DrainCommand::Claim {
+                    limit: deficit,
+                    per_unit: cfg.per_unit,
+                    chains: cfg.chains,
+                });
+            }
+        }
+        if self.stop.is_some() && !self.ready.is_empty() {
+            let ids = self
+                .ready
+                .drain(..)
+                .flat_map(|chain| chain.ops)
+                .map(|op| op.op_id)
+                .collect();
+            self.ready_ops = 0;
+            out.push(DrainCommand::Release(ids));
+        }
+        if self.requests == 0
+            && self.records == 0
+            && !self.claiming
+            && self.ready.is_empty()
+            && !self.flushing
+            && self.acks.is_empty()
+        {
+            self.finished = true;
+            out.push(DrainCommand::DeliverOutcomes);
+            out.push(DrainCommand::Finish(self.verdict()));
+        }
+    }
+
+    fn auth_paused(&self, env: &Env<'_>) -> bool {
+        env.auth_paused || self.auth_refused
+    }
+
+    /// Takes the next unit off the claimed queue: whole chains, as many as
+    /// `take` ops and the batch byte limit allow (at least one chain, so a
+    /// chain is never split across units and a trial is one chain).
+    fn next_unit(&mut self, take: usize) -> Vec<PendingOp> {
+        let mut unit = Vec::new();
+        let mut bytes = 0;
+        while let Some(chain) = self.ready.front() {
+            if !unit.is_empty()
+                && (unit.len() + chain.ops.len() > take || bytes + chain.bytes > self.cfg.max_bytes)
+            {
+                break;
+            }
+            bytes += chain.bytes;
+            if let Some(chain) = self.ready.pop_front() {
+                if unit.is_empty() {
+                    unit = chain.ops;
+                } else {
+                    unit.extend(chain.ops);
+                }
+            }
+        }
+        unit
+    }
+
+    /// Issues a write; `after` comes true when it commits.
+    fn write(&mut self, write: Write, after: AfterWrite, out: &mut Vec<DrainCommand>) {
+        let id = self.next_write;
+        self.next_write += 1;
+        if after.flush {
+            self.flushing = true;
+        } else {
+            self.records += 1;
+        }
+        self.after.insert(id, after);
+        out.push(DrainCommand::Write { id, write });
+    }
+
+    /// Writes the collected acks in one write.
+    fn flush(&mut self, out: &mut Vec<DrainCommand>) {
+        let batch = std::mem::take(&mut self.acks);
+        let n = batch.len() as u64;
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut after = AfterWrite {
+            report: DrainReport {
+                sent: n,
+                succeeded: n,
+                ..DrainReport::default()
+            },
+            counters: vec![(Counter::Succeeded, n)],
+            flush: true,
+            ..AfterWrite::default()
+        };
+        for s in batch {
+            // The entity's data moves into the ack (it is only needed there,
+            // for version chaining).
+            let (version, data) = match s.entity {
+                Some(e) => (Some(e.version), Some(e.data)),
+                None => (None, None),
+            };
+            acks.push((s.op.op_id, Ack { version, data }));
+            after.latencies.push(s.latency);
+            after.events.push(succeeded(s.op, version, s.replayed));
+        }
+        self.write(Write::Ack(acks), after, out);
+    }
+
+    /// Splits a unit's outcomes: successes join the ack group (the breaker
+    /// hears of them at once); ops not applied because their predecessor in
+    /// the batch was not go back to the queue; everything else is handled.
+    ///
+    /// A dependency failure is believed only when the op's predecessor in
+    /// the unit really did not succeed; otherwise it is a protocol error (a
+    /// server that answered it for nothing would otherwise have the op
+    /// released and re-sent at once, forever).
+    fn responded(
+        &mut self,
+        unit: Vec<PendingOp>,
+        deps: &[Option<usize>],
+        mut outcomes: Vec<Outcome>,
+        latency: Duration,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        count_whole_failure_once(&mut outcomes, env, out);
+        let mut deferred = Vec::new();
+        let mut successes = 0;
+        let mut succeeded = vec![false; deps.len()];
+        let mut others = Vec::new();
+        // A server answering fewer outcomes than ops broke the protocol: the
+        // ops without one are retried like any malformed answer.
+        let mut outcomes = outcomes.into_iter();
+        for (i, op) in unit.into_iter().enumerate() {
+            let outcome = outcomes
+                .next()
+                .unwrap_or_else(|| Outcome::protocol(None, "no outcome for an op of the batch"));
+            let (entity, replayed) = match outcome {
+                Outcome::Applied { entity, replayed } => (entity, replayed),
+                Outcome::AlreadyGone => (None, false),
+                Outcome::DependencyFailed => {
+                    match deps.get(i).copied().flatten() {
+                        Some(dep) if !succeeded.get(dep).copied().unwrap_or(false) => {
+                            deferred.push(op);
+                        }
+                        _ => others.push((
+                            op,
+                            Outcome::protocol(
+                                None,
+                                "dependency failure reported for an op without a failed dependency",
+                            ),
+                        )),
+                    }
+                    continue;
+                }
+                other => {
+                    others.push((op, other));
+                    continue;
+                }
+            };
+            if let Some(s) = succeeded.get_mut(i) {
+                *s = true;
+            }
+            successes += 1;
+            self.acks.push(Success {
+                op,
+                entity,
+                replayed,
+                latency,
+            });
+        }
+        if successes > 0 {
+            for _ in 0..successes {
+                env.breaker.record_success(env.mono);
+            }
+            publish_breaker(env, out);
+        }
+        for (op, outcome) in others {
+            self.maybe_more = true;
+            self.handle(op, outcome, latency, env, out);
+        }
+        if !deferred.is_empty() {
+            // Not an attempt: the server recorded nothing under their keys.
+            self.maybe_more = true;
+            let n = deferred.len() as u64;
+            let ids = deferred.iter().map(|op| op.op_id).collect();
+            let after = AfterWrite {
+                report: DrainReport {
+                    sent: n,
+                    deferred: n,
+                    ..DrainReport::default()
+                },
+                counters: vec![(Counter::Deferred, n)],
+                ..AfterWrite::default()
+            };
+            self.write(Write::Release(ids), after, out);
+        }
+    }
+
+    /// Decides on one outcome other than success (DESIGN §4).
+    fn handle(
+        &mut self,
+        op: PendingOp,
+        outcome: Outcome,
+        latency: Duration,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        match outcome {
+            // A conflict says the server is healthy.
+            Outcome::Conflict { problem } => {
+                env.breaker.record_success(env.mono);
+                publish_breaker(env, out);
+                env.metrics.record_latency(latency);
+                match problem.current {
+                    Some(e) => self.reconcile(op, Fetched::Present(e), env, out),
+                    None => {
+                        self.records += 1;
+                        out.push(DrainCommand::Fetch {
+                            op: Box::new(op),
+                            latency,
+                        });
+                    }
+                }
+            }
+            Outcome::Retryable {
+                retry_after,
+                detail,
+                counts_for_breaker,
+                ..
+            } => {
+                let retry_after = retry_after.and_then(|v| parse_retry_after(&v, env.now_ms));
+                if counts_for_breaker {
+                    env.breaker
+                        .record_failure(env.mono, retry_after.map(|r| r.delay()));
+                    publish_breaker(env, out);
+                }
+                self.retry_or_fail(op, detail, retry_after, DrainReport::sent(), env, out);
+            }
+            Outcome::AuthRequired => {
+                self.auth_refused = true;
+                out.push(DrainCommand::PauseAuth);
+                let after = AfterWrite {
+                    report: DrainReport::sent(),
+                    events: vec![SyncEvent::AuthRequired],
+                    ..AfterWrite::default()
+                };
+                let write = Write::RetryAt {
+                    op_id: op.op_id,
+                    at: env.now_ms,
+                    detail: "authentication required".to_owned(),
+                };
+                self.write(write, after, out);
+            }
+            Outcome::Permanent { detail, .. } => {
+                env.breaker.record_success(env.mono);
+                publish_breaker(env, out);
+                let mut report = DrainReport::sent();
+                report.failed = 1;
+                self.fail(op, detail, report, Vec::new(), out);
+            }
+            // Sorted out by `responded`; anything else is a server breaking
+            // the protocol.
+            Outcome::Applied { .. } | Outcome::AlreadyGone | Outcome::DependencyFailed => {
+                let outcome =
+                    Outcome::protocol(None, "dependency failure reported for a lone request");
+                self.handle(op, outcome, latency, env, out);
+            }
+        }
+    }
+
+    /// Keeps the op as failed; `events` go out before its `OpFailed`.
+    fn fail(
+        &mut self,
+        op: PendingOp,
+        error: String,
+        report: DrainReport,
+        mut events: Vec<SyncEvent>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        tracing::info!(op = %op.op_id, entity_type = %op.entity_type, "op failed permanently: {error}");
+        events.insert(
+            0,
+            SyncEvent::OpFailed {
+                op_id: op.op_id,
+                entity_type: op.entity_type,
+                entity_id: op.entity_id,
+                error: error.clone(),
+            },
+        );
+        let after = AfterWrite {
+            report,
+            events,
+            counters: vec![(Counter::Failed, 1)],
+            ..AfterWrite::default()
+        };
+        self.write(
+            Write::Fail {
+                op_id: op.op_id,
+                error,
+            },
+            after,
+            out,
+        );
+    }
+
+    fn retry_or_fail(
+        &mut self,
+        op: PendingOp,
+        detail: String,
+        retry_after: Option<RetryAfter>,
+        mut report: DrainReport,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        let decision = env
+            .retry
+            .schedule(op.attempts, retry_after, env.now_ms, &mut env.rng);
+        match decision {
+            RetryDecision::RetryAt(at) => {
+                report.retried += 1;
+                let after = AfterWrite {
+                    report,
+                    events: vec![SyncEvent::OpRetried {
+                        op_id: op.op_id,
+                        attempts: op.attempts,
+                        next_attempt_at: at,
+                        reason: detail.clone(),
+                    }],
+                    counters: vec![(Counter::Retried, 1)],
+                    ..AfterWrite::default()
+                };
+                let write = Write::RetryAt {
+                    op_id: op.op_id,
+                    at,
+                    detail,
+                };
+                self.write(write, after, out);
+            }
+            RetryDecision::GiveUp => {
+                let error = format!("gave up after {} attempts: {detail}", op.attempts);
+                report.failed += 1;
+                self.fail(op, error, report, Vec::new(), out);
+            }
+        }
+    }
+
+    fn reconcile(
+        &mut self,
+        op: PendingOp,
+        current: Fetched,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        // A tombstone (deleted flag, or a 410 without a body) is not the same
+        // as "absent": a CREATE or UPDATE against it must not loop.
+        let entity = match current {
+            Fetched::Present(e) => Some(e),
+            Fetched::Absent => None,
+            Fetched::Deleted => Some(Entity {
+                entity_type: op.entity_type.clone(),
+                id: op.entity_id.clone(),
+                version: 0,
+                data: Value::Null,
+                updated_at: String::new(),
+                deleted: true,
+            }),
+        };
+        let resolution = env.reconciler.decide(&ConflictInput {
+            kind: op.kind.mutation(),
+            entity_type: &op.entity_type,
+            payload: &op.payload,
+            base: op.base.as_ref(),
+            current: entity.as_ref(),
+            reconciliations: op.reconciliations,
+        });
+        let remote = entity.map_or(Value::Null, |e| e.data);
+        let event = |resolved: Value, resolution: &str| SyncEvent::Conflict {
+            op_id: op.op_id,
+            entity_type: op.entity_type.clone(),
+            entity_id: op.entity_id.clone(),
+            local: op.payload.clone(),
+            remote: remote.clone(),
+            resolved,
+            resolution: resolution.to_owned(),
+        };
+        let mut report = DrainReport::sent();
+        match resolution {
+            Resolution::Retry {
+                send_as,
+                payload,
+                if_match,
+                base,
+                conflicts,
+            } => {
+                let detail = format!(
+                    "conflict at version {}; merged ({} field conflict(s)), retrying{}",
+                    if_match.map_or_else(|| "?".to_owned(), |v| v.to_string()),
+                    conflicts.len(),
+                    if send_as == op.kind.mutation() {
+                        String::new()
+                    } else {
+                        format!(" as {}", send_as.as_str())
+                    },
+                );
+                report.conflicts_resolved = 1;
+                let after = AfterWrite {
+                    report,
+                    events: vec![event(payload.clone(), "retry")],
+                    counters: vec![(Counter::ConflictsResolved, 1)],
+                    ..AfterWrite::default()
+                };
+                let write = Write::Reconciled {
+                    op_id: op.op_id,
+                    reconciled: Reconciled {
+                        kind: Some(OpKind::from_mutation(send_as)),
+                        payload,
+                        base,
+                        base_version: if_match,
+                        detail,
+                    },
+                };
+                self.write(write, after, out);
+            }
+            Resolution::Succeeded { version, data, .. } => {
+                report.succeeded = 1;
+                let conflict = event(Value::Null, "succeeded");
+                let after = AfterWrite {
+                    report,
+                    events: vec![conflict, succeeded(op.clone(), version, false)],
+                    counters: vec![(Counter::ConflictsResolved, 1)],
+                    ..AfterWrite::default()
+                };
+                let write = Write::Ack(vec![(op.op_id, Ack { version, data })]);
+                self.write(write, after, out);
+            }
+            Resolution::Fail {
+                reason,
+                local,
+                remote,
+            } => {
+                // Both versions are kept in the error for the app.
+                let error = serde_json::json!({
+                    "conflict": reason,
+                    "local": local,
+                    "remote": remote,
+                })
+                .to_string();
+                report.failed = 1;
+                let conflict = event(Value::Null, "failed");
+                self.fail(op, error, report, vec![conflict], out);
+            }
+        }
+    }
+}
+
+impl DrainReport {
+    /// One op sent, nothing else yet.
+    fn sent() -> Self {
+        Self {
+            sent: 1,
+            ..Self::default()
+        }
+    }
+}
+
+/// The event for an applied op.
+fn succeeded(op: PendingOp, version: Option<u64>, replayed: bool) -> SyncEvent {
+    SyncEvent::OpSucceeded {
+        op_id: op.op_id,
+        entity_type: op.entity_type,
+        entity_id: op.entity_id,
+        version,
+        replayed,
+    }
+}
+
+/// Publishes the breaker's queued transitions as events and metrics.
+pub fn publish_breaker(env: &mut Env<'_>, out: &mut Vec<DrainCommand>) {
+    out.extend(
+        breaker_events(env.breaker, env.metrics)
+            .into_iter()
+            .map(DrainCommand::Emit),
+    );
+}
+
+/// The breaker's queued transitions, recorded in `metrics`, as events.
+pub fn breaker_events(breaker: &mut CircuitBreaker, metrics: &SyncMetrics) -> Vec<SyncEvent> {
+    breaker
+        .take_transitions()
+        .into_iter()
+        .map(|t| {
+            metrics.record_breaker_transition(&t);
+            tracing::info!("circuit breaker {} -> {}", t.from.name(), t.to.name());
+            SyncEvent::Breaker {
+                from: t.from.name().to_owned(),
+                to: t.to.name().to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// A batch request that failed as a whole (network, timeout, 5xx) is one
+/// failure of the server, not one per op: the breaker hears of it once,
+/// here, and the ops' own outcomes no longer count. Otherwise a single lost
+/// response to a batch of ten ops would open the breaker.
+fn count_whole_failure_once(
+    outcomes: &mut [Outcome],
+    env: &mut Env<'_>,
+    out: &mut Vec<DrainCommand>,
+) {
+    let Some((first, rest)) = outcomes.split_first() else {
+        return;
+    };
+    let Outcome::Retryable {
+        retry_after,
+        counts_for_breaker: true,
+        ..
+    } = first
+    else {
+        return;
+    };
+    if rest.is_empty() || rest.iter().any(|o| o != first) {
+        return;
+    }
+    let retry_after = retry_after
+        .as_deref()
+        .and_then(|v| parse_retry_after(v, env.now_ms));
+    env.breaker
+        .record_failure(env.mono, retry_after.map(|r| r.delay()));
+    publish_breaker(env, out);
+    for outcome in outcomes.iter_mut() {
+        if let Outcome::Retryable {
+            counts_for_breaker, ..
+        } = outcome
+        {
+            *counts_for_breaker = false;
+        }
+    }
+}
+
+fn fetch_failure(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Retryable { detail, .. } | Outcome::Permanent { detail, .. } => {
+            format!("fetching the current entity failed: {detail}")
+        }
+        Outcome::AuthRequired => "fetching the current entity needs authentication".into(),
+        other => format!("fetching the current entity failed: {other:?}"),
+    }
+}
+
+/// The index of the op before `i` in `unit` when it is of the same entity:
+/// chains are consecutive in a unit, so that op is `i`'s predecessor, and
+/// `i` must not be applied unless it was.
+fn dependency(unit: &[PendingOp], i: usize) -> Option<usize> {
+    let prev = unit.get(i.checked_sub(1)?)?;
+    let op = unit.get(i)?;
+    (prev.entity_type == op.entity_type && prev.entity_id == op.entity_id).then(|| i - 1)
+}

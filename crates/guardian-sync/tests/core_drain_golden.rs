@@ -1,0 +1,461 @@
+//! Golden command streams of the drain machine (`core::drain`): for each
+//! main scenario, the exact commands the machine issues for a scripted
+//! sequence of results. A change to what the engine does shows up here as
+//! a diff of plain lines.
+
+use std::time::Duration;
+
+use guardian_protocol::{Entity, Problem};
+use guardian_sync::breaker::{BreakerConfig, CircuitBreaker, TripPolicy};
+use guardian_sync::core::drain::{DrainCommand, DrainConfig, DrainInput, DrainMachine, Env, Write};
+use guardian_sync::engine::SyncEvent;
+use guardian_sync::op::{OpKind, OpState, PendingOp};
+use guardian_sync::reconcile::{ReconcilePolicies, Reconciler};
+use guardian_sync::retry::RetryPolicy;
+use guardian_sync::telemetry::SyncMetrics;
+use guardian_sync::transport::{Outcome, RetryReason};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const NOW: i64 = 1_700_000_000_000;
+
+fn op(entity: &str, seq: i64, payload: Value) -> PendingOp {
+    PendingOp {
+        seq,
+        op_id: Uuid::from_u128(seq as u128),
+        idempotency_key: Uuid::from_u128(1000 + seq as u128),
+        kind: OpKind::Update,
+        entity_type: "item".into(),
+        entity_id: entity.into(),
+        payload,
+        base: None,
+        base_version: None,
+        chained: false,
+        txn_tokens: Vec::new(),
+        envelope_version: 1,
+        state: OpState::InFlight,
+        attempts: 1,
+        next_attempt_at: NOW,
+        last_error: None,
+        created_at: NOW,
+        updated_at: NOW,
+        coalesced_count: 0,
+        reconciliations: 0,
+        history: Vec::new(),
+    }
+}
+
+fn entity(id: &str, version: u64, data: Value) -> Entity {
+    Entity {
+        entity_type: "item".into(),
+        id: id.into(),
+        version,
+        data,
+        updated_at: String::new(),
+        deleted: false,
+    }
+}
+
+fn applied(id: &str, version: u64, data: Value) -> Outcome {
+    Outcome::Applied {
+        entity: Some(entity(id, version, data)),
+        replayed: false,
+    }
+}
+
+/// A machine with its world, recording every command as a line.
+struct Script {
+    machine: DrainMachine,
+    breaker: CircuitBreaker,
+    retry: RetryPolicy,
+    reconciler: Reconciler,
+    metrics: SyncMetrics,
+    rng: StdRng,
+    mono: Duration,
+    lines: Vec<String>,
+}
+
+impl Script {
+    fn new(concurrency: usize, breaker: BreakerConfig) -> Self {
+        Self {
+            machine: DrainMachine::new(DrainConfig::new(concurrency, None, false)),
+            breaker: CircuitBreaker::new(breaker).unwrap_or_else(|e| panic!("breaker: {e}")),
+            retry: RetryPolicy::default(),
+            reconciler: Reconciler::new(ReconcilePolicies::new(), 3),
+            metrics: SyncMetrics::new(),
+            rng: StdRng::seed_from_u64(7),
+            mono: Duration::from_secs(100),
+            lines: Vec::new(),
+        }
+    }
+
+    fn step(&mut self, input: Option<DrainInput>) -> Vec<DrainCommand> {
+        if let Some(i) = &input {
+            self.lines.push(format!("<- {}", input_line(i)));
+        }
+        let mut env = Env {
+            now_ms: NOW,
+            mono: self.mono,
+            auth_paused: false,
+            breaker: &mut self.breaker,
+            retry: &self.retry,
+            reconciler: &self.reconciler,
+            metrics: &self.metrics,
+            rng: &mut self.rng,
+        };
+        let commands = self.machine.step(input, &mut env);
+        for c in &commands {
+            self.lines.push(format!("-> {}", command_line(c)));
+        }
+        commands
+    }
+
+    fn transcript(&self) -> String {
+        self.lines.join("\n")
+    }
+}
+
+fn name(op: &PendingOp) -> String {
+    format!("{}#{}", op.entity_id, op.seq)
+}
+
+fn id_name(id: &Uuid) -> String {
+    format!("op{}", id.as_u128())
+}
+
+fn input_line(i: &DrainInput) -> String {
+    match i {
+        DrainInput::Claimed { asked, chains } => {
+            let ops: Vec<String> = chains.iter().flatten().map(name).collect();
+            format!("claimed {asked}: [{}]", ops.join(", "))
+        }
+        DrainInput::Responded { unit, outcomes, .. } => {
+            let parts: Vec<String> = unit
+                .iter()
+                .zip(outcomes)
+                .map(|(op, o)| format!("{} {}", name(op), outcome_line(o)))
+                .collect();
+            format!("responded {}", parts.join(", "))
+        }
+        DrainInput::Fetched { op, result, .. } => format!("fetched {} {result:?}", name(op)),
+        DrainInput::Written { id } => format!("written {id}"),
+        DrainInput::LockLost => "lock lost".into(),
+    }
+}
+
+fn outcome_line(o: &Outcome) -> String {
+    match o {
+        Outcome::Applied { entity, replayed } => format!(
+            "applied v{} replayed={replayed}",
+            entity.as_ref().map_or(0, |e| e.version)
+        ),
+        Outcome::Retryable {
+            status,
+            retry_after,
+            ..
+        } => format!("retryable {status:?} retry-after {retry_after:?}"),
+        Outcome::Conflict { problem } => format!("conflict {}", problem.status),
+        other => format!("{other:?}"),
+    }
+}
+
+fn command_line(c: &DrainCommand) -> String {
+    match c {
+        DrainCommand::Claim { limit, .. } => format!("claim {limit}"),
+        DrainCommand::Send { unit, .. } => {
+            let ops: Vec<String> = unit
+                .iter()
+                .map(|op| format!("{}(if-match {:?})", name(op), op.base_version))
+                .collect();
+            format!("send {}", ops.join(", "))
+        }
+        DrainCommand::Fetch { op, .. } => format!("fetch {}", name(op)),
+        DrainCommand::Write { id, write } => format!("write {id}: {}", write_line(write)),
+        DrainCommand::Release(ids) => {
+            format!("release {:?}", ids.iter().map(id_name).collect::<Vec<_>>())
+        }
+        DrainCommand::PauseAuth => "pause auth".into(),
+        DrainCommand::Emit(e) => format!("emit {}", event_line(e)),
+        DrainCommand::DeliverOutcomes => "deliver outcomes".into(),
+        DrainCommand::Finish(end) => format!("finish {end:?}"),
+    }
+}
+
+fn write_line(w: &Write) -> String {
+    match w {
+        Write::Ack(acks) => {
+            let a: Vec<String> = acks
+                .iter()
+                .map(|(id, ack)| format!("{} v{:?} data {:?}", id_name(id), ack.version, ack.data))
+                .collect();
+            format!("ack {}", a.join(", "))
+        }
+        Write::RetryAt { op_id, at, detail } => {
+            format!("retry {} at now+{}ms ({detail})", id_name(op_id), at - NOW)
+        }
+        Write::Fail { op_id, error } => format!("fail {} ({error})", id_name(op_id)),
+        Write::Reconciled { op_id, reconciled } => format!(
+            "reconciled {} as {:?} if-match {:?} payload {} ({})",
+            id_name(op_id),
+            reconciled.kind,
+            reconciled.base_version,
+            reconciled.payload,
+            reconciled.detail
+        ),
+        Write::Release(ids) => format!("release {:?}", ids.iter().map(id_name).collect::<Vec<_>>()),
+    }
+}
+
+fn event_line(e: &SyncEvent) -> String {
+    match e {
+        SyncEvent::OpSucceeded {
+            op_id,
+            version,
+            replayed,
+            ..
+        } => format!(
+            "succeeded {} v{version:?} replayed={replayed}",
+            id_name(op_id)
+        ),
+        SyncEvent::OpRetried {
+            op_id,
+            next_attempt_at,
+            reason,
+            ..
+        } => format!(
+            "retried {} at now+{}ms ({reason})",
+            id_name(op_id),
+            next_attempt_at - NOW
+        ),
+        SyncEvent::OpFailed { op_id, error, .. } => format!("failed {} ({error})", id_name(op_id)),
+        SyncEvent::Conflict {
+            op_id,
+            resolved,
+            resolution,
+            ..
+        } => format!(
+            "conflict {} {resolution:?} resolved {resolved}",
+            id_name(op_id)
+        ),
+        SyncEvent::Breaker { from, to } => format!("breaker {from:?} -> {to:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn written(id: u64) -> Option<DrainInput> {
+    Some(DrainInput::Written { id })
+}
+
+fn claimed(asked: usize, ops: Vec<PendingOp>) -> Option<DrainInput> {
+    Some(DrainInput::Claimed {
+        asked,
+        chains: ops.into_iter().map(|op| vec![op]).collect(),
+    })
+}
+
+fn responded(unit: Vec<PendingOp>, outcomes: Vec<Outcome>) -> Option<DrainInput> {
+    Some(DrainInput::Responded {
+        unit,
+        deps: Vec::new(),
+        outcomes,
+        latency: Duration::from_millis(20),
+    })
+}
+
+fn assert_golden(script: &Script, expected: &str) {
+    let got = script.transcript();
+    let expected = expected
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(got, expected, "\n--- got:\n{got}\n");
+}
+
+#[test]
+fn a_chain_of_updates_chains_versions() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let a1 = op("a", 1, json!({"n": 1}));
+    s.step(claimed(65, vec![a1.clone()]));
+    s.step(responded(vec![a1], vec![applied("a", 1, json!({"n": 1}))]));
+    s.step(written(0));
+    // The outbox chained a#2 on a#1's ack: it now carries version 1.
+    let mut a2 = op("a", 2, json!({"n": 2}));
+    a2.base_version = Some(1);
+    s.step(claimed(65, vec![a2.clone()]));
+    s.step(responded(vec![a2], vec![applied("a", 2, json!({"n": 2}))]));
+    s.step(written(1));
+    s.step(claimed(65, vec![]));
+    assert_golden(
+        &s,
+        r#"
+        -> claim 65
+        <- claimed 65: [a#1]
+        -> send a#1(if-match None)
+        <- responded a#1 applied v1 replayed=false
+        -> write 0: ack op1 vSome(1) data Some(Object {"n": Number(1)})
+        <- written 0
+        -> emit succeeded op1 vSome(1) replayed=false
+        -> claim 65
+        <- claimed 65: [a#2]
+        -> send a#2(if-match Some(1))
+        <- responded a#2 applied v2 replayed=false
+        -> write 1: ack op2 vSome(2) data Some(Object {"n": Number(2)})
+        <- written 1
+        -> emit succeeded op2 vSome(2) replayed=false
+        -> claim 65
+        <- claimed 65: []
+        -> deliver outcomes
+        -> finish Progressed(DrainReport { sent: 2, succeeded: 2, failed: 0, retried: 0, conflicts_resolved: 0, deferred: 0 })
+        "#,
+    );
+}
+
+#[test]
+fn a_409_is_merged_and_retried_under_a_new_request() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let mut a1 = op("a", 1, json!({"title": "mine", "done": false}));
+    a1.base = Some(json!({"title": "old", "done": false}));
+    a1.base_version = Some(4);
+    s.step(claimed(65, vec![a1.clone()]));
+    let mut problem = Problem::new("conflict:version", "Version conflict", 409);
+    problem.current = Some(entity("a", 5, json!({"title": "old", "done": true})));
+    s.step(responded(
+        vec![a1],
+        vec![Outcome::Conflict {
+            problem: Box::new(problem),
+        }],
+    ));
+    s.step(written(0));
+    s.step(claimed(65, vec![]));
+    s.step(claimed(65, vec![]));
+    assert_golden(
+        &s,
+        r#"
+        -> claim 65
+        <- claimed 65: [a#1]
+        -> send a#1(if-match Some(4))
+        <- responded a#1 conflict 409
+        -> write 0: reconciled op1 as Some(Update) if-match Some(5) payload {"done":true,"title":"mine"} (conflict at version 5; merged (0 field conflict(s)), retrying)
+        -> claim 65
+        <- written 0
+        -> emit conflict op1 "retry" resolved {"done":true,"title":"mine"}
+        <- claimed 65: []
+        -> claim 65
+        <- claimed 65: []
+        -> deliver outcomes
+        -> finish Progressed(DrainReport { sent: 1, succeeded: 0, failed: 0, retried: 0, conflicts_resolved: 1, deferred: 0 })
+        "#,
+    );
+}
+
+#[test]
+fn a_503_storm_honours_retry_after_and_opens_the_breaker() {
+    let breaker = BreakerConfig {
+        policy: TripPolicy::Count { failures: 2 },
+        ..BreakerConfig::default()
+    };
+    let mut s = Script::new(4, breaker);
+    s.step(None);
+    let ops = vec![
+        op("a", 1, json!({})),
+        op("b", 2, json!({})),
+        op("c", 3, json!({})),
+    ];
+    s.step(claimed(68, ops.clone()));
+    let storm = Outcome::Retryable {
+        reason: RetryReason::Server,
+        status: Some(503),
+        retry_after: Some("30".into()),
+        detail: "503 Service Unavailable".into(),
+        counts_for_breaker: true,
+    };
+    for (i, op) in ops.into_iter().enumerate() {
+        s.step(responded(vec![op], vec![storm.clone()]));
+        s.step(written(i as u64));
+    }
+    assert_golden(
+        &s,
+        r#"
+        -> claim 68
+        <- claimed 68: [a#1, b#2, c#3]
+        -> send a#1(if-match None)
+        -> send b#2(if-match None)
+        -> send c#3(if-match None)
+        <- responded a#1 retryable Some(503) retry-after Some("30")
+        -> write 0: retry op1 at now+30000ms (503 Service Unavailable)
+        -> claim 66
+        <- written 0
+        -> emit retried op1 at now+30000ms (503 Service Unavailable)
+        <- responded b#2 retryable Some(503) retry-after Some("30")
+        -> emit breaker "closed" -> "open"
+        -> write 1: retry op2 at now+30000ms (503 Service Unavailable)
+        <- written 1
+        -> emit retried op2 at now+30000ms (503 Service Unavailable)
+        <- responded c#3 retryable Some(503) retry-after Some("30")
+        -> write 2: retry op3 at now+30000ms (503 Service Unavailable)
+        <- written 2
+        -> emit retried op3 at now+30000ms (503 Service Unavailable)
+        "#,
+    );
+}
+
+#[test]
+fn a_refused_token_pauses_the_drain() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let a1 = op("a", 1, json!({}));
+    let b2 = op("b", 2, json!({}));
+    s.step(claimed(65, vec![a1.clone(), b2]));
+    s.step(responded(vec![a1], vec![Outcome::AuthRequired]));
+    s.step(written(0));
+    assert_golden(
+        &s,
+        r#"
+        -> claim 65
+        <- claimed 65: [a#1, b#2]
+        -> send a#1(if-match None)
+        <- responded a#1 AuthRequired
+        -> pause auth
+        -> write 0: retry op1 at now+0ms (authentication required)
+        -> release ["op2"]
+        <- written 0
+        -> emit AuthRequired
+        -> deliver outcomes
+        -> finish Progressed(DrainReport { sent: 1, succeeded: 0, failed: 0, retried: 0, conflicts_resolved: 0, deferred: 0 })
+        "#,
+    );
+}
+
+#[test]
+fn a_lock_lost_mid_drain_ends_it_without_reporting_unwritten_acks() {
+    let mut s = Script::new(2, BreakerConfig::default());
+    s.step(None);
+    let a1 = op("a", 1, json!({}));
+    let b2 = op("b", 2, json!({}));
+    s.step(claimed(66, vec![a1.clone(), b2]));
+    s.step(responded(vec![a1], vec![applied("a", 1, json!({}))]));
+    s.step(Some(DrainInput::LockLost));
+    // The ack's commit is refused with the lost lock: nothing more comes
+    // out, and op1's success is never reported.
+    assert!(s.step(written(0)).is_empty());
+    assert_golden(
+        &s,
+        r#"
+        -> claim 66
+        <- claimed 66: [a#1, b#2]
+        -> send a#1(if-match None)
+        -> send b#2(if-match None)
+        <- responded a#1 applied v1 replayed=false
+        -> write 0: ack op1 vSome(1) data Some(Object {})
+        <- lock lost
+        -> finish LockLost
+        <- written 0
+        "#,
+    );
+}
