@@ -289,3 +289,33 @@ async fn a_breaker_trip_is_exported_without_waiting_for_the_minimum_interval() {
     assert_eq!(d["breaker_trips"], 1);
     runner.abort();
 }
+
+/// With an endpoint of its own, telemetry goes there and never to the sync
+/// server.
+#[tokio::test]
+async fn telemetry_goes_to_its_own_endpoint() {
+    let data = server().await;
+    let monitor = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &data)
+        .telemetry(TelemetryConfig {
+            endpoint: Some(monitor.url()),
+            ..fast_telemetry()
+        })
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("note", "n", json!({})))
+        .await
+        .unwrap();
+    let runner = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run(std::future::pending()).await })
+    };
+    let d = wait_for_device(&monitor, "the drained op", |d| d["succeeded"] == 1).await;
+    assert_eq!(d["labels"]["app"], "field-notes");
+    assert_eq!(data.applied_log().await.unwrap().len(), 1);
+    assert_eq!(data.requests_on("/v1/telemetry"), 0);
+    runner.abort();
+}

@@ -41,11 +41,16 @@ pub struct TelemetryConfig {
     /// Least time between two snapshots when the breaker changed state
     /// (the smaller of this and `min_interval` applies).
     pub breaker_interval: Duration,
+    /// Base URL of the backend that collects telemetry, when it is not the
+    /// sync server (a monitoring instance that outlives the sync server's
+    /// outages); `None` sends to the sync server.
+    pub endpoint: Option<String>,
 }
 
 impl Default for TelemetryConfig {
     /// No labels, at most one snapshot every 5 s (every 250 ms for a
-    /// breaker change), one at least every 60 s, 5 s per send.
+    /// breaker change), one at least every 60 s, 5 s per send, to the sync
+    /// server.
     fn default() -> Self {
         Self {
             labels: BTreeMap::new(),
@@ -53,6 +58,7 @@ impl Default for TelemetryConfig {
             keepalive: Duration::from_secs(60),
             timeout: Duration::from_secs(5),
             breaker_interval: Duration::from_millis(250),
+            endpoint: None,
         }
     }
 }
