@@ -61,6 +61,7 @@ fn fast_telemetry() -> TelemetryConfig {
         min_interval: Duration::from_millis(50),
         keepalive: Duration::from_secs(1),
         timeout: Duration::from_secs(2),
+        ..TelemetryConfig::default()
     }
 }
 
@@ -82,7 +83,16 @@ async fn wait_for_device(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    wait_for_device_within(server, what, Duration::from_secs(20), pred).await
+}
+
+async fn wait_for_device_within(
+    server: &RunningServer,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
         let state: Value = serde_json::from_str(&fleet_text(server).await).unwrap();
         let device = state["devices"]
@@ -222,4 +232,90 @@ async fn export_can_be_turned_off() {
     )
     .await;
     assert!(server.requests_on("/v1/telemetry") > 0);
+}
+
+/// A breaker trip is exported at once, not after `min_interval`: with a
+/// minute between ordinary snapshots, the server still sees the open breaker
+/// within a second of the engine's event (before the breaker interval
+/// existed it waited the whole minute).
+#[tokio::test]
+async fn a_breaker_trip_is_exported_without_waiting_for_the_minimum_interval() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &server)
+        .telemetry(TelemetryConfig {
+            min_interval: Duration::from_secs(60),
+            keepalive: Duration::from_secs(60),
+            ..fast_telemetry()
+        })
+        .build()
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    let runner = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run(std::future::pending()).await })
+    };
+    wait_for_device(&server, "the first snapshot", |d| d["breaker"] == "closed").await;
+    server
+        .set_faults(Faults {
+            failure_rate: 1.0,
+            failure_statuses: vec![503],
+            ..Faults::default()
+        })
+        .unwrap();
+    for i in 0..3 {
+        engine
+            .enqueue(NewOp::create("note", format!("n{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    let tripped = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(guardian_sync::engine::SyncEvent::Breaker { to, .. }) = events.recv().await {
+                if to == "open" {
+                    return std::time::Instant::now();
+                }
+            }
+        }
+    })
+    .await
+    .expect("the breaker never opened");
+    let d = wait_for_device_within(&server, "the open breaker", Duration::from_secs(1), |d| {
+        d["breaker"] == "open"
+    })
+    .await;
+    eprintln!("breaker trip on the server after {:?}", tripped.elapsed());
+    assert_eq!(d["breaker_trips"], 1);
+    runner.abort();
+}
+
+/// With an endpoint of its own, telemetry goes there and never to the sync
+/// server.
+#[tokio::test]
+async fn telemetry_goes_to_its_own_endpoint() {
+    let data = server().await;
+    let monitor = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = builder(&dir, &data)
+        .telemetry(TelemetryConfig {
+            endpoint: Some(monitor.url()),
+            ..fast_telemetry()
+        })
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("note", "n", json!({})))
+        .await
+        .unwrap();
+    let runner = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.run(std::future::pending()).await })
+    };
+    let d = wait_for_device(&monitor, "the drained op", |d| d["succeeded"] == 1).await;
+    assert_eq!(d["labels"]["app"], "field-notes");
+    assert_eq!(data.applied_log().await.unwrap().len(), 1);
+    assert_eq!(data.requests_on("/v1/telemetry"), 0);
+    runner.abort();
 }

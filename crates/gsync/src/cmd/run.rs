@@ -1,5 +1,6 @@
 //! `gsync run`: drain an outbox to a server.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -12,6 +13,7 @@ use guardian_sync::engine::{
 };
 use guardian_sync::lock::LockConfig;
 use guardian_sync::retry::RetryPolicy;
+use guardian_sync::telemetry::TelemetryConfig;
 use guardian_sync::transport::StaticToken;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -77,6 +79,64 @@ pub(crate) struct Args {
     /// many writers edit at once).
     #[arg(long, default_value_t = 5)]
     max_reconciliations: u32,
+    /// A label sent with this runner's telemetry, `KEY=VALUE` (repeatable,
+    /// at most 16): app, version, device, site...
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Least time between two telemetry snapshots (at least 100ms); a
+    /// breaker change is sent within 250ms all the same.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    telemetry_interval: Duration,
+    /// Send telemetry to this backend instead of --server (a monitoring
+    /// instance that stays up while the sync server is down).
+    #[arg(long, value_name = "URL")]
+    telemetry_url: Option<String>,
+    /// Send no telemetry.
+    #[arg(long, conflicts_with_all = ["labels", "telemetry_interval", "telemetry_url"])]
+    no_telemetry: bool,
+}
+
+/// Parses `KEY=VALUE` within the backend's bounds: a snapshot with a label
+/// out of bounds would be refused whole, silently.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    use guardian_protocol::telemetry::{MAX_LABEL_KEY, MAX_LABEL_VALUE};
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && k.len() <= MAX_LABEL_KEY && v.len() <= MAX_LABEL_VALUE => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        Some(_) => Err(format!(
+            "a label is KEY=VALUE with a key of 1 to {MAX_LABEL_KEY} bytes and a value of at most {MAX_LABEL_VALUE}"
+        )),
+        None => Err("a label is KEY=VALUE".to_owned()),
+    }
+}
+
+impl Args {
+    /// The telemetry settings, `None` when turned off.
+    fn telemetry(&self) -> anyhow::Result<Option<TelemetryConfig>> {
+        use guardian_protocol::telemetry::MAX_LABELS;
+        if self.no_telemetry {
+            return Ok(None);
+        }
+        if self.telemetry_interval < Duration::from_millis(100) {
+            anyhow::bail!("--telemetry-interval must be at least 100ms");
+        }
+        let labels: BTreeMap<_, _> = self.labels.iter().cloned().collect();
+        if labels.len() > MAX_LABELS {
+            anyhow::bail!("at most {MAX_LABELS} --label");
+        }
+        if let Some(url) = &self.telemetry_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                anyhow::bail!("--telemetry-url must be an http(s) URL");
+            }
+        }
+        Ok(Some(TelemetryConfig {
+            labels,
+            min_interval: self.telemetry_interval,
+            endpoint: self.telemetry_url.clone(),
+            ..TelemetryConfig::default()
+        }))
+    }
 }
 
 pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
@@ -86,6 +146,7 @@ pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
 
 async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
     let lock = LockConfig::new(args.heartbeat, args.stale_after)?;
+    let telemetry = args.telemetry()?;
     let mut builder = SyncEngine::builder()
         .outbox_path(&global.outbox)
         .server(&args.server)
@@ -110,6 +171,10 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
         })
         .max_reconciliations(args.max_reconciliations)
         .concurrency(args.concurrency.max(1));
+    builder = match telemetry {
+        Some(config) => builder.telemetry(config),
+        None => builder.no_telemetry(),
+    };
     if args.batch > 0 {
         builder = builder.batching(BatchConfig {
             max_ops: args.batch,
@@ -371,8 +436,11 @@ async fn tick(engine: SyncEngine, progress: Arc<Mutex<Progress>>, bar: ProgressB
 
 fn report_event(event: &SyncEvent, json: bool, progress: Option<&Mutex<Progress>>) {
     if json {
-        if let Ok(line) = serde_json::to_string(event) {
-            println!("{line}");
+        // Stamped with the wall clock (Unix ms), so a reader can time what
+        // followed the event (a dashboard showing a breaker trip).
+        if let Ok(serde_json::Value::Object(mut line)) = serde_json::to_value(event) {
+            line.insert("at".into(), SystemClock::new().now_millis().into());
+            println!("{}", serde_json::Value::Object(line));
         }
         return;
     }

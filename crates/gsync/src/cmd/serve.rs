@@ -7,10 +7,13 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use guardian_server::{Faults, RateLimit, RetryAfter, RetryAfterForm, ServerBuilder, Synchronous};
+use guardian_server::{
+    AlertRules, Faults, RateLimit, RetryAfter, RetryAfterForm, ServerBuilder, Synchronous,
+};
 
 use crate::Global;
 
@@ -117,6 +120,43 @@ pub(crate) struct Args {
     /// Fault: seed of the fault generator (deterministic faults).
     #[arg(long)]
     fault_seed: Option<u64>,
+    /// Alert: a device's circuit breaker has been open this long (`off`:
+    /// never).
+    #[arg(long, value_name = "DURATION|off", default_value = "60s")]
+    alert_breaker_open: OrOff<humantime::Duration>,
+    /// Alert: a device has had queued ops and no progress this long.
+    #[arg(long, value_name = "DURATION|off", default_value = "5m")]
+    alert_stalled: OrOff<humantime::Duration>,
+    /// Alert: a device has more dead-letter (failed) ops than this.
+    #[arg(long, value_name = "N|off", default_value = "0")]
+    alert_dead_letters: OrOff<u64>,
+    /// Alert: a tenant's mean health score (0-100) is below this.
+    #[arg(long, value_name = "SCORE|off", default_value = "50")]
+    alert_fleet_health: OrOff<u8>,
+    /// POST every alert that fires or resolves to this URL as JSON
+    /// (retried with backoff).
+    #[arg(long, value_name = "URL")]
+    alert_webhook: Option<String>,
+}
+
+/// A threshold of an alert rule, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct OrOff<T>(Option<T>);
+
+impl<T: FromStr> FromStr for OrOff<T>
+where
+    T::Err: std::fmt::Display,
+{
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|v| Self(Some(v)))
+            .map_err(|e: T::Err| format!("{e} (or `off`)"))
+    }
 }
 
 fn parse_token(s: &str) -> anyhow::Result<(String, String)> {
@@ -195,6 +235,18 @@ impl Args {
             ..Faults::default()
         };
         faults.validate()?;
+        if self.alert_fleet_health.0.is_some_and(|w| w > 100) {
+            bail!("--alert-fleet-health is a score from 0 to 100");
+        }
+        b = b.alert_rules(AlertRules {
+            breaker_open_for: self.alert_breaker_open.0.map(Into::into),
+            stalled_for: self.alert_stalled.0.map(Into::into),
+            dead_letters_above: self.alert_dead_letters.0,
+            fleet_health_below: self.alert_fleet_health.0,
+        });
+        if let Some(url) = &self.alert_webhook {
+            b = b.alert_webhook(url.clone());
+        }
         Ok(b.require_if_match(self.require_if_match)
             .idempotency_retention(self.idempotency_retention)
             .feed_retention(self.feed_retention)
@@ -259,4 +311,23 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OrOff;
+
+    #[test]
+    fn an_alert_threshold_is_a_value_or_off() {
+        let d: OrOff<humantime::Duration> = "90s".parse().unwrap();
+        assert_eq!(
+            d.0.map(Into::into),
+            Some(std::time::Duration::from_secs(90))
+        );
+        assert!("off".parse::<OrOff<u64>>().unwrap().0.is_none());
+        assert!("OFF".parse::<OrOff<u8>>().unwrap().0.is_none());
+        assert_eq!("3".parse::<OrOff<u64>>().unwrap().0, Some(3));
+        let e = "soon".parse::<OrOff<u64>>().unwrap_err();
+        assert!(e.contains("`off`"), "{e}");
+    }
 }

@@ -84,21 +84,24 @@ pub(super) async fn export_loop(inner: Arc<Inner>, mut events: broadcast::Receiv
         let wait = wake_at.saturating_sub(inner.clock.monotonic());
         tokio::select! {
             event = events.recv() => {
-                let urgent = match event {
+                // The earliest a look at the state may send what the event
+                // changed; a breaker change may go sooner than the rest.
+                let send_at = match event {
                     Ok(SyncEvent::OpSucceeded { .. }) => {
                         last_sync_at = Some(inner.clock.now_millis());
-                        false
+                        None
                     }
                     Ok(SyncEvent::OpFailed { error, .. }) => {
                         failures.push(&error);
-                        true
+                        Some(earliest_send)
                     }
-                    Ok(SyncEvent::Breaker { .. } | SyncEvent::Stalled { .. }) => true,
-                    Ok(_) | Err(RecvError::Lagged(_)) => false,
+                    Ok(SyncEvent::Breaker { .. }) => Some(decider.breaker_send_at(&config)),
+                    Ok(SyncEvent::Stalled { .. }) => Some(earliest_send),
+                    Ok(_) | Err(RecvError::Lagged(_)) => None,
                     Err(RecvError::Closed) => return,
                 };
-                if urgent {
-                    wake_at = wake_at.min(earliest_send.max(inner.clock.monotonic()));
+                if let Some(at) = send_at {
+                    wake_at = wake_at.min(at.max(inner.clock.monotonic()));
                 }
                 continue;
             }

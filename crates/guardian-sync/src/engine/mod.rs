@@ -311,8 +311,8 @@ impl SyncEngineBuilder {
             (None, Some(config), Some(tokens)) => {
                 let transport = Arc::new(HttpTransport::new(&config, tokens.clone())?);
                 if let Some(t) = self.telemetry {
-                    // The URL was checked by the transport just built.
-                    match TelemetrySender::new(&config.base_url, tokens, t.timeout) {
+                    let url = t.endpoint.as_deref().unwrap_or(&config.base_url);
+                    match TelemetrySender::new(url, tokens, t.timeout) {
                         Ok(sender) => telemetry = Some((t, sender)),
                         Err(e) => tracing::warn!("telemetry export off: {e}"),
                     }

@@ -11,7 +11,10 @@
 //! When to send is decided by [`ExportDecider`], a pure function of the
 //! last send, what changed and the time: a changed state is sent at most
 //! every `min_interval`, an unchanged one every `keepalive`, so the
-//! backend can tell a quiet device from a silent one.
+//! backend can tell a quiet device from a silent one. A breaker change is
+//! sent sooner, at most every `breaker_interval`, so a dashboard shows a
+//! trip while it matters and a flapping breaker still cannot flood the
+//! backend.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -35,18 +38,37 @@ pub struct TelemetryConfig {
     pub keepalive: Duration,
     /// Time allowed for one send.
     pub timeout: Duration,
+    /// Least time between two snapshots when the breaker changed state
+    /// (the smaller of this and `min_interval` applies).
+    pub breaker_interval: Duration,
+    /// Base URL of the backend that collects telemetry, when it is not the
+    /// sync server (a monitoring instance that outlives the sync server's
+    /// outages); `None` sends to the sync server.
+    pub endpoint: Option<String>,
 }
 
 impl Default for TelemetryConfig {
-    /// No labels, at most one snapshot every 5 s, one at least every 60 s,
-    /// 5 s per send.
+    /// No labels, at most one snapshot every 5 s (every 250 ms for a
+    /// breaker change), one at least every 60 s, 5 s per send, to the sync
+    /// server.
     fn default() -> Self {
         Self {
             labels: BTreeMap::new(),
             min_interval: Duration::from_secs(5),
             keepalive: Duration::from_secs(60),
             timeout: Duration::from_secs(5),
+            breaker_interval: Duration::from_millis(250),
+            endpoint: None,
         }
+    }
+}
+
+impl TelemetryConfig {
+    /// Least time between the last send and a snapshot whose breaker state
+    /// differs from it.
+    #[must_use]
+    pub fn breaker_change_interval(&self) -> Duration {
+        self.breaker_interval.min(self.min_interval)
     }
 }
 
@@ -103,16 +125,31 @@ impl ExportDecider {
         };
         let since = now.saturating_sub(*at);
         if last == fp {
-            if since >= config.keepalive {
+            return if since >= config.keepalive {
                 Decision::Send
             } else {
                 Decision::Idle(config.min_interval.min(config.keepalive - since))
-            }
-        } else if since >= config.min_interval {
+            };
+        }
+        let interval = if last.breaker == fp.breaker {
+            config.min_interval
+        } else {
+            config.breaker_change_interval()
+        };
+        if since >= interval {
             Decision::Send
         } else {
-            Decision::WaitFor(config.min_interval - since)
+            Decision::WaitFor(interval - since)
         }
+    }
+
+    /// When (monotonic) a snapshot whose breaker changed may go: at once
+    /// if nothing was sent yet.
+    #[must_use]
+    pub fn breaker_send_at(&self, config: &TelemetryConfig) -> Duration {
+        self.last.as_ref().map_or(Duration::ZERO, |(at, _)| {
+            *at + config.breaker_change_interval()
+        })
     }
 
     /// Records a send attempt (successful or not: a failed send is not
@@ -244,6 +281,35 @@ mod tests {
         d.sent(fp(0), s(100));
         assert_eq!(d.decide(&fp(1), s(102), &config()), Decision::WaitFor(s(3)));
         assert_eq!(d.decide(&fp(1), s(105), &config()), Decision::Send);
+    }
+
+    #[test]
+    fn a_breaker_change_waits_only_for_the_breaker_interval() {
+        let mut d = ExportDecider::default();
+        let ms = Duration::from_millis;
+        assert_eq!(d.breaker_send_at(&config()), Duration::ZERO);
+        d.sent(fp(0), ms(100_000));
+        let open = Fingerprint {
+            breaker: BreakerStateName::Open,
+            ..fp(3)
+        };
+        assert_eq!(d.breaker_send_at(&config()), ms(100_250));
+        assert_eq!(
+            d.decide(&open, ms(100_100), &config()),
+            Decision::WaitFor(ms(150))
+        );
+        assert_eq!(d.decide(&open, ms(100_250), &config()), Decision::Send);
+        // Other changes still wait for the minimum interval.
+        assert_eq!(
+            d.decide(&fp(3), ms(100_250), &config()),
+            Decision::WaitFor(ms(4750))
+        );
+        // A breaker interval above the minimum interval is capped by it.
+        let slow = TelemetryConfig {
+            breaker_interval: ms(10_000),
+            ..config()
+        };
+        assert_eq!(d.decide(&open, ms(105_000), &slow), Decision::Send);
     }
 
     #[test]

@@ -153,6 +153,9 @@ pub(crate) struct RunnerSpec {
     pub(crate) url: String,
     pub(crate) token: String,
     pub(crate) work: PathBuf,
+    /// Where runners send telemetry (the dashboard's server); none without
+    /// `--dashboard`.
+    pub(crate) telemetry: Option<String>,
 }
 
 /// One `gsync run` child process.
@@ -187,7 +190,8 @@ impl RunnerProc {
             .join(format!("runner-{no}-device-{}.log", device.index));
         let stderr = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut child = Command::new(&spec.exe)
+        let mut command = Command::new(&spec.exe);
+        command
             .arg("--outbox")
             .arg(&device.outbox_path)
             .arg("--json")
@@ -205,7 +209,20 @@ impl RunnerProc {
             .args(["--breaker-cooldown", "1s"])
             // Every device edits the shared boards: under heavy faults a
             // board edit can lose the race to another device many times.
-            .args(["--max-reconciliations", "50"])
+            .args(["--max-reconciliations", "50"]);
+        match &spec.telemetry {
+            // Labels name the device and the runner process on the page;
+            // a snapshot a second, so the charts move.
+            Some(url) => command
+                .args(["--telemetry-url", url, "--telemetry-interval", "1s"])
+                .args(["--label", "app=gsync-demo"])
+                .arg("--label")
+                .arg(format!("device=device-{}", device.index))
+                .arg("--label")
+                .arg(format!("runner={no}")),
+            None => command.arg("--no-telemetry"),
+        };
+        let mut child = command
             .env("GSYNC_TOKEN", &spec.token)
             .env_remove("GSYNC_SERVER")
             .stdin(Stdio::null())

@@ -15,6 +15,9 @@
 //! runner is killed while it has requests in flight; then the demo waits
 //! until every outbox is empty, stops the runners (SIGINT, so they print
 //! their telemetry) and checks.
+//!
+//! With `--dashboard`, a second server ([`server::Monitor`]) collects the
+//! runners' telemetry and serves the page; it stays up through the outage.
 
 mod devices;
 mod model;
@@ -41,7 +44,7 @@ use tokio::sync::mpsc;
 use crate::Global;
 use devices::{Device, EventCounts, RunnerMsg, RunnerProc, RunnerSpec};
 use progress::{Live, Ui};
-use server::DemoServer;
+use server::{DemoServer, Monitor};
 use verdict::Verdict;
 
 /// Arguments of `gsync demo`.
@@ -71,8 +74,8 @@ pub(crate) struct Args {
     keep: bool,
     /// Serve the fleet dashboard (`/dashboard`) for the demo's devices while
     /// the demo runs, and print its URL. The runners report their health
-    /// every few seconds; the page is down, and forgets, while the server
-    /// is offline.
+    /// every second (a breaker change within 250 ms) to a second server, which
+    /// serves the page and stays up through the outage.
     #[arg(long)]
     dashboard: bool,
 }
@@ -138,12 +141,16 @@ async fn demo(args: &Args) -> anyhow::Result<Verdict> {
         work.path().join("server.db"),
         token.clone(),
         server::faults(args.fault_rate, args.seed, RetryAfterForm::Seconds),
-        args.dashboard.then(|| uuid::Uuid::new_v4().to_string()),
     )
     .await?;
-    if let Some(url) = server.dashboard_url() {
+    let monitor = if args.dashboard {
+        Some(Monitor::start(&token, uuid::Uuid::new_v4().to_string()).await?)
+    } else {
+        None
+    };
+    if let Some(monitor) = &monitor {
         // Printed at once, before the run, so it can be opened while it runs.
-        eprintln!("dashboard: {url}");
+        eprintln!("dashboard: {}", monitor.dashboard_url());
     }
     let http = HttpTransport::new(
         &HttpTransportConfig::new(server.url()),
@@ -164,6 +171,7 @@ async fn demo(args: &Args) -> anyhow::Result<Verdict> {
         url: server.url(),
         token,
         work: work.path().to_owned(),
+        telemetry: monitor.as_ref().map(Monitor::url),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let ui = Ui::new(devices.len(), std::io::stderr().is_terminal());
@@ -209,6 +217,9 @@ async fn demo(args: &Args) -> anyhow::Result<Verdict> {
     demo.ui.finish();
     demo.check(&mut verdict).await;
     demo.server.shutdown().await;
+    if let Some(monitor) = monitor {
+        monitor.shutdown().await;
+    }
     verdict.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     if args.keep {
         verdict.work_dir = Some(work.keep().display().to_string());
@@ -312,6 +323,16 @@ impl Demo {
             }
             "breaker" if v.get("to").and_then(Value::as_str) == Some("open") => {
                 r.counts.breaker_opened += 1;
+                if v.get("from").and_then(Value::as_str) == Some("closed") {
+                    // With the runner's time of the event, so the moment a
+                    // dashboard shows the trip can be compared with it.
+                    let at = v.get("at").and_then(Value::as_i64).unwrap_or(0);
+                    let text = format!(
+                        "device {}: breaker tripped (runner {}, Unix ms {at})",
+                        r.device, r.no
+                    );
+                    self.ui.note(&text);
+                }
             }
             "lock_acquired" if v.get("took_over_from").is_some_and(|o| !o.is_null()) => {
                 r.counts.takeovers += 1;

@@ -29,8 +29,6 @@ pub(crate) struct DemoServer {
     db: PathBuf,
     token: String,
     faults: Faults,
-    /// The dashboard's admin token, when `--dashboard` asked for it.
-    admin: Option<String>,
 }
 
 /// The faults of a demo run at `rate`: failures (503 and 429 with
@@ -54,35 +52,65 @@ pub(crate) fn faults(rate: f64, seed: u64, form: RetryAfterForm) -> Faults {
     }
 }
 
-fn builder(db: &Path, token: &str, faults: Faults, admin: Option<&str>) -> ServerBuilder {
-    let b = ServerBuilder::new()
+fn builder(db: &Path, token: &str, faults: Faults) -> ServerBuilder {
+    ServerBuilder::new()
         .token(TENANT, token)
         .database(db)
         // A stuck request must not outlive the demo.
         .request_timeout(Duration::from_secs(10))
-        .faults(faults);
-    match admin {
-        // Thresholds the demo's chaos crosses, so its alerts show.
-        Some(admin) => b.admin_token(admin).alert_rules(AlertRules {
-            breaker_open_for: Some(Duration::from_secs(3)),
-            stalled_for: Some(Duration::from_secs(20)),
-            dead_letters_above: Some(0),
-            fleet_health_below: Some(60),
-        }),
-        None => b,
+        .faults(faults)
+}
+
+/// The dashboard's server (`--dashboard`): collects the runners' telemetry
+/// and serves `/dashboard`. It is apart from [`DemoServer`] and never goes
+/// offline, so the page stays live through the outage and shows the
+/// breaker trips it causes, as a monitoring instance would in production.
+#[derive(Debug)]
+pub(crate) struct Monitor {
+    running: RunningServer,
+    admin: String,
+}
+
+impl Monitor {
+    /// Starts an in-memory server on a free loopback port that accepts the
+    /// devices' `token` and shows the dashboard to `admin`.
+    pub(crate) async fn start(token: &str, admin: String) -> anyhow::Result<Self> {
+        let running = ServerBuilder::new()
+            .token(TENANT, token)
+            .in_memory()
+            .admin_token(admin.clone())
+            // Thresholds the demo's chaos crosses, so its alerts show.
+            .alert_rules(AlertRules {
+                breaker_open_for: Some(Duration::from_secs(1)),
+                stalled_for: Some(Duration::from_secs(20)),
+                dead_letters_above: Some(0),
+                fleet_health_below: Some(60),
+            })
+            .bind("127.0.0.1:0")
+            .await
+            .context("cannot start the dashboard's server")?;
+        Ok(Self { running, admin })
+    }
+
+    /// Where runners send telemetry.
+    pub(crate) fn url(&self) -> String {
+        self.running.url()
+    }
+
+    /// The dashboard's address with its one-time token.
+    pub(crate) fn dashboard_url(&self) -> String {
+        format!("{}/dashboard?token={}", self.running.url(), self.admin)
+    }
+
+    pub(crate) async fn shutdown(self) {
+        self.running.shutdown().await;
     }
 }
 
 impl DemoServer {
     /// Starts the server on a free loopback port.
-    /// With `admin`, the server also serves `/dashboard` and raises alerts.
-    pub(crate) async fn start(
-        db: PathBuf,
-        token: String,
-        faults: Faults,
-        admin: Option<String>,
-    ) -> anyhow::Result<Self> {
-        let running = builder(&db, &token, faults.clone(), admin.as_deref())
+    pub(crate) async fn start(db: PathBuf, token: String, faults: Faults) -> anyhow::Result<Self> {
+        let running = builder(&db, &token, faults.clone())
             .bind("127.0.0.1:0")
             .await
             .context("cannot start the reference server")?;
@@ -92,14 +120,7 @@ impl DemoServer {
             db,
             token,
             faults,
-            admin,
         })
-    }
-
-    /// The dashboard's address with its one-time token, when served.
-    pub(crate) fn dashboard_url(&self) -> Option<String> {
-        let admin = self.admin.as_deref()?;
-        Some(format!("{}/dashboard?token={admin}", self.url()))
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -127,14 +148,9 @@ impl DemoServer {
         let mut last = None;
         // The port was ours a moment ago; a few tries cover a slow release.
         for _ in 0..50 {
-            match builder(
-                &self.db,
-                &self.token,
-                self.faults.clone(),
-                self.admin.as_deref(),
-            )
-            .bind(self.addr)
-            .await
+            match builder(&self.db, &self.token, self.faults.clone())
+                .bind(self.addr)
+                .await
             {
                 Ok(running) => {
                     self.running = Some(running);
