@@ -190,11 +190,46 @@ pub enum BreakerState {
 impl BreakerState {
     /// A stable lower-case name, for events, metrics labels and `gsync status`.
     pub fn name(&self) -> &'static str {
+        self.phase().name()
+    }
+
+    /// The state without its times.
+    pub fn phase(&self) -> BreakerPhase {
+        match self {
+            Self::Closed => BreakerPhase::Closed,
+            Self::Open { .. } => BreakerPhase::Open,
+            Self::HalfOpen => BreakerPhase::HalfOpen,
+        }
+    }
+}
+
+/// Which of the three states the breaker is in, without its times: what
+/// events and `gsync status` report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerPhase {
+    /// Requests flow.
+    Closed,
+    /// No requests until the cooldown ends.
+    Open,
+    /// One trial request is allowed.
+    HalfOpen,
+}
+
+impl BreakerPhase {
+    /// The stable lower-case name (`closed`, `open`, `half_open`).
+    pub fn name(self) -> &'static str {
         match self {
             Self::Closed => "closed",
-            Self::Open { .. } => "open",
+            Self::Open => "open",
             Self::HalfOpen => "half_open",
         }
+    }
+}
+
+impl std::fmt::Display for BreakerPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 

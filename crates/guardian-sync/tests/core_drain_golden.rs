@@ -344,7 +344,7 @@ fn a_409_is_merged_and_retried_under_a_new_request() {
         -> write 0: reconciled op1 as Some(Update) if-match Some(5) payload {"done":true,"title":"mine"} (conflict at version 5; merged (0 field conflict(s)), retrying)
         -> claim 65
         <- written 0
-        -> emit conflict op1 "retry" resolved {"done":true,"title":"mine"}
+        -> emit conflict op1 Retry resolved {"done":true,"title":"mine"}
         <- claimed 65: []
         -> claim 65
         <- claimed 65: []
@@ -393,7 +393,7 @@ fn a_503_storm_honours_retry_after_and_opens_the_breaker() {
         <- written 0
         -> emit retried op1 at now+30000ms (503 Service Unavailable)
         <- responded b#2 retryable Some(503) retry-after Some("30")
-        -> emit breaker "closed" -> "open"
+        -> emit breaker Closed -> Open
         -> write 1: retry op2 at now+30000ms (503 Service Unavailable)
         <- written 1
         -> emit retried op2 at now+30000ms (503 Service Unavailable)

@@ -305,7 +305,7 @@ async fn breaker_opens_cools_down_half_opens_and_closes() {
     let transitions: Vec<(String, String)> = collect(&mut events)
         .into_iter()
         .filter_map(|e| match e {
-            SyncEvent::Breaker { from, to } => Some((from, to)),
+            SyncEvent::Breaker { from, to } => Some((from.to_string(), to.to_string())),
             _ => None,
         })
         .collect();
@@ -518,9 +518,9 @@ async fn conflicts_merge_three_ways_under_local_wins() {
         json!({"name": "local", "city": "remote", "zip": "2"})
     );
     assert_eq!(body["version"], 3);
-    assert!(collect(&mut events)
-        .iter()
-        .any(|e| matches!(e, SyncEvent::Conflict { resolution, .. } if resolution == "retry")));
+    assert!(collect(&mut events).iter().any(
+        |e| matches!(e, SyncEvent::Conflict { resolution, .. } if resolution.to_string() == "retry")
+    ));
     assert_log_clean(&server.applied_log().await.unwrap());
 }
 

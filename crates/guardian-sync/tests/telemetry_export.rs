@@ -273,7 +273,7 @@ async fn a_breaker_trip_is_exported_without_waiting_for_the_minimum_interval() {
     let tripped = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
             if let Ok(guardian_sync::engine::SyncEvent::Breaker { to, .. }) = events.recv().await {
-                if to == "open" {
+                if to.name() == "open" {
                     return std::time::Instant::now();
                 }
             }

@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::breaker::{Admission, CircuitBreaker};
-use crate::engine::SyncEvent;
+use crate::engine::{ConflictOutcome, SyncEvent};
 use crate::op::{Ack, OpId, OpKind, PendingOp, Reconciled};
 use crate::reconcile::{ConflictInput, Reconciler, Resolution};
 use crate::retry::{parse_retry_after, RetryAfter, RetryDecision, RetryPolicy};
@@ -957,14 +957,14 @@ impl DrainMachine {
             reconciliations: op.reconciliations,
         });
         let remote = entity.map_or(Value::Null, |e| e.data);
-        let event = |resolved: Value, resolution: &str| SyncEvent::Conflict {
+        let event = |resolved: Value, resolution: ConflictOutcome| SyncEvent::Conflict {
             op_id: op.op_id,
             entity_type: op.entity_type.clone(),
             entity_id: op.entity_id.clone(),
             local: op.payload.clone(),
             remote: remote.clone(),
             resolved,
-            resolution: resolution.to_owned(),
+            resolution,
         };
         let mut report = DrainReport::sent();
         match resolution {
@@ -988,7 +988,7 @@ impl DrainMachine {
                 report.conflicts_resolved = 1;
                 let after = AfterWrite {
                     report,
-                    events: vec![event(payload.clone(), "retry")],
+                    events: vec![event(payload.clone(), ConflictOutcome::Retry)],
                     counters: vec![(Counter::ConflictsResolved, 1)],
                     ..AfterWrite::default()
                 };
@@ -1006,7 +1006,7 @@ impl DrainMachine {
             }
             Resolution::Succeeded { version, data, .. } => {
                 report.succeeded = 1;
-                let conflict = event(Value::Null, "succeeded");
+                let conflict = event(Value::Null, ConflictOutcome::Succeeded);
                 let after = AfterWrite {
                     report,
                     events: vec![conflict, succeeded(op.clone(), version, false)],
@@ -1029,7 +1029,7 @@ impl DrainMachine {
                 })
                 .to_string();
                 report.failed = 1;
-                let conflict = event(Value::Null, "failed");
+                let conflict = event(Value::Null, ConflictOutcome::Failed);
                 self.fail(op, error, report, vec![conflict], out);
             }
         }
@@ -1075,8 +1075,8 @@ pub fn breaker_events(breaker: &mut CircuitBreaker, metrics: &SyncMetrics) -> Ve
             metrics.record_breaker_transition(&t);
             tracing::info!("circuit breaker {} -> {}", t.from.name(), t.to.name());
             SyncEvent::Breaker {
-                from: t.from.name().to_owned(),
-                to: t.to.name().to_owned(),
+                from: t.from.phase(),
+                to: t.to.phase(),
             }
         })
         .collect()

@@ -3,7 +3,30 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::breaker::BreakerPhase;
 use crate::op::OpId;
+
+/// How a conflict was settled, in [`SyncEvent::Conflict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictOutcome {
+    /// Merged; the op goes out again as a new request.
+    Retry,
+    /// Nothing more to send: the server already has what the op wanted.
+    Succeeded,
+    /// Could not be settled: the op failed, both sides kept.
+    Failed,
+}
+
+impl std::fmt::Display for ConflictOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Retry => "retry",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+        })
+    }
+}
 
 /// Something the engine did or saw, published on [`crate::engine::SyncEngine::events`].
 ///
@@ -62,15 +85,15 @@ pub enum SyncEvent {
         remote: Value,
         /// What will be sent instead, or `null` when the op succeeded or failed.
         resolved: Value,
-        /// `retry`, `succeeded` or `failed`.
-        resolution: String,
+        /// How it was settled.
+        resolution: ConflictOutcome,
     },
-    /// The circuit breaker changed state (`closed`, `open`, `half_open`).
+    /// The circuit breaker changed state.
     Breaker {
         /// Previous state.
-        from: String,
+        from: BreakerPhase,
         /// New state.
-        to: String,
+        to: BreakerPhase,
     },
     /// This runner acquired the processing lock.
     LockAcquired {

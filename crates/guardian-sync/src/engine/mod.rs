@@ -14,7 +14,7 @@ mod once;
 mod run;
 
 pub use crate::core::drain::{BatchConfig, DrainReport};
-pub use events::SyncEvent;
+pub use events::{ConflictOutcome, SyncEvent};
 pub use once::{OnceReport, OnceStop};
 pub use run::{RunReport, RUNNER_STATUS_KEY};
 
