@@ -8,12 +8,15 @@
 //!
 //! - [`drain`]: one drain, from claiming ready ops to recording every
 //!   outcome, as a [`drain::DrainMachine`].
+//! - [`feed`]: the realtime follower's decisions, as a [`feed::FeedMachine`].
 //! - [`outcome`]: what became of a request, the machine's input vocabulary.
 //! - [`clock_watch`]: keeps stored backoffs their length across wall-clock
 //!   steps.
 //! - [`mutant`]: deliberate bugs the simulator must catch (test builds only).
 
 pub mod clock_watch;
+mod dedupe;
 pub mod drain;
+pub mod feed;
 pub mod mutant;
 pub mod outcome;

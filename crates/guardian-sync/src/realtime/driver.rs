@@ -1,11 +1,12 @@
-//! The follower task: WebSocket sessions, the polling fallback between them,
-//! and delivery through the dedupe.
+//! The follower task: WebSocket sessions and the polling fallback between
+//! them. What to deliver, from where and in which state is the
+//! [`FeedMachine`]'s to decide; this task carries its commands out.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use guardian_protocol::{Change, ChangesPage, RealtimeFrame};
+use guardian_protocol::{ChangesPage, RealtimeFrame};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use reqwest::Url;
@@ -14,32 +15,16 @@ use tokio::time::{sleep_until, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::dedupe::{Dedupe, Verdict};
 use super::poll::{self, FetchError};
 use super::reconnect::{Phase, Reconnect};
 use super::ws::{self, ConnectError, Limits, Socket};
-use super::{ConnectionState, RealtimeConfig, RealtimeMessage, Resync, Validated};
+use super::{ConnectionState, RealtimeConfig, RealtimeMessage, Validated};
+use crate::core::feed::{FeedCommand, FeedMachine, PageFailure, SessionEnd};
 use crate::telemetry::Counter;
 
 /// The service was stopped (or the app dropped its stream): unwind.
 #[derive(Debug)]
 pub(super) struct Stopped;
-
-/// How a WebSocket attempt or session ended.
-#[derive(Debug)]
-enum SessionEnd {
-    /// Lost or never established; reconnect later.
-    Lost(String),
-    /// The cursor is not servable: resync.
-    Expired(String),
-}
-
-/// A resync waiting for the next `hello`.
-#[derive(Debug)]
-struct PendingResync {
-    stale: Option<u64>,
-    reason: String,
-}
 
 /// Everything the driver is built from.
 pub(super) struct Parts {
@@ -64,15 +49,9 @@ pub(super) struct Driver {
     delivered: watch::Sender<Option<u64>>,
     consumed: Arc<watch::Sender<Option<u64>>>,
     stop: watch::Receiver<bool>,
-    dedupe: Dedupe,
+    feed: FeedMachine,
     reconnect: Reconnect,
-    resync: Option<PendingResync>,
-    has_connected: bool,
     next_poll: Instant,
-    /// False once the backend answered a feed request without its latest
-    /// cursor (`head`): then polling cannot rejoin the feed on its own, and
-    /// a resync or a first start waits for the WebSocket's `hello`.
-    feed_reports_head: bool,
 }
 
 impl Driver {
@@ -82,6 +61,7 @@ impl Driver {
             p.config.max_reconnect_attempts,
             p.config.probe_interval,
         );
+        let feed = FeedMachine::new(p.start, p.config.page_size);
         Self {
             base: p.validated.base,
             realtime: p.validated.realtime,
@@ -92,12 +72,9 @@ impl Driver {
             delivered: p.delivered,
             consumed: p.consumed,
             stop: p.stop,
-            dedupe: Dedupe::new(p.start),
+            feed,
             reconnect,
-            resync: None,
-            has_connected: false,
             next_poll: Instant::now(),
-            feed_reports_head: true,
         }
     }
 
@@ -110,17 +87,9 @@ impl Driver {
         let mut rng = StdRng::from_os_rng();
         loop {
             self.check_stop()?;
-            match self.websocket().await? {
-                SessionEnd::Lost(reason) => {
-                    tracing::debug!(%reason, "realtime WebSocket unavailable");
-                }
-                SessionEnd::Expired(reason) => self.begin_resync(reason),
-            }
-            if self.state() == ConnectionState::Connected
-                || self.state() == ConnectionState::Connecting
-            {
-                self.set_state(ConnectionState::Disconnected);
-            }
+            let end = self.websocket().await?;
+            let commands = self.feed.session_ended(end);
+            self.exec(commands).await?;
             let (delay, phase) = self.reconnect.next_delay(&mut rng);
             match phase {
                 Phase::Backoff(n) => {
@@ -143,10 +112,6 @@ impl Driver {
         }
     }
 
-    fn state(&self) -> ConnectionState {
-        *self.state.borrow()
-    }
-
     fn set_state(&self, new: ConnectionState) {
         let changed = self.state.send_if_modified(|s| {
             if *s == new {
@@ -161,24 +126,37 @@ impl Driver {
         }
     }
 
-    fn begin_resync(&mut self, reason: String) {
-        if self.resync.is_none() {
-            tracing::warn!(%reason, cursor = ?self.dedupe.last(), "realtime cursor expired; resync");
-            self.resync = Some(PendingResync {
-                stale: self.dedupe.last(),
-                reason,
-            });
+    /// Carries out the feed machine's commands; returns the page it asks
+    /// for, if any.
+    async fn exec(&mut self, commands: Vec<FeedCommand>) -> Result<Option<(u64, usize)>, Stopped> {
+        let mut fetch = None;
+        for command in commands {
+            match command {
+                FeedCommand::Deliver(message) => self.send(message).await?,
+                FeedCommand::Baseline(cursor) => {
+                    self.delivered.send_replace(Some(cursor));
+                    self.consumed.send_replace(Some(cursor));
+                }
+                FeedCommand::State(state) => self.set_state(state),
+                FeedCommand::FetchPage { since, limit } => fetch = Some((since, limit)),
+                FeedCommand::CountReconnect => {
+                    if let Some(m) = &self.cfg.metrics {
+                        m.incr(Counter::RealtimeReconnects);
+                    }
+                }
+                FeedCommand::CountMessage => {
+                    if let Some(m) = &self.cfg.metrics {
+                        m.incr(Counter::MessagesReceived);
+                    }
+                }
+            }
         }
+        Ok(fetch)
     }
 
     /// One WebSocket attempt and, if it opens, the session.
     async fn websocket(&mut self) -> Result<SessionEnd, Stopped> {
-        let since = if self.resync.is_some() {
-            None
-        } else {
-            self.dedupe.last()
-        };
-        let url = ws::with_since(&self.realtime, since);
+        let url = ws::with_since(&self.realtime, self.feed.ws_since());
         let limits = Limits {
             max_frame: self.cfg.max_frame_size,
             max_message: self.cfg.max_message_size,
@@ -210,13 +188,8 @@ impl Driver {
             Err(ConnectError::Failed(reason)) => return Ok(SessionEnd::Lost(reason)),
         };
         self.reconnect.connected();
-        if self.has_connected {
-            if let Some(m) = &self.cfg.metrics {
-                m.incr(Counter::RealtimeReconnects);
-            }
-        }
-        self.has_connected = true;
-        self.set_state(ConnectionState::Connected);
+        let commands = self.feed.connected();
+        self.exec(commands).await?;
         let end = self.session(socket).await;
         // Catch up by polling at once: the socket may have died a while ago.
         self.next_poll = Instant::now();
@@ -288,54 +261,11 @@ impl Driver {
                 return Ok(());
             }
         };
-        match frame {
-            RealtimeFrame::Hello { cursor } => self.rejoin(cursor).await,
-            RealtimeFrame::Change { change } => self.deliver(change).await,
-        }
-    }
-
-    /// Learns the feed's latest cursor (`head`, from a WebSocket `hello` or a
-    /// feed response): a pending resync completes there (the app gets
-    /// [`RealtimeMessage::Resync`] and refetches), and a first start without
-    /// a cursor begins there. Otherwise the head changes nothing.
-    async fn rejoin(&mut self, head: u64) -> Result<(), Stopped> {
-        if let Some(r) = self.resync.take() {
-            self.dedupe.reset(head);
-            let resync = Resync {
-                stale_cursor: r.stale,
-                resume_cursor: head,
-                reason: r.reason,
-            };
-            self.send(RealtimeMessage::Resync(resync)).await?;
-        } else if self.dedupe.last().is_none() {
-            self.dedupe.reset(head);
-            self.delivered.send_replace(Some(head));
-            self.consumed.send_replace(Some(head));
-        }
-        Ok(())
-    }
-
-    async fn deliver(&mut self, change: Change) -> Result<(), Stopped> {
-        match self.dedupe.accept(change.cursor) {
-            Verdict::Duplicate => {
-                tracing::trace!(
-                    cursor = change.cursor,
-                    "dropping an already delivered change"
-                );
-                return Ok(());
-            }
-            Verdict::DeliverAfterGap { expected } => tracing::warn!(
-                expected,
-                got = change.cursor,
-                "gap in the change feed (the server should never skip cursors)"
-            ),
-            Verdict::Deliver => {}
-        }
-        self.send(RealtimeMessage::Change { change }).await?;
-        if let Some(m) = &self.cfg.metrics {
-            m.incr(Counter::MessagesReceived);
-        }
-        Ok(())
+        let commands = match frame {
+            RealtimeFrame::Hello { cursor } => self.feed.hello(cursor),
+            RealtimeFrame::Change { change } => self.feed.change(change),
+        };
+        self.exec(commands).await.map(|_| ())
     }
 
     async fn send(&mut self, message: RealtimeMessage) -> Result<(), Stopped> {
@@ -357,9 +287,7 @@ impl Driver {
         loop {
             // Polling needs a cursor, or a backend that tells where its feed
             // is now (then a first start or a resync rejoins it by polling).
-            let can_poll =
-                self.feed_reports_head || (self.resync.is_none() && self.dedupe.last().is_some());
-            if can_poll && self.next_poll < reconnect_at {
+            if self.feed.can_poll() && self.next_poll < reconnect_at {
                 tokio::select! {
                     () = sleep_until(self.next_poll) => {}
                     () = stopped(&mut stop) => return Err(Stopped),
@@ -390,82 +318,26 @@ impl Driver {
         }
     }
 
-    /// A feed request failed (other than a 410): the fallback is down.
-    fn poll_failed(&self, e: &FetchError) {
-        if matches!(e, FetchError::Unauthorized | FetchError::Token(_)) {
-            // Not a network blip: the app's token is refused.
-            tracing::warn!(error = %e, "realtime fallback poll refused");
-        } else {
-            tracing::debug!(error = %e, "realtime fallback poll failed");
-        }
-        self.set_state(ConnectionState::Disconnected);
-    }
-
-    /// One feed request for its `head`, when the driver has no usable
-    /// cursor (a first start, or a pending resync); true once rejoined.
-    async fn rejoin_by_poll(&mut self) -> Result<bool, Stopped> {
-        // The smallest page: only its `head` is used.
-        let head = match self.fetch_page(0, 1).await? {
-            Ok(page) => page.head,
-            Err(FetchError::Expired { head, .. }) => head,
-            Err(e) => {
-                self.poll_failed(&e);
-                return Ok(false);
-            }
-        };
-        let Some(head) = head else {
-            tracing::info!(
-                "the feed does not report its latest cursor; a resync or first start waits for \
-                 the WebSocket"
-            );
-            self.feed_reports_head = false;
-            return Ok(false);
-        };
-        self.rejoin(head).await?;
-        self.set_state(ConnectionState::Polling);
-        Ok(true)
-    }
-
-    /// Polls until the feed has no more changes (page by page).
+    /// Polls until the feed has no more changes (page by page), as the
+    /// feed machine asks.
     async fn poll_feed(&mut self) -> Result<(), Stopped> {
-        // At most one resync per poll, so a backend that refuses its own
-        // head again cannot make the service loop through resyncs.
-        let mut rejoined = false;
-        if self.resync.is_some() || self.dedupe.last().is_none() {
-            if !self.rejoin_by_poll().await? {
-                return Ok(());
-            }
-            rejoined = true;
-        }
-        while let Some(since) = self.dedupe.last() {
-            let page = match self.fetch_page(since, self.cfg.page_size).await? {
-                Ok(page) => page,
-                Err(FetchError::Expired { reason, head }) => {
-                    self.begin_resync(reason);
-                    if let (Some(head), false) = (head, rejoined) {
-                        // Resync here and keep polling from the head.
-                        rejoined = true;
-                        self.rejoin(head).await?;
-                        continue;
-                    }
-                    self.set_state(ConnectionState::Disconnected);
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.poll_failed(&e);
-                    return Ok(());
-                }
-            };
-            self.set_state(ConnectionState::Polling);
-            let full = page.changes.len() >= self.cfg.page_size;
-            for change in page.changes {
-                self.deliver(change).await?;
-            }
-            if !full || self.dedupe.last() == Some(since) {
-                return Ok(());
-            }
+        let commands = self.feed.poll();
+        let mut fetch = self.exec(commands).await?;
+        while let Some((since, limit)) = fetch {
+            let result = self.fetch_page(since, limit).await?.map_err(page_failure);
+            let commands = self.feed.page(result);
+            fetch = self.exec(commands).await?;
         }
         Ok(())
+    }
+}
+
+/// A feed request's failure, as the feed machine sees it.
+fn page_failure(e: FetchError) -> PageFailure {
+    match e {
+        FetchError::Expired { reason, head } => PageFailure::Expired { reason, head },
+        FetchError::Unauthorized | FetchError::Token(_) => PageFailure::Refused(e.to_string()),
+        other => PageFailure::Failed(other.to_string()),
     }
 }
 

@@ -49,7 +49,6 @@
 //! on receipt) would lose the changes queued at a crash, which we refuse.
 
 mod cursor;
-mod dedupe;
 mod driver;
 mod poll;
 mod reconnect;
@@ -61,8 +60,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use guardian_protocol::Change;
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::WatchStream;
@@ -75,80 +72,7 @@ pub use cursor::{
     CursorStore, CursorStoreError, MemoryCursorStore, OutboxCursorStore, DEFAULT_CURSOR_KEY,
 };
 
-/// Where the service is in following the feed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum ConnectionState {
-    /// Opening the first WebSocket.
-    Connecting,
-    /// The WebSocket is up: changes are pushed.
-    Connected,
-    /// No WebSocket and no successful poll (yet, or the feed fails too);
-    /// reconnect attempts continue.
-    Disconnected,
-    /// No WebSocket, but polling the feed succeeds; reconnect attempts
-    /// continue.
-    Polling,
-    /// The service was shut down (or the app dropped its message stream).
-    Stopped,
-}
-
-impl ConnectionState {
-    /// A stable lowercase name (`"connected"`, `"polling"`, ...).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Connecting => "connecting",
-            Self::Connected => "connected",
-            Self::Disconnected => "disconnected",
-            Self::Polling => "polling",
-            Self::Stopped => "stopped",
-        }
-    }
-}
-
-impl std::fmt::Display for ConnectionState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The feed could not be followed from where the app was: it must refetch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Resync {
-    /// The cursor the server refused (older than its retained feed, or ahead
-    /// of a server that lost its data); `None` if there was none.
-    pub stale_cursor: Option<u64>,
-    /// The server's cursor when the feed was rejoined: changes after it
-    /// follow this message.
-    pub resume_cursor: u64,
-    /// What the server said, for logs.
-    pub reason: String,
-}
-
-/// What the service delivers, in cursor order.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-#[non_exhaustive]
-pub enum RealtimeMessage {
-    /// A change on the server.
-    Change {
-        /// The change.
-        change: Change,
-    },
-    /// Changes were lost to the app: refetch everything, then continue.
-    Resync(Resync),
-}
-
-impl RealtimeMessage {
-    /// The feed cursor this message brings the app to.
-    pub fn cursor(&self) -> u64 {
-        match self {
-            Self::Change { change } => change.cursor,
-            Self::Resync(r) => r.resume_cursor,
-        }
-    }
-}
+pub use crate::core::feed::{ConnectionState, RealtimeMessage, Resync};
 
 /// Where to start when the cursor store holds no cursor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -7,7 +7,7 @@
 
 /// What to do with an arriving change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub(super) enum Verdict {
     /// The next change: deliver it.
     Deliver,
     /// Deliver it, but changes between the last delivered cursor and this one
@@ -22,23 +22,23 @@ pub(crate) enum Verdict {
 
 /// The last delivered cursor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Dedupe {
+pub(super) struct Dedupe {
     last: Option<u64>,
 }
 
 impl Dedupe {
     /// Resumes after `last` (`None`: the first change is taken as is).
-    pub(crate) fn new(last: Option<u64>) -> Self {
+    pub(super) fn new(last: Option<u64>) -> Self {
         Self { last }
     }
 
     /// The last delivered cursor.
-    pub(crate) fn last(&self) -> Option<u64> {
+    pub(super) fn last(&self) -> Option<u64> {
         self.last
     }
 
     /// Judges a change with `cursor`; a delivered one becomes the new last.
-    pub(crate) fn accept(&mut self, cursor: u64) -> Verdict {
+    pub(super) fn accept(&mut self, cursor: u64) -> Verdict {
         let verdict = match self.last {
             Some(last) if cursor <= last => return Verdict::Duplicate,
             Some(last) if cursor != last.saturating_add(1) => Verdict::DeliverAfterGap {
@@ -52,7 +52,7 @@ impl Dedupe {
 
     /// Sets the baseline without a change (a `hello` on first connect, or a
     /// resync, which may move it backwards).
-    pub(crate) fn reset(&mut self, cursor: u64) {
+    pub(super) fn reset(&mut self, cursor: u64) {
         self.last = Some(cursor);
     }
 }

@@ -1,0 +1,180 @@
+//! Golden command streams of the realtime feed machine (`core::feed`).
+
+use guardian_protocol::{Change, ChangesPage, MutationKind};
+use guardian_sync::core::feed::{FeedCommand, FeedMachine, PageFailure, SessionEnd};
+use guardian_sync::realtime::RealtimeMessage;
+use serde_json::json;
+
+fn change(cursor: u64) -> Change {
+    Change {
+        cursor,
+        op: MutationKind::Update,
+        entity_type: "item".into(),
+        id: format!("e{cursor}"),
+        version: 1,
+        data: json!({}),
+    }
+}
+
+fn page(cursors: &[u64], head: Option<u64>) -> ChangesPage {
+    ChangesPage {
+        changes: cursors.iter().map(|c| change(*c)).collect(),
+        next: cursors.last().copied().unwrap_or(0),
+        head,
+    }
+}
+
+fn line(c: &FeedCommand) -> String {
+    match c {
+        FeedCommand::Deliver(RealtimeMessage::Change { change }) => {
+            format!("deliver change {}", change.cursor)
+        }
+        FeedCommand::Deliver(RealtimeMessage::Resync(r)) => format!(
+            "deliver resync from {:?} to {} ({})",
+            r.stale_cursor, r.resume_cursor, r.reason
+        ),
+        FeedCommand::Deliver(other) => format!("deliver {other:?}"),
+        FeedCommand::Baseline(c) => format!("baseline {c}"),
+        FeedCommand::State(s) => format!("state {s}"),
+        FeedCommand::FetchPage { since, limit } => format!("fetch {limit} after {since}"),
+        FeedCommand::CountReconnect => "count reconnect".into(),
+        FeedCommand::CountMessage => "count message".into(),
+    }
+}
+
+struct Script {
+    lines: Vec<String>,
+}
+
+impl Script {
+    fn record(&mut self, what: &str, commands: impl IntoIterator<Item = FeedCommand>) {
+        self.lines.push(format!("<- {what}"));
+        self.lines
+            .extend(commands.into_iter().map(|c| format!("-> {}", line(&c))));
+    }
+
+    fn check(&self, expected: &str) {
+        let got = self.lines.join("\n");
+        let expected = expected
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_eq!(got, expected, "\n--- got:\n{got}\n");
+    }
+}
+
+#[test]
+fn a_410_while_polling_resyncs_at_the_head_and_keeps_polling() {
+    let mut m = FeedMachine::new(Some(5), 2);
+    let mut s = Script { lines: Vec::new() };
+    s.record(
+        "session lost",
+        m.session_ended(SessionEnd::Lost("refused".into())),
+    );
+    s.record("poll", m.poll());
+    s.record(
+        "410 head 40",
+        m.page(Err(PageFailure::Expired {
+            reason: "cursor 5 was purged".into(),
+            head: Some(40),
+        })),
+    );
+    s.record("page [41, 42]", m.page(Ok(page(&[41, 42], Some(43)))));
+    s.record("page [42, 43]", m.page(Ok(page(&[42, 43], Some(43)))));
+    s.record("page []", m.page(Ok(page(&[], Some(43)))));
+    assert_eq!(m.cursor(), Some(43));
+    assert_eq!(m.ws_since(), Some(43));
+    s.check(
+        r"
+        <- session lost
+        -> state disconnected
+        <- poll
+        -> fetch 2 after 5
+        <- 410 head 40
+        -> deliver resync from Some(5) to 40 (cursor 5 was purged)
+        -> fetch 2 after 40
+        <- page [41, 42]
+        -> state polling
+        -> deliver change 41
+        -> count message
+        -> deliver change 42
+        -> count message
+        -> fetch 2 after 42
+        <- page [42, 43]
+        -> deliver change 43
+        -> count message
+        -> fetch 2 after 43
+        <- page []
+        ",
+    );
+}
+
+#[test]
+fn a_410_on_the_upgrade_resyncs_at_the_next_hello() {
+    let mut m = FeedMachine::new(Some(9), 100);
+    let mut s = Script { lines: Vec::new() };
+    s.record("connected", m.connected());
+    s.record("change 10", m.change(change(10)));
+    s.record("change 10 again", m.change(change(10)));
+    s.record(
+        "closed 1008",
+        m.session_ended(SessionEnd::Expired("cursor expired".into())),
+    );
+    // The next WebSocket opens without a cursor.
+    assert_eq!(m.ws_since(), None);
+    s.record("connected", m.connected());
+    s.record("hello 70", m.hello(70));
+    s.record("change 71", m.change(change(71)));
+    s.check(
+        r"
+        <- connected
+        -> state connected
+        <- change 10
+        -> deliver change 10
+        -> count message
+        <- change 10 again
+        <- closed 1008
+        -> state disconnected
+        <- connected
+        -> count reconnect
+        -> state connected
+        <- hello 70
+        -> deliver resync from Some(10) to 70 (cursor expired)
+        <- change 71
+        -> deliver change 71
+        -> count message
+        ",
+    );
+}
+
+#[test]
+fn a_first_start_begins_at_the_head_and_a_backend_without_one_waits_for_hello() {
+    let mut m = FeedMachine::new(None, 100);
+    let mut s = Script { lines: Vec::new() };
+    s.record("poll", m.poll());
+    s.record("head 12", m.page(Ok(page(&[], Some(12)))));
+    s.record("page [13]", m.page(Ok(page(&[13], Some(13)))));
+    let mut blind = FeedMachine::new(None, 100);
+    assert!(blind.can_poll());
+    s.record("poll (blind backend)", blind.poll());
+    s.record("no head", blind.page(Ok(page(&[], None))));
+    assert!(!blind.can_poll());
+    s.check(
+        r"
+        <- poll
+        -> fetch 1 after 0
+        <- head 12
+        -> baseline 12
+        -> state polling
+        -> fetch 100 after 12
+        <- page [13]
+        -> deliver change 13
+        -> count message
+        <- poll (blind backend)
+        -> fetch 1 after 0
+        <- no head
+        ",
+    );
+}
