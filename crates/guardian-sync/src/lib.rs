@@ -7,9 +7,7 @@
 //! protocol.
 #![warn(missing_docs)]
 
-pub mod breaker;
 pub mod clock;
-pub mod coalesce;
 pub mod core;
 pub mod engine;
 pub mod error;
@@ -18,11 +16,10 @@ pub mod op;
 pub mod optimistic;
 pub mod outbox;
 pub mod realtime;
-pub mod reconcile;
-pub mod retry;
 pub mod telemetry;
 pub mod transport;
 
+pub use crate::core::{breaker, coalesce, reconcile, retry};
 pub use error::Error;
 
 /// The README's examples, compiled and run as doc-tests.

@@ -6,7 +6,7 @@
 //! baseline cursor, change the connection state, fetch a page, count. The
 //! driver (`realtime/driver.rs`) owns the sockets, timers and channels and
 //! decides nothing. Exactly-once, in-order delivery by cursor is the
-//! [`Dedupe`]'s.
+//! dedupe's (`core/dedupe.rs`).
 
 use guardian_protocol::{Change, ChangesPage};
 use serde::Serialize;

@@ -21,10 +21,9 @@
 //! outbox's resolved path, so every spelling of the path shares it.
 
 mod driver;
-mod observer;
 
+pub use crate::core::lock_observer::{Judgement, LockView, StalenessObserver};
 pub use driver::{Acquired, LockError, ProcessingLock};
-pub use observer::{Judgement, LockView, StalenessObserver};
 
 use std::time::Duration;
 

@@ -16,10 +16,10 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::poll::{self, FetchError};
-use super::reconnect::{Phase, Reconnect};
 use super::ws::{self, ConnectError, Limits, Socket};
 use super::{ConnectionState, RealtimeConfig, RealtimeMessage, Validated};
 use crate::core::feed::{FeedCommand, FeedMachine, PageFailure, SessionEnd};
+use crate::core::reconnect::{Phase, Reconnect};
 use crate::telemetry::Counter;
 
 /// The service was stopped (or the app dropped its stream): unwind.

@@ -51,7 +51,6 @@
 mod cursor;
 mod driver;
 mod poll;
-mod reconnect;
 mod ws;
 
 use std::pin::Pin;

@@ -8,8 +8,8 @@ use guardian_protocol::{header, BatchOp, BatchRequest, BatchResponse, MutationKi
 use reqwest::{header as h, Method, StatusCode};
 
 use super::auth::Auth;
-use super::classify::{classify_fetch, classify_mutation};
 use super::{Fetched, OpRequest, Outcome, RetryReason, TokenProvider, Transport};
+use crate::core::classify::{classify_fetch, classify_mutation};
 
 /// Settings of [`HttpTransport`].
 #[derive(Debug, Clone)]

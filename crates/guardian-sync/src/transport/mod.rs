@@ -8,11 +8,10 @@
 //! well-defined paths in the engine.
 
 mod auth;
-mod classify;
 mod http;
 
+pub use crate::core::classify::{classify_fetch, classify_mutation};
 pub use auth::{StaticToken, TokenError, TokenProvider};
-pub use classify::{classify_fetch, classify_mutation};
 pub use http::{HttpTransport, HttpTransportConfig, TransportBuildError};
 
 use futures::future::BoxFuture;

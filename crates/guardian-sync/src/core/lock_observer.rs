@@ -199,8 +199,8 @@ mod tests {
 
     #[test]
     fn config_validation() {
-        assert!(super::super::LockConfig::new(S(10), S(120)).is_ok());
-        assert!(super::super::LockConfig::new(S(10), S(15)).is_err());
-        assert!(super::super::LockConfig::new(S(0), S(15)).is_err());
+        assert!(crate::lock::LockConfig::new(S(10), S(120)).is_ok());
+        assert!(crate::lock::LockConfig::new(S(10), S(15)).is_err());
+        assert!(crate::lock::LockConfig::new(S(0), S(15)).is_err());
     }
 }

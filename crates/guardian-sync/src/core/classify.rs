@@ -6,7 +6,7 @@
 
 use guardian_protocol::{problem_type, Entity, MutationKind, Problem};
 
-use super::{Fetched, Outcome, RetryReason};
+use super::outcome::{Fetched, Outcome, RetryReason};
 
 /// Classifies the response to one mutation.
 ///
