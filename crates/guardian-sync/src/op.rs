@@ -316,12 +316,31 @@ impl PendingOp {
 }
 
 /// Proof of holding the processing lock: every runner write is conditioned on it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// Only taking the lock makes one ([`crate::outbox::Outbox::lock_acquire`],
+/// [`crate::lock::ProcessingLock`]): its fields are private and it cannot
+/// be deserialized, so no code can forge another holder's fence.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fence {
+    owner: String,
+    epoch: u64,
+}
+
+impl Fence {
+    /// Made by the lock row when the lock is taken.
+    pub(crate) fn new(owner: String, epoch: u64) -> Self {
+        Self { owner, epoch }
+    }
+
     /// The lock holder's owner id.
-    pub owner: String,
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// The lock epoch taken by this holder (a fencing token).
-    pub epoch: u64,
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// What the server said when it accepted an op.

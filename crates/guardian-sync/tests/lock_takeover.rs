@@ -44,7 +44,7 @@ async fn a_live_holder_keeps_the_lock_and_a_released_one_is_free_at_once() {
     let mut a = ProcessingLock::new(ob.clone(), "a", config(), clock.clone());
     let mut b = ProcessingLock::new(ob.clone(), "b", config(), clock.clone());
     let (fa, _) = acquired(&mut a).await;
-    assert_eq!(fa.epoch, 1);
+    assert_eq!(fa.epoch(), 1);
     // A beats every 10 s for 10 minutes: B never takes over.
     for _ in 0..60 {
         assert!(matches!(
@@ -56,7 +56,7 @@ async fn a_live_holder_keeps_the_lock_and_a_released_one_is_free_at_once() {
     }
     a.release().await.unwrap();
     let (fb, took) = acquired(&mut b).await;
-    assert_eq!((fb.epoch, took), (2, None));
+    assert_eq!((fb.epoch(), took), (2, None));
 }
 
 #[tokio::test]
@@ -85,7 +85,7 @@ async fn a_hung_holder_is_replaced_after_the_threshold_and_its_writes_are_fenced
     ));
     clock.advance(S(1));
     let (fb, took) = acquired(&mut b).await;
-    assert_eq!((fb.epoch, took.as_deref()), (2, Some("a")));
+    assert_eq!((fb.epoch(), took.as_deref()), (2, Some("a")));
     // The takeover put A's in-flight op back to pending for B.
     let again = ob.claim_ready(&fb, 10, clock.now_millis()).await.unwrap();
     assert_eq!(again.len(), 1);
@@ -113,7 +113,7 @@ async fn a_dead_holder_is_replaced_at_once_through_the_os_lock() {
     drop(a);
     let mut b = ProcessingLock::new(ob.clone(), "b", config(), clock.clone());
     let (fb, took) = acquired(&mut b).await;
-    assert_eq!((fb.epoch, took.as_deref()), (fa.epoch + 1, Some("a")));
+    assert_eq!((fb.epoch(), took.as_deref()), (fa.epoch() + 1, Some("a")));
 }
 
 #[tokio::test]

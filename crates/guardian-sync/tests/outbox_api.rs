@@ -240,7 +240,7 @@ async fn in_flight_ops_go_back_to_pending_when_the_runner_is_gone() {
         third.close().await;
         f
     };
-    assert_eq!(f3.epoch, 3);
+    assert_eq!(f3.epoch(), 3);
     let (fourth, report) = Outbox::open(path(&dir), opts(&clock)).await.unwrap();
     assert_eq!(report.requeued_in_flight, 1);
     // Interrupted claims are not counted (the op may never have been sent),
@@ -256,7 +256,7 @@ async fn in_flight_ops_go_back_to_pending_when_the_runner_is_gone() {
 #[tokio::test]
 async fn lock_row_compare_and_swap_and_fencing() {
     let (_dir, _clock, outbox, fence) = fresh().await;
-    assert_eq!(fence.epoch, 1);
+    assert_eq!(fence.epoch(), 1);
     outbox
         .enqueue(NewOp::create("t", "a", json!({})))
         .await
@@ -278,7 +278,7 @@ async fn lock_row_compare_and_swap_and_fencing() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(stolen.epoch, 2);
+    assert_eq!(stolen.epoch(), 2);
     // The old holder can write nothing more.
     assert_eq!(
         outbox.claim_ready(&fence, 10, T0).await.unwrap_err(),
@@ -315,11 +315,16 @@ async fn lock_row_compare_and_swap_and_fencing() {
     );
     // Re-acquiring our own lock bumps the epoch too.
     let again = outbox.lock_acquire("other", None).await.unwrap().unwrap();
-    assert_eq!(again.epoch, 3);
+    assert_eq!(again.epoch(), 3);
     outbox.lock_release(&again).await.unwrap();
     assert_eq!(outbox.lock_read().await.unwrap().unwrap().owner, "");
     assert_eq!(
-        outbox.lock_acquire("x", None).await.unwrap().unwrap().epoch,
+        outbox
+            .lock_acquire("x", None)
+            .await
+            .unwrap()
+            .unwrap()
+            .epoch(),
         4
     );
     assert_eq!(outbox.lock_acquire("", None).await.unwrap(), None);

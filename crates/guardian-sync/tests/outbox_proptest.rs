@@ -284,7 +284,7 @@ impl Harness {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(fence.epoch, self.fence.epoch + 1);
+        assert_eq!(fence.epoch(), self.fence.epoch() + 1);
         self.fence = fence;
         self.in_flight.clear();
     }

@@ -82,7 +82,7 @@ impl SyncEngine {
                     report.takeovers += 1;
                 }
                 self.inner.emit(SyncEvent::LockAcquired {
-                    epoch: fence.epoch,
+                    epoch: fence.epoch(),
                     took_over_from,
                 });
                 let lock = Arc::new(AsyncMutex::new(lock));

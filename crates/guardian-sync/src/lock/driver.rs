@@ -243,7 +243,7 @@ impl ProcessingLock {
             Some(fence) => {
                 if let Some(prev) = &took_over {
                     tracing::info!(
-                        epoch = fence.epoch,
+                        epoch = fence.epoch(),
                         "took over the processing lock from {prev}"
                     );
                 }

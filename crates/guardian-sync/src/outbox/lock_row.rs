@@ -55,7 +55,9 @@ pub(crate) fn check(conn: &Connection, fence: &Fence) -> Result<(), OutboxError>
     }
     match read(conn)? {
         Some(row)
-            if !fence.owner.is_empty() && row.owner == fence.owner && row.epoch == fence.epoch =>
+            if !fence.owner().is_empty()
+                && row.owner == fence.owner()
+                && row.epoch == fence.epoch() =>
         {
             Ok(())
         }
@@ -91,10 +93,7 @@ pub(crate) fn acquire(
          ON CONFLICT(id) DO UPDATE SET owner = ?1, epoch = ?2, heartbeat = 0, beat_at = ?3",
     )?
     .execute(params![owner, to_i64(epoch), now])?;
-    Ok(Some(Fence {
-        owner: owner.to_owned(),
-        epoch,
-    }))
+    Ok(Some(Fence::new(owner.to_owned(), epoch)))
 }
 
 /// Meta key of the identity (`dev:inode`) of the OS lock file the holder

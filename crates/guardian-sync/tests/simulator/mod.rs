@@ -714,12 +714,13 @@ impl Sim {
             .rt
             .block_on(self.devices[d].outbox.lock_read())
             .map_err(|e| format!("lock read: {e}"))?;
-        let current = holder.is_some_and(|r| r.owner == fence.owner && r.epoch == fence.epoch);
+        let current = holder.is_some_and(|r| r.owner == fence.owner() && r.epoch == fence.epoch());
         match result {
             Ok(v) if current => Ok(Some(v)),
             Ok(_) => Err(format!(
                 "a write with the stale fence of {} (epoch {}) was accepted",
-                fence.owner, fence.epoch
+                fence.owner(),
+                fence.epoch()
             )),
             Err(OutboxError::LockLost) => {
                 self.stats.stale_writes_refused += 1;
