@@ -154,9 +154,10 @@ fn retry_resets_and_state_names_match_json() {
         let (outbox, _) = Outbox::open(&db, OutboxOptions::default()).await.unwrap();
         let fence = outbox.lock_acquire("test", None).await.unwrap().unwrap();
         let now = i64::MAX / 2;
-        outbox.claim_ready(&fence, 10, now).await.unwrap();
+        outbox.fenced(&fence).claim_ready(10, now).await.unwrap();
         outbox
-            .fail(&fence, a.parse().unwrap(), "gave up after 1 attempts: 503")
+            .fenced(&fence)
+            .fail(a.parse().unwrap(), "gave up after 1 attempts: 503")
             .await
             .unwrap();
         outbox.close().await;

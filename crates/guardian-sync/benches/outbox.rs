@@ -226,10 +226,16 @@ fn bench_claim_ack(c: &mut Criterion) {
                         }
                         let start = Instant::now();
                         for _ in 0..rounds {
-                            let ops = outbox.claim_ready(&fence, batch, i64::MAX).await.unwrap();
+                            let ops = outbox
+                                .fenced(&fence)
+                                .claim_ready(batch, i64::MAX)
+                                .await
+                                .unwrap();
                             // Acks of one batch arrive together: they share commits.
                             let acks = ops.iter().map(|op| {
-                                outbox.ack(&fence, op.op_id, guardian_sync::op::Ack::default())
+                                outbox
+                                    .fenced(&fence)
+                                    .ack(op.op_id, guardian_sync::op::Ack::default())
                             });
                             for r in futures::future::join_all(acks).await {
                                 r.unwrap();
@@ -317,12 +323,17 @@ fn bench_open_big(c: &mut Criterion) {
                     let start = Instant::now();
                     let (outbox, _) = Outbox::open(&path, OutboxOptions::default()).await.unwrap();
                     let fence = outbox.lock_acquire("bench", None).await.unwrap().unwrap();
-                    let ops = outbox.claim_ready(&fence, 1, i64::MAX).await.unwrap();
+                    let ops = outbox
+                        .fenced(&fence)
+                        .claim_ready(1, i64::MAX)
+                        .await
+                        .unwrap();
                     total += start.elapsed();
                     assert_eq!(ops.len(), 1);
                     // Give it back, so every iteration sees the same file.
                     outbox
-                        .retry_later(&fence, ops[0].op_id, 0, "bench")
+                        .fenced(&fence)
+                        .retry_later(ops[0].op_id, 0, "bench")
                         .await
                         .unwrap();
                     outbox.close().await;

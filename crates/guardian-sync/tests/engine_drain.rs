@@ -746,9 +746,14 @@ async fn outcomes_settled_by_a_dead_process_are_published_after_restart() {
             panic!("the lock was free");
         };
         drop(lock);
-        outbox.claim_ready(&fence, 1, i64::MAX).await.unwrap();
         outbox
-            .ack(&fence, e.op_id, Default::default())
+            .fenced(&fence)
+            .claim_ready(1, i64::MAX)
+            .await
+            .unwrap();
+        outbox
+            .fenced(&fence)
+            .ack(e.op_id, Default::default())
             .await
             .unwrap();
         outbox.close().await;

@@ -71,7 +71,11 @@ async fn a_hung_holder_is_replaced_after_the_threshold_and_its_writes_are_fenced
     let mut a = ProcessingLock::new(ob.clone(), "a", config(), clock.clone());
     let mut b = ProcessingLock::new(ob.clone(), "b", config(), clock.clone());
     let (fa, _) = acquired(&mut a).await;
-    let claimed = ob.claim_ready(&fa, 10, clock.now_millis()).await.unwrap();
+    let claimed = ob
+        .fenced(&fa)
+        .claim_ready(10, clock.now_millis())
+        .await
+        .unwrap();
     assert_eq!(claimed.len(), 1);
     // A hangs (alive, OS lock held, no beats). B watches on its own clock.
     assert!(matches!(
@@ -87,7 +91,11 @@ async fn a_hung_holder_is_replaced_after_the_threshold_and_its_writes_are_fenced
     let (fb, took) = acquired(&mut b).await;
     assert_eq!((fb.epoch(), took.as_deref()), (2, Some("a")));
     // The takeover put A's in-flight op back to pending for B.
-    let again = ob.claim_ready(&fb, 10, clock.now_millis()).await.unwrap();
+    let again = ob
+        .fenced(&fb)
+        .claim_ready(10, clock.now_millis())
+        .await
+        .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(
         again[0].idempotency_key, e.idempotency_key,
@@ -95,11 +103,14 @@ async fn a_hung_holder_is_replaced_after_the_threshold_and_its_writes_are_fenced
     );
     // A wakes up: every write is refused, its heartbeat reports the loss.
     assert!(matches!(
-        ob.ack(&fa, e.op_id, Default::default()).await,
+        ob.fenced(&fa).ack(e.op_id, Default::default()).await,
         Err(OutboxError::LockLost)
     ));
     assert!(matches!(a.heartbeat().await, Err(LockError::Lost)));
-    ob.ack(&fb, e.op_id, Default::default()).await.unwrap();
+    ob.fenced(&fb)
+        .ack(e.op_id, Default::default())
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

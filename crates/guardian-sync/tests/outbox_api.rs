@@ -148,7 +148,7 @@ async fn per_entity_head_of_line_and_fifo() {
         .await
         .unwrap();
     // Attempted first, so the next update is not coalesced into it.
-    let first = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let first = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(ids(&first), ["a/create", "b/create"]);
     outbox
         .enqueue(NewOp::update("t", "a", json!({"n": 2})))
@@ -159,10 +159,14 @@ async fn per_entity_head_of_line_and_fifo() {
         .await
         .unwrap();
     // a's update waits behind a's in-flight create; c is free.
-    let second = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let second = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(ids(&second), ["c/create"]);
-    outbox.ack(&fence, a1.op_id, Ack::default()).await.unwrap();
-    let third = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox
+        .fenced(&fence)
+        .ack(a1.op_id, Ack::default())
+        .await
+        .unwrap();
+    let third = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(ids(&third), ["a/update"]);
     assert_eq!(third[0].attempts, 1);
     assert!(outbox.get(a1.op_id).await.unwrap().is_none());
@@ -177,10 +181,11 @@ async fn claim_respects_next_attempt_at_and_limit() {
             .await
             .unwrap();
     }
-    let got = outbox.claim_ready(&fence, 2, T0).await.unwrap();
+    let got = outbox.fenced(&fence).claim_ready(2, T0).await.unwrap();
     assert_eq!(ids(&got), ["e0/create", "e1/create"]);
     outbox
-        .retry_later(&fence, got[0].op_id, T0 + 5_000, "503")
+        .fenced(&fence)
+        .retry_later(got[0].op_id, T0 + 5_000, "503")
         .await
         .unwrap();
     let op = outbox.get(got[0].op_id).await.unwrap().unwrap();
@@ -188,15 +193,20 @@ async fn claim_respects_next_attempt_at_and_limit() {
         (op.state, op.attempts, op.last_error.as_deref()),
         (OpState::Pending, 1, Some("503"))
     );
-    let rest = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let rest = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(ids(&rest), ["e2/create", "e3/create", "e4/create"]);
     assert!(outbox
-        .claim_ready(&fence, 10, T0 + 4_999)
+        .fenced(&fence)
+        .claim_ready(10, T0 + 4_999)
         .await
         .unwrap()
         .is_empty());
     clock.advance(Duration::from_secs(5));
-    let later = outbox.claim_ready(&fence, 10, T0 + 5_000).await.unwrap();
+    let later = outbox
+        .fenced(&fence)
+        .claim_ready(10, T0 + 5_000)
+        .await
+        .unwrap();
     assert_eq!(ids(&later), ["e0/create"]);
     assert_eq!(later[0].attempts, 2);
     let stats = outbox.stats().await.unwrap();
@@ -210,7 +220,7 @@ async fn in_flight_ops_go_back_to_pending_when_the_runner_is_gone() {
         .enqueue(NewOp::create("t", "a", json!({})))
         .await
         .unwrap();
-    outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     outbox.close().await;
     // The lock is still held by runner-a (it may be alive in another
     // process): open leaves the op alone...
@@ -229,14 +239,14 @@ async fn in_flight_ops_go_back_to_pending_when_the_runner_is_gone() {
     let op = again.get(e.op_id).await.unwrap().unwrap();
     assert_eq!((op.state, op.attempts), (OpState::Pending, 1));
     assert_eq!(op.idempotency_key, e.idempotency_key);
-    again.lock_release(&f2).await.unwrap();
+    again.fenced(&f2).lock_release().await.unwrap();
     again.close().await;
     // A released lock: open requeues by itself.
     let f3 = {
         let third = open_with(&path(&dir), opts(&clock)).await;
         let f = third.lock_acquire("runner-c", None).await.unwrap().unwrap();
-        third.claim_ready(&f, 10, T0).await.unwrap();
-        third.lock_release(&f).await.unwrap();
+        third.fenced(&f).claim_ready(10, T0).await.unwrap();
+        third.fenced(&f).lock_release().await.unwrap();
         third.close().await;
         f
     };
@@ -267,7 +277,7 @@ async fn lock_row_compare_and_swap_and_fencing() {
         outbox.lock_acquire("other", Some((1, 5))).await.unwrap(),
         None
     );
-    outbox.lock_heartbeat(&fence).await.unwrap();
+    outbox.fenced(&fence).lock_heartbeat().await.unwrap();
     let row = outbox.lock_read().await.unwrap().unwrap();
     assert_eq!(
         (row.owner.as_str(), row.epoch, row.heartbeat),
@@ -281,15 +291,15 @@ async fn lock_row_compare_and_swap_and_fencing() {
     assert_eq!(stolen.epoch(), 2);
     // The old holder can write nothing more.
     assert_eq!(
-        outbox.claim_ready(&fence, 10, T0).await.unwrap_err(),
+        outbox.fenced(&fence).claim_ready(10, T0).await.unwrap_err(),
         OutboxError::LockLost
     );
     assert_eq!(
-        outbox.lock_heartbeat(&fence).await.unwrap_err(),
+        outbox.fenced(&fence).lock_heartbeat().await.unwrap_err(),
         OutboxError::LockLost
     );
     assert_eq!(
-        outbox.lock_release(&fence).await.unwrap_err(),
+        outbox.fenced(&fence).lock_release().await.unwrap_err(),
         OutboxError::LockLost
     );
     assert_eq!(
@@ -297,16 +307,21 @@ async fn lock_row_compare_and_swap_and_fencing() {
         0,
         "nothing written under a lost lock"
     );
-    let got = outbox.claim_ready(&stolen, 10, T0).await.unwrap();
+    let got = outbox.fenced(&stolen).claim_ready(10, T0).await.unwrap();
     assert_eq!(
         outbox
-            .ack(&fence, got[0].op_id, Ack::default())
+            .fenced(&fence)
+            .ack(got[0].op_id, Ack::default())
             .await
             .unwrap_err(),
         OutboxError::LockLost
     );
     assert_eq!(
-        outbox.fail(&fence, got[0].op_id, "x").await.unwrap_err(),
+        outbox
+            .fenced(&fence)
+            .fail(got[0].op_id, "x")
+            .await
+            .unwrap_err(),
         OutboxError::LockLost
     );
     assert_eq!(
@@ -316,7 +331,7 @@ async fn lock_row_compare_and_swap_and_fencing() {
     // Re-acquiring our own lock bumps the epoch too.
     let again = outbox.lock_acquire("other", None).await.unwrap().unwrap();
     assert_eq!(again.epoch(), 3);
-    outbox.lock_release(&again).await.unwrap();
+    outbox.fenced(&again).lock_release().await.unwrap();
     assert_eq!(outbox.lock_read().await.unwrap().unwrap().owner, "");
     assert_eq!(
         outbox
@@ -341,13 +356,14 @@ async fn failed_ops_are_kept_and_do_not_block_anyone() {
         .enqueue(NewOp::create("t", "b", json!({})))
         .await
         .unwrap();
-    outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     let next_a = outbox
         .enqueue(NewOp::update("t", "a", json!({"x": 1})))
         .await
         .unwrap();
     outbox
-        .fail(&fence, bad.op_id, "422 unprocessable")
+        .fenced(&fence)
+        .fail(bad.op_id, "422 unprocessable")
         .await
         .unwrap();
     let op = outbox.get(bad.op_id).await.unwrap().unwrap();
@@ -362,7 +378,7 @@ async fn failed_ops_are_kept_and_do_not_block_anyone() {
         })
     );
     // a's next op is ready now, and not chained any more.
-    let got = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let got = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].op_id, next_a.op_id);
     assert!(!got[0].chained);
@@ -388,21 +404,30 @@ async fn failed_ops_are_kept_and_do_not_block_anyone() {
         OutboxError::WrongState { .. }
     ));
     // Fail again, then discard.
-    let all = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let all = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert!(
         all.is_empty(),
         "a's update is in flight, a's create waits behind it"
     );
     outbox
-        .ack(&fence, next_a.op_id, Ack::default())
+        .fenced(&fence)
+        .ack(next_a.op_id, Ack::default())
         .await
         .unwrap();
-    let got = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let got = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(got[0].op_id, bad.op_id);
-    outbox.fail(&fence, bad.op_id, "again").await.unwrap();
+    outbox
+        .fenced(&fence)
+        .fail(bad.op_id, "again")
+        .await
+        .unwrap();
     assert_eq!(outbox.retry_all_failed().await.unwrap(), 1);
-    outbox.claim_ready(&fence, 10, T0).await.unwrap();
-    outbox.fail(&fence, bad.op_id, "again").await.unwrap();
+    outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
+    outbox
+        .fenced(&fence)
+        .fail(bad.op_id, "again")
+        .await
+        .unwrap();
     assert!(matches!(
         outbox.discard(next_a.op_id).await.unwrap_err(),
         OutboxError::NotFound(_)
@@ -428,17 +453,20 @@ async fn retry_makes_a_failed_op_new_again() {
         .unwrap();
     // `a` is sent twice and given up on; `b` fails before any send.
     outbox
-        .fail(&fence, never.op_id, "upcast failed")
+        .fenced(&fence)
+        .fail(never.op_id, "upcast failed")
         .await
         .unwrap();
-    outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     outbox
-        .retry_later(&fence, sent.op_id, T0, "503")
+        .fenced(&fence)
+        .retry_later(sent.op_id, T0, "503")
         .await
         .unwrap();
-    outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     outbox
-        .fail(&fence, sent.op_id, "gave up after 2 attempts: 503")
+        .fenced(&fence)
+        .fail(sent.op_id, "gave up after 2 attempts: 503")
         .await
         .unwrap();
     assert_eq!(outbox.retry_all_failed().await.unwrap(), 2);
@@ -486,7 +514,7 @@ async fn retry_makes_a_failed_op_new_again() {
     outbox.cancel(never.op_id).await.unwrap();
 
     // A full budget again: claiming counts from zero.
-    let got = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let got = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(
         got.iter()
             .map(|o| (o.op_id, o.attempts))
@@ -554,14 +582,15 @@ async fn cancel_and_edit_only_never_attempted_ops() {
         })
     );
     // Once attempted, an op is immutable even when back to pending.
-    let got = outbox.claim_ready(&fence, 1, T0).await.unwrap();
+    let got = outbox.fenced(&fence).claim_ready(1, T0).await.unwrap();
     assert_eq!(got[0].op_id, a.op_id);
     assert!(matches!(
         outbox.cancel(a.op_id).await.unwrap_err(),
         OutboxError::WrongState { .. }
     ));
     outbox
-        .retry_later(&fence, a.op_id, T0, "timeout")
+        .fenced(&fence)
+        .retry_later(a.op_id, T0, "timeout")
         .await
         .unwrap();
     assert!(matches!(
@@ -598,10 +627,10 @@ async fn version_chain_passes_the_acked_version_on() {
     let op1 = outbox.get(u1.op_id).await.unwrap().unwrap();
     assert!(!op1.chained);
     assert_eq!(op1.base_version, Some(3));
-    outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     outbox
+        .fenced(&fence)
         .ack(
-            &fence,
             u1.op_id,
             Ack {
                 version: Some(4),
@@ -617,11 +646,11 @@ async fn version_chain_passes_the_acked_version_on() {
     outbox.close().await;
     let outbox = open_with(&path(&dir), opts(&clock).coalesce(false)).await;
     assert!(outbox.get(d.op_id).await.unwrap().unwrap().chained);
-    let got = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let got = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(got[0].op_id, u2.op_id);
     outbox
+        .fenced(&fence)
         .ack(
-            &fence,
             u2.op_id,
             Ack {
                 version: Some(5),
@@ -641,11 +670,11 @@ async fn reconciled_retry_gets_a_new_key_and_history() {
         .enqueue(NewOp::update("t", "a", json!({"x": 1})).with_base(json!({}), 1))
         .await
         .unwrap();
-    outbox.claim_ready(&fence, 1, T0).await.unwrap();
+    outbox.fenced(&fence).claim_ready(1, T0).await.unwrap();
     clock.advance(Duration::from_secs(1));
     let key = outbox
+        .fenced(&fence)
         .reconciled(
-            &fence,
             e.op_id,
             Reconciled {
                 kind: None,
@@ -676,7 +705,11 @@ async fn reconciled_retry_gets_a_new_key_and_history() {
         detail: String::new(),
     };
     assert!(matches!(
-        outbox.reconciled(&fence, e.op_id, again).await.unwrap_err(),
+        outbox
+            .fenced(&fence)
+            .reconciled(e.op_id, again)
+            .await
+            .unwrap_err(),
         OutboxError::WrongState { .. }
     ));
 }
@@ -728,9 +761,10 @@ async fn coalescing_rules_apply_in_the_enqueue_transaction() {
         .enqueue(NewOp::create("t", "b", json!({"v": 1})))
         .await
         .unwrap();
-    let got = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let got = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     outbox
-        .retry_later(&fence, got[0].op_id, T0, "lost mid-flight")
+        .fenced(&fence)
+        .retry_later(got[0].op_id, T0, "lost mid-flight")
         .await
         .unwrap();
     let u1 = outbox
@@ -806,9 +840,13 @@ async fn outcomes_are_delivered_once_and_survive_restart() {
         .enqueue(NewOp::create("t", "b", json!({})).with_txn_token("bad"))
         .await
         .unwrap();
-    outbox.claim_ready(&fence, 10, T0).await.unwrap();
-    outbox.ack(&fence, a.op_id, Ack::default()).await.unwrap();
-    outbox.fail(&fence, b.op_id, "422").await.unwrap();
+    outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
+    outbox
+        .fenced(&fence)
+        .ack(a.op_id, Ack::default())
+        .await
+        .unwrap();
+    outbox.fenced(&fence).fail(b.op_id, "422").await.unwrap();
     outbox.close().await;
     let outbox = open_with(&path(&dir), opts(&clock)).await;
     let pending = outbox.undelivered_outcomes(10).await.unwrap();
@@ -957,11 +995,13 @@ async fn meta_stats_paging_and_check() {
         clock.advance(Duration::from_millis(10));
     }
     let got = outbox
-        .claim_ready(&fence, 1, clock_now(&clock))
+        .fenced(&fence)
+        .claim_ready(1, clock_now(&clock))
         .await
         .unwrap();
     outbox
-        .retry_later(&fence, got[0].op_id, T0 + 99_999, "x")
+        .fenced(&fence)
+        .retry_later(got[0].op_id, T0 + 99_999, "x")
         .await
         .unwrap();
     let s = outbox.stats().await.unwrap();

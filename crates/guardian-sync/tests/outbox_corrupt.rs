@@ -131,7 +131,8 @@ async fn truncated_file_is_salvaged_row_by_row() {
     }
     let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
     assert!(!outbox
-        .claim_ready(&fence, 10, i64::MAX)
+        .fenced(&fence)
+        .claim_ready(10, i64::MAX)
         .await
         .unwrap()
         .is_empty());

@@ -102,13 +102,21 @@ async fn drain(outbox: &Outbox) -> Vec<OpId> {
     let fence = outbox.lock_acquire("test", None).await.unwrap().unwrap();
     let mut done = Vec::new();
     loop {
-        let ops = outbox.claim_ready(&fence, 100, i64::MAX / 2).await.unwrap();
+        let ops = outbox
+            .fenced(&fence)
+            .claim_ready(100, i64::MAX / 2)
+            .await
+            .unwrap();
         if ops.is_empty() {
             break;
         }
         for op in ops {
             assert_eq!(op.payload["n"], json!(5), "an altered payload was claimed");
-            outbox.ack(&fence, op.op_id, Ack::default()).await.unwrap();
+            outbox
+                .fenced(&fence)
+                .ack(op.op_id, Ack::default())
+                .await
+                .unwrap();
             done.push(op.op_id);
         }
     }
@@ -321,7 +329,11 @@ async fn the_outbox_own_edits_keep_rows_sealed() {
     let check = outbox.check().await.unwrap();
     assert!(check.ok && check.unreadable_ops.is_empty(), "{check:?}");
     let fence = outbox.lock_acquire("t", None).await.unwrap().unwrap();
-    let ops = outbox.claim_ready(&fence, 10, i64::MAX / 2).await.unwrap();
+    let ops = outbox
+        .fenced(&fence)
+        .claim_ready(10, i64::MAX / 2)
+        .await
+        .unwrap();
     assert_eq!(ops.len(), 2);
     assert_eq!(ops[0].op_id, a.op_id);
     assert_eq!(ops[0].payload, json!({"n": 2}));
@@ -425,7 +437,7 @@ async fn a_wrong_column_type_met_at_open_is_repaired() {
     {
         let (outbox, _) = Outbox::open(&path, opts()).await.unwrap();
         let fence = outbox.lock_acquire("old", None).await.unwrap().unwrap();
-        outbox.lock_release(&fence).await.unwrap();
+        outbox.fenced(&fence).lock_release().await.unwrap();
         outbox.close().await;
         let conn = Connection::open(&path).unwrap();
         conn.execute("UPDATE lock SET heartbeat = 'x\u{FF}'", [])

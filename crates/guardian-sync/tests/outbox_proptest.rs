@@ -192,7 +192,8 @@ impl Harness {
     async fn claim(&mut self, limit: usize) {
         let got = self
             .outbox
-            .claim_ready(&self.fence, limit, T0)
+            .fenced(&self.fence)
+            .claim_ready(limit, T0)
             .await
             .unwrap();
         for op in got {
@@ -233,8 +234,8 @@ impl Harness {
         let version = self.server.apply(&op);
         let data = self.server.data.get(&op.entity_id).cloned();
         self.outbox
+            .fenced(&self.fence)
             .ack(
-                &self.fence,
                 op.op_id,
                 Ack {
                     version: Some(version),
@@ -253,7 +254,8 @@ impl Harness {
         }
         let op = self.in_flight.remove(pick % self.in_flight.len());
         self.outbox
-            .retry_later(&self.fence, op.op_id, T0, "503")
+            .fenced(&self.fence)
+            .retry_later(op.op_id, T0, "503")
             .await
             .unwrap();
     }
@@ -264,7 +266,8 @@ impl Harness {
         }
         let op = self.in_flight.remove(pick % self.in_flight.len());
         self.outbox
-            .fail(&self.fence, op.op_id, "422")
+            .fenced(&self.fence)
+            .fail(op.op_id, "422")
             .await
             .unwrap();
         self.outbox.retry_failed(op.op_id).await.unwrap();

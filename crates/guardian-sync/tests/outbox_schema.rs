@@ -237,7 +237,7 @@ async fn a_version_1_file_migrates_in_place_and_keeps_every_op() {
 
     // The ready heads are a's first op (requeued) and b's create.
     let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
-    let claimed = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let claimed = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     let claimed: Vec<String> = claimed.iter().map(|o| o.op_id.to_string()).collect();
     assert_eq!(claimed, [A1, B1]);
     let stats = outbox.stats().await.unwrap();
@@ -460,7 +460,7 @@ async fn a_version_2_file_migrates_to_3_and_never_reuses_a_position() {
 
     // Order and heads are intact: a1 and b's create are the ready heads.
     let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
-    let claimed = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let claimed = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     let claimed: Vec<String> = claimed.iter().map(|o| o.op_id.to_string()).collect();
     assert_eq!(claimed, [A1.to_owned(), B1.to_owned(), e.op_id.to_string()]);
     outbox.close().await;
@@ -513,10 +513,18 @@ async fn positions_are_never_reused_after_the_newest_op_goes() {
 
     // Acknowledged newest op, then the queue runs empty.
     let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
-    let claimed = outbox.claim_ready(&fence, 10, T0).await.unwrap();
+    let claimed = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     assert_eq!(claimed.len(), 2);
-    outbox.ack(&fence, b.op_id, Ack::default()).await.unwrap();
-    outbox.ack(&fence, a.op_id, Ack::default()).await.unwrap();
+    outbox
+        .fenced(&fence)
+        .ack(b.op_id, Ack::default())
+        .await
+        .unwrap();
+    outbox
+        .fenced(&fence)
+        .ack(a.op_id, Ack::default())
+        .await
+        .unwrap();
     assert_eq!(outbox.stats().await.unwrap().pending, 0);
     let c = enqueue("c").await;
     assert_eq!(c.seq, 3);

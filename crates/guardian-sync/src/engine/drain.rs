@@ -64,7 +64,7 @@ impl Inner {
                         }));
                     }
                     DrainCommand::Release(ids) => {
-                        if let Err(e) = self.outbox.release_claimed(fence, ids).await {
+                        if let Err(e) = self.outbox.fenced(fence).release_claimed(ids).await {
                             input = Some(lock_lost(e.into())?);
                             break;
                         }
@@ -126,10 +126,11 @@ impl Inner {
         let chains = if chains {
             let max_bytes = self.batch.map_or(usize::MAX, |b| b.max_bytes);
             self.outbox
-                .claim_ready_chains(fence, limit, now, per_unit, max_bytes)
+                .fenced(fence)
+                .claim_ready_chains(limit, now, per_unit, max_bytes)
                 .await?
         } else {
-            let ops = self.outbox.claim_ready(fence, limit, now).await?;
+            let ops = self.outbox.fenced(fence).claim_ready(limit, now).await?;
             ops.into_iter().map(|op| vec![op]).collect()
         };
         Ok(DrainInput::Claimed {
@@ -185,15 +186,21 @@ impl Inner {
     /// Carries out one fenced write.
     async fn write(&self, fence: &Fence, write: Write) -> Result<(), EngineError> {
         match write {
-            Write::Ack(acks) => self.outbox.ack_many(fence, acks).await?,
+            Write::Ack(acks) => self.outbox.fenced(fence).ack_many(acks).await?,
             Write::RetryAt { op_id, at, detail } => {
-                self.outbox.retry_later(fence, op_id, at, &detail).await?;
+                self.outbox
+                    .fenced(fence)
+                    .retry_later(op_id, at, &detail)
+                    .await?;
             }
-            Write::Fail { op_id, error } => self.outbox.fail(fence, op_id, &error).await?,
+            Write::Fail { op_id, error } => self.outbox.fenced(fence).fail(op_id, &error).await?,
             Write::Reconciled { op_id, reconciled } => {
-                self.outbox.reconciled(fence, op_id, reconciled).await?;
+                self.outbox
+                    .fenced(fence)
+                    .reconciled(op_id, reconciled)
+                    .await?;
             }
-            Write::Release(ids) => self.outbox.release_claimed(fence, ids).await?,
+            Write::Release(ids) => self.outbox.fenced(fence).release_claimed(ids).await?,
         }
         Ok(())
     }
@@ -211,7 +218,8 @@ impl Inner {
         if let Some((after, step)) = plan.rebase {
             let moved = self
                 .outbox
-                .rebase_schedule(fence, after, step.old_now, step.delta_ms)
+                .fenced(fence)
+                .rebase_schedule(after, step.old_now, step.delta_ms)
                 .await?;
             tracing::warn!(
                 delta_ms = step.delta_ms,
@@ -222,7 +230,8 @@ impl Inner {
         if plan.clamp {
             let moved = self
                 .outbox
-                .clamp_schedule(fence, now, self.retry.horizon())
+                .fenced(fence)
+                .clamp_schedule(now, self.retry.horizon())
                 .await?;
             if moved > 0 {
                 tracing::warn!(

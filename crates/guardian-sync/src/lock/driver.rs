@@ -289,7 +289,7 @@ impl ProcessingLock {
                 }
             }
         }
-        match self.outbox.lock_heartbeat(&fence).await {
+        match self.outbox.fenced(&fence).lock_heartbeat().await {
             Ok(()) => Ok(()),
             Err(OutboxError::LockLost) => {
                 self.fence = None;
@@ -304,7 +304,7 @@ impl ProcessingLock {
     /// a contender that gets the OS lock must never see our row as live).
     pub async fn release(&mut self) -> Result<(), LockError> {
         if let Some(fence) = self.fence.take() {
-            match self.outbox.lock_release(&fence).await {
+            match self.outbox.fenced(&fence).lock_release().await {
                 Ok(()) | Err(OutboxError::LockLost) => {}
                 Err(e) => {
                     self.os_lock = None;

@@ -24,6 +24,7 @@ mod app;
 mod damage;
 mod enqueue;
 mod error;
+mod fenced;
 mod ident;
 mod lock_row;
 mod outcomes;
@@ -42,12 +43,12 @@ use std::time::Duration;
 use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use uuid::Uuid;
 
 pub use app::{ListFilter, NextDue, Stats};
 pub use damage::{CheckReport, SalvageReport};
 pub use enqueue::{Coalesced, Enqueued, RemovedOp};
 pub use error::{EnqueueError, OpenError, OutboxError, StorageError};
+pub use fenced::Fenced;
 pub use lock_row::LockRow;
 pub use outcomes::OutcomeRecord;
 pub use reader::OutboxReader;
@@ -55,7 +56,7 @@ pub use rows::UnreadableOp;
 pub use upcast::{UpcastFn, Upcasters};
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::op::{Ack, Fence, NewOp, OpId, PendingOp, Reconciled, TxnOutcome};
+use crate::op::{Fence, NewOp, OpId, PendingOp, TxnOutcome};
 use wal_prefill::WalPrefill;
 use writer::{Ctx, Writer};
 
@@ -622,95 +623,6 @@ impl Outbox {
 
     // ---- runner side (fenced) ----
 
-    /// Claims up to `limit` ready ops (due by `now_ms`, head of their
-    /// entity), marking them in flight with `attempts += 1` before returning.
-    pub async fn claim_ready(
-        &self,
-        fence: &Fence,
-        limit: usize,
-        now_ms: i64,
-    ) -> Result<Vec<PendingOp>, OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, ctx| runner::claim(conn, ctx, &fence, limit, now_ms))
-            .await
-    }
-
-    /// The server applied the op: delete it, record its tokens' success and
-    /// pass `ack.version`/`ack.data` to the entity's next chained op.
-    pub async fn ack(&self, fence: &Fence, op_id: OpId, ack: Ack) -> Result<(), OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, ctx| runner::ack(conn, ctx, &fence, op_id, &ack))
-            .await
-    }
-
-    /// After a wall-clock step of `delta_ms` detected by the runner, moves
-    /// every pending op due after `after_ms` and scheduled at or before
-    /// `scheduled_by_ms` (both in the old timeline) by the step, so stored
-    /// backoffs keep their length; retries already scheduled on the new
-    /// clock stay. Fenced. Returns how many moved.
-    pub async fn rebase_schedule(
-        &self,
-        fence: &Fence,
-        after_ms: i64,
-        scheduled_by_ms: i64,
-        delta_ms: i64,
-    ) -> Result<u64, OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, _ctx| {
-                runner::rebase_schedule(conn, &fence, after_ms, scheduled_by_ms, delta_ms)
-            })
-            .await
-    }
-
-    /// A retryable failure: back to pending, due at `next_attempt_at` (Unix ms).
-    pub async fn retry_later(
-        &self,
-        fence: &Fence,
-        op_id: OpId,
-        next_attempt_at: i64,
-        error: &str,
-    ) -> Result<(), OutboxError> {
-        let fence = fence.clone();
-        let error = error.to_owned();
-        self.inner
-            .writer
-            .call(move |conn, ctx| {
-                runner::retry_later(conn, ctx, &fence, op_id, next_attempt_at, &error)
-            })
-            .await
-    }
-
-    /// A permanent failure: the op moves to the dead-letter list (kept).
-    pub async fn fail(&self, fence: &Fence, op_id: OpId, error: &str) -> Result<(), OutboxError> {
-        let fence = fence.clone();
-        let error = error.to_owned();
-        self.inner
-            .writer
-            .call(move |conn, ctx| runner::fail(conn, ctx, &fence, op_id, &error))
-            .await
-    }
-
-    /// A conflict was reconciled: store the new request (new idempotency key,
-    /// returned) before it is sent; the old key goes to the op's history.
-    pub async fn reconciled(
-        &self,
-        fence: &Fence,
-        op_id: OpId,
-        r: Reconciled,
-    ) -> Result<Uuid, OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, ctx| runner::reconciled(conn, ctx, &fence, op_id, &r))
-            .await
-    }
-
     // ---- processing lock row ----
 
     /// The lock row, if any runner ever took the lock.
@@ -780,24 +692,6 @@ impl Outbox {
                 lock_row::check(conn, &fence)?;
                 Ok::<_, OutboxError>(lock_row::note_os_file(conn, Some(&os_file))?)
             })
-            .await
-    }
-
-    /// Proves the holder is alive (heartbeat + 1); `LockLost` if it is not the holder.
-    pub async fn lock_heartbeat(&self, fence: &Fence) -> Result<(), OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, ctx| lock_row::heartbeat(conn, &fence, ctx.now()))
-            .await
-    }
-
-    /// Frees the lock if `fence` still holds it.
-    pub async fn lock_release(&self, fence: &Fence) -> Result<(), OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, _| lock_row::release(conn, &fence))
             .await
     }
 

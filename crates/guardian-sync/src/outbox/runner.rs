@@ -601,77 +601,7 @@ pub(crate) fn release(
     Ok(())
 }
 
-impl super::Outbox {
-    /// Records several acks in one writer job (a batch's successes): the
-    /// same effect as [`super::Outbox::ack`] for each, all or none.
-    pub async fn ack_many(&self, fence: &Fence, acks: Vec<(OpId, Ack)>) -> Result<(), OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, ctx| ack_many(conn, ctx, &fence, &acks))
-            .await
-    }
-
-    /// Claims ready ops with, behind each, its entity's next pending and due
-    /// ops: one chain per entity, to be sent in one batch with dependencies
-    /// (each op applied only if the one before it was). `limit` bounds all
-    /// ops together; a chain has at most `max_chain` ops and
-    /// `max_chain_bytes` (its head alone may be larger). A chain stops at an
-    /// op not pending or not yet due, and before a chained op whose
-    /// predecessor was reconciled (it must see the merge's result first).
-    /// Fenced and durable like [`super::Outbox::claim_ready`].
-    pub async fn claim_ready_chains(
-        &self,
-        fence: &Fence,
-        limit: usize,
-        now_ms: i64,
-        max_chain: usize,
-        max_chain_bytes: usize,
-    ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, ctx| {
-                claim_chains(conn, ctx, &fence, limit, now_ms, max_chain, max_chain_bytes)
-            })
-            .await
-    }
-
-    /// Brings ready ops whose stored `next_attempt_at` lies further ahead
-    /// than they may wait back to when they are due (see
-    /// [`crate::retry::clamp_due`]; `horizon` is the retry policy's
-    /// [`crate::retry::RetryPolicy::horizon`]), after a step back of the
-    /// wall clock, whoever wrote them. Fenced. Returns how many moved.
-    pub async fn clamp_schedule(
-        &self,
-        fence: &Fence,
-        now_ms: i64,
-        horizon: Duration,
-    ) -> Result<u64, OutboxError> {
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, _| clamp_schedule(conn, &fence, now_ms, horizon))
-            .await
-    }
-
-    /// Returns claimed but never-sent ops to the queue as if never claimed
-    /// (pending, `attempts` restored). Fenced like every runner write.
-    pub async fn release_claimed(
-        &self,
-        fence: &Fence,
-        op_ids: Vec<OpId>,
-    ) -> Result<(), OutboxError> {
-        if op_ids.is_empty() {
-            return Ok(());
-        }
-        let fence = fence.clone();
-        self.inner
-            .writer
-            .call(move |conn, _| release(conn, &fence, &op_ids))
-            .await
-    }
-}
+impl super::Outbox {}
 
 #[cfg(test)]
 mod tests {
@@ -696,17 +626,33 @@ mod tests {
         let b = outbox.enqueue(create("b")).await.unwrap();
         let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
         let now = i64::MAX / 2;
-        assert_eq!(outbox.claim_ready(&fence, 10, now).await.unwrap().len(), 2);
+        assert_eq!(
+            outbox
+                .fenced(&fence)
+                .claim_ready(10, now)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
         // Made while b's create is in flight: chains on it.
         let b2 = outbox
             .enqueue(NewOp::update("device", "b", json!({"on": true})))
             .await
             .unwrap();
         let c = outbox.enqueue(create("c")).await.unwrap();
-        assert_eq!(outbox.claim_ready(&fence, 10, now).await.unwrap().len(), 1);
+        assert_eq!(
+            outbox
+                .fenced(&fence)
+                .claim_ready(10, now)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
 
         let twice = vec![(a.op_id, Ack::default()), (a.op_id, Ack::default())];
-        assert!(outbox.ack_many(&fence, twice).await.is_err());
+        assert!(outbox.fenced(&fence).ack_many(twice).await.is_err());
         assert_eq!(outbox.stats().await.unwrap().in_flight, 3);
 
         let acks = vec![
@@ -721,7 +667,7 @@ mod tests {
             // The newest op: its position must not come back.
             (c.op_id, Ack::default()),
         ];
-        outbox.ack_many(&fence, acks).await.unwrap();
+        outbox.fenced(&fence).ack_many(acks).await.unwrap();
         for id in [a.op_id, b.op_id, c.op_id] {
             assert!(outbox.get(id).await.unwrap().is_none());
         }
@@ -729,13 +675,14 @@ mod tests {
         assert_eq!(next.state, OpState::Pending);
         assert_eq!(next.base_version, Some(1));
         assert!(!next.chained);
-        let claimed = outbox.claim_ready(&fence, 10, now).await.unwrap();
+        let claimed = outbox.fenced(&fence).claim_ready(10, now).await.unwrap();
         assert_eq!(
             claimed.iter().map(|op| op.op_id).collect::<Vec<_>>(),
             [b2.op_id]
         );
         outbox
-            .ack_many(&fence, vec![(b2.op_id, Ack::default())])
+            .fenced(&fence)
+            .ack_many(vec![(b2.op_id, Ack::default())])
             .await
             .unwrap();
         let d = outbox.enqueue(create("d")).await.unwrap();

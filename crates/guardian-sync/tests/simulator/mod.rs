@@ -589,20 +589,23 @@ impl Sim {
                 let result: Result<Vec<Vec<PendingOp>>, OutboxError> = self.rt.block_on(async {
                     if let Some((after, step)) = plan.rebase {
                         dev.outbox
-                            .rebase_schedule(&fence, after, step.old_now, step.delta_ms)
+                            .fenced(&fence)
+                            .rebase_schedule(after, step.old_now, step.delta_ms)
                             .await?;
                     }
                     if plan.clamp {
                         dev.outbox
-                            .clamp_schedule(&fence, now, self.retry.horizon())
+                            .fenced(&fence)
+                            .clamp_schedule(now, self.retry.horizon())
                             .await?;
                     }
                     if chains {
                         dev.outbox
-                            .claim_ready_chains(&fence, limit, now, per_unit, usize::MAX)
+                            .fenced(&fence)
+                            .claim_ready_chains(limit, now, per_unit, usize::MAX)
                             .await
                     } else {
-                        let ops = dev.outbox.claim_ready(&fence, limit, now).await?;
+                        let ops = dev.outbox.fenced(&fence).claim_ready(limit, now).await?;
                         Ok(ops.into_iter().map(|op| vec![op]).collect())
                     }
                 });
@@ -670,19 +673,23 @@ impl Sim {
                 let dev = &self.devices[d];
                 let result = self.rt.block_on(async {
                     match write {
-                        Write::Ack(acks) => dev.outbox.ack_many(&fence, acks).await,
+                        Write::Ack(acks) => dev.outbox.fenced(&fence).ack_many(acks).await,
                         Write::RetryAt { op_id, at, detail } => {
-                            dev.outbox.retry_later(&fence, op_id, at, &detail).await
+                            dev.outbox
+                                .fenced(&fence)
+                                .retry_later(op_id, at, &detail)
+                                .await
                         }
                         Write::Fail { op_id, error } => {
-                            dev.outbox.fail(&fence, op_id, &error).await
+                            dev.outbox.fenced(&fence).fail(op_id, &error).await
                         }
                         Write::Reconciled { op_id, reconciled } => dev
                             .outbox
-                            .reconciled(&fence, op_id, reconciled)
+                            .fenced(&fence)
+                            .reconciled(op_id, reconciled)
                             .await
                             .map(|_| ()),
-                        Write::Release(ids) => dev.outbox.release_claimed(&fence, ids).await,
+                        Write::Release(ids) => dev.outbox.fenced(&fence).release_claimed(ids).await,
                     }
                 });
                 if self.fenced(d, &fence, result)?.is_some() {
@@ -691,7 +698,9 @@ impl Sim {
             }
             DrainCommand::Release(ids) => {
                 let dev = &self.devices[d];
-                let result = self.rt.block_on(dev.outbox.release_claimed(&fence, ids));
+                let result = self
+                    .rt
+                    .block_on(dev.outbox.fenced(&fence).release_claimed(ids));
                 self.fenced(d, &fence, result)?;
             }
             DrainCommand::PauseAuth | DrainCommand::Emit(_) | DrainCommand::DeliverOutcomes => {}
