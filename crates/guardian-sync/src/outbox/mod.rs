@@ -30,6 +30,7 @@ mod outcomes;
 mod reader;
 mod rows;
 mod runner;
+mod scan;
 mod schema;
 mod upcast;
 mod wal_prefill;
