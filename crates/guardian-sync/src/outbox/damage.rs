@@ -138,11 +138,52 @@ pub(crate) fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<Stri
     }
 }
 
+/// Prepares a read of every column of every table an outbox of schema
+/// `version` has: a garbled `CREATE` statement in `sqlite_master` (a
+/// column name, a table name) passes SQLite's integrity check but fails
+/// every later read of that column.
+pub(crate) fn schema_probe(conn: &Connection, version: u32) -> rusqlite::Result<()> {
+    let ops = format!(
+        "{}, is_head{}",
+        OP_COPY_COLUMNS.join(", "),
+        if version >= 4 { ", checksum" } else { "" }
+    );
+    let mut tables: Vec<(&str, &str)> = vec![
+        ("ops", &ops),
+        ("meta", "key, value"),
+        ("lock", "id, owner, epoch, heartbeat, beat_at"),
+        (
+            "txn_outcomes",
+            "id, token, active, state, error, at, delivered",
+        ),
+    ];
+    if version >= 2 {
+        tables.push(("op_envelopes", "version"));
+    }
+    if version >= 3 {
+        tables.push(("ops_seq_mark", "id, deleted_max, bound"));
+    }
+    for (table, cols) in tables {
+        conn.prepare(&format!("SELECT {cols} FROM {table} LIMIT 0"))?;
+    }
+    Ok(())
+}
+
+/// [`schema_probe`]'s failure as a finding of a check.
+pub(crate) fn schema_findings(conn: &Connection, version: u32) -> Vec<String> {
+    match schema_probe(conn, version) {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("the schema is not an outbox's: {e}")],
+    }
+}
+
 /// Full integrity check; rebuilds indexes if it finds problems, then
 /// quarantines every active op row that cannot be used (see
 /// [`rows::quarantine`]).
 pub(crate) fn check(conn: &Connection, now: i64) -> rusqlite::Result<CheckReport> {
-    let problems = integrity_findings(conn)?;
+    let version = super::schema::SCHEMA_VERSION;
+    let mut problems = integrity_findings(conn)?;
+    problems.extend(schema_findings(conn, version));
     if problems.is_empty() {
         let unreadable = quarantine_unreadable(conn, now)?;
         return Ok(CheckReport::new(problems, false, Vec::new(), unreadable));
@@ -156,7 +197,11 @@ pub(crate) fn check(conn: &Connection, now: i64) -> rusqlite::Result<CheckReport
             vec![format!("rebuilding the indexes failed: {e}")]
         }
         Err(e) => return Err(e),
-        Ok(()) => integrity_findings(conn)?,
+        Ok(()) => {
+            let mut left = integrity_findings(conn)?;
+            left.extend(schema_findings(conn, version));
+            left
+        }
     };
     let unreadable = if remaining.is_empty() {
         quarantine_unreadable(conn, now)?

@@ -381,6 +381,18 @@ fn prepare_conn(
     let mut conn = schema::connect(path, options.synchronous, options.busy_timeout)?;
     report.migrated_from = schema::migrate(&mut conn)?;
     probe(&conn)?;
+    // A garbled schema fails only later reads, with an error SQLite does
+    // not call corrupt: a plain open refuses the file, a repair salvages.
+    if let Err(e) = damage::schema_probe(&conn, schema::SCHEMA_VERSION) {
+        let reason = format!("the schema is not an outbox's: {e}");
+        return Err(Prep::Suspect(
+            reason.clone(),
+            OpenError::Damaged {
+                path: path.to_path_buf(),
+                reason,
+            },
+        ));
+    }
     if options.integrity_check_at_open {
         let check = damage::check(&conn, options.clock.now_millis())?;
         if !check.structure_ok() {
