@@ -1,7 +1,9 @@
 //! Salvage without SQLite's help (issue 15, point 3): a damaged schema page
-//! costs no op whose row still decodes, and acknowledged ops are not
-//! brought back. The salvaged outbox drains to the reference server and no
-//! temporary file is left.
+//! and a WAL whose later commits SQLite ignores after a damaged frame cost
+//! no op whose row still decodes; acknowledged ops are not brought back
+//! where the file proves them deleted, and where it cannot, the server's
+//! idempotency key keeps a re-sent op applied once. The salvaged outbox
+//! drains to the reference server and no temporary file is left.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
@@ -239,4 +241,161 @@ async fn garbled_schema_records_lose_no_op() {
         assert_eq!(applied.into_iter().collect::<HashSet<_>>(), keys, "{what}");
         no_temp_files(dir.path());
     }
+}
+
+/// Page number and page-image offset of each frame of a WAL.
+fn wal_frames(wal: &[u8]) -> Vec<(u32, usize)> {
+    let page = u32::from_be_bytes(wal[8..12].try_into().unwrap()) as usize;
+    (0..(wal.len() - 32) / (24 + page))
+        .map(|i| {
+            let at = 32 + i * (24 + page);
+            let pgno = u32::from_be_bytes(wal[at..at + 4].try_into().unwrap());
+            (pgno, at + 24)
+        })
+        .collect()
+}
+
+/// Flips the last byte of frame `i`'s page image.
+fn damage_frame(wal: &mut [u8], frames: &[(u32, usize)], i: usize) {
+    wal[frames[i].1 + PAGE - 1] ^= 0x55;
+}
+
+/// The crash image of a live outbox whose WAL holds several commits: 5
+/// ops checkpointed into the file, delivered to the server by the engine
+/// (claims and deletes, in the WAL), then 25 more enqueued (in the WAL).
+/// Returns the image's path (`o.db` and `o.db-wal` in `dir`), the keys of
+/// the 5 and of the 25, and the 25 ids.
+async fn crash_image(
+    server: &RunningServer,
+    dir: &Path,
+) -> (std::path::PathBuf, Vec<String>, Vec<String>, HashSet<OpId>) {
+    let live_dir = tempfile::tempdir().unwrap();
+    let live = live_dir.path().join("live.db");
+    let (outbox, _) = Outbox::open(&live, opts()).await.unwrap();
+    let mut first = Vec::new();
+    for i in 0..5 {
+        first.push(
+            outbox
+                .enqueue(op(i + 1))
+                .await
+                .unwrap()
+                .idempotency_key
+                .to_string(),
+        );
+    }
+    outbox.close().await;
+    let engine = SyncEngine::builder()
+        .outbox_path(&live)
+        .outbox_options(opts())
+        .server(server.url())
+        .token_provider(Arc::new(StaticToken::new(TOKEN)))
+        .build()
+        .await
+        .unwrap();
+    engine.run_until_empty().await.unwrap();
+    let mut later = Vec::new();
+    let mut ids = HashSet::new();
+    for i in 0..25 {
+        let done = engine.enqueue(op(i + 100)).await.unwrap();
+        later.push(done.idempotency_key.to_string());
+        ids.insert(done.op_id);
+    }
+    let path = dir.join("o.db");
+    std::fs::copy(&live, &path).unwrap();
+    std::fs::copy(live_dir.path().join("live.db-wal"), dir.join("o.db-wal")).unwrap();
+    engine.outbox().close().await;
+    drop(engine);
+    (path, first, later, ids)
+}
+
+/// What SQLite alone reads of a copy of the image.
+fn sqlite_alone(path: &Path) -> i64 {
+    let alone = tempfile::tempdir().unwrap();
+    let p = alone.path().join("o.db");
+    std::fs::copy(path, &p).unwrap();
+    std::fs::copy(path.with_extension("db-wal"), alone.path().join("o.db-wal")).unwrap();
+    Connection::open(&p)
+        .unwrap()
+        .query_row("SELECT count(*) FROM ops", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// One damaged frame early in a WAL of many commits: SQLite stops there
+/// and silently ignores every later commit. `check --repair` finds it
+/// under the write lock and salvages: the 25 ops of the later commits are
+/// recovered from the frames, and the 5 ops SQLite still shows, delivered
+/// and deleted in those later commits, are not brought back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_after_a_damaged_wal_frame_are_recovered() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, first, later, ids) = crash_image(&server, dir.path()).await;
+    let wal_path = path.with_extension("db-wal");
+    let mut wal = std::fs::read(&wal_path).unwrap();
+    let frames = wal_frames(&wal);
+    assert!(frames.len() > 20, "{} frames", frames.len());
+    // An early frame whose page a later frame rewrites.
+    let bad = (0..frames.len() - 1)
+        .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
+        .unwrap();
+    damage_frame(&mut wal, &frames, bad);
+    std::fs::write(&wal_path, &wal).unwrap();
+    assert_eq!(
+        sqlite_alone(&path),
+        5,
+        "SQLite reads past the damaged frame"
+    );
+    let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
+    assert!(check.ok, "{check:?}");
+    let s = report.salvage.expect("the damaged WAL is salvaged");
+    assert!(s.reason.contains("WAL frame"), "{s:?}");
+    assert_eq!(s.ops_saved, 25, "{s:?}");
+    assert_eq!(s.ops_deleted_later, 5, "{s:?}");
+    assert_eq!(op_ids(&outbox).await, ids);
+    outbox.close().await;
+    let applied = deliver(&path, &server).await;
+    let expected: HashSet<String> = first.into_iter().chain(later).collect();
+    assert_eq!(applied.len(), 30, "an op was applied twice or lost");
+    assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expected);
+    no_temp_files(dir.path());
+}
+
+/// As above, and a second damaged frame that is the newest image of its
+/// (index) page: the scan cannot prove what the later commits deleted, so
+/// the 5 delivered ops SQLite still shows are kept and sent again. The
+/// server's idempotency key applies each once (at-least-once delivery
+/// with idempotent apply keeps the invariant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_salvage_cannot_prove_deleted_is_resent_and_applied_once() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (path, first, later, ids) = crash_image(&server, dir.path()).await;
+    let wal_path = path.with_extension("db-wal");
+    let mut wal = std::fs::read(&wal_path).unwrap();
+    let frames = wal_frames(&wal);
+    let bad = (0..frames.len() - 1)
+        .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
+        .unwrap();
+    let newest_index = (bad + 1..frames.len() - 1)
+        .find(|&i| {
+            let (pgno, at) = frames[i];
+            let kind = wal[at + if pgno == 1 { 100 } else { 0 }];
+            matches!(kind, 0x02 | 0x0A) && frames[i + 1..].iter().all(|f| f.0 != pgno)
+        })
+        .expect("an index page written once after the damage");
+    damage_frame(&mut wal, &frames, bad);
+    damage_frame(&mut wal, &frames, newest_index);
+    std::fs::write(&wal_path, &wal).unwrap();
+    let (outbox, report, _) = Outbox::repair(&path, opts()).await.unwrap();
+    let s = report.salvage.expect("the damaged WAL is salvaged");
+    assert_eq!(s.ops_saved, 30, "{s:?}");
+    assert_eq!(s.ops_deleted_later, 0, "{s:?}");
+    let now = op_ids(&outbox).await;
+    assert!(ids.iter().all(|id| now.contains(id)));
+    outbox.close().await;
+    let applied = deliver(&path, &server).await;
+    let expected: HashSet<String> = first.into_iter().chain(later).collect();
+    assert_eq!(applied.len(), 30, "a re-sent op was applied twice");
+    assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expected);
+    no_temp_files(dir.path());
 }

@@ -320,6 +320,37 @@ fn repair_header(h: &mut [u8; 100]) {
     }
 }
 
+/// Looks for a damaged WAL frame followed by intact commits (see
+/// `scan::wal_break`) while holding the database's write lock, so no
+/// other process is writing a frame that would look damaged. The probe
+/// connection does not checkpoint on close: a checkpoint would copy only
+/// the frames before the damage into the file and then drop the WAL with
+/// the commits after it. `None` if there is no WAL, no break, or the
+/// lock or the file cannot be had (the open that follows reports that).
+pub(crate) fn wal_break_locked(path: &Path, busy_timeout: std::time::Duration) -> Option<String> {
+    let wal = with_suffix(path, "-wal");
+    if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return None;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )
+    .ok()?;
+    conn.busy_timeout(busy_timeout).ok()?;
+    conn.execute_batch("BEGIN IMMEDIATE").ok()?;
+    let found = std::fs::read(&wal)
+        .ok()
+        .and_then(|bytes| scan::wal_break(&bytes));
+    let _ = conn.execute_batch("ROLLBACK");
+    found
+}
+
 /// Removes a working copy and its side files when dropped, whatever path
 /// salvage leaves by: no temporary file survives it.
 struct WorkCopy(PathBuf);

@@ -454,7 +454,18 @@ fn open_conn(
         created,
         ..OpenReport::default()
     };
-    let reason = match prepare_conn(path, options, &mut report) {
+    // A repair looks for WAL commits SQLite would ignore before anything
+    // opens the file for writing: the first write would overwrite them.
+    let wal_break = if repair {
+        damage::wal_break_locked(path, options.busy_timeout)
+    } else {
+        None
+    };
+    let prepared = match wal_break {
+        Some(reason) => Err(Prep::Damaged(reason)),
+        None => prepare_conn(path, options, &mut report),
+    };
+    let reason = match prepared {
         Ok(conn) if !repair => return Ok((conn, report, None)),
         Ok(conn) => match damage::check(&conn, options.clock.now_millis()) {
             Ok(check) if check.structure_ok() => return Ok((conn, report, Some(check))),

@@ -143,6 +143,22 @@ fn committed(frames: &[Frame]) -> (&[Frame], Option<usize>) {
     (frames, frames.iter().position(|f| !f.intact))
 }
 
+/// Whether the WAL holds a damaged frame followed by an intact commit:
+/// SQLite stops at the damaged frame and ignores every later commit
+/// without an error. A torn tail after a crash, with no commit after it,
+/// is not damage. The caller must hold the database's write lock (or own
+/// the file), or a frame being written is misread as damage.
+pub(crate) fn wal_break(wal: &[u8]) -> Option<String> {
+    let (_, frames) = wal_frames(wal)?;
+    let (_, bad) = committed(&frames);
+    bad.map(|i| {
+        format!(
+            "WAL frame {} is damaged; SQLite ignores the commits after it",
+            i + 1
+        )
+    })
+}
+
 /// A page image and whether it comes from past a WAL break.
 #[derive(Clone, Copy)]
 struct Image<'a> {
@@ -536,6 +552,21 @@ mod tests {
         assert_eq!(record(&p[..p.len() - 1]), None);
     }
 
+    #[test]
+    fn a_torn_tail_is_not_a_break() {
+        // A header with a page size, salts, no frames: nothing to report.
+        let mut wal = vec![0u8; 32];
+        wal[0..4].copy_from_slice(&WAL_MAGIC_BE.to_be_bytes());
+        wal[8..12].copy_from_slice(&512u32.to_be_bytes());
+        assert_eq!(wal_break(&wal), None);
+        // One frame with a wrong checksum and nothing after it: a torn tail.
+        wal.extend_from_slice(&[0u8; 24 + 512]);
+        wal[32..36].copy_from_slice(&2u32.to_be_bytes());
+        wal[36..40].copy_from_slice(&2u32.to_be_bytes());
+        wal[56] = 1;
+        assert_eq!(wal_break(&wal), None);
+    }
+
     /// Ops in [`real_files`]: some with payloads over a page (overflow).
     const REAL_OPS: usize = 60;
 
@@ -627,6 +658,7 @@ mod tests {
             }
             let _ = scan(&db, None);
             let _ = scan(&db, Some(&wal));
+            let _ = wal_break(&wal);
             for cut in [0, 7, 100, db.len() / 2] {
                 let _ = scan(&db[..cut.min(db.len())], Some(&wal[..cut.min(wal.len())]));
             }
