@@ -172,6 +172,11 @@ async fn a_wrecked_schema_page_loses_no_op() {
     assert_eq!(s.ops_quarantined, 0, "{s:?}");
     assert_eq!(op_ids(&outbox).await, live);
     assert!(acked.iter().all(|id| !live.contains(id)));
+    // The lock row is found too: epochs keep increasing past the old one.
+    assert!(s.lock_saved, "{s:?}");
+    let fence = outbox.lock_acquire("next", None).await.unwrap().unwrap();
+    assert_eq!(fence.epoch(), 2);
+    outbox.lock_release(&fence).await.unwrap();
     outbox.close().await;
     no_temp_files(dir.path());
     let applied = deliver(&path, &server).await;

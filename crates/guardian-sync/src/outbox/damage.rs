@@ -532,7 +532,8 @@ fn read_for_scan(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 /// damaged frame). When the WAL had such commits and the scan saw every
 /// page's newest image intact, an op SQLite showed but the scan does not
 /// find was deleted by one of them (acknowledged): it is removed. Returns
-/// the largest position seen.
+/// the largest position seen (rows and the position marks). The lock row
+/// is taken from the scan if SQLite could not read it.
 fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i64 {
     let (db, wal) = match (
         read_for_scan(aside),
@@ -580,12 +581,20 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
         report.ops_found_by_scan += u64::from(!present);
         copy_row(new, &insert, seq, Some(row.values), report);
     }
+    if let (false, Some(lock)) = (report.lock_saved, found.lock) {
+        let copied = new.execute(
+            "INSERT OR IGNORE INTO lock (id, owner, epoch, heartbeat, beat_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params_from_iter(lock),
+        );
+        report.lock_saved = matches!(copied, Ok(1));
+    }
     let sql_complete = !report.ops_table_lost && report.unreadable_seq_ranges.is_empty();
     if found.wal_break.is_some() && found.complete && sql_complete {
         remove_deleted_later(new, &ids, report);
     }
     recount(new, report);
-    found.max_rowid
+    found.max_rowid.max(found.seq_mark)
 }
 
 /// An op id as a set key (a damaged one may not be text).

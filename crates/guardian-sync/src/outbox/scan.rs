@@ -46,6 +46,12 @@ pub(crate) struct Scan {
     pub wal_break: Option<usize>,
     /// The largest rowid of an op row seen: positions the old file used.
     pub max_rowid: i64,
+    /// The lock row (id, owner, epoch, heartbeat, beat_at), the one with
+    /// the highest epoch if several are found.
+    pub lock: Option<Vec<SqlValue>>,
+    /// The largest value found in the `ops_seq_mark` row (`deleted_max`,
+    /// `bound`): positions the old file may have used.
+    pub seq_mark: i64,
     /// No page image read is known to be damaged: no cell failed to decode
     /// and no page's newest image is a damaged WAL frame. Then the rows
     /// found are all the rows of the newest state, and an op missing from
@@ -474,6 +480,37 @@ fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
     Some(values)
 }
 
+/// Takes the one-row tables' rows (rowid 1) that the fresh file needs:
+/// the lock row (5 columns: the id alias, owner text, three integers), so
+/// lock epochs keep increasing, and the `ops_seq_mark` row (3 columns:
+/// the id alias, two integers), so no position is reused. Returns the
+/// values if they are not such a row.
+fn small_row(rowid: i64, values: Vec<SqlValue>, out: &mut Scan) -> Option<Vec<SqlValue>> {
+    use SqlValue::{Integer, Null, Text};
+    if rowid != 1 || !matches!(values.first(), Some(Null | Integer(1))) {
+        return Some(values);
+    }
+    match values.as_slice() {
+        [_, Text(_), Integer(epoch), Integer(_), Integer(_)] => {
+            let higher = match out.lock.as_deref() {
+                Some([_, _, Integer(e), ..]) => epoch > e,
+                _ => true,
+            };
+            if higher {
+                let mut lock = values.clone();
+                lock[0] = Integer(1);
+                out.lock = Some(lock);
+            }
+            None
+        }
+        [_, Integer(a), Integer(b)] => {
+            out.seq_mark = out.seq_mark.max(*a).max(*b);
+            None
+        }
+        _ => Some(values),
+    }
+}
+
 /// Scans a database file's bytes and its WAL's for op rows (see the
 /// module comment for which page images are read). Never panics.
 pub(crate) fn scan(db: &[u8], wal: Option<&[u8]>) -> Scan {
@@ -493,7 +530,13 @@ pub(crate) fn scan(db: &[u8], wal: Option<&[u8]>) -> Scan {
         };
         out.leaf_pages += 1;
         for (rowid, payload) in cells {
-            let Some(values) = record(&payload).and_then(|v| op_row(rowid, v)) else {
+            let Some(values) = record(&payload) else {
+                continue;
+            };
+            let Some(values) = small_row(rowid, values, &mut out) else {
+                continue;
+            };
+            let Some(values) = op_row(rowid, values) else {
                 continue;
             };
             out.max_rowid = out.max_rowid.max(rowid);
