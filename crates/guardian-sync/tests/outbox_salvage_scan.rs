@@ -325,44 +325,50 @@ fn sqlite_alone(path: &Path) -> i64 {
         .unwrap()
 }
 
-/// One damaged frame early in a WAL of many commits: SQLite stops there
-/// and silently ignores every later commit. `check --repair` finds it
-/// under the write lock and salvages: the 25 ops of the later commits are
-/// recovered from the frames, and the 5 ops SQLite still shows, delivered
-/// and deleted in those later commits, are not brought back.
+/// One damaged frame in a WAL of many commits, early (before the commits
+/// that deliver and delete the 5 checkpointed ops) or in the middle (among
+/// the 25 enqueues): SQLite stops there and silently ignores every later
+/// commit. `check --repair` finds it under the write lock and salvages:
+/// every op of the later commits is recovered from the frames, and the 5
+/// ops SQLite still shows when the damage is early, deleted by the later
+/// commits, are not brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_after_a_damaged_wal_frame_are_recovered() {
-    let server = server().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (path, first, later, ids) = crash_image(&server, dir.path()).await;
-    let wal_path = path.with_extension("db-wal");
-    let mut wal = std::fs::read(&wal_path).unwrap();
-    let frames = wal_frames(&wal);
-    assert!(frames.len() > 20, "{} frames", frames.len());
-    // An early frame whose page a later frame rewrites.
-    let bad = (0..frames.len() - 1)
-        .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
-        .unwrap();
-    damage_frame(&mut wal, &frames, bad);
-    std::fs::write(&wal_path, &wal).unwrap();
-    assert_eq!(
-        sqlite_alone(&path),
-        5,
-        "SQLite reads past the damaged frame"
-    );
-    let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
-    assert!(check.ok, "{check:?}");
-    let s = report.salvage.expect("the damaged WAL is salvaged");
-    assert!(s.reason.contains("WAL frame"), "{s:?}");
-    assert_eq!(s.ops_saved, 25, "{s:?}");
-    assert_eq!(s.ops_deleted_later, 5, "{s:?}");
-    assert_eq!(op_ids(&outbox).await, ids);
-    outbox.close().await;
-    let applied = deliver(&path, &server).await;
-    let expected: HashSet<String> = first.into_iter().chain(later).collect();
-    assert_eq!(applied.len(), 30, "an op was applied twice or lost");
-    assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expected);
-    no_temp_files(dir.path());
+    for middle in [false, true] {
+        let server = server().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (path, first, later, ids) = crash_image(&server, dir.path()).await;
+        let wal_path = path.with_extension("db-wal");
+        let mut wal = std::fs::read(&wal_path).unwrap();
+        let frames = wal_frames(&wal);
+        assert!(frames.len() > 20, "{} frames", frames.len());
+        // A frame whose page a later frame rewrites.
+        let from = if middle { frames.len() / 2 } else { 0 };
+        let bad = (from..frames.len() - 1)
+            .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
+            .unwrap();
+        damage_frame(&mut wal, &frames, bad);
+        std::fs::write(&wal_path, &wal).unwrap();
+        let alone = sqlite_alone(&path);
+        if middle {
+            assert!(alone < 25, "SQLite reads past the damaged frame: {alone}");
+        } else {
+            assert_eq!(alone, 5, "SQLite reads past the damaged frame");
+        }
+        let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
+        assert!(check.ok, "{check:?}");
+        let s = report.salvage.expect("the damaged WAL is salvaged");
+        assert!(s.reason.contains("WAL frame"), "{s:?}");
+        assert_eq!(s.ops_saved, 25, "middle {middle}: {s:?}");
+        assert_eq!(s.ops_deleted_later, if middle { 0 } else { 5 }, "{s:?}");
+        assert_eq!(op_ids(&outbox).await, ids);
+        outbox.close().await;
+        let applied = deliver(&path, &server).await;
+        let expected: HashSet<String> = first.into_iter().chain(later).collect();
+        assert_eq!(applied.len(), 30, "an op was applied twice or lost");
+        assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expected);
+        no_temp_files(dir.path());
+    }
 }
 
 /// As above, and a second damaged frame that is the newest image of its
