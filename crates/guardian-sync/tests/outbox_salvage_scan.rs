@@ -328,13 +328,14 @@ fn sqlite_alone(path: &Path) -> i64 {
 /// One damaged frame in a WAL of many commits, early (before the commits
 /// that deliver and delete the 5 checkpointed ops) or in the middle (among
 /// the 25 enqueues): SQLite stops there and silently ignores every later
-/// commit. `check --repair` finds it under the write lock and salvages:
+/// commit; or a damaged WAL header: SQLite ignores the whole WAL. `check --repair` finds it under the write lock and salvages:
 /// every op of the later commits is recovered from the frames, and the 5
 /// ops SQLite still shows when the damage is early, deleted by the later
 /// commits, are not brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_after_a_damaged_wal_frame_are_recovered() {
-    for middle in [false, true] {
+    for case in ["early", "middle", "header"] {
+        let middle = case == "middle";
         let server = server().await;
         let dir = tempfile::tempdir().unwrap();
         let (path, first, later, ids) = crash_image(&server, dir.path()).await;
@@ -342,24 +343,29 @@ async fn commits_after_a_damaged_wal_frame_are_recovered() {
         let mut wal = std::fs::read(&wal_path).unwrap();
         let frames = wal_frames(&wal);
         assert!(frames.len() > 20, "{} frames", frames.len());
-        // A frame whose page a later frame rewrites.
-        let from = if middle { frames.len() / 2 } else { 0 };
-        let bad = (from..frames.len() - 1)
-            .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
-            .unwrap();
-        damage_frame(&mut wal, &frames, bad);
+        if case == "header" {
+            // A salt: no frame matches the header any more.
+            wal[20] ^= 0x10;
+        } else {
+            // A frame whose page a later frame rewrites.
+            let from = if middle { frames.len() / 2 } else { 0 };
+            let bad = (from..frames.len() - 1)
+                .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
+                .unwrap();
+            damage_frame(&mut wal, &frames, bad);
+        }
         std::fs::write(&wal_path, &wal).unwrap();
         let alone = sqlite_alone(&path);
         if middle {
             assert!(alone < 25, "SQLite reads past the damaged frame: {alone}");
         } else {
-            assert_eq!(alone, 5, "SQLite reads past the damaged frame");
+            assert_eq!(alone, 5, "{case}: SQLite reads past the damage");
         }
         let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
         assert!(check.ok, "{check:?}");
         let s = report.salvage.expect("the damaged WAL is salvaged");
-        assert!(s.reason.contains("WAL frame"), "{s:?}");
-        assert_eq!(s.ops_saved, 25, "middle {middle}: {s:?}");
+        assert!(s.reason.contains("WAL"), "{s:?}");
+        assert_eq!(s.ops_saved, 25, "{case}: {s:?}");
         assert_eq!(s.ops_deleted_later, if middle { 0 } else { 5 }, "{s:?}");
         assert_eq!(op_ids(&outbox).await, ids);
         outbox.close().await;

@@ -344,9 +344,14 @@ pub(crate) fn wal_break_locked(path: &Path, busy_timeout: std::time::Duration) -
     .ok()?;
     conn.busy_timeout(busy_timeout).ok()?;
     conn.execute_batch("BEGIN IMMEDIATE").ok()?;
+    let mut header = Vec::new();
+    let _ = std::io::Read::read_to_end(
+        &mut std::io::Read::take(std::fs::File::open(path).ok()?, 100),
+        &mut header,
+    );
     let found = std::fs::read(&wal)
         .ok()
-        .and_then(|bytes| scan::wal_break(&bytes));
+        .and_then(|bytes| scan::wal_break(&bytes, scan::db_page_size(&header)));
     let _ = conn.execute_batch("ROLLBACK");
     found
 }

@@ -82,20 +82,73 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([s[0], s[1]]))
 }
 
-/// The page size of a WAL header, and its frames of the current generation
-/// (frames whose salts match the header's; older ones are left over from
-/// before the last restart and are not part of the database).
-fn wal_frames(wal: &[u8]) -> Option<(u32, Vec<Frame>)> {
+/// A WAL's page size and frames of the current generation (frames whose
+/// salts match the header's; older ones are left over from before the last
+/// restart and are not part of the database).
+struct Wal {
+    page_size: u32,
+    frames: Vec<Frame>,
+    /// SQLite accepts the header. If not, it ignores the whole WAL.
+    header_ok: bool,
+}
+
+/// Reads a WAL's frames. A WAL whose header SQLite refuses (magic,
+/// version, page size or header checksum) is ignored by SQLite as a whole:
+/// its frames are then read by the first frame's salts, with
+/// `db_page_size` (the database header's), in the byte order and from the
+/// first frame's seed (the stored header checksum, or the one its bytes
+/// give) that verify the most frames.
+fn wal_frames(wal: &[u8], db_page_size: u32) -> Option<Wal> {
     let magic = be32(wal, 0)?;
-    let big_endian = match magic {
-        WAL_MAGIC_BE => true,
-        WAL_MAGIC_LE => false,
-        _ => return None,
-    };
     let page_size = be32(wal, 8)?;
-    if !(512..=65_536).contains(&page_size) || !page_size.is_power_of_two() {
-        return None;
+    let header_ok = matches!(magic, WAL_MAGIC_BE | WAL_MAGIC_LE)
+        && be32(wal, 4) == Some(WAL_VERSION)
+        && valid_page_size(page_size)
+        && {
+            let big_endian = magic == WAL_MAGIC_BE;
+            let header = wal.get(0..24)?;
+            Some(checksum(big_endian, (0, 0), [header, &[]])) == be32(wal, 24).zip(be32(wal, 28))
+        };
+    if header_ok {
+        let salts = wal.get(16..24)?;
+        let seed = (be32(wal, 24)?, be32(wal, 28)?);
+        let frames = frames_of(wal, page_size, magic == WAL_MAGIC_BE, salts, seed);
+        return Some(Wal {
+            page_size,
+            frames,
+            header_ok: true,
+        });
     }
+    let salts = wal.get(40..48)?;
+    let stored = (be32(wal, 24)?, be32(wal, 28)?);
+    let header = wal.get(0..24)?;
+    let mut best: Option<Vec<Frame>> = None;
+    let intact = |f: &[Frame]| f.iter().filter(|f| f.intact).count();
+    for big in [true, false] {
+        for seed in [stored, checksum(big, (0, 0), [header, &[]])] {
+            let frames = frames_of(wal, db_page_size, big, salts, seed);
+            if best.as_deref().is_none_or(|b| intact(&frames) > intact(b)) {
+                best = Some(frames);
+            }
+        }
+    }
+    Some(Wal {
+        page_size: db_page_size,
+        frames: best.unwrap_or_default(),
+        header_ok: false,
+    })
+}
+
+/// The WAL format version SQLite writes.
+const WAL_VERSION: u32 = 3_007_000;
+
+fn valid_page_size(p: u32) -> bool {
+    (512..=65_536).contains(&p) && p.is_power_of_two()
+}
+
+/// SQLite's WAL checksum over `parts` (each a multiple of 8 bytes long),
+/// continuing from `seed`, reading words big- or little-endian.
+fn checksum(big_endian: bool, seed: (u32, u32), parts: [&[u8]; 2]) -> (u32, u32) {
     let word = |b: &[u8]| {
         let a = [b[0], b[1], b[2], b[3]];
         if big_endian {
@@ -104,18 +157,25 @@ fn wal_frames(wal: &[u8]) -> Option<(u32, Vec<Frame>)> {
             u32::from_le_bytes(a)
         }
     };
-    let checksum = |seed: (u32, u32), parts: [&[u8]; 2]| {
-        let (mut s0, mut s1) = seed;
-        for part in parts {
-            for pair in part.chunks_exact(8) {
-                s0 = s0.wrapping_add(word(&pair[0..4])).wrapping_add(s1);
-                s1 = s1.wrapping_add(word(&pair[4..8])).wrapping_add(s0);
-            }
+    let (mut s0, mut s1) = seed;
+    for part in parts {
+        for pair in part.chunks_exact(8) {
+            s0 = s0.wrapping_add(word(&pair[0..4])).wrapping_add(s1);
+            s1 = s1.wrapping_add(word(&pair[4..8])).wrapping_add(s0);
         }
-        (s0, s1)
-    };
-    let salts = wal.get(16..24)?;
-    let mut seed = (be32(wal, 24)?, be32(wal, 28)?);
+    }
+    (s0, s1)
+}
+
+/// The frames carrying `salts`, each checked against the stored checksum
+/// of the frame before it (the first against `seed`).
+fn frames_of(
+    wal: &[u8],
+    page_size: u32,
+    big_endian: bool,
+    salts: &[u8],
+    mut seed: (u32, u32),
+) -> Vec<Frame> {
     let frame_len = 24 + page_size as usize;
     let mut frames = Vec::new();
     let mut at = 32usize;
@@ -124,29 +184,38 @@ fn wal_frames(wal: &[u8]) -> Option<(u32, Vec<Frame>)> {
             break;
         }
         let (h, page) = frame.split_at(24);
+        let word = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
         if &h[8..16] == salts {
-            let stored = (be32(h, 16)?, be32(h, 20)?);
+            let stored = (word(16), word(20));
             frames.push(Frame {
-                pgno: be32(h, 0)?,
-                commit_size: be32(h, 4)?,
-                intact: checksum(seed, [&h[0..8], page]) == stored,
+                pgno: word(0),
+                commit_size: word(4),
+                intact: checksum(big_endian, seed, [&h[0..8], page]) == stored,
                 page_at: at + 24,
             });
             seed = stored;
         }
         at += frame_len;
     }
-    Some((page_size, frames))
+    frames
 }
 
 /// The committed frames: up to the last intact commit frame; and the first
-/// damaged frame before it, if any (SQLite ignores every frame from there).
-fn committed(frames: &[Frame]) -> (&[Frame], Option<usize>) {
+/// frame SQLite does not read before it, if any (the first damaged frame,
+/// or the first frame when SQLite refuses the header): SQLite ignores every
+/// frame from there.
+fn committed(wal: &Wal) -> (&[Frame], Option<usize>) {
+    let frames = &wal.frames;
     let Some(last) = frames.iter().rposition(|f| f.intact && f.commit_size > 0) else {
         return (&[], None);
     };
     let frames = &frames[..=last];
-    (frames, frames.iter().position(|f| !f.intact))
+    let first_unread = if wal.header_ok {
+        frames.iter().position(|f| !f.intact)
+    } else {
+        Some(0)
+    };
+    (frames, first_unread)
 }
 
 /// Whether the WAL holds a damaged frame followed by an intact commit:
@@ -154,15 +223,28 @@ fn committed(frames: &[Frame]) -> (&[Frame], Option<usize>) {
 /// without an error. A torn tail after a crash, with no commit after it,
 /// is not damage. The caller must hold the database's write lock (or own
 /// the file), or a frame being written is misread as damage.
-pub(crate) fn wal_break(wal: &[u8]) -> Option<String> {
-    let (_, frames) = wal_frames(wal)?;
-    let (_, bad) = committed(&frames);
+pub(crate) fn wal_break(wal: &[u8], db_page_size: u32) -> Option<String> {
+    let wal = wal_frames(wal, db_page_size)?;
+    let (_, bad) = committed(&wal);
     bad.map(|i| {
-        format!(
-            "WAL frame {} is damaged; SQLite ignores the commits after it",
-            i + 1
-        )
+        if wal.header_ok {
+            format!(
+                "WAL frame {} is damaged; SQLite ignores the commits after it",
+                i + 1
+            )
+        } else {
+            "the WAL header is damaged; SQLite ignores every commit in the WAL".to_owned()
+        }
     })
+}
+
+/// The page size in a database header (the first bytes of the file), or
+/// SQLite's default when it is damaged.
+pub(crate) fn db_page_size(header: &[u8]) -> u32 {
+    match be16(header, 16).map(|p| if p == 1 { 65_536 } else { u32::from(p) }) {
+        Some(p) if valid_page_size(p) => p,
+        _ => 4096,
+    }
 }
 
 /// A page image and whether it comes from past a WAL break.
@@ -185,15 +267,11 @@ struct Pages<'a> {
 
 impl<'a> Pages<'a> {
     fn new(db: &'a [u8], wal: Option<&'a [u8]>, wal_break: &mut Option<usize>) -> Self {
-        let wal = wal.and_then(|w| wal_frames(w).map(|(p, f)| (w, p, f)));
-        let header_page = be16(db, 16).map(|p| if p == 1 { 65_536 } else { u32::from(p) });
-        let valid = |p: u32| (512..=65_536).contains(&p) && p.is_power_of_two();
-        // The WAL's page size is the database's; a damaged header's is not.
-        let page_size = match (&wal, header_page) {
-            (Some((_, p, _)), _) => *p,
-            (None, Some(p)) if valid(p) => p,
-            _ => 4096,
-        } as usize;
+        let db_page_size = db_page_size(db);
+        let wal = wal.and_then(|w| wal_frames(w, db_page_size).map(|parsed| (w, parsed)));
+        // An intact WAL header's page size is the database's; a damaged
+        // database header's is not.
+        let page_size = wal.as_ref().map_or(db_page_size, |(_, w)| w.page_size) as usize;
         let reserved = db.get(20).map_or(0, |r| usize::from(*r));
         let usable = if page_size - reserved >= 480 {
             page_size - reserved
@@ -216,8 +294,8 @@ impl<'a> Pages<'a> {
         }
         let mut count = file_pages;
         let mut damaged = HashMap::new();
-        if let Some((bytes, _, frames)) = &wal {
-            let (frames, bad) = committed(frames);
+        if let Some((bytes, parsed)) = &wal {
+            let (frames, bad) = committed(parsed);
             *wal_break = bad;
             for (i, f) in frames.iter().enumerate() {
                 let Some(data) = bytes.get(f.page_at..f.page_at + page_size) else {
@@ -595,19 +673,57 @@ mod tests {
         assert_eq!(record(&p[..p.len() - 1]), None);
     }
 
+    /// A WAL of 512-byte pages with valid checksums: one frame per
+    /// `(page number, commit size)`.
+    fn test_wal(frames: &[(u32, u32)]) -> Vec<u8> {
+        let mut wal = Vec::new();
+        for v in [WAL_MAGIC_BE, WAL_VERSION, 512, 0, 7, 9] {
+            wal.extend_from_slice(&v.to_be_bytes());
+        }
+        let mut seed = checksum(true, (0, 0), [&wal[..24], &[]]);
+        wal.extend_from_slice(&seed.0.to_be_bytes());
+        wal.extend_from_slice(&seed.1.to_be_bytes());
+        for (i, &(pgno, commit)) in frames.iter().enumerate() {
+            let mut h = Vec::new();
+            for v in [pgno, commit, 7, 9] {
+                h.extend_from_slice(&v.to_be_bytes());
+            }
+            let page = vec![u8::try_from(i).unwrap(); 512];
+            seed = checksum(true, seed, [&h[..8], &page]);
+            h.extend_from_slice(&seed.0.to_be_bytes());
+            h.extend_from_slice(&seed.1.to_be_bytes());
+            wal.extend_from_slice(&h);
+            wal.extend_from_slice(&page);
+        }
+        wal
+    }
+
+    /// Offset of frame `i`'s page image in a [`test_wal`].
+    fn page_at(i: usize) -> usize {
+        32 + i * (24 + 512) + 24
+    }
+
     #[test]
-    fn a_torn_tail_is_not_a_break() {
-        // A header with a page size, salts, no frames: nothing to report.
-        let mut wal = vec![0u8; 32];
-        wal[0..4].copy_from_slice(&WAL_MAGIC_BE.to_be_bytes());
-        wal[8..12].copy_from_slice(&512u32.to_be_bytes());
-        assert_eq!(wal_break(&wal), None);
-        // One frame with a wrong checksum and nothing after it: a torn tail.
-        wal.extend_from_slice(&[0u8; 24 + 512]);
-        wal[32..36].copy_from_slice(&2u32.to_be_bytes());
-        wal[36..40].copy_from_slice(&2u32.to_be_bytes());
-        wal[56] = 1;
-        assert_eq!(wal_break(&wal), None);
+    fn only_a_damaged_frame_before_an_intact_commit_is_a_break() {
+        let wal = test_wal(&[(2, 2), (2, 0), (3, 3), (2, 3)]);
+        assert_eq!(wal_break(&wal, 512), None);
+        // A torn tail: the damaged frame has no commit after it.
+        let mut torn = wal.clone();
+        torn[page_at(3) + 5] ^= 1;
+        assert_eq!(wal_break(&torn, 512), None);
+        // A damaged frame before intact commits: SQLite ignores them.
+        let mut mid = wal.clone();
+        mid[page_at(1) + 5] ^= 1;
+        assert!(wal_break(&mid, 512).is_some_and(|m| m.contains("frame 2")));
+        // A damaged header: SQLite ignores the whole WAL.
+        for at in [3, 8, 20, 27] {
+            let mut head = wal.clone();
+            head[at] ^= 1;
+            assert!(
+                wal_break(&head, 512).is_some_and(|m| m.contains("header")),
+                "header byte {at}"
+            );
+        }
     }
 
     /// Ops in [`real_files`]: some with payloads over a page (overflow).
@@ -701,7 +817,7 @@ mod tests {
             }
             let _ = scan(&db, None);
             let _ = scan(&db, Some(&wal));
-            let _ = wal_break(&wal);
+            let _ = wal_break(&wal, 512);
             for cut in [0, 7, 100, db.len() / 2] {
                 let _ = scan(&db[..cut.min(db.len())], Some(&wal[..cut.min(wal.len())]));
             }
