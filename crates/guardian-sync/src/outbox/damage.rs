@@ -320,6 +320,16 @@ fn repair_header(h: &mut [u8; 100]) {
     }
 }
 
+/// The first 100 bytes of a file (the database header), or fewer.
+fn file_head(path: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(100).read_to_end(&mut head);
+    }
+    head
+}
+
 /// Looks for a damaged WAL frame followed by intact commits (see
 /// `scan::wal_break`) while holding the database's write lock, so no
 /// other process is writing a frame that would look damaged. The probe
@@ -344,14 +354,10 @@ pub(crate) fn wal_break_locked(path: &Path, busy_timeout: std::time::Duration) -
     .ok()?;
     conn.busy_timeout(busy_timeout).ok()?;
     conn.execute_batch("BEGIN IMMEDIATE").ok()?;
-    let mut header = Vec::new();
-    let _ = std::io::Read::read_to_end(
-        &mut std::io::Read::take(std::fs::File::open(path).ok()?, 100),
-        &mut header,
-    );
+    let page_size = scan::db_page_size(&file_head(path));
     let found = std::fs::read(&wal)
         .ok()
-        .and_then(|bytes| scan::wal_break(&bytes, scan::db_page_size(&header)));
+        .and_then(|bytes| scan::wal_break(&bytes, page_size));
     let _ = conn.execute_batch("ROLLBACK");
     found
 }
@@ -531,8 +537,9 @@ fn read_for_scan(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     }
 }
 
-/// Copies the op rows the scan finds in the moved file's pages and WAL
-/// frames (see `outbox::scan`) that SQLite did not copy, and replaces a
+/// When SQLite could not read every op row, or the WAL holds commits it
+/// ignores, copies the op rows the scan finds in the moved file's pages
+/// and WAL frames (see `outbox::scan`) that SQLite did not copy, and replaces a
 /// copied row by a newer version SQLite did not read (a WAL commit after a
 /// damaged frame). When the WAL had such commits and the scan saw every
 /// page's newest image intact, an op SQLite showed but the scan does not
@@ -540,16 +547,30 @@ fn read_for_scan(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
 /// the largest position seen (rows and the position marks). The lock row
 /// is taken from the scan if SQLite could not read it.
 fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i64 {
-    let (db, wal) = match (
-        read_for_scan(aside),
-        read_for_scan(&with_suffix(aside, "-wal")),
-    ) {
-        (Ok(Some(db)), Ok(wal)) => (db, wal),
-        (Err(e), _) | (_, Err(e)) => {
+    let sql_complete = !report.ops_table_lost && report.unreadable_seq_ranges.is_empty();
+    let wal = match read_for_scan(&with_suffix(aside, "-wal")) {
+        Ok(wal) => wal,
+        Err(e) => {
             note(report, format!("the page scan was skipped: {e}"));
             return 0;
         }
-        (Ok(None), _) => return 0,
+    };
+    // When SQLite read every op row and every commit, the scan has nothing
+    // to add: skip it (and its memory).
+    let page_size = scan::db_page_size(&file_head(aside));
+    let wal_broken = wal
+        .as_deref()
+        .is_some_and(|w| scan::wal_break(w, page_size).is_some());
+    if sql_complete && !wal_broken {
+        return 0;
+    }
+    let db = match read_for_scan(aside) {
+        Ok(Some(db)) => db,
+        Ok(None) => return 0,
+        Err(e) => {
+            note(report, format!("the page scan was skipped: {e}"));
+            return 0;
+        }
     };
     let found = scan::scan(&db, wal.as_deref());
     drop(db);
@@ -594,7 +615,6 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
         );
         report.lock_saved = matches!(copied, Ok(1));
     }
-    let sql_complete = !report.ops_table_lost && report.unreadable_seq_ranges.is_empty();
     if found.wal_break.is_some() && found.complete && sql_complete {
         remove_deleted_later(new, &ids, report);
     }
