@@ -185,6 +185,41 @@ async fn a_wrecked_schema_page_loses_no_op() {
     no_temp_files(dir.path());
 }
 
+/// The root page of `ops` (an interior page: 320 ops span many leaves)
+/// wrecked: SQLite reaches no row of the table; the scan reads the leaves
+/// directly and recovers every op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrecked_ops_root_page_loses_no_op() {
+    let server = server().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let (live, keys, _) = build_320(&path).await;
+    let root: usize = Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'ops'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert_eq!(
+        bytes[(root - 1) * PAGE],
+        0x05,
+        "the root is an interior page"
+    );
+    bytes[(root - 1) * PAGE..root * PAGE].fill(0xA5);
+    std::fs::write(&path, &bytes).unwrap();
+    let (outbox, report) = Outbox::open(&path, opts()).await.unwrap();
+    let s = report.salvage.expect("salvaged");
+    assert_eq!(s.ops_saved, 320, "{s:?}");
+    assert_eq!(op_ids(&outbox).await, live);
+    outbox.close().await;
+    let applied = deliver(&path, &server).await;
+    assert_eq!(applied.into_iter().collect::<HashSet<_>>(), keys);
+    no_temp_files(dir.path());
+}
+
 /// A few bytes of the schema garbled: the `ops` table's root page number
 /// and a column name in its `CREATE TABLE`. SQLite then reads another
 /// b-tree as `ops` (or nothing); the repair finds the damage and the scan
