@@ -575,12 +575,15 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
     let found = scan::scan(&db, wal.as_deref());
     drop(db);
     drop(wal);
-    if found.bad_cells > 0 {
-        note(
-            report,
-            format!("page scan: {} cells did not decode", found.bad_cells),
-        );
-    }
+    note(
+        report,
+        format!(
+            "page scan: {} table leaf pages, {} op rows, {} cells that did not decode",
+            found.leaf_pages,
+            found.rows.len(),
+            found.bad_cells
+        ),
+    );
     let insert = op_insert(true);
     let mut ids = std::collections::HashSet::new();
     for row in found.rows {
