@@ -182,10 +182,12 @@ fn warn_about(report: &OpenReport) {
             s.ops_saved,
             s.ops_quarantined,
             s.ops_unreadable,
-            if s.ops_table_lost {
-                ", ops table lost"
+            if s.ops_found_by_scan > 0 {
+                format!(", {} found by the page scan", s.ops_found_by_scan)
+            } else if s.ops_table_lost {
+                ", ops table lost".to_owned()
             } else {
-                ""
+                String::new()
             }
         );
     }

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::rows::{self, UnreadableOp};
+use super::scan;
 use crate::op::{OpKind, OpState};
 
 /// What salvage saved and lost.
@@ -42,8 +43,19 @@ pub struct SalvageReport {
     /// Ranges of positions (`seq`, inclusive) that could not be read at all;
     /// they may have held ops (or been empty). Empty when the scan was clean.
     pub unreadable_seq_ranges: Vec<(i64, i64)>,
-    /// True if the `ops` table could not be read at all: every op is lost.
+    /// True if SQLite could not read the `ops` table at all (its rows may
+    /// still have been found by the scan, see `ops_found_by_scan`).
     pub ops_table_lost: bool,
+    /// Op rows copied from the file's pages without SQLite (see
+    /// `outbox::scan`): rows SQLite could not reach (a damaged schema or
+    /// b-tree page) or did not read (WAL commits after a damaged frame).
+    /// Included in `ops_saved` and `ops_quarantined`.
+    #[serde(default)]
+    pub ops_found_by_scan: u64,
+    /// Ops SQLite showed that the scan proves deleted by a later commit
+    /// SQLite did not read (an acknowledged op), not copied.
+    #[serde(default)]
+    pub ops_deleted_later: u64,
     /// Meta entries copied (realtime cursor, settings).
     pub meta_saved: u64,
     /// Transaction outcomes copied.
@@ -126,11 +138,52 @@ pub(crate) fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<Stri
     }
 }
 
+/// Prepares a read of every column of every table an outbox of schema
+/// `version` has: a garbled `CREATE` statement in `sqlite_master` (a
+/// column name, a table name) passes SQLite's integrity check but fails
+/// every later read of that column.
+pub(crate) fn schema_probe(conn: &Connection, version: u32) -> rusqlite::Result<()> {
+    let ops = format!(
+        "{}, is_head{}",
+        OP_COPY_COLUMNS.join(", "),
+        if version >= 4 { ", checksum" } else { "" }
+    );
+    let mut tables: Vec<(&str, &str)> = vec![
+        ("ops", &ops),
+        ("meta", "key, value"),
+        ("lock", "id, owner, epoch, heartbeat, beat_at"),
+        (
+            "txn_outcomes",
+            "id, token, active, state, error, at, delivered",
+        ),
+    ];
+    if version >= 2 {
+        tables.push(("op_envelopes", "version"));
+    }
+    if version >= 3 {
+        tables.push(("ops_seq_mark", "id, deleted_max, bound"));
+    }
+    for (table, cols) in tables {
+        conn.prepare(&format!("SELECT {cols} FROM {table} LIMIT 0"))?;
+    }
+    Ok(())
+}
+
+/// [`schema_probe`]'s failure as a finding of a check.
+pub(crate) fn schema_findings(conn: &Connection, version: u32) -> Vec<String> {
+    match schema_probe(conn, version) {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("the schema is not an outbox's: {e}")],
+    }
+}
+
 /// Full integrity check; rebuilds indexes if it finds problems, then
 /// quarantines every active op row that cannot be used (see
 /// [`rows::quarantine`]).
 pub(crate) fn check(conn: &Connection, now: i64) -> rusqlite::Result<CheckReport> {
-    let problems = integrity_findings(conn)?;
+    let version = super::schema::SCHEMA_VERSION;
+    let mut problems = integrity_findings(conn)?;
+    problems.extend(schema_findings(conn, version));
     if problems.is_empty() {
         let unreadable = quarantine_unreadable(conn, now)?;
         return Ok(CheckReport::new(problems, false, Vec::new(), unreadable));
@@ -144,7 +197,11 @@ pub(crate) fn check(conn: &Connection, now: i64) -> rusqlite::Result<CheckReport
             vec![format!("rebuilding the indexes failed: {e}")]
         }
         Err(e) => return Err(e),
-        Ok(()) => integrity_findings(conn)?,
+        Ok(()) => {
+            let mut left = integrity_findings(conn)?;
+            left.extend(schema_findings(conn, version));
+            left
+        }
     };
     let unreadable = if remaining.is_empty() {
         quarantine_unreadable(conn, now)?
@@ -261,6 +318,48 @@ fn repair_header(h: &mut [u8; 100]) {
     if u32::from_be_bytes([h[56], h[57], h[58], h[59]]) > 3 {
         h[56..60].copy_from_slice(&1u32.to_be_bytes());
     }
+}
+
+/// The first 100 bytes of a file (the database header), or fewer.
+fn file_head(path: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(100).read_to_end(&mut head);
+    }
+    head
+}
+
+/// Looks for a damaged WAL frame followed by intact commits (see
+/// `scan::wal_break`) while holding the database's write lock, so no
+/// other process is writing a frame that would look damaged. The probe
+/// connection does not checkpoint on close: a checkpoint would copy only
+/// the frames before the damage into the file and then drop the WAL with
+/// the commits after it. `None` if there is no WAL, no break, or the
+/// lock or the file cannot be had (the open that follows reports that).
+pub(crate) fn wal_break_locked(path: &Path, busy_timeout: std::time::Duration) -> Option<String> {
+    let wal = with_suffix(path, "-wal");
+    if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+        return None;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+        true,
+    )
+    .ok()?;
+    conn.busy_timeout(busy_timeout).ok()?;
+    conn.execute_batch("BEGIN IMMEDIATE").ok()?;
+    let page_size = scan::db_page_size(&file_head(path));
+    let found = std::fs::read(&wal)
+        .ok()
+        .and_then(|bytes| scan::wal_break(&bytes, page_size));
+    let _ = conn.execute_batch("ROLLBACK");
+    found
 }
 
 /// Removes a working copy and its side files when dropped, whatever path
@@ -404,6 +503,177 @@ fn op_row_valid(v: &[SqlValue]) -> bool {
         && [9, 11, 13, 14, 16, 17, 18, 19].iter().all(|&i| int(i))
 }
 
+/// The statement that copies one op row (the values of
+/// [`OP_COPY_COLUMNS`] and a stored seal, or NULL if `sealed` is false: the
+/// seal is then computed from the row).
+fn op_insert(sealed: bool) -> String {
+    let cols = OP_COPY_COLUMNS.join(", ");
+    let placeholders = vec!["?"; OP_COPY_COLUMNS.len()].join(", ");
+    let n = OP_COPY_COLUMNS.len();
+    format!(
+        "INSERT OR IGNORE INTO ops ({cols}, checksum) VALUES ({placeholders}, \
+         CASE WHEN {sealed} THEN ?{} ELSE op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8) END)",
+        n + 1
+    )
+}
+
+/// The reason written on an op row that salvage quarantines.
+const QUARANTINE_REASON: &str =
+    "quarantined: damaged row found by salvage (its values do not make an op)";
+
+/// Files larger than this are not read whole by the scan (it holds the
+/// file and its WAL in memory); salvage then relies on SQLite alone.
+const SCAN_MAX_BYTES: u64 = 1 << 30;
+
+fn read_for_scan(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+        Ok(m) if m.len() > SCAN_MAX_BYTES => Err(std::io::Error::other(format!(
+            "{} bytes, over the scan's limit",
+            m.len()
+        ))),
+        Ok(_) => std::fs::read(path).map(Some),
+    }
+}
+
+/// When SQLite could not read every op row, or the WAL holds commits it
+/// ignores, copies the op rows the scan finds in the moved file's pages
+/// and WAL frames (see `outbox::scan`) that SQLite did not copy, and replaces a
+/// copied row by a newer version SQLite did not read (a WAL commit after a
+/// damaged frame). When the WAL had such commits and the scan saw every
+/// page's newest image intact, an op SQLite showed but the scan does not
+/// find was deleted by one of them (acknowledged): it is removed. Returns
+/// the largest position seen (rows and the position marks). The lock row
+/// is taken from the scan if SQLite could not read it.
+fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i64 {
+    let sql_complete = !report.ops_table_lost && report.unreadable_seq_ranges.is_empty();
+    let wal = match read_for_scan(&with_suffix(aside, "-wal")) {
+        Ok(wal) => wal,
+        Err(e) => {
+            note(report, format!("the page scan was skipped: {e}"));
+            return 0;
+        }
+    };
+    // When SQLite read every op row and every commit, the scan has nothing
+    // to add: skip it (and its memory).
+    let page_size = scan::db_page_size(&file_head(aside));
+    let wal_broken = wal
+        .as_deref()
+        .is_some_and(|w| scan::wal_break(w, page_size).is_some());
+    if sql_complete && !wal_broken {
+        return 0;
+    }
+    let db = match read_for_scan(aside) {
+        Ok(Some(db)) => db,
+        Ok(None) => return 0,
+        Err(e) => {
+            note(report, format!("the page scan was skipped: {e}"));
+            return 0;
+        }
+    };
+    let found = scan::scan(&db, wal.as_deref());
+    drop(db);
+    drop(wal);
+    note(
+        report,
+        format!(
+            "page scan: {} table leaf pages, {} op rows, {} cells that did not decode",
+            found.leaf_pages,
+            found.rows.len(),
+            found.bad_cells
+        ),
+    );
+    let insert = op_insert(true);
+    let mut ids = std::collections::HashSet::new();
+    for row in found.rows {
+        let op_id = row.values[1].clone();
+        ids.insert(id_key(&op_id));
+        let seq = match row.values[0] {
+            SqlValue::Integer(s) => s,
+            _ => 0,
+        };
+        let present = new
+            .query_row("SELECT 1 FROM ops WHERE op_id = ?1", [&op_id], |_| Ok(()))
+            .is_ok();
+        if present {
+            // A newer version replaces the copy, unless it is itself
+            // damaged (a damaged frame) and the copy is not.
+            if !row.past_break || !op_row_valid(&row.values[..OP_COPY_COLUMNS.len()]) {
+                continue;
+            }
+            if let Err(e) = new.execute("DELETE FROM ops WHERE op_id = ?1", [&op_id]) {
+                note(report, format!("op {seq}: newer version not copied: {e}"));
+                continue;
+            }
+        }
+        report.ops_found_by_scan += u64::from(!present);
+        copy_row(new, &insert, seq, Some(row.values), report);
+    }
+    if let (false, Some(lock)) = (report.lock_saved, found.lock) {
+        let copied = new.execute(
+            "INSERT OR IGNORE INTO lock (id, owner, epoch, heartbeat, beat_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            rusqlite::params_from_iter(lock),
+        );
+        report.lock_saved = matches!(copied, Ok(1));
+    }
+    if found.wal_break.is_some() && found.complete && sql_complete {
+        remove_deleted_later(new, &ids, report);
+    }
+    recount(new, report);
+    found.max_rowid.max(found.seq_mark)
+}
+
+/// An op id as a set key (a damaged one may not be text).
+fn id_key(v: &SqlValue) -> String {
+    match v {
+        SqlValue::Text(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Removes the copied ops whose op id is not in `ids` (see [`copy_scanned`]).
+fn remove_deleted_later(
+    new: &Connection,
+    ids: &std::collections::HashSet<String>,
+    report: &mut SalvageReport,
+) {
+    let copied: Vec<(i64, SqlValue)> =
+        match new.prepare("SELECT seq, op_id FROM ops").and_then(|mut s| {
+            s.query_map([], |r| Ok((r.get(0)?, r.get_ref(1).map(owned)?)))?
+                .collect()
+        }) {
+            Ok(v) => v,
+            Err(e) => {
+                note(report, format!("listing the copied ops failed: {e}"));
+                return;
+            }
+        };
+    for (seq, id) in copied {
+        if ids.contains(&id_key(&id)) {
+            continue;
+        }
+        match new.execute("DELETE FROM ops WHERE seq = ?1", [seq]) {
+            Ok(_) => report.ops_deleted_later += 1,
+            Err(e) => note(report, format!("op {seq}: deleted later, not removed: {e}")),
+        }
+    }
+}
+
+/// Counts the copied ops again after the scan replaced or removed some.
+fn recount(new: &Connection, report: &mut SalvageReport) {
+    let counts = new.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE last_error IS ?1) FROM ops",
+        [QUARANTINE_REASON],
+        |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+    );
+    if let Ok((all, quarantined)) = counts {
+        report.ops_quarantined = u64::try_from(quarantined).unwrap_or(0);
+        report.ops_saved = u64::try_from(all - quarantined).unwrap_or(0);
+    }
+}
+
 /// Copies every readable op row from `old` to `new`, skipping unreadable ones.
 fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     // Without a readable max, probe a bounded distance past the last good row.
@@ -420,13 +690,7 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     let sealed = old.prepare("SELECT checksum FROM ops LIMIT 0").is_ok();
     let seal = if sealed { "checksum" } else { "NULL" };
     let select = format!("SELECT {cols}, {seal} FROM ops WHERE seq >= ?1 ORDER BY seq");
-    let placeholders = vec!["?"; OP_COPY_COLUMNS.len()].join(", ");
-    let n = OP_COPY_COLUMNS.len();
-    let insert = format!(
-        "INSERT OR IGNORE INTO ops ({cols}, checksum) VALUES ({placeholders}, \
-         CASE WHEN {sealed} THEN ?{} ELSE op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8) END)",
-        n + 1
-    );
+    let insert = op_insert(sealed);
     // A tiny table that usually survives when the end of `ops` does not
     // bounds every seq ever used: `ops_seq_mark.bound` (schema 3), or
     // AUTOINCREMENT's `sqlite_sequence` (schemas 1 and 2).
@@ -559,9 +823,7 @@ fn copy_row(
     let valid = op_row_valid(&v[..OP_COPY_COLUMNS.len()]);
     if !valid {
         v[12] = SqlValue::Text("failed".into());
-        v[15] = SqlValue::Text(
-            "quarantined: damaged row found by salvage (its values do not make an op)".into(),
-        );
+        v[15] = SqlValue::Text(QUARANTINE_REASON.into());
     }
     match new.execute(insert, rusqlite::params_from_iter(v)) {
         Ok(1) if valid => report.ops_saved += 1,
@@ -664,6 +926,8 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         ops_quarantined: 0,
         unreadable_seq_ranges: Vec::new(),
         ops_table_lost: false,
+        ops_found_by_scan: 0,
+        ops_deleted_later: 0,
         meta_saved: 0,
         outcomes_saved: 0,
         lock_saved: false,
@@ -679,16 +943,19 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
             return report;
         }
     };
-    let old = match Connection::open_with_flags(&copy.0, OpenFlags::SQLITE_OPEN_READ_WRITE) {
-        Ok(c) => c,
+    let old = Connection::open_with_flags(&copy.0, OpenFlags::SQLITE_OPEN_READ_WRITE);
+    match &old {
+        Ok(old) => {
+            copy_ops(old, fresh, &mut report);
+            copy_small(old, fresh, &mut report);
+        }
         Err(e) => {
             report.ops_table_lost = true;
             note(&mut report, format!("moved file cannot be opened: {e}"));
-            return report;
         }
-    };
-    copy_ops(&old, fresh, &mut report);
-    copy_small(&old, fresh, &mut report);
+    }
+    // Then what SQLite could not reach or did not read.
+    let scanned_max = copy_scanned(aside, fresh, &mut report);
     // No position is reused: every one the old file may have used is
     // marked as taken (its bound is above all of them).
     let taken: i64 = [
@@ -697,8 +964,14 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         "SELECT seq FROM sqlite_sequence WHERE name = 'ops'",
     ]
     .iter()
-    .filter_map(|q| old.query_row(q, [], |r| r.get::<_, i64>(0)).ok())
+    .filter_map(|q| {
+        old.as_ref()
+            .ok()?
+            .query_row(q, [], |r| r.get::<_, i64>(0))
+            .ok()
+    })
     .chain(report.unreadable_seq_ranges.iter().map(|r| r.1))
+    .chain([scanned_max])
     .max()
     .unwrap_or(0);
     drop(old);

@@ -31,6 +31,7 @@ mod outcomes;
 mod reader;
 mod rows;
 mod runner;
+mod scan;
 mod schema;
 mod upcast;
 mod wal_prefill;
@@ -381,6 +382,18 @@ fn prepare_conn(
     let mut conn = schema::connect(path, options.synchronous, options.busy_timeout)?;
     report.migrated_from = schema::migrate(&mut conn)?;
     probe(&conn)?;
+    // A garbled schema fails only later reads, with an error SQLite does
+    // not call corrupt: a plain open refuses the file, a repair salvages.
+    if let Err(e) = damage::schema_probe(&conn, schema::SCHEMA_VERSION) {
+        let reason = format!("the schema is not an outbox's: {e}");
+        return Err(Prep::Suspect(
+            reason.clone(),
+            OpenError::Damaged {
+                path: path.to_path_buf(),
+                reason,
+            },
+        ));
+    }
     if options.integrity_check_at_open {
         let check = damage::check(&conn, options.clock.now_millis())?;
         if !check.structure_ok() {
@@ -442,7 +455,18 @@ fn open_conn(
         created,
         ..OpenReport::default()
     };
-    let reason = match prepare_conn(path, options, &mut report) {
+    // A repair looks for WAL commits SQLite would ignore before anything
+    // opens the file for writing: the first write would overwrite them.
+    let wal_break = if repair {
+        damage::wal_break_locked(path, options.busy_timeout)
+    } else {
+        None
+    };
+    let prepared = match wal_break {
+        Some(reason) => Err(Prep::Damaged(reason)),
+        None => prepare_conn(path, options, &mut report),
+    };
+    let reason = match prepared {
         Ok(conn) if !repair => return Ok((conn, report, None)),
         Ok(conn) => match damage::check(&conn, options.clock.now_millis()) {
             Ok(check) if check.structure_ok() => return Ok((conn, report, Some(check))),

@@ -176,8 +176,16 @@ impl OutboxReader {
     /// nothing (no index rebuild, no quarantine: see
     /// [`Outbox::repair`](super::Outbox::repair)).
     pub fn check(&self) -> Result<CheckReport, OutboxError> {
-        let problems = damage::integrity_findings(&self.conn)?;
-        let unreadable_ops = match rows::unreadable(&self.conn, self.sealed()) {
+        let mut problems = damage::integrity_findings(&self.conn)?;
+        let schema = damage::schema_findings(&self.conn, self.schema);
+        // Rows cannot be read through a schema that is not an outbox's.
+        let rows = if schema.is_empty() {
+            rows::unreadable(&self.conn, self.sealed())
+        } else {
+            Ok(Vec::new())
+        };
+        problems.extend(schema);
+        let unreadable_ops = match rows {
             Ok(u) => u,
             Err(e) if super::error::is_corrupt(&e) => Vec::new(),
             Err(e) => return Err(e.into()),
