@@ -55,16 +55,21 @@ async fn ack_first(outbox: &Outbox, n: usize) -> Vec<OpId> {
     let mut done = Vec::new();
     while done.len() < n {
         let ops = outbox
-            .claim_ready(&fence, n - done.len(), i64::MAX / 2)
+            .fenced(&fence)
+            .claim_ready(n - done.len(), i64::MAX / 2)
             .await
             .unwrap();
         assert!(!ops.is_empty());
         for op in ops {
-            outbox.ack(&fence, op.op_id, Ack::default()).await.unwrap();
+            outbox
+                .fenced(&fence)
+                .ack(op.op_id, Ack::default())
+                .await
+                .unwrap();
             done.push(op.op_id);
         }
     }
-    outbox.lock_release(&fence).await.unwrap();
+    outbox.fenced(&fence).lock_release().await.unwrap();
     done
 }
 
@@ -176,7 +181,7 @@ async fn a_wrecked_schema_page_loses_no_op() {
     assert!(s.lock_saved, "{s:?}");
     let fence = outbox.lock_acquire("next", None).await.unwrap().unwrap();
     assert_eq!(fence.epoch(), 2);
-    outbox.lock_release(&fence).await.unwrap();
+    outbox.fenced(&fence).lock_release().await.unwrap();
     outbox.close().await;
     no_temp_files(dir.path());
     let applied = deliver(&path, &server).await;
