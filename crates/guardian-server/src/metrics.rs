@@ -5,12 +5,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
-
-use crate::state::AppState;
-
 /// Counters and gauges of one server.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -165,20 +159,6 @@ fn escape(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
-}
-
-/// Middleware: counts every request by method, matched route and status.
-pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let resp = next.run(req).await;
-    state
-        .metrics
-        .request(&method, &route, resp.status().as_u16());
-    resp
 }
 
 #[cfg(test)]
