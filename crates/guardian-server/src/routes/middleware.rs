@@ -10,7 +10,6 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use guardian_protocol::problem_type;
-use tokio::time::Instant;
 
 use crate::auth::{bearer, Tenant};
 use crate::limits::CommitStarted;
@@ -80,7 +79,7 @@ pub(crate) async fn rate_limit(
     next: Next,
 ) -> Response {
     if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
-        if let Err(wait) = state.rate.check(tenant, Instant::now()) {
+        if let Err(wait) = state.rate.check(tenant) {
             state.metrics.rate_limited();
             let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             return ApiError::new(
