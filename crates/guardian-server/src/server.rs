@@ -91,7 +91,7 @@ impl ServerBuilder {
             store,
             faults,
             inflight: InFlight::new(),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(Metrics::new()),
             rate: Arc::new(RateLimiter::new(config.rate_limit)),
             concurrency: Arc::new(Semaphore::new(config.concurrency_limit)),
             shutdown: shutdown_rx.clone(),
