@@ -5,11 +5,16 @@
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use guardian_protocol::problem_type;
+use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+use tracing::{Level, Span};
 
 use crate::auth::{bearer, Tenant};
 use crate::limits::CommitStarted;
@@ -107,4 +112,42 @@ pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Nex
         .metrics
         .request(&method, &route, resp.status().as_u16());
     resp
+}
+
+/// The span of one request in the access log: its method and path, never
+/// its query, headers or body (tokens travel in the `Authorization` header
+/// and in the dashboard's `?token=`).
+fn request_span(req: &axum::http::Request<Body>) -> Span {
+    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+}
+
+/// The access log's layer: request spans by [`request_span`], no event per
+/// request, body chunk or end of stream.
+pub(crate) type AccessLog = TraceLayer<
+    SharedClassifier<ServerErrorsAsFailures>,
+    fn(&axum::http::Request<Body>) -> Span,
+    (),
+    DefaultOnResponse,
+    (),
+    (),
+    DefaultOnFailure,
+>;
+
+/// The access log (tower-http's `TraceLayer`): one event at DEBUG per
+/// response, with its status and latency, in the request's span
+/// (`RUST_LOG=tower_http=debug` shows it). DEBUG because a busy server's
+/// log would otherwise be mostly this; server errors too (injected faults
+/// make many).
+pub(crate) fn access_log() -> AccessLog {
+    TraceLayer::new_for_http()
+        .make_span_with(request_span as fn(&axum::http::Request<Body>) -> Span)
+        .on_request(())
+        .on_response(
+            DefaultOnResponse::new()
+                .level(Level::DEBUG)
+                .latency_unit(LatencyUnit::Micros),
+        )
+        .on_body_chunk(())
+        .on_eos(())
+        .on_failure(DefaultOnFailure::new().level(Level::DEBUG))
 }

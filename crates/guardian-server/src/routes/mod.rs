@@ -1,5 +1,6 @@
 //! HTTP routes and the middleware stack.
 //!
+//! Every route (outermost): the access log (`routes/middleware.rs`).
 //! `/v1/*` (outer to inner): metrics → timeout + concurrency → bearer auth →
 //! rate limit → injected faults → handler. `/admin/*`: metrics → admin token.
 //! `/healthz`, `/metrics`, `/openapi.json`: metrics only. `/v1/telemetry`:
@@ -28,7 +29,7 @@ use axum::Router;
 use crate::faults::layer::FaultLayer;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use middleware::{authenticate, rate_limit, timeout_and_concurrency, track};
+use middleware::{access_log, authenticate, rate_limit, timeout_and_concurrency, track};
 
 /// The whole application.
 pub(crate) fn router(state: AppState) -> Router {
@@ -84,6 +85,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(from_fn_with_state(state.clone(), track))
+        .layer(access_log())
         .with_state(state)
 }
 

@@ -122,3 +122,55 @@ fn openapi_declares_every_status_and_the_path_syntax() {
     }
     assert_eq!(checked, 15);
 }
+
+/// A log writer that keeps what it is given.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The access log names each request's method, path and status, and never
+/// a token (header or `?token=`) or a body.
+#[tokio::test]
+async fn the_access_log_shows_no_token_and_no_payload() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test's runtime has one thread: the server's tasks log here too.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let h = start_default().await;
+    let payload = "payload-marker-7f3a";
+    let r = h
+        .create("device", "d-log", json!({ "note": payload }), "k-log")
+        .await;
+    assert_eq!(r.status, 201);
+    let r = h
+        .send(
+            h.http
+                .get(h.url(&format!("/dashboard?token={}", crate::common::ADMIN))),
+        )
+        .await;
+    assert!(r.status < 500);
+    drop(h);
+    let log = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    assert!(
+        log.contains("/v1/entities/device") && log.contains("status=201"),
+        "the access log has the request:\n{log}"
+    );
+    for secret in [crate::common::TOKEN, crate::common::ADMIN, payload] {
+        assert!(!log.contains(secret), "{secret:?} in the log:\n{log}");
+    }
+}
