@@ -290,6 +290,16 @@ mod tests {
     }
 
     #[test]
+    fn forced_conflicts_name_their_writes_in_order() {
+        let f = FaultInjector::new(Faults {
+            conflict_next: 1,
+            ..Faults::default()
+        });
+        assert_eq!(f.concurrent_write_key(), "fault:conflict:0");
+        assert_eq!(f.concurrent_write_key(), "fault:conflict:1");
+    }
+
+    #[test]
     fn seeded_faults_repeat() {
         let faults = Faults {
             failure_rate: 0.5,

@@ -459,6 +459,10 @@ mod tests {
     use serde_json::json;
 
     fn store() -> SqliteStore {
+        store_with(Arc::new(NoHooks))
+    }
+
+    fn store_with(hooks: Arc<dyn crate::store::StoreHooks>) -> SqliteStore {
         SqliteStore::open(StoreOptions {
             storage: Storage::Memory,
             synchronous: Synchronous::Full,
@@ -466,9 +470,27 @@ mod tests {
             feed_retention_ms: 60_000,
             require_if_match: false,
             clock: ManualClock::new(1_700_000_000_000),
-            hooks: Arc::new(NoHooks),
+            hooks,
         })
         .unwrap()
+    }
+
+    /// Hooks that make every concurrent write they are asked about, and
+    /// remember which ops they were asked about.
+    #[derive(Debug, Default)]
+    struct AlwaysConflict {
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl crate::store::StoreHooks for AlwaysConflict {
+        fn concurrent_write(&self, input: &MutationInput) -> bool {
+            lock(&self.asked).push(input.key.clone());
+            true
+        }
+
+        fn concurrent_write_key(&self) -> String {
+            "hook:writer".to_owned()
+        }
     }
 
     fn create(key: &str, id: &str) -> MutationInput {
@@ -644,5 +666,41 @@ mod tests {
             .collect();
         assert_eq!(cursors, [1, 2, 3]);
         assert_eq!(feed::counters(&conn, "t").unwrap().0, 3);
+    }
+
+    /// The store asks its hooks about each conditional op only, in op
+    /// order, and a concurrent write they ask for lands before the op is
+    /// decided: the op conflicts with the bumped version, which is in the
+    /// feed and the applied log under the hook's key.
+    #[test]
+    fn hooks_make_a_concurrent_write_before_a_conditional_op() {
+        let hooks = Arc::new(AlwaysConflict::default());
+        let store = store_with(Arc::clone(&hooks) as Arc<dyn crate::store::StoreHooks>);
+        let inner = &store.inner;
+        let mut conn = lock(&inner.conn);
+        let mut update = create("k2", "a");
+        update.kind = MutationKind::Update;
+        update.fingerprint = fingerprint(MutationKind::Update, "device", "a", &update.data_json);
+        update.if_match = Some(crate::store::Precondition::Version(1));
+        let (j, rx) = job("t", vec![create("k1", "a"), update]);
+        commit_group(&mut conn, inner, vec![j]);
+        let out = rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(*lock(&hooks.asked), ["k2"]);
+        assert!(out[0].is_ok());
+        assert!(matches!(
+            &out[1],
+            Err(Refusal::VersionConflict {
+                expected: 1,
+                version: 2,
+                current: Some(_),
+                ..
+            })
+        ));
+        let keys: Vec<_> = applied::read_all(&conn)
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.idempotency_key, a.version))
+            .collect();
+        assert_eq!(keys, [("k1".to_owned(), 1), ("hook:writer".to_owned(), 2)]);
     }
 }
