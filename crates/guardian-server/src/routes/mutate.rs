@@ -1,8 +1,9 @@
 //! The mutation pipeline shared by single requests and batches.
 //!
 //! reserve keys (in-flight) → added latency → maybe drop before commit →
-//! forced conflicts → one transaction (replay / refuse / apply + store) →
-//! maybe drop after commit → results.
+//! one transaction (per op: forced conflict through the store's hooks,
+//! dependency, replay / refuse / apply + store) → maybe drop after commit →
+//! results, with the store's refusals as problem documents.
 
 use std::sync::Arc;
 
