@@ -1,23 +1,19 @@
-//! Request limits: timeout, concurrency and per-tenant rate.
-//!
-//! The body limit lives in the JSON extractor ([`crate::problem::ApiJson`]).
+//! Request limits: the commit flag the request timeout respects, and the
+//! per-tenant rate. The middleware that applies them is in
+//! `routes/middleware.rs`; the body limit lives in the JSON extractor
+//! ([`crate::problem::ApiJson`]).
 
-use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::http::header;
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use guardian_protocol::problem_type;
-use tokio::time::Instant;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter as Gcra};
 
-use crate::auth::Tenant;
 use crate::config::RateLimit;
-use crate::problem::ApiError;
-use crate::state::AppState;
 
 /// Set by the mutation pipeline just before its transaction starts; from then
 /// on the request timeout no longer cuts the request, so a timeout answer
@@ -30,124 +26,106 @@ impl CommitStarted {
         self.0.store(true, Ordering::SeqCst);
     }
 
-    fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
 }
 
-/// Middleware: waits for a concurrency slot, then runs the request under the
-/// request timeout (503 `timeout` problem when it expires before commit).
-pub(crate) async fn timeout_and_concurrency(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let started = CommitStarted::default();
-    req.extensions_mut().insert(started.clone());
-    let limit = state.config.request_timeout;
-    let work = async {
-        let Ok(_permit) = state.concurrency.acquire().await else {
-            return ApiError::internal("the server is shutting down").into_response();
-        };
-        next.run(req).await
-    };
-    tokio::pin!(work);
-    tokio::select! {
-        resp = &mut work => resp,
-        () = tokio::time::sleep(limit) => {
-            if started.is_set() {
-                work.await
-            } else {
-                ApiError::new(
-                    problem_type::TIMEOUT,
-                    503,
-                    "Request timeout",
-                    format!("the request took longer than {} ms; nothing was applied", limit.as_millis()),
-                )
-                .with_header(header::RETRY_AFTER, "1")
-                .into_response()
-            }
-        }
-    }
+/// One GCRA state per tenant.
+type PerTenant<C> =
+    Gcra<Arc<str>, HashMapStateStore<Arc<str>>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// The per-tenant rate limit: `burst` requests at once, refilled at
+/// `per_second` (GCRA, which answers as a token bucket does).
+pub(crate) struct RateLimiter<C: Clock = DefaultClock> {
+    limiter: Option<PerTenant<C>>,
+    clock: C,
 }
 
-/// Per-tenant token buckets.
-#[derive(Debug)]
-pub(crate) struct RateLimiter {
-    limit: Option<RateLimit>,
-    buckets: Mutex<HashMap<Arc<str>, (f64, Instant)>>,
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("enabled", &self.limiter.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl RateLimiter {
     pub(crate) fn new(limit: Option<RateLimit>) -> Self {
-        Self {
-            limit,
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes a token for `tenant`, or says how long until one is available.
-    pub(crate) fn check(&self, tenant: &Arc<str>, now: Instant) -> Result<(), Duration> {
-        let Some(limit) = self.limit else {
-            return Ok(());
-        };
-        let burst = f64::from(limit.burst);
-        let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
-        let (tokens, at) = buckets.entry(Arc::clone(tenant)).or_insert((burst, now));
-        let refill = now.saturating_duration_since(*at).as_secs_f64() * limit.per_second;
-        *tokens = (*tokens + refill).min(burst);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - *tokens) / limit.per_second))
-        }
+        Self::with_clock(limit, DefaultClock::default())
     }
 }
 
-/// Middleware (after authentication): 429 with `Retry-After` when the
-/// tenant's bucket is empty.
-pub(crate) async fn rate_limit(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
-    if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
-        if let Err(wait) = state.rate.check(tenant, Instant::now()) {
-            state.metrics.rate_limited();
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return ApiError::new(
-                problem_type::RATE_LIMITED,
-                429,
-                "Too many requests",
-                format!("rate limit exceeded; retry in {secs} s"),
-            )
-            .with_header(header::RETRY_AFTER, secs.max(1).to_string())
-            .into_response();
+impl<C: Clock + Clone> RateLimiter<C> {
+    fn with_clock(limit: Option<RateLimit>, clock: C) -> Self {
+        Self {
+            limiter: limit.map(|l| Gcra::hashmap_with_clock(quota(l), clock.clone())),
+            clock,
         }
     }
-    next.run(req).await
+
+    /// Takes a request's share for `tenant`, or says how long until one is
+    /// available.
+    pub(crate) fn check(&self, tenant: &Arc<str>) -> Result<(), Duration> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        limiter
+            .check_key(tenant)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+}
+
+/// The longest refill period kept (a rate below one request a century is
+/// taken as one a century).
+const MAX_PERIOD: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// `limit` as a GCRA quota. The builder checked that the rate is positive
+/// and finite and the burst at least one.
+fn quota(limit: RateLimit) -> Quota {
+    let period = Duration::try_from_secs_f64(1.0 / limit.per_second)
+        .unwrap_or(MAX_PERIOD)
+        .clamp(Duration::from_nanos(1), MAX_PERIOD);
+    let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+        .allow_burst(burst)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use governor::clock::FakeRelativeClock;
 
     #[test]
     fn bucket_refills_at_the_rate() {
-        let r = RateLimiter::new(Some(RateLimit {
-            per_second: 2.0,
-            burst: 2,
-        }));
+        let clock = FakeRelativeClock::default();
+        let r = RateLimiter::with_clock(
+            Some(RateLimit {
+                per_second: 2.0,
+                burst: 2,
+            }),
+            clock.clone(),
+        );
         let t: Arc<str> = Arc::from("t");
-        let t0 = Instant::now();
-        assert!(r.check(&t, t0).is_ok());
-        assert!(r.check(&t, t0).is_ok());
-        let wait = r.check(&t, t0).unwrap_err();
+        assert!(r.check(&t).is_ok());
+        assert!(r.check(&t).is_ok());
+        let wait = r.check(&t).unwrap_err();
         assert_eq!(wait, Duration::from_millis(500));
-        assert!(r.check(&t, t0 + Duration::from_millis(500)).is_ok());
+        clock.advance(Duration::from_millis(500));
+        assert!(r.check(&t).is_ok());
         let other: Arc<str> = Arc::from("u");
-        assert!(r.check(&other, t0).is_ok(), "buckets are per tenant");
+        assert!(r.check(&other).is_ok(), "buckets are per tenant");
+    }
+
+    #[test]
+    fn extreme_rates_make_a_quota() {
+        for per_second in [1e-300, 1e-9, 0.01, 1e9, 1e300] {
+            let q = quota(RateLimit {
+                per_second,
+                burst: 1,
+            });
+            assert!(q.replenish_interval() >= Duration::from_nanos(1));
+        }
     }
 }

@@ -1,28 +1,66 @@
-//! Server metrics in the Prometheus text format (hand-formatted).
+//! Server metrics, exposed in the Prometheus text format (0.0.4) by
+//! `metrics-exporter-prometheus`. Each server records into a recorder of its
+//! own, never the process-wide one: several servers share a test process,
+//! and the client library records through the `metrics` facade too.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use metrics::{Counter, Gauge, Key, KeyName, Label, Level, Metadata, Recorder, SharedString};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use axum::extract::{MatchedPath, Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
+const REQUESTS: &str = "guardian_http_requests_total";
+const CLIENTS: &str = "guardian_realtime_clients";
+const METADATA: Metadata<'static> =
+    Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
 
-use crate::state::AppState;
+/// The counters: name and help.
+const COUNTERS: [(&str, &str); 7] = [
+    (
+        "guardian_idempotent_replays_total",
+        "Responses replayed from the idempotency store.",
+    ),
+    (
+        "guardian_conflicts_total",
+        "Mutations refused with 409 (data conflicts and in-flight keys).",
+    ),
+    (
+        "guardian_mutations_applied_total",
+        "Mutations that took effect.",
+    ),
+    (
+        "guardian_rate_limited_total",
+        "Requests refused by the rate limit.",
+    ),
+    (
+        "guardian_injected_failures_total",
+        "Requests failed by fault injection.",
+    ),
+    (
+        "guardian_dropped_connections_total",
+        "Connections dropped by fault injection.",
+    ),
+    (
+        "guardian_realtime_frames_total",
+        "Change frames sent over WebSocket.",
+    ),
+];
 
 /// Counters and gauges of one server.
-#[derive(Debug, Default)]
 pub(crate) struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
-    replays: AtomicU64,
-    conflicts: AtomicU64,
-    applied: AtomicU64,
-    rate_limited: AtomicU64,
-    injected_failures: AtomicU64,
-    dropped_connections: AtomicU64,
-    ws_active: AtomicI64,
-    ws_frames: AtomicU64,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    replays: Counter,
+    conflicts: Counter,
+    applied: Counter,
+    rate_limited: Counter,
+    injected_failures: Counter,
+    dropped_connections: Counter,
+    ws_frames: Counter,
+    ws_active: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 /// Decrements the active WebSocket gauge when dropped.
@@ -31,154 +69,121 @@ pub(crate) struct WsClientGuard<'a>(&'a Metrics);
 
 impl Drop for WsClientGuard<'_> {
     fn drop(&mut self) {
-        self.0.ws_active.fetch_sub(1, Ordering::Relaxed);
+        self.0.ws_active.decrement(1.0);
     }
 }
 
 impl Metrics {
+    /// Registers every metric, so that each shows (at 0) before it moves.
+    pub(crate) fn new() -> Self {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        recorder.describe_counter(
+            KeyName::from_const_str(REQUESTS),
+            None,
+            SharedString::const_str("HTTP requests by method, route and status."),
+        );
+        let [replays, conflicts, applied, rate_limited, injected_failures, dropped_connections, ws_frames] =
+            COUNTERS.map(|(name, help)| {
+                recorder.describe_counter(
+                    KeyName::from_const_str(name),
+                    None,
+                    SharedString::const_str(help),
+                );
+                recorder.register_counter(&Key::from_static_name(name), &METADATA)
+            });
+        recorder.describe_gauge(
+            KeyName::from_const_str(CLIENTS),
+            None,
+            SharedString::const_str("Active WebSocket clients."),
+        );
+        let ws_active = recorder.register_gauge(&Key::from_static_name(CLIENTS), &METADATA);
+        ws_active.set(0.0);
+        Self {
+            recorder,
+            handle,
+            replays,
+            conflicts,
+            applied,
+            rate_limited,
+            injected_failures,
+            dropped_connections,
+            ws_frames,
+            ws_active,
+        }
+    }
+
     pub(crate) fn request(&self, method: &str, route: &str, status: u16) {
-        let mut m = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        *m.entry((method.to_owned(), route.to_owned(), status))
-            .or_insert(0) += 1;
+        let labels = vec![
+            Label::new("method", method.to_owned()),
+            Label::new("route", route.to_owned()),
+            Label::new("status", status.to_string()),
+        ];
+        self.recorder
+            .register_counter(&Key::from_parts(REQUESTS, labels), &METADATA)
+            .increment(1);
     }
 
     /// Requests answered on `route` (its matched pattern), any method or status.
     pub(crate) fn requests_on(&self, route: &str) -> u64 {
-        let m = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        m.iter()
-            .filter(|((_, r, _), _)| r == route)
-            .map(|(_, n)| *n)
-            .sum()
+        let label = format!("route=\"{route}\"");
+        self.sum_requests(|labels| labels.split(',').any(|l| l == label))
     }
 
     /// Requests answered on every route.
     pub(crate) fn requests_total(&self) -> u64 {
-        let m = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-        m.values().sum()
+        self.sum_requests(|_| true)
+    }
+
+    /// The sum of the request counters whose labels match, read back from
+    /// the exposition (the recorder keeps no other way to read a value).
+    fn sum_requests(&self, matches: impl Fn(&str) -> bool) -> u64 {
+        let prefix = format!("{REQUESTS}{{");
+        self.render()
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix)?.rsplit_once("} "))
+            .filter(|(labels, _)| matches(labels))
+            .filter_map(|(_, n)| n.parse::<u64>().ok())
+            .sum()
     }
 
     pub(crate) fn replays(&self, n: u64) {
-        self.replays.fetch_add(n, Ordering::Relaxed);
+        self.replays.increment(n);
     }
 
     pub(crate) fn conflicts(&self, n: u64) {
-        self.conflicts.fetch_add(n, Ordering::Relaxed);
+        self.conflicts.increment(n);
     }
 
     pub(crate) fn applied(&self, n: u64) {
-        self.applied.fetch_add(n, Ordering::Relaxed);
+        self.applied.increment(n);
     }
 
     pub(crate) fn rate_limited(&self) {
-        self.rate_limited.fetch_add(1, Ordering::Relaxed);
+        self.rate_limited.increment(1);
     }
 
     pub(crate) fn injected_failure(&self) {
-        self.injected_failures.fetch_add(1, Ordering::Relaxed);
+        self.injected_failures.increment(1);
     }
 
     pub(crate) fn dropped_connection(&self) {
-        self.dropped_connections.fetch_add(1, Ordering::Relaxed);
+        self.dropped_connections.increment(1);
     }
 
     pub(crate) fn ws_frame(&self) {
-        self.ws_frames.fetch_add(1, Ordering::Relaxed);
+        self.ws_frames.increment(1);
     }
 
     pub(crate) fn ws_client(&self) -> WsClientGuard<'_> {
-        self.ws_active.fetch_add(1, Ordering::Relaxed);
+        self.ws_active.increment(1.0);
         WsClientGuard(self)
     }
 
     /// The Prometheus text exposition (format 0.0.4).
     pub(crate) fn render(&self) -> String {
-        let mut out = String::new();
-        out.push_str(
-            "# HELP guardian_http_requests_total HTTP requests by method, route and status.\n",
-        );
-        out.push_str("# TYPE guardian_http_requests_total counter\n");
-        {
-            let m = self.requests.lock().unwrap_or_else(PoisonError::into_inner);
-            for ((method, route, status), n) in m.iter() {
-                let _ = writeln!(
-                    out,
-                    "guardian_http_requests_total{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {n}",
-                    escape(method),
-                    escape(route)
-                );
-            }
-        }
-        let counters: [(&str, &str, &AtomicU64); 7] = [
-            (
-                "guardian_idempotent_replays_total",
-                "Responses replayed from the idempotency store.",
-                &self.replays,
-            ),
-            (
-                "guardian_conflicts_total",
-                "Mutations refused with 409 (data conflicts and in-flight keys).",
-                &self.conflicts,
-            ),
-            (
-                "guardian_mutations_applied_total",
-                "Mutations that took effect.",
-                &self.applied,
-            ),
-            (
-                "guardian_rate_limited_total",
-                "Requests refused by the rate limit.",
-                &self.rate_limited,
-            ),
-            (
-                "guardian_injected_failures_total",
-                "Requests failed by fault injection.",
-                &self.injected_failures,
-            ),
-            (
-                "guardian_dropped_connections_total",
-                "Connections dropped by fault injection.",
-                &self.dropped_connections,
-            ),
-            (
-                "guardian_realtime_frames_total",
-                "Change frames sent over WebSocket.",
-                &self.ws_frames,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP guardian_realtime_clients Active WebSocket clients.\n# TYPE guardian_realtime_clients gauge\nguardian_realtime_clients {}",
-            self.ws_active.load(Ordering::Relaxed)
-        );
-        out
+        self.handle.render()
     }
-}
-
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Middleware: counts every request by method, matched route and status.
-pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let method = req.method().as_str().to_owned();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let resp = next.run(req).await;
-    state
-        .metrics
-        .request(&method, &route, resp.status().as_u16());
-    resp
 }
 
 #[cfg(test)]
@@ -187,7 +192,7 @@ mod tests {
 
     #[test]
     fn renders_prometheus_text() {
-        let m = Metrics::default();
+        let m = Metrics::new();
         m.request("GET", "/v1/entities/{type}/{id}", 200);
         m.request("GET", "/v1/entities/{type}/{id}", 200);
         m.replays(2);

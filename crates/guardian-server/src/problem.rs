@@ -1,18 +1,20 @@
 //! RFC 9457 problem responses and the JSON body extractor.
 //!
 //! Every error the server answers is an [`ApiError`]: a [`Problem`] plus
-//! optional headers, rendered as `application/problem+json`. The
-//! [`ApiJson`] extractor replaces axum's `Json` so that oversized and
-//! malformed bodies get problem documents too, not plain text.
+//! optional headers, rendered as `application/problem+json`. The domain's
+//! refusals ([`Refusal`], [`FeedRefusal`]) become problems here and only
+//! here. The [`ApiJson`] extractor replaces axum's `Json` so that oversized
+//! and malformed bodies get problem documents too, not plain text.
 
 use axum::body::Body;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use guardian_protocol::{problem_type, Entity, Problem, PROBLEM_CONTENT_TYPE};
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
-use crate::state::AppState;
+use crate::store::{FeedRefusal, Refusal};
 
 /// An error response: a problem document and extra headers.
 #[derive(Debug, Clone)]
@@ -46,10 +48,6 @@ impl ApiError {
 
     pub(crate) fn not_found(detail: impl Into<String>) -> Self {
         Self::new(problem_type::NOT_FOUND, 404, "Not found", detail)
-    }
-
-    pub(crate) fn gone(detail: impl Into<String>) -> Self {
-        Self::new(problem_type::GONE, 410, "Gone", detail)
     }
 
     pub(crate) fn too_large(detail: impl Into<String>) -> Self {
@@ -88,6 +86,87 @@ impl ApiError {
     pub(crate) fn status(&self) -> u16 {
         self.problem.status
     }
+
+    /// The problem document as JSON text with object keys sorted (as
+    /// `serde_json::Value` prints them), the form mutation results carry.
+    pub(crate) fn body_json(&self) -> String {
+        serde_json::to_value(&self.problem)
+            .unwrap_or(Value::Null)
+            .to_string()
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let detail = refusal.to_string();
+        let (problem_type, status, title, current) = match refusal {
+            Refusal::PreconditionRequired => (
+                problem_type::PRECONDITION_REQUIRED,
+                428,
+                "Precondition required",
+                None,
+            ),
+            Refusal::Exists { current, .. } => {
+                (problem_type::CONFLICT_EXISTS, 409, "Entity exists", current)
+            }
+            Refusal::NotFound { .. } => (problem_type::NOT_FOUND, 404, "Not found", None),
+            Refusal::Gone { current, .. } => (problem_type::GONE, 410, "Gone", current),
+            Refusal::VersionConflict { current, .. } => (
+                problem_type::CONFLICT_VERSION,
+                409,
+                "Version conflict",
+                current,
+            ),
+            Refusal::KeyReused { .. } => (
+                problem_type::IDEMPOTENCY_MISMATCH,
+                422,
+                "Idempotency key reused",
+                None,
+            ),
+            Refusal::DependencyFailed { .. } => (
+                problem_type::DEPENDENCY_FAILED,
+                424,
+                "Dependency failed",
+                None,
+            ),
+            Refusal::InFlight { .. } | Refusal::EarlierInFlight { .. } => (
+                problem_type::IDEMPOTENCY_IN_FLIGHT,
+                409,
+                "Request in flight",
+                None,
+            ),
+        };
+        let e = Self::new(problem_type, status, title, detail);
+        match current {
+            Some(c) => e.with_current(*c),
+            None => e,
+        }
+    }
+}
+
+impl From<&FeedRefusal> for ApiError {
+    fn from(refusal: &FeedRefusal) -> Self {
+        match *refusal {
+            FeedRefusal::Expired {
+                since,
+                purged_through,
+                last,
+            } => Self::cursor_expired(
+                format!(
+                    "cursor {since} is older than the retained feed (changes through \
+                     {purged_through} were purged); resync from scratch"
+                ),
+                last,
+            ),
+            FeedRefusal::Ahead { since, last } => Self::cursor_expired(
+                format!(
+                    "cursor {since} is ahead of this server's feed (latest {last}); the server \
+                     lost its data or this is another server: resync from scratch"
+                ),
+                last,
+            ),
+        }
+    }
 }
 
 /// Renders a problem (possibly replayed from the store) as a response.
@@ -119,11 +198,18 @@ impl IntoResponse for ApiError {
 #[derive(Debug)]
 pub(crate) struct ApiJson<T>(pub(crate) T);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
+/// The largest request body accepted, in bytes (taken from the state).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BodyLimit(pub(crate) usize);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T>
+where
+    BodyLimit: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        let limit = state.config.body_limit;
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let BodyLimit(limit) = BodyLimit::from_ref(state);
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)

@@ -20,7 +20,7 @@ use crate::inflight::InFlight;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::state::{AppState, Shared};
-use crate::store::{AppliedMutation, PurgeReport, Store, StoreError, StoreOptions};
+use crate::store::{AppliedMutation, PurgeReport, Store, StoreError, StoreHooks, StoreOptions};
 
 /// Stops a running server from anywhere (cheap to clone).
 #[derive(Debug, Clone)]
@@ -54,6 +54,7 @@ impl ServerBuilder {
     pub async fn bind(self, addr: impl ToSocketAddrs) -> Result<RunningServer, BindError> {
         self.validate()?;
         let config = Arc::new(self.config);
+        let faults = Arc::new(FaultInjector::new(config.faults.clone()));
         let opts = StoreOptions {
             storage: config.storage.clone(),
             synchronous: config.synchronous,
@@ -61,6 +62,7 @@ impl ServerBuilder {
             feed_retention_ms: millis(config.feed_retention),
             require_if_match: config.require_if_match,
             clock: Arc::clone(&config.clock),
+            hooks: Arc::clone(&faults) as Arc<dyn StoreHooks>,
         };
         let store = Store::open(opts).await?;
         // What expired while the server was down goes before it serves, so
@@ -87,9 +89,9 @@ impl ServerBuilder {
                 config.admin_token.as_deref(),
             ),
             store,
-            faults: Arc::new(FaultInjector::new(config.faults.clone())),
+            faults,
             inflight: InFlight::new(),
-            metrics: Arc::new(Metrics::default()),
+            metrics: Arc::new(Metrics::new()),
             rate: Arc::new(RateLimiter::new(config.rate_limit)),
             concurrency: Arc::new(Semaphore::new(config.concurrency_limit)),
             shutdown: shutdown_rx.clone(),

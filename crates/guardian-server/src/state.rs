@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::ServerConfig;
@@ -11,6 +12,7 @@ use crate::fleet::Fleet;
 use crate::inflight::InFlight;
 use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
+use crate::problem::BodyLimit;
 use crate::store::Store;
 
 /// Everything a handler may touch; cheap to clone: one reference count
@@ -52,4 +54,10 @@ pub(crate) struct Shared {
     pub(crate) webhook: Option<Webhook>,
     /// Secret of the dashboard's session cookie (derived from the admin token).
     pub(crate) dashboard_session: String,
+}
+
+impl FromRef<AppState> for BodyLimit {
+    fn from_ref(state: &AppState) -> Self {
+        BodyLimit(state.config.body_limit)
+    }
 }

@@ -15,11 +15,11 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use guardian_protocol::{BatchOp, BatchRequest, BatchResponse, MutationKind, Problem};
 
-use super::mutate::{execute, prepare, RequestCtx, Slot};
+use super::mutate::{execute, prepare, status_and_body, OpResponse, RequestCtx, Slot};
 use crate::auth::Tenant;
 use crate::problem::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::store::{Dependency, OpResult, Precondition};
+use crate::store::{Dependency, Precondition};
 
 /// Applies a batch of mutations.
 ///
@@ -65,7 +65,7 @@ pub(crate) async fn batch(
     let mut slots = Vec::with_capacity(ops.len());
     for i in 0..ops.len() {
         let slot = match dependency(&ops, i) {
-            Err(e) => Slot::Done(OpResult::problem(&e)),
+            Err(e) => Slot::Done(Err(e)),
             Ok(dependency) => {
                 let op = &mut ops[i];
                 let data = if op.op == MutationKind::Delete {
@@ -85,7 +85,7 @@ pub(crate) async fn batch(
                         input.dependency = dependency;
                         Slot::Ready(input)
                     }
-                    Err(e) => Slot::Done(OpResult::problem(&e)),
+                    Err(e) => Slot::Done(Err(e)),
                 }
             }
         };
@@ -149,19 +149,24 @@ fn dependency(ops: &[BatchOp], i: usize) -> Result<Option<Dependency>, ApiError>
 /// The [`BatchResponse`] document as `Json(BatchResponse)` would print it
 /// (no whitespace, fields in declaration order), with each result's body
 /// spliced in as the JSON text it already is instead of being re-serialized.
-fn response_json(results: &[OpResult]) -> String {
-    let mut out =
-        String::with_capacity(16 + results.iter().map(|r| r.body.len() + 40).sum::<usize>());
+fn response_json(results: &[OpResponse]) -> String {
+    let mut out = String::with_capacity(
+        16 + results
+            .iter()
+            .map(|r| r.as_ref().map_or(256, |a| a.body.len()) + 40)
+            .sum::<usize>(),
+    );
     out.push_str("{\"results\":[");
     for (i, r) in results.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
+        let (status, body, replayed) = status_and_body(r);
         out.push_str("{\"status\":");
-        out.push_str(&r.status.to_string());
+        out.push_str(&status.to_string());
         out.push_str(",\"body\":");
-        out.push_str(&r.body);
-        out.push_str(if r.replayed {
+        out.push_str(&body);
+        out.push_str(if replayed {
             ",\"replayed\":true}"
         } else {
             ",\"replayed\":false}"
@@ -174,37 +179,48 @@ fn response_json(results: &[OpResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Applied, Refusal};
     use guardian_protocol::BatchResult;
     use serde_json::json;
 
     #[test]
     fn response_json_is_what_serde_prints() {
-        let bodies = [
-            json!({"data": {"a": [1, 2.5, "x\"y"]}, "deleted": false, "id": "d1", "type": "t", "updated_at": "2024-01-01T00:00:00.000Z", "version": 3}),
-            json!(null),
-            json!({"status": 409, "title": "Entity exists", "type": "urn:guardian:conflict:exists"}),
-        ];
-        let results: Vec<OpResult> = bodies
-            .iter()
-            .enumerate()
-            .map(|(i, b)| OpResult {
-                status: [201, 204, 409][i],
-                body: b.to_string(),
-                replayed: i == 1,
+        let applied = |status: u16, body: &serde_json::Value, replayed: bool| {
+            Ok(Applied {
+                status,
+                body: body.to_string(),
+                replayed,
                 version: None,
-                in_flight: false,
             })
-            .collect();
+        };
+        let entity = json!({"data": {"a": [1, 2.5, "x\"y"]}, "deleted": false, "id": "d1", "type": "t", "updated_at": "2024-01-01T00:00:00.000Z", "version": 3});
+        let refused = ApiError::from(Refusal::Exists {
+            entity: "t/d1".into(),
+            current: None,
+        });
+        let results: Vec<OpResponse> = vec![
+            applied(201, &entity, false),
+            applied(204, &json!(null), true),
+            Err(refused.clone()),
+        ];
         let want = serde_json::to_string(&BatchResponse {
-            results: results
-                .iter()
-                .zip(&bodies)
-                .map(|(r, b)| BatchResult {
-                    status: r.status,
-                    body: b.clone(),
-                    replayed: r.replayed,
-                })
-                .collect(),
+            results: vec![
+                BatchResult {
+                    status: 201,
+                    body: entity,
+                    replayed: false,
+                },
+                BatchResult {
+                    status: 204,
+                    body: json!(null),
+                    replayed: true,
+                },
+                BatchResult {
+                    status: 409,
+                    body: serde_json::to_value(&refused.problem).unwrap(),
+                    replayed: false,
+                },
+            ],
         })
         .unwrap();
         assert_eq!(response_json(&results), want);

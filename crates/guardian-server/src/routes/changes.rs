@@ -11,7 +11,6 @@ use guardian_protocol::{ChangesPage, Problem};
 use crate::auth::Tenant;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::store::feed_problem;
 
 /// Default and largest page size.
 const DEFAULT_LIMIT: usize = 100;
@@ -70,7 +69,7 @@ pub(crate) async fn changes(
         .await
     {
         Ok(Ok(page)) => Json(page).into_response(),
-        Ok(Err(refusal)) => feed_problem(&refusal).into_response(),
+        Ok(Err(refusal)) => ApiError::from(&refusal).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "feed read failed");
             ApiError::internal("the database failed").into_response()

@@ -13,7 +13,7 @@ use super::mutate::{execute, if_match_header, key_header, op_response, prepare, 
 use crate::auth::Tenant;
 use crate::problem::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::store::OpResult;
+use crate::store::{Applied, MutationInput, Refusal};
 
 fn path_error(e: &PathRejection) -> ApiError {
     ApiError::bad_request(format!("bad path: {e}"))
@@ -30,10 +30,22 @@ async fn single(state: &AppState, tenant: &Tenant, ctx: &RequestCtx, slot: Slot)
     }
 }
 
-fn slot(r: Result<crate::store::MutationInput, ApiError>) -> Slot {
+fn slot(r: Result<MutationInput, ApiError>) -> Slot {
     match r {
         Ok(input) => Slot::Ready(input),
-        Err(e) => Slot::Done(OpResult::problem(&e)),
+        Err(e) => Slot::Done(Err(e)),
+    }
+}
+
+/// A 200 answer carrying `entity` (a GET).
+fn found(entity: &Entity) -> Applied {
+    Applied {
+        status: 200,
+        body: serde_json::to_value(entity)
+            .unwrap_or(serde_json::Value::Null)
+            .to_string(),
+        replayed: false,
+        version: Some(entity.version),
     }
 }
 
@@ -117,13 +129,16 @@ pub(crate) async fn get(
         .get(tenant.0, entity_type.clone(), id.clone())
         .await
     {
-        Ok(Some(e)) if e.deleted => ApiError::gone(format!("{entity_type}/{id} was deleted"))
-            .with_current(e)
-            .into_response(),
-        Ok(Some(e)) => op_response(OpResult::entity(&e)),
-        Ok(None) => {
-            ApiError::not_found(format!("{entity_type}/{id} does not exist")).into_response()
-        }
+        Ok(Some(e)) if e.deleted => ApiError::from(Refusal::Gone {
+            entity: format!("{entity_type}/{id}"),
+            current: Some(Box::new(e)),
+        })
+        .into_response(),
+        Ok(Some(e)) => op_response(Ok(found(&e))),
+        Ok(None) => ApiError::from(Refusal::NotFound {
+            entity: format!("{entity_type}/{id}"),
+        })
+        .into_response(),
         Err(e) => {
             tracing::error!(error = %e, "read failed");
             ApiError::internal("the database failed").into_response()

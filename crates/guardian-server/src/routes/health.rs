@@ -1,4 +1,4 @@
-//! `/healthz`, `/metrics`, `/openapi.json`.
+//! `/healthz` and `/metrics` (`/openapi.json` is served by [`super::openapi`]).
 
 use axum::extract::State;
 use axum::http::header;
@@ -37,17 +37,6 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.metrics.render() + &state.fleet.render(state.config.clock.now_millis()),
-    )
-        .into_response()
-}
-
-/// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "ops",
-    responses((status = 200, description = "The OpenAPI 3.1 document of the protocol", body = Object)))]
-pub(crate) async fn openapi() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        crate::openapi::document_json(),
     )
         .into_response()
 }

@@ -1,5 +1,6 @@
 //! HTTP routes and the middleware stack.
 //!
+//! Every route (outermost): the access log (`routes/middleware.rs`).
 //! `/v1/*` (outer to inner): metrics → timeout + concurrency → bearer auth →
 //! rate limit → injected faults → handler. `/admin/*`: metrics → admin token.
 //! `/healthz`, `/metrics`, `/openapi.json`: metrics only. `/v1/telemetry`:
@@ -12,20 +13,23 @@ pub(crate) mod changes;
 pub(crate) mod dashboard;
 pub(crate) mod entities;
 pub(crate) mod health;
+pub(crate) mod middleware;
 pub(crate) mod mutate;
+pub mod openapi;
 pub(crate) mod realtime;
 pub(crate) mod telemetry;
 
-use axum::extract::{Request, State};
-use axum::http::{header, Method};
-use axum::middleware::{from_fn_with_state, Next};
+use std::sync::Arc;
+
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::faults::layer::FaultLayer;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::{auth, limits, metrics};
+use middleware::{access_log, authenticate, rate_limit, timeout_and_concurrency, track};
 
 /// The whole application.
 pub(crate) fn router(state: AppState) -> Router {
@@ -40,23 +44,21 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/batch", post(batch::batch))
         .route("/v1/changes", get(changes::changes))
         .route("/v1/realtime", get(realtime::realtime))
-        .layer(from_fn_with_state(state.clone(), inject_faults))
-        .layer(from_fn_with_state(state.clone(), limits::rate_limit))
-        .layer(from_fn_with_state(state.clone(), auth::authenticate))
-        .layer(from_fn_with_state(
-            state.clone(),
-            limits::timeout_and_concurrency,
-        ));
+        .layer(FaultLayer::new(
+            Arc::clone(&state.faults),
+            Arc::clone(&state.metrics),
+            Arc::clone(&state.config.clock),
+        ))
+        .layer(from_fn_with_state(state.clone(), rate_limit))
+        .layer(from_fn_with_state(state.clone(), authenticate))
+        .layer(from_fn_with_state(state.clone(), timeout_and_concurrency));
     // Telemetry is best effort and no part of the protocol's data path:
     // authenticated and rate limited, but exempt from injected faults.
     let telemetry = Router::new()
         .route("/v1/telemetry", post(telemetry::telemetry))
-        .layer(from_fn_with_state(state.clone(), limits::rate_limit))
-        .layer(from_fn_with_state(state.clone(), auth::authenticate))
-        .layer(from_fn_with_state(
-            state.clone(),
-            limits::timeout_and_concurrency,
-        ));
+        .layer(from_fn_with_state(state.clone(), rate_limit))
+        .layer(from_fn_with_state(state.clone(), authenticate))
+        .layer(from_fn_with_state(state.clone(), timeout_and_concurrency));
     let dashboard = Router::new()
         .route("/dashboard/state", get(dashboard::state_json))
         .route("/dashboard/events", get(dashboard::events))
@@ -73,7 +75,7 @@ pub(crate) fn router(state: AppState) -> Router {
     let ops = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(health::openapi));
+        .route("/openapi.json", get(openapi::serve));
     Router::new()
         .merge(v1)
         .merge(telemetry)
@@ -82,7 +84,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(ops)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(from_fn_with_state(state.clone(), metrics::track))
+        .layer(from_fn_with_state(state.clone(), track))
+        .layer(access_log())
         .with_state(state)
 }
 
@@ -98,49 +101,4 @@ async fn method_not_allowed() -> Response {
         "this route does not accept this method",
     )
     .into_response()
-}
-
-/// Middleware: injected failures and latency. Mutations get their latency
-/// inside the pipeline (after the key is reserved); the WebSocket is exempt.
-async fn inject_faults(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/v1/realtime" {
-        return next.run(req).await;
-    }
-    if let Some(failure) = state.faults.request_failure() {
-        state.metrics.injected_failure();
-        let (problem_type, title) = match failure.status {
-            429 => (
-                guardian_protocol::problem_type::RATE_LIMITED,
-                "Too many requests",
-            ),
-            500 => (
-                guardian_protocol::problem_type::INTERNAL,
-                "Internal server error",
-            ),
-            _ => (
-                guardian_protocol::problem_type::UNAVAILABLE,
-                "Service unavailable",
-            ),
-        };
-        let mut err = ApiError::new(
-            problem_type,
-            failure.status,
-            title,
-            "failure injected by the server's fault settings; nothing was applied",
-        );
-        if let Some(ra) = failure.retry_after {
-            err = err.with_header(
-                header::RETRY_AFTER,
-                ra.header_value(state.config.clock.now_millis()),
-            );
-        }
-        return err.into_response();
-    }
-    if req.method() == Method::GET || req.method() == Method::HEAD {
-        let latency = state.faults.latency();
-        if !latency.is_zero() {
-            tokio::time::sleep(latency).await;
-        }
-    }
-    next.run(req).await
 }

@@ -1,8 +1,9 @@
 //! The mutation pipeline shared by single requests and batches.
 //!
 //! reserve keys (in-flight) → added latency → maybe drop before commit →
-//! forced conflicts → one transaction (replay / refuse / apply + store) →
-//! maybe drop after commit → results.
+//! one transaction (per op: forced conflict through the store's hooks,
+//! dependency, replay / refuse / apply + store) → maybe drop after commit →
+//! results, with the store's refusals as problem documents.
 
 use std::sync::Arc;
 
@@ -22,14 +23,18 @@ use crate::limits::CommitStarted;
 use crate::problem::ApiError;
 use crate::state::AppState;
 use crate::store::{
-    canonical, fingerprint, fingerprint_data, MutationInput, OpResult, Precondition,
+    canonical, fingerprint, fingerprint_data, Applied, MutationInput, Precondition, Refusal,
 };
+
+/// The answer to one mutation as a single request would get it: the
+/// response it took effect with, or a problem.
+pub(crate) type OpResponse = Result<Applied, ApiError>;
 
 /// One op of a request: ready for the store, or already answered.
 #[derive(Debug)]
 pub(crate) enum Slot {
     Ready(MutationInput),
-    Done(OpResult),
+    Done(OpResponse),
     /// Handed to the store; its result comes back in order.
     Sent,
 }
@@ -110,7 +115,6 @@ pub(crate) fn prepare(
         data,
         data_json,
         if_match,
-        force_conflict: false,
         dependency: None,
     })
 }
@@ -178,7 +182,7 @@ pub(crate) async fn execute(
     tenant: &Arc<str>,
     ctx: &RequestCtx,
     mut slots: Vec<Slot>,
-) -> Result<Vec<OpResult>, Interrupted> {
+) -> Result<Vec<OpResponse>, Interrupted> {
     let conn = ctx.conn.as_ref();
     let commit = ctx.commit.as_ref();
     let keys: Vec<&str> = slots
@@ -202,41 +206,34 @@ pub(crate) async fn execute(
             // goes to the store is resolved there, from that op's result.
             if let Some(dep) = input.dependency {
                 if let Some(Slot::Done(r)) = earlier.get(dep.on) {
-                    match dep.resolve(r, input.if_match) {
+                    match dep.resolve(r.as_ref().ok(), input.if_match) {
                         Ok(precondition) => {
                             input.if_match = precondition;
                             input.dependency = None;
                         }
                         Err(failed) => {
-                            slots[i] = Slot::Done(failed);
+                            slots[i] = Slot::Done(Err(failed.into()));
                             continue;
                         }
                     }
                 }
             }
-            let detail = if own_busy {
+            let refusal = if own_busy {
                 held.push((input.entity_type.clone(), input.id.clone()));
-                format!(
-                    "a request with idempotency key {:?} is still being processed; retry later with the same key",
-                    input.key
-                )
+                Refusal::InFlight {
+                    key: input.key.clone(),
+                }
             } else if held
                 .iter()
                 .any(|(t, id)| *t == input.entity_type && *id == input.id)
             {
-                format!(
-                    "an earlier op on {}/{} in this batch is still being processed elsewhere; retry later with the same key",
-                    input.entity_type, input.id
-                )
+                Refusal::EarlierInFlight {
+                    entity: format!("{}/{}", input.entity_type, input.id),
+                }
             } else {
                 continue;
             };
-            slots[i] = Slot::Done(OpResult::problem(&ApiError::new(
-                problem_type::IDEMPOTENCY_IN_FLIGHT,
-                409,
-                "Request in flight",
-                detail,
-            )));
+            slots[i] = Slot::Done(Err(refusal.into()));
         }
     }
     if !slots.iter().any(|s| matches!(s, Slot::Ready(_))) {
@@ -283,12 +280,6 @@ pub(crate) async fn execute(
                 // `inputs` already (it came first).
                 dep.on = positions.get(dep.on).copied().unwrap_or(usize::MAX);
             }
-            // A chained op is conditional too (unless its predecessor turns
-            // out to be a delete, when there is no live entity to bump).
-            let conditional = input.kind != MutationKind::Create
-                && (matches!(input.if_match, Some(Precondition::Version(_)))
-                    || input.dependency.is_some_and(|d| d.chained));
-            input.force_conflict = conditional && state.faults.force_conflict();
             inputs.push(input);
         }
     }
@@ -311,20 +302,27 @@ pub(crate) async fn execute(
     }
     .into_iter();
     drop(reservation);
-    let results: Vec<OpResult> = slots
+    let results: Vec<OpResponse> = slots
         .into_iter()
         .map(|slot| match slot {
             Slot::Done(r) => r,
-            Slot::Ready(_) | Slot::Sent => applied
-                .next()
-                .unwrap_or_else(|| OpResult::problem(&ApiError::internal("missing result"))),
+            Slot::Ready(_) | Slot::Sent => match applied.next() {
+                Some(outcome) => outcome.map_err(ApiError::from),
+                None => Err(ApiError::internal("missing result")),
+            },
         })
         .collect();
-    let replays = results.iter().filter(|r| r.replayed).count();
-    let conflicts = results.iter().filter(|r| r.status == 409).count();
+    let replays = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|a| a.replayed))
+        .count();
+    let conflicts = results
+        .iter()
+        .filter(|r| r.as_ref().is_err_and(|e| e.status() == 409))
+        .count();
     let fresh = results
         .iter()
-        .filter(|r| !r.replayed && (200..300).contains(&r.status))
+        .filter(|r| r.as_ref().is_ok_and(|a| !a.replayed))
         .count();
     state.metrics.replays(replays as u64);
     state.metrics.conflicts(conflicts as u64);
@@ -340,22 +338,42 @@ pub(crate) async fn execute(
     Ok(results)
 }
 
+/// The status, body (JSON text) and replay flag of a mutation's answer, as
+/// a single response or a batch result carries them. A problem is printed
+/// with its keys sorted, as the store prints what it keeps.
+pub(crate) fn status_and_body(r: &OpResponse) -> (u16, std::borrow::Cow<'_, str>, bool) {
+    match r {
+        Ok(a) => (a.status, std::borrow::Cow::Borrowed(&a.body), a.replayed),
+        Err(e) => (e.status(), std::borrow::Cow::Owned(e.body_json()), false),
+    }
+}
+
 /// The HTTP response of a single mutation (or a GET of an entity).
-pub(crate) fn op_response(r: OpResult) -> Response {
-    let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+pub(crate) fn op_response(r: OpResponse) -> Response {
+    let (status, body, replayed, version, problem) = match r {
+        Ok(a) => (a.status, a.body, a.replayed, a.version, None),
+        Err(e) => (
+            e.status(),
+            e.body_json(),
+            false,
+            None,
+            Some(e.problem.problem_type),
+        ),
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = if status == StatusCode::NO_CONTENT {
         Response::new(Body::empty())
     } else {
-        Response::new(Body::from(r.body))
+        Response::new(Body::from(body))
     };
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    if status.is_client_error() || status.is_server_error() {
+    if let Some(problem_type) = problem {
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
         );
-        if r.in_flight {
+        if problem_type == problem_type::IDEMPOTENCY_IN_FLIGHT {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
     } else if status != StatusCode::NO_CONTENT {
@@ -363,13 +381,13 @@ pub(crate) fn op_response(r: OpResult) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let Some(v) = r.version {
+        if let Some(v) = version {
             if let Ok(etag) = HeaderValue::from_str(&format!("\"{v}\"")) {
                 headers.insert(header::ETAG, etag);
             }
         }
     }
-    if r.replayed {
+    if replayed {
         headers.insert(
             guardian_protocol::header::IDEMPOTENT_REPLAYED,
             HeaderValue::from_static("true"),

@@ -25,7 +25,7 @@ use super::changes::param;
 use crate::auth::Tenant;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use crate::store::{feed_problem, FeedEvent};
+use crate::store::FeedEvent;
 
 /// Backlog page size.
 const PAGE: usize = 500;
@@ -76,7 +76,7 @@ pub(crate) async fn realtime(
     let kick = state.kick.subscribe();
     let cursor = match state.store.check_since(Arc::clone(&tenant.0), since).await {
         Ok(Ok(cursor)) => cursor,
-        Ok(Err(refusal)) => return feed_problem(&refusal).into_response(),
+        Ok(Err(refusal)) => return ApiError::from(&refusal).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "feed read failed");
             return ApiError::internal("the database failed").into_response();

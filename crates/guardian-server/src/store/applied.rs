@@ -7,10 +7,10 @@
 //! start with `fault:`.
 
 use guardian_protocol::MutationKind;
-use rusqlite::{params, Statement};
+
 use serde::{Deserialize, Serialize};
 
-use super::{feed::parse_op, from_i64, to_i64, StoreError};
+use super::{feed::parse_op, from_i64, StoreError};
 
 /// One mutation that took effect on the server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -35,36 +35,10 @@ pub struct AppliedMutation {
     pub at_millis: i64,
 }
 
-/// SQL of [`append`].
+/// SQL of the applied-log row an applied mutation appends.
 pub(crate) const APPEND_SQL: &str =
     "INSERT INTO applied (tenant, idempotency_key, entity_type, id, op, version, cursor, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-
-/// Appends one applied mutation (`stmt`: [`APPEND_SQL`]).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn append(
-    stmt: &mut Statement<'_>,
-    tenant: &str,
-    key: &str,
-    entity_type: &str,
-    id: &str,
-    op: MutationKind,
-    version: u64,
-    cursor: u64,
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    stmt.execute(params![
-        tenant,
-        key,
-        entity_type,
-        id,
-        op.as_str(),
-        to_i64(version),
-        to_i64(cursor),
-        now_ms
-    ])?;
-    Ok(())
-}
 
 pub(crate) fn read_all(conn: &rusqlite::Connection) -> Result<Vec<AppliedMutation>, StoreError> {
     let mut stmt = conn.prepare(

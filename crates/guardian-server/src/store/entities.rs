@@ -12,14 +12,13 @@
 //! - with `require_if_match`, update and delete without `If-Match` get 428
 //!   before the entity is even looked at.
 
-use guardian_protocol::{problem_type, Entity, MutationKind};
+use guardian_protocol::{Entity, MutationKind};
 use rusqlite::{params, OptionalExtension, Statement};
 
 use crate::clock::format_rfc3339;
-use crate::problem::ApiError;
 
 use super::idempotency::json_string;
-use super::{from_i64, to_i64, MutationInput, Precondition, StoreError};
+use super::{from_i64, to_i64, MutationInput, Precondition, Refusal, StoreError};
 
 /// A stored entity row; `data` stays JSON text until someone needs the value
 /// (most mutations only need the version).
@@ -57,11 +56,9 @@ pub(crate) enum Decision {
         deleted: bool,
         status: u16,
     },
-    /// Refuse with a problem; nothing is written.
-    Refuse(ApiError),
-    /// Refuse with a problem that carries the current entity as `current`;
-    /// nothing is written.
-    RefuseWithCurrent(ApiError),
+    /// Refuse; nothing is written. The store attaches the current entity
+    /// to the refusals that show it ([`Refusal::with_current`]).
+    Refuse(Refusal),
 }
 
 /// Applies the entity rules to the current row (`None` when absent).
@@ -72,12 +69,7 @@ pub(crate) fn decide(
 ) -> Decision {
     let what = || format!("{}/{}", input.entity_type, input.id);
     if require_if_match && input.kind != MutationKind::Create && input.if_match.is_none() {
-        return Decision::Refuse(ApiError::new(
-            problem_type::PRECONDITION_REQUIRED,
-            428,
-            "Precondition required",
-            "this server requires If-Match on updates and deletes",
-        ));
+        return Decision::Refuse(Refusal::PreconditionRequired);
     }
     let apply = |version: u64, deleted: bool, status: u16| Decision::Apply {
         version,
@@ -87,31 +79,28 @@ pub(crate) fn decide(
     match (input.kind, current) {
         (MutationKind::Create, None) => apply(1, false, 201),
         (MutationKind::Create, Some(cur)) if cur.deleted => apply(cur.version + 1, false, 201),
-        (MutationKind::Create, Some(_)) => Decision::RefuseWithCurrent(ApiError::new(
-            problem_type::CONFLICT_EXISTS,
-            409,
-            "Entity exists",
-            format!("{} already exists", what()),
-        )),
+        (MutationKind::Create, Some(_)) => Decision::Refuse(Refusal::Exists {
+            entity: what(),
+            current: None,
+        }),
         (MutationKind::Update | MutationKind::Delete, None) => {
-            Decision::Refuse(ApiError::not_found(format!("{} does not exist", what())))
+            Decision::Refuse(Refusal::NotFound { entity: what() })
         }
         (MutationKind::Update | MutationKind::Delete, Some(cur)) if cur.deleted => {
-            Decision::RefuseWithCurrent(ApiError::gone(format!("{} was deleted", what())))
+            Decision::Refuse(Refusal::Gone {
+                entity: what(),
+                current: None,
+            })
         }
         (kind, Some(cur)) => {
             if let Some(Precondition::Version(v)) = input.if_match {
                 if v != cur.version {
-                    return Decision::RefuseWithCurrent(ApiError::new(
-                        problem_type::CONFLICT_VERSION,
-                        409,
-                        "Version conflict",
-                        format!(
-                            "If-Match {v} does not match the current version {} of {}",
-                            cur.version,
-                            what()
-                        ),
-                    ));
+                    return Decision::Refuse(Refusal::VersionConflict {
+                        expected: v,
+                        version: cur.version,
+                        entity: what(),
+                        current: None,
+                    });
                 }
             }
             if kind == MutationKind::Delete {
@@ -237,7 +226,6 @@ mod tests {
             data_json: data.to_string(),
             data,
             if_match,
-            force_conflict: false,
             dependency: None,
         }
     }
@@ -256,7 +244,16 @@ mod tests {
             Decision::Apply {
                 version, status, ..
             } => (*status, *version),
-            Decision::Refuse(e) | Decision::RefuseWithCurrent(e) => (e.status(), 0),
+            Decision::Refuse(r) => (
+                match r {
+                    Refusal::PreconditionRequired => 428,
+                    Refusal::Exists { .. } | Refusal::VersionConflict { .. } => 409,
+                    Refusal::NotFound { .. } => 404,
+                    Refusal::Gone { .. } => 410,
+                    _ => 0,
+                },
+                0,
+            ),
         }
     }
 
@@ -313,16 +310,19 @@ mod tests {
     }
 
     #[test]
-    fn conflicts_carry_current() {
+    fn conflicts_name_both_versions() {
         let d = decide(
             entity(2, false).as_ref(),
             &input(MutationKind::Update, Some(Precondition::Version(1))),
             false,
         );
-        let Decision::RefuseWithCurrent(e) = d else {
-            panic!("expected a refusal with the current entity")
+        let Decision::Refuse(r) = d else {
+            panic!("expected a refusal")
         };
-        assert_eq!(e.problem.problem_type, problem_type::CONFLICT_VERSION);
+        assert_eq!(
+            r.to_string(),
+            "If-Match 1 does not match the current version 2 of device/d1"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! changes and is told so (410 `cursor-expired`).
 
 use guardian_protocol::{Change, MutationKind};
-use rusqlite::{params, OptionalExtension, Statement, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{from_i64, to_i64, StoreError};
 
@@ -103,37 +103,10 @@ impl Cursors {
     }
 }
 
-/// SQL of [`append`].
+/// SQL of the change an applied mutation appends.
 pub(crate) const APPEND_SQL: &str =
     "INSERT INTO changes (tenant, cursor, op, entity_type, id, version, data, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
-
-/// Appends a change at `cursor` (from [`Cursors::next`]); `data_json` is the
-/// change's data as JSON text (`null` for a delete). `stmt`: [`APPEND_SQL`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn append(
-    stmt: &mut Statement<'_>,
-    tenant: &str,
-    cursor: u64,
-    op: MutationKind,
-    entity_type: &str,
-    id: &str,
-    version: u64,
-    data_json: &str,
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    stmt.execute(params![
-        tenant,
-        to_i64(cursor),
-        op.as_str(),
-        entity_type,
-        id,
-        to_i64(version),
-        data_json,
-        now_ms
-    ])?;
-    Ok(())
-}
 
 /// Up to `limit` changes after `since`, in cursor order.
 pub(crate) fn read(

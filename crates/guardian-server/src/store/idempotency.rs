@@ -24,6 +24,7 @@ use rusqlite::{params, OptionalExtension, Statement, Transaction};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::apply::KeptResponse;
 use super::StoreError;
 
 /// A stored response.
@@ -193,13 +194,17 @@ pub(crate) const STORE_SQL: &str =
 pub(crate) fn store(
     stmt: &mut Statement<'_>,
     tenant: &str,
-    key: &str,
-    fingerprint: &[u8],
-    status: u16,
-    body: &str,
+    r: KeptResponse<'_>,
     now_ms: i64,
 ) -> Result<(), StoreError> {
-    stmt.execute(params![tenant, key, fingerprint, status, body, now_ms])?;
+    stmt.execute(params![
+        tenant,
+        r.key,
+        r.fingerprint,
+        r.status,
+        r.body,
+        now_ms
+    ])?;
     Ok(())
 }
 

@@ -9,9 +9,12 @@
 //! realtime sessions ([`FeedEvent`]).
 
 mod applied;
+mod apply;
 mod entities;
 mod feed;
+mod hooks;
 mod idempotency;
+mod outcome;
 mod postgres;
 mod schema;
 mod sqlite;
@@ -25,13 +28,15 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 pub use applied::AppliedMutation;
-pub(crate) use entities::Decision;
 pub(crate) use feed::FeedRefusal;
+#[cfg(test)]
+pub(crate) use hooks::NoHooks;
+pub(crate) use hooks::StoreHooks;
 pub(crate) use idempotency::{canonical, fingerprint, fingerprint_data};
+pub(crate) use outcome::{Applied, OpOutcome, Refusal};
 pub use schema::Synchronous;
 
 use crate::clock::SharedClock;
-use crate::problem::ApiError;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +93,6 @@ pub(crate) struct MutationInput {
     /// numbers are in canonical form).
     pub(crate) data_json: String,
     pub(crate) if_match: Option<Precondition>,
-    /// Fault: a concurrent writer bumps the entity just before this op.
-    pub(crate) force_conflict: bool,
     /// A batch op's `depends_on`: an earlier op of the same request that
     /// must have succeeded before this one is applied.
     pub(crate) dependency: Option<Dependency>,
@@ -111,18 +114,20 @@ pub(crate) struct Dependency {
 }
 
 impl Dependency {
-    /// What a dependent op gets given the result of the op it depends on:
-    /// `Ok(precondition)` to go ahead (the precondition only replaces the
-    /// op's own when chained), or the 424 result when the earlier op did not
-    /// succeed (a non-2xx status, whatever it was).
+    /// What a dependent op gets given the outcome of the op it depends on
+    /// (`Some` when that op took effect, fresh or replayed): `Ok(precondition)`
+    /// to go ahead (the precondition only replaces the op's own when
+    /// chained), or the refusal when the earlier op did not succeed.
     pub(crate) fn resolve(
         &self,
-        earlier: &OpResult,
+        earlier: Option<&Applied>,
         own: Option<Precondition>,
-    ) -> Result<Option<Precondition>, OpResult> {
-        if !(200..300).contains(&earlier.status) {
-            return Err(OpResult::problem(&dependency_failed(self.batch_index)));
-        }
+    ) -> Result<Option<Precondition>, Refusal> {
+        let Some(earlier) = earlier else {
+            return Err(Refusal::DependencyFailed {
+                batch_index: self.batch_index,
+            });
+        };
         if !self.chained {
             return Ok(own);
         }
@@ -131,87 +136,6 @@ impl Dependency {
             None
         } else {
             earlier.version.map(Precondition::Version)
-        })
-    }
-}
-
-/// The 424 problem of an op whose dependency did not succeed.
-pub(crate) fn dependency_failed(batch_index: u32) -> ApiError {
-    ApiError::new(
-        guardian_protocol::problem_type::DEPENDENCY_FAILED,
-        424,
-        "Dependency failed",
-        format!(
-            "op {batch_index} of this batch, which this op depends on, did not succeed; \
-             this op was not applied and its key was not recorded: send it again after that op"
-        ),
-    )
-}
-
-/// The response to one mutation, as a single request would get it.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct OpResult {
-    pub(crate) status: u16,
-    /// JSON text: the entity for 200/201, `null` for 204, a problem document
-    /// otherwise. Object keys are sorted (as `serde_json::Value` prints them),
-    /// so a replay from the store is byte for byte the first answer.
-    pub(crate) body: String,
-    pub(crate) replayed: bool,
-    /// The entity version in the body, for the `ETag` of single requests.
-    pub(crate) version: Option<u64>,
-    /// A 409 `idempotency:in-flight` problem (single requests get
-    /// `Retry-After: 1`).
-    pub(crate) in_flight: bool,
-}
-
-impl OpResult {
-    pub(crate) fn problem(e: &ApiError) -> Self {
-        Self {
-            status: e.status(),
-            body: serde_json::to_value(&e.problem)
-                .unwrap_or(Value::Null)
-                .to_string(),
-            replayed: false,
-            version: None,
-            in_flight: e.problem.problem_type
-                == guardian_protocol::problem_type::IDEMPOTENCY_IN_FLIGHT,
-        }
-    }
-
-    /// A 200 answer carrying `entity` (a GET).
-    pub(crate) fn entity(entity: &Entity) -> Self {
-        Self {
-            status: 200,
-            body: serde_json::to_value(entity)
-                .unwrap_or(Value::Null)
-                .to_string(),
-            replayed: false,
-            version: Some(entity.version),
-            in_flight: false,
-        }
-    }
-
-    /// A response replayed from the idempotency store.
-    pub(crate) fn replay(stored: idempotency::StoredResponse) -> Result<Self, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Versioned {
-            version: Option<u64>,
-        }
-        // Validates the stored text too: it is spliced into responses as is.
-        let body: Value = serde_json::from_str(&stored.body)
-            .map_err(|e| StoreError::Corrupt(format!("stored response is not JSON: {e}")))?;
-        let version = match body {
-            Value::Object(_) => serde_json::from_value::<Versioned>(body)
-                .ok()
-                .and_then(|v| v.version),
-            _ => None,
-        };
-        Ok(Self {
-            status: stored.status,
-            body: stored.body,
-            replayed: true,
-            version,
-            in_flight: false,
         })
     }
 }
@@ -287,6 +211,8 @@ pub(crate) struct StoreOptions {
     pub(crate) feed_retention_ms: i64,
     pub(crate) require_if_match: bool,
     pub(crate) clock: SharedClock,
+    /// Called while mutations are applied (fault injection).
+    pub(crate) hooks: Arc<dyn StoreHooks>,
 }
 
 /// One storage implementation. Every method is one unit of work against
@@ -294,50 +220,38 @@ pub(crate) struct StoreOptions {
 /// group of requests) that writes each applied op's entity, change,
 /// applied-log row and idempotency record together.
 pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
-    /// Applies mutations in order in one transaction and returns one result
+    /// Applies mutations in order in one transaction and returns one outcome
     /// each. A replay or refusal writes nothing; an applied op writes the
     /// entity, a change, an applied-log row and its idempotency record.
-    /// Results are returned only after the commit.
-    fn apply(
-        &self,
-        tenant: Arc<str>,
-        inputs: Vec<MutationInput>,
-    ) -> BoxFuture<'_, Result<Vec<OpResult>, StoreError>>;
+    /// Outcomes are returned only after the commit.
+    fn apply(&self, tenant: Arc<str>, inputs: Vec<MutationInput>) -> Answer<'_, Vec<OpOutcome>>;
 
     /// The entity (tombstones included), if it ever existed.
-    fn get(
-        &self,
-        tenant: Arc<str>,
-        entity_type: String,
-        id: String,
-    ) -> BoxFuture<'_, Result<Option<Entity>, StoreError>>;
+    fn get(&self, tenant: Arc<str>, entity_type: String, id: String) -> Answer<'_, Option<Entity>>;
 
     /// A page of the tenant's feed after `since`, with its head, read from
     /// one snapshot.
-    fn changes(
-        &self,
-        tenant: Arc<str>,
-        since: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Result<ChangesPage, FeedRefusal>, StoreError>>;
+    fn changes(&self, tenant: Arc<str>, since: u64, limit: usize) -> Answer<'_, Feed<ChangesPage>>;
 
     /// The tenant's latest cursor, or a refusal if `since` is not servable.
-    fn check_since(
-        &self,
-        tenant: Arc<str>,
-        since: Option<u64>,
-    ) -> BoxFuture<'_, Result<Result<u64, FeedRefusal>, StoreError>>;
+    fn check_since(&self, tenant: Arc<str>, since: Option<u64>) -> Answer<'_, Feed<u64>>;
 
     /// Every applied mutation, in order.
-    fn applied_log(&self) -> BoxFuture<'_, Result<Vec<AppliedMutation>, StoreError>>;
+    fn applied_log(&self) -> Answer<'_, Vec<AppliedMutation>>;
 
     /// Deletes expired idempotency records and changes older than the feed
     /// retention.
-    fn purge_expired(&self) -> BoxFuture<'_, Result<PurgeReport, StoreError>>;
+    fn purge_expired(&self) -> Answer<'_, PurgeReport>;
 
     /// Receives the feed events after this call.
     fn subscribe(&self) -> broadcast::Receiver<FeedEvent>;
 }
+
+/// What a [`Backend`] call answers, later.
+pub(crate) type Answer<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
+
+/// A feed read's answer: what was asked, or why the cursor is not servable.
+pub(crate) type Feed<T> = Result<T, FeedRefusal>;
 
 /// Capacity of the realtime broadcast, in events; a session that falls
 /// further behind re-reads the feed from the database, so this only bounds
@@ -366,100 +280,13 @@ impl Store {
         };
         Ok(Self { backend })
     }
-
-    /// Receives the feed events after this call.
-    pub(crate) fn subscribe(&self) -> broadcast::Receiver<FeedEvent> {
-        self.backend.subscribe()
-    }
-
-    /// See [`Backend::apply`].
-    pub(crate) async fn apply(
-        &self,
-        tenant: Arc<str>,
-        inputs: Vec<MutationInput>,
-    ) -> Result<Vec<OpResult>, StoreError> {
-        self.backend.apply(tenant, inputs).await
-    }
-
-    /// See [`Backend::get`].
-    pub(crate) async fn get(
-        &self,
-        tenant: Arc<str>,
-        entity_type: String,
-        id: String,
-    ) -> Result<Option<Entity>, StoreError> {
-        self.backend.get(tenant, entity_type, id).await
-    }
-
-    /// See [`Backend::changes`].
-    pub(crate) async fn changes(
-        &self,
-        tenant: Arc<str>,
-        since: u64,
-        limit: usize,
-    ) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
-        self.backend.changes(tenant, since, limit).await
-    }
-
-    /// See [`Backend::check_since`].
-    pub(crate) async fn check_since(
-        &self,
-        tenant: Arc<str>,
-        since: Option<u64>,
-    ) -> Result<Result<u64, FeedRefusal>, StoreError> {
-        self.backend.check_since(tenant, since).await
-    }
-
-    /// See [`Backend::applied_log`].
-    pub(crate) async fn applied_log(&self) -> Result<Vec<AppliedMutation>, StoreError> {
-        self.backend.applied_log().await
-    }
-
-    /// See [`Backend::purge_expired`].
-    pub(crate) async fn purge_expired(&self) -> Result<PurgeReport, StoreError> {
-        self.backend.purge_expired().await
-    }
 }
 
-/// The key of the `n`th change made by the forced-conflict fault in this
-/// server instance (not a client's key; unique per instance only).
-pub(crate) fn fault_key(n: u64) -> String {
-    format!("fault:conflict:{n}")
-}
+impl std::ops::Deref for Store {
+    type Target = dyn Backend + 'static;
 
-fn mismatch(key: &str) -> ApiError {
-    ApiError::new(
-        guardian_protocol::problem_type::IDEMPOTENCY_MISMATCH,
-        422,
-        "Idempotency key reused",
-        format!(
-            "idempotency key {key:?} was used before with another method, path or body; \
-             use a new key for a different request"
-        ),
-    )
-}
-
-/// A problem document from a feed refusal.
-pub(crate) fn feed_problem(refusal: &FeedRefusal) -> ApiError {
-    match *refusal {
-        FeedRefusal::Expired {
-            since,
-            purged_through,
-            last,
-        } => ApiError::cursor_expired(
-            format!(
-                "cursor {since} is older than the retained feed (changes through \
-                 {purged_through} were purged); resync from scratch"
-            ),
-            last,
-        ),
-        FeedRefusal::Ahead { since, last } => ApiError::cursor_expired(
-            format!(
-                "cursor {since} is ahead of this server's feed (latest {last}); the server \
-                 lost its data or this is another server: resync from scratch"
-            ),
-            last,
-        ),
+    fn deref(&self) -> &(dyn Backend + 'static) {
+        &*self.backend
     }
 }
 

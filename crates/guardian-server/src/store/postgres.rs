@@ -19,25 +19,25 @@
 //! feed from their last cursor. A lost notification (the listening
 //! connection broke) rings every tenant's doorbell once it is back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use guardian_protocol::{Change, ChangesPage, Entity, MutationKind};
-use serde_json::Value;
+use guardian_protocol::{Change, ChangesPage, Entity};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, GenericClient, IsolationLevel, NoTls};
 
-use super::entities::{self, Row};
+use super::apply::{apply_ops, KeptResponse, RowWrite, WriteTx};
+use super::entities::Row;
 use super::feed::parse_op;
+use super::idempotency::StoredResponse as Stored;
 use super::{
-    dependency_failed, fault_key, from_i64, mismatch, to_i64, AppliedMutation, Backend, Decision,
-    FeedEvent, FeedRefusal, MutationInput, OpResult, PurgeReport, StoreError, StoreOptions,
-    TenantChanges, BROADCAST_CAPACITY,
+    from_i64, to_i64, Answer, AppliedMutation, Backend, Feed, FeedEvent, FeedRefusal,
+    MutationInput, OpOutcome, PurgeReport, StoreError, StoreOptions, TenantChanges,
+    BROADCAST_CAPACITY,
 };
 
 /// The notification channel of feed commits.
@@ -146,7 +146,6 @@ struct PgInner {
     /// Names this instance in notifications, so it skips its own.
     instance: String,
     changes_tx: broadcast::Sender<FeedEvent>,
-    fault_seq: AtomicU64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -197,7 +196,6 @@ impl PgStore {
                 opts,
                 instance,
                 changes_tx,
-                fault_seq: AtomicU64::new(0),
             }),
             listener,
         })
@@ -209,7 +207,7 @@ impl PgInner {
         &self,
         tenant: Arc<str>,
         inputs: Vec<MutationInput>,
-    ) -> Result<Vec<OpResult>, StoreError> {
+    ) -> Result<Vec<OpOutcome>, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await?;
         let t: &str = &tenant;
@@ -233,7 +231,8 @@ impl PgInner {
             last_cursor: from_i64(last),
         };
         let first_cursor = w.last_cursor;
-        let (results, changes) = self.apply_all(&mut w, inputs).await?;
+        let now = w.now;
+        let (results, changes) = apply_ops(&mut w, &self.opts, now, inputs).await?;
         let last_cursor = w.last_cursor;
         if last_cursor != first_cursor {
             tx.execute(
@@ -261,154 +260,6 @@ impl PgInner {
                 })));
         }
         Ok(results)
-    }
-
-    /// The ops of one request inside its transaction (the same rules as the
-    /// SQLite backend's `apply_all`).
-    async fn apply_all(
-        &self,
-        w: &mut Writer<'_, '_>,
-        inputs: Vec<MutationInput>,
-    ) -> Result<(Vec<OpResult>, Vec<Change>), StoreError> {
-        let not_before = w.now.saturating_sub(self.opts.idempotency_retention_ms);
-        let updated_at = crate::clock::format_rfc3339(w.now);
-        let mut results: Vec<OpResult> = Vec::with_capacity(inputs.len());
-        let mut changes = Vec::new();
-        for mut input in inputs {
-            if let Some(dep) = &input.dependency {
-                let resolved = match results.get(dep.on) {
-                    Some(earlier) => dep.resolve(earlier, input.if_match),
-                    None => Err(OpResult::problem(&dependency_failed(dep.batch_index))),
-                };
-                match resolved {
-                    Ok(precondition) => input.if_match = precondition,
-                    Err(failed) => {
-                        results.push(failed);
-                        continue;
-                    }
-                }
-            }
-            if let Some(stored) = w.lookup(&input.key, not_before).await? {
-                results.push(if stored.fingerprint == input.fingerprint {
-                    OpResult::replay(stored)?
-                } else {
-                    OpResult::problem(&mismatch(&input.key))
-                });
-                continue;
-            }
-            let mut current = w.load(&input.entity_type, &input.id).await?;
-            if input.force_conflict {
-                if let Some(cur) = current.as_ref().filter(|r| !r.deleted) {
-                    let n = self.fault_seq.fetch_add(1, Ordering::Relaxed);
-                    let key = fault_key(n);
-                    let bumped = Row {
-                        version: cur.version + 1,
-                        deleted: false,
-                        updated_at_ms: w.now,
-                        data: cur.data.clone(),
-                    };
-                    let data: Value = serde_json::from_str(&bumped.data).map_err(|e| {
-                        StoreError::Corrupt(format!("entity data is not JSON: {e}"))
-                    })?;
-                    let cursor = w
-                        .write(
-                            &key,
-                            MutationKind::Update,
-                            &input.entity_type,
-                            &input.id,
-                            &bumped,
-                        )
-                        .await?;
-                    changes.push(Change {
-                        cursor,
-                        op: MutationKind::Update,
-                        entity_type: input.entity_type.clone(),
-                        id: input.id.clone(),
-                        version: bumped.version,
-                        data,
-                    });
-                    current = Some(bumped);
-                }
-            }
-            let (version, deleted, status) =
-                match entities::decide(current.as_ref(), &input, self.opts.require_if_match) {
-                    Decision::Refuse(e) => {
-                        results.push(OpResult::problem(&e));
-                        continue;
-                    }
-                    Decision::RefuseWithCurrent(e) => {
-                        let e = match &current {
-                            Some(row) => {
-                                e.with_current(row.to_entity(&input.entity_type, &input.id)?)
-                            }
-                            None => e,
-                        };
-                        results.push(OpResult::problem(&e));
-                        continue;
-                    }
-                    Decision::Apply {
-                        version,
-                        deleted,
-                        status,
-                    } => (version, deleted, status),
-                };
-            let MutationInput {
-                key,
-                fingerprint,
-                kind,
-                entity_type,
-                id,
-                data,
-                data_json,
-                ..
-            } = input;
-            let (data, data_json) = if deleted {
-                (Value::Null, "null".to_owned())
-            } else {
-                (data, data_json)
-            };
-            let row = Row {
-                version,
-                deleted,
-                updated_at_ms: w.now,
-                data: data_json,
-            };
-            let cursor = w.write(&key, kind, &entity_type, &id, &row).await?;
-            let body = if status == 204 {
-                "null".to_owned()
-            } else {
-                entities::entity_json(&entity_type, &id, version, &row.data, &updated_at, deleted)
-            };
-            let st = w.tx.prepare_cached(STORE_SQL).await?;
-            w.tx.execute(
-                &st,
-                &[
-                    &w.tenant,
-                    &key,
-                    &&fingerprint[..],
-                    &i32::from(status),
-                    &body,
-                    &w.now,
-                ],
-            )
-            .await?;
-            changes.push(Change {
-                cursor,
-                op: kind,
-                entity_type,
-                id,
-                version,
-                data,
-            });
-            results.push(OpResult {
-                status,
-                body,
-                replayed: false,
-                version: Some(version),
-                in_flight: false,
-            });
-        }
-        Ok((results, changes))
     }
 
     async fn get(
@@ -541,11 +392,7 @@ impl PgInner {
 }
 
 impl Backend for PgStore {
-    fn apply(
-        &self,
-        tenant: Arc<str>,
-        inputs: Vec<MutationInput>,
-    ) -> BoxFuture<'_, Result<Vec<OpResult>, StoreError>> {
+    fn apply(&self, tenant: Arc<str>, inputs: Vec<MutationInput>) -> Answer<'_, Vec<OpOutcome>> {
         let inner = Arc::clone(&self.inner);
         // A task of its own: a request that times out or whose client
         // leaves does not cut a transaction short between its commit and
@@ -554,37 +401,23 @@ impl Backend for PgStore {
         async move { task.await.map_err(|e| StoreError::Task(e.to_string()))? }.boxed()
     }
 
-    fn get(
-        &self,
-        tenant: Arc<str>,
-        entity_type: String,
-        id: String,
-    ) -> BoxFuture<'_, Result<Option<Entity>, StoreError>> {
+    fn get(&self, tenant: Arc<str>, entity_type: String, id: String) -> Answer<'_, Option<Entity>> {
         self.inner.get(tenant, entity_type, id).boxed()
     }
 
-    fn changes(
-        &self,
-        tenant: Arc<str>,
-        since: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Result<ChangesPage, FeedRefusal>, StoreError>> {
+    fn changes(&self, tenant: Arc<str>, since: u64, limit: usize) -> Answer<'_, Feed<ChangesPage>> {
         self.inner.changes(tenant, since, limit).boxed()
     }
 
-    fn check_since(
-        &self,
-        tenant: Arc<str>,
-        since: Option<u64>,
-    ) -> BoxFuture<'_, Result<Result<u64, FeedRefusal>, StoreError>> {
+    fn check_since(&self, tenant: Arc<str>, since: Option<u64>) -> Answer<'_, Feed<u64>> {
         self.inner.check_since_now(tenant, since).boxed()
     }
 
-    fn applied_log(&self) -> BoxFuture<'_, Result<Vec<AppliedMutation>, StoreError>> {
+    fn applied_log(&self) -> Answer<'_, Vec<AppliedMutation>> {
         self.inner.applied_log().boxed()
     }
 
-    fn purge_expired(&self) -> BoxFuture<'_, Result<PurgeReport, StoreError>> {
+    fn purge_expired(&self) -> Answer<'_, PurgeReport> {
         self.inner.purge_expired().boxed()
     }
 
@@ -602,12 +435,8 @@ struct Writer<'a, 'c> {
     last_cursor: u64,
 }
 
-impl Writer<'_, '_> {
-    async fn lookup(
-        &self,
-        key: &str,
-        not_before: i64,
-    ) -> Result<Option<super::idempotency::StoredResponse>, StoreError> {
+impl WriteTx for Writer<'_, '_> {
+    async fn lookup(&mut self, key: &str, not_before: i64) -> Result<Option<Stored>, StoreError> {
         let st = self.tx.prepare_cached(LOOKUP_SQL).await?;
         let Some(r) = self
             .tx
@@ -617,7 +446,7 @@ impl Writer<'_, '_> {
             return Ok(None);
         };
         let status: i32 = r.try_get(1)?;
-        Ok(Some(super::idempotency::StoredResponse {
+        Ok(Some(Stored {
             fingerprint: r.try_get(0)?,
             status: u16::try_from(status)
                 .map_err(|_| StoreError::Corrupt(format!("stored status {status}")))?,
@@ -625,22 +454,21 @@ impl Writer<'_, '_> {
         }))
     }
 
-    async fn load(&self, entity_type: &str, id: &str) -> Result<Option<Row>, StoreError> {
+    async fn load(&mut self, entity_type: &str, id: &str) -> Result<Option<Row>, StoreError> {
         load(&**self.tx, self.tenant, entity_type, id).await
     }
 
     /// Writes an entity row, its change at the next cursor and its
     /// applied-log row; returns the cursor.
-    async fn write(
-        &mut self,
-        key: &str,
-        kind: MutationKind,
-        entity_type: &str,
-        id: &str,
-        row: &Row,
-    ) -> Result<u64, StoreError> {
-        let tx = self.tx;
-        let t = self.tenant;
+    async fn write(&mut self, w: RowWrite<'_>) -> Result<u64, StoreError> {
+        let (tx, t, row) = (self.tx, self.tenant, w.row);
+        let RowWrite {
+            key,
+            kind,
+            entity_type,
+            id,
+            ..
+        } = w;
         let save = tx.prepare_cached(SAVE_SQL).await?;
         tx.execute(
             &save,
@@ -688,6 +516,21 @@ impl Writer<'_, '_> {
         )
         .await?;
         Ok(cursor)
+    }
+
+    async fn remember(&mut self, r: KeptResponse<'_>) -> Result<(), StoreError> {
+        let st = self.tx.prepare_cached(STORE_SQL).await?;
+        let status = i32::from(r.status);
+        let values: [&(dyn ToSql + Sync); 6] = [
+            &self.tenant,
+            &r.key,
+            &r.fingerprint,
+            &status,
+            &r.body,
+            &self.now,
+        ];
+        self.tx.execute(&st, &values).await?;
+        Ok(())
     }
 }
 

@@ -9,17 +9,18 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use futures::future::BoxFuture;
 use futures::FutureExt;
-use guardian_protocol::{Change, ChangesPage, Entity, MutationKind};
-use rusqlite::{CachedStatement, Connection, Transaction};
-use serde_json::Value;
+use guardian_protocol::{Change, ChangesPage, Entity};
+use rusqlite::{params, CachedStatement, Connection, Transaction};
 use tokio::sync::{broadcast, oneshot};
 
+use super::apply::{apply_ops, KeptResponse, RowWrite, WriteTx};
+use super::entities::Row;
+use super::idempotency::StoredResponse as Stored;
 use super::{
-    applied, dependency_failed, entities, fault_key, feed, idempotency, lock, mismatch, schema,
-    AppliedMutation, Backend, Decision, FeedEvent, FeedRefusal, MutationInput, OpResult,
-    PurgeReport, Storage, StoreError, StoreOptions, TenantChanges, BROADCAST_CAPACITY,
+    applied, entities, feed, idempotency, lock, schema, to_i64, Answer, AppliedMutation, Backend,
+    Feed, FeedEvent, FeedRefusal, MutationInput, OpOutcome, PurgeReport, Storage, StoreError,
+    StoreOptions, TenantChanges, BROADCAST_CAPACITY,
 };
 
 #[derive(Debug)]
@@ -27,7 +28,6 @@ struct Inner {
     conn: Mutex<Connection>,
     opts: StoreOptions,
     changes_tx: broadcast::Sender<FeedEvent>,
-    fault_seq: std::sync::atomic::AtomicU64,
     writes: Mutex<WriteQueue>,
 }
 
@@ -36,7 +36,7 @@ struct Inner {
 struct WriteJob {
     tenant: Arc<str>,
     inputs: Vec<MutationInput>,
-    reply: oneshot::Sender<Result<Vec<OpResult>, StoreError>>,
+    reply: oneshot::Sender<Result<Vec<OpOutcome>, StoreError>>,
 }
 
 /// Mutation requests waiting for the writer, and whether a writer is
@@ -75,7 +75,6 @@ impl SqliteStore {
                 conn: Mutex::new(conn),
                 opts,
                 changes_tx,
-                fault_seq: std::sync::atomic::AtomicU64::new(0),
                 writes: Mutex::new(WriteQueue::default()),
             }),
         })
@@ -116,7 +115,7 @@ impl SqliteStore {
         &self,
         tenant: Arc<str>,
         inputs: Vec<MutationInput>,
-    ) -> Result<Vec<OpResult>, StoreError> {
+    ) -> Result<Vec<OpOutcome>, StoreError> {
         let (reply, rx) = oneshot::channel();
         let job = WriteJob {
             tenant,
@@ -211,45 +210,27 @@ impl SqliteStore {
 }
 
 impl Backend for SqliteStore {
-    fn apply(
-        &self,
-        tenant: Arc<str>,
-        inputs: Vec<MutationInput>,
-    ) -> BoxFuture<'_, Result<Vec<OpResult>, StoreError>> {
+    fn apply(&self, tenant: Arc<str>, inputs: Vec<MutationInput>) -> Answer<'_, Vec<OpOutcome>> {
         SqliteStore::apply(self, tenant, inputs).boxed()
     }
 
-    fn get(
-        &self,
-        tenant: Arc<str>,
-        entity_type: String,
-        id: String,
-    ) -> BoxFuture<'_, Result<Option<Entity>, StoreError>> {
+    fn get(&self, tenant: Arc<str>, entity_type: String, id: String) -> Answer<'_, Option<Entity>> {
         SqliteStore::get(self, tenant, entity_type, id).boxed()
     }
 
-    fn changes(
-        &self,
-        tenant: Arc<str>,
-        since: u64,
-        limit: usize,
-    ) -> BoxFuture<'_, Result<Result<ChangesPage, FeedRefusal>, StoreError>> {
+    fn changes(&self, tenant: Arc<str>, since: u64, limit: usize) -> Answer<'_, Feed<ChangesPage>> {
         SqliteStore::changes(self, tenant, since, limit).boxed()
     }
 
-    fn check_since(
-        &self,
-        tenant: Arc<str>,
-        since: Option<u64>,
-    ) -> BoxFuture<'_, Result<Result<u64, FeedRefusal>, StoreError>> {
+    fn check_since(&self, tenant: Arc<str>, since: Option<u64>) -> Answer<'_, Feed<u64>> {
         SqliteStore::check_since(self, tenant, since).boxed()
     }
 
-    fn applied_log(&self) -> BoxFuture<'_, Result<Vec<AppliedMutation>, StoreError>> {
+    fn applied_log(&self) -> Answer<'_, Vec<AppliedMutation>> {
         SqliteStore::applied_log(self).boxed()
     }
 
-    fn purge_expired(&self) -> BoxFuture<'_, Result<PurgeReport, StoreError>> {
+    fn purge_expired(&self) -> Answer<'_, PurgeReport> {
         SqliteStore::purge_expired(self).boxed()
     }
 
@@ -310,7 +291,7 @@ fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
         work.push((job.tenant, job.inputs));
     }
     let single = work.len() == 1;
-    let committed = (|| -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+    let committed = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
         let tx = conn.transaction()?;
         let mut outcomes = Vec::with_capacity(work.len());
         for (tenant, inputs) in work {
@@ -390,240 +371,98 @@ impl<'c> Statements<'c> {
     }
 }
 
-/// The body of [`Store::apply`] inside its transaction: the results, and
+/// The body of [`Store::apply`] inside its transaction: the outcomes, and
 /// the changes to broadcast after the commit.
-type Applied = (Vec<OpResult>, Vec<Change>);
+type Done = (Vec<OpOutcome>, Vec<Change>);
 
 fn apply_all(
     tx: &Transaction<'_>,
     inner: &Inner,
     tenant: &str,
     inputs: Vec<MutationInput>,
-) -> Result<Applied, StoreError> {
+) -> Result<Done, StoreError> {
     let now = inner.opts.clock.now_millis();
-    let not_before = now.saturating_sub(inner.opts.idempotency_retention_ms);
-    let updated_at = crate::clock::format_rfc3339(now);
-    let mut st = Statements::prepare(tx)?;
-    let mut cursors = feed::Cursors::default();
-    let mut results = Vec::with_capacity(inputs.len());
-    let mut changes = Vec::new();
-    for mut input in inputs {
-        if let Some(dep) = &input.dependency {
-            // Resolved from the earlier op's result in this request: it was
-            // applied, replayed or refused just now, in this transaction.
-            let resolved = match results.get(dep.on) {
-                Some(earlier) => dep.resolve(earlier, input.if_match),
-                None => Err(OpResult::problem(&dependency_failed(dep.batch_index))),
-            };
-            match resolved {
-                Ok(precondition) => input.if_match = precondition,
-                Err(failed) => {
-                    // Not applied and nothing stored: the key stays new.
-                    results.push(failed);
-                    continue;
-                }
-            }
-        }
-        if let Some(stored) = idempotency::lookup(&mut st.lookup, tenant, &input.key, not_before)? {
-            results.push(if stored.fingerprint == input.fingerprint {
-                OpResult::replay(stored)?
-            } else {
-                OpResult::problem(&mismatch(&input.key))
-            });
-            continue;
-        }
-        let mut current = entities::load(&mut st.load, tenant, &input.entity_type, &input.id)?;
-        if input.force_conflict {
-            if let Some((row, change)) = concurrent_writer(
-                tx,
-                &mut st,
-                &mut cursors,
-                inner,
-                tenant,
-                &input,
-                current.as_ref(),
-                now,
-            )? {
-                changes.push(change);
-                current = Some(row);
-            }
-        }
-        let (version, deleted, status) =
-            match entities::decide(current.as_ref(), &input, inner.opts.require_if_match) {
-                Decision::Refuse(e) => {
-                    results.push(OpResult::problem(&e));
-                    continue;
-                }
-                Decision::RefuseWithCurrent(e) => {
-                    let current = match &current {
-                        Some(row) => Some(row.to_entity(&input.entity_type, &input.id)?),
-                        None => None,
-                    };
-                    let e = match current {
-                        Some(c) => e.with_current(c),
-                        None => e,
-                    };
-                    results.push(OpResult::problem(&e));
-                    continue;
-                }
-                Decision::Apply {
-                    version,
-                    deleted,
-                    status,
-                } => (version, deleted, status),
-            };
-        let MutationInput {
-            key,
-            fingerprint,
-            kind,
-            entity_type,
-            id,
-            data,
-            data_json,
-            ..
-        } = input;
-        let (data, data_json) = if deleted {
-            (Value::Null, "null".to_owned())
-        } else {
-            (data, data_json)
-        };
-        let row = entities::Row {
-            version,
-            deleted,
-            updated_at_ms: now,
-            data: data_json,
-        };
-        entities::save(&mut st.save, tenant, &entity_type, &id, &row)?;
-        let cursor = cursors.next(tx, tenant)?;
-        feed::append(
-            &mut st.change,
-            tenant,
-            cursor,
-            kind,
-            &entity_type,
-            &id,
-            version,
-            &row.data,
-            now,
-        )?;
-        applied::append(
-            &mut st.applied,
-            tenant,
-            &key,
-            &entity_type,
-            &id,
-            kind,
-            version,
-            cursor,
-            now,
-        )?;
-        let body = if status == 204 {
-            "null".to_owned()
-        } else {
-            entities::entity_json(&entity_type, &id, version, &row.data, &updated_at, deleted)
-        };
-        idempotency::store(
-            &mut st.store,
-            tenant,
-            &key,
-            &fingerprint,
-            status,
-            &body,
-            now,
-        )?;
-        changes.push(Change {
-            cursor,
-            op: kind,
-            entity_type,
-            id,
-            version,
-            data,
-        });
-        results.push(OpResult {
-            status,
-            body,
-            replayed: false,
-            version: Some(version),
-            in_flight: false,
-        });
-    }
+    let mut w = SqliteTx {
+        tx,
+        st: Statements::prepare(tx)?,
+        cursors: feed::Cursors::default(),
+        tenant,
+        now,
+    };
+    // Every future of `SqliteTx` is ready at once: this never blocks.
+    let applied = futures::executor::block_on(apply_ops(&mut w, &inner.opts, now, inputs))?;
+    let SqliteTx { st, cursors, .. } = w;
     drop(st);
     cursors.finish(tx, tenant)?;
-    Ok((results, changes))
+    Ok(applied)
 }
 
-/// The forced-conflict fault: another writer updates the live entity (same
-/// data, version + 1) just before the op, so a conditional op conflicts for
-/// real. Returns the bumped row and its change.
-#[allow(clippy::too_many_arguments)]
-fn concurrent_writer(
-    tx: &Transaction<'_>,
-    st: &mut Statements<'_>,
-    cursors: &mut feed::Cursors,
-    inner: &Inner,
-    tenant: &str,
-    input: &MutationInput,
-    current: Option<&entities::Row>,
+/// A write transaction of one tenant on the SQLite connection.
+struct SqliteTx<'t, 'c> {
+    tx: &'t Transaction<'c>,
+    st: Statements<'t>,
+    cursors: feed::Cursors,
+    tenant: &'t str,
     now: i64,
-) -> Result<Option<(entities::Row, Change)>, StoreError> {
-    let Some(cur) = current.filter(|r| !r.deleted) else {
-        return Ok(None);
-    };
-    let (entity_type, id) = (input.entity_type.as_str(), input.id.as_str());
-    let bumped = entities::Row {
-        version: cur.version + 1,
-        deleted: false,
-        updated_at_ms: now,
-        data: cur.data.clone(),
-    };
-    let data: Value = serde_json::from_str(&bumped.data)
-        .map_err(|e| StoreError::Corrupt(format!("entity data is not JSON: {e}")))?;
-    entities::save(&mut st.save, tenant, entity_type, id, &bumped)?;
-    let cursor = cursors.next(tx, tenant)?;
-    feed::append(
-        &mut st.change,
-        tenant,
-        cursor,
-        MutationKind::Update,
-        entity_type,
-        id,
-        bumped.version,
-        &bumped.data,
-        now,
-    )?;
-    let n = inner
-        .fault_seq
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    applied::append(
-        &mut st.applied,
-        tenant,
-        &fault_key(n),
-        entity_type,
-        id,
-        MutationKind::Update,
-        bumped.version,
-        cursor,
-        now,
-    )?;
-    let change = Change {
-        cursor,
-        op: MutationKind::Update,
-        entity_type: entity_type.to_owned(),
-        id: id.to_owned(),
-        version: bumped.version,
-        data,
-    };
-    Ok(Some((bumped, change)))
+}
+
+impl WriteTx for SqliteTx<'_, '_> {
+    async fn lookup(&mut self, key: &str, not_before: i64) -> Result<Option<Stored>, StoreError> {
+        idempotency::lookup(&mut self.st.lookup, self.tenant, key, not_before)
+    }
+
+    async fn load(&mut self, entity_type: &str, id: &str) -> Result<Option<Row>, StoreError> {
+        entities::load(&mut self.st.load, self.tenant, entity_type, id)
+    }
+
+    async fn write(&mut self, w: RowWrite<'_>) -> Result<u64, StoreError> {
+        let (t, row) = (self.tenant, w.row);
+        entities::save(&mut self.st.save, t, w.entity_type, w.id, row)?;
+        let cursor = self.cursors.next(self.tx, t)?;
+        let (kind, version) = (w.kind.as_str(), to_i64(row.version));
+        self.st.change.execute(params![
+            t,
+            to_i64(cursor),
+            kind,
+            w.entity_type,
+            w.id,
+            version,
+            row.data,
+            self.now
+        ])?;
+        self.st.applied.execute(params![
+            t,
+            w.key,
+            w.entity_type,
+            w.id,
+            kind,
+            version,
+            to_i64(cursor),
+            self.now
+        ])?;
+        Ok(cursor)
+    }
+
+    async fn remember(&mut self, r: KeptResponse<'_>) -> Result<(), StoreError> {
+        idempotency::store(&mut self.st.store, self.tenant, r, self.now)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
-    use crate::store::{canonical, fingerprint, Dependency, Synchronous};
+    use crate::store::{
+        canonical, fingerprint, Applied, Dependency, NoHooks, Refusal, Synchronous,
+    };
+    use guardian_protocol::MutationKind;
     use serde_json::json;
 
     fn store() -> SqliteStore {
+        store_with(Arc::new(NoHooks))
+    }
+
+    fn store_with(hooks: Arc<dyn crate::store::StoreHooks>) -> SqliteStore {
         SqliteStore::open(StoreOptions {
             storage: Storage::Memory,
             synchronous: Synchronous::Full,
@@ -631,8 +470,27 @@ mod tests {
             feed_retention_ms: 60_000,
             require_if_match: false,
             clock: ManualClock::new(1_700_000_000_000),
+            hooks,
         })
         .unwrap()
+    }
+
+    /// Hooks that make every concurrent write they are asked about, and
+    /// remember which ops they were asked about.
+    #[derive(Debug, Default)]
+    struct AlwaysConflict {
+        asked: Mutex<Vec<String>>,
+    }
+
+    impl crate::store::StoreHooks for AlwaysConflict {
+        fn concurrent_write(&self, input: &MutationInput) -> bool {
+            lock(&self.asked).push(input.key.clone());
+            true
+        }
+
+        fn concurrent_write_key(&self) -> String {
+            "hook:writer".to_owned()
+        }
     }
 
     fn create(key: &str, id: &str) -> MutationInput {
@@ -647,9 +505,16 @@ mod tests {
             data,
             data_json,
             if_match: None,
-            force_conflict: false,
             dependency: None,
         }
+    }
+
+    /// The outcomes of a request whose every op must have taken effect.
+    fn all_applied(outcomes: Vec<OpOutcome>) -> Vec<Applied> {
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every op applied"))
+            .collect()
     }
 
     fn job(
@@ -657,7 +522,7 @@ mod tests {
         inputs: Vec<MutationInput>,
     ) -> (
         WriteJob,
-        oneshot::Receiver<Result<Vec<OpResult>, StoreError>>,
+        oneshot::Receiver<Result<Vec<OpOutcome>, StoreError>>,
     ) {
         let (reply, rx) = oneshot::channel();
         let job = WriteJob {
@@ -692,9 +557,9 @@ mod tests {
             a_rx.blocking_recv().unwrap(),
             Err(StoreError::Corrupt(_))
         ));
-        let b = b_rx.blocking_recv().unwrap().unwrap();
+        let b = all_applied(b_rx.blocking_recv().unwrap().unwrap());
         assert_eq!((b[0].status, b[0].version), (201, Some(1)));
-        let c = c_rx.blocking_recv().unwrap().unwrap();
+        let c = all_applied(c_rx.blocking_recv().unwrap().unwrap());
         assert_eq!(c[0].status, 201);
         assert!(entities::load_entity(&conn, "t", "device", "x")
             .unwrap()
@@ -758,15 +623,13 @@ mod tests {
         );
         commit_group(&mut conn, inner, vec![a, b, c]);
         let _ = a_rx.blocking_recv().unwrap().unwrap();
-        let b = b_rx.blocking_recv().unwrap().unwrap();
+        let b = all_applied(b_rx.blocking_recv().unwrap().unwrap());
         assert_eq!((b[0].status, b[0].replayed), (201, true));
         assert_eq!((b[1].status, b[1].version), (200, Some(2)));
         let c = c_rx.blocking_recv().unwrap().unwrap();
-        let got: Vec<u16> = c.iter().map(|r| r.status).collect();
-        assert_eq!(got, [409, 424, 424]);
-        assert!(c[1]
-            .body
-            .contains(guardian_protocol::problem_type::DEPENDENCY_FAILED));
+        assert!(matches!(c[0], Err(Refusal::Exists { .. })));
+        assert_eq!(c[1], Err(Refusal::DependencyFailed { batch_index: 0 }));
+        assert_eq!(c[2], Err(Refusal::DependencyFailed { batch_index: 1 }));
         let stored: i64 = conn
             .query_row(
                 "SELECT count(*) FROM idempotency WHERE key IN ('k4', 'k5', 'k6')",
@@ -787,8 +650,8 @@ mod tests {
         let (a, a_rx) = job("t", vec![create("k1", "a"), create("k2", "b")]);
         let (b, b_rx) = job("t", vec![create("k3", "c"), create("k1", "a")]);
         commit_group(&mut conn, inner, vec![a, b]);
-        let a = a_rx.blocking_recv().unwrap().unwrap();
-        let b = b_rx.blocking_recv().unwrap().unwrap();
+        let a = all_applied(a_rx.blocking_recv().unwrap().unwrap());
+        let b = all_applied(b_rx.blocking_recv().unwrap().unwrap());
         assert!(a.iter().all(|r| r.status == 201 && !r.replayed));
         assert_eq!((b[0].status, b[0].replayed), (201, false));
         assert_eq!((b[1].status, b[1].replayed), (201, true));
@@ -803,5 +666,41 @@ mod tests {
             .collect();
         assert_eq!(cursors, [1, 2, 3]);
         assert_eq!(feed::counters(&conn, "t").unwrap().0, 3);
+    }
+
+    /// The store asks its hooks about each conditional op only, in op
+    /// order, and a concurrent write they ask for lands before the op is
+    /// decided: the op conflicts with the bumped version, which is in the
+    /// feed and the applied log under the hook's key.
+    #[test]
+    fn hooks_make_a_concurrent_write_before_a_conditional_op() {
+        let hooks = Arc::new(AlwaysConflict::default());
+        let store = store_with(Arc::clone(&hooks) as Arc<dyn crate::store::StoreHooks>);
+        let inner = &store.inner;
+        let mut conn = lock(&inner.conn);
+        let mut update = create("k2", "a");
+        update.kind = MutationKind::Update;
+        update.fingerprint = fingerprint(MutationKind::Update, "device", "a", &update.data_json);
+        update.if_match = Some(crate::store::Precondition::Version(1));
+        let (j, rx) = job("t", vec![create("k1", "a"), update]);
+        commit_group(&mut conn, inner, vec![j]);
+        let out = rx.blocking_recv().unwrap().unwrap();
+        assert_eq!(*lock(&hooks.asked), ["k2"]);
+        assert!(out[0].is_ok());
+        assert!(matches!(
+            &out[1],
+            Err(Refusal::VersionConflict {
+                expected: 1,
+                version: 2,
+                current: Some(_),
+                ..
+            })
+        ));
+        let keys: Vec<_> = applied::read_all(&conn)
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.idempotency_key, a.version))
+            .collect();
+        assert_eq!(keys, [("k1".to_owned(), 1), ("hook:writer".to_owned(), 2)]);
     }
 }

@@ -7,7 +7,10 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{admin, batch, changes, entities, health, realtime, telemetry};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+
+use super::{admin, batch, changes, entities, health, realtime, telemetry};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,7 +25,7 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
     paths(
         entities::create, entities::get, entities::update, entities::delete,
         batch::batch, changes::changes, realtime::realtime, telemetry::telemetry,
-        health::healthz, health::metrics, health::openapi,
+        health::healthz, health::metrics, serve,
         admin::get_faults, admin::put_faults, admin::applied, admin::disconnect,
     ),
     components(schemas(
@@ -47,6 +50,17 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
     )
 )]
 struct ApiDoc;
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", operation_id = "openapi",
+    responses((status = 200, description = "The OpenAPI 3.1 document of the protocol", body = Object)))]
+pub(crate) async fn serve() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document_json(),
+    )
+        .into_response()
+}
 
 struct Security;
 

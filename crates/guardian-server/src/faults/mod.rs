@@ -2,17 +2,23 @@
 //!
 //! A [`Faults`] value says how the server misbehaves; the [`FaultInjector`]
 //! holds it with a (optionally seeded) random generator and answers the
-//! questions the request pipeline asks: fail this request? add latency? force
-//! a conflict on this op? drop the connection before or after the commit?
-//! Counters such as [`Faults::fail_next`] make single faults deterministic
-//! without any randomness.
+//! questions asked of it: fail this request? add latency? (the tower
+//! [`layer::FaultLayer`]) drop the connection before or after the commit?
+//! (the mutation pipeline) force a conflict on this op? (the store, through
+//! [`StoreHooks`]). Counters such as [`Faults::fail_next`] make single
+//! faults deterministic without any randomness.
 
+pub(crate) mod layer;
+
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+
+use crate::store::{MutationInput, StoreHooks};
 
 /// How the server misbehaves. Every field defaults to "never".
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -111,6 +117,8 @@ pub(crate) enum DropPoint {
 #[derive(Debug)]
 pub(crate) struct FaultInjector {
     inner: Mutex<(Faults, StdRng)>,
+    /// Writes made by the forced-conflict fault so far (their keys).
+    conflict_writes: AtomicU64,
 }
 
 fn rng_for(faults: &Faults) -> StdRng {
@@ -125,6 +133,7 @@ impl FaultInjector {
         let rng = rng_for(&faults);
         Self {
             inner: Mutex::new((faults, rng)),
+            conflict_writes: AtomicU64::new(0),
         }
     }
 
@@ -189,6 +198,22 @@ impl FaultInjector {
         } else {
             DropPoint::None
         }
+    }
+}
+
+/// The forced-conflict fault, as the store sees it: a concurrent writer
+/// bumps the entity of a conditional op just before it is decided, so the
+/// client gets a real 409 with `current`.
+impl StoreHooks for FaultInjector {
+    fn concurrent_write(&self, _input: &MutationInput) -> bool {
+        self.force_conflict()
+    }
+
+    /// `fault:conflict:N`, N counting this server instance's such writes
+    /// (not a client's key; unique per instance only).
+    fn concurrent_write_key(&self) -> String {
+        let n = self.conflict_writes.fetch_add(1, Ordering::Relaxed);
+        format!("fault:conflict:{n}")
     }
 }
 
@@ -262,6 +287,16 @@ mod tests {
         assert!(f.request_failure().is_none());
         assert_eq!(f.drop_point(), DropPoint::AfterCommit);
         assert_eq!(f.drop_point(), DropPoint::None);
+    }
+
+    #[test]
+    fn forced_conflicts_name_their_writes_in_order() {
+        let f = FaultInjector::new(Faults {
+            conflict_next: 1,
+            ..Faults::default()
+        });
+        assert_eq!(f.concurrent_write_key(), "fault:conflict:0");
+        assert_eq!(f.concurrent_write_key(), "fault:conflict:1");
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! The middleware of the routes: authentication, limits and metrics. Each
+//! reads the shared state and answers refusals with problem documents; the
+//! types they use (tenants, rate limiter, counters) know nothing of HTTP
+//! state.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use guardian_protocol::problem_type;
+use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
+use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
+use tower_http::LatencyUnit;
+use tracing::{Level, Span};
+
+use crate::auth::{bearer, Tenant};
+use crate::limits::CommitStarted;
+use crate::problem::ApiError;
+use crate::state::AppState;
+
+/// Middleware: resolves the tenant or answers 401.
+pub(crate) async fn authenticate(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let tenant = match bearer(req.headers()) {
+        None => {
+            return ApiError::unauthorized("send Authorization: Bearer <token>").into_response()
+        }
+        Some(token) => match state.config.tokens.get(token) {
+            Some(tenant) => Arc::clone(tenant),
+            None => return ApiError::unauthorized("unknown bearer token").into_response(),
+        },
+    };
+    req.extensions_mut().insert(Tenant(tenant));
+    next.run(req).await
+}
+
+/// Middleware: waits for a concurrency slot, then runs the request under the
+/// request timeout (503 `timeout` problem when it expires before commit).
+pub(crate) async fn timeout_and_concurrency(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let started = CommitStarted::default();
+    req.extensions_mut().insert(started.clone());
+    let limit = state.config.request_timeout;
+    let work = async {
+        let Ok(_permit) = state.concurrency.acquire().await else {
+            return ApiError::internal("the server is shutting down").into_response();
+        };
+        next.run(req).await
+    };
+    tokio::pin!(work);
+    tokio::select! {
+        resp = &mut work => resp,
+        () = tokio::time::sleep(limit) => {
+            if started.is_set() {
+                work.await
+            } else {
+                ApiError::new(
+                    problem_type::TIMEOUT,
+                    503,
+                    "Request timeout",
+                    format!("the request took longer than {} ms; nothing was applied", limit.as_millis()),
+                )
+                .with_header(header::RETRY_AFTER, "1")
+                .into_response()
+            }
+        }
+    }
+}
+
+/// Middleware (after authentication): 429 with `Retry-After` when the
+/// tenant's bucket is empty.
+pub(crate) async fn rate_limit(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
+        if let Err(wait) = state.rate.check(tenant) {
+            state.metrics.rate_limited();
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return ApiError::new(
+                problem_type::RATE_LIMITED,
+                429,
+                "Too many requests",
+                format!("rate limit exceeded; retry in {secs} s"),
+            )
+            .with_header(header::RETRY_AFTER, secs.max(1).to_string())
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Middleware: counts every request by method, matched route and status.
+pub(crate) async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_owned();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let resp = next.run(req).await;
+    state
+        .metrics
+        .request(&method, &route, resp.status().as_u16());
+    resp
+}
+
+/// The span of one request in the access log: its method and path, never
+/// its query, headers or body (tokens travel in the `Authorization` header
+/// and in the dashboard's `?token=`).
+fn request_span(req: &axum::http::Request<Body>) -> Span {
+    tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+}
+
+/// The access log's layer: request spans by [`request_span`], no event per
+/// request, body chunk or end of stream.
+pub(crate) type AccessLog = TraceLayer<
+    SharedClassifier<ServerErrorsAsFailures>,
+    fn(&axum::http::Request<Body>) -> Span,
+    (),
+    DefaultOnResponse,
+    (),
+    (),
+    DefaultOnFailure,
+>;
+
+/// The access log (tower-http's `TraceLayer`): one event at DEBUG per
+/// response, with its status and latency, in the request's span
+/// (`RUST_LOG=tower_http=debug` shows it). DEBUG because a busy server's
+/// log would otherwise be mostly this; server errors too (injected faults
+/// make many).
+pub(crate) fn access_log() -> AccessLog {
+    TraceLayer::new_for_http()
+        .make_span_with(request_span as fn(&axum::http::Request<Body>) -> Span)
+        .on_request(())
+        .on_response(
+            DefaultOnResponse::new()
+                .level(Level::DEBUG)
+                .latency_unit(LatencyUnit::Micros),
+        )
+        .on_body_chunk(())
+        .on_eos(())
+        .on_failure(DefaultOnFailure::new().level(Level::DEBUG))
+}
