@@ -169,6 +169,15 @@ async fn slow_clients_cannot_lock_a_real_client_out() {
             .unwrap_or_else(|e| panic!("read {i} failed under the flood: {e}"));
         assert_eq!(got.status(), 200);
     }
+    // The real client may be done before the first header timeout fires:
+    // wait (bounded) until the server has ended as many slow connections
+    // as were opened, which only the timeout and the caps can do.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while flood.closed_by_server.load(Ordering::SeqCst) < SLOW
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let peak = flood.peak.load(Ordering::SeqCst);
     let closed = flood.closed_by_server.load(Ordering::SeqCst);
     flood.stop.store(true, Ordering::SeqCst);
