@@ -114,7 +114,7 @@ impl ServerBuilder {
             shutdown_rx.clone(),
         ));
         let purger = tokio::spawn(purge_loop(state.clone(), shutdown_rx.clone()));
-        tokio::spawn(crate::fleet::tick_loop(state.clone(), shutdown_rx));
+        tokio::spawn(fleet_tick_loop(state.clone(), shutdown_rx));
         tracing::info!(%local, "guardian-server listening");
         Ok(RunningServer {
             addr: local,
@@ -346,5 +346,23 @@ impl Drop for RunningServer {
     fn drop(&mut self) {
         self.shutdown.shutdown();
         self.purger.abort();
+    }
+}
+
+/// Once a second: closes a point of the fleet's series and re-evaluates
+/// the alerts (time-based rules fire without a new snapshot).
+async fn fleet_tick_loop(state: AppState, mut stop: watch::Receiver<bool>) {
+    let period = std::time::Duration::from_secs(1);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = state.config.clock.now_millis();
+                state.fleet.tick(now, state.metrics.requests_total());
+                crate::fleet::evaluate_alerts(&state.fleet, state.webhook.as_ref(), now);
+            }
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }

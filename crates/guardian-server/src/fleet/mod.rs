@@ -551,31 +551,12 @@ pub(crate) struct DashboardData {
     series: Vec<SeriesPoint>,
 }
 
-/// Evaluates the alert rules now and hands new events to the webhook.
-pub(crate) fn evaluate_alerts(state: &crate::state::AppState) {
-    let now = state.config.clock.now_millis();
-    for event in state.fleet.evaluate(now) {
+/// Evaluates the alert rules at `now` and hands new events to the webhook.
+pub(crate) fn evaluate_alerts(fleet: &Fleet, webhook: Option<&webhook::Webhook>, now: i64) {
+    for event in fleet.evaluate(now) {
         tracing::info!(status = event.status, key = %event.alert.key, "fleet alert");
-        if let Some(hook) = &state.webhook {
+        if let Some(hook) = webhook {
             hook.send(event);
-        }
-    }
-}
-
-/// Once a second: closes a point of the series and re-evaluates the alerts
-/// (time-based rules fire without a new snapshot).
-pub(crate) async fn tick_loop(state: crate::state::AppState, mut stop: watch::Receiver<bool>) {
-    let period = std::time::Duration::from_secs(1);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let now = state.config.clock.now_millis();
-                state.fleet.tick(now, state.metrics.requests_total());
-                evaluate_alerts(&state);
-            }
-            _ = stop.wait_for(|s| *s) => return,
         }
     }
 }

@@ -31,7 +31,7 @@ pub(crate) async fn telemetry(
     let now = state.config.clock.now_millis();
     match state.fleet.record(&tenant, snapshot, now) {
         Ok(()) => {
-            crate::fleet::evaluate_alerts(&state);
+            crate::fleet::evaluate_alerts(&state.fleet, state.webhook.as_ref(), now);
             StatusCode::NO_CONTENT.into_response()
         }
         Err(Refused::Full) => ApiError::new(
