@@ -21,6 +21,7 @@ use super::{ConnectionState, RealtimeConfig, RealtimeMessage, Validated};
 use crate::core::feed::{FeedCommand, FeedMachine, PageFailure, SessionEnd};
 use crate::core::reconnect::{Phase, Reconnect};
 use crate::telemetry::Counter;
+use crate::transport::Auth;
 
 /// The service was stopped (or the app dropped its stream): unwind.
 #[derive(Debug)]
@@ -49,6 +50,8 @@ pub(super) struct Driver {
     delivered: watch::Sender<Option<u64>>,
     consumed: Arc<watch::Sender<Option<u64>>>,
     stop: watch::Receiver<bool>,
+    /// Single-flight token refresh for the WebSocket upgrade and the polls.
+    auth: Auth,
     feed: FeedMachine,
     reconnect: Reconnect,
     next_poll: Instant,
@@ -62,6 +65,7 @@ impl Driver {
             p.config.probe_interval,
         );
         let feed = FeedMachine::new(p.start, p.config.page_size);
+        let auth = Auth::new(Arc::clone(&p.config.tokens));
         Self {
             base: p.validated.base,
             realtime: p.validated.realtime,
@@ -72,6 +76,7 @@ impl Driver {
             delivered: p.delivered,
             consumed: p.consumed,
             stop: p.stop,
+            auth,
             feed,
             reconnect,
             next_poll: Instant::now(),
@@ -162,14 +167,17 @@ impl Driver {
             max_message: self.cfg.max_message_size,
             timeout: self.cfg.connect_timeout,
         };
-        let tokens = Arc::clone(&self.cfg.tokens);
         let mut stop = self.stop.clone();
+        let auth = &self.auth;
+        let mut sent_token = None;
         let attempt = async {
-            let token = tokens
+            let token = auth
                 .token()
                 .await
                 .map_err(|e| ConnectError::Failed(e.to_string()))?;
-            ws::connect(&url, &token, limits).await
+            let result = ws::connect(&url, &token, limits).await;
+            sent_token = Some(token);
+            result
         };
         let result = tokio::select! {
             r = attempt => r,
@@ -179,8 +187,10 @@ impl Driver {
             Ok(socket) => socket,
             Err(ConnectError::Expired(reason)) => return Ok(SessionEnd::Expired(reason)),
             Err(ConnectError::Unauthorized) => {
-                // The next attempt reads the refreshed token.
-                if let Err(e) = self.cfg.tokens.refresh().await {
+                // The next attempt reads the refreshed token; a refresh
+                // already made by a poll (or another request) is reused.
+                let rejected = sent_token.unwrap_or_default();
+                if let Err(e) = self.auth.refreshed(&rejected).await {
                     tracing::warn!(error = %e, "token refresh after a realtime 401 failed");
                 }
                 return Ok(SessionEnd::Lost("401 on upgrade".to_owned()));
@@ -313,7 +323,7 @@ impl Driver {
         let url = poll::changes_url(&self.base, since, limit);
         let mut stop = self.stop.clone();
         tokio::select! {
-            r = poll::fetch(&self.http, url, self.cfg.tokens.as_ref(), self.cfg.max_poll_body) => Ok(r),
+            r = poll::fetch(&self.http, url, &self.auth, self.cfg.max_poll_body) => Ok(r),
             () = stopped(&mut stop) => Err(Stopped),
         }
     }

@@ -3,7 +3,7 @@
 use guardian_protocol::{problem_type, ChangesPage};
 use reqwest::{StatusCode, Url};
 
-use crate::transport::{TokenError, TokenProvider};
+use crate::transport::{read_bounded, Auth, BodyError, TokenError};
 
 /// Why a poll failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,25 +50,29 @@ pub(super) fn changes_url(base: &Url, since: u64, limit: usize) -> Url {
     url
 }
 
-/// Fetches one page after `since`, refreshing the token once on a 401.
+/// Fetches one page after `since`, refreshing the token once on a 401
+/// (through the single-flight [`Auth`], as the transport does).
 pub(super) async fn fetch(
     http: &reqwest::Client,
     url: Url,
-    tokens: &dyn TokenProvider,
+    auth: &Auth,
     max_body: usize,
 ) -> Result<ChangesPage, FetchError> {
-    let token = tokens.token().await?;
+    let token = auth.token().await?;
     let mut resp = http.get(url.clone()).bearer_auth(&token).send().await?;
     if resp.status() == StatusCode::UNAUTHORIZED {
         tracing::debug!("feed poll got 401; refreshing the token once");
-        let fresh = tokens.refresh().await?;
+        let fresh = auth.refreshed(&token).await?;
         resp = http.get(url).bearer_auth(&fresh).send().await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             return Err(FetchError::Unauthorized);
         }
     }
     let status = resp.status();
-    let body = read_bounded(resp, max_body).await?;
+    let body = read_bounded(resp, max_body).await.map_err(|e| match e {
+        BodyError::TooLarge(max) => FetchError::TooLarge(max),
+        BodyError::Network(e) => FetchError::Network(e),
+    })?;
     if status == StatusCode::GONE {
         return Err(expired(&body));
     }
@@ -76,23 +80,6 @@ pub(super) async fn fetch(
         return Err(FetchError::Status(status.as_u16()));
     }
     serde_json::from_slice(&body).map_err(|e| FetchError::Malformed(e.to_string()))
-}
-
-async fn read_bounded(mut resp: reqwest::Response, max: usize) -> Result<Vec<u8>, FetchError> {
-    if resp
-        .content_length()
-        .is_some_and(|n| usize::try_from(n).map_or(true, |n| n > max))
-    {
-        return Err(FetchError::TooLarge(max));
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        if body.len().saturating_add(chunk.len()) > max {
-            return Err(FetchError::TooLarge(max));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
 /// A 410's problem body, parsed once: its `detail` (for logs and the

@@ -8,7 +8,9 @@ use guardian_protocol::{header, BatchOp, BatchRequest, BatchResponse, MutationKi
 use reqwest::{header as h, Method, StatusCode};
 
 use super::auth::Auth;
-use super::{Fetched, OpRequest, Outcome, RetryReason, TokenProvider, Transport};
+use super::{
+    read_bounded, BodyError, Fetched, OpRequest, Outcome, RetryReason, TokenProvider, Transport,
+};
 use crate::core::classify::{classify_fetch, classify_mutation};
 
 /// Settings of [`HttpTransport`].
@@ -131,7 +133,7 @@ impl HttpTransport {
     }
 
     async fn round_trip(&self, request: reqwest::RequestBuilder) -> Result<Response, Outcome> {
-        let mut response = request.send().await.map_err(|e| network_outcome(&e))?;
+        let response = request.send().await.map_err(|e| network_outcome(&e))?;
         let status = response.status();
         let header_str = |name: &str| {
             response
@@ -142,31 +144,16 @@ impl HttpTransport {
         };
         let retry_after = header_str(h::RETRY_AFTER.as_str());
         let replayed = header_str(header::IDEMPOTENT_REPLAYED).is_some_and(|v| v == "true");
-        if response
-            .content_length()
-            .is_some_and(|len| len > self.max_response_bytes as u64)
-        {
-            return Err(Outcome::protocol(
-                Some(status.as_u16()),
-                "response larger than the limit",
-            ));
-        }
-        let mut body = Vec::new();
-        loop {
-            match response.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > self.max_response_bytes {
-                        return Err(Outcome::protocol(
-                            Some(status.as_u16()),
-                            "response larger than the limit",
-                        ));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(network_outcome(&e)),
+        let body = match read_bounded(response, self.max_response_bytes).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge(_)) => {
+                return Err(Outcome::protocol(
+                    Some(status.as_u16()),
+                    "response larger than the limit",
+                ))
             }
-        }
+            Err(BodyError::Network(e)) => return Err(network_outcome(&e)),
+        };
         Ok(Response {
             status,
             retry_after,

@@ -8,10 +8,13 @@
 //! well-defined paths in the engine.
 
 mod auth;
+mod body;
 mod http;
 
 pub use crate::core::classify::{classify_fetch, classify_mutation};
+pub(crate) use auth::Auth;
 pub use auth::{StaticToken, TokenError, TokenProvider};
+pub(crate) use body::{read_bounded, BodyError};
 pub use http::{HttpTransport, HttpTransportConfig, TransportBuildError};
 
 use futures::future::BoxFuture;
