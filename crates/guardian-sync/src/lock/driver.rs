@@ -167,7 +167,7 @@ impl ProcessingLock {
             // Another process holds the database inside a transaction past
             // the busy timeout (e.g. a holder frozen mid-write): the lock is
             // held as far as we can tell; look again later.
-            Err(LockError::Outbox(OutboxError::Storage(e))) if e.busy => {
+            Err(LockError::Outbox(OutboxError::Storage(e))) if e.is_busy() => {
                 self.os_lock = None;
                 Ok(Acquired::No {
                     retry_in: self.config.heartbeat_interval,

@@ -344,12 +344,9 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
         }
         Decision::MergeInto { seq } => {
             let Some(target) = rows::by_seq(conn, seq)? else {
-                return Err(EnqueueError::Storage(super::StorageError {
-                    message: format!("coalescing target {seq} vanished"),
-                    corrupt: false,
-                    outcome_unknown: false,
-                    busy: false,
-                }));
+                return Err(EnqueueError::Storage(super::StorageError::Inconsistent(
+                    format!("coalescing target {seq} vanished"),
+                )));
             };
             let mut tokens = target.txn_tokens.clone();
             if let Some(t) = &p.txn_token {

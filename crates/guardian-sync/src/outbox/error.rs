@@ -1,51 +1,96 @@
 //! Errors of the outbox, one enum per operation.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::op::{OpId, OpKind, OpState};
 
-/// A failure of the underlying SQLite database (disk full, I/O error, ...).
+/// A failure of the underlying SQLite database (disk full, I/O error, ...),
+/// keeping SQLite's (or the JSON decoder's) error as its source.
 ///
-/// Kept as a message and code so one commit failure can be reported to every
-/// caller whose work was in that commit.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("outbox storage error: {message}")]
-pub struct StorageError {
-    /// SQLite's description.
-    pub message: String,
-    /// True if SQLite reported the file as corrupt or not a database.
-    pub corrupt: bool,
-    /// True when `COMMIT` itself failed (e.g. an fsync error after the WAL
-    /// frames were written): the work may or may not be on disk, and may
-    /// reappear at the next open. Never treat such a write as absent.
-    pub outcome_unknown: bool,
-    /// True when another connection held the database past the busy
-    /// timeout (e.g. a frozen process inside a transaction): try again later.
-    pub busy: bool,
+/// Cloneable (the source is shared) so one commit failure can be reported
+/// to every caller whose work was in that commit.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// SQLite reported the file as corrupt or not a database.
+    #[error("outbox storage error: the file is damaged: {0}")]
+    Corrupt(#[source] Arc<rusqlite::Error>),
+    /// Another connection held the database past the busy timeout (e.g. a
+    /// frozen process inside a transaction): try again later.
+    #[error("outbox storage error: busy: {0}")]
+    Busy(#[source] Arc<rusqlite::Error>),
+    /// `COMMIT` itself failed (e.g. an fsync error after the WAL frames were
+    /// written): the work may or may not be on disk, and may reappear at the
+    /// next open. Never treat such a write as absent.
+    #[error("outbox storage error: the commit failed and may or may not be on disk: {0}")]
+    OutcomeUnknown(#[source] Arc<rusqlite::Error>),
+    /// Any other SQLite failure (disk full, I/O error, ...).
+    #[error("outbox storage error: {0}")]
+    Sqlite(#[source] Arc<rusqlite::Error>),
+    /// A stored JSON value does not decode.
+    #[error("outbox storage error: stored JSON is unreadable: {0}")]
+    Json(#[source] Arc<serde_json::Error>),
+    /// Stored rows contradict an invariant the outbox keeps.
+    #[error("outbox storage error: {0}")]
+    Inconsistent(String),
 }
+
+impl StorageError {
+    /// True if SQLite reported the file as corrupt or not a database.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Self::Corrupt(_))
+    }
+
+    /// True when another connection held the database too long.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy(_))
+    }
+
+    /// True when a commit failed and its work may still be on disk.
+    pub fn is_outcome_unknown(&self) -> bool {
+        matches!(self, Self::OutcomeUnknown(_))
+    }
+
+    /// The same failure, met by `COMMIT`.
+    pub(crate) fn at_commit(self) -> Self {
+        match self {
+            Self::Corrupt(e) | Self::Busy(e) | Self::Sqlite(e) => Self::OutcomeUnknown(e),
+            other => other,
+        }
+    }
+}
+
+/// Equal when of the same kind with the same text (the sources themselves
+/// are not comparable).
+impl PartialEq for StorageError {
+    fn eq(&self, other: &Self) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+            && self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for StorageError {}
 
 impl From<rusqlite::Error> for StorageError {
     fn from(e: rusqlite::Error) -> Self {
-        Self {
-            corrupt: is_corrupt(&e),
-            busy: matches!(
-                e.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ),
-            message: e.to_string(),
-            outcome_unknown: false,
+        let busy = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        if is_corrupt(&e) {
+            Self::Corrupt(Arc::new(e))
+        } else if busy {
+            Self::Busy(Arc::new(e))
+        } else {
+            Self::Sqlite(Arc::new(e))
         }
     }
 }
 
 impl From<serde_json::Error> for StorageError {
     fn from(e: serde_json::Error) -> Self {
-        Self {
-            message: format!("stored JSON is unreadable: {e}"),
-            corrupt: false,
-            outcome_unknown: false,
-            busy: false,
-        }
+        Self::Json(Arc::new(e))
     }
 }
 

@@ -281,7 +281,7 @@ impl From<rusqlite::Error> for Prep {
 impl From<OpenError> for Prep {
     fn from(e: OpenError) -> Self {
         match e {
-            OpenError::Storage(s) if s.corrupt => Prep::Damaged(s.message),
+            OpenError::Storage(StorageError::Corrupt(e)) => Prep::Damaged(e.to_string()),
             other => Prep::Fatal(other),
         }
     }
@@ -537,7 +537,7 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
 /// the op's fate unknown: say so, with the id it has if it was stored.
 fn outcome(op_id: OpId, result: Result<Enqueued, EnqueueError>) -> Result<Enqueued, EnqueueError> {
     match result {
-        Err(EnqueueError::Storage(source)) if source.outcome_unknown => {
+        Err(EnqueueError::Storage(source)) if source.is_outcome_unknown() => {
             Err(EnqueueError::OutcomeUnknown { op_id, source })
         }
         other => other,

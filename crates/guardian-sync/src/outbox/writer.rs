@@ -393,8 +393,7 @@ impl<'a> Group<'a> {
                 Ok(())
             }
             Some(Ok(())) => control(conn, "COMMIT").map_err(|e| {
-                let mut err = StorageError::from(e);
-                err.outcome_unknown = true;
+                let err = StorageError::from(e).at_commit();
                 if !conn.is_autocommit() {
                     let _ = conn.execute_batch("ROLLBACK");
                 }
