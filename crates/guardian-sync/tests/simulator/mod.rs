@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use guardian_protocol::Entity;
+use guardian_protocol::{Entity, Problem};
 use guardian_sync::breaker::{BreakerConfig, CircuitBreaker};
 use guardian_sync::clock::{ManualClock, SharedClock};
 use guardian_sync::core::clock_watch::ScheduleGuard;
@@ -57,6 +57,9 @@ pub(crate) struct Stats {
     pub(crate) clock_steps: u64,
     pub(crate) storms: u64,
     pub(crate) stale_writes_refused: u64,
+    pub(crate) conditional: u64,
+    pub(crate) foreign_writes: u64,
+    pub(crate) conflicts: u64,
 }
 
 impl Stats {
@@ -72,6 +75,9 @@ impl Stats {
         self.clock_steps += o.clock_steps;
         self.storms += o.storms;
         self.stale_writes_refused += o.stale_writes_refused;
+        self.conditional += o.conditional;
+        self.foreign_writes += o.foreign_writes;
+        self.conflicts += o.conflicts;
     }
 }
 
@@ -117,16 +123,32 @@ struct Request {
     entity_id: String,
     payload: Value,
     key: String,
+    /// `If-Match`: the version the change was made against.
+    if_match: Option<u64>,
+    /// In a batch: `If-Match` is the version the op it depends on left.
+    if_match_chained: bool,
 }
 
 impl Server {
     /// Applies one request; `Err` is an invariant the request broke.
-    fn apply(&mut self, r: &Request) -> Result<Outcome, String> {
+    fn apply(&mut self, r: &Request, if_match: Option<u64>) -> Result<Outcome, String> {
         if let Some(e) = self.keys.get(&r.key) {
             return Ok(Outcome::Applied {
                 entity: Some(e.clone()),
                 replayed: true,
             });
+        }
+        if let Some(expected) = if_match {
+            // The reference server's 412: the change was made against
+            // another version; the problem carries the current entity.
+            let current = self.entities.get(&r.entity_id);
+            if current.map(|(v, _)| *v) != Some(expected) {
+                let mut problem = Problem::new("conflict:version", "Version conflict", 412);
+                problem.current = current.map(|(v, data)| self.entity(&r.entity_id, *v, data));
+                return Ok(Outcome::Conflict {
+                    problem: Box::new(problem),
+                });
+            }
         }
         let seq = r.payload.get("seq").and_then(Value::as_i64).unwrap_or(-1);
         let log = self.applied.entry(r.entity_id.clone()).or_default();
@@ -151,19 +173,39 @@ impl Server {
             .or_insert((0, Value::Null));
         slot.0 += 1;
         slot.1 = r.payload.clone();
-        let entity = Entity {
-            entity_type: ENTITY_TYPE.to_owned(),
-            id: r.entity_id.clone(),
-            version: slot.0,
-            data: slot.1.clone(),
-            updated_at: String::new(),
-            deleted: false,
-        };
+        let (version, data) = (slot.0, slot.1.clone());
+        let entity = self.entity(&r.entity_id, version, &data);
         self.keys.insert(r.key.clone(), entity.clone());
         Ok(Outcome::Applied {
             entity: Some(entity),
             replayed: false,
         })
+    }
+
+    fn entity(&self, id: &str, version: u64, data: &Value) -> Entity {
+        Entity {
+            entity_type: ENTITY_TYPE.to_owned(),
+            id: id.to_owned(),
+            version,
+            data: data.clone(),
+            updated_at: String::new(),
+            deleted: false,
+        }
+    }
+
+    /// Another client changes an entity (a field the devices never write),
+    /// so the devices' conditional changes conflict.
+    fn foreign_write(&mut self, n: u64) {
+        let ids: Vec<String> = self.entities.keys().cloned().collect();
+        let Some(id) = ids.get(usize::try_from(n).unwrap_or(0) % ids.len().max(1)) else {
+            return;
+        };
+        if let Some(slot) = self.entities.get_mut(id) {
+            slot.0 += 1;
+            if let Value::Object(map) = &mut slot.1 {
+                map.insert("foreign".into(), json!(n));
+            }
+        }
     }
 
     /// A whole request (one op or a batch in order), as committed.
@@ -186,15 +228,18 @@ impl Server {
         }
         let mut out: Vec<Outcome> = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
-            let dep_ok = match deps.get(i).copied().flatten() {
-                None => true,
-                Some(d) => matches!(out.get(d), Some(Outcome::Applied { .. })),
+            let dep = deps.get(i).copied().flatten();
+            let if_match = match dep.map(|d| out.get(d)) {
+                Some(Some(Outcome::Applied { entity, .. })) if r.if_match_chained => {
+                    entity.as_ref().map(|e| e.version)
+                }
+                None | Some(Some(Outcome::Applied { .. })) => r.if_match,
+                Some(_) => {
+                    out.push(Outcome::DependencyFailed);
+                    continue;
+                }
             };
-            if !dep_ok {
-                out.push(Outcome::DependencyFailed);
-                continue;
-            }
-            out.push(self.apply(r)?);
+            out.push(self.apply(r, if_match)?);
         }
         Ok(out)
     }
@@ -302,7 +347,7 @@ impl Sim {
             flights: Vec::new(),
             cfg,
             retry,
-            reconciler: Reconciler::new(ReconcilePolicies::new(), 3),
+            reconciler: Reconciler::new(ReconcilePolicies::new(), 1_000),
             stats: Stats::default(),
             step: 0,
             faults: true,
@@ -419,6 +464,11 @@ impl Sim {
                 self.clock.jump_wall(delta);
                 self.stats.clock_steps += 1;
             }
+            95..=96 if self.faults => {
+                let n = self.rng.random();
+                self.server.foreign_write(n);
+                self.stats.foreign_writes += 1;
+            }
             93..=94 if self.faults => {
                 let secs = self.rng.random_range(1..=20);
                 self.server.storm_until = self.server_now() + secs * 1000;
@@ -452,7 +502,20 @@ impl Sim {
         let entity = format!("d{d}-e{e}");
         let seq = dev.next_seq.get(&entity).copied().unwrap_or(0) + 1;
         dev.next_seq.insert(entity.clone(), seq);
-        let op = NewOp::update(ENTITY_TYPE, entity.clone(), json!({ "seq": seq }));
+        let mut op = NewOp::update(ENTITY_TYPE, entity.clone(), json!({ "seq": seq }));
+        // Now and then the app edits what it last read from the server: a
+        // conditional change, which conflicts if anyone wrote since.
+        let conditional = self.rng.random_bool(0.3);
+        if let Some((version, data)) = self.server.entities.get(&entity).filter(|_| conditional) {
+            op.base_version = Some(*version);
+            op.base = Some(data.clone());
+            let mut payload = data.clone();
+            if let Value::Object(map) = &mut payload {
+                map.insert("seq".into(), json!(seq));
+            }
+            op.payload = payload;
+            self.stats.conditional += 1;
+        }
         let done = self
             .rt
             .block_on(dev.outbox.enqueue(op))
@@ -623,10 +686,13 @@ impl Sim {
             DrainCommand::Send { unit, deps } => {
                 let reqs = unit
                     .iter()
-                    .map(|op| Request {
+                    .zip(deps.iter().copied().chain(std::iter::repeat(None)))
+                    .map(|(op, dep)| Request {
                         entity_id: op.entity_id.clone(),
                         payload: op.payload.clone(),
                         key: op.idempotency_key.to_string(),
+                        if_match: op.base_version,
+                        if_match_chained: dep.is_some() && op.chained,
                     })
                     .collect();
                 let fate = if self.faults {
@@ -827,6 +893,10 @@ impl Sim {
                 o
             }
         };
+        self.stats.conflicts += outcomes
+            .iter()
+            .filter(|o| matches!(o, Outcome::Conflict { .. }))
+            .count() as u64;
         if f.ghost || f.generation != self.devices[f.device].generation {
             return Ok(());
         }
@@ -887,7 +957,7 @@ impl Sim {
             }
             for (entity, last) in &d.next_seq {
                 let state = self.server.entities.get(entity).map(|(_, v)| v.clone());
-                if state != Some(json!({ "seq": last })) {
+                if state.as_ref().and_then(|v| v.get("seq")) != Some(&json!(last)) {
                     return Err(format!(
                         "dev{i}: {entity} ends as {state:?}, not its last change {last}"
                     ));
