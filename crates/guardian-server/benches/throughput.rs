@@ -4,6 +4,11 @@
 //! beside a bare axum handler that answers 200 without storage, in the same
 //! run.
 //!
+//! The PostgreSQL rows run one instance, then two instances on one
+//! database with the clients split between them, against a throwaway
+//! database on the server `GUARDIAN_BENCH_PG` names (default: the local
+//! one, trust auth); they are skipped when none answers.
+//!
 //! `cargo bench -p guardian-server --bench throughput` (env `BENCH_PUTS`,
 //! `BENCH_BATCHES` per client and `BENCH_SEQ_OPS` in all scale the run).
 //! Prints a Markdown table.
@@ -27,8 +32,10 @@ fn env_or(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-/// Runs `per_client` requests on each of 16 clients; returns requests/s.
-async fn drive<F>(base: &str, per_client: usize, make: F) -> f64
+/// Runs `per_client` requests on each of 16 clients, client `c` talking to
+/// `bases[c % bases.len()]`, numbered from `first` (so runs on one
+/// database never replay each other's keys); returns requests/s.
+async fn drive<F>(bases: &[String], first: usize, per_client: usize, make: F) -> f64
 where
     F: Fn(&reqwest::Client, &str, usize, usize) -> reqwest::RequestBuilder
         + Send
@@ -42,15 +49,17 @@ where
         .unwrap();
     // Warm-up: open the connections.
     for c in 0..CLIENTS {
-        let _ = make(&http, base, c, usize::MAX - c).send().await;
+        let _ = make(&http, &bases[c % bases.len()], c, usize::MAX - c)
+            .send()
+            .await;
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
         let http = http.clone();
-        let base = base.to_owned();
+        let base = bases[c % bases.len()].clone();
         tasks.push(tokio::spawn(async move {
-            for i in 0..per_client {
+            for i in first..first + per_client {
                 let resp = make(&http, &base, c, i).send().await.unwrap();
                 assert!(resp.status().is_success(), "{}", resp.status());
                 let _ = resp.bytes().await.unwrap();
@@ -154,6 +163,31 @@ async fn bare() -> String {
     format!("http://{addr}")
 }
 
+/// A throwaway database on the benchmark's PostgreSQL server: its URL, and
+/// the maintenance connection that drops it at the end.
+async fn pg_database() -> Result<(String, tokio_postgres::Client, String), String> {
+    let admin = std::env::var("GUARDIAN_BENCH_PG")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+    let connect = tokio_postgres::connect(&admin, tokio_postgres::NoTls);
+    let (client, conn) = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| format!("{admin}: timed out"))?
+        .map_err(|e| format!("{admin}: {e}"))?;
+    tokio::spawn(conn);
+    let name = format!("gsync_bench_{}", std::process::id());
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| format!("{sql}: {e:?}"))?;
+    }
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    Ok((format!("{base}/{name}"), client, name))
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing and
     // expects a quick run.
@@ -168,32 +202,56 @@ fn main() {
     rt.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let mut rows = Vec::new();
-        let bare_url = bare().await;
+        let bare_url = vec![bare().await];
         rows.push((
-            "bare axum (no storage)",
-            drive(&bare_url, puts, put_req).await,
-            drive(&bare_url, batches, batch_req).await,
-            sequential_creates(&bare_url, seq_ops, "bare").await,
+            "bare axum (no storage)".to_owned(),
+            drive(&bare_url, 0, puts, put_req).await,
+            drive(&bare_url, 0, batches, batch_req).await,
+            sequential_creates(&bare_url[0], seq_ops, "bare").await,
         ));
-        let configs: [(&str, ServerBuilder); 3] = [
-            ("guardian-server, in memory", ServerBuilder::new().in_memory()),
-            ("guardian-server, file WAL sync=NORMAL", ServerBuilder::new().database(dir.path().join("n.db")).synchronous(Synchronous::Normal)),
-            ("guardian-server, file WAL sync=FULL", ServerBuilder::new().database(dir.path().join("f.db"))),
+        let mut configs: Vec<(String, Vec<ServerBuilder>)> = vec![
+            ("guardian-server, in memory".into(), vec![ServerBuilder::new().in_memory()]),
+            ("guardian-server, file WAL sync=NORMAL".into(), vec![ServerBuilder::new().database(dir.path().join("n.db")).synchronous(Synchronous::Normal)]),
+            ("guardian-server, file WAL sync=FULL".into(), vec![ServerBuilder::new().database(dir.path().join("f.db"))]),
         ];
-        for (name, builder) in configs {
-            let server = builder
-                .token("bench", TOKEN)
-                .concurrency_limit(1024)
-                .request_timeout(Duration::from_secs(120))
-                .bind("127.0.0.1:0")
-                .await
-                .unwrap();
-            seed(&server.url()).await;
-            let p = drive(&server.url(), puts, put_req).await;
-            let b = drive(&server.url(), batches, batch_req).await;
-            let s = sequential_creates(&server.url(), seq_ops, "seq").await;
+        let pg = pg_database().await;
+        match &pg {
+            Ok((url, _, _)) => {
+                configs.push(("guardian-server, PostgreSQL, 1 instance".into(), vec![ServerBuilder::new().postgres(url.clone())]));
+                configs.push(("guardian-server, PostgreSQL, 2 instances".into(), vec![ServerBuilder::new().postgres(url.clone()), ServerBuilder::new().postgres(url.clone())]));
+            }
+            Err(e) => eprintln!("PostgreSQL rows skipped: {e}"),
+        }
+        for (i, (name, builders)) in configs.into_iter().enumerate() {
+            let mut servers = Vec::new();
+            for builder in builders {
+                let server = builder
+                    .token("bench", TOKEN)
+                    .concurrency_limit(1024)
+                    .request_timeout(Duration::from_secs(120))
+                    .bind("127.0.0.1:0")
+                    .await
+                    .unwrap();
+                servers.push(server);
+            }
+            let urls: Vec<String> = servers.iter().map(guardian_server::RunningServer::url).collect();
+            // Each configuration gets its own ids: the PostgreSQL rows share
+            // one database.
+            let run = format!("seq{i}");
+            seed(&urls[0]).await;
+            let first = (i + 1) * 1_000_000;
+            let p = drive(&urls, first, puts, put_req).await;
+            let b = drive(&urls, first, batches, batch_req).await;
+            let s = sequential_creates(&urls[0], seq_ops, &run).await;
             rows.push((name, p, b, s));
-            server.shutdown().await;
+            for server in servers {
+                server.shutdown().await;
+            }
+        }
+        if let Ok((_, client, name)) = pg {
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
         }
         println!("\n{CLIENTS} concurrent clients over loopback; {puts} PUTs and {batches} batches of {BATCH} ops per client; then one client sending {seq_ops} CREATEs in {BATCH}-op batches, one request at a time\n");
         println!("| server | single PUT req/s | 100-op batch req/s | batch ops/s | sequential CREATE batches ops/s |");
