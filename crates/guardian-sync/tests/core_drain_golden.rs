@@ -3,6 +3,8 @@
 //! sequence of results. A change to what the engine does shows up here as
 //! a diff of plain lines.
 
+mod golden;
+
 use std::time::Duration;
 
 use guardian_protocol::{Entity, Problem};
@@ -110,10 +112,6 @@ impl Script {
             self.lines.push(format!("-> {}", command_line(c)));
         }
         commands
-    }
-
-    fn transcript(&self) -> String {
-        self.lines.join("\n")
     }
 }
 
@@ -265,14 +263,7 @@ fn responded(unit: Vec<PendingOp>, outcomes: Vec<Outcome>) -> Option<DrainInput>
 }
 
 fn assert_golden(script: &Script, expected: &str) {
-    let got = script.transcript();
-    let expected = expected
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n");
-    assert_eq!(got, expected, "\n--- got:\n{got}\n");
+    golden::assert_transcript(&script.lines, expected);
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! Golden command streams of the realtime feed machine (`core::feed`).
 
+mod golden;
+
 use guardian_protocol::{Change, ChangesPage, MutationKind};
 use guardian_sync::core::feed::{FeedCommand, FeedMachine, PageFailure, SessionEnd};
 use guardian_sync::realtime::RealtimeMessage;
@@ -54,14 +56,7 @@ impl Script {
     }
 
     fn check(&self, expected: &str) {
-        let got = self.lines.join("\n");
-        let expected = expected
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert_eq!(got, expected, "\n--- got:\n{got}\n");
+        golden::assert_transcript(&self.lines, expected);
     }
 }
 
