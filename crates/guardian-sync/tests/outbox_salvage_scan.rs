@@ -374,15 +374,7 @@ fn sqlite_alone(path: &Path) -> i64 {
 /// commits, are not brought back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_after_a_damaged_wal_frame_are_recovered() {
-    // Found by `check --repair`, and by a plain open for writing (a runner
-    // or an enqueue), before its first write overwrites them.
-    for (case, repair) in [
-        ("early", true),
-        ("middle", true),
-        ("header", true),
-        ("middle", false),
-        ("header", false),
-    ] {
+    for case in ["early", "middle", "header"] {
         let middle = case == "middle";
         let server = server().await;
         let dir = tempfile::tempdir().unwrap();
@@ -409,16 +401,11 @@ async fn commits_after_a_damaged_wal_frame_are_recovered() {
         } else {
             assert_eq!(alone, 5, "{case}: SQLite reads past the damage");
         }
-        let (outbox, report) = if repair {
-            let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
-            assert!(check.ok, "{check:?}");
-            (outbox, report)
-        } else {
-            Outbox::open(&path, opts()).await.unwrap()
-        };
+        let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
+        assert!(check.ok, "{check:?}");
         let s = report.salvage.expect("the damaged WAL is salvaged");
         assert!(s.reason.contains("WAL"), "{s:?}");
-        assert_eq!(s.ops_saved, 25, "{case}, repair {repair}: {s:?}");
+        assert_eq!(s.ops_saved, 25, "{case}: {s:?}");
         assert_eq!(s.ops_deleted_later, if middle { 0 } else { 5 }, "{s:?}");
         assert_eq!(op_ids(&outbox).await, ids);
         outbox.close().await;
