@@ -315,6 +315,36 @@ pub enum DrainInput {
     LockLost,
 }
 
+/// An outcome that did not apply the op: what `DrainMachine::handle`
+/// decides on (successes and deferred dependents never reach it).
+#[derive(Debug)]
+enum NotApplied {
+    /// 409/412: reconcile.
+    Conflict(Box<guardian_protocol::Problem>),
+    /// Transient: the same request, same key, later.
+    Retryable {
+        retry_after: Option<String>,
+        detail: String,
+        counts_for_breaker: bool,
+    },
+    /// The token was refused after a refresh.
+    AuthRequired,
+    /// Will never succeed as is.
+    Permanent(String),
+}
+
+impl NotApplied {
+    /// An answer the protocol does not allow, retried like any transient
+    /// failure of the server.
+    fn protocol(detail: &str) -> Self {
+        Self::Retryable {
+            retry_after: None,
+            detail: detail.to_owned(),
+            counts_for_breaker: true,
+        }
+    }
+}
+
 /// Claimed ops of one entity, in order, that travel in one unit.
 #[derive(Debug)]
 struct Chain {
@@ -727,16 +757,37 @@ impl DrainMachine {
                         }
                         _ => others.push((
                             op,
-                            Outcome::protocol(
-                                None,
+                            NotApplied::protocol(
                                 "dependency failure reported for an op without a failed dependency",
                             ),
                         )),
                     }
                     continue;
                 }
-                other => {
-                    others.push((op, other));
+                Outcome::Conflict { problem } => {
+                    others.push((op, NotApplied::Conflict(problem)));
+                    continue;
+                }
+                Outcome::Retryable {
+                    retry_after,
+                    detail,
+                    counts_for_breaker,
+                    ..
+                } => {
+                    let failure = NotApplied::Retryable {
+                        retry_after,
+                        detail,
+                        counts_for_breaker,
+                    };
+                    others.push((op, failure));
+                    continue;
+                }
+                Outcome::AuthRequired => {
+                    others.push((op, NotApplied::AuthRequired));
+                    continue;
+                }
+                Outcome::Permanent { detail, .. } => {
+                    others.push((op, NotApplied::Permanent(detail)));
                     continue;
                 }
             };
@@ -783,14 +834,14 @@ impl DrainMachine {
     fn handle(
         &mut self,
         op: PendingOp,
-        outcome: Outcome,
+        outcome: NotApplied,
         latency: Duration,
         env: &mut Env<'_>,
         out: &mut Vec<DrainCommand>,
     ) {
         match outcome {
             // A conflict says the server is healthy.
-            Outcome::Conflict { problem } => {
+            NotApplied::Conflict(problem) => {
                 env.breaker.record_success(env.mono);
                 publish_breaker(env, out);
                 env.metrics.record_latency(latency);
@@ -805,11 +856,10 @@ impl DrainMachine {
                     }
                 }
             }
-            Outcome::Retryable {
+            NotApplied::Retryable {
                 retry_after,
                 detail,
                 counts_for_breaker,
-                ..
             } => {
                 let retry_after = retry_after.and_then(|v| parse_retry_after(&v, env.now_ms));
                 if counts_for_breaker {
@@ -819,7 +869,7 @@ impl DrainMachine {
                 }
                 self.retry_or_fail(op, detail, retry_after, DrainReport::sent(), env, out);
             }
-            Outcome::AuthRequired => {
+            NotApplied::AuthRequired => {
                 self.auth_refused = true;
                 out.push(DrainCommand::PauseAuth);
                 let after = AfterWrite {
@@ -834,19 +884,12 @@ impl DrainMachine {
                 };
                 self.write(write, after, out);
             }
-            Outcome::Permanent { detail, .. } => {
+            NotApplied::Permanent(detail) => {
                 env.breaker.record_success(env.mono);
                 publish_breaker(env, out);
                 let mut report = DrainReport::sent();
                 report.failed = 1;
                 self.fail(op, detail, report, Vec::new(), out);
-            }
-            // Sorted out by `responded`; anything else is a server breaking
-            // the protocol.
-            Outcome::Applied { .. } | Outcome::AlreadyGone | Outcome::DependencyFailed => {
-                let outcome =
-                    Outcome::protocol(None, "dependency failure reported for a lone request");
-                self.handle(op, outcome, latency, env, out);
             }
         }
     }
