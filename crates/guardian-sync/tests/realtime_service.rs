@@ -738,3 +738,56 @@ async fn without_a_head_in_the_feed_a_first_start_waits_for_the_websocket() {
     assert_eq!(service.state(), ConnectionState::Disconnected);
     service.shutdown().await;
 }
+
+/// A token that the server refuses until the first refresh replaces it.
+#[derive(Debug)]
+struct StaleUntilRefreshed {
+    current: Mutex<String>,
+    refreshes: std::sync::atomic::AtomicUsize,
+}
+
+impl guardian_sync::transport::TokenProvider for StaleUntilRefreshed {
+    fn token(
+        &self,
+    ) -> futures::future::BoxFuture<'_, Result<String, guardian_sync::transport::TokenError>> {
+        let t = self.current.lock().unwrap().clone();
+        Box::pin(async move { Ok(t) })
+    }
+
+    fn refresh(
+        &self,
+    ) -> futures::future::BoxFuture<'_, Result<String, guardian_sync::transport::TokenError>> {
+        self.refreshes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        TOKEN.clone_into(&mut self.current.lock().unwrap());
+        Box::pin(async { Ok(TOKEN.to_owned()) })
+    }
+}
+
+/// A poll refused with 401 refreshes the token once (through the
+/// transport's single-flight refresh) and goes on polling with the new one.
+#[tokio::test]
+async fn a_refused_poll_refreshes_the_token_once_and_polls_on() {
+    let server = server().await;
+    let writer = Writer::new(&server.url());
+    let proxy = Proxy::start(server.addr()).await;
+    proxy.cut();
+    writer.create(1..=2).await;
+    let tokens = Arc::new(StaleUntilRefreshed {
+        current: Mutex::new("stale".to_owned()),
+        refreshes: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let mut cfg = config(&server.url());
+    cfg.tokens = tokens.clone();
+    cfg.realtime_url = Some(proxy.url());
+    let service = RealtimeService::start(cfg).await.unwrap();
+    let mut messages = service.messages().unwrap();
+    expect_cursors(&mut messages, 1, 2).await;
+    writer.create([3]).await;
+    expect_cursors(&mut messages, 3, 1).await;
+    assert_eq!(
+        tokens.refreshes.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    service.shutdown().await;
+}
