@@ -30,12 +30,12 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::breaker::{Admission, CircuitBreaker};
-use crate::engine::{ConflictOutcome, SyncEvent};
 use crate::op::{Ack, OpId, OpKind, PendingOp, Reconciled};
 use crate::reconcile::{ConflictInput, Reconciler, Resolution};
 use crate::retry::{parse_retry_after, RetryAfter, RetryDecision, RetryPolicy};
 use crate::telemetry::{Counter, SyncMetrics};
 
+use super::events::{ConflictOutcome, SyncEvent};
 use super::mutant::{self, Mutant};
 use super::outcome::{Fetched, Outcome};
 
@@ -1101,7 +1101,7 @@ fn succeeded(op: PendingOp, version: Option<u64>, replayed: bool) -> SyncEvent {
 }
 
 /// Publishes the breaker's queued transitions as events and metrics.
-pub fn publish_breaker(env: &mut Env<'_>, out: &mut Vec<DrainCommand>) {
+fn publish_breaker(env: &mut Env<'_>, out: &mut Vec<DrainCommand>) {
     out.extend(
         breaker_events(env.breaker, env.metrics)
             .into_iter()
@@ -1110,7 +1110,7 @@ pub fn publish_breaker(env: &mut Env<'_>, out: &mut Vec<DrainCommand>) {
 }
 
 /// The breaker's queued transitions, recorded in `metrics`, as events.
-pub fn breaker_events(breaker: &mut CircuitBreaker, metrics: &SyncMetrics) -> Vec<SyncEvent> {
+fn breaker_events(breaker: &mut CircuitBreaker, metrics: &SyncMetrics) -> Vec<SyncEvent> {
     breaker
         .take_transitions()
         .into_iter()

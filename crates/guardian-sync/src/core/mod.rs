@@ -10,6 +10,7 @@
 //!   outcome, as a [`drain::DrainMachine`].
 //! - [`feed`]: the realtime follower's decisions, as a [`feed::FeedMachine`].
 //! - [`outcome`]: what became of a request, the machine's input vocabulary.
+//! - [`events`]: what the machines tell the app (`SyncEvent`).
 //! - [`clock_watch`]: keeps stored backoffs their length across wall-clock
 //!   steps.
 //! - [`mutant`]: deliberate bugs the simulator must catch (test builds only).
@@ -25,6 +26,7 @@ pub mod clock_watch;
 pub mod coalesce;
 mod dedupe;
 pub mod drain;
+pub mod events;
 pub mod feed;
 pub mod lock_observer;
 pub mod mutant;

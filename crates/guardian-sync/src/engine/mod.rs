@@ -8,13 +8,12 @@
 //! backoff, or permanent failure.
 
 mod drain;
-mod events;
 mod export;
 mod once;
 mod run;
 
 pub use crate::core::drain::{BatchConfig, DrainReport};
-pub use events::{ConflictOutcome, SyncEvent};
+pub use crate::core::events::{ConflictOutcome, SyncEvent};
 pub use once::{OnceReport, OnceStop};
 pub use run::{RunReport, RUNNER_STATUS_KEY};
 
