@@ -152,6 +152,43 @@ pub struct BatchResponse {
     pub results: Vec<BatchResult>,
 }
 
+/// Body of `POST /v1/transactions`: ops on one or several entities that
+/// take effect together or not at all.
+///
+/// The ops are applied in order in one database transaction. If every op
+/// succeeds (2xx, fresh or replayed) the transaction commits, each op's key
+/// and the transaction's key are recorded, and a retry with the same
+/// `transaction_key` and the same ops replays the whole response. If one op
+/// is refused, nothing is applied or recorded: the response says which op
+/// and why, and every key stays new.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TransactionRequest {
+    /// The transaction's own idempotency key.
+    pub transaction_key: String,
+    /// The ops, in order. `depends_on` and `if_match_chained` work as in a
+    /// batch; a `depends_on` is always met once the transaction commits.
+    pub ops: Vec<BatchOp>,
+}
+
+/// Body of a `POST /v1/transactions` response (status 200 whether it
+/// committed or not; a failure of the server itself is a problem document).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct TransactionResponse {
+    /// True when every op took effect in one commit.
+    pub committed: bool,
+    /// Index of the op whose refusal aborted the transaction (absent when
+    /// it committed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_op: Option<u32>,
+    /// One result per op, in op order. When the transaction aborted, the
+    /// refused op has its own result and every other op 424
+    /// [`problem_type::TRANSACTION_ABORTED`].
+    pub results: Vec<BatchResult>,
+    /// True when the whole response was replayed from the idempotency store.
+    #[serde(default)]
+    pub replayed: bool,
+}
+
 /// One entry of the per-tenant change feed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Change {

@@ -21,6 +21,10 @@ pub mod problem_type {
     /// A batch op was not applied because the op it depends on (its
     /// `depends_on`) did not succeed (424); send it again after that op.
     pub const DEPENDENCY_FAILED: &str = "urn:guardian:batch:dependency-failed";
+    /// An op of an atomic transaction that was not applied because another
+    /// op of the same transaction was refused (424): nothing of the
+    /// transaction was applied.
+    pub const TRANSACTION_ABORTED: &str = "urn:guardian:transaction:aborted";
     /// The server requires `If-Match` on this request (428).
     pub const PRECONDITION_REQUIRED: &str = "urn:guardian:precondition-required";
     /// The entity does not exist.
