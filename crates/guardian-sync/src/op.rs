@@ -133,6 +133,9 @@ pub struct NewOp {
     pub txn_token: Option<String>,
     /// Payload format version; `None` means the outbox's current version.
     pub envelope_version: Option<u32>,
+    /// Ops this one waits for: it is sent only once each of them is
+    /// acknowledged (or gone), and fails when one of them fails.
+    pub depends_on: Vec<OpId>,
 }
 
 impl NewOp {
@@ -146,6 +149,7 @@ impl NewOp {
             base_version: None,
             txn_token: None,
             envelope_version: None,
+            depends_on: Vec::new(),
         }
     }
 
@@ -200,6 +204,15 @@ impl NewOp {
         self
     }
 
+    /// Makes the op wait for `op_id` (see [`NewOp::depends_on`]).
+    #[must_use]
+    pub fn with_dependency(mut self, op_id: OpId) -> Self {
+        if !self.depends_on.contains(&op_id) {
+            self.depends_on.push(op_id);
+        }
+        self
+    }
+
     /// Sets the payload format version (default: the outbox's current one).
     #[must_use]
     pub fn with_envelope_version(mut self, version: u32) -> Self {
@@ -238,6 +251,16 @@ pub struct HistoryEntry {
 /// attempt count was reset, yet its key may be applied by the server.
 pub(crate) fn sent_before_retry(history: &[HistoryEntry]) -> bool {
     history.iter().any(|h| h.event == RETRIED_AFTER_SEND)
+}
+
+/// An op's atomic transaction: its id and how many ops it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TxnRef {
+    /// The transaction's id, also its idempotency key on the wire.
+    pub id: Uuid,
+    /// Its number of ops (fixed at enqueue: coalescing never adds or
+    /// removes one).
+    pub size: u32,
 }
 
 /// An op as stored in the outbox.
@@ -285,9 +308,23 @@ pub struct PendingOp {
     pub reconciliations: u32,
     /// Conflicts and reconciliations, oldest first.
     pub history: Vec<HistoryEntry>,
+    /// The atomic transaction the op belongs to: its ops are sent, applied,
+    /// retried, failed and discarded together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub txn: Option<TxnRef>,
+    /// Ops it waits for (see [`NewOp::depends_on`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<OpId>,
 }
 
 impl PendingOp {
+    /// True if the op is part of an atomic transaction or waits for other
+    /// ops: its readiness is decided by the outbox's gate, not by the head
+    /// rule alone.
+    pub fn is_gated(&self) -> bool {
+        self.txn.is_some() || !self.depends_on.is_empty()
+    }
+
     /// True if no send was ever started: the op may still be coalesced, edited or cancelled.
     pub fn never_attempted(&self) -> bool {
         self.attempts == 0 && self.state == OpState::Pending && !sent_before_retry(&self.history)

@@ -473,8 +473,10 @@ async fn a_version_2_file_migrates_to_3_and_never_reuses_a_position() {
         names,
         [
             "ops_entity",
+            "ops_gated",
             "ops_ready",
             "ops_state",
+            "ops_txn",
             "sqlite_autoindex_ops_1"
         ]
     );

@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::enqueue::check_payload;
 use super::error::OutboxError;
 use super::writer::Ctx;
-use super::{outcomes, rows, upcast};
+use super::{gate, outcomes, rows, upcast};
 use crate::op::{
     sent_before_retry, HistoryEntry, OpId, OpKind, OpState, PendingOp, REQUEUED, RETRIED_AFTER_SEND,
 };
@@ -95,7 +95,34 @@ pub(crate) fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<PendingOp>, 
 /// applied: the server then replays the result), and so is the old error,
 /// in its history. An op that had been sent stays marked as such there, so
 /// it is never coalesced into, edited or cancelled.
+///
+/// A transaction is retried whole, whichever of its ops is named, and ops
+/// that failed only because this one did (their dependency) are retried
+/// with it.
 pub(crate) fn retry_failed(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<(), OutboxError> {
+    let op = load(conn, op_id)?;
+    if op.state != OpState::Failed {
+        return Err(OutboxError::WrongState {
+            op_id,
+            state: op.state,
+            needed: "failed",
+        });
+    }
+    let mut todo = vec![op];
+    while let Some(op) = todo.pop() {
+        for member in gate::unit_of(conn, &op)? {
+            if member.state != OpState::Failed {
+                continue;
+            }
+            todo.extend(gate::failed_dependents(conn, member.op_id)?);
+            retry_one(conn, ctx, member.op_id)?;
+        }
+    }
+    gate::refresh(conn, ctx.now())?;
+    Ok(())
+}
+
+fn retry_one(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<(), OutboxError> {
     let op = load(conn, op_id)?;
     if op.state != OpState::Failed {
         return Err(OutboxError::WrongState {
@@ -148,6 +175,10 @@ pub(crate) fn retry_all_failed(conn: &Connection, ctx: &Ctx) -> Result<u64, Outb
     let mut n = 0;
     for id in ids {
         if let Ok(id) = uuid::Uuid::parse_str(&id) {
+            // Retried already with its transaction or its dependency.
+            if load(conn, id)?.state != OpState::Failed {
+                continue;
+            }
             retry_failed(conn, ctx, id)?;
             n += 1;
         }
@@ -155,23 +186,43 @@ pub(crate) fn retry_all_failed(conn: &Connection, ctx: &Ctx) -> Result<u64, Outb
     Ok(n)
 }
 
-/// Removes a failed op for good (its tokens already failed).
-pub(crate) fn discard(conn: &Connection, op_id: OpId) -> Result<PendingOp, OutboxError> {
+/// Removes a failed op for good (its tokens already failed); a
+/// transaction goes whole. Ops that depend on it no longer wait for it.
+pub(crate) fn discard(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<PendingOp, OutboxError> {
     let op = load(conn, op_id)?;
-    if op.state != OpState::Failed {
+    let unit = gate::unit_of(conn, &op)?;
+    if let Some(active) = unit.iter().find(|m| m.state != OpState::Failed) {
         return Err(OutboxError::WrongState {
-            op_id,
-            state: op.state,
+            op_id: active.op_id,
+            state: active.state,
             needed: "failed",
         });
     }
-    rows::delete(conn, op.seq)?;
+    for member in &unit {
+        rows::delete(conn, member.seq)?;
+    }
+    gate::refresh(conn, ctx.now())?;
     Ok(op)
 }
 
 /// Removes a never-attempted op; its tokens fail as "cancelled", and a
 /// successor chained on it inherits its base (it now follows what preceded it).
+///
+/// A transaction is cancelled whole, and only if none of its ops was sent.
 pub(crate) fn cancel(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<PendingOp, OutboxError> {
+    let op = load(conn, op_id)?;
+    let unit = gate::unit_of(conn, &op)?;
+    for member in &unit {
+        expect_never_attempted(member)?;
+    }
+    for member in unit.iter().rev() {
+        cancel_one(conn, ctx, member.op_id)?;
+    }
+    gate::refresh(conn, ctx.now())?;
+    Ok(op)
+}
+
+fn cancel_one(conn: &Connection, ctx: &Ctx, op_id: OpId) -> Result<PendingOp, OutboxError> {
     let op = load(conn, op_id)?;
     expect_never_attempted(&op)?;
     let now = ctx.now();

@@ -145,7 +145,7 @@ pub(crate) fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<Stri
 pub(crate) fn schema_probe(conn: &Connection, version: u32) -> rusqlite::Result<()> {
     let ops = format!(
         "{}, is_head{}",
-        OP_COPY_COLUMNS.join(", "),
+        op_select_columns(version),
         if version >= 4 { ", checksum" } else { "" }
     );
     let mut tables: Vec<(&str, &str)> = vec![
@@ -462,7 +462,28 @@ const OP_COPY_COLUMNS: &[&str] = &[
     "coalesced_count",
     "reconciliations",
     "history",
+    "txn",
+    "depends_on",
 ];
+
+/// The columns of [`OP_COPY_COLUMNS`] that schema 5 added, read as NULL
+/// from an older file.
+const OP_COLUMNS_SINCE_V5: [&str; 2] = ["txn", "depends_on"];
+
+/// [`OP_COPY_COLUMNS`] as a select list for a file of schema `version`.
+fn op_select_columns(version: u32) -> String {
+    OP_COPY_COLUMNS
+        .iter()
+        .map(|c| {
+            if version < 5 && OP_COLUMNS_SINCE_V5.contains(c) {
+                "NULL"
+            } else {
+                c
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// A stored value as an owned one; text that is not UTF-8 is kept, as a
 /// blob (rusqlite's own conversion panics on it).
@@ -501,6 +522,10 @@ fn op_row_valid(v: &[SqlValue]) -> bool {
         && json_ok(10)
         && json_ok(20)
         && [9, 11, 13, 14, 16, 17, 18, 19].iter().all(|&i| int(i))
+        && (matches!(v[21], SqlValue::Null)
+            || text(21).is_some_and(|s| serde_json::from_str::<crate::op::TxnRef>(s).is_ok()))
+        && (matches!(v[22], SqlValue::Null)
+            || text(22).is_some_and(|s| serde_json::from_str::<Vec<Uuid>>(s).is_ok()))
 }
 
 /// The statement that copies one op row (the values of
@@ -512,7 +537,7 @@ fn op_insert(sealed: bool) -> String {
     let n = OP_COPY_COLUMNS.len();
     format!(
         "INSERT OR IGNORE INTO ops ({cols}, checksum) VALUES ({placeholders}, \
-         CASE WHEN {sealed} THEN ?{} ELSE op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8) END)",
+         CASE WHEN {sealed} THEN ?{} ELSE op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8, ?22, ?23) END)",
         n + 1
     )
 }
@@ -683,7 +708,16 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
         note(report, format!("ops table unreadable: {e}"));
         return;
     }
-    let cols = OP_COPY_COLUMNS.join(", ");
+    let version: u32 = old
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap_or(0);
+    // A file whose version is unreadable may still have the new columns.
+    let version = if version < 5 && old.prepare("SELECT txn, depends_on FROM ops LIMIT 0").is_ok() {
+        5
+    } else {
+        version
+    };
+    let cols = op_select_columns(version);
     // A row keeps its stored seal (a row altered on disk stays detectable
     // and is quarantined before it is sent); rows of files older than the
     // seals get one computed from what they hold.
@@ -915,6 +949,13 @@ fn copy_small(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     }
 }
 
+/// The wall clock in Unix ms, for the rows a salvage changes.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
 /// Moves the damaged file aside and copies what can be read into `fresh`
 /// (an already migrated, empty outbox at the original path).
 pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> SalvageReport {
@@ -993,12 +1034,18 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
             "UPDATE ops SET state = 'pending' WHERE state = 'in_flight';
              UPDATE ops SET is_head = 0;
              UPDATE ops SET is_head = 1 WHERE seq IN (SELECT min(seq) FROM ops
-                 WHERE state = 'pending' GROUP BY entity_type, entity_id);
+                 WHERE state = 'pending' GROUP BY entity_type, entity_id)
+                 AND txn IS NULL AND depends_on IS NULL;
              INSERT OR IGNORE INTO op_envelopes (version)
                  SELECT DISTINCT envelope_version FROM ops;",
         );
         if let Err(e) = fix {
             note(&mut report, format!("rebuilding heads failed: {e}"));
+        }
+        // Gated ops get their heads from the gate, which also fails a
+        // transaction that lost ops: it is never sent in part.
+        if let Err(e) = super::gate::refresh(fresh, wall_ms()) {
+            note(&mut report, format!("rebuilding transaction gates failed: {e}"));
         }
     }
     report

@@ -2,7 +2,7 @@
 //! insert-or-coalesce step run inside the group-commit transaction.
 
 use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
@@ -78,6 +78,23 @@ pub(crate) struct Prepared {
     envelope_version: u32,
     op_id: OpId,
     key: Uuid,
+    /// Ops it waits for, as given (some may be settled by the time it is stored).
+    depends_on: Vec<OpId>,
+    /// Its transaction's stored text (`TxnRef` as JSON), when it has one.
+    txn: Option<String>,
+}
+
+/// Most ops in one atomic transaction (the reference server's default
+/// batch limit is larger; a transaction is one request).
+pub const MAX_TRANSACTION_OPS: usize = 100;
+
+/// What [`Outbox::enqueue_transaction`](super::Outbox::enqueue_transaction) stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnqueuedTransaction {
+    /// The transaction's id (also its idempotency key on the wire).
+    pub txn_id: Uuid,
+    /// Its ops, in the order given.
+    pub ops: Vec<Enqueued>,
 }
 
 fn json_type(v: &Value) -> &'static str {
@@ -149,7 +166,15 @@ pub(crate) fn prepare(
             return Err(EnqueueError::InvalidTxnToken);
         }
     }
+    if op.depends_on.len() > MAX_TRANSACTION_OPS {
+        return Err(EnqueueError::TooManyDependencies {
+            count: op.depends_on.len(),
+            max: MAX_TRANSACTION_OPS,
+        });
+    }
     Ok(Prepared {
+        depends_on: op.depends_on,
+        txn: None,
         kind: op.kind,
         entity_type: op.entity_type,
         entity_id: op.entity_id,
@@ -171,17 +196,98 @@ impl Prepared {
 
     /// Stores (or coalesces) it: [`apply`] as a writer job.
     pub(crate) fn apply(&self, conn: &Connection, ctx: &Ctx) -> Result<Enqueued, EnqueueError> {
-        apply(conn, ctx, self)
+        let gated = !self.depends_on.is_empty();
+        let done = apply(conn, ctx, self)?;
+        if gated {
+            super::gate::refresh(conn, ctx.now())?;
+        }
+        Ok(done)
     }
+
+    fn is_gated(&self) -> bool {
+        self.txn.is_some() || !self.depends_on.is_empty()
+    }
+}
+
+/// Validates `ops` as one atomic transaction and gives them its id.
+pub(crate) fn prepare_transaction(
+    ops: Vec<NewOp>,
+    max: usize,
+    current_envelope: u32,
+) -> Result<(Uuid, Vec<Prepared>), EnqueueError> {
+    if ops.is_empty() || ops.len() > MAX_TRANSACTION_OPS {
+        return Err(EnqueueError::TransactionSize {
+            count: ops.len(),
+            max: MAX_TRANSACTION_OPS,
+        });
+    }
+    let txn = crate::op::TxnRef {
+        id: Uuid::new_v4(),
+        size: u32::try_from(ops.len()).unwrap_or(u32::MAX),
+    };
+    let text = serde_json::to_string(&txn)?;
+    let mut prepared = Vec::with_capacity(ops.len());
+    for op in ops {
+        let mut p = prepare(op, max, current_envelope)?;
+        p.txn = Some(text.clone());
+        prepared.push(p);
+    }
+    Ok((txn.id, prepared))
+}
+
+/// Stores a prepared transaction, all of it or (on error, which rolls the
+/// writer's job back) none of it. Its ops are never coalesced.
+pub(crate) fn apply_transaction(
+    conn: &Connection,
+    ctx: &Ctx,
+    txn_id: Uuid,
+    ops: &[Prepared],
+) -> Result<EnqueuedTransaction, EnqueueError> {
+    let mut out = Vec::with_capacity(ops.len());
+    for p in ops {
+        out.push(apply(conn, ctx, p)?);
+    }
+    super::gate::refresh(conn, ctx.now())?;
+    Ok(EnqueuedTransaction { txn_id, ops: out })
+}
+
+/// The dependencies still to wait for, as stored text (`None` when none):
+/// a dependency no longer in the outbox was acknowledged (or discarded by
+/// the app) and is met; one that failed refuses the op.
+fn open_dependencies(conn: &Connection, p: &Prepared) -> Result<Option<String>, EnqueueError> {
+    let mut open = Vec::new();
+    for dep in &p.depends_on {
+        let state: Option<String> = conn
+            .prepare_cached("SELECT state FROM ops WHERE op_id = ?1")?
+            .query_row([dep.to_string()], |r| r.get(0))
+            .optional()?;
+        match state.as_deref().and_then(OpState::parse) {
+            None => {}
+            Some(OpState::Failed) => {
+                return Err(EnqueueError::DependencyFailed { dependency: *dep });
+            }
+            Some(_) => open.push(*dep),
+        }
+    }
+    Ok(if open.is_empty() {
+        None
+    } else {
+        Some(serde_json::to_string(&open)?)
+    })
 }
 
 /// The entity's tail: its never-attempted active suffix plus the active op
 /// just before it, oldest first (empty if the entity has no active op).
 fn tail(conn: &Connection, p: &Prepared, only_last: bool) -> rusqlite::Result<Vec<TailOp>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT seq, kind, state, attempts, history FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
+        "SELECT seq, kind, state, attempts, history, op_id, txn IS NOT NULL OR depends_on IS NOT NULL \
+         FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
          AND state IN ('pending', 'in_flight') ORDER BY seq DESC",
     )?;
+    // Ops of a transaction, ops that wait for others, and ops others wait
+    // for are never merged, removed or merged into: coalescing must not
+    // change what is atomic or what a dependency names.
+    let any_gated = super::gate::any_gated(conn)?;
     let mut rows = stmt.query(params![p.entity_type, p.entity_id])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
@@ -190,10 +296,13 @@ fn tail(conn: &Connection, p: &Prepared, only_last: bool) -> rusqlite::Result<Ve
         let attempts: i64 = r.get(3)?;
         // A retried op starts again at zero attempts but may be applied:
         // its history says so (an unreadable history counts as sent).
+        let gated: bool = r.get(6)?;
         let never_attempted = attempts == 0
             && OpState::parse(&state) == Some(OpState::Pending)
             && serde_json::from_str::<Vec<HistoryEntry>>(&r.get::<_, String>(4)?)
-                .is_ok_and(|h| !sent_before_retry(&h));
+                .is_ok_and(|h| !sent_before_retry(&h))
+            && !gated
+            && !(any_gated && super::gate::has_dependents(conn, &r.get::<_, String>(5)?)?);
         out.push(TailOp {
             seq: r.get(0)?,
             kind: OpKind::parse(&kind).unwrap_or(OpKind::Update),
@@ -214,12 +323,14 @@ struct Inherit {
     tokens: Vec<String>,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn insert(
     conn: &Connection,
     p: &Prepared,
     inherit: Option<&Inherit>,
     chained: bool,
     is_head: bool,
+    depends_on: Option<&str>,
     now: i64,
 ) -> Result<i64, EnqueueError> {
     let mut tokens: Vec<String> = inherit.map(|i| i.tokens.clone()).unwrap_or_default();
@@ -246,7 +357,7 @@ fn insert(
     // order holds and no position is reused, without a counter write per insert.
     let op_id = &*p.op_id.hyphenated().encode_lower(&mut id_buf);
     let key = &*p.key.hyphenated().encode_lower(&mut key_buf);
-    let checksum = schema::op_checksum([
+    let checksum = schema::op_checksum(&[
         ValueRef::from(op_id),
         ValueRef::from(key),
         ValueRef::from(p.kind.as_str()),
@@ -254,13 +365,15 @@ fn insert(
         ValueRef::from(p.entity_id.as_str()),
         ValueRef::from(p.payload.as_str()),
         base.map_or(ValueRef::Null, ValueRef::from),
+        p.txn.as_deref().map_or(ValueRef::Null, ValueRef::from),
+        depends_on.map_or(ValueRef::Null, ValueRef::from),
     ]);
     conn.prepare_cached(
         "INSERT INTO ops (seq, op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \
          base_version, chained, txn_tokens, envelope_version, state, is_head, attempts, \
-         next_attempt_at, created_at, updated_at, checksum) \
+         next_attempt_at, created_at, updated_at, checksum, txn, depends_on) \
          VALUES ((SELECT max(coalesce((SELECT max(seq) FROM ops), 0), deleted_max) + 1 FROM ops_seq_mark), \
-         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13, ?14)",
+         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         op_id,
@@ -277,6 +390,8 @@ fn insert(
         is_head,
         now,
         checksum,
+        p.txn,
+        depends_on,
     ])?;
     let seq = conn.last_insert_rowid();
     upcast::note_version(conn, p.envelope_version)?;
@@ -329,12 +444,24 @@ fn remove(
 /// Stores (or coalesces) a validated op. Runs in the writer's transaction.
 pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueued, EnqueueError> {
     let now = ctx.now();
+    if p.is_gated() {
+        // Never coalesced; the gate gives it `is_head` once it may go.
+        let depends_on = open_dependencies(conn, p)?;
+        let has_active = !tail(conn, p, true)?.is_empty();
+        let seq = insert(conn, p, None, has_active, false, depends_on.as_deref(), now)?;
+        return Ok(Enqueued {
+            op_id: p.op_id,
+            idempotency_key: p.key,
+            seq,
+            coalesced: None,
+        });
+    }
     // Without coalescing only the existence of an active op matters.
     let tail = tail(conn, p, !ctx.coalesce)?;
     let has_active = !tail.is_empty();
     match coalesce::decide(&tail, p.kind, ctx.coalesce) {
         Decision::Insert => {
-            let seq = insert(conn, p, None, has_active, !has_active, now)?;
+            let seq = insert(conn, p, None, has_active, !has_active, None, now)?;
             Ok(Enqueued {
                 op_id: p.op_id,
                 idempotency_key: p.key,
@@ -407,7 +534,7 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
                     outcomes::drop_one(conn, t)?;
                 }
             }
-            let seq = insert(conn, p, inherit.as_ref(), has_active, false, now)?;
+            let seq = insert(conn, p, inherit.as_ref(), has_active, false, None, now)?;
             rows::recompute_head(conn, &p.entity_type, &p.entity_id)?;
             Ok(Enqueued {
                 op_id: p.op_id,

@@ -205,6 +205,29 @@ pub enum EnqueueError {
     /// The transaction token is empty or longer than 256 bytes.
     #[error("transaction token must be 1 to 256 bytes")]
     InvalidTxnToken,
+    /// An atomic transaction must have 1 to `max` ops.
+    #[error("a transaction must have 1 to {max} ops, got {count}")]
+    TransactionSize {
+        /// Ops given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An op may wait for at most `max` others.
+    #[error("an op may depend on at most {max} ops, got {count}")]
+    TooManyDependencies {
+        /// Dependencies given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// An op named as a dependency has failed: the new op could never be
+    /// sent. Retry or discard the dependency first.
+    #[error("dependency {dependency} has failed; retry or discard it first")]
+    DependencyFailed {
+        /// The failed op.
+        dependency: OpId,
+    },
     /// SQLite failed before the commit; the op was not stored.
     #[error(transparent)]
     Storage(#[from] StorageError),

@@ -100,6 +100,53 @@ impl Fenced<'_> {
             .await
     }
 
+    /// [`retry_later`](Self::retry_later) for several ops in one commit
+    /// (a transaction's: they are pending again together).
+    pub async fn retry_later_many(
+        self,
+        op_ids: Vec<OpId>,
+        next_attempt_at: i64,
+        error: &str,
+    ) -> Result<(), OutboxError> {
+        let fence = self.fence.clone();
+        let error = error.to_owned();
+        self.outbox
+            .inner
+            .writer
+            .call(move |conn, ctx| {
+                runner::retry_later_many(conn, ctx, &fence, &op_ids, next_attempt_at, &error)
+            })
+            .await
+    }
+
+    /// [`fail`](Self::fail) for several ops, each with its error, in one
+    /// commit (a transaction's: it is dead-lettered as one).
+    pub async fn fail_many(self, failures: Vec<(OpId, String)>) -> Result<(), OutboxError> {
+        let fence = self.fence.clone();
+        self.outbox
+            .inner
+            .writer
+            .call(move |conn, ctx| runner::fail_many(conn, ctx, &fence, &failures))
+            .await
+    }
+
+    /// [`reconciled`](Self::reconciled) for an op of a transaction, whose
+    /// `others` go back to pending in the same commit; returns the op's
+    /// new key.
+    pub async fn reconciled_in_txn(
+        self,
+        op_id: OpId,
+        r: Reconciled,
+        others: Vec<OpId>,
+    ) -> Result<Uuid, OutboxError> {
+        let fence = self.fence.clone();
+        self.outbox
+            .inner
+            .writer
+            .call(move |conn, ctx| runner::reconciled_in_txn(conn, ctx, &fence, op_id, &r, &others))
+            .await
+    }
+
     /// A permanent failure: the op moves to the dead-letter list (kept).
     pub async fn fail(self, op_id: OpId, error: &str) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
@@ -202,7 +249,7 @@ impl Fenced<'_> {
         self.outbox
             .inner
             .writer
-            .call(move |conn, _| runner::release(conn, &fence, &op_ids))
+            .call(move |conn, ctx| runner::release(conn, ctx, &fence, &op_ids))
             .await
     }
 }

@@ -25,6 +25,7 @@ mod damage;
 mod enqueue;
 mod error;
 mod fenced;
+mod gate;
 mod ident;
 mod lock_row;
 mod outcomes;
@@ -47,7 +48,7 @@ use serde_json::Value;
 
 pub use app::{ListFilter, NextDue, Stats};
 pub use damage::{CheckReport, SalvageReport};
-pub use enqueue::{Coalesced, Enqueued, RemovedOp};
+pub use enqueue::{Coalesced, Enqueued, EnqueuedTransaction, RemovedOp, MAX_TRANSACTION_OPS};
 pub use error::{EnqueueError, OpenError, OutboxError, StorageError};
 pub use fenced::Fenced;
 pub use lock_row::LockRow;
@@ -637,6 +638,34 @@ impl Outbox {
         )
     }
 
+    /// Stores `ops` as one atomic transaction: durable together in one
+    /// commit, under one transaction id, or (on any error) not at all. They
+    /// are never coalesced, are sent as one unit once every earlier op of
+    /// each of their entities is acknowledged, and are applied, retried,
+    /// failed and discarded together.
+    pub async fn enqueue_transaction(
+        &self,
+        ops: Vec<NewOp>,
+    ) -> Result<EnqueuedTransaction, EnqueueError> {
+        let (txn_id, prepared) = enqueue::prepare_transaction(
+            ops,
+            self.inner.max_payload_bytes,
+            self.inner.envelope_version,
+        )?;
+        let first = prepared.first().map(enqueue::Prepared::op_id);
+        let result = self
+            .inner
+            .writer
+            .call(move |c, x| enqueue::apply_transaction(c, x, txn_id, &prepared))
+            .await;
+        match (result, first) {
+            (Err(EnqueueError::Storage(source)), Some(op_id)) if source.is_outcome_unknown() => {
+                Err(EnqueueError::OutcomeUnknown { op_id, source })
+            }
+            (other, _) => other,
+        }
+    }
+
     fn prepare(&self, op: NewOp) -> Result<enqueue::Prepared, EnqueueError> {
         enqueue::prepare(
             op,
@@ -755,7 +784,7 @@ impl Outbox {
     pub async fn discard(&self, op_id: OpId) -> Result<PendingOp, OutboxError> {
         self.inner
             .writer
-            .call(move |conn, _| app::discard(conn, op_id))
+            .call(move |conn, ctx| app::discard(conn, ctx, op_id))
             .await
     }
 

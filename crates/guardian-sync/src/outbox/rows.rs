@@ -11,16 +11,17 @@ use crate::op::{HistoryEntry, OpId, OpKind, OpState, PendingOp};
 /// The columns of `ops` in the order [`read_op`] expects.
 pub(crate) const OP_COLUMNS: &str = "seq, op_id, idempotency_key, kind, entity_type, entity_id, \
      payload, base, base_version, chained, txn_tokens, envelope_version, state, attempts, \
-     next_attempt_at, last_error, created_at, updated_at, coalesced_count, reconciliations, history";
+     next_attempt_at, last_error, created_at, updated_at, coalesced_count, reconciliations, history, \
+     txn, depends_on";
 
 /// [`OP_COLUMNS`] and the row's seal (schema 4), as [`read_checked`] expects.
 pub(crate) const OP_COLUMNS_SEALED: &str = "seq, op_id, idempotency_key, kind, entity_type, \
      entity_id, payload, base, base_version, chained, txn_tokens, envelope_version, state, \
      attempts, next_attempt_at, last_error, created_at, updated_at, coalesced_count, \
-     reconciliations, history, checksum";
+     reconciliations, history, txn, depends_on, checksum";
 
 /// Index of `checksum` in [`OP_COLUMNS_SEALED`].
-const CHECKSUM_COLUMN: usize = 21;
+const CHECKSUM_COLUMN: usize = 23;
 
 /// An op row that cannot be used: its values do not decode (damaged bytes,
 /// a wrong type) or do not match its seal. Shown with whatever can be read.
@@ -68,12 +69,13 @@ impl UnreadableOp {
 /// True if the sealed fields of a row read with [`OP_COLUMNS_SEALED`]
 /// match its stored seal.
 fn seal_matches(row: &Row<'_>) -> rusqlite::Result<bool> {
-    let mut fields = [ValueRef::Null; 7];
+    let mut fields = [ValueRef::Null; super::schema::SEALED];
     for (i, f) in fields.iter_mut().enumerate() {
-        *f = row.get_ref(i + 1)?;
+        // Op id to base, then txn and depends_on.
+        *f = row.get_ref(if i < 7 { i + 1 } else { i + 14 })?;
     }
     Ok(matches!(row.get_ref(CHECKSUM_COLUMN)?,
-        ValueRef::Integer(c) if c == super::schema::op_checksum(fields)))
+        ValueRef::Integer(c) if c == super::schema::op_checksum(&fields)))
 }
 
 /// Decodes a row read with [`OP_COLUMNS_SEALED`] (or, if `sealed` is
@@ -147,6 +149,15 @@ pub(crate) fn read_op(row: &Row<'_>) -> rusqlite::Result<PendingOp> {
         coalesced_count: unsigned(row, 18)?,
         reconciliations: unsigned(row, 19)?,
         history: json::<Vec<HistoryEntry>>(row, 20)?,
+        txn: opt_json(row, 21)?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| bad(21, e.to_string()))?,
+        depends_on: opt_json(row, 22)?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| bad(22, e.to_string()))?
+            .unwrap_or_default(),
     })
 }
 
@@ -170,7 +181,8 @@ pub(crate) fn version_to_sql(v: Option<u64>) -> Option<i64> {
 }
 
 /// Makes the head of an entity right again after any change touching it:
-/// its in-flight op if any, else its lowest-seq pending op. Uses the
+/// its in-flight op if any, else its lowest-seq pending op; none when that
+/// op is gated (the gate decides, see `gate::refresh`). Uses the
 /// `(entity_type, entity_id, seq)` index; touches only this entity's rows.
 pub(crate) fn recompute_head(
     conn: &Connection,
@@ -184,10 +196,35 @@ pub(crate) fn recompute_head(
     conn.prepare_cached(
         "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
          WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
-         ORDER BY state = 'in_flight' DESC, seq LIMIT 1)",
+         ORDER BY state = 'in_flight' DESC, seq LIMIT 1) AND txn IS NULL AND depends_on IS NULL",
     )?
     .execute(params![entity_type, entity_id])?;
     Ok(())
+}
+
+/// Moves an active op to the failed list with `error`: its tokens fail,
+/// its chained successor is unchained (it can never learn a version from
+/// it: it goes with its own base version, and a conflict then goes to the
+/// reconciler), and its entity's next op takes over as head. Ops that
+/// depend on it are failed by the next `gate::refresh`.
+pub(crate) fn mark_failed(
+    conn: &Connection,
+    now: i64,
+    op: &PendingOp,
+    error: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "UPDATE ops SET state = 'failed', is_head = 0, last_error = ?1, updated_at = ?2 WHERE seq = ?3",
+    )?
+    .execute(params![error, now, op.seq])?;
+    for t in &op.txn_tokens {
+        super::outcomes::failed(conn, t, error, now)?;
+    }
+    if let Some((next, true)) = successor(conn, &op.entity_type, &op.entity_id, op.seq)? {
+        conn.prepare_cached("UPDATE ops SET chained = 0 WHERE seq = ?1")?
+            .execute([next])?;
+    }
+    recompute_head(conn, &op.entity_type, &op.entity_id)
 }
 
 /// The next active op of the entity after `seq`, as (seq, chained).
@@ -305,7 +342,7 @@ pub(crate) fn quarantine(
          AND o.state IN ('pending', 'in_flight') \
          AND NOT EXISTS (SELECT 1 FROM ops h WHERE h.entity_type = q.entity_type \
              AND h.entity_id = q.entity_id AND h.is_head = 1) \
-         ORDER BY o.state = 'in_flight' DESC, o.seq LIMIT 1)",
+         ORDER BY o.state = 'in_flight' DESC, o.seq LIMIT 1) AND txn IS NULL AND depends_on IS NULL",
     )?
     .execute([seq])?;
     Ok(())

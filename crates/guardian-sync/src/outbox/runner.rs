@@ -11,7 +11,7 @@ use uuid::Uuid;
 use super::enqueue::check_payload;
 use super::error::OutboxError;
 use super::writer::Ctx;
-use super::{lock_row, outcomes, rows};
+use super::{gate, lock_row, outcomes, rows};
 use crate::core::mutant::{self, Mutant};
 use crate::op::{Ack, Fence, HistoryEntry, OpId, OpState, PendingOp, Reconciled};
 use crate::retry::clamp_due;
@@ -73,6 +73,7 @@ fn ready_heads(
         for u in bad {
             quarantine_op(conn, ctx, &u)?;
         }
+        gate::refresh(conn, ctx.now())?;
     }
 }
 
@@ -100,18 +101,49 @@ pub(crate) fn claim(
     now: i64,
 ) -> Result<Vec<PendingOp>, OutboxError> {
     lock_row::check(conn, fence)?;
-    let mut ops = ready_heads(conn, ctx, limit, now)?;
+    let heads = ready_heads(conn, ctx, limit, now)?;
+    let mut ops: Vec<PendingOp> = whole_units(conn, heads)?.into_iter().flatten().collect();
+    mark_claimed(conn, ctx, ops.iter_mut())?;
+    Ok(ops)
+}
+
+/// Marks claimed ops in flight, `attempts + 1`, durably before any send.
+fn mark_claimed<'a>(
+    conn: &Connection,
+    ctx: &Ctx,
+    ops: impl Iterator<Item = &'a mut PendingOp>,
+) -> Result<(), OutboxError> {
     let stamp = ctx.now();
     let mut update = conn.prepare_cached(
         "UPDATE ops SET state = 'in_flight', attempts = attempts + 1, updated_at = ?1 WHERE seq = ?2",
     )?;
-    for op in &mut ops {
+    for op in ops {
         update.execute(params![stamp, op.seq])?;
         op.state = OpState::InFlight;
         op.attempts += 1;
         op.updated_at = stamp;
     }
-    Ok(ops)
+    Ok(())
+}
+
+/// Ready heads as units: an op of an atomic transaction brings the whole
+/// transaction (its ops in order, once, where its first ready op stood);
+/// any other op is a unit of its own. The gate let the transaction's ops
+/// be heads only when all of them may go.
+fn whole_units(conn: &Connection, heads: Vec<PendingOp>) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
+    let mut seen = HashSet::new();
+    let mut units = Vec::with_capacity(heads.len());
+    for head in heads {
+        match head.txn {
+            None => units.push(vec![head]),
+            Some(txn) => {
+                if seen.insert(txn.id) {
+                    units.push(gate::unit_of(conn, &head)?);
+                }
+            }
+        }
+    }
+    Ok(units)
 }
 
 /// Like [`claim`], but each claimed head brings along the entity's next ops
@@ -132,7 +164,7 @@ pub(crate) fn claim_chains(
     max_chain_bytes: usize,
 ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
     lock_row::check(conn, fence)?;
-    let heads = ready_heads(conn, ctx, limit, now)?;
+    let heads = whole_units(conn, ready_heads(conn, ctx, limit, now)?)?;
     let mut next_ops = conn.prepare_cached(&format!(
         "SELECT {} FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
          AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT ?4",
@@ -141,11 +173,20 @@ pub(crate) fn claim_chains(
     let mut damaged = Vec::new();
     let mut chains = Vec::with_capacity(heads.len());
     let mut total = 0;
-    for head in heads {
+    for mut unit in heads {
         if total >= limit {
             break;
         }
         let room = max_chain.min(limit - total).max(1);
+        // A transaction, or a dependent op, travels alone.
+        if unit.len() != 1 || unit.iter().any(PendingOp::is_gated) {
+            total += unit.len();
+            chains.push(unit);
+            continue;
+        }
+        let Some(head) = unit.pop() else {
+            continue;
+        };
         let mut bytes = head.wire_size();
         let mut chain = vec![head];
         if room > 1 {
@@ -172,6 +213,7 @@ pub(crate) fn claim_chains(
                 // merge), so it cannot ride in the same batch.
                 let after_merge = chain.last().is_some_and(|p| p.reconciliations > 0);
                 if op.state != OpState::Pending
+                    || op.is_gated()
                     || op.next_attempt_at > now
                     || bytes + size > max_chain_bytes
                     || (op.chained && after_merge)
@@ -189,16 +231,10 @@ pub(crate) fn claim_chains(
     for u in &damaged {
         quarantine_op(conn, ctx, u)?;
     }
-    let stamp = ctx.now();
-    let mut update = conn.prepare_cached(
-        "UPDATE ops SET state = 'in_flight', attempts = attempts + 1, updated_at = ?1 WHERE seq = ?2",
-    )?;
-    for op in chains.iter_mut().flatten() {
-        update.execute(params![stamp, op.seq])?;
-        op.state = OpState::InFlight;
-        op.attempts += 1;
-        op.updated_at = stamp;
+    if !damaged.is_empty() {
+        gate::refresh(conn, ctx.now())?;
     }
+    mark_claimed(conn, ctx, chains.iter_mut().flatten())?;
     Ok(chains)
 }
 
@@ -219,7 +255,9 @@ pub(crate) fn ack(
     lock_row::check(conn, fence)?;
     let acked = ack_op(conn, ctx, op_id, ack, &HashSet::new())?;
     rows::delete(conn, acked.seq)?;
-    acked.set_head(conn)
+    acked.set_head(conn)?;
+    gate::refresh(conn, ctx.now())?;
+    Ok(())
 }
 
 /// Several acks in one job: one lock check, no savepoint per op. Any error
@@ -246,7 +284,9 @@ pub(crate) fn ack_many(
     if let [(op_id, ack)] = acks {
         let acked = ack_op(conn, ctx, *op_id, ack, &HashSet::new())?;
         rows::delete(conn, acked.seq)?;
-        return acked.set_head(conn);
+        acked.set_head(conn)?;
+        gate::refresh(conn, ctx.now())?;
+        return Ok(());
     }
     let all: HashSet<OpId> = acks.iter().map(|(id, _)| *id).collect();
     if all.len() < acks.len() {
@@ -266,6 +306,7 @@ pub(crate) fn ack_many(
     for acked in &done {
         acked.set_head(conn)?;
     }
+    gate::refresh(conn, ctx.now())?;
     Ok(())
 }
 
@@ -286,7 +327,7 @@ impl Acked {
             conn.prepare_cached(
                 "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
                  WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
-                 ORDER BY state = 'in_flight' DESC, seq LIMIT 1)",
+                 ORDER BY state = 'in_flight' DESC, seq LIMIT 1) AND txn IS NULL AND depends_on IS NULL",
             )?
             .execute(params![entity_type, entity_id])?;
         }
@@ -413,7 +454,53 @@ pub(crate) fn retry_later(
         )?;
     }
     rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    gate::refresh(conn, ctx.now())?;
     Ok(())
+}
+
+/// [`retry_later`] for several ops (a transaction's) in one job.
+pub(crate) fn retry_later_many(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    op_ids: &[OpId],
+    next_attempt_at: i64,
+    error: &str,
+) -> Result<(), OutboxError> {
+    for &op_id in op_ids {
+        retry_later(conn, ctx, fence, op_id, next_attempt_at, error)?;
+    }
+    Ok(())
+}
+
+/// [`fail`] for several ops (a transaction's), each with its error, in one job.
+pub(crate) fn fail_many(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    failures: &[(OpId, String)],
+) -> Result<(), OutboxError> {
+    for (op_id, error) in failures {
+        fail(conn, ctx, fence, *op_id, error)?;
+    }
+    Ok(())
+}
+
+/// [`reconciled`] for an op of a transaction: in the same job the other
+/// ops of the transaction go back to pending, due now with their keys (the
+/// server applied none of them), so the whole transaction is sent again.
+pub(crate) fn reconciled_in_txn(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    op_id: OpId,
+    r: &Reconciled,
+    others: &[OpId],
+) -> Result<Uuid, OutboxError> {
+    let key = reconciled(conn, ctx, fence, op_id, r)?;
+    let detail = format!("sent again with its transaction after a conflict on op {op_id}");
+    retry_later_many(conn, ctx, fence, others, ctx.now(), &detail)?;
+    Ok(key)
 }
 
 /// Re-bases the schedule after the wall clock stepped by `delta_ms`: every
@@ -512,21 +599,8 @@ pub(crate) fn fail(
             needed: "pending or in flight",
         });
     }
-    let now = ctx.now();
-    conn.prepare_cached(
-        "UPDATE ops SET state = 'failed', is_head = 0, last_error = ?1, updated_at = ?2 WHERE seq = ?3",
-    )?
-    .execute(params![error, now, op.seq])?;
-    for t in &op.txn_tokens {
-        outcomes::failed(conn, t, error, now)?;
-    }
-    // Its successor can never learn a version from it: send it with its own
-    // base version (a conflict then goes to the reconciler).
-    if let Some((next, true)) = rows::successor(conn, &op.entity_type, &op.entity_id, op.seq)? {
-        conn.prepare_cached("UPDATE ops SET chained = 0 WHERE seq = ?1")?
-            .execute([next])?;
-    }
-    rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    rows::mark_failed(conn, ctx.now(), &op, error)?;
+    gate::refresh(conn, ctx.now())?;
     Ok(())
 }
 
@@ -572,6 +646,7 @@ pub(crate) fn reconciled(
         kind.as_str()
     ])?;
     rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
+    gate::refresh(conn, now)?;
     Ok(key)
 }
 
@@ -582,6 +657,7 @@ pub(crate) fn reconciled(
 /// sending (breaker open, authentication required).
 pub(crate) fn release(
     conn: &Connection,
+    ctx: &Ctx,
     fence: &Fence,
     op_ids: &[OpId],
 ) -> Result<(), OutboxError> {
@@ -598,6 +674,7 @@ pub(crate) fn release(
             rows::recompute_head(conn, &op.entity_type, &op.entity_id)?;
         }
     }
+    gate::refresh(conn, ctx.now())?;
     Ok(())
 }
 

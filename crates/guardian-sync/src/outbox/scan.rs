@@ -519,9 +519,11 @@ fn record(p: &[u8]) -> Option<Vec<SqlValue>> {
     Some(values)
 }
 
-/// Columns of an op row before schema 4 (no checksum) and since.
+/// Columns of an op row before schema 4 (no checksum), in schema 4, and
+/// since schema 5 (`txn_id` and `depends_on` after the checksum).
 const OP_COLUMNS_V3: usize = 22;
 const OP_COLUMNS_V4: usize = 23;
+const OP_COLUMNS_V5: usize = 25;
 /// The `is_head` column, rebuilt by salvage and not copied.
 const IS_HEAD: usize = 13;
 
@@ -535,7 +537,7 @@ fn is_uuid(v: &SqlValue) -> bool {
 /// (or an integer), and an op id or an idempotency key that is a UUID (so a
 /// row damaged in one of them is still recognised, and quarantined).
 fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
-    if values.len() != OP_COLUMNS_V3 && values.len() != OP_COLUMNS_V4 {
+    if ![OP_COLUMNS_V3, OP_COLUMNS_V4, OP_COLUMNS_V5].contains(&values.len()) {
         return None;
     }
     if !matches!(values[0], SqlValue::Null | SqlValue::Integer(_)) {
@@ -544,16 +546,24 @@ fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
     if !is_uuid(&values[1]) && !is_uuid(&values[2]) {
         return None;
     }
+    // The schema 5 columns, moved before the checksum as the copy wants them.
+    let (txn_id, depends_on) = if values.len() == OP_COLUMNS_V5 {
+        let depends_on = values.pop().unwrap_or(SqlValue::Null);
+        (values.pop().unwrap_or(SqlValue::Null), depends_on)
+    } else {
+        (SqlValue::Null, SqlValue::Null)
+    };
     let checksum = if values.len() == OP_COLUMNS_V4 {
         values.pop().unwrap_or(SqlValue::Null)
     } else {
         let v = &values;
-        SqlValue::Integer(super::schema::op_checksum(std::array::from_fn(|i| {
-            (&v[i + 1]).into()
-        })))
+        let fields: [rusqlite::types::ValueRef<'_>; 7] = std::array::from_fn(|i| (&v[i + 1]).into());
+        SqlValue::Integer(super::schema::op_checksum(&fields))
     };
     values.remove(IS_HEAD);
     values[0] = SqlValue::Integer(rowid);
+    values.push(txn_id);
+    values.push(depends_on);
     values.push(checksum);
     Some(values)
 }

@@ -181,30 +181,67 @@ END;
 PRAGMA application_id = 1196642114;
 ";
 
+/// Version 5: atomic transactions and dependencies. `txn` names the
+/// transaction an op belongs to and its size (`{"id": uuid, "size": n}`,
+/// the same text on every member, so salvage can tell a whole transaction
+/// from a part) and `depends_on` (a JSON array of op ids,
+/// NULL when none) the ops it waits for. Both are sealed: the seal takes
+/// them after the first seven fields, and skips them when NULL, so rows
+/// without them keep their seal. Such "gated" ops never get `is_head`
+/// from the head rule; the gate (`gate::refresh`) sets it once the whole
+/// unit may go, so every reader of `ops_ready` sees them only then.
+const V5: &str = r"
+ALTER TABLE ops ADD COLUMN txn TEXT;
+ALTER TABLE ops ADD COLUMN depends_on TEXT;
+CREATE INDEX ops_txn ON ops(txn, seq) WHERE txn IS NOT NULL;
+CREATE INDEX ops_gated ON ops(state, seq) WHERE txn IS NOT NULL OR depends_on IS NOT NULL;
+DROP TRIGGER ops_reseal;
+CREATE TRIGGER ops_reseal AFTER UPDATE OF op_id, idempotency_key, kind, entity_type, entity_id,
+    payload, base, txn, depends_on ON ops
+BEGIN
+    UPDATE ops SET checksum = CASE
+        WHEN OLD.checksum IS op_checksum(OLD.op_id, OLD.idempotency_key, OLD.kind, OLD.entity_type,
+                                         OLD.entity_id, OLD.payload, OLD.base, OLD.txn,
+                                         OLD.depends_on)
+        THEN op_checksum(NEW.op_id, NEW.idempotency_key, NEW.kind, NEW.entity_type,
+                         NEW.entity_id, NEW.payload, NEW.base, NEW.txn, NEW.depends_on)
+        ELSE OLD.checksum END
+    WHERE seq = NEW.seq;
+END;
+";
+
 /// The migrations, in order; index `i` brings version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: u32 = 4;
+pub(crate) const SCHEMA_VERSION: u32 = 5;
 
 /// `PRAGMA application_id` of an outbox ("GSOB"), at offset 68 of the file
 /// header. Files of schema 1 to 3 have 0 there and are recognised by their
 /// tables instead (see `ident`); their first writable open stamps it.
 pub(crate) const APPLICATION_ID: u32 = 0x4753_4F42;
 
-/// Number of sealed fields, in the order [`op_checksum`] takes them.
-const SEALED: usize = 7;
+/// Number of sealed fields, in the order [`op_checksum`] takes them: the
+/// seven of schema 4, then `txn` and `depends_on` (schema 5).
+pub(crate) const SEALED: usize = 9;
+
+/// Sealed fields every row has; the rest count only when not NULL.
+const SEALED_ALWAYS: usize = 7;
 
 /// The seal of an op row: the first 8 bytes of SHA-256 over its op id,
-/// idempotency key, kind, entity type, entity id, payload and base, each
-/// as stored (length-prefixed bytes, or a marker for NULL or a non-text
-/// value), as a signed 64-bit integer. It detects damage, not forgery: who
-/// can write the file can also recompute it.
-pub(crate) fn op_checksum(fields: [rusqlite::types::ValueRef<'_>; SEALED]) -> i64 {
+/// idempotency key, kind, entity type, entity id, payload, base, and, when
+/// not NULL, its transaction id and dependencies, each as stored
+/// (length-prefixed bytes, or a marker for NULL or a non-text value), as a
+/// signed 64-bit integer. It detects damage, not forgery: who can write
+/// the file can also recompute it.
+pub(crate) fn op_checksum(fields: &[rusqlite::types::ValueRef<'_>]) -> i64 {
     use rusqlite::types::ValueRef;
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for f in fields {
+    for (i, &f) in fields.iter().enumerate() {
+        if i >= SEALED_ALWAYS && f == ValueRef::Null {
+            continue;
+        }
         match f {
             ValueRef::Text(b) => {
                 h.update([1u8]);
@@ -225,16 +262,18 @@ pub(crate) fn op_checksum(fields: [rusqlite::types::ValueRef<'_>; SEALED]) -> i6
 /// the migration call.
 pub(crate) fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
+    // Variadic: schema 4's trigger passes seven fields, schema 5's nine.
     conn.create_scalar_function(
         "op_checksum",
-        SEALED as i32,
+        -1,
         FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
         |ctx| {
             let mut refs = [rusqlite::types::ValueRef::Null; SEALED];
-            for (i, r) in refs.iter_mut().enumerate() {
+            let n = ctx.len().min(SEALED);
+            for (i, r) in refs.iter_mut().enumerate().take(n) {
                 *r = ctx.get_raw(i);
             }
-            Ok(op_checksum(refs))
+            Ok(op_checksum(&refs[..n]))
         },
     )
 }
