@@ -223,6 +223,27 @@ pub enum Write {
     },
     /// Back to the queue as never attempted.
     Release(Vec<OpId>),
+    /// A transaction's ops: send again at `at` (Unix ms), same keys.
+    RetryTxnAt {
+        /// Its ops.
+        op_ids: Vec<OpId>,
+        /// When.
+        at: i64,
+        /// Why the attempt failed.
+        detail: String,
+    },
+    /// A transaction's ops kept as failed, each with its error.
+    FailTxn(Vec<(OpId, String)>),
+    /// A reconciled op of a transaction; the others go back to pending
+    /// with it, so the whole transaction is sent again.
+    ReconciledInTxn {
+        /// The op.
+        op_id: OpId,
+        /// What to send instead.
+        reconciled: Reconciled,
+        /// The transaction's other ops.
+        others: Vec<OpId>,
+    },
 }
 
 /// What the driver must do.
@@ -345,12 +366,19 @@ impl NotApplied {
     }
 }
 
-/// Claimed ops of one entity, in order, that travel in one unit.
+/// Claimed ops of one entity, in order, that travel in one unit; or the
+/// ops of one atomic transaction, which travel alone.
 #[derive(Debug)]
 struct Chain {
     ops: Vec<PendingOp>,
     /// Their wire size together (0 when not batching).
     bytes: usize,
+}
+
+impl Chain {
+    fn atomic(&self) -> bool {
+        self.ops.first().is_some_and(|op| op.txn.is_some())
+    }
 }
 
 /// What a write's commit makes true: reported, counted and published only
@@ -372,6 +400,8 @@ struct Success {
     entity: Option<Entity>,
     replayed: bool,
     latency: Duration,
+    /// Published after the op's own event (a transaction's, on its last op).
+    then: Option<SyncEvent>,
 }
 
 /// One drain, from its first claim to its [`DrainCommand::Finish`].
@@ -406,6 +436,8 @@ pub struct DrainMachine {
     outcomes_pending: bool,
     next_write: WriteId,
     after: BTreeMap<WriteId, AfterWrite>,
+    /// The other ops of transactions whose conflicted op waits for a fetch.
+    txn_waiting: BTreeMap<uuid::Uuid, Vec<PendingOp>>,
     finished: bool,
 }
 
@@ -430,6 +462,7 @@ impl DrainMachine {
             outcomes_pending: false,
             next_write: 0,
             after: BTreeMap::new(),
+            txn_waiting: BTreeMap::new(),
             finished: false,
         }
     }
@@ -492,7 +525,11 @@ impl DrainMachine {
                     return;
                 }
                 self.outcomes_pending |= unit.iter().any(|op| !op.txn_tokens.is_empty());
-                self.responded(unit, &deps, outcomes, latency, env, out);
+                if unit.first().is_some_and(|op| op.txn.is_some()) {
+                    self.txn_responded(unit, outcomes, latency, env, out);
+                } else {
+                    self.responded(unit, &deps, outcomes, latency, env, out);
+                }
             }
             DrainInput::Fetched {
                 op,
@@ -500,6 +537,19 @@ impl DrainMachine {
                 result,
             } => {
                 self.records = self.records.saturating_sub(1);
+                if let Some(txn) = op.txn {
+                    let others = self.txn_waiting.remove(&txn.id).unwrap_or_default();
+                    match result {
+                        Ok(current) => self.txn_reconcile(*op, others, current, env, out),
+                        Err(failure) => {
+                            let mut unit = others;
+                            unit.push(*op);
+                            unit.sort_by_key(|op| op.seq);
+                            self.txn_retry_or_fail(unit, fetch_failure(&failure), None, env, out);
+                        }
+                    }
+                    return;
+                }
                 match result {
                     Ok(current) => self.reconcile(*op, current, env, out),
                     // Could not learn the server state: retry the same
@@ -660,10 +710,13 @@ impl DrainMachine {
         let mut bytes = 0;
         while let Some(chain) = self.ready.front() {
             if !unit.is_empty()
-                && (unit.len() + chain.ops.len() > take || bytes + chain.bytes > self.cfg.max_bytes)
+                && (chain.atomic()
+                    || unit.len() + chain.ops.len() > take
+                    || bytes + chain.bytes > self.cfg.max_bytes)
             {
                 break;
             }
+            let atomic = chain.atomic();
             bytes += chain.bytes;
             if let Some(chain) = self.ready.pop_front() {
                 if unit.is_empty() {
@@ -671,6 +724,9 @@ impl DrainMachine {
                 } else {
                     unit.extend(chain.ops);
                 }
+            }
+            if atomic {
+                break;
             }
         }
         unit
@@ -714,6 +770,7 @@ impl DrainMachine {
             acks.push((s.op.op_id, Ack { version, data }));
             after.latencies.push(s.latency);
             after.events.push(succeeded(s.op, version, s.replayed));
+            after.events.extend(s.then);
         }
         self.write(Write::Ack(acks), after, out);
     }
@@ -800,6 +857,7 @@ impl DrainMachine {
                 entity,
                 replayed,
                 latency,
+                then: None,
             });
         }
         if successes > 0 {
@@ -1079,11 +1137,421 @@ impl DrainMachine {
     }
 }
 
+/// What one transaction's answer means.
+enum TxnVerdict {
+    /// Each op's entity and whether it was replayed.
+    Committed(Vec<(Option<Entity>, bool)>),
+    /// The whole request failed alike for every op (nothing applied).
+    Whole(NotApplied),
+    /// This op was refused, so nothing was applied.
+    Refused(usize, NotApplied),
+}
+
+impl DrainMachine {
+    /// Decides on an atomic transaction's outcomes: all applied, or none
+    /// (a refused op, or a failure of the whole request). It is retried,
+    /// reconciled or failed as one, and its writes change all its ops in
+    /// one commit.
+    fn txn_responded(
+        &mut self,
+        unit: Vec<PendingOp>,
+        mut outcomes: Vec<Outcome>,
+        latency: Duration,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        count_whole_failure_once(&mut outcomes, env, out);
+        self.maybe_more = true;
+        match txn_verdict(&unit, outcomes) {
+            TxnVerdict::Committed(entities) => {
+                let n = unit.len();
+                let txn_id = unit.first().and_then(|op| op.txn).map(|t| t.id);
+                for _ in 0..n {
+                    env.breaker.record_success(env.mono);
+                }
+                publish_breaker(env, out);
+                let all_replayed = entities.iter().all(|(_, r)| *r);
+                // Acks of one response are written in one commit (the
+                // group is flushed whole), so the transaction's ops leave
+                // the outbox together.
+                for (i, (op, (entity, replayed))) in unit.into_iter().zip(entities).enumerate() {
+                    let then = (i + 1 == n).then_some(()).and(txn_id).map(|txn_id| {
+                        SyncEvent::TransactionCommitted {
+                            txn_id,
+                            ops: n,
+                            replayed: all_replayed,
+                        }
+                    });
+                    self.acks.push(Success {
+                        op,
+                        entity,
+                        replayed,
+                        latency,
+                        then,
+                    });
+                }
+            }
+            TxnVerdict::Whole(failure) => {
+                self.txn_not_applied(unit, None, failure, latency, env, out);
+            }
+            TxnVerdict::Refused(i, failure) => {
+                self.txn_not_applied(unit, Some(i), failure, latency, env, out);
+            }
+        }
+    }
+
+    fn txn_not_applied(
+        &mut self,
+        mut unit: Vec<PendingOp>,
+        refused: Option<usize>,
+        failure: NotApplied,
+        latency: Duration,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        match failure {
+            NotApplied::Conflict(problem) => {
+                env.breaker.record_success(env.mono);
+                publish_breaker(env, out);
+                env.metrics.record_latency(latency);
+                let i = refused.unwrap_or(0);
+                if i >= unit.len() {
+                    return;
+                }
+                let op = unit.remove(i);
+                match problem.current {
+                    Some(e) => self.txn_reconcile(op, unit, Fetched::Present(e), env, out),
+                    None => {
+                        if let Some(txn) = op.txn {
+                            self.txn_waiting.insert(txn.id, unit);
+                        }
+                        self.records += 1;
+                        out.push(DrainCommand::Fetch {
+                            op: Box::new(op),
+                            latency,
+                        });
+                    }
+                }
+            }
+            NotApplied::Retryable {
+                retry_after,
+                detail,
+                counts_for_breaker,
+            } => {
+                let retry_after = retry_after.and_then(|v| parse_retry_after(&v, env.now_ms));
+                if counts_for_breaker {
+                    env.breaker
+                        .record_failure(env.mono, retry_after.map(|r| r.delay()));
+                    publish_breaker(env, out);
+                }
+                self.txn_retry_or_fail(unit, detail, retry_after, env, out);
+            }
+            NotApplied::AuthRequired => {
+                self.auth_refused = true;
+                out.push(DrainCommand::PauseAuth);
+                let after = AfterWrite {
+                    report: DrainReport::sent_n(unit.len()),
+                    events: vec![SyncEvent::AuthRequired],
+                    ..AfterWrite::default()
+                };
+                let write = Write::RetryTxnAt {
+                    op_ids: unit.iter().map(|op| op.op_id).collect(),
+                    at: env.now_ms,
+                    detail: "authentication required".to_owned(),
+                };
+                self.write(write, after, out);
+            }
+            NotApplied::Permanent(detail) => {
+                env.breaker.record_success(env.mono);
+                publish_breaker(env, out);
+                let culprit = refused.and_then(|i| unit.get(i)).map(|op| op.op_id);
+                self.txn_fail(unit, culprit, detail, Vec::new(), out);
+            }
+        }
+    }
+
+    /// Retries the transaction at its backoff (its first op's attempts),
+    /// or fails it once the budget is spent.
+    fn txn_retry_or_fail(
+        &mut self,
+        unit: Vec<PendingOp>,
+        detail: String,
+        retry_after: Option<RetryAfter>,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        let attempts = unit.iter().map(|op| op.attempts).max().unwrap_or(0);
+        match env
+            .retry
+            .schedule(attempts, retry_after, env.now_ms, &mut env.rng)
+        {
+            RetryDecision::RetryAt(at) => {
+                let n = unit.len();
+                let mut report = DrainReport::sent_n(n);
+                report.retried = n as u64;
+                let events = unit
+                    .iter()
+                    .map(|op| SyncEvent::OpRetried {
+                        op_id: op.op_id,
+                        attempts: op.attempts,
+                        next_attempt_at: at,
+                        reason: detail.clone(),
+                    })
+                    .collect();
+                let after = AfterWrite {
+                    report,
+                    events,
+                    counters: vec![(Counter::Retried, n as u64)],
+                    ..AfterWrite::default()
+                };
+                let write = Write::RetryTxnAt {
+                    op_ids: unit.iter().map(|op| op.op_id).collect(),
+                    at,
+                    detail,
+                };
+                self.write(write, after, out);
+            }
+            RetryDecision::GiveUp => {
+                let error = format!("gave up after {attempts} attempts: {detail}");
+                self.txn_fail(unit, None, error, Vec::new(), out);
+            }
+        }
+    }
+
+    /// Fails the whole transaction: `culprit` (the refused op) keeps
+    /// `error`, the others say the transaction was aborted because of it.
+    fn txn_fail(
+        &mut self,
+        unit: Vec<PendingOp>,
+        culprit: Option<OpId>,
+        error: String,
+        mut events: Vec<SyncEvent>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        let Some(txn) = unit.first().and_then(|op| op.txn) else {
+            return;
+        };
+        tracing::info!(txn = %txn.id, ops = unit.len(), "transaction failed permanently: {error}");
+        let n = unit.len();
+        let mut failures = Vec::with_capacity(n);
+        for op in unit {
+            let own = match culprit {
+                Some(c) if c != op.op_id => {
+                    format!("transaction {} aborted: op {c} failed: {error}", txn.id)
+                }
+                _ => error.clone(),
+            };
+            events.push(SyncEvent::OpFailed {
+                op_id: op.op_id,
+                entity_type: op.entity_type,
+                entity_id: op.entity_id,
+                error: own.clone(),
+            });
+            failures.push((op.op_id, own));
+        }
+        events.push(SyncEvent::TransactionFailed {
+            txn_id: txn.id,
+            error,
+        });
+        let mut report = DrainReport::sent_n(n);
+        report.failed = n as u64;
+        let after = AfterWrite {
+            report,
+            events,
+            counters: vec![(Counter::Failed, n as u64)],
+            ..AfterWrite::default()
+        };
+        self.write(Write::FailTxn(failures), after, out);
+    }
+
+    /// Settles a conflict on one op of a transaction with the entity type's
+    /// policy: the merged op and the rest of the transaction are sent again
+    /// together, or the whole transaction fails. Never half-applied: an op
+    /// whose effect the server already has is sent again as an update of
+    /// the current version (a delete of a deleted entity fails the
+    /// transaction), so the transaction stays whole.
+    fn txn_reconcile(
+        &mut self,
+        op: PendingOp,
+        others: Vec<PendingOp>,
+        current: Fetched,
+        env: &mut Env<'_>,
+        out: &mut Vec<DrainCommand>,
+    ) {
+        let entity = match current {
+            Fetched::Present(e) => Some(e),
+            Fetched::Absent => None,
+            Fetched::Deleted => Some(Entity {
+                entity_type: op.entity_type.clone(),
+                id: op.entity_id.clone(),
+                version: 0,
+                data: Value::Null,
+                updated_at: String::new(),
+                deleted: true,
+            }),
+        };
+        let resolution = env.reconciler.decide(&ConflictInput {
+            kind: op.kind.mutation(),
+            entity_type: &op.entity_type,
+            payload: &op.payload,
+            base: op.base.as_ref(),
+            current: entity.as_ref(),
+            reconciliations: op.reconciliations,
+        });
+        let remote = entity.as_ref().map_or(Value::Null, |e| e.data.clone());
+        let conflict = |resolved: Value, resolution: ConflictOutcome| SyncEvent::Conflict {
+            op_id: op.op_id,
+            entity_type: op.entity_type.clone(),
+            entity_id: op.entity_id.clone(),
+            local: op.payload.clone(),
+            remote: remote.clone(),
+            resolved,
+            resolution,
+        };
+        let retry = match resolution {
+            Resolution::Retry {
+                send_as,
+                payload,
+                if_match,
+                base,
+                conflicts,
+            } => Some((send_as, payload, if_match, base, conflicts.len())),
+            Resolution::Succeeded { version, .. } if op.kind != OpKind::Delete => Some((
+                guardian_protocol::MutationKind::Update,
+                op.payload.clone(),
+                version,
+                None,
+                0,
+            )),
+            Resolution::Succeeded { .. } => {
+                let event = conflict(Value::Null, ConflictOutcome::Failed);
+                let mut unit = others;
+                let culprit = op.op_id;
+                unit.push(op);
+                unit.sort_by_key(|op| op.seq);
+                let error =
+                    "the entity is already deleted; the transaction cannot apply as a whole"
+                        .to_owned();
+                self.txn_fail(unit, Some(culprit), error, vec![event], out);
+                return;
+            }
+            Resolution::Fail {
+                reason,
+                local,
+                remote,
+            } => {
+                let error = serde_json::json!({
+                    "conflict": reason,
+                    "local": local,
+                    "remote": remote,
+                })
+                .to_string();
+                let event = conflict(Value::Null, ConflictOutcome::Failed);
+                let mut unit = others;
+                let culprit = op.op_id;
+                unit.push(op);
+                unit.sort_by_key(|op| op.seq);
+                self.txn_fail(unit, Some(culprit), error, vec![event], out);
+                return;
+            }
+        };
+        let Some((send_as, payload, if_match, base, conflicts)) = retry else {
+            return;
+        };
+        let detail = format!(
+            "conflict at version {} in transaction; merged ({conflicts} field conflict(s)), \
+             retrying the transaction",
+            if_match.map_or_else(|| "?".to_owned(), |v| v.to_string()),
+        );
+        let n = others.len() + 1;
+        let mut report = DrainReport::sent_n(n);
+        report.conflicts_resolved = 1;
+        let after = AfterWrite {
+            report,
+            events: vec![conflict(payload.clone(), ConflictOutcome::Retry)],
+            counters: vec![(Counter::ConflictsResolved, 1)],
+            ..AfterWrite::default()
+        };
+        let write = Write::ReconciledInTxn {
+            op_id: op.op_id,
+            reconciled: Reconciled {
+                kind: Some(OpKind::from_mutation(send_as)),
+                payload,
+                base,
+                base_version: if_match,
+                detail,
+            },
+            others: others.iter().map(|o| o.op_id).collect(),
+        };
+        self.write(write, after, out);
+    }
+}
+
+/// Reads a transaction's outcomes: committed only if every op applied.
+fn txn_verdict(unit: &[PendingOp], outcomes: Vec<Outcome>) -> TxnVerdict {
+    let n = unit.len();
+    let mut applied = Vec::with_capacity(n);
+    let mut outcomes = outcomes.into_iter();
+    for i in 0..n {
+        let outcome = outcomes
+            .next()
+            .unwrap_or_else(|| Outcome::protocol(None, "no outcome for an op of the transaction"));
+        match outcome {
+            Outcome::Applied { entity, replayed } => applied.push((entity, replayed)),
+            Outcome::DependencyFailed => {}
+            Outcome::Conflict { problem } => {
+                return TxnVerdict::Refused(i, NotApplied::Conflict(problem));
+            }
+            Outcome::AlreadyGone => {
+                return TxnVerdict::Refused(
+                    i,
+                    NotApplied::Permanent(
+                        "the entity is already deleted; the transaction cannot apply as a whole"
+                            .into(),
+                    ),
+                );
+            }
+            Outcome::Permanent { detail, .. } => {
+                return TxnVerdict::Refused(i, NotApplied::Permanent(detail));
+            }
+            Outcome::AuthRequired => return TxnVerdict::Whole(NotApplied::AuthRequired),
+            Outcome::Retryable {
+                retry_after,
+                detail,
+                counts_for_breaker,
+                ..
+            } => {
+                // Whole or for one op, nothing was applied: the same
+                // transaction goes again later.
+                return TxnVerdict::Whole(NotApplied::Retryable {
+                    retry_after,
+                    detail,
+                    counts_for_breaker,
+                });
+            }
+        }
+    }
+    if applied.len() == n {
+        TxnVerdict::Committed(applied)
+    } else {
+        // Every op "not applied because of another", none refused: the
+        // server broke the protocol.
+        TxnVerdict::Whole(NotApplied::protocol(
+            "transaction aborted without a refused op",
+        ))
+    }
+}
+
 impl DrainReport {
     /// One op sent, nothing else yet.
     fn sent() -> Self {
+        Self::sent_n(1)
+    }
+
+    /// `n` ops sent, nothing else yet.
+    fn sent_n(n: usize) -> Self {
         Self {
-            sent: 1,
+            sent: n as u64,
             ..Self::default()
         }
     }
@@ -1174,11 +1642,13 @@ fn fetch_failure(outcome: &Outcome) -> String {
     }
 }
 
-/// The index of the op before `i` in `unit` when it is of the same entity:
-/// chains are consecutive in a unit, so that op is `i`'s predecessor, and
-/// `i` must not be applied unless it was.
+/// The index of the last op before `i` in `unit` on the same entity: `i`'s
+/// predecessor, which must be applied before it (and whose version it
+/// chains on). In a batch an entity's ops are consecutive; in a
+/// transaction they may be interleaved with other entities'.
 fn dependency(unit: &[PendingOp], i: usize) -> Option<usize> {
-    let prev = unit.get(i.checked_sub(1)?)?;
     let op = unit.get(i)?;
-    (prev.entity_type == op.entity_type && prev.entity_id == op.entity_id).then(|| i - 1)
+    unit.get(..i)?
+        .iter()
+        .rposition(|p| p.entity_type == op.entity_type && p.entity_id == op.entity_id)
 }

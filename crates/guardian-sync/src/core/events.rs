@@ -49,6 +49,24 @@ pub enum SyncEvent {
         /// The server replayed its stored response for this op's key.
         replayed: bool,
     },
+    /// Every op of an atomic transaction was applied, in one commit.
+    TransactionCommitted {
+        /// The transaction.
+        txn_id: uuid::Uuid,
+        /// Its number of ops.
+        ops: usize,
+        /// The server replayed its stored response (an earlier attempt had
+        /// committed it).
+        replayed: bool,
+    },
+    /// An atomic transaction failed as one: none of its ops was applied,
+    /// and all are kept in the outbox as `failed`.
+    TransactionFailed {
+        /// The transaction.
+        txn_id: uuid::Uuid,
+        /// Why (the refused op's reason).
+        error: String,
+    },
     /// An op failed permanently; it is kept in the outbox as `failed`.
     OpFailed {
         /// The op.

@@ -131,7 +131,7 @@ impl Inner {
                 .await?
         } else {
             let ops = self.outbox.fenced(fence).claim_ready(limit, now).await?;
-            ops.into_iter().map(|op| vec![op]).collect()
+            units(ops)
         };
         Ok(DrainInput::Claimed {
             asked: limit,
@@ -149,7 +149,28 @@ impl Inner {
         deps: Vec<Option<usize>>,
     ) -> Result<DrainInput, EngineError> {
         let started = self.clock.monotonic();
-        let outcomes = if unit.len() > 1 {
+        let txn = unit.first().and_then(|op| op.txn);
+        let outcomes = if let Some(txn) = txn {
+            let requests: Vec<OpRequest> = unit
+                .iter_mut()
+                .enumerate()
+                .map(|(i, op)| {
+                    let depends_on = deps.get(i).copied().flatten();
+                    let mut request = lend_request(op);
+                    request.depends_on = depends_on;
+                    request.if_match_chained = depends_on.is_some() && op.chained;
+                    request
+                })
+                .collect();
+            let outcomes = self
+                .transport
+                .send_transaction(&txn.id.to_string(), &requests)
+                .await;
+            for (op, request) in unit.iter_mut().zip(requests) {
+                op.payload = request.payload;
+            }
+            outcomes
+        } else if unit.len() > 1 {
             let requests: Vec<OpRequest> = unit
                 .iter_mut()
                 .zip(deps.iter().copied())
@@ -201,6 +222,23 @@ impl Inner {
                     .await?;
             }
             Write::Release(ids) => self.outbox.fenced(fence).release_claimed(ids).await?,
+            Write::RetryTxnAt { op_ids, at, detail } => {
+                self.outbox
+                    .fenced(fence)
+                    .retry_later_many(op_ids, at, &detail)
+                    .await?;
+            }
+            Write::FailTxn(failures) => self.outbox.fenced(fence).fail_many(failures).await?,
+            Write::ReconciledInTxn {
+                op_id,
+                reconciled,
+                others,
+            } => {
+                self.outbox
+                    .fenced(fence)
+                    .reconciled_in_txn(op_id, reconciled, others)
+                    .await?;
+            }
         }
         Ok(())
     }
@@ -274,6 +312,24 @@ impl Inner {
             self.outbox.mark_outcomes_delivered(ids).await?;
         }
     }
+}
+
+/// Claimed ops as units: each op alone, but a transaction's ops (which a
+/// claim returns together, in order) as one.
+fn units(ops: Vec<PendingOp>) -> Vec<Vec<PendingOp>> {
+    let mut out: Vec<Vec<PendingOp>> = Vec::with_capacity(ops.len());
+    for op in ops {
+        match out.last_mut() {
+            Some(last)
+                if op.txn.is_some()
+                    && last.first().and_then(|o| o.txn).map(|t| t.id) == op.txn.map(|t| t.id) =>
+            {
+                last.push(op);
+            }
+            _ => out.push(vec![op]),
+        }
+    }
+    out
 }
 
 /// A lost lock is the machine's to hear; any other error ends the drain.

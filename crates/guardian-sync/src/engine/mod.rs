@@ -417,6 +417,50 @@ impl SyncEngine {
         Ok(self.enqueued(enqueued))
     }
 
+    /// Durably records `ops` as one atomic transaction (see
+    /// [`Outbox::enqueue_transaction`]): they are sent as one unit once
+    /// every earlier op of each of their entities is acknowledged, and the
+    /// server applies all or none. Events report
+    /// [`SyncEvent::TransactionCommitted`] or
+    /// [`SyncEvent::TransactionFailed`]. Wakes the runner.
+    pub async fn transaction(
+        &self,
+        ops: Vec<NewOp>,
+    ) -> Result<crate::outbox::EnqueuedTransaction, EnqueueError> {
+        let txn = self.inner.outbox.enqueue_transaction(ops).await?;
+        self.inner
+            .metrics
+            .add(Counter::Enqueued, txn.ops.len() as u64);
+        self.inner.wake.notify_one();
+        Ok(txn)
+    }
+
+    /// [`transaction`](Self::transaction) with an optimistic update: the
+    /// registration is kept under a token carried by every op of the
+    /// transaction, so its rollback runs once, restoring all the entities,
+    /// when the transaction fails, and its success handler once it commits.
+    /// Returns the transaction and the token.
+    pub async fn transaction_optimistic(
+        &self,
+        ops: Vec<NewOp>,
+        registration: crate::optimistic::Registration,
+    ) -> Result<(crate::outbox::EnqueuedTransaction, String), EnqueueError> {
+        let token = format!("txn-{}", uuid::Uuid::new_v4());
+        let ops = ops
+            .into_iter()
+            .map(|op| op.with_txn_token(token.clone()))
+            .collect();
+        self.inner.optimistic.register(token.clone(), registration);
+        match self.transaction(ops).await {
+            Ok(txn) => Ok((txn, token)),
+            Err(e) => {
+                // Nothing was stored: the app's change is taken back now.
+                self.inner.optimistic.rollback(&token, &e.to_string());
+                Err(e)
+            }
+        }
+    }
+
     /// Counts a stored op and wakes the run loop for it.
     fn enqueued(&self, enqueued: Enqueued) -> Enqueued {
         self.inner.metrics.incr(Counter::Enqueued);

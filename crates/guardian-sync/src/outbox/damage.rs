@@ -712,7 +712,11 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap_or(0);
     // A file whose version is unreadable may still have the new columns.
-    let version = if version < 5 && old.prepare("SELECT txn, depends_on FROM ops LIMIT 0").is_ok() {
+    let version = if version < 5
+        && old
+            .prepare("SELECT txn, depends_on FROM ops LIMIT 0")
+            .is_ok()
+    {
         5
     } else {
         version
@@ -1045,7 +1049,10 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         // Gated ops get their heads from the gate, which also fails a
         // transaction that lost ops: it is never sent in part.
         if let Err(e) = super::gate::refresh(fresh, wall_ms()) {
-            note(&mut report, format!("rebuilding transaction gates failed: {e}"));
+            note(
+                &mut report,
+                format!("rebuilding transaction gates failed: {e}"),
+            );
         }
     }
     report

@@ -203,10 +203,6 @@ impl Prepared {
         }
         Ok(done)
     }
-
-    fn is_gated(&self) -> bool {
-        self.txn.is_some() || !self.depends_on.is_empty()
-    }
 }
 
 /// Validates `ops` as one atomic transaction and gives them its id.
@@ -444,9 +440,13 @@ fn remove(
 /// Stores (or coalesces) a validated op. Runs in the writer's transaction.
 pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueued, EnqueueError> {
     let now = ctx.now();
-    if p.is_gated() {
+    let depends_on = if p.depends_on.is_empty() {
+        None
+    } else {
+        open_dependencies(conn, p)?
+    };
+    if p.txn.is_some() || depends_on.is_some() {
         // Never coalesced; the gate gives it `is_head` once it may go.
-        let depends_on = open_dependencies(conn, p)?;
         let has_active = !tail(conn, p, true)?.is_empty();
         let seq = insert(conn, p, None, has_active, false, depends_on.as_deref(), now)?;
         return Ok(Enqueued {

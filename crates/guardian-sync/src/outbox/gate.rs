@@ -245,7 +245,10 @@ pub(crate) fn unit_of(conn: &Connection, op: &PendingOp) -> rusqlite::Result<Vec
 }
 
 /// Failed ops that failed because `op_id` did (they depend on it).
-pub(crate) fn failed_dependents(conn: &Connection, op_id: OpId) -> rusqlite::Result<Vec<PendingOp>> {
+pub(crate) fn failed_dependents(
+    conn: &Connection,
+    op_id: OpId,
+) -> rusqlite::Result<Vec<PendingOp>> {
     let id = op_id.to_string();
     let seqs: Vec<i64> = conn
         .prepare_cached(

@@ -130,7 +130,10 @@ fn mark_claimed<'a>(
 /// transaction (its ops in order, once, where its first ready op stood);
 /// any other op is a unit of its own. The gate let the transaction's ops
 /// be heads only when all of them may go.
-fn whole_units(conn: &Connection, heads: Vec<PendingOp>) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
+fn whole_units(
+    conn: &Connection,
+    heads: Vec<PendingOp>,
+) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
     let mut seen = HashSet::new();
     let mut units = Vec::with_capacity(heads.len());
     for head in heads {

@@ -557,7 +557,8 @@ fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
         values.pop().unwrap_or(SqlValue::Null)
     } else {
         let v = &values;
-        let fields: [rusqlite::types::ValueRef<'_>; 7] = std::array::from_fn(|i| (&v[i + 1]).into());
+        let fields: [rusqlite::types::ValueRef<'_>; 7] =
+            std::array::from_fn(|i| (&v[i + 1]).into());
         SqlValue::Integer(super::schema::op_checksum(&fields))
     };
     values.remove(IS_HEAD);

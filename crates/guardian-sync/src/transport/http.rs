@@ -4,7 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use guardian_protocol::{header, BatchOp, BatchRequest, BatchResponse, MutationKind};
+use guardian_protocol::{
+    header, BatchOp, BatchRequest, BatchResponse, BatchResult, MutationKind, TransactionRequest,
+    TransactionResponse,
+};
 use reqwest::{header as h, Method, StatusCode};
 
 use super::auth::Auth;
@@ -288,23 +291,7 @@ impl Transport for HttpTransport {
     fn send_batch<'a>(&'a self, ops: &'a [OpRequest]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
             let request = BatchRequest {
-                ops: ops
-                    .iter()
-                    .map(|op| BatchOp {
-                        op: op.kind,
-                        entity_type: op.entity_type.clone(),
-                        id: op.entity_id.clone(),
-                        data: (op.kind != MutationKind::Delete).then(|| op.payload.clone()),
-                        if_match: if op.kind == MutationKind::Create || op.if_match_chained {
-                            None
-                        } else {
-                            op.if_match
-                        },
-                        idempotency_key: op.idempotency_key.clone(),
-                        depends_on: op.depends_on.and_then(|i| u32::try_from(i).ok()),
-                        if_match_chained: op.if_match_chained && op.depends_on.is_some(),
-                    })
-                    .collect(),
+                ops: ops.iter().map(batch_op).collect(),
             };
             let url = self.url(&["v1", "batch"]);
             let sent = self
@@ -319,25 +306,7 @@ impl Transport for HttpTransport {
                 Ok(r) if r.status == StatusCode::OK => {
                     match serde_json::from_slice::<BatchResponse>(&r.body) {
                         Ok(b) if b.results.len() == ops.len() => {
-                            return ops
-                                .iter()
-                                .zip(b.results)
-                                .map(|(op, res)| {
-                                    let body = serde_json::to_vec(&res.body).unwrap_or_default();
-                                    let retry_after = res
-                                        .body
-                                        .get("retry_after")
-                                        .and_then(serde_json::Value::as_u64)
-                                        .map(|s| s.to_string());
-                                    classify_mutation(
-                                        op.kind,
-                                        res.status,
-                                        retry_after.as_deref(),
-                                        res.replayed,
-                                        &body,
-                                    )
-                                })
-                                .collect();
+                            return classify_results(ops, b.results)
                         }
                         Ok(b) => Outcome::protocol(
                             Some(200),
@@ -353,13 +322,7 @@ impl Transport for HttpTransport {
                     }
                 }
                 // The batch as a whole failed: every op shares the outcome.
-                Ok(r) => classify_mutation(
-                    MutationKind::Update,
-                    r.status.as_u16(),
-                    r.retry_after.as_deref(),
-                    false,
-                    &r.body,
-                ),
+                Ok(r) => whole_failure(&r),
                 Err(outcome) => outcome,
             };
             let whole = match whole {
@@ -369,6 +332,54 @@ impl Transport for HttpTransport {
                     return super::send_in_order(self, ops).await;
                 }
                 other => other,
+            };
+            vec![whole; ops.len()]
+        })
+    }
+
+    fn send_transaction<'a>(
+        &'a self,
+        key: &'a str,
+        ops: &'a [OpRequest],
+    ) -> BoxFuture<'a, Vec<Outcome>> {
+        Box::pin(async move {
+            let request = TransactionRequest {
+                transaction_key: key.to_owned(),
+                ops: ops.iter().map(batch_op).collect(),
+            };
+            let url = self.url(&["v1", "transactions"]);
+            let sent = self
+                .exchange(|token| {
+                    self.client
+                        .request(Method::POST, url.clone())
+                        .bearer_auth(token)
+                        .json(&request)
+                })
+                .await;
+            let whole = match sent {
+                Ok(r) if r.status == StatusCode::OK => {
+                    match serde_json::from_slice::<TransactionResponse>(&r.body) {
+                        Ok(t) if t.results.len() == ops.len() => {
+                            return transaction_outcomes(ops, t);
+                        }
+                        Ok(t) => Outcome::protocol(
+                            Some(200),
+                            format!(
+                                "transaction answered {} results for {} ops",
+                                t.results.len(),
+                                ops.len()
+                            ),
+                        ),
+                        Err(e) => Outcome::protocol(
+                            Some(200),
+                            format!("malformed transaction response: {e}"),
+                        ),
+                    }
+                }
+                // Nothing was applied, or it is not known: the transaction
+                // shares one outcome (unlike a batch, it is never split).
+                Ok(r) => whole_failure(&r),
+                Err(outcome) => outcome,
             };
             vec![whole; ops.len()]
         })
@@ -391,6 +402,92 @@ impl Transport for HttpTransport {
             classify_fetch(r.status.as_u16(), r.retry_after.as_deref(), &r.body)
         })
     }
+}
+
+/// An op as a batch or transaction carries it.
+fn batch_op(op: &OpRequest) -> BatchOp {
+    BatchOp {
+        op: op.kind,
+        entity_type: op.entity_type.clone(),
+        id: op.entity_id.clone(),
+        data: (op.kind != MutationKind::Delete).then(|| op.payload.clone()),
+        if_match: if op.kind == MutationKind::Create || op.if_match_chained {
+            None
+        } else {
+            op.if_match
+        },
+        idempotency_key: op.idempotency_key.clone(),
+        depends_on: op.depends_on.and_then(|i| u32::try_from(i).ok()),
+        if_match_chained: op.if_match_chained && op.depends_on.is_some(),
+    }
+}
+
+/// Each op's result classified as the answer to a lone request.
+fn classify_results(ops: &[OpRequest], results: Vec<BatchResult>) -> Vec<Outcome> {
+    ops.iter()
+        .zip(results)
+        .map(|(op, res)| {
+            let body = serde_json::to_vec(&res.body).unwrap_or_default();
+            let retry_after = res
+                .body
+                .get("retry_after")
+                .and_then(serde_json::Value::as_u64)
+                .map(|s| s.to_string());
+            classify_mutation(
+                op.kind,
+                res.status,
+                retry_after.as_deref(),
+                res.replayed,
+                &body,
+            )
+        })
+        .collect()
+}
+
+/// A whole request's failure (not 200), shared by all its ops.
+fn whole_failure(r: &Response) -> Outcome {
+    classify_mutation(
+        MutationKind::Update,
+        r.status.as_u16(),
+        r.retry_after.as_deref(),
+        false,
+        &r.body,
+    )
+}
+
+/// A transaction's outcomes: every op applied when it committed; when it
+/// aborted, the refused op's own outcome and
+/// [`Outcome::DependencyFailed`] (not applied, nothing recorded) for the
+/// others. An answer that contradicts itself is a protocol error for all.
+fn transaction_outcomes(ops: &[OpRequest], t: TransactionResponse) -> Vec<Outcome> {
+    let committed = t.committed;
+    let failed = t.failed_op.and_then(|i| usize::try_from(i).ok());
+    let outcomes = classify_results(ops, t.results);
+    let consistent = if committed {
+        failed.is_none()
+            && outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Applied { .. }))
+    } else {
+        failed.is_some_and(|f| {
+            outcomes
+                .get(f)
+                .is_some_and(|o| !matches!(o, Outcome::Applied { .. } | Outcome::DependencyFailed))
+        })
+    };
+    if !consistent {
+        let detail =
+            "transaction answer contradicts itself (committed flag, failed op and results)";
+        return vec![Outcome::protocol(Some(200), detail); ops.len()];
+    }
+    outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| match failed {
+            Some(f) if i != f => Outcome::DependencyFailed,
+            _ => o,
+        })
+        .collect()
 }
 
 #[cfg(test)]

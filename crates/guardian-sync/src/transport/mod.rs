@@ -99,6 +99,32 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Sends `ops` as one atomic transaction whose idempotency key is `key`:
+    /// the server applies all of them or none. One outcome per op: every
+    /// op applied when it committed; when it aborted, the refused op's own
+    /// outcome and [`Outcome::DependencyFailed`] for the others (nothing of
+    /// them was applied or recorded). A failure of the whole request is the
+    /// same outcome for every op. A retry with the same key and ops after a
+    /// commit replays it.
+    ///
+    /// The default refuses: a transport must implement this to carry
+    /// transactions (sending their ops one by one would not be atomic).
+    fn send_transaction<'a>(
+        &'a self,
+        key: &'a str,
+        ops: &'a [OpRequest],
+    ) -> BoxFuture<'a, Vec<Outcome>> {
+        let _ = key;
+        Box::pin(async move {
+            let refused = Outcome::Permanent {
+                status: 501,
+                problem: None,
+                detail: "this transport cannot send atomic transactions".into(),
+            };
+            vec![refused; ops.len()]
+        })
+    }
+
     /// Fetches the server's current state of an entity.
     ///
     /// On failure, returns the classified failure (never `Applied`).
