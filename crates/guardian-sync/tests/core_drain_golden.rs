@@ -11,7 +11,7 @@ use guardian_protocol::{Entity, Problem};
 use guardian_sync::breaker::{BreakerConfig, CircuitBreaker, TripPolicy};
 use guardian_sync::core::drain::{DrainCommand, DrainConfig, DrainInput, DrainMachine, Env, Write};
 use guardian_sync::engine::SyncEvent;
-use guardian_sync::op::{OpKind, OpState, PendingOp};
+use guardian_sync::op::{OpKind, OpState, PendingOp, TxnRef};
 use guardian_sync::reconcile::{ReconcilePolicies, Reconciler};
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::telemetry::SyncMetrics;
@@ -46,6 +46,8 @@ fn op(entity: &str, seq: i64, payload: Value) -> PendingOp {
         coalesced_count: 0,
         reconciliations: 0,
         history: Vec::new(),
+        txn: None,
+        depends_on: Vec::new(),
     }
 }
 
@@ -203,6 +205,30 @@ fn write_line(w: &Write) -> String {
             reconciled.detail
         ),
         Write::Release(ids) => format!("release {:?}", ids.iter().map(id_name).collect::<Vec<_>>()),
+        Write::RetryTxnAt { op_ids, at, detail } => format!(
+            "retry txn {:?} at now+{}ms ({detail})",
+            op_ids.iter().map(id_name).collect::<Vec<_>>(),
+            at - NOW
+        ),
+        Write::FailTxn(failures) => {
+            let f: Vec<String> = failures
+                .iter()
+                .map(|(id, e)| format!("{} ({e})", id_name(id)))
+                .collect();
+            format!("fail txn {}", f.join(", "))
+        }
+        Write::ReconciledInTxn {
+            op_id,
+            reconciled,
+            others,
+        } => format!(
+            "reconciled {} in txn with {:?} as {:?} if-match {:?} payload {}",
+            id_name(op_id),
+            others.iter().map(id_name).collect::<Vec<_>>(),
+            reconciled.kind,
+            reconciled.base_version,
+            reconciled.payload,
+        ),
     }
 }
 
@@ -238,6 +264,17 @@ fn event_line(e: &SyncEvent) -> String {
             id_name(op_id)
         ),
         SyncEvent::Breaker { from, to } => format!("breaker {from:?} -> {to:?}"),
+        SyncEvent::TransactionCommitted {
+            txn_id,
+            ops,
+            replayed,
+        } => format!(
+            "txn {} committed {ops} ops replayed={replayed}",
+            id_name(txn_id)
+        ),
+        SyncEvent::TransactionFailed { txn_id, error } => {
+            format!("txn {} failed ({error})", id_name(txn_id))
+        }
         other => format!("{other:?}"),
     }
 }
@@ -250,6 +287,27 @@ fn claimed(asked: usize, ops: Vec<PendingOp>) -> Option<DrainInput> {
     Some(DrainInput::Claimed {
         asked,
         chains: ops.into_iter().map(|op| vec![op]).collect(),
+    })
+}
+
+/// The ops of one atomic transaction (id 900), claimed as one unit.
+fn txn(ops: Vec<PendingOp>) -> Vec<PendingOp> {
+    let size = u32::try_from(ops.len()).unwrap_or(u32::MAX);
+    ops.into_iter()
+        .map(|mut op| {
+            op.txn = Some(TxnRef {
+                id: Uuid::from_u128(900),
+                size,
+            });
+            op
+        })
+        .collect()
+}
+
+fn claimed_units(asked: usize, units: Vec<Vec<PendingOp>>) -> Option<DrainInput> {
+    Some(DrainInput::Claimed {
+        asked,
+        chains: units,
     })
 }
 
@@ -447,6 +505,109 @@ fn a_lock_lost_mid_drain_ends_it_without_reporting_unwritten_acks() {
         <- lock lost
         -> finish LockLost
         <- written 0
+        "#,
+    );
+}
+
+#[test]
+fn a_transaction_is_resent_whole_after_a_conflict_and_acked_whole() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let mut b2 = op("b", 2, json!({"scene": "night", "level": 1}));
+    b2.base = Some(json!({"scene": "day", "level": 1}));
+    b2.base_version = Some(3);
+    let unit = txn(vec![op("a", 1, json!({"scene": "night"})), b2]);
+    s.step(claimed_units(65, vec![unit.clone()]));
+    // b conflicts; the server applied nothing of the transaction.
+    let mut problem = Problem::new("conflict:version", "Version conflict", 412);
+    problem.current = Some(entity("b", 4, json!({"scene": "day", "level": 7})));
+    s.step(responded(
+        unit.clone(),
+        vec![
+            Outcome::DependencyFailed,
+            Outcome::Conflict {
+                problem: Box::new(problem),
+            },
+        ],
+    ));
+    s.step(written(0));
+    // The outbox put both back; the merged b goes with a again.
+    let mut again = unit;
+    again[1].payload = json!({"scene": "night", "level": 7});
+    again[1].base_version = Some(4);
+    s.step(claimed_units(65, vec![again.clone()]));
+    s.step(responded(
+        again,
+        vec![
+            applied("a", 1, json!({"scene": "night"})),
+            applied("b", 5, json!({"scene": "night", "level": 7})),
+        ],
+    ));
+    s.step(written(1));
+    s.step(claimed(65, vec![]));
+    assert_golden(
+        &s,
+        r#"
+        -> claim 65
+        <- claimed 65: [a#1, b#2]
+        -> send a#1(if-match None), b#2(if-match Some(3))
+        <- responded a#1 DependencyFailed, b#2 conflict 412
+        -> write 0: reconciled op2 in txn with ["op1"] as Some(Update) if-match Some(4) payload {"level":7,"scene":"night"}
+        -> claim 65
+        <- written 0
+        -> emit conflict op2 Retry resolved {"level":7,"scene":"night"}
+        <- claimed 65: [a#1, b#2]
+        -> send a#1(if-match None), b#2(if-match Some(4))
+        -> claim 64
+        <- responded a#1 applied v1 replayed=false, b#2 applied v5 replayed=false
+        -> write 1: ack op1 vSome(1) data Some(Object {"scene": String("night")}), op2 vSome(5) data Some(Object {"level": Number(7), "scene": String("night")})
+        <- written 1
+        -> emit succeeded op1 vSome(1) replayed=false
+        -> emit succeeded op2 vSome(5) replayed=false
+        -> emit txn op900 committed 2 ops replayed=false
+        <- claimed 65: []
+        -> claim 65
+        "#,
+    );
+}
+
+#[test]
+fn a_refused_op_fails_its_whole_transaction() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let unit = txn(vec![
+        op("a", 1, json!({"scene": "night"})),
+        op("b", 2, json!({"scene": "night"})),
+    ]);
+    s.step(claimed_units(65, vec![unit.clone()]));
+    s.step(responded(
+        unit,
+        vec![
+            Outcome::Permanent {
+                status: 422,
+                problem: None,
+                detail: "422 unprocessable".into(),
+            },
+            Outcome::DependencyFailed,
+        ],
+    ));
+    s.step(written(0));
+    s.step(claimed(65, vec![]));
+    assert_golden(
+        &s,
+        r#"
+        -> claim 65
+        <- claimed 65: [a#1, b#2]
+        -> send a#1(if-match None), b#2(if-match None)
+        <- responded a#1 Permanent { status: 422, problem: None, detail: "422 unprocessable" }, b#2 DependencyFailed
+        -> write 0: fail txn op1 (422 unprocessable), op2 (transaction 00000000-0000-0000-0000-000000000384 aborted: op 00000000-0000-0000-0000-000000000001 failed: 422 unprocessable)
+        -> claim 65
+        <- written 0
+        -> emit failed op1 (422 unprocessable)
+        -> emit failed op2 (transaction 00000000-0000-0000-0000-000000000384 aborted: op 00000000-0000-0000-0000-000000000001 failed: 422 unprocessable)
+        -> emit txn op900 failed (422 unprocessable)
+        <- claimed 65: []
+        -> claim 65
         "#,
     );
 }

@@ -208,6 +208,8 @@ async fn new_files_are_stamped_and_older_files_recognised_and_stamped() {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
             "PRAGMA application_id = 0; DROP TRIGGER ops_reseal; ALTER TABLE ops DROP COLUMN checksum;
+             DROP INDEX ops_txn; DROP INDEX ops_gated;
+             ALTER TABLE ops DROP COLUMN txn; ALTER TABLE ops DROP COLUMN depends_on;
              PRAGMA user_version = 3;",
         )
         .unwrap();

@@ -2,6 +2,7 @@
 //! together, gated behind earlier ops of their entities and their
 //! dependencies, claimed whole, failed, retried, discarded and cancelled
 //! whole, never coalesced.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use guardian_sync::op::{Ack, NewOp, OpState};
 use guardian_sync::outbox::{EnqueueError, Outbox, OutboxOptions};

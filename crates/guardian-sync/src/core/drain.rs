@@ -1137,6 +1137,24 @@ impl DrainMachine {
     }
 }
 
+/// Ops claimed one by one, as the units a drain sends: a transaction's ops
+/// (a claim returns them together, in order) as one, any other op alone.
+pub fn units(ops: Vec<PendingOp>) -> Vec<Vec<PendingOp>> {
+    let mut out: Vec<Vec<PendingOp>> = Vec::with_capacity(ops.len());
+    for op in ops {
+        let txn = op.txn.map(|t| t.id);
+        match out.last_mut() {
+            Some(last)
+                if txn.is_some() && last.first().and_then(|o| o.txn).map(|t| t.id) == txn =>
+            {
+                last.push(op);
+            }
+            _ => out.push(vec![op]),
+        }
+    }
+    out
+}
+
 /// What one transaction's answer means.
 enum TxnVerdict {
     /// Each op's entity and whether it was replayed.

@@ -131,7 +131,7 @@ impl Inner {
                 .await?
         } else {
             let ops = self.outbox.fenced(fence).claim_ready(limit, now).await?;
-            units(ops)
+            crate::core::drain::units(ops)
         };
         Ok(DrainInput::Claimed {
             asked: limit,
@@ -312,24 +312,6 @@ impl Inner {
             self.outbox.mark_outcomes_delivered(ids).await?;
         }
     }
-}
-
-/// Claimed ops as units: each op alone, but a transaction's ops (which a
-/// claim returns together, in order) as one.
-fn units(ops: Vec<PendingOp>) -> Vec<Vec<PendingOp>> {
-    let mut out: Vec<Vec<PendingOp>> = Vec::with_capacity(ops.len());
-    for op in ops {
-        match out.last_mut() {
-            Some(last)
-                if op.txn.is_some()
-                    && last.first().and_then(|o| o.txn).map(|t| t.id) == op.txn.map(|t| t.id) =>
-            {
-                last.push(op);
-            }
-            _ => out.push(vec![op]),
-        }
-    }
-    out
 }
 
 /// A lost lock is the machine's to hear; any other error ends the drain.

@@ -327,7 +327,7 @@ fn startup(
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let lock_free = lock_row::read(&tx)?.is_none_or(|l| l.owner.is_empty());
     if lock_free {
-        report.requeued_in_flight = requeue_in_flight(&tx)?;
+        report.requeued_in_flight = requeue_in_flight(&tx, now)?;
     }
     let counts = upcast::run(&tx, &options.upcasters, options.envelope_version, now)?;
     report.upcast = counts.migrated;
@@ -338,7 +338,7 @@ fn startup(
 }
 
 /// Puts every in-flight op back to pending (found through the state index).
-fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
+fn requeue_in_flight(conn: &Connection, now: i64) -> rusqlite::Result<u64> {
     let entities: Vec<(String, String)> = {
         let mut stmt = conn.prepare_cached(
             "SELECT DISTINCT entity_type, entity_id FROM ops INDEXED BY ops_state \
@@ -363,6 +363,7 @@ fn requeue_in_flight(conn: &Connection) -> rusqlite::Result<u64> {
     for (t, id) in &entities {
         rows::recompute_head(conn, t, id)?;
     }
+    gate::refresh(conn, now)?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
@@ -713,7 +714,7 @@ impl Outbox {
                 let fence = lock_row::acquire(conn, &owner, expect, ctx.now())?;
                 if fence.is_some() {
                     lock_row::note_os_file(conn, os_file.as_deref())?;
-                    requeue_in_flight(conn)?;
+                    requeue_in_flight(conn, ctx.now())?;
                 }
                 Ok::<_, OutboxError>(fence)
             })

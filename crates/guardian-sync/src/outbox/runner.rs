@@ -536,7 +536,8 @@ pub(crate) fn rebase_schedule(
     Ok(u64::try_from(moved).unwrap_or(0))
 }
 
-/// Brings every ready head due after `now` back to when it is due by
+/// Brings every ready head (and every gated op, waiting or not: it becomes
+/// a head with the schedule it has) due after `now` back to when it is due by
 /// [`clamp_due`] (never attempted: now; written under a clock ahead: its
 /// delay from now; never beyond `horizon`), so an op written before a step
 /// back of the wall clock is not parked for the size of the step. Rows it
@@ -554,7 +555,10 @@ pub(crate) fn clamp_schedule(
         let mut stmt = conn.prepare_cached(
             "SELECT o.seq, o.next_attempt_at, o.attempts, o.updated_at FROM ops AS o \
              WHERE o.seq IN (SELECT seq FROM ops INDEXED BY ops_ready \
-             WHERE state = 'pending' AND is_head = 1 AND next_attempt_at > ?1)",
+             WHERE state = 'pending' AND is_head = 1 AND next_attempt_at > ?1 \
+             UNION ALL SELECT seq FROM ops INDEXED BY ops_gated \
+             WHERE (txn IS NOT NULL OR depends_on IS NOT NULL) AND state = 'pending' \
+             AND next_attempt_at > ?1)",
         )?;
         let rows = stmt.query_map([now], |r| {
             Ok((

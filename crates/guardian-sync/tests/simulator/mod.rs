@@ -60,6 +60,8 @@ pub(crate) struct Stats {
     pub(crate) conditional: u64,
     pub(crate) foreign_writes: u64,
     pub(crate) conflicts: u64,
+    pub(crate) transactions: u64,
+    pub(crate) txn_aborts: u64,
 }
 
 impl Stats {
@@ -78,6 +80,8 @@ impl Stats {
         self.conditional += o.conditional;
         self.foreign_writes += o.foreign_writes;
         self.conflicts += o.conflicts;
+        self.transactions += o.transactions;
+        self.txn_aborts += o.txn_aborts;
     }
 }
 
@@ -115,6 +119,8 @@ struct Server {
     applied: BTreeMap<String, Vec<i64>>,
     /// 503 with `Retry-After` until this time of the server's clock.
     storm_until: i64,
+    /// Transaction key → the outcomes its commit answered.
+    txn_keys: BTreeMap<String, Vec<Outcome>>,
 }
 
 /// One request as the server sees it.
@@ -208,6 +214,56 @@ impl Server {
         }
     }
 
+    /// A transaction, as the reference server applies it: all its ops in
+    /// one commit, or (one refused) none; a committed key replays.
+    fn handle_txn(
+        &mut self,
+        key: &str,
+        reqs: &[Request],
+        deps: &[Option<usize>],
+        now: i64,
+    ) -> Result<Vec<Outcome>, String> {
+        if let Some(stored) = self.txn_keys.get(key) {
+            if now >= self.storm_until {
+                return Ok(stored
+                    .iter()
+                    .map(|o| match o {
+                        Outcome::Applied { entity, .. } => Outcome::Applied {
+                            entity: entity.clone(),
+                            replayed: true,
+                        },
+                        other => other.clone(),
+                    })
+                    .collect());
+            }
+        }
+        let snapshot = (
+            self.entities.clone(),
+            self.keys.clone(),
+            self.applied.clone(),
+        );
+        let out = self.handle(reqs, deps, now)?;
+        if let Some(refused) = out
+            .iter()
+            .position(|o| !matches!(o, Outcome::Applied { .. }))
+        {
+            (self.entities, self.keys, self.applied) = snapshot;
+            return Ok(out
+                .into_iter()
+                .enumerate()
+                .map(|(i, o)| {
+                    if i == refused {
+                        o
+                    } else {
+                        Outcome::DependencyFailed
+                    }
+                })
+                .collect());
+        }
+        self.txn_keys.insert(key.to_owned(), out.clone());
+        Ok(out)
+    }
+
     /// A whole request (one op or a batch in order), as committed.
     fn handle(
         &mut self,
@@ -266,6 +322,8 @@ struct Flight {
     unit: Vec<PendingOp>,
     deps: Vec<Option<usize>>,
     reqs: Vec<Request>,
+    /// The transaction key, when the unit is a transaction.
+    txn_key: Option<String>,
     fate: Fate,
     /// A duplicate nobody waits for.
     ghost: bool,
@@ -289,6 +347,8 @@ struct Device {
     last_clamp: Option<Duration>,
     /// Op → the seq its payload now carries (coalescing moves it).
     expect: BTreeMap<OpId, (String, i64)>,
+    /// Each transaction's changes, as (entity, seq).
+    txns: Vec<Vec<(String, i64)>>,
 }
 
 pub(crate) struct Sim {
@@ -369,6 +429,7 @@ impl Sim {
                 last_clamp: None,
                 next_seq: BTreeMap::new(),
                 expect: BTreeMap::new(),
+                txns: Vec::new(),
             });
         }
         sim.budget = sim.rng.random_range(8..=30);
@@ -497,6 +558,49 @@ impl Sim {
 
     fn enqueue(&mut self, d: usize) -> Res<()> {
         self.budget -= 1;
+        if self.rng.random_bool(0.2) {
+            return self.enqueue_txn(d);
+        }
+        let (op, entity, seq) = self.new_op(d);
+        let dev = &mut self.devices[d];
+        let done = self
+            .rt
+            .block_on(dev.outbox.enqueue(op))
+            .map_err(|e| format!("enqueue failed: {e}"))?;
+        // Merged or not, the op now carries this seq.
+        dev.expect.insert(done.op_id, (entity, seq));
+        self.stats.enqueued += 1;
+        Ok(())
+    }
+
+    /// An atomic transaction of two or three changes on the device's
+    /// entities (some of them the same).
+    fn enqueue_txn(&mut self, d: usize) -> Res<()> {
+        let n = self.rng.random_range(2..=3);
+        let mut ops = Vec::with_capacity(n);
+        let mut changes = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (op, entity, seq) = self.new_op(d);
+            ops.push(op);
+            changes.push((entity, seq));
+        }
+        let dev = &mut self.devices[d];
+        let done = self
+            .rt
+            .block_on(dev.outbox.enqueue_transaction(ops))
+            .map_err(|e| format!("enqueue_transaction failed: {e}"))?;
+        for (e, change) in done.ops.iter().zip(&changes) {
+            dev.expect.insert(e.op_id, change.clone());
+        }
+        dev.txns.push(changes);
+        self.stats.enqueued += n as u64;
+        self.stats.transactions += 1;
+        Ok(())
+    }
+
+    /// The device's next change of one of its entities: its seq, and now
+    /// and then made against what the server has (a conditional change).
+    fn new_op(&mut self, d: usize) -> (NewOp, String, i64) {
         let e = self.rng.random_range(0..3);
         let dev = &mut self.devices[d];
         let entity = format!("d{d}-e{e}");
@@ -516,14 +620,7 @@ impl Sim {
             op.payload = payload;
             self.stats.conditional += 1;
         }
-        let done = self
-            .rt
-            .block_on(dev.outbox.enqueue(op))
-            .map_err(|e| format!("enqueue failed: {e}"))?;
-        // Merged or not, the op now carries this seq.
-        dev.expect.insert(done.op_id, (entity, seq));
-        self.stats.enqueued += 1;
-        Ok(())
+        (op, entity, seq)
     }
 
     /// Lets a device do its next thing: take the lock, start a drain, or
@@ -669,7 +766,7 @@ impl Sim {
                             .await
                     } else {
                         let ops = dev.outbox.fenced(&fence).claim_ready(limit, now).await?;
-                        Ok(ops.into_iter().map(|op| vec![op]).collect())
+                        Ok(guardian_sync::core::drain::units(ops))
                     }
                 });
                 match self.fenced(d, &fence, result)? {
@@ -684,6 +781,21 @@ impl Sim {
                 }
             }
             DrainCommand::Send { unit, deps } => {
+                let txn = unit.first().and_then(|op| op.txn);
+                if let Some(txn) = txn {
+                    let whole = unit.len() == txn.size as usize
+                        && unit.iter().all(|op| op.txn.map(|t| t.id) == Some(txn.id));
+                    if !whole {
+                        return Err(format!(
+                            "transaction {} sent in part or mixed: {} ops of {}",
+                            txn.id,
+                            unit.len(),
+                            txn.size
+                        ));
+                    }
+                } else if unit.iter().any(|op| op.txn.is_some()) {
+                    return Err("an op of a transaction was sent outside it".into());
+                }
                 let reqs = unit
                     .iter()
                     .zip(deps.iter().copied().chain(std::iter::repeat(None)))
@@ -712,6 +824,7 @@ impl Sim {
                     unit,
                     deps,
                     reqs,
+                    txn_key: txn.map(|t| t.id.to_string()),
                     fate,
                     ghost: false,
                     sent_at: self.mono(),
@@ -756,6 +869,25 @@ impl Sim {
                             .await
                             .map(|_| ()),
                         Write::Release(ids) => dev.outbox.fenced(&fence).release_claimed(ids).await,
+                        Write::RetryTxnAt { op_ids, at, detail } => {
+                            dev.outbox
+                                .fenced(&fence)
+                                .retry_later_many(op_ids, at, &detail)
+                                .await
+                        }
+                        Write::FailTxn(failures) => {
+                            dev.outbox.fenced(&fence).fail_many(failures).await
+                        }
+                        Write::ReconciledInTxn {
+                            op_id,
+                            reconciled,
+                            others,
+                        } => dev
+                            .outbox
+                            .fenced(&fence)
+                            .reconciled_in_txn(op_id, reconciled, others)
+                            .await
+                            .map(|_| ()),
                     }
                 });
                 if self.fenced(d, &fence, result)?.is_some() {
@@ -871,12 +1003,12 @@ impl Sim {
                 vec![Outcome::network(RetryReason::Network, "connection reset"); f.reqs.len()]
             }
             Fate::DropAfter => {
-                self.server.handle(&f.reqs, &f.deps, now)?;
+                self.handle(&f, now)?;
                 self.stats.drops_after += 1;
                 vec![Outcome::network(RetryReason::Timeout, "timed out"); f.reqs.len()]
             }
             Fate::Deliver | Fate::Duplicate => {
-                let o = self.server.handle(&f.reqs, &f.deps, now)?;
+                let o = self.handle(&f, now)?;
                 if f.fate == Fate::Duplicate {
                     self.stats.duplicates += 1;
                     self.flights.push(Flight {
@@ -885,6 +1017,7 @@ impl Sim {
                         unit: Vec::new(),
                         deps: f.deps.clone(),
                         reqs: f.reqs.clone(),
+                        txn_key: f.txn_key.clone(),
                         fate: Fate::Deliver,
                         ghost: true,
                         sent_at: f.sent_at,
@@ -914,6 +1047,40 @@ impl Sim {
                 latency,
             });
         Ok(())
+    }
+
+    /// The server handles a request: a transaction or not. After it, no
+    /// transaction is applied in part.
+    fn handle(&mut self, f: &Flight, now: i64) -> Res<Vec<Outcome>> {
+        let out = match &f.txn_key {
+            Some(key) => {
+                let out = self.server.handle_txn(key, &f.reqs, &f.deps, now)?;
+                if out.iter().any(|o| matches!(o, Outcome::DependencyFailed)) {
+                    self.stats.txn_aborts += 1;
+                }
+                out
+            }
+            None => self.server.handle(&f.reqs, &f.deps, now)?,
+        };
+        for (i, dev) in self.devices.iter().enumerate() {
+            for changes in &dev.txns {
+                let applied = changes
+                    .iter()
+                    .filter(|(entity, seq)| {
+                        self.server
+                            .applied
+                            .get(entity)
+                            .is_some_and(|log| log.contains(seq))
+                    })
+                    .count();
+                if applied != 0 && applied != changes.len() {
+                    return Err(format!(
+                        "dev{i}: a transaction is half-applied: {applied} of {changes:?}"
+                    ));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Nothing acknowledged is lost, and the queue drained.
