@@ -441,3 +441,90 @@ fn depends_on_is_stored_and_shown() {
     );
     assert!(err.contains("--depends-on"), "{err}");
 }
+
+/// A failed transaction is retried, discarded and cancelled whole from the
+/// command line, whichever of its ops is named, and the output says so.
+#[test]
+fn retry_discard_cancel_act_on_the_whole_transaction() {
+    use guardian_sync::outbox::{Outbox, OutboxOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let lone = ok(&db, &["enqueue", "create", "device", "lone", "{}"]);
+    let file = txn_file(
+        dir.path(),
+        "t.json",
+        &serde_json::json!([
+            {"op": "create", "type": "device", "id": "a", "data": {}},
+            {"op": "create", "type": "device", "id": "b", "data": {}},
+            {"op": "create", "type": "device", "id": "c", "data": {}},
+        ]),
+    );
+    let done = json(&db, &["enqueue", "--txn", file.to_str().unwrap()]);
+    let txn_id = done["txn_id"].as_str().unwrap().to_owned();
+    let ids: Vec<String> = done["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op_id"].as_str().unwrap().to_owned())
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // As a runner does when the server refuses the transaction: all its
+    // ops fail in one commit.
+    let fail_txn = || {
+        rt.block_on(async {
+            let (outbox, _) = Outbox::open(&db, OutboxOptions::default()).await.unwrap();
+            let fence = outbox.lock_acquire("test", None).await.unwrap().unwrap();
+            let claimed = outbox
+                .fenced(&fence)
+                .claim_ready(10, i64::MAX / 2)
+                .await
+                .unwrap();
+            let failures: Vec<_> = claimed
+                .iter()
+                .filter(|op| op.txn.is_some())
+                .map(|op| (op.op_id, "server answered 422".to_owned()))
+                .collect();
+            assert_eq!(failures.len(), 3, "{claimed:?}");
+            outbox.fenced(&fence).fail_many(failures).await.unwrap();
+            let lone = claimed.iter().filter(|op| op.txn.is_none());
+            let lone: Vec<_> = lone.map(|op| op.op_id).collect();
+            outbox.fenced(&fence).release_claimed(lone).await.unwrap();
+            outbox.fenced(&fence).lock_release().await.unwrap();
+            outbox.close().await;
+        });
+    };
+    fail_txn();
+    assert_eq!(json(&db, &["status"])["failed"], 3);
+    assert_eq!(json(&db, &["retry", &ids[1]])["retried"], 3);
+    let pending = json(&db, &["ops", "--state", "pending"]);
+    assert_eq!(pending.as_array().unwrap().len(), 4, "{pending}");
+    fail_txn();
+    let text = ok(&db, &["discard", &ids[2]]);
+    assert!(
+        text.contains(&format!("its transaction {txn_id} (3 ops)")),
+        "{text}"
+    );
+    let ops = json(&db, &["ops"]);
+    let left: Vec<&str> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, [lone.trim()]);
+    let file = txn_file(
+        dir.path(),
+        "u.json",
+        &serde_json::json!([
+            {"op": "create", "type": "device", "id": "x", "data": {}},
+            {"op": "create", "type": "device", "id": "y", "data": {}},
+        ]),
+    );
+    let done = json(&db, &["enqueue", "--txn", file.to_str().unwrap()]);
+    let text = ok(&db, &["cancel", done["ops"][0]["op_id"].as_str().unwrap()]);
+    assert!(text.contains("(2 ops)"), "{text}");
+    assert_eq!(json(&db, &["status"])["pending"], 1);
+}

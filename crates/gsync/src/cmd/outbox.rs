@@ -351,8 +351,12 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             let n = if args.all_failed {
                 outbox.retry_all_failed().await?
             } else if let Some(id) = args.op_id {
+                // Its transaction and its failed dependents come back with
+                // it: the count is what left the failed list (at least the
+                // op itself, should a runner fail another op meanwhile).
+                let before = outbox.stats().await?.failed;
                 outbox.retry_failed(id).await?;
-                1
+                before.saturating_sub(outbox.stats().await?.failed).max(1)
             } else {
                 bail!("give an op id or --all-failed");
             };
@@ -446,7 +450,15 @@ fn report(global: &Global, verb: &str, value: &impl serde::Serialize) -> anyhow:
     }
     let v = serde_json::to_value(value)?;
     match (v.get("op_id"), v.get("retried")) {
-        (Some(id), _) => println!("{verb} {}", id.as_str().unwrap_or_default()),
+        (Some(id), _) => {
+            let id = id.as_str().unwrap_or_default();
+            match (v["txn"]["id"].as_str(), v["txn"]["size"].as_u64()) {
+                (Some(txn), Some(size)) if size > 1 => {
+                    println!("{verb} {id} and the other ops of its transaction {txn} ({size} ops)");
+                }
+                _ => println!("{verb} {id}"),
+            }
+        }
         (_, Some(n)) => println!("{verb} {n} op(s)"),
         _ => println!("{verb}"),
     }
