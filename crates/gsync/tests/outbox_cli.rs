@@ -227,3 +227,304 @@ fn status_and_ops_show_ops_written_under_a_clock_ahead_as_due() {
         "{table}"
     );
 }
+
+/// Writes `ops` (a JSON array) to a file next to the outbox.
+fn txn_file(dir: &Path, name: &str, ops: &Value) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_vec(ops).unwrap()).unwrap();
+    path
+}
+
+/// Issue 20: `enqueue --txn` stores a file's ops as one transaction, and
+/// `ops` shows it (`txn` in JSON, short id and position in the table).
+#[test]
+fn enqueue_txn_stores_one_transaction_and_ops_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let file = txn_file(
+        dir.path(),
+        "scene.json",
+        &serde_json::json!([
+            {"op": "create", "type": "order", "id": "o1", "data": {"total": 3}},
+            {"op": "update", "type": "line", "id": "l1", "data": {"order": "o1"}, "base_version": 2},
+            {"op": "delete", "type": "line", "id": "l0"},
+        ]),
+    );
+    let done = json(&db, &["enqueue", "--txn", file.to_str().unwrap()]);
+    let txn_id = done["txn_id"].as_str().unwrap().to_owned();
+    let op_ids: Vec<&str> = done["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(op_ids.len(), 3, "{done}");
+    let ops = json(&db, &["ops"]);
+    let ops = ops.as_array().unwrap();
+    assert_eq!(ops.len(), 3);
+    for (op, id) in ops.iter().zip(&op_ids) {
+        assert_eq!(op["op_id"], *id);
+        assert_eq!(op["txn"]["id"], txn_id.as_str());
+        assert_eq!(op["txn"]["size"], 3);
+    }
+    assert_eq!(ops[1]["base_version"], 2);
+    assert_eq!(ops[2]["kind"], "delete");
+    let short = &txn_id.replace('-', "")[..8];
+    let table = ok(&db, &["ops"]);
+    for (i, id) in op_ids.iter().enumerate() {
+        let line = table.lines().find(|l| l.contains(id)).unwrap();
+        assert!(line.contains(&format!("{short} {}/3", i + 1)), "{table}");
+    }
+    // A page that cuts the transaction does not guess positions.
+    let page = ok(&db, &["ops", "--limit", "2"]);
+    assert!(page.contains(&format!("{short} ?/3")), "{page}");
+    // Plain output: the transaction id, then the op ids in file order.
+    let file = txn_file(
+        dir.path(),
+        "one.json",
+        &serde_json::json!([{"op": "create", "type": "device", "id": "d9", "data": {}}]),
+    );
+    let text = ok(&db, &["enqueue", "--txn", file.to_str().unwrap()]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("txn "), "{text}");
+    assert_eq!(json(&db, &["status"])["pending"], 4);
+}
+
+/// A bad `--txn` file is refused whole: one line, exit 1, nothing stored.
+#[test]
+fn enqueue_txn_refuses_a_bad_file_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let before = ok(&db, &["enqueue", "create", "device", "d0", "{}"]);
+    let good = serde_json::json!({"op": "create", "type": "device", "id": "d1", "data": {}});
+    let many: Vec<Value> = (0..101)
+        .map(|i| serde_json::json!({"op": "create", "type": "device", "id": format!("m{i}"), "data": {}}))
+        .collect();
+    let bad_json = dir.path().join("bad.json");
+    std::fs::write(&bad_json, "[{\"op\": ").unwrap();
+    let cases: Vec<(std::path::PathBuf, &str)> = vec![
+        (dir.path().join("missing.json"), "cannot read"),
+        (bad_json, "is not valid JSON"),
+        (
+            txn_file(dir.path(), "obj.json", &good),
+            "must hold a JSON array",
+        ),
+        (
+            txn_file(dir.path(), "empty.json", &serde_json::json!([])),
+            "holds 0 ops; a transaction has 1 to 100",
+        ),
+        (
+            txn_file(dir.path(), "many.json", &Value::Array(many)),
+            "holds 101 ops",
+        ),
+        (
+            txn_file(
+                dir.path(),
+                "id.json",
+                &serde_json::json!([good, {"op": "update", "type": "device", "id": "..", "data": {}}]),
+            ),
+            "op 2: invalid entity id",
+        ),
+        (
+            txn_file(
+                dir.path(),
+                "kind.json",
+                &serde_json::json!([good, {"op": "upsert", "type": "device", "id": "d2"}]),
+            ),
+            "op 2 is not a valid op",
+        ),
+        (
+            txn_file(
+                dir.path(),
+                "payload.json",
+                &serde_json::json!([good, {"op": "create", "type": "device", "id": "d2", "data": [1]}]),
+            ),
+            "must be a JSON object",
+        ),
+    ];
+    for (file, expected) in &cases {
+        let err = fails(&db, &["enqueue", "--txn", file.to_str().unwrap()], 1);
+        assert!(err.contains(expected), "{}: {err}", file.display());
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    let ops = json(&db, &["ops"]);
+    let ids: Vec<&str> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [before.trim()]);
+    // A bad file never creates an outbox either.
+    let fresh = dir.path().join("fresh.db");
+    fails(
+        &fresh,
+        &["enqueue", "--txn", cases[4].0.to_str().unwrap()],
+        1,
+    );
+    assert!(!fresh.exists());
+    // --txn takes no op on the command line (a usage error).
+    let one = txn_file(dir.path(), "one.json", &serde_json::json!([good]));
+    fails(
+        &db,
+        &[
+            "enqueue",
+            "--txn",
+            one.to_str().unwrap(),
+            "create",
+            "device",
+            "d3",
+            "{}",
+        ],
+        2,
+    );
+}
+
+/// `--depends-on` (and `depends_on` in a `--txn` file) are stored and shown.
+#[test]
+fn depends_on_is_stored_and_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let parent = ok(&db, &["enqueue", "create", "folder", "f1", "{}"]);
+    let parent = parent.trim();
+    let other = ok(&db, &["enqueue", "create", "folder", "f2", "{}"]);
+    let other = other.trim();
+    let child = json(
+        &db,
+        &[
+            "enqueue",
+            "create",
+            "note",
+            "n1",
+            "{}",
+            "--depends-on",
+            parent,
+            "--depends-on",
+            other,
+        ],
+    );
+    let file = txn_file(
+        dir.path(),
+        "t.json",
+        &serde_json::json!([
+            {"op": "create", "type": "note", "id": "n2", "data": {}, "depends_on": [parent]},
+            {"op": "create", "type": "note", "id": "n3", "data": {}},
+        ]),
+    );
+    json(&db, &["enqueue", "--txn", file.to_str().unwrap()]);
+    let ops = json(&db, &["ops"]);
+    let by_id = |id: &str| {
+        ops.as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["entity_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_id("n1")["op_id"], child["op_id"]);
+    assert_eq!(
+        by_id("n1")["depends_on"],
+        serde_json::json!([parent, other])
+    );
+    assert_eq!(by_id("n2")["depends_on"], serde_json::json!([parent]));
+    assert!(by_id("f1").get("depends_on").is_none());
+    let table = ok(&db, &["ops"]);
+    assert!(
+        table.contains(&format!("└ depends on {parent}, {other}")),
+        "{table}"
+    );
+    let err = fails(
+        &db,
+        &["enqueue", "create", "note", "n4", "{}", "--depends-on", "x"],
+        2,
+    );
+    assert!(err.contains("--depends-on"), "{err}");
+}
+
+/// A failed transaction is retried, discarded and cancelled whole from the
+/// command line, whichever of its ops is named, and the output says so.
+#[test]
+fn retry_discard_cancel_act_on_the_whole_transaction() {
+    use guardian_sync::outbox::{Outbox, OutboxOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("g.db");
+    let lone = ok(&db, &["enqueue", "create", "device", "lone", "{}"]);
+    let file = txn_file(
+        dir.path(),
+        "t.json",
+        &serde_json::json!([
+            {"op": "create", "type": "device", "id": "a", "data": {}},
+            {"op": "create", "type": "device", "id": "b", "data": {}},
+            {"op": "create", "type": "device", "id": "c", "data": {}},
+        ]),
+    );
+    let done = json(&db, &["enqueue", "--txn", file.to_str().unwrap()]);
+    let txn_id = done["txn_id"].as_str().unwrap().to_owned();
+    let ids: Vec<String> = done["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op_id"].as_str().unwrap().to_owned())
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // As a runner does when the server refuses the transaction: all its
+    // ops fail in one commit.
+    let fail_txn = || {
+        rt.block_on(async {
+            let (outbox, _) = Outbox::open(&db, OutboxOptions::default()).await.unwrap();
+            let fence = outbox.lock_acquire("test", None).await.unwrap().unwrap();
+            let claimed = outbox
+                .fenced(&fence)
+                .claim_ready(10, i64::MAX / 2)
+                .await
+                .unwrap();
+            let failures: Vec<_> = claimed
+                .iter()
+                .filter(|op| op.txn.is_some())
+                .map(|op| (op.op_id, "server answered 422".to_owned()))
+                .collect();
+            assert_eq!(failures.len(), 3, "{claimed:?}");
+            outbox.fenced(&fence).fail_many(failures).await.unwrap();
+            let lone = claimed.iter().filter(|op| op.txn.is_none());
+            let lone: Vec<_> = lone.map(|op| op.op_id).collect();
+            outbox.fenced(&fence).release_claimed(lone).await.unwrap();
+            outbox.fenced(&fence).lock_release().await.unwrap();
+            outbox.close().await;
+        });
+    };
+    fail_txn();
+    assert_eq!(json(&db, &["status"])["failed"], 3);
+    assert_eq!(json(&db, &["retry", &ids[1]])["retried"], 3);
+    let pending = json(&db, &["ops", "--state", "pending"]);
+    assert_eq!(pending.as_array().unwrap().len(), 4, "{pending}");
+    fail_txn();
+    let text = ok(&db, &["discard", &ids[2]]);
+    assert!(
+        text.contains(&format!("its transaction {txn_id} (3 ops)")),
+        "{text}"
+    );
+    let ops = json(&db, &["ops"]);
+    let left: Vec<&str> = ops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, [lone.trim()]);
+    let file = txn_file(
+        dir.path(),
+        "u.json",
+        &serde_json::json!([
+            {"op": "create", "type": "device", "id": "x", "data": {}},
+            {"op": "create", "type": "device", "id": "y", "data": {}},
+        ]),
+    );
+    let done = json(&db, &["enqueue", "--txn", file.to_str().unwrap()]);
+    let text = ok(&db, &["cancel", done["ops"][0]["op_id"].as_str().unwrap()]);
+    assert!(text.contains("(2 ops)"), "{text}");
+    assert_eq!(json(&db, &["status"])["pending"], 1);
+}

@@ -1,14 +1,16 @@
 //! Outbox commands: enqueue, status, ops, retry, discard, cancel, check.
 
-use std::path::Path;
+use std::collections::HashMap;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use guardian_sync::clock::{Clock, SystemClock};
-use guardian_sync::op::{NewOp, OpState, PendingOp};
+use guardian_sync::op::{NewOp, OpId, OpState, PendingOp};
 use guardian_sync::outbox::{
     CheckReport, ListFilter, OpenError, OpenReport, Outbox, OutboxOptions, OutboxReader,
-    UnreadableOp,
+    UnreadableOp, MAX_TRANSACTION_OPS,
 };
 use guardian_sync::retry::{clamp_due, RetryPolicy};
 use serde_json::Value;
@@ -19,7 +21,8 @@ use crate::Global;
 /// Outbox commands.
 #[derive(Debug, clap::Subcommand)]
 pub(crate) enum Command {
-    /// Queue a change (creates the outbox file if needed).
+    /// Queue a change, or with --txn several as one atomic transaction
+    /// (creates the outbox file if needed).
     Enqueue(EnqueueArgs),
     /// Counts by state, oldest op age, next attempt time, lock holder and runner status.
     Status(StatusArgs),
@@ -50,8 +53,9 @@ pub(crate) struct CheckArgs {
     repair: bool,
 }
 
-/// Kind of change to enqueue.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+/// Kind of change to enqueue (`op` of a `--txn` file entry too).
+#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Kind {
     Create,
     Update,
@@ -62,11 +66,14 @@ pub(crate) enum Kind {
 #[derive(Debug, clap::Args)]
 pub(crate) struct EnqueueArgs {
     /// What to do.
-    kind: Kind,
+    #[arg(required_unless_present = "txn")]
+    kind: Option<Kind>,
     /// Entity type, e.g. `device`.
-    entity_type: String,
+    #[arg(required_unless_present = "txn")]
+    entity_type: Option<String>,
     /// Entity id.
-    id: String,
+    #[arg(required_unless_present = "txn")]
+    id: Option<String>,
     /// The entity's data, a JSON object (create and update only).
     #[arg(value_name = "JSON")]
     payload: Option<String>,
@@ -82,6 +89,39 @@ pub(crate) struct EnqueueArgs {
     /// Store the op as it is, without coalescing it into queued ops.
     #[arg(long)]
     no_coalesce: bool,
+    /// Send the op only once this op is acknowledged (repeatable); it fails
+    /// if that op fails.
+    #[arg(long, value_name = "OP_ID")]
+    depends_on: Vec<Uuid>,
+    /// Enqueue the ops of FILE (`-` for stdin), a JSON array of
+    /// `{"op","type","id","data","base","base_version","txn_token","depends_on"}`,
+    /// as one atomic transaction: stored, sent and applied all or nothing.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["kind", "entity_type", "id", "payload", "base", "base_version", "txn_token", "no_coalesce", "depends_on"]
+    )]
+    txn: Option<PathBuf>,
+}
+
+/// One op of a `--txn` file: the arguments of a single `enqueue`, as JSON.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TxnOp {
+    op: Kind,
+    #[serde(rename = "type")]
+    entity_type: String,
+    id: String,
+    #[serde(default)]
+    data: Option<Value>,
+    #[serde(default)]
+    base: Option<Value>,
+    #[serde(default)]
+    base_version: Option<u64>,
+    #[serde(default)]
+    txn_token: Option<String>,
+    #[serde(default)]
+    depends_on: Vec<OpId>,
 }
 
 /// State filter of `ops`: the names of the JSON output (`in-flight` is
@@ -311,8 +351,12 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             let n = if args.all_failed {
                 outbox.retry_all_failed().await?
             } else if let Some(id) = args.op_id {
+                // Its transaction and its failed dependents come back with
+                // it: the count is what left the failed list (at least the
+                // op itself, should a runner fail another op meanwhile).
+                let before = outbox.stats().await?.failed;
                 outbox.retry_failed(id).await?;
-                1
+                before.saturating_sub(outbox.stats().await?.failed).max(1)
             } else {
                 bail!("give an op id or --all-failed");
             };
@@ -406,30 +450,57 @@ fn report(global: &Global, verb: &str, value: &impl serde::Serialize) -> anyhow:
     }
     let v = serde_json::to_value(value)?;
     match (v.get("op_id"), v.get("retried")) {
-        (Some(id), _) => println!("{verb} {}", id.as_str().unwrap_or_default()),
+        (Some(id), _) => {
+            let id = id.as_str().unwrap_or_default();
+            match (v["txn"]["id"].as_str(), v["txn"]["size"].as_u64()) {
+                (Some(txn), Some(size)) if size > 1 => {
+                    println!("{verb} {id} and the other ops of its transaction {txn} ({size} ops)");
+                }
+                _ => println!("{verb} {id}"),
+            }
+        }
         (_, Some(n)) => println!("{verb} {n} op(s)"),
         _ => println!("{verb}"),
     }
     Ok(())
 }
 
-async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
-    let payload = match (&args.kind, &args.payload) {
-        (Kind::Delete, None) => Value::Null,
+/// The op of one change: the checks of the command line, in one place for
+/// a single `enqueue` and a `--txn` file.
+fn new_op(
+    kind: Kind,
+    entity_type: &str,
+    id: &str,
+    payload: Option<Value>,
+) -> anyhow::Result<NewOp> {
+    Ok(match (kind, payload) {
+        (Kind::Delete, None) => NewOp::delete(entity_type, id),
         (Kind::Delete, Some(_)) => bail!("delete takes no JSON payload"),
         (_, None) => bail!("create and update need a JSON object payload"),
-        (_, Some(text)) => parse_json("payload", text)?,
+        (Kind::Create, Some(p)) => NewOp::create(entity_type, id, p),
+        (Kind::Update, Some(p)) => NewOp::update(entity_type, id, p),
+    })
+}
+
+async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.txn {
+        return enqueue_transaction(global, file).await;
+    }
+    let (Some(kind), Some(entity_type), Some(id)) = (args.kind, &args.entity_type, &args.id) else {
+        bail!("give KIND TYPE ID, or --txn FILE");
     };
-    let mut op = match args.kind {
-        Kind::Create => NewOp::create(&args.entity_type, &args.id, payload),
-        Kind::Update => NewOp::update(&args.entity_type, &args.id, payload),
-        Kind::Delete => NewOp::delete(&args.entity_type, &args.id),
+    let payload = match (kind, &args.payload) {
+        (Kind::Delete, Some(_)) => bail!("delete takes no JSON payload"),
+        (_, Some(text)) => Some(parse_json("payload", text)?),
+        (_, None) => None,
     };
+    let mut op = new_op(kind, entity_type, id, payload)?;
     if let Some(b) = &args.base {
         op.base = Some(parse_json("--base", b)?);
     }
     op.base_version = args.base_version;
     op.txn_token = args.txn_token;
+    op.depends_on = args.depends_on;
     let outbox = open(&global.outbox, true, !args.no_coalesce).await?;
     let done = outbox.enqueue(op).await?;
     if global.json {
@@ -445,6 +516,71 @@ async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
                 how["how"].as_str().unwrap_or("yes")
             );
         }
+    }
+    Ok(())
+}
+
+/// Reads and checks a `--txn` file completely before the outbox is opened,
+/// so bad input neither creates the outbox nor stores anything.
+fn read_transaction(file: &Path) -> anyhow::Result<Vec<NewOp>> {
+    let stdin = file == Path::new("-");
+    let name = if stdin {
+        "stdin".to_owned()
+    } else {
+        file.display().to_string()
+    };
+    let text = if stdin {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the transaction from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {name}"))?
+    };
+    let Value::Array(entries) = parse_json(&name, &text)? else {
+        bail!("{name} must hold a JSON array of ops");
+    };
+    if entries.is_empty() || entries.len() > MAX_TRANSACTION_OPS {
+        bail!(
+            "{name} holds {} ops; a transaction has 1 to {MAX_TRANSACTION_OPS}",
+            entries.len()
+        );
+    }
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let n = i + 1;
+            let t: TxnOp = serde_json::from_value(entry)
+                .with_context(|| format!("{name}: op {n} is not a valid op"))?;
+            guardian_protocol::validate_entity_type(&t.entity_type)
+                .and_then(|()| guardian_protocol::validate_entity_id(&t.id))
+                .with_context(|| format!("{name}: op {n}"))?;
+            let mut op = new_op(t.op, &t.entity_type, &t.id, t.data)
+                .with_context(|| format!("{name}: op {n}"))?;
+            op.base = t.base;
+            op.base_version = t.base_version;
+            op.txn_token = t.txn_token;
+            op.depends_on = t.depends_on;
+            Ok(op)
+        })
+        .collect()
+}
+
+async fn enqueue_transaction(global: &Global, file: &Path) -> anyhow::Result<()> {
+    let ops = read_transaction(file)?;
+    let outbox = open(&global.outbox, true, true).await?;
+    let done = outbox
+        .enqueue_transaction(ops)
+        .await
+        .context("cannot enqueue the transaction")?;
+    if global.json {
+        return print_json(&done);
+    }
+    println!("txn {}", done.txn_id);
+    for op in &done.ops {
+        println!("{}", op.op_id);
     }
     Ok(())
 }
@@ -470,9 +606,10 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
         return;
     }
     let now = SystemClock::new().now_millis();
+    let txns = txn_positions(ops);
     println!(
-        "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  ERROR",
-        "SEQ", "OP ID", "KIND", "ENTITY", "STATE", "TRY", "NEXT", "COAL", "RECON"
+        "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {:<16}  ERROR",
+        "SEQ", "OP ID", "KIND", "ENTITY", "STATE", "TRY", "NEXT", "COAL", "RECON", "TXN"
     );
     let horizon = RetryPolicy::default().horizon();
     for op in ops {
@@ -480,7 +617,7 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
             Ok(op) => op,
             Err(u) => {
                 let line = format!(
-                    "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {}",
+                    "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {:<16}  {}",
                     u.seq,
                     cut(&u.op_id, 36),
                     "?",
@@ -488,6 +625,7 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
                     cut(&u.state, 9),
                     "",
                     "-",
+                    "",
                     "",
                     "",
                     cut(&u.reason, 80)
@@ -505,8 +643,17 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
         } else {
             format!("+{}s", (due - now + 999) / 1000)
         };
+        let txn = op.txn.map_or_else(
+            || "-".to_owned(),
+            |t| {
+                let at = txns
+                    .get(&op.seq)
+                    .map_or_else(|| "?".to_owned(), ToString::to_string);
+                format!("{} {at}/{}", &t.id.simple().to_string()[..8], t.size)
+            },
+        );
         let line = format!(
-            "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {}",
+            "{:>6}  {:<36}  {:<6}  {:<28}  {:<9}  {:>4}  {:>8}  {:>5}  {:>5}  {:<16}  {}",
             op.seq,
             op.op_id,
             op.kind.as_str(),
@@ -516,9 +663,14 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
             next,
             op.coalesced_count,
             op.reconciliations,
+            txn,
             cut(op.last_error.as_deref().unwrap_or(""), 60)
         );
         println!("{}", line.trim_end());
+        if !op.depends_on.is_empty() {
+            let ids: Vec<String> = op.depends_on.iter().map(ToString::to_string).collect();
+            println!("{:>6}  └ depends on {}", "", ids.join(", "));
+        }
         for h in &op.history {
             println!(
                 "{:>6}  └ {} {} ago: {}",
@@ -529,4 +681,31 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
             );
         }
     }
+}
+
+/// Each listed transaction op's position (1-based, in queue order) in its
+/// transaction, by seq; only for transactions listed whole, as a page or a
+/// state filter can cut one and positions counted on a part would be wrong.
+fn txn_positions(ops: &[Result<PendingOp, UnreadableOp>]) -> HashMap<i64, usize> {
+    let mut by_txn: HashMap<Uuid, (u32, Vec<i64>)> = HashMap::new();
+    for op in ops.iter().flatten() {
+        if let Some(t) = op.txn {
+            by_txn
+                .entry(t.id)
+                .or_insert((t.size, Vec::new()))
+                .1
+                .push(op.seq);
+        }
+    }
+    let mut positions = HashMap::new();
+    for (size, mut seqs) in by_txn.into_values() {
+        if u32::try_from(seqs.len()).ok() != Some(size) {
+            continue;
+        }
+        seqs.sort_unstable();
+        for (i, seq) in seqs.into_iter().enumerate() {
+            positions.insert(seq, i + 1);
+        }
+    }
+    positions
 }
