@@ -654,3 +654,43 @@ async fn an_abort_shows_the_committed_entity() {
     assert_aborted(&r, 1, 409, problem_type::CONFLICT_EXISTS);
     assert!(r.body["results"][1]["body"].get("current").is_none());
 }
+
+/// Realtime sessions hear a committed transaction's changes, at
+/// consecutive cursors, and nothing of an aborted one.
+#[tokio::test]
+async fn only_committed_transactions_are_broadcast() {
+    use guardian_protocol::RealtimeFrame;
+    let h = start_default().await;
+    h.create("device", "d3", json!({"on": false}), "pre").await;
+    let mut ws = crate::realtime::connect(&h, "?since=1", Some(crate::common::TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(
+        crate::realtime::next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 1 })
+    );
+    let r = txn(
+        &h,
+        "t0",
+        json!([
+            {"op": "create", "type": "device", "id": "ghost", "data": {}, "idempotency_key": "g"},
+            {"op": "update", "type": "device", "id": "d3", "data": {}, "if_match": 9, "idempotency_key": "h"},
+        ]),
+    )
+    .await;
+    assert_eq!(r.body["committed"], false);
+    assert_eq!(txn(&h, "t1", scene("a", 1)).await.body["committed"], true);
+    h.create("device", "after", json!({}), "after").await;
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        match crate::realtime::next_frame(&mut ws).await {
+            Some(RealtimeFrame::Change { change }) => seen.push((change.cursor, change.id)),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+    let want: Vec<(u64, String)> = [(2, "d1"), (3, "d2"), (4, "d3"), (5, "d1"), (6, "after")]
+        .into_iter()
+        .map(|(c, id)| (c, id.to_owned()))
+        .collect();
+    assert_eq!(seen, want);
+}
