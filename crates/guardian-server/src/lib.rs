@@ -3,7 +3,8 @@
 //! It speaks DESIGN §10 exactly: entities with versions and `If-Match`,
 //! idempotency keys with stored responses, batches (whose ops may depend on
 //! an earlier op of the same entity: `depends_on`, `if_match_chained`, 424
-//! `batch:dependency-failed`), a gap-free per-tenant change feed over HTTP
+//! `batch:dependency-failed`), atomic transactions over several entities
+//! (`POST /v1/transactions`: all or nothing, replayed whole), a gap-free per-tenant change feed over HTTP
 //! and WebSocket, bearer-token tenancy, limits, and fault injection for tests
 //! and demos. Storage is SQLite (a WAL file, or in
 //! memory), or PostgreSQL shared by several instances

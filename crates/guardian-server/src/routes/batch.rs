@@ -19,7 +19,7 @@ use super::mutate::{execute, prepare, status_and_body, OpResponse, RequestCtx, S
 use crate::auth::Tenant;
 use crate::problem::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::store::{Dependency, Precondition};
+use crate::store::{write_results, Dependency, Precondition};
 
 /// Applies a batch of mutations.
 ///
@@ -106,10 +106,11 @@ pub(crate) async fn batch(
     }
 }
 
-/// Checks op `i`'s `depends_on` / `if_match_chained` against the batch: the
+/// Checks op `i`'s `depends_on` / `if_match_chained` against the batch (or
+/// transaction): the
 /// op it names must come earlier and be on the same entity; chaining needs a
 /// dependency and excludes an explicit `if_match`.
-fn dependency(ops: &[BatchOp], i: usize) -> Result<Option<Dependency>, ApiError> {
+pub(crate) fn dependency(ops: &[BatchOp], i: usize) -> Result<Option<Dependency>, ApiError> {
     let op = &ops[i];
     let Some(on) = op.depends_on else {
         if op.if_match_chained {
@@ -150,29 +151,19 @@ fn dependency(ops: &[BatchOp], i: usize) -> Result<Option<Dependency>, ApiError>
 /// (no whitespace, fields in declaration order), with each result's body
 /// spliced in as the JSON text it already is instead of being re-serialized.
 fn response_json(results: &[OpResponse]) -> String {
+    let parts: Vec<_> = results.iter().map(status_and_body).collect();
     let mut out = String::with_capacity(
-        16 + results
+        16 + parts
             .iter()
-            .map(|r| r.as_ref().map_or(256, |a| a.body.len()) + 40)
+            .map(|(_, body, _)| body.len() + 40)
             .sum::<usize>(),
     );
-    out.push_str("{\"results\":[");
-    for (i, r) in results.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let (status, body, replayed) = status_and_body(r);
-        out.push_str("{\"status\":");
-        out.push_str(&status.to_string());
-        out.push_str(",\"body\":");
-        out.push_str(&body);
-        out.push_str(if replayed {
-            ",\"replayed\":true}"
-        } else {
-            ",\"replayed\":false}"
-        });
-    }
-    out.push_str("]}");
+    out.push_str("{\"results\":");
+    write_results(
+        &mut out,
+        parts.iter().map(|(s, body, r)| (*s, body.as_ref(), *r)),
+    );
+    out.push('}');
     out
 }
 

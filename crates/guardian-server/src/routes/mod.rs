@@ -18,6 +18,7 @@ pub(crate) mod mutate;
 pub mod openapi;
 pub(crate) mod realtime;
 pub(crate) mod telemetry;
+pub(crate) mod transactions;
 
 use std::sync::Arc;
 
@@ -42,6 +43,7 @@ pub(crate) fn router(state: AppState) -> Router {
                 .delete(entities::delete),
         )
         .route("/v1/batch", post(batch::batch))
+        .route("/v1/transactions", post(transactions::transactions))
         .route("/v1/changes", get(changes::changes))
         .route("/v1/realtime", get(realtime::realtime))
         .layer(FaultLayer::new(

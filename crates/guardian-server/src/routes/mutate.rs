@@ -119,7 +119,7 @@ pub(crate) fn prepare(
     })
 }
 
-fn validate_key(key: &str) -> Result<(), ApiError> {
+pub(crate) fn validate_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(missing_key());
     }
@@ -183,8 +183,6 @@ pub(crate) async fn execute(
     ctx: &RequestCtx,
     mut slots: Vec<Slot>,
 ) -> Result<Vec<OpResponse>, Interrupted> {
-    let conn = ctx.conn.as_ref();
-    let commit = ctx.commit.as_ref();
     let keys: Vec<&str> = slots
         .iter()
         .filter_map(|s| match s {
@@ -247,19 +245,7 @@ pub(crate) async fn execute(
             })
             .collect());
     }
-    let latency = state.faults.latency();
-    if !latency.is_zero() {
-        tokio::time::sleep(latency).await;
-    }
-    let drop_point = state.faults.drop_point();
-    if drop_point == DropPoint::BeforeCommit {
-        if let Some(conn) = conn {
-            tracing::debug!("fault: dropping the connection before commit");
-            state.metrics.dropped_connection();
-            conn.kill();
-            return Err(Interrupted::Dropped);
-        }
-    }
+    let drop_point = before_commit(state, ctx).await?;
     let mut inputs = Vec::with_capacity(slots.len());
     // Batch index → index in `inputs`, for remapping dependencies (only
     // built when some op has one).
@@ -282,9 +268,6 @@ pub(crate) async fn execute(
             }
             inputs.push(input);
         }
-    }
-    if let Some(commit) = commit {
-        commit.set();
     }
     let mut applied = if inputs.is_empty() {
         Vec::new()
@@ -327,15 +310,53 @@ pub(crate) async fn execute(
     state.metrics.replays(replays as u64);
     state.metrics.conflicts(conflicts as u64);
     state.metrics.applied(fresh as u64);
+    after_commit(state, ctx, drop_point)?;
+    Ok(results)
+}
+
+/// The faults of a mutation request before its transaction: the added
+/// latency (the keys are reserved by now), then maybe a connection cut
+/// before the commit. Returns where the connection is to be cut, if
+/// anywhere.
+pub(crate) async fn before_commit(
+    state: &AppState,
+    ctx: &RequestCtx,
+) -> Result<DropPoint, Interrupted> {
+    let latency = state.faults.latency();
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let drop_point = state.faults.drop_point();
+    if drop_point == DropPoint::BeforeCommit {
+        if let Some(conn) = &ctx.conn {
+            tracing::debug!("fault: dropping the connection before commit");
+            state.metrics.dropped_connection();
+            conn.kill();
+            return Err(Interrupted::Dropped);
+        }
+    }
+    if let Some(commit) = &ctx.commit {
+        commit.set();
+    }
+    Ok(drop_point)
+}
+
+/// The fault of a mutation request after its commit: maybe a connection
+/// cut, so the client never hears of what was applied.
+pub(crate) fn after_commit(
+    state: &AppState,
+    ctx: &RequestCtx,
+    drop_point: DropPoint,
+) -> Result<(), Interrupted> {
     if drop_point == DropPoint::AfterCommit {
-        if let Some(conn) = conn {
+        if let Some(conn) = &ctx.conn {
             tracing::debug!("fault: dropping the connection after commit");
             state.metrics.dropped_connection();
             conn.kill();
             return Err(Interrupted::Dropped);
         }
     }
-    Ok(results)
+    Ok(())
 }
 
 /// The status, body (JSON text) and replay flag of a mutation's answer, as

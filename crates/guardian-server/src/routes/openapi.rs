@@ -10,7 +10,7 @@ use utoipa::{Modify, OpenApi};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-use super::{admin, batch, changes, entities, health, realtime, telemetry};
+use super::{admin, batch, changes, entities, health, realtime, telemetry, transactions};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,14 +24,15 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
     ),
     paths(
         entities::create, entities::get, entities::update, entities::delete,
-        batch::batch, changes::changes, realtime::realtime, telemetry::telemetry,
+        batch::batch, transactions::transactions, changes::changes, realtime::realtime, telemetry::telemetry,
         health::healthz, health::metrics, serve,
         admin::get_faults, admin::put_faults, admin::applied, admin::disconnect,
     ),
     components(schemas(
         guardian_protocol::Entity, guardian_protocol::CreateRequest, guardian_protocol::UpdateRequest,
         guardian_protocol::MutationKind, guardian_protocol::BatchOp, guardian_protocol::BatchRequest,
-        guardian_protocol::BatchResult, guardian_protocol::BatchResponse, guardian_protocol::Change,
+        guardian_protocol::BatchResult, guardian_protocol::BatchResponse,
+        guardian_protocol::TransactionRequest, guardian_protocol::TransactionResponse, guardian_protocol::Change,
         guardian_protocol::ChangesPage, guardian_protocol::RealtimeFrame, guardian_protocol::Problem,
         crate::faults::Faults, crate::faults::RetryAfter, crate::faults::RetryAfterForm,
         crate::store::AppliedMutation,
@@ -42,6 +43,7 @@ the stored response with `Idempotent-Replayed: true`. ETag and If-Match carry th
     tags(
         (name = "entities", description = "Versioned entities"),
         (name = "batch", description = "Many mutations in one request"),
+        (name = "transactions", description = "Mutations of several entities, all or nothing"),
         (name = "changes", description = "The per-tenant change feed"),
         (name = "realtime", description = "The change feed over WebSocket"),
         (name = "telemetry", description = "Devices' sync health (best effort)"),

@@ -4,7 +4,8 @@
 //! no idempotency key took effect twice and that the ops of one entity took
 //! effect in order. A replay never appends to it. Mutations made by the
 //! forced-conflict fault (the "concurrent writer") are logged with keys that
-//! start with `fault:`.
+//! start with `fault:`. The ops of an atomic transaction carry its key
+//! (`transaction_key`), so a reader can check that none was half-applied.
 
 use guardian_protocol::MutationKind;
 
@@ -33,16 +34,21 @@ pub struct AppliedMutation {
     pub cursor: u64,
     /// When it was applied, Unix milliseconds (server clock).
     pub at_millis: i64,
+    /// The key of the atomic transaction it was applied in, if any: every
+    /// op of a transaction has a row with this key, or none has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transaction_key: Option<String>,
 }
 
 /// SQL of the applied-log row an applied mutation appends.
-pub(crate) const APPEND_SQL: &str =
-    "INSERT INTO applied (tenant, idempotency_key, entity_type, id, op, version, cursor, at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+pub(crate) const APPEND_SQL: &str = "INSERT INTO applied
+         (tenant, idempotency_key, entity_type, id, op, version, cursor, at, transaction_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
 pub(crate) fn read_all(conn: &rusqlite::Connection) -> Result<Vec<AppliedMutation>, StoreError> {
     let mut stmt = conn.prepare(
-        "SELECT seq, tenant, idempotency_key, entity_type, id, op, version, cursor, at
+        "SELECT seq, tenant, idempotency_key, entity_type, id, op, version, cursor, at,
+                transaction_key
          FROM applied ORDER BY seq",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -56,11 +62,12 @@ pub(crate) fn read_all(conn: &rusqlite::Connection) -> Result<Vec<AppliedMutatio
             r.get::<_, i64>(6)?,
             r.get::<_, i64>(7)?,
             r.get::<_, i64>(8)?,
+            r.get::<_, Option<String>>(9)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (seq, tenant, idempotency_key, entity_type, id, op, version, cursor, at) = row?;
+        let (seq, tenant, idempotency_key, entity_type, id, op, version, cursor, at, txn) = row?;
         out.push(AppliedMutation {
             seq: from_i64(seq),
             tenant,
@@ -71,6 +78,7 @@ pub(crate) fn read_all(conn: &rusqlite::Connection) -> Result<Vec<AppliedMutatio
             version: from_i64(version),
             cursor: from_i64(cursor),
             at_millis: at,
+            transaction_key: txn,
         });
     }
     Ok(out)

@@ -1,5 +1,5 @@
-//! The rules of one request's mutations inside its write transaction,
-//! shared by both backends: each backend only says how to read and write
+//! The rules of one request's mutations inside its write transaction
+//! (independent ops, or one atomic transaction), shared by both backends: each backend only says how to read and write
 //! rows ([`WriteTx`]); the order of the checks (dependency, replay, entity
 //! rule) and what an applied op writes are decided here once.
 
@@ -8,7 +8,11 @@ use serde_json::Value;
 
 use super::entities::{self, Decision, Row};
 use super::idempotency::StoredResponse as Stored;
-use super::{Applied, MutationInput, OpOutcome, Precondition, Refusal, StoreError, StoreOptions};
+use super::transaction::{self, TransactionInput, TransactionOutcome};
+use super::{
+    Applied, MutationInput, OpOutcome, Precondition, Refusal, StoreError, StoreOptions, Work,
+    WorkDone,
+};
 
 /// An entity row to write, with its change and its applied-log row.
 #[derive(Debug, Clone, Copy)]
@@ -19,6 +23,8 @@ pub(crate) struct RowWrite<'a> {
     pub(crate) entity_type: &'a str,
     pub(crate) id: &'a str,
     pub(crate) row: &'a Row,
+    /// The key of the atomic transaction it belongs to, if any.
+    pub(crate) transaction: Option<&'a str>,
 }
 
 /// The response of an applied mutation, kept under its key.
@@ -48,6 +54,33 @@ pub(crate) trait WriteTx {
     /// Stores the response of an applied mutation (replacing an expired
     /// record of the key).
     async fn remember(&mut self, r: KeptResponse<'_>) -> Result<(), StoreError>;
+
+    /// Starts an atomic unit inside the write transaction (a savepoint).
+    async fn begin_atomic(&mut self) -> Result<(), StoreError>;
+
+    /// Ends the atomic unit: keeps its writes, or undoes every one of them
+    /// (the cursors it handed out included).
+    async fn end_atomic(&mut self, keep: bool) -> Result<(), StoreError>;
+}
+
+/// Applies one request's work through `tx` at `now` (see [`apply_ops`] and
+/// [`apply_transaction`]).
+pub(crate) async fn apply_work<T: WriteTx>(
+    tx: &mut T,
+    opts: &StoreOptions,
+    now: i64,
+    work: Work,
+) -> Result<(WorkDone, Vec<Change>), StoreError> {
+    Ok(match work {
+        Work::Ops(inputs) => {
+            let (results, changes) = apply_ops(tx, opts, now, inputs).await?;
+            (WorkDone::Ops(results), changes)
+        }
+        Work::Transaction(txn) => {
+            let (outcome, changes) = apply_transaction(tx, opts, now, txn).await?;
+            (WorkDone::Transaction(outcome), changes)
+        }
+    })
 }
 
 /// Applies `inputs` in order through `tx` at `now`: one outcome each, and
@@ -60,14 +93,150 @@ pub(crate) async fn apply_ops<T: WriteTx>(
     now: i64,
     inputs: Vec<MutationInput>,
 ) -> Result<(Vec<OpOutcome>, Vec<Change>), StoreError> {
+    let mut changes = Vec::new();
+    let results = apply_seq(tx, opts, now, inputs, None, &mut changes).await?;
+    Ok((results, changes))
+}
+
+/// Applies an atomic transaction through `tx` at `now`: a replay or a
+/// mismatch if its key is known; else its ops in order inside one atomic
+/// unit, stopping at the first refused op and undoing the unit then, or
+/// keeping it and storing the whole response under the transaction's key.
+/// Returns the outcome and the changes written (to broadcast after the
+/// commit): none of the transaction's own when it aborted.
+///
+/// A concurrent write the hooks ask for (forced conflicts) is made before
+/// the unit starts, on the entity as the transaction finds it, so it stays
+/// when the transaction aborts: another writer commits before or after an
+/// atomic transaction, never inside it.
+pub(crate) async fn apply_transaction<T: WriteTx>(
+    tx: &mut T,
+    opts: &StoreOptions,
+    now: i64,
+    txn: TransactionInput,
+) -> Result<(TransactionOutcome, Vec<Change>), StoreError> {
+    let not_before = now.saturating_sub(opts.idempotency_retention_ms);
+    let mut changes = Vec::new();
+    if let Some(stored) = tx.lookup(&txn.key, not_before).await? {
+        let outcome = if stored.fingerprint == txn.fingerprint {
+            TransactionOutcome::Replayed {
+                body: transaction::replay(&stored.body)?,
+            }
+        } else {
+            TransactionOutcome::Mismatch(Refusal::KeyReused { key: txn.key })
+        };
+        return Ok((outcome, changes));
+    }
+    for input in &txn.ops {
+        if input.is_conditional()
+            && opts.hooks.concurrent_write(input)
+            && tx.lookup(&input.key, not_before).await?.is_none()
+        {
+            let current = tx.load(&input.entity_type, &input.id).await?;
+            if let Some(cur) = current.filter(|r| !r.deleted) {
+                concurrent_write(tx, opts, now, input, &cur, &mut changes).await?;
+            }
+        }
+    }
+    let before = changes.len();
+    tx.begin_atomic().await?;
+    let results = apply_seq(tx, opts, now, txn.ops, Some(&txn.key), &mut changes).await?;
+    if let Some(failed_op) = results.iter().position(Result::is_err) {
+        tx.end_atomic(false).await?;
+        changes.truncate(before);
+        let Some(Err(refusal)) = results.into_iter().nth(failed_op) else {
+            return Err(StoreError::Task("lost a refusal".into()));
+        };
+        // A refusal that shows the entity showed it as the transaction had
+        // left it, which never committed: show it as it is now (none if
+        // the transaction itself created it).
+        let shown = refusal
+            .current()
+            .map(|e| (e.entity_type.clone(), e.id.clone()));
+        let refusal = match shown {
+            Some((t, id)) => match tx.load(&t, &id).await? {
+                Some(row) => refusal.with_current(row.to_entity(&t, &id)?),
+                None => refusal.without_current(),
+            },
+            None => refusal,
+        };
+        return Ok((TransactionOutcome::Aborted { failed_op, refusal }, changes));
+    }
+    let results: Vec<Applied> = results.into_iter().filter_map(Result::ok).collect();
+    let body = transaction::committed_json(&results);
+    tx.remember(KeptResponse {
+        key: &txn.key,
+        fingerprint: &txn.fingerprint,
+        status: 200,
+        body: &body,
+    })
+    .await?;
+    tx.end_atomic(true).await?;
+    Ok((TransactionOutcome::Committed { results, body }, changes))
+}
+
+/// Another writer updates the live entity `cur` (same data, version + 1),
+/// so a conditional op on it conflicts for real; returns the bumped row.
+async fn concurrent_write<T: WriteTx>(
+    tx: &mut T,
+    opts: &StoreOptions,
+    now: i64,
+    input: &MutationInput,
+    cur: &Row,
+    changes: &mut Vec<Change>,
+) -> Result<Row, StoreError> {
+    let bumped = Row {
+        version: cur.version + 1,
+        deleted: false,
+        updated_at_ms: now,
+        data: cur.data.clone(),
+    };
+    let data = parse_data(&bumped.data)?;
+    let key = opts.hooks.concurrent_write_key();
+    let cursor = tx
+        .write(RowWrite {
+            key: &key,
+            kind: MutationKind::Update,
+            entity_type: &input.entity_type,
+            id: &input.id,
+            row: &bumped,
+            transaction: None,
+        })
+        .await?;
+    changes.push(Change {
+        cursor,
+        op: MutationKind::Update,
+        entity_type: input.entity_type.clone(),
+        id: input.id.clone(),
+        version: bumped.version,
+        data,
+    });
+    Ok(bumped)
+}
+
+/// Applies `inputs` in order, appending the changes written to `changes`.
+/// Independent ops (`transaction` is `None`) each get an outcome and may
+/// meet a concurrent writer; the ops of a transaction stop at the first
+/// refusal (the last outcome then) and meet none (see [`apply_transaction`]).
+async fn apply_seq<T: WriteTx>(
+    tx: &mut T,
+    opts: &StoreOptions,
+    now: i64,
+    inputs: Vec<MutationInput>,
+    transaction: Option<&str>,
+    changes: &mut Vec<Change>,
+) -> Result<Vec<OpOutcome>, StoreError> {
     let not_before = now.saturating_sub(opts.idempotency_retention_ms);
     let updated_at = crate::clock::format_rfc3339(now);
     let mut results: Vec<OpOutcome> = Vec::with_capacity(inputs.len());
-    let mut changes = Vec::new();
     for mut input in inputs {
+        if transaction.is_some() && results.last().is_some_and(Result::is_err) {
+            break;
+        }
         // Drawn before the dependency is known, so a forced conflict can
         // be spent on an op that then fails its dependency.
-        let concurrent = input.is_conditional() && opts.hooks.concurrent_write(&input);
+        let concurrent =
+            transaction.is_none() && input.is_conditional() && opts.hooks.concurrent_write(&input);
         if let Some(dep) = &input.dependency {
             // Resolved from the earlier op's result in this request: it was
             // applied, replayed or refused just now, in this transaction.
@@ -92,34 +261,7 @@ pub(crate) async fn apply_ops<T: WriteTx>(
         let mut current = tx.load(&input.entity_type, &input.id).await?;
         if concurrent {
             if let Some(cur) = current.as_ref().filter(|r| !r.deleted) {
-                // Another writer updates the live entity (same data,
-                // version + 1), so a conditional op conflicts for real.
-                let bumped = Row {
-                    version: cur.version + 1,
-                    deleted: false,
-                    updated_at_ms: now,
-                    data: cur.data.clone(),
-                };
-                let data = parse_data(&bumped.data)?;
-                let key = opts.hooks.concurrent_write_key();
-                let cursor = tx
-                    .write(RowWrite {
-                        key: &key,
-                        kind: MutationKind::Update,
-                        entity_type: &input.entity_type,
-                        id: &input.id,
-                        row: &bumped,
-                    })
-                    .await?;
-                changes.push(Change {
-                    cursor,
-                    op: MutationKind::Update,
-                    entity_type: input.entity_type.clone(),
-                    id: input.id.clone(),
-                    version: bumped.version,
-                    data,
-                });
-                current = Some(bumped);
+                current = Some(concurrent_write(tx, opts, now, &input, cur, changes).await?);
             }
         }
         let (version, deleted, status) =
@@ -168,6 +310,7 @@ pub(crate) async fn apply_ops<T: WriteTx>(
                 entity_type: &entity_type,
                 id: &id,
                 row: &row,
+                transaction,
             })
             .await?;
         let body = if status == 204 {
@@ -197,7 +340,7 @@ pub(crate) async fn apply_ops<T: WriteTx>(
             version: Some(version),
         }));
     }
-    Ok((results, changes))
+    Ok(results)
 }
 
 fn parse_data(data: &str) -> Result<Value, StoreError> {

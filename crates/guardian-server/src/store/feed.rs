@@ -68,7 +68,7 @@ pub(crate) fn judge_since(since: u64, last: u64, purged_through: u64) -> Result<
 /// `last_cursor` once, counts in memory, and writes it back once
 /// ([`Cursors::finish`], before the commit) instead of bumping the row per
 /// change. Sound because the store's single connection serializes writers.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Cursors {
     /// The last cursor handed out, once the row has been read.
     last: Option<u64>,

@@ -18,6 +18,7 @@ mod outcome;
 mod postgres;
 mod schema;
 mod sqlite;
+mod transaction;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,6 +36,9 @@ pub(crate) use hooks::StoreHooks;
 pub(crate) use idempotency::{canonical, fingerprint, fingerprint_data};
 pub(crate) use outcome::{Applied, OpOutcome, Refusal};
 pub use schema::Synchronous;
+pub(crate) use transaction::{
+    response_json as transaction_response_json, write_results, TransactionInput, TransactionOutcome,
+};
 
 use crate::clock::SharedClock;
 
@@ -96,6 +100,50 @@ pub(crate) struct MutationInput {
     /// A batch op's `depends_on`: an earlier op of the same request that
     /// must have succeeded before this one is applied.
     pub(crate) dependency: Option<Dependency>,
+}
+
+/// What one request asks of the store.
+#[derive(Debug, Clone)]
+pub(crate) enum Work {
+    /// Independent mutations (a single request or a batch).
+    Ops(Vec<MutationInput>),
+    /// An atomic transaction.
+    Transaction(TransactionInput),
+}
+
+impl Work {
+    /// How many ops it carries.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Work::Ops(ops) => ops.len(),
+            Work::Transaction(t) => t.ops.len(),
+        }
+    }
+}
+
+/// The store's answer to a [`Work`], of the same kind.
+#[derive(Debug, Clone)]
+pub(crate) enum WorkDone {
+    Ops(Vec<OpOutcome>),
+    Transaction(TransactionOutcome),
+}
+
+impl WorkDone {
+    /// The outcomes of independent ops.
+    fn into_ops(self) -> Result<Vec<OpOutcome>, StoreError> {
+        match self {
+            WorkDone::Ops(o) => Ok(o),
+            WorkDone::Transaction(_) => Err(StoreError::Task("a transaction answered ops".into())),
+        }
+    }
+
+    /// The outcome of a transaction.
+    fn into_transaction(self) -> Result<TransactionOutcome, StoreError> {
+        match self {
+            WorkDone::Transaction(t) => Ok(t),
+            WorkDone::Ops(_) => Err(StoreError::Task("ops answered a transaction".into())),
+        }
+    }
 }
 
 /// A batch op's dependency on an earlier op of its batch (same entity).
@@ -225,6 +273,15 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// entity, a change, an applied-log row and its idempotency record.
     /// Outcomes are returned only after the commit.
     fn apply(&self, tenant: Arc<str>, inputs: Vec<MutationInput>) -> Answer<'_, Vec<OpOutcome>>;
+
+    /// Applies an atomic transaction in one database transaction: all of
+    /// its ops, or (at the first refused op) none; see
+    /// `apply::apply_transaction`. Answered only after the commit.
+    fn apply_transaction(
+        &self,
+        tenant: Arc<str>,
+        txn: TransactionInput,
+    ) -> Answer<'_, TransactionOutcome>;
 
     /// The entity (tombstones included), if it ever existed.
     fn get(&self, tenant: Arc<str>, entity_type: String, id: String) -> Answer<'_, Option<Entity>>;

@@ -123,6 +123,27 @@ impl Refusal {
         }
         self
     }
+
+    /// The entity shown, if any.
+    pub(crate) fn current(&self) -> Option<&Entity> {
+        match self {
+            Refusal::Exists { current, .. }
+            | Refusal::Gone { current, .. }
+            | Refusal::VersionConflict { current, .. } => current.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Removes the entity shown, for the refusals that show one.
+    pub(crate) fn without_current(mut self) -> Self {
+        if let Refusal::Exists { current, .. }
+        | Refusal::Gone { current, .. }
+        | Refusal::VersionConflict { current, .. } = &mut self
+        {
+            *current = None;
+        }
+        self
+    }
 }
 
 /// The store's answer to one mutation.

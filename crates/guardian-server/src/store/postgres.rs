@@ -30,22 +30,23 @@ use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, GenericClient, IsolationLevel, NoTls};
 
-use super::apply::{apply_ops, KeptResponse, RowWrite, WriteTx};
+use super::apply::{apply_work, KeptResponse, RowWrite, WriteTx};
 use super::entities::Row;
 use super::feed::parse_op;
 use super::idempotency::StoredResponse as Stored;
 use super::{
     from_i64, to_i64, Answer, AppliedMutation, Backend, Feed, FeedEvent, FeedRefusal,
     MutationInput, OpOutcome, PurgeReport, StoreError, StoreOptions, TenantChanges,
-    BROADCAST_CAPACITY,
+    TransactionInput, TransactionOutcome, Work, WorkDone, BROADCAST_CAPACITY,
 };
 
 /// The notification channel of feed commits.
 const CHANNEL: &str = "guardian_feed";
 /// Connections per instance.
 const POOL_SIZE: usize = 16;
-/// Schema version this server writes (`guardian_meta.schema_version`).
-const SCHEMA_VERSION: i64 = 1;
+/// Schema version this server writes (`guardian_meta.schema_version`):
+/// 2 added `guardian_applied.transaction_key`.
+const SCHEMA_VERSION: i64 = 2;
 /// Key of the advisory lock that serializes migrations of several
 /// instances starting together.
 const MIGRATION_LOCK: i64 = 0x6773_796e_635f_6d31;
@@ -106,6 +107,7 @@ CREATE TABLE IF NOT EXISTS guardian_applied (
     cursor bigint NOT NULL,
     at bigint NOT NULL
 );
+ALTER TABLE guardian_applied ADD COLUMN IF NOT EXISTS transaction_key text;
 ";
 
 const LOCK_TENANT_SQL: &str =
@@ -124,8 +126,8 @@ const APPEND_CHANGE_SQL: &str =
     "INSERT INTO guardian_changes (tenant, cursor, op, entity_type, id, version, data, at)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 const APPEND_APPLIED_SQL: &str = "INSERT INTO guardian_applied
-     (tenant, idempotency_key, entity_type, id, op, version, cursor, at)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+     (tenant, idempotency_key, entity_type, id, op, version, cursor, at, transaction_key)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 // An expired record may still be there (not purged yet): replaced.
 const STORE_SQL: &str = "INSERT INTO guardian_idempotency
      (tenant, key, fingerprint, status, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)
@@ -203,11 +205,7 @@ impl PgStore {
 }
 
 impl PgInner {
-    async fn apply(
-        &self,
-        tenant: Arc<str>,
-        inputs: Vec<MutationInput>,
-    ) -> Result<Vec<OpOutcome>, StoreError> {
+    async fn apply(&self, tenant: Arc<str>, inputs: Work) -> Result<WorkDone, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await?;
         let t: &str = &tenant;
@@ -229,10 +227,11 @@ impl PgInner {
             tenant: t,
             now: self.opts.clock.now_millis(),
             last_cursor: from_i64(last),
+            saved_cursor: None,
         };
         let first_cursor = w.last_cursor;
         let now = w.now;
-        let (results, changes) = apply_ops(&mut w, &self.opts, now, inputs).await?;
+        let (results, changes) = apply_work(&mut w, &self.opts, now, inputs).await?;
         let last_cursor = w.last_cursor;
         if last_cursor != first_cursor {
             tx.execute(
@@ -393,12 +392,17 @@ impl PgInner {
 
 impl Backend for PgStore {
     fn apply(&self, tenant: Arc<str>, inputs: Vec<MutationInput>) -> Answer<'_, Vec<OpOutcome>> {
-        let inner = Arc::clone(&self.inner);
-        // A task of its own: a request that times out or whose client
-        // leaves does not cut a transaction short between its commit and
-        // the broadcast to this instance's sessions.
-        let task = tokio::spawn(async move { inner.apply(tenant, inputs).await });
-        async move { task.await.map_err(|e| StoreError::Task(e.to_string()))? }.boxed()
+        let done = self.submit(tenant, Work::Ops(inputs));
+        async move { done.await?.into_ops() }.boxed()
+    }
+
+    fn apply_transaction(
+        &self,
+        tenant: Arc<str>,
+        txn: TransactionInput,
+    ) -> Answer<'_, TransactionOutcome> {
+        let done = self.submit(tenant, Work::Transaction(txn));
+        async move { done.await?.into_transaction() }.boxed()
     }
 
     fn get(&self, tenant: Arc<str>, entity_type: String, id: String) -> Answer<'_, Option<Entity>> {
@@ -426,6 +430,21 @@ impl Backend for PgStore {
     }
 }
 
+impl PgStore {
+    /// Applies one request's work in a task of its own: a request that
+    /// times out or whose client leaves does not cut a transaction short
+    /// between its commit and the broadcast to this instance's sessions.
+    fn submit(
+        &self,
+        tenant: Arc<str>,
+        work: Work,
+    ) -> impl std::future::Future<Output = Result<WorkDone, StoreError>> {
+        let inner = Arc::clone(&self.inner);
+        let task = tokio::spawn(async move { inner.apply(tenant, work).await });
+        async move { task.await.map_err(|e| StoreError::Task(e.to_string()))? }
+    }
+}
+
 /// A write transaction of one tenant, holding the tenant lock.
 struct Writer<'a, 'c> {
     tx: &'a deadpool_postgres::Transaction<'c>,
@@ -433,6 +452,8 @@ struct Writer<'a, 'c> {
     now: i64,
     /// The last cursor handed out (written back before the commit).
     last_cursor: u64,
+    /// `last_cursor` as the open atomic unit found it.
+    saved_cursor: Option<u64>,
 }
 
 impl WriteTx for Writer<'_, '_> {
@@ -512,6 +533,7 @@ impl WriteTx for Writer<'_, '_> {
                 &to_i64(row.version),
                 &to_i64(cursor),
                 &self.now,
+                &w.transaction,
             ],
         )
         .await?;
@@ -530,6 +552,27 @@ impl WriteTx for Writer<'_, '_> {
             &self.now,
         ];
         self.tx.execute(&st, &values).await?;
+        Ok(())
+    }
+
+    async fn begin_atomic(&mut self) -> Result<(), StoreError> {
+        self.tx.batch_execute("SAVEPOINT atomic").await?;
+        self.saved_cursor = Some(self.last_cursor);
+        Ok(())
+    }
+
+    async fn end_atomic(&mut self, keep: bool) -> Result<(), StoreError> {
+        let saved = self.saved_cursor.take();
+        if keep {
+            self.tx.batch_execute("RELEASE SAVEPOINT atomic").await?;
+        } else {
+            self.tx
+                .batch_execute("ROLLBACK TO SAVEPOINT atomic; RELEASE SAVEPOINT atomic")
+                .await?;
+            if let Some(c) = saved {
+                self.last_cursor = c;
+            }
+        }
         Ok(())
     }
 }
@@ -574,7 +617,8 @@ async fn check_since<C: GenericClient>(
 async fn read_applied<C: GenericClient>(c: &C) -> Result<Vec<AppliedMutation>, StoreError> {
     let rows = c
         .query(
-            "SELECT seq, tenant, idempotency_key, entity_type, id, op, version, cursor, at
+            "SELECT seq, tenant, idempotency_key, entity_type, id, op, version, cursor, at,
+                    transaction_key
              FROM guardian_applied ORDER BY seq",
             &[],
         )
@@ -591,6 +635,7 @@ async fn read_applied<C: GenericClient>(c: &C) -> Result<Vec<AppliedMutation>, S
             version: from_i64(r.try_get(6)?),
             cursor: from_i64(r.try_get(7)?),
             at_millis: r.try_get(8)?,
+            transaction_key: r.try_get(9)?,
         });
     }
     Ok(out)
@@ -617,6 +662,14 @@ async fn migrate(pool: &Pool) -> Result<(), StoreError> {
             return Err(StoreError::Corrupt(format!(
                 "database schema version {v} is newer than this server ({SCHEMA_VERSION})"
             )))
+        }
+        Some(v) if v < SCHEMA_VERSION => {
+            // The schema batch above added what the newer versions need.
+            tx.execute(
+                "UPDATE guardian_meta SET value = $1 WHERE name = 'schema_version'",
+                &[&SCHEMA_VERSION],
+            )
+            .await?;
         }
         Some(_) => {}
         None => {

@@ -6,6 +6,9 @@
 //! - `idempotency`: `(tenant, key)` → fingerprint and stored response.
 //! - `changes`: the per-tenant change feed, keyed by `(tenant, cursor)`.
 //! - `applied`: the applied-mutations log, one row per mutation that took effect.
+//!
+//! Schema version 2 adds `applied.transaction_key` (the atomic transaction
+//! a row was applied in; `NULL` for the rows of version 1).
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,9 +29,10 @@ pub enum Synchronous {
     Normal,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE tenants (
     tenant TEXT PRIMARY KEY,
     last_cursor INTEGER NOT NULL DEFAULT 0,
@@ -77,7 +81,11 @@ CREATE TABLE applied (
     cursor INTEGER NOT NULL,
     at INTEGER NOT NULL
 );
-"];
+",
+    r"
+ALTER TABLE applied ADD COLUMN transaction_key TEXT;
+",
+];
 
 /// Opens (creating if needed) the database at `path`, or in memory for `None`.
 pub(crate) fn open(path: Option<&Path>, sync: Synchronous) -> Result<Connection, StoreError> {
@@ -128,4 +136,47 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of version 1 is migrated in place: its log rows keep
+    /// their values and get no transaction key.
+    #[test]
+    fn version_1_migrates_to_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!(
+                "BEGIN; {} PRAGMA user_version = 1; COMMIT;",
+                MIGRATIONS[0]
+            ))
+            .unwrap();
+            conn.execute(
+                "INSERT INTO applied (tenant, idempotency_key, entity_type, id, op, version, cursor, at)
+                 VALUES ('t', 'k', 'd', 'i', 'create', 1, 1, 0)",
+                [],
+            )
+            .unwrap();
+        }
+        let conn = open(Some(&path), Synchronous::Full).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+        let log = super::super::applied::read_all(&conn).unwrap();
+        assert_eq!(
+            (
+                log[0].idempotency_key.as_str(),
+                log[0].transaction_key.as_deref()
+            ),
+            ("k", None)
+        );
+        drop(conn);
+        // Opening again runs no migration twice.
+        open(Some(&path), Synchronous::Full).unwrap();
+    }
 }

@@ -14,13 +14,14 @@ use guardian_protocol::{Change, ChangesPage, Entity};
 use rusqlite::{params, CachedStatement, Connection, Transaction};
 use tokio::sync::{broadcast, oneshot};
 
-use super::apply::{apply_ops, KeptResponse, RowWrite, WriteTx};
+use super::apply::{apply_work, KeptResponse, RowWrite, WriteTx};
 use super::entities::Row;
 use super::idempotency::StoredResponse as Stored;
 use super::{
     applied, entities, feed, idempotency, lock, schema, to_i64, Answer, AppliedMutation, Backend,
     Feed, FeedEvent, FeedRefusal, MutationInput, OpOutcome, PurgeReport, Storage, StoreError,
-    StoreOptions, TenantChanges, BROADCAST_CAPACITY,
+    StoreOptions, TenantChanges, TransactionInput, TransactionOutcome, Work, WorkDone,
+    BROADCAST_CAPACITY,
 };
 
 #[derive(Debug)]
@@ -35,8 +36,8 @@ struct Inner {
 #[derive(Debug)]
 struct WriteJob {
     tenant: Arc<str>,
-    inputs: Vec<MutationInput>,
-    reply: oneshot::Sender<Result<Vec<OpOutcome>, StoreError>>,
+    inputs: Work,
+    reply: oneshot::Sender<Result<WorkDone, StoreError>>,
 }
 
 /// Mutation requests waiting for the writer, and whether a writer is
@@ -116,6 +117,23 @@ impl SqliteStore {
         tenant: Arc<str>,
         inputs: Vec<MutationInput>,
     ) -> Result<Vec<OpOutcome>, StoreError> {
+        self.submit(tenant, Work::Ops(inputs)).await?.into_ops()
+    }
+
+    /// Applies an atomic transaction (see [`Backend::apply_transaction`]),
+    /// in a group commit like any request, inside a savepoint of its own.
+    pub(crate) async fn apply_transaction(
+        &self,
+        tenant: Arc<str>,
+        txn: TransactionInput,
+    ) -> Result<TransactionOutcome, StoreError> {
+        self.submit(tenant, Work::Transaction(txn))
+            .await?
+            .into_transaction()
+    }
+
+    /// Queues one request's work for the writer and waits for its answer.
+    async fn submit(&self, tenant: Arc<str>, inputs: Work) -> Result<WorkDone, StoreError> {
         let (reply, rx) = oneshot::channel();
         let job = WriteJob {
             tenant,
@@ -212,6 +230,14 @@ impl SqliteStore {
 impl Backend for SqliteStore {
     fn apply(&self, tenant: Arc<str>, inputs: Vec<MutationInput>) -> Answer<'_, Vec<OpOutcome>> {
         SqliteStore::apply(self, tenant, inputs).boxed()
+    }
+
+    fn apply_transaction(
+        &self,
+        tenant: Arc<str>,
+        txn: TransactionInput,
+    ) -> Answer<'_, TransactionOutcome> {
+        SqliteStore::apply_transaction(self, tenant, txn).boxed()
     }
 
     fn get(&self, tenant: Arc<str>, entity_type: String, id: String) -> Answer<'_, Option<Entity>> {
@@ -373,24 +399,25 @@ impl<'c> Statements<'c> {
 
 /// The body of [`Store::apply`] inside its transaction: the outcomes, and
 /// the changes to broadcast after the commit.
-type Done = (Vec<OpOutcome>, Vec<Change>);
+type Done = (WorkDone, Vec<Change>);
 
 fn apply_all(
     tx: &Transaction<'_>,
     inner: &Inner,
     tenant: &str,
-    inputs: Vec<MutationInput>,
+    inputs: Work,
 ) -> Result<Done, StoreError> {
     let now = inner.opts.clock.now_millis();
     let mut w = SqliteTx {
         tx,
         st: Statements::prepare(tx)?,
         cursors: feed::Cursors::default(),
+        saved: None,
         tenant,
         now,
     };
     // Every future of `SqliteTx` is ready at once: this never blocks.
-    let applied = futures::executor::block_on(apply_ops(&mut w, &inner.opts, now, inputs))?;
+    let applied = futures::executor::block_on(apply_work(&mut w, &inner.opts, now, inputs))?;
     let SqliteTx { st, cursors, .. } = w;
     drop(st);
     cursors.finish(tx, tenant)?;
@@ -402,6 +429,8 @@ struct SqliteTx<'t, 'c> {
     tx: &'t Transaction<'c>,
     st: Statements<'t>,
     cursors: feed::Cursors,
+    /// The cursors as the open atomic unit found them.
+    saved: Option<feed::Cursors>,
     tenant: &'t str,
     now: i64,
 }
@@ -438,13 +467,34 @@ impl WriteTx for SqliteTx<'_, '_> {
             kind,
             version,
             to_i64(cursor),
-            self.now
+            self.now,
+            w.transaction
         ])?;
         Ok(cursor)
     }
 
     async fn remember(&mut self, r: KeptResponse<'_>) -> Result<(), StoreError> {
         idempotency::store(&mut self.st.store, self.tenant, r, self.now)
+    }
+
+    async fn begin_atomic(&mut self) -> Result<(), StoreError> {
+        self.tx.prepare_cached("SAVEPOINT atomic")?.execute([])?;
+        self.saved = Some(self.cursors);
+        Ok(())
+    }
+
+    async fn end_atomic(&mut self, keep: bool) -> Result<(), StoreError> {
+        let saved = self.saved.take();
+        if keep {
+            self.tx.prepare_cached("RELEASE atomic")?.execute([])?;
+        } else {
+            self.tx
+                .execute_batch("ROLLBACK TO atomic; RELEASE atomic")?;
+            if let Some(c) = saved {
+                self.cursors = c;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -517,13 +567,13 @@ mod tests {
             .collect()
     }
 
-    fn job(
-        tenant: &str,
-        inputs: Vec<MutationInput>,
-    ) -> (
-        WriteJob,
-        oneshot::Receiver<Result<Vec<OpOutcome>, StoreError>>,
-    ) {
+    type Reply = oneshot::Receiver<Result<WorkDone, StoreError>>;
+
+    fn job(tenant: &str, inputs: Vec<MutationInput>) -> (WriteJob, Reply) {
+        job_of(tenant, Work::Ops(inputs))
+    }
+
+    fn job_of(tenant: &str, inputs: Work) -> (WriteJob, Reply) {
         let (reply, rx) = oneshot::channel();
         let job = WriteJob {
             tenant: Arc::from(tenant),
@@ -531,6 +581,11 @@ mod tests {
             reply,
         };
         (job, rx)
+    }
+
+    /// The outcomes of a job of independent ops.
+    fn outcomes(rx: Reply) -> Result<Vec<OpOutcome>, StoreError> {
+        rx.blocking_recv().unwrap()?.into_ops()
     }
 
     /// A request of a group that fails is rolled back alone (its earlier
@@ -553,13 +608,10 @@ mod tests {
         let (b, b_rx) = job("t", vec![create("k2", "z")]);
         let (c, c_rx) = job("u", vec![create("k3", "x")]);
         commit_group(&mut conn, inner, vec![a, b, c]);
-        assert!(matches!(
-            a_rx.blocking_recv().unwrap(),
-            Err(StoreError::Corrupt(_))
-        ));
-        let b = all_applied(b_rx.blocking_recv().unwrap().unwrap());
+        assert!(matches!(outcomes(a_rx), Err(StoreError::Corrupt(_))));
+        let b = all_applied(outcomes(b_rx).unwrap());
         assert_eq!((b[0].status, b[0].version), (201, Some(1)));
-        let c = all_applied(c_rx.blocking_recv().unwrap().unwrap());
+        let c = all_applied(outcomes(c_rx).unwrap());
         assert_eq!(c[0].status, 201);
         assert!(entities::load_entity(&conn, "t", "device", "x")
             .unwrap()
@@ -622,11 +674,11 @@ mod tests {
             ],
         );
         commit_group(&mut conn, inner, vec![a, b, c]);
-        let _ = a_rx.blocking_recv().unwrap().unwrap();
-        let b = all_applied(b_rx.blocking_recv().unwrap().unwrap());
+        let _ = outcomes(a_rx).unwrap();
+        let b = all_applied(outcomes(b_rx).unwrap());
         assert_eq!((b[0].status, b[0].replayed), (201, true));
         assert_eq!((b[1].status, b[1].version), (200, Some(2)));
-        let c = c_rx.blocking_recv().unwrap().unwrap();
+        let c = outcomes(c_rx).unwrap();
         assert!(matches!(c[0], Err(Refusal::Exists { .. })));
         assert_eq!(c[1], Err(Refusal::DependencyFailed { batch_index: 0 }));
         assert_eq!(c[2], Err(Refusal::DependencyFailed { batch_index: 1 }));
@@ -650,8 +702,8 @@ mod tests {
         let (a, a_rx) = job("t", vec![create("k1", "a"), create("k2", "b")]);
         let (b, b_rx) = job("t", vec![create("k3", "c"), create("k1", "a")]);
         commit_group(&mut conn, inner, vec![a, b]);
-        let a = all_applied(a_rx.blocking_recv().unwrap().unwrap());
-        let b = all_applied(b_rx.blocking_recv().unwrap().unwrap());
+        let a = all_applied(outcomes(a_rx).unwrap());
+        let b = all_applied(outcomes(b_rx).unwrap());
         assert!(a.iter().all(|r| r.status == 201 && !r.replayed));
         assert_eq!((b[0].status, b[0].replayed), (201, false));
         assert_eq!((b[1].status, b[1].replayed), (201, true));
@@ -666,6 +718,65 @@ mod tests {
             .collect();
         assert_eq!(cursors, [1, 2, 3]);
         assert_eq!(feed::counters(&conn, "t").unwrap().0, 3);
+    }
+
+    /// A transaction that aborts inside a group commit takes back its own
+    /// writes only (its cursors included): the requests around it commit
+    /// with gap-free cursors, and one that commits logs its key.
+    #[test]
+    fn an_aborted_transaction_of_a_group_leaves_no_trace() {
+        let store = store();
+        let inner = &store.inner;
+        let mut conn = lock(&inner.conn);
+        let (a, a_rx) = job("t", vec![create("k1", "a")]);
+        // k3 creates "a" again: refused, so k2 (applied just before) goes too.
+        let txn = TransactionInput::new("tx1".into(), vec![create("k2", "b"), create("k3", "a")]);
+        let (b, b_rx) = job_of("t", Work::Transaction(txn));
+        let (c, c_rx) = job("t", vec![create("k4", "c")]);
+        let ok = TransactionInput::new("tx2".into(), vec![create("k5", "d"), create("k6", "e")]);
+        let (d, d_rx) = job_of("t", Work::Transaction(ok));
+        commit_group(&mut conn, inner, vec![a, b, c, d]);
+        outcomes(a_rx).unwrap();
+        let aborted = b_rx.blocking_recv().unwrap().unwrap().into_transaction();
+        assert!(matches!(
+            aborted,
+            Ok(TransactionOutcome::Aborted {
+                failed_op: 1,
+                refusal: Refusal::Exists { .. }
+            })
+        ));
+        outcomes(c_rx).unwrap();
+        let committed = d_rx.blocking_recv().unwrap().unwrap().into_transaction();
+        assert!(matches!(
+            committed,
+            Ok(TransactionOutcome::Committed { .. })
+        ));
+        let rows: Vec<_> = applied::read_all(&conn)
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.idempotency_key, a.transaction_key, a.cursor))
+            .collect();
+        let tx2 = Some("tx2".to_owned());
+        assert_eq!(
+            rows,
+            [
+                ("k1".to_owned(), None, 1),
+                ("k4".to_owned(), None, 2),
+                ("k5".to_owned(), tx2.clone(), 3),
+                ("k6".to_owned(), tx2, 4),
+            ]
+        );
+        assert!(entities::load_entity(&conn, "t", "device", "b")
+            .unwrap()
+            .is_none());
+        let kept: Vec<String> = conn
+            .prepare("SELECT key FROM idempotency ORDER BY key")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(kept, ["k1", "k4", "k5", "k6", "tx2"]);
     }
 
     /// The store asks its hooks about each conditional op only, in op
@@ -684,7 +795,7 @@ mod tests {
         update.if_match = Some(crate::store::Precondition::Version(1));
         let (j, rx) = job("t", vec![create("k1", "a"), update]);
         commit_group(&mut conn, inner, vec![j]);
-        let out = rx.blocking_recv().unwrap().unwrap();
+        let out = outcomes(rx).unwrap();
         assert_eq!(*lock(&hooks.asked), ["k2"]);
         assert!(out[0].is_ok());
         assert!(matches!(

@@ -21,6 +21,8 @@ mod pg;
 mod property;
 mod realtime;
 mod telemetry;
+mod transaction_property;
+mod transactions;
 
 /// Whether `common::builder` gives each test a PostgreSQL database.
 const POSTGRES: bool = false;

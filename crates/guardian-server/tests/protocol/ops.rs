@@ -64,6 +64,7 @@ async fn openapi_is_served_and_matches_the_committed_document() {
         "/v1/entities/{type}",
         "/v1/entities/{type}/{id}",
         "/v1/batch",
+        "/v1/transactions",
         "/v1/changes",
         "/v1/realtime",
         "/healthz",
@@ -120,5 +121,5 @@ fn openapi_declares_every_status_and_the_path_syntax() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 15);
+    assert_eq!(checked, 16);
 }

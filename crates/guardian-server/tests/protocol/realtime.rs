@@ -16,7 +16,7 @@ use crate::common::{builder, start, start_default, Harness, ADMIN, OTHER_TOKEN, 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn connect(
+pub(crate) async fn connect(
     h: &Harness,
     query: &str,
     token: Option<&str>,
@@ -35,7 +35,7 @@ async fn connect(
 
 /// The next protocol frame, skipping pings; `None` once closed. Fails the
 /// test if none comes within 20 s (pings do not extend the wait).
-async fn next_frame(ws: &mut Ws) -> Option<RealtimeFrame> {
+pub(crate) async fn next_frame(ws: &mut Ws) -> Option<RealtimeFrame> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())

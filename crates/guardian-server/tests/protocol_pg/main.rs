@@ -30,6 +30,10 @@ mod pg;
 mod property;
 #[path = "../protocol/realtime.rs"]
 mod realtime;
+#[path = "../protocol/transaction_property.rs"]
+mod transaction_property;
+#[path = "../protocol/transactions.rs"]
+mod transactions;
 
 /// Whether `common::builder` gives each test a PostgreSQL database.
 const POSTGRES: bool = true;
