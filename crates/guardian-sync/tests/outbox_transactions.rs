@@ -277,3 +277,130 @@ async fn a_transaction_survives_a_reopen_and_keeps_its_seals() {
     );
     outbox.close().await;
 }
+
+/// A salvage that loses some ops of a transaction fails what is left of
+/// it instead of sending it in part; whole transactions keep their unit.
+#[tokio::test]
+async fn a_salvage_never_leaves_a_transaction_in_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let built = dir.path().join("built.db");
+    let options = || {
+        OutboxOptions::default()
+            .synchronous(guardian_sync::outbox::Synchronous::Off)
+            .preallocate_wal(false)
+    };
+    {
+        let (outbox, _) = Outbox::open(&built, options()).await.unwrap();
+        for t in 0..300 {
+            let ops = (0..3)
+                .map(|i| {
+                    NewOp::create(
+                        "device",
+                        format!("t{t}-{i}"),
+                        json!({"pad": "p".repeat(1500)}),
+                    )
+                })
+                .collect();
+            outbox.enqueue_transaction(ops).await.unwrap();
+        }
+        outbox.close().await;
+    }
+    let bytes = std::fs::read(&built).unwrap();
+    // Two ops fill a page: cutting the file page by page from 60 %, a cut
+    // soon falls inside a transaction.
+    let first_cut = bytes.len() * 6 / 10 / 4096;
+    let mut cut_one = false;
+    for cut_pages in first_cut..first_cut + 8 {
+        let path = dir.path().join(format!("cut-{cut_pages}.db"));
+        std::fs::write(&path, &bytes[..cut_pages * 4096]).unwrap();
+        let (outbox, report) = Outbox::open(&path, options()).await.unwrap();
+        let salvage = report.salvage.expect("the truncation must be found");
+        let ops = outbox
+            .list(guardian_sync::outbox::ListFilter {
+                limit: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut by_txn: std::collections::BTreeMap<uuid::Uuid, Vec<&guardian_sync::op::PendingOp>> =
+            Default::default();
+        for op in &ops {
+            by_txn
+                .entry(op.txn.expect("every op is in a transaction").id)
+                .or_default()
+                .push(op);
+        }
+        let mut whole = 0;
+        for members in by_txn.values() {
+            if members.len() == 3 {
+                whole += 1;
+                assert!(
+                    members.iter().all(|m| m.state == OpState::Pending),
+                    "{members:?}"
+                );
+            } else {
+                cut_one = true;
+                for m in members {
+                    assert_eq!(m.state, OpState::Failed, "{m:?}");
+                    let error = m.last_error.clone().unwrap_or_default();
+                    assert!(error.contains("is incomplete"), "{error}");
+                }
+            }
+        }
+        assert!(whole > 0, "no whole transaction survived: {salvage:?}");
+        // Claims take only whole transactions.
+        let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
+        let claimed = outbox
+            .fenced(&fence)
+            .claim_ready(10_000, NOW)
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), whole * 3);
+        outbox.close().await;
+        if cut_one {
+            break;
+        }
+    }
+    assert!(cut_one, "no cut fell inside a transaction");
+}
+
+/// A transaction that lost an op behind the outbox's back (a row deleted
+/// by another program) is failed at the claim, never sent in part.
+#[tokio::test]
+async fn a_transaction_missing_an_op_is_failed_at_the_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir).await;
+    let txn = outbox
+        .enqueue_transaction(scene(&["a", "b", "c"]))
+        .await
+        .unwrap();
+    outbox.close().await;
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("o.db")).unwrap();
+        conn.execute(
+            "DELETE FROM ops WHERE op_id = ?1",
+            [txn.ops[1].op_id.to_string()],
+        )
+        .unwrap();
+    }
+    let outbox = open(&dir).await;
+    let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
+    assert!(outbox
+        .fenced(&fence)
+        .claim_ready(10, NOW)
+        .await
+        .unwrap()
+        .is_empty());
+    for e in [&txn.ops[0], &txn.ops[2]] {
+        let op = outbox.get(e.op_id).await.unwrap().unwrap();
+        assert_eq!(op.state, OpState::Failed);
+        assert!(
+            op.last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("is incomplete"),
+            "{op:?}"
+        );
+    }
+    outbox.close().await;
+}

@@ -102,7 +102,10 @@ pub(crate) fn claim(
 ) -> Result<Vec<PendingOp>, OutboxError> {
     lock_row::check(conn, fence)?;
     let heads = ready_heads(conn, ctx, limit, now)?;
-    let mut ops: Vec<PendingOp> = whole_units(conn, heads)?.into_iter().flatten().collect();
+    let mut ops: Vec<PendingOp> = whole_units(conn, ctx, heads)?
+        .into_iter()
+        .flatten()
+        .collect();
     mark_claimed(conn, ctx, ops.iter_mut())?;
     Ok(ops)
 }
@@ -130,21 +133,36 @@ fn mark_claimed<'a>(
 /// transaction (its ops in order, once, where its first ready op stood);
 /// any other op is a unit of its own. The gate let the transaction's ops
 /// be heads only when all of them may go.
+///
+/// A transaction that is not whole and pending here (rows removed or
+/// changed behind the outbox's back) is not claimed: the gate fails it.
 fn whole_units(
     conn: &Connection,
+    ctx: &Ctx,
     heads: Vec<PendingOp>,
 ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
     let mut seen = HashSet::new();
     let mut units = Vec::with_capacity(heads.len());
+    let mut broken = false;
     for head in heads {
         match head.txn {
             None => units.push(vec![head]),
             Some(txn) => {
                 if seen.insert(txn.id) {
-                    units.push(gate::unit_of(conn, &head)?);
+                    let unit = gate::unit_of(conn, &head)?;
+                    let whole = unit.len() == txn.size as usize
+                        && unit.iter().all(|op| op.state == OpState::Pending);
+                    if whole {
+                        units.push(unit);
+                    } else {
+                        broken = true;
+                    }
                 }
             }
         }
+    }
+    if broken {
+        gate::refresh(conn, ctx.now())?;
     }
     Ok(units)
 }
@@ -167,7 +185,7 @@ pub(crate) fn claim_chains(
     max_chain_bytes: usize,
 ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
     lock_row::check(conn, fence)?;
-    let heads = whole_units(conn, ready_heads(conn, ctx, limit, now)?)?;
+    let heads = whole_units(conn, ctx, ready_heads(conn, ctx, limit, now)?)?;
     let mut next_ops = conn.prepare_cached(&format!(
         "SELECT {} FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
          AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT ?4",
