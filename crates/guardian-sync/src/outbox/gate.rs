@@ -156,6 +156,24 @@ fn verdict(conn: &Connection, unit: &[Gated]) -> rusqlite::Result<Verdict> {
             return Ok(Verdict::Wait);
         }
     }
+    let mut waiting = false;
+    for dep in unit.iter().flat_map(|op| &op.depends_on) {
+        let found: Option<(String, Option<String>)> = conn
+            .prepare_cached("SELECT state, last_error FROM ops WHERE op_id = ?1")?
+            .query_row([dep.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        match found {
+            None => {}
+            Some((state, error)) if OpState::parse(&state) == Some(OpState::Failed) => {
+                return Ok(Verdict::Fail(format!(
+                    "{}: {}",
+                    dependency_failed_prefix(*dep),
+                    error.as_deref().unwrap_or("no reason recorded")
+                )));
+            }
+            Some(_) => waiting = true,
+        }
+    }
     for op in unit {
         // The entity's first active op must be of this unit.
         let first_active: Option<(i64, Option<String>)> = conn
@@ -173,25 +191,8 @@ fn verdict(conn: &Connection, unit: &[Gated]) -> rusqlite::Result<Verdict> {
             _ => false,
         };
         if !ours {
-            return Ok(Verdict::Wait);
-        }
-    }
-    let mut waiting = false;
-    for dep in unit.iter().flat_map(|op| &op.depends_on) {
-        let found: Option<(String, Option<String>)> = conn
-            .prepare_cached("SELECT state, last_error FROM ops WHERE op_id = ?1")?
-            .query_row([dep.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        match found {
-            None => {}
-            Some((state, error)) if OpState::parse(&state) == Some(OpState::Failed) => {
-                return Ok(Verdict::Fail(format!(
-                    "{}: {}",
-                    dependency_failed_prefix(*dep),
-                    error.as_deref().unwrap_or("no reason recorded")
-                )));
-            }
-            Some(_) => waiting = true,
+            waiting = true;
+            break;
         }
     }
     Ok(if waiting { Verdict::Wait } else { Verdict::Go })
