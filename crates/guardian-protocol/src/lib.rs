@@ -163,10 +163,16 @@ pub struct BatchResponse {
 /// and why, and every key stays new.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct TransactionRequest {
-    /// The transaction's own idempotency key.
+    /// The transaction's own idempotency key: 1 to 255 visible ASCII
+    /// characters, in the same per-tenant namespace as op keys, and other
+    /// than every op's `idempotency_key` (400 otherwise).
+    #[schema(pattern = r"^[!-~]{1,255}$")]
     pub transaction_key: String,
-    /// The ops, in order. `depends_on` and `if_match_chained` work as in a
-    /// batch; a `depends_on` is always met once the transaction commits.
+    /// The ops, in order: at least one, and at most as many as the server
+    /// accepts in a batch (413 beyond). `depends_on` and `if_match_chained`
+    /// work as in a batch; a `depends_on` is always met once the
+    /// transaction commits.
+    #[schema(min_items = 1)]
     pub ops: Vec<BatchOp>,
 }
 
