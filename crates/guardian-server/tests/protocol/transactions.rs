@@ -694,3 +694,73 @@ async fn only_committed_transactions_are_broadcast() {
         .collect();
     assert_eq!(seen, want);
 }
+
+/// Concurrent transactions on the same two entities, each written against
+/// the versions it read and retried until it commits: each commits whole,
+/// so both entities end with the same writer's data and version, and the
+/// log holds each transaction's pair at consecutive cursors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transactions_are_each_all_or_nothing() {
+    let h = start_default().await;
+    h.create("device", "a", json!({"by": -1}), "ca").await;
+    h.create("device", "b", json!({"by": -1}), "cb").await;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let http = h.http.clone();
+        let base = h.server.url();
+        tasks.push(tokio::spawn(async move {
+            let version = |id: &'static str| {
+                let req = http
+                    .get(format!("{base}/v1/entities/device/{id}"))
+                    .bearer_auth(crate::common::TOKEN);
+                async move {
+                    let e: Value = req.send().await.unwrap().json().await.unwrap();
+                    e["version"].as_u64().unwrap()
+                }
+            };
+            // Until it commits: an aborted transaction recorded nothing, so
+            // it is retried, re-read, under the same keys.
+            for attempt in 0..200 {
+                let (va, vb) = (version("a").await, version("b").await);
+                let ops = json!([
+                    {"op": "update", "type": "device", "id": "a", "data": {"by": i}, "if_match": va, "idempotency_key": format!("a{i}")},
+                    {"op": "update", "type": "device", "id": "b", "data": {"by": i}, "if_match": vb, "idempotency_key": format!("b{i}")},
+                ]);
+                let r: Value = http
+                    .post(format!("{base}/v1/transactions"))
+                    .bearer_auth(crate::common::TOKEN)
+                    .json(&txn_body(&format!("t{i}"), &ops))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if r["committed"] == true {
+                    return attempt;
+                }
+                assert_eq!(r["results"][r["failed_op"].as_u64().unwrap() as usize]["status"], 409, "{r}");
+            }
+            panic!("transaction {i} never committed");
+        }));
+    }
+    let mut retries = 0;
+    for t in tasks {
+        retries += t.await.unwrap();
+    }
+    assert!(retries > 0, "the transactions never met");
+    let committed = 12;
+    let (a, b) = (
+        h.get("device", "a").await.body,
+        h.get("device", "b").await.body,
+    );
+    assert_eq!(a["version"], 1 + committed);
+    assert_eq!((&a["version"], &a["data"]), (&b["version"], &b["data"]));
+    let log = h.server.applied_log().await.unwrap();
+    assert_eq!(log.len() as u64, 2 + 2 * committed);
+    for pair in log[2..].chunks(2) {
+        assert_eq!(pair[0].transaction_key, pair[1].transaction_key);
+        assert!(pair[0].transaction_key.is_some());
+        assert_eq!(pair[0].cursor + 1, pair[1].cursor);
+    }
+}
