@@ -130,6 +130,57 @@ async fn if_match_holds_across_instances() {
     assert_eq!(body["current"]["version"], 2);
 }
 
+/// A transaction committed on one instance replays whole on another, and
+/// one aborted there leaves nothing behind for either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_are_one_unit_across_instances() {
+    let db = pg::PgDb::create();
+    let s = instances(&db, 2).await;
+    let http = reqwest::Client::new();
+    let send = |at: &RunningServer, key: &str, ops: &Value| {
+        http.post(format!("{}/v1/transactions", at.url()))
+            .bearer_auth(TOKEN)
+            .json(&json!({"transaction_key": key, "ops": ops}))
+            .send()
+    };
+    let ops = json!([
+        {"op": "create", "type": "device", "id": "a", "data": {"n": 1}, "idempotency_key": "a1"},
+        {"op": "create", "type": "device", "id": "b", "data": {"n": 1}, "idempotency_key": "b1"},
+    ]);
+    let first = send(&s[0], "t1", &ops).await.unwrap().text().await.unwrap();
+    let again = send(&s[1], "t1", &ops).await.unwrap();
+    assert_eq!(again.headers().get("idempotent-replayed").unwrap(), "true");
+    let again = again.text().await.unwrap();
+    assert_eq!(
+        again.strip_suffix(",\"replayed\":true}"),
+        first.strip_suffix(",\"replayed\":false}")
+    );
+    // b at version 1 on instance B: the stale if_match aborts all of it.
+    let stale = json!([
+        {"op": "update", "type": "device", "id": "a", "data": {"n": 2}, "if_match": 1, "idempotency_key": "a2"},
+        {"op": "update", "type": "device", "id": "b", "data": {"n": 2}, "if_match": 7, "idempotency_key": "b2"},
+    ]);
+    let r: Value = send(&s[1], "t2", &stale)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (r["committed"].as_bool(), r["failed_op"].as_u64()),
+        (Some(false), Some(1))
+    );
+    let feed = page(&http, &s[0], 0).await;
+    assert_eq!(feed.changes.len(), 2, "nothing of the aborted transaction");
+    assert_eq!(feed.head, Some(2));
+    let log = s[0].applied_log().await.unwrap();
+    let rows: Vec<_> = log
+        .iter()
+        .map(|a| (a.idempotency_key.as_str(), a.transaction_key.as_deref()))
+        .collect();
+    assert_eq!(rows, [("a1", Some("t1")), ("b1", Some("t1"))]);
+}
+
 /// Writers on three instances and readers polling through them all at
 /// once: every page a reader gets starts right after its cursor and has no
 /// hole, so no change can commit later under a lower cursor than one a
