@@ -34,8 +34,10 @@ pub struct AppliedMutation {
     pub cursor: u64,
     /// When it was applied, Unix milliseconds (server clock).
     pub at_millis: i64,
-    /// The key of the atomic transaction it was applied in, if any: every
-    /// op of a transaction has a row with this key, or none has.
+    /// The key of the atomic transaction it was applied in, if any: the ops
+    /// a committed transaction applied all have a row with its key, at
+    /// consecutive cursors; an aborted one has none. (An op of it replayed
+    /// from an earlier request keeps that request's row.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transaction_key: Option<String>,
 }
