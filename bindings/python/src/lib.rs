@@ -63,6 +63,15 @@ impl NativeEngine {
         Ok(done.op_id.to_string())
     }
 
+    fn transaction(&self, py: Python<'_>, ops_json: &str) -> PyResult<(String, Vec<String>)> {
+        let e = self.get()?;
+        let done = py.allow_threads(|| e.transaction(ops_json)).map_err(err)?;
+        Ok((
+            done.txn_id.to_string(),
+            done.ops.iter().map(|o| o.op_id.to_string()).collect(),
+        ))
+    }
+
     fn start(&self) -> PyResult<()> {
         self.get()?.start().map_err(err)
     }

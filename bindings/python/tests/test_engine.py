@@ -218,3 +218,26 @@ def test_token_callback(server, tmp_path):
         e.run()
         wait_for(e, succeeded)
     assert calls and calls[0] is False
+
+
+def test_transaction_is_applied_whole_and_a_bad_one_stores_nothing(server, tmp_path):
+    with gs.Engine(tmp_path / "outbox.db", server.url, server.token, retry=FAST_RETRY) as e:
+        bad = [
+            {"kind": "create", "entity_type": "note", "entity_id": "s1", "payload": {}},
+            {"kind": "create", "entity_type": "Bad Type", "entity_id": "s2", "payload": {}},
+        ]
+        with pytest.raises(gs.GuardianError):
+            e.transaction(bad)
+        assert e.status()["pending"] == 0
+        txn_id, op_ids = e.transaction(
+            [
+                {"kind": "create", "entity_type": "note", "entity_id": "s1", "payload": {"scene": 1}},
+                {"kind": "create", "entity_type": "note", "entity_id": "s2", "payload": {"scene": 1}},
+            ]
+        )
+        assert len(op_ids) == 2 and len(txn_id) == 36
+        e.run()
+        seen = wait_for(e, lambda ev: ev["event"] == "transaction_committed")
+        assert seen[-1]["txn_id"] == txn_id and seen[-1]["ops"] == 2
+    for i in (1, 2):
+        assert server.entity("note", f"s{i}")["data"] == {"scene": 1}

@@ -116,6 +116,21 @@ GsStatus gs_engine_close(GsEngine *engine);
 // `out_op_id` is NULL or points to writable storage for a pointer.
 GsStatus gs_engine_enqueue(const GsEngine *engine, const char *op_json, char **out_op_id);
 
+// Durably records several ops as one atomic transaction: all of them are
+// committed to the outbox file together (or, on an error, none), sent as
+// one unit once every earlier op of each of their entities is
+// acknowledged, and applied by the server all or none. `ops_json` is a
+// JSON array of ops as [`gs_engine_enqueue`] takes them (1 to 100; each
+// may also name op ids it waits for in `depends_on`). If `out_json` is not
+// NULL it receives `{"txn_id": "…", "op_ids": ["…", …]}` (free it with
+// [`gs_string_free`]). Events report `transaction_committed` or
+// `transaction_failed`.
+//
+// # Safety
+// `engine` is an open handle; `ops_json` is a NUL-terminated string;
+// `out_json` is NULL or points to writable storage for a pointer.
+GsStatus gs_engine_transaction(const GsEngine *engine, const char *ops_json, char **out_json);
+
 // Starts the background runner on the engine's own runtime: it waits for
 // the processing lock, drains, sleeps until the next op is due or a new one
 // is enqueued, and repeats until [`gs_engine_stop`] or

@@ -8,7 +8,7 @@ use std::time::Duration;
 use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::engine::BatchConfig;
 use guardian_sync::lock::LockConfig;
-use guardian_sync::op::{NewOp, OpKind, OpState};
+use guardian_sync::op::{NewOp, OpId, OpKind, OpState};
 use guardian_sync::outbox::{ListFilter, Synchronous};
 use guardian_sync::retry::RetryPolicy;
 use serde::Deserialize;
@@ -193,6 +193,9 @@ pub struct OpJson {
     base_version: Option<u64>,
     #[serde(default)]
     txn_token: Option<String>,
+    /// Op ids this op waits for.
+    #[serde(default)]
+    depends_on: Vec<OpId>,
 }
 
 impl OpJson {
@@ -215,7 +218,13 @@ impl OpJson {
         op.base = self.base;
         op.base_version = self.base_version;
         op.txn_token = self.txn_token;
+        op.depends_on = self.depends_on;
         op
+    }
+
+    /// Parses a JSON array of ops (`gs_engine_transaction`'s JSON).
+    pub fn parse_all(text: &str) -> Result<Vec<Self>, FfiError> {
+        serde_json::from_str(text).map_err(|e| invalid(format!("invalid ops: {e}")))
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use guardian_sync::engine::{SyncEngine, SyncEvent};
 use guardian_sync::op::OpId;
-use guardian_sync::outbox::{Enqueued, OutboxOptions};
+use guardian_sync::outbox::{Enqueued, EnqueuedTransaction, OutboxOptions};
 use guardian_sync::transport::{HttpTransportConfig, TokenError, TokenProvider};
 use serde_json::{json, Value};
 use tokio::runtime::Runtime;
@@ -194,6 +194,16 @@ impl Engine {
     pub fn enqueue(&self, op_json: &str) -> Result<Enqueued, FfiError> {
         let op = OpJson::parse(op_json)?.into_new_op();
         Ok(self.engine.enqueue_blocking(op)?)
+    }
+
+    /// Durably records a JSON array of ops as one atomic transaction
+    /// (returns once it is committed).
+    pub fn transaction(&self, ops_json: &str) -> Result<EnqueuedTransaction, FfiError> {
+        let ops = OpJson::parse_all(ops_json)?
+            .into_iter()
+            .map(OpJson::into_new_op)
+            .collect();
+        Ok(self.engine.transaction_blocking(ops)?)
     }
 
     /// Starts the runner on the engine's runtime.

@@ -241,6 +241,43 @@ pub unsafe extern "C" fn gs_engine_enqueue(
     })
 }
 
+/// Durably records several ops as one atomic transaction: all of them are
+/// committed to the outbox file together (or, on an error, none), sent as
+/// one unit once every earlier op of each of their entities is
+/// acknowledged, and applied by the server all or none. `ops_json` is a
+/// JSON array of ops as [`gs_engine_enqueue`] takes them (1 to 100; each
+/// may also name op ids it waits for in `depends_on`). If `out_json` is not
+/// NULL it receives `{"txn_id": "…", "op_ids": ["…", …]}` (free it with
+/// [`gs_string_free`]). Events report `transaction_committed` or
+/// `transaction_failed`.
+///
+/// # Safety
+/// `engine` is an open handle; `ops_json` is a NUL-terminated string;
+/// `out_json` is NULL or points to writable storage for a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn gs_engine_transaction(
+    engine: *const GsEngine,
+    ops_json: *const c_char,
+    out_json: *mut *mut c_char,
+) -> GsStatus {
+    guard(|| {
+        // SAFETY: forwarded from this function's contract.
+        let e = unsafe { self::engine(engine) }?;
+        // SAFETY: forwarded from this function's contract.
+        let ops = unsafe { text(ops_json, "ops_json") }?;
+        let done = e.transaction(ops)?;
+        if !out_json.is_null() {
+            let json = serde_json::json!({
+                "txn_id": done.txn_id.to_string(),
+                "op_ids": done.ops.iter().map(|o| o.op_id.to_string()).collect::<Vec<_>>(),
+            });
+            // SAFETY: non-null, and the caller guarantees it is writable.
+            unsafe { give(out_json, json.to_string()) }?;
+        }
+        Ok(GsStatus::Ok)
+    })
+}
+
 /// Starts the background runner on the engine's own runtime: it waits for
 /// the processing lock, drains, sleeps until the next op is due or a new one
 /// is enqueued, and repeats until [`gs_engine_stop`] or

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ._guardian_sync import NativeEngine, NativeError, __version__
 
@@ -207,6 +207,15 @@ class Engine:
         if txn_token is not None:
             op["txn_token"] = txn_token
         return _call(self._native.enqueue, json.dumps(op))
+
+    def transaction(self, ops: List[Dict[str, Any]]) -> Tuple[str, List[str]]:
+        """Durably records several ops as one atomic transaction: committed
+        together (or, on an error, none), sent as one unit, applied by the
+        server all or none. Each op is a dict as :meth:`enqueue` builds one
+        (``kind``, ``entity_type``, ``entity_id``, ``payload``, and optionally
+        ``base``, ``base_version``, ``txn_token``, ``depends_on``). Returns
+        the transaction id and its op ids, in order."""
+        return _call(self._native.transaction, json.dumps(ops))
 
     def run(self) -> None:
         """Starts the background runner (on the engine's own threads)."""

@@ -255,6 +255,22 @@ int main(int argc, char **argv) {
     gs_string_free(id);
     id = NULL;
     CHECK(status_member(e, "failed") == 0);
+
+    /* An atomic transaction: stored together, applied together. A refused
+     * op refuses the whole array and stores nothing. */
+    CHECK(gs_engine_transaction(e, "[{\"kind\":\"create\",\"entity_type\":\"note\",\"entity_id\":\"t1\","
+                                   "\"payload\":{}},{\"kind\":\"create\",\"entity_type\":\"Bad Type\","
+                                   "\"entity_id\":\"t2\",\"payload\":{}}]", &json) == GS_STATUS_INVALID_OP &&
+          json == NULL);
+    CHECK(gs_engine_transaction(e, "{}", NULL) == GS_STATUS_INVALID_ARGUMENT);
+    CHECK(gs_engine_transaction(e, "[{\"kind\":\"create\",\"entity_type\":\"note\",\"entity_id\":\"t1\","
+                                   "\"payload\":{\"scene\":1}},{\"kind\":\"create\",\"entity_type\":\"note\","
+                                   "\"entity_id\":\"t2\",\"payload\":{\"scene\":1}}]", &json) == GS_STATUS_OK);
+    CHECK(has(json, "\"txn_id\"") && has(json, "\"op_ids\""));
+    gs_string_free(json);
+    json = NULL;
+    CHECK(wait_event(e, "\"event\":\"transaction_committed\"", 30));
+    CHECK(status_member(e, "pending") == 0 && status_member(e, "in_flight") == 0);
     CHECK(gs_engine_set_event_callback(e, NULL, NULL) == GS_STATUS_OK);
     CHECK(gs_engine_stop(e, 10000 * slowdown) == GS_STATUS_OK);
     CHECK(gs_engine_close(e) == GS_STATUS_OK);

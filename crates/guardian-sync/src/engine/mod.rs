@@ -428,11 +428,30 @@ impl SyncEngine {
         ops: Vec<NewOp>,
     ) -> Result<crate::outbox::EnqueuedTransaction, EnqueueError> {
         let txn = self.inner.outbox.enqueue_transaction(ops).await?;
+        Ok(self.enqueued_transaction(txn))
+    }
+
+    /// [`transaction`](Self::transaction) for a thread that may block (an
+    /// FFI binding's worker thread, a sync app's). Never call it on an
+    /// async executor's thread.
+    pub fn transaction_blocking(
+        &self,
+        ops: Vec<NewOp>,
+    ) -> Result<crate::outbox::EnqueuedTransaction, EnqueueError> {
+        let txn = self.inner.outbox.enqueue_transaction_blocking(ops)?;
+        Ok(self.enqueued_transaction(txn))
+    }
+
+    /// Counts a stored transaction's ops and wakes the run loop for them.
+    fn enqueued_transaction(
+        &self,
+        txn: crate::outbox::EnqueuedTransaction,
+    ) -> crate::outbox::EnqueuedTransaction {
         self.inner
             .metrics
             .add(Counter::Enqueued, txn.ops.len() as u64);
         self.inner.wake.notify_one();
-        Ok(txn)
+        txn
     }
 
     /// [`transaction`](Self::transaction) with an optimistic update: the

@@ -537,6 +537,19 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
 
 /// A commit that failed after its frames may have reached the file leaves
 /// the op's fate unknown: say so, with the id it has if it was stored.
+/// [`outcome`] for a transaction, named by its first op.
+fn transaction_outcome(
+    first: Option<OpId>,
+    result: Result<EnqueuedTransaction, EnqueueError>,
+) -> Result<EnqueuedTransaction, EnqueueError> {
+    match (result, first) {
+        (Err(EnqueueError::Storage(source)), Some(op_id)) if source.is_outcome_unknown() => {
+            Err(EnqueueError::OutcomeUnknown { op_id, source })
+        }
+        (other, _) => other,
+    }
+}
+
 fn outcome(op_id: OpId, result: Result<Enqueued, EnqueueError>) -> Result<Enqueued, EnqueueError> {
     match result {
         Err(EnqueueError::Storage(source)) if source.is_outcome_unknown() => {
@@ -648,23 +661,40 @@ impl Outbox {
         &self,
         ops: Vec<NewOp>,
     ) -> Result<EnqueuedTransaction, EnqueueError> {
-        let (txn_id, prepared) = enqueue::prepare_transaction(
-            ops,
-            self.inner.max_payload_bytes,
-            self.inner.envelope_version,
-        )?;
+        let (txn_id, prepared) = self.prepare_transaction(ops)?;
         let first = prepared.first().map(enqueue::Prepared::op_id);
         let result = self
             .inner
             .writer
             .call(move |c, x| enqueue::apply_transaction(c, x, txn_id, &prepared))
             .await;
-        match (result, first) {
-            (Err(EnqueueError::Storage(source)), Some(op_id)) if source.is_outcome_unknown() => {
-                Err(EnqueueError::OutcomeUnknown { op_id, source })
-            }
-            (other, _) => other,
-        }
+        transaction_outcome(first, result)
+    }
+
+    /// [`enqueue_transaction`](Self::enqueue_transaction) for a thread that
+    /// may block, as [`enqueue_blocking`](Self::enqueue_blocking) is.
+    pub fn enqueue_transaction_blocking(
+        &self,
+        ops: Vec<NewOp>,
+    ) -> Result<EnqueuedTransaction, EnqueueError> {
+        let (txn_id, prepared) = self.prepare_transaction(ops)?;
+        let first = prepared.first().map(enqueue::Prepared::op_id);
+        let result = self
+            .inner
+            .writer
+            .call_blocking(move |c, x| enqueue::apply_transaction(c, x, txn_id, &prepared));
+        transaction_outcome(first, result)
+    }
+
+    fn prepare_transaction(
+        &self,
+        ops: Vec<NewOp>,
+    ) -> Result<(uuid::Uuid, Vec<enqueue::Prepared>), EnqueueError> {
+        enqueue::prepare_transaction(
+            ops,
+            self.inner.max_payload_bytes,
+            self.inner.envelope_version,
+        )
     }
 
     fn prepare(&self, op: NewOp) -> Result<enqueue::Prepared, EnqueueError> {
