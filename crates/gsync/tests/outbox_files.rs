@@ -261,3 +261,95 @@ async fn check_finds_index_damage_and_repair_fixes_it() {
     assert_eq!(log.len(), 20);
     no_temp_files(dir.path());
 }
+
+/// The crash image of an outbox whose last commits are only in its WAL:
+/// 20 ops, each enqueued in its own commit, copied to `path` (and its
+/// `-wal`) while the outbox is open. Returns the WAL's frames as
+/// (page number, offset of the page image).
+async fn crash_image(path: &Path) -> Vec<(u32, usize)> {
+    let live_dir = tempfile::tempdir().unwrap();
+    let live = live_dir.path().join("live.db");
+    let options = OutboxOptions::default()
+        .synchronous(Synchronous::Off)
+        .coalesce(false)
+        .preallocate_wal(false);
+    let (outbox, _) = Outbox::open(&live, options).await.unwrap();
+    for i in 0..20 {
+        outbox
+            .enqueue(NewOp::create(
+                "thing",
+                format!("ent-{i:04}-x"),
+                json!({"marker": format!("m{i:04}-payload"), "n": 5}),
+            ))
+            .await
+            .unwrap();
+    }
+    std::fs::copy(&live, path).unwrap();
+    let wal = std::fs::read(live_dir.path().join("live.db-wal")).unwrap();
+    outbox.close().await;
+    std::fs::write(PathBuf::from(format!("{}-wal", path.display())), &wal).unwrap();
+    let page = u32::from_be_bytes(wal[8..12].try_into().unwrap()) as usize;
+    (0..(wal.len() - 32) / (24 + page))
+        .map(|i| {
+            let at = 32 + i * (24 + page);
+            (
+                u32::from_be_bytes(wal[at..at + 4].try_into().unwrap()),
+                at + 24,
+            )
+        })
+        .collect()
+}
+
+/// One flipped byte in a WAL frame with commits after it: SQLite would
+/// read the commits before it only, and the first write would overwrite
+/// the rest. `check` reports it and changes nothing; a plain `enqueue`
+/// (then a runner) opens it, salvages with a warning, and all 20 ops and
+/// the new one reach the server.
+#[tokio::test]
+async fn a_damaged_wal_frame_is_salvaged_by_the_next_enqueue() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let frames = crash_image(&path).await;
+    // A frame in the middle (the schema is readable before it) whose page
+    // a later frame rewrites.
+    let bad = (frames.len() / 2..frames.len() - 1)
+        .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
+        .unwrap();
+    let wal = PathBuf::from(format!("{}-wal", path.display()));
+    let mut bytes = std::fs::read(&wal).unwrap();
+    bytes[frames[bad].1 + 4095] ^= 0x55;
+    std::fs::write(&wal, bytes).unwrap();
+    let seen: i64 = {
+        let copy = tempfile::tempdir().unwrap();
+        let p = copy.path().join("o.db");
+        std::fs::copy(&path, &p).unwrap();
+        std::fs::copy(&wal, copy.path().join("o.db-wal")).unwrap();
+        // Before the damage the schema itself may be only in the WAL.
+        rusqlite::Connection::open(&p)
+            .unwrap()
+            .query_row("SELECT count(*) FROM ops", [], |r| r.get(0))
+            .unwrap_or(0)
+    };
+    assert!(seen < 20, "SQLite reads past the damaged frame: {seen}");
+    let before = snapshot(dir.path());
+    let (out, _) = expect(&path, &["check"], 1);
+    assert!(out.contains("WAL frame"), "{out}");
+    let after: BTreeMap<_, _> = snapshot(dir.path())
+        .into_iter()
+        .filter(|(p, _)| !p.to_string_lossy().ends_with("-shm"))
+        .collect();
+    assert_eq!(after, before, "check changed files");
+    let (_, err) = expect(
+        &path,
+        &["enqueue", "create", "thing", "after", r#"{"n":1}"#],
+        0,
+    );
+    assert!(err.contains("damaged") && err.contains("WAL"), "{err}");
+    assert!(err.contains("salvaged 20 ops"), "{err}");
+    expect(&path, &["check"], 0);
+    let server = server(Faults::default()).await;
+    final_drain(&path, &server.url()).await;
+    let log = wait_applied(&server, Duration::from_secs(30), |l| l.len() >= 21).await;
+    assert_eq!(log.len(), 21);
+    no_temp_files(dir.path());
+}

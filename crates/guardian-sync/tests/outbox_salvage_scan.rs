@@ -365,55 +365,224 @@ fn sqlite_alone(path: &Path) -> i64 {
         .unwrap()
 }
 
+/// Who opens the damaged outbox first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opener {
+    /// `gsync check --repair`.
+    Repair,
+    /// An app's enqueue: a plain open, then a write.
+    Enqueue,
+    /// A runner: the engine opens the outbox and drains it.
+    Runner,
+}
+
+/// A digest of the database file and its WAL in `dir` (the read-only
+/// view may leave SQLite's shared-memory index beside a WAL).
+fn snapshot(dir: &Path) -> Vec<(String, u64)> {
+    use std::hash::{Hash, Hasher};
+    ["o.db", "o.db-wal"]
+        .iter()
+        .map(|n| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::fs::read(dir.join(n)).unwrap().hash(&mut h);
+            ((*n).to_owned(), h.finish())
+        })
+        .collect()
+}
+
 /// One damaged frame in a WAL of many commits, early (before the commits
 /// that deliver and delete the 5 checkpointed ops) or in the middle (among
 /// the 25 enqueues): SQLite stops there and silently ignores every later
-/// commit; or a damaged WAL header: SQLite ignores the whole WAL. `check --repair` finds it under the write lock and salvages:
-/// every op of the later commits is recovered from the frames, and the 5
-/// ops SQLite still shows when the damage is early, deleted by the later
-/// commits, are not brought back.
+/// commit; or a damaged WAL header: SQLite ignores the whole WAL. The
+/// read-only check reports it and changes nothing; whoever opens the file
+/// for writing first — `check --repair`, an enqueue, a runner — finds it
+/// under the write lock before the first write and salvages: every op of
+/// the later commits is recovered from the frames, the 5 ops SQLite still
+/// shows when the damage is early, deleted by the later commits, are not
+/// brought back, and the outbox drains with every op applied once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_after_a_damaged_wal_frame_are_recovered() {
     for case in ["early", "middle", "header"] {
-        let middle = case == "middle";
-        let server = server().await;
-        let dir = tempfile::tempdir().unwrap();
-        let (path, first, later, ids) = crash_image(&server, dir.path()).await;
-        let wal_path = path.with_extension("db-wal");
-        let mut wal = std::fs::read(&wal_path).unwrap();
-        let frames = wal_frames(&wal);
-        assert!(frames.len() > 20, "{} frames", frames.len());
-        if case == "header" {
-            // A salt: no frame matches the header any more.
-            wal[20] ^= 0x10;
-        } else {
-            // A frame whose page a later frame rewrites.
-            let from = if middle { frames.len() / 2 } else { 0 };
-            let bad = (from..frames.len() - 1)
-                .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
-                .unwrap();
-            damage_frame(&mut wal, &frames, bad);
+        for opener in [Opener::Repair, Opener::Enqueue, Opener::Runner] {
+            let what = format!("{case}, {opener:?}");
+            let middle = case == "middle";
+            let server = server().await;
+            let dir = tempfile::tempdir().unwrap();
+            let (path, first, later, ids) = crash_image(&server, dir.path()).await;
+            let wal_path = path.with_extension("db-wal");
+            let mut wal = std::fs::read(&wal_path).unwrap();
+            let frames = wal_frames(&wal);
+            assert!(frames.len() > 20, "{} frames", frames.len());
+            if case == "header" {
+                // A salt: no frame matches the header any more.
+                wal[20] ^= 0x10;
+            } else {
+                // A frame whose page a later frame rewrites.
+                let from = if middle { frames.len() / 2 } else { 0 };
+                let bad = (from..frames.len() - 1)
+                    .find(|&i| frames[i + 1..].iter().any(|f| f.0 == frames[i].0))
+                    .unwrap();
+                damage_frame(&mut wal, &frames, bad);
+            }
+            std::fs::write(&wal_path, &wal).unwrap();
+            let alone = sqlite_alone(&path);
+            if middle {
+                assert!(alone < 25, "SQLite reads past the damaged frame: {alone}");
+            } else {
+                assert_eq!(alone, 5, "{what}: SQLite reads past the damage");
+            }
+            let before = snapshot(dir.path());
+            let check = OutboxReader::open(&path).unwrap().check().unwrap();
+            assert!(!check.ok, "{what}: {check:?}");
+            assert!(
+                check.problems.iter().any(|p| p.contains("WAL")),
+                "{what}: {check:?}"
+            );
+            assert_eq!(snapshot(dir.path()), before, "{what}: the check wrote");
+            let expected: HashSet<String> = first.into_iter().chain(later).collect();
+            let applied = match opener {
+                Opener::Repair | Opener::Enqueue => {
+                    let (outbox, report) = if opener == Opener::Repair {
+                        let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
+                        assert!(check.ok, "{check:?}");
+                        (outbox, report)
+                    } else {
+                        Outbox::open(&path, opts()).await.unwrap()
+                    };
+                    let s = report.salvage.expect("the damaged WAL is salvaged");
+                    assert!(s.reason.contains("WAL"), "{s:?}");
+                    assert_eq!(s.ops_saved, 25, "{what}: {s:?}");
+                    assert_eq!(s.ops_deleted_later, if middle { 0 } else { 5 }, "{s:?}");
+                    assert_eq!(op_ids(&outbox).await, ids, "{what}");
+                    let mut expected = expected.clone();
+                    if opener == Opener::Enqueue {
+                        let done = outbox.enqueue(op(999)).await.unwrap();
+                        expected.insert(done.idempotency_key.to_string());
+                        assert_eq!(op_ids(&outbox).await.len(), 26, "{what}");
+                    }
+                    outbox.close().await;
+                    let applied = deliver(&path, &server).await;
+                    assert_eq!(
+                        applied.len(),
+                        expected.len(),
+                        "{what}: applied twice or lost"
+                    );
+                    assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expected);
+                    continue;
+                }
+                Opener::Runner => deliver(&path, &server).await,
+            };
+            // The runner's open salvaged (the damaged file is kept aside)
+            // and it delivered the 25 recovered ops.
+            let aside = std::fs::read_dir(dir.path())
+                .unwrap()
+                .filter(|e| {
+                    let n = e.as_ref().unwrap().file_name();
+                    let n = n.to_string_lossy();
+                    n.starts_with("o.db.corrupt-") && !n.contains("-wal") && !n.contains("-shm")
+                })
+                .count();
+            assert_eq!(aside, 1, "{what}: the runner did not salvage");
+            assert_eq!(applied.len(), 30, "{what}: an op was applied twice or lost");
+            assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expected);
+            no_temp_files(dir.path());
         }
-        std::fs::write(&wal_path, &wal).unwrap();
-        let alone = sqlite_alone(&path);
-        if middle {
-            assert!(alone < 25, "SQLite reads past the damaged frame: {alone}");
+    }
+}
+
+/// A writer killed after writing a transaction's frames but before
+/// publishing them, then partly overwritten by the next writer, built
+/// from real commits: the state a first outbox reached (`published`), one
+/// large enqueue written over it by one writer (`killed`: many frames,
+/// its commit frame last), and one small enqueue written over the same
+/// state by another (fewer frames). The WAL holds the small enqueue's
+/// frames, then the rest of the large one's: no damage. Every open for
+/// writing looks at the WAL; none may salvage, and the outbox holds what
+/// SQLite reads: the published ops and the small enqueue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_writers_unpublished_frames_are_not_damage() {
+    let base = tempfile::tempdir().unwrap();
+    let live = base.path().join("live.db");
+    let (outbox, _) = Outbox::open(&live, opts()).await.unwrap();
+    for i in 0..5 {
+        outbox.enqueue(op(i + 1)).await.unwrap();
+    }
+    // The published state: the file and its WAL as a crash leaves them.
+    let published = base.path().join("published");
+    std::fs::create_dir(&published).unwrap();
+    std::fs::copy(&live, published.join("o.db")).unwrap();
+    std::fs::copy(base.path().join("live.db-wal"), published.join("o.db-wal")).unwrap();
+    let published_wal = std::fs::read(published.join("o.db-wal")).unwrap();
+    // The killed writer's transaction: a large op (overflow pages).
+    outbox
+        .enqueue(NewOp::create(
+            "thing",
+            "large",
+            json!({"big": "k".repeat(30_000)}),
+        ))
+        .await
+        .unwrap();
+    let killed_wal = std::fs::read(base.path().join("live.db-wal")).unwrap();
+    outbox.close().await;
+    // The next writer, over the published state: a small op.
+    let next = base.path().join("next");
+    std::fs::create_dir(&next).unwrap();
+    std::fs::copy(published.join("o.db"), next.join("o.db")).unwrap();
+    std::fs::copy(published.join("o.db-wal"), next.join("o.db-wal")).unwrap();
+    let (outbox, report) = Outbox::open(next.join("o.db"), opts()).await.unwrap();
+    assert!(report.salvage.is_none());
+    let small = outbox.enqueue(op(77)).await.unwrap();
+    let next_wal = std::fs::read(next.join("o.db-wal")).unwrap();
+    let expected = op_ids(&outbox).await;
+    assert_eq!(expected.len(), 6);
+    assert!(expected.contains(&small.op_id));
+    // What the next writer leaves for a crash image: its WAL, then the
+    // killed writer's frames it did not reach.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    std::fs::copy(next.join("o.db"), &path).unwrap();
+    outbox.close().await;
+    assert!(published_wal.len() < next_wal.len() && next_wal.len() < killed_wal.len());
+    assert_eq!(next_wal[..32], killed_wal[..32], "one WAL generation");
+    let mut wal = next_wal.clone();
+    wal.extend_from_slice(&killed_wal[next_wal.len()..]);
+    let frames = wal_frames(&wal);
+    let stale = (killed_wal.len() - next_wal.len()) / (24 + PAGE);
+    assert!(stale >= 2, "{stale} frames of the killed writer survive");
+    let last = frames.last().unwrap().1 - 24;
+    assert_ne!(
+        u32::from_be_bytes(wal[last + 4..last + 8].try_into().unwrap()),
+        0,
+        "the killed writer's commit frame survives"
+    );
+    std::fs::write(dir.path().join("o.db-wal"), &wal).unwrap();
+    assert_eq!(sqlite_alone(&path), 6);
+    let check = OutboxReader::open(&path).unwrap().check().unwrap();
+    assert!(check.ok, "{check:?}");
+    for repair in [false, true] {
+        // Each on its own copy: closing the outbox checkpoints the WAL.
+        let copy = tempfile::tempdir().unwrap();
+        let p = copy.path().join("o.db");
+        std::fs::copy(&path, &p).unwrap();
+        std::fs::write(copy.path().join("o.db-wal"), &wal).unwrap();
+        let (outbox, report) = if repair {
+            let (outbox, report, check) = Outbox::repair(&p, opts()).await.unwrap();
+            assert!(check.ok, "{check:?}");
+            (outbox, report)
         } else {
-            assert_eq!(alone, 5, "{case}: SQLite reads past the damage");
-        }
-        let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
-        assert!(check.ok, "{check:?}");
-        let s = report.salvage.expect("the damaged WAL is salvaged");
-        assert!(s.reason.contains("WAL"), "{s:?}");
-        assert_eq!(s.ops_saved, 25, "{case}: {s:?}");
-        assert_eq!(s.ops_deleted_later, if middle { 0 } else { 5 }, "{s:?}");
-        assert_eq!(op_ids(&outbox).await, ids);
+            Outbox::open(&p, opts()).await.unwrap()
+        };
+        assert!(report.salvage.is_none(), "repair {repair}: {report:?}");
+        assert_eq!(op_ids(&outbox).await, expected, "repair {repair}");
         outbox.close().await;
-        let applied = deliver(&path, &server).await;
-        let expected: HashSet<String> = first.into_iter().chain(later).collect();
-        assert_eq!(applied.len(), 30, "an op was applied twice or lost");
-        assert_eq!(applied.into_iter().collect::<HashSet<_>>(), expected);
-        no_temp_files(dir.path());
+        assert!(
+            std::fs::read_dir(copy.path()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains("corrupt")),
+            "repair {repair}: a live outbox was moved aside"
+        );
     }
 }
 

@@ -330,13 +330,13 @@ fn file_head(path: &Path) -> Vec<u8> {
     head
 }
 
-/// Looks for a damaged WAL frame followed by intact commits (see
-/// `scan::wal_break`) while holding the database's write lock, so no
-/// other process is writing a frame that would look damaged. The probe
-/// connection does not checkpoint on close: a checkpoint would copy only
-/// the frames before the damage into the file and then drop the WAL with
-/// the commits after it. `None` if there is no WAL, no break, or the
-/// lock or the file cannot be had (the open that follows reports that).
+/// Looks for a damaged WAL frame followed by commits (see
+/// `scan::wal_break`) while holding the database's write lock, so the WAL
+/// is read between writes. The probe connection does not checkpoint on
+/// close: a checkpoint would copy only the frames before the damage into
+/// the file and then drop the WAL with the commits after it. `None` if
+/// there is no WAL, no break, or the lock or the file cannot be had (the
+/// open that follows reports that).
 pub(crate) fn wal_break_locked(path: &Path, busy_timeout: std::time::Duration) -> Option<String> {
     let wal = with_suffix(path, "-wal");
     if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
@@ -360,6 +360,16 @@ pub(crate) fn wal_break_locked(path: &Path, busy_timeout: std::time::Duration) -
         .and_then(|bytes| scan::wal_break(&bytes, page_size));
     let _ = conn.execute_batch("ROLLBACK");
     found
+}
+
+/// [`wal_break_locked`] for a reader, which cannot take the write lock
+/// and writes nothing: the WAL is read as it is. A write in progress
+/// cannot pass for damage (its frames end the checksum chain like a torn
+/// tail), so this only reports; the repair looks again under the lock.
+pub(crate) fn wal_break_unlocked(path: &Path) -> Option<String> {
+    let resolved = std::fs::canonicalize(path).ok()?;
+    let bytes = std::fs::read(with_suffix(&resolved, "-wal")).ok()?;
+    scan::wal_break(&bytes, scan::db_page_size(&file_head(&resolved)))
 }
 
 /// Removes a working copy and its side files when dropped, whatever path

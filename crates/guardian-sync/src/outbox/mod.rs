@@ -457,13 +457,10 @@ fn open_conn(
         created,
         ..OpenReport::default()
     };
-    // A repair looks for WAL commits SQLite would ignore before anything
-    // opens the file for writing: the first write would overwrite them.
-    let wal_break = if repair {
-        damage::wal_break_locked(path, options.busy_timeout)
-    } else {
-        None
-    };
+    // Every open for writing (a runner, an enqueue, a repair) looks for
+    // WAL commits SQLite would ignore, before anything writes: the first
+    // write would overwrite them.
+    let wal_break = damage::wal_break_locked(path, options.busy_timeout);
     let prepared = match wal_break {
         Some(reason) => Err(Prep::Damaged(reason)),
         None => prepare_conn(path, options, &mut report),

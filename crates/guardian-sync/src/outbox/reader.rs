@@ -172,8 +172,9 @@ impl OutboxReader {
         Ok(rows::list_checked(&self.conn, filter, self.sealed())?)
     }
 
-    /// Full `PRAGMA integrity_check` and a scan of every op row, changing
-    /// nothing (no index rebuild, no quarantine: see
+    /// Full `PRAGMA integrity_check`, a scan of every op row and a look
+    /// for WAL commits SQLite ignores after a damaged frame, changing
+    /// nothing (no index rebuild, no quarantine, no salvage: see
     /// [`Outbox::repair`](super::Outbox::repair)).
     pub fn check(&self) -> Result<CheckReport, OutboxError> {
         let mut problems = damage::integrity_findings(&self.conn)?;
@@ -185,6 +186,9 @@ impl OutboxReader {
             Ok(Vec::new())
         };
         problems.extend(schema);
+        // Commits SQLite ignores after a damaged WAL frame: the next open
+        // for writing salvages them, and so does a repair.
+        problems.extend(damage::wal_break_unlocked(&self.path));
         let unreadable_ops = match rows {
             Ok(u) => u,
             Err(e) if super::error::is_corrupt(&e) => Vec::new(),

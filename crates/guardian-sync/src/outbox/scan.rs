@@ -1,15 +1,16 @@
-//! A read-only decoder of the SQLite file format, for salvage only: it finds
-//! op rows in table b-tree leaf pages without SQLite's schema, so a
-//! damaged `sqlite_master` page, or a WAL whose later commits SQLite ignores
-//! after a damaged frame, costs no op whose row still decodes.
+//! A read-only decoder of the SQLite file format, for salvage and for
+//! finding WAL damage (`wal_break`): it finds op rows in table b-tree leaf
+//! pages without SQLite's schema, so a damaged `sqlite_master` page, or a
+//! WAL whose later commits SQLite ignores after a damaged frame, costs no
+//! op whose row still decodes.
 //!
 //! It follows <https://www.sqlite.org/fileformat2.html>. Every offset,
 //! varint, length and overflow chain is bounded: no byte pattern panics it.
 //!
 //! Which page images it reads (see docs/design/outbox.md, "Salvage without
 //! the schema"): for each page number, the newest image among the database
-//! file and the WAL frames of the WAL's current generation (its header's
-//! salts) up to its last intact commit; pages on the freelist and past the
+//! file and the frames of the WAL's checksum chain from its header (see
+//! `frames_of`) up to its last commit; pages on the freelist and past the
 //! database size are skipped, so rows of acknowledged (deleted) ops that
 //! only survive in freed pages or in older images of a page are not read.
 
@@ -59,14 +60,14 @@ pub(crate) struct Scan {
     pub complete: bool,
 }
 
-/// One WAL frame.
+/// One WAL frame of the checksum chain (see [`frames_of`]).
 #[derive(Debug, Clone, Copy)]
 struct Frame {
     pgno: u32,
     commit_size: u32,
-    /// Its stored checksum matches its contents, seeded with the stored
-    /// checksum of the frame before it (so a damaged frame does not make
-    /// every later one look damaged).
+    /// Its checksum continues the chain from the WAL header; if not, the
+    /// frame is in the chain only because one damaged byte explains the
+    /// failure (SQLite stops reading there).
     intact: bool,
     /// Where its page image starts in the WAL.
     page_at: usize,
@@ -82,9 +83,7 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([s[0], s[1]]))
 }
 
-/// A WAL's page size and frames of the current generation (frames whose
-/// salts match the header's; older ones are left over from before the last
-/// restart and are not part of the database).
+/// A WAL's page size and the frames of its checksum chain.
 struct Wal {
     page_size: u32,
     frames: Vec<Frame>,
@@ -92,49 +91,92 @@ struct Wal {
     header_ok: bool,
 }
 
-/// Reads a WAL's frames. A WAL whose header SQLite refuses (magic,
-/// version, page size or header checksum) is ignored by SQLite as a whole:
-/// its frames are then read by the first frame's salts, with
-/// `db_page_size` (the database header's), in the byte order and from the
-/// first frame's seed (the stored header checksum, or the one its bytes
-/// give) that verify the most frames.
-fn wal_frames(wal: &[u8], db_page_size: u32) -> Option<Wal> {
-    let magic = be32(wal, 0)?;
-    let page_size = be32(wal, 8)?;
-    let header_ok = matches!(magic, WAL_MAGIC_BE | WAL_MAGIC_LE)
-        && be32(wal, 4) == Some(WAL_VERSION)
-        && valid_page_size(page_size)
-        && {
-            let big_endian = magic == WAL_MAGIC_BE;
-            let header = wal.get(0..24)?;
-            Some(checksum(big_endian, (0, 0), [header, &[]])) == be32(wal, 24).zip(be32(wal, 28))
-        };
-    if header_ok {
-        let salts = wal.get(16..24)?;
-        let seed = (be32(wal, 24)?, be32(wal, 28)?);
-        let frames = frames_of(wal, page_size, magic == WAL_MAGIC_BE, salts, seed);
-        return Some(Wal {
-            page_size,
-            frames,
-            header_ok: true,
-        });
+/// What a WAL header says, once it is valid.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    big_endian: bool,
+    page_size: u32,
+    salts: [u8; 8],
+    /// The checksum the first frame continues.
+    seed: (u32, u32),
+}
+
+/// The header as SQLite reads it, if it accepts it: magic, version, page
+/// size and its own checksum.
+fn valid_header(h: &[u8; 32]) -> Option<Header> {
+    let magic = be32(h, 0)?;
+    let page_size = be32(h, 8)?;
+    if !matches!(magic, WAL_MAGIC_BE | WAL_MAGIC_LE)
+        || be32(h, 4) != Some(WAL_VERSION)
+        || !valid_page_size(page_size)
+    {
+        return None;
     }
-    let salts = wal.get(40..48)?;
-    let stored = (be32(wal, 24)?, be32(wal, 28)?);
-    let header = wal.get(0..24)?;
-    let mut best: Option<Vec<Frame>> = None;
-    let intact = |f: &[Frame]| f.iter().filter(|f| f.intact).count();
-    for big in [true, false] {
-        for seed in [stored, checksum(big, (0, 0), [header, &[]])] {
-            let frames = frames_of(wal, db_page_size, big, salts, seed);
-            if best.as_deref().is_none_or(|b| intact(&frames) > intact(b)) {
-                best = Some(frames);
+    let big_endian = magic == WAL_MAGIC_BE;
+    let seed = checksum(big_endian, (0, 0), [&h[0..24], &[]]);
+    (Some(seed) == be32(h, 24).zip(be32(h, 28))).then(|| Header {
+        big_endian,
+        page_size,
+        salts: std::array::from_fn(|i| h[16 + i]),
+        seed,
+    })
+}
+
+/// The valid headers that differ from `h` in one byte: SQLite refuses
+/// `h`, and one damaged byte explains why.
+fn headers_one_byte_off(h: &[u8; 32]) -> Vec<Header> {
+    let mut found = Vec::new();
+    // A byte of the stored checksum: the rest is valid and checksums to
+    // a value one byte away from it.
+    let big = be32(h, 0) == Some(WAL_MAGIC_BE);
+    let sum = checksum(big, (0, 0), [&h[0..24], &[]]);
+    let mut fixed = *h;
+    fixed[24..28].copy_from_slice(&sum.0.to_be_bytes());
+    fixed[28..32].copy_from_slice(&sum.1.to_be_bytes());
+    if let Some(valid) = valid_header(&fixed).filter(|_| one_byte_apart(&h[24..32], &fixed[24..32]))
+    {
+        found.push(valid);
+    }
+    // A byte of the checksummed fields: with it restored, the stored
+    // checksum verifies.
+    for at in 0..24 {
+        for v in 0..=u8::MAX {
+            if v == h[at] {
+                continue;
+            }
+            let mut fixed = *h;
+            fixed[at] = v;
+            if let Some(valid) = valid_header(&fixed) {
+                found.push(valid);
             }
         }
     }
+    found
+}
+
+/// Reads a WAL's checksum chain (see [`frames_of`]). A WAL whose header
+/// SQLite refuses is ignored by SQLite as a whole; its frames are read
+/// only when the header is a valid one with one damaged byte and the
+/// first frame continues that header's checksum (preferring, if several
+/// fit, the database's page size, then the longest chain).
+fn wal_frames(wal: &[u8], db_page_size: u32) -> Option<Wal> {
+    let header: [u8; 32] = wal.get(0..32)?.try_into().ok()?;
+    if let Some(h) = valid_header(&header) {
+        return Some(Wal {
+            page_size: h.page_size,
+            frames: frames_of(wal, h),
+            header_ok: true,
+        });
+    }
+    let best = headers_one_byte_off(&header)
+        .into_iter()
+        .map(|h| (h, frames_of(wal, h)))
+        .filter(|(_, frames)| frames.first().is_some_and(|f| f.intact))
+        .max_by_key(|(h, frames)| (h.page_size == db_page_size, frames.len()));
+    let (page_size, frames) = best.map_or((db_page_size, Vec::new()), |(h, f)| (h.page_size, f));
     Some(Wal {
-        page_size: db_page_size,
-        frames: best.unwrap_or_default(),
+        page_size,
+        frames,
         header_ok: false,
     })
 }
@@ -167,46 +209,215 @@ fn checksum(big_endian: bool, seed: (u32, u32), parts: [&[u8]; 2]) -> (u32, u32)
     (s0, s1)
 }
 
-/// The frames carrying `salts`, each checked against the stored checksum
-/// of the frame before it (the first against `seed`).
-fn frames_of(
-    wal: &[u8],
-    page_size: u32,
+/// True if `a` and `b` differ in exactly one byte.
+fn one_byte_apart(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).filter(|(x, y)| x != y).count() == 1
+}
+
+/// The single bytes of `head ++ page` (a frame's first 8 header bytes
+/// and its page) whose change would make the checksum from `seed` equal
+/// `stored`: each as its offset and the value it must have had. Empty if
+/// no single byte explains the difference.
+///
+/// The checksum is linear: each 8-byte pair `(a, b)` maps the state `s`
+/// to `M s + (a, a + b)` with `M = [[1, 1], [1, 2]]` (mod 2^32), so the
+/// stored value minus the computed one is `M^j (δ, δ)` for a change `δ`
+/// of the word `a` of the pair `j` places before the end, or `M^j (0, δ)`
+/// for the word `b`. `M` is invertible, so each pair is tried by undoing
+/// one step at a time, and `δ` must be one byte's change in that word.
+/// A change in a word's high bits can fit several places (`M` mod 2^k has
+/// a short period), hence a list.
+fn one_byte_fixes(
     big_endian: bool,
-    salts: &[u8],
-    mut seed: (u32, u32),
-) -> Vec<Frame> {
-    let frame_len = 24 + page_size as usize;
+    seed: (u32, u32),
+    head: &[u8],
+    page: &[u8],
+    stored: (u32, u32),
+) -> Vec<(usize, u8)> {
+    let computed = checksum(big_endian, seed, [head, page]);
+    let mut d = (
+        stored.0.wrapping_sub(computed.0),
+        stored.1.wrapping_sub(computed.1),
+    );
+    let mut fixes = Vec::new();
+    if d == (0, 0) {
+        return fixes;
+    }
+    let byte_at = |i: usize| {
+        if i < head.len() {
+            head[i]
+        } else {
+            page[i - head.len()]
+        }
+    };
+    let pairs = (head.len() + page.len()) / 8;
+    for pair in (0..pairs).rev() {
+        let words = [
+            (0, (d.0 == d.1).then_some(d.0)),
+            (4, (d.0 == 0).then_some(d.1)),
+        ];
+        for (word, delta) in words {
+            let Some(delta) = delta else { continue };
+            for shift in 0..4u32 {
+                // The byte `shift` places from the word's low end.
+                if delta & ((1u32 << (8 * shift)) - 1) != 0 {
+                    continue;
+                }
+                let in_word = if big_endian { 3 - shift } else { shift };
+                let at = pair * 8 + word + in_word as usize;
+                let width = 32 - 8 * shift;
+                let mask = if width == 32 {
+                    u32::MAX
+                } else {
+                    (1 << width) - 1
+                };
+                let was = u32::from(byte_at(at)).wrapping_add(delta >> (8 * shift)) & mask;
+                let Ok(was) = u8::try_from(was) else { continue };
+                // Check the algebra on the bytes themselves.
+                let mut bytes = [head, page].concat();
+                bytes[at] = was;
+                let (h, p) = bytes.split_at(head.len());
+                if checksum(big_endian, seed, [h, p]) == stored {
+                    fixes.push((at, was));
+                }
+            }
+        }
+        // Undo one step: M^-1 = [[2, -1], [-1, 1]].
+        d = (d.0.wrapping_mul(2).wrapping_sub(d.1), d.1.wrapping_sub(d.0));
+    }
+    fixes
+}
+
+/// How one frame continues the chain.
+#[derive(Debug, Clone, Copy)]
+struct Link {
+    pgno: u32,
+    commit_size: u32,
+    intact: bool,
+    /// The checksum the next frame continues.
+    next: (u32, u32),
+}
+
+/// Whether `frame` continues the chain from `seed` untouched, as SQLite
+/// checks it: the header's salts, a page number, the checksum.
+fn link_intact(frame: &[u8], h: &Header, seed: (u32, u32)) -> Option<Link> {
+    let pgno = be32(frame, 0)?;
+    let stored = (be32(frame, 16)?, be32(frame, 20)?);
+    let ok = frame.get(8..16)? == h.salts
+        && pgno != 0
+        && checksum(h.big_endian, seed, [frame.get(0..8)?, frame.get(24..)?]) == stored;
+    ok.then(|| Link {
+        pgno,
+        commit_size: be32(frame, 4).unwrap_or(0),
+        intact: true,
+        next: stored,
+    })
+}
+
+/// How `frame` continues the chain from `seed`: intact, or damaged in one
+/// byte — of its page or page number or commit size (the stored checksum
+/// is then the true one, and the values are restored), of its stored
+/// checksum, or of its salts — else `None`: the chain ends there. If two
+/// readings fit, the one the next frame continues wins.
+fn link(frame: &[u8], h: &Header, seed: (u32, u32), next: Option<&[u8]>) -> Option<Link> {
+    if let Some(l) = link_intact(frame, h, seed) {
+        return Some(l);
+    }
+    let (head, page) = (frame.get(0..8)?, frame.get(24..)?);
+    let stored_bytes = frame.get(16..24)?;
+    let stored = (be32(frame, 16)?, be32(frame, 20)?);
+    let computed = checksum(h.big_endian, seed, [head, page]);
+    let field = |b: &[u8], at: usize| be32(b, at).unwrap_or(0);
+    let mut readings = Vec::new();
+    if frame.get(8..16)? == h.salts {
+        // Of several fits, the smallest page number and commit size: a
+        // damaged high bit inflates them, and no page is 2^24 or more.
+        let fits = one_byte_fixes(h.big_endian, seed, head, page, stored)
+            .into_iter()
+            .map(|(at, was)| {
+                let mut head = [0u8; 8];
+                head.copy_from_slice(frame.get(0..8).unwrap_or(&[0; 8]));
+                if at < 8 {
+                    head[at] = was;
+                }
+                (field(&head, 0), field(&head, 4))
+            })
+            .filter(|&(pgno, _)| pgno != 0)
+            .min();
+        if let Some((pgno, commit_size)) = fits {
+            readings.push(Link {
+                pgno,
+                commit_size,
+                intact: false,
+                next: stored,
+            });
+        }
+        let mut true_sum = [0u8; 8];
+        true_sum[..4].copy_from_slice(&computed.0.to_be_bytes());
+        true_sum[4..].copy_from_slice(&computed.1.to_be_bytes());
+        if one_byte_apart(stored_bytes, &true_sum) {
+            readings.push(Link {
+                pgno: field(head, 0),
+                commit_size: field(head, 4),
+                intact: false,
+                next: computed,
+            });
+        }
+    } else if computed == stored && one_byte_apart(frame.get(8..16)?, &h.salts) {
+        readings.push(Link {
+            pgno: field(head, 0),
+            commit_size: field(head, 4),
+            intact: false,
+            next: stored,
+        });
+    }
+    readings.retain(|l| l.pgno != 0);
+    let continued = readings
+        .iter()
+        .position(|l| next.is_some_and(|n| link_intact(n, h, l.next).is_some()))
+        .unwrap_or(0);
+    readings.get(continued).copied()
+}
+
+/// The WAL's checksum chain from its header: every frame from the first
+/// whose salts and cumulative checksum SQLite would accept, or which one
+/// damaged byte keeps from being accepted (see [`link`]). The chain ends
+/// at the first frame that is neither: a torn or unpublished frame, the
+/// end of the frames written since the header (older frames carry other
+/// salts and continue another chain), or zeros. Every frame is checked
+/// against the checksum the chain computed, never reseeded from a stored
+/// one, so frames left by another writer (a killed writer's frames that
+/// the next writer partly overwrote, a previous generation) cannot join
+/// it.
+fn frames_of(wal: &[u8], h: Header) -> Vec<Frame> {
+    let frame_len = 24 + h.page_size as usize;
     let mut frames = Vec::new();
+    let mut seed = h.seed;
     let mut at = 32usize;
     while let Some(frame) = wal.get(at..at.saturating_add(frame_len)) {
-        if frame.len() < frame_len {
+        let next = wal.get(at + frame_len..at.saturating_add(2 * frame_len));
+        let Some(l) = link(frame, &h, seed, next) else {
             break;
-        }
-        let (h, page) = frame.split_at(24);
-        let word = |i: usize| u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
-        if &h[8..16] == salts {
-            let stored = (word(16), word(20));
-            frames.push(Frame {
-                pgno: word(0),
-                commit_size: word(4),
-                intact: checksum(big_endian, seed, [&h[0..8], page]) == stored,
-                page_at: at + 24,
-            });
-            seed = stored;
-        }
+        };
+        frames.push(Frame {
+            pgno: l.pgno,
+            commit_size: l.commit_size,
+            intact: l.intact,
+            page_at: at + 24,
+        });
+        seed = l.next;
         at += frame_len;
     }
     frames
 }
 
-/// The committed frames: up to the last intact commit frame; and the first
-/// frame SQLite does not read before it, if any (the first damaged frame,
-/// or the first frame when SQLite refuses the header): SQLite ignores every
-/// frame from there.
+/// The committed frames: up to the last commit frame of the chain; and the
+/// first frame SQLite does not read before it, if any (the first damaged
+/// frame, or the first frame when SQLite refuses the header): SQLite
+/// ignores every frame from there.
 fn committed(wal: &Wal) -> (&[Frame], Option<usize>) {
     let frames = &wal.frames;
-    let Some(last) = frames.iter().rposition(|f| f.intact && f.commit_size > 0) else {
+    let Some(last) = frames.iter().rposition(|f| f.commit_size > 0) else {
         return (&[], None);
     };
     let frames = &frames[..=last];
@@ -218,11 +429,13 @@ fn committed(wal: &Wal) -> (&[Frame], Option<usize>) {
     (frames, first_unread)
 }
 
-/// Whether the WAL holds a damaged frame followed by an intact commit:
-/// SQLite stops at the damaged frame and ignores every later commit
-/// without an error. A torn tail after a crash, with no commit after it,
-/// is not damage. The caller must hold the database's write lock (or own
-/// the file), or a frame being written is misread as damage.
+/// Whether the WAL's checksum chain (see [`frames_of`]) holds a frame that
+/// one damaged byte keeps SQLite from reading, before a commit of the
+/// chain, or the header is a valid one with one damaged byte: SQLite
+/// stops there and ignores every later commit without an error. A torn
+/// tail, a killed writer's frames, older generations and zeros end the
+/// chain and are never damage; so is a frame being written, but the
+/// write lock keeps the reading consistent.
 pub(crate) fn wal_break(wal: &[u8], db_page_size: u32) -> Option<String> {
     let wal = wal_frames(wal, db_page_size)?;
     let (_, bad) = committed(&wal);
@@ -684,28 +897,59 @@ mod tests {
         assert_eq!(record(&p[..p.len() - 1]), None);
     }
 
+    /// A WAL header for 512-byte pages (checksums big- or little-endian)
+    /// and the checksum its first frame continues.
+    fn wal_header(big: bool, salts: [u32; 2]) -> (Vec<u8>, (u32, u32)) {
+        let magic = if big { WAL_MAGIC_BE } else { WAL_MAGIC_LE };
+        let mut h = Vec::new();
+        for v in [magic, WAL_VERSION, 512, 0, salts[0], salts[1]] {
+            h.extend_from_slice(&v.to_be_bytes());
+        }
+        let seed = checksum(big, (0, 0), [&h[..24], &[]]);
+        h.extend_from_slice(&seed.0.to_be_bytes());
+        h.extend_from_slice(&seed.1.to_be_bytes());
+        (h, seed)
+    }
+
+    /// Frames of 512-byte pages as a writer appends them after `seed`: one
+    /// per `(page number, commit size, page bytes)`. Returns the bytes and
+    /// the checksum of the last frame.
+    fn chain(
+        big: bool,
+        salts: [u32; 2],
+        mut seed: (u32, u32),
+        frames: &[(u32, u32, Vec<u8>)],
+    ) -> (Vec<u8>, (u32, u32)) {
+        let mut out = Vec::new();
+        for (pgno, commit, page) in frames {
+            let mut h = Vec::new();
+            for v in [*pgno, *commit, salts[0], salts[1]] {
+                h.extend_from_slice(&v.to_be_bytes());
+            }
+            seed = checksum(big, seed, [&h[..8], page]);
+            h.extend_from_slice(&seed.0.to_be_bytes());
+            h.extend_from_slice(&seed.1.to_be_bytes());
+            out.extend_from_slice(&h);
+            out.extend_from_slice(page);
+        }
+        (out, seed)
+    }
+
+    /// `(page number, commit size)` pairs as frames whose pages are filled
+    /// with `fill + i`.
+    fn filled(frames: &[(u32, u32)], fill: u8) -> Vec<(u32, u32, Vec<u8>)> {
+        frames
+            .iter()
+            .zip(0u8..)
+            .map(|(&(p, c), i)| (p, c, vec![fill.wrapping_add(i); 512]))
+            .collect()
+    }
+
     /// A WAL of 512-byte pages with valid checksums: one frame per
     /// `(page number, commit size)`.
     fn test_wal(frames: &[(u32, u32)]) -> Vec<u8> {
-        let mut wal = Vec::new();
-        for v in [WAL_MAGIC_BE, WAL_VERSION, 512, 0, 7, 9] {
-            wal.extend_from_slice(&v.to_be_bytes());
-        }
-        let mut seed = checksum(true, (0, 0), [&wal[..24], &[]]);
-        wal.extend_from_slice(&seed.0.to_be_bytes());
-        wal.extend_from_slice(&seed.1.to_be_bytes());
-        for (i, &(pgno, commit)) in frames.iter().enumerate() {
-            let mut h = Vec::new();
-            for v in [pgno, commit, 7, 9] {
-                h.extend_from_slice(&v.to_be_bytes());
-            }
-            let page = vec![u8::try_from(i).unwrap(); 512];
-            seed = checksum(true, seed, [&h[..8], &page]);
-            h.extend_from_slice(&seed.0.to_be_bytes());
-            h.extend_from_slice(&seed.1.to_be_bytes());
-            wal.extend_from_slice(&h);
-            wal.extend_from_slice(&page);
-        }
+        let (mut wal, seed) = wal_header(true, [7, 9]);
+        wal.extend(chain(true, [7, 9], seed, &filled(frames, 0)).0);
         wal
     }
 
@@ -715,14 +959,14 @@ mod tests {
     }
 
     #[test]
-    fn only_a_damaged_frame_before_an_intact_commit_is_a_break() {
-        let wal = test_wal(&[(2, 2), (2, 0), (3, 3), (2, 3)]);
+    fn only_a_damaged_frame_before_a_commit_is_a_break() {
+        let wal = test_wal(&[(2, 2), (2, 0), (3, 3), (2, 0)]);
         assert_eq!(wal_break(&wal, 512), None);
         // A torn tail: the damaged frame has no commit after it.
         let mut torn = wal.clone();
         torn[page_at(3) + 5] ^= 1;
         assert_eq!(wal_break(&torn, 512), None);
-        // A damaged frame before intact commits: SQLite ignores them.
+        // A damaged frame before a commit: SQLite ignores it.
         let mut mid = wal.clone();
         mid[page_at(1) + 5] ^= 1;
         assert!(wal_break(&mid, 512).is_some_and(|m| m.contains("frame 2")));
@@ -737,6 +981,208 @@ mod tests {
         }
     }
 
+    /// Any one byte changed (to any other value) in a frame before the
+    /// last commit, the last commit frame included, or in the WAL header,
+    /// is found; the chain then reads on, so the commits after it count.
+    #[test]
+    fn one_damaged_byte_anywhere_is_found() {
+        for big in [true, false] {
+            let (mut wal, seed) = wal_header(big, [0x0102_0304, 0xA0B0_C0D0]);
+            let frames = filled(&[(2, 0), (3, 0), (2, 4), (4, 0), (3, 4)], 0x41);
+            wal.extend(chain(big, [0x0102_0304, 0xA0B0_C0D0], seed, &frames).0);
+            assert_eq!(wal_break(&wal, 512), None);
+            let frame_len = 24 + 512;
+            for frame in [1usize, 4] {
+                for within in 0..frame_len {
+                    for xor in [0x01u8, 0x80, 0xFF] {
+                        let mut bad = wal.clone();
+                        bad[32 + frame * frame_len + within] ^= xor;
+                        let found = wal_break(&bad, 512);
+                        assert!(
+                            found
+                                .as_deref()
+                                .is_some_and(|m| m.contains(&format!("frame {} ", frame + 1))),
+                            "big {big}, frame {frame}, byte {within} ^ {xor:#x}: {found:?}"
+                        );
+                        let parsed = wal_frames(&bad, 512).unwrap();
+                        assert_eq!(parsed.frames.len(), 5, "the chain reads on");
+                        assert_eq!(parsed.frames[frame].pgno, frames[frame].0);
+                        assert_eq!(parsed.frames[frame].commit_size, frames[frame].1);
+                    }
+                }
+            }
+            for at in 0..32 {
+                let mut bad = wal.clone();
+                bad[at] ^= 0x24;
+                let found = wal_break(&bad, 512);
+                assert!(
+                    found.as_deref().is_some_and(|m| m.contains("header")),
+                    "big {big}, header byte {at}: {found:?}"
+                );
+                assert_eq!(wal_frames(&bad, 512).unwrap().frames.len(), 5);
+            }
+        }
+    }
+
+    /// The false alarm that made a check at every open unsafe: a writer
+    /// killed after writing a transaction's frames (its commit included)
+    /// but before publishing them in the WAL index; the next writer
+    /// appends over the first of them from the last published frame. The
+    /// killed writer's later frames still chain to each other (a frame
+    /// checked against the stored checksum of the frame before it looks
+    /// damaged, and the next ones intact up to a commit), but not to the
+    /// chain from the header: the WAL is not damaged.
+    #[test]
+    fn a_killed_writers_frames_overwritten_by_the_next_writer_are_not_damage() {
+        for big in [true, false] {
+            let salts = [11, 0x5EED];
+            let (header, seed) = wal_header(big, salts);
+            let (published, seed) = chain(big, salts, seed, &filled(&[(2, 0), (3, 3)], 1));
+            let killed = filled(&[(2, 0), (3, 0), (4, 0), (5, 5)], 10);
+            let (aborted, _) = chain(big, salts, seed, &killed);
+            for next in [vec![(2, 0), (3, 3)], vec![(4, 0), (2, 0)], vec![(6, 6)]] {
+                let (written, _) = chain(big, salts, seed, &filled(&next, 20));
+                let mut wal = [header.clone(), published.clone(), written.clone()].concat();
+                wal.extend_from_slice(&aborted[written.len()..]);
+                let h = valid_header(wal[..32].try_into().unwrap()).unwrap();
+                // Checked against the stored checksum before it, the first
+                // surviving frame of the killed writer looks damaged and
+                // the next ones intact, up to its commit frame.
+                let frame_len = 24 + 512;
+                let first = 32 + published.len() + written.len();
+                let stale: Vec<&[u8]> = wal[first..].chunks(frame_len).collect();
+                assert!(link_intact(
+                    stale[0],
+                    &h,
+                    (
+                        be32(&wal, first - frame_len + 16).unwrap(),
+                        be32(&wal, first - frame_len + 20).unwrap()
+                    )
+                )
+                .is_none());
+                for pair in stale.windows(2) {
+                    let before = (be32(pair[0], 16).unwrap(), be32(pair[0], 20).unwrap());
+                    assert!(link_intact(pair[1], &h, before).is_some());
+                }
+                assert_eq!(wal_break(&wal, 512), None, "big {big}, next {next:?}");
+                let parsed = wal_frames(&wal, 512).unwrap();
+                assert_eq!(parsed.frames.len(), 2 + next.len());
+                assert!(parsed.frames.iter().all(|f| f.intact));
+            }
+        }
+    }
+
+    /// A WAL restarted (new salts: the first incremented, the second
+    /// random, here kept so they differ in one byte) over the frames of the
+    /// previous generation, commits included, then zeros (preallocation),
+    /// or an all-zero header before frames: none of it is damage.
+    #[test]
+    fn older_generations_and_zeros_are_not_damage() {
+        for big in [true, false] {
+            let (old_header, old_seed) = wal_header(big, [7, 9]);
+            let (old, _) = chain(
+                big,
+                [7, 9],
+                old_seed,
+                &filled(&[(2, 0), (3, 3), (4, 0), (2, 4), (5, 5)], 1),
+            );
+            let (header, seed) = wal_header(big, [8, 9]);
+            let (new, _) = chain(big, [8, 9], seed, &filled(&[(3, 0), (2, 5)], 50));
+            let mut wal = [header.clone(), new.clone()].concat();
+            wal.extend_from_slice(&old[new.len()..]);
+            wal.extend(vec![0u8; 3 * (24 + 512)]);
+            assert_eq!(wal_break(&wal, 512), None, "big {big}");
+            assert_eq!(wal_frames(&wal, 512).unwrap().frames.len(), 2);
+            let zero_header = [vec![0u8; 32], old[..].to_vec()].concat();
+            assert_eq!(wal_break(&zero_header, 512), None);
+            let zeros = vec![0u8; 32 + 4 * (24 + 512)];
+            assert_eq!(wal_break(&zeros, 512), None);
+            assert_eq!(wal_break(&[old_header, old].concat(), 512), None);
+        }
+    }
+
+    /// One transaction's frames as a writer of [`live_wal`] writes them.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A commit of this many frames, published.
+        Commit(usize),
+        /// A commit of this many frames written, the writer killed before
+        /// publishing it (the next writer appends over it).
+        Killed(usize),
+        /// A writer killed while writing: this many whole frames, then the
+        /// next frame's header without its page.
+        Torn(usize),
+        /// A WAL restart (after a checkpoint): a new header, frames from
+        /// the start again.
+        Restart,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (1usize..6).prop_map(Step::Commit),
+            3 => (2usize..8).prop_map(Step::Killed),
+            1 => (0usize..4).prop_map(Step::Torn),
+            1 => Just(Step::Restart),
+        ]
+    }
+
+    /// The WAL that `steps` of live writers leave (pages of random bytes
+    /// from `seed`, preallocated zeros at the end), and the number of its
+    /// published frames.
+    fn live_wal(big: bool, steps: &[Step], mut seed: u64) -> (Vec<u8>, usize) {
+        let mut random = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let frame_len = 24 + 512;
+        let mut salts = [1u32, 2];
+        let (mut wal, mut sum) = wal_header(big, salts);
+        wal.resize(32 + 64 * frame_len, 0);
+        let mut published = 0usize;
+        let write = |wal: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+            if wal.len() < at + bytes.len() {
+                wal.resize(at + bytes.len(), 0);
+            }
+            wal[at..at + bytes.len()].copy_from_slice(bytes);
+        };
+        for s in steps {
+            let n = match s {
+                Step::Restart => {
+                    salts = [salts[0] + 1, u32::try_from(random() >> 32).unwrap()];
+                    let (h, seed) = wal_header(big, salts);
+                    write(&mut wal, 0, &h);
+                    sum = seed;
+                    published = 0;
+                    continue;
+                }
+                Step::Commit(n) | Step::Killed(n) => *n,
+                Step::Torn(n) => n + 1,
+            };
+            let frames: Vec<(u32, u32, Vec<u8>)> = (0..n)
+                .map(|i| {
+                    let page: Vec<u8> = (0..512).map(|_| random() as u8).collect();
+                    let commit = if i + 1 == n { 9 } else { 0 };
+                    (2 + u32::try_from(i).unwrap(), commit, page)
+                })
+                .collect();
+            let (bytes, end) = chain(big, salts, sum, &frames);
+            let at = 32 + published * frame_len;
+            match s {
+                Step::Commit(_) => {
+                    write(&mut wal, at, &bytes);
+                    published += n;
+                    sum = end;
+                }
+                Step::Killed(_) => write(&mut wal, at, &bytes),
+                _ => write(&mut wal, at, &bytes[..(n - 1) * frame_len + 24]),
+            }
+        }
+        (wal, published)
+    }
+
+    /// Ops in [`real_files`]: some with payloads over a page (overflow).
     /// Ops in [`real_files`]: some with payloads over a page (overflow).
     const REAL_OPS: usize = 60;
 
@@ -852,6 +1298,32 @@ mod tests {
             }
             let _ = scan(&db, Some(&wal));
             let _ = scan(&db, None);
+        }
+
+        /// Whatever live writers leave — commits, writers killed before
+        /// publishing (their frames partly overwritten by the next), torn
+        /// frames, restarts over older generations, zeros — is never
+        /// damage; one byte changed in a published frame or the header
+        /// always is.
+        #[test]
+        fn live_wals_are_never_damage_and_one_flipped_byte_always_is(
+            steps in proptest::collection::vec(step(), 1..24),
+            seed in 1u64..,
+            big in any::<bool>(),
+            flip in (any::<prop::sample::Index>(), 1u8..),
+        ) {
+            let (wal, published) = live_wal(big, &steps, seed);
+            prop_assert_eq!(wal_break(&wal, 512), None);
+            let parsed = wal_frames(&wal, 512).unwrap();
+            prop_assert!(parsed.frames.len() >= published);
+            prop_assert!(parsed.frames.iter().all(|f| f.intact));
+            if published > 0 {
+                let span = 32 + published * (24 + 512);
+                let at = flip.0.index(span);
+                let mut bad = wal.clone();
+                bad[at] ^= flip.1;
+                prop_assert!(wal_break(&bad, 512).is_some(), "byte {} of {}", at, span);
+            }
         }
 
         /// Any bytes as a record or a varint never panic the decoder.
