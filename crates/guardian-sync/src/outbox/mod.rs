@@ -313,8 +313,31 @@ fn probe(conn: &Connection) -> rusqlite::Result<()> {
             |r| r.get::<_, i64>(0),
         )?;
     }
+    // And the root page of every index (one page each): an index used only
+    // now and then (a token's outcome, a transaction's ops) would otherwise
+    // fail a write long after the open, or only a full check.
+    for query in INDEX_PROBES {
+        conn.query_row(
+            &format!("SELECT count(*) FROM ({query} LIMIT 1)"),
+            [],
+            |r| r.get::<_, i64>(0),
+        )?;
+    }
     Ok(())
 }
+
+/// One read through each index of the current schema (a partial index
+/// with its own condition, so `INDEXED BY` can use it).
+const INDEX_PROBES: &[&str] = &[
+    "SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type > ''",
+    "SELECT seq FROM ops INDEXED BY ops_state WHERE state <> 'pending'",
+    "SELECT seq FROM ops INDEXED BY ops_txn WHERE txn IS NOT NULL",
+    "SELECT seq FROM ops INDEXED BY ops_gated WHERE txn IS NOT NULL OR depends_on IS NOT NULL",
+    "SELECT op_id FROM ops INDEXED BY sqlite_autoindex_ops_1 WHERE op_id > ''",
+    "SELECT token FROM txn_outcomes INDEXED BY sqlite_autoindex_txn_outcomes_1 WHERE token > ''",
+    "SELECT id FROM txn_outcomes INDEXED BY txn_outcomes_undelivered WHERE delivered = 0",
+    "SELECT id FROM txn_outcomes INDEXED BY txn_outcomes_at WHERE state <> 'pending'",
+];
 
 /// Start-up work, all through indexes: requeue a dead runner's in-flight
 /// ops, upcast old payloads, forget old outcomes.
@@ -926,6 +949,33 @@ mod tests {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
         let rows = stmt.query_map([], |r| r.get::<_, String>(3)).unwrap();
         rows.map(Result::unwrap).collect::<Vec<_>>().join(" | ")
+    }
+
+    /// The open probe reads every index's root page (`ops_ready` has its
+    /// own probe), so damage in one is found at open.
+    #[test]
+    fn the_open_probe_reads_every_index() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        schema::migrate(&mut conn).unwrap();
+        let indexes: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND name <> 'ops_ready' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let mut probed: Vec<String> = Vec::new();
+        for query in INDEX_PROBES {
+            let p = plan(&conn, query);
+            let name = indexes
+                .iter()
+                .find(|i| p.contains(i.as_str()))
+                .unwrap_or_else(|| panic!("{query} reads no index: {p}"));
+            probed.push(name.clone());
+        }
+        probed.sort();
+        assert_eq!(probed, indexes, "an index the open probe does not read");
+        super::probe(&conn).unwrap();
     }
 
     /// The hot and start-up queries must be served by indexes, never a scan
