@@ -404,6 +404,7 @@ mod tests {
             version: seq,
             cursor: seq,
             at_millis: 0,
+            transaction_key: None,
         }
     }
 
