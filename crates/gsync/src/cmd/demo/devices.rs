@@ -64,7 +64,8 @@ impl Device {
     }
 
     /// Enqueues actions up to (not including) `until`, one at a time, as the
-    /// user makes them; each is durable when `enqueue` returns.
+    /// user makes them (a scene as one transaction); each is durable when
+    /// its enqueue returns.
     pub(crate) async fn enqueue_until(&mut self, until: usize) -> anyhow::Result<()> {
         while self.next < until.min(self.actions.len()) {
             match &self.actions[self.next] {
@@ -79,6 +80,17 @@ impl Device {
                 }
                 &Step::Board { board, value } => {
                     self.model.board_edit(board, value);
+                }
+                Step::Scene(changes) => {
+                    // One commit for all of it: the runner sends it as one
+                    // unit and the server applies all of it or nothing.
+                    let ops = self.model.txn_ops(changes);
+                    let enqueued = self
+                        .outbox
+                        .enqueue_transaction(ops)
+                        .await
+                        .with_context(|| format!("device {} cannot enqueue a scene", self.index))?;
+                    self.model.record_txn(changes, &enqueued);
                 }
             }
             self.next += 1;
@@ -122,6 +134,8 @@ pub(crate) struct EventCounts {
     pub(crate) retried: u64,
     pub(crate) failed: u64,
     pub(crate) reconciled: u64,
+    /// Transactions reported committed (replays included).
+    pub(crate) txns_committed: u64,
     pub(crate) breaker_opened: u64,
     pub(crate) takeovers: u64,
     pub(crate) lock_lost: u64,
@@ -134,6 +148,7 @@ impl EventCounts {
         self.retried += o.retried;
         self.failed += o.failed;
         self.reconciled += o.reconciled;
+        self.txns_committed += o.txns_committed;
         self.breaker_opened += o.breaker_opened;
         self.takeovers += o.takeovers;
         self.lock_lost += o.lock_lost;

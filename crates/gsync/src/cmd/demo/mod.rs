@@ -8,7 +8,8 @@
 //! server's applied log and final entities are checked against the model
 //! (see [`verdict`]) and a verdict is printed. The exit status is 0 only if
 //! no op was lost, none applied twice, every entity's ops took effect in
-//! enqueue order and every entity ends as the model says.
+//! enqueue order, every entity ends as the model says and every scene (an
+//! atomic transaction) took effect whole, never half.
 //!
 //! Timeline (one tick = 200 ms): ticks 0–39 enqueue the workload evenly;
 //! the server is offline from tick 12 to tick 27; at tick 32 one device's
@@ -309,6 +310,7 @@ impl Demo {
                 }
             }
             "op_retried" => r.counts.retried += 1,
+            "transaction_committed" => r.counts.txns_committed += 1,
             "op_failed" => r.counts.failed += 1,
             "conflict" if v.get("resolution").and_then(Value::as_str) == Some("retry") => {
                 r.counts.reconciled += 1;
@@ -627,7 +629,7 @@ impl Demo {
             .flat_map(|d| {
                 d.model
                     .entities()
-                    .map(|(id, _, expected)| (workload::ENTITY_TYPE, id.to_owned(), expected))
+                    .map(|(t, id, _, expected)| (t, id.to_owned(), expected))
             })
             .collect();
         // Each board must hold every device's last value of its own field.

@@ -5,7 +5,8 @@
 //! every enqueue (merged into an op, annihilated, replaced), so after the run
 //! the model knows the list of ops that must each take effect on the server
 //! exactly once, per entity in enqueue order, and the final state of every
-//! entity. Runner events (acks, reconciliations) only feed the progress bars
+//! entity. It also knows each atomic transaction (a scene) and its ops, which
+//! must take effect together, in one commit, or not at all. Runner events (acks, reconciliations) only feed the progress bars
 //! and the device's knowledge of server versions (for `If-Match`); the
 //! verdict never trusts them, since a killed runner takes its last events
 //! with it.
@@ -13,11 +14,11 @@
 use std::collections::{BTreeMap, HashMap};
 
 use guardian_sync::op::{NewOp, OpId, OpKind};
-use guardian_sync::outbox::{Coalesced, Enqueued};
+use guardian_sync::outbox::{Coalesced, Enqueued, EnqueuedTransaction};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::workload::{board_field, board_id, Action, BOARD_TYPE, ENTITY_TYPE};
+use super::workload::{board_field, board_id, Action, Change, BOARD_TYPE, ENTITY_TYPE};
 
 /// An op the outbox stores (or stored, until it was acknowledged).
 #[derive(Debug, Clone)]
@@ -69,8 +70,19 @@ pub(crate) enum Expected {
     Absent,
 }
 
+/// An atomic transaction the device enqueued.
+#[derive(Debug, Clone)]
+pub(crate) struct TxnModel {
+    /// Its id: the key it is sent under, and the `transaction_key` of its
+    /// rows in the server's applied log.
+    pub(crate) id: Uuid,
+    /// Indexes into [`DeviceModel::ops`], in the transaction's order.
+    pub(crate) ops: Vec<usize>,
+}
+
 #[derive(Debug, Default)]
 struct EntityModel {
+    entity_type: &'static str,
     /// Indexes into `DeviceModel::ops`, in enqueue order.
     ops: Vec<usize>,
     /// Data after the device's last action (None once deleted).
@@ -85,6 +97,8 @@ struct EntityModel {
 #[derive(Debug, Default)]
 pub(crate) struct DeviceModel {
     pub(crate) ops: Vec<StoredOp>,
+    /// The atomic transactions, in enqueue order.
+    pub(crate) txns: Vec<TxnModel>,
     by_id: HashMap<OpId, usize>,
     entities: BTreeMap<String, EntityModel>,
     /// Enqueue calls.
@@ -102,22 +116,27 @@ impl DeviceModel {
     /// detect a concurrent writer), otherwise without one (the outbox chains
     /// it on its predecessor, or sends it unconditionally).
     pub(crate) fn new_op(&self, action: &Action) -> NewOp {
+        self.new_op_of(ENTITY_TYPE, action)
+    }
+
+    /// [`Self::new_op`] for an entity of type `entity_type`.
+    fn new_op_of(&self, entity_type: &str, action: &Action) -> NewOp {
         let known = self
             .entities
             .get(action.id())
             .filter(|e| e.unacked == 0)
             .and_then(|e| e.known.clone());
         match action {
-            Action::Create { id, data } => NewOp::create(ENTITY_TYPE, id, data.clone()),
+            Action::Create { id, data } => NewOp::create(entity_type, id, data.clone()),
             Action::Update { id, data } => {
-                let op = NewOp::update(ENTITY_TYPE, id, data.clone());
+                let op = NewOp::update(entity_type, id, data.clone());
                 match known {
                     Some((version, base)) => op.with_base(base, version),
                     None => op,
                 }
             }
             Action::Delete { id } => {
-                let op = NewOp::delete(ENTITY_TYPE, id);
+                let op = NewOp::delete(entity_type, id);
                 match known {
                     Some((version, _)) => op.with_base_version(version),
                     None => op,
@@ -126,13 +145,48 @@ impl DeviceModel {
         }
     }
 
-    fn push(&mut self, action: &Action, kind: OpKind, enqueued: &Enqueued) {
+    /// The ops of a scene, to enqueue as one transaction.
+    pub(crate) fn txn_ops(&self, changes: &[Change]) -> Vec<NewOp> {
+        changes
+            .iter()
+            .map(|c| self.new_op_of(c.entity_type, &c.action))
+            .collect()
+    }
+
+    /// Records the transaction the outbox stored for `changes`. Its ops are
+    /// never coalesced, so each is stored as given.
+    pub(crate) fn record_txn(&mut self, changes: &[Change], enqueued: &EnqueuedTransaction) {
+        let mut ops = Vec::with_capacity(changes.len());
+        for (c, e) in changes.iter().zip(&enqueued.ops) {
+            if e.coalesced.is_some() {
+                // The outbox promises it never happens; the model records
+                // the op anyway, so the verdict sees the difference.
+                tracing::error!("an op of a transaction was coalesced; the verdict will count it");
+            }
+            self.enqueued += 1;
+            let kind = self.note_action(c.entity_type, &c.action);
+            ops.push(self.ops.len());
+            self.push(c.entity_type, &c.action, kind, e);
+        }
+        self.txns.push(TxnModel {
+            id: enqueued.txn_id,
+            ops,
+        });
+    }
+
+    fn push(
+        &mut self,
+        entity_type: &'static str,
+        action: &Action,
+        kind: OpKind,
+        enqueued: &Enqueued,
+    ) {
         let index = self.ops.len();
         self.ops.push(StoredOp {
             op_id: enqueued.op_id,
             key: enqueued.idempotency_key,
             kind,
-            entity_type: ENTITY_TYPE,
+            entity_type,
             entity: action.id().to_owned(),
             payload: match action {
                 Action::Create { data, .. } | Action::Update { data, .. } => data.clone(),
@@ -146,6 +200,7 @@ impl DeviceModel {
         });
         self.by_id.insert(enqueued.op_id, index);
         let entity = self.entities.entry(action.id().to_owned()).or_default();
+        entity.entity_type = entity_type;
         entity.ops.push(index);
         entity.unacked += 1;
     }
@@ -276,23 +331,9 @@ impl DeviceModel {
     /// Records what the outbox did with `action`.
     pub(crate) fn record(&mut self, action: &Action, enqueued: &Enqueued) {
         self.enqueued += 1;
-        let entity = self.entities.entry(action.id().to_owned()).or_default();
-        let kind = match action {
-            Action::Create { data, .. } => {
-                entity.last = Some(data.clone());
-                OpKind::Create
-            }
-            Action::Update { data, .. } => {
-                entity.last = Some(data.clone());
-                OpKind::Update
-            }
-            Action::Delete { .. } => {
-                entity.last = None;
-                OpKind::Delete
-            }
-        };
+        let kind = self.note_action(ENTITY_TYPE, action);
         match &enqueued.coalesced {
-            None => self.push(action, kind, enqueued),
+            None => self.push(ENTITY_TYPE, action, kind, enqueued),
             Some(Coalesced::MergedInto { op_id, .. }) => {
                 if let (Some(&i), Action::Update { data, .. }) = (self.by_id.get(op_id), action) {
                     self.ops[i].payload = data.clone();
@@ -307,7 +348,27 @@ impl DeviceModel {
                 for r in removed {
                     self.remove(r.op_id);
                 }
-                self.push(action, kind, enqueued);
+                self.push(ENTITY_TYPE, action, kind, enqueued);
+            }
+        }
+    }
+
+    /// Notes the entity's data after `action`; returns the op's kind.
+    fn note_action(&mut self, entity_type: &'static str, action: &Action) -> OpKind {
+        let entity = self.entities.entry(action.id().to_owned()).or_default();
+        entity.entity_type = entity_type;
+        match action {
+            Action::Create { data, .. } => {
+                entity.last = Some(data.clone());
+                OpKind::Create
+            }
+            Action::Update { data, .. } => {
+                entity.last = Some(data.clone());
+                OpKind::Update
+            }
+            Action::Delete { .. } => {
+                entity.last = None;
+                OpKind::Delete
             }
         }
     }
@@ -357,9 +418,11 @@ impl DeviceModel {
         self.ops.iter().filter(|o| !o.removed).count()
     }
 
-    /// Each entity with its ops that must take effect (in enqueue order) and
-    /// its expected final state.
-    pub(crate) fn entities(&self) -> impl Iterator<Item = (&str, Vec<&StoredOp>, Expected)> {
+    /// Each entity (type and id) with its ops that must take effect (in
+    /// enqueue order) and its expected final state.
+    pub(crate) fn entities(
+        &self,
+    ) -> impl Iterator<Item = (&'static str, &str, Vec<&StoredOp>, Expected)> {
         self.entities.iter().map(|(id, e)| {
             let ops: Vec<&StoredOp> = e
                 .ops
@@ -372,7 +435,7 @@ impl DeviceModel {
                 (Some(data), false) => Expected::Live(data.clone()),
                 (None, false) => Expected::Deleted,
             };
-            (id.as_str(), ops, expected)
+            (e.entity_type, id.as_str(), ops, expected)
         })
     }
 }
@@ -414,7 +477,7 @@ mod tests {
                 }),
             ),
         );
-        let (_, ops, expected) = m.entities().next().unwrap();
+        let (_, _, ops, expected) = m.entities().next().unwrap();
         assert_eq!(ops.len(), 1);
         assert_eq!(ops[0].payload, json!({"x": 2}));
         assert_eq!(expected, Expected::Live(json!({"x": 2})));
@@ -432,11 +495,78 @@ mod tests {
                 }),
             ),
         );
-        let (_, ops, expected) = m.entities().next().unwrap();
+        let (_, _, ops, expected) = m.entities().next().unwrap();
         assert!(ops.is_empty());
         assert_eq!(expected, Expected::Absent);
         assert_eq!(m.enqueued, 3);
         assert_eq!(m.expected_ops(), 0);
+    }
+
+    #[test]
+    fn records_a_scene_as_one_transaction() {
+        use crate::cmd::demo::workload::{LIGHT_TYPE, SCENE_TYPE};
+        let mut m = DeviceModel::default();
+        let scene = |light: Action, scene: Action| {
+            [
+                Change {
+                    entity_type: LIGHT_TYPE,
+                    action: light,
+                },
+                Change {
+                    entity_type: SCENE_TYPE,
+                    action: scene,
+                },
+            ]
+        };
+        let first = scene(
+            Action::Create {
+                id: "l".into(),
+                data: json!({"on": true}),
+            },
+            Action::Create {
+                id: "s".into(),
+                data: json!({"n": 1}),
+            },
+        );
+        let ops = m.txn_ops(&first);
+        assert_eq!(
+            (ops[0].entity_type.as_str(), ops[1].entity_type.as_str()),
+            (LIGHT_TYPE, SCENE_TYPE)
+        );
+        m.record_txn(
+            &first,
+            &EnqueuedTransaction {
+                txn_id: Uuid::from_u128(9),
+                ops: vec![enq(1, None), enq(2, None)],
+            },
+        );
+        assert_eq!(m.txns.len(), 1);
+        assert_eq!(m.txns[0].ops, vec![0, 1]);
+        assert_eq!((m.enqueued, m.expected_ops()), (2, 2));
+        let types: Vec<(&str, &str, Expected)> =
+            m.entities().map(|(t, id, _, e)| (t, id, e)).collect();
+        assert_eq!(
+            types,
+            vec![
+                (LIGHT_TYPE, "l", Expected::Live(json!({"on": true}))),
+                (SCENE_TYPE, "s", Expected::Live(json!({"n": 1}))),
+            ]
+        );
+        // The next scene carries the versions the acks taught.
+        m.on_applied(Uuid::from_u128(1), Some(1));
+        let next = scene(
+            Action::Update {
+                id: "l".into(),
+                data: json!({"on": false}),
+            },
+            Action::Update {
+                id: "s".into(),
+                data: json!({"n": 2}),
+            },
+        );
+        let ops = m.txn_ops(&next);
+        assert_eq!(ops[0].base_version, Some(1));
+        assert_eq!(ops[1].base_version, None, "the scene's create is unacked");
     }
 
     #[test]

@@ -31,11 +31,12 @@ impl Live {
     fn counters(&self) -> String {
         let c = &self.counts;
         format!(
-            "answered {}  retried {}  replayed {}  conflicts {}  breaker opened {}  takeovers {}",
+            "answered {}  retried {}  replayed {}  conflicts {}  scenes committed {}  breaker opened {}  takeovers {}",
             c.answered(),
             c.retried,
             c.replayed,
             c.reconciled,
+            c.txns_committed,
             c.breaker_opened,
             c.takeovers,
         )

@@ -18,7 +18,14 @@
 //!   conflict (a 409 is a definitive "not applied"; the retry gets a new
 //!   key), so it must have op `i`'s kind;
 //! - **state mismatches**: entities whose final server state (live data,
-//!   tombstone, or absent) differs from the model's.
+//!   tombstone, or absent) differs from the model's;
+//! - **half-applied transactions**: a transaction the devices enqueued whose
+//!   rows under its `transaction_key` are not exactly one per op, on the
+//!   op's entity, in the transaction's order, at consecutive cursors (each
+//!   under the op's own key or, after a reconciled conflict, a key the model
+//!   never saw), or one of whose op keys was applied outside it. A
+//!   transaction with no row at all is unapplied: all or nothing holds, but
+//!   a drained demo must have applied it.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -29,7 +36,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use super::model::{DeviceModel, Expected};
-use super::workload::{BOARD_TYPE, ENTITY_TYPE};
+use super::workload::BOARD_TYPE;
 
 /// Prefix of the keys the demo itself uses to create the shared boards.
 pub(crate) const SETUP_KEY_PREFIX: &str = "demo-setup:";
@@ -55,6 +62,12 @@ pub(crate) struct Verdict {
     pub(crate) order_violations: u64,
     pub(crate) state_mismatches: u64,
     pub(crate) entities_checked: u64,
+    /// Atomic transactions (scenes) the devices enqueued.
+    pub(crate) transactions: u64,
+    /// Of those, the ones applied whole.
+    pub(crate) transactions_whole: u64,
+    pub(crate) transactions_half_applied: u64,
+    pub(crate) transactions_unapplied: u64,
     pub(crate) left_in_outboxes: u64,
     pub(crate) failed: u64,
     pub(crate) conflicts_resolved: u64,
@@ -124,12 +137,12 @@ impl Verdict {
                 owner.insert(op.key.to_string(), op.op_id);
             }
         }
-        let mut modelled = HashSet::new();
+        let mut modelled: HashSet<(&str, String)> = HashSet::new();
         for m in models {
-            for (id, ops, _) in m.entities() {
-                modelled.insert(id.to_owned());
+            for (entity_type, id, ops, _) in m.entities() {
+                modelled.insert((entity_type, id.to_owned()));
                 let applied = by_entity
-                    .get(&(ENTITY_TYPE, id))
+                    .get(&(entity_type, id))
                     .map_or(&[][..], Vec::as_slice);
                 for i in 0..ops.len().max(applied.len()) {
                     match (ops.get(i), applied.get(i)) {
@@ -141,7 +154,7 @@ impl Verdict {
                             if other_op || (!same_key && row.op != op.kind.mutation()) {
                                 self.order_violations += 1;
                                 let text = format!(
-                                    "{ENTITY_TYPE}/{id}: applied #{} is a {} under key {}, expected the {} enqueued with key {}",
+                                    "{entity_type}/{id}: applied #{} is a {} under key {}, expected the {} enqueued with key {}",
                                     i + 1,
                                     row.op.as_str(),
                                     row.idempotency_key,
@@ -154,7 +167,7 @@ impl Verdict {
                         (Some(op), None) => {
                             self.lost += 1;
                             let text = format!(
-                                "{ENTITY_TYPE}/{id}: the {} enqueued with key {} never took effect",
+                                "{entity_type}/{id}: the {} enqueued with key {} never took effect",
                                 op.kind.as_str(),
                                 op.key
                             );
@@ -163,7 +176,7 @@ impl Verdict {
                         (None, Some(row)) => {
                             self.unexpected += 1;
                             let text = format!(
-                                "{ENTITY_TYPE}/{id}: unexpected {} under key {}",
+                                "{entity_type}/{id}: unexpected {} under key {}",
                                 row.op.as_str(),
                                 row.idempotency_key
                             );
@@ -175,8 +188,9 @@ impl Verdict {
             }
         }
         self.check_boards(models, &by_entity, &mut modelled);
+        self.check_transactions(models, &rows, &owner);
         for ((entity_type, id), rows) in &by_entity {
-            if !modelled.contains(*id) || !matches!(*entity_type, ENTITY_TYPE | BOARD_TYPE) {
+            if !modelled.contains(&(*entity_type, (*id).to_owned())) {
                 self.unexpected += rows.len() as u64;
                 self.problem(format!(
                     "{entity_type}/{id}: written but no device wrote it"
@@ -193,7 +207,7 @@ impl Verdict {
         &mut self,
         models: &[&DeviceModel],
         by_entity: &HashMap<(&str, &str), Vec<&AppliedMutation>>,
-        modelled: &mut HashSet<String>,
+        modelled: &mut HashSet<(&str, String)>,
     ) {
         let mut boards: HashSet<&str> = HashSet::new();
         for m in models {
@@ -202,7 +216,7 @@ impl Verdict {
             }
         }
         for board in boards {
-            modelled.insert(board.to_owned());
+            modelled.insert((BOARD_TYPE, board.to_owned()));
             // key → (device, position among the device's ops on this board)
             let mut owner: HashMap<String, (usize, usize)> = HashMap::new();
             let mut expected = 0usize;
@@ -248,6 +262,85 @@ impl Verdict {
         }
     }
 
+    /// Atomicity, through the applied log: every transaction of the models
+    /// took effect whole (see the module's definitions) or not at all, and
+    /// no row claims a transaction no device enqueued. `owner` maps every
+    /// key the devices enqueued with to its op.
+    fn check_transactions(
+        &mut self,
+        models: &[&DeviceModel],
+        rows: &[&AppliedMutation],
+        owner: &HashMap<String, Uuid>,
+    ) {
+        let mut by_txn: HashMap<&str, Vec<&AppliedMutation>> = HashMap::new();
+        let mut by_key: HashMap<&str, Vec<&AppliedMutation>> = HashMap::new();
+        for r in rows {
+            if let Some(t) = &r.transaction_key {
+                by_txn.entry(t.as_str()).or_default().push(r);
+            }
+            by_key
+                .entry(r.idempotency_key.as_str())
+                .or_default()
+                .push(r);
+        }
+        for (d, m) in models.iter().enumerate() {
+            for txn in &m.txns {
+                self.transactions += 1;
+                let id = txn.id.to_string();
+                let mut applied = by_txn.remove(id.as_str()).unwrap_or_default();
+                applied.sort_by_key(|r| r.cursor);
+                // An op of the transaction applied alone, or in another one.
+                let outside = txn
+                    .ops
+                    .iter()
+                    .flat_map(|&i| by_key.get(m.ops[i].key.to_string().as_str()))
+                    .flatten()
+                    .filter(|r| r.transaction_key.as_deref() != Some(id.as_str()))
+                    .count();
+                if applied.is_empty() && outside == 0 {
+                    self.transactions_unapplied += 1;
+                    self.problem(format!(
+                        "device {d}: transaction {id} ({} ops) never took effect",
+                        txn.ops.len()
+                    ));
+                    continue;
+                }
+                let first = applied.first().map_or(0, |r| r.cursor);
+                let mut whole = outside == 0 && applied.len() == txn.ops.len();
+                for (n, (&i, row)) in txn.ops.iter().zip(&applied).enumerate() {
+                    let op = &m.ops[i];
+                    let key_ok = row.idempotency_key == op.key.to_string()
+                        || !owner.contains_key(&row.idempotency_key);
+                    whole &= row.entity_type == op.entity_type
+                        && row.id == op.entity
+                        && key_ok
+                        && row.cursor == first + n as u64;
+                }
+                if whole {
+                    self.transactions_whole += 1;
+                } else {
+                    self.transactions_half_applied += 1;
+                    let rows: Vec<String> = applied
+                        .iter()
+                        .map(|r| format!("{}/{}@{}", r.entity_type, r.id, r.cursor))
+                        .collect();
+                    self.problem(format!(
+                        "device {d}: transaction {id} of {} ops half-applied: rows [{}], {outside} op(s) applied outside it",
+                        txn.ops.len(),
+                        rows.join(", ")
+                    ));
+                }
+            }
+        }
+        for (key, rows) in by_txn {
+            self.transactions_half_applied += 1;
+            self.problem(format!(
+                "{} row(s) under transaction key {key}, which no device enqueued",
+                rows.len()
+            ));
+        }
+    }
+
     /// Compares one entity's final server state with the model.
     pub(crate) fn check_state(
         &mut self,
@@ -277,6 +370,8 @@ impl Verdict {
             && self.unexpected == 0
             && self.order_violations == 0
             && self.state_mismatches == 0
+            && self.transactions_half_applied == 0
+            && self.transactions_unapplied == 0
             && self.left_in_outboxes == 0
             && self.failed == 0
             && self.problems.is_empty();
@@ -334,6 +429,21 @@ impl Verdict {
             Some(self.state_mismatches == 0),
         );
         row(
+            "scenes (atomic transactions)",
+            self.transactions.to_string(),
+            None,
+        );
+        row(
+            "transactions applied whole",
+            format!("{}/{}", self.transactions_whole, self.transactions),
+            Some(self.transactions_whole == self.transactions),
+        );
+        row(
+            "half-applied transactions",
+            self.transactions_half_applied.to_string(),
+            Some(self.transactions_half_applied == 0),
+        );
+        row(
             "left in outboxes / failed",
             format!("{}/{}", self.left_in_outboxes, self.failed),
             Some(self.left_in_outboxes == 0 && self.failed == 0),
@@ -376,7 +486,8 @@ impl Verdict {
             text,
             "verdict: {}",
             if self.passed {
-                "PASS (no op lost, none applied twice, every entity in order and as modelled)"
+                "PASS (no op lost, none applied twice, every entity in order and as modelled, \
+                 no transaction half-applied)"
             } else {
                 "FAIL"
             }
@@ -388,9 +499,9 @@ impl Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cmd::demo::workload::Action;
+    use crate::cmd::demo::workload::{Action, Change, ENTITY_TYPE, LIGHT_TYPE, SCENE_TYPE};
     use guardian_protocol::MutationKind;
-    use guardian_sync::outbox::Enqueued;
+    use guardian_sync::outbox::{Enqueued, EnqueuedTransaction};
     use serde_json::json;
 
     fn row(seq: u64, key: &str, id: &str, op: MutationKind) -> AppliedMutation {
@@ -404,7 +515,122 @@ mod tests {
             version: seq,
             cursor: seq,
             at_millis: 0,
+            transaction_key: None,
         }
+    }
+
+    /// A model with one scene: light "l" created, scene "s" created, as
+    /// transaction 900 with op keys 200 and 201.
+    fn scene_model() -> DeviceModel {
+        let mut m = DeviceModel::default();
+        let changes = [
+            Change {
+                entity_type: LIGHT_TYPE,
+                action: Action::Create {
+                    id: "l".into(),
+                    data: json!({"on": true}),
+                },
+            },
+            Change {
+                entity_type: SCENE_TYPE,
+                action: Action::Create {
+                    id: "s".into(),
+                    data: json!({"activations": 1}),
+                },
+            },
+        ];
+        let ops = (0..2u128)
+            .map(|n| Enqueued {
+                op_id: Uuid::from_u128(50 + n),
+                idempotency_key: Uuid::from_u128(200 + n),
+                seq: i64::try_from(n).unwrap(),
+                coalesced: None,
+            })
+            .collect();
+        m.record_txn(
+            &changes,
+            &EnqueuedTransaction {
+                txn_id: Uuid::from_u128(900),
+                ops,
+            },
+        );
+        m
+    }
+
+    fn txn_row(cursor: u64, key: &str, entity_type: &str, id: &str, txn: &str) -> AppliedMutation {
+        AppliedMutation {
+            entity_type: entity_type.into(),
+            transaction_key: Some(txn.into()),
+            ..row(cursor, key, id, MutationKind::Create)
+        }
+    }
+
+    #[test]
+    fn whole_transaction_passes() {
+        let m = scene_model();
+        let mut v = Verdict::default();
+        let log = vec![
+            txn_row(1, &key(200), LIGHT_TYPE, "l", &key(900)),
+            txn_row(2, &key(201), SCENE_TYPE, "s", &key(900)),
+        ];
+        v.check_log(&[&m], &log);
+        v.decide();
+        assert!(v.passed, "{:?}", v.problems);
+        assert_eq!((v.transactions, v.transactions_whole), (1, 1));
+    }
+
+    #[test]
+    fn reconciled_op_in_a_whole_transaction_passes() {
+        // The scene's op got a new key from a reconciled conflict; the
+        // transaction went again whole under its own key.
+        let m = scene_model();
+        let mut v = Verdict::default();
+        let log = vec![
+            txn_row(4, "reconciled", LIGHT_TYPE, "l", &key(900)),
+            txn_row(5, &key(201), SCENE_TYPE, "s", &key(900)),
+        ];
+        v.check_log(&[&m], &log);
+        assert_eq!(v.transactions_whole, 1, "{:?}", v.problems);
+    }
+
+    #[test]
+    fn finds_half_applied_transactions() {
+        let m = scene_model();
+        let broken = [
+            // One op only.
+            vec![txn_row(1, &key(200), LIGHT_TYPE, "l", &key(900))],
+            // Another write between its ops.
+            vec![
+                txn_row(1, &key(200), LIGHT_TYPE, "l", &key(900)),
+                txn_row(3, &key(201), SCENE_TYPE, "s", &key(900)),
+            ],
+            // One op applied on its own, outside the transaction.
+            vec![
+                txn_row(1, &key(200), LIGHT_TYPE, "l", &key(900)),
+                AppliedMutation {
+                    entity_type: SCENE_TYPE.into(),
+                    ..row(2, &key(201), "s", MutationKind::Create)
+                },
+            ],
+            // Applied twice.
+            vec![
+                txn_row(1, &key(200), LIGHT_TYPE, "l", &key(900)),
+                txn_row(2, &key(201), SCENE_TYPE, "s", &key(900)),
+                txn_row(3, &key(200), LIGHT_TYPE, "l", &key(900)),
+                txn_row(4, &key(201), SCENE_TYPE, "s", &key(900)),
+            ],
+        ];
+        for log in broken {
+            let mut v = Verdict::default();
+            v.check_log(&[&m], &log);
+            v.decide();
+            assert_eq!(v.transactions_half_applied, 1, "{log:?}");
+            assert!(!v.passed);
+        }
+        let mut v = Verdict::default();
+        v.check_log(&[&m], &[]);
+        v.decide();
+        assert_eq!((v.transactions_unapplied, v.passed), (1, false));
     }
 
     fn model() -> DeviceModel {

@@ -6,6 +6,10 @@
 //! writes them (except the server's forced-conflict fault, which bumps the
 //! version without changing the data), so the final state the server must
 //! hold is simply the result of applying the device's actions in order.
+//!
+//! Scenes are the atomic part: a device also owns a few smart-home lights
+//! and scenes, and activating a scene switches several of its lights and
+//! records the activation as one transaction (all of it or nothing).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -16,6 +20,18 @@ pub(crate) const ENTITY_TYPE: &str = "task";
 
 /// The entity type of the boards every device writes (its own field only).
 pub(crate) const BOARD_TYPE: &str = "board";
+
+/// The entity type of each device's lights (written only in scenes).
+pub(crate) const LIGHT_TYPE: &str = "light";
+
+/// The entity type of each device's scene records (written only in scenes).
+pub(crate) const SCENE_TYPE: &str = "scene";
+
+/// Lights per device.
+const LIGHTS: usize = 5;
+
+/// Scenes per device.
+const SCENE_NAMES: [&str; 3] = ["evening", "movie", "away"];
 
 /// The id of shared board `n`.
 pub(crate) fn board_id(n: usize) -> String {
@@ -36,6 +52,18 @@ pub(crate) enum Step {
     /// per device and board). Other devices write their fields of the same
     /// board concurrently; the default LocalWins 3-way merge must keep them all.
     Board { board: usize, value: u64 },
+    /// The device activates a scene: 2 to 4 of its lights switch and the
+    /// scene's record changes, as one atomic transaction. Every op is on
+    /// a different entity; a light or scene is created by the first scene
+    /// that touches it and updated afterwards.
+    Scene(Vec<Change>),
+}
+
+/// One op of a scene: an action on an entity of type `entity_type`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Change {
+    pub(crate) entity_type: &'static str,
+    pub(crate) action: Action,
 }
 
 /// One change a device's user makes.
@@ -88,11 +116,85 @@ fn device_rng(seed: u64, device: usize) -> StdRng {
     StdRng::seed_from_u64(seed ^ mix)
 }
 
+/// The device's lights and scenes as its scenes have left them.
+#[derive(Debug)]
+struct Home {
+    lights: Vec<Option<Value>>,
+    /// Activations of each scene so far.
+    activations: Vec<u64>,
+}
+
+impl Home {
+    fn new() -> Self {
+        Self {
+            lights: vec![None; LIGHTS],
+            activations: vec![0; SCENE_NAMES.len()],
+        }
+    }
+
+    /// The changes of one activation of a random scene on `device`.
+    fn scene(&mut self, rng: &mut StdRng, device: usize) -> Vec<Change> {
+        let scene = rng.random_range(0..SCENE_NAMES.len());
+        let count = rng.random_range(2..=4);
+        let mut picked: Vec<usize> = (0..LIGHTS).collect();
+        // A partial Fisher-Yates shuffle: `count` distinct lights.
+        for i in 0..count {
+            let j = rng.random_range(i..LIGHTS);
+            picked.swap(i, j);
+        }
+        picked.truncate(count);
+        let mut changes = Vec::with_capacity(count + 1);
+        let mut ids = Vec::with_capacity(count);
+        for &l in &picked {
+            let id = format!("d{device}-light-{l}");
+            let data = json!({
+                "on": rng.random_bool(0.7),
+                "brightness": rng.random_range(1..=100),
+                "scene": SCENE_NAMES[scene],
+            });
+            let action = match self.lights[l].replace(data.clone()) {
+                None => Action::Create {
+                    id: id.clone(),
+                    data,
+                },
+                Some(_) => Action::Update {
+                    id: id.clone(),
+                    data,
+                },
+            };
+            changes.push(Change {
+                entity_type: LIGHT_TYPE,
+                action,
+            });
+            ids.push(id);
+        }
+        self.activations[scene] += 1;
+        let id = format!("d{device}-scene-{scene}");
+        let data = json!({
+            "name": SCENE_NAMES[scene],
+            "lights": ids,
+            "activations": self.activations[scene],
+        });
+        let action = if self.activations[scene] == 1 {
+            Action::Create { id, data }
+        } else {
+            Action::Update { id, data }
+        };
+        changes.push(Change {
+            entity_type: SCENE_TYPE,
+            action,
+        });
+        changes
+    }
+}
+
 /// `ops` steps of device `device` (task ids `d<device>-t<n>`); about one in
-/// ten is a board edit when there are `boards`.
+/// ten is a board edit when there are `boards`, and about one in twelve of
+/// the others a scene.
 pub(crate) fn generate(seed: u64, device: usize, ops: usize, boards: usize) -> Vec<Step> {
     let mut rng = device_rng(seed, device);
     let mut board_values = vec![0u64; boards];
+    let mut home = Home::new();
     // The device's local view: live tasks and their data, in creation order
     // (a Vec, so picks are deterministic).
     let mut live: Vec<(String, Value)> = Vec::new();
@@ -106,6 +208,10 @@ pub(crate) fn generate(seed: u64, device: usize, ops: usize, boards: usize) -> V
                 board,
                 value: board_values[board],
             });
+            continue;
+        }
+        if rng.random_bool(0.08) {
+            out.push(Step::Scene(home.scene(&mut rng, device)));
             continue;
         }
         let roll: f64 = rng.random();
@@ -176,7 +282,7 @@ mod tests {
             .into_iter()
             .filter_map(|s| match s {
                 Step::Task(a) => Some(a),
-                Step::Board { .. } => None,
+                Step::Board { .. } | Step::Scene(_) => None,
             })
             .collect();
         let mut state = std::collections::HashMap::new();
@@ -194,5 +300,34 @@ mod tests {
         assert!(kinds(|a| matches!(a, Action::Create { .. })) > 50);
         assert!(kinds(|a| matches!(a, Action::Update { .. })) > 200);
         assert!(kinds(|a| matches!(a, Action::Delete { .. })) > 20);
+    }
+
+    #[test]
+    fn scenes_switch_distinct_lights_created_once() {
+        let steps = generate(5, 1, 500, 3);
+        let scenes: Vec<&Vec<Change>> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Scene(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        assert!(scenes.len() > 20, "{} scenes", scenes.len());
+        let mut created = std::collections::HashSet::new();
+        for changes in scenes {
+            assert!((3..=5).contains(&changes.len()), "{changes:?}");
+            let ids: std::collections::HashSet<&str> =
+                changes.iter().map(|c| c.action.id()).collect();
+            assert_eq!(ids.len(), changes.len(), "one op per entity: {changes:?}");
+            assert_eq!(changes.last().unwrap().entity_type, SCENE_TYPE);
+            for c in changes {
+                assert!(c.action.id().starts_with("d1-"));
+                match &c.action {
+                    Action::Create { id, .. } => assert!(created.insert(id.clone())),
+                    Action::Update { id, .. } => assert!(created.contains(id)),
+                    Action::Delete { .. } => panic!("scenes never delete"),
+                }
+            }
+        }
     }
 }
