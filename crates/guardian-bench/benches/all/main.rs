@@ -11,7 +11,7 @@
 //!
 //! - `BENCH_RUNS=N`: runs per scenario.
 //! - `BENCH_SMOKE=1`: tiny sizes, to check the harness (figures meaningless).
-//! - `BENCH_ONLY=enqueue,drain,recovery,coalescing`: a subset.
+//! - `BENCH_ONLY=enqueue,drain,recovery,coalescing,reconnect`: a subset.
 //! - `BENCH_RECOVERY_OPS=N`: pending ops for the recovery scenario (1,000,000).
 //! - `BENCH_OUT=path`: where to write the report (default `BENCHMARKS.md`).
 //! - `GSYNC_BIN=path`: a prebuilt `gsync` (otherwise built with cargo).
@@ -24,6 +24,7 @@ mod common;
 mod doc;
 mod drain;
 mod enqueue;
+mod reconnect;
 mod recovery;
 
 use common::Config;
@@ -47,6 +48,9 @@ fn main() {
         sections.push(coalescing::run(&config));
     }
     sections.push(doc::telemetry_and_realtime());
+    if config.wants("reconnect") {
+        sections.push(reconnect::run(&config));
+    }
     let text = doc::render(&config, &started.finish(), &sections);
     std::fs::write(&config.out, text).expect("write the report");
     eprintln!("guardian-bench: wrote {}", config.out.display());
