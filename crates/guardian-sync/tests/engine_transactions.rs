@@ -280,6 +280,7 @@ async fn a_lost_response_after_commit_is_replayed_never_applied_twice() {
     let server = server(faults).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(&dir, &server, None).await;
+    let mut events = engine.events();
     let txn = engine
         .transaction(vec![
             NewOp::create("device", "a", json!({"n": 1})),
@@ -291,6 +292,20 @@ async fn a_lost_response_after_commit_is_replayed_never_applied_twice() {
     let log = server.applied_log().await.unwrap();
     assert_eq!(transactions(&log)[&txn.txn_id.to_string()].len(), 2);
     assert_eq!(log.len(), 2, "{log:?}");
+    // The answer that got through was a replay, and says so.
+    let events = collect(&mut events);
+    assert!(
+        events.iter().any(|e| matches!(e,
+            SyncEvent::TransactionCommitted { txn_id, replayed: true, .. } if *txn_id == txn.txn_id)),
+        "{events:?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e, SyncEvent::OpSucceeded { replayed: true, .. }))
+            .count(),
+        2
+    );
     assert_eq!(engine.outbox().stats().await.unwrap().pending, 0);
     engine.outbox().close().await;
 }

@@ -461,6 +461,9 @@ fn whole_failure(r: &Response) -> Outcome {
 /// others. An answer that contradicts itself is a protocol error for all.
 fn transaction_outcomes(ops: &[OpRequest], t: TransactionResponse) -> Vec<Outcome> {
     let committed = t.committed;
+    // A replay answers each op as it was first answered: the whole
+    // response's flag says the ops were applied by an earlier attempt.
+    let replayed = t.replayed;
     let failed = t.failed_op.and_then(|i| usize::try_from(i).ok());
     let outcomes = classify_results(ops, t.results);
     let consistent = if committed {
@@ -483,9 +486,13 @@ fn transaction_outcomes(ops: &[OpRequest], t: TransactionResponse) -> Vec<Outcom
     outcomes
         .into_iter()
         .enumerate()
-        .map(|(i, o)| match failed {
-            Some(f) if i != f => Outcome::DependencyFailed,
-            _ => o,
+        .map(|(i, o)| match (failed, o) {
+            (Some(f), _) if i != f => Outcome::DependencyFailed,
+            (_, Outcome::Applied { entity, .. }) if replayed => Outcome::Applied {
+                entity,
+                replayed: true,
+            },
+            (_, o) => o,
         })
         .collect()
 }
