@@ -1035,29 +1035,7 @@ impl DrainMachine {
         env: &mut Env<'_>,
         out: &mut Vec<DrainCommand>,
     ) {
-        // A tombstone (deleted flag, or a 410 without a body) is not the same
-        // as "absent": a CREATE or UPDATE against it must not loop.
-        let entity = match current {
-            Fetched::Present(e) => Some(e),
-            Fetched::Absent => None,
-            Fetched::Deleted => Some(Entity {
-                entity_type: op.entity_type.clone(),
-                id: op.entity_id.clone(),
-                version: 0,
-                data: Value::Null,
-                updated_at: String::new(),
-                deleted: true,
-            }),
-        };
-        let resolution = env.reconciler.decide(&ConflictInput {
-            kind: op.kind.mutation(),
-            entity_type: &op.entity_type,
-            payload: &op.payload,
-            base: op.base.as_ref(),
-            current: entity.as_ref(),
-            reconciliations: op.reconciliations,
-        });
-        let remote = entity.map_or(Value::Null, |e| e.data);
+        let (resolution, remote) = decide_conflict(&op, current, env);
         let event = |resolved: Value, resolution: ConflictOutcome| SyncEvent::Conflict {
             op_id: op.op_id,
             entity_type: op.entity_type.clone(),
@@ -1396,27 +1374,7 @@ impl DrainMachine {
         env: &mut Env<'_>,
         out: &mut Vec<DrainCommand>,
     ) {
-        let entity = match current {
-            Fetched::Present(e) => Some(e),
-            Fetched::Absent => None,
-            Fetched::Deleted => Some(Entity {
-                entity_type: op.entity_type.clone(),
-                id: op.entity_id.clone(),
-                version: 0,
-                data: Value::Null,
-                updated_at: String::new(),
-                deleted: true,
-            }),
-        };
-        let resolution = env.reconciler.decide(&ConflictInput {
-            kind: op.kind.mutation(),
-            entity_type: &op.entity_type,
-            payload: &op.payload,
-            base: op.base.as_ref(),
-            current: entity.as_ref(),
-            reconciliations: op.reconciliations,
-        });
-        let remote = entity.as_ref().map_or(Value::Null, |e| e.data.clone());
+        let (resolution, remote) = decide_conflict(&op, current, env);
         let conflict = |resolved: Value, resolution: ConflictOutcome| SyncEvent::Conflict {
             op_id: op.op_id,
             entity_type: op.entity_type.clone(),
@@ -1503,6 +1461,34 @@ impl DrainMachine {
         };
         self.write(write, after, out);
     }
+}
+
+/// The entity type's policy on a conflict of `op` with what the server
+/// has; returns its resolution and the server's data (for the event).
+fn decide_conflict(op: &PendingOp, current: Fetched, env: &Env<'_>) -> (Resolution, Value) {
+    // A tombstone (deleted flag, or a 410 without a body) is not the same
+    // as "absent": a CREATE or UPDATE against it must not loop.
+    let entity = match current {
+        Fetched::Present(e) => Some(e),
+        Fetched::Absent => None,
+        Fetched::Deleted => Some(Entity {
+            entity_type: op.entity_type.clone(),
+            id: op.entity_id.clone(),
+            version: 0,
+            data: Value::Null,
+            updated_at: String::new(),
+            deleted: true,
+        }),
+    };
+    let resolution = env.reconciler.decide(&ConflictInput {
+        kind: op.kind.mutation(),
+        entity_type: &op.entity_type,
+        payload: &op.payload,
+        base: op.base.as_ref(),
+        current: entity.as_ref(),
+        reconciliations: op.reconciliations,
+    });
+    (resolution, entity.map_or(Value::Null, |e| e.data))
 }
 
 /// Reads a transaction's outcomes: committed only if every op applied.
