@@ -320,15 +320,17 @@ fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
     let committed = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
         let tx = conn.transaction()?;
         let mut outcomes = Vec::with_capacity(work.len());
+        // Fetched from the cache once per group, not once per request.
+        let mut st = Statements::prepare(&tx)?;
         for (tenant, inputs) in work {
             // A lone request needs no savepoint: its failure is the
             // transaction's.
             if single {
-                outcomes.push(Ok(apply_all(&tx, inner, &tenant, inputs)?));
+                outcomes.push(Ok(apply_all(&tx, &mut st, inner, &tenant, inputs)?));
                 continue;
             }
             tx.prepare_cached("SAVEPOINT request")?.execute([])?;
-            match apply_all(&tx, inner, &tenant, inputs) {
+            match apply_all(&tx, &mut st, inner, &tenant, inputs) {
                 Ok(done) => {
                     tx.prepare_cached("RELEASE request")?.execute([])?;
                     outcomes.push(Ok(done));
@@ -339,6 +341,7 @@ fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
                 }
             }
         }
+        drop(st);
         tx.commit()?;
         Ok(outcomes)
     })();
@@ -374,7 +377,7 @@ fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
 }
 
 /// The statements of a write transaction, prepared (or fetched from the
-/// cache) once per transaction rather than once per op.
+/// cache) once per group commit rather than once per request or op.
 struct Statements<'c> {
     lookup: CachedStatement<'c>,
     load: CachedStatement<'c>,
@@ -403,6 +406,7 @@ type Done = (WorkDone, Vec<Change>);
 
 fn apply_all(
     tx: &Transaction<'_>,
+    st: &mut Statements<'_>,
     inner: &Inner,
     tenant: &str,
     inputs: Work,
@@ -410,7 +414,7 @@ fn apply_all(
     let now = inner.opts.clock.now_millis();
     let mut w = SqliteTx {
         tx,
-        st: Statements::prepare(tx)?,
+        st,
         cursors: feed::Cursors::default(),
         saved: None,
         tenant,
@@ -418,16 +422,15 @@ fn apply_all(
     };
     // Every future of `SqliteTx` is ready at once: this never blocks.
     let applied = futures::executor::block_on(apply_work(&mut w, &inner.opts, now, inputs))?;
-    let SqliteTx { st, cursors, .. } = w;
-    drop(st);
+    let SqliteTx { cursors, .. } = w;
     cursors.finish(tx, tenant)?;
     Ok(applied)
 }
 
 /// A write transaction of one tenant on the SQLite connection.
-struct SqliteTx<'t, 'c> {
+struct SqliteTx<'t, 'c, 's> {
     tx: &'t Transaction<'c>,
-    st: Statements<'t>,
+    st: &'t mut Statements<'s>,
     cursors: feed::Cursors,
     /// The cursors as the open atomic unit found them.
     saved: Option<feed::Cursors>,
@@ -435,7 +438,7 @@ struct SqliteTx<'t, 'c> {
     now: i64,
 }
 
-impl WriteTx for SqliteTx<'_, '_> {
+impl WriteTx for SqliteTx<'_, '_, '_> {
     async fn lookup(&mut self, key: &str, not_before: i64) -> Result<Option<Stored>, StoreError> {
         idempotency::lookup(&mut self.st.lookup, self.tenant, key, not_before)
     }
