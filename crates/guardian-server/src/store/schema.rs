@@ -116,6 +116,9 @@ pub(crate) fn open(path: Option<&Path>, sync: Synchronous) -> Result<Connection,
         },
     )?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // Savepoint journals (one per request of a group commit, one per atomic
+    // transaction) stay in memory instead of spilling to temporary files.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     migrate(&conn)?;
     Ok(conn)
 }

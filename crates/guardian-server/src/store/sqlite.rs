@@ -320,25 +320,46 @@ fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
     let committed = (|| -> Result<Vec<Result<Done, StoreError>>, StoreError> {
         let tx = conn.transaction()?;
         let mut outcomes = Vec::with_capacity(work.len());
+        // Fetched from the cache once per group, not once per request.
+        let mut st = Statements::prepare(&tx)?;
+        // Each tenant's cursors over the whole group: its counter row is
+        // read once and written once per group, not per request.
+        let mut cursors: Vec<(Arc<str>, feed::Cursors)> = Vec::new();
         for (tenant, inputs) in work {
+            let at = match cursors.iter().position(|(t, _)| *t == tenant) {
+                Some(i) => i,
+                None => {
+                    cursors.push((Arc::clone(&tenant), feed::Cursors::default()));
+                    cursors.len() - 1
+                }
+            };
+            let before = cursors[at].1;
             // A lone request needs no savepoint: its failure is the
             // transaction's.
             if single {
-                outcomes.push(Ok(apply_all(&tx, inner, &tenant, inputs)?));
+                let (done, after) = apply_all(&tx, &mut st, inner, &tenant, before, inputs)?;
+                cursors[at].1 = after;
+                outcomes.push(Ok(done));
                 continue;
             }
             tx.prepare_cached("SAVEPOINT request")?.execute([])?;
-            match apply_all(&tx, inner, &tenant, inputs) {
-                Ok(done) => {
+            match apply_all(&tx, &mut st, inner, &tenant, before, inputs) {
+                Ok((done, after)) => {
                     tx.prepare_cached("RELEASE request")?.execute([])?;
+                    cursors[at].1 = after;
                     outcomes.push(Ok(done));
                 }
                 Err(e) => {
+                    // The cursors it handed out are undone with its rows.
                     tx.execute_batch("ROLLBACK TO request; RELEASE request")?;
                     outcomes.push(Err(e));
                 }
             }
         }
+        for (tenant, c) in cursors {
+            c.finish(&tx, &tenant)?;
+        }
+        drop(st);
         tx.commit()?;
         Ok(outcomes)
     })();
@@ -374,7 +395,7 @@ fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
 }
 
 /// The statements of a write transaction, prepared (or fetched from the
-/// cache) once per transaction rather than once per op.
+/// cache) once per group commit rather than once per request or op.
 struct Statements<'c> {
     lookup: CachedStatement<'c>,
     load: CachedStatement<'c>,
@@ -401,33 +422,35 @@ impl<'c> Statements<'c> {
 /// the changes to broadcast after the commit.
 type Done = (WorkDone, Vec<Change>);
 
+/// Applies one request's work; takes the tenant's cursors as the group has
+/// left them and returns them as this request leaves them (written back
+/// once, before the group's commit).
 fn apply_all(
     tx: &Transaction<'_>,
+    st: &mut Statements<'_>,
     inner: &Inner,
     tenant: &str,
+    cursors: feed::Cursors,
     inputs: Work,
-) -> Result<Done, StoreError> {
+) -> Result<(Done, feed::Cursors), StoreError> {
     let now = inner.opts.clock.now_millis();
     let mut w = SqliteTx {
         tx,
-        st: Statements::prepare(tx)?,
-        cursors: feed::Cursors::default(),
+        st,
+        cursors,
         saved: None,
         tenant,
         now,
     };
     // Every future of `SqliteTx` is ready at once: this never blocks.
     let applied = futures::executor::block_on(apply_work(&mut w, &inner.opts, now, inputs))?;
-    let SqliteTx { st, cursors, .. } = w;
-    drop(st);
-    cursors.finish(tx, tenant)?;
-    Ok(applied)
+    Ok((applied, w.cursors))
 }
 
 /// A write transaction of one tenant on the SQLite connection.
-struct SqliteTx<'t, 'c> {
+struct SqliteTx<'t, 'c, 's> {
     tx: &'t Transaction<'c>,
-    st: Statements<'t>,
+    st: &'t mut Statements<'s>,
     cursors: feed::Cursors,
     /// The cursors as the open atomic unit found them.
     saved: Option<feed::Cursors>,
@@ -435,7 +458,7 @@ struct SqliteTx<'t, 'c> {
     now: i64,
 }
 
-impl WriteTx for SqliteTx<'_, '_> {
+impl WriteTx for SqliteTx<'_, '_, '_> {
     async fn lookup(&mut self, key: &str, not_before: i64) -> Result<Option<Stored>, StoreError> {
         idempotency::lookup(&mut self.st.lookup, self.tenant, key, not_before)
     }
