@@ -226,7 +226,7 @@ def test_transaction_is_applied_whole_and_a_bad_one_stores_nothing(server, tmp_p
             {"kind": "create", "entity_type": "note", "entity_id": "s1", "payload": {}},
             {"kind": "create", "entity_type": "Bad Type", "entity_id": "s2", "payload": {}},
         ]
-        with pytest.raises(gs.GuardianError):
+        with pytest.raises(gs.InvalidOpError):
             e.transaction(bad)
         assert e.status()["pending"] == 0
         txn_id, op_ids = e.transaction(
