@@ -65,7 +65,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 20)]
     max_attempts: u32,
     /// Open the circuit breaker at this many failures within its window
-    /// (the count policy). Without it, the breaker opens when at least half
+    /// (the count policy). Without it, the breaker opens when at least 70 %
     /// of the latest 20 outcomes failed, once 10 were seen (the rate policy).
     #[arg(long)]
     breaker_threshold: Option<u32>,
