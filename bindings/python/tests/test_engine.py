@@ -85,7 +85,10 @@ def test_dead_letter_is_retried(server, tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys, guardian_sync as gs
-    e = gs.Engine(sys.argv[1], sys.argv[2], sys.argv[3], concurrency=1)
+    # One op per request, one at a time, so the kill lands mid-drain.
+    e = gs.Engine(
+        sys.argv[1], sys.argv[2], sys.argv[3], concurrency=1, batch={"max_ops": 0}
+    )
     e.run()
     for ev in e.events():
         print(ev["event"], flush=True)

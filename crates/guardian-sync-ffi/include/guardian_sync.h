@@ -82,7 +82,8 @@ extern "C" {
 // `max_attempts`, `max_retry_after_ms`), `breaker` (`failure_threshold`,
 // `window_ms`, `cooldown_ms`, `trial_wait_ms`), `lock`
 // (`heartbeat_interval_ms`, `stale_after_ms`), `batch` (`max_ops`,
-// `max_bytes`), `concurrency`, `synchronous` (`full`, `normal`, `off`),
+// `max_bytes`; batching is on by default, `max_ops` 0 sends one request
+// per op), `concurrency`, `synchronous` (`full`, `normal`, `off`),
 // `connect_timeout_ms`, `request_timeout_ms`, `owner_id`,
 // `worker_threads` and `stall_after_ms` are optional. Unknown keys are
 // refused.

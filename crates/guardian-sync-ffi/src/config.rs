@@ -36,7 +36,8 @@ pub struct Config {
     /// Processing lock timing.
     #[serde(default)]
     pub lock: Option<LockJson>,
-    /// Send ready ops in batches (off without it).
+    /// Batch size and bytes (batching is on without it; `max_ops` 0 turns
+    /// it off).
     #[serde(default)]
     pub batch: Option<BatchJson>,
     /// Most requests in flight at once (default 8).

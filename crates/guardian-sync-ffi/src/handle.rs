@@ -161,8 +161,10 @@ impl Engine {
             .breaker(config.breaker_config())
             .lock(config.lock_config()?)
             .concurrency(config.concurrency.unwrap_or(8));
-        if let Some(b) = config.batch_config() {
-            builder = builder.batching(b);
+        match config.batch_config() {
+            None => {}
+            Some(b) if b.max_ops == 0 => builder = builder.no_batching(),
+            Some(b) => builder = builder.batching(b),
         }
         if let Some(id) = &config.owner_id {
             builder = builder.owner_id(id.clone());

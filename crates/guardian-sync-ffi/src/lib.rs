@@ -156,7 +156,8 @@ unsafe fn give(out: *mut *mut c_char, s: String) -> Result<(), FfiError> {
 /// `max_attempts`, `max_retry_after_ms`), `breaker` (`failure_threshold`,
 /// `window_ms`, `cooldown_ms`, `trial_wait_ms`), `lock`
 /// (`heartbeat_interval_ms`, `stale_after_ms`), `batch` (`max_ops`,
-/// `max_bytes`), `concurrency`, `synchronous` (`full`, `normal`, `off`),
+/// `max_bytes`; batching is on by default, `max_ops` 0 sends one request
+/// per op), `concurrency`, `synchronous` (`full`, `normal`, `off`),
 /// `connect_timeout_ms`, `request_timeout_ms`, `owner_id`,
 /// `worker_threads` and `stall_after_ms` are optional. Unknown keys are
 /// refused.

@@ -593,6 +593,126 @@ async fn forced_conflicts_from_a_concurrent_writer_are_reconciled() {
     assert_log_clean(&server.applied_log().await.unwrap());
 }
 
+/// Batching is on by default over HTTP, and `no_batching` sends one
+/// request per op.
+#[tokio::test]
+async fn ready_ops_go_in_batches_by_default_and_one_by_one_without() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server).await;
+    enqueue_devices(&engine, 30).await;
+    drain(&engine).await;
+    assert_eq!(server.requests_on("/v1/batch"), 1);
+    assert_eq!(server.requests_on("/v1/entities/{type}"), 0);
+
+    let lone_dir = tempfile::tempdir().unwrap();
+    let lone = builder(&lone_dir, &server)
+        .no_batching()
+        .build()
+        .await
+        .unwrap();
+    for i in 30..40 {
+        lone.enqueue(NewOp::create("device", format!("d{i}"), json!({"i": i})))
+            .await
+            .unwrap();
+    }
+    drain(&lone).await;
+    assert_eq!(server.requests_on("/v1/batch"), 1);
+    assert_eq!(server.requests_on("/v1/entities/{type}"), 10);
+    assert_log_clean(&server.applied_log().await.unwrap());
+}
+
+/// A loopback proxy to `upstream` that answers 404 to `POST /v1/batch`, as
+/// a backend without the batch route does; returns its URL and how many
+/// batch requests reached it.
+async fn proxy_without_batch_route(upstream: String) -> (String, Arc<AtomicUsize>) {
+    use axum::body::{to_bytes, Body};
+    use axum::extract::Request;
+    use axum::http::StatusCode;
+    use axum::response::Response;
+
+    let batches = Arc::new(AtomicUsize::new(0));
+    let seen = batches.clone();
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().fallback(move |req: Request| {
+        let (seen, client, upstream) = (seen.clone(), client.clone(), upstream.clone());
+        async move {
+            if req.uri().path() == "/v1/batch" {
+                seen.fetch_add(1, Ordering::SeqCst);
+                return Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .body(Body::empty())
+                    .unwrap();
+            }
+            let (parts, body) = req.into_parts();
+            let body = to_bytes(body, 1 << 20).await.unwrap();
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let mut forwarded = client.request(parts.method, format!("{upstream}{path}"));
+            for (name, value) in &parts.headers {
+                if name != axum::http::header::HOST {
+                    forwarded = forwarded.header(name, value);
+                }
+            }
+            let answer = forwarded.body(body).send().await.unwrap();
+            let mut response = Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                if name != axum::http::header::TRANSFER_ENCODING {
+                    response = response.header(name, value);
+                }
+            }
+            response
+                .body(Body::from(answer.bytes().await.unwrap()))
+                .unwrap()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, batches)
+}
+
+/// A backend without the batch route is asked once: the ops of that batch
+/// and of every later one go op by op, and none fails.
+#[tokio::test]
+async fn a_backend_without_the_batch_route_is_asked_once() {
+    let server = server(Faults::default()).await;
+    let (url, batches) = proxy_without_batch_route(server.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SyncEngine::builder()
+        .outbox_path(dir.path().join("outbox.db"))
+        .server(url)
+        .token_provider(Arc::new(StaticToken::new(TOKEN)))
+        .retry(fast_retry())
+        .no_telemetry()
+        .build()
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    enqueue_devices(&engine, 20).await;
+    drain(&engine).await;
+    for i in 0..20 {
+        engine
+            .enqueue(NewOp::update(
+                "device",
+                format!("d{i}"),
+                json!({"i": i, "again": true}),
+            ))
+            .await
+            .unwrap();
+    }
+    drain(&engine).await;
+    assert_eq!(batches.load(Ordering::SeqCst), 1);
+    assert!(!collect(&mut events)
+        .iter()
+        .any(|e| matches!(e, SyncEvent::OpFailed { .. })));
+    assert_eq!(server.requests_on("/v1/batch"), 0);
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    assert_eq!(log.len(), 40);
+    let (_, body) = get(&server, "device", "d7").await;
+    assert_eq!(body["data"], json!({"i": 7, "again": true}));
+}
+
 #[tokio::test]
 async fn a_batch_with_one_bad_op_fails_it_alone() {
     let server = server(Faults::default()).await;
@@ -1034,7 +1154,9 @@ async fn a_422_rolls_the_optimistic_update_back() {
 async fn ops_claimed_ahead_are_released_unattempted_when_the_breaker_opens() {
     let server = server(unavailable(None, None)).await;
     let dir = tempfile::tempdir().unwrap();
+    // One request per op: a batch of all 40 would fail as one request.
     let engine = builder(&dir, &server)
+        .no_batching()
         .concurrency(4)
         .breaker(BreakerConfig {
             policy: TripPolicy::Count { failures: 4 },

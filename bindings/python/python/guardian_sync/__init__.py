@@ -155,8 +155,9 @@ class Engine:
     those of the C ABI's configuration: ``retry``, ``breaker``, ``lock`` and
     ``batch`` (dicts), ``concurrency``, ``synchronous``,
     ``connect_timeout_ms``, ``request_timeout_ms``, ``owner_id``,
-    ``worker_threads`` and ``stall_after_ms``. ``token_callback(refresh)``
-    may supply tokens instead of ``token``.
+    ``worker_threads`` and ``stall_after_ms``. Ops go in batches of 100
+    unless ``batch={"max_ops": 0}``. ``token_callback(refresh)`` may supply
+    tokens instead of ``token``.
 
     Use it as a context manager, or call :meth:`close`.
     """

@@ -50,7 +50,7 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
     /// Send up to N ops per batch request (0 = one request per op).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = BatchConfig::default().max_ops)]
     batch: usize,
     /// Print every engine event as a JSON line on stdout (for scripts and tests).
     #[arg(long)]
@@ -175,12 +175,13 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
         Some(config) => builder.telemetry(config),
         None => builder.no_telemetry(),
     };
-    if args.batch > 0 {
-        builder = builder.batching(BatchConfig {
-            max_ops: args.batch,
+    builder = match args.batch {
+        0 => builder.no_batching(),
+        max_ops => builder.batching(BatchConfig {
+            max_ops,
             ..BatchConfig::default()
-        });
-    }
+        }),
+    };
     let engine = builder.build().await?;
     let interactive = std::io::stderr().is_terminal() && !global.json && !args.events;
     let progress = if interactive {

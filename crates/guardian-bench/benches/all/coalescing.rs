@@ -173,12 +173,14 @@ async fn measure(
         .server(via.url())
         .token_provider(tokens())
         .concurrency(CONCURRENCY);
-    if mode.batch {
-        builder = builder.batching(BatchConfig {
+    builder = if mode.batch {
+        builder.batching(BatchConfig {
             max_ops: BATCH,
             ..BatchConfig::default()
-        });
-    }
+        })
+    } else {
+        builder.no_batching()
+    };
     let engine = builder.build().await.expect("engine");
     let requests_before = rig.server.requests();
     let up_before = via.traffic().bytes_up;

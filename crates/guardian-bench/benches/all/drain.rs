@@ -146,12 +146,13 @@ async fn engine(
         .server(url)
         .token_provider(tokens())
         .concurrency(concurrency);
-    if let Some(max_ops) = batch {
-        builder = builder.batching(BatchConfig {
+    builder = match batch {
+        Some(max_ops) => builder.batching(BatchConfig {
             max_ops,
             ..BatchConfig::default()
-        });
-    }
+        }),
+        None => builder.no_batching(),
+    };
     let engine = builder.build().await.expect("build engine");
     let cpu = CpuSplit::now();
     let start = Instant::now();

@@ -36,7 +36,6 @@ const LINK: Link = Link {
 /// itself is built without setting them). Keep in step with
 /// `guardian-sync/src/engine/mod.rs`.
 const DEFAULT_CONCURRENCY: usize = 8;
-const DEFAULT_BATCH: Option<usize> = None;
 
 const ENQUEUERS: usize = 8;
 
@@ -57,7 +56,7 @@ impl Setting {
     }
 
     fn batch(self) -> Option<usize> {
-        self.batch.unwrap_or(DEFAULT_BATCH)
+        self.batch.unwrap_or(Some(BatchConfig::default().max_ops))
     }
 
     /// Least sequential round trips to send `ops` single-op entities: the
@@ -105,9 +104,9 @@ const SETTINGS: [Setting; 8] = [
         batch: Some(Some(50)),
     },
     Setting {
-        name: "batches of 100, c=8",
+        name: "per-op, c=8",
         concurrency: Some(8),
-        batch: Some(Some(100)),
+        batch: Some(None),
     },
     Setting {
         name: "batches of 250, c=8",
@@ -325,11 +324,15 @@ async fn measure(
     if let Some(c) = setting.concurrency {
         builder = builder.concurrency(c);
     }
-    if let Some(Some(max_ops)) = setting.batch {
-        builder = builder.batching(BatchConfig {
-            max_ops,
-            ..BatchConfig::default()
-        });
+    match setting.batch {
+        None => {}
+        Some(None) => builder = builder.no_batching(),
+        Some(Some(max_ops)) => {
+            builder = builder.batching(BatchConfig {
+                max_ops,
+                ..BatchConfig::default()
+            });
+        }
     }
     let engine = builder.build().await.expect("engine");
     rig.server

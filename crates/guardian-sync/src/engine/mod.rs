@@ -96,6 +96,15 @@ impl From<LockError> for EngineError {
     }
 }
 
+/// Whether the engine sends ops in batches.
+#[derive(Debug, Clone, Copy)]
+enum Batching {
+    /// On with the default size when the transport batches natively.
+    Auto,
+    On(BatchConfig),
+    Off,
+}
+
 /// Builder of a [`SyncEngine`].
 #[derive(Debug)]
 pub struct SyncEngineBuilder {
@@ -109,7 +118,7 @@ pub struct SyncEngineBuilder {
     breaker: BreakerConfig,
     lock: LockConfig,
     concurrency: usize,
-    batch: Option<BatchConfig>,
+    batch: Batching,
     policies: ReconcilePolicies,
     max_reconciliations: u32,
     clock: Option<SharedClock>,
@@ -132,7 +141,7 @@ impl Default for SyncEngineBuilder {
             breaker: BreakerConfig::default(),
             lock: LockConfig::default(),
             concurrency: 8,
-            batch: None,
+            batch: Batching::Auto,
             policies: ReconcilePolicies::default(),
             max_reconciliations: 5,
             clock: None,
@@ -222,10 +231,19 @@ impl SyncEngineBuilder {
         self
     }
 
-    /// Send ready ops in batches.
+    /// Send ready ops in batches of this size. Batching is on by default
+    /// ([`BatchConfig::default`]) when the transport has a batch route of
+    /// its own ([`Transport::native_batch`]), as the HTTP transport does.
     #[must_use]
     pub fn batching(mut self, batch: BatchConfig) -> Self {
-        self.batch = Some(batch);
+        self.batch = Batching::On(batch);
+        self
+    }
+
+    /// One request per op, even where the transport could batch them.
+    #[must_use]
+    pub fn no_batching(mut self) -> Self {
+        self.batch = Batching::Off;
         self
     }
 
@@ -321,6 +339,11 @@ impl SyncEngineBuilder {
             _ => return Err(BuildError::NoTransport),
         };
         let breaker = CircuitBreaker::new(self.breaker)?;
+        let batch = match self.batch {
+            Batching::On(b) => Some(b),
+            Batching::Auto if transport.native_batch() => Some(BatchConfig::default()),
+            Batching::Auto | Batching::Off => None,
+        };
         let (events, _) = broadcast::channel(1024);
         Ok(SyncEngine {
             inner: Arc::new(Inner {
@@ -330,7 +353,7 @@ impl SyncEngineBuilder {
                 breaker: Mutex::new(breaker),
                 lock: self.lock,
                 concurrency: self.concurrency,
-                batch: self.batch,
+                batch,
                 reconciler: Reconciler::new(self.policies, self.max_reconciliations),
                 clock,
                 metrics: self.metrics.unwrap_or_default(),

@@ -1,5 +1,6 @@
 //! The default [`Transport`]: wire protocol v1 over reqwest with rustls.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +70,9 @@ pub struct HttpTransport {
     base: reqwest::Url,
     max_response_bytes: usize,
     auth: Arc<Auth>,
+    /// Set when the server answered a batch with 404, 405 or 501: it has no
+    /// batch route, so later batches go op by op without asking again.
+    no_batch_route: Arc<AtomicBool>,
 }
 
 impl HttpTransport {
@@ -100,6 +104,7 @@ impl HttpTransport {
             base,
             max_response_bytes: config.max_response_bytes,
             auth: Arc::new(Auth::new(tokens)),
+            no_batch_route: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -290,6 +295,9 @@ impl Transport for HttpTransport {
 
     fn send_batch<'a>(&'a self, ops: &'a [OpRequest]) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
+            if self.no_batch_route.load(Ordering::Relaxed) {
+                return super::send_in_order(self, ops).await;
+            }
             let request = BatchRequest {
                 ops: ops.iter().map(batch_op).collect(),
             };
@@ -322,7 +330,18 @@ impl Transport for HttpTransport {
                     }
                 }
                 // The batch as a whole failed: every op shares the outcome.
-                Ok(r) => whole_failure(&r),
+                Ok(r) => {
+                    if matches!(
+                        r.status,
+                        StatusCode::NOT_FOUND
+                            | StatusCode::METHOD_NOT_ALLOWED
+                            | StatusCode::NOT_IMPLEMENTED
+                    ) {
+                        tracing::info!(status = %r.status, "no batch route; sending ops one by one");
+                        self.no_batch_route.store(true, Ordering::Relaxed);
+                    }
+                    whole_failure(&r)
+                }
                 Err(outcome) => outcome,
             };
             let whole = match whole {
@@ -383,6 +402,10 @@ impl Transport for HttpTransport {
             };
             vec![whole; ops.len()]
         })
+    }
+
+    fn native_batch(&self) -> bool {
+        true
     }
 
     fn batch_dependencies(&self) -> bool {

@@ -89,6 +89,14 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
         send_in_order(self, ops)
     }
 
+    /// Whether [`Self::send_batch`] is one request of its own, so that the
+    /// engine batches by default. False unless a transport says so: the
+    /// default `send_batch` sends op by op, one after another, which is
+    /// slower than the engine's concurrent lone requests.
+    fn native_batch(&self) -> bool {
+        false
+    }
+
     /// Whether [`Self::send_batch`] honors [`OpRequest::depends_on`] and
     /// [`OpRequest::if_match_chained`], so the engine may put consecutive
     /// ops of one entity in one batch. False unless a transport says so: a
