@@ -313,7 +313,7 @@ pub(crate) fn run(config: &Config) -> Section {
         ("engine, c=16, outbox NORMAL (no fsync)", n16),
     ];
     let wan_rows: [(&str, usize); 5] = [
-        ("engine, c=8 (default)", nw),
+        ("engine, c=8 (the default concurrency)", nw),
         ("engine, c=16", nw),
         ("bare, c=16", nw),
         ("engine, batches of 100", nwb),

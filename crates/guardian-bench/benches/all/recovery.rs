@@ -160,7 +160,9 @@ fn probe_once(
     let mut child = Command::new(gsync)
         .arg("--outbox")
         .arg(outbox)
-        .args(["run", "--server", &proxy.url(), "--once"])
+        // One request per op: in batches the 10,000-op outbox drains
+        // before the window ends, and an exited child has no RSS to read.
+        .args(["run", "--server", &proxy.url(), "--once", "--batch", "0"])
         .env("GSYNC_TOKEN", TOKEN)
         .env("RUST_LOG", "error")
         .stdin(Stdio::null())
@@ -253,7 +255,7 @@ pub(crate) fn run(config: &Config) -> Section {
         ]);
     }
     let mut body = format!(
-        "`gsync run --once` (release, defaults) as a child, on outboxes of pending CREATEs \
+        "`gsync run --once --batch 0` (release, one request per op) as a child, on outboxes of pending CREATEs \
          bulk-inserted ({} ops in {:.1} s; {} in {:.1} s, {big_size_mib:.0} MiB), warm cache; \
          SIGKILLed {} s after its first request, so later runs recover a killed runner's \
          lock.\n\n",
