@@ -111,6 +111,27 @@ async fn a_pass_that_delivers_everything_exits_0() {
     assert_clean(&out);
 }
 
+/// Ops go in batches unless `--batch 0` asks for one request per op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_batches_by_default_and_batch_0_sends_op_by_op() {
+    let batched = server(Faults::default()).await;
+    let other = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    enqueue(&outbox, 3).await;
+    let out = gsync(&outbox, &run_once(&batched.url(), TOKEN, &[])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(batched.requests_on("/v1/batch"), 1);
+    assert_eq!(batched.requests_on("/v1/entities/{type}"), 0);
+
+    let lone = dir.path().join("lone.db");
+    enqueue(&lone, 3).await;
+    let out = gsync(&lone, &run_once(&other.url(), TOKEN, &["--batch", "0"])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(other.requests_on("/v1/batch"), 0);
+    assert_eq!(other.requests_on("/v1/entities/{type}"), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_exits_5_at_once() {
     let server = server(Faults::default()).await;
