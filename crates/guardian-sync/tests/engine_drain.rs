@@ -80,9 +80,14 @@ fn fast_retry() -> RetryPolicy {
 }
 
 fn builder(dir: &tempfile::TempDir, server: &RunningServer) -> SyncEngineBuilder {
+    builder_at(dir, server.url())
+}
+
+/// An engine's builder for a backend at `url` (the server, or a proxy to it).
+fn builder_at(dir: &tempfile::TempDir, url: String) -> SyncEngineBuilder {
     SyncEngine::builder()
         .outbox_path(dir.path().join("outbox.db"))
-        .server(server.url())
+        .server(url)
         .token_provider(Arc::new(StaticToken::new(TOKEN)))
         .retry(fast_retry())
 }
@@ -678,15 +683,7 @@ async fn a_backend_without_the_batch_route_is_asked_once() {
     let server = server(Faults::default()).await;
     let (url, batches) = proxy_without_batch_route(server.url()).await;
     let dir = tempfile::tempdir().unwrap();
-    let engine = SyncEngine::builder()
-        .outbox_path(dir.path().join("outbox.db"))
-        .server(url)
-        .token_provider(Arc::new(StaticToken::new(TOKEN)))
-        .retry(fast_retry())
-        .no_telemetry()
-        .build()
-        .await
-        .unwrap();
+    let engine = builder_at(&dir, url).no_telemetry().build().await.unwrap();
     let mut events = engine.events();
     enqueue_devices(&engine, 20).await;
     drain(&engine).await;
