@@ -10,7 +10,8 @@
 //! one, trust auth); they are skipped when none answers.
 //!
 //! `cargo bench -p guardian-server --bench throughput` (env `BENCH_PUTS`,
-//! `BENCH_BATCHES` per client and `BENCH_SEQ_OPS` in all scale the run).
+//! `BENCH_BATCHES` per client and `BENCH_SEQ_OPS` in all scale the run;
+//! `BENCH_ONLY` keeps the server rows whose name contains it).
 //! Prints a Markdown table.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -222,7 +223,13 @@ fn main() {
             }
             Err(e) => eprintln!("PostgreSQL rows skipped: {e}"),
         }
+        // `BENCH_ONLY=sync=FULL` keeps the rows whose name contains it (the
+        // bare row always runs: it is the baseline).
+        let only = std::env::var("BENCH_ONLY").unwrap_or_default();
         for (i, (name, builders)) in configs.into_iter().enumerate() {
+            if !name.contains(only.as_str()) {
+                continue;
+            }
             let mut servers = Vec::new();
             for builder in builders {
                 let server = builder
