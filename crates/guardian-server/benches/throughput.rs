@@ -2,7 +2,8 @@
 //! batches from 16 concurrent clients, and one client sending 100-op batches
 //! of CREATEs one after another (the shape of the engine's batched drain),
 //! beside a bare axum handler that answers 200 without storage, in the same
-//! run.
+//! run. The servers keep no applied-mutations log, as `gsync serve` by
+//! default.
 //!
 //! The PostgreSQL rows run one instance, then two instances on one
 //! database with the clients split between them, against a throwaway
@@ -232,7 +233,9 @@ fn main() {
             }
             let mut servers = Vec::new();
             for builder in builders {
+                // As `gsync serve` runs by default: no applied-mutations log.
                 let server = builder
+                    .applied_log(false)
                     .token("bench", TOKEN)
                     .concurrency_limit(1024)
                     .request_timeout(Duration::from_secs(120))

@@ -27,6 +27,7 @@ pub(crate) struct ServerConfig {
     pub(crate) storage: Storage,
     pub(crate) synchronous: Synchronous,
     pub(crate) require_if_match: bool,
+    pub(crate) applied_log: bool,
     pub(crate) idempotency_retention: Duration,
     pub(crate) feed_retention: Duration,
     pub(crate) purge_interval: Duration,
@@ -95,7 +96,7 @@ impl ServerBuilder {
     /// Defaults: in memory, no tokens, 24 h idempotency retention, 7 d feed
     /// retention, 1 MiB bodies, 1000 ops per batch, 30 s request timeout,
     /// 256 concurrent requests, no rate limit, WebSocket ping every 15 s and
-    /// close after 45 s of silence, 10 s to send a request's headers, at
+    /// close after 45 s of silence, the applied-mutations log kept, 10 s to send a request's headers, at
     /// most 64 connections per peer address and a total connection cap
     /// derived from the open-file limit (see
     /// [`max_connections`](Self::max_connections)), no faults, no admin
@@ -107,6 +108,7 @@ impl ServerBuilder {
                 storage: Storage::Memory,
                 synchronous: Synchronous::Full,
                 require_if_match: false,
+                applied_log: true,
                 idempotency_retention: Duration::from_secs(24 * 3600),
                 feed_retention: Duration::from_secs(7 * 24 * 3600),
                 purge_interval: Duration::from_secs(60),
@@ -174,6 +176,18 @@ impl ServerBuilder {
     #[must_use]
     pub fn require_if_match(mut self, yes: bool) -> Self {
         self.config.require_if_match = yes;
+        self
+    }
+
+    /// Keeps the applied-mutations log (on by default): a row per mutation
+    /// that took effect, never purged, which tests and the demo read to
+    /// prove exactly-once (see [`RunningServer::applied_log`]). A server
+    /// nobody audits that way turns it off and writes one row less per op.
+    ///
+    /// [`RunningServer::applied_log`]: crate::RunningServer::applied_log
+    #[must_use]
+    pub fn applied_log(mut self, yes: bool) -> Self {
+        self.config.applied_log = yes;
         self
     }
 

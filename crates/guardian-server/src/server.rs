@@ -61,6 +61,7 @@ impl ServerBuilder {
             idempotency_retention_ms: millis(config.idempotency_retention),
             feed_retention_ms: millis(config.feed_retention),
             require_if_match: config.require_if_match,
+            applied_log: config.applied_log,
             clock: Arc::clone(&config.clock),
             hooks: Arc::clone(&faults) as Arc<dyn StoreHooks>,
         };

@@ -45,6 +45,10 @@ pub(crate) struct Args {
     /// Answer 428 to updates and deletes without If-Match.
     #[arg(long)]
     require_if_match: bool,
+    /// Keep the applied-mutations log: a row per mutation that took effect,
+    /// never purged, served at /admin/applied to audit exactly-once.
+    #[arg(long)]
+    applied_log: bool,
     /// Bearer token of the /admin routes (disabled without one).
     #[arg(long, env = "GSYNC_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -214,6 +218,7 @@ impl Args {
         if let Some(t) = &self.admin_token {
             b = b.admin_token(t.clone());
         }
+        b = b.applied_log(self.applied_log);
         let faults = Faults {
             failure_rate: self.fault_rate,
             failure_statuses: self.fault_statuses.clone(),

@@ -12,7 +12,7 @@ use crate::auth::bearer;
 use crate::faults::Faults;
 use crate::problem::{ApiError, ApiJson};
 use crate::state::AppState;
-use crate::store::AppliedMutation;
+use crate::store::{AppliedMutation, StoreError};
 
 /// Middleware: the admin token, compared without early exit.
 pub(crate) async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -62,11 +62,13 @@ pub(crate) async fn put_faults(
 /// Every applied mutation, for tests that run the server out of process.
 #[utoipa::path(get, path = "/admin/applied", tag = "admin",
     responses((status = 200, description = "The applied-mutations log, in order", body = Vec<AppliedMutation>),
+              (status = 404, description = "`not-found`: the server keeps no applied-mutations log", body = Problem, content_type = "application/problem+json"),
               (status = 500, description = "`internal`: the database failed", body = Problem, content_type = "application/problem+json")),
     security(("admin" = [])))]
 pub(crate) async fn applied(State(state): State<AppState>) -> Response {
     match state.store.applied_log().await {
         Ok(log) => Json(log).into_response(),
+        Err(e @ StoreError::AppliedLogOff) => ApiError::not_found(e.to_string()).into_response(),
         Err(e) => ApiError::internal(e.to_string()).into_response(),
     }
 }

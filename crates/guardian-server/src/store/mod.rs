@@ -71,6 +71,11 @@ pub enum StoreError {
     /// applied.
     #[error("commit failed: {0}")]
     Commit(String),
+    /// The applied-mutations log was asked for on a server that keeps none.
+    #[error(
+        "the applied-mutations log is off (ServerBuilder::applied_log, gsync serve --applied-log)"
+    )]
+    AppliedLogOff,
 }
 
 /// A precondition of an update or delete (`If-Match`).
@@ -258,6 +263,8 @@ pub(crate) struct StoreOptions {
     pub(crate) idempotency_retention_ms: i64,
     pub(crate) feed_retention_ms: i64,
     pub(crate) require_if_match: bool,
+    /// Whether applied mutations are logged (see [`AppliedMutation`]).
+    pub(crate) applied_log: bool,
     pub(crate) clock: SharedClock,
     /// Called while mutations are applied (fault injection).
     pub(crate) hooks: Arc<dyn StoreHooks>,

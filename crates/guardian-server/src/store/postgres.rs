@@ -228,6 +228,7 @@ impl PgInner {
             now: self.opts.clock.now_millis(),
             last_cursor: from_i64(last),
             saved_cursor: None,
+            log_applied: self.opts.applied_log,
         };
         let first_cursor = w.last_cursor;
         let now = w.now;
@@ -341,6 +342,9 @@ impl PgInner {
     }
 
     async fn applied_log(&self) -> Result<Vec<AppliedMutation>, StoreError> {
+        if !self.opts.applied_log {
+            return Err(StoreError::AppliedLogOff);
+        }
         let client = self.pool.get().await.map_err(pool_error)?;
         read_applied(&**client).await
     }
@@ -454,6 +458,8 @@ struct Writer<'a, 'c> {
     last_cursor: u64,
     /// `last_cursor` as the open atomic unit found it.
     saved_cursor: Option<u64>,
+    /// Whether applied mutations get an applied-log row.
+    log_applied: bool,
 }
 
 impl WriteTx for Writer<'_, '_> {
@@ -521,6 +527,9 @@ impl WriteTx for Writer<'_, '_> {
             ],
         )
         .await?;
+        if !self.log_applied {
+            return Ok(cursor);
+        }
         let applied = tx.prepare_cached(APPEND_APPLIED_SQL).await?;
         tx.execute(
             &applied,

@@ -204,6 +204,9 @@ impl SqliteStore {
 
     /// Every applied mutation, in order.
     pub(crate) async fn applied_log(&self) -> Result<Vec<AppliedMutation>, StoreError> {
+        if !self.inner.opts.applied_log {
+            return Err(StoreError::AppliedLogOff);
+        }
         self.run(|conn, _| applied::read_all(conn)).await
     }
 
@@ -441,6 +444,7 @@ fn apply_all(
         saved: None,
         tenant,
         now,
+        log_applied: inner.opts.applied_log,
     };
     // Every future of `SqliteTx` is ready at once: this never blocks.
     let applied = futures::executor::block_on(apply_work(&mut w, &inner.opts, now, inputs))?;
@@ -456,6 +460,7 @@ struct SqliteTx<'t, 'c, 's> {
     saved: Option<feed::Cursors>,
     tenant: &'t str,
     now: i64,
+    log_applied: bool,
 }
 
 impl WriteTx for SqliteTx<'_, '_, '_> {
@@ -482,17 +487,19 @@ impl WriteTx for SqliteTx<'_, '_, '_> {
             row.data,
             self.now
         ])?;
-        self.st.applied.execute(params![
-            t,
-            w.key,
-            w.entity_type,
-            w.id,
-            kind,
-            version,
-            to_i64(cursor),
-            self.now,
-            w.transaction
-        ])?;
+        if self.log_applied {
+            self.st.applied.execute(params![
+                t,
+                w.key,
+                w.entity_type,
+                w.id,
+                kind,
+                version,
+                to_i64(cursor),
+                self.now,
+                w.transaction
+            ])?;
+        }
         Ok(cursor)
     }
 
@@ -536,12 +543,17 @@ mod tests {
     }
 
     fn store_with(hooks: Arc<dyn crate::store::StoreHooks>) -> SqliteStore {
+        open_with(hooks, true)
+    }
+
+    fn open_with(hooks: Arc<dyn crate::store::StoreHooks>, applied_log: bool) -> SqliteStore {
         SqliteStore::open(StoreOptions {
             storage: Storage::Memory,
             synchronous: Synchronous::Full,
             idempotency_retention_ms: 60_000,
             feed_retention_ms: 60_000,
             require_if_match: false,
+            applied_log,
             clock: ManualClock::new(1_700_000_000_000),
             hooks,
         })
@@ -741,6 +753,33 @@ mod tests {
             .collect();
         assert_eq!(cursors, [1, 2, 3]);
         assert_eq!(feed::counters(&conn, "t").unwrap().0, 3);
+    }
+
+    /// Without the applied-mutations log an applied op writes no log row,
+    /// and asking for the log is an error rather than an empty answer.
+    #[test]
+    fn the_applied_log_can_be_off() {
+        let rows = |store: &SqliteStore| -> i64 {
+            let inner = &store.inner;
+            let mut conn = lock(&inner.conn);
+            let (a, a_rx) = job("t", vec![create("k1", "a"), create("k2", "b")]);
+            commit_group(&mut conn, inner, vec![a]);
+            assert_eq!(all_applied(outcomes(a_rx).unwrap()).len(), 2);
+            assert_eq!(feed::counters(&conn, "t").unwrap().0, 2);
+            conn.query_row("SELECT count(*) FROM applied", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(rows(&open_with(Arc::new(NoHooks), true)), 2);
+        let off = open_with(Arc::new(NoHooks), false);
+        assert_eq!(rows(&off), 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(matches!(
+            rt.block_on(off.applied_log()),
+            Err(StoreError::AppliedLogOff)
+        ));
     }
 
     /// A transaction that aborts inside a group commit takes back its own

@@ -175,6 +175,20 @@ async fn the_admin_route_sets_faults_with_its_own_token() {
     let _ = ADMIN;
 }
 
+/// A server that keeps no applied-mutations log applies as ever and says
+/// so when asked for the log.
+#[tokio::test]
+async fn the_applied_log_can_be_off() {
+    let h = start(builder().applied_log(false)).await;
+    assert_eq!(h.create("t", "x", json!({}), "k").await.status, 201);
+    let r = h.send(h.admin(Method::GET, "/admin/applied")).await;
+    assert_eq!((r.status, r.problem_type()), (404, problem_type::NOT_FOUND));
+    assert!(matches!(
+        h.server.applied_log().await,
+        Err(guardian_server::StoreError::AppliedLogOff)
+    ));
+}
+
 #[tokio::test]
 async fn admin_routes_are_absent_without_an_admin_token() {
     let h = start(guardian_server::ServerBuilder::new().token("acme", crate::common::TOKEN)).await;
