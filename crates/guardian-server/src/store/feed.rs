@@ -161,15 +161,40 @@ pub(crate) fn parse_op(op: &str) -> Result<MutationKind, StoreError> {
     }
 }
 
-/// Deletes changes recorded before `not_before_ms`, from the front of each
-/// tenant's feed; returns how many.
+/// Deletes each tenant's expired front: its changes in cursor order up to
+/// the first one recorded at or after `not_before_ms`; returns how many.
+///
+/// Walking the feed from its front reads only what it deletes (and one row
+/// more), so no index on `at` is kept up to date on every write. After a
+/// clock step back a younger change can precede older ones: the front stops
+/// there, so nothing younger than the retention is ever deleted.
 pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, StoreError> {
-    let fronts: Vec<(String, i64)> = {
-        let mut stmt =
-            tx.prepare("SELECT tenant, MAX(cursor) FROM changes WHERE at < ?1 GROUP BY tenant")?;
-        let rows = stmt.query_map(params![not_before_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let tenants: Vec<(String, i64)> = {
+        let mut stmt = tx.prepare(
+            "SELECT tenant, purged_through FROM tenants WHERE last_cursor > purged_through",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect::<Result<_, _>>()?
     };
+    let mut fronts = Vec::new();
+    {
+        let mut stmt = tx.prepare(
+            "SELECT cursor, at FROM changes WHERE tenant = ?1 AND cursor > ?2 ORDER BY cursor",
+        )?;
+        for (tenant, from) in tenants {
+            let mut rows = stmt.query(params![tenant, from])?;
+            let mut through = None;
+            while let Some(row) = rows.next()? {
+                if row.get::<_, i64>(1)? >= not_before_ms {
+                    break;
+                }
+                through = Some(row.get::<_, i64>(0)?);
+            }
+            if let Some(t) = through {
+                fronts.push((tenant, t));
+            }
+        }
+    }
     let mut purged = 0;
     for (tenant, through) in fronts {
         purged += tx.execute(
@@ -182,4 +207,51 @@ pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, S
         )?;
     }
     Ok(purged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{schema, Synchronous};
+
+    /// Retention deletes each tenant's expired front and stops at the first
+    /// change still young, even when a clock step back put older changes
+    /// after it; a tenant with nothing expired keeps everything.
+    #[test]
+    fn purge_takes_the_expired_front_only() {
+        let mut conn = schema::open(None, Synchronous::Full).unwrap();
+        let tx = conn.transaction().unwrap();
+        // Tenant a: 1 and 2 old, 3 young (clock stepped forward), 4 old
+        // again (stepped back). Tenant b: all young.
+        for (tenant, cursor, at) in [
+            ("a", 1, 100),
+            ("a", 2, 200),
+            ("a", 3, 9_000),
+            ("a", 4, 300),
+            ("b", 1, 8_000),
+        ] {
+            tx.execute(
+                "INSERT INTO changes VALUES (?1, ?2, 'create', 'd', ?2, 1, '{}', ?3)",
+                params![tenant, cursor, at],
+            )
+            .unwrap();
+        }
+        tx.execute_batch("INSERT INTO tenants (tenant, last_cursor) VALUES ('a', 4), ('b', 1)")
+            .unwrap();
+        assert_eq!(purge(&tx, 1_000).unwrap(), 2);
+        assert_eq!(counters(&tx, "a").unwrap(), (4, 2));
+        assert_eq!(counters(&tx, "b").unwrap(), (1, 0));
+        let left: Vec<u64> = read(&tx, "a", 2, 10)
+            .unwrap()
+            .iter()
+            .map(|c| c.cursor)
+            .collect();
+        assert_eq!(left, [3, 4]);
+        // Once the young change expires, the rest of the front goes too.
+        assert_eq!(purge(&tx, 10_000).unwrap(), 3);
+        assert_eq!(counters(&tx, "a").unwrap(), (4, 4));
+        assert_eq!(counters(&tx, "b").unwrap(), (1, 1));
+        // Nothing left to purge.
+        assert_eq!(purge(&tx, 10_000).unwrap(), 0);
+    }
 }
