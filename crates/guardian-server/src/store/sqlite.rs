@@ -37,8 +37,13 @@ struct Inner {
 struct WriteJob {
     tenant: Arc<str>,
     inputs: Work,
-    reply: oneshot::Sender<Result<WorkDone, StoreError>>,
+    reply: oneshot::Sender<Reply>,
 }
+
+/// A request's result, and its change event if no realtime session took
+/// it: freed by the waiting request instead of on the writer thread, which
+/// every mutation waits for.
+type Reply = (Result<WorkDone, StoreError>, Option<FeedEvent>);
 
 /// Mutation requests waiting for the writer, and whether a writer is
 /// running (at most one: it drains the queue, then stops).
@@ -150,8 +155,10 @@ impl SqliteStore {
             // Not awaited: the writer outlives this request if it has to.
             drop(tokio::task::spawn_blocking(move || write_loop(&inner)));
         }
-        rx.await
-            .map_err(|_| StoreError::Task("the database writer stopped".into()))?
+        let (result, _unsent) = rx
+            .await
+            .map_err(|_| StoreError::Task("the database writer stopped".into()))?;
+        result
     }
 
     /// The entity (tombstones included), if it ever existed.
@@ -369,29 +376,29 @@ fn commit_group(conn: &mut Connection, inner: &Inner, group: Vec<WriteJob>) {
     match committed {
         Ok(outcomes) => {
             for ((tenant, reply), outcome) in replies.into_iter().zip(outcomes) {
-                let outcome =
-                    outcome.map(|(results, changes)| {
-                        if !changes.is_empty() {
-                            // One message per request; no receiver is fine.
-                            let _ = inner.changes_tx.send(FeedEvent::Committed(Arc::new(
-                                TenantChanges { tenant, changes },
-                            )));
-                        }
-                        results
-                    });
-                let _ = reply.send(outcome);
+                let answer = match outcome {
+                    Ok((results, changes)) if !changes.is_empty() => {
+                        // One message per request; no receiver is fine.
+                        let event =
+                            FeedEvent::Committed(Arc::new(TenantChanges { tenant, changes }));
+                        (Ok(results), inner.changes_tx.send(event).err().map(|e| e.0))
+                    }
+                    Ok((results, _)) => (Ok(results), None),
+                    Err(e) => (Err(e), None),
+                };
+                let _ = reply.send(answer);
             }
         }
         Err(e) if single => {
             if let Some((_, reply)) = replies.pop() {
-                let _ = reply.send(Err(e));
+                let _ = reply.send((Err(e), None));
             }
         }
         Err(e) => {
             tracing::error!(error = %e, requests = replies.len(), "group commit failed");
             let msg = e.to_string();
             for (_, reply) in replies {
-                let _ = reply.send(Err(StoreError::Commit(msg.clone())));
+                let _ = reply.send((Err(StoreError::Commit(msg.clone())), None));
             }
         }
     }
@@ -602,13 +609,13 @@ mod tests {
             .collect()
     }
 
-    type Reply = oneshot::Receiver<Result<WorkDone, StoreError>>;
+    type Rx = oneshot::Receiver<Reply>;
 
-    fn job(tenant: &str, inputs: Vec<MutationInput>) -> (WriteJob, Reply) {
+    fn job(tenant: &str, inputs: Vec<MutationInput>) -> (WriteJob, Rx) {
         job_of(tenant, Work::Ops(inputs))
     }
 
-    fn job_of(tenant: &str, inputs: Work) -> (WriteJob, Reply) {
+    fn job_of(tenant: &str, inputs: Work) -> (WriteJob, Rx) {
         let (reply, rx) = oneshot::channel();
         let job = WriteJob {
             tenant: Arc::from(tenant),
@@ -619,8 +626,8 @@ mod tests {
     }
 
     /// The outcomes of a job of independent ops.
-    fn outcomes(rx: Reply) -> Result<Vec<OpOutcome>, StoreError> {
-        rx.blocking_recv().unwrap()?.into_ops()
+    fn outcomes(rx: Rx) -> Result<Vec<OpOutcome>, StoreError> {
+        rx.blocking_recv().unwrap().0?.into_ops()
     }
 
     /// A request of a group that fails is rolled back alone (its earlier
@@ -799,7 +806,7 @@ mod tests {
         let (d, d_rx) = job_of("t", Work::Transaction(ok));
         commit_group(&mut conn, inner, vec![a, b, c, d]);
         outcomes(a_rx).unwrap();
-        let aborted = b_rx.blocking_recv().unwrap().unwrap().into_transaction();
+        let aborted = b_rx.blocking_recv().unwrap().0.unwrap().into_transaction();
         assert!(matches!(
             aborted,
             Ok(TransactionOutcome::Aborted {
@@ -808,7 +815,7 @@ mod tests {
             })
         ));
         outcomes(c_rx).unwrap();
-        let committed = d_rx.blocking_recv().unwrap().unwrap().into_transaction();
+        let committed = d_rx.blocking_recv().unwrap().0.unwrap().into_transaction();
         assert!(matches!(
             committed,
             Ok(TransactionOutcome::Committed { .. })
