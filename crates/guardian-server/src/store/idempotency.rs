@@ -208,18 +208,71 @@ pub(crate) fn store(
     Ok(())
 }
 
-/// Deletes records created before `not_before_ms`; returns how many.
+/// Deletes the expired front of the records in the order they were stored:
+/// up to the first one created at or after `not_before_ms`; returns how
+/// many.
+///
+/// Records are appended (`seq`), so the walk reads only what it deletes and
+/// one row more, and no index on `created_at` is kept up to date on every
+/// write. After a clock step back an expired record may wait behind a
+/// younger one; lookups ignore it meanwhile, as they ignore every expired
+/// record.
 pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, StoreError> {
-    Ok(tx.execute(
-        "DELETE FROM idempotency WHERE created_at < ?1",
-        params![not_before_ms],
-    )?)
+    let through = {
+        let mut stmt = tx.prepare("SELECT seq, created_at FROM idempotency ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        let mut through = None;
+        while let Some(row) = rows.next()? {
+            if row.get::<_, i64>(1)? >= not_before_ms {
+                break;
+            }
+            through = Some(row.get::<_, i64>(0)?);
+        }
+        through
+    };
+    match through {
+        Some(seq) => Ok(tx.execute("DELETE FROM idempotency WHERE seq <= ?1", params![seq])?),
+        None => Ok(0),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Retention deletes the records made before the cutoff from the
+    /// front, stops at the first one still young (after a clock step back,
+    /// older records wait behind it), and a replaced record moves to the end.
+    #[test]
+    fn purge_takes_the_expired_front_only() {
+        let mut conn = super::super::schema::open(None, super::super::Synchronous::Full).unwrap();
+        let tx = conn.transaction().unwrap();
+        let mut st = tx.prepare(STORE_SQL).unwrap();
+        let keep = |key: &'static str| KeptResponse {
+            key,
+            fingerprint: b"f",
+            status: 200,
+            body: "null",
+        };
+        for (key, at) in [("a", 100), ("b", 200), ("c", 9_000), ("d", 300), ("a", 400)] {
+            store(&mut st, "t", keep(key), at).unwrap();
+        }
+        drop(st);
+        let keys = |tx: &Transaction<'_>| -> Vec<String> {
+            tx.prepare("SELECT key FROM idempotency ORDER BY seq")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(keys(&tx), ["b", "c", "d", "a"]);
+        assert_eq!(purge(&tx, 1_000).unwrap(), 1);
+        assert_eq!(keys(&tx), ["c", "d", "a"]);
+        assert_eq!(purge(&tx, 10_000).unwrap(), 3);
+        assert_eq!(purge(&tx, 10_000).unwrap(), 0);
+    }
 
     #[test]
     fn canonical_sorts_keys_recursively() {

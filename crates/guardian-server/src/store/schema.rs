@@ -12,6 +12,12 @@
 //!
 //! Schema version 3 drops the index `changes_at`: retention walks each
 //! tenant's feed from its front instead (`feed::purge`).
+//!
+//! Schema version 4 stores idempotency records in the order they are made
+//! (`seq`), found by a unique index on `(tenant, key)`: a record is appended
+//! instead of placed at its random key with the response inline (which
+//! split pages), and retention walks the front instead of an index on
+//! `created_at` (`idempotency::purge`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -32,7 +38,7 @@ pub enum Synchronous {
     Normal,
 }
 
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     r"
@@ -90,6 +96,23 @@ ALTER TABLE applied ADD COLUMN transaction_key TEXT;
 ",
     r"
 DROP INDEX changes_at;
+",
+    r"
+CREATE TABLE idempotency_v4 (
+    seq INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint BLOB NOT NULL,
+    status INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+INSERT INTO idempotency_v4 (tenant, key, fingerprint, status, body, created_at)
+    SELECT tenant, key, fingerprint, status, body, created_at FROM idempotency
+    ORDER BY created_at;
+DROP TABLE idempotency;
+ALTER TABLE idempotency_v4 RENAME TO idempotency;
+CREATE UNIQUE INDEX idempotency_key ON idempotency (tenant, key);
 ",
 ];
 
@@ -152,7 +175,8 @@ mod tests {
     use super::*;
 
     /// A database of version 1 is migrated in place: its log rows keep
-    /// their values and get no transaction key.
+    /// their values and get no transaction key; its idempotency records
+    /// keep theirs, stored in the order they were made, one per key.
     #[test]
     fn version_1_migrates_to_the_latest() {
         let dir = tempfile::tempdir().unwrap();
@@ -170,6 +194,11 @@ mod tests {
                 [],
             )
             .unwrap();
+            conn.execute_batch(
+                "INSERT INTO idempotency VALUES ('t', 'late', x'01', 200, '{\"a\":1}', 20);
+                 INSERT INTO idempotency VALUES ('t', 'early', x'02', 201, 'null', 10);",
+            )
+            .unwrap();
         }
         let conn = open(Some(&path), Synchronous::Full).unwrap();
         let version: i64 = conn
@@ -184,6 +213,27 @@ mod tests {
             ),
             ("k", None)
         );
+        let records: Vec<(String, i64, String)> = conn
+            .prepare("SELECT key, status, body FROM idempotency ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            records,
+            [
+                ("early".to_owned(), 201, "null".to_owned()),
+                ("late".to_owned(), 200, r#"{"a":1}"#.to_owned())
+            ]
+        );
+        assert!(conn
+            .execute(
+                "INSERT INTO idempotency (tenant, key, fingerprint, status, body, created_at)
+                 VALUES ('t', 'late', x'03', 200, '', 30)",
+                [],
+            )
+            .is_err());
         drop(conn);
         // Opening again runs no migration twice.
         open(Some(&path), Synchronous::Full).unwrap();
