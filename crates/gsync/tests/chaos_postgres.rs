@@ -44,6 +44,8 @@ impl Instance {
     async fn start(db: &pg::PgDb, latency: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gsync"))
             .args(["serve", "--listen", "127.0.0.1:0", "--db", &db.url()])
+            // The invariants are checked against the log these instances write.
+            .arg("--applied-log")
             .args(["--token", &format!("{TENANT}:{TOKEN}")])
             .args(["--fault-latency", latency])
             .env("RUST_LOG", "error")
