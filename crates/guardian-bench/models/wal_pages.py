@@ -1,5 +1,5 @@
-"""WAL pages the server's SQLite schema writes per single PUT, and what each
-schema cut would save (issue 21 point 1; figures in folded.md).
+"""WAL pages the server's SQLite schema writes per single PUT, by schema
+version and setting (issue 21 point 1; figures in folded.md).
 
 A model, not the server: it reads the schema from
 crates/guardian-server/src/store/schema.rs, replays the throughput bench's
@@ -72,7 +72,8 @@ def run(ddl, path, group, n=16000, applied=True, body=True, page_size=4096):
                 else str(cursor)
             )
             c.execute(
-                "INSERT OR REPLACE INTO idempotency VALUES ('bench', ?, ?, 200, ?, ?)",
+                "INSERT OR REPLACE INTO idempotency (tenant, key, fingerprint, status, body, created_at) "
+                "VALUES ('bench', ?, ?, 200, ?, ?)",
                 (f"p-{cl}-{k}", hashlib.sha256(str(k).encode()).digest(), stored, now),
             )
         c.execute("UPDATE tenants SET last_cursor = ? WHERE tenant = 'bench'", (cursor,))
@@ -84,27 +85,19 @@ def run(ddl, path, group, n=16000, applied=True, body=True, page_size=4096):
 
 
 def main():
-    ddl = ";".join(migrations())
-    no_idem = ddl.replace("CREATE INDEX idempotency_created ON idempotency (created_at);", "")
-    no_at = ddl.replace("CREATE INDEX changes_at ON changes (at);", "")
-    no_auto = ddl.replace("AUTOINCREMENT", "")
-    all_cuts = no_idem.replace("CREATE INDEX changes_at ON changes (at);", "").replace("AUTOINCREMENT", "")
+    steps = migrations()
     variants = [
-        ("today", ddl, {}),
-        ("no idempotency_created", no_idem, {}),
-        ("no changes_at", no_at, {}),
-        ("no AUTOINCREMENT", no_auto, {}),
-        ("no applied-log row", ddl, {"applied": False}),
-        ("body by reference", ddl, {"body": False}),
-        ("all of the above", all_cuts, {"applied": False, "body": False}),
-        ("2 KiB pages", ddl, {"page_size": 2048}),
+        ("version 2, applied log", ";".join(steps[:2]), {}),
+        ("version 4, applied log", ";".join(steps), {}),
+        ("version 4, no applied log (gsync serve)", ";".join(steps), {"applied": False}),
+        ("version 4, no log, body by reference", ";".join(steps), {"applied": False, "body": False}),
     ]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.db")
         print("| schema | PUTs per commit | WAL pages per commit | WAL KiB per PUT |")
         print("|---|---:|---:|---:|")
         for name, schema, kw in variants:
-            for group in (1, 7, 16):
+            for group in (1, 7, 16, 100):
                 pages, kib = run(schema, path, group, **kw)
                 print(f"| {name} | {group} | {pages:.1f} | {kib:.1f} |")
 
