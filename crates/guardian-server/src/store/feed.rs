@@ -9,7 +9,7 @@
 use guardian_protocol::{Change, MutationKind};
 use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::{from_i64, to_i64, StoreError};
+use super::{from_i64, to_i64, Cutoff, StoreError};
 
 /// Why a feed read was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,13 +162,15 @@ pub(crate) fn parse_op(op: &str) -> Result<MutationKind, StoreError> {
 }
 
 /// Deletes each tenant's expired front: its changes in cursor order up to
-/// the first one recorded at or after `not_before_ms`; returns how many.
+/// the first one still young (see [`Cutoff`]); returns how many.
 ///
 /// Walking the feed from its front reads only what it deletes (and one row
 /// more), so no index on `at` is kept up to date on every write. After a
 /// clock step back a younger change can precede older ones: the front stops
-/// there, so nothing younger than the retention is ever deleted.
-pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, StoreError> {
+/// there, so nothing younger than the retention is deleted. A change
+/// stamped in the future goes with the front (the feed stays a prefix; a
+/// reader behind it is told 410 and resyncs).
+pub(crate) fn purge(tx: &Transaction<'_>, cutoff: Cutoff) -> Result<usize, StoreError> {
     let tenants: Vec<(String, i64)> = {
         let mut stmt = tx.prepare(
             "SELECT tenant, purged_through FROM tenants WHERE last_cursor > purged_through",
@@ -185,7 +187,7 @@ pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, S
             let mut rows = stmt.query(params![tenant, from])?;
             let mut through = None;
             while let Some(row) = rows.next()? {
-                if row.get::<_, i64>(1)? >= not_before_ms {
+                if cutoff.stops_at(row.get::<_, i64>(1)?) {
                     break;
                 }
                 through = Some(row.get::<_, i64>(0)?);
@@ -214,6 +216,14 @@ mod tests {
     use super::*;
     use crate::store::{schema, Synchronous};
 
+    /// A cutoff at `not_before` with the clock well past every stamp.
+    fn cut(not_before: i64) -> Cutoff {
+        Cutoff {
+            not_before,
+            now: 50_000,
+        }
+    }
+
     /// Retention deletes each tenant's expired front and stops at the first
     /// change still young, even when a clock step back put older changes
     /// after it; a tenant with nothing expired keeps everything.
@@ -238,7 +248,7 @@ mod tests {
         }
         tx.execute_batch("INSERT INTO tenants (tenant, last_cursor) VALUES ('a', 4), ('b', 1)")
             .unwrap();
-        assert_eq!(purge(&tx, 1_000).unwrap(), 2);
+        assert_eq!(purge(&tx, cut(1_000)).unwrap(), 2);
         assert_eq!(counters(&tx, "a").unwrap(), (4, 2));
         assert_eq!(counters(&tx, "b").unwrap(), (1, 0));
         let left: Vec<u64> = read(&tx, "a", 2, 10)
@@ -248,10 +258,30 @@ mod tests {
             .collect();
         assert_eq!(left, [3, 4]);
         // Once the young change expires, the rest of the front goes too.
-        assert_eq!(purge(&tx, 10_000).unwrap(), 3);
+        assert_eq!(purge(&tx, cut(10_000)).unwrap(), 3);
         assert_eq!(counters(&tx, "a").unwrap(), (4, 4));
         assert_eq!(counters(&tx, "b").unwrap(), (1, 1));
         // Nothing left to purge.
-        assert_eq!(purge(&tx, 10_000).unwrap(), 0);
+        assert_eq!(purge(&tx, cut(10_000)).unwrap(), 0);
+    }
+
+    /// A change stamped in the future (the clock ran ahead, then came back)
+    /// does not stall the purge: it goes with the expired front, which stops
+    /// at the first change young by the clock as it is now.
+    #[test]
+    fn purge_passes_a_change_from_the_future() {
+        let mut conn = schema::open(None, Synchronous::Full).unwrap();
+        let tx = conn.transaction().unwrap();
+        for (cursor, at) in [(1, 100), (2, 90_000), (3, 200), (4, 2_000)] {
+            tx.execute(
+                "INSERT INTO changes VALUES ('a', ?1, 'create', 'd', ?1, 1, '{}', ?2)",
+                params![cursor, at],
+            )
+            .unwrap();
+        }
+        tx.execute_batch("INSERT INTO tenants (tenant, last_cursor) VALUES ('a', 4)")
+            .unwrap();
+        assert_eq!(purge(&tx, cut(1_000)).unwrap(), 3);
+        assert_eq!(counters(&tx, "a").unwrap(), (4, 3));
     }
 }

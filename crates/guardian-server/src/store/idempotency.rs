@@ -25,7 +25,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::apply::KeptResponse;
-use super::StoreError;
+use super::{Cutoff, StoreError};
 
 /// A stored response.
 #[derive(Debug, Clone, PartialEq)]
@@ -208,22 +208,23 @@ pub(crate) fn store(
     Ok(())
 }
 
-/// Deletes the expired front of the records in the order they were stored:
-/// up to the first one created at or after `not_before_ms`; returns how
-/// many.
+/// Deletes the expired records of the front, in the order they were
+/// stored, up to the first one still young (see [`Cutoff`]); returns how
+/// many. A record stamped in the future is passed over but kept: lookups
+/// honour it until it expires.
 ///
 /// Records are appended (`seq`), so the walk reads only what it deletes and
 /// one row more, and no index on `created_at` is kept up to date on every
 /// write. After a clock step back an expired record may wait behind a
 /// younger one; lookups ignore it meanwhile, as they ignore every expired
 /// record.
-pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, StoreError> {
+pub(crate) fn purge(tx: &Transaction<'_>, cutoff: Cutoff) -> Result<usize, StoreError> {
     let through = {
         let mut stmt = tx.prepare("SELECT seq, created_at FROM idempotency ORDER BY seq")?;
         let mut rows = stmt.query([])?;
         let mut through = None;
         while let Some(row) = rows.next()? {
-            if row.get::<_, i64>(1)? >= not_before_ms {
+            if cutoff.stops_at(row.get::<_, i64>(1)?) {
                 break;
             }
             through = Some(row.get::<_, i64>(0)?);
@@ -231,7 +232,10 @@ pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, S
         through
     };
     match through {
-        Some(seq) => Ok(tx.execute("DELETE FROM idempotency WHERE seq <= ?1", params![seq])?),
+        Some(seq) => Ok(tx.execute(
+            "DELETE FROM idempotency WHERE seq <= ?1 AND created_at < ?2",
+            params![seq, cutoff.not_before],
+        )?),
         None => Ok(0),
     }
 }
@@ -240,6 +244,42 @@ pub(crate) fn purge(tx: &Transaction<'_>, not_before_ms: i64) -> Result<usize, S
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A cutoff at `not_before` with the clock at 50,000.
+    fn cut(not_before: i64) -> Cutoff {
+        Cutoff {
+            not_before,
+            now: 50_000,
+        }
+    }
+
+    /// A record stamped in the future does not stall the purge: the expired
+    /// records on either side of it go, and it stays (lookups honour it).
+    #[test]
+    fn purge_passes_over_a_record_from_the_future() {
+        let mut conn = super::super::schema::open(None, super::super::Synchronous::Full).unwrap();
+        let tx = conn.transaction().unwrap();
+        let mut st = tx.prepare(STORE_SQL).unwrap();
+        for (key, at) in [("a", 100), ("b", 90_000), ("c", 200), ("d", 2_000)] {
+            let r = KeptResponse {
+                key,
+                fingerprint: b"f",
+                status: 200,
+                body: "null",
+            };
+            store(&mut st, "t", r, at).unwrap();
+        }
+        drop(st);
+        assert_eq!(purge(&tx, cut(1_000)).unwrap(), 2);
+        let left: Vec<String> = tx
+            .prepare("SELECT key FROM idempotency ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(left, ["b", "d"]);
+    }
 
     /// Retention deletes the records made before the cutoff from the
     /// front, stops at the first one still young (after a clock step back,
@@ -268,10 +308,10 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(keys(&tx), ["b", "c", "d", "a"]);
-        assert_eq!(purge(&tx, 1_000).unwrap(), 1);
+        assert_eq!(purge(&tx, cut(1_000)).unwrap(), 1);
         assert_eq!(keys(&tx), ["c", "d", "a"]);
-        assert_eq!(purge(&tx, 10_000).unwrap(), 3);
-        assert_eq!(purge(&tx, 10_000).unwrap(), 0);
+        assert_eq!(purge(&tx, cut(10_000)).unwrap(), 3);
+        assert_eq!(purge(&tx, cut(10_000)).unwrap(), 0);
     }
 
     #[test]

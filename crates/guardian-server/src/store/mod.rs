@@ -78,6 +78,25 @@ pub enum StoreError {
     AppliedLogOff,
 }
 
+/// A retention purge's view of time: rows stamped before `not_before` have
+/// expired. A purge walks rows in the order they were written and stops at
+/// the first one it [keeps](Self::stops_at); one stamped after `now` (made
+/// while the clock ran ahead) does not stop it, or a clock that stepped
+/// forward and back would stall the purge until it caught up.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Cutoff {
+    pub(crate) not_before: i64,
+    pub(crate) now: i64,
+}
+
+impl Cutoff {
+    /// Whether a row stamped `at` ends the walk: young, and not from the
+    /// future.
+    pub(crate) fn stops_at(self, at: i64) -> bool {
+        (self.not_before..=self.now).contains(&at)
+    }
+}
+
 /// A precondition of an update or delete (`If-Match`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Precondition {

@@ -19,8 +19,8 @@ use super::entities::Row;
 use super::idempotency::StoredResponse as Stored;
 use super::{
     applied, entities, feed, idempotency, lock, schema, to_i64, Answer, AppliedMutation, Backend,
-    Feed, FeedEvent, FeedRefusal, MutationInput, OpOutcome, PurgeReport, Storage, StoreError,
-    StoreOptions, TenantChanges, TransactionInput, TransactionOutcome, Work, WorkDone,
+    Cutoff, Feed, FeedEvent, FeedRefusal, MutationInput, OpOutcome, PurgeReport, Storage,
+    StoreError, StoreOptions, TenantChanges, TransactionInput, TransactionOutcome, Work, WorkDone,
     BROADCAST_CAPACITY,
 };
 
@@ -226,9 +226,18 @@ impl SqliteStore {
             let report = PurgeReport {
                 idempotency_records: idempotency::purge(
                     &tx,
-                    now.saturating_sub(inner.opts.idempotency_retention_ms),
+                    Cutoff {
+                        not_before: now.saturating_sub(inner.opts.idempotency_retention_ms),
+                        now,
+                    },
                 )?,
-                changes: feed::purge(&tx, now.saturating_sub(inner.opts.feed_retention_ms))?,
+                changes: feed::purge(
+                    &tx,
+                    Cutoff {
+                        not_before: now.saturating_sub(inner.opts.feed_retention_ms),
+                        now,
+                    },
+                )?,
             };
             tx.commit()?;
             Ok(report)
