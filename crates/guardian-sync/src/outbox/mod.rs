@@ -35,7 +35,6 @@ mod runner;
 mod scan;
 mod schema;
 mod upcast;
-mod wal_prefill;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -59,7 +58,7 @@ pub use upcast::{UpcastFn, Upcasters};
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::op::{Fence, NewOp, OpId, PendingOp, TxnOutcome};
-use wal_prefill::WalPrefill;
+use guardian_sqlite::wal_prefill::WalPrefill;
 use writer::{Ctx, Writer};
 
 /// The newest on-disk schema version this build reads and writes.
@@ -543,7 +542,7 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
         coalesce: options.coalesce,
     };
     let prefill = (options.preallocate_wal && options.synchronous != Synchronous::Off)
-        .then(|| WalPrefill::new(path, options.busy_timeout));
+        .then(|| WalPrefill::new("outbox", path, options.busy_timeout, u64::MAX));
     let writer = Writer::spawn(conn, ctx, prefill).map_err(OpenError::Thread)?;
     Ok(Outbox {
         inner: Arc::new(Inner {

@@ -22,8 +22,8 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use super::error::{JobError, StorageError};
-use super::wal_prefill::WalPrefill;
 use crate::clock::SharedClock;
+use guardian_sqlite::wal_prefill::WalPrefill;
 
 /// Settings the jobs read; fixed for the outbox's life.
 #[derive(Debug)]

@@ -4,18 +4,19 @@
 //!
 //! Why: on ext4 (and journaling filesystems generally) the `fsync` of a
 //! commit that *appended* must also commit the file's new size and block
-//! allocation to the filesystem journal. On the benchmark machine that
-//! made a `synchronous=FULL` commit cost ~270 µs while the WAL grew against
-//! ~185 µs once it wrapped (`docs/design/outbox.md`). SQLite never
-//! preallocates its WAL: the file grows frame by frame until the first
-//! checkpoint lets it restart (about `wal_autocheckpoint` = 1000 pages,
-//! ~4 MiB, some 250 enqueues), and it is deleted when the last connection
-//! closes, so every app session would begin in the slow regime.
+//! allocation to the filesystem journal (figures: `docs/design/outbox.md`).
+//! SQLite never preallocates its WAL: the file grows frame by frame until
+//! the first checkpoint lets it restart (at `wal_autocheckpoint` pages),
+//! and it is deleted when the last connection closes, so every session of
+//! an app or a server would begin in the slow regime.
 //!
 //! When: once the WAL has grown past [`START_AFTER`] in this session (a
-//! dozen commits or so), checked after each group commit. A short-lived
-//! command that enqueues one op and exits never pays for a fill it would
-//! not use; an app that keeps writing gets it within its first commits.
+//! dozen commits or so), checked after each commit. A short-lived command
+//! that commits once and exits never pays for a fill it would not use; a
+//! process that keeps writing gets it within its first commits. A fill may
+//! be split into steps of at most a given size, one per commit, so that no
+//! commit waits for a large fill at once (the server's WAL wraps at tens of
+//! MiB).
 //!
 //! Safety, the invariant that matters: zeros are written only *past the
 //! file's end*, and only while this connection holds SQLite's write lock
@@ -42,89 +43,112 @@ const FRAME_HEADER: u64 = 24;
 const CHUNK: usize = 256 << 10;
 
 /// WAL size past which the writer fills it (about 64 frames).
-pub(crate) const START_AFTER: u64 = 256 << 10;
-/// Fill attempts per session (one normally; a busy write lock retries).
+pub const START_AFTER: u64 = 256 << 10;
+/// Fill attempts that find the write lock taken, per session.
 const ATTEMPTS: u32 = 3;
 
-/// The writer's fill state for one session of the outbox.
+/// The writer's fill state for one session of a database.
 #[derive(Debug)]
-pub(crate) struct WalPrefill {
+pub struct WalPrefill {
+    /// What the database is, for logs (`"outbox"`, `"server"`).
+    what: &'static str,
     wal: PathBuf,
     busy_timeout: Duration,
+    /// Most zero bytes written after one commit.
+    step: u64,
     attempts_left: u32,
+    /// The fill began (the WAL passed [`START_AFTER`]) at this instant.
+    began: Option<std::time::Instant>,
 }
 
 impl WalPrefill {
-    /// Watches the WAL of the database at `db_path`; `busy_timeout` is the
-    /// connection's own.
-    pub(crate) fn new(db_path: &Path, busy_timeout: Duration) -> Self {
+    /// Watches the WAL of the database at `db_path`, to be filled at most
+    /// `step` bytes per commit; `busy_timeout` is the connection's own and
+    /// `what` names the database in logs.
+    pub fn new(what: &'static str, db_path: &Path, busy_timeout: Duration, step: u64) -> Self {
         Self {
+            what,
             wal: wal_path(db_path),
             busy_timeout,
+            step: step.max(1),
             attempts_left: ATTEMPTS,
+            began: None,
         }
     }
 
-    /// Called after each commit: fills the WAL once it has grown past
-    /// [`START_AFTER`]. Cheap until then (one `stat`), free afterwards.
-    pub(crate) fn after_commit(&mut self, conn: &Connection) {
+    /// Called after each commit, with the write lock released: fills the
+    /// WAL (a step at a time) once it has grown past [`START_AFTER`]. Cheap
+    /// until then (one `stat`), free once done.
+    pub fn after_commit(&mut self, conn: &Connection) {
         if self.attempts_left == 0 {
             return;
         }
-        if std::fs::metadata(&self.wal).map_or(true, |m| m.len() < START_AFTER) {
-            return;
+        if self.began.is_none() {
+            if std::fs::metadata(&self.wal).map_or(true, |m| m.len() < START_AFTER) {
+                return;
+            }
+            self.began = Some(std::time::Instant::now());
         }
-        self.attempts_left -= 1;
-        let started = std::time::Instant::now();
-        match prefill(conn, &self.wal, self.busy_timeout) {
-            Ok(0) => {}
-            Ok(bytes) => {
+        match prefill(conn, &self.wal, self.busy_timeout, self.step) {
+            Ok(Filled { complete: true, .. }) => {
                 self.attempts_left = 0;
+                let took = self.began.map_or(0, |t| t.elapsed().as_micros());
                 tracing::debug!(
-                    bytes,
-                    took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                    "outbox WAL preallocated"
+                    db = self.what,
+                    took_us = u64::try_from(took).unwrap_or(u64::MAX),
+                    "WAL preallocated"
                 );
             }
+            Ok(Filled { added: 0, .. }) => self.attempts_left -= 1,
+            Ok(_) => {}
             Err(e) => {
                 self.attempts_left = 0;
-                tracing::warn!(error = %e, "outbox WAL preallocation failed; commits append");
+                tracing::warn!(db = self.what, error = %e, "WAL preallocation failed; commits append");
             }
         }
     }
 
     /// True once no further fill will be tried.
-    #[cfg(test)]
-    pub(crate) fn finished(&self) -> bool {
+    pub fn finished(&self) -> bool {
         self.attempts_left == 0
     }
 }
 
+/// What one fill step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Filled {
+    /// Zero bytes appended.
+    pub added: u64,
+    /// The WAL is at its full size (or there is nothing to fill: checkpoints
+    /// are off, or the file is missing).
+    pub complete: bool,
+}
+
 /// The size the WAL is filled to: the checkpoint threshold plus headroom,
 /// in frames of `page_size + 24` bytes.
-pub(crate) fn target_len(page_size: u64, autocheckpoint_pages: u64) -> u64 {
+pub fn target_len(page_size: u64, autocheckpoint_pages: u64) -> u64 {
     WAL_HEADER + (autocheckpoint_pages + HEADROOM_FRAMES) * (page_size + FRAME_HEADER)
 }
 
 /// The `-wal` file beside the database at `db_path`.
-pub(crate) fn wal_path(db_path: &Path) -> PathBuf {
+pub fn wal_path(db_path: &Path) -> PathBuf {
     let mut wal = db_path.as_os_str().to_owned();
     wal.push("-wal");
     PathBuf::from(wal)
 }
 
-/// Zero-fills the WAL file `wal` (of `conn`'s database) from its end up to
-/// [`target_len`] and syncs it.
-/// Returns the bytes added (0 when it was long enough already, missing, or
-/// another connection held the write lock: the fill never waits for one).
-/// `busy_timeout` is the connection's own, restored afterwards. Errors are
-/// the caller's to log: the outbox works without the fill, only its first
-/// commits are slower.
-pub(crate) fn prefill(
+/// Zero-fills the WAL file `wal` (of `conn`'s database) from its end
+/// towards [`target_len`], at most `max_bytes` of it, and syncs it.
+/// Adds nothing when another connection holds the write lock (the fill
+/// never waits for one). `busy_timeout` is the connection's own, restored
+/// afterwards. Errors are the caller's to log: the database works without
+/// the fill, only its commits that grow the WAL are slower.
+pub fn prefill(
     conn: &Connection,
     wal: &Path,
     busy_timeout: Duration,
-) -> std::io::Result<u64> {
+    max_bytes: u64,
+) -> std::io::Result<Filled> {
     let page_size: u64 = conn
         .pragma_query_value(None, "page_size", |r| r.get(0))
         .map_err(std::io::Error::other)?;
@@ -134,7 +158,10 @@ pub(crate) fn prefill(
     if autocheckpoint == 0 {
         // Checkpoints are off: the WAL grows without bound, so there is no
         // size it would wrap at.
-        return Ok(0);
+        return Ok(Filled {
+            added: 0,
+            complete: true,
+        });
     }
     let target = target_len(page_size, autocheckpoint);
     // Holding the write lock is what makes writing past the end safe.
@@ -142,8 +169,11 @@ pub(crate) fn prefill(
         .map_err(std::io::Error::other)?;
     let began = conn.execute_batch("BEGIN IMMEDIATE");
     let filled = match began {
-        Ok(()) => fill(wal, target),
-        Err(_) => Ok(0),
+        Ok(()) => fill(wal, target, max_bytes),
+        Err(_) => Ok(Filled {
+            added: 0,
+            complete: false,
+        }),
     };
     if !conn.is_autocommit() {
         let _ = conn.execute_batch("ROLLBACK");
@@ -154,30 +184,42 @@ pub(crate) fn prefill(
 }
 
 #[cfg(unix)]
-fn fill(wal: &Path, target: u64) -> std::io::Result<u64> {
+fn fill(wal: &Path, target: u64, max_bytes: u64) -> std::io::Result<Filled> {
     use std::os::unix::fs::FileExt as _;
 
     let file = match OpenOptions::new().write(true).open(wal) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Filled {
+                added: 0,
+                complete: true,
+            })
+        }
         Err(e) => return Err(e),
     };
     let start = file.metadata()?.len();
-    if start >= target {
-        return Ok(0);
+    let end = target.min(start.saturating_add(max_bytes));
+    if start >= end {
+        return Ok(Filled {
+            added: 0,
+            complete: true,
+        });
     }
     let zeros = vec![0u8; CHUNK];
     let mut at = start;
     let written = (|| {
-        while at < target {
-            let n = usize::try_from(target - at).unwrap_or(CHUNK).min(CHUNK);
+        while at < end {
+            let n = usize::try_from(end - at).unwrap_or(CHUNK).min(CHUNK);
             file.write_all_at(&zeros[..n], at)?;
             at += n as u64;
         }
         file.sync_data()
     })();
     match written {
-        Ok(()) => Ok(target - start),
+        Ok(()) => Ok(Filled {
+            added: end - start,
+            complete: end >= target,
+        }),
         Err(e) => {
             // Disk full or an I/O error: give the space back (still past
             // every frame, still under the write lock).
@@ -188,8 +230,11 @@ fn fill(wal: &Path, target: u64) -> std::io::Result<u64> {
 }
 
 #[cfg(not(unix))]
-fn fill(_wal: &Path, _target: u64) -> std::io::Result<u64> {
-    Ok(0)
+fn fill(_wal: &Path, _target: u64, _max_bytes: u64) -> std::io::Result<Filled> {
+    Ok(Filled {
+        added: 0,
+        complete: true,
+    })
 }
 
 #[cfg(test)]
@@ -246,13 +291,17 @@ mod tests {
         let (path, conn) = wal_conn(dir.path());
         conn.execute("INSERT INTO t VALUES ('before')", []).unwrap();
         let busy = Duration::from_secs(5);
-        let added = prefill(&conn, &wal_path(&path), busy).unwrap();
+        let filled = prefill(&conn, &wal_path(&path), busy, u64::MAX).unwrap();
         let target = target_len(4096, 1000);
         assert_eq!(wal_len(&path), target);
-        assert!(added > 0 && added < target);
+        assert!(filled.complete);
+        assert!(filled.added > 0 && filled.added < target);
         assert_eq!(
-            prefill(&conn, &wal_path(&path), busy).unwrap(),
-            0,
+            prefill(&conn, &wal_path(&path), busy, u64::MAX).unwrap(),
+            Filled {
+                added: 0,
+                complete: true
+            },
             "filled once"
         );
         crash_copy(&path, dir.path(), 1);
@@ -275,7 +324,7 @@ mod tests {
     fn fills_once_the_wal_has_grown() {
         let dir = tempfile::tempdir().unwrap();
         let (path, conn) = wal_conn(dir.path());
-        let mut watch = WalPrefill::new(&path, Duration::from_secs(5));
+        let mut watch = WalPrefill::new("test", &path, Duration::from_secs(5), u64::MAX);
         conn.execute("INSERT INTO t VALUES ('one')", []).unwrap();
         watch.after_commit(&conn);
         assert!(wal_len(&path) < START_AFTER);
@@ -292,6 +341,43 @@ mod tests {
         crash_copy(&path, dir.path(), i + 1);
     }
 
+    /// A fill in steps adds at most one step per commit, keeps every commit
+    /// recoverable between steps, and ends at the same size as a fill at once.
+    #[test]
+    fn fills_in_steps_one_per_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, conn) = wal_conn(dir.path());
+        let step = 1 << 20;
+        let mut watch = WalPrefill::new("test", &path, Duration::from_secs(5), step);
+        let mut rows = 0;
+        while wal_len(&path) < START_AFTER {
+            conn.execute("INSERT INTO t VALUES (?1)", [format!("row {rows}")])
+                .unwrap();
+            rows += 1;
+        }
+        let target = target_len(4096, 1000);
+        let mut steps = 0;
+        while !watch.finished() {
+            let before = wal_len(&path);
+            watch.after_commit(&conn);
+            let after = wal_len(&path);
+            assert!(
+                after > before && after - before <= step,
+                "{before} -> {after}"
+            );
+            steps += 1;
+            conn.execute("INSERT INTO t VALUES (?1)", [format!("row {rows}")])
+                .unwrap();
+            rows += 1;
+            crash_copy(&path, dir.path(), rows);
+            assert!(steps <= target / step + 1, "the fill never ends");
+        }
+        assert_eq!(wal_len(&path), target);
+        assert!(steps > 1, "filled in one step");
+        watch.after_commit(&conn);
+        assert_eq!(wal_len(&path), target, "filled once");
+    }
+
     /// While another connection holds the write lock nothing is written.
     #[test]
     fn busy_write_lock_skips_the_fill() {
@@ -303,10 +389,22 @@ mod tests {
         // Had it waited for the lock, it would have waited this long.
         let long = Duration::from_secs(120);
         let started = std::time::Instant::now();
-        assert_eq!(prefill(&conn, &wal_path(&path), long).unwrap(), 0);
+        let busy = prefill(&conn, &wal_path(&path), long, u64::MAX).unwrap();
+        assert_eq!(
+            busy,
+            Filled {
+                added: 0,
+                complete: false
+            }
+        );
         assert!(started.elapsed() < long / 2, "waited for the lock");
         assert_eq!(wal_len(&path), before);
         other.execute_batch("ROLLBACK").unwrap();
-        assert!(prefill(&conn, &wal_path(&path), long).unwrap() > 0);
+        assert!(
+            prefill(&conn, &wal_path(&path), long, u64::MAX)
+                .unwrap()
+                .added
+                > 0
+        );
     }
 }
