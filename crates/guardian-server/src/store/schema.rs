@@ -48,6 +48,9 @@ const SCHEMA_VERSION: i64 = 4;
 /// longer (rarer) checkpoint pauses.
 const WAL_AUTOCHECKPOINT_PAGES: i64 = 10_000;
 
+/// How long a statement waits for another connection's lock.
+pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 const MIGRATIONS: &[&str] = &[
     r"
 CREATE TABLE tenants (
@@ -144,7 +147,7 @@ pub(crate) fn open(path: Option<&Path>, sync: Synchronous) -> Result<Connection,
         }
         None => Connection::open_in_memory()?,
     };
-    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     conn.pragma_update(
         None,
         "synchronous",

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
 use guardian_protocol::{Change, ChangesPage, Entity};
+use guardian_sqlite::wal_prefill::WalPrefill;
 use rusqlite::{params, CachedStatement, Connection, Transaction};
 use tokio::sync::{broadcast, oneshot};
 
@@ -30,6 +31,9 @@ struct Inner {
     opts: StoreOptions,
     changes_tx: broadcast::Sender<FeedEvent>,
     writes: Mutex<WriteQueue>,
+    /// Preallocates a database file's WAL after the first commits (`None`
+    /// in memory); only the writer uses it.
+    prefill: Mutex<Option<WalPrefill>>,
 }
 
 /// One request's mutations waiting for the writer.
@@ -57,6 +61,11 @@ struct WriteQueue {
 /// request, whatever its size).
 const GROUP_MAX_OPS: usize = 1000;
 
+/// Most bytes of WAL preallocated after one group commit: the full WAL is
+/// tens of MiB (`schema::WAL_AUTOCHECKPOINT_PAGES`), too much for the
+/// requests of one group to wait for.
+const PREFILL_STEP: u64 = 4 << 20;
+
 /// The SQLite store (cheap to clone).
 #[derive(Debug, Clone)]
 pub(crate) struct SqliteStore {
@@ -75,6 +84,8 @@ impl SqliteStore {
             }
         };
         let conn = schema::open(path, opts.synchronous)?;
+        let prefill =
+            path.map(|p| WalPrefill::new("server", p, schema::BUSY_TIMEOUT, PREFILL_STEP));
         let (changes_tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -82,6 +93,7 @@ impl SqliteStore {
                 opts,
                 changes_tx,
                 writes: Mutex::new(WriteQueue::default()),
+                prefill: Mutex::new(prefill),
             }),
         })
     }
@@ -322,6 +334,10 @@ fn write_loop(inner: &Inner) {
         };
         let mut conn = lock(&inner.conn);
         commit_group(&mut conn, inner, group);
+        // After the answers: the fill delays the next group, not this one.
+        if let Some(p) = lock(&inner.prefill).as_mut() {
+            p.after_commit(&conn);
+        }
     }
 }
 
@@ -796,6 +812,67 @@ mod tests {
             rt.block_on(off.applied_log()),
             Err(StoreError::AppliedLogOff)
         ));
+    }
+
+    /// A database file's WAL is preallocated, a step per group commit, once
+    /// it has grown past the threshold, and stops at the size it wraps at;
+    /// what a crash leaves then (the files without the shared-memory index)
+    /// holds every committed entity.
+    #[test]
+    fn the_wal_is_preallocated_after_the_first_commits() {
+        use guardian_sqlite::wal_prefill::{target_len, wal_path, START_AFTER};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(StoreOptions {
+            storage: Storage::File(path.clone()),
+            synchronous: Synchronous::Full,
+            idempotency_retention_ms: 60_000,
+            feed_retention_ms: 60_000,
+            require_if_match: false,
+            applied_log: false,
+            clock: ManualClock::new(1_700_000_000_000),
+            hooks: Arc::new(NoHooks),
+        })
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let wal_len = || std::fs::metadata(wal_path(&path)).unwrap().len();
+        let target = target_len(4096, 10_000);
+        let mut created = 0;
+        let mut grew = Vec::new();
+        while wal_len() < target {
+            let before = wal_len();
+            let key = format!("k{created}");
+            let id = format!("d{created}");
+            let done = rt.block_on(store.apply("t".into(), vec![create(&key, &id)]));
+            assert_eq!(all_applied(done.unwrap()).len(), 1);
+            created += 1;
+            if before >= START_AFTER {
+                grew.push(wal_len() - before);
+            }
+            assert!(created < 1_000, "the WAL was never filled");
+        }
+        assert_eq!(wal_len(), target);
+        assert!(grew.len() > 1, "filled at once: {grew:?}");
+        assert!(
+            grew.iter().all(|&g| g <= PREFILL_STEP + 64 * 4120),
+            "{grew:?}"
+        );
+        let copy = dir.path().join("copy.db");
+        std::fs::copy(&path, &copy).unwrap();
+        std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
+        let conn = Connection::open(&copy).unwrap();
+        let n: i64 = conn
+            .query_row("SELECT count(*) FROM entities", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, created);
+        let ok: String = conn
+            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ok, "ok");
     }
 
     /// A transaction that aborts inside a group commit takes back its own
