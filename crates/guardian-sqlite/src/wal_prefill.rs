@@ -61,17 +61,28 @@ pub struct WalPrefill {
     began: Option<std::time::Instant>,
 }
 
+/// The WAL file SQLite itself uses for `conn`'s main database: named after
+/// the path SQLite resolved (symlinks followed), which is not the `-wal`
+/// beside a symlink that was given as the path. `None` in memory.
+pub fn sqlite_wal(conn: &Connection) -> Option<PathBuf> {
+    conn.path()
+        .filter(|p| !p.is_empty())
+        .map(|p| wal_path(Path::new(p)))
+}
+
 impl WalPrefill {
-    /// Watches the WAL of the database at `db_path`, to be filled at most
-    /// `step` bytes per commit; `busy_timeout` is the connection's own and
-    /// `what` names the database in logs.
-    pub fn new(what: &'static str, db_path: &Path, busy_timeout: Duration, step: u64) -> Self {
+    /// Watches the WAL of `conn`'s database (the file SQLite uses, see
+    /// [`sqlite_wal`]; nothing for a database in memory), to be filled at
+    /// most `step` bytes per commit; `busy_timeout` is the connection's own
+    /// and `what` names the database in logs.
+    pub fn new(what: &'static str, conn: &Connection, busy_timeout: Duration, step: u64) -> Self {
+        let wal = sqlite_wal(conn);
         Self {
             what,
-            wal: wal_path(db_path),
+            attempts_left: if wal.is_some() { ATTEMPTS } else { 0 },
+            wal: wal.unwrap_or_default(),
             busy_timeout,
             step: step.max(1),
-            attempts_left: ATTEMPTS,
             began: None,
         }
     }
@@ -130,7 +141,7 @@ pub fn target_len(page_size: u64, autocheckpoint_pages: u64) -> u64 {
     WAL_HEADER + (autocheckpoint_pages + HEADROOM_FRAMES) * (page_size + FRAME_HEADER)
 }
 
-/// The `-wal` file beside the database at `db_path`.
+/// The `-wal` file beside `db_path`, as given (see [`sqlite_wal`]).
 pub fn wal_path(db_path: &Path) -> PathBuf {
     let mut wal = db_path.as_os_str().to_owned();
     wal.push("-wal");
@@ -324,7 +335,7 @@ mod tests {
     fn fills_once_the_wal_has_grown() {
         let dir = tempfile::tempdir().unwrap();
         let (path, conn) = wal_conn(dir.path());
-        let mut watch = WalPrefill::new("test", &path, Duration::from_secs(5), u64::MAX);
+        let mut watch = WalPrefill::new("test", &conn, Duration::from_secs(5), u64::MAX);
         conn.execute("INSERT INTO t VALUES ('one')", []).unwrap();
         watch.after_commit(&conn);
         assert!(wal_len(&path) < START_AFTER);
@@ -348,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (path, conn) = wal_conn(dir.path());
         let step = 1 << 20;
-        let mut watch = WalPrefill::new("test", &path, Duration::from_secs(5), step);
+        let mut watch = WalPrefill::new("test", &conn, Duration::from_secs(5), step);
         let mut rows = 0;
         while wal_len(&path) < START_AFTER {
             conn.execute("INSERT INTO t VALUES (?1)", [format!("row {rows}")])
@@ -376,6 +387,59 @@ mod tests {
         assert!(steps > 1, "filled in one step");
         watch.after_commit(&conn);
         assert_eq!(wal_len(&path), target, "filled once");
+    }
+
+    /// Opened through a symlink, the fill goes to the WAL SQLite uses (beside
+    /// the link's target) and leaves a file named like a WAL beside the link,
+    /// which is not SQLite's, as it was.
+    #[cfg(unix)]
+    #[test]
+    fn through_a_symlink_only_the_real_wal_is_filled() {
+        let dir = tempfile::tempdir().unwrap();
+        let real_dir = dir.path().join("real");
+        std::fs::create_dir(&real_dir).unwrap();
+        let (real, conn) = wal_conn(&real_dir);
+        drop(conn);
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // As long as a WAL the fill would start on, so a fill that took it
+        // for the WAL would append to it.
+        let decoy = wal_path(&link);
+        let foreign = vec![b'x'; usize::try_from(START_AFTER).unwrap()];
+        std::fs::write(&decoy, &foreign).unwrap();
+        let conn = Connection::open(&link).unwrap();
+        let _: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .unwrap();
+        let real_wal = std::fs::canonicalize(wal_path(&real)).unwrap_or(wal_path(&real));
+        assert_eq!(
+            sqlite_wal(&conn).map(|p| std::fs::canonicalize(p).unwrap()),
+            Some(real_wal.clone())
+        );
+        let mut watch = WalPrefill::new("test", &conn, Duration::from_secs(5), u64::MAX);
+        let mut i = 0;
+        while std::fs::metadata(&real_wal).unwrap().len() < START_AFTER {
+            conn.execute("INSERT INTO t VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+            i += 1;
+        }
+        watch.after_commit(&conn);
+        assert!(watch.finished());
+        assert_eq!(
+            std::fs::metadata(&real_wal).unwrap().len(),
+            target_len(4096, 1000)
+        );
+        assert_eq!(std::fs::read(&decoy).unwrap(), foreign);
+    }
+
+    /// A database in memory has no WAL to fill.
+    #[test]
+    fn in_memory_there_is_nothing_to_fill() {
+        let conn = Connection::open_in_memory().unwrap();
+        assert_eq!(sqlite_wal(&conn), None);
+        let mut watch = WalPrefill::new("test", &conn, Duration::from_secs(5), u64::MAX);
+        assert!(watch.finished());
+        watch.after_commit(&conn);
     }
 
     /// While another connection holds the write lock nothing is written.

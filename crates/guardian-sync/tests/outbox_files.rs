@@ -456,3 +456,43 @@ async fn a_wrong_column_type_met_at_open_is_repaired() {
     outbox.close().await;
     no_temp_files(dir.path());
 }
+
+/// Opened through a symlink, the outbox preallocates the WAL SQLite uses,
+/// beside the link's target, and leaves a file named like a WAL beside the
+/// link (not SQLite's, so not ours) byte-identical.
+#[cfg(unix)]
+#[tokio::test]
+async fn through_a_symlink_the_wal_fill_touches_only_sqlites_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let real_dir = dir.path().join("real");
+    std::fs::create_dir(&real_dir).unwrap();
+    let real = real_dir.join("o.db");
+    let (created, _) = Outbox::open(&real, opts()).await.unwrap();
+    created.close().await;
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    // As long as a WAL the fill starts on: a fill that took it for the WAL
+    // would append to it.
+    let decoy = dir.path().join("link.db-wal");
+    let foreign = vec![b'x'; 256 << 10];
+    std::fs::write(&decoy, &foreign).unwrap();
+    let options = OutboxOptions::default()
+        .synchronous(Synchronous::Full)
+        .coalesce(false);
+    let (outbox, _) = Outbox::open(&link, options).await.unwrap();
+    let real_wal = real_dir.join("o.db-wal");
+    // Each enqueue is a commit of a few pages; the fill starts past 256 KiB.
+    let target = 32 + (1000 + 256) * (4096 + 24);
+    let mut n = 0;
+    while std::fs::metadata(&real_wal).unwrap().len() < target {
+        outbox
+            .enqueue(NewOp::create("device", format!("d{n}"), json!({"n": n})))
+            .await
+            .unwrap();
+        n += 1;
+        assert!(n < 1000, "the WAL was never preallocated");
+    }
+    assert_eq!(std::fs::metadata(&real_wal).unwrap().len(), target);
+    assert_eq!(std::fs::read(&decoy).unwrap(), foreign);
+    outbox.close().await;
+}

@@ -31,9 +31,9 @@ struct Inner {
     opts: StoreOptions,
     changes_tx: broadcast::Sender<FeedEvent>,
     writes: Mutex<WriteQueue>,
-    /// Preallocates a database file's WAL after the first commits (`None`
-    /// in memory); only the writer uses it.
-    prefill: Mutex<Option<WalPrefill>>,
+    /// Preallocates a database file's WAL after the first commits (nothing
+    /// to do in memory); only the writer uses it.
+    prefill: Mutex<WalPrefill>,
 }
 
 /// One request's mutations waiting for the writer.
@@ -84,8 +84,7 @@ impl SqliteStore {
             }
         };
         let conn = schema::open(path, opts.synchronous)?;
-        let prefill =
-            path.map(|p| WalPrefill::new("server", p, schema::BUSY_TIMEOUT, PREFILL_STEP));
+        let prefill = WalPrefill::new("server", &conn, schema::BUSY_TIMEOUT, PREFILL_STEP);
         let (changes_tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         Ok(Self {
             inner: Arc::new(Inner {
@@ -335,9 +334,7 @@ fn write_loop(inner: &Inner) {
         let mut conn = lock(&inner.conn);
         commit_group(&mut conn, inner, group);
         // After the answers: the fill delays the next group, not this one.
-        if let Some(p) = lock(&inner.prefill).as_mut() {
-            p.after_commit(&conn);
-        }
+        lock(&inner.prefill).after_commit(&conn);
     }
 }
 

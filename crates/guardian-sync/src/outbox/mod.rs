@@ -542,7 +542,7 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
         coalesce: options.coalesce,
     };
     let prefill = (options.preallocate_wal && options.synchronous != Synchronous::Off)
-        .then(|| WalPrefill::new("outbox", path, options.busy_timeout, u64::MAX));
+        .then(|| WalPrefill::new("outbox", &conn, options.busy_timeout, u64::MAX));
     let writer = Writer::spawn(conn, ctx, prefill).map_err(OpenError::Thread)?;
     Ok(Outbox {
         inner: Arc::new(Inner {
