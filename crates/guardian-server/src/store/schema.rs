@@ -134,6 +134,7 @@ pub(crate) fn open(path: Option<&Path>, sync: Synchronous) -> Result<Connection,
             if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(StoreError::Io)?;
             }
+            guardian_sqlite::create_private(p).map_err(StoreError::Io)?;
             let conn = Connection::open(p)?;
             let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
             if !mode.eq_ignore_ascii_case("wal") {
@@ -185,6 +186,28 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new database file, and the WAL and shared-memory files SQLite
+    /// creates beside it, are readable by their owner only, whatever the
+    /// umask: they hold every tenant's data.
+    #[cfg(unix)]
+    #[test]
+    fn a_new_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let conn = open(Some(&path), Synchronous::Full).unwrap();
+        conn.execute_batch("INSERT INTO tenants (tenant, last_cursor) VALUES ('t', 0)")
+            .unwrap();
+        for name in ["s.db", "s.db-wal", "s.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{name} has mode {mode:o}");
+        }
+    }
 
     /// A database of version 1 is migrated in place: its log rows keep
     /// their values and get no transaction key; its idempotency records

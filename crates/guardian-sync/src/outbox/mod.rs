@@ -466,7 +466,7 @@ fn open_conn(
     // Decided before anything is written: a path that is not ours is never
     // moved, replaced or written to.
     let created = match ident::classify(path).map_err(io)? {
-        ident::Identity::Missing => schema::create_file(path).map_err(io)?,
+        ident::Identity::Missing => guardian_sqlite::create_private(path).map_err(io)?,
         ident::Identity::Empty | ident::Identity::Ours => false,
         ident::Identity::NotOurs(reason) => {
             return Err(OpenError::NotAnOutbox {
@@ -506,7 +506,7 @@ fn open_conn(
     };
     let aside = damage::move_aside(path, options.clock.now_millis())
         .map_err(|e| salvage_failed(format!("cannot move it aside: {e}")))?;
-    schema::create_file(path)
+    guardian_sqlite::create_private(path)
         .map_err(|e| salvage_failed(format!("cannot create a fresh file: {e}")))?;
     let salvage = {
         let mut fresh = schema::connect(path, options.synchronous, options.busy_timeout)

@@ -278,24 +278,6 @@ pub(crate) fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
     )
 }
 
-/// Creates the file with mode 0600 if it does not exist, so the `-wal` and
-/// `-shm` files SQLite creates beside it inherit that mode. Returns true if
-/// it was created.
-pub(crate) fn create_file(path: &Path) -> std::io::Result<bool> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    match options.open(path) {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Prepared statements kept per connection (the outbox uses about 50).
 const STATEMENT_CACHE: usize = 128;
 
