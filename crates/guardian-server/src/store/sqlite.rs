@@ -853,11 +853,14 @@ mod tests {
             assert!(created < 1_000, "the WAL was never filled");
         }
         assert_eq!(wal_len(), target);
-        assert!(grew.len() > 1, "filled at once: {grew:?}");
+        // A step runs after its group's answers, so it may land while the
+        // next request is being made: a request sees at most two.
         assert!(
-            grew.iter().all(|&g| g <= PREFILL_STEP + 64 * 4120),
+            grew.iter().all(|&g| g <= 2 * PREFILL_STEP + 64 * 4120),
             "{grew:?}"
         );
+        let steps = grew.iter().filter(|&&g| g > 64 * 4120).count();
+        assert!(steps >= 4, "filled in too few steps: {grew:?}");
         let copy = dir.path().join("copy.db");
         std::fs::copy(&path, &copy).unwrap();
         std::fs::copy(wal_path(&path), wal_path(&copy)).unwrap();
