@@ -4,7 +4,15 @@
 
 pub mod wal_prefill;
 
+/// `PRAGMA application_id` of an outbox file ("GSOB").
+pub const OUTBOX_APPLICATION_ID: u32 = 0x4753_4F42;
+
+/// `PRAGMA application_id` of a reference server's database file ("GSRV").
+pub const SERVER_APPLICATION_ID: u32 = 0x4753_5256;
+
 use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags};
 
 /// Creates the database file with mode 0600 if it does not exist, so the
 /// `-wal` and `-shm` files SQLite creates beside it inherit that mode (a
@@ -23,4 +31,48 @@ pub fn create_private(path: &Path) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// A `file:` URI for `path`, every byte outside the unreserved set escaped.
+fn uri(path: &Path, query: &str) -> String {
+    #[cfg(unix)]
+    let bytes = {
+        use std::os::unix::ffi::OsStrExt;
+        path.as_os_str().as_bytes().to_vec()
+    };
+    #[cfg(not(unix))]
+    let bytes = path.to_string_lossy().into_owned().into_bytes();
+    let mut s = String::from("file:");
+    for b in bytes {
+        if b.is_ascii_alphanumeric() || b"/._-~".contains(&b) {
+            s.push(char::from(b));
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s.push('?');
+    s.push_str(query);
+    s
+}
+
+/// Opens the database at `path` for reading without creating or changing
+/// any file, so that a file can be looked at before anything is known of
+/// it. SQLite's read-only mode still creates the `-wal` and `-shm` files
+/// of a WAL database and leaves them behind, so when no `-wal` exists (no
+/// connection is open, and the file holds every commit) the file is opened
+/// `immutable`: read directly, without locks or side files. When a `-wal`
+/// exists it is opened read-only through it and sees the latest commits; a
+/// read-only connection never checkpoints.
+pub fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
+    // The WAL is named after the resolved path (a symlink's target).
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let query = if wal_prefill::wal_path(&resolved).exists() {
+        "mode=ro"
+    } else {
+        "mode=ro&immutable=1"
+    };
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+        | OpenFlags::SQLITE_OPEN_URI
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    Connection::open_with_flags(uri(path, query), flags)
 }

@@ -58,9 +58,17 @@ pub enum StoreError {
     /// The PostgreSQL URL is invalid.
     #[error("invalid postgres url: {0}")]
     Url(String),
-    /// The database directory could not be created.
-    #[error("cannot create the database directory: {0}")]
+    /// The database file or its directory could not be created.
+    #[error("cannot create the database file or its directory: {0}")]
     Io(std::io::Error),
+    /// The file is a SQLite database of something else: left as it was.
+    #[error("{path} is not a guardian-server database ({why}); refusing to change it")]
+    NotOurs {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What it holds instead.
+        why: String,
+    },
     /// The database holds something this server cannot read.
     #[error("database content is invalid: {0}")]
     Corrupt(String),

@@ -135,6 +135,18 @@ pub(crate) fn open(path: Option<&Path>, sync: Synchronous) -> Result<Connection,
                 std::fs::create_dir_all(dir).map_err(StoreError::Io)?;
             }
             guardian_sqlite::create_private(p).map_err(StoreError::Io)?;
+            // Looked at read-only first (a read-write connection may
+            // checkpoint another application's WAL into its file, and the
+            // switch to WAL mode changes the header): a wrong path must
+            // change nothing.
+            let look = guardian_sqlite::connect_read_only(p)?;
+            if let Identity::NotOurs(why) = identify(&look)? {
+                return Err(StoreError::NotOurs {
+                    path: p.to_path_buf(),
+                    why,
+                });
+            }
+            drop(look);
             let conn = Connection::open(p)?;
             let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
             if !mode.eq_ignore_ascii_case("wal") {
@@ -162,7 +174,63 @@ pub(crate) fn open(path: Option<&Path>, sync: Synchronous) -> Result<Connection,
     // transaction) stay in memory instead of spilling to temporary files.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     migrate(&conn)?;
+    let app: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    if path.is_some() && app != i64::from(APPLICATION_ID) {
+        conn.pragma_update(None, "application_id", APPLICATION_ID)?;
+    }
     Ok(conn)
+}
+
+/// `PRAGMA application_id` of a server database file, set at the first
+/// open; files of servers from before it carry 0 and are recognised by
+/// their tables.
+const APPLICATION_ID: u32 = guardian_sqlite::SERVER_APPLICATION_ID;
+
+/// The tables every version of the schema has.
+const OUR_TABLES: [&str; 4] = ["tenants", "entities", "idempotency", "changes"];
+
+/// What a database file holds, as far as this server is concerned.
+#[derive(Debug, PartialEq, Eq)]
+enum Identity {
+    /// A server database, or an empty file to make one of.
+    Ours,
+    /// Something else: why it is not ours.
+    NotOurs(String),
+}
+
+/// Reads (never writes) what the file behind `conn` holds. A file that is
+/// not a SQLite database at all is SQLite's error.
+fn identify(conn: &Connection) -> Result<Identity, StoreError> {
+    // Signed 32 bits in SQLite; the same bits as ours, unsigned.
+    let app: i64 = conn.query_row("PRAGMA application_id", [], |r| r.get(0))?;
+    let app = app & 0xffff_ffff;
+    if app == i64::from(APPLICATION_ID) {
+        return Ok(Identity::Ours);
+    }
+    if app == i64::from(guardian_sqlite::OUTBOX_APPLICATION_ID) {
+        return Ok(Identity::NotOurs("a guardian-sync outbox".into()));
+    }
+    if app != 0 {
+        return Ok(Identity::NotOurs(format!(
+            "another application's database (application_id {app:#010x})"
+        )));
+    }
+    let mut stmt =
+        conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")?;
+    let tables = stmt
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    if tables.is_empty() || OUR_TABLES.iter().all(|t| tables.iter().any(|n| n == t)) {
+        return Ok(Identity::Ours);
+    }
+    let mut listed: Vec<&str> = tables.iter().map(String::as_str).take(5).collect();
+    if tables.len() > listed.len() {
+        listed.push("…");
+    }
+    Ok(Identity::NotOurs(format!(
+        "it has tables {}",
+        listed.join(", ")
+    )))
 }
 
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -273,8 +341,118 @@ mod tests {
             .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
             .unwrap();
         assert_eq!(every, WAL_AUTOCHECKPOINT_PAGES);
+        // A file of a server from before the stamp is stamped.
+        let app: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(app, i64::from(APPLICATION_ID));
         drop(conn);
         // Opening again runs no migration twice.
         open(Some(&path), Synchronous::Full).unwrap();
+    }
+
+    /// Every file in `dir` with its bytes.
+    fn snapshot(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let p = e.unwrap().path();
+                let bytes = std::fs::read(&p).unwrap();
+                (p, bytes)
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// A SQLite database of something else (another app's tables, another
+    /// application id, an outbox) is refused, saying what it is, and left
+    /// byte for byte as it was, with no file added beside it.
+    #[test]
+    fn a_database_of_something_else_is_refused_and_left_as_it_was() {
+        let cases: [(&str, i64, &str); 4] = [
+            (
+                "CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('x');",
+                0,
+                "notes",
+            ),
+            ("CREATE TABLE t (v);", 0x1234_5678, "0x12345678"),
+            ("CREATE TABLE t (v);", -2_147_483_647, "0x80000001"),
+            (
+                "CREATE TABLE ops (seq INTEGER PRIMARY KEY);",
+                i64::from(guardian_sqlite::OUTBOX_APPLICATION_ID),
+                "outbox",
+            ),
+        ];
+        for (sql, app, said) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("other.db");
+            {
+                let conn = Connection::open(&path).unwrap();
+                conn.execute_batch(sql).unwrap();
+                conn.pragma_update(None, "application_id", app).unwrap();
+            }
+            let before = snapshot(dir.path());
+            let err = open(Some(&path), Synchronous::Full).unwrap_err();
+            assert!(matches!(err, StoreError::NotOurs { .. }), "{err}");
+            assert!(err.to_string().contains(said), "{err}");
+            assert_eq!(
+                snapshot(dir.path()),
+                before,
+                "{said}: the directory changed"
+            );
+        }
+    }
+
+    /// Another application's WAL database as a crash left it, its last
+    /// commit only in the WAL: refused without checkpointing that commit
+    /// into the file or removing the WAL (which the close of a read-write
+    /// connection would do).
+    #[test]
+    fn another_applications_crashed_wal_database_is_left_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live.db");
+        let theirs = Connection::open(&live).unwrap();
+        let _: String = theirs
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .unwrap();
+        theirs
+            .execute_batch(
+                "PRAGMA wal_autocheckpoint = 0; CREATE TABLE notes (body TEXT);
+                 INSERT INTO notes VALUES ('in the WAL only');",
+            )
+            .unwrap();
+        // What a crash leaves: the two files, no shared-memory index.
+        let path = dir.path().join("crashed.db");
+        std::fs::copy(&live, &path).unwrap();
+        std::fs::copy(
+            dir.path().join("live.db-wal"),
+            dir.path().join("crashed.db-wal"),
+        )
+        .unwrap();
+        drop(theirs);
+        let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+        let (db, wal) = (read("crashed.db"), read("crashed.db-wal"));
+        assert!(!wal.is_empty());
+        let err = open(Some(&path), Synchronous::Full).unwrap_err();
+        assert!(err.to_string().contains("notes"), "{err}");
+        // Not `assert_eq!`: a failure would print both files.
+        assert!(read("crashed.db") == db, "the database file changed");
+        assert!(read("crashed.db-wal") == wal, "the WAL changed");
+    }
+
+    /// A new database, and an empty file given as one, are the server's and
+    /// are stamped as such in the file header.
+    #[test]
+    fn a_new_or_empty_file_becomes_a_stamped_server_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        for path in [dir.path().join("new.db"), empty] {
+            drop(open(Some(&path), Synchronous::Full).unwrap());
+            let header = std::fs::read(&path).unwrap();
+            assert_eq!(&header[68..72], b"GSRV", "{}", path.display());
+            drop(open(Some(&path), Synchronous::Full).unwrap());
+        }
     }
 }

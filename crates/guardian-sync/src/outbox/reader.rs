@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
 use super::damage::{self, CheckReport};
 use super::error::{OpenError, OutboxError};
@@ -21,44 +21,7 @@ use super::rows::{self, UnreadableOp};
 use super::{app, lock_row, schema, ListFilter, LockRow, Stats};
 use crate::op::PendingOp;
 
-/// A `file:` URI for `path`, every byte outside the unreserved set escaped.
-fn uri(path: &Path, query: &str) -> String {
-    #[cfg(unix)]
-    let bytes = {
-        use std::os::unix::ffi::OsStrExt;
-        path.as_os_str().as_bytes().to_vec()
-    };
-    #[cfg(not(unix))]
-    let bytes = path.to_string_lossy().into_owned().into_bytes();
-    let mut s = String::from("file:");
-    for b in bytes {
-        if b.is_ascii_alphanumeric() || b"/._-~".contains(&b) {
-            s.push(char::from(b));
-        } else {
-            s.push_str(&format!("%{b:02X}"));
-        }
-    }
-    s.push('?');
-    s.push_str(query);
-    s
-}
-
-/// Opens `path` for reading without creating or changing any file (see the
-/// module's notes).
-pub(crate) fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
-    // The WAL is named after the resolved path (a symlink's target).
-    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let wal = damage::with_suffix(&resolved, "-wal");
-    let query = if wal.exists() {
-        "mode=ro"
-    } else {
-        "mode=ro&immutable=1"
-    };
-    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
-        | OpenFlags::SQLITE_OPEN_URI
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    Connection::open_with_flags(uri(path, query), flags)
-}
+pub(crate) use guardian_sqlite::connect_read_only;
 
 /// A read-only view of an outbox (what `gsync status`, `ops` and `check`
 /// use). See [`Outbox`](super::Outbox) for the read-write handle.

@@ -216,10 +216,10 @@ const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 /// The schema version this build writes.
 pub(crate) const SCHEMA_VERSION: u32 = 5;
 
-/// `PRAGMA application_id` of an outbox ("GSOB"), at offset 68 of the file
-/// header. Files of schema 1 to 3 have 0 there and are recognised by their
-/// tables instead (see `ident`); their first writable open stamps it.
-pub(crate) const APPLICATION_ID: u32 = 0x4753_4F42;
+/// `PRAGMA application_id` of an outbox, at offset 68 of the file header.
+/// Files of schema 1 to 3 have 0 there and are recognised by their tables
+/// instead (see `ident`); their first writable open stamps it.
+pub(crate) const APPLICATION_ID: u32 = guardian_sqlite::OUTBOX_APPLICATION_ID;
 
 /// Number of sealed fields, in the order [`op_checksum`] takes them: the
 /// seven of schema 4, then `txn` and `depends_on` (schema 5).
