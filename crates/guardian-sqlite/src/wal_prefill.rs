@@ -52,7 +52,8 @@ const ATTEMPTS: u32 = 3;
 pub struct WalPrefill {
     /// What the database is, for logs (`"outbox"`, `"server"`).
     what: &'static str,
-    wal: PathBuf,
+    /// `None` for a database in memory.
+    wal: Option<PathBuf>,
     busy_timeout: Duration,
     /// Most zero bytes written after one commit.
     step: u64,
@@ -76,11 +77,10 @@ impl WalPrefill {
     /// most `step` bytes per commit; `busy_timeout` is the connection's own
     /// and `what` names the database in logs.
     pub fn new(what: &'static str, conn: &Connection, busy_timeout: Duration, step: u64) -> Self {
-        let wal = sqlite_wal(conn);
         Self {
             what,
-            attempts_left: if wal.is_some() { ATTEMPTS } else { 0 },
-            wal: wal.unwrap_or_default(),
+            wal: sqlite_wal(conn),
+            attempts_left: ATTEMPTS,
             busy_timeout,
             step: step.max(1),
             began: None,
@@ -91,16 +91,16 @@ impl WalPrefill {
     /// WAL (a step at a time) once it has grown past [`START_AFTER`]. Cheap
     /// until then (one `stat`), free once done.
     pub fn after_commit(&mut self, conn: &Connection) {
-        if self.attempts_left == 0 {
+        let Some(wal) = self.wal.as_deref().filter(|_| self.attempts_left > 0) else {
             return;
-        }
+        };
         if self.began.is_none() {
-            if std::fs::metadata(&self.wal).map_or(true, |m| m.len() < START_AFTER) {
+            if std::fs::metadata(wal).map_or(true, |m| m.len() < START_AFTER) {
                 return;
             }
             self.began = Some(std::time::Instant::now());
         }
-        match prefill(conn, &self.wal, self.busy_timeout, self.step) {
+        match prefill(conn, wal, self.busy_timeout, self.step) {
             Ok(Filled { complete: true, .. }) => {
                 self.attempts_left = 0;
                 let took = self.began.map_or(0, |t| t.elapsed().as_micros());
@@ -120,19 +120,20 @@ impl WalPrefill {
     }
 
     /// True once no further fill will be tried.
-    pub fn finished(&self) -> bool {
-        self.attempts_left == 0
+    #[cfg(test)]
+    fn finished(&self) -> bool {
+        self.wal.is_none() || self.attempts_left == 0
     }
 }
 
 /// What one fill step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Filled {
+struct Filled {
     /// Zero bytes appended.
-    pub added: u64,
+    added: u64,
     /// The WAL is at its full size (or there is nothing to fill: checkpoints
     /// are off, or the file is missing).
-    pub complete: bool,
+    complete: bool,
 }
 
 /// The size the WAL is filled to: the checkpoint threshold plus headroom,
@@ -154,7 +155,7 @@ pub fn wal_path(db_path: &Path) -> PathBuf {
 /// never waits for one). `busy_timeout` is the connection's own, restored
 /// afterwards. Errors are the caller's to log: the database works without
 /// the fill, only its commits that grow the WAL are slower.
-pub fn prefill(
+fn prefill(
     conn: &Connection,
     wal: &Path,
     busy_timeout: Duration,

@@ -253,6 +253,16 @@ mod tests {
         }
     }
 
+    /// The stored keys, oldest record first.
+    fn keys(tx: &Transaction<'_>) -> Vec<String> {
+        tx.prepare("SELECT key FROM idempotency ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
     /// A record stamped in the future does not stall the purge: the expired
     /// records on either side of it go, and it stays (lookups honour it).
     #[test]
@@ -271,14 +281,7 @@ mod tests {
         }
         drop(st);
         assert_eq!(purge(&tx, cut(1_000)).unwrap(), 2);
-        let left: Vec<String> = tx
-            .prepare("SELECT key FROM idempotency ORDER BY seq")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(left, ["b", "d"]);
+        assert_eq!(keys(&tx), ["b", "d"]);
     }
 
     /// Retention deletes the records made before the cutoff from the
@@ -299,14 +302,6 @@ mod tests {
             store(&mut st, "t", keep(key), at).unwrap();
         }
         drop(st);
-        let keys = |tx: &Transaction<'_>| -> Vec<String> {
-            tx.prepare("SELECT key FROM idempotency ORDER BY seq")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap()
-        };
         assert_eq!(keys(&tx), ["b", "c", "d", "a"]);
         assert_eq!(purge(&tx, cut(1_000)).unwrap(), 1);
         assert_eq!(keys(&tx), ["c", "d", "a"]);

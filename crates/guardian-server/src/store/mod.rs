@@ -98,6 +98,14 @@ pub(crate) struct Cutoff {
 }
 
 impl Cutoff {
+    /// Rows are kept for `retention_ms`; the clock reads `now`.
+    pub(crate) fn kept_for(retention_ms: i64, now: i64) -> Self {
+        Self {
+            not_before: now.saturating_sub(retention_ms),
+            now,
+        }
+    }
+
     /// Whether a row stamped `at` ends the walk: young, and not from the
     /// future.
     pub(crate) fn stops_at(self, at: i64) -> bool {

@@ -237,18 +237,9 @@ impl SqliteStore {
             let report = PurgeReport {
                 idempotency_records: idempotency::purge(
                     &tx,
-                    Cutoff {
-                        not_before: now.saturating_sub(inner.opts.idempotency_retention_ms),
-                        now,
-                    },
+                    Cutoff::kept_for(inner.opts.idempotency_retention_ms, now),
                 )?,
-                changes: feed::purge(
-                    &tx,
-                    Cutoff {
-                        not_before: now.saturating_sub(inner.opts.feed_retention_ms),
-                        now,
-                    },
-                )?,
+                changes: feed::purge(&tx, Cutoff::kept_for(inner.opts.feed_retention_ms, now))?,
             };
             tx.commit()?;
             Ok(report)
@@ -576,8 +567,16 @@ mod tests {
     }
 
     fn open_with(hooks: Arc<dyn crate::store::StoreHooks>, applied_log: bool) -> SqliteStore {
+        open_at(Storage::Memory, hooks, applied_log)
+    }
+
+    fn open_at(
+        storage: Storage,
+        hooks: Arc<dyn crate::store::StoreHooks>,
+        applied_log: bool,
+    ) -> SqliteStore {
         SqliteStore::open(StoreOptions {
-            storage: Storage::Memory,
+            storage,
             synchronous: Synchronous::Full,
             idempotency_retention_ms: 60_000,
             feed_retention_ms: 60_000,
@@ -821,17 +820,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.db");
-        let store = SqliteStore::open(StoreOptions {
-            storage: Storage::File(path.clone()),
-            synchronous: Synchronous::Full,
-            idempotency_retention_ms: 60_000,
-            feed_retention_ms: 60_000,
-            require_if_match: false,
-            applied_log: false,
-            clock: ManualClock::new(1_700_000_000_000),
-            hooks: Arc::new(NoHooks),
-        })
-        .unwrap();
+        let store = open_at(Storage::File(path.clone()), Arc::new(NoHooks), false);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
