@@ -86,6 +86,10 @@ async fn watch(global: &Global, args: Args) -> anyhow::Result<()> {
     tokio::pin!(ctrl_c);
     loop {
         tokio::select! {
+            // States first: the service changes its state before it hands
+            // over what the new connection brought, so a change is never
+            // printed ahead of the "connected" that delivered it.
+            biased;
             Some(state) = states.next() => print_state(state, global.json, poll_interval),
             message = messages.next() => {
                 let Some(message) = message else { break };
