@@ -1,0 +1,222 @@
+//! The server's disk misbehaves: `gsync serve` on a database file whose
+//! `pwrite` fails with ENOSPC, or whose `fsync` fails with EIO (injected
+//! with Debian's `fiu-run`), while a runner drains an outbox through it;
+//! then the server is SIGKILLed and started again on the same file with a
+//! sound disk. The claims: the server neither panics nor stops answering
+//! (a failed write is a 5xx the runner retries, `/healthz` stays up); a
+//! start that meets a fault ends with one clear error line; nothing the
+//! server acknowledged is lost and nothing is applied twice (the invariants
+//! of DESIGN §11 against the applied log); the file passes its integrity
+//! check.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{
+    assert_no_panic, check_invariants, final_drain, require_tool, server_on, Runner, RunnerOpts,
+    Workload, TENANT, TOKEN,
+};
+use guardian_server::Faults;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const LONG: Duration = Duration::from_secs(120);
+
+/// A `gsync serve` child on a database file, under `fiu-run`.
+struct Serve {
+    child: Child,
+    url: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// What a start that did not reach "listening on" printed on stderr.
+struct FailedStart(String);
+
+async fn start(db: &Path, fiu_command: &str) -> Result<Serve, FailedStart> {
+    let mut child = Command::new("fiu-run")
+        .args(["-x", "-f", "", "-c", fiu_command])
+        .arg(env!("CARGO_BIN_EXE_gsync"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--applied-log", "--db"])
+        .arg(db)
+        .args(["--token", &format!("{TENANT}:{TOKEN}")])
+        .env("RUST_LOG", "error")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start gsync serve under fiu-run");
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let mut pipe = child.stderr.take().unwrap();
+    let sink = stderr.clone();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("gsync serve neither listened nor ended within 30 s")
+        .unwrap();
+    match line
+        .as_deref()
+        .and_then(|l| l.strip_prefix("listening on "))
+    {
+        Some(url) => Ok(Serve {
+            url: url.trim().to_owned(),
+            child,
+            stderr,
+        }),
+        None => {
+            let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+                .await
+                .expect("a failed start did not exit")
+                .unwrap();
+            assert_eq!(status.code(), Some(1), "failed start: {status:?}");
+            // The stderr reader ends with the process.
+            for _ in 0..100 {
+                if !stderr.lock().unwrap().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let text = stderr.lock().unwrap().clone();
+            Err(FailedStart(text))
+        }
+    }
+}
+
+/// Drains an outbox through a server on a failing disk, SIGKILLs it, and
+/// checks everything against the same file served from a sound disk. With
+/// `fresh`, the server also creates its file under the faults (a start
+/// that failed half-way must leave a file the next start takes as its own).
+async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, fresh: bool) {
+    require_tool("fiu-run", "fiu-utils");
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    if !fresh {
+        let sound = server_on(&db, "127.0.0.1:0", Faults::default()).await;
+        sound.shutdown().await;
+    }
+    // A start under faults may itself meet one; it must say so in one line.
+    let mut failed_starts = 0;
+    let mut serve = loop {
+        match start(&db, fiu_command).await {
+            Ok(serve) => break serve,
+            Err(FailedStart(stderr)) => {
+                assert_no_panic(&stderr);
+                let errors: Vec<&str> = stderr
+                    .lines()
+                    .filter(|l| l.starts_with("gsync: "))
+                    .collect();
+                assert_eq!(errors.len(), 1, "{tag}: a failed start printed {stderr}");
+                failed_starts += 1;
+                assert!(failed_starts < 60, "{tag}: 60 starts failed: {stderr}");
+            }
+        }
+    };
+    let path = dir.path().join("outbox.db");
+    let mut work = Workload::open(&path, tag).await;
+    work.simple(30, 3).await;
+    // The runner retries quickly and never gives an op up: every failure
+    // here is the server's disk, and the claim is that none loses data.
+    let opts = RunnerOpts::default().args([
+        "--retry-base",
+        "5ms",
+        "--retry-cap",
+        "50ms",
+        "--max-attempts",
+        "100000",
+        "--breaker-cooldown",
+        "50ms",
+    ]);
+    let mut r = Runner::spawn(tag, &path, &serve.url, &opts);
+    let http = reqwest::Client::new();
+    // The server stays up while its writes fail: `/healthz` answers all
+    // along, until the drain ends.
+    let deadline = tokio::time::Instant::now() + LONG;
+    while r.is_running() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{tag}: the drain did not end in {LONG:?}"
+        );
+        let health = http
+            .get(format!("{}/healthz", serve.url))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("the server stopped answering");
+        assert_eq!(health.status(), 200, "{tag}: /healthz under faults");
+        r.wait_more(r.event_count(), Duration::from_millis(200))
+            .await;
+    }
+    let status = r.wait_exit(Duration::from_secs(10)).await;
+    assert_no_panic(&r.stderr());
+    let retried = r.named("op_retried").len();
+    let refused = serve
+        .stderr
+        .lock()
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("mutation failed"))
+        .count();
+    eprintln!(
+        "{tag}: {failed_starts} failed starts; runner {status:?}, {retried} retries; \
+         {refused} mutations refused by the server"
+    );
+    assert!(refused > 0, "{tag}: no fault was injected ({fiu_command})");
+    assert_no_panic(&serve.stderr.lock().unwrap());
+    // Crash: no clean stop, no checkpoint.
+    let pid = i32::try_from(serve.child.id().unwrap()).unwrap();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    serve.child.wait().await.unwrap();
+    let check = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("PRAGMA integrity_check", [], |row| row.get::<_, String>(0))
+        .unwrap();
+    assert_eq!(check, "ok", "{tag}: the server's file after the faults");
+    // The same file on a sound disk: whatever the runner still holds goes
+    // through, and everything adds up.
+    let server = server_on(&db, "127.0.0.1:0", Faults::default()).await;
+    final_drain(&path, &server.url()).await;
+    let verdict = check_invariants(&server, &work).await;
+    eprintln!(
+        "{tag}: {} ops applied once each to {} entities",
+        verdict.applied, verdict.entities
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_on_the_servers_writes_loses_and_duplicates_nothing() {
+    drain_through_a_failing_disk(
+        "enable_random name=posix/io/rw/pwrite,probability=0.03,failinfo=28",
+        "server-enospc",
+        false,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eio_on_the_servers_fsync_loses_and_duplicates_nothing() {
+    drain_through_a_failing_disk(
+        "enable_random name=posix/io/sync/fsync,probability=0.2,failinfo=5",
+        "server-fsync",
+        true,
+    )
+    .await;
+}
