@@ -177,10 +177,10 @@ fn verdict(conn: &Connection, unit: &[Gated]) -> rusqlite::Result<Verdict> {
     for op in unit {
         // The entity's first active op must be of this unit.
         let first_active: Option<(i64, Option<String>)> = conn
-            .prepare_cached(
-                "SELECT seq, txn FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
-                 AND state IN ('pending', 'in_flight') ORDER BY state = 'in_flight' DESC, seq LIMIT 1",
-            )?
+            .prepare_cached(&format!(
+                "SELECT seq, txn FROM ops WHERE seq = {}",
+                rows::FIRST_ACTIVE
+            ))?
             .query_row(params![op.entity_type, op.entity_id], |r| {
                 Ok((r.get(0)?, r.get(1)?))
             })

@@ -193,14 +193,23 @@ pub(crate) fn recompute_head(
         "UPDATE ops INDEXED BY ops_entity SET is_head = 0 WHERE entity_type = ?1 AND entity_id = ?2 AND is_head = 1",
     )?
     .execute(params![entity_type, entity_id])?;
-    conn.prepare_cached(
-        "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
-         WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
-         ORDER BY state = 'in_flight' DESC, seq LIMIT 1) AND txn IS NULL AND depends_on IS NULL",
-    )?
+    conn.prepare_cached(&format!(
+        "UPDATE ops SET is_head = 1 WHERE seq = {FIRST_ACTIVE} AND txn IS NULL AND depends_on IS NULL"
+    ))?
     .execute(params![entity_type, entity_id])?;
     Ok(())
 }
+
+/// The position of the first active op of the entity `?1`, `?2` (NULL if
+/// none): the one in flight, else the first pending. Two lookups in index
+/// order rather than one `ORDER BY state = 'in_flight' DESC, seq`: sorting
+/// on an expression builds a temporary b-tree at every call, and an ack
+/// makes one.
+pub(crate) const FIRST_ACTIVE: &str = "coalesce(\
+    (SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
+     AND state = 'in_flight' ORDER BY seq LIMIT 1), \
+    (SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
+     AND state = 'pending' ORDER BY seq LIMIT 1))";
 
 /// Moves an active op to the failed list with `error`: its tokens fail,
 /// its chained successor is unchained (it can never learn a version from

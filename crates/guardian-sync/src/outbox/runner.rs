@@ -345,11 +345,10 @@ impl Acked {
     /// `retry_failed` can sit before it). Runs after the row is deleted.
     fn set_head(&self, conn: &Connection) -> Result<(), OutboxError> {
         if let Some((entity_type, entity_id)) = &self.head_of {
-            conn.prepare_cached(
-                "UPDATE ops SET is_head = 1 WHERE seq = (SELECT seq FROM ops INDEXED BY ops_entity \
-                 WHERE entity_type = ?1 AND entity_id = ?2 AND state IN ('pending', 'in_flight') \
-                 ORDER BY state = 'in_flight' DESC, seq LIMIT 1) AND txn IS NULL AND depends_on IS NULL",
-            )?
+            conn.prepare_cached(&format!(
+                "UPDATE ops SET is_head = 1 WHERE seq = {} AND txn IS NULL AND depends_on IS NULL",
+                rows::FIRST_ACTIVE
+            ))?
             .execute(params![entity_type, entity_id])?;
         }
         Ok(())
