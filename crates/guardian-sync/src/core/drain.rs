@@ -114,7 +114,7 @@ pub const MAX_BATCHES_IN_FLIGHT: usize = 4;
 pub const CLAIM_AHEAD: usize = 64;
 
 /// Acks collected before they are written while requests keep flowing.
-pub const ACK_GROUP: usize = 16;
+pub const ACK_GROUP: usize = 32;
 
 /// The drain's shape, fixed for one drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
