@@ -335,7 +335,8 @@ pub(crate) fn ack_many(
 struct Acked {
     seq: i64,
     /// Its entity, whose head must be set once the row is gone; `None` when
-    /// its successor is acked later in the same job (that ack sets it).
+    /// the entity has no other active op, or its successor is acked later
+    /// in the same job (that ack sets it).
     head_of: Option<(String, String)>,
 }
 
@@ -385,15 +386,28 @@ fn ack_op(
         });
     }
     let now = ctx.now();
-    let successor: Option<(i64, bool, String)> = conn
-        .prepare_cached(
+    // The entity's first other active op. Usually none (nothing to chain,
+    // no head to set: the common case costs one lookup), or the successor;
+    // an op before this one (put back by `retry_failed`) is rare, and then
+    // the successor is looked up on its own.
+    let next_active = |after: Option<i64>| -> rusqlite::Result<Option<(i64, bool, String)>> {
+        conn.prepare_cached(
             "SELECT seq, chained, op_id FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 \
-             AND entity_id = ?2 AND seq > ?3 AND state IN ('pending', 'in_flight') ORDER BY seq LIMIT 1",
+             AND entity_id = ?2 AND seq <> ?3 AND seq > ?4 AND state IN ('pending', 'in_flight') \
+             ORDER BY seq LIMIT 1",
         )?
-        .query_row(params![entity_type, entity_id, seq], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()?;
+        .query_row(
+            params![entity_type, entity_id, seq, after.unwrap_or(i64::MIN)],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+    };
+    let first_other = next_active(None)?;
+    let others = first_other.is_some();
+    let successor = match first_other {
+        Some((other, _, _)) if other < seq => next_active(Some(seq))?,
+        other => other,
+    };
     let successor_acked = successor.as_ref().is_some_and(|(_, _, id)| {
         !acked_later.is_empty() && Uuid::parse_str(id).is_ok_and(|id| acked_later.contains(&id))
     });
@@ -414,7 +428,7 @@ fn ack_op(
     }
     Ok(Acked {
         seq,
-        head_of: (!successor_acked).then_some((entity_type, entity_id)),
+        head_of: (others && !successor_acked).then_some((entity_type, entity_id)),
     })
 }
 
