@@ -1,6 +1,6 @@
 //! The server's disk misbehaves: `gsync serve` on a database file whose
-//! `pwrite` fails with ENOSPC, or whose `fsync` fails with EIO (injected
-//! with Debian's `fiu-run`), while a runner drains an outbox through it;
+//! `pwrite` fails with ENOSPC, or whose `fsync` or `pread` fails with EIO
+//! (injected with Debian's `fiu-run`), while a runner drains an outbox through it;
 //! then the server is SIGKILLed and started again on the same file with a
 //! sound disk. The claims: the server neither panics nor stops answering
 //! (a failed write is a 5xx the runner retries, `/healthz` stays up); a
@@ -39,9 +39,17 @@ struct Serve {
 /// What a start that did not reach "listening on" printed on stderr.
 struct FailedStart(String);
 
-async fn start(db: &Path, fiu_command: &str) -> Result<Serve, FailedStart> {
-    let mut child = Command::new("fiu-run")
-        .args(["-x", "-f", "", "-c", fiu_command])
+/// Starts `gsync serve` on `db` under `fiu-run`, with `fiu_command` run
+/// before it starts, or, with `ctrl`, with nothing enabled yet and
+/// `fiu-ctrl` listening on named pipes at `ctrl`.
+async fn start(db: &Path, fiu: &When<'_>) -> Result<Serve, FailedStart> {
+    let mut command = Command::new("fiu-run");
+    command.arg("-x");
+    match fiu {
+        When::Start(fiu_command) => command.args(["-f", "", "-c", fiu_command]),
+        When::Listening { ctrl, .. } => command.arg("-f").arg(ctrl),
+    };
+    let mut child = command
         .arg(env!("CARGO_BIN_EXE_gsync"))
         .args(["serve", "--listen", "127.0.0.1:0", "--applied-log", "--db"])
         .arg(db)
@@ -101,22 +109,46 @@ async fn start(db: &Path, fiu_command: &str) -> Result<Serve, FailedStart> {
     }
 }
 
+/// How `fiu-run` gets its faults to the server.
+enum When<'a> {
+    /// This command, run before the server starts.
+    Start(&'a str),
+    /// Nothing at first; pipes at `ctrl` for `fiu-ctrl`.
+    Listening { ctrl: &'a Path },
+}
+
+/// Where the faults begin.
+#[derive(Clone, Copy, PartialEq)]
+enum From {
+    /// At the start, on a file the server made before.
+    ExistingFile,
+    /// At the start, with no file yet: a start that failed half-way must
+    /// leave a file the next start takes as its own.
+    NoFile,
+    /// Once the server listens (`fiu-ctrl`), on a file it made before: for
+    /// faults a start meets too often to get through, such as reads.
+    Listening,
+}
+
 /// Drains an outbox through a server on a failing disk, SIGKILLs it, and
-/// checks everything against the same file served from a sound disk. With
-/// `fresh`, the server also creates its file under the faults (a start
-/// that failed half-way must leave a file the next start takes as its own).
-async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, fresh: bool) {
+/// checks everything against the same file served from a sound disk.
+async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, from: From) {
     require_tool("fiu-run", "fiu-utils");
     let dir = tempfile::tempdir().unwrap();
+    let ctrl = dir.path().join("fiu");
+    let when = match from {
+        From::Listening => When::Listening { ctrl: &ctrl },
+        From::ExistingFile | From::NoFile => When::Start(fiu_command),
+    };
     let db = dir.path().join("server.db");
-    if !fresh {
+    if from != From::NoFile {
         let sound = server_on(&db, "127.0.0.1:0", Faults::default()).await;
         sound.shutdown().await;
     }
     // A start under faults may itself meet one; it must say so in one line.
     let mut failed_starts = 0;
     let mut serve = loop {
-        match start(&db, fiu_command).await {
+        match start(&db, &when).await {
             Ok(serve) => break serve,
             Err(FailedStart(stderr)) => {
                 assert_no_panic(&stderr);
@@ -130,6 +162,17 @@ async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, fresh: bool)
             }
         }
     };
+    if let When::Listening { ctrl } = when {
+        let pid = serve.child.id().unwrap().to_string();
+        let enabled = Command::new("fiu-ctrl")
+            .arg("-f")
+            .arg(ctrl)
+            .args(["-c", fiu_command, &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(enabled.success(), "{tag}: fiu-ctrl failed: {enabled:?}");
+    }
     let path = dir.path().join("outbox.db");
     let mut work = Workload::open(&path, tag).await;
     work.simple(30, 3).await;
@@ -206,7 +249,7 @@ async fn disk_full_on_the_servers_writes_loses_and_duplicates_nothing() {
     drain_through_a_failing_disk(
         "enable_random name=posix/io/rw/pwrite,probability=0.03,failinfo=28",
         "server-enospc",
-        false,
+        From::ExistingFile,
     )
     .await;
 }
@@ -216,7 +259,17 @@ async fn eio_on_the_servers_fsync_loses_and_duplicates_nothing() {
     drain_through_a_failing_disk(
         "enable_random name=posix/io/sync/fsync,probability=0.2,failinfo=5",
         "server-fsync",
-        true,
+        From::NoFile,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eio_on_the_servers_reads_loses_and_duplicates_nothing() {
+    drain_through_a_failing_disk(
+        "enable_random name=posix/io/rw/pread,probability=0.5,failinfo=5",
+        "server-pread",
+        From::Listening,
     )
     .await;
 }
