@@ -65,7 +65,7 @@ async fn start(db: &Path, fiu: &When<'_>) -> Result<Serve, FailedStart> {
     let stderr = Arc::new(Mutex::new(String::new()));
     let mut pipe = child.stderr.take().unwrap();
     let sink = stderr.clone();
-    tokio::spawn(async move {
+    let reader = tokio::spawn(async move {
         let mut buf = [0u8; 4096];
         while let Ok(n) = pipe.read(&mut buf).await {
             if n == 0 {
@@ -96,13 +96,11 @@ async fn start(db: &Path, fiu: &When<'_>) -> Result<Serve, FailedStart> {
                 .expect("a failed start did not exit")
                 .unwrap();
             assert_eq!(status.code(), Some(1), "failed start: {status:?}");
-            // The stderr reader ends with the process.
-            for _ in 0..100 {
-                if !stderr.lock().unwrap().is_empty() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            // The reader ends at the end of the exited process's stderr.
+            tokio::time::timeout(Duration::from_secs(30), reader)
+                .await
+                .expect("stderr of a failed start still open after 30 s")
+                .unwrap();
             let text = stderr.lock().unwrap().clone();
             Err(FailedStart(text))
         }
@@ -119,7 +117,7 @@ enum When<'a> {
 
 /// Where the faults begin.
 #[derive(Clone, Copy, PartialEq)]
-enum From {
+enum Onset {
     /// At the start, on a file the server made before.
     ExistingFile,
     /// At the start, with no file yet: a start that failed half-way must
@@ -132,16 +130,16 @@ enum From {
 
 /// Drains an outbox through a server on a failing disk, SIGKILLs it, and
 /// checks everything against the same file served from a sound disk.
-async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, from: From) {
+async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset) {
     require_tool("fiu-run", "fiu-utils");
     let dir = tempfile::tempdir().unwrap();
     let ctrl = dir.path().join("fiu");
-    let when = match from {
-        From::Listening => When::Listening { ctrl: &ctrl },
-        From::ExistingFile | From::NoFile => When::Start(fiu_command),
+    let when = match onset {
+        Onset::Listening => When::Listening { ctrl: &ctrl },
+        Onset::ExistingFile | Onset::NoFile => When::Start(fiu_command),
     };
     let db = dir.path().join("server.db");
-    if from != From::NoFile {
+    if onset != Onset::NoFile {
         let sound = server_on(&db, "127.0.0.1:0", Faults::default()).await;
         sound.shutdown().await;
     }
@@ -249,7 +247,7 @@ async fn disk_full_on_the_servers_writes_loses_and_duplicates_nothing() {
     drain_through_a_failing_disk(
         "enable_random name=posix/io/rw/pwrite,probability=0.03,failinfo=28",
         "server-enospc",
-        From::ExistingFile,
+        Onset::ExistingFile,
     )
     .await;
 }
@@ -259,7 +257,7 @@ async fn eio_on_the_servers_fsync_loses_and_duplicates_nothing() {
     drain_through_a_failing_disk(
         "enable_random name=posix/io/sync/fsync,probability=0.2,failinfo=5",
         "server-fsync",
-        From::NoFile,
+        Onset::NoFile,
     )
     .await;
 }
@@ -269,7 +267,7 @@ async fn eio_on_the_servers_reads_loses_and_duplicates_nothing() {
     drain_through_a_failing_disk(
         "enable_random name=posix/io/rw/pread,probability=0.5,failinfo=5",
         "server-pread",
-        From::Listening,
+        Onset::Listening,
     )
     .await;
 }
