@@ -39,15 +39,20 @@ struct Serve {
 /// What a start that did not reach "listening on" printed on stderr.
 struct FailedStart(String);
 
-/// Starts `gsync serve` on `db` under `fiu-run`, with `fiu_command` run
-/// before it starts, or, with `ctrl`, with nothing enabled yet and
-/// `fiu-ctrl` listening on named pipes at `ctrl`.
-async fn start(db: &Path, fiu: &When<'_>) -> Result<Serve, FailedStart> {
+/// Starts `gsync serve` on `db` under `fiu-run`: with `fiu_command` run
+/// before it starts, or, for [`Onset::Listening`], with nothing enabled
+/// yet and `fiu-ctrl` listening on named pipes at `ctrl`.
+async fn start(
+    db: &Path,
+    onset: Onset,
+    fiu_command: &str,
+    ctrl: &Path,
+) -> Result<Serve, FailedStart> {
     let mut command = Command::new("fiu-run");
     command.arg("-x");
-    match fiu {
-        When::Start(fiu_command) => command.args(["-f", "", "-c", fiu_command]),
-        When::Listening { ctrl, .. } => command.arg("-f").arg(ctrl),
+    match onset {
+        Onset::Listening => command.arg("-f").arg(ctrl),
+        Onset::ExistingFile | Onset::NoFile => command.args(["-f", "", "-c", fiu_command]),
     };
     let mut child = command
         .arg(env!("CARGO_BIN_EXE_gsync"))
@@ -107,14 +112,6 @@ async fn start(db: &Path, fiu: &When<'_>) -> Result<Serve, FailedStart> {
     }
 }
 
-/// How `fiu-run` gets its faults to the server.
-enum When<'a> {
-    /// This command, run before the server starts.
-    Start(&'a str),
-    /// Nothing at first; pipes at `ctrl` for `fiu-ctrl`.
-    Listening { ctrl: &'a Path },
-}
-
 /// Where the faults begin.
 #[derive(Clone, Copy, PartialEq)]
 enum Onset {
@@ -134,10 +131,6 @@ async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset
     require_tool("fiu-run", "fiu-utils");
     let dir = tempfile::tempdir().unwrap();
     let ctrl = dir.path().join("fiu");
-    let when = match onset {
-        Onset::Listening => When::Listening { ctrl: &ctrl },
-        Onset::ExistingFile | Onset::NoFile => When::Start(fiu_command),
-    };
     let db = dir.path().join("server.db");
     if onset != Onset::NoFile {
         let sound = server_on(&db, "127.0.0.1:0", Faults::default()).await;
@@ -146,7 +139,7 @@ async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset
     // A start under faults may itself meet one; it must say so in one line.
     let mut failed_starts = 0;
     let mut serve = loop {
-        match start(&db, &when).await {
+        match start(&db, onset, fiu_command, &ctrl).await {
             Ok(serve) => break serve,
             Err(FailedStart(stderr)) => {
                 assert_no_panic(&stderr);
@@ -160,11 +153,11 @@ async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset
             }
         }
     };
-    if let When::Listening { ctrl } = when {
+    if onset == Onset::Listening {
         let pid = serve.child.id().unwrap().to_string();
         let enabled = Command::new("fiu-ctrl")
             .arg("-f")
-            .arg(ctrl)
+            .arg(&ctrl)
             .args(["-c", fiu_command, &pid])
             .status()
             .await
@@ -188,7 +181,7 @@ async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset
     ]);
     let mut r = Runner::spawn(tag, &path, &serve.url, &opts);
     let http = reqwest::Client::new();
-    // The server stays up while its writes fail: `/healthz` answers all
+    // The server stays up while its disk fails: `/healthz` answers all
     // along, until the drain ends.
     let deadline = tokio::time::Instant::now() + LONG;
     while r.is_running() {
