@@ -177,9 +177,9 @@ fn verdict(conn: &Connection, unit: &[Gated]) -> rusqlite::Result<Verdict> {
     for op in unit {
         // The entity's first active op must be of this unit.
         let first_active: Option<(i64, Option<String>)> = conn
-            .prepare_cached(&format!(
-                "SELECT seq, txn FROM ops WHERE seq = {}",
-                rows::FIRST_ACTIVE
+            .prepare_cached(concat!(
+                "SELECT seq, txn FROM ops WHERE seq = ",
+                rows::first_active!()
             ))?
             .query_row(params![op.entity_type, op.entity_id], |r| {
                 Ok((r.get(0)?, r.get(1)?))

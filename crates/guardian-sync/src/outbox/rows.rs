@@ -193,8 +193,10 @@ pub(crate) fn recompute_head(
         "UPDATE ops INDEXED BY ops_entity SET is_head = 0 WHERE entity_type = ?1 AND entity_id = ?2 AND is_head = 1",
     )?
     .execute(params![entity_type, entity_id])?;
-    conn.prepare_cached(&format!(
-        "UPDATE ops SET is_head = 1 WHERE seq = {FIRST_ACTIVE} AND txn IS NULL AND depends_on IS NULL"
+    conn.prepare_cached(concat!(
+        "UPDATE ops SET is_head = 1 WHERE seq = ",
+        first_active!(),
+        " AND txn IS NULL AND depends_on IS NULL"
     ))?
     .execute(params![entity_type, entity_id])?;
     Ok(())
@@ -204,12 +206,18 @@ pub(crate) fn recompute_head(
 /// none): the one in flight, else the first pending. Two lookups in index
 /// order rather than one `ORDER BY state = 'in_flight' DESC, seq`: sorting
 /// on an expression builds a temporary b-tree at every call, and an ack
-/// makes one.
-pub(crate) const FIRST_ACTIVE: &str = "coalesce(\
-    (SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
-     AND state = 'in_flight' ORDER BY seq LIMIT 1), \
-    (SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
-     AND state = 'pending' ORDER BY seq LIMIT 1))";
+/// makes one. A macro so statements embed it with `concat!`, at no cost
+/// per call.
+macro_rules! first_active {
+    () => {
+        "coalesce(\
+         (SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
+          AND state = 'in_flight' ORDER BY seq LIMIT 1), \
+         (SELECT seq FROM ops INDEXED BY ops_entity WHERE entity_type = ?1 AND entity_id = ?2 \
+          AND state = 'pending' ORDER BY seq LIMIT 1))"
+    };
+}
+pub(crate) use first_active;
 
 /// Moves an active op to the failed list with `error`: its tokens fail,
 /// its chained successor is unchained (it can never learn a version from

@@ -346,9 +346,10 @@ impl Acked {
     /// `retry_failed` can sit before it). Runs after the row is deleted.
     fn set_head(&self, conn: &Connection) -> Result<(), OutboxError> {
         if let Some((entity_type, entity_id)) = &self.head_of {
-            conn.prepare_cached(&format!(
-                "UPDATE ops SET is_head = 1 WHERE seq = {} AND txn IS NULL AND depends_on IS NULL",
-                rows::FIRST_ACTIVE
+            conn.prepare_cached(concat!(
+                "UPDATE ops SET is_head = 1 WHERE seq = ",
+                rows::first_active!(),
+                " AND txn IS NULL AND depends_on IS NULL"
             ))?
             .execute(params![entity_type, entity_id])?;
         }
