@@ -3,7 +3,6 @@
 use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use uuid::Uuid;
 
 use crate::op::{HistoryEntry, OpId, OpKind, OpState, PendingOp};
@@ -99,20 +98,30 @@ fn bad(idx: usize, what: impl Into<String>) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, msg.into())
 }
 
-fn json<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
-    let s: String = row.get(idx)?;
-    serde_json::from_str(&s).map_err(|e| bad(idx, e.to_string()))
+/// A text column, borrowed from the row: the hot path decodes every
+/// claimed op, so nothing is copied that is parsed right away.
+fn text<'r>(row: &'r Row<'_>, idx: usize) -> rusqlite::Result<&'r str> {
+    row.get_ref(idx)?
+        .as_str()
+        .map_err(|e| bad(idx, e.to_string()))
 }
 
-fn opt_json(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<Value>> {
-    let s: Option<String> = row.get(idx)?;
-    s.map(|s| serde_json::from_str(&s).map_err(|e| bad(idx, e.to_string())))
-        .transpose()
+fn json<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
+    serde_json::from_str(text(row, idx)?).map_err(|e| bad(idx, e.to_string()))
+}
+
+fn opt_json<T: serde::de::DeserializeOwned>(
+    row: &Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<Option<T>> {
+    match row.get_ref(idx)? {
+        ValueRef::Null => Ok(None),
+        _ => json(row, idx).map(Some),
+    }
 }
 
 fn uuid(row: &Row<'_>, idx: usize) -> rusqlite::Result<Uuid> {
-    let s: String = row.get(idx)?;
-    Uuid::parse_str(&s).map_err(|e| bad(idx, e.to_string()))
+    Uuid::parse_str(text(row, idx)?).map_err(|e| bad(idx, e.to_string()))
 }
 
 fn unsigned<T: TryFrom<i64>>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
@@ -122,14 +131,14 @@ fn unsigned<T: TryFrom<i64>>(row: &Row<'_>, idx: usize) -> rusqlite::Result<T> {
 
 /// Decodes a row selected with [`OP_COLUMNS`].
 pub(crate) fn read_op(row: &Row<'_>) -> rusqlite::Result<PendingOp> {
-    let kind: String = row.get(3)?;
-    let state: String = row.get(12)?;
+    let kind = text(row, 3)?;
+    let state = text(row, 12)?;
     let base_version: Option<i64> = row.get(8)?;
     Ok(PendingOp {
         seq: row.get(0)?,
         op_id: uuid(row, 1)?,
         idempotency_key: uuid(row, 2)?,
-        kind: OpKind::parse(&kind).ok_or_else(|| bad(3, format!("unknown kind {kind:?}")))?,
+        kind: OpKind::parse(kind).ok_or_else(|| bad(3, format!("unknown kind {kind:?}")))?,
         entity_type: row.get(4)?,
         entity_id: row.get(5)?,
         payload: json(row, 6)?,
@@ -140,7 +149,7 @@ pub(crate) fn read_op(row: &Row<'_>) -> rusqlite::Result<PendingOp> {
         chained: row.get(9)?,
         txn_tokens: json(row, 10)?,
         envelope_version: unsigned(row, 11)?,
-        state: OpState::parse(&state).ok_or_else(|| bad(12, format!("unknown state {state:?}")))?,
+        state: OpState::parse(state).ok_or_else(|| bad(12, format!("unknown state {state:?}")))?,
         attempts: unsigned(row, 13)?,
         next_attempt_at: row.get(14)?,
         last_error: row.get(15)?,
@@ -149,15 +158,8 @@ pub(crate) fn read_op(row: &Row<'_>) -> rusqlite::Result<PendingOp> {
         coalesced_count: unsigned(row, 18)?,
         reconciliations: unsigned(row, 19)?,
         history: json::<Vec<HistoryEntry>>(row, 20)?,
-        txn: opt_json(row, 21)?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| bad(21, e.to_string()))?,
-        depends_on: opt_json(row, 22)?
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(|e| bad(22, e.to_string()))?
-            .unwrap_or_default(),
+        txn: opt_json(row, 21)?,
+        depends_on: opt_json(row, 22)?.unwrap_or_default(),
     })
 }
 

@@ -369,16 +369,28 @@ fn ack_op(
     ack: &Ack,
     acked_later: &HashSet<OpId>,
 ) -> Result<Acked, OutboxError> {
-    let (seq, entity_type, entity_id, state, tokens): (i64, String, String, String, String) = conn
+    // The state and tokens are read borrowed: most ops have no tokens
+    // (`[]`), and only the parsed state is kept.
+    let (seq, entity_type, entity_id, state, tokens) = conn
         .prepare_cached(
             "SELECT seq, entity_type, entity_id, state, txn_tokens FROM ops WHERE op_id = ?1",
         )?
         .query_row([op_id.to_string()], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            let tokens = match r.get_ref(4)?.as_str()? {
+                "[]" => Ok(Vec::new()),
+                t => serde_json::from_str::<Vec<String>>(t),
+            };
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                OpState::parse(r.get_ref(3)?.as_str()?),
+                tokens,
+            ))
         })
         .optional()?
         .ok_or(OutboxError::NotFound(op_id))?;
-    let state = OpState::parse(&state).ok_or(OutboxError::NotFound(op_id))?;
+    let state = state.ok_or(OutboxError::NotFound(op_id))?;
     if state != OpState::InFlight {
         return Err(OutboxError::WrongState {
             op_id,
@@ -416,8 +428,7 @@ fn ack_op(
         Some((next, true, _)) if !successor_acked => Some((next, chained_base(conn, seq, ack)?)),
         _ => None,
     };
-    let tokens: Vec<String> = serde_json::from_str(&tokens)?;
-    for t in &tokens {
+    for t in &tokens? {
         outcomes::succeeded(conn, t, now)?;
     }
     if let Some((next, (base, version))) = chain {
