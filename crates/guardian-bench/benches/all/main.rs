@@ -15,6 +15,9 @@
 //! - `BENCH_RECOVERY_OPS=N`: pending ops for the recovery scenario (1,000,000).
 //! - `BENCH_OUT=path`: where to write the report (default `BENCHMARKS.md`).
 //! - `GSYNC_BIN=path`: a prebuilt `gsync` (otherwise built with cargo).
+//! - `BENCH_DRAIN_PEROP=1` (with `BENCH_ONLY=drain`): only the loopback
+//!   per-op rows, with CPU per op by thread; `ab-drain.sh` beside this
+//!   crate's `Cargo.toml` alternates such runs of several binaries.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // Benchmark arithmetic: counts and durations far below 2^52.
 #![allow(clippy::cast_precision_loss)]
