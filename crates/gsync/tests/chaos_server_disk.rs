@@ -1,12 +1,13 @@
 //! The server's disk misbehaves: `gsync serve` on a database file whose
 //! `pwrite` fails with ENOSPC, or whose `fsync` or `pread` fails with EIO
-//! (injected with Debian's `fiu-run`), while a runner drains an outbox through it;
-//! then the server is SIGKILLed (and the round repeated until a fault took
-//! effect) and started again on the same file with a sound disk. The claims: the server neither panics nor stops answering
-//! (a failed write is a 5xx the runner retries, `/healthz` stays up); a
-//! start that meets a fault ends with one clear error line; nothing the
-//! server acknowledged is lost and nothing is applied twice (the invariants
-//! of DESIGN §11 against the applied log); the file passes its integrity
+//! (injected with Debian's `fiu-run`), while a runner drains an outbox
+//! through it; then the server is SIGKILLed (the round repeated until a
+//! fault took effect) and started again on the same file with a sound
+//! disk. The claims: the server neither panics nor stops answering (a
+//! failed write is a 5xx the runner retries, `/healthz` stays up); a start
+//! that meets a fault ends with one clear error line; nothing the server
+//! acknowledged is lost and nothing is applied twice (the invariants of
+//! DESIGN §11 against the applied log); the file passes its integrity
 //! check.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
