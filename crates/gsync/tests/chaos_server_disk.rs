@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -126,6 +126,26 @@ enum Onset {
     Listening,
 }
 
+/// The files of one test, in its temporary directory.
+struct Files {
+    /// The server's database.
+    db: PathBuf,
+    /// The runner's outbox.
+    outbox: PathBuf,
+    /// Where `fiu-ctrl` finds the server's named pipes.
+    ctrl: PathBuf,
+}
+
+impl Files {
+    fn in_dir(dir: &Path) -> Self {
+        Self {
+            db: dir.join("server.db"),
+            outbox: dir.join("outbox.db"),
+            ctrl: dir.join("fiu"),
+        }
+    }
+}
+
 /// At most this many rounds (a fresh server process on the failing disk,
 /// one batch drained, SIGKILL) are run to see the fault take effect. A
 /// fresh process starts with a cold page cache; on a small file a warm one
@@ -138,17 +158,16 @@ const ROUNDS: usize = 12;
 async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset) {
     require_tool("fiu-run", "fiu-utils");
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("server.db");
+    let files = Files::in_dir(dir.path());
     if onset != Onset::NoFile {
-        let sound = server_on(&db, "127.0.0.1:0", Faults::default()).await;
+        let sound = server_on(&files.db, "127.0.0.1:0", Faults::default()).await;
         sound.shutdown().await;
     }
-    let path = dir.path().join("outbox.db");
-    let mut work = Workload::open(&path, tag).await;
+    let mut work = Workload::open(&files.outbox, tag).await;
     let mut refused = 0;
     for round in 1..=ROUNDS {
         work.simple(30, 3).await;
-        refused += drain_one_batch(dir.path(), fiu_command, tag, onset).await;
+        refused += drain_one_batch(&files, fiu_command, tag, onset).await;
         if refused > 0 {
             eprintln!("{tag}: the fault took effect in round {round}");
             break;
@@ -160,8 +179,8 @@ async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset
     );
     // The same file on a sound disk: whatever the runner still holds goes
     // through, and everything adds up.
-    let server = server_on(&db, "127.0.0.1:0", Faults::default()).await;
-    final_drain(&path, &server.url()).await;
+    let server = server_on(&files.db, "127.0.0.1:0", Faults::default()).await;
+    final_drain(&files.outbox, &server.url()).await;
     let verdict = check_invariants(&server, &work).await;
     eprintln!(
         "{tag}: {} ops applied once each to {} entities",
@@ -169,16 +188,14 @@ async fn drain_through_a_failing_disk(fiu_command: &str, tag: &str, onset: Onset
     );
 }
 
-/// One round: starts a server on `dir/server.db` under faults, drains the
-/// outbox `dir/outbox.db` through it, SIGKILLs it and checks the file.
-/// Returns how many mutations the server refused.
-async fn drain_one_batch(dir: &Path, fiu_command: &str, tag: &str, onset: Onset) -> usize {
-    let ctrl = dir.join("fiu");
-    let db = dir.join("server.db");
+/// One round: starts a server on `files.db` under faults, drains the
+/// outbox through it, SIGKILLs it and checks the file. Returns how many
+/// mutations the server refused.
+async fn drain_one_batch(files: &Files, fiu_command: &str, tag: &str, onset: Onset) -> usize {
     // A start under faults may itself meet one; it must say so in one line.
     let mut failed_starts = 0;
     let mut serve = loop {
-        match start(&db, onset, fiu_command, &ctrl).await {
+        match start(&files.db, onset, fiu_command, &files.ctrl).await {
             Ok(serve) => break serve,
             Err(FailedStart(stderr)) => {
                 assert_no_panic(&stderr);
@@ -196,7 +213,7 @@ async fn drain_one_batch(dir: &Path, fiu_command: &str, tag: &str, onset: Onset)
         let pid = serve.child.id().unwrap().to_string();
         let enabled = Command::new("fiu-ctrl")
             .arg("-f")
-            .arg(&ctrl)
+            .arg(&files.ctrl)
             .args(["-c", fiu_command, &pid])
             .status()
             .await
@@ -215,7 +232,7 @@ async fn drain_one_batch(dir: &Path, fiu_command: &str, tag: &str, onset: Onset)
         "--breaker-cooldown",
         "50ms",
     ]);
-    let mut r = Runner::spawn(tag, &dir.join("outbox.db"), &serve.url, &opts);
+    let mut r = Runner::spawn(tag, &files.outbox, &serve.url, &opts);
     let http = reqwest::Client::new();
     // The server stays up while its disk fails: `/healthz` answers all
     // along, until the drain ends.
@@ -254,7 +271,7 @@ async fn drain_one_batch(dir: &Path, fiu_command: &str, tag: &str, onset: Onset)
     let pid = i32::try_from(serve.child.id().unwrap()).unwrap();
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
     serve.child.wait().await.unwrap();
-    let check = rusqlite::Connection::open(&db)
+    let check = rusqlite::Connection::open(&files.db)
         .unwrap()
         .query_row("PRAGMA integrity_check", [], |row| row.get::<_, String>(0))
         .unwrap();
