@@ -91,15 +91,12 @@ impl WalPrefill {
     /// WAL (a step at a time) once it has grown past [`START_AFTER`]. Cheap
     /// until then (one `stat`), free once done.
     pub fn after_commit(&mut self, conn: &Connection) {
-        let Some(wal) = self.wal.as_deref().filter(|_| self.attempts_left > 0) else {
+        if !self.due() {
+            return;
+        }
+        let Some(wal) = self.wal.as_deref() else {
             return;
         };
-        if self.began.is_none() {
-            if std::fs::metadata(wal).map_or(true, |m| m.len() < START_AFTER) {
-                return;
-            }
-            self.began = Some(std::time::Instant::now());
-        }
         match prefill(conn, wal, self.busy_timeout, self.step) {
             Ok(Filled { complete: true, .. }) => {
                 self.attempts_left = 0;
@@ -117,6 +114,28 @@ impl WalPrefill {
                 tracing::warn!(db = self.what, error = %e, "WAL preallocation failed; commits append");
             }
         }
+    }
+
+    /// True when the next [`after_commit`](Self::after_commit) would write:
+    /// the WAL has grown past [`START_AFTER`] and the fill is not complete.
+    /// Costs a `stat` until the fill begins, nothing once it has ended.
+    pub fn due(&mut self) -> bool {
+        let Some(wal) = self.wal.as_deref().filter(|_| self.attempts_left > 0) else {
+            return false;
+        };
+        if self.began.is_none() {
+            if std::fs::metadata(wal).map_or(true, |m| m.len() < START_AFTER) {
+                return false;
+            }
+            self.began = Some(std::time::Instant::now());
+        }
+        true
+    }
+
+    /// True while a fill has begun and not ended: a commit now may have a
+    /// fill step to run after it.
+    pub fn filling(&self) -> bool {
+        self.began.is_some() && self.wal.is_some() && self.attempts_left > 0
     }
 
     /// True once no further fill will be tried.
@@ -341,14 +360,17 @@ mod tests {
         watch.after_commit(&conn);
         assert!(wal_len(&path) < START_AFTER);
         assert!(!watch.finished());
+        assert!(!watch.due() && !watch.filling(), "nothing to fill yet");
         let mut i = 0;
         while wal_len(&path) < START_AFTER {
             conn.execute("INSERT INTO t VALUES (?1)", [format!("row {i}")])
                 .unwrap();
             i += 1;
         }
+        assert!(watch.due() && watch.filling(), "a fill is due");
         watch.after_commit(&conn);
         assert!(watch.finished());
+        assert!(!watch.due() && !watch.filling(), "the fill has ended");
         assert_eq!(wal_len(&path), target_len(4096, 1000));
         crash_copy(&path, dir.path(), i + 1);
     }

@@ -2,19 +2,23 @@
 //! SQLite connection.
 //!
 //! Async callers send jobs (closures run against the connection) over a
-//! channel and await a oneshot reply. A blocking caller (an FFI binding's
-//! thread, a sync app) whose job would be a group of one anyway runs it on
-//! its own thread instead, under the same connection lock, sparing the two
-//! cross-thread wake-ups of the hand-off; otherwise it joins the writer's
-//! group like everyone else. The thread takes the first job, then everything else
-//! already queued (waiting briefly for more when the previous group had
-//! several callers), runs them all in ONE `BEGIN IMMEDIATE` transaction, each
-//! as soon as it arrives and inside its own savepoint, so a refused job leaves
-//! no trace (a lone caller needs none: its refusal rolls the transaction
-//! back), and replies to each caller only after `COMMIT` has returned. Concurrent enqueuers thus
-//! share one fsync, and no op is acknowledged before it is durable.
+//! channel and await a oneshot reply. A caller whose job would be a group
+//! of one anyway (a blocking caller: an FFI binding's thread, a sync app;
+//! or an enqueue on a multi-threaded runtime while commits are fast) runs
+//! it on its own thread instead, under the same connection lock, sparing
+//! the two cross-thread wake-ups of the hand-off; otherwise it joins the
+//! writer's group like everyone else.
+//!
+//! The thread takes the first job, then everything else already queued
+//! (waiting briefly for more when the previous group had several callers),
+//! and runs them all in ONE `BEGIN IMMEDIATE` transaction, each as soon as
+//! it arrives and inside its own savepoint, so a refused job leaves no
+//! trace (a lone caller needs none: its refusal rolls the transaction
+//! back). It replies to each caller only after `COMMIT` has returned.
+//! Concurrent enqueuers thus share one fsync, and no op is acknowledged
+//! before it is durable.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -45,6 +49,9 @@ type Job = Box<dyn FnOnce(Option<(&Connection, &Ctx)>) -> (bool, Done) + Send>;
 
 enum Msg {
     Job(Job),
+    /// Run the after-commit work (a WAL fill step) that a commit on an
+    /// async caller's thread left to the writer.
+    Maintain,
     Close(oneshot::Sender<()>),
 }
 
@@ -71,6 +78,27 @@ struct Shared {
     last_group: AtomicUsize,
     /// Where blocking callers wait for their replies.
     board: Arc<ReplyBoard>,
+    /// A lone async caller may commit on its own thread (see
+    /// [`Writer::call_inline`]).
+    inline: bool,
+    /// Moving average of a lone commit's duration in µs, by whoever ran it.
+    lone_commit_us: AtomicU64,
+}
+
+impl Shared {
+    /// The lone rule of both paths: nothing queued, and the last group was
+    /// a single caller.
+    fn alone(&self) -> bool {
+        self.queued.load(Ordering::Acquire) == 0 && self.last_group.load(Ordering::Acquire) <= 1
+    }
+
+    /// Folds a lone commit's duration into the moving average (weight 1/8).
+    fn lone_commit_took(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let old = self.lone_commit_us.load(Ordering::Relaxed);
+        let new = old - old / 8 + us / 8;
+        self.lone_commit_us.store(new, Ordering::Relaxed);
+    }
 }
 
 /// Where blocking callers wait for the writer thread's replies: one condvar
@@ -189,6 +217,7 @@ impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Msg::Job(_) => "Job",
+            Msg::Maintain => "Maintain",
             Msg::Close(_) => "Close",
         })
     }
@@ -201,6 +230,7 @@ impl Writer {
         conn: Connection,
         ctx: Ctx,
         prefill: Option<WalPrefill>,
+        inline: bool,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             db: Mutex::new(Some(Db { conn, prefill })),
@@ -208,6 +238,8 @@ impl Writer {
             queued: AtomicUsize::new(0),
             last_group: AtomicUsize::new(1),
             board: Arc::default(),
+            inline,
+            lone_commit_us: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel();
         let thread_shared = shared.clone();
@@ -243,6 +275,72 @@ impl Writer {
         rx.await.unwrap_or_else(|_| Err(E::closed()))
     }
 
+    /// [`call`](Self::call), but a lone job may run on the calling thread: when
+    /// the writer has nothing queued, the last group was a single caller,
+    /// the caller is on a multi-threaded tokio runtime (its other workers
+    /// keep running tasks), lone commits have averaged under
+    /// [`INLINE_MAX_US`] and no WAL fill is under way, the job runs and commits
+    /// here, blocking this worker thread for that one commit instead of
+    /// paying the hand-off to the writer thread and back. Otherwise, as
+    /// `call`.
+    pub(crate) async fn call_inline<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
+    {
+        match self.try_inline(f) {
+            Ok(result) => result,
+            Err(f) => self.call(f).await,
+        }
+    }
+
+    /// Runs `f` as a lone commit on this thread if [`call_inline`]'s
+    /// conditions hold; gives it back otherwise.
+    fn try_inline<T, E, F>(&self, f: F) -> Result<Result<T, E>, F>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
+    {
+        let sh = &*self.shared;
+        let on_workers = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let fast = sh.lone_commit_us.load(Ordering::Relaxed) < INLINE_MAX_US;
+        if !(sh.inline && on_workers && fast && sh.alone()) {
+            return Err(f);
+        }
+        let mut guard = match sh.db.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Err(f),
+        };
+        let Some(db) = guard.as_mut() else {
+            return Ok(Err(E::closed()));
+        };
+        if db.prefill.as_ref().is_some_and(WalPrefill::filling) {
+            return Err(f);
+        }
+        let slot: Slot<T, E> = Arc::new(Mutex::new(None));
+        let reply = slot.clone();
+        let started = Instant::now();
+        let mut group = Group::new(&db.conn, &sh.ctx, false);
+        group.run(job(f, move |r| {
+            *reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
+        }));
+        group.finish();
+        sh.lone_commit_took(started.elapsed());
+        sh.last_group.store(1, Ordering::Release);
+        // A fill step is the writer thread's to run, not this worker's.
+        let fill = db.prefill.as_mut().is_some_and(WalPrefill::due);
+        drop(guard);
+        if fill {
+            let _ = self.tx.send(Msg::Maintain);
+        }
+        let result = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+        Ok(result.unwrap_or_else(|| Err(E::closed())))
+    }
+
     /// [`call`](Self::call) for a thread that may block. When the writer
     /// has nothing queued, no group is forming and the last group was a
     /// single caller, the job is a group of one anyway: it runs here, under
@@ -263,9 +361,7 @@ impl Writer {
         };
         let job = job(f, move |r| reply.deliver(r));
         let sh = &*self.shared;
-        let alone =
-            sh.queued.load(Ordering::Acquire) == 0 && sh.last_group.load(Ordering::Acquire) <= 1;
-        let guard = if alone {
+        let guard = if sh.alone() {
             match sh.db.try_lock() {
                 Ok(g) => Some(g),
                 Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
@@ -278,9 +374,11 @@ impl Writer {
             Some(mut guard) => {
                 match guard.as_mut() {
                     Some(db) => {
+                        let started = Instant::now();
                         let mut group = Group::new(&db.conn, &sh.ctx, false);
                         group.run(job);
                         group.finish();
+                        sh.lone_commit_took(started.elapsed());
                         db.committed();
                         sh.last_group.store(1, Ordering::Release);
                     }
@@ -306,6 +404,11 @@ impl Writer {
         }
     }
 }
+
+/// Lone commits slower than this on average (slow storage) are not run on
+/// an async caller's thread: blocking an executor thread that long would
+/// stall its other tasks.
+const INLINE_MAX_US: u64 = 1_000;
 
 /// Longest wait for more callers to join a group commit.
 const GATHER_WAIT: Duration = Duration::from_micros(200);
@@ -380,6 +483,12 @@ impl<'a> Group<'a> {
     /// Commits (or, for a refused lone job, rolls back) and replies to every
     /// caller, only now.
     fn finish(self) {
+        self.end().reply();
+    }
+
+    /// Commits (or, for a refused lone job, rolls back); the replies are
+    /// the caller's to send, which may be after releasing the connection.
+    fn end(self) -> Ended {
         let conn = self.conn;
         let commit = match self.began {
             None => Ok(()),
@@ -403,8 +512,24 @@ impl<'a> Group<'a> {
         if let Err(e) = &commit {
             tracing::error!(error = %e, jobs = self.dones.len(), "outbox commit failed");
         }
+        Ended {
+            commit,
+            dones: self.dones,
+        }
+    }
+}
+
+/// A group whose transaction has ended and whose callers are not yet
+/// answered.
+struct Ended {
+    commit: Result<(), StorageError>,
+    dones: Vec<Done>,
+}
+
+impl Ended {
+    fn reply(self) {
         for done in self.dones {
-            done(commit.clone());
+            done(self.commit.clone());
         }
     }
 }
@@ -461,6 +586,7 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
             // Closed (by an earlier close request): nothing runs any more.
             match first {
                 Msg::Job(job) => job(None).1(Ok(())),
+                Msg::Maintain => {}
                 Msg::Close(reply) => {
                     let _ = reply.send(());
                 }
@@ -472,13 +598,16 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         // A lone caller (nothing else queued, and the previous group had one
         // caller too) runs without a savepoint and never waits.
         let lone = second.is_none() && last_group <= 1;
+        let started = Instant::now();
         let mut group = Group::new(&db.conn, ctx, !lone);
         // Runs a job; returns the reply channel of a close request.
+        // A maintenance request needs no job: `committed` below runs it.
         let run_msg = |msg: Msg, group: &mut Group<'_>| match msg {
             Msg::Job(job) => {
                 group.run(job);
                 None
             }
+            Msg::Maintain => None,
             Msg::Close(reply) => Some(reply),
         };
         let mut close = run_msg(first, &mut group);
@@ -512,14 +641,30 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         shared
             .last_group
             .store(group.len().max(1), Ordering::Release);
-        group.finish();
-        shared.board.announce();
-        db.committed();
-        if let Some(reply) = close {
+        let ran = group.len();
+        let ended = group.end();
+        if lone && ran == 1 {
+            shared.lone_commit_took(started.elapsed());
+        }
+        if close.is_some() {
             // Closes the connection; later jobs are answered `closed`.
             *guard = None;
-            drop(guard);
+        }
+        // The connection is released before the replies: a caller answered
+        // here that comes straight back alone finds it free and may commit
+        // on its own thread, instead of handing off because the writer was
+        // still finishing up.
+        drop(guard);
+        ended.reply();
+        shared.board.announce();
+        if let Some(reply) = close {
             let _ = reply.send(());
+            continue;
+        }
+        // After the replies: no caller waits for a WAL fill step.
+        let mut guard = shared.db.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(db) = guard.as_mut() {
+            db.committed();
         }
     }
 }
@@ -538,7 +683,7 @@ mod tests {
             max_payload_bytes: 0,
             coalesce: false,
         };
-        (dir, Writer::spawn(conn, ctx, None).unwrap())
+        (dir, Writer::spawn(conn, ctx, None, true).unwrap())
     }
 
     /// Jobs committed together are isolated: a refused job leaves no trace,
@@ -612,6 +757,104 @@ mod tests {
         rt.block_on(w.close());
         let after = w.call_blocking(|_, _| Ok::<_, OutboxError>(()));
         assert_eq!(after.unwrap_err(), OutboxError::Closed);
+    }
+
+    /// A writer whose commits are cheap (no fsync), so that the lone-commit
+    /// average stays under `INLINE_MAX_US` on any disk.
+    fn fast_writer(inline: bool) -> (tempfile::TempDir, Writer) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        conn.execute_batch("PRAGMA synchronous = OFF; CREATE TABLE t (v INTEGER)")
+            .unwrap();
+        let ctx = Ctx {
+            clock: crate::clock::SystemClock::shared(),
+            max_payload_bytes: 0,
+            coalesce: false,
+        };
+        (dir, Writer::spawn(conn, ctx, None, inline).unwrap())
+    }
+
+    /// Inserts `v` through `call_inline`; says whether the job ran on the
+    /// calling thread (it runs in the call's first poll if at all).
+    async fn inline_insert(w: &Writer, v: i64) -> Result<bool, OutboxError> {
+        let caller = std::thread::current().id();
+        w.call_inline(move |conn, _| {
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [v])?;
+            Ok(std::thread::current().id() == caller)
+        })
+        .await
+    }
+
+    async fn values(w: &Writer) -> Vec<i64> {
+        w.call(|conn, _| {
+            let mut stmt = conn.prepare("SELECT v FROM t ORDER BY v")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            Ok::<_, OutboxError>(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// On a multi-threaded runtime a lone async job commits on its caller's
+    /// worker; a refused one is rolled back there. While lone commits are
+    /// slow on average the job goes to the writer thread instead, whose own
+    /// lone commits bring the average back down.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_async_job_commits_on_its_worker_while_commits_are_fast() {
+        let (_dir, w) = fast_writer(true);
+        assert!(inline_insert(&w, 1).await.unwrap(), "ran on the caller");
+        let caller = std::thread::current().id();
+        let refused = w
+            .call_inline(move |conn, _| {
+                conn.execute("INSERT INTO t (v) VALUES (2)", [])?;
+                assert_eq!(std::thread::current().id(), caller);
+                Err::<(), _>(OutboxError::LockLost)
+            })
+            .await;
+        assert_eq!(refused.unwrap_err(), OutboxError::LockLost);
+        assert_eq!(values(&w).await, [1]);
+
+        w.shared
+            .lone_commit_us
+            .store(5 * INLINE_MAX_US, Ordering::Relaxed);
+        assert!(!inline_insert(&w, 3).await.unwrap(), "slow: handed off");
+        let mut v = 4;
+        while !inline_insert(&w, v).await.unwrap() {
+            v += 1;
+            assert!(
+                v < 64,
+                "the average never came back down: {}",
+                w.shared.lone_commit_us.load(Ordering::Relaxed)
+            );
+        }
+        assert!(v > 5, "came back after {} fast commits", v - 3);
+        assert_eq!(
+            values(&w).await,
+            (1..=v).filter(|&x| x != 2).collect::<Vec<_>>()
+        );
+        w.close().await;
+        assert_eq!(inline_insert(&w, 0).await.unwrap_err(), OutboxError::Closed);
+    }
+
+    /// Where blocking the thread would stall every task (a current-thread
+    /// runtime) or the outbox was opened without it, the job is handed off.
+    #[test]
+    fn a_lone_async_job_is_handed_off_where_it_may_not_block() {
+        let single = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_dir, w) = fast_writer(true);
+        assert!(!single.block_on(inline_insert(&w, 1)).unwrap());
+        single.block_on(w.close());
+
+        let workers = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let (_dir, w) = fast_writer(false);
+        assert!(!workers.block_on(inline_insert(&w, 1)).unwrap());
+        assert_eq!(workers.block_on(values(&w)), [1]);
+        workers.block_on(w.close());
     }
 
     /// A group of one runs without a savepoint: a refused lone job is undone
