@@ -450,9 +450,15 @@ impl<'a> Group<'a> {
 
     fn run(&mut self, job: Job) {
         let conn = self.conn;
-        let began = self
-            .began
-            .get_or_insert_with(|| control(conn, "BEGIN IMMEDIATE"));
+        let began = self.began.get_or_insert_with(|| {
+            if !conn.is_autocommit() {
+                // A job that panicked on a caller's thread left its
+                // transaction open; it never committed, so it is undone.
+                tracing::error!("outbox transaction left open by a failed caller; rolled back");
+                control(conn, "ROLLBACK")?;
+            }
+            control(conn, "BEGIN IMMEDIATE")
+        });
         if began.is_err() {
             // Run nothing outside a transaction; report the failure.
             let (_, done) = job(None);
@@ -834,6 +840,36 @@ mod tests {
         );
         w.close().await;
         assert_eq!(inline_insert(&w, 0).await.unwrap_err(), OutboxError::Closed);
+    }
+
+    /// A job that panics on its caller's thread leaves the connection
+    /// locked (poisoned) in the middle of its transaction: the next group
+    /// rolls that transaction back and carries on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_that_panics_on_its_caller_wedges_nothing() {
+        let (_dir, w) = fast_writer(true);
+        let w = Arc::new(w);
+        let w2 = w.clone();
+        let panicked = tokio::spawn(async move {
+            w2.call_inline(|conn, _| -> Result<(), OutboxError> {
+                conn.execute("INSERT INTO t (v) VALUES (1)", [])?;
+                panic!("a job that panics mid-transaction")
+            })
+            .await
+        })
+        .await;
+        assert!(panicked.unwrap_err().is_panic(), "ran inline and panicked");
+        assert!(w.shared.db.is_poisoned());
+        assert!(inline_insert(&w, 2).await.unwrap());
+        let on_writer = w
+            .call(|_, _| {
+                let name = std::thread::current().name().map(str::to_owned);
+                Ok::<_, OutboxError>(name.as_deref() == Some("guardian-outbox-writer"))
+            })
+            .await
+            .unwrap();
+        assert!(on_writer, "the writer thread serves too");
+        assert_eq!(values(&w).await, [2]);
     }
 
     /// Where blocking the thread would stall every task (a current-thread
