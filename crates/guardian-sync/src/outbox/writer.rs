@@ -83,6 +83,8 @@ struct Shared {
     inline: bool,
     /// Moving average of a lone commit's duration in µs, by whoever ran it.
     lone_commit_us: AtomicU64,
+    /// The connection's busy timeout, restored after an inline `BEGIN`.
+    busy_timeout: Duration,
 }
 
 impl Shared {
@@ -232,6 +234,9 @@ impl Writer {
         prefill: Option<WalPrefill>,
         inline: bool,
     ) -> std::io::Result<Self> {
+        let busy_ms: u64 = conn
+            .pragma_query_value(None, "busy_timeout", |r| r.get(0))
+            .unwrap_or(0);
         let shared = Arc::new(Shared {
             db: Mutex::new(Some(Db { conn, prefill })),
             ctx,
@@ -240,6 +245,7 @@ impl Writer {
             board: Arc::default(),
             inline,
             lone_commit_us: AtomicU64::new(0),
+            busy_timeout: Duration::from_millis(busy_ms),
         });
         let (tx, rx) = mpsc::channel();
         let thread_shared = shared.clone();
@@ -321,10 +327,19 @@ impl Writer {
         if db.prefill.as_ref().is_some_and(WalPrefill::filling) {
             return Err(f);
         }
+        let started = Instant::now();
+        // Another connection (another process) may hold the write lock:
+        // waiting for it here would block this worker for up to the busy
+        // timeout, so a busy database goes to the writer thread, which waits.
+        let _ = db.conn.busy_timeout(Duration::ZERO);
+        let began = begin(&db.conn);
+        let _ = db.conn.busy_timeout(sh.busy_timeout);
+        if began.is_err() {
+            return Err(f);
+        }
         let slot: Slot<T, E> = Arc::new(Mutex::new(None));
         let reply = slot.clone();
-        let started = Instant::now();
-        let mut group = Group::new(&db.conn, &sh.ctx, false);
+        let mut group = Group::begun(&db.conn, &sh.ctx);
         group.run(job(f, move |r| {
             *reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
         }));
@@ -420,6 +435,17 @@ fn control(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Begins a group's transaction, taking the database's write lock.
+fn begin(conn: &Connection) -> rusqlite::Result<()> {
+    if !conn.is_autocommit() {
+        // A job that panicked on a caller's thread left its transaction
+        // open; it never committed, so it is undone.
+        tracing::error!("outbox transaction left open by a failed caller; rolled back");
+        control(conn, "ROLLBACK")?;
+    }
+    control(conn, "BEGIN IMMEDIATE")
+}
+
 /// One group commit in progress: the transaction begins with its first
 /// job, and each job runs as soon as it arrives (while later callers are
 /// still being waited for).
@@ -448,17 +474,17 @@ impl<'a> Group<'a> {
         }
     }
 
+    /// A lone group whose transaction the caller has already begun.
+    fn begun(conn: &'a Connection, ctx: &'a Ctx) -> Self {
+        Self {
+            began: Some(Ok(())),
+            ..Self::new(conn, ctx, false)
+        }
+    }
+
     fn run(&mut self, job: Job) {
         let conn = self.conn;
-        let began = self.began.get_or_insert_with(|| {
-            if !conn.is_autocommit() {
-                // A job that panicked on a caller's thread left its
-                // transaction open; it never committed, so it is undone.
-                tracing::error!("outbox transaction left open by a failed caller; rolled back");
-                control(conn, "ROLLBACK")?;
-            }
-            control(conn, "BEGIN IMMEDIATE")
-        });
+        let began = self.began.get_or_insert_with(|| begin(conn));
         if began.is_err() {
             // Run nothing outside a transaction; report the failure.
             let (_, done) = job(None);
@@ -680,16 +706,19 @@ mod tests {
     use super::*;
     use crate::outbox::OutboxError;
 
+    fn ctx() -> Ctx {
+        Ctx {
+            clock: crate::clock::SystemClock::shared(),
+            max_payload_bytes: 0,
+            coalesce: false,
+        }
+    }
+
     fn writer() -> (tempfile::TempDir, Writer) {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join("w.db")).unwrap();
         conn.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
-        let ctx = Ctx {
-            clock: crate::clock::SystemClock::shared(),
-            max_payload_bytes: 0,
-            coalesce: false,
-        };
-        (dir, Writer::spawn(conn, ctx, None, true).unwrap())
+        (dir, Writer::spawn(conn, ctx(), None, true).unwrap())
     }
 
     /// Jobs committed together are isolated: a refused job leaves no trace,
@@ -772,12 +801,7 @@ mod tests {
         let conn = Connection::open(dir.path().join("w.db")).unwrap();
         conn.execute_batch("PRAGMA synchronous = OFF; CREATE TABLE t (v INTEGER)")
             .unwrap();
-        let ctx = Ctx {
-            clock: crate::clock::SystemClock::shared(),
-            max_payload_bytes: 0,
-            coalesce: false,
-        };
-        (dir, Writer::spawn(conn, ctx, None, inline).unwrap())
+        (dir, Writer::spawn(conn, ctx(), None, inline).unwrap())
     }
 
     /// Inserts `v` through `call_inline`; says whether the job ran on the
@@ -870,6 +894,38 @@ mod tests {
             .unwrap();
         assert!(on_writer, "the writer thread serves too");
         assert_eq!(values(&w).await, [2]);
+    }
+
+    /// While another connection holds the write lock, a lone async job is
+    /// handed off at once instead of waiting out the busy timeout on its
+    /// worker; the connection keeps its busy timeout.
+    #[test]
+    fn a_busy_database_is_not_waited_for_on_a_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        conn.execute_batch("PRAGMA synchronous = OFF; CREATE TABLE t (v INTEGER)")
+            .unwrap();
+        conn.busy_timeout(Duration::from_secs(60)).unwrap();
+        let w = Writer::spawn(conn, ctx(), None, true).unwrap();
+        let workers = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let other = Connection::open(dir.path().join("w.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let _entered = workers.enter();
+        let handed = w.try_inline(|conn, _| {
+            conn.execute("INSERT INTO t (v) VALUES (1)", [])?;
+            Ok::<_, OutboxError>(())
+        });
+        assert!(handed.is_err(), "handed off, not waited for");
+        other.execute_batch("COMMIT").unwrap();
+        let timeout: i64 = workers
+            .block_on(w.call(|conn, _| {
+                Ok::<_, OutboxError>(conn.pragma_query_value(None, "busy_timeout", |r| r.get(0))?)
+            }))
+            .unwrap();
+        assert_eq!(timeout, 60_000);
     }
 
     /// Where blocking the thread would stall every task (a current-thread
