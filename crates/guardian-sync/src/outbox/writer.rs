@@ -94,6 +94,24 @@ impl Shared {
         self.queued.load(Ordering::Acquire) == 0 && self.last_group.load(Ordering::Acquire) <= 1
     }
 
+    /// The connection lock if nobody holds it; never waits.
+    fn try_db(&self) -> Option<std::sync::MutexGuard<'_, Option<Db>>> {
+        match self.db.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Runs `job` in `group` (a group of one, on this thread), ends it and
+    /// records it as the last group, with its duration since `started`.
+    fn commit_lone(&self, mut group: Group<'_>, job: Job, started: Instant) {
+        group.run(job);
+        group.finish();
+        self.lone_commit_took(started.elapsed());
+        self.last_group.store(1, Ordering::Release);
+    }
+
     /// Folds a lone commit's duration into the moving average (weight 1/8).
     fn lone_commit_took(&self, took: Duration) {
         let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
@@ -310,16 +328,16 @@ impl Writer {
         F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
     {
         let sh = &*self.shared;
-        let on_workers = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let fast = sh.lone_commit_us.load(Ordering::Relaxed) < INLINE_MAX_US;
-        if !(sh.inline && on_workers && fast && sh.alone()) {
+        let on_workers = || {
+            tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        };
+        if !(sh.inline && fast && sh.alone() && on_workers()) {
             return Err(f);
         }
-        let mut guard = match sh.db.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Err(f),
+        let Some(mut guard) = sh.try_db() else {
+            return Err(f);
         };
         let Some(db) = guard.as_mut() else {
             return Ok(Err(E::closed()));
@@ -339,13 +357,10 @@ impl Writer {
         }
         let slot: Slot<T, E> = Arc::new(Mutex::new(None));
         let reply = slot.clone();
-        let mut group = Group::begun(&db.conn, &sh.ctx);
-        group.run(job(f, move |r| {
+        let job = job(f, move |r| {
             *reply.lock().unwrap_or_else(PoisonError::into_inner) = Some(r);
-        }));
-        group.finish();
-        sh.lone_commit_took(started.elapsed());
-        sh.last_group.store(1, Ordering::Release);
+        });
+        sh.commit_lone(Group::begun(&db.conn, &sh.ctx), job, started);
         // A fill step is the writer thread's to run, not this worker's.
         let fill = db.prefill.as_mut().is_some_and(WalPrefill::due);
         drop(guard);
@@ -376,26 +391,14 @@ impl Writer {
         };
         let job = job(f, move |r| reply.deliver(r));
         let sh = &*self.shared;
-        let guard = if sh.alone() {
-            match sh.db.try_lock() {
-                Ok(g) => Some(g),
-                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            }
-        } else {
-            None
-        };
+        let guard = if sh.alone() { sh.try_db() } else { None };
         match guard {
             Some(mut guard) => {
                 match guard.as_mut() {
                     Some(db) => {
                         let started = Instant::now();
-                        let mut group = Group::new(&db.conn, &sh.ctx, false);
-                        group.run(job);
-                        group.finish();
-                        sh.lone_commit_took(started.elapsed());
+                        sh.commit_lone(Group::new(&db.conn, &sh.ctx, false), job, started);
                         db.committed();
-                        sh.last_group.store(1, Ordering::Release);
                     }
                     None => return Err(E::closed()),
                 }
@@ -693,9 +696,10 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
             let _ = reply.send(());
             continue;
         }
-        // After the replies: no caller waits for a WAL fill step.
-        let mut guard = shared.db.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(db) = guard.as_mut() {
+        // After the replies: no caller waits for a WAL fill step. A caller
+        // that took the connection meanwhile runs or requests the step
+        // itself, so the writer never waits for it here.
+        if let Some(db) = shared.try_db().as_deref_mut().and_then(Option::as_mut) {
             db.committed();
         }
     }
@@ -714,11 +718,17 @@ mod tests {
         }
     }
 
-    fn writer() -> (tempfile::TempDir, Writer) {
+    /// A writer over a new database with table `t`, after `setup` (SQL).
+    fn writer_with(setup: &str, inline: bool) -> (tempfile::TempDir, Writer) {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join("w.db")).unwrap();
-        conn.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
-        (dir, Writer::spawn(conn, ctx(), None, true).unwrap())
+        conn.execute_batch(&format!("{setup} CREATE TABLE t (v INTEGER)"))
+            .unwrap();
+        (dir, Writer::spawn(conn, ctx(), None, inline).unwrap())
+    }
+
+    fn writer() -> (tempfile::TempDir, Writer) {
+        writer_with("", true)
     }
 
     /// Jobs committed together are isolated: a refused job leaves no trace,
@@ -797,11 +807,7 @@ mod tests {
     /// A writer whose commits are cheap (no fsync), so that the lone-commit
     /// average stays under `INLINE_MAX_US` on any disk.
     fn fast_writer(inline: bool) -> (tempfile::TempDir, Writer) {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join("w.db")).unwrap();
-        conn.execute_batch("PRAGMA synchronous = OFF; CREATE TABLE t (v INTEGER)")
-            .unwrap();
-        (dir, Writer::spawn(conn, ctx(), None, inline).unwrap())
+        writer_with("PRAGMA synchronous = OFF;", inline)
     }
 
     /// Inserts `v` through `call_inline`; says whether the job ran on the
@@ -901,12 +907,10 @@ mod tests {
     /// worker; the connection keeps its busy timeout.
     #[test]
     fn a_busy_database_is_not_waited_for_on_a_worker() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open(dir.path().join("w.db")).unwrap();
-        conn.execute_batch("PRAGMA synchronous = OFF; CREATE TABLE t (v INTEGER)")
-            .unwrap();
-        conn.busy_timeout(Duration::from_secs(60)).unwrap();
-        let w = Writer::spawn(conn, ctx(), None, true).unwrap();
+        let (dir, w) = writer_with(
+            "PRAGMA synchronous = OFF; PRAGMA busy_timeout = 60000;",
+            true,
+        );
         let workers = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
