@@ -2,10 +2,12 @@
 //!
 //! Ours (1 and 8 concurrent enqueuers, `synchronous=FULL`) beside the peers
 //! an app would otherwise use at the same durability: a bare rusqlite INSERT
-//! loop with the same pragmas (WAL, FULL), the `queue-file` crate (Square's
-//! Tape; `sync_writes` on, its default: data and header `fdatasync`ed per
-//! add), and raw `pwrite + fdatasync` of the same bytes into a preallocated
-//! file (the physical limit; 8 records per sync for the batch limit).
+//! loop with the same pragmas (WAL, FULL), and the same loop with the two
+//! indexes an outbox adds to its table (their price alone); the
+//! `queue-file` crate (Square's Tape; `sync_writes` on, its default: data
+//! and header `fdatasync`ed per add); and raw `pwrite + fdatasync` of the
+//! same bytes into a preallocated file (the physical limit; 8 records per
+//! sync for the batch limit).
 
 use std::fs::File;
 use std::io::Write as _;
@@ -185,9 +187,24 @@ fn bare_insert(stmt: &mut rusqlite::Statement<'_>, side: &str, i: usize) {
     .expect("insert");
 }
 
+/// The two indexes an outbox keeps besides the bare table's own (an
+/// entity's ops in order, and the ready queue), put on the bare table: what
+/// they add to a commit, apart from anything else the outbox does.
+const OUTBOX_INDEXES: &str = "CREATE INDEX ops_entity ON ops(entity_type, entity_id, seq); \
+     CREATE INDEX ops_ready ON ops(created_at, seq);";
+
 /// `n` autocommit INSERTs by `writers` threads (a connection each), after
 /// `warm_up` untimed ones.
 fn bare_sqlite(n: usize, writers: usize, warm_up: usize) -> f64 {
+    bare_sqlite_with(n, writers, warm_up, "")
+}
+
+/// [`bare_sqlite`] by one writer into a table with [`OUTBOX_INDEXES`].
+fn bare_sqlite_indexed(n: usize, warm_up: usize) -> f64 {
+    bare_sqlite_with(n, 1, warm_up, OUTBOX_INDEXES)
+}
+
+fn bare_sqlite_with(n: usize, writers: usize, warm_up: usize, indexes: &str) -> f64 {
     let dir = scratch("bench-enqueue-sqlite");
     let path = dir.path().join("bare.db");
     let setup = sqlite_conn(&path);
@@ -198,6 +215,7 @@ fn bare_sqlite(n: usize, writers: usize, warm_up: usize) -> f64 {
              entity_id TEXT NOT NULL, payload TEXT NOT NULL, created_at INTEGER NOT NULL)",
         )
         .expect("schema");
+    setup.execute_batch(indexes).expect("indexes");
     {
         let mut stmt = setup.prepare(BARE_INSERT).expect("prepare");
         for i in 0..warm_up {
@@ -268,6 +286,7 @@ pub(crate) fn run(config: &Config) -> Section {
         "ours, 1 task, steady",
         "ours, 8 tasks, steady",
         "bare rusqlite, 1 writer, steady",
+        "bare rusqlite + the outbox's 2 indexes, steady",
         "ours, 1 thread",
         "ours, 8 threads",
         "ours, 1 thread, steady",
@@ -290,15 +309,16 @@ pub(crate) fn run(config: &Config) -> Section {
         let warm = config.size(WARM_UP, 300);
         s[8].push(ours(&rt, n, 1, warm));
         s[10].push(bare_sqlite(n, 1, warm));
+        s[11].push(bare_sqlite_indexed(n, warm));
         s[9].push(ours(&rt, n, WRITERS, warm));
         let full = Synchronous::Full;
-        s[11].push(ours_threads(&rt, n, 1, 0, full));
-        s[12].push(ours_threads(&rt, n, WRITERS, 0, full));
-        s[13].push(ours_threads(&rt, n, 1, warm, full));
-        s[14].push(ours_threads(&rt, n, WRITERS, warm, full));
+        s[12].push(ours_threads(&rt, n, 1, 0, full));
+        s[13].push(ours_threads(&rt, n, WRITERS, 0, full));
+        s[14].push(ours_threads(&rt, n, 1, warm, full));
+        s[15].push(ours_threads(&rt, n, WRITERS, warm, full));
         // Without fsync: what a group costs besides its commit's sync.
-        s[15].push(ours_threads(&rt, n, 1, warm, Synchronous::Off));
-        s[16].push(ours_threads(&rt, n, WRITERS, warm, Synchronous::Off));
+        s[16].push(ours_threads(&rt, n, 1, warm, Synchronous::Off));
+        s[17].push(ours_threads(&rt, n, WRITERS, warm, Synchronous::Off));
     }
     let mut table = Table::new([
         "side",
@@ -309,16 +329,16 @@ pub(crate) fn run(config: &Config) -> Section {
         let (lo, hi) = s[i].range().unwrap_or_default();
         let med = s[i].median().unwrap_or_default();
         let vs = match i {
-            0 | 4 | 6 | 11 => ratio(s[i].ratio_to(&s[2])),
-            1 | 12 => format!(
+            0 | 4 | 6 | 12 => ratio(s[i].ratio_to(&s[2])),
+            1 | 13 => format!(
                 "{} of 8 writers, {} of 1",
                 ratio(s[i].ratio_to(&s[3])),
                 ratio(s[i].ratio_to(&s[2]))
             ),
             5 | 7 => ratio(s[i].ratio_to(&s[3])),
-            8 | 13 => ratio(s[i].ratio_to(&s[10])),
-            9 | 14 => format!("{} of 1 writer", ratio(s[i].ratio_to(&s[10]))),
-            15 | 16 => "–".into(),
+            8 | 11 | 14 => ratio(s[i].ratio_to(&s[10])),
+            9 | 15 => format!("{} of 1 writer", ratio(s[i].ratio_to(&s[10]))),
+            16 | 17 => "–".into(),
             _ => "1.00×".into(),
         };
         table.row([
@@ -328,7 +348,7 @@ pub(crate) fn run(config: &Config) -> Section {
         ]);
     }
     let steady_one_vs_sqlite = s[8].ratio_to(&s[10]);
-    let thread_steady_one_vs_sqlite = s[13].ratio_to(&s[10]);
+    let thread_steady_one_vs_sqlite = s[14].ratio_to(&s[10]);
     let peers = [2, 3, 4, 5];
     let worst_lead = peers
         .iter()
@@ -377,11 +397,11 @@ pub(crate) fn run(config: &Config) -> Section {
         ),
         eight(s[9].ratio_to(&s[10]), "8 tasks, steady ≥ 4× bare, 1 writer"),
         eight(
-            s[12].ratio_to(&s[2]),
+            s[13].ratio_to(&s[2]),
             "8 threads, new files ≥ 4× bare, 1 writer",
         ),
         eight(
-            s[14].ratio_to(&s[10]),
+            s[15].ratio_to(&s[10]),
             "8 threads, steady ≥ 4× bare, 1 writer",
         ),
         Target {
