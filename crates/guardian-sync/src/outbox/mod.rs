@@ -122,8 +122,8 @@ pub struct OutboxOptions {
     /// Let a lone [`Outbox::enqueue`] commit on the calling task's worker
     /// thread, blocking it for that commit, instead of handing the op to
     /// the writer thread and waiting to be woken (default true). It applies
-    /// only when nothing else is queued, on a multi-threaded tokio runtime,
-    /// while lone commits average under 1 ms and no WAL fill is under way;
+    /// only when nothing else is queued, on a multi-threaded tokio runtime
+    /// with more than one worker, while lone commits average under 1 ms and no WAL fill is under way;
     /// turn it off where no executor thread may block on a disk at all.
     pub commit_on_caller: bool,
 }

@@ -4,7 +4,7 @@
 //! Async callers send jobs (closures run against the connection) over a
 //! channel and await a oneshot reply. A caller whose job would be a group
 //! of one anyway (a blocking caller: an FFI binding's thread, a sync app;
-//! or an enqueue on a multi-threaded runtime while commits are fast) runs
+//! or an enqueue on a runtime with other workers while commits are fast) runs
 //! it on its own thread instead, under the same connection lock, sparing
 //! the two cross-thread wake-ups of the hand-off; otherwise it joins the
 //! writer's group like everyone else.
@@ -301,8 +301,8 @@ impl Writer {
 
     /// [`call`](Self::call), but a lone job may run on the calling thread: when
     /// the writer has nothing queued, the last group was a single caller,
-    /// the caller is on a multi-threaded tokio runtime (its other workers
-    /// keep running tasks), lone commits have averaged under
+    /// the caller is on a multi-threaded tokio runtime with more than one
+    /// worker (the others keep running tasks), lone commits have averaged under
     /// [`INLINE_MAX_US`] and no WAL fill is under way, the job runs and commits
     /// here, blocking this worker thread for that one commit instead of
     /// paying the hand-off to the writer thread and back. Otherwise, as
@@ -329,9 +329,13 @@ impl Writer {
     {
         let sh = &*self.shared;
         let fast = sh.lone_commit_us.load(Ordering::Relaxed) < INLINE_MAX_US;
+        // Blocking a worker leaves the runtime its other workers only if it
+        // has some: one worker, like a current-thread runtime, would stall.
         let on_workers = || {
-            tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+            tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                    && h.metrics().num_workers() > 1
+            })
         };
         if !(sh.inline && fast && sh.alone() && on_workers()) {
             return Err(f);
@@ -933,7 +937,9 @@ mod tests {
     }
 
     /// Where blocking the thread would stall every task (a current-thread
-    /// runtime) or the outbox was opened without it, the job is handed off.
+    /// runtime, or a multi-threaded one with a single worker, as an FFI
+    /// host may configure) or the outbox was opened without it, the job is
+    /// handed off.
     #[test]
     fn a_lone_async_job_is_handed_off_where_it_may_not_block() {
         let single = tokio::runtime::Builder::new_current_thread()
@@ -942,6 +948,18 @@ mod tests {
         let (_dir, w) = fast_writer(true);
         assert!(!single.block_on(inline_insert(&w, 1)).unwrap());
         single.block_on(w.close());
+
+        let one_worker = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let (_dir, w) = fast_writer(true);
+        let w = Arc::new(w);
+        let task = w.clone();
+        let spawned = one_worker.spawn(async move { inline_insert(&task, 1).await });
+        let on_the_worker = one_worker.block_on(spawned).unwrap();
+        assert!(!on_the_worker.unwrap());
+        one_worker.block_on(w.close());
 
         let workers = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
