@@ -123,8 +123,9 @@ pub struct OutboxOptions {
     /// thread, blocking it for that commit, instead of handing the op to
     /// the writer thread and waiting to be woken (default true). It applies
     /// only when nothing else is queued, on a multi-threaded tokio runtime
-    /// with more than one worker, while lone commits average under 1 ms and no WAL fill is under way;
-    /// turn it off where no executor thread may block on a disk at all.
+    /// with more than one worker, while lone commits average under 1 ms and
+    /// no WAL fill is under way; turn it off where no executor thread may
+    /// block on a disk at all.
     pub commit_on_caller: bool,
 }
 
@@ -558,8 +559,14 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
     };
     let prefill = (options.preallocate_wal && options.synchronous != Synchronous::Off)
         .then(|| WalPrefill::new("outbox", &conn, options.busy_timeout, u64::MAX));
-    let writer =
-        Writer::spawn(conn, ctx, prefill, options.commit_on_caller).map_err(OpenError::Thread)?;
+    let writer = Writer::spawn(
+        conn,
+        ctx,
+        prefill,
+        options.commit_on_caller,
+        options.busy_timeout,
+    )
+    .map_err(OpenError::Thread)?;
     Ok(Outbox {
         inner: Arc::new(Inner {
             writer,

@@ -246,15 +246,15 @@ impl std::fmt::Debug for Msg {
 impl Writer {
     /// Starts the thread; the connection lives until the outbox is closed
     /// or dropped. `prefill`, if given, preallocates the WAL once it grows.
+    /// `busy_timeout` is the one `conn` was opened with, restored after an
+    /// inline `BEGIN` (which runs without one).
     pub(crate) fn spawn(
         conn: Connection,
         ctx: Ctx,
         prefill: Option<WalPrefill>,
         inline: bool,
+        busy_timeout: Duration,
     ) -> std::io::Result<Self> {
-        let busy_ms: u64 = conn
-            .pragma_query_value(None, "busy_timeout", |r| r.get(0))
-            .unwrap_or(0);
         let shared = Arc::new(Shared {
             db: Mutex::new(Some(Db { conn, prefill })),
             ctx,
@@ -263,7 +263,7 @@ impl Writer {
             board: Arc::default(),
             inline,
             lone_commit_us: AtomicU64::new(0),
-            busy_timeout: Duration::from_millis(busy_ms),
+            busy_timeout,
         });
         let (tx, rx) = mpsc::channel();
         let thread_shared = shared.clone();
@@ -302,9 +302,9 @@ impl Writer {
     /// [`call`](Self::call), but a lone job may run on the calling thread: when
     /// the writer has nothing queued, the last group was a single caller,
     /// the caller is on a multi-threaded tokio runtime with more than one
-    /// worker (the others keep running tasks), lone commits have averaged under
-    /// [`INLINE_MAX_US`] and no WAL fill is under way, the job runs and commits
-    /// here, blocking this worker thread for that one commit instead of
+    /// worker (the others keep running tasks), lone commits have averaged
+    /// under [`INLINE_MAX_US`] and no WAL fill is under way, the job runs and
+    /// commits here, blocking this worker thread for that one commit instead of
     /// paying the hand-off to the writer thread and back. Otherwise, as
     /// `call`.
     pub(crate) async fn call_inline<T, E, F>(&self, f: F) -> Result<T, E>
@@ -722,13 +722,17 @@ mod tests {
         }
     }
 
+    /// The test writers' busy timeout, unlike the connection default (5 s).
+    const BUSY: Duration = Duration::from_secs(60);
+
     /// A writer over a new database with table `t`, after `setup` (SQL).
     fn writer_with(setup: &str, inline: bool) -> (tempfile::TempDir, Writer) {
         let dir = tempfile::tempdir().unwrap();
         let conn = Connection::open(dir.path().join("w.db")).unwrap();
+        conn.busy_timeout(BUSY).unwrap();
         conn.execute_batch(&format!("{setup} CREATE TABLE t (v INTEGER)"))
             .unwrap();
-        (dir, Writer::spawn(conn, ctx(), None, inline).unwrap())
+        (dir, Writer::spawn(conn, ctx(), None, inline, BUSY).unwrap())
     }
 
     fn writer() -> (tempfile::TempDir, Writer) {
@@ -911,29 +915,35 @@ mod tests {
     /// worker; the connection keeps its busy timeout.
     #[test]
     fn a_busy_database_is_not_waited_for_on_a_worker() {
-        let (dir, w) = writer_with(
-            "PRAGMA synchronous = OFF; PRAGMA busy_timeout = 60000;",
-            true,
-        );
+        let (dir, w) = writer_with("PRAGMA synchronous = OFF;", true);
         let workers = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
             .unwrap();
         let other = Connection::open(dir.path().join("w.db")).unwrap();
         other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // The other connection lets go once the job is answered, or after
+        // 5 s if it is not: a job still waiting for the lock then gets it,
+        // runs here, and fails the assertion below.
+        let (answered, heard) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _ = heard.recv_timeout(Duration::from_secs(5));
+            other.execute_batch("COMMIT").unwrap();
+        });
         let _entered = workers.enter();
         let handed = w.try_inline(|conn, _| {
             conn.execute("INSERT INTO t (v) VALUES (1)", [])?;
             Ok::<_, OutboxError>(())
         });
+        let _ = answered.send(());
+        holder.join().unwrap();
         assert!(handed.is_err(), "handed off, not waited for");
-        other.execute_batch("COMMIT").unwrap();
         let timeout: i64 = workers
             .block_on(w.call(|conn, _| {
                 Ok::<_, OutboxError>(conn.pragma_query_value(None, "busy_timeout", |r| r.get(0))?)
             }))
             .unwrap();
-        assert_eq!(timeout, 60_000);
+        assert_eq!(u128::try_from(timeout).unwrap(), BUSY.as_millis());
     }
 
     /// Where blocking the thread would stall every task (a current-thread
