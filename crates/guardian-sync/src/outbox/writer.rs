@@ -94,6 +94,13 @@ impl Shared {
         self.queued.load(Ordering::Acquire) == 0 && self.last_group.load(Ordering::Acquire) <= 1
     }
 
+    /// Closes the connection (waiting for the lock), however it was left;
+    /// an open transaction is rolled back by the close.
+    fn close_now(&self) {
+        *self.db.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.board.announce();
+    }
+
     /// The connection lock if nobody holds it; never waits.
     fn try_db(&self) -> Option<std::sync::MutexGuard<'_, Option<Db>>> {
         match self.db.try_lock() {
@@ -269,7 +276,10 @@ impl Writer {
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name("guardian-outbox-writer".into())
-            .spawn(move || run(&thread_shared, &rx))?;
+            .spawn(move || {
+                let _closer = CloseOnExit(&thread_shared);
+                run(&thread_shared, &rx);
+            })?;
         Ok(Self { tx, shared })
     }
 
@@ -421,9 +431,27 @@ impl Writer {
     /// async or blocking, gets `closed`.
     pub(crate) async fn close(&self) {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Msg::Close(reply)).is_ok() {
-            let _ = rx.await;
+        let answered = self.tx.send(Msg::Close(reply)).is_ok() && rx.await.is_ok();
+        if !answered {
+            // The writer thread is gone (a job panicked on it): close here,
+            // so that no caller's own thread commits after this returns.
+            self.shared.close_now();
         }
+    }
+}
+
+/// Closes the connection when the writer thread ends, however it ends: a
+/// panic in a job (in an app's clock, say) unwinds the thread, and the
+/// outbox must then refuse every call rather than let callers' own threads
+/// keep committing with nobody left to close it.
+struct CloseOnExit<'a>(&'a Shared);
+
+impl Drop for CloseOnExit<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the outbox writer thread panicked; the outbox is closed");
+        }
+        self.0.close_now();
     }
 }
 
@@ -639,7 +667,8 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         let lone = second.is_none() && last_group <= 1;
         let started = Instant::now();
         let mut group = Group::new(&db.conn, ctx, !lone);
-        // Runs a job; returns the reply channel of a close request.
+        // Runs a job, or keeps a close request's reply channel: every close
+        // request taken is answered once the connection is closed.
         // A maintenance request needs no job: `committed` below runs it.
         let run_msg = |msg: Msg, group: &mut Group<'_>| match msg {
             Msg::Job(job) => {
@@ -649,11 +678,12 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
             Msg::Maintain => None,
             Msg::Close(reply) => Some(reply),
         };
-        let mut close = run_msg(first, &mut group);
+        let mut close = Vec::new();
+        close.extend(run_msg(first, &mut group));
         if let Some(m) = second {
-            close = close.or(run_msg(m, &mut group));
+            close.extend(run_msg(m, &mut group));
         }
-        if !lone && close.is_none() {
+        if !lone && close.is_empty() {
             // Take everything already queued. If the previous group had
             // several callers, they are probably about to send again (they
             // were all woken by the last commit at once): wait briefly, up
@@ -662,9 +692,9 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
             // run as they arrive, so the wait overlaps with their work; it
             // polls, yielding the CPU to those callers (see `next_message`).
             let deadline = Instant::now() + GATHER_WAIT;
-            while group.len() < MAX_GROUP && close.is_none() {
+            while group.len() < MAX_GROUP && close.is_empty() {
                 if let Some(m) = try_next(rx) {
-                    close = run_msg(taken(shared, m), &mut group);
+                    close.extend(run_msg(taken(shared, m), &mut group));
                     continue;
                 }
                 if group.len() >= last_group {
@@ -685,7 +715,7 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         if lone && ran == 1 {
             shared.lone_commit_took(started.elapsed());
         }
-        if close.is_some() {
+        if !close.is_empty() {
             // Closes the connection; later jobs are answered `closed`.
             *guard = None;
         }
@@ -696,8 +726,10 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         drop(guard);
         ended.reply();
         shared.board.announce();
-        if let Some(reply) = close {
-            let _ = reply.send(());
+        if !close.is_empty() {
+            for reply in close {
+                let _ = reply.send(());
+            }
             continue;
         }
         // After the replies: no caller waits for a WAL fill step. A caller
