@@ -129,7 +129,7 @@ impl NativeEngine {
 
     /// `callback(refresh: bool) -> str`, called on an engine thread with the GIL held.
     #[pyo3(signature = (callback))]
-    fn set_token_callback(&self, callback: Option<PyObject>) -> PyResult<()> {
+    fn set_token_callback(&self, py: Python<'_>, callback: Option<PyObject>) -> PyResult<()> {
         let e = self.get()?;
         let callback = callback.map(|cb| {
             Arc::new(move |refresh: bool| {
@@ -140,8 +140,9 @@ impl NativeEngine {
                 })
             }) as TokenCallback
         });
-        e.set_token_callback(callback);
-        Ok(())
+        // Waits for a running call of the old callback, which needs the GIL.
+        py.allow_threads(|| e.set_token_callback(callback))
+            .map_err(err)
     }
 
     fn close(&self, py: Python<'_>) {

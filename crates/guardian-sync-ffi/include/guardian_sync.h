@@ -96,7 +96,8 @@ GsStatus gs_engine_open(const char *config_json, GsEngine **out_engine);
 // Stops the runner and the event thread, closes the outbox, shuts the
 // engine's runtime down and frees the handle. `NULL` is accepted. After
 // `GS_STATUS_OK` the handle is gone; on `GS_STATUS_WRONG_THREAD` (called
-// from the event callback) it is still open.
+// from the event or the token callback) it is still open. Waits for a
+// running event or token callback to return.
 //
 // # Safety
 // `engine` is null or an open handle, and no other call on it is running
@@ -240,7 +241,8 @@ GsStatus gs_engine_set_token(const GsEngine *engine, const char *token);
 // [`gs_engine_set_token`]. Also resumes a runner paused by
 // `auth_required`. `user_data` is passed back untouched and must be usable
 // from the engine's threads until the callback is replaced or the engine
-// closed.
+// closed: both return only once no call of the callback is running, and
+// both return `GS_STATUS_WRONG_THREAD` from inside the callback.
 //
 // # Safety
 // `engine` is an open handle; `callback` is NULL or a function that is safe

@@ -3,7 +3,8 @@
 //! tokens. Every method may be called from any thread that is not one of the
 //! engine's runtime threads.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
 
@@ -38,7 +39,66 @@ pub type EventCallback = Box<dyn Fn(&str) + Send>;
 /// Tokens from the app: a fixed one it can replace, or a callback.
 struct AppTokens {
     token: Mutex<Option<String>>,
-    callback: Mutex<Option<TokenCallback>>,
+    /// The callback and the count of its calls under way.
+    callback: Mutex<Option<(TokenCallback, Arc<Calls>)>>,
+}
+
+thread_local! {
+    /// The engine (its `AppTokens`' address) whose token callback this
+    /// thread is running; 0 when none.
+    static IN_TOKEN_CALLBACK: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Marks this thread as running `owner`'s token callback until dropped (a
+/// panicking callback included: the blocking thread is reused).
+struct InTokenCallback;
+
+impl InTokenCallback {
+    fn enter(owner: usize) -> Self {
+        IN_TOKEN_CALLBACK.with(|c| c.set(owner));
+        Self
+    }
+}
+
+impl Drop for InTokenCallback {
+    fn drop(&mut self) {
+        IN_TOKEN_CALLBACK.with(|c| c.set(0));
+    }
+}
+
+/// Calls of one registered token callback under way. The app may free the
+/// callback's data once the callback is replaced or the engine closed, so
+/// both wait until none is running.
+#[derive(Debug, Default)]
+struct Calls {
+    running: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl Calls {
+    fn wait_idle(&self) {
+        let mut running = locked(&self.running);
+        while *running > 0 {
+            running = self
+                .idle
+                .wait(running)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// One call under way; counted from before it is handed to a thread until
+/// it returns (or is dropped unrun).
+struct Call(Arc<Calls>);
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let mut running = locked(&self.0.running);
+        *running = running.saturating_sub(1);
+        if *running == 0 {
+            self.0.idle.notify_all();
+        }
+    }
 }
 
 impl std::fmt::Debug for AppTokens {
@@ -49,14 +109,34 @@ impl std::fmt::Debug for AppTokens {
 }
 
 impl AppTokens {
+    /// This engine's mark in [`IN_TOKEN_CALLBACK`].
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// True on a thread while it runs this engine's token callback.
+    fn in_callback(&self) -> bool {
+        IN_TOKEN_CALLBACK.with(Cell::get) == self.id()
+    }
+
     async fn get(&self, refresh: bool) -> Result<String, TokenError> {
-        let callback = locked(&self.callback).clone();
-        if let Some(cb) = callback {
+        // Counted under the slot's lock: a replacement that swaps the slot
+        // afterwards sees this call and waits for it.
+        let callback = locked(&self.callback).as_ref().map(|(cb, calls)| {
+            *locked(&calls.running) += 1;
+            (cb.clone(), Call(calls.clone()))
+        });
+        if let Some((cb, call)) = callback {
+            let owner = self.id();
             // The app's callback may block (a refresh over the network).
-            return tokio::task::spawn_blocking(move || cb(refresh))
-                .await
-                .map_err(|_| TokenError("the token callback panicked".into()))?
-                .map_err(TokenError);
+            return tokio::task::spawn_blocking(move || {
+                let _call = call;
+                let _inside = InTokenCallback::enter(owner);
+                cb(refresh)
+            })
+            .await
+            .map_err(|_| TokenError("the token callback panicked".into()))?
+            .map_err(TokenError);
         }
         locked(&self.token)
             .clone()
@@ -96,9 +176,16 @@ pub struct Engine {
     runner: Mutex<Option<Runner>>,
     /// Why the last runner stopped by itself (lock lost, storage failure).
     runner_error: Arc<Mutex<Option<String>>>,
-    /// Subscribed at open, so `next_event` sees every event since.
-    events: Mutex<broadcast::Receiver<SyncEvent>>,
+    /// Subscribed at open, so `next_event` sees every event since. An
+    /// async lock: a reader waiting for its lock counts against its own
+    /// timeout, not another reader's.
+    events: tokio::sync::Mutex<broadcast::Receiver<SyncEvent>>,
     callback: Mutex<Option<CallbackThread>>,
+    /// The thread that runs (or ran, until it has ended) the event callback;
+    /// never locked across a wait.
+    event_thread: Mutex<Option<ThreadId>>,
+    /// Serializes the app's calls that replace the event callback.
+    setting_callback: Mutex<()>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -173,7 +260,7 @@ impl Engine {
             builder = builder.stall_after(Duration::from_millis(ms));
         }
         let engine = rt.block_on(builder.build())?;
-        let events = Mutex::new(engine.events());
+        let events = tokio::sync::Mutex::new(engine.events());
         Ok(Self {
             rt: Some(rt),
             engine,
@@ -182,6 +269,8 @@ impl Engine {
             runner_error: Arc::new(Mutex::new(None)),
             events,
             callback: Mutex::new(None),
+            event_thread: Mutex::new(None),
+            setting_callback: Mutex::new(()),
         })
     }
 
@@ -268,8 +357,9 @@ impl Engine {
     /// The next event as JSON, waiting up to `timeout`; `None` on timeout.
     pub fn next_event(&self, timeout: Duration) -> Result<Option<String>, FfiError> {
         let rt = self.rt()?;
-        let mut rx = locked(&self.events);
-        let got = rt.block_on(async { tokio::time::timeout(timeout, rx.recv()).await });
+        let got = rt.block_on(async {
+            tokio::time::timeout(timeout, async { self.events.lock().await.recv().await }).await
+        });
         Ok(got.ok().and_then(event_json))
     }
 
@@ -277,44 +367,57 @@ impl Engine {
     /// replacing any earlier callback; `None` removes it.
     pub fn set_event_callback(&self, callback: Option<EventCallback>) -> Result<(), FfiError> {
         let rt = self.rt()?;
-        let mut slot = locked(&self.callback);
-        if let Some(old) = slot.take() {
-            if old.id == std::thread::current().id() {
-                *slot = Some(old);
-                return Err(FfiError::new(
-                    Code::WrongThread,
-                    "the event callback cannot be changed from inside the callback",
-                ));
-            }
+        if self.on_event_thread() {
+            return Err(FfiError::new(
+                Code::WrongThread,
+                "the event callback cannot be changed from inside the callback",
+            ));
+        }
+        let _one_at_a_time = locked(&self.setting_callback);
+        // No lock is held while the old thread finishes its callback: that
+        // callback may call into the engine (and is refused here at once).
+        let old = locked(&self.callback).take();
+        if let Some(old) = old {
             let _ = old.stop.send(true);
             let _ = old.thread.join();
         }
+        *locked(&self.event_thread) = None;
         let Some(callback) = callback else {
             return Ok(());
         };
         let (stop, mut stopped) = watch::channel(false);
         let mut rx = self.engine.events();
         let handle = rt.handle().clone();
+        // The thread waits until it is known as the event thread, so that
+        // its first callback is already refused the setter and close.
+        let (known_tx, known) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("guardian-sync-events".into())
-            .spawn(move || loop {
-                // The callback runs outside the runtime, so it may call back
-                // into the engine (anything but this setter and close).
-                let next = handle.block_on(async {
-                    tokio::select! {
-                        _ = stopped.changed() => None,
-                        r = rx.recv() => Some(r),
-                    }
-                });
-                let Some(r) = next else { break };
-                let Some(json) = event_json(r) else { break };
-                callback(&json);
+            .spawn(move || {
+                if known.recv().is_err() {
+                    return;
+                }
+                loop {
+                    // The callback runs outside the runtime, so it may call
+                    // back into the engine (anything but this setter and close).
+                    let next = handle.block_on(async {
+                        tokio::select! {
+                            _ = stopped.changed() => None,
+                            r = rx.recv() => Some(r),
+                        }
+                    });
+                    let Some(r) = next else { break };
+                    let Some(json) = event_json(r) else { break };
+                    callback(&json);
+                }
             })
             .map_err(|e| {
                 FfiError::new(Code::Open, format!("cannot start the event thread: {e}"))
             })?;
         let id = thread.thread().id();
-        *slot = Some(CallbackThread { stop, thread, id });
+        *locked(&self.event_thread) = Some(id);
+        *locked(&self.callback) = Some(CallbackThread { stop, thread, id });
+        let _ = known_tx.send(());
         Ok(())
     }
 
@@ -380,27 +483,52 @@ impl Engine {
         self.engine.resume();
     }
 
-    /// Takes tokens from `callback` from now on (`None`: back to the set token).
-    pub fn set_token_callback(&self, callback: Option<TokenCallback>) {
-        *locked(&self.tokens.callback) = callback;
+    /// Takes tokens from `callback` from now on (`None`: back to the set
+    /// token). Returns once no call of the callback it replaces is running,
+    /// so the app may then free what that callback uses.
+    pub fn set_token_callback(&self, callback: Option<TokenCallback>) -> Result<(), FfiError> {
+        if self.in_token_callback() {
+            return Err(FfiError::new(
+                Code::WrongThread,
+                "the token callback cannot be changed from inside the callback",
+            ));
+        }
+        let new = callback.map(|cb| (cb, Arc::new(Calls::default())));
+        let old = std::mem::replace(&mut *locked(&self.tokens.callback), new);
+        if let Some((_, calls)) = old {
+            calls.wait_idle();
+        }
         self.engine.resume();
+        Ok(())
     }
 
     /// True on the thread that runs the event callback.
     pub fn on_event_thread(&self) -> bool {
-        locked(&self.callback)
-            .as_ref()
-            .is_some_and(|c| c.id == std::thread::current().id())
+        *locked(&self.event_thread) == Some(std::thread::current().id())
+    }
+
+    /// True on a thread while it runs this engine's token callback: closing
+    /// the engine or replacing the callback there would wait for itself.
+    pub fn in_token_callback(&self) -> bool {
+        self.tokens.in_callback()
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
         let _ = self.stop(CLOSE_STOP_TIMEOUT);
-        if let Some(c) = locked(&self.callback).take() {
+        let callback = locked(&self.callback).take();
+        if let Some(c) = callback {
             let _ = c.stop.send(true);
             if c.id != std::thread::current().id() {
                 let _ = c.thread.join();
+            }
+        }
+        // The app may free the token callback's data once close returns.
+        let tokens = locked(&self.tokens.callback).take();
+        if let Some((_, calls)) = tokens {
+            if !self.tokens.in_callback() {
+                calls.wait_idle();
             }
         }
         if let Some(rt) = self.rt.take() {

@@ -185,7 +185,8 @@ pub unsafe extern "C" fn gs_engine_open(
 /// Stops the runner and the event thread, closes the outbox, shuts the
 /// engine's runtime down and frees the handle. `NULL` is accepted. After
 /// `GS_STATUS_OK` the handle is gone; on `GS_STATUS_WRONG_THREAD` (called
-/// from the event callback) it is still open.
+/// from the event or the token callback) it is still open. Waits for a
+/// running event or token callback to return.
 ///
 /// # Safety
 /// `engine` is null or an open handle, and no other call on it is running
@@ -197,10 +198,11 @@ pub unsafe extern "C" fn gs_engine_close(engine: *mut GsEngine) -> GsStatus {
             return Ok(GsStatus::Ok);
         }
         // SAFETY: forwarded from this function's contract.
-        if unsafe { self::engine(engine) }?.on_event_thread() {
+        let e = unsafe { self::engine(engine) }?;
+        if e.on_event_thread() || e.in_token_callback() {
             return Err(FfiError::new(
                 GsStatus::WrongThread,
-                "the engine cannot be closed from inside its event callback",
+                "the engine cannot be closed from inside one of its callbacks",
             ));
         }
         // SAFETY: the handle came from `Box::into_raw` in `gs_engine_open`
@@ -591,7 +593,8 @@ fn call_token_callback(
 /// [`gs_engine_set_token`]. Also resumes a runner paused by
 /// `auth_required`. `user_data` is passed back untouched and must be usable
 /// from the engine's threads until the callback is replaced or the engine
-/// closed.
+/// closed: both return only once no call of the callback is running, and
+/// both return `GS_STATUS_WRONG_THREAD` from inside the callback.
 ///
 /// # Safety
 /// `engine` is an open handle; `callback` is NULL or a function that is safe
@@ -609,7 +612,7 @@ pub unsafe extern "C" fn gs_engine_set_token_callback(
             let ud = UserData(user_data);
             Arc::new(move |refresh: bool| call_token_callback(cb, &ud, refresh)) as TokenCallback
         });
-        e.set_token_callback(callback);
+        e.set_token_callback(callback)?;
         Ok(GsStatus::Ok)
     })
 }
