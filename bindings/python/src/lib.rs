@@ -123,8 +123,7 @@ impl NativeEngine {
     }
 
     fn set_token(&self, token: &str) -> PyResult<()> {
-        self.get()?.set_token(token);
-        Ok(())
+        self.get()?.set_token(token).map_err(err)
     }
 
     /// `callback(refresh: bool) -> str`, called on an engine thread with the GIL held.

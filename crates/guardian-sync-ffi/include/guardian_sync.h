@@ -230,7 +230,9 @@ GsStatus gs_engine_cancel(const GsEngine *engine, const char *op_id);
 
 // Replaces the bearer token (used from the next request on) and resumes a
 // runner paused by an `auth_required` event. The engine keeps the token in
-// memory only and never logs it.
+// memory only and never logs it. An empty token, or one an HTTP header
+// cannot carry (a line break, a control character), is refused with
+// `GS_STATUS_INVALID_ARGUMENT`.
 //
 // # Safety
 // `engine` is an open handle; `token` is a NUL-terminated string.

@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use guardian_sync::engine::{SyncEngine, SyncEvent};
 use guardian_sync::op::OpId;
 use guardian_sync::outbox::{Enqueued, EnqueuedTransaction, OutboxOptions};
-use guardian_sync::transport::{HttpTransportConfig, TokenError, TokenProvider};
+use guardian_sync::transport::{check_token, HttpTransportConfig, TokenError, TokenProvider};
 use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 use tokio::sync::{broadcast, oneshot, watch};
@@ -477,10 +477,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Replaces the bearer token and resumes a runner paused by `auth_required`.
-    pub fn set_token(&self, token: &str) {
+    /// Replaces the bearer token and resumes a runner paused by
+    /// `auth_required`; a token no request could carry is refused.
+    pub fn set_token(&self, token: &str) -> Result<(), FfiError> {
+        check_token(token).map_err(|e| FfiError::new(Code::InvalidArgument, e.to_string()))?;
         *locked(&self.tokens.token) = Some(token.to_owned());
         self.engine.resume();
+        Ok(())
     }
 
     /// Takes tokens from `callback` from now on (`None`: back to the set

@@ -540,7 +540,9 @@ pub unsafe extern "C" fn gs_engine_cancel(
 
 /// Replaces the bearer token (used from the next request on) and resumes a
 /// runner paused by an `auth_required` event. The engine keeps the token in
-/// memory only and never logs it.
+/// memory only and never logs it. An empty token, or one an HTTP header
+/// cannot carry (a line break, a control character), is refused with
+/// `GS_STATUS_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `engine` is an open handle; `token` is a NUL-terminated string.
@@ -554,7 +556,7 @@ pub unsafe extern "C" fn gs_engine_set_token(
         let e = unsafe { self::engine(engine) }?;
         // SAFETY: forwarded from this function's contract.
         let t = unsafe { text(token, "token") }?;
-        e.set_token(t);
+        e.set_token(t)?;
         Ok(GsStatus::Ok)
     })
 }

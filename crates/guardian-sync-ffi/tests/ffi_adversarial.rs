@@ -1848,3 +1848,27 @@ fn closing_waits_for_a_running_token_callback() {
         true
     });
 }
+
+/// A token no request could carry (empty, a line break, a control
+/// character) is refused at once with a message that does not quote it,
+/// instead of failing every send later as if the network were down.
+#[test]
+fn a_token_no_header_can_carry_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = open(&config(&dir.path().join("o.db"), &dead_url(), None));
+    for bad in ["", "abc\r\nX-Evil: 1", "bell\u{7}"] {
+        let t = CString::new(bad).unwrap();
+        let (what, st, msg) = outcome("set_token", unsafe {
+            gs_engine_set_token(h.p(), t.as_ptr())
+        });
+        assert_eq!(st, GsStatus::InvalidArgument, "{what} {bad:?}");
+        let msg = msg.expect("a message");
+        assert!(!msg.contains("Evil") && !msg.contains("bell"), "{msg}");
+    }
+    let t = CString::new(TOKEN).unwrap();
+    assert_eq!(
+        unsafe { gs_engine_set_token(h.p(), t.as_ptr()) },
+        GsStatus::Ok
+    );
+    close(h);
+}

@@ -10,6 +10,19 @@ use futures::future::BoxFuture;
 #[error("no usable token: {0}")]
 pub struct TokenError(pub String);
 
+/// Refuses a token that no request could carry: text an HTTP header value
+/// cannot hold (a line break, a control character). Such a token would
+/// fail every send as if the network were down; refused, it pauses the
+/// runner for a usable one instead. The message never quotes the token.
+pub fn check_token(token: &str) -> Result<(), TokenError> {
+    if token.is_empty() {
+        return Err(TokenError("the token is empty".into()));
+    }
+    reqwest::header::HeaderValue::from_str(token)
+        .map(drop)
+        .map_err(|_| TokenError("the token holds characters an HTTP header cannot carry".into()))
+}
+
 /// Supplies bearer tokens; implemented by the app.
 ///
 /// The engine reads the token at send time and never stores it on an op or
@@ -70,7 +83,9 @@ impl Auth {
     pub(crate) async fn token(&self) -> Result<String, TokenError> {
         // Wait while a refresh runs, so we don't send a token known to be stale.
         drop(self.refreshing.lock().await);
-        self.provider.token().await
+        let token = self.provider.token().await?;
+        check_token(&token)?;
+        Ok(token)
     }
 
     /// A token to retry with after `rejected` got a 401.
@@ -79,9 +94,12 @@ impl Auth {
         let now = self.provider.token().await?;
         if now != rejected {
             // Someone else refreshed while we waited.
+            check_token(&now)?;
             return Ok(now);
         }
-        self.provider.refresh().await
+        let fresh = self.provider.refresh().await?;
+        check_token(&fresh)?;
+        Ok(fresh)
     }
 }
 
@@ -129,6 +147,18 @@ mod tests {
             assert_eq!(t.await.unwrap(), "t1");
         }
         assert_eq!(provider.refreshes.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_token_no_header_can_carry_is_refused_without_quoting_it() {
+        for bad in ["", "abc\r\nX-Evil: 1", "nul\0x", "bell\x07"] {
+            let auth = Auth::new(Arc::new(StaticToken::new(bad)));
+            let e = auth.token().await.unwrap_err().to_string();
+            assert!(!e.contains("Evil") && !e.contains("bell"), "{e}");
+            assert!(auth.refreshed("other").await.is_err(), "{bad:?}");
+        }
+        let auth = Auth::new(Arc::new(StaticToken::new("eyJhbGciOi.J9-_~+/=")));
+        assert_eq!(auth.token().await.unwrap(), "eyJhbGciOi.J9-_~+/=");
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod http;
 
 pub use crate::core::classify::{classify_fetch, classify_mutation};
 pub(crate) use auth::Auth;
-pub use auth::{StaticToken, TokenError, TokenProvider};
+pub use auth::{check_token, StaticToken, TokenError, TokenProvider};
 pub(crate) use body::{read_bounded, BodyError};
 pub use http::{HttpTransport, HttpTransportConfig, TransportBuildError};
 
