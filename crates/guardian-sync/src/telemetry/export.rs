@@ -226,6 +226,7 @@ impl Sender {
             .tokens
             .token()
             .await
+            .and_then(|t| crate::transport::check_token(&t).map(|()| t))
             .map_err(|e| SendError::Token(e.to_string()))?;
         let resp = self
             .client
