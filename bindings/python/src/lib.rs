@@ -44,6 +44,39 @@ impl NativeEngine {
             .clone()
             .ok_or_else(|| err(FfiError::new(GsStatus::Closed, "the engine is closed")))
     }
+
+    /// Runs `f` on the engine with the GIL released, and drops this call's
+    /// handle there too: if a concurrent `close` took the slot's handle,
+    /// this one is the last, and closing waits for a running token
+    /// callback, which needs the GIL.
+    fn call<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Engine) -> Result<T, FfiError> + Send,
+    ) -> PyResult<T> {
+        let e = self.get()?;
+        py.allow_threads(move || {
+            let r = f(&e);
+            drop(e);
+            r
+        })
+        .map_err(err)
+    }
+}
+
+impl Drop for NativeEngine {
+    fn drop(&mut self) {
+        let engine = self
+            .inner
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(engine) = engine {
+            // Collected without `close`: the GIL is held here, and closing
+            // may wait for a token callback that needs it.
+            Python::with_gil(|py| py.allow_threads(move || drop(engine)));
+        }
+    }
 }
 
 #[pymethods]
@@ -58,78 +91,67 @@ impl NativeEngine {
     }
 
     fn enqueue(&self, py: Python<'_>, op_json: &str) -> PyResult<String> {
-        let e = self.get()?;
-        let done = py.allow_threads(|| e.enqueue(op_json)).map_err(err)?;
+        let done = self.call(py, |e| e.enqueue(op_json))?;
         Ok(done.op_id.to_string())
     }
 
     fn transaction(&self, py: Python<'_>, ops_json: &str) -> PyResult<(String, Vec<String>)> {
-        let e = self.get()?;
-        let done = py.allow_threads(|| e.transaction(ops_json)).map_err(err)?;
+        let done = self.call(py, |e| e.transaction(ops_json))?;
         Ok((
             done.txn_id.to_string(),
             done.ops.iter().map(|o| o.op_id.to_string()).collect(),
         ))
     }
 
-    fn start(&self) -> PyResult<()> {
-        self.get()?.start().map_err(err)
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        self.call(py, Engine::start)
     }
 
     fn stop(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let e = self.get()?;
         let d = seconds(timeout)?;
-        py.allow_threads(|| e.stop(d)).map_err(err)
+        self.call(py, |e| e.stop(d))
     }
 
-    fn running(&self) -> PyResult<bool> {
-        Ok(self.get()?.running())
+    fn running(&self, py: Python<'_>) -> PyResult<bool> {
+        self.call(py, |e| Ok(e.running()))
     }
 
     fn next_event(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<String>> {
-        let e = self.get()?;
         let d = seconds(timeout)?;
-        py.allow_threads(|| e.next_event(d)).map_err(err)
+        self.call(py, |e| e.next_event(d))
     }
 
     fn status(&self, py: Python<'_>) -> PyResult<String> {
-        let e = self.get()?;
-        py.allow_threads(|| e.status()).map_err(err)
+        self.call(py, Engine::status)
     }
 
     fn ops(&self, py: Python<'_>, filter_json: &str) -> PyResult<String> {
-        let e = self.get()?;
-        py.allow_threads(|| e.ops(filter_json)).map_err(err)
+        self.call(py, |e| e.ops(filter_json))
     }
 
     fn retry(&self, py: Python<'_>, op_id: &str) -> PyResult<()> {
-        let e = self.get()?;
-        py.allow_threads(|| e.retry(op_id)).map_err(err)
+        self.call(py, |e| e.retry(op_id))
     }
 
     fn retry_all(&self, py: Python<'_>) -> PyResult<u64> {
-        let e = self.get()?;
-        py.allow_threads(|| e.retry_all()).map_err(err)
+        self.call(py, Engine::retry_all)
     }
 
     fn discard(&self, py: Python<'_>, op_id: &str) -> PyResult<()> {
-        let e = self.get()?;
-        py.allow_threads(|| e.discard(op_id)).map_err(err)
+        self.call(py, |e| e.discard(op_id))
     }
 
     fn cancel(&self, py: Python<'_>, op_id: &str) -> PyResult<()> {
-        let e = self.get()?;
-        py.allow_threads(|| e.cancel(op_id)).map_err(err)
+        self.call(py, |e| e.cancel(op_id))
     }
 
-    fn set_token(&self, token: &str) -> PyResult<()> {
-        self.get()?.set_token(token).map_err(err)
+    fn set_token(&self, py: Python<'_>, token: &str) -> PyResult<()> {
+        self.call(py, |e| e.set_token(token))
     }
 
     /// `callback(refresh: bool) -> str`, called on an engine thread with the GIL held.
     #[pyo3(signature = (callback))]
     fn set_token_callback(&self, py: Python<'_>, callback: Option<PyObject>) -> PyResult<()> {
-        let e = self.get()?;
         let callback = callback.map(|cb| {
             Arc::new(move |refresh: bool| {
                 Python::with_gil(|py| {
@@ -140,15 +162,26 @@ impl NativeEngine {
             }) as TokenCallback
         });
         // Waits for a running call of the old callback, which needs the GIL.
-        py.allow_threads(|| e.set_token_callback(callback))
-            .map_err(err)
+        self.call(py, move |e| e.set_token_callback(callback))
     }
 
-    fn close(&self, py: Python<'_>) {
-        let engine = self.slot().take();
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let engine = {
+            let mut slot = self.slot();
+            if slot.as_ref().is_some_and(|e| e.in_token_callback()) {
+                // Closing waits for the token callback: it would wait here
+                // for itself.
+                return Err(err(FfiError::new(
+                    GsStatus::WrongThread,
+                    "the engine cannot be closed from inside its token callback",
+                )));
+            }
+            slot.take()
+        };
         // Dropping the last reference stops the runner and joins threads
         // that may need the GIL (a token callback): release it meanwhile.
         py.allow_threads(move || drop(engine));
+        Ok(())
     }
 }
 

@@ -169,7 +169,8 @@ GsStatus gs_engine_next_event(const GsEngine *engine, uint32_t timeout_ms, char 
 // return before replacing it. `user_data` is passed back untouched and
 // must be usable from that thread until the callback is replaced or the
 // engine closed. Events are also still queued for
-// [`gs_engine_next_event`].
+// [`gs_engine_next_event`]. From inside the event or the token callback it
+// returns `GS_STATUS_WRONG_THREAD`; once a close has begun, `GS_STATUS_CLOSED`.
 //
 // # Safety
 // `engine` is an open handle; `callback` is NULL or a function that is

@@ -1,9 +1,11 @@
 //! The safe core behind the C ABI (and the Python binding): one engine, its
 //! own tokio runtime, its runner task, its event subscription and its
 //! tokens. Every method may be called from any thread that is not one of the
-//! engine's runtime threads.
+//! engine's runtime worker threads (the token callback's blocking thread is
+//! fine: it may block).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
@@ -186,6 +188,9 @@ pub struct Engine {
     event_thread: Mutex<Option<ThreadId>>,
     /// Serializes the app's calls that replace the event callback.
     setting_callback: Mutex<()>,
+    /// Set first thing by [`Engine::shutdown`]: nothing may start a runner
+    /// or register a callback any more.
+    closing: AtomicBool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -271,7 +276,16 @@ impl Engine {
             callback: Mutex::new(None),
             event_thread: Mutex::new(None),
             setting_callback: Mutex::new(()),
+            closing: AtomicBool::new(false),
         })
+    }
+
+    /// Refuses what would outlive a close under way.
+    fn not_closing(&self) -> Result<(), FfiError> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(FfiError::new(Code::Closed, "the engine is closing"));
+        }
+        Ok(())
     }
 
     fn rt(&self) -> Result<&Runtime, FfiError> {
@@ -301,6 +315,9 @@ impl Engine {
     pub fn start(&self) -> Result<(), FfiError> {
         let rt = self.rt()?;
         let mut runner = locked(&self.runner);
+        // Checked under the runner's lock, which a close takes after
+        // setting the flag: no runner starts behind its back.
+        self.not_closing()?;
         if runner.as_ref().is_some_and(|r| !r.task.is_finished()) {
             return Err(FfiError::new(
                 Code::AlreadyRunning,
@@ -367,13 +384,14 @@ impl Engine {
     /// replacing any earlier callback; `None` removes it.
     pub fn set_event_callback(&self, callback: Option<EventCallback>) -> Result<(), FfiError> {
         let rt = self.rt()?;
-        if self.on_event_thread() {
+        if self.on_event_thread() || self.in_token_callback() {
             return Err(FfiError::new(
                 Code::WrongThread,
-                "the event callback cannot be changed from inside the callback",
+                "the event callback cannot be changed from inside a callback",
             ));
         }
         let _one_at_a_time = locked(&self.setting_callback);
+        self.not_closing()?;
         // No lock is held while the old thread finishes its callback: that
         // callback may call into the engine (and is refused here at once).
         let old = locked(&self.callback).take();
@@ -497,7 +515,11 @@ impl Engine {
             ));
         }
         let new = callback.map(|cb| (cb, Arc::new(Calls::default())));
-        let old = std::mem::replace(&mut *locked(&self.tokens.callback), new);
+        let old = {
+            let mut slot = locked(&self.tokens.callback);
+            self.not_closing()?;
+            std::mem::replace(&mut *slot, new)
+        };
         if let Some((_, calls)) = old {
             calls.wait_idle();
         }
@@ -517,10 +539,19 @@ impl Engine {
     }
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
+impl Engine {
+    /// Everything `close` does but freeing the engine, through a shared
+    /// reference (callbacks may still be calling in until it returns):
+    /// stops the runner, the event thread and the token callback (waiting
+    /// for a running call of either), and closes the outbox. Nothing may
+    /// start or register afterwards. Idempotent.
+    pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
         let _ = self.stop(CLOSE_STOP_TIMEOUT);
-        let callback = locked(&self.callback).take();
+        let callback = {
+            let _no_setter = locked(&self.setting_callback);
+            locked(&self.callback).take()
+        };
         if let Some(c) = callback {
             let _ = c.stop.send(true);
             if c.id != std::thread::current().id() {
@@ -534,8 +565,16 @@ impl Drop for Engine {
                 calls.wait_idle();
             }
         }
-        if let Some(rt) = self.rt.take() {
+        if let Some(rt) = &self.rt {
             rt.block_on(self.engine.outbox().close());
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+        if let Some(rt) = self.rt.take() {
             rt.shutdown_timeout(Duration::from_secs(5));
         }
     }

@@ -205,6 +205,9 @@ pub unsafe extern "C" fn gs_engine_close(engine: *mut GsEngine) -> GsStatus {
                 "the engine cannot be closed from inside one of its callbacks",
             ));
         }
+        // Callbacks may still call in until this returns: the engine is
+        // freed only after, when nothing can reach it any more.
+        e.shutdown();
         // SAFETY: the handle came from `Box::into_raw` in `gs_engine_open`
         // and the caller guarantees nothing else uses it any more.
         drop(unsafe { Box::from_raw(engine) });
@@ -369,7 +372,8 @@ impl UserData {
 /// return before replacing it. `user_data` is passed back untouched and
 /// must be usable from that thread until the callback is replaced or the
 /// engine closed. Events are also still queued for
-/// [`gs_engine_next_event`].
+/// [`gs_engine_next_event`]. From inside the event or the token callback it
+/// returns `GS_STATUS_WRONG_THREAD`; once a close has begun, `GS_STATUS_CLOSED`.
 ///
 /// # Safety
 /// `engine` is an open handle; `callback` is NULL or a function that is

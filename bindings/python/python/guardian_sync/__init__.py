@@ -311,4 +311,4 @@ class Engine:
 
     def close(self) -> None:
         """Stops the runner, closes the outbox; later calls raise :class:`ClosedError`."""
-        self._native.close()
+        _call(self._native.close)
