@@ -34,6 +34,9 @@ const GOING_AWAY: u16 = 1001;
 /// Close code "policy violation", used for a cursor that expired mid-session.
 const POLICY: u16 = 1008;
 
+/// Largest message or frame a realtime client may send.
+const CLIENT_MESSAGE_MAX: usize = 64 * 1024;
+
 /// Opens the realtime feed.
 #[utoipa::path(
     get,
@@ -55,7 +58,11 @@ pub(crate) async fn realtime(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let ws = match ws {
-        Ok(ws) => ws,
+        // A client sends only control frames (pings, pongs, close); without
+        // these limits tungstenite buffers messages of up to 64 MiB.
+        Ok(ws) => ws
+            .max_message_size(CLIENT_MESSAGE_MAX)
+            .max_frame_size(CLIENT_MESSAGE_MAX),
         Err(e) => {
             return ApiError::new(
                 problem_type::BAD_REQUEST,

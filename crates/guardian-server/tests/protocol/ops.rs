@@ -38,6 +38,34 @@ async fn metrics_count_requests_replays_conflicts_and_ws_clients() {
     assert!(text.contains("guardian_realtime_clients 0"));
 }
 
+/// Methods a client makes up (no token needed) share one `other` series:
+/// each used to become a counter of its own, kept for good.
+#[tokio::test]
+async fn made_up_methods_share_one_metrics_series() {
+    let h = start_default().await;
+    for i in 0..3 {
+        let method = Method::from_bytes(format!("MADEUP{i}").as_bytes()).unwrap();
+        let r = h.http.request(method, h.url("/x")).send().await.unwrap();
+        assert!(r.status().is_client_error());
+    }
+    let text = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("MADEUP"), "{text}");
+    assert!(
+        text.contains(
+            r#"guardian_http_requests_total{method="other",route="unmatched",status="404"} 3"#
+        ),
+        "{text}"
+    );
+}
+
 /// The committed document must equal the generated one. Regenerate with
 /// `UPDATE_OPENAPI=1 cargo test -p guardian-server --test protocol openapi`.
 #[tokio::test]

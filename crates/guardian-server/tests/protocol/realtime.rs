@@ -375,3 +375,20 @@ async fn concurrent_writers_share_commits_without_gap_or_duplicate() {
     let feed = h.changes(0, 1000).await;
     assert_eq!(feed.body["next"], per_tenant);
 }
+
+/// A client sends only control frames: a large message ends its session
+/// at once, instead of being buffered (tungstenite's default allows 64 MiB
+/// per message, and one address may hold dozens of sessions).
+#[tokio::test]
+async fn an_oversized_client_message_ends_the_session() {
+    use futures::SinkExt;
+    let h = start_default().await;
+    let mut ws = connect(&h, "", Some(TOKEN)).await.unwrap();
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { .. })
+    ));
+    // The send may fail midway once the server has hung up.
+    let _ = ws.send(Message::Binary(vec![0u8; 1 << 20].into())).await;
+    assert_eq!(next_frame(&mut ws).await, None);
+}
