@@ -247,6 +247,18 @@ impl Harness2<'_> {
     }
 }
 
+/// The text of `/metrics`.
+pub(crate) async fn metrics(h: &Harness) -> String {
+    h.http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// `(status, replayed)` of each result of a batch response body.
 pub(crate) fn batch_outcomes(r: &Value) -> Vec<(u64, bool)> {
     r["results"]

@@ -3,7 +3,7 @@
 use reqwest::Method;
 use serde_json::json;
 
-use crate::common::start_default;
+use crate::common::{metrics, start_default};
 
 #[tokio::test]
 async fn healthz_needs_no_token() {
@@ -48,15 +48,7 @@ async fn made_up_methods_share_one_metrics_series() {
         let r = h.http.request(method, h.url("/x")).send().await.unwrap();
         assert!(r.status().is_client_error());
     }
-    let text = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(&h).await;
     assert!(!text.contains("MADEUP"), "{text}");
     assert!(
         text.contains(

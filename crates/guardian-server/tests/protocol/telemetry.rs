@@ -9,7 +9,7 @@ use guardian_server::{AlertRules, FleetLimits};
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use crate::common::{builder, start, start_default, Harness, ADMIN, OTHER_TOKEN, TOKEN};
+use crate::common::{builder, metrics, start, start_default, Harness, ADMIN, OTHER_TOKEN, TOKEN};
 
 fn snapshot(id: &str, breaker: &str, pending: u64, failed: u64, succeeded: u64) -> Value {
     json!({
@@ -43,17 +43,6 @@ async fn state(h: &Harness) -> Value {
         .await
         .unwrap()
         .json()
-        .await
-        .unwrap()
-}
-
-async fn metrics(h: &Harness) -> String {
-    h.http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
         .await
         .unwrap()
 }
