@@ -166,7 +166,6 @@ struct Runner {
 struct CallbackThread {
     stop: watch::Sender<bool>,
     thread: JoinHandle<()>,
-    id: ThreadId,
 }
 
 /// An open engine. Dropping it is `close`.
@@ -432,9 +431,8 @@ impl Engine {
             .map_err(|e| {
                 FfiError::new(Code::Open, format!("cannot start the event thread: {e}"))
             })?;
-        let id = thread.thread().id();
-        *locked(&self.event_thread) = Some(id);
-        *locked(&self.callback) = Some(CallbackThread { stop, thread, id });
+        *locked(&self.event_thread) = Some(thread.thread().id());
+        *locked(&self.callback) = Some(CallbackThread { stop, thread });
         let _ = known_tx.send(());
         Ok(())
     }
@@ -554,7 +552,7 @@ impl Engine {
         };
         if let Some(c) = callback {
             let _ = c.stop.send(true);
-            if c.id != std::thread::current().id() {
+            if !self.on_event_thread() {
                 let _ = c.thread.join();
             }
         }
