@@ -1,10 +1,10 @@
-//! Request limits: the commit flag the request timeout respects, and the
+//! Request limits: the phase the request timeout respects, and the
 //! per-tenant rate. The middleware that applies them is in
 //! `routes/middleware.rs`; the body limit lives in the JSON extractor
 //! ([`crate::problem::ApiJson`]).
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,19 +15,35 @@ use governor::{Quota, RateLimiter as Gcra};
 
 use crate::config::RateLimit;
 
-/// Set by the mutation pipeline just before its transaction starts; from then
-/// on the request timeout no longer cuts the request, so a timeout answer
-/// (a 5xx) always means nothing was applied.
+/// Where a request is, for the request timeout: its body still arriving
+/// (the timeout answers 408 and closes the connection), waiting for a slot
+/// or being handled (503: retry, nothing applied), or in its transaction.
+/// The mutation pipeline marks the last just before its transaction starts;
+/// from then on the timeout no longer cuts the request, so a timeout answer
+/// always means nothing was applied.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct CommitStarted(Arc<AtomicBool>);
+pub(crate) struct RequestPhase(Arc<AtomicU8>);
 
-impl CommitStarted {
-    pub(crate) fn set(&self) {
-        self.0.store(true, Ordering::SeqCst);
+/// The phases of [`RequestPhase`], in the order a request passes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Phase {
+    ReadingBody = 0,
+    Handling = 1,
+    Committing = 2,
+}
+
+impl RequestPhase {
+    /// Moves the request on to `phase` (never back).
+    pub(crate) fn reach(&self, phase: Phase) {
+        self.0.fetch_max(phase as u8, Ordering::SeqCst);
     }
 
-    pub(crate) fn is_set(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    pub(crate) fn get(&self) -> Phase {
+        match self.0.load(Ordering::SeqCst) {
+            0 => Phase::ReadingBody,
+            1 => Phase::Handling,
+            _ => Phase::Committing,
+        }
     }
 }
 

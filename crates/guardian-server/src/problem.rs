@@ -226,33 +226,39 @@ where
                 "the body must be application/json",
             ));
         }
-        // A declared length over the limit is refused before any of the
-        // body is read (or `100 Continue` sent): waiting for a body that
-        // will be refused anyway would end in the request timeout's 503,
-        // which tells the client to retry. `Connection: close` because the
-        // unread body cannot be skipped.
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
-            return Err(
-                ApiError::too_large(format!("the body is larger than {limit} bytes"))
-                    .with_header(header::CONNECTION, "close"),
-            );
-        }
-        let bytes = axum::body::to_bytes(req.into_body(), limit)
-            .await
-            .map_err(|e| {
-                if is_length_limit(&e) {
-                    ApiError::too_large(format!("the body is larger than {limit} bytes"))
-                } else {
-                    ApiError::bad_request(format!("could not read the body: {e}"))
-                }
-            })?;
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(&parts.headers, body, limit).await?;
         parse_json(&bytes).map(ApiJson)
     }
+}
+
+/// Reads a whole request body of at most `limit` bytes. A declared length
+/// over the limit is refused before any of the body is read (or `100
+/// Continue` sent): waiting for a body that will be refused anyway would
+/// only hold the connection. `Connection: close` because the unread body
+/// cannot be skipped.
+pub(crate) async fn read_body(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<bytes::Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(
+            ApiError::too_large(format!("the body is larger than {limit} bytes"))
+                .with_header(header::CONNECTION, "close"),
+        );
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            ApiError::too_large(format!("the body is larger than {limit} bytes"))
+        } else {
+            ApiError::bad_request(format!("could not read the body: {e}"))
+        }
+    })
 }
 
 /// axum does not re-export `http-body-util`'s `LengthLimitError`, so the

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::header;
 use axum::middleware::Next;
@@ -17,8 +17,8 @@ use tower_http::LatencyUnit;
 use tracing::{Level, Span};
 
 use crate::auth::{bearer, Tenant};
-use crate::limits::CommitStarted;
-use crate::problem::ApiError;
+use crate::limits::{Phase, RequestPhase};
+use crate::problem::{read_body, ApiError};
 use crate::state::AppState;
 
 /// Middleware: resolves the tenant or answers 401.
@@ -40,49 +40,54 @@ pub(crate) async fn authenticate(
     next.run(req).await
 }
 
-/// Middleware: waits for a concurrency slot, then runs the request under the
-/// request timeout (503 `timeout` problem when it expires before commit).
-pub(crate) async fn timeout_and_concurrency(
+/// Middleware (outermost but metrics): runs the request under the request
+/// timeout, counted from its head's arrival. On expiry the answer depends on
+/// the request's [`Phase`]: 408 and a closed connection while its body is
+/// still arriving; 503 `timeout` (retry, nothing applied) while it waits
+/// for a slot or is handled; none while its transaction runs, which is let
+/// finish.
+pub(crate) async fn deadline(
     State(state): State<AppState>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let started = CommitStarted::default();
-    req.extensions_mut().insert(started.clone());
+    let phase = RequestPhase::default();
+    req.extensions_mut().insert(phase.clone());
     let limit = state.config.request_timeout;
-    let work = async {
-        let Ok(_permit) = state.concurrency.acquire().await else {
-            return ApiError::internal("the server is shutting down").into_response();
-        };
-        next.run(req).await
-    };
+    let work = next.run(req);
     tokio::pin!(work);
     tokio::select! {
         resp = &mut work => resp,
-        () = tokio::time::sleep(limit) => {
-            if started.is_set() {
-                work.await
-            } else {
-                ApiError::new(
-                    problem_type::TIMEOUT,
-                    503,
-                    "Request timeout",
-                    format!("the request took longer than {} ms; nothing was applied", limit.as_millis()),
-                )
-                .with_header(header::RETRY_AFTER, "1")
-                .into_response()
-            }
+        () = tokio::time::sleep(limit) => match phase.get() {
+            Phase::ReadingBody => ApiError::new(
+                problem_type::TIMEOUT,
+                408,
+                "Request timeout",
+                format!("the body did not arrive within {} ms; nothing was applied", limit.as_millis()),
+            )
+            .with_header(header::CONNECTION, "close")
+            .into_response(),
+            Phase::Handling => ApiError::new(
+                problem_type::TIMEOUT,
+                503,
+                "Request timeout",
+                format!("the request took longer than {} ms; nothing was applied", limit.as_millis()),
+            )
+            .with_header(header::RETRY_AFTER, "1")
+            .into_response(),
+            Phase::Committing => work.await,
         }
     }
 }
 
-/// Middleware (after authentication): 429 with `Retry-After` when the
-/// tenant's bucket is empty.
-pub(crate) async fn rate_limit(
-    State(state): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+/// Middleware (after authentication): admits a request in three steps.
+/// 1. The tenant's rate limit: 429 with `Retry-After` when its bucket is
+///    empty.
+/// 2. The whole body is read. It comes before the slot so that a client
+///    sending its body slowly holds only its own connection, never one of
+///    the slots every tenant shares.
+/// 3. A concurrency slot, held while the request is handled.
+pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
         if let Err(wait) = state.rate.check(tenant) {
             state.metrics.rate_limited();
@@ -97,7 +102,22 @@ pub(crate) async fn rate_limit(
             .into_response();
         }
     }
-    next.run(req).await
+    let (parts, body) = req.into_parts();
+    let body = if body.size_hint().exact() == Some(0) {
+        body
+    } else {
+        match read_body(&parts.headers, body, state.config.body_limit).await {
+            Ok(bytes) => Body::from(bytes),
+            Err(e) => return e.into_response(),
+        }
+    };
+    if let Some(phase) = parts.extensions.get::<RequestPhase>() {
+        phase.reach(Phase::Handling);
+    }
+    let Ok(_permit) = state.concurrency.acquire().await else {
+        return ApiError::internal("the server is shutting down").into_response();
+    };
+    next.run(Request::from_parts(parts, body)).await
 }
 
 /// The metrics label of a request's method: any method the client makes up

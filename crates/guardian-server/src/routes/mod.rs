@@ -1,8 +1,9 @@
 //! HTTP routes and the middleware stack.
 //!
 //! Every route (outermost): the access log (`routes/middleware.rs`).
-//! `/v1/*` (outer to inner): metrics → timeout + concurrency → bearer auth →
-//! rate limit → injected faults → handler. `/admin/*`: metrics → admin token.
+//! `/v1/*` (outer to inner): metrics → request timeout → bearer auth →
+//! rate limit → whole body read → concurrency slot → injected faults →
+//! handler. `/admin/*`: metrics → admin token.
 //! `/healthz`, `/metrics`, `/openapi.json`: metrics only. `/v1/telemetry`:
 //! like `/v1/*` without injected faults. `/dashboard*`: metrics → admin
 //! token or dashboard session cookie.
@@ -30,7 +31,7 @@ use axum::Router;
 use crate::faults::layer::FaultLayer;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use middleware::{access_log, authenticate, rate_limit, timeout_and_concurrency, track};
+use middleware::{access_log, admit, authenticate, deadline, track};
 
 /// The whole application.
 pub(crate) fn router(state: AppState) -> Router {
@@ -51,16 +52,16 @@ pub(crate) fn router(state: AppState) -> Router {
             Arc::clone(&state.metrics),
             Arc::clone(&state.config.clock),
         ))
-        .layer(from_fn_with_state(state.clone(), rate_limit))
+        .layer(from_fn_with_state(state.clone(), admit))
         .layer(from_fn_with_state(state.clone(), authenticate))
-        .layer(from_fn_with_state(state.clone(), timeout_and_concurrency));
+        .layer(from_fn_with_state(state.clone(), deadline));
     // Telemetry is best effort and no part of the protocol's data path:
     // authenticated and rate limited, but exempt from injected faults.
     let telemetry = Router::new()
         .route("/v1/telemetry", post(telemetry::telemetry))
-        .layer(from_fn_with_state(state.clone(), rate_limit))
+        .layer(from_fn_with_state(state.clone(), admit))
         .layer(from_fn_with_state(state.clone(), authenticate))
-        .layer(from_fn_with_state(state.clone(), timeout_and_concurrency));
+        .layer(from_fn_with_state(state.clone(), deadline));
     let dashboard = Router::new()
         .route("/dashboard/state", get(dashboard::state_json))
         .route("/dashboard/events", get(dashboard::events))

@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::conn::ConnInfo;
 use crate::faults::DropPoint;
-use crate::limits::CommitStarted;
+use crate::limits::{Phase, RequestPhase};
 use crate::problem::ApiError;
 use crate::state::AppState;
 use crate::store::{
@@ -59,11 +59,11 @@ impl IntoResponse for Interrupted {
 }
 
 /// Per-request handles the pipeline needs: the connection (to cut it) and
-/// the commit flag (to stop the timeout from cutting a started commit).
+/// the request's phase (to stop the timeout from cutting a started commit).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RequestCtx {
     pub(crate) conn: Option<ConnInfo>,
-    pub(crate) commit: Option<CommitStarted>,
+    pub(crate) phase: Option<RequestPhase>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for RequestCtx {
@@ -75,7 +75,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestCtx {
                 .extensions
                 .get::<ConnectInfo<ConnInfo>>()
                 .map(|c| c.0.clone()),
-            commit: parts.extensions.get::<CommitStarted>().cloned(),
+            phase: parts.extensions.get::<RequestPhase>().cloned(),
         })
     }
 }
@@ -335,8 +335,8 @@ pub(crate) async fn before_commit(
             return Err(Interrupted::Dropped);
         }
     }
-    if let Some(commit) = &ctx.commit {
-        commit.set();
+    if let Some(phase) = &ctx.phase {
+        phase.reach(Phase::Committing);
     }
     Ok(drop_point)
 }

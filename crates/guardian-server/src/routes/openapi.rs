@@ -82,8 +82,8 @@ impl Modify for Security {
 /// every operation they wrap, so that no route's list misses one:
 /// `/v1` routes 401 (token), 429 (rate limit, injected), 500 (database,
 /// injected), 502 (injected) and 503 (request timeout, injected); routes
-/// with a JSON body 400 (malformed), 413 (declared or actual size) and 415
-/// (not JSON); `/admin` routes 401 (admin token) and 404 (disabled: no
+/// with a JSON body 400 (malformed), 413 (declared or actual size), 415
+/// (not JSON) and, under `/v1`, 408 (the body too slow); `/admin` routes 401 (admin token) and 404 (disabled: no
 /// admin token configured).
 struct CommonResponses;
 
@@ -128,6 +128,9 @@ impl Modify for CommonResponses {
                         "`payload-too-large`: the body (declared or sent) is over the body limit",
                     );
                     add(op, 415, "`bad-request`: the body is not `application/json`");
+                    if path.starts_with("/v1/") {
+                        add(op, 408, "`timeout`: the body did not arrive within the request timeout; nothing was applied, the connection is closed");
+                    }
                 }
             }
         }

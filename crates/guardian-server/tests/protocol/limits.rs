@@ -198,3 +198,107 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
     assert!(matches!(read, Ok(0) | Err(_)));
     assert_eq!(h.send(h.http.get(h.url("/healthz"))).await.status, 200);
 }
+
+/// Opens a raw connection, sends `head` with `Expect: 100-continue`, waits
+/// for the server's `100 Continue` (it is sent when the server starts to
+/// read the body) and then sends `partial`, never the rest of the body.
+async fn stall_a_body(
+    h: &crate::common::Harness,
+    head: &str,
+    partial: &[u8],
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(h.server.addr())
+        .await
+        .unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no 100 Continue within 10 s")
+            .unwrap();
+        assert!(n > 0, "the server closed the connection");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    s.write_all(partial).await.unwrap();
+    s
+}
+
+fn slow_create_head(token: &str, key: &str) -> String {
+    format!(
+        "POST /v1/entities/device HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Idempotency-Key: {key}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\
+         Expect: 100-continue\r\n\r\n"
+    )
+}
+
+/// Clients that send their bodies slowly hold no concurrency slot: with
+/// every slot's worth of them stalled mid-body, another tenant's requests
+/// are answered at once. Before the body was read ahead of the slot, they
+/// waited for the request timeout (the security review's 4.7 s delay).
+#[tokio::test]
+async fn a_stalled_body_holds_no_slot_other_tenants_need() {
+    let h = start(
+        builder()
+            .concurrency_limit(2)
+            .request_timeout(Duration::from_secs(120)),
+    )
+    .await;
+    let mut stalled = Vec::new();
+    for i in 0..2 {
+        let head = slow_create_head(crate::common::TOKEN, &format!("slow{i}"));
+        stalled.push(stall_a_body(&h, &head, b"{\"id\":").await);
+    }
+    let other = h.as_token(OTHER_TOKEN);
+    for i in 0..3 {
+        let req = other
+            .req(Method::POST, "/v1/entities/device")
+            .header("Idempotency-Key", format!("b{i}"))
+            .json(&json!({"id": format!("b{i}"), "data": {}}));
+        let r = tokio::time::timeout(Duration::from_secs(10), other.send(req))
+            .await
+            .expect("another tenant's request waited behind stalled bodies");
+        assert_eq!(r.status, 201);
+    }
+    assert_eq!(h.applied_keys().await.len(), 3);
+    drop(stalled);
+}
+
+/// A body that has not arrived when the request timeout expires is answered
+/// 408 and its connection closed; nothing is applied.
+#[tokio::test]
+async fn a_body_slower_than_the_request_timeout_is_408() {
+    use tokio::io::AsyncReadExt;
+    let h = start(builder().request_timeout(Duration::from_millis(300))).await;
+    let mut s = stall_a_body(
+        &h,
+        &slow_create_head(crate::common::TOKEN, "k"),
+        b"{\"id\":",
+    )
+    .await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("the stalled connection was neither answered nor closed within 10 s")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let answer = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    assert!(answer.contains(problem_type::TIMEOUT), "{answer}");
+    assert!(h.applied_keys().await.is_empty());
+    assert_eq!(h.server.in_flight(), 0);
+}
