@@ -55,6 +55,8 @@ pub(crate) struct Metrics {
     dropped_connections: Counter,
     ws_frames: Counter,
     ws_active: Gauge,
+    /// The same count as `ws_active`, for tests to wait on.
+    ws_sessions: tokio::sync::watch::Sender<usize>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -70,6 +72,7 @@ pub(crate) struct WsClientGuard<'a>(&'a Metrics);
 impl Drop for WsClientGuard<'_> {
     fn drop(&mut self) {
         self.0.ws_active.decrement(1.0);
+        self.0.ws_sessions.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -110,6 +113,7 @@ impl Metrics {
             dropped_connections,
             ws_frames,
             ws_active,
+            ws_sessions: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -177,7 +181,13 @@ impl Metrics {
 
     pub(crate) fn ws_client(&self) -> WsClientGuard<'_> {
         self.ws_active.increment(1.0);
+        self.ws_sessions.send_modify(|n| *n += 1);
         WsClientGuard(self)
+    }
+
+    /// Follows the number of open realtime sessions.
+    pub(crate) fn ws_sessions(&self) -> tokio::sync::watch::Receiver<usize> {
+        self.ws_sessions.subscribe()
     }
 
     /// The Prometheus text exposition (format 0.0.4).

@@ -330,6 +330,13 @@ impl RunningServer {
         let _ = rx.wait_for(|count| *count >= n).await;
     }
 
+    /// Waits until exactly `n` realtime sessions are open (for tests of
+    /// how sessions end).
+    pub async fn wait_realtime_sessions(&self, n: usize) {
+        let mut rx = self.state.metrics.ws_sessions();
+        let _ = rx.wait_for(|count| *count == n).await;
+    }
+
     /// The Prometheus text of `/metrics`.
     pub fn metrics_text(&self) -> String {
         self.state.metrics.render()

@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use guardian_protocol::{problem_type, Change, Problem, RealtimeFrame};
 use tokio::sync::{broadcast, watch};
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 
 use super::changes::param;
 use crate::auth::Tenant;
@@ -113,7 +113,28 @@ enum End {
     Gone,
 }
 
-type Sink = futures::stream::SplitSink<WebSocket, Message>;
+/// The session's sending half, every send bounded by the idle timeout: a
+/// peer that stops reading fills the socket's buffers, and a send would
+/// then wait for it without end, deaf to shutdown and to the idle check.
+struct Bounded {
+    sink: futures::stream::SplitSink<WebSocket, Message>,
+    limit: Duration,
+}
+
+impl Bounded {
+    /// Sends `msg`; an error when the socket failed or the peer did not
+    /// take it within the limit.
+    async fn send(&mut self, msg: Message) -> Result<(), ()> {
+        match tokio::time::timeout(self.limit, self.sink.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(()),
+            Err(_) => {
+                tracing::debug!("closing a realtime peer that stopped reading");
+                Err(())
+            }
+        }
+    }
+}
 
 impl Session {
     async fn run(
@@ -125,7 +146,11 @@ impl Session {
     ) {
         let metrics = Arc::clone(&self.state.metrics);
         let _active = metrics.ws_client();
-        let (mut sink, mut stream) = socket.split();
+        let (sink, mut stream) = socket.split();
+        let mut sink = Bounded {
+            sink,
+            limit: self.state.config.ws_idle_timeout,
+        };
         let end = self
             .serve(&mut sink, &mut stream, &mut rx, &mut kick, cursor)
             .await;
@@ -137,12 +162,12 @@ impl Session {
                 })))
                 .await;
         }
-        let _ = sink.close().await;
+        let _ = tokio::time::timeout(sink.limit, sink.sink.close()).await;
     }
 
     async fn serve(
         &mut self,
-        sink: &mut Sink,
+        sink: &mut Bounded,
         stream: &mut futures::stream::SplitStream<WebSocket>,
         rx: &mut broadcast::Receiver<FeedEvent>,
         kick: &mut watch::Receiver<u64>,
@@ -219,7 +244,7 @@ impl Session {
     }
 
     /// Sends every stored change after `last_sent`.
-    async fn backfill(&mut self, sink: &mut Sink) -> Result<(), End> {
+    async fn backfill(&mut self, sink: &mut Bounded) -> Result<(), End> {
         loop {
             let page = match self
                 .state
@@ -244,7 +269,7 @@ impl Session {
         }
     }
 
-    async fn send_change(&mut self, sink: &mut Sink, change: Change) -> Result<(), End> {
+    async fn send_change(&mut self, sink: &mut Bounded, change: Change) -> Result<(), End> {
         let cursor = change.cursor;
         send(sink, &RealtimeFrame::Change { change })
             .await
@@ -255,7 +280,7 @@ impl Session {
     }
 }
 
-async fn send(sink: &mut Sink, frame: &RealtimeFrame) -> Result<(), ()> {
+async fn send(sink: &mut Bounded, frame: &RealtimeFrame) -> Result<(), ()> {
     let text = serde_json::to_string(frame).map_err(|_| ())?;
-    sink.send(Message::Text(text.into())).await.map_err(|_| ())
+    sink.send(Message::Text(text.into())).await
 }

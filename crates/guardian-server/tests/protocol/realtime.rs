@@ -392,3 +392,49 @@ async fn an_oversized_client_message_ends_the_session() {
     let _ = ws.send(Message::Binary(vec![0u8; 1 << 20].into())).await;
     assert_eq!(next_frame(&mut ws).await, None);
 }
+
+/// A peer that stops reading fills the socket's buffers; the server gives
+/// up on a send it cannot finish within the idle timeout and ends the
+/// session. Before, the send waited for good, deaf to the idle check and
+/// to shutdown, and the session held its connection forever.
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_let_go() {
+    let h = start(
+        builder()
+            .ws_ping_interval(Duration::from_secs(3600))
+            .ws_idle_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(h.server.addr())
+        .await
+        .unwrap();
+    let handshake = format!(
+        "GET /v1/realtime HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Authorization: Bearer {TOKEN}\r\n\r\n",
+        h.server.addr()
+    );
+    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+        .await
+        .expect("no handshake answer within 10 s")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
+    tokio::time::timeout(Duration::from_secs(10), h.server.wait_realtime_sessions(1))
+        .await
+        .expect("the session did not start");
+    // ~24 MB of changes, far more than the socket buffers hold; this peer
+    // reads none of them.
+    let big = "x".repeat(800_000);
+    for i in 0..30 {
+        let r = h
+            .create("t", &format!("e{i}"), json!({ "v": big }), &format!("k{i}"))
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    tokio::time::timeout(Duration::from_secs(20), h.server.wait_realtime_sessions(0))
+        .await
+        .expect("the session of a peer that stopped reading was still open after 20 s");
+    drop(tcp);
+}
