@@ -1,7 +1,10 @@
 //! Bearer-token authentication: each token belongs to one tenant.
 //!
-//! Tokens are compared by hash-map lookup and are never logged.
+//! Tokens are never logged, and never compared as given: the server
+//! compares SHA-256 digests, so the time a comparison takes tells a guesser
+//! neither a token's length nor how much of a guess was right.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::http::{header, HeaderMap};
@@ -18,4 +21,49 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
         .eq_ignore_ascii_case("bearer")
         .then(|| token.trim())
         .filter(|t| !t.is_empty())
+}
+
+/// The SHA-256 digest of a secret.
+pub(crate) type Digest = [u8; 32];
+
+pub(crate) fn digest(secret: &str) -> Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(secret.as_bytes()).into()
+}
+
+/// Whether `given` is `expected`, in a time that depends on neither.
+pub(crate) fn secret_eq(given: &str, expected: &str) -> bool {
+    let (a, b) = (digest(given), digest(expected));
+    a.iter().zip(&b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The tenants by their tokens' digests: a lookup hashes the digest, whose
+/// bytes a guesser cannot steer, so its timing says nothing of the tokens.
+pub(crate) fn tenants_by_digest(tokens: &HashMap<String, Arc<str>>) -> HashMap<Digest, Arc<str>> {
+    tokens
+        .iter()
+        .map(|(token, tenant)| (digest(token), Arc::clone(tenant)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_by_content_whatever_their_lengths() {
+        assert!(secret_eq("s3cret", "s3cret"));
+        assert!(!secret_eq("s3cre", "s3cret"));
+        assert!(!secret_eq("s3cret!", "s3cret"));
+        assert!(!secret_eq("", "s3cret"));
+        assert!(!secret_eq("S3cret", "s3cret"));
+    }
+
+    #[test]
+    fn tenants_are_found_by_their_tokens_digest() {
+        let tokens = HashMap::from([("tok-a".to_owned(), Arc::from("a"))]);
+        let map = tenants_by_digest(&tokens);
+        assert_eq!(map.get(&digest("tok-a")).map(|t| &**t), Some("a"));
+        assert!(!map.contains_key(&digest("tok-b")));
+    }
 }

@@ -89,6 +89,7 @@ impl ServerBuilder {
             dashboard_session: crate::routes::dashboard::session_secret(
                 config.admin_token.as_deref(),
             ),
+            tenants: crate::auth::tenants_by_digest(&config.tokens),
             store,
             faults,
             inflight: InFlight::new(),

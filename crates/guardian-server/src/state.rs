@@ -1,10 +1,12 @@
 //! Shared state of the request handlers.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::FromRef;
 use tokio::sync::{watch, Semaphore};
 
+use crate::auth::Digest;
 use crate::config::ServerConfig;
 use crate::faults::FaultInjector;
 use crate::fleet::webhook::Webhook;
@@ -38,6 +40,8 @@ impl std::ops::Deref for AppState {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Arc<ServerConfig>,
+    /// The tenants by their tokens' digests (`auth::tenants_by_digest`).
+    pub(crate) tenants: HashMap<Digest, Arc<str>>,
     pub(crate) store: Store,
     pub(crate) faults: Arc<FaultInjector>,
     pub(crate) inflight: Arc<InFlight>,

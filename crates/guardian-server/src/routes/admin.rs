@@ -8,28 +8,22 @@ use axum::Json;
 use guardian_protocol::Problem;
 use serde::Serialize;
 
-use crate::auth::bearer;
+use crate::auth::{bearer, secret_eq};
 use crate::faults::Faults;
 use crate::problem::{ApiError, ApiJson};
 use crate::state::AppState;
 use crate::store::{AppliedMutation, StoreError};
 
-/// Middleware: the admin token, compared without early exit.
+/// Middleware: the admin token.
 pub(crate) async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(expected) = state.config.admin_token.as_deref() else {
         return ApiError::not_found("the admin routes are disabled (no admin token)")
             .into_response();
     };
     match bearer(req.headers()) {
-        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => {
-            next.run(req).await
-        }
+        Some(given) if secret_eq(given, expected) => next.run(req).await,
         _ => ApiError::unauthorized("the admin routes need the admin bearer token").into_response(),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Reads the current fault settings.

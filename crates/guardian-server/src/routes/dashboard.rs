@@ -5,9 +5,11 @@
 //! `/dashboard/events`, a server-sent-event stream of the whole dashboard
 //! state. A browser cannot put the admin token in a header on navigation or
 //! on an `EventSource`, so `GET /dashboard?token=<admin token>` trades it for
-//! an `HttpOnly`, `SameSite=Strict` session cookie (a hash of the token,
-//! not the token) and redirects to `/dashboard`, so the token
-//! leaves the address bar. A bearer header works on every route too.
+//! an `HttpOnly`, `SameSite=Strict` session cookie and redirects to
+//! `/dashboard`, so the token leaves the address bar. The cookie carries
+//! its expiry and a MAC of it under a secret derived from the token, never
+//! the token; it is `Secure` when a proxy says the request came over HTTPS.
+//! A bearer header works on every route too.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -22,7 +24,7 @@ use axum::Json;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::bearer;
+use crate::auth::{bearer, secret_eq};
 use crate::faults::Faults;
 use crate::fleet::DashboardData;
 use crate::problem::ApiError;
@@ -30,6 +32,8 @@ use crate::state::AppState;
 
 const PAGE: &str = include_str!("dashboard.html");
 const COOKIE: &str = "gsync_dashboard";
+/// How long a dashboard session lasts.
+const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Least time between two events of one stream (the state is sent whole).
 const MIN_EVENT_GAP: Duration = Duration::from_millis(200);
 
@@ -52,8 +56,34 @@ pub(crate) fn session_secret(admin_token: Option<&str>) -> String {
     })
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// A session cookie's value: its expiry (ms since the epoch, 16 hex digits:
+/// a fixed length, so no other message has a MAC an attacker can extend to)
+/// and the MAC of it.
+fn session_value(secret: &str, expires_ms: i64) -> String {
+    use sha2::{Digest, Sha256};
+    let expiry = format!("{expires_ms:016x}");
+    let mac = Sha256::new()
+        .chain_update(secret.as_bytes())
+        .chain_update(b"\0")
+        .chain_update(expiry.as_bytes())
+        .finalize();
+    mac.iter().fold(expiry + ".", |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Whether `value` is a session cookie of `secret` that has not expired.
+fn session_valid(secret: &str, value: &str, now_ms: i64) -> bool {
+    let Some((expiry, _)) = value.split_once('.') else {
+        return false;
+    };
+    let Ok(expires_ms) = i64::from_str_radix(expiry, 16) else {
+        return false;
+    };
+    expiry.len() == 16
+        && now_ms < expires_ms
+        && secret_eq(value, &session_value(secret, expires_ms))
 }
 
 fn session_cookie(headers: &HeaderMap) -> Option<&str> {
@@ -72,9 +102,10 @@ fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
     let Some(admin) = state.config.admin_token.as_deref() else {
         return false;
     };
-    bearer(headers).is_some_and(|t| constant_time_eq(t.as_bytes(), admin.as_bytes()))
-        || session_cookie(headers)
-            .is_some_and(|c| constant_time_eq(c.as_bytes(), state.dashboard_session.as_bytes()))
+    bearer(headers).is_some_and(|t| secret_eq(t, admin))
+        || session_cookie(headers).is_some_and(|c| {
+            session_valid(&state.dashboard_session, c, state.config.clock.now_millis())
+        })
 }
 
 /// Middleware of `/dashboard/*` data routes.
@@ -105,12 +136,22 @@ pub(crate) async fn page(
         return ApiError::not_found("the dashboard is disabled (no admin token)").into_response();
     };
     if let Some(token) = q.token {
-        if !constant_time_eq(token.as_bytes(), admin.as_bytes()) {
+        if !secret_eq(&token, admin) {
             return ApiError::unauthorized("wrong admin token").into_response();
         }
+        let expires = state
+            .config
+            .clock
+            .now_millis()
+            .saturating_add(SESSION_TTL_MS);
+        let over_https = headers
+            .get("x-forwarded-proto")
+            .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
         let cookie = format!(
-            "{COOKIE}={}; Path=/dashboard; HttpOnly; SameSite=Strict",
-            state.dashboard_session
+            "{COOKIE}={}; Path=/dashboard; Max-Age={}; HttpOnly; SameSite=Strict{}",
+            session_value(&state.dashboard_session, expires),
+            SESSION_TTL_MS / 1000,
+            if over_https { "; Secure" } else { "" },
         );
         return ([(header::SET_COOKIE, cookie)], Redirect::to("/dashboard")).into_response();
     }
@@ -181,4 +222,28 @@ pub(crate) async fn events(
         },
     );
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_valid_until_it_expires_and_only_as_issued() {
+        let secret = session_secret(Some("admin"));
+        let v = session_value(&secret, 1_000);
+        assert!(session_valid(&secret, &v, 999));
+        assert!(!session_valid(&secret, &v, 1_000), "expired");
+        assert!(
+            !session_valid(&session_secret(Some("other")), &v, 0),
+            "another token's"
+        );
+        // A later expiry with the old MAC, a shortened expiry, garbage.
+        let mac = v.split_once('.').unwrap().1;
+        assert!(!session_valid(&secret, &format!("{:016x}.{mac}", 9_999), 0));
+        assert!(!session_valid(&secret, &format!("3e8.{mac}"), 0));
+        for bad in ["", ".", "zz.zz", "0000000000000fff", &v[..v.len() - 1]] {
+            assert!(!session_valid(&secret, bad, 0), "{bad:?}");
+        }
+    }
 }

@@ -16,7 +16,7 @@ use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 use tracing::{Level, Span};
 
-use crate::auth::{bearer, Tenant};
+use crate::auth::{bearer, digest, Tenant};
 use crate::limits::{Phase, RequestPhase};
 use crate::problem::{read_body, ApiError};
 use crate::state::AppState;
@@ -31,7 +31,7 @@ pub(crate) async fn authenticate(
         None => {
             return ApiError::unauthorized("send Authorization: Bearer <token>").into_response()
         }
-        Some(token) => match state.config.tokens.get(token) {
+        Some(token) => match state.tenants.get(&digest(token)) {
             Some(tenant) => Arc::clone(tenant),
             None => return ApiError::unauthorized("unknown bearer token").into_response(),
         },

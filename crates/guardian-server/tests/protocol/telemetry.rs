@@ -296,6 +296,48 @@ async fn the_dashboard_needs_the_admin_token_and_trades_it_for_a_cookie() {
     assert_eq!(r.status(), 404);
 }
 
+/// The session cookie lasts 12 hours by the server's clock, says so in
+/// `Max-Age`, and is `Secure` when a proxy says the request came over HTTPS.
+/// Before, it never expired: one copied cookie opened the dashboard for good.
+#[tokio::test]
+async fn the_dashboard_session_expires_and_is_secure_behind_https() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(builder().clock(clock.clone())).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let trade = |https: bool| {
+        let mut req = http.get(h.url(&format!("/dashboard?token={ADMIN}")));
+        if https {
+            req = req.header("x-forwarded-proto", "https");
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 303);
+            r.headers()["set-cookie"].to_str().unwrap().to_owned()
+        }
+    };
+    let cookie = trade(false).await;
+    assert!(cookie.contains("Max-Age=43200"), "{cookie}");
+    assert!(!cookie.contains("Secure"), "{cookie}");
+    assert!(trade(true).await.contains("; Secure"));
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let state = |pair: String| {
+        let req = http.get(h.url("/dashboard/state")).header("cookie", pair);
+        async move { req.send().await.unwrap().status() }
+    };
+    clock.advance_millis(12 * 3600 * 1000 - 1);
+    assert_eq!(state(pair.clone()).await, 200);
+    clock.advance_millis(1);
+    assert_eq!(state(pair.clone()).await, 401, "an expired session");
+    // Its expiry pushed back by hand, the MAC no longer matches.
+    let (name_expiry, mac) = pair.split_once('.').unwrap();
+    let (name, _) = name_expiry.split_once('=').unwrap();
+    let forged = format!("{name}={:016x}.{mac}", i64::MAX);
+    assert_eq!(state(forged).await, 401);
+}
+
 /// Reads SSE `data:` lines until one satisfies `pred` (bounded).
 async fn next_state(
     stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
