@@ -149,6 +149,25 @@ async fn a_wrong_token_exits_5_at_once() {
     assert_clean(&out);
 }
 
+/// A token no bearer header can carry is refused before anything starts,
+/// on one line that does not quote it. Before, it reached the runner, which
+/// reported it as "the server refused the token".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_no_header_can_carry_is_a_one_line_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    for token in ["sec ret", "sec\tret"] {
+        let out = gsync(&outbox, &run_once("http://127.0.0.1:9", token, &[])).await;
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.starts_with("gsync: --token (GSYNC_TOKEN)"), "{err}");
+        assert!(!err.contains("sec"), "the token was quoted: {err}");
+        assert_clean(&out);
+    }
+    assert!(!outbox.exists(), "nothing was created");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_exits_3_and_says_so() {
     // A port that was just free: nothing listens on it.

@@ -14,7 +14,7 @@ mod validate;
 
 pub use number::{canonical_number, json_eq, numbers_are_canonical};
 pub use problem::{problem_type, Problem, PROBLEM_CONTENT_TYPE};
-pub use validate::{validate_entity_id, validate_entity_type, ValidationError};
+pub use validate::{is_bearer_token, validate_entity_id, validate_entity_type, ValidationError};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

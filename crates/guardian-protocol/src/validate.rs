@@ -1,4 +1,5 @@
-//! Syntax of entity types and ids (DESIGN §10), checked by client and server alike.
+//! Syntax of entity types and ids (DESIGN §10) and of bearer tokens,
+//! checked by client and server alike.
 
 /// Why an entity type or id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -12,6 +13,16 @@ pub enum ValidationError {
         "invalid entity id {0:?}: expected 1 to 128 of [A-Za-z0-9._-], other than \".\" and \"..\""
     )]
     EntityId(String),
+}
+
+/// Whether `token` can travel as a bearer token: 1 or more printable ASCII
+/// characters, no space. A line break or control character cannot be in a
+/// header at all; servers trim or split on spaces and tabs, and refuse to
+/// read text beyond ASCII, so any of them would make a token that never
+/// matches. (RFC 6750's `b64token` is stricter; opaque tokens in the wild
+/// use more of ASCII, so the rule stops at what HTTP itself breaks.)
+pub fn is_bearer_token(token: &str) -> bool {
+    !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Checks an entity type against `[a-z][a-z0-9_]{0,63}`.

@@ -368,9 +368,34 @@ impl ServerBuilder {
                 return bad("the alert webhook must be an http(s) URL");
             }
         }
-        if c.tokens.keys().any(String::is_empty) || c.tokens.values().any(|t| t.is_empty()) {
-            return bad("tokens and tenants must not be empty");
+        if c.tokens.values().any(|t| t.is_empty()) {
+            return bad("tenants must not be empty");
+        }
+        let bearer_ok = |t: &str| guardian_protocol::is_bearer_token(t);
+        if !c.tokens.keys().all(|t| bearer_ok(t)) || !c.admin_token.as_deref().is_none_or(bearer_ok)
+        {
+            return bad("tokens must be printable ASCII without spaces");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_must_be_ones_a_bearer_header_can_carry() {
+        let ok = ServerBuilder::new()
+            .token("acme", "tok-acme_1.2~+/=")
+            .admin_token("adm!n");
+        assert!(ok.validate().is_ok());
+        for bad in ["", "a b", "tab\tbed", "crlf\r\nX: 1", "nul\0", "é"] {
+            let tenant = ServerBuilder::new().token("acme", bad);
+            assert!(tenant.validate().is_err(), "{bad:?}");
+            let admin = ServerBuilder::new().token("acme", "t").admin_token(bad);
+            assert!(admin.validate().is_err(), "{bad:?}");
+        }
+        assert!(ServerBuilder::new().token("", "t").validate().is_err());
     }
 }

@@ -86,7 +86,7 @@ extern "C" {
 // per op), `concurrency`, `synchronous` (`full`, `normal`, `off`),
 // `connect_timeout_ms`, `request_timeout_ms`, `owner_id`,
 // `worker_threads` and `stall_after_ms` are optional. Unknown keys are
-// refused.
+// refused, and so is a `token` `gs_engine_set_token` would refuse.
 //
 // # Safety
 // `config_json` is a NUL-terminated string; `out_engine` points to
@@ -231,9 +231,9 @@ GsStatus gs_engine_cancel(const GsEngine *engine, const char *op_id);
 
 // Replaces the bearer token (used from the next request on) and resumes a
 // runner paused by an `auth_required` event. The engine keeps the token in
-// memory only and never logs it. An empty token, or one an HTTP header
-// cannot carry (a line break, a control character), is refused with
-// `GS_STATUS_INVALID_ARGUMENT`.
+// memory only and never logs it. A token that cannot travel as a bearer
+// token (empty, or holding a space, a control character or non-ASCII
+// text) is refused with `GS_STATUS_INVALID_ARGUMENT`.
 //
 // # Safety
 // `engine` is an open handle; `token` is a NUL-terminated string.

@@ -226,6 +226,11 @@ impl Engine {
     /// Opens the outbox and builds the engine on a runtime of its own. The
     /// runner is not started.
     pub fn open(config: &Config) -> Result<Self, FfiError> {
+        if let Some(token) = &config.token {
+            check_token(token).map_err(|e| {
+                FfiError::new(Code::InvalidArgument, format!("invalid configuration: {e}"))
+            })?;
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.worker_threads.unwrap_or(2).max(1))
             .thread_name("guardian-sync")

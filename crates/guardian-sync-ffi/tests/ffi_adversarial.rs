@@ -1797,14 +1797,35 @@ fn closing_waits_for_a_running_token_callback() {
     });
 }
 
-/// A token no request could carry (empty, a line break, a control
-/// character) is refused at once with a message that does not quote it,
-/// instead of failing every send later as if the network were down.
+/// A token no request could carry as a bearer token (empty, a line break,
+/// a control character, a space or tab, non-ASCII text) is refused at once,
+/// by `set_token` and in the configuration at open, with a message that does
+/// not quote it, instead of failing every send later as if the network were
+/// down or the server had refused it.
 #[test]
 fn a_token_no_header_can_carry_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let h = open(&config(&dir.path().join("o.db"), &dead_url(), None));
-    for bad in ["", "abc\r\nX-Evil: 1", "bell\u{7}"] {
+    let path = dir.path().join("o.db");
+    let bad_tokens = [
+        "",
+        "abc\r\nX-Evil: 1",
+        "bell\u{7}",
+        "tab\tbed",
+        "Evil x",
+        "Évil",
+    ];
+    for bad in bad_tokens {
+        let c = CString::new(config(&path, &dead_url(), Some(bad))).unwrap();
+        let mut e = null_mut();
+        let st = unsafe { gs_engine_open(c.as_ptr(), &mut e) };
+        assert_eq!(st, GsStatus::InvalidArgument, "open with {bad:?}");
+        assert!(e.is_null());
+        let msg = last_error().expect("a message");
+        assert!(!msg.contains("Evil") && !msg.contains("bell"), "{msg}");
+    }
+    assert!(!path.exists(), "a refused configuration created the outbox");
+    let h = open(&config(&path, &dead_url(), None));
+    for bad in bad_tokens {
         let t = CString::new(bad).unwrap();
         let (what, st, msg) = outcome("set_token", unsafe {
             gs_engine_set_token(h.p(), t.as_ptr())

@@ -14,7 +14,7 @@ use guardian_sync::engine::{
 use guardian_sync::lock::LockConfig;
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::telemetry::TelemetryConfig;
-use guardian_sync::transport::StaticToken;
+use guardian_sync::transport::{check_token, StaticToken};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::out::{Stopped, AUTH_REFUSED, DEAD_LETTERED, LOCK_HELD, OPS_REMAIN};
@@ -140,6 +140,7 @@ impl Args {
 }
 
 pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
+    check_token(&args.token).context("--token (GSYNC_TOKEN)")?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(drain(global, args))
 }

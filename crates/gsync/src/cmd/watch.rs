@@ -22,7 +22,7 @@ use guardian_sync::outbox::{Outbox, OutboxOptions};
 use guardian_sync::realtime::{
     ConnectionState, OutboxCursorStore, RealtimeConfig, RealtimeMessage, RealtimeService, StartFrom,
 };
-use guardian_sync::transport::StaticToken;
+use guardian_sync::transport::{check_token, StaticToken};
 use serde_json::json;
 
 use crate::Global;
@@ -59,6 +59,7 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
+    check_token(&args.token).context("--token (GSYNC_TOKEN)")?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(watch(global, args))
 }

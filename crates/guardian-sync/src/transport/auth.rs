@@ -10,17 +10,21 @@ use futures::future::BoxFuture;
 #[error("no usable token: {0}")]
 pub struct TokenError(pub String);
 
-/// Refuses a token that no request could carry: text an HTTP header value
-/// cannot hold (a line break, a control character). Such a token would
-/// fail every send as if the network were down; refused, it pauses the
-/// runner for a usable one instead. The message never quotes the token.
+/// Refuses a token that no request could carry as a bearer token
+/// ([`guardian_protocol::is_bearer_token`]). Such a token would fail every
+/// send as if the network were down, or answer 401 for good; refused, it
+/// pauses the runner for a usable one instead. The message never quotes
+/// the token.
 pub fn check_token(token: &str) -> Result<(), TokenError> {
     if token.is_empty() {
         return Err(TokenError("the token is empty".into()));
     }
-    reqwest::header::HeaderValue::from_str(token)
-        .map(drop)
-        .map_err(|_| TokenError("the token holds characters an HTTP header cannot carry".into()))
+    if !guardian_protocol::is_bearer_token(token) {
+        return Err(TokenError(
+            "the token holds a space, a control character or non-ASCII text".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Supplies bearer tokens; implemented by the app.
@@ -151,7 +155,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_token_no_header_can_carry_is_refused_without_quoting_it() {
-        for bad in ["", "abc\r\nX-Evil: 1", "nul\0x", "bell\x07"] {
+        for bad in [
+            "",
+            "abc\r\nX-Evil: 1",
+            "nul\0x",
+            "bell\x07",
+            "tab\tbed",
+            " spaced",
+            "trailing ",
+            "é",
+        ] {
             let auth = Auth::new(Arc::new(StaticToken::new(bad)));
             let e = auth.token().await.unwrap_err().to_string();
             assert!(!e.contains("Evil") && !e.contains("bell"), "{e}");
