@@ -25,7 +25,11 @@ use alerts::{Alert, AlertRules};
 pub struct FleetLimits {
     /// Devices kept per tenant; the least recently seen makes room.
     pub devices_per_tenant: usize,
-    /// Devices kept in total; beyond it a new device is refused (429).
+    /// Devices kept in total. When full, a new device takes the place of
+    /// the least recently seen device of the tenant that holds the most,
+    /// if that tenant holds at least two more than the new device's; else
+    /// the new device is refused (503). So no tenant can lock another out:
+    /// each can always keep its share of the total.
     pub devices_total: usize,
     /// History points kept per device.
     pub history: usize,
@@ -39,6 +43,35 @@ impl Default for FleetLimits {
             history: 120,
         }
     }
+}
+
+/// Makes room for a new device of `tenant` in a full fleet (see
+/// [`FleetLimits::devices_total`]), or refuses it.
+fn make_room_fairly(
+    devices: &mut BTreeMap<(String, String), Device>,
+    tenant: &str,
+) -> Result<(), Refused> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for (t, _) in devices.keys() {
+        *counts.entry(t.as_str()).or_default() += 1;
+    }
+    let mine = counts.get(tenant).copied().unwrap_or(0);
+    let Some((largest, n)) = counts.into_iter().max_by_key(|&(_, n)| n) else {
+        return Err(Refused::Full);
+    };
+    if n < mine + 2 {
+        return Err(Refused::Full);
+    }
+    let largest = largest.to_owned();
+    let oldest = devices
+        .iter()
+        .filter(|((t, _), _)| *t == largest)
+        .min_by_key(|(_, d)| d.view.last_seen)
+        .map(|(k, _)| k.clone());
+    if let Some(k) = oldest {
+        devices.remove(&k);
+    }
+    Ok(())
 }
 
 /// Entries kept in each event log (breaker timeline, incidents, alerts).
@@ -266,7 +299,7 @@ impl Fleet {
                 }
             }
             if st.devices.len() >= self.limits.devices_total {
-                return Err(Refused::Full);
+                make_room_fairly(&mut st.devices, tenant)?;
             }
         }
         let queued = snap.queue.pending + snap.queue.in_flight;

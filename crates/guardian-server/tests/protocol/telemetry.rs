@@ -180,6 +180,61 @@ async fn stalled_devices_are_counted_by_the_server_clock() {
     );
 }
 
+/// A full fleet makes room for a tenant with fewer devices at the expense
+/// of the tenant with the most. Before, two tenants filling the total locked
+/// every other tenant's devices out for good.
+#[tokio::test]
+async fn a_full_fleet_makes_room_for_a_smaller_tenant() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(
+        builder()
+            .token("initech", "tok-initech")
+            .clock(clock.clone())
+            .fleet_limits(FleetLimits {
+                devices_per_tenant: 3,
+                devices_total: 4,
+                history: 4,
+            }),
+    )
+    .await;
+    for (token, id) in [
+        (TOKEN, "a1"),
+        (TOKEN, "a2"),
+        (TOKEN, "a3"),
+        (OTHER_TOKEN, "g1"),
+    ] {
+        assert_eq!(post(&h, token, &snapshot(id, "closed", 0, 0, 0)).await, 204);
+        clock.advance_millis(1);
+    }
+    // acme holds 3, initech 0: acme's least recently seen device goes.
+    assert_eq!(
+        post(&h, "tok-initech", &snapshot("i1", "closed", 0, 0, 0)).await,
+        204
+    );
+    clock.advance_millis(1);
+    let ids = |s: &Value| {
+        let mut v: Vec<String> = s["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["runner_id"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&state(&h).await), ["a2", "a3", "g1", "i1"]);
+    // Now acme holds 2 and the others 1 each: no tenant holds two more
+    // than another, so a new device is refused, whoever it belongs to.
+    for (token, id) in [(TOKEN, "a4"), (OTHER_TOKEN, "g2"), ("tok-initech", "i2")] {
+        assert_eq!(
+            post(&h, token, &snapshot(id, "closed", 0, 0, 0)).await,
+            503,
+            "{id}"
+        );
+    }
+    assert_eq!(ids(&state(&h).await), ["a2", "a3", "g1", "i1"]);
+}
+
 #[tokio::test]
 async fn the_fleet_is_bounded_per_tenant_and_in_total() {
     let clock = ManualClock::new(1_700_000_000_000);
