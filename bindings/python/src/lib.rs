@@ -178,9 +178,15 @@ impl NativeEngine {
             }
             slot.take()
         };
-        // Dropping the last reference stops the runner and joins threads
-        // that may need the GIL (a token callback): release it meanwhile.
-        py.allow_threads(move || drop(engine));
+        // Shut down through the shared handle, so that a call under way on
+        // another thread (which holds a handle of its own) cannot keep the
+        // engine open; it returns CLOSED or finishes. Shutting down joins
+        // threads that may need the GIL (a token callback): release it.
+        py.allow_threads(move || {
+            if let Some(engine) = engine {
+                engine.shutdown();
+            }
+        });
         Ok(())
     }
 }

@@ -244,3 +244,33 @@ def test_transaction_is_applied_whole_and_a_bad_one_stores_nothing(server, tmp_p
         assert seen[-1]["txn_id"] == txn_id and seen[-1]["ops"] == 2
     for i in (1, 2):
         assert server.entity("note", f"s{i}")["data"] == {"scene": 1}
+
+
+def test_close_ends_a_wait_on_another_thread(server, tmp_path):
+    """close() closes the engine even while another thread waits in
+    next_event: the wait ends with ClosedError at once. Before, that thread's
+    own handle kept the engine open until its wait ran out."""
+    import threading
+
+    e = gs.Engine(tmp_path / "outbox.db", server.url, server.token)
+    outcome = []
+    calling = threading.Event()
+
+    def waiter() -> None:
+        calling.set()
+        try:
+            outcome.append(e.next_event(timeout=120.0))
+        except gs.ClosedError as err:
+            outcome.append(err)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    assert calling.wait(timeout=10)
+    # The waiter is about to wait or waiting; either way it must end with
+    # ClosedError.
+    e.close()
+    t.join(timeout=20)
+    assert not t.is_alive(), "next_event still waiting 20 s after close()"
+    assert len(outcome) == 1 and isinstance(outcome[0], gs.ClosedError), outcome
+    with pytest.raises(gs.ClosedError):
+        e.enqueue("create", "note", "late", {"x": 1})

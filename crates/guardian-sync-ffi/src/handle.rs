@@ -5,7 +5,6 @@
 //! fine: it may block).
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::Duration;
@@ -188,8 +187,8 @@ pub struct Engine {
     /// Serializes the app's calls that replace the event callback.
     setting_callback: Mutex<()>,
     /// Set first thing by [`Engine::shutdown`]: nothing may start a runner
-    /// or register a callback any more.
-    closing: AtomicBool,
+    /// or register a callback any more, and a waiting `next_event` returns.
+    closing: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -280,13 +279,13 @@ impl Engine {
             callback: Mutex::new(None),
             event_thread: Mutex::new(None),
             setting_callback: Mutex::new(()),
-            closing: AtomicBool::new(false),
+            closing: watch::Sender::new(false),
         })
     }
 
     /// Refuses what would outlive a close under way.
     fn not_closing(&self) -> Result<(), FfiError> {
-        if self.closing.load(Ordering::SeqCst) {
+        if *self.closing.borrow() {
             return Err(FfiError::new(Code::Closed, "the engine is closing"));
         }
         Ok(())
@@ -376,12 +375,20 @@ impl Engine {
     }
 
     /// The next event as JSON, waiting up to `timeout`; `None` on timeout.
+    /// A close, even from another thread, ends the wait with `CLOSED`.
     pub fn next_event(&self, timeout: Duration) -> Result<Option<String>, FfiError> {
         let rt = self.rt()?;
+        let mut closing = self.closing.subscribe();
         let got = rt.block_on(async {
-            tokio::time::timeout(timeout, async { self.events.lock().await.recv().await }).await
+            tokio::select! {
+                got = tokio::time::timeout(timeout, async { self.events.lock().await.recv().await }) => Some(got),
+                _ = closing.wait_for(|c| *c) => None,
+            }
         });
-        Ok(got.ok().and_then(event_json))
+        match got {
+            Some(got) => Ok(got.ok().and_then(event_json)),
+            None => Err(FfiError::new(Code::Closed, "the engine was closed")),
+        }
     }
 
     /// Hands every event from now on to `callback`, on a thread of its own,
@@ -549,7 +556,7 @@ impl Engine {
     /// for a running call of either), and closes the outbox. Nothing may
     /// start or register afterwards. Idempotent.
     pub fn shutdown(&self) {
-        self.closing.store(true, Ordering::SeqCst);
+        self.closing.send_replace(true);
         let _ = self.stop(CLOSE_STOP_TIMEOUT);
         let callback = {
             let _no_setter = locked(&self.setting_callback);

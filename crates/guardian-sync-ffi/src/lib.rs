@@ -322,7 +322,8 @@ pub unsafe extern "C" fn gs_engine_stop(engine: *const GsEngine, timeout_ms: u32
 /// it (free it with [`gs_string_free`]); on `GS_STATUS_TIMEOUT` it is set to
 /// NULL. Events are those published since the engine was opened; a reader
 /// more than 1024 events behind gets `{"event":"lagged","missed":N}` in
-/// place of those it missed. Concurrent callers share one queue.
+/// place of those it missed. Concurrent callers share one queue. A wait
+/// under way when the engine starts to close ends with `GS_STATUS_CLOSED`.
 ///
 /// # Safety
 /// `engine` is an open handle; `out_event_json` points to writable storage
