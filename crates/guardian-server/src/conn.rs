@@ -99,7 +99,6 @@ impl KillSwitch {
 /// Per-connection info handed to handlers.
 #[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
-    #[allow(dead_code)]
     pub(crate) remote: SocketAddr,
     kill: Arc<KillSwitch>,
 }

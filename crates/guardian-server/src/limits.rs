@@ -3,6 +3,8 @@
 //! `routes/middleware.rs`; the body limit lives in the JSON extractor
 //! ([`crate::problem::ApiJson`]).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -44,6 +46,69 @@ impl RequestPhase {
             1 => Phase::Handling,
             _ => Phase::Committing,
         }
+    }
+}
+
+/// Failed admin-token attempts per client address: after
+/// [`LOCKOUT_FAILURES`] within [`LOCKOUT_WINDOW_MS`], the address is refused
+/// without a check until the window ends, so the admin token (often chosen
+/// by a person) cannot be guessed at line rate. Success costs nothing, so
+/// tools that use the right token are never slowed.
+#[derive(Debug, Default)]
+pub(crate) struct AuthLockout {
+    strikes: std::sync::Mutex<HashMap<IpAddr, Strikes>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Strikes {
+    count: u32,
+    /// When the window of these strikes began (server clock, ms).
+    since: i64,
+}
+
+pub(crate) const LOCKOUT_FAILURES: u32 = 10;
+pub(crate) const LOCKOUT_WINDOW_MS: i64 = 60_000;
+/// Addresses tracked at most; beyond, the oldest window is forgotten.
+const LOCKOUT_TRACKED: usize = 4096;
+
+impl AuthLockout {
+    fn strikes(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Strikes>> {
+        // Plain counters, each update complete under the lock.
+        self.strikes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long `ip` stays locked out, if it is.
+    pub(crate) fn locked(&self, ip: IpAddr, now: i64) -> Option<Duration> {
+        let s = *self.strikes().get(&ip)?;
+        let ends = s.since.saturating_add(LOCKOUT_WINDOW_MS);
+        (s.count >= LOCKOUT_FAILURES && now < ends)
+            .then(|| Duration::from_millis(u64::try_from(ends - now).unwrap_or(0)))
+    }
+
+    /// Records a failed attempt from `ip`.
+    pub(crate) fn failed(&self, ip: IpAddr, now: i64) {
+        let mut strikes = self.strikes();
+        if !strikes.contains_key(&ip) && strikes.len() >= LOCKOUT_TRACKED {
+            strikes.retain(|_, s| now < s.since.saturating_add(LOCKOUT_WINDOW_MS));
+            if strikes.len() >= LOCKOUT_TRACKED {
+                if let Some(oldest) = strikes.iter().min_by_key(|(_, s)| s.since).map(|(k, _)| *k) {
+                    strikes.remove(&oldest);
+                }
+            }
+        }
+        let s = strikes.entry(ip).or_insert(Strikes {
+            count: 0,
+            since: now,
+        });
+        if now >= s.since.saturating_add(LOCKOUT_WINDOW_MS) {
+            *s = Strikes {
+                count: 0,
+                since: now,
+            };
+        }
+        s.count = s.count.saturating_add(1);
     }
 }
 
@@ -112,6 +177,32 @@ fn quota(limit: RateLimit) -> Quota {
 mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
+
+    #[test]
+    fn an_address_is_locked_out_after_its_failures_until_the_window_ends() {
+        let l = AuthLockout::default();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let other: IpAddr = [10, 0, 0, 2].into();
+        for i in 0..LOCKOUT_FAILURES {
+            assert_eq!(l.locked(ip, 1_000), None, "after {i} failures");
+            l.failed(ip, 1_000 + i64::from(i));
+        }
+        assert_eq!(l.locked(ip, 1_000), Some(Duration::from_secs(60)));
+        assert_eq!(l.locked(ip, 60_999), Some(Duration::from_millis(1)));
+        assert_eq!(l.locked(ip, 61_000), None);
+        assert_eq!(l.locked(other, 1_000), None, "per address");
+        l.failed(ip, 61_000);
+        assert_eq!(l.locked(ip, 61_000), None, "a new window starts at one");
+    }
+
+    #[test]
+    fn the_lockout_tracks_a_bounded_number_of_addresses() {
+        let l = AuthLockout::default();
+        for i in 0..(LOCKOUT_TRACKED as u32 + 100) {
+            l.failed(IpAddr::from(i.to_be_bytes()), i64::from(i));
+        }
+        assert_eq!(l.strikes().len(), LOCKOUT_TRACKED);
+    }
 
     #[test]
     fn bucket_refills_at_the_rate() {

@@ -17,7 +17,7 @@ use crate::config::{BindError, ServerBuilder};
 use crate::conn::{killable, ConnLimits};
 use crate::faults::{FaultInjector, Faults, FaultsError};
 use crate::inflight::InFlight;
-use crate::limits::RateLimiter;
+use crate::limits::{AuthLockout, RateLimiter};
 use crate::metrics::Metrics;
 use crate::state::{AppState, Shared};
 use crate::store::{AppliedMutation, PurgeReport, Store, StoreError, StoreHooks, StoreOptions};
@@ -95,6 +95,7 @@ impl ServerBuilder {
             inflight: InFlight::new(),
             metrics: Arc::new(Metrics::new()),
             rate: Arc::new(RateLimiter::new(config.rate_limit)),
+            lockout: AuthLockout::default(),
             concurrency: Arc::new(Semaphore::new(config.concurrency_limit)),
             shutdown: shutdown_rx.clone(),
             kick: Arc::new(watch::Sender::new(0)),

@@ -12,7 +12,7 @@ use crate::faults::FaultInjector;
 use crate::fleet::webhook::Webhook;
 use crate::fleet::Fleet;
 use crate::inflight::InFlight;
-use crate::limits::RateLimiter;
+use crate::limits::{AuthLockout, RateLimiter};
 use crate::metrics::Metrics;
 use crate::problem::BodyLimit;
 use crate::store::Store;
@@ -47,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) inflight: Arc<InFlight>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) rate: Arc<RateLimiter>,
+    /// Addresses that failed the admin token too often.
+    pub(crate) lockout: AuthLockout,
     pub(crate) concurrency: Arc<Semaphore>,
     /// Becomes true when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,

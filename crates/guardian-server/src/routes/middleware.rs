@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use axum::body::{Body, HttpBody};
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::header;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use guardian_protocol::problem_type;
@@ -17,6 +17,7 @@ use tower_http::LatencyUnit;
 use tracing::{Level, Span};
 
 use crate::auth::{bearer, digest, Tenant};
+use crate::conn::ConnInfo;
 use crate::limits::{Phase, RequestPhase};
 use crate::problem::{read_body, ApiError};
 use crate::state::AppState;
@@ -118,6 +119,44 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
         return ApiError::internal("the server is shutting down").into_response();
     };
     next.run(Request::from_parts(parts, body)).await
+}
+
+/// Middleware of the admin and dashboard routes: an address that failed the
+/// admin token too often is answered 429 without a check
+/// ([`crate::limits::AuthLockout`]). A 401 counts as a failure when the
+/// request presented something to check (a header, a cookie, a query), not
+/// when a browser merely opened the page.
+pub(crate) async fn admin_lockout(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<ConnInfo>>()
+        .map(|c| c.0.remote.ip());
+    let now = state.config.clock.now_millis();
+    if let Some(wait) = ip.and_then(|ip| state.lockout.locked(ip, now)) {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        return ApiError::new(
+            problem_type::RATE_LIMITED,
+            429,
+            "Too many requests",
+            format!("too many wrong admin tokens from this address; retry in {secs} s"),
+        )
+        .with_header(header::RETRY_AFTER, secs.max(1).to_string())
+        .into_response();
+    }
+    let presented = req.headers().contains_key(header::AUTHORIZATION)
+        || req.headers().contains_key(header::COOKIE)
+        || req.uri().query().is_some();
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::UNAUTHORIZED && presented {
+        if let Some(ip) = ip {
+            state.lockout.failed(ip, now);
+        }
+    }
+    resp
 }
 
 /// The metrics label of a request's method: any method the client makes up

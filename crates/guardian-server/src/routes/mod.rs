@@ -3,10 +3,11 @@
 //! Every route (outermost): the access log (`routes/middleware.rs`).
 //! `/v1/*` (outer to inner): metrics → request timeout → bearer auth →
 //! rate limit → whole body read → concurrency slot → injected faults →
-//! handler. `/admin/*`: metrics → admin token.
+//! handler. `/admin/*`: metrics → lockout of addresses that failed the
+//! admin token too often → admin token.
 //! `/healthz`, `/metrics`, `/openapi.json`: metrics only. `/v1/telemetry`:
-//! like `/v1/*` without injected faults. `/dashboard*`: metrics → admin
-//! token or dashboard session cookie.
+//! like `/v1/*` without injected faults. `/dashboard*`: metrics → lockout →
+//! admin token or dashboard session cookie.
 
 pub(crate) mod admin;
 pub(crate) mod batch;
@@ -31,7 +32,7 @@ use axum::Router;
 use crate::faults::layer::FaultLayer;
 use crate::problem::ApiError;
 use crate::state::AppState;
-use middleware::{access_log, admit, authenticate, deadline, track};
+use middleware::{access_log, admin_lockout, admit, authenticate, deadline, track};
 
 /// The whole application.
 pub(crate) fn router(state: AppState) -> Router {
@@ -66,7 +67,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/dashboard/state", get(dashboard::state_json))
         .route("/dashboard/events", get(dashboard::events))
         .layer(from_fn_with_state(state.clone(), dashboard::guard))
-        .route("/dashboard", get(dashboard::page));
+        .route("/dashboard", get(dashboard::page))
+        .layer(from_fn_with_state(state.clone(), admin_lockout));
     let admin = Router::new()
         .route(
             "/admin/faults",
@@ -74,7 +76,8 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/admin/applied", get(admin::applied))
         .route("/admin/realtime/disconnect", post(admin::disconnect))
-        .layer(from_fn_with_state(state.clone(), admin::guard));
+        .layer(from_fn_with_state(state.clone(), admin::guard))
+        .layer(from_fn_with_state(state.clone(), admin_lockout));
     let ops = Router::new()
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(health::metrics))

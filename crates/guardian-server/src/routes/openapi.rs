@@ -83,8 +83,9 @@ impl Modify for Security {
 /// `/v1` routes 401 (token), 429 (rate limit, injected), 500 (database,
 /// injected), 502 (injected) and 503 (request timeout, injected); routes
 /// with a JSON body 400 (malformed), 413 (declared or actual size), 415
-/// (not JSON) and, under `/v1`, 408 (the body too slow); `/admin` routes 401 (admin token) and 404 (disabled: no
-/// admin token configured).
+/// (not JSON) and, under `/v1`, 408 (the body too slow); `/admin` routes
+/// 401 (admin token), 404 (disabled: no admin token configured) and 429
+/// (locked out).
 struct CommonResponses;
 
 impl Modify for CommonResponses {
@@ -115,6 +116,7 @@ impl Modify for CommonResponses {
                 } else if path.starts_with("/admin/") {
                     add(op, 401, "`unauthorized`: not the admin token");
                     add(op, 404, "`not-found`: the admin routes are disabled (the server has no admin token)");
+                    add(op, 429, "`rate-limited`: too many wrong admin tokens from this address; retry after `Retry-After`");
                 }
                 if has_body {
                     add(

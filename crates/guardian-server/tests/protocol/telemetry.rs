@@ -393,6 +393,50 @@ async fn the_dashboard_session_expires_and_is_secure_behind_https() {
     assert_eq!(state(forged).await, 401);
 }
 
+/// An address that sends ten wrong admin tokens within a minute is refused
+/// (429, even with the right token) until the minute ends; a browser that
+/// merely opens the page without credentials is no failure. Before, the
+/// admin token could be guessed at line rate.
+#[tokio::test]
+async fn wrong_admin_tokens_lock_the_address_out_for_a_while() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(builder().clock(clock.clone())).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let faults = |token: &str| {
+        let req = http.get(h.url("/admin/faults")).bearer_auth(token);
+        async move { req.send().await.unwrap() }
+    };
+    for _ in 0..20 {
+        let r = http.get(h.url("/dashboard")).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    for i in 0..10 {
+        let wrong = if i % 2 == 0 {
+            faults("guess").await.status()
+        } else {
+            let url = h.url("/dashboard?token=guess");
+            http.get(url).send().await.unwrap().status()
+        };
+        assert_eq!(wrong, 401, "attempt {i}");
+    }
+    let r = faults(ADMIN).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["retry-after"], "60");
+    let r = http
+        .get(h.url(&format!("/dashboard?token={ADMIN}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    // Tenants' routes are not affected.
+    assert_eq!(h.get("device", "nope").await.status, 404);
+    clock.advance_millis(60_000);
+    assert_eq!(faults(ADMIN).await.status(), 200);
+}
+
 /// Reads SSE `data:` lines until one satisfies `pred` (bounded).
 async fn next_state(
     stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
