@@ -119,6 +119,8 @@ enum End {
 struct Bounded {
     sink: futures::stream::SplitSink<WebSocket, Message>,
     limit: Duration,
+    /// A send timed out: the session ends without another.
+    stuck: bool,
 }
 
 impl Bounded {
@@ -130,6 +132,7 @@ impl Bounded {
             Ok(Err(_)) => Err(()),
             Err(_) => {
                 tracing::debug!("closing a realtime peer that stopped reading");
+                self.stuck = true;
                 Err(())
             }
         }
@@ -150,19 +153,29 @@ impl Session {
         let mut sink = Bounded {
             sink,
             limit: self.state.config.ws_idle_timeout,
+            stuck: false,
         };
         let end = self
             .serve(&mut sink, &mut stream, &mut rx, &mut kick, cursor)
             .await;
-        if let End::Close(code, reason) = end {
-            let _ = sink
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: Utf8Bytes::from_static(reason),
-                })))
-                .await;
+        if sink.stuck {
+            // The peer reads nothing: a close frame would wait again.
+            return;
         }
-        let _ = tokio::time::timeout(sink.limit, sink.sink.close()).await;
+        // The close frame and the closing handshake share one bound.
+        let close = async {
+            if let End::Close(code, reason) = end {
+                let _ = sink
+                    .sink
+                    .send(Message::Close(Some(CloseFrame {
+                        code,
+                        reason: Utf8Bytes::from_static(reason),
+                    })))
+                    .await;
+            }
+            let _ = sink.sink.close().await;
+        };
+        let _ = tokio::time::timeout(sink.limit, close).await;
     }
 
     async fn serve(
