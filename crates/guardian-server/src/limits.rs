@@ -1,7 +1,7 @@
-//! Request limits: the phase the request timeout respects, and the
-//! per-tenant rate. The middleware that applies them is in
-//! `routes/middleware.rs`; the body limit lives in the JSON extractor
-//! ([`crate::problem::ApiJson`]).
+//! Request limits: the phase the request timeout respects, the per-tenant
+//! rate and the admin-token lockout. The middleware that applies them is in
+//! `routes/middleware.rs`; the body limit is `problem::read_body`'s, used
+//! by that middleware and by the JSON extractor.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

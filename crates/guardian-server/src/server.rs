@@ -86,6 +86,7 @@ impl ServerBuilder {
                 config.alert_rules,
             )),
             webhook,
+            admin_digest: config.admin_token.as_deref().map(crate::auth::digest),
             dashboard_session: crate::routes::dashboard::session_secret(
                 config.admin_token.as_deref(),
             ),

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) fleet: Arc<Fleet>,
     /// Where alert events go, when configured.
     pub(crate) webhook: Option<Webhook>,
+    /// The admin token's digest (`auth::secret_eq`), when there is one.
+    pub(crate) admin_digest: Option<Digest>,
     /// Secret of the dashboard's session cookie (derived from the admin token).
     pub(crate) dashboard_session: String,
 }

@@ -16,7 +16,7 @@ use crate::store::{AppliedMutation, StoreError};
 
 /// Middleware: the admin token.
 pub(crate) async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(expected) = state.config.admin_token.as_deref() else {
+    let Some(expected) = &state.admin_digest else {
         return ApiError::not_found("the admin routes are disabled (no admin token)")
             .into_response();
     };

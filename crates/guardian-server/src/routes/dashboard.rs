@@ -24,7 +24,7 @@ use axum::Json;
 use futures::Stream;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{bearer, secret_eq};
+use crate::auth::{bearer, digest, secret_eq};
 use crate::faults::Faults;
 use crate::fleet::DashboardData;
 use crate::problem::ApiError;
@@ -32,6 +32,8 @@ use crate::state::AppState;
 
 const PAGE: &str = include_str!("dashboard.html");
 const COOKIE: &str = "gsync_dashboard";
+/// Session cookies of one request checked at most (each check is a hash).
+const MAX_COOKIES_CHECKED: usize = 4;
 /// How long a dashboard session lasts.
 const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Least time between two events of one stream (the state is sent whole).
@@ -83,29 +85,32 @@ fn session_valid(secret: &str, value: &str, now_ms: i64) -> bool {
     };
     expiry.len() == 16
         && now_ms < expires_ms
-        && secret_eq(value, &session_value(secret, expires_ms))
+        && secret_eq(value, &digest(&session_value(secret, expires_ms)))
 }
 
-fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+/// The values of every session cookie the request carries (a browser may
+/// send an old one beside the current one).
+fn session_cookies(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .filter(|(k, _)| *k == COOKIE)
         .map(|(_, v)| v)
 }
 
-/// True when the request carries the admin token or the session cookie.
+/// True when the request carries the admin token or a valid session cookie.
 fn authorized(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(admin) = state.config.admin_token.as_deref() else {
+    let Some(admin) = &state.admin_digest else {
         return false;
     };
+    let now = state.config.clock.now_millis();
     bearer(headers).is_some_and(|t| secret_eq(t, admin))
-        || session_cookie(headers).is_some_and(|c| {
-            session_valid(&state.dashboard_session, c, state.config.clock.now_millis())
-        })
+        || session_cookies(headers)
+            .take(MAX_COOKIES_CHECKED)
+            .any(|c| session_valid(&state.dashboard_session, c, now))
 }
 
 /// Middleware of `/dashboard/*` data routes.
@@ -132,7 +137,7 @@ pub(crate) async fn page(
     Query(q): Query<PageQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(admin) = state.config.admin_token.as_deref() else {
+    let Some(admin) = &state.admin_digest else {
         return ApiError::not_found("the dashboard is disabled (no admin token)").into_response();
     };
     if let Some(token) = q.token {

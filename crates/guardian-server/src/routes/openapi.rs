@@ -80,10 +80,10 @@ impl Modify for Security {
 
 /// Adds the statuses the middleware and the body extractor can answer on
 /// every operation they wrap, so that no route's list misses one:
-/// `/v1` routes 401 (token), 429 (rate limit, injected), 500 (database,
+/// `/v1` routes 400 (malformed), 401 (token), 408 (the body too slow), 413
+/// (declared or actual size), 429 (rate limit, injected), 500 (database,
 /// injected), 502 (injected) and 503 (request timeout, injected); routes
-/// with a JSON body 400 (malformed), 413 (declared or actual size), 415
-/// (not JSON) and, under `/v1`, 408 (the body too slow); `/admin` routes
+/// with a JSON body 400, 413 and 415 (not JSON); `/admin` routes
 /// 401 (admin token), 404 (disabled: no admin token configured) and 429
 /// (locked out).
 struct CommonResponses;
@@ -130,9 +130,17 @@ impl Modify for CommonResponses {
                         "`payload-too-large`: the body (declared or sent) is over the body limit",
                     );
                     add(op, 415, "`bad-request`: the body is not `application/json`");
-                    if path.starts_with("/v1/") {
-                        add(op, 408, "`timeout`: the body did not arrive within the request timeout; nothing was applied, the connection is closed");
-                    }
+                }
+                if path.starts_with("/v1/") {
+                    // Every `/v1` request's body, declared or not, is read
+                    // whole before it is handled.
+                    add(op, 400, "`bad-request`: a malformed request or body");
+                    add(op, 408, "`timeout`: the body did not arrive within the request timeout; nothing was applied, the connection is closed");
+                    add(
+                        op,
+                        413,
+                        "`payload-too-large`: the body (declared or sent) is over the body limit",
+                    );
                 }
             }
         }

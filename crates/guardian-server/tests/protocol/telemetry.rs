@@ -382,6 +382,8 @@ async fn the_dashboard_session_expires_and_is_secure_behind_https() {
         let req = http.get(h.url("/dashboard/state")).header("cookie", pair);
         async move { req.send().await.unwrap().status() }
     };
+    // A stale cookie sent beside the valid one does not hide it.
+    assert_eq!(state(format!("gsync_dashboard=junk; {pair}")).await, 200);
     clock.advance_millis(12 * 3600 * 1000 - 1);
     assert_eq!(state(pair.clone()).await, 200);
     clock.advance_millis(1);
