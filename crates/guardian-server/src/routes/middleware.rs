@@ -81,6 +81,20 @@ pub(crate) async fn deadline(
     }
 }
 
+/// 429 `rate-limited` with `Retry-After`: `wait` rounded up to whole
+/// seconds, at least 1.
+fn too_many(why: &str, wait: std::time::Duration) -> Response {
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    ApiError::new(
+        problem_type::RATE_LIMITED,
+        429,
+        "Too many requests",
+        format!("{why}; retry in {secs} s"),
+    )
+    .with_header(header::RETRY_AFTER, secs.to_string())
+    .into_response()
+}
+
 /// Middleware (after authentication): admits a request in three steps.
 /// 1. The tenant's rate limit: 429 with `Retry-After` when its bucket is
 ///    empty.
@@ -92,15 +106,7 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
         if let Err(wait) = state.rate.check(tenant) {
             state.metrics.rate_limited();
-            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-            return ApiError::new(
-                problem_type::RATE_LIMITED,
-                429,
-                "Too many requests",
-                format!("rate limit exceeded; retry in {secs} s"),
-            )
-            .with_header(header::RETRY_AFTER, secs.max(1).to_string())
-            .into_response();
+            return too_many("rate limit exceeded", wait);
         }
     }
     let (parts, body) = req.into_parts();
@@ -137,15 +143,7 @@ pub(crate) async fn admin_lockout(
         .map(|c| c.0.remote.ip());
     let now = state.config.clock.now_millis();
     if let Some(wait) = ip.and_then(|ip| state.lockout.locked(ip, now)) {
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        return ApiError::new(
-            problem_type::RATE_LIMITED,
-            429,
-            "Too many requests",
-            format!("too many wrong admin tokens from this address; retry in {secs} s"),
-        )
-        .with_header(header::RETRY_AFTER, secs.max(1).to_string())
-        .into_response();
+        return too_many("too many wrong admin tokens from this address", wait);
     }
     let presented = req.headers().contains_key(header::AUTHORIZATION)
         || req.headers().contains_key(header::COOKIE)
