@@ -124,11 +124,7 @@ impl Modify for CommonResponses {
                         400,
                         "`bad-request`: malformed JSON or an unexpected shape",
                     );
-                    add(
-                        op,
-                        413,
-                        "`payload-too-large`: the body (declared or sent) is over the body limit",
-                    );
+                    add(op, 413, TOO_LARGE);
                     add(op, 415, "`bad-request`: the body is not `application/json`");
                 }
                 if path.starts_with("/v1/") {
@@ -136,16 +132,14 @@ impl Modify for CommonResponses {
                     // whole before it is handled.
                     add(op, 400, "`bad-request`: a malformed request or body");
                     add(op, 408, "`timeout`: the body did not arrive within the request timeout; nothing was applied, the connection is closed");
-                    add(
-                        op,
-                        413,
-                        "`payload-too-large`: the body (declared or sent) is over the body limit",
-                    );
+                    add(op, 413, TOO_LARGE);
                 }
             }
         }
     }
 }
+
+const TOO_LARGE: &str = "`payload-too-large`: the body (declared or sent) is over the body limit";
 
 /// Adds a problem response for `status` unless the operation declares it.
 fn add(op: &mut Operation, status: u16, description: &str) {

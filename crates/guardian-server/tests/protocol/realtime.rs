@@ -205,15 +205,9 @@ async fn upgrade_needs_a_token_and_a_servable_cursor() {
     assert!(r.status >= 400 && r.is_problem(), "{r:?}");
 }
 
-#[tokio::test]
-async fn the_server_pings_and_closes_a_dead_peer() {
-    let h = start(
-        builder()
-            .ws_ping_interval(Duration::from_millis(50))
-            .ws_idle_timeout(Duration::from_millis(300)),
-    )
-    .await;
-    // A hand-made client that completes the handshake and then never answers.
+/// A raw connection that has sent a realtime upgrade request, and nothing
+/// more: a peer that answers no ping and reads only when the test does.
+async fn raw_upgrade(h: &Harness) -> tokio::net::TcpStream {
     let mut tcp = tokio::net::TcpStream::connect(h.server.addr())
         .await
         .unwrap();
@@ -224,6 +218,19 @@ async fn the_server_pings_and_closes_a_dead_peer() {
         h.server.addr()
     );
     tcp.write_all(handshake.as_bytes()).await.unwrap();
+    tcp
+}
+
+#[tokio::test]
+async fn the_server_pings_and_closes_a_dead_peer() {
+    let h = start(
+        builder()
+            .ws_ping_interval(Duration::from_millis(50))
+            .ws_idle_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    // A hand-made client that completes the handshake and then never answers.
+    let mut tcp = raw_upgrade(&h).await;
     let mut received = Vec::new();
     let read_all = async {
         let mut buf = [0u8; 4096];
@@ -405,16 +412,7 @@ async fn a_peer_that_stops_reading_is_let_go() {
             .ws_idle_timeout(Duration::from_millis(500)),
     )
     .await;
-    let mut tcp = tokio::net::TcpStream::connect(h.server.addr())
-        .await
-        .unwrap();
-    let handshake = format!(
-        "GET /v1/realtime HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Authorization: Bearer {TOKEN}\r\n\r\n",
-        h.server.addr()
-    );
-    tcp.write_all(handshake.as_bytes()).await.unwrap();
+    let mut tcp = raw_upgrade(&h).await;
     let mut buf = [0u8; 1024];
     let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
         .await

@@ -180,6 +180,27 @@ async fn stalled_devices_are_counted_by_the_server_clock() {
     );
 }
 
+/// A client that shows redirects instead of following them (the
+/// dashboard answers its token with one).
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// The runner ids of the dashboard state's devices, sorted.
+fn device_ids(state: &Value) -> Vec<String> {
+    let mut v: Vec<String> = state["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["runner_id"].as_str().unwrap().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// A full fleet makes room for a tenant with fewer devices at the expense
 /// of the tenant with the most. Before, two tenants filling the total locked
 /// every other tenant's devices out for good.
@@ -212,17 +233,7 @@ async fn a_full_fleet_makes_room_for_a_smaller_tenant() {
         204
     );
     clock.advance_millis(1);
-    let ids = |s: &Value| {
-        let mut v: Vec<String> = s["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["runner_id"].as_str().unwrap().to_owned())
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(ids(&state(&h).await), ["a2", "a3", "g1", "i1"]);
+    assert_eq!(device_ids(&state(&h).await), ["a2", "a3", "g1", "i1"]);
     // Now acme holds 2 and the others 1 each: no tenant holds two more
     // than another, so a new device is refused, whoever it belongs to.
     for (token, id) in [(TOKEN, "a4"), (OTHER_TOKEN, "g2"), ("tok-initech", "i2")] {
@@ -232,7 +243,7 @@ async fn a_full_fleet_makes_room_for_a_smaller_tenant() {
             "{id}"
         );
     }
-    assert_eq!(ids(&state(&h).await), ["a2", "a3", "g1", "i1"]);
+    assert_eq!(device_ids(&state(&h).await), ["a2", "a3", "g1", "i1"]);
 }
 
 #[tokio::test]
@@ -249,17 +260,7 @@ async fn the_fleet_is_bounded_per_tenant_and_in_total() {
         clock.advance_millis(1);
     }
     // acme keeps its two most recently seen devices.
-    let ids = |s: &Value| {
-        let mut v: Vec<String> = s["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d["runner_id"].as_str().unwrap().to_owned())
-            .collect();
-        v.sort();
-        v
-    };
-    assert_eq!(ids(&state(&h).await), ["b", "c"]);
+    assert_eq!(device_ids(&state(&h).await), ["b", "c"]);
     assert_eq!(
         post(&h, OTHER_TOKEN, &snapshot("x", "closed", 0, 0, 0)).await,
         204
@@ -288,10 +289,7 @@ async fn the_fleet_is_bounded_per_tenant_and_in_total() {
 #[tokio::test]
 async fn the_dashboard_needs_the_admin_token_and_trades_it_for_a_cookie() {
     let h = start_default().await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let get = |path: &str| http.get(h.url(path));
     assert_eq!(get("/dashboard").send().await.unwrap().status(), 401);
     assert_eq!(
@@ -358,10 +356,7 @@ async fn the_dashboard_needs_the_admin_token_and_trades_it_for_a_cookie() {
 async fn the_dashboard_session_expires_and_is_secure_behind_https() {
     let clock = ManualClock::new(1_700_000_000_000);
     let h = start(builder().clock(clock.clone())).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let trade = |https: bool| {
         let mut req = http.get(h.url(&format!("/dashboard?token={ADMIN}")));
         if https {
@@ -403,10 +398,7 @@ async fn the_dashboard_session_expires_and_is_secure_behind_https() {
 async fn wrong_admin_tokens_lock_the_address_out_for_a_while() {
     let clock = ManualClock::new(1_700_000_000_000);
     let h = start(builder().clock(clock.clone())).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap();
+    let http = no_redirects();
     let faults = |token: &str| {
         let req = http.get(h.url("/admin/faults")).bearer_auth(token);
         async move { req.send().await.unwrap() }
