@@ -109,7 +109,9 @@ async fn child_peak(limit: usize, wire: &[u8]) -> (usize, String) {
 /// The same body sent as one piece or as one-byte chunks costs about the
 /// same memory, as docs/design/server.md says (a body being read costs its
 /// size). Before the pieces were copied into one buffer, one-byte chunks
-/// took some 25 times the body's size, outside the concurrency limit.
+/// took some 25 times the body's size, outside the concurrency limit. The
+/// bound is 4 times the body over the one-piece figure: a chunked body's
+/// buffer grows by doubling, and the allocator keeps some of what it frees.
 #[tokio::test]
 async fn one_byte_chunks_do_not_multiply_the_memory_of_a_buffered_body() {
     if std::env::var("BODY_MEMORY_CHILD").is_ok() {
@@ -147,7 +149,7 @@ async fn one_byte_chunks_do_not_multiply_the_memory_of_a_buffered_body() {
         t.elapsed()
     );
     assert!(
-        p2 <= p1 + 2 * LIMIT,
+        p2 <= p1 + 4 * LIMIT,
         "one-byte chunks cost {} KiB more than the same body in one piece ({} KiB); \
          the body limit is {} KiB",
         (p2 - p1) / 1024,
