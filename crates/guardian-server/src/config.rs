@@ -32,6 +32,7 @@ pub(crate) struct ServerConfig {
     pub(crate) feed_retention: Duration,
     pub(crate) purge_interval: Duration,
     pub(crate) body_limit: usize,
+    pub(crate) body_budget: usize,
     pub(crate) max_batch_ops: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) concurrency_limit: usize,
@@ -94,7 +95,7 @@ impl Default for ServerBuilder {
 
 impl ServerBuilder {
     /// Defaults: in memory, no tokens, 24 h idempotency retention, 7 d feed
-    /// retention, 1 MiB bodies, 1000 ops per batch, 30 s request timeout,
+    /// retention, 1 MiB bodies and 256 MiB of them at once, 1000 ops per batch, 30 s request timeout,
     /// 256 concurrent requests, no rate limit, WebSocket ping every 15 s and
     /// close after 45 s of silence, the applied-mutations log kept, 10 s to send a request's headers, at
     /// most 64 connections per peer address and a total connection cap
@@ -113,6 +114,7 @@ impl ServerBuilder {
                 feed_retention: Duration::from_secs(7 * 24 * 3600),
                 purge_interval: Duration::from_secs(60),
                 body_limit: 1024 * 1024,
+                body_budget: 256 * 1024 * 1024,
                 max_batch_ops: 1000,
                 request_timeout: Duration::from_secs(30),
                 concurrency_limit: 256,
@@ -216,6 +218,18 @@ impl ServerBuilder {
     #[must_use]
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.config.body_limit = bytes;
+        self
+    }
+
+    /// Most bytes of request bodies held at once, all requests together
+    /// (default 256 MiB: the concurrency limit times the default body
+    /// limit). Bodies are read before a request takes a concurrency slot,
+    /// so this, not that limit, bounds their memory; a body that would
+    /// cross it gets 503 `unavailable` with `Retry-After`. At least the
+    /// body limit.
+    #[must_use]
+    pub fn body_budget(mut self, bytes: usize) -> Self {
+        self.config.body_budget = bytes;
         self
     }
 
@@ -339,6 +353,9 @@ impl ServerBuilder {
         if c.body_limit == 0 {
             return bad("body limit must be positive");
         }
+        if c.body_budget < c.body_limit {
+            return bad("the body budget must be at least the body limit");
+        }
         if c.max_batch_ops == 0 {
             return bad("max batch ops must be positive");
         }
@@ -397,5 +414,12 @@ mod tests {
             assert!(admin.validate().is_err(), "{bad:?}");
         }
         assert!(ServerBuilder::new().token("", "t").validate().is_err());
+    }
+
+    #[test]
+    fn the_body_budget_holds_at_least_one_body() {
+        let b = |budget| ServerBuilder::new().body_limit(1000).body_budget(budget);
+        assert!(b(999).validate().is_err());
+        assert!(b(1000).validate().is_ok());
     }
 }

@@ -6,6 +6,8 @@
 //! here. The [`ApiJson`] extractor replaces axum's `Json` so that oversized
 //! and malformed bodies get problem documents too, not plain text.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
@@ -13,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use guardian_protocol::{problem_type, Entity, Problem, PROBLEM_CONTENT_TYPE};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::store::{FeedRefusal, Refusal};
 
@@ -227,7 +230,7 @@ where
             ));
         }
         let (parts, body) = req.into_parts();
-        let bytes = read_body(&parts.headers, body, limit).await?;
+        let (bytes, _) = read_body(&parts.headers, body, limit, None).await?;
         parse_json(&bytes).map(ApiJson)
     }
 }
@@ -239,13 +242,19 @@ where
 /// cannot be skipped. The pieces are copied into one buffer as they come:
 /// kept as a list, a body sent in 1-byte chunks would take some 30 times
 /// its size in memory.
+///
+/// With a `budget` (one permit a byte, shared by all requests), each piece
+/// takes its share as it comes, held by the returned permit; a piece the
+/// budget cannot cover ends the read with 503 `unavailable`.
 pub(crate) async fn read_body(
     headers: &axum::http::HeaderMap,
     body: Body,
     limit: usize,
-) -> Result<bytes::Bytes, ApiError> {
+    budget: Option<&Arc<Semaphore>>,
+) -> Result<(bytes::Bytes, Option<OwnedSemaphorePermit>), ApiError> {
     use futures::StreamExt;
     let too_large = || ApiError::too_large(format!("the body is larger than {limit} bytes"));
+    let mut held: Option<OwnedSemaphorePermit> = None;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -266,6 +275,23 @@ pub(crate) async fn read_body(
         if len > limit {
             return Err(too_large());
         }
+        if let Some(budget) = budget.filter(|_| !piece.is_empty()) {
+            let share = u32::try_from(piece.len()).map_err(|_| too_large())?;
+            let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(share) else {
+                return Err(ApiError::new(
+                    problem_type::UNAVAILABLE,
+                    503,
+                    "Service unavailable",
+                    "the server holds as many request bodies as it may; nothing was applied",
+                )
+                .with_header(header::RETRY_AFTER, "1")
+                .with_header(header::CONNECTION, "close"));
+            };
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
+            }
+        }
         if let Some(f) = first.take() {
             let expected = declared
                 .and_then(|n| usize::try_from(n).ok())
@@ -279,7 +305,7 @@ pub(crate) async fn read_body(
             joined.extend_from_slice(&piece);
         }
     }
-    Ok(first.unwrap_or_else(|| joined.freeze()))
+    Ok((first.unwrap_or_else(|| joined.freeze()), held))
 }
 
 /// Parses a JSON body with a message that says where it went wrong.

@@ -98,6 +98,9 @@ impl ServerBuilder {
             rate: Arc::new(RateLimiter::new(config.rate_limit)),
             lockout: AuthLockout::default(),
             concurrency: Arc::new(Semaphore::new(config.concurrency_limit)),
+            body_budget: Arc::new(Semaphore::new(
+                config.body_budget.min(Semaphore::MAX_PERMITS),
+            )),
             shutdown: shutdown_rx.clone(),
             kick: Arc::new(watch::Sender::new(0)),
             config,

@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     /// Addresses that failed the admin token too often.
     pub(crate) lockout: AuthLockout,
     pub(crate) concurrency: Arc<Semaphore>,
+    /// Bytes of request bodies that may be held at once (one permit a byte).
+    pub(crate) body_budget: Arc<Semaphore>,
     /// Becomes true when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Bumped to close every realtime session (admin route, tests).

@@ -61,6 +61,9 @@ pub(crate) struct Args {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     body_limit: usize,
+    /// Most bytes of request bodies held at once, all requests together.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    body_budget: usize,
     /// Most ops per batch.
     #[arg(long, default_value_t = 1000)]
     max_batch_ops: usize,
@@ -256,6 +259,7 @@ impl Args {
             .idempotency_retention(self.idempotency_retention)
             .feed_retention(self.feed_retention)
             .body_limit(self.body_limit)
+            .body_budget(self.body_budget)
             .max_batch_ops(self.max_batch_ops)
             .request_timeout(self.request_timeout)
             .concurrency_limit(self.concurrency_limit)

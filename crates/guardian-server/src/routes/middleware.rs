@@ -98,9 +98,10 @@ fn too_many(why: &str, wait: std::time::Duration) -> Response {
 /// Middleware (after authentication): admits a request in three steps.
 /// 1. The tenant's rate limit: 429 with `Retry-After` when its bucket is
 ///    empty.
-/// 2. The whole body is read. It comes before the slot so that a client
-///    sending its body slowly holds only its own connection, never one of
-///    the slots every tenant shares.
+/// 2. The whole body is read, within the body budget, which it holds
+///    until the request is answered. It comes before the slot so that a
+///    client sending its body slowly holds only its own connection, never
+///    one of the slots every tenant shares.
 /// 3. A concurrency slot, held while the request is handled.
 pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
@@ -110,11 +111,12 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
         }
     }
     let (parts, body) = req.into_parts();
-    let body = if body.size_hint().exact() == Some(0) {
-        body
+    let (body, _held) = if body.size_hint().exact() == Some(0) {
+        (body, None)
     } else {
-        match read_body(&parts.headers, body, state.config.body_limit).await {
-            Ok(bytes) => Body::from(bytes),
+        let budget = Some(&state.body_budget);
+        match read_body(&parts.headers, body, state.config.body_limit, budget).await {
+            Ok((bytes, held)) => (Body::from(bytes), held),
             Err(e) => return e.into_response(),
         }
     };

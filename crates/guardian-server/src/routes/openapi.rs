@@ -112,7 +112,7 @@ impl Modify for CommonResponses {
                         502,
                         "`unavailable`: an injected fault; nothing was applied",
                     );
-                    add(op, 503, "`timeout` (the request timeout expired before commit) or `unavailable` (an injected fault); nothing was applied, retry after `Retry-After`");
+                    add(op, 503, "`timeout` (the request timeout expired before commit) or `unavailable` (an injected fault, or the server holds as many request bodies as it may); nothing was applied, retry after `Retry-After`");
                 } else if path.starts_with("/admin/") {
                     add(op, 401, "`unauthorized`: not the admin token");
                     add(op, 404, "`not-found`: the admin routes are disabled (the server has no admin token)");

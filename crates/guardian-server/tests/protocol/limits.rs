@@ -302,3 +302,42 @@ async fn a_body_slower_than_the_request_timeout_is_408() {
     assert!(h.applied_keys().await.is_empty());
     assert_eq!(h.server.in_flight(), 0);
 }
+
+/// Bodies held at once share a byte budget: a body that would cross it is
+/// refused with 503 (retry), and a body's share comes back once its
+/// request is answered. Bodies are read before a concurrency slot is
+/// taken, so without the budget only the connection caps bound them.
+#[tokio::test]
+async fn bodies_beyond_the_body_budget_wait_their_turn_with_503() {
+    let h = start(builder().body_limit(1000).body_budget(1000).faults(Faults {
+        latency_ms: 1000,
+        ..Faults::default()
+    }))
+    .await;
+    // An ~800-byte body, held while its request waits in the handler.
+    let first = h.create_req("device", "a", json!({"x": "y".repeat(760)}), "ka");
+    let first = tokio::spawn(async move { first.send().await.unwrap().status().as_u16() });
+    tokio::time::timeout(Duration::from_secs(10), h.server.wait_in_flight(1))
+        .await
+        .expect("the first request never reached its handler");
+    let other = h.as_token(OTHER_TOKEN);
+    let req = other
+        .req(Method::POST, "/v1/entities/device")
+        .header("idempotency-key", "kb")
+        .json(&json!({"id": "b", "data": {"x": "y".repeat(260)}}));
+    let r = other.send(req).await;
+    assert_eq!(
+        (r.status, r.problem_type()),
+        (503, problem_type::UNAVAILABLE)
+    );
+    assert!(r.header("retry-after").is_some());
+    // A request without a body needs none of the budget.
+    assert_eq!(h.get("device", "nope").await.status, 404);
+    assert_eq!(first.await.unwrap(), 201);
+    let req = other
+        .req(Method::POST, "/v1/entities/device")
+        .header("idempotency-key", "kb")
+        .json(&json!({"id": "b", "data": {"x": "y".repeat(260)}}));
+    assert_eq!(other.send(req).await.status, 201, "the budget came back");
+    assert_eq!(h.applied_keys().await.len(), 2);
+}
