@@ -71,6 +71,15 @@ pub(crate) const LOCKOUT_WINDOW_MS: i64 = 60_000;
 /// Addresses tracked at most; beyond, the oldest window is forgotten.
 const LOCKOUT_TRACKED: usize = 4096;
 
+impl Strikes {
+    /// Whether the window is still open at `now`. A window that begins
+    /// after `now` (the wall clock stepped back) is over: else a step back
+    /// of an hour would lock an address out for that hour.
+    fn current(&self, now: i64) -> bool {
+        (self.since..self.since.saturating_add(LOCKOUT_WINDOW_MS)).contains(&now)
+    }
+}
+
 impl AuthLockout {
     fn strikes(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Strikes>> {
         // Plain counters, each update complete under the lock.
@@ -83,7 +92,7 @@ impl AuthLockout {
     pub(crate) fn locked(&self, ip: IpAddr, now: i64) -> Option<Duration> {
         let s = *self.strikes().get(&ip)?;
         let ends = s.since.saturating_add(LOCKOUT_WINDOW_MS);
-        (s.count >= LOCKOUT_FAILURES && now < ends)
+        (s.count >= LOCKOUT_FAILURES && s.current(now))
             .then(|| Duration::from_millis(u64::try_from(ends - now).unwrap_or(0)))
     }
 
@@ -91,7 +100,7 @@ impl AuthLockout {
     pub(crate) fn failed(&self, ip: IpAddr, now: i64) {
         let mut strikes = self.strikes();
         if !strikes.contains_key(&ip) && strikes.len() >= LOCKOUT_TRACKED {
-            strikes.retain(|_, s| now < s.since.saturating_add(LOCKOUT_WINDOW_MS));
+            strikes.retain(|_, s| s.current(now));
             if strikes.len() >= LOCKOUT_TRACKED {
                 if let Some(oldest) = strikes.iter().min_by_key(|(_, s)| s.since).map(|(k, _)| *k) {
                     strikes.remove(&oldest);
@@ -102,7 +111,7 @@ impl AuthLockout {
             count: 0,
             since: now,
         });
-        if now >= s.since.saturating_add(LOCKOUT_WINDOW_MS) {
+        if !s.current(now) {
             *s = Strikes {
                 count: 0,
                 since: now,
@@ -193,6 +202,19 @@ mod tests {
         assert_eq!(l.locked(other, 1_000), None, "per address");
         l.failed(ip, 61_000);
         assert_eq!(l.locked(ip, 61_000), None, "a new window starts at one");
+    }
+
+    #[test]
+    fn a_clock_stepped_back_ends_a_lockout_instead_of_stretching_it() {
+        let l = AuthLockout::default();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        for _ in 0..LOCKOUT_FAILURES {
+            l.failed(ip, 3_600_000);
+        }
+        assert!(l.locked(ip, 3_600_000).is_some());
+        assert_eq!(l.locked(ip, 0), None, "an hour back");
+        l.failed(ip, 0);
+        assert_eq!(l.locked(ip, 0), None, "a new window starts at one");
     }
 
     #[test]
