@@ -240,7 +240,7 @@ where
 /// Continue` sent): waiting for a body that will be refused anyway would
 /// only hold the connection. `Connection: close` because the unread body
 /// cannot be skipped. The pieces are copied into one buffer as they come:
-/// kept as a list, a body sent in 1-byte chunks would take some 30 times
+/// kept as a list, a body sent in 1-byte chunks would take some 25 times
 /// its size in memory.
 ///
 /// With a `budget` (one permit a byte, shared by all requests), each piece
@@ -293,10 +293,10 @@ pub(crate) async fn read_body(
             }
         }
         if let Some(f) = first.take() {
-            let expected = declared
-                .and_then(|n| usize::try_from(n).ok())
-                .unwrap_or(len);
-            joined.reserve(expected.clamp(len, limit));
+            // Sized by what arrived, never by the declared length: a client
+            // could declare the limit, send two bytes and so hold memory
+            // the budget never saw.
+            joined.reserve(len);
             joined.extend_from_slice(&f);
         }
         if joined.is_empty() {
