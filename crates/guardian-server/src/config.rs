@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::faults::{Faults, FaultsError};
+use crate::proxy::{IpNet, TrustedProxies};
 use crate::store::{Storage, StoreError, Synchronous};
 
 /// A per-tenant token bucket: `burst` requests at once, refilled at
@@ -43,6 +44,7 @@ pub(crate) struct ServerConfig {
     /// `None`: derived from the open-file limit at bind time.
     pub(crate) max_connections: Option<usize>,
     pub(crate) max_connections_per_peer: usize,
+    pub(crate) trusted_proxies: TrustedProxies,
     pub(crate) faults: Faults,
     pub(crate) admin_token: Option<String>,
     pub(crate) clock: SharedClock,
@@ -100,8 +102,8 @@ impl ServerBuilder {
     /// close after 45 s of silence, the applied-mutations log kept, 10 s to send a request's headers, at
     /// most 64 connections per peer address and a total connection cap
     /// derived from the open-file limit (see
-    /// [`max_connections`](Self::max_connections)), no faults, no admin
-    /// route.
+    /// [`max_connections`](Self::max_connections)), no trusted proxies, no
+    /// faults, no admin route.
     pub fn new() -> Self {
         Self {
             config: ServerConfig {
@@ -124,6 +126,7 @@ impl ServerBuilder {
                 header_read_timeout: Duration::from_secs(10),
                 max_connections: None,
                 max_connections_per_peer: 64,
+                trusted_proxies: TrustedProxies::default(),
                 faults: Faults::default(),
                 admin_token: None,
                 clock: Arc::new(SystemClock),
@@ -297,10 +300,22 @@ impl ServerBuilder {
     }
 
     /// Most connections open at once from one IP address; more are closed
-    /// as soon as they are accepted.
+    /// as soon as they are accepted. A [trusted proxy](Self::trusted_proxies)
+    /// has no such cap.
     #[must_use]
     pub fn max_connections_per_peer(mut self, n: usize) -> Self {
         self.config.max_connections_per_peer = n;
+        self
+    }
+
+    /// Trusts `X-Forwarded-For` on connections from `proxies` (a reverse
+    /// proxy or load balancer in front of the server; none by default). A
+    /// request through them is counted under the right-most forwarded
+    /// address that is not one of them (the admin lockout), and their own
+    /// connections are bounded only by the total cap, not the per-peer one.
+    #[must_use]
+    pub fn trusted_proxies(mut self, proxies: impl IntoIterator<Item = IpNet>) -> Self {
+        self.config.trusted_proxies = TrustedProxies::new(proxies.into_iter().collect());
         self
     }
 

@@ -25,12 +25,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Caps on open connections, in total and per peer IP address.
+use crate::proxy::TrustedProxies;
+
+/// Caps on open connections, in total and per peer IP address; a trusted
+/// proxy, which carries many clients' connections, has no per-peer cap.
 #[derive(Debug)]
 pub(crate) struct ConnLimits {
     total: Arc<Semaphore>,
     per_peer: usize,
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    proxies: TrustedProxies,
 }
 
 /// One open connection's share of the caps, returned when dropped.
@@ -54,11 +58,12 @@ impl Drop for ConnSlot {
 }
 
 impl ConnLimits {
-    pub(crate) fn new(total: usize, per_peer: usize) -> Self {
+    pub(crate) fn new(total: usize, per_peer: usize, proxies: TrustedProxies) -> Self {
         Self {
             total: Arc::new(Semaphore::new(total)),
             per_peer,
             peers: Arc::new(Mutex::new(HashMap::new())),
+            proxies,
         }
     }
 
@@ -74,7 +79,7 @@ impl ConnLimits {
     pub(crate) fn admit(&self, permit: OwnedSemaphorePermit, peer: IpAddr) -> Option<ConnSlot> {
         let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
         let n = peers.entry(peer).or_insert(0);
-        if *n >= self.per_peer {
+        if *n >= self.per_peer && !self.proxies.trusts(peer) {
             return None;
         }
         *n += 1;

@@ -112,6 +112,7 @@ impl ServerBuilder {
                 .max_connections
                 .unwrap_or_else(default_max_connections),
             state.config.max_connections_per_peer,
+            state.config.trusted_proxies.clone(),
         );
         let task = tokio::spawn(serve(
             listener,

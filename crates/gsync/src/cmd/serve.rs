@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use guardian_server::{
-    AlertRules, Faults, RateLimit, RetryAfter, RetryAfterForm, ServerBuilder, Synchronous,
+    AlertRules, Faults, IpNet, RateLimit, RetryAfter, RetryAfterForm, ServerBuilder, Synchronous,
 };
 
 use crate::Global;
@@ -97,6 +97,11 @@ pub(crate) struct Args {
     /// at once.
     #[arg(long, default_value_t = 64)]
     max_connections_per_peer: usize,
+    /// A reverse proxy or load balancer in front of this server, `ADDR` or
+    /// `ADDR/PREFIX` (repeatable): its `X-Forwarded-For` names the client
+    /// the admin lockout counts, and its connections have no per-peer cap.
+    #[arg(long = "trusted-proxy", value_name = "ADDR[/PREFIX]")]
+    trusted_proxies: Vec<IpNet>,
     /// Commit durability: `full` (fsync every commit) or `normal`.
     #[arg(long, default_value = "full")]
     sync: String,
@@ -271,6 +276,7 @@ impl Args {
             .ws_idle_timeout(self.ws_idle_timeout)
             .header_read_timeout(self.header_read_timeout)
             .max_connections_per_peer(self.max_connections_per_peer)
+            .trusted_proxies(self.trusted_proxies.iter().copied())
             .faults(faults))
     }
 }

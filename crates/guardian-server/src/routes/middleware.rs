@@ -139,10 +139,12 @@ pub(crate) async fn admin_lockout(
     req: Request,
     next: Next,
 ) -> Response {
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<ConnInfo>>()
-        .map(|c| c.0.remote.ip());
+    let ip = req.extensions().get::<ConnectInfo<ConnInfo>>().map(|c| {
+        state
+            .config
+            .trusted_proxies
+            .client(c.0.remote.ip(), req.headers())
+    });
     let now = state.config.clock.now_millis();
     if let Some(wait) = ip.and_then(|ip| state.lockout.locked(ip, now)) {
         return too_many("too many wrong admin tokens from this address", wait);

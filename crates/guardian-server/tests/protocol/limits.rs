@@ -341,3 +341,62 @@ async fn bodies_beyond_the_body_budget_wait_their_turn_with_503() {
     assert_eq!(other.send(req).await.status, 201, "the budget came back");
     assert_eq!(h.applied_keys().await.len(), 2);
 }
+
+/// A trusted proxy carries many clients' connections: the per-peer cap
+/// does not apply to it, while it still closes the excess of any other
+/// address.
+#[tokio::test]
+async fn a_trusted_proxy_is_not_held_to_the_per_peer_cap() {
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let h = start(
+        builder()
+            .max_connections_per_peer(2)
+            .trusted_proxies(["127.0.0.2".parse().unwrap()]),
+    )
+    .await;
+    let addr = h.server.addr();
+    let open = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::new(127, 0, 0, last)),
+                0,
+            ))
+            .unwrap();
+        let mut s = socket.connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        s
+    };
+    // Reads the answer to the request begun by `open`; "" when the server
+    // closed the connection instead.
+    let answer = |mut s: tokio::net::TcpStream| async move {
+        let _ = s.write_all(b"\r\n").await;
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no answer within 10 s")
+            .unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut proxy = Vec::new();
+    for _ in 0..5 {
+        proxy.push(open(2).await);
+    }
+    let mut other = Vec::new();
+    for _ in 0..3 {
+        other.push(open(3).await);
+    }
+    for s in proxy {
+        assert!(answer(s).await.starts_with("HTTP/1.1 200"));
+    }
+    let answers: Vec<String> = futures::future::join_all(other.into_iter().map(answer)).await;
+    assert!(answers[0].starts_with("HTTP/1.1 200") && answers[1].starts_with("HTTP/1.1 200"));
+    assert_eq!(
+        answers[2], "",
+        "the third connection of an untrusted address was served"
+    );
+}

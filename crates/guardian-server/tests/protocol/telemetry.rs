@@ -573,3 +573,35 @@ async fn telemetry_is_in_the_openapi_document() {
     assert!(doc["paths"]["/v1/telemetry"]["post"].is_object());
     assert!(doc["components"]["schemas"]["TelemetrySnapshot"].is_object());
 }
+
+/// Behind a trusted proxy the lockout counts the forwarded client, not the
+/// proxy: one client's wrong tokens lock out that client only. From a peer
+/// that is not trusted, `X-Forwarded-For` changes nothing, so a guesser
+/// cannot dodge the lockout by writing a new address into each request.
+#[tokio::test]
+async fn the_lockout_counts_the_client_behind_a_trusted_proxy_only() {
+    let proxied = start(builder().trusted_proxies(["127.0.0.1".parse().unwrap()])).await;
+    let direct = start(builder()).await;
+    let http = no_redirects();
+    let faults = |h: &Harness, token: &str, client: &str| {
+        let req = http
+            .get(h.url("/admin/faults"))
+            .bearer_auth(token)
+            .header("x-forwarded-for", format!("198.51.100.1, {client}"));
+        async move { req.send().await.unwrap().status() }
+    };
+    for i in 0..10 {
+        assert_eq!(faults(&proxied, "guess", "203.0.113.7").await, 401);
+        assert_eq!(
+            faults(&direct, "guess", &format!("203.0.113.{i}")).await,
+            401
+        );
+    }
+    assert_eq!(faults(&proxied, ADMIN, "203.0.113.7").await, 429);
+    // The address the guesser wrote itself (left of the proxy's) is not
+    // the one counted, and other clients behind the proxy are served.
+    assert_eq!(faults(&proxied, ADMIN, "203.0.113.8").await, 200);
+    let r = http.get(proxied.url("/admin/faults")).bearer_auth(ADMIN);
+    assert_eq!(r.send().await.unwrap().status(), 200, "the proxy itself");
+    assert_eq!(faults(&direct, ADMIN, "203.0.113.99").await, 429);
+}
