@@ -3,17 +3,95 @@
 //! decides when and sends. Runs as its own task while a runner holds the
 //! lock; see that module for the guarantees.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use guardian_protocol::telemetry::{BreakerStateName, QueueDepth, TelemetrySnapshot};
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::Notify;
 
 use crate::breaker::BreakerState;
 use crate::telemetry::export::{Decision, ExportDecider, Fingerprint, RecentFailures};
 use crate::telemetry::Counter;
 
 use super::{Inner, SyncEvent};
+
+/// What the export task hears of, noted as events are emitted without
+/// waking it for each: a drain emits an event per applied op, and a task
+/// woken per op cost the drain's client side about as much CPU as it spends
+/// parsing the answers. An applied op only moves `last_sync_at`; the events
+/// that may make a snapshot due (a failure, a breaker change, a stall) wake
+/// the task.
+#[derive(Debug, Default)]
+pub(super) struct ExportFeed {
+    /// Unix ms of the last applied op; `i64::MIN` until one is.
+    last_sync_at: AtomicI64Min,
+    notes: Mutex<Notes>,
+    changed: Notify,
+}
+
+/// An `AtomicI64` that starts at `i64::MIN` (no time yet).
+#[derive(Debug)]
+struct AtomicI64Min(AtomicI64);
+
+impl Default for AtomicI64Min {
+    fn default() -> Self {
+        Self(AtomicI64::new(i64::MIN))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Notes {
+    failures: RecentFailures,
+    /// Seen since the task last looked.
+    failed_or_stalled: bool,
+    breaker: bool,
+}
+
+impl ExportFeed {
+    /// Notes `event`, emitted at `now_ms`.
+    pub(super) fn note(&self, event: &SyncEvent, now_ms: impl FnOnce() -> i64) {
+        let mut notes = match event {
+            SyncEvent::OpSucceeded { .. } => {
+                self.last_sync_at.0.store(now_ms(), Ordering::Relaxed);
+                return;
+            }
+            SyncEvent::OpFailed { .. } | SyncEvent::Breaker { .. } | SyncEvent::Stalled { .. } => {
+                self.notes()
+            }
+            _ => return,
+        };
+        match event {
+            SyncEvent::OpFailed { error, .. } => {
+                notes.failures.push(error);
+                notes.failed_or_stalled = true;
+            }
+            SyncEvent::Breaker { .. } => notes.breaker = true,
+            _ => notes.failed_or_stalled = true,
+        }
+        drop(notes);
+        self.changed.notify_one();
+    }
+
+    fn notes(&self) -> std::sync::MutexGuard<'_, Notes> {
+        // Plain data, each update complete under the lock.
+        self.notes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What was noted since the last call: (a failure or stall, a breaker
+    /// change).
+    fn take(&self) -> (bool, bool) {
+        let mut notes = self.notes();
+        let seen = (notes.failed_or_stalled, notes.breaker);
+        notes.failed_or_stalled = false;
+        notes.breaker = false;
+        seen
+    }
+
+    fn last_sync_at(&self) -> Option<i64> {
+        Some(self.last_sync_at.0.load(Ordering::Relaxed)).filter(|&t| t != i64::MIN)
+    }
+}
 
 fn breaker_name(state: &BreakerState) -> BreakerStateName {
     match state {
@@ -24,12 +102,11 @@ fn breaker_name(state: &BreakerState) -> BreakerStateName {
 }
 
 impl Inner {
-    async fn telemetry_snapshot(
-        &self,
-        seq: u64,
-        failures: &RecentFailures,
-        last_sync_at: Option<i64>,
-    ) -> TelemetrySnapshot {
+    async fn telemetry_snapshot(&self, seq: u64) -> TelemetrySnapshot {
+        let (last_failures, last_sync_at) = (
+            self.export.notes().failures.to_vec(),
+            self.export.last_sync_at(),
+        );
         let now = self.clock.now_millis();
         // A failed count is best effort too: zeros rather than no snapshot.
         let stats = self.outbox.stats().await.unwrap_or_default();
@@ -54,7 +131,7 @@ impl Inner {
             oldest_pending_age_ms: stats
                 .oldest_created_at
                 .map(|t| u64::try_from(now.saturating_sub(t)).unwrap_or(0)),
-            last_failures: failures.to_vec(),
+            last_failures,
             breaker,
             health_score: self.metrics.health_score().min(100),
             latency_p50_ms: has_latency.then_some(latency.p50_ms),
@@ -68,14 +145,13 @@ impl Inner {
     }
 }
 
-/// Exports snapshots until the event channel closes or the task is aborted.
-pub(super) async fn export_loop(inner: Arc<Inner>, mut events: broadcast::Receiver<SyncEvent>) {
+/// Exports snapshots until the task is aborted (when the runner lets the
+/// lock go).
+pub(super) async fn export_loop(inner: Arc<Inner>) {
     let Some((config, sender)) = inner.telemetry.clone() else {
         return;
     };
     let mut decider = ExportDecider::default();
-    let mut failures = RecentFailures::default();
-    let mut last_sync_at = None;
     let mut seq = 0u64;
     // The next look at the state, and the earliest a change may be sent.
     let mut wake_at = inner.clock.monotonic();
@@ -83,25 +159,16 @@ pub(super) async fn export_loop(inner: Arc<Inner>, mut events: broadcast::Receiv
     loop {
         let wait = wake_at.saturating_sub(inner.clock.monotonic());
         tokio::select! {
-            event = events.recv() => {
-                // The earliest a look at the state may send what the event
-                // changed; a breaker change may go sooner than the rest.
-                let send_at = match event {
-                    Ok(SyncEvent::OpSucceeded { .. }) => {
-                        last_sync_at = Some(inner.clock.now_millis());
-                        None
-                    }
-                    Ok(SyncEvent::OpFailed { error, .. }) => {
-                        failures.push(&error);
-                        Some(earliest_send)
-                    }
-                    Ok(SyncEvent::Breaker { .. }) => Some(decider.breaker_send_at(&config)),
-                    Ok(SyncEvent::Stalled { .. }) => Some(earliest_send),
-                    Ok(_) | Err(RecvError::Lagged(_)) => None,
-                    Err(RecvError::Closed) => return,
-                };
-                if let Some(at) = send_at {
-                    wake_at = wake_at.min(at.max(inner.clock.monotonic()));
+            () = inner.export.changed.notified() => {
+                // The earliest a look at the state may send what changed; a
+                // breaker change may go sooner than the rest.
+                let (failed_or_stalled, breaker) = inner.export.take();
+                let now = inner.clock.monotonic();
+                if failed_or_stalled {
+                    wake_at = wake_at.min(earliest_send.max(now));
+                }
+                if breaker {
+                    wake_at = wake_at.min(decider.breaker_send_at(&config).max(now));
                 }
                 continue;
             }
@@ -111,9 +178,7 @@ pub(super) async fn export_loop(inner: Arc<Inner>, mut events: broadcast::Receiv
         if now < wake_at {
             continue;
         }
-        let snapshot = inner
-            .telemetry_snapshot(seq + 1, &failures, last_sync_at)
-            .await;
+        let snapshot = inner.telemetry_snapshot(seq + 1).await;
         let fp = Fingerprint::of(&snapshot);
         match decider.decide(&fp, now, &config) {
             Decision::Send => {
@@ -127,5 +192,55 @@ pub(super) async fn export_loop(inner: Arc<Inner>, mut events: broadcast::Receiv
             }
             Decision::WaitFor(d) | Decision::Idle(d) => wake_at = now + d,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt as _;
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// An applied op moves `last_sync_at` without waking the export task;
+    /// a failure or a stall wakes it, and a failure's reason is kept.
+    #[test]
+    fn only_events_that_may_make_a_snapshot_due_wake_the_task() {
+        let feed = ExportFeed::default();
+        assert_eq!(feed.last_sync_at(), None);
+        let applied = SyncEvent::OpSucceeded {
+            op_id: Uuid::now_v7(),
+            entity_type: "device".into(),
+            entity_id: "d1".into(),
+            version: Some(1),
+            replayed: false,
+        };
+        for at in [10, 20] {
+            feed.note(&applied, || at);
+        }
+        assert_eq!(feed.last_sync_at(), Some(20));
+        assert!(feed.changed.notified().now_or_never().is_none());
+        assert_eq!(feed.take(), (false, false));
+        let failed = SyncEvent::OpFailed {
+            op_id: Uuid::now_v7(),
+            entity_type: "device".into(),
+            entity_id: "d1".into(),
+            error: "422 invalid".into(),
+        };
+        feed.note(&failed, || 30);
+        assert!(feed.changed.notified().now_or_never().is_some());
+        assert_eq!(feed.take(), (true, false));
+        assert_eq!(feed.take(), (false, false), "taken once");
+        assert_eq!(feed.notes().failures.to_vec(), ["422 invalid"]);
+        feed.note(
+            &SyncEvent::Stalled {
+                stalled_for_ms: 1,
+                pending: 1,
+            },
+            || 40,
+        );
+        assert!(feed.changed.notified().now_or_never().is_some());
+        assert_eq!(feed.take(), (true, false));
+        assert_eq!(feed.last_sync_at(), Some(20));
     }
 }

@@ -367,6 +367,7 @@ impl SyncEngineBuilder {
                     self.lock.heartbeat_interval,
                 )),
                 telemetry,
+                export: export::ExportFeed::default(),
                 owner_id: self
                     .owner_id
                     .unwrap_or_else(|| format!("runner-{}", uuid::Uuid::now_v7())),
@@ -402,6 +403,8 @@ struct Inner {
     owner_id: String,
     /// Telemetry export, when on.
     telemetry: Option<(TelemetryConfig, TelemetrySender)>,
+    /// What the export task hears of.
+    export: export::ExportFeed,
     /// Keeps stored backoffs their length across wall-clock steps.
     schedule: Mutex<ScheduleGuard>,
 }
@@ -414,6 +417,9 @@ impl Inner {
     }
 
     fn emit(&self, event: SyncEvent) {
+        if self.telemetry.is_some() {
+            self.export.note(&event, || self.clock.now_millis());
+        }
         // No subscriber is fine.
         let _ = self.events.send(event);
     }

@@ -183,10 +183,7 @@ impl SyncEngine {
         };
         // Telemetry runs beside the drain while this runner holds the lock.
         let _export = self.inner.telemetry.is_some().then(|| {
-            let task = tokio::spawn(super::export::export_loop(
-                self.inner.clone(),
-                self.inner.events.subscribe(),
-            ));
+            let task = tokio::spawn(super::export::export_loop(self.inner.clone()));
             AbortOnDrop(task.abort_handle())
         });
         let result = self
