@@ -17,11 +17,10 @@ use crate::telemetry::Counter;
 use super::{Inner, SyncEvent};
 
 /// What the export task hears of, noted as events are emitted without
-/// waking it for each: a drain emits an event per applied op, and a task
-/// woken per op cost the drain's client side about as much CPU as it spends
-/// parsing the answers. An applied op only moves `last_sync_at`; the events
-/// that may make a snapshot due (a failure, a breaker change, a stall) wake
-/// the task.
+/// waking it for each: a drain emits an event per applied op, and waking a
+/// task per op was a measurable part of the drain's CPU per op. An applied
+/// op only moves `last_sync_at`; the events that may make a snapshot due (a
+/// failure, a breaker change, a stall) wake the task.
 #[derive(Debug, Default)]
 pub(super) struct ExportFeed {
     /// Unix ms of the last applied op; `i64::MIN` until one is.
@@ -49,7 +48,7 @@ struct Notes {
 }
 
 impl ExportFeed {
-    /// Notes `event`, emitted at `now_ms`.
+    /// Notes `event`; `now_ms` reads the time it was emitted at.
     pub(super) fn note(&self, event: &SyncEvent, now_ms: impl FnOnce() -> i64) {
         let mut notes = match event {
             SyncEvent::OpSucceeded { .. } => {
