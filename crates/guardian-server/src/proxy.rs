@@ -49,7 +49,7 @@ impl FromStr for IpNet {
         };
         // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is the IPv4 one,
         // as the peers it is compared with are.
-        match canonical(addr) {
+        match addr.to_canonical() {
             v4 @ IpAddr::V4(_) if addr.is_ipv6() && prefix >= 96 => Ok(Self {
                 addr: v4,
                 prefix: prefix - 96,
@@ -66,9 +66,10 @@ impl fmt::Display for IpNet {
 }
 
 impl IpNet {
-    /// Whether `ip` lies in this network.
+    /// Whether `ip` lies in this network. An IPv4 address mapped into IPv6
+    /// (a dual-stack listener's view of a peer) counts as the IPv4 address.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 same_prefix(&net.octets(), &ip.octets(), self.prefix)
             }
@@ -78,12 +79,6 @@ impl IpNet {
             _ => false,
         }
     }
-}
-
-/// An IPv4 address mapped into IPv6 (a dual-stack listener's view) is the
-/// IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
 }
 
 /// Whether the first `bits` bits of `a` and `b` are equal.
@@ -120,7 +115,7 @@ impl TrustedProxies {
     /// last address reached is the client): nothing left of it was written
     /// by a proxy that can be believed.
     pub(crate) fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        let mut client = canonical(peer);
+        let mut client = peer.to_canonical();
         if !self.trusts(client) {
             return client;
         }
@@ -150,7 +145,7 @@ fn forwarded_ip(entry: &str) -> Option<IpAddr> {
         .parse::<IpAddr>()
         .or_else(|_| entry.parse::<SocketAddr>().map(|a| a.ip()))
         .ok()
-        .map(canonical)
+        .map(|ip| ip.to_canonical())
 }
 
 #[cfg(test)]

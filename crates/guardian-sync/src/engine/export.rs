@@ -21,21 +21,21 @@ use super::{Inner, SyncEvent};
 /// task per op was a measurable part of the drain's CPU per op. An applied
 /// op only moves `last_sync_at`; the events that may make a snapshot due (a
 /// failure, a breaker change, a stall) wake the task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct ExportFeed {
     /// Unix ms of the last applied op; `i64::MIN` until one is.
-    last_sync_at: AtomicI64Min,
+    last_sync_at: AtomicI64,
     notes: Mutex<Notes>,
     changed: Notify,
 }
 
-/// An `AtomicI64` that starts at `i64::MIN` (no time yet).
-#[derive(Debug)]
-struct AtomicI64Min(AtomicI64);
-
-impl Default for AtomicI64Min {
+impl Default for ExportFeed {
     fn default() -> Self {
-        Self(AtomicI64::new(i64::MIN))
+        Self {
+            last_sync_at: AtomicI64::new(i64::MIN),
+            notes: Mutex::default(),
+            changed: Notify::new(),
+        }
     }
 }
 
@@ -50,25 +50,20 @@ struct Notes {
 impl ExportFeed {
     /// Notes `event`; `now_ms` reads the time it was emitted at.
     pub(super) fn note(&self, event: &SyncEvent, now_ms: impl FnOnce() -> i64) {
-        let mut notes = match event {
+        match event {
             SyncEvent::OpSucceeded { .. } => {
-                self.last_sync_at.0.store(now_ms(), Ordering::Relaxed);
+                self.last_sync_at.store(now_ms(), Ordering::Relaxed);
                 return;
             }
-            SyncEvent::OpFailed { .. } | SyncEvent::Breaker { .. } | SyncEvent::Stalled { .. } => {
-                self.notes()
-            }
-            _ => return,
-        };
-        match event {
             SyncEvent::OpFailed { error, .. } => {
+                let mut notes = self.notes();
                 notes.failures.push(error);
                 notes.failed_or_stalled = true;
             }
-            SyncEvent::Breaker { .. } => notes.breaker = true,
-            _ => notes.failed_or_stalled = true,
+            SyncEvent::Breaker { .. } => self.notes().breaker = true,
+            SyncEvent::Stalled { .. } => self.notes().failed_or_stalled = true,
+            _ => return,
         }
-        drop(notes);
         self.changed.notify_one();
     }
 
@@ -88,7 +83,7 @@ impl ExportFeed {
     }
 
     fn last_sync_at(&self) -> Option<i64> {
-        Some(self.last_sync_at.0.load(Ordering::Relaxed)).filter(|&t| t != i64::MIN)
+        Some(self.last_sync_at.load(Ordering::Relaxed)).filter(|&t| t != i64::MIN)
     }
 }
 
