@@ -15,7 +15,40 @@ use crate::transport::OpRequest;
 
 use super::{EngineError, Inner, SyncEvent};
 
-type Pending<'a> = FuturesUnordered<BoxFuture<'a, Result<DrainInput, EngineError>>>;
+type Step<'a> = BoxFuture<'a, Result<DrainInput, EngineError>>;
+
+/// Outstanding futures of one kind.
+///
+/// `FuturesUnordered` wakes its task and yields whenever one poll went
+/// through all its futures (futures-rs #2333): with one request in flight
+/// that is every poll, and tokio turns the self-wake into a yield that wakes
+/// another worker before the request just built reaches its socket. A
+/// never-ready sentinel, polled only the first time, keeps a poll from ever
+/// going through them all.
+struct Pending<'a> {
+    set: FuturesUnordered<Step<'a>>,
+}
+
+impl<'a> Pending<'a> {
+    fn new() -> Self {
+        let set = FuturesUnordered::new();
+        set.push(Box::pin(std::future::pending()) as Step<'a>);
+        Self { set }
+    }
+
+    fn push(&mut self, step: Step<'a>) {
+        self.set.push(step);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.len() <= 1
+    }
+
+    /// The next result; pending forever while empty.
+    async fn next(&mut self) -> Option<Result<DrainInput, EngineError>> {
+        self.set.next().await
+    }
+}
 
 impl Inner {
     /// Drains everything ready now (see [`DrainMachine`]).
@@ -32,9 +65,9 @@ impl Inner {
         // Writes (and conflict fetches) are polled first: their jobs reach
         // the writer thread before a claim's, so the claim sees their effects
         // in the same commit.
-        let mut writes: Pending<'_> = FuturesUnordered::new();
-        let mut requests: Pending<'_> = FuturesUnordered::new();
-        let mut claims: Pending<'_> = FuturesUnordered::new();
+        let mut writes = Pending::new();
+        let mut requests = Pending::new();
+        let mut claims = Pending::new();
         let mut input = None;
         loop {
             for command in self.decide(&mut machine, input.take()) {
@@ -334,5 +367,99 @@ fn lend_request(op: &mut PendingOp) -> OpRequest {
         idempotency_key: op.idempotency_key.to_string(),
         depends_on: None,
         if_match_chained: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future as _;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+
+    use futures::task::{waker, ArcWake};
+
+    use super::*;
+
+    /// Counts the wakes of the task that polls.
+    struct Wakes(AtomicUsize);
+
+    impl ArcWake for Wakes {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A step that finishes when `go` fires, as a response does.
+    fn answered_on<'a>(go: futures::channel::oneshot::Receiver<()>, asked: usize) -> Step<'a> {
+        Box::pin(async move {
+            let _ = go.await;
+            Ok(DrainInput::Claimed {
+                asked,
+                chains: Vec::new(),
+            })
+        })
+    }
+
+    /// One request in flight: polling for it leaves the drain task asleep
+    /// until the response comes, which wakes it once. The control shows
+    /// the bare set waking it at every poll as well.
+    #[test]
+    fn a_lone_request_wakes_the_drain_only_when_answered() {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let w = waker(wakes.clone());
+        let mut cx = Context::from_waker(&w);
+
+        let mut bare: FuturesUnordered<Step<'_>> = FuturesUnordered::new();
+        let (_go, rx) = futures::channel::oneshot::channel();
+        bare.push(answered_on(rx, 0));
+        assert!(Box::pin(bare.next()).as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            wakes.0.swap(0, Ordering::SeqCst),
+            1,
+            "the control self-wakes"
+        );
+
+        let mut set = Pending::new();
+        // The first poll goes through the sentinel (one wake, once a drain).
+        assert!(Box::pin(set.next()).as_mut().poll(&mut cx).is_pending());
+        for asked in 1..4 {
+            wakes.0.store(0, Ordering::SeqCst);
+            let (go, rx) = futures::channel::oneshot::channel();
+            set.push(answered_on(rx, asked));
+            assert!(Box::pin(set.next()).as_mut().poll(&mut cx).is_pending());
+            assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "asleep while in flight");
+            go.send(()).ok();
+            assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken by the answer");
+            match Box::pin(set.next()).as_mut().poll(&mut cx) {
+                Poll::Ready(Some(Ok(DrainInput::Claimed { asked: a, .. }))) => assert_eq!(a, asked),
+                other => panic!(
+                    "expected step {asked}, got {:?}",
+                    other.map(|o| o.is_some())
+                ),
+            }
+        }
+    }
+
+    /// A result comes out as from the bare set, and the sentinel does not
+    /// count as outstanding.
+    #[test]
+    fn results_come_out_and_the_sentinel_is_not_outstanding() {
+        let w = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&w);
+        let mut set = Pending::new();
+        set.push(Box::pin(async {
+            Ok(DrainInput::Claimed {
+                asked: 7,
+                chains: Vec::new(),
+            })
+        }));
+        assert!(!set.is_empty());
+        match Box::pin(set.next()).as_mut().poll(&mut cx) {
+            Poll::Ready(Some(Ok(DrainInput::Claimed { asked: 7, .. }))) => {}
+            other => panic!("expected the claim, got {:?}", other.map(|o| o.is_some())),
+        }
+        assert!(set.is_empty());
+        assert!(Box::pin(set.next()).as_mut().poll(&mut cx).is_pending());
     }
 }
