@@ -66,11 +66,16 @@ struct CpuSplit {
     client: u64,
     /// Context switches of all threads (voluntary and not).
     switches: u64,
+    /// When it was taken, Unix seconds.
+    unix: f64,
 }
 
 impl CpuSplit {
     fn now() -> Self {
-        let mut split = Self::default();
+        let mut split = Self {
+            unix: unix_now(),
+            ..Self::default()
+        };
         let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
             return split;
         };
@@ -115,13 +120,47 @@ impl CpuSplit {
 
 /// The last timed side's CPU split per op (`BENCH_DRAIN_PEROP` output).
 static LAST_CPU: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+/// The last timed side's span in Unix seconds (`BENCH_DRAIN_PROFILE`).
+static LAST_SPAN: std::sync::Mutex<(f64, f64)> = std::sync::Mutex::new((0.0, 0.0));
 
 fn note_cpu(before: CpuSplit, n: usize) {
-    *LAST_CPU.lock().unwrap() = before.per_op(CpuSplit::now(), n);
+    let after = CpuSplit::now();
+    *LAST_CPU.lock().unwrap() = before.per_op(after, n);
+    *LAST_SPAN.lock().unwrap() = (before.unix, after.unix);
 }
 
 fn last_cpu() -> String {
     LAST_CPU.lock().unwrap().clone()
+}
+
+/// Now as Unix seconds, the clock `perf record -k CLOCK_REALTIME` stamps.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `BENCH_DRAIN_PROFILE=side,c`: runs one side alone, 10 times, printing
+/// each run's span and CPU split, for a profiler's time filter.
+async fn profile(url: &str, spec: &str) {
+    let (side, c) = spec.split_once(',').unwrap_or((spec, "16"));
+    let c: usize = c
+        .parse()
+        .expect("BENCH_DRAIN_PROFILE=engine|bare,CONCURRENCY");
+    for k in 0..10 {
+        let prefix = format!("profile{k}");
+        // The engine's outbox is filled before its span begins.
+        match side {
+            "engine" => engine(url, 2_000, c, None, Synchronous::Full, &prefix).await,
+            "bare" => bare(url, 2_000, c, &prefix).await,
+            _ => panic!("BENCH_DRAIN_PROFILE: side is engine or bare, not {side}"),
+        };
+        let (from, to) = *LAST_SPAN.lock().unwrap();
+        eprintln!(
+            "profile {side} c={c} run {k}: --time {from:.6},{to:.6} {}",
+            last_cpu()
+        );
+    }
 }
 
 /// The engine drains `n` CREATEs; returns ops/s (enqueue not timed).
@@ -324,6 +363,17 @@ pub(crate) fn run(config: &Config) -> Section {
     // `BENCH_DRAIN_PEROP=1`: only the loopback per-op rows (engine and bare
     // at concurrency 1 and 16), for quick A/B runs; the other rows stay empty.
     let per_op_only = std::env::var("BENCH_DRAIN_PEROP").is_ok_and(|v| v != "0");
+    if let Ok(spec) = std::env::var("BENCH_DRAIN_PROFILE") {
+        rt.block_on(profile(&url, &spec));
+        drop(link);
+        drop(link_rt);
+        server.stop();
+        return Section {
+            title: "2. Drain (profile run only)".into(),
+            body: String::new(),
+            targets: Vec::new(),
+        };
+    }
     for run in 0..config.runs {
         eprintln!("drain: run {}/{}", run + 1, config.runs);
         rt.block_on(async {

@@ -18,6 +18,10 @@
 //! - `BENCH_DRAIN_PEROP=1` (with `BENCH_ONLY=drain`): only the loopback
 //!   per-op rows, with CPU per op by thread; `ab-drain.sh` beside this
 //!   crate's `Cargo.toml` alternates such runs of several binaries.
+//! - `BENCH_DRAIN_PROFILE=engine|bare,1|16` (with `BENCH_ONLY=drain`): only
+//!   that side, 10 times over 2,000 ops at that concurrency, each printing
+//!   its wall-clock span (Unix seconds, as `perf record -k CLOCK_REALTIME`
+//!   stamps samples; pass it to `perf report --time`) and its CPU split.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 // Benchmark arithmetic: counts and durations far below 2^52.
 #![allow(clippy::cast_precision_loss)]
