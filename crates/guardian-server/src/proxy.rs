@@ -119,8 +119,7 @@ impl TrustedProxies {
         if !self.trusts(client) {
             return client;
         }
-        let lines: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
-        for line in lines.into_iter().rev() {
+        for line in headers.get_all("x-forwarded-for").iter().rev() {
             let Ok(line) = line.to_str() else {
                 return client;
             };
