@@ -436,3 +436,43 @@ async fn a_peer_that_stops_reading_is_let_go() {
         .expect("the session of a peer that stopped reading was still open after 20 s");
     drop(tcp);
 }
+
+/// The same peer in paused time, where the interval can be bounded: the
+/// session ends one idle timeout after its send stalled. It used to wait
+/// on the full socket once more for its close frame and closing handshake.
+#[tokio::test(start_paused = true)]
+async fn a_stuck_session_ends_one_idle_timeout_after_its_send_stalled() {
+    let limit = Duration::from_secs(60);
+    // In memory on both suites: a PostgreSQL server answers from another
+    // process, and paused time would run out the pool's timeouts while it
+    // waits. The session's code is the same on every store.
+    let h = start(
+        guardian_server::ServerBuilder::new()
+            .token("acme", TOKEN)
+            .in_memory()
+            .ws_ping_interval(Duration::from_secs(3600))
+            .ws_idle_timeout(limit),
+    )
+    .await;
+    let mut tcp = raw_upgrade(&h).await;
+    let mut buf = [0u8; 1024];
+    let n = tcp.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
+    h.server.wait_realtime_sessions(1).await;
+    let big = "x".repeat(800_000);
+    let start = tokio::time::Instant::now();
+    for i in 0..30 {
+        let r = h
+            .create("t", &format!("e{i}"), json!({ "v": big }), &format!("k{i}"))
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    // The stalled send began at or after `start`, during the creates.
+    h.server.wait_realtime_sessions(0).await;
+    let took = start.elapsed();
+    assert!(
+        took >= limit && took < limit * 3 / 2,
+        "the session ended {took:?} after the changes began, idle timeout {limit:?}"
+    );
+    drop(tcp);
+}
