@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-/// Identity of an op in the outbox (a UUIDv7, so ids sort by creation time).
+/// Identity of an op in the outbox: a UUID that names the op's position in
+/// its outbox file (version 8, see `outbox::op_ids`), or, for an op stored
+/// before schema 6 or by another tool, any UUID.
 pub type OpId = Uuid;
 
 /// What an op does to its entity.

@@ -55,7 +55,9 @@ async fn enqueue_stores_a_durable_op_with_ids() {
         .await
         .unwrap();
     assert_eq!(e.coalesced, None);
-    assert_eq!(e.op_id.get_version_num(), 7);
+    // Schema 6: the id is a version-8 UUID that names the op's position.
+    assert_eq!(e.op_id.get_version_num(), 8);
+    assert_eq!(e.op_id.as_u128() & ((1 << 62) - 1), e.seq as u128);
     outbox.close().await;
     // A second process (here: a second open) sees it.
     let again = open_with(&path(&dir), opts(&clock)).await;

@@ -144,9 +144,10 @@ pub(crate) fn integrity_findings(conn: &Connection) -> rusqlite::Result<Vec<Stri
 /// every later read of that column.
 pub(crate) fn schema_probe(conn: &Connection, version: u32) -> rusqlite::Result<()> {
     let ops = format!(
-        "{}, is_head{}",
+        "{}, is_head{}{}",
         op_select_columns(version),
-        if version >= 4 { ", checksum" } else { "" }
+        if version >= 4 { ", checksum" } else { "" },
+        if version >= 6 { ", foreign_id" } else { "" }
     );
     let mut tables: Vec<(&str, &str)> = vec![
         ("ops", &ops),
@@ -185,6 +186,13 @@ pub(crate) fn check(conn: &Connection, now: i64) -> rusqlite::Result<CheckReport
     let mut problems = integrity_findings(conn)?;
     problems.extend(schema_findings(conn, version));
     if problems.is_empty() {
+        let refiled = super::op_ids::refile_misplaced(conn)?;
+        if refiled > 0 {
+            tracing::warn!(
+                count = refiled,
+                "outbox ops whose id does not name their position were re-indexed by id"
+            );
+        }
         let unreadable = quarantine_unreadable(conn, now)?;
         return Ok(CheckReport::new(problems, false, Vec::new(), unreadable));
     }
@@ -629,7 +637,11 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
             _ => 0,
         };
         let present = new
-            .query_row("SELECT 1 FROM ops WHERE op_id = ?1", [&op_id], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM ops WHERE op_id = ?1 AND foreign_id = 1",
+                [&op_id],
+                |_| Ok(()),
+            )
             .is_ok();
         if present {
             // A newer version replaces the copy, unless it is itself
@@ -637,7 +649,10 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
             if !row.past_break || !op_row_valid(&row.values[..OP_COPY_COLUMNS.len()]) {
                 continue;
             }
-            if let Err(e) = new.execute("DELETE FROM ops WHERE op_id = ?1", [&op_id]) {
+            if let Err(e) = new.execute(
+                "DELETE FROM ops WHERE op_id = ?1 AND foreign_id = 1",
+                [&op_id],
+            ) {
                 note(report, format!("op {seq}: newer version not copied: {e}"));
                 continue;
             }

@@ -1,15 +1,17 @@
 //! Enqueue: validation (before anything touches the database) and the
 //! insert-or-coalesce step run inside the group-commit transaction.
 
+use std::sync::{Arc, Mutex};
+
 use rusqlite::types::ValueRef;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::error::EnqueueError;
 use super::writer::Ctx;
-use super::{outcomes, rows, schema, upcast};
+use super::{op_ids, outcomes, rows, schema, upcast};
 use crate::coalesce::{self, Decision, TailOp};
 use crate::op::{sent_before_retry, HistoryEntry, NewOp, OpId, OpKind, OpState};
 
@@ -76,7 +78,12 @@ pub(crate) struct Prepared {
     base_version: Option<i64>,
     txn_token: Option<String>,
     envelope_version: u32,
+    /// The id it gets if its position cannot name it (see `op_ids`), and
+    /// the id an annihilating DELETE reports.
     op_id: OpId,
+    /// The id it was last stored under, for an error whose outcome is
+    /// unknown (the commit may have happened): set by [`apply`].
+    stored_id: Arc<Mutex<OpId>>,
     key: Uuid,
     /// Ops it waits for, as given (some may be settled by the time it is stored).
     depends_on: Vec<OpId>,
@@ -172,6 +179,7 @@ pub(crate) fn prepare(
             max: MAX_TRANSACTION_OPS,
         });
     }
+    let op_id = Uuid::now_v7();
     Ok(Prepared {
         depends_on: op.depends_on,
         txn: None,
@@ -183,21 +191,31 @@ pub(crate) fn prepare(
         base_version: rows::version_to_sql(op.base_version),
         txn_token: op.txn_token,
         envelope_version: op.envelope_version.unwrap_or(current_envelope),
-        op_id: Uuid::now_v7(),
+        op_id,
+        stored_id: Arc::new(Mutex::new(op_id)),
         key: Uuid::new_v4(),
     })
 }
 
 impl Prepared {
-    /// The id the op gets if stored.
-    pub(crate) fn op_id(&self) -> OpId {
-        self.op_id
+    /// Where the id the op was stored under will be, for reporting an
+    /// unknown outcome after the job has run.
+    pub(crate) fn stored_id(&self) -> Arc<Mutex<OpId>> {
+        Arc::clone(&self.stored_id)
+    }
+
+    fn stored_as(&self, id: OpId) {
+        *self
+            .stored_id
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = id;
     }
 
     /// Stores (or coalesces) it: [`apply`] as a writer job.
     pub(crate) fn apply(&self, conn: &Connection, ctx: &Ctx) -> Result<Enqueued, EnqueueError> {
         let gated = !self.depends_on.is_empty();
         let done = apply(conn, ctx, self)?;
+        self.stored_as(done.op_id);
         if gated {
             super::gate::refresh(conn, ctx.now())?;
         }
@@ -241,7 +259,9 @@ pub(crate) fn apply_transaction(
 ) -> Result<EnqueuedTransaction, EnqueueError> {
     let mut out = Vec::with_capacity(ops.len());
     for p in ops {
-        out.push(apply(conn, ctx, p)?);
+        let done = apply(conn, ctx, p)?;
+        p.stored_as(done.op_id);
+        out.push(done);
     }
     super::gate::refresh(conn, ctx.now())?;
     Ok(EnqueuedTransaction { txn_id, ops: out })
@@ -253,10 +273,7 @@ pub(crate) fn apply_transaction(
 fn open_dependencies(conn: &Connection, p: &Prepared) -> Result<Option<String>, EnqueueError> {
     let mut open = Vec::new();
     for dep in &p.depends_on {
-        let state: Option<String> = conn
-            .prepare_cached("SELECT state FROM ops WHERE op_id = ?1")?
-            .query_row([dep.to_string()], |r| r.get(0))
-            .optional()?;
+        let state: Option<String> = super::op_ids::find(conn, *dep, "state", |r| r.get(0))?;
         match state.as_deref().and_then(OpState::parse) {
             None => {}
             Some(OpState::Failed) => {
@@ -319,16 +336,18 @@ struct Inherit {
     tokens: Vec<String>,
 }
 
+/// Stores `p` as a new op; returns its position and id.
 #[allow(clippy::too_many_arguments)]
 fn insert(
     conn: &Connection,
+    ns: u64,
     p: &Prepared,
     inherit: Option<&Inherit>,
     chained: bool,
     is_head: bool,
     depends_on: Option<&str>,
     now: i64,
-) -> Result<i64, EnqueueError> {
+) -> Result<(i64, OpId), EnqueueError> {
     let mut tokens: Vec<String> = inherit.map(|i| i.tokens.clone()).unwrap_or_default();
     if let Some(t) = &p.txn_token {
         if !tokens.contains(t) {
@@ -351,7 +370,20 @@ fn insert(
     // The new position is above every live op and every op ever deleted
     // while newest (`ops_seq_mark.deleted_max`, kept by a trigger): FIFO
     // order holds and no position is reused, without a counter write per insert.
-    let op_id = &*p.op_id.hyphenated().encode_lower(&mut id_buf);
+    let seq: i64 = conn
+        .prepare_cached(
+            "SELECT max(coalesce((SELECT max(seq) FROM ops), 0), \
+             coalesce((SELECT deleted_max FROM ops_seq_mark WHERE id = 1), 0)) + 1",
+        )?
+        .query_row([], |r| r.get(0))?;
+    let derived = op_ids::derive(ns, seq);
+    let mut id = derived.unwrap_or(p.op_id);
+    let mut op_id = &*id.hyphenated().encode_lower(&mut id_buf);
+    let foreign = derived.is_none() || op_ids::taken_by_foreign(conn, op_id)?;
+    if foreign && derived.is_some() {
+        id = p.op_id;
+        op_id = &*id.hyphenated().encode_lower(&mut id_buf);
+    }
     let key = &*p.key.hyphenated().encode_lower(&mut key_buf);
     let checksum = schema::op_checksum(&[
         ValueRef::from(op_id),
@@ -367,9 +399,9 @@ fn insert(
     conn.prepare_cached(
         "INSERT INTO ops (seq, op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \
          base_version, chained, txn_tokens, envelope_version, state, is_head, attempts, \
-         next_attempt_at, created_at, updated_at, checksum, txn, depends_on) \
-         VALUES ((SELECT max(coalesce((SELECT max(seq) FROM ops), 0), deleted_max) + 1 FROM ops_seq_mark), \
-         ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13, ?14, ?15, ?16)",
+         next_attempt_at, created_at, updated_at, checksum, txn, depends_on, foreign_id) \
+         VALUES (?17, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 'pending', ?12, 0, ?13, ?13, ?13, \
+         ?14, ?15, ?16, ?18)",
     )?
     .execute(params![
         op_id,
@@ -388,13 +420,14 @@ fn insert(
         checksum,
         p.txn,
         depends_on,
+        seq,
+        foreign,
     ])?;
-    let seq = conn.last_insert_rowid();
     upcast::note_version(conn, p.envelope_version)?;
     for t in &tokens {
         outcomes::add(conn, t, now)?;
     }
-    Ok(seq)
+    Ok((seq, id))
 }
 
 /// Removes ops for coalescing; returns what was removed, oldest first, and
@@ -448,9 +481,18 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
     if p.txn.is_some() || depends_on.is_some() {
         // Never coalesced; the gate gives it `is_head` once it may go.
         let has_active = !tail(conn, p, true)?.is_empty();
-        let seq = insert(conn, p, None, has_active, false, depends_on.as_deref(), now)?;
+        let (seq, op_id) = insert(
+            conn,
+            ctx.op_id_ns,
+            p,
+            None,
+            has_active,
+            false,
+            depends_on.as_deref(),
+            now,
+        )?;
         return Ok(Enqueued {
-            op_id: p.op_id,
+            op_id,
             idempotency_key: p.key,
             seq,
             coalesced: None,
@@ -461,9 +503,18 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
     let has_active = !tail.is_empty();
     match coalesce::decide(&tail, p.kind, ctx.coalesce) {
         Decision::Insert => {
-            let seq = insert(conn, p, None, has_active, !has_active, None, now)?;
+            let (seq, op_id) = insert(
+                conn,
+                ctx.op_id_ns,
+                p,
+                None,
+                has_active,
+                !has_active,
+                None,
+                now,
+            )?;
             Ok(Enqueued {
-                op_id: p.op_id,
+                op_id,
                 idempotency_key: p.key,
                 seq,
                 coalesced: None,
@@ -534,10 +585,19 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
                     outcomes::drop_one(conn, t)?;
                 }
             }
-            let seq = insert(conn, p, inherit.as_ref(), has_active, false, None, now)?;
+            let (seq, op_id) = insert(
+                conn,
+                ctx.op_id_ns,
+                p,
+                inherit.as_ref(),
+                has_active,
+                false,
+                None,
+                now,
+            )?;
             rows::recompute_head(conn, &p.entity_type, &p.entity_id)?;
             Ok(Enqueued {
-                op_id: p.op_id,
+                op_id,
                 idempotency_key: p.key,
                 seq,
                 coalesced: Some(Coalesced::ReplacedUpdates { removed }),

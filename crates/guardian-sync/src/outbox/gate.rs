@@ -158,10 +158,10 @@ fn verdict(conn: &Connection, unit: &[Gated]) -> rusqlite::Result<Verdict> {
     }
     let mut waiting = false;
     for dep in unit.iter().flat_map(|op| &op.depends_on) {
-        let found: Option<(String, Option<String>)> = conn
-            .prepare_cached("SELECT state, last_error FROM ops WHERE op_id = ?1")?
-            .query_row([dep.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
+        let found: Option<(String, Option<String>)> =
+            super::op_ids::find(conn, *dep, "state, last_error", |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         match found {
             None => {}
             Some((state, error)) if OpState::parse(&state) == Some(OpState::Failed) => {

@@ -28,6 +28,7 @@ mod fenced;
 mod gate;
 mod ident;
 mod lock_row;
+mod op_ids;
 mod outcomes;
 mod reader;
 mod rows;
@@ -38,7 +39,7 @@ mod upcast;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -348,7 +349,7 @@ const INDEX_PROBES: &[&str] = &[
     "SELECT seq FROM ops INDEXED BY ops_state WHERE state <> 'pending'",
     "SELECT seq FROM ops INDEXED BY ops_txn WHERE txn IS NOT NULL",
     "SELECT seq FROM ops INDEXED BY ops_gated WHERE txn IS NOT NULL OR depends_on IS NOT NULL",
-    "SELECT op_id FROM ops INDEXED BY sqlite_autoindex_ops_1 WHERE op_id > ''",
+    "SELECT op_id FROM ops INDEXED BY ops_foreign_id WHERE foreign_id = 1",
     "SELECT token FROM txn_outcomes INDEXED BY sqlite_autoindex_txn_outcomes_1 WHERE token > ''",
     "SELECT id FROM txn_outcomes INDEXED BY txn_outcomes_undelivered WHERE delivered = 0",
     "SELECT id FROM txn_outcomes INDEXED BY txn_outcomes_at WHERE state <> 'pending'",
@@ -556,6 +557,7 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
         clock: options.clock.clone(),
         max_payload_bytes: options.max_payload_bytes,
         coalesce: options.coalesce,
+        op_id_ns: op_ids::namespace(&conn)?,
     };
     let prefill = (options.preallocate_wal && options.synchronous != Synchronous::Off)
         .then(|| WalPrefill::new("outbox", &conn, options.busy_timeout, u64::MAX));
@@ -581,24 +583,40 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
 /// the op's fate unknown: say so, with the id it has if it was stored.
 /// [`outcome`] for a transaction, named by its first op.
 fn transaction_outcome(
-    first: Option<OpId>,
+    first: Option<Arc<Mutex<OpId>>>,
     result: Result<EnqueuedTransaction, EnqueueError>,
 ) -> Result<EnqueuedTransaction, EnqueueError> {
     match (result, first) {
-        (Err(EnqueueError::Storage(source)), Some(op_id)) if source.is_outcome_unknown() => {
-            Err(EnqueueError::OutcomeUnknown { op_id, source })
+        (Err(EnqueueError::Storage(source)), Some(stored)) if source.is_outcome_unknown() => {
+            Err(EnqueueError::OutcomeUnknown {
+                op_id: stored_id(&stored),
+                source,
+            })
         }
         (other, _) => other,
     }
 }
 
-fn outcome(op_id: OpId, result: Result<Enqueued, EnqueueError>) -> Result<Enqueued, EnqueueError> {
+fn outcome(
+    stored: &Mutex<OpId>,
+    result: Result<Enqueued, EnqueueError>,
+) -> Result<Enqueued, EnqueueError> {
     match result {
         Err(EnqueueError::Storage(source)) if source.is_outcome_unknown() => {
-            Err(EnqueueError::OutcomeUnknown { op_id, source })
+            Err(EnqueueError::OutcomeUnknown {
+                op_id: stored_id(stored),
+                source,
+            })
         }
         other => other,
     }
+}
+
+/// The id an op was last stored under (see `enqueue::Prepared::stored_id`).
+fn stored_id(stored: &Mutex<OpId>) -> OpId {
+    *stored
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Outbox {
@@ -669,9 +687,9 @@ impl Outbox {
     /// worker thread (see [`OutboxOptions::commit_on_caller`]).
     pub async fn enqueue(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
         let p = self.prepare(op)?;
-        let op_id = p.op_id();
+        let stored = p.stored_id();
         outcome(
-            op_id,
+            &stored,
             self.inner
                 .writer
                 .call_inline(move |c, x| p.apply(c, x))
@@ -691,9 +709,9 @@ impl Outbox {
     /// executor's thread, use [`enqueue`](Self::enqueue) there.
     pub fn enqueue_blocking(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
         let p = self.prepare(op)?;
-        let op_id = p.op_id();
+        let stored = p.stored_id();
         outcome(
-            op_id,
+            &stored,
             self.inner.writer.call_blocking(move |c, x| p.apply(c, x)),
         )
     }
@@ -708,7 +726,7 @@ impl Outbox {
         ops: Vec<NewOp>,
     ) -> Result<EnqueuedTransaction, EnqueueError> {
         let (txn_id, prepared) = self.prepare_transaction(ops)?;
-        let first = prepared.first().map(enqueue::Prepared::op_id);
+        let first = prepared.first().map(enqueue::Prepared::stored_id);
         let result = self
             .inner
             .writer
@@ -724,7 +742,7 @@ impl Outbox {
         ops: Vec<NewOp>,
     ) -> Result<EnqueuedTransaction, EnqueueError> {
         let (txn_id, prepared) = self.prepare_transaction(ops)?;
-        let first = prepared.first().map(enqueue::Prepared::op_id);
+        let first = prepared.first().map(enqueue::Prepared::stored_id);
         let result = self
             .inner
             .writer

@@ -165,9 +165,7 @@ pub(crate) fn read_op(row: &Row<'_>) -> rusqlite::Result<PendingOp> {
 
 /// The op with this id, if any.
 pub(crate) fn by_id(conn: &Connection, op_id: OpId) -> rusqlite::Result<Option<PendingOp>> {
-    conn.prepare_cached(&format!("SELECT {OP_COLUMNS} FROM ops WHERE op_id = ?1"))?
-        .query_row([op_id.to_string()], read_op)
-        .optional()
+    super::op_ids::find(conn, op_id, OP_COLUMNS, read_op)
 }
 
 /// The op at this position, if any.

@@ -371,11 +371,11 @@ fn ack_op(
 ) -> Result<Acked, OutboxError> {
     // The state and tokens are read borrowed: most ops have no tokens
     // (`[]`), and only the parsed state is kept.
-    let (seq, entity_type, entity_id, state, tokens) = conn
-        .prepare_cached(
-            "SELECT seq, entity_type, entity_id, state, txn_tokens FROM ops WHERE op_id = ?1",
-        )?
-        .query_row([op_id.to_string()], |r| {
+    let (seq, entity_type, entity_id, state, tokens) = super::op_ids::find(
+        conn,
+        op_id,
+        "seq, entity_type, entity_id, state, txn_tokens",
+        |r| {
             let tokens = match r.get_ref(4)?.as_str()? {
                 "[]" => Ok(Vec::new()),
                 t => serde_json::from_str::<Vec<String>>(t),
@@ -387,9 +387,9 @@ fn ack_op(
                 OpState::parse(r.get_ref(3)?.as_str()?),
                 tokens,
             ))
-        })
-        .optional()?
-        .ok_or(OutboxError::NotFound(op_id))?;
+        },
+    )?
+    .ok_or(OutboxError::NotFound(op_id))?;
     let state = state.ok_or(OutboxError::NotFound(op_id))?;
     if state != OpState::InFlight {
         return Err(OutboxError::WrongState {

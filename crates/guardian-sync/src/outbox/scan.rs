@@ -732,11 +732,13 @@ fn record(p: &[u8]) -> Option<Vec<SqlValue>> {
     Some(values)
 }
 
-/// Columns of an op row before schema 4 (no checksum), in schema 4, and
-/// since schema 5 (`txn_id` and `depends_on` after the checksum).
+/// Columns of an op row before schema 4 (no checksum), in schema 4, in
+/// schema 5 (`txn_id` and `depends_on` after the checksum), and since
+/// schema 6 (`foreign_id` last; a copy is foreign, so it is dropped).
 const OP_COLUMNS_V3: usize = 22;
 const OP_COLUMNS_V4: usize = 23;
 const OP_COLUMNS_V5: usize = 25;
+const OP_COLUMNS_V6: usize = 26;
 /// The `is_head` column, rebuilt by salvage and not copied.
 const IS_HEAD: usize = 13;
 
@@ -746,12 +748,15 @@ fn is_uuid(v: &SqlValue) -> bool {
 }
 
 /// The values to copy if `values` (a record with rowid `rowid`) has the
-/// shape of an op row: 22 or 23 columns, the rowid alias stored as NULL
+/// shape of an op row: 22, 23, 25 or 26 columns, the rowid alias stored as NULL
 /// (or an integer), and an op id or an idempotency key that is a UUID (so a
 /// row damaged in one of them is still recognised, and quarantined).
 fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
-    if ![OP_COLUMNS_V3, OP_COLUMNS_V4, OP_COLUMNS_V5].contains(&values.len()) {
+    if ![OP_COLUMNS_V3, OP_COLUMNS_V4, OP_COLUMNS_V5, OP_COLUMNS_V6].contains(&values.len()) {
         return None;
+    }
+    if values.len() == OP_COLUMNS_V6 {
+        values.pop();
     }
     if !matches!(values[0], SqlValue::Null | SqlValue::Integer(_)) {
         return None;

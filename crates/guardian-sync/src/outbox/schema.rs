@@ -210,11 +210,90 @@ BEGIN
 END;
 ";
 
+/// Version 6: op ids derived from positions (see `op_ids`). `ops` is
+/// rebuilt without the unique index on `op_id`, one b-tree less to write
+/// per enqueue and per ack; an op's id names its `seq`, so a lookup by id
+/// is a lookup by primary key. Rows whose id does not name their own
+/// position (every row before this version, and rows salvaged or written
+/// by other tools: the column's default) carry `foreign_id = 1` and are
+/// found, and kept unique, through the partial index `ops_foreign_id`.
+/// `meta.op_id_ns` is the file's random namespace for new ids.
+const V6: &str = r"
+CREATE TABLE ops_v6 (
+    seq              INTEGER PRIMARY KEY,
+    op_id            TEXT    NOT NULL,
+    idempotency_key  TEXT    NOT NULL,
+    kind             TEXT    NOT NULL,
+    entity_type      TEXT    NOT NULL,
+    entity_id        TEXT    NOT NULL,
+    payload          TEXT    NOT NULL,
+    base             TEXT,
+    base_version     INTEGER,
+    chained          INTEGER NOT NULL DEFAULT 0,
+    txn_tokens       TEXT    NOT NULL DEFAULT '[]',
+    envelope_version INTEGER NOT NULL,
+    state            TEXT    NOT NULL,
+    is_head          INTEGER NOT NULL DEFAULT 0,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  INTEGER NOT NULL,
+    last_error       TEXT,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    coalesced_count  INTEGER NOT NULL DEFAULT 0,
+    reconciliations  INTEGER NOT NULL DEFAULT 0,
+    history          TEXT    NOT NULL DEFAULT '[]',
+    checksum         INTEGER,
+    txn              TEXT,
+    depends_on       TEXT,
+    foreign_id       INTEGER NOT NULL DEFAULT 1
+);
+INSERT INTO ops_v6 (seq, op_id, idempotency_key, kind, entity_type, entity_id, payload, base,
+    base_version, chained, txn_tokens, envelope_version, state, is_head, attempts,
+    next_attempt_at, last_error, created_at, updated_at, coalesced_count, reconciliations,
+    history, checksum, txn, depends_on, foreign_id)
+SELECT seq, op_id, idempotency_key, kind, entity_type, entity_id, payload, base,
+    base_version, chained, txn_tokens, envelope_version, state, is_head, attempts,
+    next_attempt_at, last_error, created_at, updated_at, coalesced_count, reconciliations,
+    history, checksum, txn, depends_on, 1
+FROM ops ORDER BY seq;
+DROP TABLE ops;
+ALTER TABLE ops_v6 RENAME TO ops;
+CREATE INDEX ops_entity ON ops(entity_type, entity_id, seq);
+CREATE INDEX ops_ready  ON ops(next_attempt_at, seq) WHERE state = 'pending' AND is_head = 1;
+CREATE INDEX ops_state  ON ops(state, seq) WHERE state <> 'pending';
+CREATE INDEX ops_txn ON ops(txn, seq) WHERE txn IS NOT NULL;
+CREATE INDEX ops_gated ON ops(state, seq) WHERE txn IS NOT NULL OR depends_on IS NOT NULL;
+CREATE UNIQUE INDEX ops_foreign_id ON ops(op_id) WHERE foreign_id = 1;
+CREATE TRIGGER ops_seq_deleted_max AFTER DELETE ON ops
+WHEN NOT EXISTS (SELECT 1 FROM ops WHERE seq > OLD.seq)
+BEGIN
+    UPDATE ops_seq_mark SET deleted_max = OLD.seq WHERE id = 1 AND deleted_max < OLD.seq;
+END;
+CREATE TRIGGER ops_seq_bound AFTER INSERT ON ops
+WHEN NEW.seq > (SELECT bound FROM ops_seq_mark WHERE id = 1)
+BEGIN
+    UPDATE ops_seq_mark SET bound = NEW.seq + 1024 WHERE id = 1;
+END;
+CREATE TRIGGER ops_reseal AFTER UPDATE OF op_id, idempotency_key, kind, entity_type, entity_id,
+    payload, base, txn, depends_on ON ops
+BEGIN
+    UPDATE ops SET checksum = CASE
+        WHEN OLD.checksum IS op_checksum(OLD.op_id, OLD.idempotency_key, OLD.kind, OLD.entity_type,
+                                         OLD.entity_id, OLD.payload, OLD.base, OLD.txn,
+                                         OLD.depends_on)
+        THEN op_checksum(NEW.op_id, NEW.idempotency_key, NEW.kind, NEW.entity_type,
+                         NEW.entity_id, NEW.payload, NEW.base, NEW.txn, NEW.depends_on)
+        ELSE OLD.checksum END
+    WHERE seq = NEW.seq;
+END;
+INSERT OR REPLACE INTO meta (key, value) VALUES ('op_id_ns', lower(hex(randomblob(8))));
+";
+
 /// The migrations, in order; index `i` brings version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: u32 = 5;
+pub(crate) const SCHEMA_VERSION: u32 = 6;
 
 /// `PRAGMA application_id` of an outbox, at offset 68 of the file header.
 /// Files of schema 1 to 3 have 0 there and are recognised by their tables

@@ -35,6 +35,8 @@ pub(crate) struct Ctx {
     pub(crate) clock: SharedClock,
     pub(crate) max_payload_bytes: usize,
     pub(crate) coalesce: bool,
+    /// The file's namespace for new op ids (see `op_ids`).
+    pub(crate) op_id_ns: u64,
 }
 
 impl Ctx {
@@ -751,6 +753,7 @@ mod tests {
             clock: crate::clock::SystemClock::shared(),
             max_payload_bytes: 0,
             coalesce: false,
+            op_id_ns: 0,
         }
     }
 
