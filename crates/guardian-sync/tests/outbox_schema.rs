@@ -574,6 +574,23 @@ fn namespace(path: &Path) -> u64 {
     u64::from_str_radix(&ns, 16).unwrap()
 }
 
+/// Enqueues one op into a new outbox at `path`, closes it, and runs `sql`
+/// on the file as another tool would.
+async fn one_op_then(
+    path: &Path,
+    clock: &Arc<ManualClock>,
+    sql: &str,
+) -> guardian_sync::outbox::Enqueued {
+    let (outbox, _) = Outbox::open(path, opts(clock)).await.unwrap();
+    let op = outbox
+        .enqueue(NewOp::create("device", "x", json!({"n": 1})))
+        .await
+        .unwrap();
+    outbox.close().await;
+    Connection::open(path).unwrap().execute(sql, []).unwrap();
+    op
+}
+
 /// An op's id names its position; a row whose id does not (moved by
 /// another tool, here by hand, and marked foreign as such rows are) is
 /// still found, claimed and acknowledged by id; and a new op whose derived
@@ -583,21 +600,15 @@ async fn ids_name_positions_and_other_ids_still_work() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ids.db");
     let clock = ManualClock::new(T0);
-    let (outbox, _) = Outbox::open(&path, opts(&clock)).await.unwrap();
-    let x = outbox
-        .enqueue(NewOp::create("device", "x", json!({"n": 1})))
-        .await
-        .unwrap();
-    outbox.close().await;
-    let ns = namespace(&path);
-    assert_eq!((x.seq, x.op_id), (1, derived_id(ns, 1)));
-
     // Moved below position 1, so the next op gets position 1 again and
     // would derive this row's id.
-    let conn = Connection::open(&path).unwrap();
-    conn.execute("UPDATE ops SET seq = 0, foreign_id = 1 WHERE seq = 1", [])
-        .unwrap();
-    drop(conn);
+    let x = one_op_then(
+        &path,
+        &clock,
+        "UPDATE ops SET seq = 0, foreign_id = 1 WHERE seq = 1",
+    )
+    .await;
+    assert_eq!((x.seq, x.op_id), (1, derived_id(namespace(&path), 1)));
 
     let (outbox, _) = Outbox::open(&path, opts(&clock)).await.unwrap();
     assert_eq!(outbox.get(x.op_id).await.unwrap().unwrap().seq, 0);
@@ -629,16 +640,7 @@ async fn a_check_refiles_an_op_moved_by_hand() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("moved.db");
     let clock = ManualClock::new(T0);
-    let (outbox, _) = Outbox::open(&path, opts(&clock)).await.unwrap();
-    let a = outbox
-        .enqueue(NewOp::create("device", "a", json!({"n": 1})))
-        .await
-        .unwrap();
-    outbox.close().await;
-    let conn = Connection::open(&path).unwrap();
-    conn.execute("UPDATE ops SET seq = 99 WHERE seq = ?1", [a.seq])
-        .unwrap();
-    drop(conn);
+    let a = one_op_then(&path, &clock, "UPDATE ops SET seq = 99 WHERE seq = 1").await;
 
     let (outbox, _) = Outbox::open(&path, opts(&clock)).await.unwrap();
     assert!(outbox.get(a.op_id).await.unwrap().is_none());

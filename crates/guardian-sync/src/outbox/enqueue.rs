@@ -379,6 +379,8 @@ fn insert(
     let derived = op_ids::derive(ns, seq);
     let mut id = derived.unwrap_or(p.op_id);
     let mut op_id = &*id.hyphenated().encode_lower(&mut id_buf);
+    // A foreign row already holding the derived id would make it name two
+    // ops: the op keeps its random id then, as a foreign row itself.
     let foreign = derived.is_none() || op_ids::taken_by_foreign(conn, op_id)?;
     if foreign && derived.is_some() {
         id = p.op_id;
