@@ -15,7 +15,7 @@ use guardian_sync::op::{OpKind, OpState, PendingOp, TxnRef};
 use guardian_sync::reconcile::{ReconcilePolicies, Reconciler};
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::telemetry::SyncMetrics;
-use guardian_sync::transport::{Outcome, RetryReason};
+use guardian_sync::transport::{Outcome, RetryReason, Stored};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
@@ -64,7 +64,7 @@ fn entity(id: &str, version: u64, data: Value) -> Entity {
 
 fn applied(id: &str, version: u64, data: Value) -> Outcome {
     Outcome::Applied {
-        entity: Some(entity(id, version, data)),
+        stored: Stored::Entity(entity(id, version, data)),
         replayed: false,
     }
 }
@@ -147,9 +147,9 @@ fn input_line(i: &DrainInput) -> String {
 
 fn outcome_line(o: &Outcome) -> String {
     match o {
-        Outcome::Applied { entity, replayed } => format!(
+        Outcome::Applied { stored, replayed } => format!(
             "applied v{} replayed={replayed}",
-            entity.as_ref().map_or(0, |e| e.version)
+            stored.version().unwrap_or(0)
         ),
         Outcome::Retryable {
             status,

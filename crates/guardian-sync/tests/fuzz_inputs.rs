@@ -20,7 +20,9 @@ use guardian_protocol::{
 };
 use guardian_sync::reconcile::{merge3, ConflictPolicy};
 use guardian_sync::retry::parse_retry_after;
-use guardian_sync::transport::{classify_fetch, classify_mutation, Fetched, Outcome};
+use guardian_sync::transport::{
+    classify_fetch, classify_mutation, classify_mutation_of, Fetched, Outcome, Stored,
+};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde_json::{json, Map, Value};
@@ -273,7 +275,25 @@ proptest! {
     fn classify_mutation_accepts_valid_entities(e in entity(), status in 200u16..300, replayed in any::<bool>()) {
         let body = serde_json::to_vec(&e).unwrap();
         let outcome = classify_mutation(MutationKind::Update, status, None, replayed, &body);
-        prop_assert_eq!(outcome, Outcome::Applied { entity: Some(e), replayed });
+        prop_assert_eq!(outcome, Outcome::Applied { stored: Stored::Entity(e), replayed });
+    }
+
+    /// An entity echoing the data sent byte for byte is stored as sent at
+    /// its version; any other data is decoded and carried whole.
+    #[test]
+    fn classify_mutation_of_echoes_only_the_exact_data(e in entity(), other in entity(), replayed in any::<bool>()) {
+        let body = serde_json::to_vec(&e).unwrap();
+        let sent = serde_json::to_string(&e.data).unwrap();
+        let outcome = classify_mutation_of(MutationKind::Update, 200, None, replayed, &body, Some(&sent));
+        prop_assert_eq!(outcome, Outcome::Applied { stored: Stored::AsSent { version: e.version }, replayed });
+        let sent = serde_json::to_string(&other.data).unwrap();
+        let outcome = classify_mutation_of(MutationKind::Update, 200, None, replayed, &body, Some(&sent));
+        let expected = if other.data == e.data {
+            Stored::AsSent { version: e.version }
+        } else {
+            Stored::Entity(e)
+        };
+        prop_assert_eq!(outcome, Outcome::Applied { stored: expected, replayed });
     }
 
     #[test]

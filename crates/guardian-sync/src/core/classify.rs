@@ -4,9 +4,12 @@
 //! body shape is tested without a socket, and so that batch results (which
 //! carry a status and a body per op) take exactly the same path.
 
-use guardian_protocol::{problem_type, Entity, MutationKind, Problem};
+use std::borrow::Cow;
 
-use super::outcome::{Fetched, Outcome, RetryReason};
+use guardian_protocol::{problem_type, Entity, MutationKind, Problem};
+use serde_json::value::RawValue;
+
+use super::outcome::{Fetched, Outcome, RetryReason, Stored};
 
 /// Classifies the response to one mutation.
 ///
@@ -19,8 +22,23 @@ pub fn classify_mutation(
     replayed: bool,
     body: &[u8],
 ) -> Outcome {
+    classify_mutation_of(kind, status, retry_after, replayed, body, None)
+}
+
+/// [`classify_mutation`] for a request whose data went out serialized as
+/// `sent`: a success whose entity echoes those bytes exactly is
+/// [`Stored::AsSent`], its copy of the data checked for shape but never
+/// decoded into values.
+pub fn classify_mutation_of(
+    kind: MutationKind,
+    status: u16,
+    retry_after: Option<&str>,
+    replayed: bool,
+    body: &[u8],
+    sent: Option<&str>,
+) -> Outcome {
     match status {
-        200..=299 => classify_success(kind, status, replayed, body),
+        200..=299 => classify_success(kind, status, replayed, body, sent),
         404 | 410 if kind == MutationKind::Delete => Outcome::AlreadyGone,
         409 => {
             let problem = parse_problem(body);
@@ -93,16 +111,51 @@ pub fn classify_mutation(
     }
 }
 
-fn classify_success(kind: MutationKind, status: u16, replayed: bool, body: &[u8]) -> Outcome {
+/// An [`Entity`] answer read in place: every field must be there with
+/// `Entity`'s types, but nothing is copied and `data` stays text.
+#[derive(serde::Deserialize)]
+struct Echo<'a> {
+    #[serde(rename = "type", borrow)]
+    _entity_type: Cow<'a, str>,
+    #[serde(rename = "id", borrow)]
+    _id: Cow<'a, str>,
+    version: u64,
+    #[serde(borrow)]
+    data: &'a RawValue,
+    #[serde(rename = "updated_at", borrow)]
+    _updated_at: Cow<'a, str>,
+    #[serde(rename = "deleted")]
+    _deleted: bool,
+}
+
+fn classify_success(
+    kind: MutationKind,
+    status: u16,
+    replayed: bool,
+    body: &[u8],
+    sent: Option<&str>,
+) -> Outcome {
     if kind == MutationKind::Delete {
         return Outcome::Applied {
-            entity: None,
+            stored: Stored::Nothing,
             replayed,
         };
     }
+    if let Some(sent) = sent {
+        if let Ok(echo) = serde_json::from_slice::<Echo<'_>>(body) {
+            if echo.data.get() == sent {
+                return Outcome::Applied {
+                    stored: Stored::AsSent {
+                        version: echo.version,
+                    },
+                    replayed,
+                };
+            }
+        }
+    }
     match serde_json::from_slice::<Entity>(body) {
         Ok(entity) => Outcome::Applied {
-            entity: Some(entity),
+            stored: Stored::Entity(entity),
             replayed,
         },
         // Logged without the body: it may hold user data.
@@ -174,7 +227,7 @@ mod tests {
         let out = classify_mutation(MutationKind::Update, 200, None, true, &entity_body(4));
         match out {
             Outcome::Applied {
-                entity: Some(e),
+                stored: Stored::Entity(e),
                 replayed: true,
             } => assert_eq!(e.version, 4),
             other => panic!("{other:?}"),
@@ -182,7 +235,70 @@ mod tests {
         assert_eq!(
             classify_mutation(MutationKind::Delete, 204, None, false, b""),
             Outcome::Applied {
-                entity: None,
+                stored: Stored::Nothing,
+                replayed: false
+            }
+        );
+    }
+
+    #[test]
+    fn an_answer_echoing_the_data_sent_is_stored_as_sent() {
+        let classify = |body: &[u8], sent: &str| {
+            classify_mutation_of(MutationKind::Update, 200, None, false, body, Some(sent))
+        };
+        assert_eq!(
+            classify(&entity_body(4), r#"{"on":true}"#),
+            Outcome::Applied {
+                stored: Stored::AsSent { version: 4 },
+                replayed: false
+            }
+        );
+        // The server stored something else (it merged, or formats its JSON
+        // otherwise): its entity is decoded and carried.
+        for sent in [r#"{"on":false}"#, r#"{ "on": true }"#, ""] {
+            match classify(&entity_body(4), sent) {
+                Outcome::Applied {
+                    stored: Stored::Entity(e),
+                    ..
+                } => assert_eq!((e.version, e.data), (4, json!({"on": true}))),
+                other => panic!("{other:?}"),
+            }
+        }
+        // An echo must still be a whole entity: a field missing or of the
+        // wrong type is the same protocol error as without the echo.
+        for body in [
+            json!({"type": "device", "id": "d1", "version": 4, "data": {"on": true}}),
+            json!({"type": "device", "id": "d1", "version": "4", "data": {"on": true},
+                   "updated_at": "2026-11-25T00:00:00Z", "deleted": false}),
+            json!({"type": 7, "id": "d1", "version": 4, "data": {"on": true},
+                   "updated_at": "2026-11-25T00:00:00Z", "deleted": false}),
+        ] {
+            let out = classify(&serde_json::to_vec(&body).unwrap(), r#"{"on":true}"#);
+            assert!(
+                matches!(
+                    out,
+                    Outcome::Retryable {
+                        reason: RetryReason::Protocol,
+                        ..
+                    }
+                ),
+                "{out:?}"
+            );
+        }
+        // Escaped text is accepted (copied, not borrowed) like any other.
+        let escaped = br#"{"type":"device","id":"d1","version":2,"data":{"on":true},"updated_at":"x","deleted":false}"#;
+        assert_eq!(
+            classify(escaped, r#"{"on":true}"#),
+            Outcome::Applied {
+                stored: Stored::AsSent { version: 2 },
+                replayed: false
+            }
+        );
+        // A delete carries nothing, whatever was sent.
+        assert_eq!(
+            classify_mutation_of(MutationKind::Delete, 204, None, false, b"", Some("{}")),
+            Outcome::Applied {
+                stored: Stored::Nothing,
                 replayed: false
             }
         );

@@ -37,7 +37,7 @@ use crate::telemetry::{Counter, SyncMetrics};
 
 use super::events::{ConflictOutcome, SyncEvent};
 use super::mutant::{self, Mutant};
-use super::outcome::{Fetched, Outcome};
+use super::outcome::{Fetched, Outcome, Stored};
 
 /// Batching: several ready ops of distinct entities in one `POST /v1/batch`.
 ///
@@ -397,7 +397,7 @@ struct AfterWrite {
 #[derive(Debug)]
 struct Success {
     op: PendingOp,
-    entity: Option<Entity>,
+    stored: Stored,
     replayed: bool,
     latency: Duration,
     /// Published after the op's own event (a transaction's, on its last op).
@@ -760,12 +760,16 @@ impl DrainMachine {
             flush: true,
             ..AfterWrite::default()
         };
-        for s in batch {
+        for mut s in batch {
             // The entity's data moves into the ack (it is only needed there,
-            // for version chaining).
-            let (version, data) = match s.entity {
-                Some(e) => (Some(e.version), Some(e.data)),
-                None => (None, None),
+            // for version chaining); stored as sent, it is the op's payload,
+            // which the op no longer needs.
+            let (version, data) = match s.stored {
+                Stored::Entity(e) => (Some(e.version), Some(e.data)),
+                Stored::AsSent { version } => {
+                    (Some(version), Some(std::mem::take(&mut s.op.payload)))
+                }
+                Stored::Nothing => (None, None),
             };
             acks.push((s.op.op_id, Ack { version, data }));
             after.latencies.push(s.latency);
@@ -804,9 +808,9 @@ impl DrainMachine {
             let outcome = outcomes
                 .next()
                 .unwrap_or_else(|| Outcome::protocol(None, "no outcome for an op of the batch"));
-            let (entity, replayed) = match outcome {
-                Outcome::Applied { entity, replayed } => (entity, replayed),
-                Outcome::AlreadyGone => (None, false),
+            let (stored, replayed) = match outcome {
+                Outcome::Applied { stored, replayed } => (stored, replayed),
+                Outcome::AlreadyGone => (Stored::Nothing, false),
                 Outcome::DependencyFailed => {
                     match deps.get(i).copied().flatten() {
                         Some(dep) if !succeeded.get(dep).copied().unwrap_or(false) => {
@@ -854,7 +858,7 @@ impl DrainMachine {
             successes += 1;
             self.acks.push(Success {
                 op,
-                entity,
+                stored,
                 replayed,
                 latency,
                 then: None,
@@ -1135,8 +1139,9 @@ pub fn units(ops: Vec<PendingOp>) -> Vec<Vec<PendingOp>> {
 
 /// What one transaction's answer means.
 enum TxnVerdict {
-    /// Each op's entity and whether it was replayed.
-    Committed(Vec<(Option<Entity>, bool)>),
+    /// What each op's answer says the server stored, and whether it was
+    /// replayed.
+    Committed(Vec<(Stored, bool)>),
     /// The whole request failed alike for every op (nothing applied).
     Whole(NotApplied),
     /// This op was refused, so nothing was applied.
@@ -1170,7 +1175,7 @@ impl DrainMachine {
                 // Acks of one response are written in one commit (the
                 // group is flushed whole), so the transaction's ops leave
                 // the outbox together.
-                for (i, (op, (entity, replayed))) in unit.into_iter().zip(entities).enumerate() {
+                for (i, (op, (stored, replayed))) in unit.into_iter().zip(entities).enumerate() {
                     let then = (i + 1 == n).then_some(()).and(txn_id).map(|txn_id| {
                         SyncEvent::TransactionCommitted {
                             txn_id,
@@ -1180,7 +1185,7 @@ impl DrainMachine {
                     });
                     self.acks.push(Success {
                         op,
-                        entity,
+                        stored,
                         replayed,
                         latency,
                         then,
@@ -1501,7 +1506,7 @@ fn txn_verdict(unit: &[PendingOp], outcomes: Vec<Outcome>) -> TxnVerdict {
             .next()
             .unwrap_or_else(|| Outcome::protocol(None, "no outcome for an op of the transaction"));
         match outcome {
-            Outcome::Applied { entity, replayed } => applied.push((entity, replayed)),
+            Outcome::Applied { stored, replayed } => applied.push((stored, replayed)),
             Outcome::DependencyFailed => {}
             Outcome::Conflict { problem } => {
                 return TxnVerdict::Refused(i, NotApplied::Conflict(problem));

@@ -22,11 +22,11 @@ pub enum RetryReason {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Outcome {
-    /// Applied (2xx). `entity` is the server's entity after the change
-    /// (absent for deletes), used for version chaining.
+    /// Applied (2xx). `stored` is what the server now holds, used for
+    /// version chaining.
     Applied {
-        /// The entity as the server now has it (None for a delete).
-        entity: Option<Entity>,
+        /// The entity after the change ([`Stored::Nothing`] for a delete).
+        stored: Stored,
         /// True when the server replayed a stored response for this key.
         replayed: bool,
     },
@@ -92,6 +92,33 @@ impl Outcome {
             retry_after: None,
             detail: detail.into(),
             counts_for_breaker: true,
+        }
+    }
+}
+
+/// What a 2xx answer to a mutation says the server now holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stored {
+    /// Nothing the drain uses (a delete).
+    Nothing,
+    /// The entity as the server now has it.
+    Entity(Entity),
+    /// The request's data exactly, at `version`: the answer echoed the data
+    /// sent byte for byte, so the op's own payload stands for it and the
+    /// answer's copy is never decoded.
+    AsSent {
+        /// The entity's new server version.
+        version: u64,
+    },
+}
+
+impl Stored {
+    /// The entity's version after the change, if the answer gave one.
+    pub fn version(&self) -> Option<u64> {
+        match self {
+            Self::Nothing => None,
+            Self::Entity(e) => Some(e.version),
+            Self::AsSent { version } => Some(*version),
         }
     }
 }

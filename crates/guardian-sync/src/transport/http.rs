@@ -10,12 +10,13 @@ use guardian_protocol::{
     TransactionResponse,
 };
 use reqwest::{header as h, Method, StatusCode};
+use serde_json::value::RawValue;
 
 use super::auth::Auth;
 use super::{
     read_bounded, BodyError, Fetched, OpRequest, Outcome, RetryReason, TokenProvider, Transport,
 };
-use crate::core::classify::{classify_fetch, classify_mutation};
+use crate::core::classify::{classify_fetch, classify_mutation, classify_mutation_of};
 
 /// Settings of [`HttpTransport`].
 #[derive(Debug, Clone)]
@@ -170,19 +171,20 @@ impl HttpTransport {
         })
     }
 
-    fn mutation(&self, op: &OpRequest, token: &str) -> reqwest::RequestBuilder {
+    /// The request for `op`, its data already serialized as `data`.
+    fn mutation(&self, op: &OpRequest, data: &RawValue, token: &str) -> reqwest::RequestBuilder {
         let builder = match op.kind {
             MutationKind::Create => self
                 .client
                 .post(self.url(&["v1", "entities", &op.entity_type]))
                 .json(&CreateBody {
                     id: &op.entity_id,
-                    data: &op.payload,
+                    data,
                 }),
             MutationKind::Update => self
                 .client
                 .put(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
-                .json(&UpdateBody { data: &op.payload }),
+                .json(&UpdateBody { data }),
             MutationKind::Delete => {
                 self.client
                     .delete(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
@@ -206,13 +208,13 @@ impl HttpTransport {
 #[derive(serde::Serialize)]
 struct CreateBody<'a> {
     id: &'a str,
-    data: &'a serde_json::Value,
+    data: &'a RawValue,
 }
 
 /// [`guardian_protocol::UpdateRequest`] serialized from a borrowed payload.
 #[derive(serde::Serialize)]
 struct UpdateBody<'a> {
-    data: &'a serde_json::Value,
+    data: &'a RawValue,
 }
 
 struct Response {
@@ -280,13 +282,27 @@ fn network_outcome(e: &reqwest::Error) -> Outcome {
 impl Transport for HttpTransport {
     fn send<'a>(&'a self, op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            match self.exchange(|token| self.mutation(op, token)).await {
-                Ok(r) => classify_mutation(
+            // Serialized once: the body of every attempt, and what an answer
+            // that stored the data as sent echoes.
+            let data = match serde_json::value::to_raw_value(&op.payload) {
+                Ok(data) => data,
+                // Not reachable for a `Value`; handled as reqwest's own
+                // serialization failure was.
+                Err(e) => {
+                    return Outcome::network(
+                        RetryReason::Network,
+                        format!("cannot serialize the request: {e}"),
+                    )
+                }
+            };
+            match self.exchange(|token| self.mutation(op, &data, token)).await {
+                Ok(r) => classify_mutation_of(
                     op.kind,
                     r.status.as_u16(),
                     r.retry_after.as_deref(),
                     r.replayed,
                     &r.body,
+                    (op.kind != MutationKind::Delete).then(|| data.get()),
                 ),
                 Err(outcome) => outcome,
             }
@@ -511,8 +527,8 @@ fn transaction_outcomes(ops: &[OpRequest], t: TransactionResponse) -> Vec<Outcom
         .enumerate()
         .map(|(i, o)| match (failed, o) {
             (Some(f), _) if i != f => Outcome::DependencyFailed,
-            (_, Outcome::Applied { entity, .. }) if replayed => Outcome::Applied {
-                entity,
+            (_, Outcome::Applied { stored, .. }) if replayed => Outcome::Applied {
+                stored,
                 replayed: true,
             },
             (_, o) => o,
@@ -538,9 +554,10 @@ mod tests {
             id: "lamp-1".into(),
             data: data.clone(),
         };
+        let raw = serde_json::value::to_raw_value(&data).unwrap();
         let borrowed = CreateBody {
             id: "lamp-1",
-            data: &data,
+            data: &raw,
         };
         assert_eq!(
             serde_json::to_vec(&borrowed).unwrap(),
@@ -548,7 +565,7 @@ mod tests {
         );
         let update = UpdateRequest { data: data.clone() };
         assert_eq!(
-            serde_json::to_vec(&UpdateBody { data: &data }).unwrap(),
+            serde_json::to_vec(&UpdateBody { data: &raw }).unwrap(),
             serde_json::to_vec(&update).unwrap()
         );
     }

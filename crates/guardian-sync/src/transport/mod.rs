@@ -11,7 +11,7 @@ mod auth;
 mod body;
 mod http;
 
-pub use crate::core::classify::{classify_fetch, classify_mutation};
+pub use crate::core::classify::{classify_fetch, classify_mutation, classify_mutation_of};
 pub(crate) use auth::Auth;
 pub use auth::{check_token, StaticToken, TokenError, TokenProvider};
 pub(crate) use body::{read_bounded, BodyError};
@@ -69,7 +69,7 @@ impl OpRequest {
     }
 }
 
-pub use crate::core::outcome::{Fetched, Outcome, RetryReason};
+pub use crate::core::outcome::{Fetched, Outcome, RetryReason, Stored};
 
 /// A backend the engine can send ops to.
 ///
@@ -158,9 +158,7 @@ pub fn send_in_order<'a, T: Transport + ?Sized>(
         for op in ops {
             let version_after_dependency = match op.depends_on.map(|dep| out.get(dep)) {
                 None => None,
-                Some(Some(Outcome::Applied { entity, .. })) => {
-                    Some(entity.as_ref().map(|e| e.version))
-                }
+                Some(Some(Outcome::Applied { stored, .. })) => Some(stored.version()),
                 Some(Some(Outcome::AlreadyGone)) => Some(None),
                 Some(_) => {
                     out.push(Outcome::DependencyFailed);

@@ -30,7 +30,7 @@ use guardian_sync::outbox::{ListFilter, Outbox, OutboxError, OutboxOptions, Sync
 use guardian_sync::reconcile::{ReconcilePolicies, Reconciler};
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::telemetry::SyncMetrics;
-use guardian_sync::transport::{Outcome, RetryReason};
+use guardian_sync::transport::{Outcome, RetryReason, Stored};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -140,7 +140,7 @@ impl Server {
     fn apply(&mut self, r: &Request, if_match: Option<u64>) -> Result<Outcome, String> {
         if let Some(e) = self.keys.get(&r.key) {
             return Ok(Outcome::Applied {
-                entity: Some(e.clone()),
+                stored: Stored::Entity(e.clone()),
                 replayed: true,
             });
         }
@@ -182,8 +182,10 @@ impl Server {
         let (version, data) = (slot.0, slot.1.clone());
         let entity = self.entity(&r.entity_id, version, &data);
         self.keys.insert(r.key.clone(), entity.clone());
+        // What the HTTP transport makes of the reference server's answer:
+        // it echoes the data as sent (replays above carry the entity).
         Ok(Outcome::Applied {
-            entity: Some(entity),
+            stored: Stored::AsSent { version },
             replayed: false,
         })
     }
@@ -228,8 +230,8 @@ impl Server {
                 return Ok(stored
                     .iter()
                     .map(|o| match o {
-                        Outcome::Applied { entity, .. } => Outcome::Applied {
-                            entity: entity.clone(),
+                        Outcome::Applied { stored, .. } => Outcome::Applied {
+                            stored: stored.clone(),
                             replayed: true,
                         },
                         other => other.clone(),
@@ -286,8 +288,8 @@ impl Server {
         for (i, r) in reqs.iter().enumerate() {
             let dep = deps.get(i).copied().flatten();
             let if_match = match dep.map(|d| out.get(d)) {
-                Some(Some(Outcome::Applied { entity, .. })) if r.if_match_chained => {
-                    entity.as_ref().map(|e| e.version)
+                Some(Some(Outcome::Applied { stored, .. })) if r.if_match_chained => {
+                    stored.version()
                 }
                 None | Some(Some(Outcome::Applied { .. })) => r.if_match,
                 Some(_) => {
