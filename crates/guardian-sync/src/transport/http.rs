@@ -5,10 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use guardian_protocol::{
-    header, BatchOp, BatchRequest, BatchResponse, BatchResult, MutationKind, TransactionRequest,
-    TransactionResponse,
-};
+use guardian_protocol::{header, MutationKind};
 use reqwest::{header as h, Method, StatusCode};
 use serde_json::value::RawValue;
 
@@ -314,11 +311,15 @@ impl Transport for HttpTransport {
             if self.no_batch_route.load(Ordering::Relaxed) {
                 return super::send_in_order(self, ops).await;
             }
-            let request = BatchRequest {
-                ops: ops.iter().map(batch_op).collect(),
+            let sent = match sent_data(ops) {
+                Ok(sent) => sent,
+                Err(outcome) => return vec![outcome; ops.len()],
+            };
+            let request = BatchBody {
+                ops: batch_ops(ops, &sent),
             };
             let url = self.url(&["v1", "batch"]);
-            let sent = self
+            let answer = self
                 .exchange(|token| {
                     self.client
                         .request(Method::POST, url.clone())
@@ -326,11 +327,11 @@ impl Transport for HttpTransport {
                         .json(&request)
                 })
                 .await;
-            let whole = match sent {
+            let whole = match answer {
                 Ok(r) if r.status == StatusCode::OK => {
-                    match serde_json::from_slice::<BatchResponse>(&r.body) {
+                    match serde_json::from_slice::<BatchAnswer<'_>>(&r.body) {
                         Ok(b) if b.results.len() == ops.len() => {
-                            return classify_results(ops, b.results)
+                            return classify_results(ops, &sent, b.results)
                         }
                         Ok(b) => Outcome::protocol(
                             Some(200),
@@ -378,12 +379,16 @@ impl Transport for HttpTransport {
         ops: &'a [OpRequest],
     ) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let request = TransactionRequest {
-                transaction_key: key.to_owned(),
-                ops: ops.iter().map(batch_op).collect(),
+            let sent = match sent_data(ops) {
+                Ok(sent) => sent,
+                Err(outcome) => return vec![outcome; ops.len()],
+            };
+            let request = TransactionBody {
+                transaction_key: key,
+                ops: batch_ops(ops, &sent),
             };
             let url = self.url(&["v1", "transactions"]);
-            let sent = self
+            let answer = self
                 .exchange(|token| {
                     self.client
                         .request(Method::POST, url.clone())
@@ -391,11 +396,11 @@ impl Transport for HttpTransport {
                         .json(&request)
                 })
                 .await;
-            let whole = match sent {
+            let whole = match answer {
                 Ok(r) if r.status == StatusCode::OK => {
-                    match serde_json::from_slice::<TransactionResponse>(&r.body) {
+                    match serde_json::from_slice::<TransactionAnswer<'_>>(&r.body) {
                         Ok(t) if t.results.len() == ops.len() => {
-                            return transaction_outcomes(ops, t);
+                            return transaction_outcomes(ops, &sent, t);
                         }
                         Ok(t) => Outcome::protocol(
                             Some(200),
@@ -443,41 +448,138 @@ impl Transport for HttpTransport {
     }
 }
 
-/// An op as a batch or transaction carries it.
-fn batch_op(op: &OpRequest) -> BatchOp {
-    BatchOp {
-        op: op.kind,
-        entity_type: op.entity_type.clone(),
-        id: op.entity_id.clone(),
-        data: (op.kind != MutationKind::Delete).then(|| op.payload.clone()),
-        if_match: if op.kind == MutationKind::Create || op.if_match_chained {
-            None
-        } else {
-            op.if_match
-        },
-        idempotency_key: op.idempotency_key.clone(),
-        depends_on: op.depends_on.and_then(|i| u32::try_from(i).ok()),
-        if_match_chained: op.if_match_chained && op.depends_on.is_some(),
-    }
+/// Each op's data serialized once, as its body carries it and as an answer
+/// that stored it unchanged echoes it (`None` for a delete).
+fn sent_data(ops: &[OpRequest]) -> Result<Vec<Option<Box<RawValue>>>, Outcome> {
+    ops.iter()
+        .map(|op| {
+            (op.kind != MutationKind::Delete)
+                .then(|| serde_json::value::to_raw_value(&op.payload))
+                .transpose()
+        })
+        .collect::<Result<_, _>>()
+        // Not reachable for a `Value`; handled as reqwest's own
+        // serialization failure was.
+        .map_err(|e| {
+            Outcome::network(
+                RetryReason::Network,
+                format!("cannot serialize the request: {e}"),
+            )
+        })
+}
+
+/// The ops as a batch or transaction carries them.
+fn batch_ops<'a>(ops: &'a [OpRequest], sent: &'a [Option<Box<RawValue>>]) -> Vec<BatchOpBody<'a>> {
+    ops.iter()
+        .zip(sent)
+        .map(|(op, data)| BatchOpBody {
+            op: op.kind,
+            entity_type: &op.entity_type,
+            id: &op.entity_id,
+            data: data.as_deref(),
+            if_match: if op.kind == MutationKind::Create || op.if_match_chained {
+                None
+            } else {
+                op.if_match
+            },
+            idempotency_key: &op.idempotency_key,
+            depends_on: op.depends_on.and_then(|i| u32::try_from(i).ok()),
+            if_match_chained: op.if_match_chained && op.depends_on.is_some(),
+        })
+        .collect()
+}
+
+/// [`BatchOp`] serialized from borrowed parts: byte for byte the same JSON
+/// (idempotency fingerprints match), without a copy of any payload.
+///
+/// [`BatchOp`]: guardian_protocol::BatchOp
+#[derive(serde::Serialize)]
+struct BatchOpBody<'a> {
+    op: MutationKind,
+    #[serde(rename = "type")]
+    entity_type: &'a str,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    if_match: Option<u64>,
+    idempotency_key: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depends_on: Option<u32>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    if_match_chained: bool,
+}
+
+/// [`guardian_protocol::BatchRequest`] from borrowed parts.
+#[derive(serde::Serialize)]
+struct BatchBody<'a> {
+    ops: Vec<BatchOpBody<'a>>,
+}
+
+/// [`guardian_protocol::TransactionRequest`] from borrowed parts.
+#[derive(serde::Serialize)]
+struct TransactionBody<'a> {
+    transaction_key: &'a str,
+    ops: Vec<BatchOpBody<'a>>,
+}
+
+/// A [`BatchResult`] read in place: each body stays text, classified as
+/// the answer to a lone request without being decoded and re-encoded.
+///
+/// [`BatchResult`]: guardian_protocol::BatchResult
+#[derive(serde::Deserialize)]
+struct ResultAnswer<'a> {
+    status: u16,
+    #[serde(default, borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(default)]
+    replayed: bool,
+}
+
+/// A [`guardian_protocol::BatchResponse`] read in place.
+#[derive(serde::Deserialize)]
+struct BatchAnswer<'a> {
+    #[serde(borrow)]
+    results: Vec<ResultAnswer<'a>>,
+}
+
+/// A [`guardian_protocol::TransactionResponse`] read in place.
+#[derive(serde::Deserialize)]
+struct TransactionAnswer<'a> {
+    committed: bool,
+    #[serde(default)]
+    failed_op: Option<u32>,
+    #[serde(borrow)]
+    results: Vec<ResultAnswer<'a>>,
+    #[serde(default)]
+    replayed: bool,
 }
 
 /// Each op's result classified as the answer to a lone request.
-fn classify_results(ops: &[OpRequest], results: Vec<BatchResult>) -> Vec<Outcome> {
+fn classify_results(
+    ops: &[OpRequest],
+    sent: &[Option<Box<RawValue>>],
+    results: Vec<ResultAnswer<'_>>,
+) -> Vec<Outcome> {
     ops.iter()
+        .zip(sent)
         .zip(results)
-        .map(|(op, res)| {
-            let body = serde_json::to_vec(&res.body).unwrap_or_default();
-            let retry_after = res
-                .body
-                .get("retry_after")
-                .and_then(serde_json::Value::as_u64)
+        .map(|((op, sent), res)| {
+            // An absent body is JSON null, as the protocol type defaults it.
+            let body = res.body.map_or("null", RawValue::get);
+            // Only a refusal's body names a delay (`retry_after`, seconds).
+            let retry_after = (!(200..300).contains(&res.status))
+                .then(|| serde_json::from_str::<serde_json::Value>(body).ok())
+                .flatten()
+                .and_then(|b| b.get("retry_after").and_then(serde_json::Value::as_u64))
                 .map(|s| s.to_string());
-            classify_mutation(
+            classify_mutation_of(
                 op.kind,
                 res.status,
                 retry_after.as_deref(),
                 res.replayed,
-                &body,
+                body.as_bytes(),
+                sent.as_deref().map(RawValue::get),
             )
         })
         .collect()
@@ -498,13 +600,17 @@ fn whole_failure(r: &Response) -> Outcome {
 /// aborted, the refused op's own outcome and
 /// [`Outcome::DependencyFailed`] (not applied, nothing recorded) for the
 /// others. An answer that contradicts itself is a protocol error for all.
-fn transaction_outcomes(ops: &[OpRequest], t: TransactionResponse) -> Vec<Outcome> {
+fn transaction_outcomes(
+    ops: &[OpRequest],
+    sent: &[Option<Box<RawValue>>],
+    t: TransactionAnswer<'_>,
+) -> Vec<Outcome> {
     let committed = t.committed;
     // A replay answers each op as it was first answered: the whole
     // response's flag says the ops were applied by an earlier attempt.
     let replayed = t.replayed;
     let failed = t.failed_op.and_then(|i| usize::try_from(i).ok());
-    let outcomes = classify_results(ops, t.results);
+    let outcomes = classify_results(ops, sent, t.results);
     let consistent = if committed {
         failed.is_none()
             && outcomes
@@ -538,10 +644,207 @@ fn transaction_outcomes(ops: &[OpRequest], t: TransactionResponse) -> Vec<Outcom
 
 #[cfg(test)]
 mod tests {
-    use guardian_protocol::{CreateRequest, UpdateRequest};
+    use guardian_protocol::{
+        BatchOp, BatchRequest, BatchResponse, BatchResult, CreateRequest, MutationKind,
+        TransactionRequest, TransactionResponse, UpdateRequest,
+    };
     use serde_json::json;
 
-    use super::{CreateBody, UpdateBody};
+    use super::{
+        batch_ops, classify_results, sent_data, transaction_outcomes, BatchAnswer, BatchBody,
+        CreateBody, TransactionAnswer, TransactionBody, UpdateBody,
+    };
+    use crate::core::classify::classify_mutation;
+    use crate::transport::{OpRequest, Outcome, Stored};
+
+    fn op(kind: MutationKind, id: &str, if_match: Option<u64>) -> OpRequest {
+        OpRequest {
+            kind,
+            entity_type: "device".into(),
+            entity_id: id.into(),
+            payload: json!({"on": true, "level": 1.50, "name": "café \"x\"\n"}),
+            if_match,
+            idempotency_key: format!("key-{id}"),
+            depends_on: None,
+            if_match_chained: false,
+        }
+    }
+
+    fn protocol_op(op: &OpRequest) -> BatchOp {
+        BatchOp {
+            op: op.kind,
+            entity_type: op.entity_type.clone(),
+            id: op.entity_id.clone(),
+            data: (op.kind != MutationKind::Delete).then(|| op.payload.clone()),
+            if_match: if op.kind == MutationKind::Create || op.if_match_chained {
+                None
+            } else {
+                op.if_match
+            },
+            idempotency_key: op.idempotency_key.clone(),
+            depends_on: op.depends_on.and_then(|i| u32::try_from(i).ok()),
+            if_match_chained: op.if_match_chained && op.depends_on.is_some(),
+        }
+    }
+
+    fn ops() -> Vec<OpRequest> {
+        let mut chained = op(MutationKind::Update, "a", Some(9));
+        chained.depends_on = Some(0);
+        chained.if_match_chained = true;
+        vec![
+            op(MutationKind::Create, "a", Some(3)),
+            chained,
+            op(MutationKind::Update, "b", Some(4)),
+            op(MutationKind::Update, "c", None),
+            op(MutationKind::Delete, "d", Some(2)),
+        ]
+    }
+
+    /// Batch and transaction bodies are byte for byte the protocol types'.
+    #[test]
+    fn borrowed_batch_bodies_serialize_like_the_protocol_types() {
+        let ops = ops();
+        let sent = sent_data(&ops).unwrap();
+        let protocol: Vec<BatchOp> = ops.iter().map(protocol_op).collect();
+        assert_eq!(
+            serde_json::to_vec(&BatchBody {
+                ops: batch_ops(&ops, &sent)
+            })
+            .unwrap(),
+            serde_json::to_vec(&BatchRequest {
+                ops: protocol.clone()
+            })
+            .unwrap()
+        );
+        assert_eq!(
+            serde_json::to_vec(&TransactionBody {
+                transaction_key: "t-1",
+                ops: batch_ops(&ops, &sent)
+            })
+            .unwrap(),
+            serde_json::to_vec(&TransactionRequest {
+                transaction_key: "t-1".into(),
+                ops: protocol
+            })
+            .unwrap()
+        );
+    }
+
+    /// Results read in place classify as the decoded protocol type did,
+    /// except that an entity echoing the data sent is stored as sent.
+    #[test]
+    fn results_read_in_place_classify_like_decoded_ones() {
+        let ops = ops();
+        let sent = sent_data(&ops).unwrap();
+        let entity = |id: &str, version: u64, data: serde_json::Value| {
+            json!({"type": "device", "id": id, "version": version, "data": data,
+                   "updated_at": "2026-12-05T00:00:00Z", "deleted": false})
+        };
+        let results = vec![
+            BatchResult {
+                status: 201,
+                body: entity("a", 1, ops[0].payload.clone()),
+                replayed: false,
+            },
+            BatchResult {
+                status: 200,
+                body: entity("a", 2, json!({"merged": true})),
+                replayed: true,
+            },
+            BatchResult {
+                status: 429,
+                body: json!({"type": "about:blank", "title": "t", "status": 429, "retry_after": 7}),
+                replayed: false,
+            },
+            BatchResult {
+                status: 424,
+                body: json!({"type": "batch:dependency-failed", "title": "t", "status": 424}),
+                replayed: false,
+            },
+            BatchResult {
+                status: 204,
+                body: serde_json::Value::Null,
+                replayed: false,
+            },
+        ];
+        let body = serde_json::to_vec(&BatchResponse {
+            results: results.clone(),
+        })
+        .unwrap();
+        let answer: BatchAnswer<'_> = serde_json::from_slice(&body).unwrap();
+        let read = classify_results(&ops, &sent, answer.results);
+        let decoded: Vec<Outcome> = ops
+            .iter()
+            .zip(&results)
+            .map(|(op, r)| {
+                let retry_after = r
+                    .body
+                    .get("retry_after")
+                    .and_then(serde_json::Value::as_u64)
+                    .map(|s| s.to_string());
+                classify_mutation(
+                    op.kind,
+                    r.status,
+                    retry_after.as_deref(),
+                    r.replayed,
+                    &serde_json::to_vec(&r.body).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            read[0],
+            Outcome::Applied {
+                stored: Stored::AsSent { version: 1 },
+                replayed: false
+            }
+        );
+        assert!(matches!(
+            decoded[0],
+            Outcome::Applied {
+                stored: Stored::Entity(_),
+                ..
+            }
+        ));
+        assert_eq!(read[1..], decoded[1..]);
+        assert!(matches!(
+            &read[2],
+            Outcome::Retryable { retry_after: Some(s), .. } if s == "7"
+        ));
+        // A body left out is null, as the protocol type defaults it.
+        let bare = br#"{"results":[{"status":204}]}"#;
+        let answer: BatchAnswer<'_> = serde_json::from_slice(bare).unwrap();
+        assert_eq!(
+            classify_results(&ops[4..], &sent[4..], answer.results),
+            vec![Outcome::Applied {
+                stored: Stored::Nothing,
+                replayed: false
+            }]
+        );
+        // A transaction's answer keeps its replay flag over each op.
+        let t = TransactionResponse {
+            committed: true,
+            failed_op: None,
+            results: vec![BatchResult {
+                status: 201,
+                body: entity("a", 1, ops[0].payload.clone()),
+                replayed: false,
+            }],
+            replayed: true,
+        };
+        let body = serde_json::to_vec(&t).unwrap();
+        let answer: TransactionAnswer<'_> = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            transaction_outcomes(&ops[..1], &sent[..1], answer),
+            vec![Outcome::Applied {
+                stored: Stored::AsSent { version: 1 },
+                replayed: true
+            }]
+        );
+        // Not an answer at all: refused whole by the caller.
+        assert!(
+            serde_json::from_slice::<BatchAnswer<'_>>(br#"{"results":[{"status":"x"}]}"#).is_err()
+        );
+    }
 
     /// The borrowed bodies are byte for byte the protocol's: a retry by
     /// this build of an op first sent by an older one must replay, not
