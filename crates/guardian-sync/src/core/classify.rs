@@ -286,7 +286,7 @@ mod tests {
             );
         }
         // Escaped text is accepted (copied, not borrowed) like any other.
-        let escaped = br#"{"type":"device","id":"d1","version":2,"data":{"on":true},"updated_at":"x","deleted":false}"#;
+        let escaped = br#"{"type":"dev\u0069ce","id":"d1","version":2,"data":{"on":true},"updated_at":"x","deleted":false}"#;
         assert_eq!(
             classify(escaped, r#"{"on":true}"#),
             Outcome::Applied {

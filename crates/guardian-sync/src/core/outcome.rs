@@ -98,6 +98,7 @@ impl Outcome {
 
 /// What a 2xx answer to a mutation says the server now holds.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Stored {
     /// Nothing the drain uses (a delete).
     Nothing,

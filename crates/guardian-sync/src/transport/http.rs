@@ -279,18 +279,9 @@ fn network_outcome(e: &reqwest::Error) -> Outcome {
 impl Transport for HttpTransport {
     fn send<'a>(&'a self, op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            // Serialized once: the body of every attempt, and what an answer
-            // that stored the data as sent echoes.
-            let data = match serde_json::value::to_raw_value(&op.payload) {
+            let data = match serialized(&op.payload) {
                 Ok(data) => data,
-                // Not reachable for a `Value`; handled as reqwest's own
-                // serialization failure was.
-                Err(e) => {
-                    return Outcome::network(
-                        RetryReason::Network,
-                        format!("cannot serialize the request: {e}"),
-                    )
-                }
+                Err(outcome) => return outcome,
             };
             match self.exchange(|token| self.mutation(op, &data, token)).await {
                 Ok(r) => classify_mutation_of(
@@ -448,24 +439,28 @@ impl Transport for HttpTransport {
     }
 }
 
-/// Each op's data serialized once, as its body carries it and as an answer
-/// that stored it unchanged echoes it (`None` for a delete).
+/// An op's data serialized once: the body of every attempt, and what an
+/// answer that stored it unchanged echoes.
+fn serialized(payload: &serde_json::Value) -> Result<Box<RawValue>, Outcome> {
+    serde_json::value::to_raw_value(payload).map_err(|e| {
+        // Not reachable for a `Value`; handled as reqwest's own
+        // serialization failure was.
+        Outcome::network(
+            RetryReason::Network,
+            format!("cannot serialize the request: {e}"),
+        )
+    })
+}
+
+/// Each op's data [`serialized`] (`None` for a delete).
 fn sent_data(ops: &[OpRequest]) -> Result<Vec<Option<Box<RawValue>>>, Outcome> {
     ops.iter()
         .map(|op| {
             (op.kind != MutationKind::Delete)
-                .then(|| serde_json::value::to_raw_value(&op.payload))
+                .then(|| serialized(&op.payload))
                 .transpose()
         })
-        .collect::<Result<_, _>>()
-        // Not reachable for a `Value`; handled as reqwest's own
-        // serialization failure was.
-        .map_err(|e| {
-            Outcome::network(
-                RetryReason::Network,
-                format!("cannot serialize the request: {e}"),
-            )
-        })
+        .collect()
 }
 
 /// The ops as a batch or transaction carries them.
