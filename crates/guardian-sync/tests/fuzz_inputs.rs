@@ -21,7 +21,8 @@ use guardian_protocol::{
 use guardian_sync::reconcile::{merge3, ConflictPolicy};
 use guardian_sync::retry::parse_retry_after;
 use guardian_sync::transport::{
-    classify_fetch, classify_mutation, classify_mutation_of, Fetched, Outcome, Stored,
+    classify_fetch, classify_mutation, classify_mutation_of, Fetched, Outcome, RetryReason, Sent,
+    Stored,
 };
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -279,21 +280,40 @@ proptest! {
     }
 
     /// An entity echoing the data sent byte for byte is stored as sent at
-    /// its version; any other data is decoded and carried whole.
+    /// its version, any other data is decoded and carried whole, and an
+    /// entity that contradicts the request (another entity, a tombstone, a
+    /// version the outbox cannot hold) is a protocol error either way.
     #[test]
     fn classify_mutation_of_echoes_only_the_exact_data(e in entity(), other in entity(), replayed in any::<bool>()) {
         let body = serde_json::to_vec(&e).unwrap();
-        let sent = serde_json::to_string(&e.data).unwrap();
-        let outcome = classify_mutation_of(MutationKind::Update, 200, None, replayed, &body, Some(&sent));
-        prop_assert_eq!(outcome, Outcome::Applied { stored: Stored::AsSent { version: e.version }, replayed });
-        let sent = serde_json::to_string(&other.data).unwrap();
-        let outcome = classify_mutation_of(MutationKind::Update, 200, None, replayed, &body, Some(&sent));
-        let expected = if other.data == e.data {
-            Stored::AsSent { version: e.version }
-        } else {
-            Stored::Entity(e)
+        let classify = |about: &Entity, data: &str| {
+            let sent = Sent { entity_type: &about.entity_type, entity_id: &about.id, data: Some(data) };
+            classify_mutation_of(MutationKind::Update, 200, None, replayed, &body, Some(sent))
         };
-        prop_assert_eq!(outcome, Outcome::Applied { stored: expected, replayed });
+        let protocol = |o: &Outcome| matches!(o, Outcome::Retryable { reason: RetryReason::Protocol, .. });
+        let consistent = !e.deleted && e.version > 0 && i64::try_from(e.version).is_ok();
+        let own = serde_json::to_string(&e.data).unwrap();
+        let outcome = classify(&e, &own);
+        if consistent {
+            prop_assert_eq!(outcome, Outcome::Applied { stored: Stored::AsSent { version: e.version }, replayed });
+        } else {
+            prop_assert!(protocol(&outcome), "{:?}", outcome);
+        }
+        let outcome = classify(&e, &serde_json::to_string(&other.data).unwrap());
+        if consistent {
+            let expected = if other.data == e.data {
+                Stored::AsSent { version: e.version }
+            } else {
+                Stored::Entity(e.clone())
+            };
+            prop_assert_eq!(outcome, Outcome::Applied { stored: expected, replayed });
+        } else {
+            prop_assert!(protocol(&outcome), "{:?}", outcome);
+        }
+        if (&other.entity_type, &other.id) != (&e.entity_type, &e.id) {
+            let outcome = classify(&other, &own);
+            prop_assert!(protocol(&outcome), "{:?}", outcome);
+        }
     }
 
     #[test]

@@ -25,17 +25,31 @@ pub fn classify_mutation(
     classify_mutation_of(kind, status, retry_after, replayed, body, None)
 }
 
-/// [`classify_mutation`] for a request whose data went out serialized as
-/// `sent`: a success whose entity echoes those bytes exactly is
-/// [`Stored::AsSent`], its copy of the data checked for shape but never
-/// decoded into values.
+/// What a mutation request carried, for checking its answer against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent<'a> {
+    /// The entity's type, as in the request.
+    pub entity_type: &'a str,
+    /// The entity's id, as in the request.
+    pub entity_id: &'a str,
+    /// The data exactly as serialized into the request; `None` for a delete.
+    pub data: Option<&'a str>,
+}
+
+/// [`classify_mutation`] for a request known as `sent`:
+/// - a success whose entity contradicts the request (another entity, a
+///   tombstone, version 0 or one the outbox cannot store) is a protocol
+///   error, not an acknowledgement;
+/// - a success whose entity echoes the data sent byte for byte is
+///   [`Stored::AsSent`], its copy of the data checked for shape but never
+///   decoded into values.
 pub fn classify_mutation_of(
     kind: MutationKind,
     status: u16,
     retry_after: Option<&str>,
     replayed: bool,
     body: &[u8],
-    sent: Option<&str>,
+    sent: Option<Sent<'_>>,
 ) -> Outcome {
     match status {
         200..=299 => classify_success(kind, status, replayed, body, sent),
@@ -116,16 +130,38 @@ pub fn classify_mutation_of(
 #[derive(serde::Deserialize)]
 struct Echo<'a> {
     #[serde(rename = "type", borrow)]
-    _entity_type: Cow<'a, str>,
-    #[serde(rename = "id", borrow)]
-    _id: Cow<'a, str>,
+    entity_type: Cow<'a, str>,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
     version: u64,
     #[serde(borrow)]
     data: &'a RawValue,
     #[serde(rename = "updated_at", borrow)]
     _updated_at: Cow<'a, str>,
-    #[serde(rename = "deleted")]
-    _deleted: bool,
+    deleted: bool,
+}
+
+/// Why a success's entity cannot be the answer to the create or update
+/// `sent` (checked only when the request is known). Never quotes the body.
+fn contradiction(
+    sent: Option<Sent<'_>>,
+    entity_type: &str,
+    id: &str,
+    version: u64,
+    deleted: bool,
+) -> Option<&'static str> {
+    let sent = sent?;
+    if sent.entity_type != entity_type || sent.entity_id != id {
+        Some("the answer is about another entity")
+    } else if deleted {
+        Some("the answer to a create or update is a tombstone")
+    } else if version == 0 || i64::try_from(version).is_err() {
+        // The outbox stores versions as SQLite integers: a larger one
+        // would be clamped into a chained successor's If-Match.
+        Some("the answer's version is out of range")
+    } else {
+        None
+    }
 }
 
 fn classify_success(
@@ -133,7 +169,7 @@ fn classify_success(
     status: u16,
     replayed: bool,
     body: &[u8],
-    sent: Option<&str>,
+    sent: Option<Sent<'_>>,
 ) -> Outcome {
     if kind == MutationKind::Delete {
         return Outcome::Applied {
@@ -141,9 +177,24 @@ fn classify_success(
             replayed,
         };
     }
-    if let Some(sent) = sent {
+    let refused = |why: &str| {
+        Outcome::protocol(
+            Some(status),
+            format!("{status} response contradicts the request: {why}"),
+        )
+    };
+    if let Some(data) = sent.and_then(|s| s.data) {
         if let Ok(echo) = serde_json::from_slice::<Echo<'_>>(body) {
-            if echo.data.get() == sent {
+            if echo.data.get() == data {
+                if let Some(why) = contradiction(
+                    sent,
+                    &echo.entity_type,
+                    &echo.id,
+                    echo.version,
+                    echo.deleted,
+                ) {
+                    return refused(why);
+                }
                 return Outcome::Applied {
                     stored: Stored::AsSent {
                         version: echo.version,
@@ -154,9 +205,18 @@ fn classify_success(
         }
     }
     match serde_json::from_slice::<Entity>(body) {
-        Ok(entity) => Outcome::Applied {
-            stored: Stored::Entity(entity),
-            replayed,
+        Ok(entity) => match contradiction(
+            sent,
+            &entity.entity_type,
+            &entity.id,
+            entity.version,
+            entity.deleted,
+        ) {
+            Some(why) => refused(why),
+            None => Outcome::Applied {
+                stored: Stored::Entity(entity),
+                replayed,
+            },
         },
         // Logged without the body: it may hold user data.
         Err(e) => Outcome::protocol(
@@ -241,9 +301,67 @@ mod tests {
         );
     }
 
+    /// A success about another entity, a tombstone, or a version the
+    /// outbox cannot hold does not acknowledge the request, echoed or not.
+    #[test]
+    fn an_answer_contradicting_the_request_is_a_protocol_error() {
+        let body = |ty: &str, id: &str, version: &str, deleted: bool, data: &str| {
+            format!(
+                r#"{{"type":"{ty}","id":"{id}","version":{version},"data":{data},"updated_at":"x","deleted":{deleted}}}"#
+            )
+        };
+        for data in [r#"{"on":true}"#, r#"{"on":false}"#] {
+            let sent = Sent {
+                entity_type: "device",
+                entity_id: "d1",
+                data: Some(r#"{"on":true}"#),
+            };
+            let classify = |b: String| {
+                classify_mutation_of(
+                    MutationKind::Update,
+                    200,
+                    None,
+                    false,
+                    b.as_bytes(),
+                    Some(sent),
+                )
+            };
+            for bad in [
+                body("device", "d2", "3", false, data),
+                body("sensor", "d1", "3", false, data),
+                body("device", "d1", "3", true, data),
+                body("device", "d1", "0", false, data),
+                body("device", "d1", "9223372036854775808", false, data),
+            ] {
+                let out = classify(bad.clone());
+                assert!(
+                    matches!(
+                        out,
+                        Outcome::Retryable {
+                            reason: RetryReason::Protocol,
+                            ..
+                        }
+                    ),
+                    "{bad}: {out:?}"
+                );
+            }
+            match classify(body("device", "d1", "9223372036854775807", false, data)) {
+                Outcome::Applied { stored, .. } => {
+                    assert_eq!(stored.version(), Some(i64::MAX as u64));
+                }
+                other => panic!("the largest storable version: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn an_answer_echoing_the_data_sent_is_stored_as_sent() {
-        let classify = |body: &[u8], sent: &str| {
+        let classify = |body: &[u8], data: &str| {
+            let sent = Sent {
+                entity_type: "device",
+                entity_id: "d1",
+                data: Some(data),
+            };
             classify_mutation_of(MutationKind::Update, 200, None, false, body, Some(sent))
         };
         assert_eq!(
@@ -295,8 +413,13 @@ mod tests {
             }
         );
         // A delete carries nothing, whatever was sent.
+        let sent = Sent {
+            entity_type: "device",
+            entity_id: "d1",
+            data: Some("{}"),
+        };
         assert_eq!(
-            classify_mutation_of(MutationKind::Delete, 204, None, false, b"", Some("{}")),
+            classify_mutation_of(MutationKind::Delete, 204, None, false, b"", Some(sent)),
             Outcome::Applied {
                 stored: Stored::Nothing,
                 replayed: false

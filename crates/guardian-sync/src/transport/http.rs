@@ -13,7 +13,7 @@ use super::auth::Auth;
 use super::{
     read_bounded, BodyError, Fetched, OpRequest, Outcome, RetryReason, TokenProvider, Transport,
 };
-use crate::core::classify::{classify_fetch, classify_mutation, classify_mutation_of};
+use crate::core::classify::{classify_fetch, classify_mutation, classify_mutation_of, Sent};
 
 /// Settings of [`HttpTransport`].
 #[derive(Debug, Clone)]
@@ -290,7 +290,11 @@ impl Transport for HttpTransport {
                     r.retry_after.as_deref(),
                     r.replayed,
                     &r.body,
-                    (op.kind != MutationKind::Delete).then(|| data.get()),
+                    Some(Sent {
+                        entity_type: &op.entity_type,
+                        entity_id: &op.entity_id,
+                        data: (op.kind != MutationKind::Delete).then(|| data.get()),
+                    }),
                 ),
                 Err(outcome) => outcome,
             }
@@ -574,7 +578,11 @@ fn classify_results(
                 retry_after.as_deref(),
                 res.replayed,
                 body.as_bytes(),
-                sent.as_deref().map(RawValue::get),
+                Some(Sent {
+                    entity_type: &op.entity_type,
+                    entity_id: &op.entity_id,
+                    data: sent.as_deref().map(RawValue::get),
+                }),
             )
         })
         .collect()

@@ -11,7 +11,7 @@ mod auth;
 mod body;
 mod http;
 
-pub use crate::core::classify::{classify_fetch, classify_mutation, classify_mutation_of};
+pub use crate::core::classify::{classify_fetch, classify_mutation, classify_mutation_of, Sent};
 pub(crate) use auth::Auth;
 pub use auth::{check_token, StaticToken, TokenError, TokenProvider};
 pub(crate) use body::{read_bounded, BodyError};
