@@ -784,7 +784,6 @@ async fn a_self_contradicting_transaction_answer_retries_the_whole_transaction()
 /// fallback for a batch, it chained on the answer's version itself and
 /// silently overwrote the field the server added.
 #[tokio::test]
-#[ignore = "the op-by-op batch fallback chains on a version whose data is not the app's"]
 async fn the_batch_fallback_chains_like_a_lone_request() {
     for batching in [false, true] {
         let server = fake(move |_, r| match (r.method.as_str(), r.path.as_str()) {
