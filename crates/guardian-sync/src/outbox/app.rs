@@ -5,7 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::enqueue::check_payload;
+use super::enqueue::{check_depth, check_payload};
 use super::error::OutboxError;
 use super::writer::Ctx;
 use super::{gate, outcomes, rows, upcast};
@@ -260,6 +260,7 @@ pub(crate) fn edit_payload(
             super::EnqueueError::PayloadOnDelete { found: "a value" },
         ));
     }
+    check_depth(payload).map_err(OutboxError::InvalidPayload)?;
     let text = check_payload(op.kind, payload, ctx.max_payload_bytes)
         .map_err(OutboxError::InvalidPayload)?;
     conn.prepare_cached("UPDATE ops SET payload = ?1, updated_at = ?2 WHERE seq = ?3")?

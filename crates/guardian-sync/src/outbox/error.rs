@@ -202,6 +202,13 @@ pub enum EnqueueError {
         /// The configured limit.
         max: usize,
     },
+    /// The payload (or base) nests arrays and objects deeper than the
+    /// outbox can read back.
+    #[error("payload nests arrays and objects deeper than {max} levels")]
+    PayloadTooDeep {
+        /// The limit.
+        max: usize,
+    },
     /// The transaction token is empty or longer than 256 bytes.
     #[error("transaction token must be 1 to 256 bytes")]
     InvalidTxnToken,
