@@ -152,7 +152,8 @@ impl DrainConfig {
             per_unit,
             max_units,
             ahead,
-            window: max_units * per_unit + ahead,
+            // Saturating: a batch size near `usize::MAX` is a setting, not a bug.
+            window: max_units.saturating_mul(per_unit).saturating_add(ahead),
             max_bytes: batch.map_or(usize::MAX, |b| b.max_bytes),
             chains: per_unit > 1 && chains,
         }
@@ -645,9 +646,10 @@ impl DrainMachine {
         {
             self.flush(out);
         }
-        let deficit = cfg
-            .window
-            .saturating_sub(self.ready_ops + self.requests * cfg.per_unit);
+        let deficit = cfg.window.saturating_sub(
+            self.ready_ops
+                .saturating_add(self.requests.saturating_mul(cfg.per_unit)),
+        );
         // Refill once half the claimed-ahead ops are used up; when the queue
         // ran dry, try again after every outcome (an ack may have made an
         // entity's next op its head).
