@@ -69,7 +69,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     logging::init(log_default(&cli.command));
     let result = match cli.command {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
@@ -86,18 +89,56 @@ fn main() -> ExitCode {
                 Some(stopped) => (stopped.code, stopped.kind),
                 None => (FAILURE, "error"),
             };
-            let message = one_line(&e);
-            if cli.global.json {
-                let error = serde_json::json!({
-                    "error": { "kind": kind, "message": message, "exit_code": code }
-                });
-                eprintln!("{error}");
-            } else {
-                eprintln!("gsync: {message}");
-            }
-            ExitCode::from(code)
+            report(cli.global.json, kind, &one_line(&e), code)
         }
     }
+}
+
+/// Prints an error as one line on stderr, or as one JSON object with
+/// `--json`, and gives the exit status.
+fn report(json: bool, kind: &str, message: &str, code: u8) -> ExitCode {
+    if json {
+        let error = serde_json::json!({
+            "error": { "kind": kind, "message": message, "exit_code": code }
+        });
+        eprintln!("{error}");
+    } else {
+        eprintln!("gsync: {message}");
+    }
+    ExitCode::from(code)
+}
+
+/// A usage error as every other error: one line on stderr (one JSON object
+/// with `--json`), exit status 2. `--help` and `--version` print as clap
+/// prints them.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = line.strip_prefix("error: ").unwrap_or(&line);
+    // The arguments did not parse, so `--json` is looked for by hand
+    // (before a `--`, where it is a flag and not a value).
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    report(json, "usage", message, 2)
 }
 
 /// Logs go to stderr, without colours off a terminal. By default the outbox

@@ -72,7 +72,6 @@ fn special_files_as_the_outbox_are_one_line_errors() {
 /// `--json` promises one JSON object on stderr for an error; a usage
 /// mistake (a bad value, an unknown flag, a number out of range) is an
 /// error like any other, and without `--json` it is one line.
-#[ignore = "defect: clap usage errors are multi-line and not JSON under --json"]
 #[test]
 fn usage_errors_are_one_line_and_json_under_json() {
     let dir = tempfile::tempdir().unwrap();
