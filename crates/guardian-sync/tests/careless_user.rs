@@ -214,7 +214,6 @@ async fn paths_that_cannot_be_created_are_errors_and_odd_names_work() {
 /// still only in its `-wal` (copied, or restored from a backup, without
 /// the `-shm`): refused, and nothing created beside it. Reading its schema
 /// through SQLite's read-only mode creates a `-shm` beside it and leaves it.
-#[ignore = "defect: identifying a foreign WAL database leaves a -shm file beside it"]
 #[tokio::test]
 async fn another_apps_database_with_its_tables_only_in_its_wal_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -248,7 +247,6 @@ async fn another_apps_database_with_its_tables_only_in_its_wal_is_refused() {
 /// A SQLite file of another application that has no table (only a view):
 /// SQLite's schema is not empty, so it is not an interrupted create of
 /// ours. It must not be migrated.
-#[ignore = "defect: a foreign database with views but no table is migrated into an outbox"]
 #[tokio::test]
 async fn a_foreign_database_without_tables_is_not_migrated() {
     let dir = tempfile::tempdir().unwrap();

@@ -50,12 +50,19 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
         return Ok(Identity::NotOurs("it is not a regular file".into()));
     }
     if meta.len() == 0 {
-        // A first session's commits may all still be in the WAL.
+        // A first session's commits may all still be in the WAL; so may
+        // another program's.
         let wal = super::damage::with_suffix(path, "-wal");
-        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0)
-            && table_names(path).is_some_and(|names| are_ours(&names))
-        {
-            return Ok(Identity::Ours);
+        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0) {
+            match schema(path) {
+                Some(s) if are_ours(&s.tables) => return Ok(Identity::Ours),
+                Some(s) if !s.is_empty() => {
+                    return Ok(Identity::NotOurs(
+                        "it is a SQLite database of another application".into(),
+                    ))
+                }
+                _ => {}
+            }
         }
         return Ok(Identity::Empty);
     }
@@ -76,12 +83,13 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
             )));
         }
         // Schema 1 to 3 (no application_id yet): our tables, if SQLite can
-        // read them. No table at all is an interrupted create (a process
+        // read them. An empty schema is an interrupted create (a process
         // killed before its first commit): there is nothing to lose, and
-        // refusing it would leave the outbox stuck for good.
-        match table_names(path) {
-            Some(names) if names.is_empty() => return Ok(Identity::Empty),
-            Some(names) if are_ours(&names) => return Ok(Identity::Ours),
+        // refusing it would leave the outbox stuck for good. A view or a
+        // trigger without a table, or a user_version, is someone's.
+        match schema(path) {
+            Some(s) if s.is_empty() => return Ok(Identity::Empty),
+            Some(s) if are_ours(&s.tables) => return Ok(Identity::Ours),
             Some(_) => {
                 return Ok(Identity::NotOurs(
                     "it is a SQLite database of another application".into(),
@@ -107,18 +115,90 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     }))
 }
 
-/// The tables of the schema SQLite reads; `None` if it cannot be read.
-/// Opened read-only (immutable without a WAL): no lock, nothing created.
-fn table_names(path: &Path) -> Option<Vec<String>> {
-    let conn = super::reader::connect_read_only(path).ok()?;
-    let names: Vec<String> = conn
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
-        .ok()?
-        .query_map([], |r| r.get(0))
-        .ok()?
-        .collect::<rusqlite::Result<_>>()
-        .ok()?;
-    Some(names)
+/// What SQLite reads of a file's schema.
+struct Schema {
+    tables: Vec<String>,
+    /// Entries of `sqlite_master` (tables, indexes, views, triggers).
+    entries: usize,
+    user_version: i64,
+}
+
+impl Schema {
+    /// Nothing at all: what SQLite leaves of a create killed before its
+    /// first commit.
+    fn is_empty(&self) -> bool {
+        self.entries == 0 && self.user_version == 0
+    }
+}
+
+/// The schema SQLite reads; `None` if it cannot be read.
+fn schema(path: &Path) -> Option<Schema> {
+    read_only(path, |conn| {
+        let tables = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+            .ok()?
+            .query_map([], |r| r.get(0))
+            .ok()?
+            .collect::<rusqlite::Result<Vec<String>>>()
+            .ok()?;
+        let entries: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .ok()?;
+        let user_version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .ok()?;
+        Some(Schema {
+            tables,
+            entries: usize::try_from(entries).unwrap_or(usize::MAX),
+            user_version,
+        })
+    })
+}
+
+/// Most bytes of a database and its WAL copied to read their schema.
+const MAX_COPY: u64 = 64 << 20;
+
+/// Runs `read` on a read-only connection to the database at `path`
+/// (immutable without a WAL: no lock, nothing created). SQLite's read-only
+/// mode creates a `-shm` beside a database that has a `-wal` but no
+/// `-shm`, and leaves it there: for a file that may be another program's,
+/// `read` then sees a private copy of the file and its WAL (up to
+/// [`MAX_COPY`]; a larger one is not read).
+fn read_only<T>(path: &Path, read: impl Fn(&rusqlite::Connection) -> Option<T>) -> Option<T> {
+    let wal = super::damage::with_suffix(path, "-wal");
+    let shm = super::damage::with_suffix(path, "-shm");
+    if !wal.exists() || shm.exists() {
+        let conn = super::reader::connect_read_only(path).ok()?;
+        return read(&conn);
+    }
+    let size = |p: &Path| std::fs::metadata(p).map_or(u64::MAX, |m| m.len());
+    if size(path).saturating_add(size(&wal)) > MAX_COPY {
+        return None;
+    }
+    let dir = private_dir()?;
+    let copy = dir.join("db");
+    let result = std::fs::copy(path, &copy)
+        .and_then(|_| std::fs::copy(&wal, super::damage::with_suffix(&copy, "-wal")))
+        .ok()
+        .and_then(|_| read(&super::reader::connect_read_only(&copy).ok()?));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// A new directory only this user may enter, in the system's temp dir.
+fn private_dir() -> Option<std::path::PathBuf> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "guardian-ident-{}-{n}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let mut builder = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(&dir).ok()?;
+    Some(dir)
 }
 
 /// Whether `names` hold the outbox's tables.
