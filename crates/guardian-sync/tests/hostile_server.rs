@@ -813,3 +813,63 @@ async fn the_batch_fallback_chains_like_a_lone_request() {
         );
     }
 }
+
+/// A conflict whose merge with the server's entity is larger than the
+/// outbox stores (the server's entity may be as large as the server
+/// allows): the op fails with the reason and its own payload kept, and the
+/// drain goes on. Before, every drain ended in an error at the write and
+/// the op stayed in flight, blocking the queue for good.
+#[tokio::test]
+async fn a_merge_larger_than_the_outbox_takes_fails_its_op_not_the_drain() {
+    let big = "x".repeat(4000);
+    let fake = fake(move |_, request| match (request.method.as_str(), target(request)) {
+        ("GET", _) => vec![reply(
+            200,
+            &entity("device", "d1", "7", &format!(r#"{{"n":5,"big":"{big}"}}"#)),
+        )],
+        ("PUT", (_, id)) if id == "d1" => vec![reply(
+            409,
+            r#"{"type":"https://guardian-sync.dev/problems/conflict/version","title":"Conflict","status":409}"#,
+        )],
+        _ => vec![reply(201, &echo(request, 1))],
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = SyncEngine::builder()
+        .outbox_path(dir.path().join("outbox.db"))
+        .outbox_options(
+            OutboxOptions::default()
+                .coalesce(false)
+                .max_payload_bytes(1024),
+        )
+        .http(config(&fake.url, Duration::from_secs(5)))
+        .token_provider(Arc::new(StaticToken::new("tok")))
+        .retry(one_attempt_per_drain())
+        .no_telemetry()
+        .no_batching()
+        .build()
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::update("device", "d1", json!({"n": 1})).with_base(json!({"n": 0}), 3))
+        .await
+        .unwrap();
+    engine
+        .enqueue(NewOp::create("device", "d2", json!({"n": 2})))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let left = ops(&engine).await;
+    assert_eq!(left.len(), 1, "d2 applied, d1 kept: {left:?}");
+    let op = &left[0];
+    assert_eq!((op.state, op.entity_id.as_str()), (OpState::Failed, "d1"));
+    let error: Value = serde_json::from_str(op.last_error.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        error,
+        json!({"conflict": "merge_too_large", "local": {"n": 1}, "remote": null})
+    );
+    let sent = fake.seen().len();
+    assert_eq!(sent, 3, "the update, its fetch and the create");
+    drain(&engine).await;
+    assert_eq!(fake.seen().len(), sent, "a failed op is not sent again");
+}

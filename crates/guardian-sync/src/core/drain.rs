@@ -31,7 +31,7 @@ use serde_json::Value;
 
 use crate::breaker::{Admission, CircuitBreaker};
 use crate::op::{Ack, OpId, OpKind, PendingOp, Reconciled};
-use crate::reconcile::{ConflictInput, Reconciler, Resolution};
+use crate::reconcile::{ConflictInput, FailReason, Reconciler, Resolution};
 use crate::retry::{parse_retry_after, RetryAfter, RetryDecision, RetryPolicy};
 use crate::telemetry::{Counter, SyncMetrics};
 
@@ -131,6 +131,9 @@ pub struct DrainConfig {
     max_bytes: usize,
     /// Batches may carry an entity's next ops behind its head.
     chains: bool,
+    /// Largest payload the outbox stores: a merge larger than this fails
+    /// its op instead of being written.
+    max_payload: usize,
 }
 
 impl DrainConfig {
@@ -156,7 +159,16 @@ impl DrainConfig {
             window: max_units.saturating_mul(per_unit).saturating_add(ahead),
             max_bytes: batch.map_or(usize::MAX, |b| b.max_bytes),
             chains: per_unit > 1 && chains,
+            max_payload: usize::MAX,
         }
+    }
+
+    /// The outbox's payload limit (`OutboxOptions::max_payload_bytes`);
+    /// none by default.
+    #[must_use]
+    pub fn max_payload(mut self, bytes: usize) -> Self {
+        self.max_payload = bytes;
+        self
     }
 }
 
@@ -1042,6 +1054,7 @@ impl DrainMachine {
         out: &mut Vec<DrainCommand>,
     ) {
         let (resolution, remote) = decide_conflict(&op, current, env);
+        let resolution = self.within_limit(&op, resolution);
         let event = |resolved: Value, resolution: ConflictOutcome| SyncEvent::Conflict {
             op_id: op.op_id,
             entity_type: op.entity_type.clone(),
@@ -1117,6 +1130,29 @@ impl DrainMachine {
                 let conflict = event(Value::Null, ConflictOutcome::Failed);
                 self.fail(op, error, report, vec![conflict], out);
             }
+        }
+    }
+}
+
+impl DrainMachine {
+    /// A merge the outbox would refuse to store (larger than its payload
+    /// limit: the server's entity may be as large as the server allows)
+    /// fails the op instead of failing every drain. The error keeps the
+    /// op's own payload; the server's side, too large to keep, stays on
+    /// the server.
+    fn within_limit(&self, op: &PendingOp, resolution: Resolution) -> Resolution {
+        let size = |v: &Value| serde_json::to_string(v).map_or(usize::MAX, |t| t.len());
+        match resolution {
+            Resolution::Retry { payload, base, .. }
+                if size(&payload).max(base.as_ref().map_or(0, size)) > self.cfg.max_payload =>
+            {
+                Resolution::Fail {
+                    reason: FailReason::MergeTooLarge,
+                    local: op.payload.clone(),
+                    remote: None,
+                }
+            }
+            other => other,
         }
     }
 }
@@ -1382,6 +1418,7 @@ impl DrainMachine {
         out: &mut Vec<DrainCommand>,
     ) {
         let (resolution, remote) = decide_conflict(&op, current, env);
+        let resolution = self.within_limit(&op, resolution);
         let conflict = |resolved: Value, resolution: ConflictOutcome| SyncEvent::Conflict {
             op_id: op.op_id,
             entity_type: op.entity_type.clone(),

@@ -60,7 +60,8 @@ impl Inner {
             self.concurrency,
             self.batch,
             self.transport.batch_dependencies(),
-        );
+        )
+        .max_payload(self.outbox.max_payload_bytes());
         let mut machine = DrainMachine::new(cfg);
         // Writes (and conflict fetches) are polled first: their jobs reach
         // the writer thread before a claim's, so the claim sees their effects

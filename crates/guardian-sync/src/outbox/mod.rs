@@ -662,6 +662,11 @@ impl Outbox {
         &self.inner.path
     }
 
+    /// The largest payload it stores ([`OutboxOptions::max_payload_bytes`]).
+    pub fn max_payload_bytes(&self) -> usize {
+        self.inner.max_payload_bytes
+    }
+
     /// Ops in FIFO order, filtered and paged, each decoded or, if its row
     /// cannot be decoded or does not match its checksum, described as
     /// unreadable ([`list`](Self::list) leaves those out).

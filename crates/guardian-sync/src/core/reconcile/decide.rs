@@ -68,6 +68,8 @@ pub enum FailReason {
     TooManyReconciliations,
     /// The server deleted the entity; only `RemoteWins` accepts that.
     RemoteDeleted,
+    /// The merge is larger than the outbox's payload limit.
+    MergeTooLarge,
 }
 
 /// What the engine does with a conflicted op.
