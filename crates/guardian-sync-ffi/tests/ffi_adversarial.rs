@@ -11,13 +11,14 @@
     clippy::multiple_unsafe_ops_per_block
 )]
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::net::TcpListener;
 use std::path::Path;
 use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,75 +27,18 @@ use guardian_sync_ffi::{
     gs_engine_cancel, gs_engine_close, gs_engine_discard, gs_engine_enqueue, gs_engine_next_event,
     gs_engine_open, gs_engine_ops, gs_engine_retry, gs_engine_retry_all,
     gs_engine_set_event_callback, gs_engine_set_token, gs_engine_set_token_callback,
-    gs_engine_start, gs_engine_status, gs_engine_stop, gs_engine_transaction,
-    gs_last_error_message, gs_string_free, GsEngine, GsStatus,
+    gs_engine_start, gs_engine_status, gs_engine_stop, gs_engine_transaction, gs_string_free,
+    GsEngine, GsStatus,
 };
 use serde_json::{json, Value};
+
+use common::{bounded, close, dead_url, last_error, take, H};
 
 const TOKEN: &str = "adversarial-secret";
 /// Bound on a call that must not block for long (a deadlock fails the test).
 const BOUND: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------- helpers
-
-/// An engine handle that may cross threads (the ABI allows it).
-#[derive(Clone, Copy, Debug)]
-struct H(*mut GsEngine);
-
-// SAFETY: every gs_ call is documented as safe from any thread.
-unsafe impl Send for H {}
-// SAFETY: as above.
-unsafe impl Sync for H {}
-
-impl H {
-    /// The raw handle (a method, so closures capture the `Send` wrapper).
-    fn p(self) -> *mut GsEngine {
-        self.0
-    }
-}
-
-/// The calling thread's last error message.
-fn last_error() -> Option<String> {
-    let p = gs_last_error_message();
-    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-}
-
-/// Copies a string the library returned and frees it with `gs_string_free`.
-fn take(p: *mut c_char) -> String {
-    assert!(
-        !p.is_null(),
-        "the library returned NULL where a string was due"
-    );
-    let s = unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned();
-    unsafe { gs_string_free(p) };
-    s
-}
-
-/// Runs `f` on a thread of its own and fails the test if it does not return
-/// within `limit` (a deadlock) or panics.
-fn bounded<T: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        Err(RecvTimeoutError::Timeout) => panic!("{what}: no return within {limit:?} (deadlock)"),
-        Err(RecvTimeoutError::Disconnected) => panic!("{what}: the thread panicked"),
-    }
-}
-
-/// A URL where nothing listens: a port that was free a moment ago.
-fn dead_url() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    format!("http://127.0.0.1:{port}")
-}
 
 fn config(path: &Path, url: &str, token: Option<&str>) -> String {
     json!({
@@ -117,13 +61,6 @@ fn open(config: &str) -> H {
     assert_eq!(st, GsStatus::Ok, "open: {:?}", last_error());
     assert!(!e.is_null());
     H(e)
-}
-
-fn close(h: H) {
-    let st = bounded("close", Duration::from_secs(15), move || unsafe {
-        gs_engine_close(h.p())
-    });
-    assert_eq!(st, GsStatus::Ok);
 }
 
 fn create_op(id: &str) -> String {

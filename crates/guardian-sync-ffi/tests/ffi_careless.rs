@@ -10,68 +10,20 @@
     clippy::multiple_unsafe_ops_per_block
 )]
 
-use std::ffi::{c_char, CStr, CString};
-use std::net::TcpListener;
+mod common;
+
+use std::ffi::CString;
 use std::path::Path;
 use std::ptr::null_mut;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use guardian_sync_ffi::{
-    gs_engine_close, gs_engine_enqueue, gs_engine_next_event, gs_engine_open, gs_engine_ops,
-    gs_engine_start, gs_engine_status, gs_engine_stop, gs_last_error_message, gs_string_free,
-    GsEngine, GsStatus,
+    gs_engine_enqueue, gs_engine_next_event, gs_engine_open, gs_engine_ops, gs_engine_start,
+    gs_engine_status, gs_engine_stop, GsStatus,
 };
 use serde_json::{json, Value};
 
-/// An engine handle that may cross threads (the ABI allows it).
-#[derive(Clone, Copy, Debug)]
-struct H(*mut GsEngine);
-
-// SAFETY: every gs_ call is documented as safe from any thread.
-unsafe impl Send for H {}
-
-impl H {
-    fn p(self) -> *mut GsEngine {
-        self.0
-    }
-}
-
-fn last_error() -> Option<String> {
-    let p = gs_last_error_message();
-    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-}
-
-fn take(p: *mut c_char) -> String {
-    assert!(!p.is_null());
-    let s = unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_owned();
-    unsafe { gs_string_free(p) };
-    s
-}
-
-/// Runs `f` on a thread of its own; fails if it does not return in `limit`.
-fn bounded<T: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(v) => v,
-        Err(RecvTimeoutError::Timeout) => panic!("{what}: no return within {limit:?}"),
-        Err(RecvTimeoutError::Disconnected) => panic!("{what}: the thread panicked"),
-    }
-}
-
-fn dead_url() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    format!("http://127.0.0.1:{port}")
-}
+use common::{bounded, close, dead_url, last_error, take, H};
 
 /// Opens with `config`; the status and the handle (NULL unless OK).
 fn try_open(config: &str) -> (GsStatus, H, Option<String>) {
@@ -79,13 +31,6 @@ fn try_open(config: &str) -> (GsStatus, H, Option<String>) {
     let mut e = null_mut();
     let st = unsafe { gs_engine_open(c.as_ptr(), &mut e) };
     (st, H(e), last_error())
-}
-
-fn close(h: H) {
-    let st = bounded("close", Duration::from_secs(15), move || unsafe {
-        gs_engine_close(h.p())
-    });
-    assert_eq!(st, GsStatus::Ok);
 }
 
 /// Every setting that takes a duration or a count, at the top of its type:
