@@ -818,21 +818,33 @@ async fn the_batch_fallback_chains_like_a_lone_request() {
 /// outbox stores (the server's entity may be as large as the server
 /// allows): the op fails with the reason and its own payload kept, and the
 /// drain goes on. Before, every drain ended in an error at the write and
-/// the op stayed in flight, blocking the queue for good.
+/// the op stayed in flight, blocking the queue for good. A delete of such
+/// an entity merges nothing large (only its base is) and still goes
+/// through.
 #[tokio::test]
 async fn a_merge_larger_than_the_outbox_takes_fails_its_op_not_the_drain() {
     let big = "x".repeat(4000);
-    let fake = fake(move |_, request| match (request.method.as_str(), target(request)) {
-        ("GET", _) => vec![reply(
-            200,
-            &entity("device", "d1", "7", &format!(r#"{{"n":5,"big":"{big}"}}"#)),
-        )],
-        ("PUT", (_, id)) if id == "d1" => vec![reply(
+    let refused_delete = std::sync::atomic::AtomicBool::new(false);
+    let conflict = || {
+        vec![reply(
             409,
             r#"{"type":"https://guardian-sync.dev/problems/conflict/version","title":"Conflict","status":409}"#,
-        )],
-        _ => vec![reply(201, &echo(request, 1))],
-    })
+        )]
+    };
+    let fake = fake(
+        move |_, request| match (request.method.as_str(), target(request)) {
+            ("GET", (ty, id)) => vec![reply(
+                200,
+                &entity(&ty, &id, "7", &format!(r#"{{"n":5,"big":"{big}"}}"#)),
+            )],
+            ("PUT", _) => conflict(),
+            ("DELETE", _) if !refused_delete.swap(true, std::sync::atomic::Ordering::SeqCst) => {
+                conflict()
+            }
+            ("DELETE", _) => vec![reply(204, "")],
+            _ => vec![reply(201, &echo(request, 1))],
+        },
+    )
     .await;
     let dir = tempfile::tempdir().unwrap();
     let engine = SyncEngine::builder()
@@ -858,9 +870,14 @@ async fn a_merge_larger_than_the_outbox_takes_fails_its_op_not_the_drain() {
         .enqueue(NewOp::create("device", "d2", json!({"n": 2})))
         .await
         .unwrap();
+    engine
+        .enqueue(NewOp::delete("device", "d3").with_base_version(3))
+        .await
+        .unwrap();
+    drain(&engine).await;
     drain(&engine).await;
     let left = ops(&engine).await;
-    assert_eq!(left.len(), 1, "d2 applied, d1 kept: {left:?}");
+    assert_eq!(left.len(), 1, "d2 and d3 applied, d1 kept: {left:?}");
     let op = &left[0];
     assert_eq!((op.state, op.entity_id.as_str()), (OpState::Failed, "d1"));
     let error: Value = serde_json::from_str(op.last_error.as_deref().unwrap()).unwrap();
@@ -869,7 +886,10 @@ async fn a_merge_larger_than_the_outbox_takes_fails_its_op_not_the_drain() {
         json!({"conflict": "merge_too_large", "local": {"n": 1}, "remote": null})
     );
     let sent = fake.seen().len();
-    assert_eq!(sent, 3, "the update, its fetch and the create");
+    assert_eq!(
+        sent, 6,
+        "d1's update and fetch, d2's create, d3's delete, fetch and delete again"
+    );
     drain(&engine).await;
     assert_eq!(fake.seen().len(), sent, "a failed op is not sent again");
 }

@@ -1135,23 +1135,21 @@ impl DrainMachine {
 }
 
 impl DrainMachine {
-    /// A merge the outbox would refuse to store (larger than its payload
-    /// limit: the server's entity may be as large as the server allows)
-    /// fails the op instead of failing every drain. The error keeps the
-    /// op's own payload; the server's side, too large to keep, stays on
-    /// the server.
+    /// A merged payload the outbox would refuse to store (larger than its
+    /// payload limit: the server's entity may be as large as the server
+    /// allows) fails the op instead of failing every drain. The error keeps
+    /// the op's own payload; the server's side, too large to keep, stays
+    /// on the server. The base is not limited (the outbox stores it as it
+    /// comes), so a delete of a large entity still goes through.
     fn within_limit(&self, op: &PendingOp, resolution: Resolution) -> Resolution {
-        let size = |v: &Value| serde_json::to_string(v).map_or(usize::MAX, |t| t.len());
+        let too_large =
+            |v: &Value| serde_json::to_string(v).map_or(true, |t| t.len() > self.cfg.max_payload);
         match resolution {
-            Resolution::Retry { payload, base, .. }
-                if size(&payload).max(base.as_ref().map_or(0, size)) > self.cfg.max_payload =>
-            {
-                Resolution::Fail {
-                    reason: FailReason::MergeTooLarge,
-                    local: op.payload.clone(),
-                    remote: None,
-                }
-            }
+            Resolution::Retry { payload, .. } if too_large(&payload) => Resolution::Fail {
+                reason: FailReason::MergeTooLarge,
+                local: op.payload.clone(),
+                remote: None,
+            },
             other => other,
         }
     }
