@@ -62,11 +62,14 @@ fn uri(path: &Path, query: &str) -> String {
 /// connection is open, and the file holds every commit) the file is opened
 /// `immutable`: read directly, without locks or side files. When a `-wal`
 /// exists it is opened read-only through it and sees the latest commits; a
-/// read-only connection never checkpoints.
+/// read-only connection never checkpoints. Only a regular file beside a
+/// database in WAL mode counts as its WAL: SQLite would otherwise take a
+/// FIFO for one (and wait on it), or delete a WAL beside an empty file.
 pub fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
     // The WAL is named after the resolved path (a symlink's target).
     let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let query = if wal_prefill::wal_path(&resolved).exists() {
+    let wal = wal_prefill::wal_path(&resolved);
+    let query = if std::fs::metadata(wal).is_ok_and(|m| m.is_file()) && in_wal_mode(&resolved) {
         "mode=ro"
     } else {
         "mode=ro&immutable=1"
@@ -75,4 +78,14 @@ pub fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
         | OpenFlags::SQLITE_OPEN_URI
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     Connection::open_with_flags(uri(path, query), flags)
+}
+
+/// Whether the database file's header says WAL mode (bytes 18 and 19 are
+/// 2); false for a file without a header.
+pub fn in_wal_mode(path: &Path) -> bool {
+    use std::io::Read;
+    let mut header = Vec::with_capacity(20);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(20).read_to_end(&mut header))
+        .is_ok_and(|_| header.get(18..20) == Some(&[2, 2][..]))
 }

@@ -212,8 +212,9 @@ async fn paths_that_cannot_be_created_are_errors_and_odd_names_work() {
 
 /// Another application's SQLite database in WAL mode whose tables are
 /// still only in its `-wal` (copied, or restored from a backup, without
-/// the `-shm`): refused, and nothing created beside it. Reading its schema
-/// through SQLite's read-only mode creates a `-shm` beside it and leaves it.
+/// the `-shm`), its main file as SQLite left it or empty: refused, and
+/// nothing created beside it. Reading its schema through SQLite's
+/// read-only mode creates a `-shm` beside it and leaves it.
 #[tokio::test]
 async fn another_apps_database_with_its_tables_only_in_its_wal_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -229,19 +230,51 @@ async fn another_apps_database_with_its_tables_only_in_its_wal_is_refused() {
              INSERT INTO contacts (name) VALUES ('ann'), ('bob');",
         )
         .unwrap();
-    // Its main file and WAL, copied while it runs (no shared memory).
-    let path = dir.path().join("app.sqlite");
-    std::fs::copy(&db, &path).unwrap();
-    std::fs::copy(wal_of(&db), wal_of(&path)).unwrap();
+    // Its main file and WAL, copied while it runs (no shared memory); the
+    // second copy's main file is empty (all it has is in the WAL).
+    let kept = dir.path().join("app.sqlite");
+    let empty = dir.path().join("empty.sqlite");
+    for path in [&kept, &empty] {
+        std::fs::copy(&db, path).unwrap();
+        std::fs::copy(wal_of(&db), wal_of(path)).unwrap();
+    }
+    std::fs::File::create(&empty).unwrap();
     drop(other);
     std::fs::remove_dir_all(&src).unwrap();
     let before = snapshot(dir.path());
-    refused_everywhere(&path, "empty file with a foreign WAL").await;
+    refused_everywhere(&kept, "main file and a foreign WAL").await;
+    refused_everywhere(&empty, "empty main file and a foreign WAL").await;
     assert_eq!(
         snapshot(dir.path()),
         before,
         "another app's database changed"
     );
+}
+
+/// A FIFO where a database's `-wal` would be, beside another app's
+/// database (rollback journal, no `-shm`): refused at once, the FIFO never
+/// opened (that would wait for a writer) and nothing created.
+#[tokio::test]
+async fn a_fifo_named_like_a_wal_is_never_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.db");
+    Connection::open(&path)
+        .unwrap()
+        .execute_batch("CREATE TABLE notes (body TEXT);")
+        .unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(wal_of(&path))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let before = snapshot(dir.path());
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        refused_everywhere(&path, "a FIFO as its WAL"),
+    )
+    .await
+    .expect("opening waited on the FIFO");
+    assert_eq!(snapshot(dir.path()), before, "the directory changed");
 }
 
 /// A SQLite file of another application that has no table (only a view):

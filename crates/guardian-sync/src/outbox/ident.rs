@@ -50,19 +50,17 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
         return Ok(Identity::NotOurs("it is not a regular file".into()));
     }
     if meta.len() == 0 {
-        // A first session's commits may all still be in the WAL; so may
-        // another program's.
+        // SQLite deletes a WAL beside an empty file when it opens it (no
+        // header says WAL mode, so it cannot be valid): one with another
+        // program's data in it, bytes without our statements, is not ours
+        // to discard.
         let wal = super::damage::with_suffix(path, "-wal");
-        if std::fs::metadata(wal).is_ok_and(|m| m.len() > 0) {
-            match schema(path) {
-                Some(s) if are_ours(&s.tables) => return Ok(Identity::Ours),
-                Some(s) if !s.is_empty() => {
-                    return Ok(Identity::NotOurs(
-                        "it is a SQLite database of another application".into(),
-                    ))
-                }
-                _ => {}
-            }
+        if std::fs::metadata(&wal).is_ok_and(|m| m.is_file() && m.len() > 0)
+            && !contains_signatures(&wal)?
+        {
+            return Ok(Identity::NotOurs(
+                "it is empty, beside another program's WAL".into(),
+            ));
         }
         return Ok(Identity::Empty);
     }
@@ -160,45 +158,66 @@ const MAX_COPY: u64 = 64 << 20;
 
 /// Runs `read` on a read-only connection to the database at `path`
 /// (immutable without a WAL: no lock, nothing created). SQLite's read-only
-/// mode creates a `-shm` beside a database that has a `-wal` but no
+/// mode creates a `-shm` beside a WAL database that has a `-wal` but no
 /// `-shm`, and leaves it there: for a file that may be another program's,
-/// `read` then sees a private copy of the file and its WAL (up to
-/// [`MAX_COPY`]; a larger one is not read).
+/// `read` then sees a private copy of the file and its WAL. Where no copy
+/// can be made (a WAL over [`MAX_COPY`], no usable temp dir), the file is
+/// read in place: a stray `-shm` harms less than taking another program's
+/// database for an empty one.
 fn read_only<T>(path: &Path, read: impl Fn(&rusqlite::Connection) -> Option<T>) -> Option<T> {
+    let in_place = || read(&super::reader::connect_read_only(path).ok()?);
     let wal = super::damage::with_suffix(path, "-wal");
     let shm = super::damage::with_suffix(path, "-shm");
-    if !wal.exists() || shm.exists() {
-        let conn = super::reader::connect_read_only(path).ok()?;
-        return read(&conn);
+    // Only a regular file beside a database in WAL mode is read as its WAL
+    // (otherwise the file is read alone, in place, creating nothing).
+    let wal_size = match std::fs::metadata(&wal) {
+        Ok(m) if m.is_file() => m.len(),
+        _ => return in_place(),
+    };
+    if shm.exists() || !guardian_sqlite::in_wal_mode(path) {
+        return in_place();
     }
-    let size = |p: &Path| std::fs::metadata(p).map_or(u64::MAX, |m| m.len());
-    if size(path).saturating_add(size(&wal)) > MAX_COPY {
-        return None;
+    let size = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
+    if size.saturating_add(wal_size) > MAX_COPY {
+        return in_place();
     }
-    let dir = private_dir()?;
-    let copy = dir.join("db");
-    let result = std::fs::copy(path, &copy)
+    let Some(dir) = PrivateDir::new() else {
+        return in_place();
+    };
+    let copy = dir.0.join("db");
+    match std::fs::copy(path, &copy)
         .and_then(|_| std::fs::copy(&wal, super::damage::with_suffix(&copy, "-wal")))
-        .ok()
-        .and_then(|_| read(&super::reader::connect_read_only(&copy).ok()?));
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    {
+        Ok(_) => read(&super::reader::connect_read_only(&copy).ok()?),
+        Err(_) => in_place(),
+    }
 }
 
-/// A new directory only this user may enter, in the system's temp dir.
-fn private_dir() -> Option<std::path::PathBuf> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!(
-        "guardian-ident-{}-{n}-{:016x}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let mut builder = std::fs::DirBuilder::new();
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(&dir).ok()?;
-    Some(dir)
+/// A new directory only this user may enter, in the system's temp dir;
+/// removed with what it holds when dropped.
+struct PrivateDir(std::path::PathBuf);
+
+impl PrivateDir {
+    fn new() -> Option<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "guardian-ident-{}-{n}-{:016x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        builder.create(&dir).ok()?;
+        Some(Self(dir))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Whether `names` hold the outbox's tables.
