@@ -777,43 +777,6 @@ async fn a_self_contradicting_transaction_answer_retries_the_whole_transaction()
     }
 }
 
-/// A server without the batch route that stores more than the create sent
-/// (it adds a field): sent alone, the chained update is made to conflict
-/// (`If-Match` one below the answer's version, as `chained_base` does), so
-/// it merges onto the server's data. Sent by the transport's op-by-op
-/// fallback for a batch, it chained on the answer's version itself and
-/// silently overwrote the field the server added.
-#[tokio::test]
-async fn the_batch_fallback_chains_like_a_lone_request() {
-    for batching in [false, true] {
-        let server = fake(move |_, r| match (r.method.as_str(), r.path.as_str()) {
-            ("POST", "/v1/batch") => vec![reply(404, "")],
-            ("POST", _) => vec![reply(
-                201,
-                &entity("device", "d1", "1", r#"{"n":0,"server":1}"#),
-            )],
-            _ => vec![reply(200, &echo(r, 2))],
-        })
-        .await;
-        let dir = tempfile::tempdir().unwrap();
-        let engine = engine(&dir, &server, batching).await;
-        create_then_update(&engine).await;
-        drain(&engine).await;
-        let seen = server.seen();
-        assert_eq!(
-            seen.iter().any(|r| r.path == "/v1/batch"),
-            batching,
-            "{seen:?}"
-        );
-        let put = seen.iter().find(|r| r.method == "PUT").unwrap();
-        assert_eq!(
-            put.header("if-match"),
-            Some("\"0\""),
-            "batching {batching}: the update was chained on data it was not made from"
-        );
-    }
-}
-
 /// A conflict whose merge with the server's entity is larger than the
 /// outbox stores (the server's entity may be as large as the server
 /// allows): the op fails with the reason and its own payload kept, and the

@@ -156,23 +156,10 @@ pub fn send_in_order<'a, T: Transport + ?Sized>(
     Box::pin(async move {
         let mut out: Vec<Outcome> = Vec::with_capacity(ops.len());
         for op in ops {
-            let version_after_dependency = match op.depends_on.map(|dep| (dep, out.get(dep))) {
+            let version_after_dependency = match op.depends_on.map(|dep| out.get(dep)) {
                 None => None,
-                // As `chained_base` does for a lone successor: when the server
-                // stored other data than its predecessor sent, the successor
-                // (made from the app's view) gets a version the server is
-                // certain to refuse, so it merges instead of overwriting.
-                Some((dep, Some(Outcome::Applied { stored, .. }))) => Some(match stored {
-                    Stored::Entity(e)
-                        if ops
-                            .get(dep)
-                            .is_some_and(|d| !guardian_protocol::json_eq(&e.data, &d.payload)) =>
-                    {
-                        Some(e.version.saturating_sub(1))
-                    }
-                    stored => stored.version(),
-                }),
-                Some((_, Some(Outcome::AlreadyGone))) => Some(None),
+                Some(Some(Outcome::Applied { stored, .. })) => Some(stored.version()),
+                Some(Some(Outcome::AlreadyGone)) => Some(None),
                 Some(_) => {
                     out.push(Outcome::DependencyFailed);
                     continue;
