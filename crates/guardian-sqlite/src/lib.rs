@@ -68,8 +68,7 @@ fn uri(path: &Path, query: &str) -> String {
 pub fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
     // The WAL is named after the resolved path (a symlink's target).
     let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let wal = wal_prefill::wal_path(&resolved);
-    let query = if std::fs::metadata(wal).is_ok_and(|m| m.is_file()) && in_wal_mode(&resolved) {
+    let query = if live_wal(&resolved).is_some() {
         "mode=ro"
     } else {
         "mode=ro&immutable=1"
@@ -80,9 +79,22 @@ pub fn connect_read_only(path: &Path) -> rusqlite::Result<Connection> {
     Connection::open_with_flags(uri(path, query), flags)
 }
 
+/// The WAL SQLite reads for the database at `path` (already resolved), with
+/// its size: a regular file named after it, beside a database whose header
+/// says WAL mode. Anything else (a FIFO, a WAL beside a rollback-journal
+/// or empty file) SQLite would wait on or delete; it is not read.
+pub fn live_wal(path: &Path) -> Option<(std::path::PathBuf, u64)> {
+    let wal = wal_prefill::wal_path(path);
+    let size = std::fs::metadata(&wal)
+        .ok()
+        .filter(std::fs::Metadata::is_file)?
+        .len();
+    in_wal_mode(path).then_some((wal, size))
+}
+
 /// Whether the database file's header says WAL mode (bytes 18 and 19 are
 /// 2); false for a file without a header.
-pub fn in_wal_mode(path: &Path) -> bool {
+fn in_wal_mode(path: &Path) -> bool {
     use std::io::Read;
     let mut header = Vec::with_capacity(20);
     std::fs::File::open(path)

@@ -174,8 +174,13 @@ fn entity(ty: &str, id: &str, version: &str, data: &str) -> String {
 /// The entity answer a well-behaved server gives to `request` at `version`:
 /// its data echoed byte for byte.
 fn echo(request: &Seen, version: u64) -> String {
+    echo_at(request, &version.to_string())
+}
+
+/// [`echo`] at `version`, given as raw JSON text (valid or not).
+fn echo_at(request: &Seen, version: &str) -> String {
     let (ty, id) = target(request);
-    entity(&ty, &id, &version.to_string(), &request.data())
+    entity(&ty, &id, version, &request.data())
 }
 
 /// The entity type and id a single-entity request is about.
@@ -280,22 +285,10 @@ async fn malformed_echoes_are_retried_not_acked() {
         }),
         ("empty", |_| String::new()),
         ("not json", |_| "<html>ok</html>".to_owned()),
-        ("version float", |r| {
-            let (ty, id) = target(r);
-            entity(&ty, &id, "1.0", &r.data())
-        }),
-        ("version negative", |r| {
-            let (ty, id) = target(r);
-            entity(&ty, &id, "-1", &r.data())
-        }),
-        ("version 2^64", |r| {
-            let (ty, id) = target(r);
-            entity(&ty, &id, "18446744073709551616", &r.data())
-        }),
-        ("version string", |r| {
-            let (ty, id) = target(r);
-            entity(&ty, &id, "\"1\"", &r.data())
-        }),
+        ("version float", |r| echo_at(r, "1.0")),
+        ("version negative", |r| echo_at(r, "-1")),
+        ("version 2^64", |r| echo_at(r, "18446744073709551616")),
+        ("version string", |r| echo_at(r, "\"1\"")),
         ("data missing", |r| {
             let (ty, id) = target(r);
             format!(r#"{{"type":"{ty}","id":"{id}","version":1,"updated_at":"x","deleted":false}}"#)

@@ -166,15 +166,11 @@ const MAX_COPY: u64 = 64 << 20;
 /// database for an empty one.
 fn read_only<T>(path: &Path, read: impl Fn(&rusqlite::Connection) -> Option<T>) -> Option<T> {
     let in_place = || read(&super::reader::connect_read_only(path).ok()?);
-    let wal = super::damage::with_suffix(path, "-wal");
-    let shm = super::damage::with_suffix(path, "-shm");
-    // Only a regular file beside a database in WAL mode is read as its WAL
-    // (otherwise the file is read alone, in place, creating nothing).
-    let wal_size = match std::fs::metadata(&wal) {
-        Ok(m) if m.is_file() => m.len(),
-        _ => return in_place(),
+    // Without a WAL SQLite reads, the file is read alone, creating nothing.
+    let Some((wal, wal_size)) = guardian_sqlite::live_wal(path) else {
+        return in_place();
     };
-    if shm.exists() || !guardian_sqlite::in_wal_mode(path) {
+    if super::damage::with_suffix(path, "-shm").exists() {
         return in_place();
     }
     let size = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
