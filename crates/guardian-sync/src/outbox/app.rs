@@ -84,7 +84,7 @@ fn expect_never_attempted(op: &PendingOp) -> Result<(), OutboxError> {
 /// Ops in FIFO order; rows that cannot be used are left out (see
 /// [`rows::list_checked`], which shows them).
 pub(crate) fn list(conn: &Connection, f: &ListFilter) -> Result<Vec<PendingOp>, OutboxError> {
-    Ok(rows::list_checked(conn, f, true)?
+    Ok(rows::list_checked(conn, f, super::schema::Seal::Full)?
         .into_iter()
         .filter_map(Result::ok)
         .collect())

@@ -222,7 +222,7 @@ pub(crate) fn check(conn: &Connection, now: i64) -> rusqlite::Result<CheckReport
 /// Quarantines every unusable op row not yet in the failed list; returns
 /// all unusable rows as they are now.
 fn quarantine_unreadable(conn: &Connection, now: i64) -> rusqlite::Result<Vec<UnreadableOp>> {
-    let mut found = match rows::unreadable(conn, true) {
+    let mut found = match rows::unreadable(conn, super::schema::Seal::Full) {
         Err(e) if super::error::is_corrupt(&e) => return Ok(Vec::new()),
         other => other?,
     };
@@ -547,17 +547,22 @@ fn op_row_valid(v: &[SqlValue]) -> bool {
 }
 
 /// The statement that copies one op row (the values of
-/// [`OP_COPY_COLUMNS`] and a stored seal, or NULL if `sealed` is false: the
-/// seal is then computed from the row).
+/// [`OP_COPY_COLUMNS`] and a stored seal, brought to this schema's if it
+/// still matches; or, if `sealed` is false, none: the seal is then
+/// computed from the row).
 fn op_insert(sealed: bool) -> String {
     let cols = OP_COPY_COLUMNS.join(", ");
     let placeholders = vec!["?"; OP_COPY_COLUMNS.len()].join(", ");
-    let n = OP_COPY_COLUMNS.len();
-    format!(
-        "INSERT OR IGNORE INTO ops ({cols}, checksum) VALUES ({placeholders}, \
-         CASE WHEN {sealed} THEN ?{} ELSE op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8, ?22, ?23) END)",
-        n + 1
-    )
+    let stored = format!("?{}", OP_COPY_COLUMNS.len() + 1);
+    let seal = if sealed {
+        super::schema::upgrade_seal(&stored)
+    } else {
+        // `stored` is the select's NULL: bound, so referenced.
+        format!(
+            "coalesce({stored}, op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8, ?22, ?23, ?9, nullif(?10, 0)))"
+        )
+    };
+    format!("INSERT OR IGNORE INTO ops ({cols}, checksum) VALUES ({placeholders}, {seal})")
 }
 
 /// The reason written on an op row that salvage quarantines.

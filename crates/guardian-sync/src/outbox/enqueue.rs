@@ -429,6 +429,12 @@ fn insert(
         base.map_or(ValueRef::Null, ValueRef::from),
         p.txn.as_deref().map_or(ValueRef::Null, ValueRef::from),
         depends_on.map_or(ValueRef::Null, ValueRef::from),
+        base_version.map_or(ValueRef::Null, ValueRef::Integer),
+        if chained {
+            ValueRef::Integer(1)
+        } else {
+            ValueRef::Null
+        },
     ]);
     conn.prepare_cached(
         "INSERT INTO ops (seq, op_id, idempotency_key, kind, entity_type, entity_id, payload, base, \

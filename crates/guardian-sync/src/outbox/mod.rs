@@ -676,7 +676,9 @@ impl Outbox {
     ) -> Result<Vec<Result<PendingOp, UnreadableOp>>, OutboxError> {
         self.inner
             .writer
-            .call(move |conn, _| Ok::<_, OutboxError>(rows::list_checked(conn, &filter, true)?))
+            .call(move |conn, _| {
+                Ok::<_, OutboxError>(rows::list_checked(conn, &filter, schema::Seal::Full)?)
+            })
             .await
     }
 

@@ -165,7 +165,7 @@ impl OutboxReader {
         ))
     }
 
-    fn sealed(&self) -> bool {
-        self.schema >= 4
+    fn sealed(&self) -> schema::Seal {
+        schema::Seal::of(self.schema)
     }
 }

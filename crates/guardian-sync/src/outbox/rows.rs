@@ -5,6 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::schema::Seal;
 use crate::op::{HistoryEntry, OpId, OpKind, OpState, PendingOp};
 
 /// The columns of `ops` in the order [`read_op`] expects.
@@ -21,6 +22,10 @@ pub(crate) const OP_COLUMNS_SEALED: &str = "seq, op_id, idempotency_key, kind, e
 
 /// Index of `checksum` in [`OP_COLUMNS_SEALED`].
 const CHECKSUM_COLUMN: usize = 23;
+
+/// Indexes in [`OP_COLUMNS_SEALED`] of the sealed fields, in the order
+/// [`super::schema::op_checksum`] takes them.
+const SEALED_COLUMNS: [usize; super::schema::SEALED] = [1, 2, 3, 4, 5, 6, 7, 21, 22, 8, 9];
 
 /// An op row that cannot be used: its values do not decode (damaged bytes,
 /// a wrong type) or do not match its seal. Shown with whatever can be read.
@@ -65,26 +70,30 @@ impl UnreadableOp {
     }
 }
 
-/// True if the sealed fields of a row read with [`OP_COLUMNS_SEALED`]
-/// match its stored seal.
-fn seal_matches(row: &Row<'_>) -> rusqlite::Result<bool> {
+/// True if the fields `seal` covers of a row read with
+/// [`OP_COLUMNS_SEALED`] match its stored seal.
+fn seal_matches(row: &Row<'_>, seal: Seal) -> rusqlite::Result<bool> {
     let mut fields = [ValueRef::Null; super::schema::SEALED];
     for (i, f) in fields.iter_mut().enumerate() {
-        // Op id to base, then txn and depends_on.
-        *f = row.get_ref(if i < 7 { i + 1 } else { i + 14 })?;
+        // Op id to base, txn, depends_on, base_version, chained (if set).
+        *f = match row.get_ref(SEALED_COLUMNS[i])? {
+            ValueRef::Integer(0) if i == SEALED_COLUMNS.len() - 1 => ValueRef::Null,
+            v => v,
+        };
     }
+    let fields = &fields[..seal.fields()];
     Ok(matches!(row.get_ref(CHECKSUM_COLUMN)?,
-        ValueRef::Integer(c) if c == super::schema::op_checksum(&fields)))
+        ValueRef::Integer(c) if c == super::schema::op_checksum(fields)))
 }
 
-/// Decodes a row read with [`OP_COLUMNS_SEALED`] (or, if `sealed` is
-/// false, [`OP_COLUMNS`]), verifying its seal when there is one; never
-/// fails on the row's contents, only says why it cannot be used.
+/// Decodes a row read with [`OP_COLUMNS_SEALED`] (or, if `seal` is
+/// [`Seal::None`], [`OP_COLUMNS`]), verifying its seal when there is one;
+/// never fails on the row's contents, only says why it cannot be used.
 // The error is the rare path, and no larger than the op itself.
 #[allow(clippy::result_large_err)]
-pub(crate) fn read_checked(row: &Row<'_>, sealed: bool) -> Result<PendingOp, UnreadableOp> {
+pub(crate) fn read_checked(row: &Row<'_>, seal: Seal) -> Result<PendingOp, UnreadableOp> {
     let op = read_op(row).map_err(|e| UnreadableOp::from_row(row, format!("damaged row: {e}")))?;
-    if sealed && !seal_matches(row).unwrap_or(false) {
+    if seal != Seal::None && !seal_matches(row, seal).unwrap_or(false) {
         return Err(UnreadableOp::from_row(
             row,
             "damaged row: its checksum does not match its contents".into(),
@@ -269,14 +278,14 @@ pub(crate) fn delete(conn: &Connection, seq: i64) -> rusqlite::Result<()> {
 }
 
 /// Ops in FIFO order, filtered and paged like [`super::Outbox::list`], each
-/// decoded or described as unreadable. `sealed`: the file has seals
-/// (schema 4) and they are verified.
+/// decoded or described as unreadable. `seal`: the seal the file's rows
+/// carry, verified.
 pub(crate) fn list_checked(
     conn: &Connection,
     f: &super::ListFilter,
-    sealed: bool,
+    seal: Seal,
 ) -> rusqlite::Result<Vec<Result<PendingOp, UnreadableOp>>> {
-    let cols = if sealed {
+    let cols = if seal != Seal::None {
         OP_COLUMNS_SEALED
     } else {
         OP_COLUMNS
@@ -299,15 +308,15 @@ pub(crate) fn list_checked(
     let mut rows = stmt.query(params![state, f.after_seq, limit])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        out.push(read_checked(r, sealed));
+        out.push(read_checked(r, seal));
     }
     Ok(out)
 }
 
 /// Every row that cannot be used, in position order (a full scan: for
 /// `check`, not for hot paths).
-pub(crate) fn unreadable(conn: &Connection, sealed: bool) -> rusqlite::Result<Vec<UnreadableOp>> {
-    let cols = if sealed {
+pub(crate) fn unreadable(conn: &Connection, seal: Seal) -> rusqlite::Result<Vec<UnreadableOp>> {
+    let cols = if seal != Seal::None {
         OP_COLUMNS_SEALED
     } else {
         OP_COLUMNS
@@ -316,7 +325,7 @@ pub(crate) fn unreadable(conn: &Connection, sealed: bool) -> rusqlite::Result<Ve
     let mut rows = stmt.query([])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
-        if let Err(bad) = read_checked(r, sealed) {
+        if let Err(bad) = read_checked(r, seal) {
             out.push(bad);
         }
     }

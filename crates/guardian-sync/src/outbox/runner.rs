@@ -61,7 +61,7 @@ fn ready_heads(
         {
             let mut found = stmt.query(params![now, limit])?;
             while let Some(r) = found.next()? {
-                match rows::read_checked(r, true) {
+                match rows::read_checked(r, super::schema::Seal::Full) {
                     Ok(op) => ops.push(op),
                     Err(u) => bad.push(u),
                 }
@@ -220,7 +220,7 @@ pub(crate) fn claim_chains(
             ])?;
             while let Some(r) = more.next()? {
                 // A damaged successor ends the chain; it is quarantined below.
-                let op = match rows::read_checked(r, true) {
+                let op = match rows::read_checked(r, super::schema::Seal::Full) {
                     Ok(op) => op,
                     Err(u) => {
                         damaged.push(u);

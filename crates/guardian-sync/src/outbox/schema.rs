@@ -289,11 +289,54 @@ END;
 INSERT OR REPLACE INTO meta (key, value) VALUES ('op_id_ns', lower(hex(randomblob(8))));
 ";
 
+/// Version 7: the seal also covers `base_version` (the request's
+/// `If-Match`) and `chained` (whether it waits for its predecessor's ack
+/// to learn it): a flipped bit there sent a version the app never gave.
+/// They come after the nine fields of schema 5 and, like those, count only
+/// when set (`base_version` not NULL, `chained` not 0), so most rows keep
+/// their seal; the others are resealed here if, and only if, their old
+/// seal still matched (see [`upgrade_seal`] for the same rule in salvage).
+const V7: &str = r"
+DROP TRIGGER ops_reseal;
+UPDATE ops SET checksum = op_checksum(op_id, idempotency_key, kind, entity_type, entity_id,
+                                      payload, base, txn, depends_on, base_version,
+                                      nullif(chained, 0))
+WHERE (base_version IS NOT NULL OR chained IS NOT 0)
+  AND checksum IS op_checksum(op_id, idempotency_key, kind, entity_type, entity_id, payload, base,
+                              txn, depends_on);
+CREATE TRIGGER ops_reseal AFTER UPDATE OF op_id, idempotency_key, kind, entity_type, entity_id,
+    payload, base, txn, depends_on, base_version, chained ON ops
+BEGIN
+    UPDATE ops SET checksum = CASE
+        WHEN OLD.checksum IS op_checksum(OLD.op_id, OLD.idempotency_key, OLD.kind, OLD.entity_type,
+                                         OLD.entity_id, OLD.payload, OLD.base, OLD.txn,
+                                         OLD.depends_on, OLD.base_version, nullif(OLD.chained, 0))
+        THEN op_checksum(NEW.op_id, NEW.idempotency_key, NEW.kind, NEW.entity_type,
+                         NEW.entity_id, NEW.payload, NEW.base, NEW.txn, NEW.depends_on,
+                         NEW.base_version, nullif(NEW.chained, 0))
+        ELSE OLD.checksum END
+    WHERE seq = NEW.seq;
+END;
+";
+
+/// Schema 7's reseal as an expression over the parameters of a copied row
+/// (`?2`..`?10`: op id to chained, in table order; `?22`, `?23`: txn and
+/// depends on) and `stored`, the seal it came with: a seal of schema 4 to 6
+/// that still matches becomes schema 7's, any other stays as it was, so
+/// salvage from an older file neither blesses damage nor flags good rows.
+pub(crate) fn upgrade_seal(stored: &str) -> String {
+    format!(
+        "CASE WHEN {stored} IS op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8, ?22, ?23) \
+         THEN op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8, ?22, ?23, ?9, nullif(?10, 0)) \
+         ELSE {stored} END"
+    )
+}
+
 /// The migrations, in order; index `i` brings version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// The schema version this build writes.
-pub(crate) const SCHEMA_VERSION: u32 = 6;
+pub(crate) const SCHEMA_VERSION: u32 = 7;
 
 /// `PRAGMA application_id` of an outbox, at offset 68 of the file header.
 /// Files of schema 1 to 3 have 0 there and are recognised by their tables
@@ -301,18 +344,50 @@ pub(crate) const SCHEMA_VERSION: u32 = 6;
 pub(crate) const APPLICATION_ID: u32 = guardian_sqlite::OUTBOX_APPLICATION_ID;
 
 /// Number of sealed fields, in the order [`op_checksum`] takes them: the
-/// seven of schema 4, then `txn` and `depends_on` (schema 5).
-pub(crate) const SEALED: usize = 9;
+/// seven of schema 4, then `txn` and `depends_on` (schema 5), then
+/// `base_version` and `chained` (schema 7; `chained` passed as NULL when 0).
+pub(crate) const SEALED: usize = 11;
 
 /// Sealed fields every row has; the rest count only when not NULL.
 const SEALED_ALWAYS: usize = 7;
 
+/// Which seal a file's rows carry, by its schema version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Seal {
+    /// Schema 1 to 3: none.
+    None,
+    /// Schema 4 to 6: op id to base, txn and depends on.
+    Content,
+    /// Schema 7: also `base_version` and `chained`.
+    Full,
+}
+
+impl Seal {
+    pub(crate) fn of(schema: u32) -> Self {
+        match schema {
+            0..=3 => Self::None,
+            4..=6 => Self::Content,
+            _ => Self::Full,
+        }
+    }
+
+    /// How many of the [`SEALED`] fields it covers.
+    pub(crate) fn fields(self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::Content => 9,
+            Self::Full => SEALED,
+        }
+    }
+}
+
 /// The seal of an op row: the first 8 bytes of SHA-256 over its op id,
 /// idempotency key, kind, entity type, entity id, payload, base, and, when
-/// not NULL, its transaction id and dependencies, each as stored
-/// (length-prefixed bytes, or a marker for NULL or a non-text value), as a
-/// signed 64-bit integer. It detects damage, not forgery: who can write
-/// the file can also recompute it.
+/// not NULL, its transaction id, dependencies, base version and chained
+/// flag, each as stored (length-prefixed bytes, an integer's 8 bytes, or a
+/// marker for NULL or any other type), as a signed 64-bit integer. It
+/// detects damage, not forgery: who can write the file can also recompute
+/// it.
 pub(crate) fn op_checksum(fields: &[rusqlite::types::ValueRef<'_>]) -> i64 {
     use rusqlite::types::ValueRef;
     use sha2::{Digest, Sha256};
@@ -328,9 +403,13 @@ pub(crate) fn op_checksum(fields: &[rusqlite::types::ValueRef<'_>]) -> i64 {
                 h.update(b);
             }
             ValueRef::Null => h.update([0u8]),
-            // Sealed fields are text or NULL; any other type is damage,
-            // and gets a seal no text row can have.
-            ValueRef::Integer(_) | ValueRef::Real(_) | ValueRef::Blob(_) => h.update([2u8]),
+            ValueRef::Integer(v) => {
+                h.update([3u8]);
+                h.update(v.to_le_bytes());
+            }
+            // No sealed field is real or blob: that is damage, and gets a
+            // seal no well-typed row can have.
+            ValueRef::Real(_) | ValueRef::Blob(_) => h.update([2u8]),
         }
     }
     let d = h.finalize();
@@ -341,7 +420,8 @@ pub(crate) fn op_checksum(fields: &[rusqlite::types::ValueRef<'_>]) -> i64 {
 /// the migration call.
 pub(crate) fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
     use rusqlite::functions::FunctionFlags;
-    // Variadic: schema 4's trigger passes seven fields, schema 5's nine.
+    // Variadic: schema 4's trigger passes seven fields, schema 5's nine,
+    // schema 7's eleven.
     conn.create_scalar_function(
         "op_checksum",
         -1,
@@ -404,4 +484,118 @@ pub(crate) fn migrate(conn: &mut Connection) -> Result<Option<u32>, OpenError> {
         tx.commit()?;
     }
     Ok(Some(found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::{damage, rows, ListFilter};
+
+    /// A schema 6 file holding four ops with schema 6's seal over what
+    /// each row holds: one with a base version, one chained, one with
+    /// neither, and one whose seal was already wrong (damaged under 6).
+    fn v6_file(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        register_functions(&conn).unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+        for sql in &MIGRATIONS[..6] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.execute_batch("PRAGMA user_version = 6;").unwrap();
+        for (seq, base_version, chained, sealed_payload) in [
+            (1, Some(7), 0, r#"{"n":1}"#),
+            (2, None, 1, r#"{"n":2}"#),
+            (3, None, 0, r#"{"n":3}"#),
+            (4, Some(9), 0, r#"{"n":"other"}"#),
+        ] {
+            conn.execute(
+                "INSERT INTO ops (seq, op_id, idempotency_key, kind, entity_type, entity_id, \
+                 payload, base_version, chained, envelope_version, state, is_head, \
+                 next_attempt_at, created_at, updated_at, checksum) \
+                 VALUES (?1, ?2, ?3, 'update', 't', ?4, ?5, ?6, ?7, 1, 'pending', 1, 0, 0, 0, \
+                 op_checksum(?2, ?3, 'update', 't', ?4, ?8, NULL, NULL, NULL))",
+                rusqlite::params![
+                    seq,
+                    uuid::Uuid::new_v4().to_string(),
+                    uuid::Uuid::new_v4().to_string(),
+                    format!("e{seq}"),
+                    format!(r#"{{"n":{seq}}}"#),
+                    base_version,
+                    chained,
+                    sealed_payload,
+                ],
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    /// Positions of the readable rows, and of the unreadable ones.
+    fn readable(conn: &Connection, seal: Seal) -> (Vec<i64>, Vec<i64>) {
+        let (mut good, mut bad) = (Vec::new(), Vec::new());
+        for r in rows::list_checked(conn, &ListFilter::default(), seal).unwrap() {
+            match r {
+                Ok(op) => good.push(op.seq),
+                Err(u) => bad.push(u.seq),
+            }
+        }
+        (good, bad)
+    }
+
+    #[test]
+    fn migration_to_7_seals_base_versions_and_keeps_damage_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = v6_file(&dir.path().join("o.db"));
+        // A reader of the file as it is checks schema 6's seal.
+        assert_eq!(readable(&conn, Seal::Content), (vec![1, 2, 3], vec![4]));
+        assert_eq!(
+            readable(&conn, Seal::Full).1,
+            vec![1, 2, 4],
+            "7's seal differs"
+        );
+        assert_eq!(migrate(&mut conn).unwrap(), Some(6));
+        assert_eq!(readable(&conn, Seal::Full), (vec![1, 2, 3], vec![4]));
+        // A legitimate change is resealed by the trigger; a damaged row
+        // stays damaged whatever is changed.
+        conn.execute_batch(
+            "UPDATE ops SET base_version = 8, chained = 0 WHERE seq IN (1, 2, 4);
+             UPDATE ops SET chained = 1 WHERE seq = 3;",
+        )
+        .unwrap();
+        assert_eq!(readable(&conn, Seal::Full), (vec![1, 2, 3], vec![4]));
+        // Only a seal of 7 catches a changed base version.
+        conn.execute_batch(
+            "DROP TRIGGER ops_reseal; UPDATE ops SET base_version = 9 WHERE seq = 1;",
+        )
+        .unwrap();
+        assert_eq!(readable(&conn, Seal::Full).1, vec![1, 4]);
+    }
+
+    #[test]
+    fn salvage_from_a_schema_6_file_upgrades_only_seals_that_match() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old.db");
+        drop(v6_file(&old));
+        let fresh_path = dir.path().join("fresh.db");
+        drop(Connection::open(&fresh_path).unwrap());
+        let mut fresh = connect(&fresh_path, Synchronous::Full, Duration::from_secs(1)).unwrap();
+        migrate(&mut fresh).unwrap();
+        let report = damage::salvage_into(&old, &fresh, "test".into());
+        assert_eq!(report.ops_saved + report.ops_quarantined, 4, "{report:?}");
+        let (good, bad) = readable(&fresh, Seal::Full);
+        assert_eq!(good, vec![1, 2, 3]);
+        // The damaged row is kept (quarantined or listed), never blessed.
+        assert!(
+            bad == vec![4] || report.ops_quarantined == 1,
+            "{bad:?} {report:?}"
+        );
+        let versions: Vec<Option<i64>> = fresh
+            .prepare("SELECT base_version FROM ops ORDER BY seq")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(versions, vec![Some(7), None, None, Some(9)]);
+    }
 }
