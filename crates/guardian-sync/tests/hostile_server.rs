@@ -849,3 +849,62 @@ async fn a_merge_larger_than_the_outbox_takes_fails_its_op_not_the_drain() {
     drain(&engine).await;
     assert_eq!(fake.seen().len(), sent, "a failed op is not sent again");
 }
+
+/// A server without the batch route that stores more than a create sent
+/// (it adds a field) and checks `If-Match`. The update was made from the
+/// app's view of the create, so it must merge onto what the server holds
+/// and keep the added field, alone or in a batch. In a batch the
+/// transport's op-by-op fallback chained it on the create's new version,
+/// and it overwrote the field.
+#[tokio::test]
+async fn an_update_chained_on_data_the_server_changed_merges_onto_it() {
+    for batching in [false, true] {
+        // The entity as stored: (version, data).
+        let stored: Arc<Mutex<Option<(u64, Value)>>> = Arc::new(Mutex::new(None));
+        let state = stored.clone();
+        let fake = fake(move |_, r| {
+            let mut state = state.lock().unwrap();
+            let answer = |(v, data): &(u64, Value)| entity("device", "d1", &v.to_string(), &data.to_string());
+            match (r.method.as_str(), r.path.as_str()) {
+                ("POST", "/v1/batch") => vec![reply(404, "")],
+                ("POST", _) => {
+                    let mut data = r.json()["data"].clone();
+                    data["server"] = json!(1);
+                    *state = Some((1, data));
+                    vec![reply(201, &answer(state.as_ref().unwrap()))]
+                }
+                ("GET", _) => vec![reply(200, &answer(state.as_ref().unwrap()))],
+                ("PUT", _) => {
+                    let (version, _) = state.clone().unwrap();
+                    if r.header("if-match") != Some(&format!("\"{version}\"")) {
+                        return vec![reply(
+                            409,
+                            r#"{"type":"https://guardian-sync.dev/problems/conflict/version","title":"Conflict","status":409}"#,
+                        )];
+                    }
+                    *state = Some((version + 1, r.json()["data"].clone()));
+                    vec![reply(200, &answer(state.as_ref().unwrap()))]
+                }
+                _ => vec![reply(400, "")],
+            }
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(&dir, &fake, batching).await;
+        create_then_update(&engine).await;
+        for _ in 0..3 {
+            drain(&engine).await;
+        }
+        assert!(ops(&engine).await.is_empty(), "batching {batching}");
+        let held = stored.lock().unwrap().clone().unwrap().1;
+        assert_eq!(
+            held,
+            json!({"n": 1, "server": 1}),
+            "batching {batching}: {:?}",
+            fake.seen()
+                .iter()
+                .map(|r| format!("{} {} {:?}", r.method, r.path, r.header("if-match")))
+                .collect::<Vec<_>>()
+        );
+    }
+}

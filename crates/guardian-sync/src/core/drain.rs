@@ -798,9 +798,11 @@ impl DrainMachine {
     /// the batch was not go back to the queue; everything else is handled.
     ///
     /// A dependency failure is believed only when the op's predecessor in
-    /// the unit really did not succeed; otherwise it is a protocol error (a
-    /// server that answered it for nothing would otherwise have the op
-    /// released and re-sent at once, forever).
+    /// the unit really did not succeed, or succeeded but was stored with
+    /// other data than it sent (a chained op must merge onto that, see
+    /// `send_in_order`); otherwise it is a protocol error (a server that
+    /// answered it for nothing would otherwise have the op released and
+    /// re-sent at once, forever).
     fn responded(
         &mut self,
         unit: Vec<PendingOp>,
@@ -814,6 +816,7 @@ impl DrainMachine {
         let mut deferred = Vec::new();
         let mut successes = 0;
         let mut succeeded = vec![false; deps.len()];
+        let mut changed = vec![false; deps.len()];
         let mut others = Vec::new();
         // A server answering fewer outcomes than ops broke the protocol: the
         // ops without one are retried like any malformed answer.
@@ -827,7 +830,10 @@ impl DrainMachine {
                 Outcome::AlreadyGone => (Stored::Nothing, false),
                 Outcome::DependencyFailed => {
                     match deps.get(i).copied().flatten() {
-                        Some(dep) if !succeeded.get(dep).copied().unwrap_or(false) => {
+                        Some(dep)
+                            if !succeeded.get(dep).copied().unwrap_or(false)
+                                || changed.get(dep).copied().unwrap_or(false) =>
+                        {
                             deferred.push(op);
                         }
                         _ => others.push((
@@ -868,6 +874,9 @@ impl DrainMachine {
             };
             if let Some(s) = succeeded.get_mut(i) {
                 *s = true;
+            }
+            if let Some(c) = changed.get_mut(i) {
+                *c = stored.differs_from(&op.payload);
             }
             successes += 1;
             self.acks.push(Success {

@@ -122,6 +122,13 @@ impl Stored {
             Self::AsSent { version } => Some(*version),
         }
     }
+
+    /// True when the server holds other data than `sent`, the request's
+    /// data: an op chained on this one was made from `sent` and must not
+    /// be applied on top of it unmerged.
+    pub fn differs_from(&self, sent: &serde_json::Value) -> bool {
+        matches!(self, Self::Entity(e) if !guardian_protocol::json_eq(&e.data, sent))
+    }
 }
 
 /// What a fetch of the current server entity found (used by the reconciler).

@@ -156,10 +156,22 @@ pub fn send_in_order<'a, T: Transport + ?Sized>(
     Box::pin(async move {
         let mut out: Vec<Outcome> = Vec::with_capacity(ops.len());
         for op in ops {
-            let version_after_dependency = match op.depends_on.map(|dep| out.get(dep)) {
+            let version_after_dependency = match op.depends_on.map(|dep| (dep, out.get(dep))) {
                 None => None,
-                Some(Some(Outcome::Applied { stored, .. })) => Some(stored.version()),
-                Some(Some(Outcome::AlreadyGone)) => Some(None),
+                // Stored with other data than it sent: the chained op must
+                // merge onto that instead, so it waits (the dependency's ack
+                // gives it the base and `If-Match` to conflict with).
+                Some((dep, Some(Outcome::Applied { stored, .. })))
+                    if op.if_match_chained
+                        && ops
+                            .get(dep)
+                            .is_some_and(|d| stored.differs_from(&d.payload)) =>
+                {
+                    out.push(Outcome::DependencyFailed);
+                    continue;
+                }
+                Some((_, Some(Outcome::Applied { stored, .. }))) => Some(stored.version()),
+                Some((_, Some(Outcome::AlreadyGone))) => Some(None),
                 Some(_) => {
                     out.push(Outcome::DependencyFailed);
                     continue;
