@@ -109,28 +109,39 @@ fn report(json: bool, kind: &str, message: &str, code: u8) -> ExitCode {
 }
 
 /// A usage error as every other error: one line on stderr (one JSON object
-/// with `--json`), exit status 2. `--help` and `--version` print as clap
-/// prints them.
+/// with `--json`), exit status 2, a missing command included. `--help`
+/// and `--version` print as clap prints them.
 fn usage_error(e: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
         return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
     }
-    let text = e.render().to_string();
-    let line = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
+    let line = if matches!(
+        e.kind(),
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        // Only the top level requires a command; clap would print its help.
+        let commands: Vec<String> = <Cli as clap::CommandFactory>::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .filter(|name| name != "help")
+            .collect();
+        format!(
+            "a command is required ({}); see gsync --help",
+            commands.join(", ")
+        )
+    } else {
+        e.render()
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| {
+                !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     let message = line.strip_prefix("error: ").unwrap_or(&line);
     // The arguments did not parse, so `--json` is looked for by hand
     // (before a `--`, where it is a flag and not a value).

@@ -577,8 +577,9 @@ fn special_files_as_the_outbox_are_one_line_errors() {
 }
 
 /// `--json` promises one JSON object on stderr for an error; a usage
-/// mistake (a bad value, an unknown flag, a number out of range) is an
-/// error like any other, and without `--json` it is one line.
+/// mistake (a bad value, an unknown flag, a number out of range, no
+/// command at all) is an error like any other, and without `--json` it is
+/// one line.
 #[test]
 fn usage_errors_are_one_line_and_json_under_json() {
     let dir = tempfile::tempdir().unwrap();
@@ -588,6 +589,7 @@ fn usage_errors_are_one_line_and_json_under_json() {
         &["ops", "--limit", "-1"],
         &["ops", "--limit", "18446744073709551616"],
         &["status", "--no-such-flag"],
+        &[],
     ] {
         let (code, err) = failed(&db, args);
         assert_eq!(code, 2, "{args:?}");
