@@ -221,14 +221,22 @@ fn write_line(w: &Write) -> String {
             op_id,
             reconciled,
             others,
-        } => format!(
-            "reconciled {} in txn with {:?} as {:?} if-match {:?} payload {}",
-            id_name(op_id),
-            others.iter().map(id_name).collect::<Vec<_>>(),
-            reconciled.kind,
-            reconciled.base_version,
-            reconciled.payload,
-        ),
+            rebased,
+        } => {
+            let rebased: Vec<String> = rebased
+                .iter()
+                .map(|(id, payload)| format!(", rebased {} to {payload}", id_name(id)))
+                .collect();
+            format!(
+                "reconciled {} in txn with {:?} as {:?} if-match {:?} payload {}{}",
+                id_name(op_id),
+                others.iter().map(id_name).collect::<Vec<_>>(),
+                reconciled.kind,
+                reconciled.base_version,
+                reconciled.payload,
+                rebased.concat(),
+            )
+        }
     }
 }
 
@@ -566,6 +574,43 @@ fn a_transaction_is_resent_whole_after_a_conflict_and_acked_whole() {
         -> emit succeeded op2 vSome(5) replayed=false
         -> emit txn op900 committed 2 ops replayed=false
         <- claimed 65: []
+        -> claim 65
+        "#,
+    );
+}
+
+/// An op chained on a merged op of its transaction is moved onto the
+/// merge: sent as it was made, it would undo the server's change.
+#[test]
+fn a_chained_op_of_a_transaction_is_moved_onto_its_predecessors_merge() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let mut b2 = op("b", 2, json!({"on": true, "level": 1}));
+    b2.base = Some(json!({"on": false, "level": 1}));
+    b2.base_version = Some(3);
+    let mut b3 = op("b", 3, json!({"on": true, "level": 1, "color": "red"}));
+    b3.chained = true;
+    let unit = txn(vec![b2, b3]);
+    s.step(claimed_units(65, vec![unit.clone()]));
+    let mut problem = Problem::new("conflict:version", "Version conflict", 412);
+    problem.current = Some(entity("b", 4, json!({"on": false, "level": 9})));
+    s.step(responded(
+        unit,
+        vec![
+            Outcome::Conflict {
+                problem: Box::new(problem),
+            },
+            Outcome::DependencyFailed,
+        ],
+    ));
+    assert_golden(
+        &s,
+        r#"
+        -> claim 65
+        <- claimed 65: [b#2, b#3]
+        -> send b#2(if-match Some(3)), b#3(if-match None)
+        <- responded b#2 conflict 412, b#3 DependencyFailed
+        -> write 0: reconciled op2 in txn with ["op3"] as Some(Update) if-match Some(4) payload {"level":9,"on":true}, rebased op3 to {"color":"red","level":9,"on":true}
         -> claim 65
         "#,
     );

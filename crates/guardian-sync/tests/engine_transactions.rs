@@ -215,6 +215,52 @@ async fn a_conflict_in_a_transaction_is_merged_and_the_whole_transaction_sent_ag
     engine.outbox().close().await;
 }
 
+/// Two updates of one entity in a transaction, the second made from the
+/// app's view after the first: when the first merges with a concurrent
+/// change, the second must not lay that view back over the merge.
+#[tokio::test]
+async fn a_chained_op_in_a_transaction_keeps_what_its_predecessor_merged() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(&dir, &server, None).await;
+    engine
+        .enqueue(NewOp::create(
+            "device",
+            "lamp",
+            json!({"on": false, "level": 1}),
+        ))
+        .await
+        .unwrap();
+    drain(&engine).await;
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/entities/device/lamp", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "other-device-1")
+        .json(&json!({"data": {"on": false, "level": 9}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    engine
+        .transaction(vec![
+            NewOp::update("device", "lamp", json!({"on": true, "level": 1}))
+                .with_base(json!({"on": false, "level": 1}), 1),
+            NewOp::update(
+                "device",
+                "lamp",
+                json!({"on": true, "level": 1, "color": "red"}),
+            ),
+        ])
+        .await
+        .unwrap();
+    drain(&engine).await;
+    assert_eq!(
+        get(&server, "device", "lamp").await.1["data"],
+        json!({"on": true, "level": 9, "color": "red"})
+    );
+    engine.outbox().close().await;
+}
+
 #[tokio::test]
 async fn a_refused_transaction_fails_whole_and_its_optimistic_update_rolls_back_once() {
     let server = server(Faults::default()).await;

@@ -256,6 +256,10 @@ pub enum Write {
         reconciled: Reconciled,
         /// The transaction's other ops.
         others: Vec<OpId>,
+        /// Ops of `others` chained on the op (directly or through each
+        /// other), with their edits moved onto its merge: what they send
+        /// instead, under a new key.
+        rebased: Vec<(OpId, Value)>,
     },
 }
 
@@ -1150,11 +1154,14 @@ impl DrainMachine {
     /// the op's own payload; the server's side, too large to keep, stays
     /// on the server. The base is not limited (the outbox stores it as it
     /// comes), so a delete of a large entity still goes through.
+    /// True if the outbox would refuse `v` as a payload.
+    fn too_large(&self, v: &Value) -> bool {
+        serde_json::to_string(v).map_or(true, |t| t.len() > self.cfg.max_payload)
+    }
+
     fn within_limit(&self, op: &PendingOp, resolution: Resolution) -> Resolution {
-        let too_large =
-            |v: &Value| serde_json::to_string(v).map_or(true, |t| t.len() > self.cfg.max_payload);
         match resolution {
-            Resolution::Retry { payload, .. } if too_large(&payload) => Resolution::Fail {
+            Resolution::Retry { payload, .. } if self.too_large(&payload) => Resolution::Fail {
                 reason: FailReason::MergeTooLarge,
                 local: op.payload.clone(),
                 remote: None,
@@ -1485,6 +1492,22 @@ impl DrainMachine {
         let Some((send_as, payload, if_match, base, conflicts)) = retry else {
             return;
         };
+        let rebased = rebase_chained(&op, &payload, &others, env);
+        if rebased.iter().any(|(_, v)| self.too_large(v)) {
+            let error = serde_json::json!({
+                "conflict": FailReason::MergeTooLarge,
+                "local": op.payload,
+                "remote": Value::Null,
+            })
+            .to_string();
+            let event = conflict(Value::Null, ConflictOutcome::Failed);
+            let mut unit = others;
+            let culprit = op.op_id;
+            unit.push(op);
+            unit.sort_by_key(|op| op.seq);
+            self.txn_fail(unit, Some(culprit), error, vec![event], out);
+            return;
+        }
         let detail = format!(
             "conflict at version {} in transaction; merged ({conflicts} field conflict(s)), \
              retrying the transaction",
@@ -1509,9 +1532,46 @@ impl DrainMachine {
                 detail,
             },
             others: others.iter().map(|o| o.op_id).collect(),
+            rebased,
         };
         self.write(write, after, out);
     }
+}
+
+/// The ops of a transaction chained on `op` (same entity, after it, each
+/// taking its `If-Match` from the one before), each edit moved onto what
+/// the one before it now sends: `op`'s merge is no longer the view they
+/// were made from, and sent as they are they would lay that view back over
+/// the server's change. Only those that change are returned.
+fn rebase_chained(
+    op: &PendingOp,
+    merged: &Value,
+    others: &[PendingOp],
+    env: &Env<'_>,
+) -> Vec<(OpId, Value)> {
+    let mut chain: Vec<&PendingOp> = others
+        .iter()
+        .filter(|o| {
+            o.seq > op.seq && o.entity_type == op.entity_type && o.entity_id == op.entity_id
+        })
+        .collect();
+    chain.sort_by_key(|o| o.seq);
+    let mut rebased = Vec::new();
+    let (mut before, mut after) = (&op.payload, merged.clone());
+    for o in chain {
+        if !o.chained || o.kind == OpKind::Delete {
+            break;
+        }
+        let moved = env
+            .reconciler
+            .rebase(&o.entity_type, before, &o.payload, &after);
+        before = &o.payload;
+        if !guardian_protocol::json_eq(&moved, &o.payload) {
+            rebased.push((o.op_id, moved.clone()));
+        }
+        after = moved;
+    }
+    rebased
 }
 
 /// The entity type's policy on a conflict of `op` with what the server

@@ -267,10 +267,11 @@ impl Inner {
                 op_id,
                 reconciled,
                 others,
+                rebased,
             } => {
                 self.outbox
                     .fenced(fence)
-                    .reconciled_in_txn(op_id, reconciled, others)
+                    .reconciled_in_txn(op_id, reconciled, others, rebased)
                     .await?;
             }
         }

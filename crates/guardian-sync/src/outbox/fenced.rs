@@ -131,19 +131,23 @@ impl Fenced<'_> {
     }
 
     /// [`reconciled`](Self::reconciled) for an op of a transaction, whose
-    /// `others` go back to pending in the same commit; returns the op's
-    /// new key.
+    /// `others` go back to pending in the same commit, those in `rebased`
+    /// with a new payload and key (their edits moved onto the merge);
+    /// returns the op's new key.
     pub async fn reconciled_in_txn(
         self,
         op_id: OpId,
         r: Reconciled,
         others: Vec<OpId>,
+        rebased: Vec<(OpId, serde_json::Value)>,
     ) -> Result<Uuid, OutboxError> {
         let fence = self.fence.clone();
         self.outbox
             .inner
             .writer
-            .call(move |conn, ctx| runner::reconciled_in_txn(conn, ctx, &fence, op_id, &r, &others))
+            .call(move |conn, ctx| {
+                runner::reconciled_in_txn(conn, ctx, &fence, op_id, &r, &others, &rebased)
+            })
             .await
     }
 

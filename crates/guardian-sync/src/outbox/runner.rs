@@ -542,11 +542,53 @@ pub(crate) fn reconciled_in_txn(
     op_id: OpId,
     r: &Reconciled,
     others: &[OpId],
+    rebased: &[(OpId, serde_json::Value)],
 ) -> Result<Uuid, OutboxError> {
     let key = reconciled(conn, ctx, fence, op_id, r)?;
+    for (id, payload) in rebased {
+        rebase(conn, ctx, *id, payload, op_id)?;
+    }
     let detail = format!("sent again with its transaction after a conflict on op {op_id}");
     retry_later_many(conn, ctx, fence, others, ctx.now(), &detail)?;
     Ok(key)
+}
+
+/// Gives an in-flight op of a transaction the payload its edit has once
+/// moved onto the merge of `onto`, its predecessor, and a new key (a new
+/// request); its history keeps the app's own payload. The caller holds
+/// the fence.
+fn rebase(
+    conn: &Connection,
+    ctx: &Ctx,
+    op_id: OpId,
+    payload: &serde_json::Value,
+    onto: OpId,
+) -> Result<(), OutboxError> {
+    let op = load(conn, op_id)?;
+    expect_in_flight(&op)?;
+    let payload = check_payload(op.kind, payload, ctx.max_payload_bytes)
+        .map_err(OutboxError::InvalidPayload)?;
+    let now = ctx.now();
+    let mut history = op.history;
+    let first_change = !history.iter().any(|h| h.app_payload.is_some());
+    history.push(HistoryEntry {
+        at: now,
+        event: "rebased".into(),
+        detail: format!("moved onto the merge of op {onto}, its predecessor in the transaction"),
+        old_idempotency_key: Some(op.idempotency_key),
+        app_payload: first_change.then(|| op.payload.clone()),
+    });
+    conn.prepare_cached(
+        "UPDATE ops SET idempotency_key = ?1, payload = ?2, history = ?3, updated_at = ?4          WHERE seq = ?5",
+    )?
+    .execute(params![
+        Uuid::new_v4().to_string(),
+        payload,
+        serde_json::to_string(&history)?,
+        now,
+        op.seq
+    ])?;
+    Ok(())
 }
 
 /// Re-bases the schedule after the wall clock stepped by `delta_ms`: every

@@ -884,10 +884,11 @@ impl Sim {
                             op_id,
                             reconciled,
                             others,
+                            rebased,
                         } => dev
                             .outbox
                             .fenced(&fence)
-                            .reconciled_in_txn(op_id, reconciled, others)
+                            .reconciled_in_txn(op_id, reconciled, others, rebased)
                             .await
                             .map(|_| ()),
                     }

@@ -148,6 +148,13 @@ impl Reconciler {
         self.max_reconciliations
     }
 
+    /// `local`, an edit made on top of `base`, moved onto `onto` (what
+    /// `base` became: its op's merge with the server's change), with the
+    /// type's policy for fields both changed.
+    pub fn rebase(&self, entity_type: &str, base: &Value, local: &Value, onto: &Value) -> Value {
+        merge3(Some(base), local, onto, self.policies.get(entity_type)).merged
+    }
+
     /// Decides what to do with one conflicted op. See the module table.
     pub fn decide(&self, input: &ConflictInput<'_>) -> Resolution {
         let policy = self.policies.get(input.entity_type);
