@@ -33,6 +33,14 @@ pub struct QueueDepth {
     pub failed: u64,
 }
 
+impl QueueDepth {
+    /// Ops still to be sent (pending and in flight); a device reports any
+    /// counts it likes, so the sum saturates.
+    pub fn queued(&self) -> u64 {
+        self.pending.saturating_add(self.in_flight)
+    }
+}
+
 /// The circuit breaker's state, as the device saw it.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,

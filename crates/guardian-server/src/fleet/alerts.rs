@@ -73,7 +73,7 @@ fn millis(d: Duration) -> i64 {
 /// How long a device has had queued ops without progress at `now`, if it has
 /// queued ops at all.
 pub(crate) fn stalled_for_ms(d: &DeviceView, now: i64) -> Option<i64> {
-    (d.queue.pending + d.queue.in_flight > 0).then(|| now.saturating_sub(d.last_progress_at).max(0))
+    (d.queue.queued() > 0).then(|| now.saturating_sub(d.last_progress_at).max(0))
 }
 
 /// The alerts firing at `now`, sorted by key.
@@ -107,7 +107,7 @@ pub fn evaluate(devices: &[DeviceView], rules: &AlertRules, now: i64) -> Vec<Ale
                     Some(d.last_progress_at),
                     format!(
                         "{} ops queued and no progress for {} s on {}",
-                        d.queue.pending + d.queue.in_flight,
+                        d.queue.queued(),
                         stalled / 1000,
                         d.runner_id
                     ),

@@ -302,7 +302,7 @@ impl Fleet {
                 make_room_fairly(&mut st.devices, tenant)?;
             }
         }
-        let queued = snap.queue.pending + snap.queue.in_flight;
+        let queued = snap.queue.queued();
         let prev = st.devices.remove(&key);
         let prev_breaker = prev.as_ref().map(|p| p.view.breaker);
         let (mut history, breaker_since, last_progress_at, acked, conflicts, dead) = match prev {
@@ -493,8 +493,9 @@ impl Fleet {
                 BreakerStateName::Open => a.open += 1,
                 BreakerStateName::HalfOpen => a.half_open += 1,
             }
-            a.queue_depth += d.queue.pending + d.queue.in_flight;
-            a.dead_letters += d.queue.failed;
+            // Sums of what devices report: saturate, never wrap or panic.
+            a.queue_depth = a.queue_depth.saturating_add(d.queue.queued());
+            a.dead_letters = a.dead_letters.saturating_add(d.queue.failed);
             if alerts::stalled_for_ms(d, now).is_some_and(|s| s >= stall_ms) {
                 a.stalled += 1;
             }
