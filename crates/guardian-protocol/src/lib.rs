@@ -14,7 +14,10 @@ mod validate;
 
 pub use number::{canonical_number, json_eq, numbers_are_canonical};
 pub use problem::{problem_type, Problem, PROBLEM_CONTENT_TYPE};
-pub use validate::{is_bearer_token, validate_entity_id, validate_entity_type, ValidationError};
+pub use validate::{
+    is_bearer_token, validate_entity_id, validate_entity_type, within_data_depth, ValidationError,
+    MAX_DATA_DEPTH,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

@@ -15,6 +15,30 @@ pub enum ValidationError {
     EntityId(String),
 }
 
+/// Deepest nesting of arrays and objects an entity's data may have, for
+/// client and server alike: `serde_json` refuses to read text nested 128
+/// levels deep, and every message that carries data (a stored op, a feed
+/// page, a batch answer, a realtime frame) wraps it a few levels deeper.
+pub const MAX_DATA_DEPTH: usize = 100;
+
+/// Whether `data` nests no deeper than [`MAX_DATA_DEPTH`]. The walk stops at
+/// that depth, so a value deeper than the stack allows is safe to check.
+pub fn within_data_depth(data: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    fn within(v: &Value, depth: usize) -> bool {
+        match v {
+            Value::Array(items) => {
+                depth < MAX_DATA_DEPTH && items.iter().all(|c| within(c, depth + 1))
+            }
+            Value::Object(map) => {
+                depth < MAX_DATA_DEPTH && map.values().all(|c| within(c, depth + 1))
+            }
+            _ => true,
+        }
+    }
+    within(data, 0)
+}
+
 /// Whether `token` can travel as a bearer token: 1 or more printable ASCII
 /// characters, no space. A line break or control character cannot be in a
 /// header at all; servers trim or split on spaces and tabs, and refuse to

@@ -95,7 +95,13 @@ pub(crate) fn prepare(
     let data = match kind {
         MutationKind::Delete => Value::Null,
         MutationKind::Create | MutationKind::Update => match data {
-            Some(d @ Value::Object(_)) => d,
+            Some(d @ Value::Object(_)) if guardian_protocol::within_data_depth(&d) => d,
+            Some(Value::Object(_)) => {
+                return Err(ApiError::bad_request(format!(
+                    "data nests deeper than {} levels",
+                    guardian_protocol::MAX_DATA_DEPTH
+                )))
+            }
             Some(_) => return Err(ApiError::bad_request("data must be a JSON object")),
             None => {
                 return Err(ApiError::bad_request(format!(
@@ -141,8 +147,25 @@ pub(crate) fn missing_key() -> ApiError {
 }
 
 /// The `Idempotency-Key` header, or a 400 problem.
+/// The one value of header `name`, if given. Given twice, it is refused:
+/// which line counts would be up to the proxies on the way (RFC 9110 §5.3
+/// makes two lines one comma-joined value, which these headers do not take).
+fn single_header<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> Result<Option<&'h axum::http::HeaderValue>, ApiError> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(format!(
+            "the {name} header is given more than once"
+        )));
+    }
+    Ok(first)
+}
+
 pub(crate) fn key_header(headers: &HeaderMap) -> Result<String, ApiError> {
-    match headers.get(guardian_protocol::header::IDEMPOTENCY_KEY) {
+    match single_header(headers, guardian_protocol::header::IDEMPOTENCY_KEY)? {
         None => Err(missing_key()),
         Some(v) => {
             let key = v
@@ -158,7 +181,7 @@ pub(crate) fn key_header(headers: &HeaderMap) -> Result<String, ApiError> {
 
 /// Parses `If-Match`: `"3"`, `3` or `*`.
 pub(crate) fn if_match_header(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
+    let Some(v) = single_header(headers, header::IF_MATCH.as_str())? else {
         return Ok(None);
     };
     let bad = || ApiError::bad_request("If-Match must be a quoted version such as \"3\", or *");
@@ -170,6 +193,10 @@ pub(crate) fn if_match_header(headers: &HeaderMap) -> Result<Option<Precondition
         .strip_prefix('"')
         .and_then(|r| r.strip_suffix('"'))
         .unwrap_or(s);
+    // Digits only: `parse` would also take a sign.
+    if inner.is_empty() || !inner.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
     inner
         .parse::<u64>()
         .map(|n| Some(Precondition::Version(n)))

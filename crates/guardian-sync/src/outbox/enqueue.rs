@@ -146,32 +146,17 @@ pub(crate) fn check_payload(
     Ok(text)
 }
 
-/// Deepest nesting of arrays and objects a stored payload or base may have:
-/// `serde_json` refuses to read back text nested 128 levels deep, so a
-/// deeper value would be stored and then quarantined as a damaged row.
-const MAX_JSON_DEPTH: usize = 100;
-
-/// Refuses `value` if it nests deeper than [`MAX_JSON_DEPTH`]. Recursion
-/// stops at that depth, so a value deeper than the stack allows is safe.
-/// Checked on what the app gives (enqueue, edits), not on a merge with the
-/// server's data, which its parser already bounds below serde_json's limit.
+/// Refuses `value` if it nests deeper than
+/// [`guardian_protocol::MAX_DATA_DEPTH`]: it would be stored and then
+/// quarantined as a damaged row, and no server may take it. Checked on what
+/// the app gives (enqueue, edits), not on a merge with the server's data,
+/// which its parser already bounds below serde_json's limit.
 pub(crate) fn check_depth(value: &Value) -> Result<(), EnqueueError> {
-    fn within(v: &Value, depth: usize) -> bool {
-        match v {
-            Value::Array(items) => {
-                depth < MAX_JSON_DEPTH && items.iter().all(|c| within(c, depth + 1))
-            }
-            Value::Object(map) => {
-                depth < MAX_JSON_DEPTH && map.values().all(|c| within(c, depth + 1))
-            }
-            _ => true,
-        }
-    }
-    if within(value, 0) {
+    if guardian_protocol::within_data_depth(value) {
         Ok(())
     } else {
         Err(EnqueueError::PayloadTooDeep {
-            max: MAX_JSON_DEPTH,
+            max: guardian_protocol::MAX_DATA_DEPTH,
         })
     }
 }
