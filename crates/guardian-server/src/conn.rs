@@ -20,10 +20,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 
 use crate::proxy::TrustedProxies;
 
@@ -117,11 +120,14 @@ impl ConnInfo {
 
 /// Wraps an accepted stream with a fresh kill switch.
 /// The stream holds `slot`, so a connection counts against the caps until
-/// its socket closes, also after an upgrade to WebSocket.
+/// its socket closes, also after an upgrade to WebSocket. A write that can
+/// send nothing for `write_stall` fails: a peer that stopped reading would
+/// otherwise hold its connection and the unsent answer for good.
 pub(crate) fn killable(
     stream: TcpStream,
     remote: SocketAddr,
     slot: ConnSlot,
+    write_stall: Duration,
 ) -> (KillableStream, ConnInfo) {
     // Small request/response pairs: don't wait for Nagle.
     let _ = stream.set_nodelay(true);
@@ -131,17 +137,46 @@ pub(crate) fn killable(
             inner: stream,
             kill: Arc::clone(&kill),
             _slot: slot,
+            write_stall,
+            stalled: None,
         },
         ConnInfo { remote, kill },
     )
 }
 
-/// A TCP stream that fails every operation once its switch is flipped.
+/// A TCP stream that fails every operation once its switch is flipped, and
+/// a write that stays blocked for its `write_stall`.
 #[derive(Debug)]
 pub(crate) struct KillableStream {
     inner: TcpStream,
     kill: Arc<KillSwitch>,
     _slot: ConnSlot,
+    write_stall: Duration,
+    /// Armed while a write waits for the peer to read.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl KillableStream {
+    /// Passes a write's result on, or fails it once it has waited for the
+    /// peer longer than `write_stall`.
+    fn bounded<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = None;
+            return r;
+        }
+        let limit = self.write_stall;
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.stalled = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer stopped reading",
+            )));
+        }
+        Poll::Pending
+    }
 }
 
 fn cut() -> io::Error {
@@ -173,7 +208,8 @@ impl AsyncWrite for KillableStream {
         if self.kill.killed() {
             return Poll::Ready(Err(cut()));
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded(cx, r)
     }
 
     fn poll_write_vectored(
@@ -184,7 +220,8 @@ impl AsyncWrite for KillableStream {
         if self.kill.killed() {
             return Poll::Ready(Err(cut()));
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bounded(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {

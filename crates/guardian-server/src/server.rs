@@ -118,7 +118,10 @@ impl ServerBuilder {
             listener,
             app,
             limits,
-            state.config.header_read_timeout,
+            Timeouts {
+                header_read: state.config.header_read_timeout,
+                write_stall: state.config.request_timeout,
+            },
             shutdown_rx.clone(),
         ));
         let purger = tokio::spawn(purge_loop(state.clone(), shutdown_rx.clone()));
@@ -145,14 +148,25 @@ fn default_max_connections() -> usize {
         .clamp(16, 4096)
 }
 
+/// How long a connection may keep the server waiting.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// For a request's headers.
+    header_read: Duration,
+    /// For a peer to take any byte of what is written to it (the request
+    /// timeout: an answer may not take longer to deliver than to make).
+    write_stall: Duration,
+}
+
 /// The accept loop: one task per connection, within the caps, each served
-/// by hyper with the header-read timeout, until shutdown; then it waits for
-/// the open connections to finish their requests.
+/// by hyper with the header-read timeout and writes bounded, until
+/// shutdown; then it waits for the open connections to finish their
+/// requests.
 async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ConnLimits,
-    header_read_timeout: Duration,
+    timeouts: Timeouts,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     // Each connection task holds a receiver; `closed` resolves when all ended.
@@ -180,7 +194,7 @@ async fn serve(
             tracing::debug!(peer = %remote.ip(), "connection refused: too many open from this peer");
             continue;
         };
-        let (io, info) = killable(stream, remote, slot);
+        let (io, info) = killable(stream, remote, slot, timeouts.write_stall);
         let app = app.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(ConnectInfo(info.clone()));
@@ -192,7 +206,7 @@ async fn serve(
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
+                .header_read_timeout(timeouts.header_read);
             let conn = builder
                 .serve_connection(TokioIo::new(io), service)
                 .with_upgrades();
