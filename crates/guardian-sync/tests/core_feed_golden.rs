@@ -77,8 +77,8 @@ fn a_410_while_polling_resyncs_at_the_head_and_keeps_polling() {
         })),
     );
     s.record("page [41, 42]", m.page(Ok(page(&[41, 42], Some(43)))));
+    // Full, but it reaches the head: nothing more to ask for.
     s.record("page [42, 43]", m.page(Ok(page(&[42, 43], Some(43)))));
-    s.record("page []", m.page(Ok(page(&[], Some(43)))));
     assert_eq!(m.cursor(), Some(43));
     assert_eq!(m.ws_since(), Some(43));
     s.check(
@@ -100,8 +100,37 @@ fn a_410_while_polling_resyncs_at_the_head_and_keeps_polling() {
         <- page [42, 43]
         -> deliver change 43
         -> count message
-        -> fetch 2 after 43
-        <- page []
+        ",
+    );
+}
+
+/// A page can end short of the size asked for (the server bounds a page's
+/// bytes): below the head, the next page is asked for at once.
+#[test]
+fn a_short_page_below_the_head_is_followed_at_once() {
+    let mut m = FeedMachine::new(Some(40), 100);
+    let mut s = Script { lines: Vec::new() };
+    s.record(
+        "session lost",
+        m.session_ended(SessionEnd::Lost("refused".into())),
+    );
+    s.record("poll", m.poll());
+    s.record("page [41]", m.page(Ok(page(&[41], Some(42)))));
+    s.record("page [42]", m.page(Ok(page(&[42], Some(42)))));
+    s.check(
+        r"
+        <- session lost
+        -> state disconnected
+        <- poll
+        -> fetch 100 after 40
+        <- page [41]
+        -> state polling
+        -> deliver change 41
+        -> count message
+        -> fetch 100 after 41
+        <- page [42]
+        -> deliver change 42
+        -> count message
         ",
     );
 }

@@ -307,11 +307,19 @@ impl FeedMachine {
         match result {
             Ok(page) => {
                 self.set_state(ConnectionState::Polling, &mut out);
+                // A page can end short of `page_size` (the server bounds its
+                // bytes): where the feed reports its head, that says whether
+                // more is left.
                 let full = page.changes.len() >= self.page_size;
+                let head = page.head;
                 for change in page.changes {
                     self.deliver(change, &mut out);
                 }
-                if full && self.dedupe.last() != Some(poll.since) {
+                let more = match head {
+                    Some(head) => self.dedupe.last().is_some_and(|last| last < head),
+                    None => full,
+                };
+                if more && self.dedupe.last() != Some(poll.since) {
                     self.next_page(poll, &mut out);
                 }
             }
