@@ -40,7 +40,7 @@ pub(crate) fn param(
     tag = "changes",
     params(
         ("since" = Option<u64>, Query, description = "Return changes after this cursor (default 0)", minimum = 0),
-        ("limit" = Option<u64>, Query, description = "Page size (default 100); above 1000 a page holds 1000", minimum = 1),
+        ("limit" = Option<u64>, Query, description = "Page size (default 100); above 1000 a page holds 1000. A page also ends with the change whose data takes it past 4 MiB", minimum = 1),
     ),
     responses(
         (status = 200, description = "A page of changes; pass `next` as `since` for the next page. `head` is the feed's latest cursor", body = ChangesPage),

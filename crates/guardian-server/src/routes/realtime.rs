@@ -276,7 +276,9 @@ impl Session {
             for change in page.changes {
                 self.send_change(sink, change).await?;
             }
-            if n < PAGE {
+            // A page can end early (its byte bound): only the head says
+            // whether changes are left.
+            if n == 0 || page.head.is_none_or(|head| self.last_sent >= head) {
                 return Ok(());
             }
         }

@@ -109,11 +109,14 @@ pub(crate) const APPEND_SQL: &str =
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 /// Up to `limit` changes after `since`, in cursor order.
+/// Up to `limit` changes after `since`, ending with the one whose data
+/// takes the page past `max_bytes`.
 pub(crate) fn read(
     conn: &rusqlite::Connection,
     tenant: &str,
     since: u64,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Vec<Change>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT cursor, op, entity_type, id, version, data FROM changes
@@ -137,8 +140,13 @@ pub(crate) fn read(
         },
     )?;
     let mut out = Vec::new();
+    let mut bytes = 0usize;
     for row in rows {
+        if bytes > max_bytes {
+            break;
+        }
         let (cursor, op, entity_type, id, version, data) = row?;
+        bytes = bytes.saturating_add(data.len());
         out.push(Change {
             cursor: from_i64(cursor),
             op: parse_op(&op)?,
@@ -251,7 +259,7 @@ mod tests {
         assert_eq!(purge(&tx, cut(1_000)).unwrap(), 2);
         assert_eq!(counters(&tx, "a").unwrap(), (4, 2));
         assert_eq!(counters(&tx, "b").unwrap(), (1, 0));
-        let left: Vec<u64> = read(&tx, "a", 2, 10)
+        let left: Vec<u64> = read(&tx, "a", 2, 10, usize::MAX)
             .unwrap()
             .iter()
             .map(|c| c.cursor)

@@ -309,6 +309,12 @@ pub(crate) struct StoreOptions {
 /// the database; [`Backend::apply`] is one atomic commit per request (or per
 /// group of requests) that writes each applied op's entity, change,
 /// applied-log row and idempotency record together.
+/// Bytes of entity data a feed page holds before it ends (the change that
+/// crosses the bound is the page's last): a page of 1000 changes of the
+/// largest entities would otherwise be read into memory whole, a GiB for
+/// one request or realtime backlog.
+pub(crate) const PAGE_MAX_DATA_BYTES: usize = 4 << 20;
+
 pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// Applies mutations in order in one transaction and returns one outcome
     /// each. A replay or refusal writes nothing; an applied op writes the
@@ -329,7 +335,9 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     fn get(&self, tenant: Arc<str>, entity_type: String, id: String) -> Answer<'_, Option<Entity>>;
 
     /// A page of the tenant's feed after `since`, with its head, read from
-    /// one snapshot.
+    /// one snapshot: at most `limit` changes, ending with the one whose
+    /// data takes the page past [`PAGE_MAX_DATA_BYTES`] (so never empty
+    /// while changes are left).
     fn changes(&self, tenant: Arc<str>, since: u64, limit: usize) -> Answer<'_, Feed<ChangesPage>>;
 
     /// The tenant's latest cursor, or a refusal if `since` is not servable.

@@ -293,8 +293,13 @@ impl PgInner {
         };
         let st = tx
             .prepare_cached(
-                "SELECT cursor, op, entity_type, id, version, data FROM guardian_changes
-                 WHERE tenant = $1 AND cursor > $2 ORDER BY cursor LIMIT $3",
+                "SELECT cursor, op, entity_type, id, version, data FROM (
+                     SELECT cursor, op, entity_type, id, version, data,
+                            sum(octet_length(data)) OVER (ORDER BY cursor) - octet_length(data)
+                                AS before
+                     FROM guardian_changes
+                     WHERE tenant = $1 AND cursor > $2 ORDER BY cursor LIMIT $3) page
+                 WHERE before <= $4 ORDER BY cursor",
             )
             .await?;
         let rows = tx
@@ -304,6 +309,7 @@ impl PgInner {
                     &&*tenant,
                     &to_i64(since),
                     &i64::try_from(limit).unwrap_or(i64::MAX),
+                    &i64::try_from(super::PAGE_MAX_DATA_BYTES).unwrap_or(i64::MAX),
                 ],
             )
             .await?;

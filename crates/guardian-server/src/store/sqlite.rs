@@ -196,7 +196,7 @@ impl SqliteStore {
                 Ok(last) => last,
                 Err(refusal) => return Ok(Err(refusal)),
             };
-            let changes = feed::read(&tx, &tenant, since, limit)?;
+            let changes = feed::read(&tx, &tenant, since, limit, super::PAGE_MAX_DATA_BYTES)?;
             let next = changes.last().map_or(since, |c| c.cursor);
             Ok(Ok(ChangesPage {
                 changes,
@@ -686,7 +686,7 @@ mod tests {
         let keys: Vec<_> = applied.iter().map(|a| a.idempotency_key.as_str()).collect();
         assert_eq!(keys, ["k2", "k3"]);
         assert_eq!(feed::counters(&conn, "t").unwrap().0, 1);
-        let feed = feed::read(&conn, "t", 0, 10).unwrap();
+        let feed = feed::read(&conn, "t", 0, 10, usize::MAX).unwrap();
         assert_eq!(
             feed.iter()
                 .map(|c| (c.cursor, c.id.as_str()))
@@ -774,7 +774,7 @@ mod tests {
             b[1].body, a[0].body,
             "a replay is the first answer, byte for byte"
         );
-        let cursors: Vec<u64> = feed::read(&conn, "t", 0, 10)
+        let cursors: Vec<u64> = feed::read(&conn, "t", 0, 10, usize::MAX)
             .unwrap()
             .iter()
             .map(|c| c.cursor)

@@ -97,6 +97,28 @@ async fn hello_backlog_then_live() {
     assert_eq!(raw["change"]["cursor"], 5);
 }
 
+/// A backlog of large changes comes in byte-bounded pages (5 of these
+/// fit the first): every one is sent, not only the first page's.
+#[tokio::test]
+async fn a_backlog_of_large_changes_is_sent_whole() {
+    let h = start_default().await;
+    let big = "x".repeat(900_000);
+    for i in 0..6 {
+        let r = h
+            .create("doc", &format!("d{i}"), json!({"s": big}), &format!("k{i}"))
+            .await;
+        assert_eq!(r.status, 201);
+    }
+    let mut ws = connect(&h, "?since=0", Some(TOKEN)).await.unwrap();
+    assert_eq!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 6 })
+    );
+    for cursor in 1..=6 {
+        assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), cursor);
+    }
+}
+
 #[tokio::test]
 async fn without_since_only_live_changes_come() {
     let h = start_default().await;
