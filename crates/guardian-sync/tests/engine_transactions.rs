@@ -106,6 +106,29 @@ async fn get(server: &RunningServer, ty: &str, id: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// Creates `device/lamp` at `{"on": false, "level": 1}` (version 1) through
+/// the engine; another device then sets its level to 9 (version 2).
+async fn lamp_changed_elsewhere(engine: &SyncEngine, server: &RunningServer) {
+    engine
+        .enqueue(NewOp::create(
+            "device",
+            "lamp",
+            json!({"on": false, "level": 1}),
+        ))
+        .await
+        .unwrap();
+    drain(engine).await;
+    let r = reqwest::Client::new()
+        .put(format!("{}/v1/entities/device/lamp", server.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", "other-device-1")
+        .json(&json!({"data": {"on": false, "level": 9}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 #[tokio::test]
 async fn a_transaction_applies_in_one_commit_after_earlier_ops_of_its_entities() {
     for batch in [None, Some(BatchConfig::default())] {
@@ -167,25 +190,7 @@ async fn a_conflict_in_a_transaction_is_merged_and_the_whole_transaction_sent_ag
     let server = server(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(&dir, &server, None).await;
-    engine
-        .enqueue(NewOp::create(
-            "device",
-            "lamp",
-            json!({"on": false, "level": 1}),
-        ))
-        .await
-        .unwrap();
-    drain(&engine).await;
-    // Another device changes another field of the lamp meanwhile.
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/entities/device/lamp", server.url()))
-        .bearer_auth(TOKEN)
-        .header("idempotency-key", "other-device-1")
-        .json(&json!({"data": {"on": false, "level": 9}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    lamp_changed_elsewhere(&engine, &server).await;
     let mut events = engine.events();
     let txn = engine
         .transaction(vec![
@@ -223,24 +228,7 @@ async fn a_chained_op_in_a_transaction_keeps_what_its_predecessor_merged() {
     let server = server(Faults::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let engine = engine(&dir, &server, None).await;
-    engine
-        .enqueue(NewOp::create(
-            "device",
-            "lamp",
-            json!({"on": false, "level": 1}),
-        ))
-        .await
-        .unwrap();
-    drain(&engine).await;
-    let r = reqwest::Client::new()
-        .put(format!("{}/v1/entities/device/lamp", server.url()))
-        .bearer_auth(TOKEN)
-        .header("idempotency-key", "other-device-1")
-        .json(&json!({"data": {"on": false, "level": 9}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    lamp_changed_elsewhere(&engine, &server).await;
     engine
         .transaction(vec![
             NewOp::update("device", "lamp", json!({"on": true, "level": 1}))

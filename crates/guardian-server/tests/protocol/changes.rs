@@ -56,13 +56,7 @@ async fn the_feed_pages_with_gap_free_cursors() {
 #[tokio::test]
 async fn a_page_of_large_changes_is_bounded_by_bytes() {
     let h = start_default().await;
-    let big = "x".repeat(900_000);
-    for i in 0..6 {
-        let r = h
-            .create("doc", &format!("d{i}"), json!({"s": big}), &format!("k{i}"))
-            .await;
-        assert_eq!(r.status, 201);
-    }
+    h.create_large_docs(6).await;
     let mut since = 0;
     let mut sizes = Vec::new();
     loop {

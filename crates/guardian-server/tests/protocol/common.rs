@@ -204,6 +204,23 @@ impl Harness {
         .await
     }
 
+    /// Creates `doc/d0`.. `doc/d{n-1}`, each with 900 kB of data: five of
+    /// them pass a feed page's 4 MiB bound.
+    pub(crate) async fn create_large_docs(&self, n: usize) {
+        let big = "x".repeat(900_000);
+        for i in 0..n {
+            let r = self
+                .create(
+                    "doc",
+                    &format!("d{i}"),
+                    serde_json::json!({"s": big}),
+                    &format!("k{i}"),
+                )
+                .await;
+            assert_eq!(r.status, 201);
+        }
+    }
+
     pub(crate) async fn changes(&self, since: u64, limit: u64) -> Resp {
         self.send(self.req(
             Method::GET,

@@ -102,13 +102,7 @@ async fn hello_backlog_then_live() {
 #[tokio::test]
 async fn a_backlog_of_large_changes_is_sent_whole() {
     let h = start_default().await;
-    let big = "x".repeat(900_000);
-    for i in 0..6 {
-        let r = h
-            .create("doc", &format!("d{i}"), json!({"s": big}), &format!("k{i}"))
-            .await;
-        assert_eq!(r.status, 201);
-    }
+    h.create_large_docs(6).await;
     let mut ws = connect(&h, "?since=0", Some(TOKEN)).await.unwrap();
     assert_eq!(
         next_frame(&mut ws).await,

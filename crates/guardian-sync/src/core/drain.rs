@@ -1132,13 +1132,7 @@ impl DrainMachine {
                 local,
                 remote,
             } => {
-                // Both versions are kept in the error for the app.
-                let error = serde_json::json!({
-                    "conflict": reason,
-                    "local": local,
-                    "remote": remote,
-                })
-                .to_string();
+                let error = conflict_error(reason, &local, remote.as_ref());
                 report.failed = 1;
                 let conflict = event(Value::Null, ConflictOutcome::Failed);
                 self.fail(op, error, report, vec![conflict], out);
@@ -1449,37 +1443,35 @@ impl DrainMachine {
                 if_match,
                 base,
                 conflicts,
-            } => Some((send_as, payload, if_match, base, conflicts.len())),
-            Resolution::Succeeded { version, .. } if op.kind != OpKind::Delete => Some((
+            } => Ok((send_as, payload, if_match, base, conflicts.len())),
+            Resolution::Succeeded { version, .. } if op.kind != OpKind::Delete => Ok((
                 guardian_protocol::MutationKind::Update,
                 op.payload.clone(),
                 version,
                 None,
                 0,
             )),
-            Resolution::Succeeded { .. } => {
-                let event = conflict(Value::Null, ConflictOutcome::Failed);
-                let mut unit = others;
-                let culprit = op.op_id;
-                unit.push(op);
-                unit.sort_by_key(|op| op.seq);
-                let error =
-                    "the entity is already deleted; the transaction cannot apply as a whole"
-                        .to_owned();
-                self.txn_fail(unit, Some(culprit), error, vec![event], out);
-                return;
-            }
+            Resolution::Succeeded { .. } => Err(
+                "the entity is already deleted; the transaction cannot apply as a whole".to_owned(),
+            ),
             Resolution::Fail {
                 reason,
                 local,
                 remote,
-            } => {
-                let error = serde_json::json!({
-                    "conflict": reason,
-                    "local": local,
-                    "remote": remote,
-                })
-                .to_string();
+            } => Err(conflict_error(reason, &local, remote.as_ref())),
+        };
+        // A chained op moved onto the merge must fit the outbox too.
+        let retry = retry.and_then(|(send_as, payload, if_match, base, conflicts)| {
+            let rebased = rebase_chained(&op, &payload, &others, env);
+            if rebased.iter().any(|(_, v)| self.too_large(v)) {
+                Err(conflict_error(FailReason::MergeTooLarge, &op.payload, None))
+            } else {
+                Ok((send_as, payload, if_match, base, conflicts, rebased))
+            }
+        });
+        let (send_as, payload, if_match, base, conflicts, rebased) = match retry {
+            Ok(retry) => retry,
+            Err(error) => {
                 let event = conflict(Value::Null, ConflictOutcome::Failed);
                 let mut unit = others;
                 let culprit = op.op_id;
@@ -1489,25 +1481,6 @@ impl DrainMachine {
                 return;
             }
         };
-        let Some((send_as, payload, if_match, base, conflicts)) = retry else {
-            return;
-        };
-        let rebased = rebase_chained(&op, &payload, &others, env);
-        if rebased.iter().any(|(_, v)| self.too_large(v)) {
-            let error = serde_json::json!({
-                "conflict": FailReason::MergeTooLarge,
-                "local": op.payload,
-                "remote": Value::Null,
-            })
-            .to_string();
-            let event = conflict(Value::Null, ConflictOutcome::Failed);
-            let mut unit = others;
-            let culprit = op.op_id;
-            unit.push(op);
-            unit.sort_by_key(|op| op.seq);
-            self.txn_fail(unit, Some(culprit), error, vec![event], out);
-            return;
-        }
         let detail = format!(
             "conflict at version {} in transaction; merged ({conflicts} field conflict(s)), \
              retrying the transaction",
@@ -1536,6 +1509,17 @@ impl DrainMachine {
         };
         self.write(write, after, out);
     }
+}
+
+/// The error kept on an op whose conflict failed: the reason and both
+/// versions, for the app.
+fn conflict_error(reason: FailReason, local: &Value, remote: Option<&Value>) -> String {
+    serde_json::json!({
+        "conflict": reason,
+        "local": local,
+        "remote": remote,
+    })
+    .to_string()
 }
 
 /// The ops of a transaction chained on `op` (same entity, after it, each
