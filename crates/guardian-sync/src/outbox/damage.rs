@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::rows::{self, UnreadableOp};
 use super::scan;
+use super::schema::Seal;
 use crate::op::{OpKind, OpState};
 
 /// What salvage saved and lost.
@@ -546,21 +547,21 @@ fn op_row_valid(v: &[SqlValue]) -> bool {
             || text(22).is_some_and(|s| serde_json::from_str::<Vec<Uuid>>(s).is_ok()))
 }
 
-/// The statement that copies one op row (the values of
-/// [`OP_COPY_COLUMNS`] and a stored seal, brought to this schema's if it
-/// still matches; or, if `sealed` is false, none: the seal is then
-/// computed from the row).
-fn op_insert(sealed: bool) -> String {
+/// The statement that copies one op row: the values of
+/// [`OP_COPY_COLUMNS`] and the seal the source file's schema wrote (`from`),
+/// brought to this schema's if it is an older seal that still matches,
+/// computed from the row if the source had none.
+fn op_insert(from: Seal) -> String {
     let cols = OP_COPY_COLUMNS.join(", ");
     let placeholders = vec!["?"; OP_COPY_COLUMNS.len()].join(", ");
     let stored = format!("?{}", OP_COPY_COLUMNS.len() + 1);
-    let seal = if sealed {
-        super::schema::upgrade_seal(&stored)
-    } else {
+    let seal = match from {
+        Seal::Full => stored,
+        Seal::Content => super::schema::upgrade_seal(&stored),
         // `stored` is the select's NULL: bound, so referenced.
-        format!(
+        Seal::None => format!(
             "coalesce({stored}, op_checksum(?2, ?3, ?4, ?5, ?6, ?7, ?8, ?22, ?23, ?9, nullif(?10, 0)))"
-        )
+        ),
     };
     format!("INSERT OR IGNORE INTO ops ({cols}, checksum) VALUES ({placeholders}, {seal})")
 }
@@ -632,7 +633,14 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
             found.bad_cells
         ),
     );
-    let insert = op_insert(true);
+    // Rows the scan found carry the seal their file's schema wrote, or one
+    // it computed in this schema's form. A file whose version cannot be
+    // read gets no upgrade: an old seal then flags its row, never blesses it.
+    let from = match file_head(aside).get(60..64) {
+        Some(&[a, b, c, d]) if (4..=6).contains(&u32::from_be_bytes([a, b, c, d])) => Seal::Content,
+        _ => Seal::Full,
+    };
+    let insert = op_insert(from);
     let mut ids = std::collections::HashSet::new();
     for row in found.rows {
         let op_id = row.values[1].clone();
@@ -741,6 +749,7 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     let version: u32 = old
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .unwrap_or(0);
+    let seal_version = version;
     // A file whose version is unreadable may still have the new columns.
     let version = if version < 5
         && old
@@ -756,9 +765,16 @@ fn copy_ops(old: &Connection, new: &Connection, report: &mut SalvageReport) {
     // and is quarantined before it is sent); rows of files older than the
     // seals get one computed from what they hold.
     let sealed = old.prepare("SELECT checksum FROM ops LIMIT 0").is_ok();
+    // Upgraded only from a version known to write the older seal: an old
+    // seal then flags its row, never blesses a damaged one.
+    let from = match (sealed, Seal::of(seal_version)) {
+        (false, _) => Seal::None,
+        (true, Seal::Content) => Seal::Content,
+        (true, _) => Seal::Full,
+    };
     let seal = if sealed { "checksum" } else { "NULL" };
     let select = format!("SELECT {cols}, {seal} FROM ops WHERE seq >= ?1 ORDER BY seq");
-    let insert = op_insert(sealed);
+    let insert = op_insert(from);
     // A tiny table that usually survives when the end of `ops` does not
     // bounds every seq ever used: `ops_seq_mark.bound` (schema 3), or
     // AUTOINCREMENT's `sqlite_sequence` (schemas 1 and 2).

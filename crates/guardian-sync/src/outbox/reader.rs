@@ -132,7 +132,8 @@ impl OutboxReader {
         &self,
         filter: &ListFilter,
     ) -> Result<Vec<Result<PendingOp, UnreadableOp>>, OutboxError> {
-        Ok(rows::list_checked(&self.conn, filter, self.sealed())?)
+        let tx = self.conn.unchecked_transaction()?;
+        Ok(rows::list_checked(&tx, filter, seal_now(&tx)?)?)
     }
 
     /// Full `PRAGMA integrity_check`, a scan of every op row and a look
@@ -144,7 +145,9 @@ impl OutboxReader {
         let schema = damage::schema_findings(&self.conn, self.schema);
         // Rows cannot be read through a schema that is not an outbox's.
         let rows = if schema.is_empty() {
-            rows::unreadable(&self.conn, self.sealed())
+            self.conn
+                .unchecked_transaction()
+                .and_then(|tx| rows::unreadable(&tx, seal_now(&tx)?))
         } else {
             Ok(Vec::new())
         };
@@ -164,8 +167,11 @@ impl OutboxReader {
             unreadable_ops,
         ))
     }
+}
 
-    fn sealed(&self) -> schema::Seal {
-        schema::Seal::of(self.schema)
-    }
+/// The seal the file's rows carry now: a writer may have migrated it since
+/// this reader opened it. Read inside the transaction that reads the rows.
+fn seal_now(conn: &rusqlite::Connection) -> rusqlite::Result<schema::Seal> {
+    let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    Ok(schema::Seal::of(version))
 }

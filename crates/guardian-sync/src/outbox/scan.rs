@@ -774,9 +774,19 @@ fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
     let checksum = if values.len() == OP_COLUMNS_V4 {
         values.pop().unwrap_or(SqlValue::Null)
     } else {
+        // A row from before the seals gets this schema's seal: op id to
+        // base, no txn or dependencies, its base version and chained flag.
+        use rusqlite::types::ValueRef;
         let v = &values;
-        let fields: [rusqlite::types::ValueRef<'_>; 7] =
-            std::array::from_fn(|i| (&v[i + 1]).into());
+        let mut fields = [ValueRef::Null; super::schema::SEALED];
+        for (i, f) in fields.iter_mut().take(7).enumerate() {
+            *f = (&v[i + 1]).into();
+        }
+        fields[9] = (&v[8]).into();
+        fields[10] = match (&v[9]).into() {
+            ValueRef::Integer(0) => ValueRef::Null,
+            chained => chained,
+        };
         SqlValue::Integer(super::schema::op_checksum(&fields))
     };
     values.remove(IS_HEAD);
