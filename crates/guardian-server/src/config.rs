@@ -380,8 +380,8 @@ impl ServerBuilder {
         if c.max_connections == Some(0) || c.max_connections_per_peer == 0 {
             return bad("connection caps must be positive");
         }
-        if c.header_read_timeout.is_zero() {
-            return bad("the header read timeout must be positive");
+        if c.header_read_timeout.is_zero() || c.request_timeout.is_zero() {
+            return bad("the header read and request timeouts must be positive");
         }
         if c.ws_ping_interval.is_zero() || c.purge_interval.is_zero() {
             return bad("intervals must be positive");

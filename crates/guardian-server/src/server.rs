@@ -120,7 +120,7 @@ impl ServerBuilder {
             limits,
             Timeouts {
                 header_read: state.config.header_read_timeout,
-                write_stall: state.config.request_timeout,
+                write_stall: state.config.request_timeout + state.config.ws_idle_timeout,
             },
             shutdown_rx.clone(),
         ));
@@ -153,8 +153,9 @@ fn default_max_connections() -> usize {
 struct Timeouts {
     /// For a request's headers.
     header_read: Duration,
-    /// For a peer to take any byte of what is written to it (the request
-    /// timeout: an answer may not take longer to deliver than to make).
+    /// For a peer to take any byte of what is written to it: the request
+    /// and realtime idle timeouts together, so that a realtime session's
+    /// own send bound ends it first.
     write_stall: Duration,
 }
 

@@ -546,9 +546,9 @@ async fn a_device_clock_far_off_cannot_hide_a_stall() {
 /// A client that sends requests and never reads the answers must not hold
 /// its connection (and the answer, here a feed page of ~5 MB) for good:
 /// like the WebSocket, plain HTTP ends a write its peer does not take
-/// within a bound (the request timeout). Seen through the per-peer cap of 1: while the stuck
-/// connection is open, every other connection from its address is closed
-/// at once.
+/// within a bound (the request and realtime idle timeouts). Seen through
+/// the per-peer cap of 1: while the stuck connection is open, every other
+/// connection from its address is closed at once.
 #[tokio::test]
 async fn a_client_that_never_reads_its_answers_is_let_go() {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -557,7 +557,8 @@ async fn a_client_that_never_reads_its_answers_is_let_go() {
         ServerBuilder::new()
             .max_connections_per_peer(1)
             .header_read_timeout(Duration::from_millis(300))
-            .request_timeout(Duration::from_secs(1)),
+            .request_timeout(Duration::from_secs(1))
+            .ws_idle_timeout(Duration::from_secs(1)),
     )
     .await;
     for i in 0..6 {
