@@ -146,7 +146,6 @@ pub(crate) fn missing_key() -> ApiError {
     )
 }
 
-/// The `Idempotency-Key` header, or a 400 problem.
 /// The one value of header `name`, if given. Given twice, it is refused:
 /// which line counts would be up to the proxies on the way (RFC 9110 §5.3
 /// makes two lines one comma-joined value, which these headers do not take).
@@ -164,6 +163,7 @@ fn single_header<'h>(
     Ok(first)
 }
 
+/// The `Idempotency-Key` header, or a 400 problem.
 pub(crate) fn key_header(headers: &HeaderMap) -> Result<String, ApiError> {
     match single_header(headers, guardian_protocol::header::IDEMPOTENCY_KEY)? {
         None => Err(missing_key()),

@@ -108,9 +108,8 @@ pub(crate) const APPEND_SQL: &str =
     "INSERT INTO changes (tenant, cursor, op, entity_type, id, version, data, at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
-/// Up to `limit` changes after `since`, in cursor order.
-/// Up to `limit` changes after `since`, ending with the one whose data
-/// takes the page past `max_bytes`.
+/// Up to `limit` changes after `since`, in cursor order, ending with the
+/// one whose data takes the page past `max_bytes`.
 pub(crate) fn read(
     conn: &rusqlite::Connection,
     tenant: &str,

@@ -305,16 +305,16 @@ pub(crate) struct StoreOptions {
     pub(crate) hooks: Arc<dyn StoreHooks>,
 }
 
+/// Bytes of entity data a feed page holds before it ends (the change that
+/// crosses the bound is the page's last): a page as long as a client may
+/// ask for, of the largest entities, would otherwise be read into memory
+/// whole, for one request or one realtime backlog page.
+pub(crate) const PAGE_MAX_DATA_BYTES: usize = 4 << 20;
+
 /// One storage implementation. Every method is one unit of work against
 /// the database; [`Backend::apply`] is one atomic commit per request (or per
 /// group of requests) that writes each applied op's entity, change,
 /// applied-log row and idempotency record together.
-/// Bytes of entity data a feed page holds before it ends (the change that
-/// crosses the bound is the page's last): a page of 1000 changes of the
-/// largest entities would otherwise be read into memory whole, a GiB for
-/// one request or realtime backlog.
-pub(crate) const PAGE_MAX_DATA_BYTES: usize = 4 << 20;
-
 pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// Applies mutations in order in one transaction and returns one outcome
     /// each. A replay or refusal writes nothing; an applied op writes the

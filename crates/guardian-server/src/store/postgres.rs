@@ -294,11 +294,13 @@ impl PgInner {
         let st = tx
             .prepare_cached(
                 "SELECT cursor, op, entity_type, id, version, data FROM (
-                     SELECT cursor, op, entity_type, id, version, data,
+                     SELECT *,
                             sum(octet_length(data)) OVER (ORDER BY cursor) - octet_length(data)
                                 AS before
-                     FROM guardian_changes
-                     WHERE tenant = $1 AND cursor > $2 ORDER BY cursor LIMIT $3) page
+                     FROM (SELECT cursor, op, entity_type, id, version, data
+                           FROM guardian_changes
+                           WHERE tenant = $1 AND cursor > $2 ORDER BY cursor LIMIT $3) limited
+                 ) page
                  WHERE before <= $4 ORDER BY cursor",
             )
             .await?;

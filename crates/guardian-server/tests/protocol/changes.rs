@@ -52,7 +52,7 @@ async fn the_feed_pages_with_gap_free_cursors() {
 
 /// A page ends with the change that takes its data past 4 MiB, however
 /// many changes were asked for: 1000 of the largest entities would be read
-/// into memory whole (a GiB per request). The rest follows on later pages.
+/// into memory whole. The rest follows on later pages.
 #[tokio::test]
 async fn a_page_of_large_changes_is_bounded_by_bytes() {
     let h = start_default().await;

@@ -1142,17 +1142,17 @@ impl DrainMachine {
 }
 
 impl DrainMachine {
+    /// True if the outbox would refuse `v` as a payload.
+    fn too_large(&self, v: &Value) -> bool {
+        serde_json::to_string(v).map_or(true, |t| t.len() > self.cfg.max_payload)
+    }
+
     /// A merged payload the outbox would refuse to store (larger than its
     /// payload limit: the server's entity may be as large as the server
     /// allows) fails the op instead of failing every drain. The error keeps
     /// the op's own payload; the server's side, too large to keep, stays
     /// on the server. The base is not limited (the outbox stores it as it
     /// comes), so a delete of a large entity still goes through.
-    /// True if the outbox would refuse `v` as a payload.
-    fn too_large(&self, v: &Value) -> bool {
-        serde_json::to_string(v).map_or(true, |t| t.len() > self.cfg.max_payload)
-    }
-
     fn within_limit(&self, op: &PendingOp, resolution: Resolution) -> Resolution {
         match resolution {
             Resolution::Retry { payload, .. } if self.too_large(&payload) => Resolution::Fail {

@@ -579,7 +579,8 @@ fn rebase(
         app_payload: first_change.then(|| op.payload.clone()),
     });
     conn.prepare_cached(
-        "UPDATE ops SET idempotency_key = ?1, payload = ?2, history = ?3, updated_at = ?4          WHERE seq = ?5",
+        "UPDATE ops SET idempotency_key = ?1, payload = ?2, history = ?3, updated_at = ?4 \
+         WHERE seq = ?5",
     )?
     .execute(params![
         Uuid::new_v4().to_string(),
