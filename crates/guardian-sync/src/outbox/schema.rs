@@ -447,7 +447,14 @@ pub(crate) fn connect(
     busy_timeout: Duration,
 ) -> rusqlite::Result<Connection> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)?;
+    // SQLite reads a name as `:memory:` or a `file:` URI by its text: a
+    // relative path goes as `./name`, so it is always the file it names
+    // (an outbox named `:memory:` would take ops and keep none).
+    let conn = if path.is_relative() {
+        Connection::open_with_flags(Path::new(".").join(path), flags)?
+    } else {
+        Connection::open_with_flags(path, flags)?
+    };
     // Room for every statement the outbox prepares, so none is re-parsed.
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     conn.busy_timeout(busy_timeout)?;
