@@ -24,6 +24,10 @@ use crate::error::{Code, FfiError};
 /// How long `close` waits for the runner to release the lock.
 const CLOSE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most worker threads an engine's runtime may have: far more than its work
+/// needs; a number near `usize::MAX` overflowed the runtime's builder.
+const MAX_WORKER_THREADS: usize = 256;
+
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every guarded value here is replaced whole; a panic cannot leave one
     // half-updated.
@@ -230,8 +234,15 @@ impl Engine {
                 FfiError::new(Code::InvalidArgument, format!("invalid configuration: {e}"))
             })?;
         }
+        let workers = config.worker_threads.unwrap_or(2).max(1);
+        if workers > MAX_WORKER_THREADS {
+            return Err(FfiError::new(
+                Code::InvalidArgument,
+                format!("invalid configuration: worker_threads is at most {MAX_WORKER_THREADS}"),
+            ));
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(config.worker_threads.unwrap_or(2).max(1))
+            .worker_threads(workers)
             .thread_name("guardian-sync")
             .enable_all()
             .build()
