@@ -117,8 +117,23 @@ impl NativeEngine {
     }
 
     fn next_event(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<String>> {
+        // Waited in slices: Python acts on Ctrl-C only between them.
+        const SLICE: Duration = Duration::from_millis(100);
         let d = seconds(timeout)?;
-        self.call(py, |e| e.next_event(d))
+        let deadline = std::time::Instant::now().checked_add(d);
+        loop {
+            let left = deadline.map_or(SLICE, |t| {
+                t.saturating_duration_since(std::time::Instant::now())
+            });
+            let wait = left.min(SLICE);
+            if let Some(event) = self.call(py, |e| e.next_event(wait))? {
+                return Ok(Some(event));
+            }
+            py.check_signals()?;
+            if deadline.is_some() && left <= SLICE {
+                return Ok(None);
+            }
+        }
     }
 
     fn status(&self, py: Python<'_>) -> PyResult<String> {

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, List, Optional, Tuple
 
 from ._guardian_sync import NativeEngine, NativeError, __version__
@@ -29,6 +30,7 @@ __all__ = [
     "WrongStateError",
     "AlreadyRunningError",
     "ClosedError",
+    "WrongThreadError",
     "OutcomeUnknownError",
     "StopTimeoutError",
     "InternalError",
@@ -99,6 +101,13 @@ class ClosedError(GuardianSyncError):
     code = -8
 
 
+class WrongThreadError(GuardianSyncError):
+    """Called where it would deadlock: ``close`` or ``stop`` from inside the
+    token callback."""
+
+    code = -9
+
+
 class OutcomeUnknownError(GuardianSyncError):
     """The commit failed and the op may or may not be stored: check first."""
 
@@ -128,6 +137,7 @@ _BY_CODE = {
         WrongStateError,
         AlreadyRunningError,
         ClosedError,
+        WrongThreadError,
         OutcomeUnknownError,
         StopTimeoutError,
         InternalError,
@@ -171,7 +181,12 @@ class Engine:
         token_callback: Optional[Callable[[bool], str]] = None,
         **settings: Any,
     ) -> None:
-        config: Dict[str, Any] = {"outbox_path": str(outbox_path), "server_url": server_url}
+        path = os.fspath(outbox_path)  # TypeError for None and non-paths
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        if token_callback is not None and not callable(token_callback):
+            raise TypeError("token_callback must be callable")
+        config: Dict[str, Any] = {"outbox_path": path, "server_url": server_url}
         if token is not None:
             config["token"] = token
         config.update({k: v for k, v in settings.items() if v is not None})
