@@ -56,7 +56,7 @@ impl NativeEngine {
     ) -> PyResult<T> {
         let e = self.get()?;
         py.allow_threads(move || {
-            let r = f(&e);
+            let r = guardian_sync_ffi::catch_panic(|| f(&e));
             drop(e);
             r
         })
@@ -84,7 +84,9 @@ impl NativeEngine {
     #[new]
     fn new(py: Python<'_>, config_json: &str) -> PyResult<Self> {
         let config = Config::parse(config_json).map_err(err)?;
-        let engine = py.allow_threads(|| Engine::open(&config)).map_err(err)?;
+        let engine = py
+            .allow_threads(|| guardian_sync_ffi::catch_panic(|| Engine::open(&config)))
+            .map_err(err)?;
         Ok(Self {
             inner: Mutex::new(Some(Arc::new(engine))),
         })

@@ -77,24 +77,32 @@ fn invalid(message: impl Into<String>) -> FfiError {
     FfiError::new(GsStatus::InvalidArgument, message)
 }
 
+/// Runs `f` with panics caught: a panic (a bug in the engine) becomes a
+/// [`GsStatus::Panic`] error, so it never unwinds into the caller's
+/// language (C, or Python, where PyO3 would raise a `BaseException`).
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T, FfiError>) -> Result<T, FfiError> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".to_owned());
+        Err(FfiError::new(
+            GsStatus::Panic,
+            format!("internal error (a bug): panic: {what}"),
+        ))
+    })
+}
+
 /// Runs one call: clears the thread's last error, catches panics, and turns
 /// an error into its code and message.
 fn guard(f: impl FnOnce() -> Result<GsStatus, FfiError>) -> GsStatus {
     LAST_ERROR.with(|e| *e.borrow_mut() = None);
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(status)) => status,
-        Ok(Err(e)) => {
+    match catch_panic(f) {
+        Ok(status) => status,
+        Err(e) => {
             set_last_error(&e.message);
             e.code
-        }
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown".to_owned());
-            set_last_error(&format!("internal error (a bug): panic: {what}"));
-            GsStatus::Panic
         }
     }
 }
