@@ -5,10 +5,12 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use guardian_protocol::MAX_DATA_DEPTH;
 use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::engine::BatchConfig;
 use guardian_sync::lock::LockConfig;
 use guardian_sync::op::{NewOp, OpId, OpKind, OpState};
+use guardian_sync::outbox::EnqueueError;
 use guardian_sync::outbox::{ListFilter, Synchronous};
 use guardian_sync::retry::RetryPolicy;
 use serde::Deserialize;
@@ -108,6 +110,51 @@ fn invalid(message: impl Into<String>) -> FfiError {
     FfiError::new(Code::InvalidArgument, message)
 }
 
+/// Why op text did not parse. serde_json gives up at 128 levels, before the
+/// outbox could refuse data nested deeper than [`MAX_DATA_DEPTH`]; such
+/// text gets the outbox's refusal (an invalid op) wherever it fails, so the
+/// answer does not depend on how far past the limit the data goes. Text
+/// whose brackets do not even pair up stays malformed JSON.
+/// `envelope` is how many levels the document wraps each op's data in.
+fn parse_error(what: &str, text: &str, envelope: usize, e: &serde_json::Error) -> FfiError {
+    if paired_and_deeper_than(text, MAX_DATA_DEPTH + envelope) {
+        return EnqueueError::PayloadTooDeep {
+            max: MAX_DATA_DEPTH,
+        }
+        .into();
+    }
+    invalid(format!("invalid {what}: {e}"))
+}
+
+/// Whether every array and object in JSON text is closed by its own kind of
+/// bracket (brackets in strings aside), and more than `limit` of them nest.
+/// It reads text that may not parse; the stack is one byte a level.
+fn paired_and_deeper_than(text: &str, limit: usize) -> bool {
+    let (mut open, mut deepest) = (Vec::new(), 0);
+    let (mut in_string, mut escaped) = (false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' => open.push(b']'),
+            b'{' => open.push(b'}'),
+            // A closer always ends a level: the guard pops it.
+            b']' | b'}' if open.pop() != Some(b) => return false,
+            _ => {}
+        }
+        deepest = deepest.max(open.len());
+    }
+    open.is_empty() && !in_string && deepest > limit
+}
+
 impl Config {
     /// Parses the JSON text of a configuration.
     pub fn parse(text: &str) -> Result<Self, FfiError> {
@@ -202,7 +249,7 @@ pub struct OpJson {
 impl OpJson {
     /// Parses the JSON text of an op.
     pub fn parse(text: &str) -> Result<Self, FfiError> {
-        serde_json::from_str(text).map_err(|e| invalid(format!("invalid op: {e}")))
+        serde_json::from_str(text).map_err(|e| parse_error("op", text, 1, &e))
     }
 
     /// The library's op.
@@ -225,7 +272,7 @@ impl OpJson {
 
     /// Parses a JSON array of ops (`gs_engine_transaction`'s JSON).
     pub fn parse_all(text: &str) -> Result<Vec<Self>, FfiError> {
-        serde_json::from_str(text).map_err(|e| invalid(format!("invalid ops: {e}")))
+        serde_json::from_str(text).map_err(|e| parse_error("ops", text, 2, &e))
     }
 }
 
@@ -254,6 +301,62 @@ impl FilterJson {
             state: self.state,
             limit: self.limit.unwrap_or(d.limit),
             after_seq: self.after_seq.unwrap_or(d.after_seq),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nest(levels: usize) -> Value {
+        (0..levels).fold(Value::from(1), |v, _| serde_json::json!({ "a": v }))
+    }
+
+    fn op_text(payload: &Value) -> String {
+        serde_json::json!({
+            "kind": "create", "entity_type": "note", "entity_id": "n", "payload": payload
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn data_too_deep_is_an_invalid_op_however_deep() {
+        // 126 still parses and reaches the outbox's check; past it,
+        // serde_json's own limit would have made it an invalid argument.
+        for levels in [MAX_DATA_DEPTH + 1, 126, 127, 128, 500] {
+            let text = op_text(&nest(levels));
+            let code = match OpJson::parse(&text) {
+                Ok(_) => continue,
+                Err(e) => e.code,
+            };
+            assert_eq!(code, Code::InvalidOp, "{levels} levels");
+        }
+        let text = format!("[{}]", op_text(&nest(300)));
+        assert_eq!(OpJson::parse_all(&text).unwrap_err().code, Code::InvalidOp);
+    }
+
+    #[test]
+    fn other_parse_errors_stay_invalid_arguments() {
+        let deep_but_allowed = op_text(&nest(MAX_DATA_DEPTH));
+        assert!(OpJson::parse(&deep_but_allowed).is_ok());
+        let broken = format!("{} trailing", deep_but_allowed);
+        assert_eq!(
+            OpJson::parse(&broken).unwrap_err().code,
+            Code::InvalidArgument
+        );
+        // Brackets inside strings, escaped quotes included, are not nesting.
+        let in_string = op_text(&Value::from(format!("\\\"{}", "[".repeat(300))));
+        assert!(OpJson::parse(&in_string).is_ok());
+        // Deep, but never closed or closed by the wrong kind: malformed.
+        for text in [
+            "[".repeat(300),
+            format!("{}{}", "[".repeat(300), "}".repeat(300)),
+        ] {
+            assert_eq!(
+                OpJson::parse(&text).unwrap_err().code,
+                Code::InvalidArgument
+            );
         }
     }
 }
