@@ -2,7 +2,6 @@
 
 Risky calls (those that might crash, abort or hang the interpreter) run in a
 child interpreter with a timeout; the test asserts on its exit status.
-A test marked xfail(strict=True) documents a defect left open.
 """
 
 from __future__ import annotations
@@ -364,7 +363,6 @@ def test_ctrl_c_interrupts_a_long_next_event(tmp_path):
     assert out.startswith("interrupted") and waited < 2.5, (out, waited)
 
 
-@pytest.mark.xfail(strict=True, reason="defect: payload nested >=127 deep raises InvalidArgumentError, 101..126 InvalidOpError")
 def test_too_deep_payload_is_always_invalid_op(server, tmp_path):
     def nest(n: int):
         x: object = 1
