@@ -2,7 +2,7 @@
 //!
 //! Counts, states and timings only: a snapshot never carries an op's payload
 //! or an entity's data. Its size is bounded by [`TelemetrySnapshot::validate`]
-//! (the server refuses a larger one with 422), so a misbehaving device cannot
+//! (the server refuses a larger one with 400), so a misbehaving device cannot
 //! grow the backend's memory.
 
 use std::collections::BTreeMap;

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use guardian_protocol::telemetry::BreakerStateName;
 use serde::{Deserialize, Serialize};
 
 use super::DeviceView;
@@ -12,7 +11,8 @@ use super::DeviceView;
 /// When alerts fire. A rule left `None` is off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AlertRules {
-    /// A device's breaker has been open at least this long.
+    /// A device's breaker has not been closed (open, or half-open for a
+    /// trial) at least this long.
     pub breaker_open_for: Option<Duration>,
     /// A device has had queued ops and no progress at least this long.
     pub stalled_for: Option<Duration>,
@@ -52,7 +52,8 @@ pub enum AlertRule {
 /// A firing alert.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Alert {
-    /// Stable identity: rule, tenant and device (none for fleet rules).
+    /// Stable identity: rule, tenant and device (none for fleet rules); see
+    /// [`alert_key`].
     pub key: String,
     /// The rule.
     pub rule: AlertRule,
@@ -66,6 +67,25 @@ pub struct Alert {
     pub message: String,
 }
 
+/// The key of `rule`'s alert on `tenant` (and `device`): the parts joined
+/// by `/`, each with `%` and `/` percent-escaped. Tenant names and runner
+/// ids may hold both, so without the escape two tenants' alerts could share
+/// a key and one would hide the other.
+pub fn alert_key(rule: AlertRule, tenant: &str, device: Option<&str>) -> String {
+    let mut key = format!("{rule:?}");
+    for part in std::iter::once(tenant).chain(device) {
+        key.push('/');
+        for c in part.chars() {
+            match c {
+                '%' => key.push_str("%25"),
+                '/' => key.push_str("%2F"),
+                c => key.push(c),
+            }
+        }
+    }
+    key
+}
+
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -76,26 +96,39 @@ pub(crate) fn stalled_for_ms(d: &DeviceView, now: i64) -> Option<i64> {
     (d.queue.queued() > 0).then(|| now.saturating_sub(d.last_progress_at).max(0))
 }
 
-/// The alerts firing at `now`, sorted by key.
-pub fn evaluate(devices: &[DeviceView], rules: &AlertRules, now: i64) -> Vec<Alert> {
+/// The alerts firing at `now`, sorted by key. One pass over `devices`.
+pub fn evaluate<'a>(
+    devices: impl IntoIterator<Item = &'a DeviceView>,
+    rules: &AlertRules,
+    now: i64,
+) -> Vec<Alert> {
     let mut out = Vec::new();
     let alert = |rule: AlertRule, d: &DeviceView, since: Option<i64>, message: String| Alert {
-        key: format!("{rule:?}/{}/{}", d.tenant, d.runner_id),
+        key: alert_key(rule, &d.tenant, Some(&d.runner_id)),
         rule,
         tenant: d.tenant.clone(),
         device: Some(d.runner_id.clone()),
         since,
         message,
     };
+    let mut by_tenant: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
     for d in devices {
-        if let (Some(x), BreakerStateName::Open) = (rules.breaker_open_for, d.breaker) {
-            let open_ms = now.saturating_sub(d.breaker_since);
-            if open_ms >= millis(x) {
+        // Not closed rather than open: a breaker whose backend stays down
+        // cycles open, half-open, open, and each trial must not restart the
+        // clock (nor resolve the alert until the next trip).
+        if let (Some(x), Some(since)) = (rules.breaker_open_for, d.not_closed_since) {
+            let for_ms = now.saturating_sub(since);
+            if for_ms >= millis(x) {
                 out.push(alert(
                     AlertRule::BreakerOpen,
                     d,
-                    Some(d.breaker_since),
-                    format!("breaker open for {} s on {}", open_ms / 1000, d.runner_id),
+                    Some(since),
+                    format!(
+                        "breaker not closed for {} s on {} (now {})",
+                        for_ms / 1000,
+                        d.runner_id,
+                        d.breaker.as_str()
+                    ),
                 ));
             }
         }
@@ -127,19 +160,16 @@ pub fn evaluate(devices: &[DeviceView], rules: &AlertRules, now: i64) -> Vec<Ale
                 ));
             }
         }
+        let e = by_tenant.entry(&d.tenant).or_default();
+        e.0 += u64::from(d.health_score);
+        e.1 += 1;
     }
     if let Some(w) = rules.fleet_health_below {
-        let mut by_tenant: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-        for d in devices {
-            let e = by_tenant.entry(&d.tenant).or_default();
-            e.0 += u64::from(d.health_score);
-            e.1 += 1;
-        }
         for (tenant, (sum, n)) in by_tenant {
             let mean = sum as f64 / n as f64;
             if mean < f64::from(w) {
                 out.push(Alert {
-                    key: format!("{:?}/{tenant}", AlertRule::FleetHealth),
+                    key: alert_key(AlertRule::FleetHealth, tenant, None),
                     rule: AlertRule::FleetHealth,
                     tenant: tenant.to_owned(),
                     device: None,
@@ -156,7 +186,7 @@ pub fn evaluate(devices: &[DeviceView], rules: &AlertRules, now: i64) -> Vec<Ale
 #[cfg(test)]
 mod tests {
     use super::*;
-    use guardian_protocol::telemetry::QueueDepth;
+    use guardian_protocol::telemetry::{BreakerStateName, QueueDepth};
 
     fn device(tenant: &str, id: &str) -> DeviceView {
         DeviceView {
@@ -165,6 +195,7 @@ mod tests {
             labels: BTreeMap::new(),
             breaker: BreakerStateName::Closed,
             breaker_since: 0,
+            not_closed_since: None,
             health_score: 100,
             queue: QueueDepth::default(),
             oldest_pending_age_ms: None,
@@ -201,18 +232,46 @@ mod tests {
     }
 
     #[test]
-    fn breaker_open_fires_only_after_its_duration() {
+    fn breaker_not_closed_fires_only_after_its_duration() {
         let mut d = device("t", "a");
         d.breaker = BreakerStateName::Open;
-        d.breaker_since = 10_000;
+        d.not_closed_since = Some(10_000);
         assert!(evaluate(&[d.clone()], &rules(), 39_999).is_empty());
         let fired = evaluate(&[d.clone()], &rules(), 40_000);
         assert_eq!(rules_of(&fired), [AlertRule::BreakerOpen]);
         assert_eq!(fired[0].since, Some(10_000));
         assert_eq!(fired[0].device.as_deref(), Some("a"));
-        // Half-open is not open.
+        // A half-open trial of a breaker open since then is not closed.
         d.breaker = BreakerStateName::HalfOpen;
+        d.breaker_since = 39_000;
+        assert_eq!(
+            rules_of(&evaluate(&[d.clone()], &rules(), 40_000)),
+            [AlertRule::BreakerOpen]
+        );
+        d.breaker = BreakerStateName::Closed;
+        d.not_closed_since = None;
         assert!(evaluate(&[d], &rules(), 100_000).is_empty());
+    }
+
+    #[test]
+    fn keys_of_different_alerts_differ_whatever_the_names_hold() {
+        let rule = AlertRule::DeadLetters;
+        let names = [
+            "org", "org/team", "team/d1", "d1", "team", "%2F", "/", "%", "",
+        ];
+        let mut keys = Vec::new();
+        for tenant in names {
+            keys.push(alert_key(AlertRule::FleetHealth, tenant, None));
+            for device in names {
+                keys.push(alert_key(rule, tenant, Some(device)));
+            }
+        }
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), n);
+        // Names without `/` or `%` keep the plain form.
+        assert_eq!(alert_key(rule, "acme", Some("d1")), "DeadLetters/acme/d1");
     }
 
     #[test]
@@ -270,6 +329,7 @@ mod tests {
     fn rules_set_to_none_are_off() {
         let mut d = device("t", "a");
         d.breaker = BreakerStateName::Open;
+        d.not_closed_since = Some(0);
         d.queue.pending = 1;
         d.queue.failed = 100;
         d.health_score = 0;

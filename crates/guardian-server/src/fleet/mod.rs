@@ -3,9 +3,11 @@
 //!
 //! Everything is in memory and bounded: devices per tenant (the tenant's
 //! least recently seen device makes room), devices in total (a new device
-//! beyond it is refused), history points per device, and the event logs.
-//! Times are the server's clock (`Clock`), not the devices', so a device
-//! with a wrong clock cannot hide a stall or an open breaker.
+//! beyond it is refused), history points per device, the event logs, and
+//! what the dashboard is sent. Times are the server's clock (`Clock`), not
+//! the devices', so a device with a wrong clock cannot hide a stall or an
+//! open breaker; a device's clock only tells a late snapshot from a
+//! restarted runner's.
 
 pub mod alerts;
 pub(crate) mod webhook;
@@ -78,6 +80,17 @@ fn make_room_fairly(
 const LOG_LEN: usize = 200;
 /// Points kept in the fleet's one-per-second series.
 const SERIES_LEN: usize = 180;
+/// Devices (the worst by health) and firing alerts the dashboard is sent:
+/// its state goes whole to every open page several times a second, so it
+/// must not grow with the fleet. `aggregates` counts them all.
+pub(crate) const DASHBOARD_DEVICES: usize = 100;
+/// See [`DASHBOARD_DEVICES`].
+pub(crate) const DASHBOARD_ALERTS: usize = 100;
+/// How long (server ms) after a device's snapshot one with a lower `seq`
+/// may still be a late one of its run ([`is_late`]): far beyond the
+/// device's send timeout (5 s) and the server's request timeout (30 s), and
+/// the longest a restarted runner whose clock was ahead goes unheard.
+const REORDER_WINDOW_MS: i64 = 60_000;
 
 /// One device as alerts and the dashboard see it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -92,6 +105,9 @@ pub struct DeviceView {
     pub breaker: BreakerStateName,
     /// Since when (server ms) the breaker has been in this state.
     pub breaker_since: i64,
+    /// Since when (server ms) the breaker has not been closed (open or
+    /// half-open, however often it cycled); `None` while closed.
+    pub not_closed_since: Option<i64>,
     /// Health score 0-100.
     pub health_score: u8,
     /// Ops by state.
@@ -136,6 +152,21 @@ pub struct HistoryPoint {
 struct Device {
     view: DeviceView,
     history: VecDeque<HistoryPoint>,
+    /// `seq` of the snapshot applied last.
+    seq: u64,
+    /// `at` (device clock) of the snapshot applied last.
+    at: i64,
+}
+
+/// Whether `snap`, received at `now`, is older than the snapshot `d` holds:
+/// a lower `seq`, taken no later, within [`REORDER_WINDOW_MS`] of it (a
+/// request that timed out at the device but still reached the server, a
+/// retrying proxy). Applied, it would roll the device back and count its
+/// counters again as a restart's. A restarted runner numbers from 1 again
+/// but takes its snapshots later; the same `seq` is the same snapshot again
+/// (nothing in it is new, so nothing counts twice) or a restart's.
+fn is_late(d: &Device, snap: &TelemetrySnapshot, now: i64) -> bool {
+    snap.seq < d.seq && snap.at <= d.at && now.saturating_sub(d.view.last_seen) < REORDER_WINDOW_MS
 }
 
 /// A breaker change seen in the fleet.
@@ -170,11 +201,36 @@ pub struct Incident {
     pub reason: Option<String>,
 }
 
-/// An alert firing or resolving.
+/// What happened to an alert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertStatus {
+    /// Its condition began to hold.
+    Firing,
+    /// Its condition no longer holds.
+    Resolved,
+    /// Its device is no longer kept (the least recently seen made room for
+    /// another), so whether the condition holds is unknown: a broken device
+    /// that went silent is just the one evicted, and is not recovered.
+    Evicted,
+}
+
+impl AlertStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Firing => "firing",
+            Self::Resolved => "resolved",
+            Self::Evicted => "evicted",
+        }
+    }
+}
+
+/// An alert firing, resolving or evicted.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AlertEvent {
-    /// `firing` or `resolved`.
-    pub status: &'static str,
+    /// What happened.
+    pub status: AlertStatus,
     /// Server ms.
     pub at: i64,
     /// The alert.
@@ -246,6 +302,12 @@ pub(crate) struct Fleet {
     changed: watch::Sender<u64>,
 }
 
+/// Dashboard order: lowest health first, then by name.
+fn worse(a: &&Device, b: &&Device) -> std::cmp::Ordering {
+    let (a, b) = (&a.view, &b.view);
+    (a.health_score, &a.tenant, &a.runner_id).cmp(&(b.health_score, &b.tenant, &b.runner_id))
+}
+
 fn push_bounded<T>(q: &mut VecDeque<T>, item: T, len: usize) {
     if q.len() >= len {
         q.pop_front();
@@ -277,7 +339,8 @@ impl Fleet {
         self.changed.subscribe()
     }
 
-    /// Records a validated snapshot of `tenant`'s device at server time `now`.
+    /// Records a validated snapshot of `tenant`'s device at server time
+    /// `now`; a late one ([`is_late`]) is ignored.
     pub(crate) fn record(
         &self,
         tenant: &str,
@@ -286,25 +349,34 @@ impl Fleet {
     ) -> Result<(), Refused> {
         let mut st = self.lock();
         let key = (tenant.to_owned(), snap.runner_id.clone());
-        if !st.devices.contains_key(&key) {
-            let in_tenant: Vec<_> = st
-                .devices
-                .iter()
-                .filter(|((t, _), _)| t == tenant)
-                .map(|(k, d)| (d.view.last_seen, k.clone()))
-                .collect();
-            if in_tenant.len() >= self.limits.devices_per_tenant {
-                if let Some((_, oldest)) = in_tenant.into_iter().min() {
-                    st.devices.remove(&oldest);
+        match st.devices.get(&key) {
+            Some(d) if is_late(d, &snap, now) => return Ok(()),
+            Some(_) => {}
+            None => {
+                let in_tenant: Vec<_> = st
+                    .devices
+                    .iter()
+                    .filter(|((t, _), _)| t == tenant)
+                    .map(|(k, d)| (d.view.last_seen, k.clone()))
+                    .collect();
+                if in_tenant.len() >= self.limits.devices_per_tenant {
+                    if let Some((_, oldest)) = in_tenant.into_iter().min() {
+                        st.devices.remove(&oldest);
+                    }
                 }
-            }
-            if st.devices.len() >= self.limits.devices_total {
-                make_room_fairly(&mut st.devices, tenant)?;
+                if st.devices.len() >= self.limits.devices_total {
+                    make_room_fairly(&mut st.devices, tenant)?;
+                }
             }
         }
         let queued = snap.queue.queued();
         let prev = st.devices.remove(&key);
         let prev_breaker = prev.as_ref().map(|p| p.view.breaker);
+        let not_closed_since = (snap.breaker != BreakerStateName::Closed).then(|| {
+            prev.as_ref()
+                .and_then(|p| p.view.not_closed_since)
+                .unwrap_or(now)
+        });
         let (mut history, breaker_since, last_progress_at, acked, conflicts, dead) = match prev {
             Some(p) => {
                 let v = &p.view;
@@ -383,6 +455,7 @@ impl Fleet {
             labels: snap.labels,
             breaker: snap.breaker,
             breaker_since,
+            not_closed_since,
             health_score: snap.health_score,
             queue: snap.queue,
             oldest_pending_age_ms: snap.oldest_pending_age_ms,
@@ -396,49 +469,46 @@ impl Fleet {
             last_seen: now,
             last_progress_at,
         };
-        st.devices.insert(key, Device { view, history });
+        let device = Device {
+            view,
+            history,
+            seq: snap.seq,
+            at: snap.at,
+        };
+        st.devices.insert(key, device);
         drop(st);
         self.bump();
         Ok(())
     }
 
-    /// Every device, worst health first.
-    pub(crate) fn devices(&self) -> Vec<DeviceView> {
-        let st = self.lock();
-        let mut v: Vec<_> = st.devices.values().map(|d| d.view.clone()).collect();
-        v.sort_by(|a, b| {
-            (a.health_score, &a.tenant, &a.runner_id).cmp(&(
-                b.health_score,
-                &b.tenant,
-                &b.runner_id,
-            ))
-        });
-        v
-    }
-
     /// Evaluates the rules at `now`; returns what started and stopped firing.
     pub(crate) fn evaluate(&self, now: i64) -> Vec<AlertEvent> {
-        let devices = self.devices();
-        let firing = alerts::evaluate(&devices, &self.rules, now);
         let mut st = self.lock();
-        let mut events = Vec::new();
-        for a in &firing {
-            if !st.active.iter().any(|b| b.key == a.key) {
-                events.push(AlertEvent {
-                    status: "firing",
-                    at: now,
-                    alert: a.clone(),
-                });
-            }
-        }
-        for b in &st.active {
-            if !firing.iter().any(|a| a.key == b.key) {
-                events.push(AlertEvent {
-                    status: "resolved",
-                    at: now,
-                    alert: b.clone(),
-                });
-            }
+        let firing = alerts::evaluate(st.devices.values().map(|d| &d.view), &self.rules, now);
+        let event = |status, alert: &Alert| AlertEvent {
+            status,
+            at: now,
+            alert: alert.clone(),
+        };
+        // Both lists are sorted by key.
+        let known =
+            |list: &[Alert], key: &str| list.binary_search_by(|a| a.key.as_str().cmp(key)).is_ok();
+        let mut events: Vec<_> = firing
+            .iter()
+            .filter(|a| !known(&st.active, &a.key))
+            .map(|a| event(AlertStatus::Firing, a))
+            .collect();
+        for b in st.active.iter().filter(|b| !known(&firing, &b.key)) {
+            let gone = b
+                .device
+                .as_ref()
+                .is_some_and(|d| !st.devices.contains_key(&(b.tenant.clone(), d.clone())));
+            let status = if gone {
+                AlertStatus::Evicted
+            } else {
+                AlertStatus::Resolved
+            };
+            events.push(event(status, b));
         }
         // Messages carry durations: refresh them without an event.
         st.active = firing;
@@ -455,20 +525,25 @@ impl Fleet {
     /// Closes one second of the series: ops acknowledged since the last
     /// tick and requests answered (`requests_total`, a running counter).
     pub(crate) fn tick(&self, now: i64, requests_total: u64) {
-        let devices = self.devices();
-        let p50: Vec<f64> = devices.iter().filter_map(|d| d.latency_p50_ms).collect();
-        let p95 = devices
-            .iter()
-            .filter_map(|d| d.latency_p95_ms)
-            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
         let mut st = self.lock();
+        let views = st.devices.values().map(|d| &d.view);
+        let (mut p50_sum, mut p50_n, mut p95) = (0.0, 0u64, None::<f64>);
+        for v in views {
+            if let Some(p50) = v.latency_p50_ms {
+                p50_sum += p50;
+                p50_n += 1;
+            }
+            if let Some(v) = v.latency_p95_ms {
+                p95 = Some(p95.map_or(v, |m| m.max(v)));
+            }
+        }
         let requests = requests_total.saturating_sub(st.requests_at_tick.unwrap_or(requests_total));
         st.requests_at_tick = Some(requests_total);
         let point = SeriesPoint {
             at: now,
             acked: std::mem::take(&mut st.acked_since_tick),
             requests,
-            p50_ms: (!p50.is_empty()).then(|| p50.iter().sum::<f64>() / p50.len() as f64),
+            p50_ms: (p50_n > 0).then(|| p50_sum / p50_n as f64),
             p95_ms: p95,
         };
         push_bounded(&mut st.series, point, SERIES_LEN);
@@ -478,16 +553,19 @@ impl Fleet {
 
     /// Fleet-wide totals at `now`.
     pub(crate) fn aggregates(&self, now: i64) -> Aggregates {
+        self.aggregates_of(&self.lock(), now)
+    }
+
+    fn aggregates_of(&self, st: &State, now: i64) -> Aggregates {
         let stall_ms = self.rules.stalled_for.map_or(300_000, |d| {
             i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
         });
-        let devices = self.devices();
         let mut a = Aggregates {
-            devices: devices.len() as u64,
-            alerts: self.lock().active.len() as u64,
+            devices: st.devices.len() as u64,
+            alerts: st.active.len() as u64,
             ..Aggregates::default()
         };
-        for d in &devices {
+        for d in st.devices.values().map(|d| &d.view) {
             match d.breaker {
                 BreakerStateName::Closed => a.closed += 1,
                 BreakerStateName::Open => a.open += 1,
@@ -538,26 +616,40 @@ impl Fleet {
         out
     }
 
-    /// Everything the dashboard shows, at `now`.
+    /// What the dashboard shows at `now`: totals of the whole fleet, the
+    /// [`DASHBOARD_DEVICES`] worst devices (lowest health first) and at
+    /// most [`DASHBOARD_ALERTS`] firing alerts (tenant-wide ones first).
+    /// Only those are cloned, under the lock.
     pub(crate) fn dashboard(&self, now: i64) -> DashboardData {
-        let aggregates = self.aggregates(now);
         let st = self.lock();
-        let mut devices: Vec<_> = st
-            .devices
-            .values()
+        let aggregates = self.aggregates_of(&st, now);
+        let mut worst: Vec<&Device> = st.devices.values().collect();
+        if worst.len() > DASHBOARD_DEVICES {
+            worst.select_nth_unstable_by(DASHBOARD_DEVICES, worse);
+            worst.truncate(DASHBOARD_DEVICES);
+        }
+        worst.sort_unstable_by(worse);
+        let devices = worst
+            .into_iter()
             .map(|d| DashboardDevice {
                 view: d.view.clone(),
                 history: d.history.iter().copied().collect(),
             })
             .collect();
-        devices.sort_by_key(|d| d.view.health_score);
+        let (fleet_wide, per_device): (Vec<&Alert>, Vec<&Alert>) =
+            st.active.iter().partition(|a| a.device.is_none());
         DashboardData {
             now,
             aggregates,
             devices,
             timeline: st.timeline.iter().cloned().collect(),
             incidents: st.incidents.iter().rev().take(50).cloned().collect(),
-            alerts: st.active.clone(),
+            alerts: fleet_wide
+                .into_iter()
+                .chain(per_device)
+                .take(DASHBOARD_ALERTS)
+                .cloned()
+                .collect(),
             alert_log: st.alert_log.iter().rev().take(50).cloned().collect(),
             series: st.series.iter().copied().collect(),
         }
@@ -572,7 +664,8 @@ pub(crate) struct DashboardDevice {
     history: Vec<HistoryPoint>,
 }
 
-/// The dashboard's data (JSON of `/dashboard/state` and of each SSE event).
+/// The dashboard's data (JSON of `/dashboard/state` and of each SSE event);
+/// see [`Fleet::dashboard`].
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct DashboardData {
     now: i64,
@@ -588,9 +681,163 @@ pub(crate) struct DashboardData {
 /// Evaluates the alert rules at `now` and hands new events to the webhook.
 pub(crate) fn evaluate_alerts(fleet: &Fleet, webhook: Option<&webhook::Webhook>, now: i64) {
     for event in fleet.evaluate(now) {
-        tracing::info!(status = event.status, key = %event.alert.key, "fleet alert");
+        tracing::info!(status = event.status.as_str(), key = %event.alert.key, "fleet alert");
         if let Some(hook) = webhook {
             hook.send(event);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str, seq: u64, at: i64, breaker: BreakerStateName) -> TelemetrySnapshot {
+        TelemetrySnapshot {
+            runner_id: id.into(),
+            labels: BTreeMap::new(),
+            at,
+            seq,
+            queue: QueueDepth::default(),
+            oldest_pending_age_ms: None,
+            last_failures: vec![],
+            breaker,
+            health_score: 90,
+            latency_p50_ms: None,
+            latency_p95_ms: None,
+            succeeded: seq,
+            failed: 0,
+            conflicts: 0,
+            breaker_trips: 0,
+            last_sync_at: None,
+        }
+    }
+
+    fn view(f: &Fleet, id: &str) -> DeviceView {
+        let st = f.lock();
+        st.devices[&("t".to_owned(), id.to_owned())].view.clone()
+    }
+
+    fn no_rules() -> AlertRules {
+        AlertRules {
+            breaker_open_for: None,
+            stalled_for: None,
+            dead_letters_above: None,
+            fleet_health_below: None,
+        }
+    }
+
+    #[test]
+    fn a_late_snapshot_is_ignored_a_restarted_runners_is_not() {
+        use BreakerStateName::{Closed, Open};
+        let f = Fleet::new(FleetLimits::default(), no_rules());
+        f.record("t", snap("d", 5, 5_000, Open), 0).unwrap();
+        // Lower seq, taken earlier (or at the same time): late.
+        for (seq, at) in [(4, 4_000), (4, 5_000)] {
+            f.record("t", snap("d", seq, at, Closed), 1_000).unwrap();
+            assert_eq!(view(&f, "d").breaker, Open, "seq {seq} at {at}");
+        }
+        // The same seq again is the same snapshot again, or a restart's.
+        f.record("t", snap("d", 5, 5_000, Open), 2_000).unwrap();
+        assert_eq!(view(&f, "d").last_seen, 2_000);
+        // A restarted runner numbers from 1 again, later.
+        f.record("t", snap("d", 1, 9_000, Closed), 3_000).unwrap();
+        assert_eq!(
+            (view(&f, "d").breaker, view(&f, "d").succeeded),
+            (Closed, 1)
+        );
+        // A lower seq long after the device's last snapshot cannot be a
+        // late one of its run: a restart whose clock is behind.
+        f.record("t", snap("d", 9, 9_500, Open), 4_000).unwrap();
+        f.record("t", snap("d", 2, 0, Closed), 4_000 + REORDER_WINDOW_MS - 1)
+            .unwrap();
+        assert_eq!(view(&f, "d").breaker, Open);
+        f.record("t", snap("d", 2, 0, Closed), 4_000 + REORDER_WINDOW_MS)
+            .unwrap();
+        assert_eq!(view(&f, "d").breaker, Closed);
+    }
+
+    #[test]
+    fn a_breaker_is_not_closed_from_its_trip_until_it_closes() {
+        use BreakerStateName::{Closed, HalfOpen, Open};
+        let f = Fleet::new(FleetLimits::default(), no_rules());
+        f.record("t", snap("d", 1, 0, Closed), 0).unwrap();
+        assert_eq!(view(&f, "d").not_closed_since, None);
+        for (seq, state, now) in [(2, Open, 10), (3, HalfOpen, 60_010), (4, Open, 60_200)] {
+            f.record("t", snap("d", seq, 0, state), now).unwrap();
+            assert_eq!(view(&f, "d").not_closed_since, Some(10), "{state:?}");
+        }
+        assert_eq!(view(&f, "d").breaker_since, 60_200);
+        f.record("t", snap("d", 5, 0, Closed), 70_000).unwrap();
+        assert_eq!(view(&f, "d").not_closed_since, None);
+        // A device first seen open has not been closed since then.
+        f.record("t", snap("e", 1, 0, HalfOpen), 80_000).unwrap();
+        assert_eq!(view(&f, "e").not_closed_since, Some(80_000));
+    }
+
+    #[test]
+    fn an_evicted_devices_alert_ends_as_evicted_a_recovered_ones_as_resolved() {
+        let limits = FleetLimits {
+            devices_per_tenant: 2,
+            ..FleetLimits::default()
+        };
+        let rules = AlertRules {
+            dead_letters_above: Some(0),
+            ..no_rules()
+        };
+        let f = Fleet::new(limits, rules);
+        let mut broken = snap("broken", 1, 0, BreakerStateName::Closed);
+        broken.queue.failed = 1;
+        f.record("t", broken.clone(), 0).unwrap();
+        let mut healed = broken.clone();
+        healed.runner_id = "healed".into();
+        f.record("t", healed.clone(), 1).unwrap();
+        let fired = f.evaluate(1);
+        assert_eq!(fired.len(), 2);
+        assert!(fired.iter().all(|e| e.status == AlertStatus::Firing));
+        healed.seq = 2;
+        healed.queue.failed = 0;
+        f.record("t", healed, 2).unwrap();
+        f.record("t", snap("new", 1, 0, BreakerStateName::Closed), 3)
+            .unwrap();
+        let ended: Vec<_> = f
+            .evaluate(3)
+            .into_iter()
+            .map(|e| (e.alert.device.unwrap_or_default(), e.status))
+            .collect();
+        assert_eq!(
+            ended,
+            [
+                ("broken".to_owned(), AlertStatus::Evicted),
+                ("healed".to_owned(), AlertStatus::Resolved)
+            ]
+        );
+    }
+
+    #[test]
+    fn the_dashboard_holds_the_worst_devices_and_counts_them_all() {
+        let f = Fleet::new(FleetLimits::default(), AlertRules::default());
+        let n = DASHBOARD_DEVICES * 3 / 2;
+        for i in 0..n {
+            let mut s = snap(&format!("d{i:03}"), 1, 0, BreakerStateName::Closed);
+            s.health_score = u8::try_from(99 - i % 100).unwrap();
+            f.record("t", s, 0).unwrap();
+        }
+        let d = f.dashboard(0);
+        assert_eq!(d.aggregates.devices, n as u64);
+        assert_eq!(d.devices.len(), DASHBOARD_DEVICES);
+        let health: Vec<u8> = d.devices.iter().map(|d| d.view.health_score).collect();
+        assert!(health.windows(2).all(|w| w[0] <= w[1]), "{health:?}");
+        // Every device left out is at least as healthy as every one shown.
+        let shown_worst = health.last().copied().unwrap();
+        let st = f.lock();
+        let left_out = st.devices.values().filter(|x| {
+            !d.devices
+                .iter()
+                .any(|s| s.view.runner_id == x.view.runner_id)
+        });
+        assert!(left_out
+            .into_iter()
+            .all(|x| x.view.health_score >= shown_worst));
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! The page is one static HTML file compiled into the binary (no build
 //! step); it draws its charts as hand-written SVG and updates from
-//! `/dashboard/events`, a server-sent-event stream of the whole dashboard
-//! state. A browser cannot put the admin token in a header on navigation or
-//! on an `EventSource`, so `GET /dashboard?token=<admin token>` trades it for
+//! `/dashboard/events`, a server-sent-event stream of the dashboard state
+//! (bounded: [`Fleet::dashboard`](crate::fleet::Fleet::dashboard)). A
+//! browser cannot put the admin token in a header on navigation or on an
+//! `EventSource`, so `GET /dashboard?token=<admin token>` trades it for
 //! an `HttpOnly`, `SameSite=Strict` session cookie and redirects to
 //! `/dashboard`, so the token leaves the address bar. The cookie carries
 //! its expiry and a MAC of it under a secret derived from the token, never
@@ -38,6 +39,9 @@ const MAX_COOKIES_CHECKED: usize = 4;
 const SESSION_TTL_MS: i64 = 12 * 3600 * 1000;
 /// Least time between two events of one stream (the state is sent whole).
 const MIN_EVENT_GAP: Duration = Duration::from_millis(200);
+/// The fleet's state is the admin's: no cache (a browser's, a proxy's)
+/// keeps a copy.
+const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store");
 
 /// The session secret of `admin_token` (hex): a hash, so the cookie never
 /// carries the token, yet stable across restarts with the same token (an
@@ -169,7 +173,7 @@ pub(crate) async fn page(
     }
     (
         [
-            (header::CACHE_CONTROL, "no-store"),
+            NO_STORE,
             (
                 header::CONTENT_SECURITY_POLICY,
                 "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
@@ -196,15 +200,18 @@ fn snapshot(state: &AppState) -> DashboardState {
 }
 
 /// The dashboard's state as JSON (scripts, tests).
-pub(crate) async fn state_json(State(state): State<AppState>) -> Json<DashboardState> {
-    Json(snapshot(&state))
+pub(crate) async fn state_json(State(state): State<AppState>) -> impl IntoResponse {
+    ([NO_STORE], Json(snapshot(&state)))
 }
 
 /// The dashboard's state as a server-sent-event stream: one `state` event
 /// at once, then one per change (at most every 200 ms); ends at shutdown.
 pub(crate) async fn events(
     State(state): State<AppState>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+) -> (
+    [(header::HeaderName, &'static str); 1],
+    Sse<impl Stream<Item = Result<Event, Infallible>>>,
+) {
     let changes = state.fleet.subscribe();
     let stop = state.shutdown.clone();
     let stream = futures::stream::unfold(
@@ -226,7 +233,10 @@ pub(crate) async fn events(
             Some((Ok(event), (state, changes, stop, false)))
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    (
+        [NO_STORE],
+        Sse::new(stream).keep_alive(KeepAlive::default()),
+    )
 }
 
 #[cfg(test)]
