@@ -11,13 +11,20 @@ use std::time::{Duration, Instant};
 
 const TOKEN: &str = "c-driver-secret";
 
-/// The directory cargo put the cdylib in (the test binary lives in its `deps/`).
+/// The directory holding the cdylib. `cargo test` leaves it beside the test
+/// binary, in `deps/`, built with the workspace's features; a plain `cargo
+/// build` puts it one level up. Building it here only when neither has it
+/// keeps a second build of the dependencies (other features, gigabytes)
+/// out of a workspace test run.
 fn lib_dir() -> PathBuf {
+    const LIB: &str = "libguardian_sync_ffi.so";
     let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    if !dir.join("libguardian_sync_ffi.so").exists() {
-        // `cargo test --workspace` builds this crate only as an rlib, for
-        // the Python binding that depends on it: build the C libraries.
+    let deps = exe.parent().unwrap().to_path_buf();
+    if deps.join(LIB).exists() {
+        return deps;
+    }
+    let dir = deps.parent().unwrap().to_path_buf();
+    if !dir.join(LIB).exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "--quiet", "-p", "guardian-sync-ffi", "--lib"])
@@ -25,11 +32,7 @@ fn lib_dir() -> PathBuf {
             .unwrap();
         assert!(status.success(), "cargo build -p guardian-sync-ffi failed");
     }
-    assert!(
-        dir.join("libguardian_sync_ffi.so").exists(),
-        "no libguardian_sync_ffi.so in {}",
-        dir.display()
-    );
+    assert!(dir.join(LIB).exists(), "no {LIB} in {}", dir.display());
     dir
 }
 
