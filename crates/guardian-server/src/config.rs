@@ -137,7 +137,8 @@ impl ServerBuilder {
         }
     }
 
-    /// Accepts `token` as a bearer token of `tenant`.
+    /// Accepts `token` as a bearer token of `tenant`: non-empty text
+    /// without control characters (checked at bind).
     #[must_use]
     pub fn token(mut self, tenant: impl Into<String>, token: impl Into<String>) -> Self {
         self.config
@@ -156,7 +157,8 @@ impl ServerBuilder {
     /// Stores data in PostgreSQL (`postgres://user[:password]@host[:port]/dbname`
     /// or key=value form). Several servers given the same database behave
     /// as one: any of them may take any request. The tables (`guardian_*`)
-    /// are created if missing.
+    /// are created if missing; a database whose tables of those names are
+    /// not the server's is refused and left as it is.
     #[must_use]
     pub fn postgres(mut self, url: impl Into<String>) -> Self {
         self.config.storage = Storage::Postgres(url.into());
@@ -244,7 +246,9 @@ impl ServerBuilder {
     }
 
     /// Longest time a request may take before a 503 `timeout` problem. A
-    /// mutation whose transaction has started always finishes.
+    /// mutation whose transaction has started gets as long again, then is
+    /// answered 503 with its outcome unknown (its transaction still runs to
+    /// its end); on PostgreSQL it also bounds each statement of a write.
     #[must_use]
     pub fn request_timeout(mut self, d: Duration) -> Self {
         self.config.request_timeout = d;
@@ -400,8 +404,8 @@ impl ServerBuilder {
                 return bad("the alert webhook must be an http(s) URL");
             }
         }
-        if c.tokens.values().any(|t| t.is_empty()) {
-            return bad("tenants must not be empty");
+        if !c.tokens.values().all(|t| tenant_name_ok(t)) {
+            return bad("a tenant name is non-empty text without control characters");
         }
         let bearer_ok = |t: &str| guardian_protocol::is_bearer_token(t);
         if !c.tokens.keys().all(|t| bearer_ok(t)) || !c.admin_token.as_deref().is_none_or(bearer_ok)
@@ -410,6 +414,13 @@ impl ServerBuilder {
         }
         Ok(())
     }
+}
+
+/// Whether `tenant` can name a tenant: non-empty, no control characters
+/// (PostgreSQL text cannot hold NUL; a line break or escape would forge
+/// lines in logs and tokens files).
+fn tenant_name_ok(tenant: &str) -> bool {
+    !tenant.is_empty() && !tenant.chars().any(char::is_control)
 }
 
 #[cfg(test)]
@@ -429,6 +440,22 @@ mod tests {
             assert!(admin.validate().is_err(), "{bad:?}");
         }
         assert!(ServerBuilder::new().token("", "t").validate().is_err());
+    }
+
+    #[test]
+    fn tenant_names_have_no_control_characters() {
+        for ok in ["acme", "o'reilly \"; -- a b", "é😀"] {
+            assert!(
+                ServerBuilder::new().token(ok, "t").validate().is_ok(),
+                "{ok:?}"
+            );
+        }
+        for bad in ["", "nul\0", "line\nbreak", "tab\t", "del\u{7f}", "c1\u{85}"] {
+            assert!(
+                ServerBuilder::new().token(bad, "t").validate().is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
