@@ -19,10 +19,11 @@ use crate::config::RateLimit;
 
 /// Where a request is, for the request timeout: its body still arriving
 /// (the timeout answers 408 and closes the connection), waiting for a slot
-/// or being handled (503: retry, nothing applied), or in its transaction.
-/// The mutation pipeline marks the last just before its transaction starts;
-/// from then on the timeout no longer cuts the request, so a timeout answer
-/// always means nothing was applied.
+/// or being handled (503 `timeout`: retry, nothing applied), or in its
+/// transaction. The mutation pipeline marks the last just before its
+/// transaction starts; from then on a `timeout` answer would be a lie, so
+/// the request is given more time and then answered "outcome unknown" (see
+/// `routes::middleware::deadline`).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct RequestPhase(Arc<AtomicU8>);
 

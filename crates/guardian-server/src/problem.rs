@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::store::{FeedRefusal, Refusal};
+use crate::store::{FeedRefusal, Refusal, StoreError};
 
 /// An error response: a problem document and extra headers.
 #[derive(Debug, Clone)]
@@ -145,6 +145,30 @@ impl From<Refusal> for ApiError {
             None => e,
         }
     }
+}
+
+/// The answer to a mutation the store failed. Only a commit whose outcome
+/// is unknown may have been applied; every other failure rolled back.
+pub(crate) fn store_failure(e: &StoreError) -> ApiError {
+    match e {
+        StoreError::OutcomeUnknown(_) => outcome_unknown(
+            problem_type::UNAVAILABLE,
+            "the database connection was lost during the commit",
+        ),
+        _ => ApiError::internal("the database failed; nothing was applied"),
+    }
+}
+
+/// 503 of problem type `kind` for a mutation that may or may not have
+/// been applied (`what` happened): a retry with the same key replays it or applies it once.
+pub(crate) fn outcome_unknown(kind: &str, what: &str) -> ApiError {
+    ApiError::new(
+        kind,
+        503,
+        "Outcome unknown",
+        format!("{what}; whether it was applied is unknown: retry with the same Idempotency-Key"),
+    )
+    .with_header(header::RETRY_AFTER, "1")
 }
 
 impl From<&FeedRefusal> for ApiError {

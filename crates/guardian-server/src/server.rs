@@ -62,6 +62,7 @@ impl ServerBuilder {
             feed_retention_ms: millis(config.feed_retention),
             require_if_match: config.require_if_match,
             applied_log: config.applied_log,
+            request_timeout: config.request_timeout,
             clock: Arc::clone(&config.clock),
             hooks: Arc::clone(&faults) as Arc<dyn StoreHooks>,
         };

@@ -19,7 +19,7 @@ use tracing::{Level, Span};
 use crate::auth::{bearer, digest, Tenant};
 use crate::conn::ConnInfo;
 use crate::limits::{Phase, RequestPhase};
-use crate::problem::{read_body, ApiError};
+use crate::problem::{outcome_unknown, read_body, ApiError};
 use crate::state::AppState;
 
 /// Middleware: resolves the tenant or answers 401.
@@ -45,8 +45,10 @@ pub(crate) async fn authenticate(
 /// timeout, counted from its head's arrival. On expiry the answer depends on
 /// the request's [`Phase`]: 408 and a closed connection while its body is
 /// still arriving; 503 `timeout` (retry, nothing applied) while it waits
-/// for a slot or is handled; none while its transaction runs, which is let
-/// finish.
+/// for a slot or is handled. A transaction already running gets the
+/// timeout once more to finish; after that the answer is 503 `timeout`,
+/// outcome unknown, while the transaction goes on in the store's own task
+/// (it is never cut short between its commit and what follows).
 pub(crate) async fn deadline(
     State(state): State<AppState>,
     mut req: Request,
@@ -76,7 +78,17 @@ pub(crate) async fn deadline(
             )
             .with_header(header::RETRY_AFTER, "1")
             .into_response(),
-            Phase::Committing => work.await,
+            Phase::Committing => match tokio::time::timeout(limit, work).await {
+                Ok(resp) => resp,
+                Err(_) => outcome_unknown(
+                    problem_type::TIMEOUT,
+                    &format!(
+                        "the request's transaction did not finish within {} ms",
+                        limit.saturating_mul(2).as_millis()
+                    ),
+                )
+                .into_response(),
+            },
         }
     }
 }

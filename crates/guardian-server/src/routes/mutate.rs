@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::conn::ConnInfo;
 use crate::faults::DropPoint;
 use crate::limits::{Phase, RequestPhase};
-use crate::problem::ApiError;
+use crate::problem::{store_failure, ApiError};
 use crate::state::AppState;
 use crate::store::{
     canonical, fingerprint, fingerprint_data, Applied, MutationInput, Precondition, Refusal,
@@ -44,7 +44,7 @@ pub(crate) enum Slot {
 pub(crate) enum Interrupted {
     /// Fault injection cut the connection; the response is never delivered.
     Dropped,
-    /// The store failed; nothing was applied.
+    /// The store failed (see [`store_failure`]).
     Store(ApiError),
 }
 
@@ -305,9 +305,7 @@ pub(crate) async fn execute(
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "mutation failed");
-                Interrupted::Store(ApiError::internal(
-                    "the database failed; nothing was applied",
-                ))
+                Interrupted::Store(store_failure(&e))
             })?
     }
     .into_iter();

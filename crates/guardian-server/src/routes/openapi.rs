@@ -106,13 +106,13 @@ impl Modify for CommonResponses {
                         "`unauthorized`: no bearer token, or an unknown one",
                     );
                     add(op, 429, "`rate-limited` (tenant rate limit, or an injected fault): retry after `Retry-After`");
-                    add(op, 500, "`internal`: the database failed, or an injected fault; nothing was applied");
+                    add(op, 500, "`internal`: the database failed before the commit, or an injected fault; nothing was applied");
                     add(
                         op,
                         502,
                         "`unavailable`: an injected fault; nothing was applied",
                     );
-                    add(op, 503, "`timeout` (the request timeout expired before commit) or `unavailable` (an injected fault, or the server holds as many request bodies as it may); nothing was applied, retry after `Retry-After`");
+                    add(op, 503, "`timeout` (the request timeout expired before the transaction began: nothing was applied; or the transaction ran on as long again: outcome unknown) or `unavailable` (an injected fault, or the server holds as many request bodies as it may: nothing was applied; or the database connection was lost during the commit: outcome unknown); retry after `Retry-After` with the same `Idempotency-Key`");
                 } else if path.starts_with("/admin/") {
                     add(op, 401, "`unauthorized`: not the admin token");
                     add(op, 404, "`not-found`: the admin routes are disabled (the server has no admin token)");

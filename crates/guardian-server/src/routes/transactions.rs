@@ -22,7 +22,7 @@ use guardian_protocol::{
 use super::batch::dependency;
 use super::mutate::{after_commit, before_commit, prepare, validate_key, Interrupted, RequestCtx};
 use crate::auth::Tenant;
-use crate::problem::{ApiError, ApiJson};
+use crate::problem::{store_failure, ApiError, ApiJson};
 use crate::state::AppState;
 use crate::store::{
     transaction_response_json, Precondition, Refusal, TransactionInput, TransactionOutcome,
@@ -149,9 +149,7 @@ pub(crate) async fn transactions(
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "transaction failed");
-            Interrupted::Store(ApiError::internal(
-                "the database failed; nothing was applied",
-            ))
+            Interrupted::Store(store_failure(&e))
         });
     drop(reservation);
     let outcome = match outcome {

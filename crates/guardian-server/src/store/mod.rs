@@ -22,6 +22,7 @@ mod transaction;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use guardian_protocol::{Change, ChangesPage, Entity, MutationKind};
@@ -50,8 +51,13 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL refused or could not be reached.
-    #[error("postgres error: {0}")]
+    #[error("postgres error: {}", postgres::describe(.0))]
     Postgres(#[from] tokio_postgres::Error),
+    /// The connection to PostgreSQL was lost during a commit, or PostgreSQL
+    /// stopped answering a transaction: it may or may not have been
+    /// applied.
+    #[error("commit outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// No PostgreSQL connection could be had from the pool.
     #[error("postgres pool: {0}")]
     Pool(String),
@@ -69,6 +75,12 @@ pub enum StoreError {
         /// What it holds instead.
         why: String,
     },
+    /// The PostgreSQL database holds tables under this server's names that
+    /// are not its own (or not of a shape it made): left as they were.
+    #[error(
+        "the PostgreSQL database is not a guardian-server database ({0}); refusing to change it"
+    )]
+    ForeignSchema(String),
     /// The database holds something this server cannot read.
     #[error("database content is invalid: {0}")]
     Corrupt(String),
@@ -300,6 +312,9 @@ pub(crate) struct StoreOptions {
     pub(crate) require_if_match: bool,
     /// Whether applied mutations are logged (see [`AppliedMutation`]).
     pub(crate) applied_log: bool,
+    /// How long a request may take (the PostgreSQL store bounds its
+    /// statements and transactions by it).
+    pub(crate) request_timeout: Duration,
     pub(crate) clock: SharedClock,
     /// Called while mutations are applied (fault injection).
     pub(crate) hooks: Arc<dyn StoreHooks>,

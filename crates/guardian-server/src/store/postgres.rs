@@ -18,11 +18,23 @@
 //! rings the doorbell of its sessions for that tenant, which re-read the
 //! feed from their last cursor. A lost notification (the listening
 //! connection broke) rings every tenant's doorbell once it is back.
+//!
+//! Nothing waits on the database without bound: connections have TCP
+//! keepalives and a user timeout, a write transaction's statements are cut
+//! by `statement_timeout` (the request timeout, unless the database sets a
+//! shorter one) and the whole transaction is given up after twice the
+//! request timeout. A connection that failed in a way that may leave it
+//! unusable (closed, a `FATAL` error, no answer) is closed, never handed to
+//! the next request; a commit whose answer was lost is
+//! [`StoreError::OutcomeUnknown`], not a failure.
+
+mod schema;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use guardian_protocol::{Change, ChangesPage, Entity};
 use tokio::sync::broadcast;
@@ -44,72 +56,28 @@ use super::{
 const CHANNEL: &str = "guardian_feed";
 /// Connections per instance.
 const POOL_SIZE: usize = 16;
-/// Schema version this server writes (`guardian_meta.schema_version`):
-/// 2 added `guardian_applied.transaction_key`.
-const SCHEMA_VERSION: i64 = 2;
-/// Key of the advisory lock that serializes migrations of several
-/// instances starting together.
-const MIGRATION_LOCK: i64 = 0x6773_796e_635f_6d31;
+/// How long a connection attempt may take, unless the URL says.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Data PostgreSQL leaves unacknowledged this long (its host is gone from
+/// the network) closes the connection, unless the URL says otherwise.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keepalive probes, unless the URL says otherwise: a connection waiting
+/// for an answer is idle to TCP, so without them a peer that vanished
+/// mid-query is noticed only by the kernel's default of two hours.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
+/// tokio-postgres's `keepalives_idle` when the URL gives none.
+const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(2 * 3600);
 /// A notification payload is limited to 8000 bytes; a longer tenant name
 /// rings every tenant's doorbell instead.
 const MAX_TENANT_IN_PAYLOAD: usize = 7000;
 
-const SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS guardian_meta (
-    name text PRIMARY KEY,
-    value bigint NOT NULL
-);
-CREATE TABLE IF NOT EXISTS guardian_tenants (
-    tenant text PRIMARY KEY,
-    last_cursor bigint NOT NULL DEFAULT 0,
-    purged_through bigint NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS guardian_entities (
-    tenant text NOT NULL,
-    entity_type text NOT NULL,
-    id text NOT NULL,
-    version bigint NOT NULL,
-    data text NOT NULL,
-    updated_at bigint NOT NULL,
-    deleted boolean NOT NULL,
-    PRIMARY KEY (tenant, entity_type, id)
-);
-CREATE TABLE IF NOT EXISTS guardian_idempotency (
-    tenant text NOT NULL,
-    key text NOT NULL,
-    fingerprint bytea NOT NULL,
-    status integer NOT NULL,
-    body text NOT NULL,
-    created_at bigint NOT NULL,
-    PRIMARY KEY (tenant, key)
-);
-CREATE INDEX IF NOT EXISTS guardian_idempotency_created ON guardian_idempotency (created_at);
-CREATE TABLE IF NOT EXISTS guardian_changes (
-    tenant text NOT NULL,
-    cursor bigint NOT NULL,
-    op text NOT NULL,
-    entity_type text NOT NULL,
-    id text NOT NULL,
-    version bigint NOT NULL,
-    data text NOT NULL,
-    at bigint NOT NULL,
-    PRIMARY KEY (tenant, cursor)
-);
-CREATE INDEX IF NOT EXISTS guardian_changes_at ON guardian_changes (at);
-CREATE TABLE IF NOT EXISTS guardian_applied (
-    seq bigserial PRIMARY KEY,
-    tenant text NOT NULL,
-    idempotency_key text NOT NULL,
-    entity_type text NOT NULL,
-    id text NOT NULL,
-    op text NOT NULL,
-    version bigint NOT NULL,
-    cursor bigint NOT NULL,
-    at bigint NOT NULL
-);
-ALTER TABLE guardian_applied ADD COLUMN IF NOT EXISTS transaction_key text;
-";
-
+/// Lowers this transaction's `statement_timeout` to `$1` ms, unless the
+/// database or role already sets a shorter one (its operator's choice).
+const BOUND_STATEMENTS_SQL: &str = "SELECT set_config('statement_timeout', $1::bigint::text, true)
+     WHERE current_setting('statement_timeout')::interval = interval '0'
+        OR current_setting('statement_timeout')::interval > $1::bigint * interval '1 millisecond'";
 const LOCK_TENANT_SQL: &str =
     "SELECT last_cursor FROM guardian_tenants WHERE tenant = $1 FOR UPDATE";
 const LOOKUP_SQL: &str = "SELECT fingerprint, status, body FROM guardian_idempotency
@@ -164,16 +132,23 @@ impl Drop for PgStore {
     }
 }
 
-fn pool_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Pool(e.to_string())
+/// Why no connection could be had: a failed connection attempt keeps
+/// PostgreSQL's error (a wrong database name, a refused login), the rest
+/// is the pool's (a timeout).
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+        other => StoreError::Pool(other.to_string()),
+    }
 }
 
 impl PgStore {
     /// Connects, creates or checks the schema, and starts listening.
     pub(crate) async fn open(url: &str, opts: StoreOptions) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e: tokio_postgres::Error| StoreError::Url(e.to_string()))?;
+        bound_network_waits(&mut config);
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -184,11 +159,12 @@ impl PgStore {
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .create_timeout(Some(Duration::from_secs(10)))
+            // Waiting for a free connection is part of a request's time.
+            .wait_timeout(Some(opts.request_timeout))
+            .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
-            .map_err(pool_error)?;
-        migrate(&pool).await?;
+            .map_err(|e| StoreError::Pool(e.to_string()))?;
+        schema::migrate(&pool).await?;
         let (changes_tx, _) = broadcast::channel(BROADCAST_CAPACITY);
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let listener = tokio::spawn(listen(config, instance.clone(), changes_tx.clone()));
@@ -205,21 +181,66 @@ impl PgStore {
 }
 
 impl PgInner {
-    async fn apply(&self, tenant: Arc<str>, inputs: Work) -> Result<WorkDone, StoreError> {
+    /// Applies one request's work in one transaction and, once it is
+    /// committed, broadcasts its changes to this instance's sessions.
+    async fn apply(&self, tenant: Arc<str>, work: Work) -> Result<WorkDone, StoreError> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
+        // Statements are cut by `statement_timeout`; this also bounds a
+        // database that stopped answering altogether.
+        let limit = self.opts.request_timeout.saturating_mul(2);
+        let done = tokio::time::timeout(limit, self.transact(&mut client, &tenant, work))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::OutcomeUnknown(format!(
+                    "PostgreSQL did not finish the transaction within {} ms",
+                    limit.as_millis()
+                )))
+            });
+        let (results, changes) = settle(client, done)?;
+        if !changes.is_empty() {
+            // No receiver is fine. Concurrent requests of one tenant may
+            // broadcast out of cursor order: sessions fill gaps from the feed.
+            let _ = self
+                .changes_tx
+                .send(FeedEvent::Committed(Arc::new(TenantChanges {
+                    tenant,
+                    changes,
+                })));
+        }
+        Ok(results)
+    }
+
+    async fn transact(
+        &self,
+        client: &mut Object,
+        t: &str,
+        inputs: Work,
+    ) -> Result<(WorkDone, Vec<Change>), StoreError> {
         let tx = client.transaction().await?;
-        let t: &str = &tenant;
-        // The tenant lock, held to the commit (see the module comment).
+        let bound = tx.prepare_cached(BOUND_STATEMENTS_SQL).await?;
         let lock = tx.prepare_cached(LOCK_TENANT_SQL).await?;
-        let last = match tx.query_opt(&lock, &[&t]).await? {
-            Some(row) => row.get::<_, i64>(0),
+        // PostgreSQL takes at most i32::MAX ms.
+        let ms = i64::try_from(self.opts.request_timeout.as_millis())
+            .unwrap_or(i64::MAX)
+            .clamp(1, i64::from(i32::MAX));
+        // The statement bound and the tenant lock (held to the commit, see
+        // the module comment), sent together in one round trip, the bound
+        // first so that it covers the wait for the lock.
+        let (bound_args, lock_args): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+            ([&ms], [&t]);
+        let (_, locked) = futures::try_join!(
+            tx.query(&bound, &bound_args),
+            tx.query_opt(&lock, &lock_args)
+        )?;
+        let last = match locked {
+            Some(row) => row.try_get::<_, i64>(0)?,
             None => {
                 tx.execute(
                     "INSERT INTO guardian_tenants (tenant) VALUES ($1) ON CONFLICT DO NOTHING",
                     &[&t],
                 )
                 .await?;
-                tx.query_one(&lock, &[&t]).await?.get::<_, i64>(0)
+                tx.query_one(&lock, &[&t]).await?.try_get::<_, i64>(0)?
             }
         };
         let mut w = Writer {
@@ -248,18 +269,28 @@ impl PgInner {
             tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
                 .await?;
         }
-        tx.commit().await?;
-        if !changes.is_empty() {
-            // No receiver is fine. Concurrent requests of one tenant may
-            // broadcast out of cursor order: sessions fill gaps from the feed.
-            let _ = self
-                .changes_tx
-                .send(FeedEvent::Committed(Arc::new(TenantChanges {
-                    tenant,
-                    changes,
-                })));
+        tx.commit().await.map_err(commit_failed)?;
+        Ok((results, changes))
+    }
+
+    /// Runs the read `f` on a pooled connection and, if that connection
+    /// turns out dead (PostgreSQL closed it while it idled in the pool, a
+    /// moment before the pool could see it), once more on another: a read
+    /// has no effect to repeat.
+    async fn read<'a, T>(
+        &'a self,
+        f: impl Fn(Object) -> BoxFuture<'a, (Object, Result<T, StoreError>)>,
+    ) -> Result<T, StoreError> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let (client, r) = f(client).await;
+        let dead = matches!(&r, Err(StoreError::Postgres(e)) if e.is_closed() || ends_session(e));
+        if !dead {
+            return settle(client, r);
         }
-        Ok(results)
+        drop(settle(client, r));
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let (client, r) = f(client).await;
+        settle(client, r)
     }
 
     async fn get(
@@ -268,8 +299,16 @@ impl PgInner {
         entity_type: String,
         id: String,
     ) -> Result<Option<Entity>, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let row = load(&**client, &tenant, &entity_type, &id).await?;
+        let (t, ty, i) = (&*tenant, entity_type.as_str(), id.as_str());
+        let row = self
+            .read(move |c| {
+                async move {
+                    let r = load(&**c, t, ty, i).await;
+                    (c, r)
+                }
+                .boxed()
+            })
+            .await?;
         row.map(|r| r.to_entity(&entity_type, &id)).transpose()
     }
 
@@ -279,62 +318,15 @@ impl PgInner {
         since: u64,
         limit: usize,
     ) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        // One snapshot for the head and the page.
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await?;
-        let head = match check_since(&*tx, &tenant, since).await? {
-            Ok(last) => last,
-            Err(refusal) => return Ok(Err(refusal)),
-        };
-        let st = tx
-            .prepare_cached(
-                "SELECT cursor, op, entity_type, id, version, data FROM (
-                     SELECT *,
-                            sum(octet_length(data)) OVER (ORDER BY cursor) - octet_length(data)
-                                AS before
-                     FROM (SELECT cursor, op, entity_type, id, version, data
-                           FROM guardian_changes
-                           WHERE tenant = $1 AND cursor > $2 ORDER BY cursor LIMIT $3) limited
-                 ) page
-                 WHERE before <= $4 ORDER BY cursor",
-            )
-            .await?;
-        let rows = tx
-            .query(
-                &st,
-                &[
-                    &&*tenant,
-                    &to_i64(since),
-                    &i64::try_from(limit).unwrap_or(i64::MAX),
-                    &i64::try_from(super::PAGE_MAX_DATA_BYTES).unwrap_or(i64::MAX),
-                ],
-            )
-            .await?;
-        tx.commit().await?;
-        let mut changes = Vec::with_capacity(rows.len());
-        for r in rows {
-            let data: String = r.try_get(5)?;
-            changes.push(Change {
-                cursor: from_i64(r.try_get(0)?),
-                op: parse_op(r.try_get(1)?)?,
-                entity_type: r.try_get(2)?,
-                id: r.try_get(3)?,
-                version: from_i64(r.try_get(4)?),
-                data: serde_json::from_str(&data)
-                    .map_err(|e| StoreError::Corrupt(format!("change data is not JSON: {e}")))?,
-            });
-        }
-        let next = changes.last().map_or(since, |c| c.cursor);
-        Ok(Ok(ChangesPage {
-            changes,
-            next,
-            head: Some(head),
-        }))
+        let t = &*tenant;
+        self.read(move |mut c| {
+            async move {
+                let r = page(&mut c, t, since, limit).await;
+                (c, r)
+            }
+            .boxed()
+        })
+        .await
     }
 
     async fn check_since_now(
@@ -342,24 +334,42 @@ impl PgInner {
         tenant: Arc<str>,
         since: Option<u64>,
     ) -> Result<Result<u64, FeedRefusal>, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        match since {
-            Some(s) => check_since(&**client, &tenant, s).await,
-            None => Ok(Ok(counters(&**client, &tenant).await?.0)),
-        }
+        let t = &*tenant;
+        self.read(move |c| {
+            async move {
+                let r = match since {
+                    Some(s) => check_since(&**c, t, s).await,
+                    None => counters(&**c, t).await.map(|(last, _)| Ok(last)),
+                };
+                (c, r)
+            }
+            .boxed()
+        })
+        .await
     }
 
     async fn applied_log(&self) -> Result<Vec<AppliedMutation>, StoreError> {
         if !self.opts.applied_log {
             return Err(StoreError::AppliedLogOff);
         }
-        let client = self.pool.get().await.map_err(pool_error)?;
-        read_applied(&**client).await
+        self.read(|c| {
+            async move {
+                let r = read_applied(&**c).await;
+                (c, r)
+            }
+            .boxed()
+        })
+        .await
     }
 
     async fn purge_expired(&self) -> Result<PurgeReport, StoreError> {
-        let now = self.opts.clock.now_millis();
         let mut client = self.pool.get().await.map_err(pool_error)?;
+        let report = self.purge(&mut client).await;
+        settle(client, report)
+    }
+
+    async fn purge(&self, client: &mut Object) -> Result<PurgeReport, StoreError> {
+        let now = self.opts.clock.now_millis();
         let tx = client.transaction().await?;
         let idempotency_records = tx
             .execute(
@@ -400,6 +410,137 @@ impl PgInner {
             changes: usize::try_from(changes).unwrap_or(usize::MAX),
         })
     }
+}
+
+/// A page of `tenant`'s feed after `since` with its head, from one snapshot.
+async fn page(
+    client: &mut Object,
+    tenant: &str,
+    since: u64,
+    limit: usize,
+) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
+    // One snapshot for the head and the page.
+    let tx = client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let head = match check_since(&*tx, tenant, since).await? {
+        Ok(last) => last,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let st = tx
+        .prepare_cached(
+            "SELECT cursor, op, entity_type, id, version, data FROM (
+                     SELECT *,
+                            sum(octet_length(data)) OVER (ORDER BY cursor) - octet_length(data)
+                                AS before
+                     FROM (SELECT cursor, op, entity_type, id, version, data
+                           FROM guardian_changes
+                           WHERE tenant = $1 AND cursor > $2 ORDER BY cursor LIMIT $3) limited
+                 ) page
+                 WHERE before <= $4 ORDER BY cursor",
+        )
+        .await?;
+    let rows = tx
+        .query(
+            &st,
+            &[
+                &tenant,
+                &to_i64(since),
+                &i64::try_from(limit).unwrap_or(i64::MAX),
+                &i64::try_from(super::PAGE_MAX_DATA_BYTES).unwrap_or(i64::MAX),
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    let mut changes = Vec::with_capacity(rows.len());
+    for r in rows {
+        let data: String = r.try_get(5)?;
+        changes.push(Change {
+            cursor: from_i64(r.try_get(0)?),
+            op: parse_op(r.try_get(1)?)?,
+            entity_type: r.try_get(2)?,
+            id: r.try_get(3)?,
+            version: from_i64(r.try_get(4)?),
+            data: serde_json::from_str(&data)
+                .map_err(|e| StoreError::Corrupt(format!("change data is not JSON: {e}")))?,
+        });
+    }
+    let next = changes.last().map_or(since, |c| c.cursor);
+    Ok(Ok(ChangesPage {
+        changes,
+        next,
+        head: Some(head),
+    }))
+}
+
+/// Bounds the network waits of `config`'s connections where its URL sets
+/// none (see the constants).
+fn bound_network_waits(config: &mut tokio_postgres::Config) {
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(TCP_USER_TIMEOUT);
+    }
+    if config.get_keepalives_idle() == DEFAULT_KEEPALIVE_IDLE {
+        config.keepalives_idle(KEEPALIVE_IDLE);
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(KEEPALIVE_INTERVAL);
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(KEEPALIVE_RETRIES);
+    }
+}
+
+/// What PostgreSQL said (severity, SQLSTATE, message), or what went wrong
+/// on the way to it: tokio-postgres prints only `db error` for the first.
+pub(super) fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match (e.as_db_error(), e.source()) {
+        (Some(db), _) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        (None, Some(cause)) => format!("{e}: {cause}"),
+        (None, None) => e.to_string(),
+    }
+}
+
+/// Whether `e` ends the session: PostgreSQL closes the connection after
+/// a `FATAL` (a terminated backend, a shutdown) or `PANIC` error.
+fn ends_session(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error()
+        .is_some_and(|db| matches!(db.severity(), "FATAL" | "PANIC"))
+}
+
+/// The error of a `COMMIT`. PostgreSQL's own error answer means it did not
+/// commit (the transaction was rolled back); without one (the connection
+/// closed before the answer came) or with the session ending, it may have.
+fn commit_failed(e: tokio_postgres::Error) -> StoreError {
+    if e.as_db_error().is_some() && !ends_session(&e) {
+        StoreError::Postgres(e)
+    } else {
+        StoreError::OutcomeUnknown(describe(&e))
+    }
+}
+
+/// Hands `client` back to the pool with `result`, unless the failure may
+/// have left the connection unusable: then it is closed, so no later
+/// request is handed it. PostgreSQL closes the socket only a moment after
+/// a `FATAL` error, and the pool's recycling check (is it closed?) would
+/// pass it in between.
+fn settle<T>(client: Object, result: Result<T, StoreError>) -> Result<T, StoreError> {
+    let unusable = match &result {
+        // Anything but PostgreSQL's own answer may have broken the session.
+        Err(StoreError::Postgres(e)) => e.as_db_error().is_none() || ends_session(e),
+        Err(StoreError::OutcomeUnknown(_)) => true,
+        Ok(_) | Err(_) => false,
+    };
+    if unusable {
+        drop(Object::take(client));
+    }
+    result
 }
 
 impl Backend for PgStore {
@@ -658,49 +799,6 @@ async fn read_applied<C: GenericClient>(c: &C) -> Result<Vec<AppliedMutation>, S
     Ok(out)
 }
 
-/// Creates the tables if missing and checks the schema version, under an
-/// advisory lock so instances starting together do not race.
-async fn migrate(pool: &Pool) -> Result<(), StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
-    tx.batch_execute(SCHEMA).await?;
-    let version: Option<i64> = tx
-        .query_opt(
-            "SELECT value FROM guardian_meta WHERE name = 'schema_version'",
-            &[],
-        )
-        .await?
-        .map(|r| r.try_get(0))
-        .transpose()?;
-    match version {
-        Some(v) if v > SCHEMA_VERSION => {
-            return Err(StoreError::Corrupt(format!(
-                "database schema version {v} is newer than this server ({SCHEMA_VERSION})"
-            )))
-        }
-        Some(v) if v < SCHEMA_VERSION => {
-            // The schema batch above added what the newer versions need.
-            tx.execute(
-                "UPDATE guardian_meta SET value = $1 WHERE name = 'schema_version'",
-                &[&SCHEMA_VERSION],
-            )
-            .await?;
-        }
-        Some(_) => {}
-        None => {
-            tx.execute(
-                "INSERT INTO guardian_meta (name, value) VALUES ('schema_version', $1)",
-                &[&SCHEMA_VERSION],
-            )
-            .await?;
-        }
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
 /// Listens for commits of other instances and rings the doorbell of the
 /// sessions of their tenant; reconnects when the connection breaks, then
 /// rings every tenant's doorbell (notifications may have been missed).
@@ -726,7 +824,7 @@ async fn listen(
                             }
                             Ok(_) => {}
                             Err(e) => {
-                                tracing::warn!(error = %e, "feed listener connection failed");
+                                tracing::warn!(error = %describe(&e), "feed listener connection failed");
                                 return;
                             }
                         }
@@ -747,11 +845,13 @@ async fn listen(
                             }
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot listen for feed commits"),
+                    Err(e) => {
+                        tracing::warn!(error = %describe(&e), "cannot listen for feed commits");
+                    }
                 }
                 driver.abort();
             }
-            Err(e) => tracing::warn!(error = %e, "cannot connect the feed listener"),
+            Err(e) => tracing::warn!(error = %describe(&e), "cannot connect the feed listener"),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));

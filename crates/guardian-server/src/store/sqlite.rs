@@ -582,6 +582,7 @@ mod tests {
             feed_retention_ms: 60_000,
             require_if_match: false,
             applied_log,
+            request_timeout: std::time::Duration::from_secs(30),
             clock: ManualClock::new(1_700_000_000_000),
             hooks,
         })

@@ -609,6 +609,19 @@ async fn old_pg_schema(url: &str) {
              CREATE TABLE guardian_tenants (tenant text PRIMARY KEY,
                 last_cursor bigint NOT NULL DEFAULT 0, purged_through bigint NOT NULL DEFAULT 0);
              INSERT INTO guardian_tenants VALUES ('acme', 1, 0);
+             CREATE TABLE guardian_entities (tenant text NOT NULL, entity_type text NOT NULL,
+                id text NOT NULL, version bigint NOT NULL, data text NOT NULL,
+                updated_at bigint NOT NULL, deleted boolean NOT NULL,
+                PRIMARY KEY (tenant, entity_type, id));
+             CREATE TABLE guardian_idempotency (tenant text NOT NULL, key text NOT NULL,
+                fingerprint bytea NOT NULL, status integer NOT NULL, body text NOT NULL,
+                created_at bigint NOT NULL, PRIMARY KEY (tenant, key));
+             CREATE INDEX guardian_idempotency_created ON guardian_idempotency (created_at);
+             CREATE TABLE guardian_changes (tenant text NOT NULL, cursor bigint NOT NULL,
+                op text NOT NULL, entity_type text NOT NULL, id text NOT NULL,
+                version bigint NOT NULL, data text NOT NULL, at bigint NOT NULL,
+                PRIMARY KEY (tenant, cursor));
+             CREATE INDEX guardian_changes_at ON guardian_changes (at);
              CREATE TABLE guardian_applied (seq bigserial PRIMARY KEY, tenant text NOT NULL,
                 idempotency_key text NOT NULL, entity_type text NOT NULL, id text NOT NULL,
                 op text NOT NULL, version bigint NOT NULL, cursor bigint NOT NULL,

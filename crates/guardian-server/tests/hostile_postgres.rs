@@ -1,0 +1,1773 @@
+//! The PostgreSQL store in a damaged or hostile environment, run by a
+//! careless operator: connections killed mid-batch and mid-commit, a
+//! database that stops answering, foreign tables under our names, a schema
+//! of a newer server, revoked privileges and a least-privilege role,
+//! timeouts set on the database, instances racing on one key, hostile
+//! values, tenant isolation at the SQL level.
+//!
+//! Every test has a scratch database of its own (dropped at the end) and
+//! talks only to loopback: the PostgreSQL at 127.0.0.1:5432 (or the one
+//! `GUARDIAN_TEST_PG` names) and, for a database that stops answering or a
+//! commit cut off from its answer, a PostgreSQL-protocol-aware TCP proxy
+//! in this file. Every wait is bounded; nothing sleeps to wait for a
+//! condition.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines,
+    clippy::cast_possible_truncation
+)]
+
+#[path = "protocol/pg.rs"]
+mod pg;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guardian_protocol::problem_type;
+use guardian_server::{RunningServer, ServerBuilder};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_postgres::NoTls;
+
+const TOKEN: &str = "tok-acme";
+const OTHER: &str = "tok-other";
+/// The `application_name` of this file's own SQL connections, which the
+/// connection killers spare.
+const CHECKER: &str = "hostile_checker";
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+fn builder() -> ServerBuilder {
+    ServerBuilder::new().token("acme", TOKEN)
+}
+
+async fn serve(b: ServerBuilder, url: &str) -> RunningServer {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+        .try_init();
+    b.postgres(url).bind("127.0.0.1:0").await.expect("bind")
+}
+
+/// A direct SQL connection to `url` (as superuser unless the URL says
+/// otherwise), spared by the killers.
+async fn sql(url: &str) -> tokio_postgres::Client {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{sep}application_name={CHECKER}");
+    let (client, conn) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_postgres::connect(&url, NoTls),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// Runs `sql` on the maintenance database, on a thread of its own
+/// (callable from `Drop`).
+fn admin_sync(statement: String) -> Result<(), String> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let (client, conn) = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_postgres::connect(&pg::admin_url(), NoTls),
+            )
+            .await
+            .map_err(|_| "timed out".to_owned())?
+            .map_err(|e| e.to_string())?;
+            let driver = tokio::spawn(conn);
+            let r = client
+                .batch_execute(&statement)
+                .await
+                .map_err(|e| format!("{e:?}"));
+            drop(client);
+            let _ = driver.await;
+            r
+        })
+    })
+    .join()
+    .map_err(|_| "admin thread panicked".to_owned())?
+}
+
+/// A login role that exists until this is dropped (after the databases
+/// it has privileges in: declare it before them).
+struct Role {
+    name: String,
+}
+
+impl Role {
+    fn create() -> Self {
+        let name = format!("gs_hostile_{}", uuid::Uuid::new_v4().simple());
+        admin_sync(format!("CREATE ROLE {name} LOGIN")).expect("create role");
+        Self { name }
+    }
+
+    /// `db`'s URL as this role.
+    fn url(&self, db: &pg::PgDb) -> String {
+        let url = db.url();
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (_, host) = rest.split_once('@').expect("a user in the test URL");
+        format!("{scheme}://{}@{host}", self.name)
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        if let Err(e) = admin_sync(format!("DROP ROLE IF EXISTS {}", self.name)) {
+            eprintln!("could not drop role {}: {e}", self.name);
+        }
+    }
+}
+
+fn db_name(db: &pg::PgDb) -> String {
+    db.url().rsplit('/').next().unwrap().to_owned()
+}
+
+/// The host:port of `db`'s server.
+fn upstream(db: &pg::PgDb) -> SocketAddr {
+    let url = db.url();
+    let rest = url.split_once("://").unwrap().1;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hostport = rest.split('/').next().unwrap();
+    let hostport = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5432")
+    };
+    hostport
+        .replace("localhost", "127.0.0.1")
+        .parse()
+        .expect("a loopback address")
+}
+
+/// Polls `f` until it holds or `within` passes.
+async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Resp {
+    status: u16,
+    replayed: bool,
+    body: Value,
+    text: String,
+}
+
+async fn send(req: reqwest::RequestBuilder) -> reqwest::Result<Resp> {
+    let r = req.send().await?;
+    let status = r.status().as_u16();
+    let replayed = r
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    let text = r.text().await?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Ok(Resp {
+        status,
+        replayed,
+        body,
+        text,
+    })
+}
+
+fn create(
+    http: &reqwest::Client,
+    s: &RunningServer,
+    token: &str,
+    id: &str,
+    data: &Value,
+    key: &str,
+) -> reqwest::RequestBuilder {
+    http.post(format!("{}/v1/entities/device", s.url()))
+        .bearer_auth(token)
+        .header("idempotency-key", key)
+        .json(&json!({"id": id, "data": data}))
+}
+
+fn update(
+    http: &reqwest::Client,
+    s: &RunningServer,
+    id: &str,
+    data: &Value,
+    key: &str,
+    if_match: Option<u64>,
+) -> reqwest::RequestBuilder {
+    let mut r = http
+        .put(format!("{}/v1/entities/device/{id}", s.url()))
+        .bearer_auth(TOKEN)
+        .header("idempotency-key", key)
+        .json(&json!({"data": data}));
+    if let Some(v) = if_match {
+        r = r.header("if-match", format!("\"{v}\""));
+    }
+    r
+}
+
+fn get(
+    http: &reqwest::Client,
+    s: &RunningServer,
+    token: &str,
+    id: &str,
+) -> reqwest::RequestBuilder {
+    http.get(format!("{}/v1/entities/device/{id}", s.url()))
+        .bearer_auth(token)
+}
+
+fn batch(http: &reqwest::Client, s: &RunningServer, ops: &Value) -> reqwest::RequestBuilder {
+    http.post(format!("{}/v1/batch", s.url()))
+        .bearer_auth(TOKEN)
+        .json(&json!({"ops": ops}))
+}
+
+/// Every change of `token`'s feed, in the order served.
+async fn whole_feed(http: &reqwest::Client, s: &RunningServer, token: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut since = 0;
+    loop {
+        let r = send(
+            http.get(format!("{}/v1/changes?since={since}&limit=1000", s.url()))
+                .bearer_auth(token),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text);
+        let page = r.body["changes"].as_array().unwrap().clone();
+        if page.is_empty() {
+            return out;
+        }
+        since = r.body["next"].as_u64().unwrap();
+        out.extend(page);
+    }
+}
+
+/// Terminates the backends of `db` that this file's checkers do not own
+/// (the server's pool and its listener); returns how many.
+async fn kill_server_backends(c: &tokio_postgres::Client) -> usize {
+    c.query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND pid <> pg_backend_pid()
+           AND application_name <> $1",
+        &[&CHECKER],
+    )
+    .await
+    .unwrap()
+    .len()
+}
+
+/// What the SQL tables hold for tenant `acme`: entity rows (id → version),
+/// change cursors, idempotency keys, `last_cursor`, applied keys.
+#[derive(Debug, PartialEq, Eq)]
+struct Rows {
+    entities: BTreeMap<String, i64>,
+    cursors: Vec<i64>,
+    keys: BTreeSet<String>,
+    last_cursor: Option<i64>,
+    applied: Vec<String>,
+}
+
+async fn rows(c: &tokio_postgres::Client, tenant: &str) -> Rows {
+    let entities = c
+        .query(
+            "SELECT id, version FROM guardian_entities WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let cursors = c
+        .query(
+            "SELECT cursor FROM guardian_changes WHERE tenant = $1 ORDER BY cursor",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let keys = c
+        .query(
+            "SELECT key FROM guardian_idempotency WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let last_cursor = c
+        .query_opt(
+            "SELECT last_cursor FROM guardian_tenants WHERE tenant = $1",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .map(|r| r.get(0));
+    let applied = c
+        .query(
+            "SELECT idempotency_key FROM guardian_applied WHERE tenant = $1 ORDER BY seq",
+            &[&tenant],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Rows {
+        entities,
+        cursors,
+        keys,
+        last_cursor,
+        applied,
+    }
+}
+
+/// The tables of schema `public`, sorted.
+async fn tables(c: &tokio_postgres::Client) -> Vec<String> {
+    c.query(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// The columns of `table`, in order.
+async fn columns(c: &tokio_postgres::Client, table: &str) -> Vec<String> {
+    c.query(
+        "SELECT column_name::text FROM information_schema.columns
+         WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// The pid of the one backend of `db` waiting for a lock, once there is one.
+async fn lock_waiter(c: &tokio_postgres::Client) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = c
+            .query(
+                "SELECT pid FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if r.len() == 1 {
+            return r[0].get(0);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request came to wait on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A PostgreSQL-protocol-aware loopback proxy
+// ---------------------------------------------------------------------------
+
+/// A TCP proxy in front of PostgreSQL that can stop forwarding (a database
+/// that stops answering, with every connection still open) and can cut
+/// one connection right after the server answered its `COMMIT` (the commit
+/// happened; the client never hears of it).
+struct Proxy {
+    addr: SocketAddr,
+    frozen: watch::Sender<bool>,
+    cut_next_commit: Arc<AtomicBool>,
+    commits_cut: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    async fn start(upstream: SocketAddr, frozen: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (frozen_tx, frozen_rx) = watch::channel(frozen);
+        let cut_next_commit = Arc::new(AtomicBool::new(false));
+        let commits_cut = Arc::new(AtomicUsize::new(0));
+        let (cut, done) = (Arc::clone(&cut_next_commit), Arc::clone(&commits_cut));
+        let task = tokio::spawn(async move {
+            // Dropped (every connection aborted) with this task.
+            let mut conns = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let (rx, cut, done) = (frozen_rx.clone(), Arc::clone(&cut), Arc::clone(&done));
+                conns.spawn(async move {
+                    let Ok(Ok(up)) =
+                        tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream))
+                            .await
+                    else {
+                        return;
+                    };
+                    carry(client, up, rx, cut, done).await;
+                });
+            }
+        });
+        Self {
+            addr,
+            frozen: frozen_tx,
+            cut_next_commit,
+            commits_cut,
+            task,
+        }
+    }
+
+    /// `db`'s URL through this proxy.
+    fn url(&self, db: &pg::PgDb) -> String {
+        format!(
+            "postgres://postgres@{}/{}?sslmode=disable",
+            self.addr,
+            db_name(db)
+        )
+    }
+
+    fn freeze(&self, yes: bool) {
+        self.frozen.send_replace(yes);
+    }
+}
+
+async fn carry(
+    client: TcpStream,
+    up: TcpStream,
+    frozen: watch::Receiver<bool>,
+    cut: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+) {
+    let (cr, cw) = client.into_split();
+    let (ur, uw) = up.into_split();
+    let swallow = Arc::new(AtomicBool::new(false));
+    let mut to_server = tokio::spawn(pump(
+        cr,
+        uw,
+        true,
+        frozen.clone(),
+        Direction::ToServer {
+            cut,
+            swallow: Arc::clone(&swallow),
+        },
+    ));
+    let mut to_client = tokio::spawn(pump(
+        ur,
+        cw,
+        false,
+        frozen,
+        Direction::ToClient { swallow, done },
+    ));
+    tokio::select! {
+        _ = &mut to_server => {}
+        _ = &mut to_client => {}
+    }
+    to_server.abort();
+    to_client.abort();
+}
+
+enum Direction {
+    ToServer {
+        cut: Arc<AtomicBool>,
+        swallow: Arc<AtomicBool>,
+    },
+    ToClient {
+        swallow: Arc<AtomicBool>,
+        done: Arc<AtomicUsize>,
+    },
+}
+
+/// One message of the protocol: a type byte (but for the startup message)
+/// and a length that counts itself.
+async fn read_message(from: &mut OwnedReadHalf, typed: bool) -> std::io::Result<Vec<u8>> {
+    let head_len = if typed { 5 } else { 4 };
+    let mut msg = vec![0u8; head_len];
+    from.read_exact(&mut msg).await?;
+    let len_bytes: [u8; 4] = msg[head_len - 4..].try_into().unwrap();
+    let len = u32::from_be_bytes(len_bytes) as usize;
+    let mut body = vec![0u8; len.saturating_sub(4)];
+    from.read_exact(&mut body).await?;
+    msg.extend_from_slice(&body);
+    Ok(msg)
+}
+
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    startup: bool,
+    mut frozen: watch::Receiver<bool>,
+    dir: Direction,
+) {
+    let mut typed = !startup;
+    loop {
+        let Ok(msg) = read_message(&mut from, typed).await else {
+            return;
+        };
+        let was_typed = typed;
+        typed = true;
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        match &dir {
+            Direction::ToServer { cut, swallow } => {
+                if was_typed
+                    && msg[0] == b'Q'
+                    && msg[5..].starts_with(b"COMMIT")
+                    && cut.swap(false, Ordering::SeqCst)
+                {
+                    swallow.store(true, Ordering::SeqCst);
+                }
+            }
+            Direction::ToClient { swallow, done } => {
+                if swallow.load(Ordering::SeqCst) {
+                    // The server's answer to COMMIT goes nowhere; once it
+                    // is ready for the next query (the commit is done),
+                    // the client's connection is closed.
+                    if msg[0] == b'Z' {
+                        done.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        if to.write_all(&msg).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Foreign tables, newer schemas, privileges
+// ---------------------------------------------------------------------------
+
+/// Another application's tables named like the SQLite store's (`entities`,
+/// `changes`, ...) sit beside ours: the PostgreSQL store never reads,
+/// writes or alters them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_apps_tables_beside_ours_are_left_alone() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    c.batch_execute(
+        "CREATE TABLE entities (id serial PRIMARY KEY, name text);
+         INSERT INTO entities (name) VALUES ('precious');
+         CREATE TABLE changes (cursor int, what text);
+         INSERT INTO changes VALUES (1, 'theirs');
+         CREATE TABLE tenants (tenant text);
+         CREATE TABLE idempotency (key text);",
+    )
+    .await
+    .unwrap();
+    let snapshot = "SELECT (SELECT string_agg(id || ':' || name, ',') FROM entities),
+                           (SELECT string_agg(cursor || ':' || what, ',') FROM changes),
+                           (SELECT count(*) FROM tenants), (SELECT count(*) FROM idempotency)";
+    let before: (String, String, i64, i64) = {
+        let r = c.query_one(snapshot, &[]).await.unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    };
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text);
+    let after: (String, String, i64, i64) = {
+        let r = c.query_one(snapshot, &[]).await.unwrap();
+        (r.get(0), r.get(1), r.get(2), r.get(3))
+    };
+    assert_eq!(before, after);
+    for (t, cols) in [
+        ("entities", vec!["id", "name"]),
+        ("changes", vec!["cursor", "what"]),
+        ("tenants", vec!["tenant"]),
+        ("idempotency", vec!["key"]),
+    ] {
+        assert_eq!(columns(&c, t).await, cols, "{t}");
+    }
+    drop(s);
+}
+
+/// A database where a table under one of our names is someone else's (a
+/// `guardian_entities` of another shape, with data) is refused at start,
+/// and left as it was: no table of ours is created beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_table_under_our_name_is_refused_and_nothing_is_created() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    c.batch_execute(
+        "CREATE TABLE guardian_entities (id serial PRIMARY KEY, name text NOT NULL);
+         INSERT INTO guardian_entities (name) VALUES ('precious');",
+    )
+    .await
+    .unwrap();
+    let started = builder().postgres(db.url()).bind("127.0.0.1:0").await;
+    let refused = started.is_err();
+    drop(started);
+    assert_eq!(columns(&c, "guardian_entities").await, ["id", "name"]);
+    let name: String = c
+        .query_one("SELECT name FROM guardian_entities", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "precious");
+    assert!(
+        refused,
+        "the server started on a database that is not its own"
+    );
+    assert_eq!(tables(&c).await, ["guardian_entities"], "nothing created");
+}
+
+/// A foreign table under one of our names is never altered: the schema
+/// batch's `ALTER TABLE guardian_applied ADD COLUMN IF NOT EXISTS` must
+/// not add a column to someone else's `guardian_applied`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_table_under_our_name_is_never_altered() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    c.batch_execute(
+        "CREATE TABLE guardian_applied (seq int PRIMARY KEY, note text);
+         INSERT INTO guardian_applied VALUES (1, 'theirs');",
+    )
+    .await
+    .unwrap();
+    let started = builder().postgres(db.url()).bind("127.0.0.1:0").await;
+    drop(started);
+    assert_eq!(
+        columns(&c, "guardian_applied").await,
+        ["seq", "note"],
+        "someone else's table was altered"
+    );
+}
+
+/// Stamps the schema of `db` as written by a newer server (version 3) that
+/// dropped the index `guardian_changes_at` and added a table.
+async fn make_newer(db: &pg::PgDb, c: &tokio_postgres::Client) {
+    let s = serve(builder(), &db.url()).await;
+    s.shutdown().await;
+    c.batch_execute(
+        "UPDATE guardian_meta SET value = 3 WHERE name = 'schema_version';
+         DROP INDEX guardian_changes_at;
+         CREATE TABLE guardian_future (x int);",
+    )
+    .await
+    .unwrap();
+}
+
+async fn has_index(c: &tokio_postgres::Client, name: &str) -> bool {
+    c.query_one(
+        "SELECT count(*) FROM pg_indexes WHERE schemaname = 'public' AND indexname = $1",
+        &[&name],
+    )
+    .await
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+/// A schema written by a newer server is refused, saying so, and left as
+/// the newer server made it (the index it dropped is not recreated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_is_refused_and_left_as_it_was() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    make_newer(&db, &c).await;
+    let err = builder()
+        .postgres(db.url())
+        .bind("127.0.0.1:0")
+        .await
+        .expect_err("a newer schema must be refused");
+    assert!(err.to_string().contains("newer"), "{err}");
+    assert!(
+        !has_index(&c, "guardian_changes_at").await,
+        "index recreated"
+    );
+    let v: i64 = c
+        .query_one(
+            "SELECT value FROM guardian_meta WHERE name = 'schema_version'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(v, 3);
+}
+
+/// A newer schema that reshaped a table (here: `guardian_changes.at`
+/// renamed, its index dropped) is refused for what it is, a newer
+/// version, not with an SQL error of this server's DDL run against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_schema_that_reshaped_a_table_is_refused_by_its_version() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    make_newer(&db, &c).await;
+    c.batch_execute("ALTER TABLE guardian_changes RENAME COLUMN at TO at_ms")
+        .await
+        .unwrap();
+    let err = builder()
+        .postgres(db.url())
+        .bind("127.0.0.1:0")
+        .await
+        .expect_err("a newer schema must be refused");
+    assert!(
+        err.to_string().contains("newer"),
+        "refused with an unrelated error: {err}"
+    );
+}
+
+/// A schema stamped with this server's version whose table was reshaped
+/// (a column's type changed), then lost, by hand: refused, naming the
+/// table, and left as it is (nothing altered back, nothing recreated).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_schema_of_our_version_is_refused_and_left_as_it_was() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    s.shutdown().await;
+    c.batch_execute("ALTER TABLE guardian_changes ALTER COLUMN data TYPE jsonb USING data::jsonb")
+        .await
+        .unwrap();
+    let err = builder()
+        .postgres(db.url())
+        .bind("127.0.0.1:0")
+        .await
+        .expect_err("a reshaped table must be refused");
+    assert!(err.to_string().contains("guardian_changes"), "{err}");
+    let ty: String = c
+        .query_one(
+            "SELECT data_type::text FROM information_schema.columns
+             WHERE table_name = 'guardian_changes' AND column_name = 'data'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ty, "jsonb");
+    c.batch_execute("DROP TABLE guardian_changes")
+        .await
+        .unwrap();
+    let err = builder()
+        .postgres(db.url())
+        .bind("127.0.0.1:0")
+        .await
+        .expect_err("a missing table must be refused");
+    assert!(err.to_string().contains("guardian_changes"), "{err}");
+    assert!(
+        !tables(&c).await.iter().any(|t| t == "guardian_changes"),
+        "recreated"
+    );
+}
+
+/// An operator who runs the server as a least-privilege role (DML on the
+/// existing tables, no CREATE on the schema, not their owner) on a
+/// database whose schema is up to date: the server starts and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_role_can_serve_an_up_to_date_schema() {
+    let role = Role::create();
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    s.shutdown().await;
+    c.batch_execute(&format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {r};
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {r};",
+        r = role.name
+    ))
+    .await
+    .unwrap();
+    let s = builder()
+        .postgres(role.url(&db))
+        .bind("127.0.0.1:0")
+        .await
+        .expect("a DML-only role must be able to serve an up-to-date schema");
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text);
+    drop(s);
+    drop(c);
+    drop(db);
+    drop(role);
+}
+
+/// A privilege revoked while the server runs (INSERT on the feed table):
+/// a write fails whole (the entity row it wrote first is rolled back, no
+/// idempotency record, no cursor), and once the privilege is back the
+/// client's retry with the same key applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_privilege_fails_the_write_whole_and_the_retry_applies_once() {
+    let role = Role::create();
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    c.batch_execute(&format!(
+        "GRANT CREATE, USAGE ON SCHEMA public TO {}",
+        role.name
+    ))
+    .await
+    .unwrap();
+    let s = serve(builder(), &role.url(&db)).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text);
+    let before = rows(&c, "acme").await;
+    c.batch_execute(&format!(
+        "REVOKE INSERT ON guardian_changes FROM {}",
+        role.name
+    ))
+    .await
+    .unwrap();
+    let r = send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1)))
+        .await
+        .unwrap();
+    assert!(r.status >= 500, "{} {}", r.status, r.text);
+    assert_eq!(rows(&c, "acme").await, before, "half of the write stayed");
+    let r = send(get(&http, &s, TOKEN, "d1")).await.unwrap();
+    assert_eq!((r.status, r.body["version"].as_u64()), (200, Some(1)));
+    c.batch_execute(&format!(
+        "GRANT INSERT ON guardian_changes TO {}",
+        role.name
+    ))
+    .await
+    .unwrap();
+    let r = send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1)))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.replayed), (200, false), "{}", r.text);
+    let after = rows(&c, "acme").await;
+    assert_eq!(after.applied, ["k1", "k2"]);
+    assert_eq!(after.cursors, [1, 2]);
+    drop(s);
+    drop(c);
+    drop(db);
+    drop(role);
+}
+
+/// A database made read-only by its operator (`default_transaction_read_only`,
+/// picked up by new connections): writes are refused with an error and
+/// change nothing, reads go on; once writable again, the retry applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_refuses_writes_and_keeps_serving_reads() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let name = db_name(&db);
+    c.batch_execute(&format!(
+        "ALTER DATABASE {name} SET default_transaction_read_only = on"
+    ))
+    .await
+    .unwrap();
+    kill_server_backends(&c).await;
+    let before = rows(&c, "acme").await;
+    for i in 0..5 {
+        let r = send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1)))
+            .await
+            .unwrap();
+        assert!(r.status >= 500, "attempt {i}: {} {}", r.status, r.text);
+    }
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            send(get(&http, &s, TOKEN, "d1"))
+                .await
+                .is_ok_and(|r| r.status == 200 && r.body["version"] == 1)
+        })
+        .await,
+        "reads stopped"
+    );
+    assert_eq!(rows(&c, "acme").await, before);
+    c.batch_execute(&format!(
+        "ALTER DATABASE {name} RESET default_transaction_read_only"
+    ))
+    .await
+    .unwrap();
+    kill_server_backends(&c).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1)))
+            .await
+            .unwrap();
+        if r.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{} {}", r.status, r.text);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(rows(&c, "acme").await.applied, ["k1", "k2"]);
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------
+// Connections killed
+// ---------------------------------------------------------------------------
+
+/// Idle pooled connections terminated by a DBA cost no request: the pool
+/// hands out live connections only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_killed_by_the_dba_cost_no_request() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    // Several connections in the pool.
+    let gets: Vec<_> = (0..8).map(|_| send(get(&http, &s, TOKEN, "d1"))).collect();
+    for r in futures::future::join_all(gets).await {
+        assert_eq!(r.unwrap().status, 200);
+    }
+    assert!(kill_server_backends(&c).await >= 1);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            c.query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND application_name <> $1
+                   AND backend_type = 'client backend' AND state = 'idle'
+                   AND query NOT ILIKE 'LISTEN%'",
+                &[&CHECKER],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        })
+        .await
+    );
+    for i in 0..20 {
+        let r = send(get(&http, &s, TOKEN, "d1")).await.unwrap();
+        assert_eq!(r.status, 200, "request {i} after the kill: {}", r.text);
+    }
+    drop(s);
+}
+
+/// Sends what `make` builds until the answer is not a 5xx (at most 20
+/// times): a request right after a kill may get the killed connection
+/// (see `the_request_after_a_killed_one_is_not_failed_by_its_dead_connection`).
+async fn until_not_5xx(make: impl Fn() -> reqwest::RequestBuilder) -> Resp {
+    for _ in 0..20 {
+        let r = send(make()).await.unwrap();
+        if r.status < 500 {
+            return r;
+        }
+    }
+    panic!("still failing after 20 attempts");
+}
+
+/// Holds a row lock on entity `c` of `acme` from a connection of our own,
+/// so that a request writing it blocks there, after the ops before it.
+async fn lock_entity(url: &str, id: &str) -> tokio_postgres::Client {
+    let l = sql(url).await;
+    l.batch_execute("BEGIN").await.unwrap();
+    let n = l
+        .execute(
+            "SELECT 1 FROM guardian_entities WHERE tenant = 'acme' AND id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    l
+}
+
+/// A batch whose connection is terminated mid-way (two ops written, the
+/// third blocked): nothing of it stays, and its retry applies every op
+/// once, at consecutive cursors in batch order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_killed_mid_way_leaves_nothing_and_its_retry_applies_once() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "c", &json!({"n": 1}), "kc"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let before = rows(&c, "acme").await;
+    let ops = json!([
+        {"op": "create", "type": "device", "id": "a", "data": {"n": 1}, "idempotency_key": "ka"},
+        {"op": "create", "type": "device", "id": "b", "data": {"n": 1}, "idempotency_key": "kb"},
+        {"op": "update", "type": "device", "id": "c", "data": {"n": 2}, "idempotency_key": "kc2"},
+        {"op": "create", "type": "device", "id": "d", "data": {"n": 1}, "idempotency_key": "kd"},
+    ]);
+    let locker = lock_entity(&db.url(), "c").await;
+    let pending = tokio::spawn(send(batch(&http, &s, &ops)));
+    let pid = lock_waiter(&c).await;
+    let killed: bool = c
+        .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    let r = tokio::time::timeout(Duration::from_secs(15), pending)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
+    assert!(r.status >= 500, "{} {}", r.status, r.text);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(rows(&c, "acme").await, before, "half a batch stayed");
+    let r = until_not_5xx(|| batch(&http, &s, &ops)).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let statuses: Vec<u64> = r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [201, 201, 200, 201]);
+    let after = rows(&c, "acme").await;
+    assert_eq!(after.applied, ["kc", "ka", "kb", "kc2", "kd"]);
+    assert_eq!(after.cursors, [1, 2, 3, 4, 5]);
+    let feed = whole_feed(&http, &s, TOKEN).await;
+    let order: Vec<(&str, u64)> = feed
+        .iter()
+        .map(|ch| (ch["id"].as_str().unwrap(), ch["cursor"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(order, [("c", 1), ("a", 2), ("b", 3), ("c", 4), ("d", 5)]);
+    drop(s);
+}
+
+/// A request whose connection was terminated mid-way (a DBA's
+/// `pg_terminate_backend`, or every backend at a PostgreSQL restart) fails;
+/// the next request must not be handed the same dead connection and fail
+/// too: PostgreSQL closes the socket a few milliseconds after its FATAL
+/// error, and until then the pool's `Fast` recycling sees it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_request_after_a_killed_one_is_not_failed_by_its_dead_connection() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "c", &json!({"n": 1}), "kc"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    for round in 0..6 {
+        let locker = lock_entity(&db.url(), "c").await;
+        let pending = tokio::spawn(send(update(
+            &http,
+            &s,
+            "c",
+            &json!({"n": 2}),
+            &format!("blocked{round}"),
+            None,
+        )));
+        let pid = lock_waiter(&c).await;
+        c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(15), pending)
+            .await
+            .expect("answered")
+            .unwrap()
+            .unwrap();
+        assert!(r.status >= 500, "{} {}", r.status, r.text);
+        // At once, the next request.
+        let next = send(create(
+            &http,
+            &s,
+            TOKEN,
+            &format!("n{round}"),
+            &json!({}),
+            &format!("n{round}"),
+        ))
+        .await
+        .unwrap();
+        locker.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(next.status, 201, "round {round}: {}", next.text);
+    }
+}
+
+/// The same for an atomic transaction: killed mid-way, nothing of it
+/// stays; its retry commits it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_killed_mid_way_leaves_nothing_and_its_retry_commits_once() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "c", &json!({"n": 1}), "kc"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let before = rows(&c, "acme").await;
+    let ops = json!([
+        {"op": "create", "type": "device", "id": "a", "data": {"n": 1}, "idempotency_key": "ka"},
+        {"op": "update", "type": "device", "id": "c", "data": {"n": 2}, "if_match": 1, "idempotency_key": "kc2"},
+        {"op": "create", "type": "device", "id": "d", "data": {"n": 1}, "idempotency_key": "kd"},
+    ]);
+    let txn = || {
+        http.post(format!("{}/v1/transactions", s.url()))
+            .bearer_auth(TOKEN)
+            .json(&json!({"transaction_key": "t1", "ops": ops}))
+    };
+    let locker = lock_entity(&db.url(), "c").await;
+    let pending = tokio::spawn(send(txn()));
+    let pid = lock_waiter(&c).await;
+    c.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(15), pending)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap();
+    assert!(r.status >= 500, "{} {}", r.status, r.text);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(rows(&c, "acme").await, before, "half a transaction stayed");
+    let r = until_not_5xx(txn).await;
+    assert_eq!(
+        (r.status, r.body["committed"].as_bool()),
+        (200, Some(true)),
+        "{}",
+        r.text
+    );
+    let again = send(txn()).await.unwrap();
+    assert!(again.replayed, "{}", again.text);
+    let after = rows(&c, "acme").await;
+    assert_eq!(after.applied, ["kc", "ka", "kc2", "kd"]);
+    assert_eq!(after.cursors, [1, 2, 3, 4]);
+    drop(s);
+}
+
+/// Two instances, writers sending batches with retries, while every
+/// connection of both instances is terminated again and again: each key
+/// takes effect exactly once, a batch is whole or absent at every moment
+/// a 2xx is answered (the answer comes after the commit), the feed is
+/// 1..=N without a hole, each batch at consecutive cursors in its order,
+/// and applied-log order equals cursor order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_again_and_again_keep_exactly_once_and_feed_order() {
+    const WRITERS: usize = 4;
+    const BATCHES: usize = 12;
+    const OPS: usize = 3;
+    let db = pg::PgDb::create();
+    let c = Arc::new(sql(&db.url()).await);
+    let s = Arc::new([
+        serve(builder(), &db.url()).await,
+        serve(builder(), &db.url()).await,
+    ]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let kills = Arc::new(AtomicUsize::new(0));
+    let killer = {
+        let (c, stop, kills) = (Arc::clone(&c), Arc::clone(&stop), Arc::clone(&kills));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(30));
+            while !stop.load(Ordering::SeqCst) {
+                tick.tick().await;
+                kills.fetch_add(kill_server_backends(&c).await, Ordering::SeqCst);
+            }
+        })
+    };
+    let failures = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (s, c, failures) = (Arc::clone(&s), Arc::clone(&c), Arc::clone(&failures));
+        writers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for b in 0..BATCHES {
+                let ops: Vec<Value> = (0..OPS)
+                    .map(|o| {
+                        json!({"op": "create", "type": "device", "id": format!("w{w}b{b}o{o}"),
+                               "data": {"w": w, "b": b, "o": o},
+                               "idempotency_key": format!("w{w}b{b}o{o}")})
+                    })
+                    .collect();
+                let ops = Value::Array(ops);
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    assert!(attempt < 500, "writer {w} batch {b}: no success");
+                    let at = &s[(w + b + attempt) % 2];
+                    let Ok(r) = send(batch(&http, at, &ops)).await else {
+                        continue;
+                    };
+                    if r.status >= 500 {
+                        failures.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    assert_eq!(r.status, 200, "{}", r.text);
+                    let results = r.body["results"].as_array().unwrap();
+                    let in_flight = results
+                        .iter()
+                        .any(|x| x["body"]["type"] == problem_type::IDEMPOTENCY_IN_FLIGHT);
+                    if in_flight {
+                        continue;
+                    }
+                    for x in results {
+                        assert_eq!(x["status"], 201, "{}", r.text);
+                    }
+                    // Answered: committed, all three records there.
+                    let keys: Vec<String> = (0..OPS).map(|o| format!("w{w}b{b}o{o}")).collect();
+                    let n: i64 = c
+                        .query_one(
+                            "SELECT count(*) FROM guardian_idempotency
+                             WHERE tenant = 'acme' AND key = ANY($1)",
+                            &[&keys],
+                        )
+                        .await
+                        .unwrap()
+                        .get(0);
+                    assert_eq!(n, OPS as i64, "answered before commit: {keys:?}");
+                    break;
+                }
+            }
+        }));
+    }
+    let done = tokio::time::timeout(Duration::from_secs(240), async {
+        for w in writers {
+            w.await.unwrap();
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    killer.await.unwrap();
+    done.expect("writers finished in time");
+    eprintln!(
+        "killed {} backends, {} failed attempts",
+        kills.load(Ordering::SeqCst),
+        failures.load(Ordering::SeqCst)
+    );
+    assert!(kills.load(Ordering::SeqCst) > 0);
+    let total = WRITERS * BATCHES * OPS;
+    let http = reqwest::Client::new();
+    let feed = whole_feed(&http, &s[0], TOKEN).await;
+    let cursors: Vec<u64> = feed
+        .iter()
+        .map(|ch| ch["cursor"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        cursors,
+        (1..=total as u64).collect::<Vec<_>>(),
+        "feed has holes"
+    );
+    // Each batch at consecutive cursors, in op order.
+    let mut at: BTreeMap<String, u64> = BTreeMap::new();
+    for ch in &feed {
+        let prev = at.insert(
+            ch["id"].as_str().unwrap().to_owned(),
+            ch["cursor"].as_u64().unwrap(),
+        );
+        assert!(prev.is_none(), "twice in the feed: {ch}");
+    }
+    for w in 0..WRITERS {
+        for b in 0..BATCHES {
+            let first = at[&format!("w{w}b{b}o0")];
+            for o in 1..OPS {
+                assert_eq!(at[&format!("w{w}b{b}o{o}")], first + o as u64, "w{w}b{b}");
+            }
+        }
+    }
+    let log = s[1].applied_log().await.unwrap();
+    assert_eq!(log.len(), total, "each key once");
+    let keys: BTreeSet<&str> = log.iter().map(|a| a.idempotency_key.as_str()).collect();
+    assert_eq!(keys.len(), total);
+    for pair in log.windows(2) {
+        assert!(pair[0].cursor < pair[1].cursor, "log order != cursor order");
+    }
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------
+// A commit cut off from its answer
+// ---------------------------------------------------------------------------
+
+async fn commit_cut(db: &pg::PgDb) -> (Proxy, RunningServer, reqwest::Client, Resp) {
+    let proxy = Proxy::start(upstream(db), false).await;
+    let s = serve(builder(), &proxy.url(db)).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "pre", &json!({}), "kpre"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    proxy.cut_next_commit.store(true, Ordering::SeqCst);
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        send(create(&http, &s, TOKEN, "x", &json!({"n": 1}), "kx")),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert_eq!(proxy.commits_cut.load(Ordering::SeqCst), 1, "no commit cut");
+    (proxy, s, http, r)
+}
+
+/// The connection drops right after PostgreSQL committed, before the
+/// server hears of it: the server does not claim success, the change is
+/// there, and the client's retry with the same key replays it (exactly
+/// once in effect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_cut_off_from_its_answer_is_applied_once_on_retry() {
+    let db = pg::PgDb::create();
+    let (_proxy, s, http, r) = commit_cut(&db).await;
+    assert!(r.status >= 500, "{} {}", r.status, r.text);
+    let g = send(get(&http, &s, TOKEN, "x")).await.unwrap();
+    assert_eq!(g.status, 200, "the commit happened");
+    let again = send(create(&http, &s, TOKEN, "x", &json!({"n": 1}), "kx"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.status, again.replayed),
+        (201, true),
+        "{}",
+        again.text
+    );
+    assert_eq!(again.body, g.body);
+    let log = s.applied_log().await.unwrap();
+    let keys: Vec<&str> = log.iter().map(|a| a.idempotency_key.as_str()).collect();
+    assert_eq!(keys, ["kpre", "kx"]);
+}
+
+/// ... and its error answer must not tell the client that nothing was
+/// applied: the commit went through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_commit_outcome_is_not_reported_as_nothing_applied() {
+    let db = pg::PgDb::create();
+    let (_proxy, s, http, r) = commit_cut(&db).await;
+    let g = send(get(&http, &s, TOKEN, "x")).await.unwrap();
+    assert_eq!(g.status, 200, "the commit happened");
+    let detail = r.body["detail"].as_str().unwrap_or("");
+    assert!(
+        !detail.contains("nothing was applied"),
+        "{} says `{detail}` about a committed write",
+        r.status
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A database that stops answering, locks that are never released
+// ---------------------------------------------------------------------------
+
+/// A PostgreSQL that accepts connections and never answers: the server
+/// does not start, in bounded time, with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_database_at_start_fails_the_start_in_bounded_time() {
+    let db = pg::PgDb::create();
+    let proxy = Proxy::start(upstream(&db), true).await;
+    let started = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(40),
+        builder().postgres(proxy.url(&db)).bind("127.0.0.1:0"),
+    )
+    .await
+    .expect("bind must not wait forever on a silent database");
+    let err = r.expect_err("no server on a silent database");
+    eprintln!("refused after {:?}: {err}", started.elapsed());
+}
+
+/// A database that stops answering (connections open, nothing comes
+/// back): a read is answered 503 `timeout` within the request timeout;
+/// once the database answers again, reads work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_silent_database_times_out_and_recovers() {
+    let db = pg::PgDb::create();
+    let proxy = Proxy::start(upstream(&db), false).await;
+    let s = serve(
+        builder().request_timeout(Duration::from_secs(2)),
+        &proxy.url(&db),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    proxy.freeze(true);
+    let r = tokio::time::timeout(Duration::from_secs(15), send(get(&http, &s, TOKEN, "d1")))
+        .await
+        .expect("a read must not wait forever")
+        .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.body["type"], problem_type::TIMEOUT);
+    proxy.freeze(false);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            send(get(&http, &s, TOKEN, "d1"))
+                .await
+                .is_ok_and(|r| r.status == 200)
+        })
+        .await,
+        "reads did not recover"
+    );
+}
+
+/// A database that stops answering: a write must be answered too, in
+/// bounded time, with an error the client can act on (retry with the same
+/// key), not wait forever holding the client's connection and a pooled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_a_silent_database_is_answered_in_bounded_time() {
+    let db = pg::PgDb::create();
+    let proxy = Proxy::start(upstream(&db), false).await;
+    let s = serve(
+        builder().request_timeout(Duration::from_secs(2)),
+        &proxy.url(&db),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    proxy.freeze(true);
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1))),
+    )
+    .await
+    .expect("a write on a silent database waited more than 30 s (request timeout 2 s)")
+    .unwrap();
+    assert!(r.status >= 500, "{} {}", r.status, r.text);
+}
+
+/// A tenant row locked by a session that never finishes (a stuck instance,
+/// an operator's open transaction): a write of that tenant must be
+/// answered in bounded time, not queue forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_a_stuck_tenant_lock_is_answered_in_bounded_time() {
+    let db = pg::PgDb::create();
+    let s = serve(builder().request_timeout(Duration::from_secs(2)), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let locker = sql(&db.url()).await;
+    locker
+        .batch_execute("BEGIN; SELECT 1 FROM guardian_tenants WHERE tenant = 'acme' FOR UPDATE")
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(30),
+        send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1))),
+    )
+    .await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let r = r
+        .expect("a write behind a stuck lock waited more than 30 s (request timeout 2 s)")
+        .unwrap();
+    assert!(r.status >= 500, "{} {}", r.status, r.text);
+}
+
+/// `lock_timeout` set on the database by its operator: a write behind a
+/// held tenant lock fails cleanly (nothing applied), and its retry once the
+/// lock is gone applies once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_timeout_set_by_the_operator_fails_the_write_cleanly() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    c.batch_execute(&format!(
+        "ALTER DATABASE {} SET lock_timeout = '300ms'",
+        db_name(&db)
+    ))
+    .await
+    .unwrap();
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    let before = rows(&c, "acme").await;
+    let locker = sql(&db.url()).await;
+    locker
+        .batch_execute(
+            "SET lock_timeout = 0; BEGIN; SELECT 1 FROM guardian_tenants WHERE tenant = 'acme' FOR UPDATE",
+        )
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1))),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert!(r.status >= 500, "{} {}", r.status, r.text);
+    assert_eq!(rows(&c, "acme").await, before);
+    let r = send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1)))
+        .await
+        .unwrap();
+    assert_eq!((r.status, r.replayed), (200, false), "{}", r.text);
+    assert_eq!(rows(&c, "acme").await.applied, ["k1", "k2"]);
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------
+// Races, values, tenants
+// ---------------------------------------------------------------------------
+
+/// Two instances, many concurrent requests with one idempotency key (the
+/// same create): it takes effect once, and every success carries the same
+/// answer. Then many concurrent updates of one entity at `If-Match: "1"`
+/// through both instances: exactly one wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_racing_on_one_key_and_one_entity_apply_once() {
+    let db = pg::PgDb::create();
+    let s = [
+        serve(builder(), &db.url()).await,
+        serve(builder(), &db.url()).await,
+    ];
+    let http = reqwest::Client::new();
+    let data = json!({"n": 1});
+    let reqs: Vec<_> = (0..12)
+        .map(|i| send(create(&http, &s[i % 2], TOKEN, "e", &data, "same")))
+        .collect();
+    let answers = futures::future::join_all(reqs).await;
+    let mut bodies = BTreeSet::new();
+    let mut fresh = 0;
+    for r in answers {
+        let r = r.unwrap();
+        match r.status {
+            201 => {
+                fresh += usize::from(!r.replayed);
+                bodies.insert(r.text);
+            }
+            409 => assert_eq!(
+                r.body["type"],
+                problem_type::IDEMPOTENCY_IN_FLIGHT,
+                "{}",
+                r.text
+            ),
+            other => panic!("{other}: {}", r.text),
+        }
+    }
+    assert_eq!(fresh, 1);
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let reqs: Vec<_> = (0..12)
+        .map(|i| {
+            send(update(
+                &http,
+                &s[i % 2],
+                "e",
+                &json!({"n": i}),
+                &format!("u{i}"),
+                Some(1),
+            ))
+        })
+        .collect();
+    let mut won = 0;
+    for r in futures::future::join_all(reqs).await {
+        let r = r.unwrap();
+        match r.status {
+            200 => won += 1,
+            409 => {}
+            other => panic!("{other}: {}", r.text),
+        }
+    }
+    assert_eq!(won, 1);
+    let log = s[0].applied_log().await.unwrap();
+    assert_eq!(log.len(), 2, "{log:?}");
+    let g = send(get(&http, &s[1], TOKEN, "e")).await.unwrap();
+    assert_eq!(g.body["version"], 2);
+}
+
+/// Values PostgreSQL `text` cannot hold as such (NUL) or that are hostile
+/// otherwise (control characters, NUL in a key, astral characters, the
+/// deepest nesting allowed, a large string): stored and served unaltered,
+/// by GET, the feed and a replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_round_trip_unaltered() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder().body_limit(16 << 20), &db.url()).await;
+    let http = reqwest::Client::new();
+    let mut deep = json!(1);
+    // An object holding arrays: MAX_DATA_DEPTH levels in all.
+    for _ in 1..guardian_protocol::MAX_DATA_DEPTH {
+        deep = json!([deep]);
+    }
+    let deep = json!({ "d": deep });
+    let cases = [
+        (
+            "nul",
+            json!({"s": "a\u{0}b", "\u{0}k": "\u{1}\u{1f}\u{7f}", "e": "😀\u{2028}\\u0000"}),
+        ),
+        ("deep", deep),
+        ("big", json!({"s": "ž".repeat(4 << 20)})),
+    ];
+    for (i, (id, data)) in cases.iter().enumerate() {
+        let key = format!("k{id}");
+        let r = send(create(&http, &s, TOKEN, id, data, &key))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{id}: {}", &r.text[..r.text.len().min(300)]);
+        assert_eq!(&r.body["data"], data, "{id}: answer");
+        let g = send(get(&http, &s, TOKEN, id)).await.unwrap();
+        assert_eq!(&g.body["data"], data, "{id}: GET");
+        let again = send(create(&http, &s, TOKEN, id, data, &key))
+            .await
+            .unwrap();
+        assert!(again.replayed, "{id}");
+        assert_eq!(again.text, r.text, "{id}: replay");
+        let feed = send(
+            http.get(format!("{}/v1/changes?since={i}&limit=1", s.url()))
+                .bearer_auth(TOKEN),
+        )
+        .await
+        .unwrap();
+        assert_eq!(&feed.body["changes"][0]["data"], data, "{id}: feed");
+    }
+    // Stored as JSON text, the NUL escaped.
+    let stored: String = c
+        .query_one("SELECT data FROM guardian_entities WHERE id = 'nul'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stored.contains("\\u0000"), "{stored}");
+    drop(s);
+}
+
+/// Tenants whose names are hostile SQL or hold a space (the notification
+/// payload is `<instance> <tenant>`) share one database with another
+/// tenant: same entity ids, separate rows, separate feeds and cursors,
+/// nothing of one visible to the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_isolated_at_the_sql_level() {
+    const EVIL: &str = "o'reilly\"; DROP TABLE guardian_entities; -- a b";
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let b = || builder().token(EVIL, OTHER);
+    let s = [serve(b(), &db.url()).await, serve(b(), &db.url()).await];
+    let http = reqwest::Client::new();
+    for (i, token) in [TOKEN, OTHER].into_iter().enumerate() {
+        for n in 0..=i {
+            let r = send(create(
+                &http,
+                &s[i],
+                token,
+                &format!("d{n}"),
+                &json!({"owner": token}),
+                &format!("k{n}"),
+            ))
+            .await
+            .unwrap();
+            assert_eq!(r.status, 201, "{}", r.text);
+        }
+    }
+    // Same key, same id, two tenants: two rows, each tenant's own.
+    let r = send(get(&http, &s[1], TOKEN, "d0")).await.unwrap();
+    assert_eq!(r.body["data"]["owner"], TOKEN);
+    let r = send(get(&http, &s[0], OTHER, "d0")).await.unwrap();
+    assert_eq!(r.body["data"]["owner"], OTHER);
+    let r = send(get(&http, &s[0], TOKEN, "d1")).await.unwrap();
+    assert_eq!(r.status, 404, "the other tenant's entity is invisible");
+    let acme = whole_feed(&http, &s[0], TOKEN).await;
+    let evil = whole_feed(&http, &s[1], OTHER).await;
+    let cursors = |f: &[Value]| {
+        f.iter()
+            .map(|c| c["cursor"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(cursors(&acme), [1]);
+    assert_eq!(cursors(&evil), [1, 2]);
+    let per_tenant: Vec<(String, i64)> = c
+        .query(
+            "SELECT tenant, count(*) FROM guardian_entities GROUP BY tenant ORDER BY tenant",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(per_tenant, [("acme".to_owned(), 1), (EVIL.to_owned(), 2)]);
+    // A cursor of one tenant means nothing to the other.
+    let r = send(
+        http.get(format!("{}/v1/changes?since=2", s[0].url()))
+            .bearer_auth(TOKEN),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 410, "{}", r.text);
+    drop(s);
+}
+
+/// A careless operator names a tenant with a NUL byte (the builder accepts
+/// any non-empty tenant name; SQLite stores it): on PostgreSQL, whose text
+/// cannot hold NUL, the server must either refuse the configuration at
+/// start or serve the tenant, not start and then fail its every request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_name_postgres_cannot_store_is_refused_or_served() {
+    let db = pg::PgDb::create();
+    let started = builder()
+        .token("nul\u{0}tenant", OTHER)
+        .postgres(db.url())
+        .bind("127.0.0.1:0")
+        .await;
+    let Ok(s) = started else {
+        return; // Refused at start: fine.
+    };
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, OTHER, "d1", &json!({}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text);
+}
+
+/// A database error at start (here: the operator made the database
+/// read-only) is reported with what PostgreSQL said, so the operator can
+/// act on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_error_at_start_says_what_postgres_said() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    c.batch_execute(&format!(
+        "ALTER DATABASE {} SET default_transaction_read_only = on",
+        db_name(&db)
+    ))
+    .await
+    .unwrap();
+    let err = builder()
+        .postgres(db.url())
+        .bind("127.0.0.1:0")
+        .await
+        .expect_err("a read-only database cannot be migrated");
+    assert!(err.to_string().contains("read-only"), "{err}");
+}
