@@ -39,6 +39,8 @@ fn line(c: &FeedCommand) -> String {
         FeedCommand::Baseline(c) => format!("baseline {c}"),
         FeedCommand::State(s) => format!("state {s}"),
         FeedCommand::FetchPage { since, limit } => format!("fetch {limit} after {since}"),
+        FeedCommand::EndSession(reason) => format!("end session ({reason})"),
+        FeedCommand::ResetBackoff => "reset backoff".into(),
         FeedCommand::CountReconnect => "count reconnect".into(),
         FeedCommand::CountMessage => "count message".into(),
     }
@@ -160,6 +162,7 @@ fn a_410_on_the_upgrade_resyncs_at_the_next_hello() {
         -> count message
         <- change 10 again
         <- closed 1008
+        -> reset backoff
         -> state disconnected
         <- connected
         -> count reconnect
@@ -199,6 +202,117 @@ fn a_first_start_begins_at_the_head_and_a_backend_without_one_waits_for_hello() 
         <- poll (blind backend)
         -> fetch 1 after 0
         <- no head
+        ",
+    );
+}
+
+/// The WebSocket never delivers across a hole: the session ends and the
+/// catch-up poll reads the hole from the feed (a page out of order is
+/// sorted). A session that broke the protocol before delivering anything
+/// does not reset the reconnect backoff.
+#[test]
+fn a_websocket_gap_ends_the_session_and_the_feed_fills_it() {
+    let mut m = FeedMachine::new(Some(0), 100);
+    let mut s = Script { lines: Vec::new() };
+    s.record("connected", m.connected());
+    s.record("hello 0", m.hello(0));
+    s.record("change 1", m.change(change(1)));
+    s.record("change 3", m.change(change(3)));
+    s.record(
+        "session broken",
+        m.session_ended(SessionEnd::Broken("cursor gap".into())),
+    );
+    s.record("poll", m.poll());
+    s.record("page [3, 2]", m.page(Ok(page(&[3, 2], Some(3)))));
+    s.record("connected", m.connected());
+    s.record("hello 3", m.hello(3));
+    s.record("change 5", m.change(change(5)));
+    s.record(
+        "session broken",
+        m.session_ended(SessionEnd::Broken("cursor gap".into())),
+    );
+    s.record("connected", m.connected());
+    s.record("malformed change", m.malformed_change("not JSON"));
+    s.check(
+        r"
+        <- connected
+        -> state connected
+        <- hello 0
+        <- change 1
+        -> deliver change 1
+        -> count message
+        <- change 3
+        -> end session (cursor gap: expected 2, got 3)
+        <- session broken
+        -> reset backoff
+        -> state disconnected
+        <- poll
+        -> fetch 100 after 1
+        <- page [3, 2]
+        -> state polling
+        -> deliver change 2
+        -> count message
+        -> deliver change 3
+        -> count message
+        <- connected
+        -> count reconnect
+        -> state connected
+        <- hello 3
+        <- change 5
+        -> end session (cursor gap: expected 4, got 5)
+        <- session broken
+        -> state disconnected
+        <- connected
+        -> count reconnect
+        -> state connected
+        <- malformed change
+        -> end session (a change frame does not parse: not JSON)
+        ",
+    );
+}
+
+/// A feed whose head is below the delivered cursor (a server restored
+/// from a backup) and a hole in the feed itself are both told to the app
+/// as a resync; the feed is followed from there.
+#[test]
+fn a_feed_that_went_back_or_skips_cursors_is_a_resync() {
+    let mut m = FeedMachine::new(Some(10), 100);
+    let mut s = Script { lines: Vec::new() };
+    s.record(
+        "session lost",
+        m.session_ended(SessionEnd::Lost("refused".into())),
+    );
+    s.record("poll", m.poll());
+    s.record("page [] head 5", m.page(Ok(page(&[], Some(5)))));
+    s.record("poll", m.poll());
+    s.record("page [6, 8]", m.page(Ok(page(&[6, 8], Some(8)))));
+    s.record("connected", m.connected());
+    s.record("hello 3", m.hello(3));
+    s.record("change 4", m.change(change(4)));
+    s.check(
+        r"
+        <- session lost
+        -> state disconnected
+        <- poll
+        -> fetch 100 after 10
+        <- page [] head 5
+        -> state polling
+        -> deliver resync from Some(10) to 5 (the feed's head 5 is below the delivered cursor 10)
+        <- poll
+        -> fetch 100 after 5
+        <- page [6, 8]
+        -> deliver change 6
+        -> count message
+        -> deliver resync from Some(6) to 7 (the feed has no changes 7..=7)
+        -> deliver change 8
+        -> count message
+        <- connected
+        -> state connected
+        <- hello 3
+        -> deliver resync from Some(8) to 3 (the feed's head 3 is below the delivered cursor 8)
+        <- change 4
+        -> deliver change 4
+        -> count message
         ",
     );
 }

@@ -3,10 +3,14 @@
 //! [`FeedMachine`] decides what the follower does with what arrives (a
 //! WebSocket `hello` or change, a session's end, a feed page or its
 //! failure) and returns [`FeedCommand`]s: deliver a message, set the
-//! baseline cursor, change the connection state, fetch a page, count. The
-//! driver (`realtime/driver.rs`) owns the sockets, timers and channels and
-//! decides nothing. Exactly-once, in-order delivery by cursor is the
-//! dedupe's (`core/dedupe.rs`).
+//! baseline cursor, change the connection state, fetch a page, end a
+//! session, count. The driver (`realtime/driver.rs`) owns the sockets,
+//! timers and channels and decides nothing. Invariant: nothing is delivered
+//! across a hole in the cursors without the app being told. The WebSocket
+//! never delivers across one (the session ends and a poll of the feed fills
+//! it); a hole in the feed itself, or a feed whose head is below the
+//! delivered cursor, is delivered as a [`Resync`]. Dropping what was
+//! already delivered is the dedupe's (`core/dedupe.rs`).
 
 use guardian_protocol::{Change, ChangesPage};
 use serde::Serialize;
@@ -54,13 +58,16 @@ impl std::fmt::Display for ConnectionState {
 /// The feed could not be followed from where the app was: it must refetch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Resync {
-    /// The cursor the server refused (older than its retained feed, or ahead
-    /// of a server that lost its data); `None` if there was none.
+    /// The last cursor delivered before the feed was lost: the one the
+    /// server refused (older than its retained feed, or ahead of a server
+    /// that lost its data), one above the feed's head, or the one before a
+    /// hole in the feed; `None` if there was none.
     pub stale_cursor: Option<u64>,
     /// The server's cursor when the feed was rejoined: changes after it
     /// follow this message.
     pub resume_cursor: u64,
-    /// What the server said, for logs.
+    /// What the server said, or what the client saw, for logs: control
+    /// characters escaped, at most 512 characters.
     pub reason: String,
 }
 
@@ -95,6 +102,10 @@ pub enum SessionEnd {
     Lost(String),
     /// The cursor is not servable (410 on the upgrade, close 1008): resync.
     Expired(String),
+    /// The server broke the protocol mid-session (a cursor gap, a change
+    /// that does not parse; see [`FeedCommand::EndSession`]): reconnect
+    /// later, after a poll of the feed from the last delivered cursor.
+    Broken(String),
 }
 
 /// Why a feed request failed.
@@ -109,7 +120,10 @@ pub enum PageFailure {
     },
     /// The app's token was refused (not a network blip).
     Refused(String),
-    /// Anything else: network, status, size, body.
+    /// The feed answered, but not with a page that can be read (too large,
+    /// malformed): likely to repeat at every poll, unlike a blip.
+    Unreadable(String),
+    /// Anything else: network, status.
     Failed(String),
 }
 
@@ -131,6 +145,12 @@ pub enum FeedCommand {
         /// Most changes.
         limit: usize,
     },
+    /// Close the WebSocket session now (the server broke the protocol) and
+    /// answer [`FeedMachine::session_ended`] with [`SessionEnd::Broken`].
+    EndSession(String),
+    /// The session that ended was healthy: the next reconnect starts the
+    /// backoff from its first delay.
+    ResetBackoff,
     /// Count a WebSocket reconnect.
     CountReconnect,
     /// Count a change delivered.
@@ -156,6 +176,18 @@ struct Poll {
     rejoined: bool,
 }
 
+/// The WebSocket session in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Session {
+    /// Something was delivered (or a baseline set): the session was of use,
+    /// even if it then broke the protocol.
+    progressed: bool,
+}
+
+/// Longest server-supplied text kept in a [`Resync`] or a log line, in
+/// characters.
+const MAX_SERVER_TEXT: usize = 512;
+
 /// The follower's decisions: what is delivered, from where, in which state.
 #[derive(Debug, Clone)]
 pub struct FeedMachine {
@@ -168,6 +200,10 @@ pub struct FeedMachine {
     feed_reports_head: bool,
     state: ConnectionState,
     poll: Option<Poll>,
+    session: Option<Session>,
+    /// The last unreadable-page failure warned about: the same one at every
+    /// poll is logged once, not every `poll_interval`.
+    unreadable: Option<String>,
     page_size: usize,
 }
 
@@ -182,6 +218,8 @@ impl FeedMachine {
             feed_reports_head: true,
             state: ConnectionState::Connecting,
             poll: None,
+            session: None,
+            unreadable: None,
             page_size: page_size.max(1),
         }
     }
@@ -213,6 +251,7 @@ impl FeedMachine {
             out.push(FeedCommand::CountReconnect);
         }
         self.has_connected = true;
+        self.session = Some(Session::default());
         self.set_state(ConnectionState::Connected, &mut out);
         out
     }
@@ -220,9 +259,17 @@ impl FeedMachine {
     /// A WebSocket attempt or session ended.
     pub fn session_ended(&mut self, end: SessionEnd) -> Vec<FeedCommand> {
         let mut out = Vec::new();
+        let broken = matches!(end, SessionEnd::Broken(_));
         match end {
-            SessionEnd::Lost(reason) => tracing::debug!(%reason, "realtime WebSocket unavailable"),
-            SessionEnd::Expired(reason) => self.begin_resync(reason),
+            SessionEnd::Lost(reason) | SessionEnd::Broken(reason) => {
+                tracing::debug!(reason = %printable(&reason), "realtime WebSocket unavailable");
+            }
+            SessionEnd::Expired(reason) => self.begin_resync(&reason),
+        }
+        // A server that breaks the protocol at once on every connection
+        // must not reset the backoff, or it would make a tight loop.
+        if self.session.take().is_some_and(|s| s.progressed || !broken) {
+            out.push(FeedCommand::ResetBackoff);
         }
         if matches!(
             self.state,
@@ -240,11 +287,40 @@ impl FeedMachine {
         out
     }
 
-    /// A change arrived (WebSocket or page).
+    /// A change arrived on the WebSocket. One that skips cursors is not
+    /// delivered: the session ends, and the poll that follows a lost
+    /// session reads the hole from the feed.
     pub fn change(&mut self, change: Change) -> Vec<FeedCommand> {
         let mut out = Vec::new();
-        self.deliver(change, &mut out);
+        match self.dedupe.judge(change.cursor) {
+            Verdict::Duplicate => trace_duplicate(change.cursor),
+            Verdict::Next => self.deliver(change, &mut out),
+            Verdict::Gap { expected } => {
+                tracing::warn!(
+                    expected,
+                    got = change.cursor,
+                    "the realtime WebSocket skipped cursors; reading them from the feed"
+                );
+                out.push(FeedCommand::EndSession(format!(
+                    "cursor gap: expected {expected}, got {}",
+                    change.cursor
+                )));
+            }
+        }
         out
+    }
+
+    /// A WebSocket change frame did not parse (`error` must not quote the
+    /// payload). Skipping it would lose its change for good once the next
+    /// one is delivered, so the session ends and a poll reads it instead.
+    pub fn malformed_change(&mut self, error: &str) -> Vec<FeedCommand> {
+        tracing::warn!(
+            error,
+            "a realtime change frame does not parse; reading it from the feed"
+        );
+        vec![FeedCommand::EndSession(format!(
+            "a change frame does not parse: {error}"
+        ))]
     }
 
     /// Whether polling can follow the feed now: it needs a cursor, or a
@@ -305,15 +381,25 @@ impl FeedMachine {
             return out;
         }
         match result {
-            Ok(page) => {
+            Ok(mut page) => {
+                self.unreadable = None;
                 self.set_state(ConnectionState::Polling, &mut out);
                 // A page can end short of `page_size` (the server bounds its
                 // bytes): where the feed reports its head, that says whether
                 // more is left.
                 let full = page.changes.len() >= self.page_size;
-                let head = page.head;
+                // The protocol orders a page by cursor; a server that does
+                // not must not make the lower cursors look delivered.
+                page.changes.sort_by_key(|c| c.cursor);
+                // A head below the page's own changes contradicts it: the
+                // changes are taken as the truth.
+                let top = page.changes.last().map(|c| c.cursor);
+                let head = page.head.map(|head| head.max(top.unwrap_or(0)));
+                if let Some(head) = head {
+                    self.rejoin(head, &mut out);
+                }
                 for change in page.changes {
-                    self.deliver(change, &mut out);
+                    self.deliver_from_feed(change, &mut out);
                 }
                 let more = match head {
                     Some(head) => self.dedupe.last().is_some_and(|last| last < head),
@@ -324,7 +410,7 @@ impl FeedMachine {
                 }
             }
             Err(PageFailure::Expired { reason, head }) => {
-                self.begin_resync(reason);
+                self.begin_resync(&reason);
                 match head {
                     Some(head) if !poll.rejoined => {
                         // Resync here and keep polling from the head.
@@ -361,15 +447,27 @@ impl FeedMachine {
             PageFailure::Refused(error) => {
                 tracing::warn!(%error, "realtime fallback poll refused");
             }
-            PageFailure::Failed(error) | PageFailure::Expired { reason: error, .. } => {
+            PageFailure::Unreadable(error) if self.unreadable.as_ref() != Some(error) => {
+                tracing::warn!(
+                    %error,
+                    "the feed's answer cannot be read; polling cannot follow it (logged again \
+                     only if the failure changes)"
+                );
+                self.unreadable = Some(error.clone());
+            }
+            PageFailure::Failed(error) | PageFailure::Unreadable(error) => {
                 tracing::debug!(%error, "realtime fallback poll failed");
+            }
+            PageFailure::Expired { reason, .. } => {
+                tracing::debug!(error = %printable(reason), "realtime fallback poll failed");
             }
         }
         self.set_state(ConnectionState::Disconnected, out);
     }
 
-    fn begin_resync(&mut self, reason: String) {
+    fn begin_resync(&mut self, reason: &str) {
         if self.resync.is_none() {
+            let reason = printable(reason);
             tracing::warn!(%reason, cursor = ?self.dedupe.last(), "realtime cursor expired; resync");
             self.resync = Some(PendingResync {
                 stale: self.dedupe.last(),
@@ -380,40 +478,68 @@ impl FeedMachine {
 
     /// Learns the feed's latest cursor: a pending resync completes there
     /// (the app gets [`RealtimeMessage::Resync`] and refetches), and a first
-    /// start without a cursor begins there. Otherwise the head changes
-    /// nothing.
+    /// start without a cursor begins there. A head below the delivered
+    /// cursor (a server restored from a backup, or that lost data) is a
+    /// resync too: the changes it writes next reuse cursors the app has
+    /// seen. Otherwise the head changes nothing.
     fn rejoin(&mut self, head: u64, out: &mut Vec<FeedCommand>) {
         if let Some(r) = self.resync.take() {
-            self.dedupe.reset(head);
-            out.push(FeedCommand::Deliver(RealtimeMessage::Resync(Resync {
-                stale_cursor: r.stale,
-                resume_cursor: head,
-                reason: r.reason,
-            })));
+            self.resync_to(r.stale, head, r.reason, out);
+        } else if let Some(last) = self.dedupe.last().filter(|last| head < *last) {
+            let reason = format!("the feed's head {head} is below the delivered cursor {last}");
+            tracing::warn!(%reason, "realtime feed went back; resync");
+            self.resync_to(Some(last), head, reason, out);
         } else if self.dedupe.last().is_none() {
-            self.dedupe.reset(head);
+            self.dedupe.record(head);
+            self.mark_progress();
             out.push(FeedCommand::Baseline(head));
         }
     }
 
-    fn deliver(&mut self, change: Change, out: &mut Vec<FeedCommand>) {
-        match self.dedupe.accept(change.cursor) {
-            Verdict::Duplicate => {
-                tracing::trace!(
-                    cursor = change.cursor,
-                    "dropping an already delivered change"
-                );
-                return;
+    fn resync_to(
+        &mut self,
+        stale_cursor: Option<u64>,
+        resume_cursor: u64,
+        reason: String,
+        out: &mut Vec<FeedCommand>,
+    ) {
+        self.dedupe.record(resume_cursor);
+        self.mark_progress();
+        out.push(FeedCommand::Deliver(RealtimeMessage::Resync(Resync {
+            stale_cursor,
+            resume_cursor,
+            reason,
+        })));
+    }
+
+    /// A change read from the feed itself (a page). A hole there is in the
+    /// feed, not in transit, so reading again cannot fill it: the app is
+    /// told with a [`Resync`] up to the change, which follows.
+    fn deliver_from_feed(&mut self, change: Change, out: &mut Vec<FeedCommand>) {
+        match self.dedupe.judge(change.cursor) {
+            Verdict::Duplicate => trace_duplicate(change.cursor),
+            Verdict::Next => self.deliver(change, out),
+            Verdict::Gap { expected } => {
+                let reason = format!("the feed has no changes {expected}..={}", change.cursor - 1);
+                tracing::warn!(%reason, "hole in the change feed; resync");
+                self.resync_to(self.dedupe.last(), change.cursor - 1, reason, out);
+                self.deliver(change, out);
             }
-            Verdict::DeliverAfterGap { expected } => tracing::warn!(
-                expected,
-                got = change.cursor,
-                "gap in the change feed (the server should never skip cursors)"
-            ),
-            Verdict::Deliver => {}
         }
+    }
+
+    /// Delivers the next change (judged [`Verdict::Next`]).
+    fn deliver(&mut self, change: Change, out: &mut Vec<FeedCommand>) {
+        self.dedupe.record(change.cursor);
+        self.mark_progress();
         out.push(FeedCommand::Deliver(RealtimeMessage::Change { change }));
         out.push(FeedCommand::CountMessage);
+    }
+
+    fn mark_progress(&mut self) {
+        if let Some(s) = &mut self.session {
+            s.progressed = true;
+        }
     }
 
     fn set_state(&mut self, new: ConnectionState, out: &mut Vec<FeedCommand>) {
@@ -421,5 +547,50 @@ impl FeedMachine {
             self.state = new;
             out.push(FeedCommand::State(new));
         }
+    }
+}
+
+fn trace_duplicate(cursor: u64) {
+    tracing::trace!(cursor, "dropping an already delivered change");
+}
+
+/// Server-supplied text as it may go into a log line or a [`Resync`]:
+/// control and bidi characters escaped (no forged log lines, no terminal
+/// escapes) and at most [`MAX_SERVER_TEXT`] characters (a 410's detail can
+/// be megabytes).
+fn printable(text: &str) -> String {
+    let mut out = String::new();
+    let mut len = 0;
+    for c in text.chars() {
+        let hidden = c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+        let piece: String = if hidden {
+            c.escape_default().collect()
+        } else {
+            c.to_string()
+        };
+        let n = piece.chars().count();
+        if len + n > MAX_SERVER_TEXT {
+            out.push('…');
+            break;
+        }
+        out.push_str(&piece);
+        len += n;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_text_is_bounded_and_escaped() {
+        assert_eq!(printable("gone\n\u{1b}[31m"), "gone\\n\\u{1b}[31m");
+        assert_eq!(printable("a\u{202E}b"), "a\\u{202e}b");
+        let long = printable(&"x".repeat(10_000));
+        assert_eq!(long.chars().count(), MAX_SERVER_TEXT + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(printable("cursor 5 was purged"), "cursor 5 was purged");
     }
 }

@@ -3,8 +3,11 @@
 //! The first `max_attempts` failed connections back off exponentially with
 //! full jitter ([`RetryPolicy::next_delay`], the same schedule the outbox
 //! uses); after that the service never gives up but *probes* at a slow fixed
-//! interval, and keeps polling the feed meanwhile. A successful connection
-//! resets the schedule.
+//! interval, and keeps polling the feed meanwhile. A session that was of
+//! use resets the schedule ([`FeedCommand::ResetBackoff`]); one that broke
+//! the protocol before delivering anything does not.
+//!
+//! [`FeedCommand::ResetBackoff`]: crate::core::feed::FeedCommand::ResetBackoff
 
 use std::time::Duration;
 

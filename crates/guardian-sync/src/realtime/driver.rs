@@ -131,10 +131,10 @@ impl Driver {
         }
     }
 
-    /// Carries out the feed machine's commands; returns the page it asks
-    /// for, if any.
-    async fn exec(&mut self, commands: Vec<FeedCommand>) -> Result<Option<(u64, usize)>, Stopped> {
-        let mut fetch = None;
+    /// Carries out the feed machine's commands; returns what is left for
+    /// the caller's loop (a page to fetch, a session to end).
+    async fn exec(&mut self, commands: Vec<FeedCommand>) -> Result<Next, Stopped> {
+        let mut next = Next::default();
         for command in commands {
             match command {
                 FeedCommand::Deliver(message) => self.send(message).await?,
@@ -143,7 +143,9 @@ impl Driver {
                     self.consumed.send_replace(Some(cursor));
                 }
                 FeedCommand::State(state) => self.set_state(state),
-                FeedCommand::FetchPage { since, limit } => fetch = Some((since, limit)),
+                FeedCommand::FetchPage { since, limit } => next.fetch = Some((since, limit)),
+                FeedCommand::EndSession(reason) => next.end_session = Some(reason),
+                FeedCommand::ResetBackoff => self.reconnect.connected(),
                 FeedCommand::CountReconnect => {
                     if let Some(m) = &self.cfg.metrics {
                         m.incr(Counter::RealtimeReconnects);
@@ -156,7 +158,7 @@ impl Driver {
                 }
             }
         }
-        Ok(fetch)
+        Ok(next)
     }
 
     /// One WebSocket attempt and, if it opens, the session.
@@ -197,7 +199,6 @@ impl Driver {
             }
             Err(ConnectError::Failed(reason)) => return Ok(SessionEnd::Lost(reason)),
         };
-        self.reconnect.connected();
         let commands = self.feed.connected();
         self.exec(commands).await?;
         let end = self.session(socket).await;
@@ -230,7 +231,12 @@ impl Driver {
                     match frame {
                         None => return Ok(SessionEnd::Lost("closed".to_owned())),
                         Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
-                        Some(Ok(Message::Text(text))) => self.on_text(text.as_str()).await?,
+                        Some(Ok(Message::Text(text))) => {
+                            if let Some(reason) = self.on_text(text.as_str()).await? {
+                                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+                                return Ok(SessionEnd::Broken(reason));
+                            }
+                        }
                         Some(Ok(Message::Close(frame))) => {
                             let reason = frame.as_ref().map_or_else(String::new, |f| f.reason.to_string());
                             if frame.is_some_and(|f| f.code == CloseCode::Policy) {
@@ -262,20 +268,19 @@ impl Driver {
         }
     }
 
-    async fn on_text(&mut self, text: &str) -> Result<(), Stopped> {
-        let frame = match serde_json::from_str::<RealtimeFrame>(text) {
-            Ok(f) => f,
+    /// Handles one text frame; returns why the session must end, if it must.
+    async fn on_text(&mut self, text: &str) -> Result<Option<String>, Stopped> {
+        let commands = match serde_json::from_str::<RealtimeFrame>(text) {
+            Ok(RealtimeFrame::Hello { cursor }) => self.feed.hello(cursor),
+            Ok(RealtimeFrame::Change { change }) => self.feed.change(change),
+            Err(e) if is_change_frame(text) => self.feed.malformed_change(&super::json_error(&e)),
             Err(e) => {
                 // Never log the payload itself (it holds app data).
-                tracing::warn!(error = %e, len = text.len(), "skipping a malformed realtime frame");
-                return Ok(());
+                tracing::warn!(error = %super::json_error(&e), len = text.len(), "skipping a malformed realtime frame");
+                return Ok(None);
             }
         };
-        let commands = match frame {
-            RealtimeFrame::Hello { cursor } => self.feed.hello(cursor),
-            RealtimeFrame::Change { change } => self.feed.change(change),
-        };
-        self.exec(commands).await.map(|_| ())
+        Ok(self.exec(commands).await?.end_session)
     }
 
     async fn send(&mut self, message: RealtimeMessage) -> Result<(), Stopped> {
@@ -332,14 +337,31 @@ impl Driver {
     /// feed machine asks.
     async fn poll_feed(&mut self) -> Result<(), Stopped> {
         let commands = self.feed.poll();
-        let mut fetch = self.exec(commands).await?;
+        let mut fetch = self.exec(commands).await?.fetch;
         while let Some((since, limit)) = fetch {
             let result = self.fetch_page(since, limit).await?.map_err(page_failure);
             let commands = self.feed.page(result);
-            fetch = self.exec(commands).await?;
+            fetch = self.exec(commands).await?.fetch;
         }
         Ok(())
     }
+}
+
+/// What the feed machine's commands leave for the driver's loop.
+#[derive(Debug, Default)]
+struct Next {
+    /// The page to fetch and answer with.
+    fetch: Option<(u64, usize)>,
+    /// The session must end, for this reason.
+    end_session: Option<String>,
+}
+
+/// Whether an unparsable frame says it is a change (then its change would
+/// be lost by skipping it), rather than not being JSON or of a type this
+/// client does not know.
+fn is_change_frame(text: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(text)
+        .is_ok_and(|v| v.get("type").and_then(serde_json::Value::as_str) == Some("change"))
 }
 
 /// A feed request's failure, as the feed machine sees it.
@@ -347,6 +369,9 @@ fn page_failure(e: FetchError) -> PageFailure {
     match e {
         FetchError::Expired { reason, head } => PageFailure::Expired { reason, head },
         FetchError::Unauthorized | FetchError::Token(_) => PageFailure::Refused(e.to_string()),
+        FetchError::TooLarge(_) | FetchError::Malformed(_) => {
+            PageFailure::Unreadable(e.to_string())
+        }
         other => PageFailure::Failed(other.to_string()),
     }
 }

@@ -21,6 +21,11 @@
 //! - **Dedupe by cursor**: a change at or below the last delivered cursor is
 //!   dropped, whichever path it came on, so the overlap of a switch is never
 //!   delivered twice.
+//! - **No silent holes**: a WebSocket change that skips cursors is not
+//!   delivered; the session ends and the catch-up poll reads the hole from
+//!   the feed. A hole in the feed itself, or a feed whose head (`hello`, a
+//!   page's `head`) is below the delivered cursor (a server restored from a
+//!   backup), is delivered as a [`RealtimeMessage::Resync`].
 //! - **Resync**: a 410 `cursor-expired` (from the feed, the upgrade, or a
 //!   close frame 1008 mid-session) means changes were purged before the app
 //!   saw them. The service does not skip the gap silently: it opens the
@@ -32,8 +37,10 @@
 //!   feed's latest cursor (`head`), the service delivers the `Resync` with
 //!   it and polls on from there. Against a backend that does not report
 //!   `head`, a resync waits for the WebSocket's `hello`.
-//! - A malformed frame is logged and skipped; an oversized one ends the
-//!   connection (tungstenite refuses it) and the service reconnects.
+//! - A change frame that does not parse ends the session (its change is
+//!   then read from the feed); any other malformed frame is logged and
+//!   skipped; an oversized one ends the connection (tungstenite refuses it)
+//!   and the service reconnects.
 //!
 //! # Delivery semantics at crash boundaries
 //!
@@ -229,6 +236,18 @@ fn parse_url(raw: &str, schemes: &[&str]) -> Result<reqwest::Url, ConfigError> {
         )));
     }
     Ok(url)
+}
+
+/// A JSON error without serde's message, which can quote the payload (app
+/// data must not reach the logs).
+fn json_error(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Syntax => "not JSON",
+        serde_json::error::Category::Eof => "truncated JSON",
+        serde_json::error::Category::Data => "JSON of an unexpected shape",
+        serde_json::error::Category::Io => "unreadable JSON",
+    };
+    format!("{what} at line {}, column {}", e.line(), e.column())
 }
 
 /// `http://h/base` → `ws://h/base/v1/realtime` (`https` → `wss`).

@@ -79,7 +79,7 @@ pub(super) async fn fetch(
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
     }
-    serde_json::from_slice(&body).map_err(|e| FetchError::Malformed(e.to_string()))
+    serde_json::from_slice(&body).map_err(|e| FetchError::Malformed(super::json_error(&e)))
 }
 
 /// A 410's problem body, parsed once: its `detail` (for logs and the
