@@ -65,9 +65,10 @@ impl InFlight {
                 busy.push(true);
             }
         }
-        let n = set.len();
+        // Published under the lock: two changes on two threads publish in
+        // the order they changed the set, so the last count is its size.
+        self.count.send_replace(set.len());
         drop(set);
-        self.count.send_replace(n);
         (
             Reservation {
                 owner: Arc::clone(self),
@@ -94,9 +95,8 @@ impl Drop for Reservation {
         for k in &self.keys {
             set.remove(k);
         }
-        let n = set.len();
-        drop(set);
-        self.owner.count.send_replace(n);
+        // Under the lock, as in `reserve`.
+        self.owner.count.send_replace(set.len());
     }
 }
 
@@ -118,5 +118,40 @@ mod tests {
         let other: Arc<str> = Arc::from("u");
         let (_r3, busy) = f.reserve(&other, ["c"]);
         assert_eq!(busy, vec![false], "keys are per tenant");
+    }
+
+    /// Two requests released at once on two threads: the count published
+    /// last must be the set's final size, or a waiter on the count (a
+    /// graceful stop, a test waiting for quiet) waits on a key long gone.
+    #[test]
+    fn the_count_settles_to_the_set_size_under_concurrent_releases() {
+        const THREADS: usize = 4;
+        const ROUNDS: usize = 20_000;
+        let f = InFlight::new();
+        let t: Arc<str> = Arc::from("t");
+        let barrier = std::sync::Barrier::new(THREADS);
+        let stale = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for n in 0..THREADS {
+                let (f, t, barrier, stale) = (&f, &t, &barrier, &stale);
+                s.spawn(move || {
+                    let key = n.to_string();
+                    for _ in 0..ROUNDS {
+                        let (r, _) = f.reserve(t, [key.as_str()]);
+                        barrier.wait();
+                        drop(r);
+                        if barrier.wait().is_leader() && f.len() != 0 {
+                            stale.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        barrier.wait();
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            stale.into_inner(),
+            0,
+            "rounds that ended with keys counted that no request held"
+        );
     }
 }
