@@ -144,7 +144,8 @@ GsStatus gs_engine_start(const GsEngine *engine);
 
 // Stops the runner, waiting up to `timeout_ms` for it to release the lock
 // (requests in flight are abandoned; their ops are re-sent with the same
-// idempotency key later). A runner still busy then is aborted and
+// idempotency key later; answers already received are recorded and their
+// events published first). A runner still busy then is aborted and
 // `GS_STATUS_STOP_TIMEOUT` returned. Stopping a stopped runner is OK.
 //
 // # Safety

@@ -363,16 +363,17 @@ fn event_callback_reentry_never_deadlocks() {
     assert!(!op_id.is_empty());
 
     // Still registered (the refused replace/clear changed nothing): it sees
-    // the runner it restarted take the lock, and what it enqueued is
-    // applied. The outbox is asserted, not op events: the stop it made can
-    // land between an ack's commit and its event (events are notifications).
-    let (mut restarted, mut seen) = (false, Vec::new());
+    // the runner it restarted take the lock, and the op and the transaction
+    // it enqueued succeed, whatever point of their drain its stop hit.
+    let (mut restarted, mut op_ok, mut txn_ok, mut seen) = (false, false, false, Vec::new());
     let deadline = Instant::now() + BOUND;
     loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(Reported::Event(ev)) => {
                 let v: Value = serde_json::from_str(&ev).unwrap();
                 restarted |= v["event"] == "lock_acquired";
+                op_ok |= v["event"] == "op_succeeded" && v["op_id"] == op_id.as_str();
+                txn_ok |= v["event"] == "transaction_committed";
                 seen.push(ev);
             }
             Ok(Reported::Reentry(..)) => panic!("a second re-entry report"),
@@ -380,12 +381,12 @@ fn event_callback_reentry_never_deadlocks() {
         }
         let s = status(h);
         let drained = s["pending"] == 0 && s["in_flight"] == 0 && s["failed"] == 0;
-        if restarted && drained {
+        if restarted && drained && op_ok && txn_ok {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "not restarted and drained: {s}; events {seen:?}"
+            "not restarted, drained and told of both: {s}; events {seen:?}"
         );
     }
 

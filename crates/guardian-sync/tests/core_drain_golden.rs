@@ -142,6 +142,7 @@ fn input_line(i: &DrainInput) -> String {
         DrainInput::Fetched { op, result, .. } => format!("fetched {} {result:?}", name(op)),
         DrainInput::Written { id } => format!("written {id}"),
         DrainInput::LockLost => "lock lost".into(),
+        DrainInput::Stop => "stop".into(),
     }
 }
 
@@ -485,6 +486,42 @@ fn a_refused_token_pauses_the_drain() {
         -> emit AuthRequired
         -> deliver outcomes
         -> finish Progressed(DrainReport { sent: 1, succeeded: 0, failed: 0, retried: 0, conflicts_resolved: 0, deferred: 0 })
+        "#,
+    );
+}
+
+#[test]
+fn a_stop_writes_and_publishes_the_acks_in_hand_and_releases_the_rest() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let a1 = op("a", 1, json!({}));
+    let b2 = op("b", 2, json!({}));
+    let c3 = op("c", 3, json!({}));
+    s.step(claimed(3, vec![a1.clone(), b2, c3]));
+    // a#1's ack waits for more while b#2 is on the wire.
+    s.step(responded(vec![a1], vec![applied("a", 1, json!({}))]));
+    // b#2's request is abandoned; the refill claim is waited for.
+    s.step(Some(DrainInput::Stop));
+    s.step(claimed(62, vec![op("d", 4, json!({}))]));
+    s.step(written(0));
+    assert_golden(
+        &s,
+        r#"
+        -> claim 65
+        <- claimed 3: [a#1, b#2, c#3]
+        -> send a#1(if-match None)
+        -> claim 62
+        <- responded a#1 applied v1 replayed=false
+        -> send b#2(if-match None)
+        <- stop
+        -> write 0: ack op1 vSome(1) data Some(Object {})
+        -> release ["op3"]
+        <- claimed 62: [d#4]
+        -> release ["op4"]
+        <- written 0
+        -> emit succeeded op1 vSome(1) replayed=false
+        -> deliver outcomes
+        -> finish Progressed(DrainReport { sent: 1, succeeded: 1, failed: 0, retried: 0, conflicts_resolved: 0, deferred: 0 })
         "#,
     );
 }

@@ -1477,3 +1477,110 @@ async fn a_running_engine_drains_blocking_enqueues_from_a_thread() {
         assert_eq!((status, &body["data"]), (200, &json!({"i": i})));
     }
 }
+
+/// The HTTP transport, held at a gate before each send and announcing each
+/// response the moment it is in hand.
+#[derive(Debug)]
+struct Gated {
+    inner: guardian_sync::transport::HttpTransport,
+    sending: tokio::sync::mpsc::UnboundedSender<()>,
+    gate: tokio::sync::Semaphore,
+    answered: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl guardian_sync::transport::Transport for Gated {
+    fn send<'a>(
+        &'a self,
+        op: &'a guardian_sync::transport::OpRequest,
+    ) -> BoxFuture<'a, guardian_sync::transport::Outcome> {
+        Box::pin(async move {
+            let _ = self.sending.send(());
+            self.gate.acquire().await.unwrap().forget();
+            let outcome = self.inner.send(op).await;
+            let _ = self.answered.send(());
+            outcome
+        })
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        entity_type: &'a str,
+        entity_id: &'a str,
+    ) -> BoxFuture<'a, Result<guardian_sync::transport::Fetched, guardian_sync::transport::Outcome>>
+    {
+        self.inner.fetch(entity_type, entity_id)
+    }
+}
+
+/// A stop that lands after the server answered, while the ack waits for the
+/// outbox (another connection holds its write lock), still writes the ack
+/// and publishes its `op_succeeded`: an op gone from the outbox always had
+/// its event. It used to be acked with no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_an_ack_is_written_still_publishes_its_event() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (sending, mut sent) = tokio::sync::mpsc::unbounded_channel();
+    let (answered, mut in_hand) = tokio::sync::mpsc::unbounded_channel();
+    let transport = Arc::new(Gated {
+        inner: guardian_sync::transport::HttpTransport::new(
+            &guardian_sync::transport::HttpTransportConfig::new(server.url()),
+            Arc::new(StaticToken::new(TOKEN)),
+        )
+        .unwrap(),
+        sending,
+        gate: tokio::sync::Semaphore::new(0),
+        answered,
+    });
+    let engine = SyncEngine::builder()
+        .outbox_path(dir.path().join("outbox.db"))
+        .transport(transport.clone())
+        .retry(fast_retry())
+        .build()
+        .await
+        .unwrap();
+    let op = engine
+        .enqueue(NewOp::create("device", "d0", json!({"i": 0})))
+        .await
+        .unwrap();
+    let mut events = engine.events();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+        })
+    };
+    // Claimed and about to be sent: the outbox is locked against the ack.
+    sent.recv().await.unwrap();
+    let peer = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+    peer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    transport.gate.add_permits(1);
+    in_hand.recv().await.unwrap();
+    stop_tx.send(()).unwrap();
+    peer.execute_batch("ROLLBACK").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), runner)
+        .await
+        .expect("the runner did not stop")
+        .unwrap()
+        .unwrap();
+    let stored = engine.outbox().get(op.op_id).await.unwrap();
+    assert!(
+        stored.is_none(),
+        "the op answered before the stop was not acked: {stored:?}"
+    );
+    let succeeded: Vec<SyncEvent> = collect(&mut events)
+        .into_iter()
+        .filter(|e| matches!(e, SyncEvent::OpSucceeded { .. }))
+        .collect();
+    assert_eq!(
+        succeeded.len(),
+        1,
+        "op_succeeded of the acked op: {succeeded:?}"
+    );
+    assert_eq!(server.applied_log().await.unwrap().len(), 1);
+}

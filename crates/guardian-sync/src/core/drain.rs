@@ -20,7 +20,11 @@
 //! once whenever the claimed queue runs dry, so a chain never waits).
 //!
 //! Ops claimed but not yet sent when sending must stop (breaker open,
-//! authentication required) are released as never attempted.
+//! authentication required, the app stopping) are released as never
+//! attempted. On [`DrainInput::Stop`] the requests and fetches in flight are
+//! abandoned, but outcomes already received are still written and published
+//! before the drain finishes: an op acknowledged in the outbox always has
+//! its event.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -103,6 +107,8 @@ pub enum DrainEnd {
     AuthPaused,
     /// Another runner took the lock: nothing more was written.
     LockLost,
+    /// The app asked the drain to stop ([`DrainInput::Stop`]).
+    Stopped,
 }
 
 /// Most batch requests in flight at once (fewer if `concurrency` is lower):
@@ -351,6 +357,11 @@ pub enum DrainInput {
     },
     /// A fenced write or claim was refused: another runner holds the lock.
     LockLost,
+    /// The app is stopping: send and fetch nothing more, and finish once
+    /// what was received is written. The driver drops the requests and
+    /// fetches in flight; their ops stay in flight in the outbox and go
+    /// back to pending when the lock is next acquired.
+    Stop,
 }
 
 /// An outcome that did not apply the op: what `DrainMachine::handle`
@@ -430,8 +441,10 @@ pub struct DrainMachine {
     ready_ops: usize,
     /// Requests in flight.
     requests: usize,
-    /// Outcome writes and fetches in flight (not the ack group).
+    /// Outcome writes in flight (not the ack group).
     records: usize,
+    /// Conflict fetches in flight.
+    fetches: usize,
     /// The ack group's write is in flight.
     flushing: bool,
     claiming: bool,
@@ -467,6 +480,7 @@ impl DrainMachine {
             ready_ops: 0,
             requests: 0,
             records: 0,
+            fetches: 0,
             flushing: false,
             claiming: false,
             acks: Vec::new(),
@@ -553,7 +567,7 @@ impl DrainMachine {
                 latency: _,
                 result,
             } => {
-                self.records = self.records.saturating_sub(1);
+                self.fetches = self.fetches.saturating_sub(1);
                 if let Some(txn) = op.txn {
                     let others = self.txn_waiting.remove(&txn.id).unwrap_or_default();
                     match result {
@@ -578,6 +592,12 @@ impl DrainMachine {
                 }
             }
             DrainInput::LockLost => {}
+            DrainInput::Stop => {
+                self.stop.get_or_insert(DrainEnd::Stopped);
+                self.requests = 0;
+                self.fetches = 0;
+                self.txn_waiting.clear();
+            }
             DrainInput::Written { id } => {
                 let Some(after) = self.after.remove(&id) else {
                     return;
@@ -600,6 +620,7 @@ impl DrainMachine {
                 out.extend(after.events.into_iter().map(DrainCommand::Emit));
                 if self.outcomes_pending
                     && self.records == 0
+                    && self.fetches == 0
                     && !self.flushing
                     && self.acks.is_empty()
                 {
@@ -625,7 +646,7 @@ impl DrainMachine {
                 Admission::Rejected { .. } => {
                     // Wait for what is outstanding (a trial may close the
                     // breaker); with nothing outstanding, stop.
-                    if self.requests == 0 && self.records == 0 {
+                    if self.requests == 0 && self.records == 0 && self.fetches == 0 {
                         self.stop = Some(DrainEnd::BreakerOpen);
                     }
                     break;
@@ -675,7 +696,10 @@ impl DrainMachine {
             deficit >= cfg.ahead.div_ceil(2)
         };
         if self.stop.is_none() && !self.claiming && want {
-            let idle = self.requests == 0 && self.records == 0 && self.ready.is_empty();
+            let idle = self.requests == 0
+                && self.records == 0
+                && self.fetches == 0
+                && self.ready.is_empty();
             if self.auth_paused(env) {
                 self.stop = Some(DrainEnd::AuthPaused);
             } else if env.breaker.is_tripped(env.mono) {
@@ -705,6 +729,7 @@ impl DrainMachine {
         }
         if self.requests == 0
             && self.records == 0
+            && self.fetches == 0
             && !self.claiming
             && self.ready.is_empty()
             && !self.flushing
@@ -937,7 +962,7 @@ impl DrainMachine {
                 match problem.current {
                     Some(e) => self.reconcile(op, Fetched::Present(e), env, out),
                     None => {
-                        self.records += 1;
+                        self.fetches += 1;
                         out.push(DrainCommand::Fetch {
                             op: Box::new(op),
                             latency,
@@ -1272,7 +1297,7 @@ impl DrainMachine {
                         if let Some(txn) = op.txn {
                             self.txn_waiting.insert(txn.id, unit);
                         }
-                        self.records += 1;
+                        self.fetches += 1;
                         out.push(DrainCommand::Fetch {
                             op: Box::new(op),
                             latency,

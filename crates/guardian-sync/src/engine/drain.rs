@@ -6,6 +6,7 @@
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt as _};
+use tokio::sync::watch;
 
 use crate::core::drain::{
     DrainCommand, DrainConfig, DrainEnd, DrainInput, DrainMachine, Env, Write,
@@ -53,9 +54,15 @@ impl<'a> Pending<'a> {
 impl Inner {
     /// Drains everything ready now (see [`DrainMachine`]).
     ///
-    /// On a cancelled drain (shutdown) claimed ops stay in flight and go back
-    /// to pending when the lock is next acquired, with one attempt counted.
-    pub(super) async fn step(&self, fence: &Fence) -> Result<DrainEnd, EngineError> {
+    /// Once `stop` turns true, the requests and fetches in flight are
+    /// dropped (their ops stay in flight and go back to pending when the
+    /// lock is next acquired, with one attempt counted) and the machine
+    /// finishes with the outcomes it already has written and published.
+    pub(super) async fn step(
+        &self,
+        fence: &Fence,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<DrainEnd, EngineError> {
         let cfg = DrainConfig::new(
             self.concurrency,
             self.batch,
@@ -63,11 +70,13 @@ impl Inner {
         )
         .max_payload(self.outbox.max_payload_bytes());
         let mut machine = DrainMachine::new(cfg);
-        // Writes (and conflict fetches) are polled first: their jobs reach
+        // Writes (then conflict fetches) are polled first: their jobs reach
         // the writer thread before a claim's, so the claim sees their effects
         // in the same commit.
         let mut writes = Pending::new();
+        let mut fetches = Pending::new();
         let mut requests = Pending::new();
+        let mut stopping = false;
         let mut claims = Pending::new();
         let mut input = None;
         loop {
@@ -82,7 +91,7 @@ impl Inner {
                         requests.push(Box::pin(self.send_unit(unit, deps)));
                     }
                     DrainCommand::Fetch { op, latency } => {
-                        writes.push(Box::pin(async move {
+                        fetches.push(Box::pin(async move {
                             let result = self.transport.fetch(&op.entity_type, &op.entity_id).await;
                             Ok(DrainInput::Fetched {
                                 op,
@@ -119,7 +128,16 @@ impl Inner {
             let result = tokio::select! {
                 biased;
                 Some(r) = writes.next(), if !writes.is_empty() => r,
+                Some(r) = fetches.next(), if !fetches.is_empty() => r,
                 Some(r) = requests.next(), if !requests.is_empty() => r,
+                // After the answers already in hand, which are recorded.
+                Ok(_) = stop.wait_for(|s| *s), if !stopping => {
+                    stopping = true;
+                    requests = Pending::new();
+                    fetches = Pending::new();
+                    input = Some(DrainInput::Stop);
+                    continue;
+                }
                 Some(r) = claims.next(), if !claims.is_empty() => r,
                 // The machine finishes when nothing is outstanding; this is
                 // only reached if it did not.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::Mutex as AsyncMutex;
+use tokio::sync::{watch, Mutex as AsyncMutex};
 
 use crate::lock::{Acquired, ProcessingLock};
 use crate::op::Fence;
@@ -31,7 +31,15 @@ pub(super) struct Session {
     fence: Fence,
     lost: Arc<AtomicBool>,
     beat: tokio::task::JoinHandle<()>,
+    /// Turned true when the app stops the runner: the drain sends nothing
+    /// more and finishes writing what it received.
+    stop: watch::Sender<bool>,
 }
+
+/// How long a stopping runner waits for the drain to write the outcomes it
+/// already received; past it the drain is aborted and those ops are sent
+/// again, with their keys, by the next runner.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 impl Session {
     pub(super) fn lost(&self) -> bool {
@@ -93,6 +101,7 @@ impl SyncEngine {
                     fence,
                     lost,
                     beat,
+                    stop: watch::Sender::new(false),
                 }))
             }
         }
@@ -125,7 +134,8 @@ impl SyncEngine {
         let inner = self.inner.clone();
         let fence = session.fence.clone();
         let lost = session.lost.clone();
-        let task = tokio::spawn(async move { inner.drain_steps(&fence, &lost).await });
+        let mut stop = session.stop.subscribe();
+        let task = tokio::spawn(async move { inner.drain_steps(&fence, &lost, &mut stop).await });
         let _abort = AbortOnDrop(task.abort_handle());
         match task.await {
             Ok(Err(EngineError::LockLost)) => Err(self.lock_lost()),
@@ -147,9 +157,10 @@ impl SyncEngine {
     /// until the next op is due or a new one is enqueued, and repeats.
     ///
     /// On shutdown, requests in flight are abandoned (their ops stay
-    /// `in_flight` and are re-sent with the same key by the next runner) and
-    /// the lock is released. Returns [`EngineError::LockLost`] if another
-    /// runner took the lock over.
+    /// `in_flight` and are re-sent with the same key by the next runner),
+    /// outcomes already received are written and their events published
+    /// (for at most [`STOP_GRACE`]), and the lock is released. Returns
+    /// [`EngineError::LockLost`] if another runner took the lock over.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport, EngineError> {
         self.run_inner(shutdown, false).await
     }
@@ -206,9 +217,26 @@ impl SyncEngine {
         let mut last_progress = inner.clock.monotonic();
         let mut stall_reported = false;
         loop {
+            let drain = self.drain_ready(session);
+            tokio::pin!(drain);
             let drained = tokio::select! {
-                () = shutdown.as_mut() => return Ok(()),
-                r = self.drain_ready(session) => r?,
+                () = shutdown.as_mut() => {
+                    session.stop.send_replace(true);
+                    return match tokio::time::timeout(STOP_GRACE, drain).await {
+                        Ok(drained) => {
+                            report.drain.add(&drained?);
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::warn!(
+                                "stopped before the outcomes received were written; \
+                                 their ops are sent again by the next runner"
+                            );
+                            Ok(())
+                        }
+                    };
+                }
+                r = &mut drain => r?,
             };
             // Progress means an op left the queue or was reconciled; a retry
             // is not progress (an endless retry loop is exactly a stall).
@@ -273,6 +301,7 @@ impl Inner {
         &self,
         fence: &Fence,
         lost: &AtomicBool,
+        stop: &mut watch::Receiver<bool>,
     ) -> Result<DrainReport, EngineError> {
         let mut report = DrainReport::default();
         self.deliver_outcomes().await?;
@@ -280,7 +309,10 @@ impl Inner {
             if lost.load(Ordering::SeqCst) {
                 return Err(EngineError::LockLost);
             }
-            match self.step(fence).await? {
+            if *stop.borrow() {
+                return Ok(report);
+            }
+            match self.step(fence, stop).await? {
                 DrainEnd::Progressed(r) => report.add(&r),
                 _ => return Ok(report),
             }
