@@ -222,7 +222,7 @@ impl Driver {
             tokio::select! {
                 biased;
                 () = stopped(&mut stop) => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+                    close(&mut sink).await;
                     return Err(Stopped);
                 }
                 frame = stream.next() => {
@@ -233,7 +233,7 @@ impl Driver {
                         Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
                         Some(Ok(Message::Text(text))) => {
                             if let Some(reason) = self.on_text(text.as_str()).await? {
-                                let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(None))).await;
+                                close(&mut sink).await;
                                 return Ok(SessionEnd::Broken(reason));
                             }
                         }
@@ -374,6 +374,19 @@ fn page_failure(e: FetchError) -> PageFailure {
         }
         other => PageFailure::Failed(other.to_string()),
     }
+}
+
+/// How long our close frame may take to leave: a peer that stopped reading
+/// must not hold up a stop or a reconnect.
+const CLOSE_BOUND: Duration = Duration::from_secs(1);
+
+/// Sends a close frame, within [`CLOSE_BOUND`]; the connection is dropped
+/// either way.
+async fn close<S>(sink: &mut S)
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_BOUND, sink.send(Message::Close(None))).await;
 }
 
 /// Resolves once the service is asked to stop (or its handle is gone).
