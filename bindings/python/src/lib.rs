@@ -22,6 +22,10 @@ fn err(e: FfiError) -> PyErr {
     NativeError::new_err((e.code as i32, e.message))
 }
 
+/// Long waits are cut into slices of this: Python acts on Ctrl-C only
+/// between them.
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
 fn seconds(s: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(s)
         .map_err(|_| PyValueError::new_err(format!("invalid timeout {s}: expected seconds >= 0")))
@@ -119,20 +123,18 @@ impl NativeEngine {
     }
 
     fn next_event(&self, py: Python<'_>, timeout: f64) -> PyResult<Option<String>> {
-        // Waited in slices: Python acts on Ctrl-C only between them.
-        const SLICE: Duration = Duration::from_millis(100);
         let d = seconds(timeout)?;
         let deadline = std::time::Instant::now().checked_add(d);
         loop {
-            let left = deadline.map_or(SLICE, |t| {
+            let left = deadline.map_or(WAIT_SLICE, |t| {
                 t.saturating_duration_since(std::time::Instant::now())
             });
-            let wait = left.min(SLICE);
+            let wait = left.min(WAIT_SLICE);
             if let Some(event) = self.call(py, |e| e.next_event(wait))? {
                 return Ok(Some(event));
             }
             py.check_signals()?;
-            if deadline.is_some() && left <= SLICE {
+            if deadline.is_some() && left <= WAIT_SLICE {
                 return Ok(None);
             }
         }
@@ -195,16 +197,44 @@ impl NativeEngine {
             }
             slot.take()
         };
+        let Some(engine) = engine else {
+            return Ok(());
+        };
         // Shut down through the shared handle, so that a call under way on
         // another thread (which holds a handle of its own) cannot keep the
-        // engine open; it returns CLOSED or finishes. Shutting down joins
-        // threads that may need the GIL (a token callback): release it.
-        py.allow_threads(move || {
-            if let Some(engine) = engine {
+        // engine open; it returns CLOSED or finishes. Shutting down waits
+        // for a running token callback, which may hang and needs the GIL:
+        // it runs on a thread of its own while this one waits with the GIL
+        // released, in slices, so that Ctrl-C ends the wait (the engine
+        // then finishes closing in the background).
+        let (done, closed) = std::sync::mpsc::channel::<()>();
+        let fallback = Arc::clone(&engine);
+        let spawned = std::thread::Builder::new()
+            .name("gsync-close".into())
+            .spawn(move || {
                 engine.shutdown();
+                drop(engine);
+                let _ = done.send(());
+            });
+        if spawned.is_err() {
+            // No thread to spare: close here, as long as it takes.
+            py.allow_threads(move || {
+                fallback.shutdown();
+                drop(fallback);
+            });
+            return Ok(());
+        }
+        py.allow_threads(move || drop(fallback));
+        let mut closed = closed;
+        loop {
+            // The receiver goes to the GIL-free side and back (it is not Sync).
+            let (r, back) = py.allow_threads(move || (closed.recv_timeout(WAIT_SLICE), closed));
+            closed = back;
+            match r {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
-        });
-        Ok(())
+        }
     }
 }
 

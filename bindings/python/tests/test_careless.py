@@ -363,6 +363,51 @@ def test_ctrl_c_interrupts_a_long_next_event(tmp_path):
     assert out.startswith("interrupted") and waited < 2.5, (out, waited)
 
 
+CLOSE_SIGINT_CHILD = """
+import sys, threading, time, guardian_sync as gs
+entered, never = threading.Event(), threading.Event()
+def hangs(refresh):
+    entered.set()
+    never.wait()
+    return "t"
+e = gs.Engine(sys.argv[1], "http://127.0.0.1:9", token_callback=hangs)
+e.enqueue("create", "note", "n", {})
+e.run()
+assert entered.wait(20), "the token callback was never called"
+print("ready", flush=True)
+t0 = time.monotonic()
+try:
+    e.close()
+    print("closed", flush=True)
+except KeyboardInterrupt:
+    print(f"interrupted {time.monotonic() - t0:.2f}", flush=True)
+try:
+    e.status()
+    print("still open", flush=True)
+except gs.ClosedError:
+    print("closed after", flush=True)
+"""
+
+
+def test_ctrl_c_ends_a_close_that_waits_for_a_hung_token_callback(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLOSE_SIGINT_CHILD), str(tmp_path / "o.db")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        sent = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+        waited = time.monotonic() - sent
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+    assert out.startswith("interrupted") and waited < 2.5, (out, err[-2000:], waited)
+    assert "closed after" in out, out
+    assert child.returncode == 0, (child.returncode, err[-2000:])
+
+
 def test_too_deep_payload_is_always_invalid_op(server, tmp_path):
     def nest(n: int):
         x: object = 1

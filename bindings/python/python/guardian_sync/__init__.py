@@ -325,5 +325,9 @@ class Engine:
         return self.aevents()
 
     def close(self) -> None:
-        """Stops the runner, closes the outbox; later calls raise :class:`ClosedError`."""
+        """Stops the runner, closes the outbox; later calls raise :class:`ClosedError`.
+
+        Waits for a token callback that is running; Ctrl-C ends the wait
+        (``KeyboardInterrupt``) and the engine finishes closing in the
+        background."""
         _call(self._native.close)
