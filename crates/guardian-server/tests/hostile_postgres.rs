@@ -1494,6 +1494,90 @@ async fn a_write_behind_a_stuck_tenant_lock_is_answered_in_bounded_time() {
     assert!(r.status >= 500, "{} {}", r.status, r.text);
 }
 
+/// A purge on a database that stops answering ends in bounded time with an
+/// error (the next one retries), instead of holding a pooled connection
+/// for as long as TCP stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_on_a_silent_database_ends_in_bounded_time() {
+    let db = pg::PgDb::create();
+    let proxy = Proxy::start(upstream(&db), false).await;
+    let s = serve(
+        builder()
+            .request_timeout(Duration::from_secs(2))
+            .purge_interval(Duration::from_secs(3600)),
+        &proxy.url(&db),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201);
+    proxy.freeze(true);
+    let purged = tokio::time::timeout(Duration::from_secs(30), s.purge_expired())
+        .await
+        .expect("a purge on a silent database waited more than 30 s (request timeout 2 s)");
+    assert!(purged.is_err(), "{purged:?}");
+}
+
+/// A tenant row held by a session that never finishes: the purge gives up
+/// on that tenant in bounded time and still purges the other tenants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_behind_a_stuck_tenant_lock_purges_the_other_tenants() {
+    let db = pg::PgDb::create();
+    let clock = guardian_server::clock::ManualClock::new(1_700_000_000_000);
+    let s = serve(
+        builder()
+            .token("other", OTHER)
+            .clock(clock.clone())
+            .request_timeout(Duration::from_secs(2))
+            .feed_retention(Duration::from_secs(60))
+            .purge_interval(Duration::from_secs(3600)),
+        &db.url(),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    for token in [TOKEN, OTHER] {
+        let r = send(create(&http, &s, token, "d1", &json!({"n": 1}), "k1"))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+    }
+    let c = sql(&db.url()).await;
+    let feed = |tenant: &'static str| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT count(*) FROM guardian_changes WHERE tenant = $1",
+                &[&tenant],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    // The first tenant in the purge's order is the one held.
+    let locker = sql(&db.url()).await;
+    locker
+        .batch_execute("BEGIN; SELECT 1 FROM guardian_tenants WHERE tenant = 'acme' FOR UPDATE")
+        .await
+        .unwrap();
+    clock.advance_millis(61_000);
+    let purged = tokio::time::timeout(Duration::from_secs(30), s.purge_expired()).await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let purged =
+        purged.expect("a purge behind a stuck lock waited more than 30 s (request timeout 2 s)");
+    assert!(
+        purged.is_err(),
+        "the held tenant's failure is reported: {purged:?}"
+    );
+    assert_eq!(feed("other").await, 0, "the other tenant was not purged");
+    assert_eq!(feed("acme").await, 1, "the held tenant's feed changed");
+    let purged = s.purge_expired().await.unwrap();
+    assert_eq!(purged.changes, 1, "the next purge takes what was left");
+    assert_eq!(feed("acme").await, 0);
+}
+
 /// `lock_timeout` set on the database by its operator: a write behind a
 /// held tenant lock fails cleanly (nothing applied), and its retry once the
 /// lock is gone applies once.

@@ -219,10 +219,7 @@ impl PgInner {
         let tx = client.transaction().await?;
         let bound = tx.prepare_cached(BOUND_STATEMENTS_SQL).await?;
         let lock = tx.prepare_cached(LOCK_TENANT_SQL).await?;
-        // PostgreSQL takes at most i32::MAX ms.
-        let ms = i64::try_from(self.opts.request_timeout.as_millis())
-            .unwrap_or(i64::MAX)
-            .clamp(1, i64::from(i32::MAX));
+        let ms = statement_ms(self.opts.request_timeout);
         // The statement bound and the tenant lock (held to the commit, see
         // the module comment), sent together in one round trip, the bound
         // first so that it covers the wait for the lock.
@@ -368,48 +365,150 @@ impl PgInner {
         settle(client, report)
     }
 
+    /// Deletes in steps of at most [`PURGE_BATCH`] rows, each a short
+    /// transaction of its own under the bounds of a write (see the module
+    /// comment): a purge never holds a tenant's row for long, a backlog is
+    /// worked off step by step, and a silent database ends it in bounded
+    /// time. A tenant whose step fails (its row held past the bound) is left
+    /// for the next purge and the others go on, unless the connection is no
+    /// longer usable; the first failure is returned.
     async fn purge(&self, client: &mut Object) -> Result<PurgeReport, StoreError> {
         let now = self.opts.clock.now_millis();
-        let tx = client.transaction().await?;
-        let idempotency_records = tx
-            .execute(
-                "DELETE FROM guardian_idempotency WHERE created_at < $1",
-                &[&now.saturating_sub(self.opts.idempotency_retention_ms)],
-            )
-            .await?;
+        let expired = now.saturating_sub(self.opts.idempotency_retention_ms);
+        let mut report = PurgeReport::default();
+        loop {
+            let n = self
+                .bounded(client, |tx| {
+                    async move {
+                        tx.execute(PURGE_IDEMPOTENCY_SQL, &[&expired, &PURGE_BATCH])
+                            .await
+                    }
+                    .boxed()
+                })
+                .await?;
+            report.idempotency_records = report.idempotency_records.saturating_add(count(n));
+            if n < PURGE_BATCH.unsigned_abs() {
+                break;
+            }
+        }
         let not_before = now.saturating_sub(self.opts.feed_retention_ms);
         // Tenants in one order, so purges of several instances cannot
         // deadlock on the tenant rows.
-        let fronts = tx
-            .query(
-                "SELECT tenant, MAX(cursor) FROM guardian_changes WHERE at < $1
-                 GROUP BY tenant ORDER BY tenant",
-                &[&not_before],
-            )
+        let fronts = self
+            .bounded(client, |tx| {
+                async move {
+                    tx.query(
+                        "SELECT tenant, MAX(cursor) FROM guardian_changes WHERE at < $1
+                         GROUP BY tenant ORDER BY tenant",
+                        &[&not_before],
+                    )
+                    .await
+                }
+                .boxed()
+            })
             .await?;
-        let mut changes = 0;
+        let mut first_failure = None;
         for row in fronts {
             let tenant: String = row.try_get(0)?;
             let through: i64 = row.try_get(1)?;
-            tx.execute(
-                "UPDATE guardian_tenants SET purged_through = GREATEST(purged_through, $2)
-                 WHERE tenant = $1",
-                &[&tenant, &through],
-            )
-            .await?;
-            changes += tx
-                .execute(
-                    "DELETE FROM guardian_changes WHERE tenant = $1 AND cursor <= $2",
-                    &[&tenant, &through],
-                )
-                .await?;
+            match self.purge_tenant(client, &tenant, through).await {
+                Ok(n) => report.changes = report.changes.saturating_add(n),
+                Err(e) if unusable(&e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "purge of one tenant's feed failed; left for the next purge");
+                    first_failure.get_or_insert(e);
+                }
+            }
         }
-        tx.commit().await?;
-        Ok(PurgeReport {
-            idempotency_records: usize::try_from(idempotency_records).unwrap_or(usize::MAX),
-            changes: usize::try_from(changes).unwrap_or(usize::MAX),
+        first_failure.map_or(Ok(report), Err)
+    }
+
+    /// Marks `tenant`'s feed purged through `through` (readers behind it
+    /// must resync from then on), then deletes those changes.
+    async fn purge_tenant(
+        &self,
+        client: &mut Object,
+        tenant: &str,
+        through: i64,
+    ) -> Result<usize, StoreError> {
+        // The steps own their arguments: a step's future may borrow only
+        // its transaction.
+        let t = tenant.to_owned();
+        self.bounded(client, move |tx| {
+            async move {
+                tx.execute(
+                    "UPDATE guardian_tenants SET purged_through = GREATEST(purged_through, $2)
+                     WHERE tenant = $1",
+                    &[&t, &through],
+                )
+                .await
+            }
+            .boxed()
+        })
+        .await?;
+        let mut deleted = 0;
+        loop {
+            let t = tenant.to_owned();
+            let n = self
+                .bounded(client, move |tx| {
+                    async move {
+                        tx.execute(PURGE_CHANGES_SQL, &[&t, &through, &PURGE_BATCH])
+                            .await
+                    }
+                    .boxed()
+                })
+                .await?;
+            deleted = count(n).saturating_add(deleted);
+            if n < PURGE_BATCH.unsigned_abs() {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Runs `f` in a transaction of its own under a write's bounds: its
+    /// statements are cut at the request timeout, and the whole at twice it.
+    async fn bounded<T>(
+        &self,
+        client: &mut Object,
+        f: impl for<'t> FnOnce(
+            &'t deadpool_postgres::Transaction<'t>,
+        ) -> BoxFuture<'t, Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.opts.request_timeout.saturating_mul(2);
+        let ms = statement_ms(self.opts.request_timeout);
+        let run = async {
+            let tx = client.transaction().await?;
+            tx.query(BOUND_STATEMENTS_SQL, &[&ms]).await?;
+            let out = f(&tx).await?;
+            tx.commit().await.map_err(commit_failed)?;
+            Ok(out)
+        };
+        tokio::time::timeout(limit, run).await.unwrap_or_else(|_| {
+            Err(StoreError::OutcomeUnknown(format!(
+                "PostgreSQL did not finish within {} ms",
+                limit.as_millis()
+            )))
         })
     }
+}
+
+/// Rows one purge step deletes at most.
+const PURGE_BATCH: i64 = 10_000;
+const PURGE_IDEMPOTENCY_SQL: &str = "DELETE FROM guardian_idempotency WHERE ctid = ANY(ARRAY(
+     SELECT ctid FROM guardian_idempotency WHERE created_at < $1 LIMIT $2))";
+const PURGE_CHANGES_SQL: &str = "DELETE FROM guardian_changes WHERE ctid = ANY(ARRAY(
+     SELECT ctid FROM guardian_changes WHERE tenant = $1 AND cursor <= $2 LIMIT $3))";
+
+fn count(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// The request timeout as `statement_timeout` milliseconds (PostgreSQL
+/// takes at most `i32::MAX`).
+fn statement_ms(timeout: Duration) -> i64 {
+    i64::try_from(timeout.as_millis())
+        .unwrap_or(i64::MAX)
+        .clamp(1, i64::from(i32::MAX))
 }
 
 /// A page of `tenant`'s feed after `since` with its head, from one snapshot.
@@ -531,16 +630,20 @@ fn commit_failed(e: tokio_postgres::Error) -> StoreError {
 /// a `FATAL` error, and the pool's recycling check (is it closed?) would
 /// pass it in between.
 fn settle<T>(client: Object, result: Result<T, StoreError>) -> Result<T, StoreError> {
-    let unusable = match &result {
-        // Anything but PostgreSQL's own answer may have broken the session.
-        Err(StoreError::Postgres(e)) => e.as_db_error().is_none() || ends_session(e),
-        Err(StoreError::OutcomeUnknown(_)) => true,
-        Ok(_) | Err(_) => false,
-    };
-    if unusable {
+    if result.as_ref().is_err_and(unusable) {
         drop(Object::take(client));
     }
     result
+}
+
+/// Whether a failure may have left its connection unusable.
+fn unusable(e: &StoreError) -> bool {
+    match e {
+        // Anything but PostgreSQL's own answer may have broken the session.
+        StoreError::Postgres(e) => e.as_db_error().is_none() || ends_session(e),
+        StoreError::OutcomeUnknown(_) => true,
+        _ => false,
+    }
 }
 
 impl Backend for PgStore {
