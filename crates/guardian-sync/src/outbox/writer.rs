@@ -303,9 +303,18 @@ impl Writer {
         F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel::<Result<T, E>>();
-        if !self.send(job(f, move |r| {
-            let _ = reply.send(r);
-        })) {
+        let job: Job = Box::new(move |env| {
+            // A caller that gave up before the job's turn (a drain aborted
+            // at a stop, an enqueue under a timeout) is not written for:
+            // nothing it would have done with the result can happen now.
+            if reply.is_closed() {
+                return (false, Box::new(drop) as Done);
+            }
+            job(f, move |r| {
+                let _ = reply.send(r);
+            })(env)
+        });
+        if !self.send(job) {
             return Err(E::closed());
         }
         rx.await.unwrap_or_else(|_| Err(E::closed()))
