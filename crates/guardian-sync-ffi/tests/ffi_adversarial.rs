@@ -1303,6 +1303,20 @@ fn lifecycle_misuse_gets_documented_answers() {
     assert!(matches!(st, GsStatus::Ok | GsStatus::StopTimeout), "{st:?}");
     assert_eq!(unsafe { gs_engine_start(e) }, GsStatus::Ok);
     assert_eq!(status(h)["running"], true);
+    // A stop may come before the runner took the lock (it then takes
+    // nothing and says nothing): wait until it has tried the op, so that
+    // lock_acquired is queued.
+    let attempted = id.clone();
+    bounded("the op attempted", BOUND, move || loop {
+        let ops = all_ops(h);
+        if ops
+            .iter()
+            .any(|op| op["op_id"] == attempted.as_str() && op["attempts"].as_u64() > Some(0))
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    });
     assert_eq!(
         bounded("stop", BOUND, move || unsafe {
             gs_engine_stop(h.p(), 5000)

@@ -159,7 +159,9 @@ impl SyncEngine {
     /// On shutdown, requests in flight are abandoned (their ops stay
     /// `in_flight` and are re-sent with the same key by the next runner),
     /// outcomes already received are written and their events published
-    /// (for at most [`STOP_GRACE`]), and the lock is released. Returns
+    /// (for at most [`STOP_GRACE`]; a write not begun by then is not made),
+    /// and the lock is released (which waits for another connection's
+    /// write at most the outbox's busy timeout). Returns
     /// [`EngineError::LockLost`] if another runner took the lock over.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport, EngineError> {
         self.run_inner(shutdown, false).await
@@ -181,7 +183,14 @@ impl SyncEngine {
         let mut lock = self.new_lock();
         // Wait for the lock.
         let session = loop {
-            match self.try_session(lock, &mut report).await? {
+            // Raced against the shutdown: on a busy outbox the attempt waits
+            // up to the busy timeout, and an attempt given up before its
+            // turn at the outbox's writer is not made.
+            let attempt = tokio::select! {
+                () = &mut shutdown => return Ok(report),
+                attempt = self.try_session(lock, &mut report) => attempt?,
+            };
+            match attempt {
                 Ok(session) => break session,
                 Err((l, retry_in)) => {
                     lock = l;
