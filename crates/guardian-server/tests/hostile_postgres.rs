@@ -1401,24 +1401,28 @@ async fn a_silent_database_at_start_fails_the_start_in_bounded_time() {
     eprintln!("refused after {:?}: {err}", started.elapsed());
 }
 
-/// A database that stops answering (connections open, nothing comes
-/// back): a read is answered 503 `timeout` within the request timeout;
-/// once the database answers again, reads work.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_read_on_a_silent_database_times_out_and_recovers() {
-    let db = pg::PgDb::create();
-    let proxy = Proxy::start(upstream(&db), false).await;
-    let s = serve(
-        builder().request_timeout(Duration::from_secs(2)),
-        &proxy.url(&db),
-    )
-    .await;
+/// A server (request timeout 2 s) on `db` behind a proxy, with device d1
+/// created; then the proxy goes silent (connections open, nothing comes
+/// back).
+async fn silenced(db: &pg::PgDb, b: ServerBuilder) -> (Proxy, RunningServer, reqwest::Client) {
+    let proxy = Proxy::start(upstream(db), false).await;
+    let s = serve(b.request_timeout(Duration::from_secs(2)), &proxy.url(db)).await;
     let http = reqwest::Client::new();
     let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
         .await
         .unwrap();
     assert_eq!(r.status, 201);
     proxy.freeze(true);
+    (proxy, s, http)
+}
+
+/// A database that stops answering (connections open, nothing comes
+/// back): a read is answered 503 `timeout` within the request timeout;
+/// once the database answers again, reads work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_a_silent_database_times_out_and_recovers() {
+    let db = pg::PgDb::create();
+    let (proxy, s, http) = silenced(&db, builder()).await;
     let r = tokio::time::timeout(Duration::from_secs(15), send(get(&http, &s, TOKEN, "d1")))
         .await
         .expect("a read must not wait forever")
@@ -1443,18 +1447,7 @@ async fn a_read_on_a_silent_database_times_out_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_on_a_silent_database_is_answered_in_bounded_time() {
     let db = pg::PgDb::create();
-    let proxy = Proxy::start(upstream(&db), false).await;
-    let s = serve(
-        builder().request_timeout(Duration::from_secs(2)),
-        &proxy.url(&db),
-    )
-    .await;
-    let http = reqwest::Client::new();
-    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201);
-    proxy.freeze(true);
+    let (_proxy, s, http) = silenced(&db, builder()).await;
     let r = tokio::time::timeout(
         Duration::from_secs(30),
         send(update(&http, &s, "d1", &json!({"n": 2}), "k2", Some(1))),
@@ -1500,20 +1493,7 @@ async fn a_write_behind_a_stuck_tenant_lock_is_answered_in_bounded_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purge_on_a_silent_database_ends_in_bounded_time() {
     let db = pg::PgDb::create();
-    let proxy = Proxy::start(upstream(&db), false).await;
-    let s = serve(
-        builder()
-            .request_timeout(Duration::from_secs(2))
-            .purge_interval(Duration::from_secs(3600)),
-        &proxy.url(&db),
-    )
-    .await;
-    let http = reqwest::Client::new();
-    let r = send(create(&http, &s, TOKEN, "d1", &json!({"n": 1}), "k1"))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 201);
-    proxy.freeze(true);
+    let (_proxy, s, _) = silenced(&db, builder().purge_interval(Duration::from_secs(3600))).await;
     let purged = tokio::time::timeout(Duration::from_secs(30), s.purge_expired())
         .await
         .expect("a purge on a silent database waited more than 30 s (request timeout 2 s)");
