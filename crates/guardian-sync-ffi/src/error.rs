@@ -99,9 +99,10 @@ impl From<OutboxError> for FfiError {
 impl From<BuildError> for FfiError {
     fn from(e: BuildError) -> Self {
         let code = match &e {
-            BuildError::Transport(_) | BuildError::Breaker(_) | BuildError::ZeroConcurrency => {
-                Code::InvalidArgument
-            }
+            BuildError::Transport(_)
+            | BuildError::Breaker(_)
+            | BuildError::Telemetry(_)
+            | BuildError::ZeroConcurrency => Code::InvalidArgument,
             _ => Code::Open,
         };
         Self::new(code, e.to_string())

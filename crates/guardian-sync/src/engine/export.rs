@@ -178,13 +178,13 @@ pub(super) async fn export_loop(inner: Arc<Inner>) {
             Decision::Send => {
                 seq += 1;
                 decider.sent(fp, now);
-                earliest_send = now + config.min_interval;
+                earliest_send = now.saturating_add(config.min_interval);
                 wake_at = earliest_send;
                 if let Err(e) = sender.send(&snapshot).await {
                     tracing::debug!("telemetry not sent: {e}");
                 }
             }
-            Decision::WaitFor(d) | Decision::Idle(d) => wake_at = now + d,
+            Decision::WaitFor(d) | Decision::Idle(d) => wake_at = now.saturating_add(d),
         }
     }
 }

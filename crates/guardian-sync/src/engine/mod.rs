@@ -58,6 +58,9 @@ pub enum BuildError {
     /// The breaker configuration is invalid.
     #[error(transparent)]
     Breaker(#[from] BreakerConfigError),
+    /// The telemetry configuration is invalid.
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::export::TelemetryConfigError),
     /// Concurrency must be at least 1.
     #[error("concurrency must be at least 1")]
     ZeroConcurrency,
@@ -311,6 +314,9 @@ impl SyncEngineBuilder {
     pub async fn build(self) -> Result<SyncEngine, BuildError> {
         if self.concurrency == 0 {
             return Err(BuildError::ZeroConcurrency);
+        }
+        if let Some(t) = &self.telemetry {
+            t.validate()?;
         }
         let clock = self.clock.unwrap_or_else(SystemClock::shared);
         let outbox = match (self.outbox, self.outbox_path) {

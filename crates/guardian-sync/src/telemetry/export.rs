@@ -63,7 +63,44 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// The shortest `min_interval`, `keepalive` and `breaker_interval` taken:
+/// shorter ones would let a runner send to a failing backend back to back.
+pub const MIN_TELEMETRY_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A [`TelemetryConfig`] the engine refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TelemetryConfigError {
+    /// An interval below [`MIN_TELEMETRY_INTERVAL`].
+    #[error("telemetry {name} of {value:?} is below the least of {MIN_TELEMETRY_INTERVAL:?}")]
+    IntervalTooShort {
+        /// The setting.
+        name: &'static str,
+        /// Its value.
+        value: Duration,
+    },
+    /// A zero send timeout (every send would fail).
+    #[error("the telemetry send timeout must be above zero")]
+    ZeroTimeout,
+}
+
 impl TelemetryConfig {
+    /// Checks the settings; the engine's builder refuses what fails.
+    pub fn validate(&self) -> Result<(), TelemetryConfigError> {
+        for (name, value) in [
+            ("min_interval", self.min_interval),
+            ("keepalive", self.keepalive),
+            ("breaker_interval", self.breaker_interval),
+        ] {
+            if value < MIN_TELEMETRY_INTERVAL {
+                return Err(TelemetryConfigError::IntervalTooShort { name, value });
+            }
+        }
+        if self.timeout.is_zero() {
+            return Err(TelemetryConfigError::ZeroTimeout);
+        }
+        Ok(())
+    }
+
     /// Least time between the last send and a snapshot whose breaker state
     /// differs from it.
     #[must_use]
@@ -148,7 +185,7 @@ impl ExportDecider {
     #[must_use]
     pub fn breaker_send_at(&self, config: &TelemetryConfig) -> Duration {
         self.last.as_ref().map_or(Duration::ZERO, |(at, _)| {
-            *at + config.breaker_change_interval()
+            at.saturating_add(config.breaker_change_interval())
         })
     }
 
