@@ -76,7 +76,11 @@ impl Inner {
         let mut writes = Pending::new();
         let mut fetches = Pending::new();
         let mut requests = Pending::new();
-        let mut stopping = false;
+        // One future for the whole drain, made once rather than at every
+        // select; polled until it completes (a stop, or its sender gone).
+        let mut listening = true;
+        let stopped = stop.wait_for(|s| *s);
+        tokio::pin!(stopped);
         let mut claims = Pending::new();
         let mut input = None;
         loop {
@@ -131,11 +135,13 @@ impl Inner {
                 Some(r) = fetches.next(), if !fetches.is_empty() => r,
                 Some(r) = requests.next(), if !requests.is_empty() => r,
                 // After the answers already in hand, which are recorded.
-                Ok(_) = stop.wait_for(|s| *s), if !stopping => {
-                    stopping = true;
-                    requests = Pending::new();
-                    fetches = Pending::new();
-                    input = Some(DrainInput::Stop);
+                heard = &mut stopped, if listening => {
+                    listening = false;
+                    if heard.is_ok() {
+                        requests = Pending::new();
+                        fetches = Pending::new();
+                        input = Some(DrainInput::Stop);
+                    }
                     continue;
                 }
                 Some(r) = claims.next(), if !claims.is_empty() => r,
