@@ -346,21 +346,29 @@ e.close()
 """
 
 
-def test_ctrl_c_interrupts_a_long_next_event(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(SIGINT_CHILD), str(tmp_path / "o.db")],
-                             stdout=subprocess.PIPE, text=True)
+def interrupted_child(code: str, *args: str):
+    """Runs `code` in a child Python, sends it SIGINT half a second after it
+    prints "ready", and returns its stdout, stderr, exit code and how long
+    it took to exit after the signal."""
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
         time.sleep(0.5)
         sent = time.monotonic()
         child.send_signal(signal.SIGINT)
-        out, _ = child.communicate(timeout=20)
+        out, err = child.communicate(timeout=20)
         waited = time.monotonic() - sent
     finally:
         if child.poll() is None:
             child.kill()
             child.wait(timeout=10)
-    assert out.startswith("interrupted") and waited < 2.5, (out, waited)
+    return out, err, child.returncode, waited
+
+
+def test_ctrl_c_interrupts_a_long_next_event(tmp_path):
+    out, err, _, waited = interrupted_child(SIGINT_CHILD, str(tmp_path / "o.db"))
+    assert out.startswith("interrupted") and waited < 2.5, (out, err[-2000:], waited)
 
 
 CLOSE_SIGINT_CHILD = """
@@ -390,22 +398,10 @@ except gs.ClosedError:
 
 
 def test_ctrl_c_ends_a_close_that_waits_for_a_hung_token_callback(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(CLOSE_SIGINT_CHILD), str(tmp_path / "o.db")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
-        sent = time.monotonic()
-        child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=20)
-        waited = time.monotonic() - sent
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
+    out, err, code, waited = interrupted_child(CLOSE_SIGINT_CHILD, str(tmp_path / "o.db"))
     assert out.startswith("interrupted") and waited < 2.5, (out, err[-2000:], waited)
     assert "closed after" in out, out
-    assert child.returncode == 0, (child.returncode, err[-2000:])
+    assert code == 0, (code, err[-2000:])
 
 
 def test_too_deep_payload_is_always_invalid_op(server, tmp_path):
