@@ -4,7 +4,10 @@
 //! Best effort and bounded: events wait in [`Pending`], at most one per
 //! alert (a newer event of an alert replaces its waiting one, so a flapping
 //! device holds one place and cannot crowd other alerts out), at most
-//! [`MAX_PENDING`] alerts (more are dropped and logged); each event gets
+//! [`MAX_PENDING`] alerts; when they are full, a tenant holding fewer places
+//! takes one from the tenant holding the most (so one tenant's big fleet
+//! cannot crowd another tenant out), and what is dropped is logged. Each
+//! event gets
 //! [`ATTEMPTS`] tries, so a dead receiver can slow nothing but its own
 //! deliveries. The webhook URL may carry a secret (Slack, Teams and
 //! PagerDuty put one in the path), so it is never logged.
@@ -35,30 +38,65 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Pending {
     events: HashMap<String, AlertEvent>,
     order: VecDeque<String>,
+    /// Waiting alerts per tenant.
+    held: HashMap<String, usize>,
 }
 
 impl Pending {
-    /// Queues `event` in place of its alert's waiting one; false (dropped)
-    /// when it is a new alert and [`MAX_PENDING`] are waiting.
-    pub(crate) fn push(&mut self, event: AlertEvent) -> bool {
-        match self.events.entry(event.alert.key.clone()) {
-            Entry::Occupied(mut waiting) => {
-                waiting.insert(event);
-                true
-            }
-            Entry::Vacant(_) if self.order.len() >= MAX_PENDING => false,
-            Entry::Vacant(slot) => {
-                self.order.push_back(slot.key().clone());
-                slot.insert(event);
-                true
-            }
+    /// Queues `event` in place of its alert's waiting one. A new alert
+    /// when [`MAX_PENDING`] are waiting takes the place of the newest alert
+    /// of the tenant holding the most, if that tenant holds at least two
+    /// more than its own; else it is dropped. Returns the key of the alert
+    /// dropped, if any.
+    pub(crate) fn push(&mut self, event: AlertEvent) -> Option<String> {
+        if let Some(waiting) = self.events.get_mut(&event.alert.key) {
+            *waiting = event;
+            return None;
         }
+        let mut dropped = None;
+        if self.order.len() >= MAX_PENDING {
+            let mine = self.held.get(&event.alert.tenant).copied().unwrap_or(0);
+            let most = self
+                .held
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .filter(|(_, n)| **n >= mine + 2)
+                .map(|(tenant, _)| tenant.clone());
+            let Some(most) = most else {
+                return Some(event.alert.key);
+            };
+            let newest = self
+                .order
+                .iter()
+                .rposition(|key| self.events.get(key).is_some_and(|e| e.alert.tenant == most));
+            let Some(newest) = newest.and_then(|i| self.order.remove(i)) else {
+                return Some(event.alert.key);
+            };
+            self.forget(&newest);
+            dropped = Some(newest);
+        }
+        *self.held.entry(event.alert.tenant.clone()).or_default() += 1;
+        self.order.push_back(event.alert.key.clone());
+        self.events.insert(event.alert.key.clone(), event);
+        dropped
     }
 
     /// The next event to deliver.
     pub(crate) fn pop(&mut self) -> Option<AlertEvent> {
         let key = self.order.pop_front()?;
-        self.events.remove(&key)
+        self.forget(&key)
+    }
+
+    /// Removes the waiting event of `key` (already out of `order`).
+    fn forget(&mut self, key: &str) -> Option<AlertEvent> {
+        let event = self.events.remove(key)?;
+        if let Entry::Occupied(mut n) = self.held.entry(event.alert.tenant.clone()) {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+        Some(event)
     }
 }
 
@@ -98,9 +136,11 @@ impl Webhook {
     /// Queues an event (see [`Pending::push`]).
     pub(crate) fn send(&self, event: AlertEvent) {
         let key = event.alert.key.clone();
-        if self.queue.lock().push(event) {
+        let dropped = self.queue.lock().push(event);
+        if dropped.as_ref() != Some(&key) {
             self.queue.ready.notify_one();
-        } else {
+        }
+        if let Some(key) = dropped {
             tracing::warn!(%key, "alert webhook queue full; an alert event was dropped");
         }
     }
@@ -157,13 +197,17 @@ mod tests {
     use crate::fleet::AlertStatus;
 
     fn event(device: &str, status: AlertStatus, at: i64) -> AlertEvent {
+        event_of("t", device, status, at)
+    }
+
+    fn event_of(tenant: &str, device: &str, status: AlertStatus, at: i64) -> AlertEvent {
         AlertEvent {
             status,
             at,
             alert: Alert {
-                key: format!("k/{device}"),
+                key: format!("{tenant}/{device}"),
                 rule: AlertRule::DeadLetters,
-                tenant: "t".into(),
+                tenant: tenant.into(),
                 device: Some(device.into()),
                 since: None,
                 message: String::new(),
@@ -174,30 +218,30 @@ mod tests {
     #[test]
     fn a_flapping_alert_holds_one_place_and_delivers_its_latest_state() {
         let mut p = Pending::default();
-        assert!(p.push(event("flapper", AlertStatus::Firing, 0)));
+        assert_eq!(p.push(event("flapper", AlertStatus::Firing, 0)), None);
         for at in 1..1000 {
             let status = if at % 2 == 0 {
                 AlertStatus::Firing
             } else {
                 AlertStatus::Resolved
             };
-            assert!(p.push(event("flapper", status, at)));
+            assert_eq!(p.push(event("flapper", status, at)), None);
         }
-        assert!(p.push(event("victim", AlertStatus::Firing, 1000)));
+        assert_eq!(p.push(event("victim", AlertStatus::Firing, 1000)), None);
         let first = p.pop().unwrap();
         assert_eq!(
             (first.alert.key.as_str(), first.at),
-            ("k/flapper", 999),
+            ("t/flapper", 999),
             "in its first place, in its latest state"
         );
-        assert_eq!(p.pop().unwrap().alert.key, "k/victim");
+        assert_eq!(p.pop().unwrap().alert.key, "t/victim");
         assert_eq!(p.pop(), None);
         // Once taken, a new event of the alert waits behind the others.
         p.push(event("a", AlertStatus::Firing, 0));
         p.push(event("b", AlertStatus::Firing, 0));
-        assert_eq!(p.pop().unwrap().alert.key, "k/a");
+        assert_eq!(p.pop().unwrap().alert.key, "t/a");
         p.push(event("a", AlertStatus::Resolved, 1));
-        assert_eq!(p.pop().unwrap().alert.key, "k/b");
+        assert_eq!(p.pop().unwrap().alert.key, "t/b");
         assert_eq!(p.pop().unwrap().status, AlertStatus::Resolved);
     }
 
@@ -205,11 +249,65 @@ mod tests {
     fn new_alerts_beyond_the_bound_are_dropped_known_ones_still_update() {
         let mut p = Pending::default();
         for i in 0..MAX_PENDING {
-            assert!(p.push(event(&i.to_string(), AlertStatus::Firing, 0)));
+            assert_eq!(p.push(event(&i.to_string(), AlertStatus::Firing, 0)), None);
         }
-        assert!(!p.push(event("one more", AlertStatus::Firing, 0)));
-        assert!(p.push(event("0", AlertStatus::Resolved, 1)));
+        assert_eq!(
+            p.push(event("one more", AlertStatus::Firing, 0)).as_deref(),
+            Some("t/one more")
+        );
+        assert_eq!(p.push(event("0", AlertStatus::Resolved, 1)), None);
         assert_eq!(p.pop().unwrap().status, AlertStatus::Resolved);
-        assert!(p.push(event("one more", AlertStatus::Firing, 0)));
+        assert_eq!(p.push(event("one more", AlertStatus::Firing, 0)), None);
+    }
+
+    /// One tenant's big fleet fills the queue: another tenant's alerts
+    /// still get in, each taking the newest place of the biggest holder,
+    /// until the two hold about as many; nothing else moves.
+    #[test]
+    fn a_full_queue_makes_room_for_a_tenant_holding_fewer() {
+        let mut p = Pending::default();
+        for i in 0..MAX_PENDING {
+            assert_eq!(
+                p.push(event_of("big", &i.to_string(), AlertStatus::Firing, 0)),
+                None
+            );
+        }
+        let last = MAX_PENDING - 1;
+        assert_eq!(
+            p.push(event_of("small", "s0", AlertStatus::Firing, 1)),
+            Some(format!("big/{last}")),
+            "the big tenant's newest alert makes room"
+        );
+        assert_eq!(
+            p.push(event_of("big", "again", AlertStatus::Firing, 2))
+                .as_deref(),
+            Some("big/again"),
+            "the biggest holder cannot take from a smaller one"
+        );
+        for i in 1..MAX_PENDING / 2 {
+            assert!(p
+                .push(event_of("small", &format!("s{i}"), AlertStatus::Firing, 1))
+                .is_some());
+        }
+        assert_eq!(p.held["small"], MAX_PENDING / 2);
+        assert_eq!(p.held["big"], MAX_PENDING / 2);
+        assert_eq!(
+            p.push(event_of("small", "one more", AlertStatus::Firing, 1))
+                .as_deref(),
+            Some("small/one more"),
+            "even shares: the newcomer is dropped"
+        );
+        assert_eq!(p.order.len(), MAX_PENDING);
+        assert_eq!(
+            p.pop().unwrap().alert.key,
+            "big/0",
+            "delivery order unchanged"
+        );
+        let mut delivered = 1;
+        while p.pop().is_some() {
+            delivered += 1;
+        }
+        assert_eq!(delivered, MAX_PENDING);
+        assert!(p.held.is_empty() && p.events.is_empty());
     }
 }
