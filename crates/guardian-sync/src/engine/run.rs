@@ -183,14 +183,10 @@ impl SyncEngine {
         let mut lock = self.new_lock();
         // Wait for the lock.
         let session = loop {
-            // Raced against the shutdown: on a busy outbox the attempt waits
-            // up to the busy timeout, and an attempt given up before its
-            // turn at the outbox's writer is not made.
-            let attempt = tokio::select! {
-                () = &mut shutdown => return Ok(report),
-                attempt = self.try_session(lock, &mut report) => attempt?,
-            };
-            match attempt {
+            // Not raced against the shutdown: an attempt dropped as it
+            // commits would leave the lock taken with no one to release it.
+            // On a busy outbox it waits at most the busy timeout.
+            match self.try_session(lock, &mut report).await? {
                 Ok(session) => break session,
                 Err((l, retry_in)) => {
                     lock = l;
