@@ -164,7 +164,13 @@ fn outcome_line(o: &Outcome) -> String {
 
 fn command_line(c: &DrainCommand) -> String {
     match c {
-        DrainCommand::Claim { limit, .. } => format!("claim {limit}"),
+        DrainCommand::Claim { limit, acks, .. } if acks.is_empty() => format!("claim {limit}"),
+        DrainCommand::Claim { limit, acks, .. } => {
+            format!(
+                "claim {limit} after {}",
+                write_line(&Write::Ack(acks.clone()))
+            )
+        }
         DrainCommand::Send { unit, .. } => {
             let ops: Vec<String> = unit
                 .iter()
@@ -340,13 +346,12 @@ fn a_chain_of_updates_chains_versions() {
     let a1 = op("a", 1, json!({"n": 1}));
     s.step(claimed(65, vec![a1.clone()]));
     s.step(responded(vec![a1], vec![applied("a", 1, json!({"n": 1}))]));
-    s.step(written(0));
-    // The outbox chained a#2 on a#1's ack: it now carries version 1.
+    // The queue ran dry: the ack rides in the next claim, which the outbox
+    // answers after chaining a#2 on it (a#2 now carries version 1).
     let mut a2 = op("a", 2, json!({"n": 2}));
     a2.base_version = Some(1);
     s.step(claimed(65, vec![a2.clone()]));
     s.step(responded(vec![a2], vec![applied("a", 2, json!({"n": 2}))]));
-    s.step(written(1));
     s.step(claimed(65, vec![]));
     assert_golden(
         &s,
@@ -355,18 +360,14 @@ fn a_chain_of_updates_chains_versions() {
         <- claimed 65: [a#1]
         -> send a#1(if-match None)
         <- responded a#1 applied v1 replayed=false
-        -> write 0: ack op1 vSome(1) data Some(Object {"n": Number(1)})
-        <- written 0
-        -> emit succeeded op1 vSome(1) replayed=false
-        -> claim 65
+        -> claim 65 after ack op1 vSome(1) data Some(Object {"n": Number(1)})
         <- claimed 65: [a#2]
+        -> emit succeeded op1 vSome(1) replayed=false
         -> send a#2(if-match Some(1))
         <- responded a#2 applied v2 replayed=false
-        -> write 1: ack op2 vSome(2) data Some(Object {"n": Number(2)})
-        <- written 1
-        -> emit succeeded op2 vSome(2) replayed=false
-        -> claim 65
+        -> claim 65 after ack op2 vSome(2) data Some(Object {"n": Number(2)})
         <- claimed 65: []
+        -> emit succeeded op2 vSome(2) replayed=false
         -> deliver outcomes
         -> finish Progressed(DrainReport { sent: 2, succeeded: 2, failed: 0, retried: 0, conflicts_resolved: 0, deferred: 0 })
         "#,
@@ -535,9 +536,9 @@ fn a_lock_lost_mid_drain_ends_it_without_reporting_unwritten_acks() {
     s.step(claimed(66, vec![a1.clone(), b2]));
     s.step(responded(vec![a1], vec![applied("a", 1, json!({}))]));
     s.step(Some(DrainInput::LockLost));
-    // The ack's commit is refused with the lost lock: nothing more comes
-    // out, and op1's success is never reported.
-    assert!(s.step(written(0)).is_empty());
+    // The claim carrying the ack is refused with the lost lock: nothing
+    // more comes out, and op1's success is never reported.
+    assert!(s.step(claimed(65, vec![])).is_empty());
     assert_golden(
         &s,
         r#"
@@ -546,10 +547,10 @@ fn a_lock_lost_mid_drain_ends_it_without_reporting_unwritten_acks() {
         -> send a#1(if-match None)
         -> send b#2(if-match None)
         <- responded a#1 applied v1 replayed=false
-        -> write 0: ack op1 vSome(1) data Some(Object {})
+        -> claim 65 after ack op1 vSome(1) data Some(Object {})
         <- lock lost
         -> finish LockLost
-        <- written 0
+        <- claimed 65: []
         "#,
     );
 }
@@ -692,4 +693,71 @@ fn a_refused_op_fails_its_whole_transaction() {
         -> claim 65
         "#,
     );
+}
+
+/// A steady per-op flow at concurrency 16, answered in send order: after
+/// the first claim, every ack group rides in a claim, so the outbox commits
+/// once per claim instead of once per claim and once per ack group; every
+/// op is acked once and reported once.
+#[test]
+fn a_steady_flow_writes_each_ack_group_with_the_next_claim() {
+    let total = 400_i64;
+    let mut s = Script::new(16, BreakerConfig::default());
+    let mut next_seq = 1;
+    let mut wire = std::collections::VecDeque::new();
+    let mut inputs = std::collections::VecDeque::new();
+    let (mut claims, mut riding, mut alone, mut acked, mut reported) = (0, 0, 0, 0, 0);
+    let mut commands = s.step(None);
+    let mut finished = false;
+    for _ in 0..10_000 {
+        for c in commands {
+            match c {
+                DrainCommand::Claim { limit, acks, .. } => {
+                    claims += 1;
+                    riding += usize::from(!acks.is_empty());
+                    acked += acks.len();
+                    let take = (total + 1 - next_seq).min(limit as i64);
+                    let ops: Vec<PendingOp> = (next_seq..next_seq + take)
+                        .map(|seq| op(&format!("e{seq}"), seq, json!({})))
+                        .collect();
+                    next_seq += take;
+                    inputs.push_back(claimed(limit, ops));
+                }
+                DrainCommand::Send { unit, .. } => wire.extend(unit),
+                DrainCommand::Write {
+                    id,
+                    write: Write::Ack(acks),
+                } => {
+                    alone += 1;
+                    acked += acks.len();
+                    inputs.push_back(written(id));
+                }
+                DrainCommand::Emit(SyncEvent::OpSucceeded { .. }) => reported += 1,
+                DrainCommand::Finish(_) => finished = true,
+                DrainCommand::DeliverOutcomes => {}
+                other => panic!("unexpected {}", command_line(&other)),
+            }
+        }
+        if finished {
+            break;
+        }
+        // Answers in hand are fed first, then the oldest request's.
+        let input = inputs.pop_front().flatten().or_else(|| {
+            let sent: PendingOp = wire.pop_front()?;
+            let answer = applied(&sent.entity_id, 1, json!({}));
+            responded(vec![sent], vec![answer])
+        });
+        assert!(input.is_some(), "stalled: nothing outstanding");
+        commands = s.step(input);
+    }
+    assert!(finished, "the drain did not finish");
+    assert_eq!((acked, reported), (total as usize, total as usize));
+    // 400 ops in claims of about 32 after the first 80: each later claim
+    // carries the group that came back meanwhile; at most the last group,
+    // written as the queue runs dry, goes alone.
+    assert!(
+        claims >= 10 && riding + 1 >= claims,
+        "{claims} claims, {riding} carrying acks"
+    );
+    assert!(alone <= 1, "{alone} ack groups written alone");
 }

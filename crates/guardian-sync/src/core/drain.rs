@@ -282,6 +282,10 @@ pub enum DrainCommand {
         per_unit: usize,
         /// Claim chains rather than lone heads.
         chains: bool,
+        /// Applied ops to acknowledge first, in the same transaction (one
+        /// commit for both, and the claim sees the heads they make); empty
+        /// for none. Their events wait for [`DrainInput::Claimed`].
+        acks: Vec<(OpId, Ack)>,
     },
     /// Send these ops: one request, or one batch where `deps[i]` is the
     /// index of op `i`'s predecessor in the unit; then answer
@@ -450,6 +454,8 @@ pub struct DrainMachine {
     claiming: bool,
     /// Applied ops whose acks wait to be written together.
     acks: Vec<Success>,
+    /// The ack group riding in the claim in flight.
+    claim_acks: Option<WriteId>,
     /// The last claim found fewer ops than it asked for ...
     exhausted: bool,
     /// ... but an outcome has come back since, which may have freed an
@@ -484,6 +490,7 @@ impl DrainMachine {
             flushing: false,
             claiming: false,
             acks: Vec::new(),
+            claim_acks: None,
             exhausted: false,
             maybe_more: false,
             stop: None,
@@ -532,6 +539,11 @@ impl DrainMachine {
         match input {
             DrainInput::Claimed { asked, chains } => {
                 self.claiming = false;
+                if let Some(id) = self.claim_acks.take() {
+                    // Committed with the claim, which already saw the heads
+                    // these acks made: no new op to look for on their account.
+                    self.written(id, false, env, out);
+                }
                 let got: usize = chains.iter().map(Vec::len).sum();
                 self.exhausted = got < asked;
                 self.ready_ops += got;
@@ -598,36 +610,39 @@ impl DrainMachine {
                 self.fetches = 0;
                 self.txn_waiting.clear();
             }
-            DrainInput::Written { id } => {
-                let Some(after) = self.after.remove(&id) else {
-                    return;
-                };
-                if after.flush {
-                    self.flushing = false;
-                } else {
-                    self.records = self.records.saturating_sub(1);
-                }
-                // Outcomes were written: an entity's next op may be ready.
-                self.maybe_more = true;
-                self.total.add(&after.report);
-                self.progressed = true;
-                for (counter, n) in after.counters {
-                    env.metrics.add(counter, n);
-                }
-                for latency in after.latencies {
-                    env.metrics.record_latency(latency);
-                }
-                out.extend(after.events.into_iter().map(DrainCommand::Emit));
-                if self.outcomes_pending
-                    && self.records == 0
-                    && self.fetches == 0
-                    && !self.flushing
-                    && self.acks.is_empty()
-                {
-                    self.outcomes_pending = false;
-                    out.push(DrainCommand::DeliverOutcomes);
-                }
-            }
+            DrainInput::Written { id } => self.written(id, true, env, out),
+        }
+    }
+
+    /// A write committed: count, record and publish what it made true.
+    /// `more`: it may have made an entity's next op ready.
+    fn written(&mut self, id: WriteId, more: bool, env: &mut Env<'_>, out: &mut Vec<DrainCommand>) {
+        let Some(after) = self.after.remove(&id) else {
+            return;
+        };
+        if after.flush {
+            self.flushing = false;
+        } else {
+            self.records = self.records.saturating_sub(1);
+        }
+        self.maybe_more |= more;
+        self.total.add(&after.report);
+        self.progressed = true;
+        for (counter, n) in after.counters {
+            env.metrics.add(counter, n);
+        }
+        for latency in after.latencies {
+            env.metrics.record_latency(latency);
+        }
+        out.extend(after.events.into_iter().map(DrainCommand::Emit));
+        if self.outcomes_pending
+            && self.records == 0
+            && self.fetches == 0
+            && !self.flushing
+            && self.acks.is_empty()
+        {
+            self.outcomes_pending = false;
+            out.push(DrainCommand::DeliverOutcomes);
         }
     }
 
@@ -669,32 +684,33 @@ impl DrainMachine {
             }
             out.push(DrainCommand::Send { unit, deps });
         }
-        // Write the acks collected so far, unless requests are flowing from
-        // claimed ops and too few have come back: then they wait for more (an
-        // unwritten ack only means the request would be re-sent with the same
-        // key after a crash, and replayed).
-        if !self.flushing
+        // The acks collected so far are written with the next claim, or on
+        // their own once ACK_GROUP have come back (or nothing else is
+        // flowing). Until then they wait: an unwritten ack only means the
+        // request would be re-sent with the same key after a crash, and
+        // replayed.
+        let acks_due = !self.flushing
             && !self.acks.is_empty()
             && (self.acks.len() >= ACK_GROUP
                 || self.ready.is_empty()
                 || self.requests == 0
                 || self.exhausted
-                || self.stop.is_some())
-        {
-            self.flush(out);
-        }
+                || self.stop.is_some());
         let deficit = cfg.window.saturating_sub(
             self.ready_ops
                 .saturating_add(self.requests.saturating_mul(cfg.per_unit)),
         );
-        // Refill once half the claimed-ahead ops are used up; when the queue
-        // ran dry, try again after every outcome (an ack may have made an
-        // entity's next op its head).
+        // Refill once half the claimed-ahead ops are used up, or with a due
+        // ack group when there is any room (claims and ack groups then stay
+        // in step, one commit for both); when the queue ran dry, try again
+        // with every ack group and after every other outcome (either may
+        // have made an entity's next op its head).
         let want = if self.exhausted {
-            self.maybe_more && deficit > 0
+            (self.maybe_more || acks_due) && deficit > 0
         } else {
-            deficit >= cfg.ahead.div_ceil(2)
+            deficit >= cfg.ahead.div_ceil(2) || (acks_due && deficit > 0)
         };
+        let mut claimed = false;
         if self.stop.is_none() && !self.claiming && want {
             let idle = self.requests == 0
                 && self.records == 0
@@ -708,14 +724,28 @@ impl DrainMachine {
                     self.stop = Some(DrainEnd::BreakerOpen);
                 }
             } else {
+                let acks = if !self.flushing && !self.acks.is_empty() {
+                    let (acks, after) = self.ack_group();
+                    self.claim_acks = Some(self.register(after));
+                    acks
+                } else {
+                    Vec::new()
+                };
                 self.maybe_more = false;
                 self.claiming = true;
+                claimed = true;
                 out.push(DrainCommand::Claim {
                     limit: deficit,
                     per_unit: cfg.per_unit,
                     chains: cfg.chains,
+                    acks,
                 });
             }
+        }
+        // A full group waits for a claim in flight, to ride in the next one.
+        let urgent = self.acks.len() < ACK_GROUP || !self.claiming;
+        if acks_due && !claimed && (urgent || self.stop.is_some()) {
+            self.flush(out);
         }
         if self.stop.is_some() && !self.ready.is_empty() {
             let ids = self
@@ -777,6 +807,12 @@ impl DrainMachine {
 
     /// Issues a write; `after` comes true when it commits.
     fn write(&mut self, write: Write, after: AfterWrite, out: &mut Vec<DrainCommand>) {
+        let id = self.register(after);
+        out.push(DrainCommand::Write { id, write });
+    }
+
+    /// Books a write in flight: what its commit makes true, under a new id.
+    fn register(&mut self, after: AfterWrite) -> WriteId {
         let id = self.next_write;
         self.next_write += 1;
         if after.flush {
@@ -785,11 +821,17 @@ impl DrainMachine {
             self.records += 1;
         }
         self.after.insert(id, after);
-        out.push(DrainCommand::Write { id, write });
+        id
     }
 
     /// Writes the collected acks in one write.
     fn flush(&mut self, out: &mut Vec<DrainCommand>) {
+        let (acks, after) = self.ack_group();
+        self.write(Write::Ack(acks), after, out);
+    }
+
+    /// The collected acks as one write, and what its commit makes true.
+    fn ack_group(&mut self) -> (Vec<(OpId, Ack)>, AfterWrite) {
         let batch = std::mem::take(&mut self.acks);
         let n = batch.len() as u64;
         let mut acks = Vec::with_capacity(batch.len());
@@ -819,7 +861,7 @@ impl DrainMachine {
             after.events.push(succeeded(s.op, version, s.replayed));
             after.events.extend(s.then);
         }
-        self.write(Write::Ack(acks), after, out);
+        (acks, after)
     }
 
     /// Splits a unit's outcomes: successes join the ack group (the breaker

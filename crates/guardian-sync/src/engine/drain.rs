@@ -11,7 +11,8 @@ use tokio::sync::watch;
 use crate::core::drain::{
     DrainCommand, DrainConfig, DrainEnd, DrainInput, DrainMachine, Env, Write,
 };
-use crate::op::{Fence, PendingOp};
+use crate::op::{Ack, Fence, OpId, PendingOp};
+use crate::outbox::ClaimShape;
 use crate::transport::OpRequest;
 
 use super::{EngineError, Inner, SyncEvent};
@@ -90,7 +91,8 @@ impl Inner {
                         limit,
                         per_unit,
                         chains,
-                    } => claims.push(Box::pin(self.claim(fence, limit, per_unit, chains))),
+                        acks,
+                    } => claims.push(Box::pin(self.claim(fence, limit, per_unit, chains, acks))),
                     DrainCommand::Send { unit, deps } => {
                         requests.push(Box::pin(self.send_unit(unit, deps)));
                     }
@@ -171,26 +173,31 @@ impl Inner {
     }
 
     /// Claims up to `limit` ready ops: lone heads, or each entity's head
-    /// with its next ops behind it (up to a batch's worth of ops and bytes).
+    /// with its next ops behind it (up to a batch's worth of ops and bytes);
+    /// writes `acks` first, in the same transaction.
     async fn claim(
         &self,
         fence: &Fence,
         limit: usize,
         per_unit: usize,
         chains: bool,
+        mut acks: Vec<(OpId, Ack)>,
     ) -> Result<DrainInput, EngineError> {
-        self.rebase_after_clock_step(fence).await?;
-        let now = self.clock.now_millis();
-        let chains = if chains {
-            let max_bytes = self.batch.map_or(usize::MAX, |b| b.max_bytes);
-            self.outbox
-                .fenced(fence)
-                .claim_ready_chains(limit, now, per_unit, max_bytes)
-                .await?
+        self.rebase_after_clock_step(fence, &mut acks).await?;
+        let shape = if chains {
+            ClaimShape::Chains {
+                max_chain: per_unit,
+                max_chain_bytes: self.batch.map_or(usize::MAX, |b| b.max_bytes),
+            }
         } else {
-            let ops = self.outbox.fenced(fence).claim_ready(limit, now).await?;
-            crate::core::drain::units(ops)
+            ClaimShape::Heads
         };
+        let now = self.clock.now_millis();
+        let chains = self
+            .outbox
+            .fenced(fence)
+            .ack_then_claim(acks, limit, now, shape)
+            .await?;
         Ok(DrainInput::Claimed {
             asked: limit,
             chains,
@@ -302,16 +309,28 @@ impl Inner {
         Ok(())
     }
 
-    /// Carries out the [`ScheduleGuard`]'s plan before a claim.
+    /// Carries out the [`ScheduleGuard`]'s plan before a claim. The claim's
+    /// `acks` are written first when there is a plan, so the heads they
+    /// make are re-based and clamped too.
     ///
     /// [`ScheduleGuard`]: crate::core::clock_watch::ScheduleGuard
-    async fn rebase_after_clock_step(&self, fence: &Fence) -> Result<(), EngineError> {
+    async fn rebase_after_clock_step(
+        &self,
+        fence: &Fence,
+        acks: &mut Vec<(OpId, Ack)>,
+    ) -> Result<(), EngineError> {
         let now = self.clock.now_millis();
         let plan = self
             .schedule
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .plan(now, self.clock.monotonic());
+        if (plan.rebase.is_some() || plan.clamp) && !acks.is_empty() {
+            self.outbox
+                .fenced(fence)
+                .ack_many(std::mem::take(acks))
+                .await?;
+        }
         if let Some((after, step)) = plan.rebase {
             let moved = self
                 .outbox

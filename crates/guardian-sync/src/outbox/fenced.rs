@@ -204,6 +204,26 @@ impl Fenced<'_> {
             .await
     }
 
+    /// [`Self::ack_many`] (unless `acks` is empty), then a claim as `shape`
+    /// says, in one transaction (one commit): the claim sees the entity
+    /// heads the acks made. Any error refuses both.
+    pub async fn ack_then_claim(
+        self,
+        acks: Vec<(OpId, Ack)>,
+        limit: usize,
+        now_ms: i64,
+        shape: runner::ClaimShape,
+    ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
+        let fence = self.fence.clone();
+        self.outbox
+            .inner
+            .writer
+            .call(move |conn, ctx| {
+                runner::ack_then_claim(conn, ctx, &fence, &acks, limit, now_ms, shape)
+            })
+            .await
+    }
+
     /// Claims ready ops with, behind each, its entity's next pending and due
     /// ops: one chain per entity, to be sent in one batch with dependencies
     /// (each op applied only if the one before it was). `limit` bounds all

@@ -55,6 +55,7 @@ pub use lock_row::LockRow;
 pub use outcomes::OutcomeRecord;
 pub use reader::OutboxReader;
 pub use rows::UnreadableOp;
+pub use runner::ClaimShape;
 pub use upcast::{UpcastFn, Upcasters};
 
 use crate::clock::{SharedClock, SystemClock};

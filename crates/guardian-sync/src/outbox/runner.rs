@@ -259,6 +259,46 @@ pub(crate) fn claim_chains(
     Ok(chains)
 }
 
+/// How a claim takes ready ops ([`super::Fenced::ack_then_claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimShape {
+    /// Each entity's head alone, a transaction's ops together.
+    Heads,
+    /// Each head with its entity's next pending, due ops behind it, as
+    /// [`super::Fenced::claim_ready_chains`] does.
+    Chains {
+        /// Most ops per chain.
+        max_chain: usize,
+        /// Most bytes per chain (its head alone may be larger).
+        max_chain_bytes: usize,
+    },
+}
+
+/// [`ack_many`] (if any acks), then a claim, in one job: one commit
+/// instead of two, and the claim sees the heads the acks made.
+pub(crate) fn ack_then_claim(
+    conn: &Connection,
+    ctx: &Ctx,
+    fence: &Fence,
+    acks: &[(OpId, Ack)],
+    limit: usize,
+    now: i64,
+    shape: ClaimShape,
+) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
+    if !acks.is_empty() {
+        ack_many(conn, ctx, fence, acks)?;
+    }
+    match shape {
+        ClaimShape::Heads => Ok(crate::core::drain::units(claim(
+            conn, ctx, fence, limit, now,
+        )?)),
+        ClaimShape::Chains {
+            max_chain,
+            max_chain_bytes,
+        } => claim_chains(conn, ctx, fence, limit, now, max_chain, max_chain_bytes),
+    }
+}
+
 /// The server applied the op: delete it, settle its tokens, and give the
 /// entity's next op its `If-Match` (and base) and the head position.
 ///

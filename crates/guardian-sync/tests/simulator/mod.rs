@@ -26,7 +26,9 @@ use guardian_sync::core::drain::{
     BatchConfig, DrainCommand, DrainConfig, DrainInput, DrainMachine, Env, Write,
 };
 use guardian_sync::op::{Fence, NewOp, OpId, OpState, PendingOp};
-use guardian_sync::outbox::{ListFilter, Outbox, OutboxError, OutboxOptions, Synchronous};
+use guardian_sync::outbox::{
+    ClaimShape, ListFilter, Outbox, OutboxError, OutboxOptions, Synchronous,
+};
 use guardian_sync::reconcile::{ReconcilePolicies, Reconciler};
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::telemetry::SyncMetrics;
@@ -740,6 +742,7 @@ impl Sim {
                 limit,
                 per_unit,
                 chains,
+                acks,
             } => {
                 let plan = {
                     let now = self.clock_now();
@@ -748,7 +751,16 @@ impl Sim {
                 };
                 let now = self.clock_now();
                 let dev = &self.devices[d];
+                let mut acks = acks;
                 let result: Result<Vec<Vec<PendingOp>>, OutboxError> = self.rt.block_on(async {
+                    // As the driver does: acks first when the schedule is
+                    // maintained, so the heads they make are maintained too.
+                    if (plan.rebase.is_some() || plan.clamp) && !acks.is_empty() {
+                        dev.outbox
+                            .fenced(&fence)
+                            .ack_many(std::mem::take(&mut acks))
+                            .await?;
+                    }
                     if let Some((after, step)) = plan.rebase {
                         dev.outbox
                             .fenced(&fence)
@@ -761,15 +773,18 @@ impl Sim {
                             .clamp_schedule(now, self.retry.horizon())
                             .await?;
                     }
-                    if chains {
-                        dev.outbox
-                            .fenced(&fence)
-                            .claim_ready_chains(limit, now, per_unit, usize::MAX)
-                            .await
+                    let shape = if chains {
+                        ClaimShape::Chains {
+                            max_chain: per_unit,
+                            max_chain_bytes: usize::MAX,
+                        }
                     } else {
-                        let ops = dev.outbox.fenced(&fence).claim_ready(limit, now).await?;
-                        Ok(guardian_sync::core::drain::units(ops))
-                    }
+                        ClaimShape::Heads
+                    };
+                    dev.outbox
+                        .fenced(&fence)
+                        .ack_then_claim(acks, limit, now, shape)
+                        .await
                 });
                 match self.fenced(d, &fence, result)? {
                     Some(chains) => {
