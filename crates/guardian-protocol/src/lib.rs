@@ -7,11 +7,15 @@
 
 #![warn(missing_docs)]
 
+mod fingerprint;
 mod number;
 mod problem;
 pub mod telemetry;
 mod validate;
 
+pub use fingerprint::{
+    ChangeFingerprint, FingerprintError, CHANGE_FINGERPRINT_LEN, SINCE_FINGERPRINT_PARAM,
+};
 pub use number::{canonical_number, json_eq, numbers_are_canonical};
 pub use problem::{problem_type, Problem, PROBLEM_CONTENT_TYPE};
 pub use validate::{

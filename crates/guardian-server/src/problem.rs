@@ -192,6 +192,14 @@ impl From<&FeedRefusal> for ApiError {
                 ),
                 last,
             ),
+            FeedRefusal::Diverged { since, last } => Self::cursor_expired(
+                format!(
+                    "this server's change at cursor {since} is not the one the client holds \
+                     (since_fingerprint): the feed was rewritten, as by a restore from a backup \
+                     that then took writes; resync from scratch"
+                ),
+                last,
+            ),
         }
     }
 }

@@ -1835,3 +1835,100 @@ async fn a_database_error_at_start_says_what_postgres_said() {
         .expect_err("a read-only database cannot be migrated");
     assert!(err.to_string().contains("read-only"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// A feed rewritten under a client's cursor
+// ---------------------------------------------------------------------------
+
+/// `since_fingerprint` on PostgreSQL, against rows edited behind the
+/// server's back: the change the client holds is served on, another one
+/// (the row rewritten, as by a restore that then took writes) or none (the
+/// row deleted inside the retained feed) is 410 `cursor-expired` with the
+/// head, on the feed and on the WebSocket upgrade alike; without the
+/// parameter nothing changes, and a malformed one is 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_feed_rewritten_under_the_clients_cursor_is_refused_by_its_fingerprint() {
+    use guardian_protocol::{ChangeFingerprint, SINCE_FINGERPRINT_PARAM as P};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let s = serve(builder(), &db.url()).await;
+    let http = reqwest::Client::new();
+    for (id, key) in [("d1", "a"), ("d2", "b"), ("d3", "c")] {
+        let r = send(create(&http, &s, TOKEN, id, &json!({}), key))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text);
+    }
+    let feed = |query: String| {
+        send(
+            http.get(format!("{}/v1/changes?{query}", s.url()))
+                .bearer_auth(TOKEN),
+        )
+    };
+    let upgrade = |query: String| {
+        let mut req = format!("{}?{query}", s.realtime_url())
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        async move {
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio_tungstenite::connect_async(req),
+            )
+            .await
+            .expect("upgrade answered in time")
+            {
+                Ok(_) => 101,
+                Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+                Err(e) => panic!("upgrade failed: {e}"),
+            }
+        }
+    };
+    let at2 = ChangeFingerprint::of("device", "d2", 1);
+    let plain = feed("since=2".to_owned()).await.unwrap();
+    let r = feed(format!("since=2&{P}={at2}")).await.unwrap();
+    assert_eq!((r.status, &r.body), (200, &plain.body), "{}", r.text);
+    assert_eq!(upgrade(format!("since=2&{P}={at2}")).await, 101);
+    let r = feed(format!("since=2&{P}=nothex")).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.text);
+
+    // The row at 2 now names another change.
+    c.execute(
+        "UPDATE guardian_changes SET id = 'm2' WHERE tenant = 'acme' AND cursor = 2",
+        &[],
+    )
+    .await
+    .unwrap();
+    let r = feed(format!("since=2&{P}={at2}")).await.unwrap();
+    assert_eq!(r.status, 410, "{}", r.text);
+    assert_eq!(r.body["type"], problem_type::CURSOR_EXPIRED);
+    assert_eq!(r.body[problem_type::FEED_HEAD], 3);
+    assert_eq!(upgrade(format!("since=2&{P}={at2}")).await, 410);
+    let at2_now = ChangeFingerprint::of("device", "m2", 1);
+    assert_eq!(
+        feed(format!("since=2&{P}={at2_now}")).await.unwrap().status,
+        200
+    );
+
+    // No row at 2 at all, inside the retained feed.
+    c.execute(
+        "DELETE FROM guardian_changes WHERE tenant = 'acme' AND cursor = 2",
+        &[],
+    )
+    .await
+    .unwrap();
+    let r = feed(format!("since=2&{P}={at2_now}")).await.unwrap();
+    assert_eq!(
+        (r.status, r.body["type"].clone()),
+        (410, json!(problem_type::CURSOR_EXPIRED))
+    );
+    let r = feed("since=2".to_owned()).await.unwrap();
+    assert_eq!(
+        (r.status, r.body["changes"][0]["cursor"].clone()),
+        (200, json!(3))
+    );
+    s.shutdown().await;
+}

@@ -38,7 +38,7 @@ fn line(c: &FeedCommand) -> String {
         FeedCommand::Deliver(other) => format!("deliver {other:?}"),
         FeedCommand::Baseline(c) => format!("baseline {c}"),
         FeedCommand::State(s) => format!("state {s}"),
-        FeedCommand::FetchPage { since, limit } => format!("fetch {limit} after {since}"),
+        FeedCommand::FetchPage { since, limit, .. } => format!("fetch {limit} after {since}"),
         FeedCommand::EndSession(reason) => format!("end session ({reason})"),
         FeedCommand::ResetBackoff => "reset backoff".into(),
         FeedCommand::CountReconnect => "count reconnect".into(),

@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use guardian_protocol::{Change, ChangesPage, MutationKind, RealtimeFrame};
+use guardian_protocol::{Change, ChangeFingerprint, ChangesPage, MutationKind, RealtimeFrame};
 use guardian_server::ServerBuilder;
 use guardian_sync::realtime::{
-    ConnectionState, MemoryCursorStore, RealtimeConfig, RealtimeMessage, RealtimeMessages,
-    RealtimeService, StartFrom,
+    ConnectionState, FeedPosition, MemoryCursorStore, RealtimeConfig, RealtimeMessage,
+    RealtimeMessages, RealtimeService, StartFrom,
 };
 use guardian_sync::telemetry::{Counter, SyncMetrics};
 use guardian_sync::transport::StaticToken;
@@ -891,13 +891,12 @@ async fn a_server_restored_from_a_backup_behind_the_client_is_reported_as_a_resy
 }
 
 /// The same backup, but the restored server takes writes (3..=6, new data)
-/// before the client is back. The client asks for changes after 5, which
-/// the restored feed can serve (its head is 6), and gets 6 alone: the new
-/// 3, 4 and 5 are skipped without a word, and the app's state diverges
-/// from the server's for good. Nothing on the wire lets the client notice
-/// that cursor 5 now names another change.
+/// before the client is back. Its head (6) is past the client's cursor, so
+/// the cursor alone looks servable, and the new 3, 4 and 5 would be skipped
+/// without a word. The client sends the fingerprint of the change it holds
+/// at 5 (`since_fingerprint`); the restored feed's 5 is another change, so
+/// the server refuses the cursor (410) and the app gets a `Resync`.
 #[tokio::test]
-#[ignore = "defect; needs a protocol extension (e.g. a feed epoch in hello and pages): a restored feed that grew past the client's cursor is followed as if nothing happened"]
 async fn a_restored_server_that_took_writes_before_the_client_returned_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("server.db");
@@ -909,8 +908,10 @@ async fn a_restored_server_that_took_writes_before_the_client_returned_is_detect
     create(&url, "n", 3..=5).await;
 
     let proxy = Proxy::start(addr).await;
+    let store = MemoryCursorStore::new(None);
     let mut cfg = config(&format!("http://{}", proxy.addr), addr);
     cfg.realtime_url = None;
+    cfg.cursor_store = Arc::new(store.clone());
     let service = RealtimeService::start(cfg).await.unwrap();
     let mut messages = service.messages().unwrap();
     expect_cursors(&mut messages, 1, 5).await;
@@ -929,6 +930,68 @@ async fn a_restored_server_that_took_writes_before_the_client_returned_is_detect
         ),
         other => panic!("unexpected {other:?}"),
     }
+    // The feed is followed on from the restored head; the position saved
+    // is the new timeline's, with its change's fingerprint.
+    create(&url, "m", [7]).await;
+    let c = next_change(&mut messages).await;
+    assert_eq!((c.cursor, c.id.as_str()), (7, "m7"));
+    messages.ack();
     shutdown_promptly(service).await;
     third.shutdown().await;
+    assert_eq!(
+        store.position(),
+        Some(FeedPosition {
+            cursor: 7,
+            fingerprint: Some(ChangeFingerprint::of("note", "m7", 1)),
+        })
+    );
+}
+
+/// The same rewritten feed, met by a client that was not running: the
+/// fingerprint saved with its cursor goes out with its first request after
+/// the restart, so the rewrite is detected then too.
+#[tokio::test]
+async fn a_restarted_client_detects_a_rewritten_feed_by_its_saved_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let backup = dir.path().join("backup.db");
+    let second = server_on(&db, "127.0.0.1:0").await;
+    let (addr, url) = (second.addr(), second.url());
+    create(&url, "n", 1..=2).await;
+    backup_db(&db, &backup);
+    create(&url, "n", 3..=5).await;
+
+    let store = MemoryCursorStore::new(None);
+    let mut cfg = config(&url, addr);
+    cfg.realtime_url = None;
+    cfg.cursor_store = Arc::new(store.clone());
+    let service = RealtimeService::start(cfg.clone()).await.unwrap();
+    let mut messages = service.messages().unwrap();
+    expect_cursors(&mut messages, 1, 5).await;
+    messages.ack();
+    shutdown_promptly(service).await;
+    assert_eq!(
+        store.position(),
+        Some(FeedPosition {
+            cursor: 5,
+            fingerprint: Some(ChangeFingerprint::of("note", "n5", 1)),
+        })
+    );
+
+    second.shutdown().await;
+    let third = server_on(&backup, &addr.to_string()).await;
+    create(&url, "m", 3..=6).await;
+    let service = RealtimeService::start(cfg).await.unwrap();
+    let mut messages = service.messages().unwrap();
+    match next_within(&mut messages, WAIT).await {
+        RealtimeMessage::Resync(r) => {
+            assert_eq!((r.stale_cursor, r.resume_cursor), (Some(5), 6), "{r:?}");
+        }
+        other => panic!("expected a resync, got {other:?}"),
+    }
+    messages.ack();
+    shutdown_promptly(service).await;
+    third.shutdown().await;
+    // The resync reached 6 without its change: no fingerprint is kept.
+    assert_eq!(store.position(), Some(FeedPosition::bare(6)));
 }

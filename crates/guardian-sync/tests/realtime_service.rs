@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use guardian_protocol::{Change, RealtimeFrame};
+use guardian_protocol::{Change, ChangeFingerprint, RealtimeFrame};
 use guardian_server::{RunningServer, ServerBuilder};
 use guardian_sync::outbox::{Outbox, OutboxOptions};
 use guardian_sync::realtime::{
-    ConnectionState, CursorStore, MemoryCursorStore, OutboxCursorStore, RealtimeConfig,
-    RealtimeMessage, RealtimeMessages, RealtimeService, StartFrom,
+    ConnectionState, CursorStore, CursorStoreError, FeedPosition, MemoryCursorStore,
+    OutboxCursorStore, RealtimeConfig, RealtimeMessage, RealtimeMessages, RealtimeService,
+    StartFrom,
 };
 use guardian_sync::telemetry::{Counter, SyncMetrics};
 use guardian_sync::transport::StaticToken;
@@ -533,6 +534,105 @@ async fn a_restart_resumes_after_the_consumed_cursor_saved_in_the_outbox() {
         outbox.meta_get("realtime.cursor").await.unwrap().as_deref(),
         Some("5")
     );
+}
+
+/// The outbox keeps the fingerprint of the consumed change beside its
+/// cursor, and hands it back only with the cursor it was saved for: a
+/// fingerprint left from another cursor (a crash between the two writes, a
+/// cursor saved by an older build) or unreadable is no fingerprint, never
+/// an error that would stop the feed.
+#[tokio::test]
+async fn the_outbox_keeps_the_fingerprint_with_its_cursor_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), OutboxOptions::default())
+        .await
+        .unwrap();
+    let store = OutboxCursorStore::new(outbox.clone());
+    assert_eq!(store.load_position().await.unwrap(), None);
+    let fp = ChangeFingerprint::of("note", "n3", 1);
+    let at3 = FeedPosition {
+        cursor: 3,
+        fingerprint: Some(fp),
+    };
+    store.save_position(at3).await.unwrap();
+    assert_eq!(store.load_position().await.unwrap(), Some(at3));
+    assert_eq!(store.load().await.unwrap(), Some(3));
+    assert_eq!(
+        outbox.meta_get("realtime.cursor").await.unwrap().as_deref(),
+        Some("3")
+    );
+    // A resync's position (no change known there) clears it.
+    store.save_position(FeedPosition::bare(3)).await.unwrap();
+    assert_eq!(
+        store.load_position().await.unwrap(),
+        Some(FeedPosition::bare(3))
+    );
+    // Written for 4, but the cursor stayed at 3 (a crash in between).
+    store.save_position(at3).await.unwrap();
+    outbox
+        .meta_set("realtime.cursor.fingerprint", &format!("4:{fp}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_position().await.unwrap(),
+        Some(FeedPosition::bare(3))
+    );
+    outbox
+        .meta_set("realtime.cursor.fingerprint", "3:not-a-fingerprint")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_position().await.unwrap(),
+        Some(FeedPosition::bare(3))
+    );
+    // The plain `save` of a cursor leaves no fingerprint behind.
+    store.save_position(at3).await.unwrap();
+    store.save(3).await.unwrap();
+    assert_eq!(
+        store.load_position().await.unwrap(),
+        Some(FeedPosition::bare(3))
+    );
+}
+
+/// A cursor store written before fingerprints existed: `load` and `save`
+/// only.
+#[derive(Debug, Clone, Default)]
+struct CursorOnly(MemoryCursorStore);
+
+impl CursorStore for CursorOnly {
+    fn load(&self) -> futures::future::BoxFuture<'_, Result<Option<u64>, CursorStoreError>> {
+        self.0.load()
+    }
+
+    fn save(&self, cursor: u64) -> futures::future::BoxFuture<'_, Result<(), CursorStoreError>> {
+        self.0.save(cursor)
+    }
+}
+
+/// Such a store keeps working: the service follows, saves the cursor and
+/// resumes after it on a restart (without a fingerprint, as before).
+#[tokio::test]
+async fn a_store_that_keeps_only_the_cursor_still_resumes() {
+    let server = server().await;
+    let writer = Writer::new(&server.url());
+    writer.create(1..=3).await;
+    let store = CursorOnly::default();
+    let mut cfg = config(&server.url());
+    cfg.cursor_store = Arc::new(store.clone());
+    let service = RealtimeService::start(cfg.clone()).await.unwrap();
+    let mut messages = service.messages().unwrap();
+    expect_cursors(&mut messages, 1, 3).await;
+    messages.ack();
+    service.shutdown().await;
+    assert_eq!(store.0.position(), Some(FeedPosition::bare(3)));
+
+    writer.create(4..=5).await;
+    let service = RealtimeService::start(cfg).await.unwrap();
+    let mut messages = service.messages().unwrap();
+    expect_cursors(&mut messages, 4, 2).await;
+    messages.ack();
+    service.shutdown().await;
+    assert_eq!(store.0.get(), Some(5));
 }
 
 /// A WebSocket endpoint that sends `hello`, a malformed frame, an unknown

@@ -11,7 +11,8 @@
 //! server's latest change without it), so watching never touches an outbox
 //! file. With `--persist` the consumed cursor is saved in the outbox named by
 //! the global `--outbox` (meta key `realtime.cursor`, the same place an app
-//! keeps it); a saved cursor wins over `--since`.
+//! keeps it, with the consumed change's fingerprint under
+//! `realtime.cursor.fingerprint`); a saved cursor wins over `--since`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,4 +1,5 @@
-//! `GET /v1/changes?since=&limit=`: pages through the tenant's change feed.
+//! `GET /v1/changes?since=&since_fingerprint=&limit=`: pages through the
+//! tenant's change feed.
 
 use std::collections::HashMap;
 
@@ -6,7 +7,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use guardian_protocol::{ChangesPage, Problem};
+use guardian_protocol::{ChangeFingerprint, ChangesPage, Problem, SINCE_FINGERPRINT_PARAM};
 
 use crate::auth::Tenant;
 use crate::problem::ApiError;
@@ -33,6 +34,28 @@ pub(crate) fn param(
         .transpose()
 }
 
+/// Parses `since_fingerprint`, the change the client holds at `since`:
+/// without `since` it names nothing, so it is refused rather than ignored.
+pub(crate) fn since_fingerprint(
+    query: &Result<Query<HashMap<String, String>>, QueryRejection>,
+    since: Option<u64>,
+) -> Result<Option<ChangeFingerprint>, ApiError> {
+    let q = query
+        .as_ref()
+        .map_err(|e| ApiError::bad_request(format!("bad query string: {e}")))?;
+    let Some(raw) = q.get(SINCE_FINGERPRINT_PARAM) else {
+        return Ok(None);
+    };
+    if since.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "{SINCE_FINGERPRINT_PARAM} names the change at since, so it needs since"
+        )));
+    }
+    ChangeFingerprint::parse(raw)
+        .map(Some)
+        .map_err(|e| ApiError::bad_request(format!("{SINCE_FINGERPRINT_PARAM}: {e}")))
+}
+
 /// Reads changes after a cursor.
 #[utoipa::path(
     get,
@@ -40,12 +63,13 @@ pub(crate) fn param(
     tag = "changes",
     params(
         ("since" = Option<u64>, Query, description = "Return changes after this cursor (default 0)", minimum = 0),
+        ("since_fingerprint" = Option<String>, Query, description = "The fingerprint of the change the client holds at `since` (16 lower-case hex digits: the first 8 bytes of SHA-256 over the change's type, id and version, each text prefixed by its byte length as a big-endian u64, the version as a big-endian u64). If the retained feed's change at `since` is another one, or missing, the answer is 410 `cursor-expired`. Needs `since`; not compared when `since` is at the front of the retained feed", min_length = 16, max_length = 16, pattern = "^[0-9a-f]{16}$"),
         ("limit" = Option<u64>, Query, description = "Page size (default 100); above 1000 a page holds 1000. A page also ends with the change whose data takes it past 4 MiB", minimum = 1),
     ),
     responses(
         (status = 200, description = "A page of changes; pass `next` as `since` for the next page. `head` is the feed's latest cursor", body = ChangesPage),
         (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "`cursor-expired`: `since` is older than the retained feed (or ahead of it); resync, then follow the feed from the problem's `head` member (its latest cursor)", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`cursor-expired`: `since` is older than the retained feed (or ahead of it), or the change at `since` is not the one `since_fingerprint` names; resync, then follow the feed from the problem's `head` member (its latest cursor)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -54,8 +78,11 @@ pub(crate) async fn changes(
     Extension(tenant): Extension<Tenant>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Response {
-    let (since, limit) = match param(&query, "since").and_then(|s| Ok((s, param(&query, "limit")?)))
-    {
+    let parsed = param(&query, "since").and_then(|since| {
+        let holds = since_fingerprint(&query, since)?;
+        Ok((since, holds, param(&query, "limit")?))
+    });
+    let (since, holds, limit) = match parsed {
         Ok(v) => v,
         Err(e) => return e.into_response(),
     };
@@ -65,7 +92,7 @@ pub(crate) async fn changes(
     }
     match state
         .store
-        .changes(tenant.0, since.unwrap_or(0), limit.min(MAX_LIMIT))
+        .changes(tenant.0, since.unwrap_or(0), holds, limit.min(MAX_LIMIT))
         .await
     {
         Ok(Ok(page)) => Json(page).into_response(),

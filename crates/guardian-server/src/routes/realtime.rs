@@ -1,4 +1,5 @@
-//! `GET /v1/realtime?since=`: the change feed pushed over a WebSocket.
+//! `GET /v1/realtime?since=&since_fingerprint=`: the change feed pushed over
+//! a WebSocket.
 //!
 //! The session subscribes to the broadcast *before* reading the backlog, so a
 //! change committed in between is seen at least once; every frame is sent
@@ -21,7 +22,7 @@ use guardian_protocol::{problem_type, Change, Problem, RealtimeFrame};
 use tokio::sync::{broadcast, watch};
 use tokio::time::{Duration, Instant};
 
-use super::changes::param;
+use super::changes::{param, since_fingerprint};
 use crate::auth::Tenant;
 use crate::problem::ApiError;
 use crate::state::AppState;
@@ -42,12 +43,15 @@ const CLIENT_MESSAGE_MAX: usize = 64 * 1024;
     get,
     path = "/v1/realtime",
     tag = "realtime",
-    params(("since" = Option<u64>, Query, description = "Resume after this cursor; without it only live changes are sent", minimum = 0)),
+    params(
+        ("since" = Option<u64>, Query, description = "Resume after this cursor; without it only live changes are sent", minimum = 0),
+        ("since_fingerprint" = Option<String>, Query, description = "The fingerprint of the change the client holds at `since`, as for `GET /v1/changes`: if the feed's change there is another one, the upgrade is refused with 410 `cursor-expired`. Needs `since`", min_length = 16, max_length = 16, pattern = "^[0-9a-f]{16}$"),
+    ),
     responses(
         (status = 101, description = "WebSocket: a `hello` frame with the current cursor, then `change` frames (`{\"type\":\"change\",\"change\":{...}}`), backlog first, then live", body = RealtimeFrame),
         (status = 400, description = "Not a WebSocket upgrade, or bad parameters", body = Problem, content_type = "application/problem+json"),
         (status = 426, description = "The connection cannot be upgraded (not HTTP/1.1)", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "`cursor-expired`", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "`cursor-expired`: `since` is not servable, or the change at `since` is not the one `since_fingerprint` names", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -73,15 +77,21 @@ pub(crate) async fn realtime(
             .into_response()
         }
     };
-    let since = match param(&query, "since") {
-        Ok(s) => s,
+    let (since, holds) = match param(&query, "since")
+        .and_then(|since| Ok((since, since_fingerprint(&query, since)?)))
+    {
+        Ok(v) => v,
         Err(e) => return e.into_response(),
     };
     // Subscribe before anything is read so no commit (and no disconnect
     // order) can slip between.
     let rx = state.store.subscribe();
     let kick = state.kick.subscribe();
-    let cursor = match state.store.check_since(Arc::clone(&tenant.0), since).await {
+    let cursor = match state
+        .store
+        .check_since(Arc::clone(&tenant.0), since, holds)
+        .await
+    {
         Ok(Ok(cursor)) => cursor,
         Ok(Err(refusal)) => return ApiError::from(&refusal).into_response(),
         Err(e) => {
@@ -262,7 +272,7 @@ impl Session {
             let page = match self
                 .state
                 .store
-                .changes(Arc::clone(&self.tenant), self.last_sent, PAGE)
+                .changes(Arc::clone(&self.tenant), self.last_sent, None, PAGE)
                 .await
             {
                 Ok(Ok(page)) => page,

@@ -4,9 +4,12 @@
 //! transaction, so they are gap-free per tenant and a change is visible
 //! exactly when its mutation is. Retention deletes old changes from the front
 //! and raises `purged_through`; a reader whose `since` is below it has missed
-//! changes and is told so (410 `cursor-expired`).
+//! changes and is told so (410 `cursor-expired`). A reader that names the
+//! change it holds at `since` (its [`ChangeFingerprint`]) is told the same
+//! when this feed's change there is another one: the feed was rewritten
+//! under it (a restore from a backup that then took writes).
 
-use guardian_protocol::{Change, MutationKind};
+use guardian_protocol::{Change, ChangeFingerprint, MutationKind};
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use super::{from_i64, to_i64, Cutoff, StoreError};
@@ -22,6 +25,9 @@ pub(crate) enum FeedRefusal {
     },
     /// `since` is newer than any cursor this server handed out.
     Ahead { since: u64, last: u64 },
+    /// The change at `since` is not the one the reader holds (or is
+    /// missing from the retained feed): the feed was rewritten after it.
+    Diverged { since: u64, last: u64 },
 }
 
 /// `(last_cursor, purged_through)` of a tenant; zeros for a new tenant.
@@ -38,14 +44,60 @@ pub(crate) fn counters(
     Ok(row.map_or((0, 0), |(l, p)| (from_i64(l), from_i64(p))))
 }
 
-/// Checks that the changes after `since` are all still retained.
+/// Checks that the changes after `since` are all still retained and, if
+/// the reader says which change it holds at `since`, that it is this
+/// feed's.
 pub(crate) fn check_since(
     conn: &rusqlite::Connection,
     tenant: &str,
     since: u64,
+    holds: Option<ChangeFingerprint>,
 ) -> Result<Result<u64, FeedRefusal>, StoreError> {
     let (last, purged_through) = counters(conn, tenant)?;
-    Ok(judge_since(since, last, purged_through))
+    let last = match judge_since(since, last, purged_through) {
+        Ok(last) => last,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let Some(holds) = holds.filter(|_| checkable(since, purged_through)) else {
+        return Ok(Ok(last));
+    };
+    let found = conn
+        .prepare_cached(
+            "SELECT entity_type, id, version FROM changes WHERE tenant = ?1 AND cursor = ?2",
+        )?
+        .query_row(params![tenant, to_i64(since)], |r| {
+            Ok(ChangeFingerprint::of(
+                &r.get::<_, String>(0)?,
+                &r.get::<_, String>(1)?,
+                from_i64(r.get::<_, i64>(2)?),
+            ))
+        })
+        .optional()?;
+    Ok(judge_held(since, last, holds, found))
+}
+
+/// Whether the change at `since` can be compared with the reader's: it is
+/// in the retained feed. At the feed's front (`since` = `purged_through`,
+/// 0 included) it was purged or never existed; refusing there would send
+/// every reader of a feed that was quiet for the whole retention into a
+/// resync, so such a `since` is served as without a fingerprint.
+pub(crate) fn checkable(since: u64, purged_through: u64) -> bool {
+    since > purged_through
+}
+
+/// The refusal when the retained change at `since` (`found`, by its
+/// fingerprint) is missing or is not the one the reader `holds`.
+pub(crate) fn judge_held(
+    since: u64,
+    last: u64,
+    holds: ChangeFingerprint,
+    found: Option<ChangeFingerprint>,
+) -> Result<u64, FeedRefusal> {
+    if found == Some(holds) {
+        Ok(last)
+    } else {
+        Err(FeedRefusal::Diverged { since, last })
+    }
 }
 
 /// Whether the changes after `since` are all retained, given the tenant's
@@ -270,6 +322,41 @@ mod tests {
         assert_eq!(counters(&tx, "b").unwrap(), (1, 1));
         // Nothing left to purge.
         assert_eq!(purge(&tx, cut(10_000)).unwrap(), 0);
+    }
+
+    /// A reader's change is compared only inside the retained feed, and a
+    /// missing one there counts as another.
+    #[test]
+    fn a_held_change_is_compared_only_inside_the_retained_feed() {
+        let mut conn = schema::open(None, Synchronous::Full).unwrap();
+        let tx = conn.transaction().unwrap();
+        for cursor in 1..=4 {
+            tx.execute(
+                "INSERT INTO changes VALUES ('a', ?1, 'create', 'd', ?1, 1, '{}', 100)",
+                params![cursor],
+            )
+            .unwrap();
+        }
+        tx.execute_batch(
+            "INSERT INTO tenants (tenant, last_cursor, purged_through) VALUES ('a', 4, 1)",
+        )
+        .unwrap();
+        let at3 = ChangeFingerprint::of("d", "3", 1);
+        assert_eq!(check_since(&tx, "a", 3, Some(at3)).unwrap(), Ok(4));
+        assert_eq!(
+            check_since(&tx, "a", 2, Some(at3)).unwrap(),
+            Err(FeedRefusal::Diverged { since: 2, last: 4 })
+        );
+        // The front (purged through 1) cannot be compared: served.
+        assert_eq!(check_since(&tx, "a", 1, Some(at3)).unwrap(), Ok(4));
+        // Missing inside the retained feed: refused.
+        tx.execute("DELETE FROM changes WHERE cursor = 3", [])
+            .unwrap();
+        assert_eq!(
+            check_since(&tx, "a", 3, Some(at3)).unwrap(),
+            Err(FeedRefusal::Diverged { since: 3, last: 4 })
+        );
+        assert_eq!(check_since(&tx, "a", 3, None).unwrap(), Ok(4));
     }
 
     /// A change stamped in the future (the clock ran ahead, then came back)

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use guardian_protocol::{Change, ChangesPage, Entity, MutationKind};
+use guardian_protocol::{Change, ChangeFingerprint, ChangesPage, Entity, MutationKind};
 use serde_json::Value;
 use tokio::sync::broadcast;
 
@@ -352,11 +352,24 @@ pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     /// A page of the tenant's feed after `since`, with its head, read from
     /// one snapshot: at most `limit` changes, ending with the one whose
     /// data takes the page past [`PAGE_MAX_DATA_BYTES`] (so never empty
-    /// while changes are left).
-    fn changes(&self, tenant: Arc<str>, since: u64, limit: usize) -> Answer<'_, Feed<ChangesPage>>;
+    /// while changes are left). With `holds`, the retained change at
+    /// `since` must be the one it names (`feed::check_since`).
+    fn changes(
+        &self,
+        tenant: Arc<str>,
+        since: u64,
+        holds: Option<ChangeFingerprint>,
+        limit: usize,
+    ) -> Answer<'_, Feed<ChangesPage>>;
 
-    /// The tenant's latest cursor, or a refusal if `since` is not servable.
-    fn check_since(&self, tenant: Arc<str>, since: Option<u64>) -> Answer<'_, Feed<u64>>;
+    /// The tenant's latest cursor, or a refusal if `since` (with the
+    /// change it `holds`, as for [`Backend::changes`]) is not servable.
+    fn check_since(
+        &self,
+        tenant: Arc<str>,
+        since: Option<u64>,
+        holds: Option<ChangeFingerprint>,
+    ) -> Answer<'_, Feed<u64>>;
 
     /// Every applied mutation, in order.
     fn applied_log(&self) -> Answer<'_, Vec<AppliedMutation>>;

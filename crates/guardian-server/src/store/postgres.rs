@@ -36,7 +36,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
-use guardian_protocol::{Change, ChangesPage, Entity};
+use guardian_protocol::{Change, ChangeFingerprint, ChangesPage, Entity};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
@@ -313,12 +313,13 @@ impl PgInner {
         &self,
         tenant: Arc<str>,
         since: u64,
+        holds: Option<ChangeFingerprint>,
         limit: usize,
     ) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
         let t = &*tenant;
         self.read(move |mut c| {
             async move {
-                let r = page(&mut c, t, since, limit).await;
+                let r = page(&mut c, t, since, holds, limit).await;
                 (c, r)
             }
             .boxed()
@@ -330,12 +331,13 @@ impl PgInner {
         &self,
         tenant: Arc<str>,
         since: Option<u64>,
+        holds: Option<ChangeFingerprint>,
     ) -> Result<Result<u64, FeedRefusal>, StoreError> {
         let t = &*tenant;
         self.read(move |c| {
             async move {
                 let r = match since {
-                    Some(s) => check_since(&**c, t, s).await,
+                    Some(s) => check_since(&**c, t, s, holds).await,
                     None => counters(&**c, t).await.map(|(last, _)| Ok(last)),
                 };
                 (c, r)
@@ -516,16 +518,17 @@ async fn page(
     client: &mut Object,
     tenant: &str,
     since: u64,
+    holds: Option<ChangeFingerprint>,
     limit: usize,
 ) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
-    // One snapshot for the head and the page.
+    // One snapshot for the head, the held change and the page.
     let tx = client
         .build_transaction()
         .isolation_level(IsolationLevel::RepeatableRead)
         .read_only(true)
         .start()
         .await?;
-    let head = match check_since(&*tx, tenant, since).await? {
+    let head = match check_since(&*tx, tenant, since, holds).await? {
         Ok(last) => last,
         Err(refusal) => return Ok(Err(refusal)),
     };
@@ -665,12 +668,23 @@ impl Backend for PgStore {
         self.inner.get(tenant, entity_type, id).boxed()
     }
 
-    fn changes(&self, tenant: Arc<str>, since: u64, limit: usize) -> Answer<'_, Feed<ChangesPage>> {
-        self.inner.changes(tenant, since, limit).boxed()
+    fn changes(
+        &self,
+        tenant: Arc<str>,
+        since: u64,
+        holds: Option<ChangeFingerprint>,
+        limit: usize,
+    ) -> Answer<'_, Feed<ChangesPage>> {
+        self.inner.changes(tenant, since, holds, limit).boxed()
     }
 
-    fn check_since(&self, tenant: Arc<str>, since: Option<u64>) -> Answer<'_, Feed<u64>> {
-        self.inner.check_since_now(tenant, since).boxed()
+    fn check_since(
+        &self,
+        tenant: Arc<str>,
+        since: Option<u64>,
+        holds: Option<ChangeFingerprint>,
+    ) -> Answer<'_, Feed<u64>> {
+        self.inner.check_since_now(tenant, since, holds).boxed()
     }
 
     fn applied_log(&self) -> Answer<'_, Vec<AppliedMutation>> {
@@ -866,13 +880,38 @@ async fn counters<C: GenericClient>(c: &C, tenant: &str) -> Result<(u64, u64), S
     })
 }
 
+/// As `feed::check_since` on SQLite: `since` retained and, with `holds`,
+/// the change there the one the reader holds.
 async fn check_since<C: GenericClient>(
     c: &C,
     tenant: &str,
     since: u64,
+    holds: Option<ChangeFingerprint>,
 ) -> Result<Result<u64, FeedRefusal>, StoreError> {
     let (last, purged_through) = counters(c, tenant).await?;
-    Ok(super::feed::judge_since(since, last, purged_through))
+    let last = match super::feed::judge_since(since, last, purged_through) {
+        Ok(last) => last,
+        Err(refusal) => return Ok(Err(refusal)),
+    };
+    let Some(holds) = holds.filter(|_| super::feed::checkable(since, purged_through)) else {
+        return Ok(Ok(last));
+    };
+    let found = match c
+        .query_opt(
+            "SELECT entity_type, id, version FROM guardian_changes
+             WHERE tenant = $1 AND cursor = $2",
+            &[&tenant, &to_i64(since)],
+        )
+        .await?
+    {
+        Some(r) => Some(ChangeFingerprint::of(
+            r.try_get(0)?,
+            r.try_get(1)?,
+            from_i64(r.try_get(2)?),
+        )),
+        None => None,
+    };
+    Ok(super::feed::judge_held(since, last, holds, found))
 }
 
 async fn read_applied<C: GenericClient>(c: &C) -> Result<Vec<AppliedMutation>, StoreError> {

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
-use guardian_protocol::{Change, ChangesPage, Entity};
+use guardian_protocol::{Change, ChangeFingerprint, ChangesPage, Entity};
 use guardian_sqlite::wal_prefill::WalPrefill;
 use rusqlite::{params, CachedStatement, Connection, Transaction};
 use tokio::sync::{broadcast, oneshot};
@@ -188,11 +188,12 @@ impl SqliteStore {
         &self,
         tenant: Arc<str>,
         since: u64,
+        holds: Option<ChangeFingerprint>,
         limit: usize,
     ) -> Result<Result<ChangesPage, FeedRefusal>, StoreError> {
         self.run(move |conn, _| {
             let tx = conn.transaction()?;
-            let head = match feed::check_since(&tx, &tenant, since)? {
+            let head = match feed::check_since(&tx, &tenant, since, holds)? {
                 Ok(last) => last,
                 Err(refusal) => return Ok(Err(refusal)),
             };
@@ -212,9 +213,10 @@ impl SqliteStore {
         &self,
         tenant: Arc<str>,
         since: Option<u64>,
+        holds: Option<ChangeFingerprint>,
     ) -> Result<Result<u64, FeedRefusal>, StoreError> {
         self.run(move |conn, _| match since {
-            Some(s) => feed::check_since(conn, &tenant, s),
+            Some(s) => feed::check_since(conn, &tenant, s, holds),
             None => Ok(Ok(feed::counters(conn, &tenant)?.0)),
         })
         .await
@@ -265,12 +267,23 @@ impl Backend for SqliteStore {
         SqliteStore::get(self, tenant, entity_type, id).boxed()
     }
 
-    fn changes(&self, tenant: Arc<str>, since: u64, limit: usize) -> Answer<'_, Feed<ChangesPage>> {
-        SqliteStore::changes(self, tenant, since, limit).boxed()
+    fn changes(
+        &self,
+        tenant: Arc<str>,
+        since: u64,
+        holds: Option<ChangeFingerprint>,
+        limit: usize,
+    ) -> Answer<'_, Feed<ChangesPage>> {
+        SqliteStore::changes(self, tenant, since, holds, limit).boxed()
     }
 
-    fn check_since(&self, tenant: Arc<str>, since: Option<u64>) -> Answer<'_, Feed<u64>> {
-        SqliteStore::check_since(self, tenant, since).boxed()
+    fn check_since(
+        &self,
+        tenant: Arc<str>,
+        since: Option<u64>,
+        holds: Option<ChangeFingerprint>,
+    ) -> Answer<'_, Feed<u64>> {
+        SqliteStore::check_since(self, tenant, since, holds).boxed()
     }
 
     fn applied_log(&self) -> Answer<'_, Vec<AppliedMutation>> {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use guardian_protocol::problem_type;
+use guardian_protocol::{problem_type, ChangeFingerprint, SINCE_FINGERPRINT_PARAM};
 use guardian_server::clock::ManualClock;
 use reqwest::Method;
 use serde_json::json;
@@ -131,4 +131,168 @@ async fn a_cursor_ahead_of_the_feed_is_410() {
     );
     assert_eq!(r.body[problem_type::FEED_HEAD], 1);
     assert_eq!(h.changes(1, 10).await.status, 200);
+}
+
+/// The `since_fingerprint` of the change `type`/`id` at `version`.
+fn held(entity_type: &str, id: &str, version: u64) -> String {
+    ChangeFingerprint::of(entity_type, id, version).to_string()
+}
+
+async fn feed_query(h: &crate::common::Harness, query: &str) -> crate::common::Resp {
+    h.send(h.req(Method::GET, &format!("/v1/changes?{query}")))
+        .await
+}
+
+/// A client that names the change it holds at `since`, and holds this
+/// feed's, gets the page it would get without naming it.
+#[tokio::test]
+async fn a_since_fingerprint_of_the_change_at_since_is_served_as_without_one() {
+    let h = start_default().await;
+    for (id, key) in [("d1", "a"), ("d2", "b"), ("d3", "c")] {
+        h.create("device", id, json!({}), key).await;
+    }
+    let plain = h.changes(2, 10).await;
+    let checked = feed_query(
+        &h,
+        &format!(
+            "since=2&{SINCE_FINGERPRINT_PARAM}={}&limit=10",
+            held("device", "d2", 1)
+        ),
+    )
+    .await;
+    assert_eq!(checked.status, 200, "{:?}", checked.body);
+    assert_eq!(checked.body, plain.body);
+    assert_eq!(checked.body["changes"][0]["cursor"], 3);
+}
+
+/// A client that holds another change at `since` than this feed (the feed
+/// was rewritten under it: restored from a backup, then written to) is told
+/// to resync, exactly as for a `since` ahead of the feed: 410
+/// `cursor-expired` with the feed's head.
+#[tokio::test]
+async fn a_since_fingerprint_of_another_change_is_410_with_the_head() {
+    let h = start_default().await;
+    h.create("device", "d1", json!({}), "a").await;
+    h.create("device", "d2", json!({}), "b").await;
+    h.put("device", "d1", json!({"n": 2}), "c", Some(1)).await;
+    for (since, other) in [
+        (2, held("device", "d1", 1)),  // the change at 1, not 2
+        (2, held("device", "d2", 2)),  // a version the feed never had
+        (2, held("sensor", "d2", 1)),  // another type
+        (3, held("device", "d1", 1)),  // the entity's older version
+        (3, held("device", "d1x", 2)), // another id
+    ] {
+        let r = feed_query(
+            &h,
+            &format!("since={since}&{SINCE_FINGERPRINT_PARAM}={other}"),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.problem_type()),
+            (410, problem_type::CURSOR_EXPIRED),
+            "since={since} {other}: {:?}",
+            r.body
+        );
+        assert!(r.is_problem());
+        assert_eq!(r.body[problem_type::FEED_HEAD], 3);
+    }
+    let r = feed_query(
+        &h,
+        &format!(
+            "since=3&{SINCE_FINGERPRINT_PARAM}={}",
+            held("device", "d1", 2)
+        ),
+    )
+    .await;
+    assert_eq!((r.status, r.body["changes"].clone()), (200, json!([])));
+}
+
+/// A fingerprint that is not exactly 16 lower-case hex digits, or that
+/// comes without the `since` it names a change at, is a 400 problem.
+#[tokio::test]
+async fn a_malformed_since_fingerprint_is_400() {
+    let h = start_default().await;
+    h.create("device", "d1", json!({}), "a").await;
+    let good = held("device", "d1", 1);
+    let long = "a".repeat(10_000);
+    for q in [
+        format!("since=1&{SINCE_FINGERPRINT_PARAM}="),
+        format!("since=1&{SINCE_FINGERPRINT_PARAM}={}", &good[..15]),
+        format!("since=1&{SINCE_FINGERPRINT_PARAM}={good}0"),
+        format!("since=1&{SINCE_FINGERPRINT_PARAM}={}", good.to_uppercase()),
+        format!("since=1&{SINCE_FINGERPRINT_PARAM}=zzzzzzzzzzzzzzzz"),
+        format!("since=1&{SINCE_FINGERPRINT_PARAM}=%C3%A9{}", &good[..14]),
+        format!("since=1&{SINCE_FINGERPRINT_PARAM}={long}"),
+        format!("{SINCE_FINGERPRINT_PARAM}={good}"),
+    ] {
+        let r = feed_query(&h, &q).await;
+        assert_eq!(
+            (r.status, r.problem_type()),
+            (400, problem_type::BAD_REQUEST),
+            "{}",
+            &q[..q.len().min(80)]
+        );
+        assert!(r.is_problem());
+        // The detail never echoes an oversized value back.
+        assert!(
+            r.body["detail"].as_str().unwrap().len() < 200,
+            "{:?}",
+            r.body
+        );
+    }
+}
+
+/// At the front of the retained feed (`since` equal to what was purged
+/// through, 0 included) there is no change left to compare: a fingerprint
+/// is not checked there, or every client of a feed quiet for the whole
+/// retention would be sent into a resync. Past the front it is.
+#[tokio::test]
+async fn a_since_fingerprint_at_the_front_of_the_retained_feed_is_not_compared() {
+    let clock = ManualClock::new(1_700_000_000_000);
+    let h = start(
+        builder()
+            .clock(clock.clone())
+            .feed_retention(Duration::from_secs(3600)),
+    )
+    .await;
+    h.create("device", "d1", json!({}), "a").await;
+    h.create("device", "d2", json!({}), "b").await;
+    clock.advance_millis(3_600_001);
+    h.create("device", "d3", json!({}), "c").await;
+    assert_eq!(h.server.purge_expired().await.unwrap().changes, 2);
+    let any = held("device", "nothing", 9);
+    for since in [0, 2] {
+        let r = feed_query(
+            &h,
+            &format!("since={since}&{SINCE_FINGERPRINT_PARAM}={any}"),
+        )
+        .await;
+        if since == 0 {
+            // Below the front: expired whatever the fingerprint.
+            assert_eq!(r.status, 410);
+        } else {
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.body["changes"][0]["cursor"], 3);
+        }
+    }
+    let r = feed_query(&h, &format!("since=3&{SINCE_FINGERPRINT_PARAM}={any}")).await;
+    assert_eq!(r.status, 410);
+    let r = feed_query(
+        &h,
+        &format!(
+            "since=3&{SINCE_FINGERPRINT_PARAM}={}",
+            held("device", "d3", 1)
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+
+    // A fresh feed: 0 is its front.
+    let fresh = start_default().await;
+    fresh.create("device", "d1", json!({}), "a").await;
+    let r = feed_query(&fresh, &format!("since=0&{SINCE_FINGERPRINT_PARAM}={any}")).await;
+    assert_eq!(
+        (r.status, r.body["changes"][0]["cursor"].clone()),
+        (200, json!(1))
+    );
 }

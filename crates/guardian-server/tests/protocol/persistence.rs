@@ -2,7 +2,9 @@
 //! applied log across a restart; shutdown is graceful.
 
 use futures::StreamExt;
+use guardian_protocol::{problem_type, ChangeFingerprint, SINCE_FINGERPRINT_PARAM};
 use guardian_server::Storage;
+use reqwest::Method;
 use serde_json::json;
 
 use crate::common::{builder, start, TOKEN};
@@ -58,4 +60,46 @@ async fn shutdown_completes_with_open_connections_and_sessions() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "still accepting after shutdown"
     );
+}
+
+/// A change missing from inside the retained feed (the database was
+/// damaged or edited by hand) cannot be the one a client holds there: a
+/// `since_fingerprint` at its cursor is 410 `cursor-expired`, while the
+/// same `since` without one is served as before.
+#[tokio::test]
+async fn a_change_missing_inside_the_retained_feed_fails_its_fingerprint() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let h = start(builder().database(&db)).await;
+    for (id, key) in [("d1", "a"), ("d2", "b"), ("d3", "c")] {
+        h.create("device", id, json!({}), key).await;
+    }
+    h.server.shutdown().await;
+    let deleted = rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute("DELETE FROM changes WHERE cursor = 2", [])
+        .unwrap();
+    assert_eq!(deleted, 1);
+
+    let h = start(builder().database(&db)).await;
+    let at2 = ChangeFingerprint::of("device", "d2", 1);
+    let r = h
+        .send(h.req(
+            Method::GET,
+            &format!("/v1/changes?since=2&{SINCE_FINGERPRINT_PARAM}={at2}"),
+        ))
+        .await;
+    assert_eq!(
+        (r.status, r.problem_type()),
+        (410, problem_type::CURSOR_EXPIRED),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(r.body[problem_type::FEED_HEAD], 3);
+    let r = h.changes(2, 10).await;
+    assert_eq!(
+        (r.status, r.body["changes"][0]["cursor"].clone()),
+        (200, json!(3))
+    );
+    h.server.shutdown().await;
 }

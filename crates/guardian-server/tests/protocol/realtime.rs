@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use guardian_protocol::RealtimeFrame;
+use guardian_protocol::{ChangeFingerprint, RealtimeFrame, SINCE_FINGERPRINT_PARAM};
 use reqwest::Method;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -219,6 +219,40 @@ async fn upgrade_needs_a_token_and_a_servable_cursor() {
     // A plain GET is a problem, not a hang.
     let r = h.send(h.req(Method::GET, "/v1/realtime")).await;
     assert!(r.status >= 400 && r.is_problem(), "{r:?}");
+}
+
+/// The upgrade checks `since_fingerprint` as the feed does: the change the
+/// client holds at `since` opens the session, another one is 410 before the
+/// upgrade, a malformed one (or one without `since`) is 400.
+#[tokio::test]
+async fn upgrade_checks_the_change_held_at_since() {
+    let h = start_default().await;
+    h.create("device", "d1", json!({}), "a").await;
+    h.create("device", "d2", json!({}), "b").await;
+    let at1 = ChangeFingerprint::of("device", "d1", 1);
+    let p = SINCE_FINGERPRINT_PARAM;
+    let mut ws = connect(&h, &format!("?since=1&{p}={at1}"), Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut ws).await,
+        Some(RealtimeFrame::Hello { cursor: 2 })
+    );
+    assert_eq!(change_cursor(&next_frame(&mut ws).await.unwrap()), 2);
+    let other = ChangeFingerprint::of("device", "d2", 1);
+    for (query, status) in [
+        (format!("?since=1&{p}={other}"), 410),
+        (format!("?{p}={at1}"), 400),
+        (format!("?since=1&{p}=0123"), 400),
+        (format!("?since=1&{p}={}", "f".repeat(5000)), 400),
+    ] {
+        match connect(&h, &query, Some(TOKEN)).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), status, "{}", &query[..query.len().min(60)]);
+            }
+            other => panic!("expected {status}, got {other:?}"),
+        }
+    }
 }
 
 /// A raw connection that has sent a realtime upgrade request, and nothing

@@ -11,8 +11,14 @@
 //! it); a hole in the feed itself, or a feed whose head is below the
 //! delivered cursor, is delivered as a [`Resync`]. Dropping what was
 //! already delivered is the dedupe's (`core/dedupe.rs`).
+//!
+//! The machine also keeps the fingerprint of the change at the delivered
+//! cursor, sent with it as `since_fingerprint`; it is known only when a
+//! change brought the cursor there, and dropped when a resync or a first
+//! start set the cursor without one (a server then checks nothing, as
+//! before the parameter existed).
 
-use guardian_protocol::{Change, ChangesPage};
+use guardian_protocol::{Change, ChangeFingerprint, ChangesPage};
 use serde::Serialize;
 
 use super::dedupe::{Dedupe, Verdict};
@@ -142,6 +148,9 @@ pub enum FeedCommand {
     FetchPage {
         /// The cursor after which to read.
         since: u64,
+        /// The change the app holds at `since`, sent as
+        /// `since_fingerprint` when known.
+        fingerprint: Option<ChangeFingerprint>,
         /// Most changes.
         limit: usize,
     },
@@ -192,6 +201,8 @@ const MAX_SERVER_TEXT: usize = 512;
 #[derive(Debug, Clone)]
 pub struct FeedMachine {
     dedupe: Dedupe,
+    /// The change at the delivered cursor, when a change brought it there.
+    held: Option<ChangeFingerprint>,
     resync: Option<PendingResync>,
     has_connected: bool,
     /// False once the backend answered a feed request without its latest
@@ -213,6 +224,7 @@ impl FeedMachine {
     pub fn new(start: Option<u64>, page_size: usize) -> Self {
         Self {
             dedupe: Dedupe::new(start),
+            held: None,
             resync: None,
             has_connected: false,
             feed_reports_head: true,
@@ -222,6 +234,14 @@ impl FeedMachine {
             unreadable: None,
             page_size: page_size.max(1),
         }
+    }
+
+    /// The change at the start cursor is the one `fingerprint` names (as
+    /// saved with the cursor); ignored without a start cursor.
+    #[must_use]
+    pub fn holding(mut self, fingerprint: Option<ChangeFingerprint>) -> Self {
+        self.held = fingerprint.filter(|_| self.dedupe.last().is_some());
+        self
     }
 
     /// The connection state.
@@ -242,6 +262,13 @@ impl FeedMachine {
         } else {
             self.dedupe.last()
         }
+    }
+
+    /// The fingerprint to open the WebSocket with, beside
+    /// [`ws_since`](Self::ws_since): that of the change at that cursor, if
+    /// known.
+    pub fn ws_since_fingerprint(&self) -> Option<ChangeFingerprint> {
+        self.ws_since().and(self.held)
     }
 
     /// The WebSocket opened.
@@ -428,17 +455,21 @@ impl FeedMachine {
 
     /// Asks for the next page after the last delivered cursor, if any.
     fn next_page(&mut self, mut poll: Poll, out: &mut Vec<FeedCommand>) {
-        let (since, limit) = if poll.probing {
-            (0, 1)
+        let (since, fingerprint, limit) = if poll.probing {
+            (0, None, 1)
         } else {
             match self.dedupe.last() {
-                Some(since) => (since, self.page_size),
+                Some(since) => (since, self.held, self.page_size),
                 None => return,
             }
         };
         poll.since = since;
         self.poll = Some(poll);
-        out.push(FeedCommand::FetchPage { since, limit });
+        out.push(FeedCommand::FetchPage {
+            since,
+            fingerprint,
+            limit,
+        });
     }
 
     fn poll_failed(&mut self, e: &PageFailure, out: &mut Vec<FeedCommand>) {
@@ -491,6 +522,7 @@ impl FeedMachine {
             self.resync_to(Some(last), head, reason, out);
         } else if self.dedupe.last().is_none() {
             self.dedupe.record(head);
+            self.held = None;
             self.mark_progress();
             out.push(FeedCommand::Baseline(head));
         }
@@ -504,6 +536,8 @@ impl FeedMachine {
         out: &mut Vec<FeedCommand>,
     ) {
         self.dedupe.record(resume_cursor);
+        // The app resumes at the server's head without its change.
+        self.held = None;
         self.mark_progress();
         out.push(FeedCommand::Deliver(RealtimeMessage::Resync(Resync {
             stale_cursor,
@@ -531,6 +565,7 @@ impl FeedMachine {
     /// Delivers the next change (judged [`Verdict::Next`]).
     fn deliver(&mut self, change: Change, out: &mut Vec<FeedCommand>) {
         self.dedupe.record(change.cursor);
+        self.held = Some(ChangeFingerprint::of_change(&change));
         self.mark_progress();
         out.push(FeedCommand::Deliver(RealtimeMessage::Change { change }));
         out.push(FeedCommand::CountMessage);
@@ -583,6 +618,88 @@ fn printable(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn change(cursor: u64, id: &str) -> Change {
+        Change {
+            cursor,
+            op: guardian_protocol::MutationKind::Create,
+            entity_type: "note".into(),
+            id: id.into(),
+            version: 1,
+            data: serde_json::Value::Null,
+        }
+    }
+
+    fn fetch(out: &[FeedCommand]) -> Option<(u64, Option<ChangeFingerprint>)> {
+        out.iter().find_map(|c| match c {
+            FeedCommand::FetchPage {
+                since, fingerprint, ..
+            } => Some((*since, *fingerprint)),
+            _ => None,
+        })
+    }
+
+    /// The fingerprint sent with the cursor is that of the change that
+    /// brought the cursor there; a cursor reached otherwise (a resync, a
+    /// baseline, a start without a saved fingerprint) goes without one.
+    #[test]
+    fn the_held_fingerprint_follows_the_delivered_change_and_clears_on_resync() {
+        let fp = |id: &str| ChangeFingerprint::of("note", id, 1);
+        let saved = FeedMachine::new(Some(5), 10).holding(Some(fp("n5")));
+        assert_eq!(saved.ws_since_fingerprint(), Some(fp("n5")));
+        assert_eq!(
+            FeedMachine::new(None, 10)
+                .holding(Some(fp("n5")))
+                .ws_since_fingerprint(),
+            None
+        );
+
+        let mut m = FeedMachine::new(Some(5), 10).holding(Some(fp("n5")));
+        m.connected();
+        m.change(change(6, "n6"));
+        assert_eq!(
+            (m.ws_since(), m.ws_since_fingerprint()),
+            (Some(6), Some(fp("n6")))
+        );
+        m.session_ended(SessionEnd::Lost("cut".into()));
+        assert_eq!(fetch(&m.poll()), Some((6, Some(fp("n6")))));
+        // The server refuses the cursor: a resync at its head, without the
+        // change there.
+        let out = m.page(Err(PageFailure::Expired {
+            reason: "rewritten".into(),
+            head: Some(9),
+        }));
+        assert!(out.iter().any(|c| matches!(
+            c,
+            FeedCommand::Deliver(RealtimeMessage::Resync(Resync {
+                stale_cursor: Some(6),
+                resume_cursor: 9,
+                ..
+            }))
+        )));
+        assert_eq!(fetch(&out), Some((9, None)));
+        assert_eq!(m.ws_since_fingerprint(), None);
+        m.page(Ok(ChangesPage {
+            changes: vec![change(10, "n10")],
+            next: 10,
+            head: Some(10),
+        }));
+        assert_eq!(m.ws_since_fingerprint(), Some(fp("n10")));
+
+        // While a resync waits for the head, nothing is sent with `since`.
+        m.session_ended(SessionEnd::Expired("gone".into()));
+        assert_eq!((m.ws_since(), m.ws_since_fingerprint()), (None, None));
+        m.hello(12);
+        assert_eq!((m.ws_since(), m.ws_since_fingerprint()), (Some(12), None));
+
+        // A first start begins at the head without a change.
+        let mut first = FeedMachine::new(None, 10);
+        first.hello(4);
+        assert_eq!(
+            (first.ws_since(), first.ws_since_fingerprint()),
+            (Some(4), None)
+        );
+    }
 
     #[test]
     fn server_text_is_bounded_and_escaped() {

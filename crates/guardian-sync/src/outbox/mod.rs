@@ -954,6 +954,23 @@ impl Outbox {
             .await
     }
 
+    /// Sets several meta values durably, in one transaction: all or none.
+    pub async fn meta_set_all(&self, entries: &[(&str, &str)]) -> Result<(), OutboxError> {
+        let entries: Vec<(String, String)> = entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.inner
+            .writer
+            .call(move |conn, _| {
+                for (key, value) in &entries {
+                    app::meta_set(conn, key, value)?;
+                }
+                Ok::<_, OutboxError>(())
+            })
+            .await
+    }
+
     /// Full `PRAGMA integrity_check`; rebuilds indexes (`REINDEX`) if it
     /// fails; quarantines every op row that cannot be used (see
     /// [`CheckReport::unreadable_ops`]).

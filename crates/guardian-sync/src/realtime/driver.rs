@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use guardian_protocol::{ChangesPage, RealtimeFrame};
+use guardian_protocol::{ChangeFingerprint, ChangesPage, RealtimeFrame};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use reqwest::Url;
@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::poll::{self, FetchError};
 use super::ws::{self, ConnectError, Limits, Socket};
-use super::{ConnectionState, RealtimeConfig, RealtimeMessage, Validated};
+use super::{ConnectionState, FeedPosition, RealtimeConfig, RealtimeMessage, Validated};
 use crate::core::feed::{FeedCommand, FeedMachine, PageFailure, SessionEnd};
 use crate::core::reconnect::{Phase, Reconnect};
 use crate::telemetry::Counter;
@@ -35,9 +35,11 @@ pub(super) struct Parts {
     pub(super) tx: mpsc::Sender<RealtimeMessage>,
     pub(super) state: watch::Sender<ConnectionState>,
     pub(super) delivered: watch::Sender<Option<u64>>,
-    pub(super) consumed: Arc<watch::Sender<Option<u64>>>,
+    pub(super) consumed: Arc<watch::Sender<Option<FeedPosition>>>,
     pub(super) stop: watch::Receiver<bool>,
     pub(super) start: Option<u64>,
+    /// The change at `start`, if the cursor store kept it.
+    pub(super) start_fingerprint: Option<ChangeFingerprint>,
 }
 
 pub(super) struct Driver {
@@ -48,7 +50,7 @@ pub(super) struct Driver {
     tx: mpsc::Sender<RealtimeMessage>,
     state: watch::Sender<ConnectionState>,
     delivered: watch::Sender<Option<u64>>,
-    consumed: Arc<watch::Sender<Option<u64>>>,
+    consumed: Arc<watch::Sender<Option<FeedPosition>>>,
     stop: watch::Receiver<bool>,
     /// Single-flight token refresh for the WebSocket upgrade and the polls.
     auth: Auth,
@@ -64,7 +66,7 @@ impl Driver {
             p.config.max_reconnect_attempts,
             p.config.probe_interval,
         );
-        let feed = FeedMachine::new(p.start, p.config.page_size);
+        let feed = FeedMachine::new(p.start, p.config.page_size).holding(p.start_fingerprint);
         let auth = Auth::new(Arc::clone(&p.config.tokens));
         Self {
             base: p.validated.base,
@@ -140,10 +142,14 @@ impl Driver {
                 FeedCommand::Deliver(message) => self.send(message).await?,
                 FeedCommand::Baseline(cursor) => {
                     self.delivered.send_replace(Some(cursor));
-                    self.consumed.send_replace(Some(cursor));
+                    self.consumed.send_replace(Some(FeedPosition::bare(cursor)));
                 }
                 FeedCommand::State(state) => self.set_state(state),
-                FeedCommand::FetchPage { since, limit } => next.fetch = Some((since, limit)),
+                FeedCommand::FetchPage {
+                    since,
+                    fingerprint,
+                    limit,
+                } => next.fetch = Some((since, fingerprint, limit)),
                 FeedCommand::EndSession(reason) => next.end_session = Some(reason),
                 FeedCommand::ResetBackoff => self.reconnect.connected(),
                 FeedCommand::CountReconnect => {
@@ -163,7 +169,11 @@ impl Driver {
 
     /// One WebSocket attempt and, if it opens, the session.
     async fn websocket(&mut self) -> Result<SessionEnd, Stopped> {
-        let url = ws::with_since(&self.realtime, self.feed.ws_since());
+        let url = ws::with_since(
+            &self.realtime,
+            self.feed.ws_since(),
+            self.feed.ws_since_fingerprint(),
+        );
         let limits = Limits {
             max_frame: self.cfg.max_frame_size,
             max_message: self.cfg.max_message_size,
@@ -318,14 +328,15 @@ impl Driver {
         }
     }
 
-    /// One feed request (`limit` changes after `since`), abandoned if the
-    /// service is stopped.
+    /// One feed request (`limit` changes after `since`, holding the change
+    /// `fingerprint` names there), abandoned if the service is stopped.
     async fn fetch_page(
         &self,
         since: u64,
+        fingerprint: Option<ChangeFingerprint>,
         limit: usize,
     ) -> Result<Result<ChangesPage, FetchError>, Stopped> {
-        let url = poll::changes_url(&self.base, since, limit);
+        let url = poll::changes_url(&self.base, since, fingerprint, limit);
         let mut stop = self.stop.clone();
         tokio::select! {
             r = poll::fetch(&self.http, url, &self.auth, self.cfg.max_poll_body) => Ok(r),
@@ -338,8 +349,11 @@ impl Driver {
     async fn poll_feed(&mut self) -> Result<(), Stopped> {
         let commands = self.feed.poll();
         let mut fetch = self.exec(commands).await?.fetch;
-        while let Some((since, limit)) = fetch {
-            let result = self.fetch_page(since, limit).await?.map_err(page_failure);
+        while let Some((since, fingerprint, limit)) = fetch {
+            let result = self
+                .fetch_page(since, fingerprint, limit)
+                .await?
+                .map_err(page_failure);
             let commands = self.feed.page(result);
             fetch = self.exec(commands).await?.fetch;
         }
@@ -350,8 +364,8 @@ impl Driver {
 /// What the feed machine's commands leave for the driver's loop.
 #[derive(Debug, Default)]
 struct Next {
-    /// The page to fetch and answer with.
-    fetch: Option<(u64, usize)>,
+    /// The page to fetch and answer with: since, its change, limit.
+    fetch: Option<(u64, Option<ChangeFingerprint>, usize)>,
     /// The session must end, for this reason.
     end_session: Option<String>,
 }

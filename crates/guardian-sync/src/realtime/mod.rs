@@ -14,6 +14,11 @@
 //! - **Reconnect** with exponential backoff and full jitter, up to
 //!   `max_reconnect_attempts`, then slow probes every `probe_interval`,
 //!   forever; the state stream always shows where it stands.
+//! - **The change at the cursor goes along**: both requests carry
+//!   `since_fingerprint`, the fingerprint of the change last delivered (when
+//!   the cursor was reached by one), so a server whose feed was rewritten
+//!   under the cursor (restored from a backup, then written to) answers 410
+//!   and the app gets a `Resync` instead of a silent skip.
 //! - **Polling** `GET /v1/changes?since=<cursor>` every `poll_interval`
 //!   while the WebSocket is down; the state is [`ConnectionState::Polling`]
 //!   while polls succeed. Back on the WebSocket it resumes from the same
@@ -66,6 +71,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
+use guardian_protocol::ChangeFingerprint;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::WatchStream;
@@ -75,7 +81,8 @@ use crate::telemetry::SyncMetrics;
 use crate::transport::TokenProvider;
 
 pub use cursor::{
-    CursorStore, CursorStoreError, MemoryCursorStore, OutboxCursorStore, DEFAULT_CURSOR_KEY,
+    CursorStore, CursorStoreError, FeedPosition, MemoryCursorStore, OutboxCursorStore,
+    DEFAULT_CURSOR_KEY,
 };
 
 pub use crate::core::feed::{ConnectionState, RealtimeMessage, Resync};
@@ -328,8 +335,8 @@ impl RealtimeService {
     /// the current tokio runtime.
     pub async fn start(config: RealtimeConfig) -> Result<Self, StartError> {
         let validated = config.validate()?;
-        let saved = config.cursor_store.load().await?;
-        let start = saved.or(match config.start_from {
+        let saved = config.cursor_store.load_position().await?;
+        let start = saved.map(|p| p.cursor).or(match config.start_from {
             StartFrom::Latest => None,
             StartFrom::After(c) => Some(c),
         });
@@ -361,6 +368,7 @@ impl RealtimeService {
             consumed: Arc::clone(&consumed_tx),
             stop: stop_rx,
             start,
+            start_fingerprint: saved.and_then(|p| p.fingerprint),
         });
         let driver = tokio::spawn(driver.run());
         Ok(Self {
@@ -429,14 +437,14 @@ impl Drop for RealtimeService {
     }
 }
 
-/// Saves the consumed cursor in the background, coalescing bursts: while one
-/// save runs, newer values replace each other and only the latest is saved
-/// next.
+/// Saves the consumed position in the background, coalescing bursts: while
+/// one save runs, newer values replace each other and only the latest is
+/// saved next.
 async fn save_loop(
     store: Arc<dyn CursorStore>,
-    mut consumed: watch::Receiver<Option<u64>>,
+    mut consumed: watch::Receiver<Option<FeedPosition>>,
     mut stop: watch::Receiver<bool>,
-    mut saved: Option<u64>,
+    mut saved: Option<FeedPosition>,
 ) {
     loop {
         let stopping = tokio::select! {
@@ -445,11 +453,11 @@ async fn save_loop(
         };
         let latest = *consumed.borrow_and_update();
         if latest.is_some() && latest != saved {
-            if let Some(c) = latest {
-                match store.save(c).await {
+            if let Some(p) = latest {
+                match store.save_position(p).await {
                     Ok(()) => saved = latest,
                     Err(e) => {
-                        tracing::warn!(error = %e, cursor = c, "saving the realtime cursor failed");
+                        tracing::warn!(error = %e, cursor = p.cursor, "saving the realtime cursor failed");
                     }
                 }
             }
@@ -457,6 +465,18 @@ async fn save_loop(
         if stopping {
             return;
         }
+    }
+}
+
+/// Where consuming `message` leaves the app: a change is known by its
+/// fingerprint; a resync reaches its cursor without the change there.
+fn position_after(message: &RealtimeMessage) -> FeedPosition {
+    match message {
+        RealtimeMessage::Change { change } => FeedPosition {
+            cursor: change.cursor,
+            fingerprint: Some(ChangeFingerprint::of_change(change)),
+        },
+        RealtimeMessage::Resync(r) => FeedPosition::bare(r.resume_cursor),
     }
 }
 
@@ -468,16 +488,16 @@ async fn save_loop(
 #[derive(Debug)]
 pub struct RealtimeMessages {
     rx: mpsc::Receiver<RealtimeMessage>,
-    consumed: Arc<watch::Sender<Option<u64>>>,
-    unacked: Option<u64>,
+    consumed: Arc<watch::Sender<Option<FeedPosition>>>,
+    unacked: Option<FeedPosition>,
 }
 
 impl RealtimeMessages {
     /// Marks the last message returned as consumed now, without asking for
     /// the next one (call it before a long pause to have its cursor saved).
     pub fn ack(&mut self) {
-        if let Some(c) = self.unacked.take() {
-            self.consumed.send_replace(Some(c));
+        if let Some(p) = self.unacked.take() {
+            self.consumed.send_replace(Some(p));
         }
     }
 }
@@ -489,7 +509,7 @@ impl Stream for RealtimeMessages {
         self.ack();
         let polled = self.rx.poll_recv(cx);
         if let Poll::Ready(Some(m)) = &polled {
-            self.unacked = Some(m.cursor());
+            self.unacked = Some(position_after(m));
         }
         polled
     }

@@ -1,6 +1,6 @@
 //! One poll of `GET /v1/changes?since=&limit=` (the fallback path).
 
-use guardian_protocol::{problem_type, ChangesPage};
+use guardian_protocol::{problem_type, ChangeFingerprint, ChangesPage, SINCE_FINGERPRINT_PARAM};
 use reqwest::{StatusCode, Url};
 
 use crate::transport::{read_bounded, Auth, BodyError, TokenError};
@@ -37,16 +37,26 @@ pub(super) enum FetchError {
     Malformed(String),
 }
 
-/// `base/v1/changes?since=..&limit=..`.
-pub(super) fn changes_url(base: &Url, since: u64, limit: usize) -> Url {
+/// `base/v1/changes?since=..[&since_fingerprint=..]&limit=..`.
+pub(super) fn changes_url(
+    base: &Url,
+    since: u64,
+    fingerprint: Option<ChangeFingerprint>,
+    limit: usize,
+) -> Url {
     let mut url = base.clone();
     url.set_query(None);
     if let Ok(mut path) = url.path_segments_mut() {
         path.pop_if_empty().extend(["v1", "changes"]);
     }
-    url.query_pairs_mut()
-        .append_pair("since", &since.to_string())
-        .append_pair("limit", &limit.to_string());
+    {
+        let mut query = url.query_pairs_mut();
+        query.append_pair("since", &since.to_string());
+        if let Some(f) = fingerprint {
+            query.append_pair(SINCE_FINGERPRINT_PARAM, &f.to_string());
+        }
+        query.append_pair("limit", &limit.to_string());
+    }
     url
 }
 
@@ -140,13 +150,18 @@ mod tests {
     fn url_keeps_the_base_path() {
         let base = Url::parse("http://h:1/api/").unwrap();
         assert_eq!(
-            changes_url(&base, 5, 100).as_str(),
+            changes_url(&base, 5, None, 100).as_str(),
             "http://h:1/api/v1/changes?since=5&limit=100"
         );
         let base = Url::parse("http://h:1").unwrap();
         assert_eq!(
-            changes_url(&base, 0, 1).as_str(),
+            changes_url(&base, 0, None, 1).as_str(),
             "http://h:1/v1/changes?since=0&limit=1"
+        );
+        let fp = ChangeFingerprint::of("note", "n1", 3);
+        assert_eq!(
+            changes_url(&base, 5, Some(fp), 100).as_str(),
+            format!("http://h:1/v1/changes?since=5&since_fingerprint={fp}&limit=100")
         );
     }
 }

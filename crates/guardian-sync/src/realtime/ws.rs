@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use guardian_protocol::{ChangeFingerprint, SINCE_FINGERPRINT_PARAM};
 use reqwest::Url;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -35,13 +36,21 @@ pub(super) struct Limits {
     pub(super) timeout: Duration,
 }
 
-/// `url?since=<cursor>` (no query without a cursor).
-pub(super) fn with_since(url: &Url, since: Option<u64>) -> Url {
+/// `url?since=<cursor>[&since_fingerprint=<change at cursor>]` (no query
+/// without a cursor: a fingerprint names the change at one).
+pub(super) fn with_since(
+    url: &Url,
+    since: Option<u64>,
+    fingerprint: Option<ChangeFingerprint>,
+) -> Url {
     let mut url = url.clone();
     url.set_query(None);
     if let Some(since) = since {
-        url.query_pairs_mut()
-            .append_pair("since", &since.to_string());
+        let mut query = url.query_pairs_mut();
+        query.append_pair("since", &since.to_string());
+        if let Some(f) = fingerprint {
+            query.append_pair(SINCE_FINGERPRINT_PARAM, &f.to_string());
+        }
     }
     url
 }
@@ -93,9 +102,17 @@ mod tests {
     fn since_goes_in_the_query_and_nothing_else() {
         let url = Url::parse("ws://h:1/v1/realtime").unwrap();
         assert_eq!(
-            with_since(&url, Some(9)).as_str(),
+            with_since(&url, Some(9), None).as_str(),
             "ws://h:1/v1/realtime?since=9"
         );
-        assert_eq!(with_since(&url, None).as_str(), "ws://h:1/v1/realtime");
+        let fp = ChangeFingerprint::of("note", "n1", 3);
+        assert_eq!(
+            with_since(&url, Some(9), Some(fp)).as_str(),
+            format!("ws://h:1/v1/realtime?since=9&since_fingerprint={fp}")
+        );
+        assert_eq!(
+            with_since(&url, None, Some(fp)).as_str(),
+            "ws://h:1/v1/realtime"
+        );
     }
 }
