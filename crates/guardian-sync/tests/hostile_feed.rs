@@ -849,25 +849,38 @@ impl Proxy {
     }
 }
 
+/// A server on a new database holding `n1..=n5`, with a backup of it
+/// taken at 2 (`backup.db` beside it, in the returned dir).
+async fn backed_up_at_2_then_at_5() -> (tempfile::TempDir, guardian_server::RunningServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let server = server_on(&db, "127.0.0.1:0").await;
+    create(&server.url(), "n", 1..=2).await;
+    backup_db(&db, &dir.path().join("backup.db"));
+    create(&server.url(), "n", 3..=5).await;
+    (dir, server)
+}
+
+/// Polling only, against `url`, keeping its cursor in `store`.
+fn polling(url: &str, addr: SocketAddr, store: &MemoryCursorStore) -> RealtimeConfig {
+    let mut cfg = config(url, addr);
+    cfg.realtime_url = None;
+    cfg.cursor_store = Arc::new(store.clone());
+    cfg
+}
+
 /// The brief's backup scenario against the reference server: the client
 /// followed the feed to 5, the server comes back from a backup taken at 2.
 /// The server refuses the client's cursor as ahead of its feed (410), and
 /// the app gets a `Resync` to 2, then the new change 3: no silent stall.
 #[tokio::test]
 async fn a_server_restored_from_a_backup_behind_the_client_is_reported_as_a_resync() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("server.db");
-    let backup = dir.path().join("backup.db");
-    let second = server_on(&db, "127.0.0.1:0").await;
+    let (dir, second) = backed_up_at_2_then_at_5().await;
     let (addr, url) = (second.addr(), second.url());
-    create(&url, "n", 1..=2).await;
-    backup_db(&db, &backup);
-    create(&url, "n", 3..=5).await;
+    let backup = dir.path().join("backup.db");
 
     let store = MemoryCursorStore::new(None);
-    let mut cfg = config(&url, addr);
-    cfg.realtime_url = None;
-    cfg.cursor_store = Arc::new(store.clone());
+    let cfg = polling(&url, addr, &store);
     let service = RealtimeService::start(cfg).await.unwrap();
     let mut messages = service.messages().unwrap();
     expect_cursors(&mut messages, 1, 5).await;
@@ -898,20 +911,13 @@ async fn a_server_restored_from_a_backup_behind_the_client_is_reported_as_a_resy
 /// the server refuses the cursor (410) and the app gets a `Resync`.
 #[tokio::test]
 async fn a_restored_server_that_took_writes_before_the_client_returned_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("server.db");
-    let backup = dir.path().join("backup.db");
-    let second = server_on(&db, "127.0.0.1:0").await;
+    let (dir, second) = backed_up_at_2_then_at_5().await;
     let (addr, url) = (second.addr(), second.url());
-    create(&url, "n", 1..=2).await;
-    backup_db(&db, &backup);
-    create(&url, "n", 3..=5).await;
+    let backup = dir.path().join("backup.db");
 
     let proxy = Proxy::start(addr).await;
     let store = MemoryCursorStore::new(None);
-    let mut cfg = config(&format!("http://{}", proxy.addr), addr);
-    cfg.realtime_url = None;
-    cfg.cursor_store = Arc::new(store.clone());
+    let cfg = polling(&format!("http://{}", proxy.addr), addr, &store);
     let service = RealtimeService::start(cfg).await.unwrap();
     let mut messages = service.messages().unwrap();
     expect_cursors(&mut messages, 1, 5).await;
@@ -952,19 +958,12 @@ async fn a_restored_server_that_took_writes_before_the_client_returned_is_detect
 /// the restart, so the rewrite is detected then too.
 #[tokio::test]
 async fn a_restarted_client_detects_a_rewritten_feed_by_its_saved_fingerprint() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("server.db");
-    let backup = dir.path().join("backup.db");
-    let second = server_on(&db, "127.0.0.1:0").await;
+    let (dir, second) = backed_up_at_2_then_at_5().await;
     let (addr, url) = (second.addr(), second.url());
-    create(&url, "n", 1..=2).await;
-    backup_db(&db, &backup);
-    create(&url, "n", 3..=5).await;
+    let backup = dir.path().join("backup.db");
 
     let store = MemoryCursorStore::new(None);
-    let mut cfg = config(&url, addr);
-    cfg.realtime_url = None;
-    cfg.cursor_store = Arc::new(store.clone());
+    let cfg = polling(&url, addr, &store);
     let service = RealtimeService::start(cfg.clone()).await.unwrap();
     let mut messages = service.messages().unwrap();
     expect_cursors(&mut messages, 1, 5).await;

@@ -89,8 +89,9 @@ async fn bad_parameters_are_400() {
     }
 }
 
-#[tokio::test]
-async fn a_cursor_older_than_the_retention_is_410() {
+/// A server with an hour of feed retention whose feed holds d1 and d2,
+/// then an hour later d3 (d1 and d2 expired, not yet purged).
+async fn d1_d2_expired_before_d3() -> crate::common::Harness {
     let clock = ManualClock::new(1_700_000_000_000);
     let h = start(
         builder()
@@ -102,6 +103,12 @@ async fn a_cursor_older_than_the_retention_is_410() {
     h.create("device", "d2", json!({}), "b").await;
     clock.advance_millis(3_600_001);
     h.create("device", "d3", json!({}), "c").await;
+    h
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_the_retention_is_410() {
+    let h = d1_d2_expired_before_d3().await;
     let report = h.server.purge_expired().await.unwrap();
     assert_eq!(report.changes, 2);
     for since in [0, 1] {
@@ -248,17 +255,7 @@ async fn a_malformed_since_fingerprint_is_400() {
 /// retention would be sent into a resync. Past the front it is.
 #[tokio::test]
 async fn a_since_fingerprint_at_the_front_of_the_retained_feed_is_not_compared() {
-    let clock = ManualClock::new(1_700_000_000_000);
-    let h = start(
-        builder()
-            .clock(clock.clone())
-            .feed_retention(Duration::from_secs(3600)),
-    )
-    .await;
-    h.create("device", "d1", json!({}), "a").await;
-    h.create("device", "d2", json!({}), "b").await;
-    clock.advance_millis(3_600_001);
-    h.create("device", "d3", json!({}), "c").await;
+    let h = d1_d2_expired_before_d3().await;
     assert_eq!(h.server.purge_expired().await.unwrap().changes, 2);
     let any = held("device", "nothing", 9);
     for since in [0, 2] {
