@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use guardian_protocol::{Entity, Problem};
 use guardian_sync::breaker::{BreakerConfig, CircuitBreaker, TripPolicy};
-use guardian_sync::core::drain::{DrainCommand, DrainConfig, DrainInput, DrainMachine, Env, Write};
+use guardian_sync::core::drain::{
+    DrainCommand, DrainConfig, DrainInput, DrainMachine, Env, Write, ACK_DELAY,
+};
 use guardian_sync::engine::SyncEvent;
 use guardian_sync::op::{OpKind, OpState, PendingOp, TxnRef};
 use guardian_sync::reconcile::{ReconcilePolicies, Reconciler};
@@ -760,4 +762,43 @@ fn a_steady_flow_writes_each_ack_group_with_the_next_claim() {
         "{claims} claims, {riding} carrying acks"
     );
     assert!(alone <= 1, "{alone} ack groups written alone");
+}
+
+/// An ack waits for its group at most `ACK_DELAY` (checked when the drain
+/// steps): on a slow link, 32 answers would take 32 round trips, and the
+/// app would hear of an applied op that much later.
+#[test]
+fn an_ack_waits_for_its_group_at_most_ack_delay() {
+    let mut s = Script::new(1, BreakerConfig::default());
+    s.step(None);
+    let ops: Vec<PendingOp> = (1..=65)
+        .map(|seq| op(&format!("e{seq}"), seq, json!({})))
+        .collect();
+    s.step(claimed(65, ops.clone()));
+    let writes_acks = |commands: &[DrainCommand]| -> Vec<usize> {
+        commands
+            .iter()
+            .filter_map(|c| match c {
+                DrainCommand::Claim { acks, .. } if !acks.is_empty() => Some(acks.len()),
+                DrainCommand::Write {
+                    write: Write::Ack(acks),
+                    ..
+                } => Some(acks.len()),
+                _ => None,
+            })
+            .collect()
+    };
+    let answer = |i: usize| {
+        responded(
+            vec![ops[i].clone()],
+            vec![applied(&ops[i].entity_id, 1, json!({}))],
+        )
+    };
+    // Answered quickly: the acks wait for more.
+    assert!(writes_acks(&s.step(answer(0))).is_empty());
+    s.mono += ACK_DELAY / 2;
+    assert!(writes_acks(&s.step(answer(1))).is_empty());
+    // The first ack has waited ACK_DELAY: all three go, with a claim.
+    s.mono += ACK_DELAY / 2;
+    assert_eq!(writes_acks(&s.step(answer(2))), vec![3]);
 }

@@ -122,6 +122,11 @@ pub const CLAIM_AHEAD: usize = 64;
 /// Acks collected before they are written while requests keep flowing.
 pub const ACK_GROUP: usize = 32;
 
+/// Longest an applied op's ack (and so its event) waits for its group to
+/// fill, checked whenever the drain steps: on a slow link 32 answers take
+/// 32 round trips.
+pub const ACK_DELAY: Duration = Duration::from_millis(50);
+
 /// The drain's shape, fixed for one drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DrainConfig {
@@ -456,6 +461,8 @@ pub struct DrainMachine {
     acks: Vec<Success>,
     /// The ack group riding in the claim in flight.
     claim_acks: Option<WriteId>,
+    /// When the oldest of `acks` came back (monotonic).
+    oldest_ack: Option<Duration>,
     /// The last claim found fewer ops than it asked for ...
     exhausted: bool,
     /// ... but an outcome has come back since, which may have freed an
@@ -491,6 +498,7 @@ impl DrainMachine {
             claiming: false,
             acks: Vec::new(),
             claim_acks: None,
+            oldest_ack: None,
             exhausted: false,
             maybe_more: false,
             stop: None,
@@ -572,6 +580,9 @@ impl DrainMachine {
                     self.txn_responded(unit, outcomes, latency, env, out);
                 } else {
                     self.responded(unit, &deps, outcomes, latency, env, out);
+                }
+                if !self.acks.is_empty() {
+                    self.oldest_ack.get_or_insert(env.mono);
                 }
             }
             DrainInput::Fetched {
@@ -685,17 +696,18 @@ impl DrainMachine {
             out.push(DrainCommand::Send { unit, deps });
         }
         // The acks collected so far are written with the next claim, or on
-        // their own once ACK_GROUP have come back (or nothing else is
-        // flowing). Until then they wait: an unwritten ack only means the
-        // request would be re-sent with the same key after a crash, and
-        // replayed.
+        // their own once ACK_GROUP have come back or the oldest has waited
+        // ACK_DELAY (or nothing else is flowing). Until then they wait: an
+        // unwritten ack only means the request would be re-sent with the
+        // same key after a crash, and replayed.
+        let stale = self
+            .oldest_ack
+            .is_some_and(|at| env.mono.saturating_sub(at) >= ACK_DELAY);
+        let pressing =
+            self.ready.is_empty() || self.requests == 0 || self.exhausted || self.stop.is_some();
         let acks_due = !self.flushing
             && !self.acks.is_empty()
-            && (self.acks.len() >= ACK_GROUP
-                || self.ready.is_empty()
-                || self.requests == 0
-                || self.exhausted
-                || self.stop.is_some());
+            && (self.acks.len() >= ACK_GROUP || stale || pressing);
         let deficit = cfg.window.saturating_sub(
             self.ready_ops
                 .saturating_add(self.requests.saturating_mul(cfg.per_unit)),
@@ -742,9 +754,9 @@ impl DrainMachine {
                 });
             }
         }
-        // A full group waits for a claim in flight, to ride in the next one.
-        let urgent = self.acks.len() < ACK_GROUP || !self.claiming;
-        if acks_due && !claimed && (urgent || self.stop.is_some()) {
+        // A group due for its size or age waits for a claim in flight, to
+        // ride in the next one.
+        if acks_due && !claimed && (!self.claiming || pressing) {
             self.flush(out);
         }
         if self.stop.is_some() && !self.ready.is_empty() {
@@ -832,6 +844,7 @@ impl DrainMachine {
 
     /// The collected acks as one write, and what its commit makes true.
     fn ack_group(&mut self) -> (Vec<(OpId, Ack)>, AfterWrite) {
+        self.oldest_ack = None;
         let batch = std::mem::take(&mut self.acks);
         let n = batch.len() as u64;
         let mut acks = Vec::with_capacity(batch.len());
