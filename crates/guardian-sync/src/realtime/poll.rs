@@ -1,6 +1,6 @@
 //! One poll of `GET /v1/changes?since=&limit=` (the fallback path).
 
-use guardian_protocol::{problem_type, ChangeFingerprint, ChangesPage, SINCE_FINGERPRINT_PARAM};
+use guardian_protocol::{problem_type, ChangeFingerprint, ChangesPage};
 use reqwest::{StatusCode, Url};
 
 use crate::transport::{read_bounded, Auth, BodyError, TokenError};
@@ -45,18 +45,13 @@ pub(super) fn changes_url(
     limit: usize,
 ) -> Url {
     let mut url = base.clone();
-    url.set_query(None);
     if let Ok(mut path) = url.path_segments_mut() {
         path.pop_if_empty().extend(["v1", "changes"]);
     }
-    {
-        let mut query = url.query_pairs_mut();
-        query.append_pair("since", &since.to_string());
-        if let Some(f) = fingerprint {
-            query.append_pair(SINCE_FINGERPRINT_PARAM, &f.to_string());
-        }
-        query.append_pair("limit", &limit.to_string());
-    }
+    // The cursor and its change go as on the WebSocket.
+    let mut url = super::ws::with_since(&url, Some(since), fingerprint);
+    url.query_pairs_mut()
+        .append_pair("limit", &limit.to_string());
     url
 }
 

@@ -37,7 +37,8 @@ pub(super) struct Limits {
 }
 
 /// `url?since=<cursor>[&since_fingerprint=<change at cursor>]` (no query
-/// without a cursor: a fingerprint names the change at one).
+/// without a cursor: a fingerprint names the change at one); the feed's
+/// page URL starts the same way.
 pub(super) fn with_since(
     url: &Url,
     since: Option<u64>,
