@@ -699,12 +699,13 @@ impl DrainMachine {
         // their own once ACK_GROUP have come back or the oldest has waited
         // ACK_DELAY (or nothing else is flowing). Until then they wait: an
         // unwritten ack only means the request would be re-sent with the
-        // same key after a crash, and replayed.
+        // same key after a crash, and replayed. Once the queue ran dry, an
+        // ack may free its entity's next op, but that op would queue behind
+        // the claimed ops anyway: only an empty queue makes it pressing.
         let stale = self
             .oldest_ack
             .is_some_and(|at| env.mono.saturating_sub(at) >= ACK_DELAY);
-        let pressing =
-            self.ready.is_empty() || self.requests == 0 || self.exhausted || self.stop.is_some();
+        let pressing = self.ready.is_empty() || self.requests == 0 || self.stop.is_some();
         let acks_due = !self.flushing
             && !self.acks.is_empty()
             && (self.acks.len() >= ACK_GROUP || stale || pressing);
@@ -715,7 +716,7 @@ impl DrainMachine {
         // Refill once half the claimed-ahead ops are used up, or with a due
         // ack group when there is any room (claims and ack groups then stay
         // in step, one commit for both); when the queue ran dry, try again
-        // with every ack group and after every other outcome (either may
+        // with every due ack group and after every other outcome (either may
         // have made an entity's next op its head).
         let want = if self.exhausted {
             (self.maybe_more || acks_due) && deficit > 0
