@@ -318,7 +318,7 @@ fn rate_table(rows: &[(&str, usize)], s: &[Samples], ratio_of: impl Fn(usize) ->
 }
 
 pub(crate) fn run(config: &Config) -> Section {
-    let n1 = config.size(500, 100);
+    let n1 = config.size(2_000, 100);
     let n16 = config.size(2_000, 300);
     let nb = config.size(2_000, 1_000);
     // Over the link per-op c=16 does about 16 / 20 ms = 800 ops/s and c=8
