@@ -807,41 +807,68 @@ fn the_last_claimed_ops_are_acked_in_groups() {
     }
 }
 
-/// An ack waits for its group at most `ACK_DELAY` (checked when the drain
-/// steps): on a slow link, 32 answers would take 32 round trips, and the
-/// app would hear of an applied op that much later.
-#[test]
-fn an_ack_waits_for_its_group_at_most_ack_delay() {
+/// The sizes of the ack groups `commands` write, riding in a claim or not.
+fn acks_written(commands: &[DrainCommand]) -> Vec<usize> {
+    commands
+        .iter()
+        .filter_map(|c| match c {
+            DrainCommand::Claim { acks, .. } if !acks.is_empty() => Some(acks.len()),
+            DrainCommand::Write {
+                write: Write::Ack(acks),
+                ..
+            } => Some(acks.len()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A machine at concurrency 1 with 65 ops claimed, and the answer that
+/// applies the `i`th of them.
+fn sixty_five_claimed() -> (Script, impl Fn(usize) -> Option<DrainInput>) {
     let mut s = Script::new(1, BreakerConfig::default());
     s.step(None);
     let ops: Vec<PendingOp> = (1..=65)
         .map(|seq| op(&format!("e{seq}"), seq, json!({})))
         .collect();
     s.step(claimed(65, ops.clone()));
-    let writes_acks = |commands: &[DrainCommand]| -> Vec<usize> {
-        commands
-            .iter()
-            .filter_map(|c| match c {
-                DrainCommand::Claim { acks, .. } if !acks.is_empty() => Some(acks.len()),
-                DrainCommand::Write {
-                    write: Write::Ack(acks),
-                    ..
-                } => Some(acks.len()),
-                _ => None,
-            })
-            .collect()
-    };
-    let answer = |i: usize| {
+    let answer = move |i: usize| {
         responded(
             vec![ops[i].clone()],
             vec![applied(&ops[i].entity_id, 1, json!({}))],
         )
     };
+    (s, answer)
+}
+
+/// An ack waits for its group at most `ACK_DELAY`: on a slow link, 32
+/// answers would take 32 round trips, and the app would hear of an
+/// applied op that much later.
+#[test]
+fn an_ack_waits_for_its_group_at_most_ack_delay() {
+    let (mut s, answer) = sixty_five_claimed();
     // Answered quickly: the acks wait for more.
-    assert!(writes_acks(&s.step(answer(0))).is_empty());
+    assert!(acks_written(&s.step(answer(0))).is_empty());
     s.mono += ACK_DELAY / 2;
-    assert!(writes_acks(&s.step(answer(1))).is_empty());
+    assert!(acks_written(&s.step(answer(1))).is_empty());
     // The first ack has waited ACK_DELAY: all three go, with a claim.
     s.mono += ACK_DELAY / 2;
-    assert_eq!(writes_acks(&s.step(answer(2))), vec![3]);
+    assert_eq!(acks_written(&s.step(answer(2))), vec![3]);
+}
+
+/// With nothing coming back (the next request hangs), the machine asks to
+/// be stepped once its oldest ack has waited `ACK_DELAY`, and stepped then
+/// with no input it writes the group; a claim or write in flight steps it
+/// anyway, so it asks for nothing meanwhile.
+#[test]
+fn a_waiting_ack_asks_to_be_stepped_at_ack_delay() {
+    let (mut s, answer) = sixty_five_claimed();
+    assert_eq!(s.machine.deadline(), None, "no ack waits");
+    let answered = s.mono;
+    assert!(acks_written(&s.step(answer(0))).is_empty());
+    assert_eq!(s.machine.deadline(), Some(answered + ACK_DELAY));
+    s.mono += ACK_DELAY - Duration::from_millis(1);
+    assert!(acks_written(&s.step(None)).is_empty(), "not yet due");
+    s.mono += Duration::from_millis(1);
+    assert_eq!(acks_written(&s.step(None)), vec![1]);
+    assert_eq!(s.machine.deadline(), None, "the claim in flight steps it");
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use guardian_protocol::problem_type::DEPENDENCY_FAILED;
-use guardian_sync::engine::{BatchConfig, SyncEngine};
+use guardian_sync::engine::{BatchConfig, SyncEngine, SyncEngineBuilder, SyncEvent};
 use guardian_sync::op::{NewOp, OpState, PendingOp};
 use guardian_sync::outbox::{ListFilter, OutboxOptions};
 use guardian_sync::retry::RetryPolicy;
@@ -216,19 +216,24 @@ fn config(url: &str, timeout: Duration) -> HttpTransportConfig {
     }
 }
 
+/// A builder of an engine on a fresh outbox in `dir`, coalescing off.
+fn builder(dir: &tempfile::TempDir, http: HttpTransportConfig) -> SyncEngineBuilder {
+    SyncEngine::builder()
+        .outbox_path(dir.path().join("outbox.db"))
+        .outbox_options(OutboxOptions::default().coalesce(false))
+        .http(http)
+        .token_provider(Arc::new(StaticToken::new("tok")))
+        .retry(one_attempt_per_drain())
+        .no_telemetry()
+}
+
 /// An engine on a fresh outbox in `dir`, coalescing off.
 async fn engine_with(
     dir: &tempfile::TempDir,
     http: HttpTransportConfig,
     batching: bool,
 ) -> SyncEngine {
-    let builder = SyncEngine::builder()
-        .outbox_path(dir.path().join("outbox.db"))
-        .outbox_options(OutboxOptions::default().coalesce(false))
-        .http(http)
-        .token_provider(Arc::new(StaticToken::new("tok")))
-        .retry(one_attempt_per_drain())
-        .no_telemetry();
+    let builder = builder(dir, http);
     let builder = if batching {
         builder.batching(BatchConfig::default())
     } else {
@@ -478,6 +483,70 @@ async fn stuck_servers_end_the_drain_at_the_request_timeout() {
             }
         }
     }
+}
+
+/// An applied op is reported (its ack written) within `ACK_DELAY` plus a
+/// commit even when the next request hangs: before the drain's alarm, its
+/// ack waited for the hung request's answer or timeout, with the op's
+/// event, and after a crash the op would have been sent again.
+#[tokio::test]
+async fn an_applied_op_is_reported_while_the_next_request_hangs() {
+    let server = fake(|n, request| match n {
+        0 => vec![reply(201, &echo(request, 1))],
+        _ => vec![Act::Hang],
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // One request at a time, so the ops behind the hung one stay claimed
+    // and the ack group is not written for an empty queue.
+    let engine = builder(&dir, config(&server.url, Duration::from_secs(60)))
+        .no_batching()
+        .concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    for id in ["d0", "d1", "d2"] {
+        engine
+            .enqueue(NewOp::create("device", id, json!({"on": true})))
+            .await
+            .unwrap();
+    }
+    let mut events = engine.events();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        })
+    };
+    let reported = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await.unwrap() {
+                SyncEvent::OpSucceeded { entity_id, .. } => break entity_id,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("d0 was not reported while d1 hung");
+    assert_eq!(reported, "d0");
+    let left: Vec<String> = ops(&engine)
+        .await
+        .into_iter()
+        .map(|op| op.entity_id)
+        .collect();
+    assert_eq!(left, ["d1", "d2"], "d0's ack is written");
+    assert_eq!(server.seen().len(), 2, "d2 waits behind the hung d1");
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), runner)
+        .await
+        .expect("the runner did not stop")
+        .unwrap()
+        .unwrap();
 }
 
 /// The response limit holds exactly: a body of `max_response_bytes` is

@@ -123,7 +123,7 @@ pub const CLAIM_AHEAD: usize = 64;
 pub const ACK_GROUP: usize = 32;
 
 /// Longest an applied op's ack (and so its event) waits for its group to
-/// fill, checked whenever the drain steps: on a slow link 32 answers take
+/// fill (see [`DrainMachine::deadline`]): on a slow link 32 answers take
 /// 32 round trips.
 pub const ACK_DELAY: Duration = Duration::from_millis(50);
 
@@ -513,8 +513,9 @@ impl DrainMachine {
         }
     }
 
-    /// Takes in what happened (nothing on the first call) and returns what
-    /// to do now. After [`DrainCommand::Finish`] it returns nothing more.
+    /// Takes in what happened (nothing on the first call, or once
+    /// [`Self::deadline`] has passed) and returns what to do now. After
+    /// [`DrainCommand::Finish`] it returns nothing more.
     pub fn step(&mut self, input: Option<DrainInput>, env: &mut Env<'_>) -> Vec<DrainCommand> {
         let mut out = Vec::new();
         if self.finished {
@@ -532,6 +533,18 @@ impl DrainMachine {
         }
         self.schedule(env, &mut out);
         out
+    }
+
+    /// When the machine must step (with no input) even if nothing comes
+    /// back: once the oldest collected ack has waited [`ACK_DELAY`], on the
+    /// monotonic clock of [`Env::mono`]. `None` while a claim or an ack
+    /// write in flight will step it first, or when no ack waits. Without
+    /// it, acks behind a request that hangs would wait for its timeout.
+    pub fn deadline(&self) -> Option<Duration> {
+        if self.finished || self.claiming || self.flushing || self.acks.is_empty() {
+            return None;
+        }
+        self.oldest_ack.map(|at| at.saturating_add(ACK_DELAY))
     }
 
     /// How the drain ends, given what it did so far.

@@ -83,6 +83,11 @@ impl Inner {
         let stopped = stop.wait_for(|s| *s);
         tokio::pin!(stopped);
         let mut claims = Pending::new();
+        // Steps the machine at its deadline; re-armed only when that moves
+        // (about once per ack group).
+        let alarm = tokio::time::sleep(std::time::Duration::ZERO);
+        tokio::pin!(alarm);
+        let mut armed: Option<std::time::Duration> = None;
         let mut input = None;
         loop {
             for command in self.decide(&mut machine, input.take()) {
@@ -131,6 +136,14 @@ impl Inner {
             if input.is_some() {
                 continue;
             }
+            let deadline = machine.deadline();
+            if deadline != armed {
+                armed = deadline;
+                if let Some(at) = deadline {
+                    let wait = at.saturating_sub(self.clock.monotonic());
+                    alarm.as_mut().reset(tokio::time::Instant::now() + wait);
+                }
+            }
             let result = tokio::select! {
                 biased;
                 Some(r) = writes.next(), if !writes.is_empty() => r,
@@ -147,6 +160,11 @@ impl Inner {
                     continue;
                 }
                 Some(r) = claims.next(), if !claims.is_empty() => r,
+                () = &mut alarm, if armed.is_some() => {
+                    // Stepped with no input; re-armed if still due.
+                    armed = None;
+                    continue;
+                }
                 // The machine finishes when nothing is outstanding; this is
                 // only reached if it did not.
                 else => return Ok(machine.verdict()),

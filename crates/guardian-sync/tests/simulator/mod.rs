@@ -64,6 +64,8 @@ pub(crate) struct Stats {
     pub(crate) conflicts: u64,
     pub(crate) transactions: u64,
     pub(crate) txn_aborts: u64,
+    /// Machines stepped at their deadline with nothing to feed them.
+    pub(crate) alarms: u64,
 }
 
 impl Stats {
@@ -84,6 +86,7 @@ impl Stats {
         self.conflicts += o.conflicts;
         self.transactions += o.transactions;
         self.txn_aborts += o.txn_aborts;
+        self.alarms += o.alarms;
     }
 }
 
@@ -639,6 +642,16 @@ impl Sim {
         }
         match self.devices[d].inbox.pop_front() {
             Some(input) => self.machine_step(d, Some(input)),
+            // As the driver's alarm does.
+            None if self.devices[d]
+                .machine
+                .as_ref()
+                .and_then(DrainMachine::deadline)
+                .is_some_and(|at| at <= self.mono()) =>
+            {
+                self.stats.alarms += 1;
+                self.machine_step(d, None)
+            }
             None => Ok(()),
         }
     }
