@@ -9,7 +9,7 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::watch;
 
 use crate::core::drain::{
-    DrainCommand, DrainConfig, DrainEnd, DrainInput, DrainMachine, Env, Write,
+    DrainCommand, DrainConfig, DrainEnd, DrainInput, DrainMachine, Env, Write, ACK_DELAY,
 };
 use crate::op::{Ack, Fence, OpId, PendingOp};
 use crate::outbox::ClaimShape;
@@ -140,7 +140,7 @@ impl Inner {
             if deadline != armed {
                 armed = deadline;
                 if let Some(at) = deadline {
-                    let wait = at.saturating_sub(self.clock.monotonic());
+                    let wait = alarm_in(at, self.clock.monotonic());
                     alarm.as_mut().reset(tokio::time::Instant::now() + wait);
                 }
             }
@@ -410,6 +410,14 @@ impl Inner {
     }
 }
 
+/// How long until the machine's `deadline`, by the engine's clock at
+/// `now`. A deadline lies at most `ACK_DELAY` ahead of a clock that does
+/// not go back; the bound keeps an injected clock that did from setting
+/// an alarm years away, or past what an `Instant` can hold.
+fn alarm_in(deadline: std::time::Duration, now: std::time::Duration) -> std::time::Duration {
+    deadline.saturating_sub(now).min(ACK_DELAY)
+}
+
 /// A lost lock is the machine's to hear; any other error ends the drain.
 fn lock_lost(e: EngineError) -> Result<DrainInput, EngineError> {
     match e {
@@ -502,6 +510,23 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// The alarm is due at the deadline, and never further ahead than
+    /// `ACK_DELAY`, even when the clock went back from the end of time.
+    #[test]
+    fn the_alarm_is_never_set_further_than_ack_delay() {
+        use std::time::Duration;
+        let at = Duration::from_secs(100);
+        assert_eq!(
+            alarm_in(at, at - Duration::from_millis(20)),
+            Duration::from_millis(20)
+        );
+        assert_eq!(alarm_in(at, at + Duration::from_secs(1)), Duration::ZERO);
+        let wait = alarm_in(Duration::MAX, Duration::ZERO);
+        assert_eq!(wait, ACK_DELAY);
+        // Would overflow (and panic) with the unbounded wait.
+        let _ = tokio::time::Instant::now() + wait;
     }
 
     /// A result comes out as from the bare set, and the sentinel does not
