@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use guardian_protocol::problem_type::DEPENDENCY_FAILED;
 use guardian_sync::engine::{BatchConfig, SyncEngine, SyncEngineBuilder, SyncEvent};
 use guardian_sync::op::{NewOp, OpState, PendingOp};
@@ -513,16 +514,10 @@ async fn an_applied_op_is_reported_while_the_next_request_hangs() {
     }
     let mut events = engine.events();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let runner = {
+    let runner = tokio::spawn({
         let engine = engine.clone();
-        tokio::spawn(async move {
-            engine
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+        async move { engine.run(stopped.map(drop)).await }
+    });
     let reported = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match events.recv().await.unwrap() {
