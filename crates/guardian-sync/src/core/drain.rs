@@ -544,6 +544,11 @@ impl DrainMachine {
         if self.finished || self.claiming || self.flushing || self.acks.is_empty() {
             return None;
         }
+        self.acks_stale_at()
+    }
+
+    /// When the oldest collected ack will have waited [`ACK_DELAY`].
+    fn acks_stale_at(&self) -> Option<Duration> {
         self.oldest_ack.map(|at| at.saturating_add(ACK_DELAY))
     }
 
@@ -715,9 +720,7 @@ impl DrainMachine {
         // same key after a crash, and replayed. Once the queue ran dry, an
         // ack may free its entity's next op, but that op would queue behind
         // the claimed ops anyway: only an empty queue makes it pressing.
-        let stale = self
-            .oldest_ack
-            .is_some_and(|at| env.mono.saturating_sub(at) >= ACK_DELAY);
+        let stale = self.acks_stale_at().is_some_and(|at| env.mono >= at);
         let pressing = self.ready.is_empty() || self.requests == 0 || self.stop.is_some();
         let acks_due = !self.flushing
             && !self.acks.is_empty()

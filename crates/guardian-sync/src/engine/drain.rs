@@ -4,6 +4,8 @@
 //! decisions (what to send, what an outcome means, when to stop) are all the
 //! machine's.
 
+use std::time::Duration;
+
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::watch;
@@ -85,9 +87,9 @@ impl Inner {
         let mut claims = Pending::new();
         // Steps the machine at its deadline; re-armed only when that moves
         // (about once per ack group).
-        let alarm = tokio::time::sleep(std::time::Duration::ZERO);
+        let alarm = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(alarm);
-        let mut armed: Option<std::time::Duration> = None;
+        let mut armed: Option<Duration> = None;
         let mut input = None;
         loop {
             for command in self.decide(&mut machine, input.take()) {
@@ -414,7 +416,7 @@ impl Inner {
 /// `now`. A deadline lies at most `ACK_DELAY` ahead of a clock that does
 /// not go back; the bound keeps an injected clock that did from setting
 /// an alarm years away, or past what an `Instant` can hold.
-fn alarm_in(deadline: std::time::Duration, now: std::time::Duration) -> std::time::Duration {
+fn alarm_in(deadline: Duration, now: Duration) -> Duration {
     deadline.saturating_sub(now).min(ACK_DELAY)
 }
 
@@ -516,7 +518,6 @@ mod tests {
     /// `ACK_DELAY`, even when the clock went back from the end of time.
     #[test]
     fn the_alarm_is_never_set_further_than_ack_delay() {
-        use std::time::Duration;
         let at = Duration::from_secs(100);
         assert_eq!(
             alarm_in(at, at - Duration::from_millis(20)),
