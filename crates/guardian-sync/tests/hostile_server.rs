@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use guardian_protocol::problem_type::DEPENDENCY_FAILED;
+use guardian_sync::clock::{Clock as _, ManualClock, SharedClock, SystemClock};
 use guardian_sync::engine::{BatchConfig, SyncEngine, SyncEngineBuilder, SyncEvent};
 use guardian_sync::op::{NewOp, OpState, PendingOp};
 use guardian_sync::outbox::{ListFilter, OutboxOptions};
@@ -197,16 +198,19 @@ fn target(request: &Seen) -> (String, String) {
     }
 }
 
-/// Backoff long enough that a drain makes exactly one attempt of an op.
-fn one_attempt_per_drain() -> RetryPolicy {
-    RetryPolicy::new(
+/// One attempt of an op per drain: a retry is drawn with full jitter, so
+/// even a 60 s backoff can come due within milliseconds, and the drain
+/// would send it again. Under a clock that stands still it never does.
+fn one_attempt_per_drain() -> (RetryPolicy, SharedClock) {
+    let retry = RetryPolicy::new(
         Duration::from_secs(60),
         2.0,
         Duration::from_secs(60),
         20,
         Duration::from_secs(60),
     )
-    .unwrap()
+    .unwrap();
+    (retry, ManualClock::new(SystemClock::new().now_millis()))
 }
 
 fn config(url: &str, timeout: Duration) -> HttpTransportConfig {
@@ -219,12 +223,14 @@ fn config(url: &str, timeout: Duration) -> HttpTransportConfig {
 
 /// A builder of an engine on a fresh outbox in `dir`, coalescing off.
 fn builder(dir: &tempfile::TempDir, http: HttpTransportConfig) -> SyncEngineBuilder {
+    let (retry, clock) = one_attempt_per_drain();
     SyncEngine::builder()
         .outbox_path(dir.path().join("outbox.db"))
         .outbox_options(OutboxOptions::default().coalesce(false))
         .http(http)
         .token_provider(Arc::new(StaticToken::new("tok")))
-        .retry(one_attempt_per_drain())
+        .retry(retry)
+        .clock(clock)
         .no_telemetry()
 }
 
@@ -499,8 +505,10 @@ async fn an_applied_op_is_reported_while_the_next_request_hangs() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     // One request at a time, so the ops behind the hung one stay claimed
-    // and the ack group is not written for an empty queue.
+    // and the ack group is not written for an empty queue. The ack's delay
+    // must pass, so time runs.
     let engine = builder(&dir, config(&server.url, Duration::from_secs(60)))
+        .clock(SystemClock::shared())
         .no_batching()
         .concurrency(1)
         .build()
@@ -738,13 +746,7 @@ async fn a_result_echoing_the_wrong_op_is_not_stored_as_sent() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let engine = SyncEngine::builder()
-        .outbox_path(dir.path().join("outbox.db"))
-        .outbox_options(OutboxOptions::default().coalesce(false))
-        .http(config(&server.url, Duration::from_secs(5)))
-        .token_provider(Arc::new(StaticToken::new("tok")))
-        .retry(one_attempt_per_drain())
-        .no_telemetry()
+    let engine = builder(&dir, config(&server.url, Duration::from_secs(5)))
         .batching(BatchConfig {
             max_ops: 2,
             ..BatchConfig::default()
@@ -867,17 +869,12 @@ async fn a_merge_larger_than_the_outbox_takes_fails_its_op_not_the_drain() {
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let engine = SyncEngine::builder()
-        .outbox_path(dir.path().join("outbox.db"))
+    let engine = builder(&dir, config(&fake.url, Duration::from_secs(5)))
         .outbox_options(
             OutboxOptions::default()
                 .coalesce(false)
                 .max_payload_bytes(1024),
         )
-        .http(config(&fake.url, Duration::from_secs(5)))
-        .token_provider(Arc::new(StaticToken::new("tok")))
-        .retry(one_attempt_per_drain())
-        .no_telemetry()
         .no_batching()
         .build()
         .await
