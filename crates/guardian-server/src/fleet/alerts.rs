@@ -103,7 +103,23 @@ pub fn evaluate<'a>(
     now: i64,
 ) -> Vec<Alert> {
     let mut out = Vec::new();
-    let alert = |rule: AlertRule, d: &DeviceView, since: Option<i64>, message: String| Alert {
+    let mut by_tenant: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    for d in devices {
+        device_alerts(d, rules, now, &mut out);
+        let e = by_tenant.entry(&d.tenant).or_default();
+        e.0 += u64::from(d.health_score);
+        e.1 += 1;
+    }
+    for (tenant, (sum, n)) in by_tenant {
+        out.extend(fleet_health_alert(tenant, sum, n, rules));
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// The per-device rules that fire for `d` at `now`, appended to `out`.
+pub(crate) fn device_alerts(d: &DeviceView, rules: &AlertRules, now: i64, out: &mut Vec<Alert>) {
+    let alert = |rule: AlertRule, since: Option<i64>, message: String| Alert {
         key: alert_key(rule, &d.tenant, Some(&d.runner_id)),
         rule,
         tenant: d.tenant.clone(),
@@ -111,76 +127,70 @@ pub fn evaluate<'a>(
         since,
         message,
     };
-    let mut by_tenant: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-    for d in devices {
-        // Not closed rather than open: a breaker whose backend stays down
-        // cycles open, half-open, open, and each trial must not restart the
-        // clock (nor resolve the alert until the next trip).
-        if let (Some(x), Some(since)) = (rules.breaker_open_for, d.not_closed_since) {
-            let for_ms = now.saturating_sub(since);
-            if for_ms >= millis(x) {
-                out.push(alert(
-                    AlertRule::BreakerOpen,
-                    d,
-                    Some(since),
-                    format!(
-                        "breaker not closed for {} s on {} (now {})",
-                        for_ms / 1000,
-                        d.runner_id,
-                        d.breaker.as_str()
-                    ),
-                ));
-            }
-        }
-        if let (Some(y), Some(stalled)) = (rules.stalled_for, stalled_for_ms(d, now)) {
-            if stalled >= millis(y) {
-                out.push(alert(
-                    AlertRule::Stalled,
-                    d,
-                    Some(d.last_progress_at),
-                    format!(
-                        "{} ops queued and no progress for {} s on {}",
-                        d.queue.queued(),
-                        stalled / 1000,
-                        d.runner_id
-                    ),
-                ));
-            }
-        }
-        if let Some(z) = rules.dead_letters_above {
-            if d.queue.failed > z {
-                out.push(alert(
-                    AlertRule::DeadLetters,
-                    d,
-                    None,
-                    format!(
-                        "{} dead letters on {} (limit {z})",
-                        d.queue.failed, d.runner_id
-                    ),
-                ));
-            }
-        }
-        let e = by_tenant.entry(&d.tenant).or_default();
-        e.0 += u64::from(d.health_score);
-        e.1 += 1;
-    }
-    if let Some(w) = rules.fleet_health_below {
-        for (tenant, (sum, n)) in by_tenant {
-            let mean = sum as f64 / n as f64;
-            if mean < f64::from(w) {
-                out.push(Alert {
-                    key: alert_key(AlertRule::FleetHealth, tenant, None),
-                    rule: AlertRule::FleetHealth,
-                    tenant: tenant.to_owned(),
-                    device: None,
-                    since: None,
-                    message: format!("fleet health {mean:.0} below {w} over {n} devices"),
-                });
-            }
+    // Not closed rather than open: a breaker whose backend stays down
+    // cycles open, half-open, open, and each trial must not restart the
+    // clock (nor resolve the alert until the next trip).
+    if let (Some(x), Some(since)) = (rules.breaker_open_for, d.not_closed_since) {
+        let for_ms = now.saturating_sub(since);
+        if for_ms >= millis(x) {
+            out.push(alert(
+                AlertRule::BreakerOpen,
+                Some(since),
+                format!(
+                    "breaker not closed for {} s on {} (now {})",
+                    for_ms / 1000,
+                    d.runner_id,
+                    d.breaker.as_str()
+                ),
+            ));
         }
     }
-    out.sort_by(|a, b| a.key.cmp(&b.key));
-    out
+    if let (Some(y), Some(stalled)) = (rules.stalled_for, stalled_for_ms(d, now)) {
+        if stalled >= millis(y) {
+            out.push(alert(
+                AlertRule::Stalled,
+                Some(d.last_progress_at),
+                format!(
+                    "{} ops queued and no progress for {} s on {}",
+                    d.queue.queued(),
+                    stalled / 1000,
+                    d.runner_id
+                ),
+            ));
+        }
+    }
+    if let Some(z) = rules.dead_letters_above {
+        if d.queue.failed > z {
+            out.push(alert(
+                AlertRule::DeadLetters,
+                None,
+                format!(
+                    "{} dead letters on {} (limit {z})",
+                    d.queue.failed, d.runner_id
+                ),
+            ));
+        }
+    }
+}
+
+/// The fleet-health alert of `tenant`, whose `n` devices' health scores
+/// add up to `sum`, if it fires.
+pub(crate) fn fleet_health_alert(
+    tenant: &str,
+    sum: u64,
+    n: u64,
+    rules: &AlertRules,
+) -> Option<Alert> {
+    let w = rules.fleet_health_below?;
+    let mean = sum as f64 / n.max(1) as f64;
+    (n > 0 && mean < f64::from(w)).then(|| Alert {
+        key: alert_key(AlertRule::FleetHealth, tenant, None),
+        rule: AlertRule::FleetHealth,
+        tenant: tenant.to_owned(),
+        device: None,
+        since: None,
+        message: format!("fleet health {mean:.0} below {w} over {n} devices"),
+    })
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use guardian_protocol::telemetry::{BreakerStateName, QueueDepth, TelemetrySnapsh
 use serde::Serialize;
 use tokio::sync::watch;
 
-use alerts::{Alert, AlertRules};
+use alerts::{Alert, AlertRule, AlertRules};
 
 /// Bounds of the fleet's memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,11 +48,12 @@ impl Default for FleetLimits {
 }
 
 /// Makes room for a new device of `tenant` in a full fleet (see
-/// [`FleetLimits::devices_total`]), or refuses it.
+/// [`FleetLimits::devices_total`]), or refuses it; returns the device
+/// evicted.
 fn make_room_fairly(
     devices: &mut BTreeMap<(String, String), Device>,
     tenant: &str,
-) -> Result<(), Refused> {
+) -> Result<Option<(String, String)>, Refused> {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for (t, _) in devices.keys() {
         *counts.entry(t.as_str()).or_default() += 1;
@@ -70,10 +71,10 @@ fn make_room_fairly(
         .filter(|((t, _), _)| *t == largest)
         .min_by_key(|(_, d)| d.view.last_seen)
         .map(|(k, _)| k.clone());
-    if let Some(k) = oldest {
-        devices.remove(&k);
+    if let Some(k) = &oldest {
+        devices.remove(k);
     }
-    Ok(())
+    Ok(oldest)
 }
 
 /// Entries kept in each event log (breaker timeline, incidents, alerts).
@@ -292,6 +293,17 @@ struct State {
     requests_at_tick: Option<u64>,
 }
 
+impl State {
+    /// The alert's device is no longer kept (evicted to make room).
+    fn is_gone(&self, alert: &Alert) -> bool {
+        alert.device.as_ref().is_some_and(|d| {
+            !self
+                .devices
+                .contains_key(&(alert.tenant.clone(), d.clone()))
+        })
+    }
+}
+
 /// The fleet store; see the module docs.
 #[derive(Debug)]
 pub(crate) struct Fleet {
@@ -340,17 +352,19 @@ impl Fleet {
     }
 
     /// Records a validated snapshot of `tenant`'s device at server time
-    /// `now`; a late one ([`is_late`]) is ignored.
+    /// `now`; a late one ([`is_late`]) is ignored. Returns the devices
+    /// evicted to make room for a new one.
     pub(crate) fn record(
         &self,
         tenant: &str,
         snap: TelemetrySnapshot,
         now: i64,
-    ) -> Result<(), Refused> {
+    ) -> Result<Vec<(String, String)>, Refused> {
         let mut st = self.lock();
         let key = (tenant.to_owned(), snap.runner_id.clone());
+        let mut evicted = Vec::new();
         match st.devices.get(&key) {
-            Some(d) if is_late(d, &snap, now) => return Ok(()),
+            Some(d) if is_late(d, &snap, now) => return Ok(evicted),
             Some(_) => {}
             None => {
                 let in_tenant: Vec<_> = st
@@ -362,10 +376,11 @@ impl Fleet {
                 if in_tenant.len() >= self.limits.devices_per_tenant {
                     if let Some((_, oldest)) = in_tenant.into_iter().min() {
                         st.devices.remove(&oldest);
+                        evicted.push(oldest);
                     }
                 }
                 if st.devices.len() >= self.limits.devices_total {
-                    make_room_fairly(&mut st.devices, tenant)?;
+                    evicted.extend(make_room_fairly(&mut st.devices, tenant)?);
                 }
             }
         }
@@ -478,7 +493,7 @@ impl Fleet {
         st.devices.insert(key, device);
         drop(st);
         self.bump();
-        Ok(())
+        Ok(evicted)
     }
 
     /// Evaluates the rules at `now`; returns what started and stopped firing.
@@ -499,11 +514,7 @@ impl Fleet {
             .map(|a| event(AlertStatus::Firing, a))
             .collect();
         for b in st.active.iter().filter(|b| !known(&firing, &b.key)) {
-            let gone = b
-                .device
-                .as_ref()
-                .is_some_and(|d| !st.devices.contains_key(&(b.tenant.clone(), d.clone())));
-            let status = if gone {
+            let status = if st.is_gone(b) {
                 AlertStatus::Evicted
             } else {
                 AlertStatus::Resolved
@@ -512,13 +523,106 @@ impl Fleet {
         }
         // Messages carry durations: refresh them without an event.
         st.active = firing;
-        for e in &events {
+        self.log_alert_events(st, &events);
+        events
+    }
+
+    /// Appends `events` to the alert log and tells the dashboard.
+    fn log_alert_events(&self, mut st: MutexGuard<'_, State>, events: &[AlertEvent]) {
+        for e in events {
             push_bounded(&mut st.alert_log, e.clone(), LOG_LEN);
         }
         drop(st);
         if !events.is_empty() {
             self.bump();
         }
+    }
+
+    /// Evaluates what a snapshot from `runner_id` may have changed at `now`:
+    /// its own rules, the alerts of the devices `evicted` to make room for
+    /// it (they end as evicted), and the fleet health of their tenants.
+    /// Reading those tenants' devices, not the fleet, keeps a report cheap
+    /// when thousands of devices report and fire at once (a backend
+    /// outage); the rules of the other devices move with time alone, and
+    /// [`Self::evaluate`] sees them once a second.
+    pub(crate) fn evaluate_device(
+        &self,
+        tenant: &str,
+        runner_id: &str,
+        evicted: &[(String, String)],
+        now: i64,
+    ) -> Vec<AlertEvent> {
+        let mut st = self.lock();
+        let reporter = (tenant.to_owned(), runner_id.to_owned());
+        let devices: Vec<&(String, String)> = std::iter::once(&reporter).chain(evicted).collect();
+        let mut tenants: Vec<&str> = devices.iter().map(|(t, _)| t.as_str()).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let mut firing = Vec::new();
+        let mut scope = Vec::new();
+        for key in &devices {
+            if let Some(d) = st.devices.get(*key) {
+                alerts::device_alerts(&d.view, &self.rules, now, &mut firing);
+            }
+            scope.extend(
+                [
+                    AlertRule::BreakerOpen,
+                    AlertRule::Stalled,
+                    AlertRule::DeadLetters,
+                ]
+                .into_iter()
+                .map(|rule| alerts::alert_key(rule, &key.0, Some(&key.1))),
+            );
+        }
+        for t in tenants {
+            let (sum, n) = st
+                .devices
+                .range((t.to_owned(), String::new())..)
+                .take_while(|((dt, _), _)| dt == t)
+                .fold((0u64, 0u64), |(sum, n), (_, d)| {
+                    (sum + u64::from(d.view.health_score), n + 1)
+                });
+            firing.extend(alerts::fleet_health_alert(t, sum, n, &self.rules));
+            scope.push(alerts::alert_key(AlertRule::FleetHealth, t, None));
+        }
+        scope.sort();
+        scope.dedup();
+        let mut events = Vec::new();
+        let mut ended = Vec::new();
+        for key in &scope {
+            let now_firing = firing
+                .iter()
+                .position(|a| &a.key == key)
+                .map(|i| firing.swap_remove(i));
+            let at = st.active.binary_search_by(|a| a.key.as_str().cmp(key));
+            match (at, now_firing) {
+                (Ok(i), Some(alert)) => st.active[i] = alert,
+                (Err(i), Some(alert)) => {
+                    events.push(AlertEvent {
+                        status: AlertStatus::Firing,
+                        at: now,
+                        alert: alert.clone(),
+                    });
+                    st.active.insert(i, alert);
+                }
+                (Ok(i), None) => {
+                    let alert = st.active.remove(i);
+                    let status = if st.is_gone(&alert) {
+                        AlertStatus::Evicted
+                    } else {
+                        AlertStatus::Resolved
+                    };
+                    ended.push(AlertEvent {
+                        status,
+                        at: now,
+                        alert,
+                    });
+                }
+                (Err(_), None) => {}
+            }
+        }
+        events.extend(ended);
+        self.log_alert_events(st, &events);
         events
     }
 
@@ -680,7 +784,27 @@ pub(crate) struct DashboardData {
 
 /// Evaluates the alert rules at `now` and hands new events to the webhook.
 pub(crate) fn evaluate_alerts(fleet: &Fleet, webhook: Option<&webhook::Webhook>, now: i64) {
-    for event in fleet.evaluate(now) {
+    announce(fleet.evaluate(now), webhook);
+}
+
+/// [`evaluate_alerts`] for what one device's snapshot may have changed
+/// ([`Fleet::evaluate_device`]).
+pub(crate) fn evaluate_device_alerts(
+    fleet: &Fleet,
+    webhook: Option<&webhook::Webhook>,
+    tenant: &str,
+    runner_id: &str,
+    evicted: &[(String, String)],
+    now: i64,
+) {
+    announce(
+        fleet.evaluate_device(tenant, runner_id, evicted, now),
+        webhook,
+    );
+}
+
+fn announce(events: Vec<AlertEvent>, webhook: Option<&webhook::Webhook>) {
+    for event in events {
         tracing::info!(status = event.status.as_str(), key = %event.alert.key, "fleet alert");
         if let Some(hook) = webhook {
             hook.send(event);
@@ -812,6 +936,106 @@ mod tests {
                 ("healed".to_owned(), AlertStatus::Resolved)
             ]
         );
+    }
+
+    /// A report settles its device's alerts and its tenant's health at
+    /// once; another device's alert, which only time changed, waits for the
+    /// full evaluation.
+    #[test]
+    fn a_report_settles_its_own_device_and_tenant_only() {
+        use BreakerStateName::{Closed, Open};
+        let rules = AlertRules {
+            breaker_open_for: Some(std::time::Duration::from_secs(60)),
+            fleet_health_below: Some(50),
+            ..no_rules()
+        };
+        let f = Fleet::new(FleetLimits::default(), rules);
+        f.record("t", snap("a", 1, 0, Open), 0).unwrap();
+        f.record("t", snap("b", 1, 0, Open), 0).unwrap();
+        assert!(f.evaluate_device("t", "a", &[], 0).is_empty());
+        // A minute on, b reports: b's alert fires, a's waits for the tick.
+        f.record("t", snap("b", 2, 0, Open), 60_000).unwrap();
+        let fired = f.evaluate_device("t", "b", &[], 60_000);
+        let keys: Vec<_> = fired.iter().map(|e| e.alert.key.as_str()).collect();
+        assert_eq!(keys, ["BreakerOpen/t/b"]);
+        let fired = f.evaluate(60_000);
+        let keys: Vec<_> = fired.iter().map(|e| e.alert.key.as_str()).collect();
+        assert_eq!(keys, ["BreakerOpen/t/a"]);
+        // A sick device of another tenant fires that tenant's health, and
+        // nothing of t's; its recovery resolves it.
+        let mut sick = snap("c", 1, 0, Closed);
+        sick.health_score = 10;
+        f.record("u", sick.clone(), 60_001).unwrap();
+        let fired = f.evaluate_device("u", "c", &[], 60_001);
+        let got: Vec<_> = fired
+            .iter()
+            .map(|e| (e.alert.key.as_str(), e.status))
+            .collect();
+        assert_eq!(got, [("FleetHealth/u", AlertStatus::Firing)]);
+        sick.seq = 2;
+        sick.health_score = 90;
+        f.record("u", sick, 60_002).unwrap();
+        let fired = f.evaluate_device("u", "c", &[], 60_002);
+        let got: Vec<_> = fired
+            .iter()
+            .map(|e| (e.alert.key.as_str(), e.status))
+            .collect();
+        assert_eq!(got, [("FleetHealth/u", AlertStatus::Resolved)]);
+        assert!(f.evaluate(60_002).is_empty());
+    }
+
+    /// Once every device has reported at the same time, the per-report
+    /// evaluations hold what a full one finds: it fires and resolves
+    /// nothing more.
+    #[test]
+    fn reports_of_every_device_agree_with_a_full_evaluation() {
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        // Room for every device, then for fewer than report: new devices
+        // evict the least recently seen of their tenant (t has 30 devices,
+        // u and v/w 15 each), and then the largest tenant's.
+        for limits in [
+            FleetLimits::default(),
+            FleetLimits {
+                devices_per_tenant: 25,
+                devices_total: 50,
+                history: 4,
+            },
+        ] {
+            agree_with_full_evaluation(limits, &mut next);
+        }
+    }
+
+    fn agree_with_full_evaluation(limits: FleetLimits, next: &mut impl FnMut(u64) -> u64) {
+        let f = Fleet::new(limits, AlertRules::default());
+        for round in 0..5_u64 {
+            let now = i64::try_from(round).unwrap() * 120_000;
+            for i in 0..60 {
+                // Every device once a round, in another order each round.
+                let n = (usize::try_from(round).unwrap() * 7 + i) % 60;
+                let tenant = ["t", "t", "u", "v/w"][n % 4];
+                let id = format!("d{n}");
+                let mut s = snap(&id, round + 1, now, BreakerStateName::Closed);
+                s.breaker = [BreakerStateName::Closed, BreakerStateName::Open][next(2) as usize];
+                s.health_score = u8::try_from(next(101)).unwrap();
+                s.queue.failed = next(2);
+                s.queue.pending = next(3);
+                s.succeeded = if next(2) == 0 { 0 } else { round + 1 };
+                let Ok(evicted) = f.record(tenant, s, now) else {
+                    continue;
+                };
+                f.evaluate_device(tenant, &id, &evicted, now);
+            }
+            // Health is settled by each report of the tenant, the last one
+            // seeing every device.
+            let full = f.evaluate(now);
+            assert!(full.is_empty(), "{limits:?}, round {round}: {full:?}");
+        }
     }
 
     #[test]

@@ -29,9 +29,17 @@ pub(crate) async fn telemetry(
         return ApiError::bad_request(e.to_string()).into_response();
     }
     let now = state.config.clock.now_millis();
+    let runner_id = snapshot.runner_id.clone();
     match state.fleet.record(&tenant, snapshot, now) {
-        Ok(()) => {
-            crate::fleet::evaluate_alerts(&state.fleet, state.webhook.as_ref(), now);
+        Ok(evicted) => {
+            crate::fleet::evaluate_device_alerts(
+                &state.fleet,
+                state.webhook.as_ref(),
+                &tenant,
+                &runner_id,
+                &evicted,
+                now,
+            );
             StatusCode::NO_CONTENT.into_response()
         }
         Err(Refused::Full) => ApiError::new(
