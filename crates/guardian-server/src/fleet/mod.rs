@@ -47,6 +47,16 @@ impl Default for FleetLimits {
     }
 }
 
+/// `tenant`'s devices, in key order.
+fn tenant_devices<'a>(
+    devices: &'a BTreeMap<(String, String), Device>,
+    tenant: &'a str,
+) -> impl Iterator<Item = (&'a (String, String), &'a Device)> {
+    devices
+        .range((tenant.to_owned(), String::new())..)
+        .take_while(move |((t, _), _)| t == tenant)
+}
+
 /// Makes room for a new device of `tenant` in a full fleet (see
 /// [`FleetLimits::devices_total`]), or refuses it; returns the device
 /// evicted.
@@ -367,14 +377,18 @@ impl Fleet {
             Some(d) if is_late(d, &snap, now) => return Ok(evicted),
             Some(_) => {}
             None => {
-                let in_tenant: Vec<_> = st
-                    .devices
-                    .iter()
-                    .filter(|((t, _), _)| t == tenant)
-                    .map(|(k, d)| (d.view.last_seen, k.clone()))
-                    .collect();
-                if in_tenant.len() >= self.limits.devices_per_tenant {
-                    if let Some((_, oldest)) = in_tenant.into_iter().min() {
+                // The tenant's devices only, and no key copied but the one
+                // evicted.
+                let (n, oldest) = tenant_devices(&st.devices, tenant).fold(
+                    (0usize, None::<(i64, &(String, String))>),
+                    |(n, oldest), (k, d)| {
+                        let this = (d.view.last_seen, k);
+                        (n + 1, Some(oldest.map_or(this, |o| o.min(this))))
+                    },
+                );
+                let oldest = oldest.map(|(_, k)| k.clone());
+                if n >= self.limits.devices_per_tenant {
+                    if let Some(oldest) = oldest {
                         st.devices.remove(&oldest);
                         evicted.push(oldest);
                     }
@@ -575,13 +589,9 @@ impl Fleet {
             );
         }
         for t in tenants {
-            let (sum, n) = st
-                .devices
-                .range((t.to_owned(), String::new())..)
-                .take_while(|((dt, _), _)| dt == t)
-                .fold((0u64, 0u64), |(sum, n), (_, d)| {
-                    (sum + u64::from(d.view.health_score), n + 1)
-                });
+            let (sum, n) = tenant_devices(&st.devices, t).fold((0u64, 0u64), |(sum, n), (_, d)| {
+                (sum + u64::from(d.view.health_score), n + 1)
+            });
             firing.extend(alerts::fleet_health_alert(t, sum, n, &self.rules));
             scope.push(alerts::alert_key(AlertRule::FleetHealth, t, None));
         }
