@@ -948,11 +948,20 @@ mod tests {
         );
     }
 
+    /// The keys and statuses of `events`.
+    fn keyed(events: &[AlertEvent]) -> Vec<(&str, AlertStatus)> {
+        events
+            .iter()
+            .map(|e| (e.alert.key.as_str(), e.status))
+            .collect()
+    }
+
     /// A report settles its device's alerts and its tenant's health at
     /// once; another device's alert, which only time changed, waits for the
     /// full evaluation.
     #[test]
     fn a_report_settles_its_own_device_and_tenant_only() {
+        use AlertStatus::{Firing, Resolved};
         use BreakerStateName::{Closed, Open};
         let rules = AlertRules {
             breaker_open_for: Some(std::time::Duration::from_secs(60)),
@@ -966,31 +975,19 @@ mod tests {
         // A minute on, b reports: b's alert fires, a's waits for the tick.
         f.record("t", snap("b", 2, 0, Open), 60_000).unwrap();
         let fired = f.evaluate_device("t", "b", &[], 60_000);
-        let keys: Vec<_> = fired.iter().map(|e| e.alert.key.as_str()).collect();
-        assert_eq!(keys, ["BreakerOpen/t/b"]);
-        let fired = f.evaluate(60_000);
-        let keys: Vec<_> = fired.iter().map(|e| e.alert.key.as_str()).collect();
-        assert_eq!(keys, ["BreakerOpen/t/a"]);
+        assert_eq!(keyed(&fired), [("BreakerOpen/t/b", Firing)]);
+        assert_eq!(keyed(&f.evaluate(60_000)), [("BreakerOpen/t/a", Firing)]);
         // A sick device of another tenant fires that tenant's health, and
         // nothing of t's; its recovery resolves it.
         let mut sick = snap("c", 1, 0, Closed);
-        sick.health_score = 10;
-        f.record("u", sick.clone(), 60_001).unwrap();
-        let fired = f.evaluate_device("u", "c", &[], 60_001);
-        let got: Vec<_> = fired
-            .iter()
-            .map(|e| (e.alert.key.as_str(), e.status))
-            .collect();
-        assert_eq!(got, [("FleetHealth/u", AlertStatus::Firing)]);
-        sick.seq = 2;
-        sick.health_score = 90;
-        f.record("u", sick, 60_002).unwrap();
-        let fired = f.evaluate_device("u", "c", &[], 60_002);
-        let got: Vec<_> = fired
-            .iter()
-            .map(|e| (e.alert.key.as_str(), e.status))
-            .collect();
-        assert_eq!(got, [("FleetHealth/u", AlertStatus::Resolved)]);
+        for (seq, health, status) in [(1, 10, Firing), (2, 90, Resolved)] {
+            let now = 60_000 + i64::try_from(seq).unwrap();
+            sick.seq = seq;
+            sick.health_score = health;
+            f.record("u", sick.clone(), now).unwrap();
+            let fired = f.evaluate_device("u", "c", &[], now);
+            assert_eq!(keyed(&fired), [("FleetHealth/u", status)]);
+        }
         assert!(f.evaluate(60_002).is_empty());
     }
 
