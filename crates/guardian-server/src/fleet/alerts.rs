@@ -182,8 +182,11 @@ pub(crate) fn fleet_health_alert(
     rules: &AlertRules,
 ) -> Option<Alert> {
     let w = rules.fleet_health_below?;
-    let mean = sum as f64 / n.max(1) as f64;
-    (n > 0 && mean < f64::from(w)).then(|| Alert {
+    if n == 0 {
+        return None;
+    }
+    let mean = sum as f64 / n as f64;
+    (mean < f64::from(w)).then(|| Alert {
         key: alert_key(AlertRule::FleetHealth, tenant, None),
         rule: AlertRule::FleetHealth,
         tenant: tenant.to_owned(),
