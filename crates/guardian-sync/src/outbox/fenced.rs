@@ -9,18 +9,29 @@
 
 use std::time::Duration;
 
+use rusqlite::Connection;
 use uuid::Uuid;
 
 use super::error::OutboxError;
+use super::writer::{Ctx, Unheard};
 use super::{lock_row, runner, Outbox};
 use crate::op::{Ack, Fence, OpId, PendingOp, Reconciled};
 
 /// The outbox as the holder of `fence` sees it: claim, acknowledge, retry,
 /// fail, reconcile, release, and keep the lock alive.
-#[derive(Debug, Clone, Copy)]
 pub struct Fenced<'a> {
     outbox: &'a Outbox,
     fence: &'a Fence,
+    unheard: Option<Unheard>,
+}
+
+impl std::fmt::Debug for Fenced<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fenced")
+            .field("fence", self.fence)
+            .field("unheard", &self.unheard.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Outbox {
@@ -30,11 +41,33 @@ impl Outbox {
         Fenced {
             outbox: self,
             fence,
+            unheard: None,
         }
     }
 }
 
 impl Fenced<'_> {
+    /// Runs `hook` if the write that follows commits after its caller
+    /// stopped waiting for it (its future dropped once the outbox's writer
+    /// had begun it): whatever the caller would have done on success (a
+    /// runner publishing the events of the acks it wrote) is then the
+    /// hook's to do. It runs at most once, on the writer thread or where
+    /// the future is dropped, and must not block.
+    #[must_use]
+    pub fn if_unheard(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
+        self.unheard = Some(Box::new(hook));
+        self
+    }
+
+    /// Runs `f` in the writer's next group commit, fenced by the caller.
+    async fn call<T, F>(self, f: F) -> Result<T, OutboxError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, OutboxError> + Send + 'static,
+    {
+        self.outbox.inner.writer.call_unheard(f, self.unheard).await
+    }
+
     /// Claims up to `limit` ready ops (due by `now_ms`, head of their
     /// entity), marking them in flight with `attempts += 1` before returning.
     pub async fn claim_ready(
@@ -43,10 +76,7 @@ impl Fenced<'_> {
         now_ms: i64,
     ) -> Result<Vec<PendingOp>, OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| runner::claim(conn, ctx, &fence, limit, now_ms))
+        self.call(move |conn, ctx| runner::claim(conn, ctx, &fence, limit, now_ms))
             .await
     }
 
@@ -54,10 +84,7 @@ impl Fenced<'_> {
     /// pass `ack.version`/`ack.data` to the entity's next chained op.
     pub async fn ack(self, op_id: OpId, ack: Ack) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| runner::ack(conn, ctx, &fence, op_id, &ack))
+        self.call(move |conn, ctx| runner::ack(conn, ctx, &fence, op_id, &ack))
             .await
     }
 
@@ -73,13 +100,10 @@ impl Fenced<'_> {
         delta_ms: i64,
     ) -> Result<u64, OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, _ctx| {
-                runner::rebase_schedule(conn, &fence, after_ms, scheduled_by_ms, delta_ms)
-            })
-            .await
+        self.call(move |conn, _ctx| {
+            runner::rebase_schedule(conn, &fence, after_ms, scheduled_by_ms, delta_ms)
+        })
+        .await
     }
 
     /// A retryable failure: back to pending, due at `next_attempt_at` (Unix ms).
@@ -91,13 +115,10 @@ impl Fenced<'_> {
     ) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
         let error = error.to_owned();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| {
-                runner::retry_later(conn, ctx, &fence, op_id, next_attempt_at, &error)
-            })
-            .await
+        self.call(move |conn, ctx| {
+            runner::retry_later(conn, ctx, &fence, op_id, next_attempt_at, &error)
+        })
+        .await
     }
 
     /// [`retry_later`](Self::retry_later) for several ops in one commit
@@ -110,23 +131,17 @@ impl Fenced<'_> {
     ) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
         let error = error.to_owned();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| {
-                runner::retry_later_many(conn, ctx, &fence, &op_ids, next_attempt_at, &error)
-            })
-            .await
+        self.call(move |conn, ctx| {
+            runner::retry_later_many(conn, ctx, &fence, &op_ids, next_attempt_at, &error)
+        })
+        .await
     }
 
     /// [`fail`](Self::fail) for several ops, each with its error, in one
     /// commit (a transaction's: it is dead-lettered as one).
     pub async fn fail_many(self, failures: Vec<(OpId, String)>) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| runner::fail_many(conn, ctx, &fence, &failures))
+        self.call(move |conn, ctx| runner::fail_many(conn, ctx, &fence, &failures))
             .await
     }
 
@@ -142,23 +157,17 @@ impl Fenced<'_> {
         rebased: Vec<(OpId, serde_json::Value)>,
     ) -> Result<Uuid, OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| {
-                runner::reconciled_in_txn(conn, ctx, &fence, op_id, &r, &others, &rebased)
-            })
-            .await
+        self.call(move |conn, ctx| {
+            runner::reconciled_in_txn(conn, ctx, &fence, op_id, &r, &others, &rebased)
+        })
+        .await
     }
 
     /// A permanent failure: the op moves to the dead-letter list (kept).
     pub async fn fail(self, op_id: OpId, error: &str) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
         let error = error.to_owned();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| runner::fail(conn, ctx, &fence, op_id, &error))
+        self.call(move |conn, ctx| runner::fail(conn, ctx, &fence, op_id, &error))
             .await
     }
 
@@ -166,30 +175,21 @@ impl Fenced<'_> {
     /// returned) before it is sent; the old key goes to the op's history.
     pub async fn reconciled(self, op_id: OpId, r: Reconciled) -> Result<Uuid, OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| runner::reconciled(conn, ctx, &fence, op_id, &r))
+        self.call(move |conn, ctx| runner::reconciled(conn, ctx, &fence, op_id, &r))
             .await
     }
 
     /// Proves the holder is alive (heartbeat + 1); `LockLost` if it is not the holder.
     pub async fn lock_heartbeat(self) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| lock_row::heartbeat(conn, &fence, ctx.now()))
+        self.call(move |conn, ctx| lock_row::heartbeat(conn, &fence, ctx.now()))
             .await
     }
 
     /// Frees the lock if `fence` still holds it.
     pub async fn lock_release(self) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, _| lock_row::release(conn, &fence))
+        self.call(move |conn, _| lock_row::release(conn, &fence))
             .await
     }
 
@@ -197,10 +197,7 @@ impl Fenced<'_> {
     /// same effect as [`Self::ack`] for each, all or none.
     pub async fn ack_many(self, acks: Vec<(OpId, Ack)>) -> Result<(), OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| runner::ack_many(conn, ctx, &fence, &acks))
+        self.call(move |conn, ctx| runner::ack_many(conn, ctx, &fence, &acks))
             .await
     }
 
@@ -215,13 +212,10 @@ impl Fenced<'_> {
         shape: runner::ClaimShape,
     ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| {
-                runner::ack_then_claim(conn, ctx, &fence, &acks, limit, now_ms, shape)
-            })
-            .await
+        self.call(move |conn, ctx| {
+            runner::ack_then_claim(conn, ctx, &fence, &acks, limit, now_ms, shape)
+        })
+        .await
     }
 
     /// Claims ready ops with, behind each, its entity's next pending and due
@@ -240,13 +234,10 @@ impl Fenced<'_> {
         max_chain_bytes: usize,
     ) -> Result<Vec<Vec<PendingOp>>, OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| {
-                runner::claim_chains(conn, ctx, &fence, limit, now_ms, max_chain, max_chain_bytes)
-            })
-            .await
+        self.call(move |conn, ctx| {
+            runner::claim_chains(conn, ctx, &fence, limit, now_ms, max_chain, max_chain_bytes)
+        })
+        .await
     }
 
     /// Brings ready ops whose stored `next_attempt_at` lies further ahead
@@ -256,10 +247,7 @@ impl Fenced<'_> {
     /// wall clock, whoever wrote them. Fenced. Returns how many moved.
     pub async fn clamp_schedule(self, now_ms: i64, horizon: Duration) -> Result<u64, OutboxError> {
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, _| runner::clamp_schedule(conn, &fence, now_ms, horizon))
+        self.call(move |conn, _| runner::clamp_schedule(conn, &fence, now_ms, horizon))
             .await
     }
 
@@ -270,10 +258,7 @@ impl Fenced<'_> {
             return Ok(());
         }
         let fence = self.fence.clone();
-        self.outbox
-            .inner
-            .writer
-            .call(move |conn, ctx| runner::release(conn, ctx, &fence, &op_ids))
+        self.call(move |conn, ctx| runner::release(conn, ctx, &fence, &op_ids))
             .await
     }
 }

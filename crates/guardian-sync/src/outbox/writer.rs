@@ -217,6 +217,34 @@ impl Db {
     }
 }
 
+/// What to do when a job committed and its caller is no longer there to
+/// hear it (see [`Writer::call_unheard`]).
+pub(crate) type Unheard = Box<dyn FnOnce() + Send>;
+
+/// Runs the hook, unless the other side already took it.
+fn run_unheard(hook: Option<&Arc<Mutex<Option<Unheard>>>>) {
+    let taken = hook.and_then(|h| h.lock().unwrap_or_else(PoisonError::into_inner).take());
+    if let Some(hook) = taken {
+        hook();
+    }
+}
+
+/// A caller waiting for its reply. Dropped with a committed result in the
+/// reply channel, unread, it runs the unheard hook: the writer, whose send
+/// succeeded, did not.
+struct Waiting<T, E> {
+    rx: oneshot::Receiver<Result<T, E>>,
+    hook: Option<Arc<Mutex<Option<Unheard>>>>,
+}
+
+impl<T, E> Drop for Waiting<T, E> {
+    fn drop(&mut self) {
+        if self.hook.is_some() && matches!(self.rx.try_recv(), Ok(Ok(_))) {
+            run_unheard(self.hook.as_ref());
+        }
+    }
+}
+
 /// Wraps `f` as a job whose outcome, once its group has committed (or
 /// failed to), goes to `reply`.
 fn job<T, E, F, R>(f: F, reply: R) -> Job
@@ -302,7 +330,22 @@ impl Writer {
         E: JobError,
         F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
     {
+        self.call_unheard(f, None).await
+    }
+
+    /// [`call`](Self::call); and if the job commits but its caller stopped
+    /// waiting once the job had begun (so the result is never heard),
+    /// `unheard` runs instead, once: on the writer thread, or wherever the
+    /// caller's future is dropped with the result already in hand.
+    pub(crate) async fn call_unheard<T, E, F>(&self, f: F, unheard: Option<Unheard>) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: JobError,
+        F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
+    {
         let (reply, rx) = oneshot::channel::<Result<T, E>>();
+        let hook = unheard.map(|h| Arc::new(Mutex::new(Some(h))));
+        let writer_hook = hook.clone();
         let job: Job = Box::new(move |env| {
             // A caller that gave up before the job's turn (a drain aborted
             // at a stop, an enqueue under a timeout) is not written for:
@@ -311,13 +354,18 @@ impl Writer {
                 return (false, Box::new(drop) as Done);
             }
             job(f, move |r| {
-                let _ = reply.send(r);
+                if let Err(Ok(_)) = reply.send(r) {
+                    run_unheard(writer_hook.as_ref());
+                }
             })(env)
         });
         if !self.send(job) {
             return Err(E::closed());
         }
-        rx.await.unwrap_or_else(|_| Err(E::closed()))
+        let mut waiting = Waiting { rx, hook };
+        let r = (&mut waiting.rx).await;
+        waiting.hook = None;
+        r.unwrap_or_else(|_| Err(E::closed()))
     }
 
     /// [`call`](Self::call), but a lone job may run on the calling thread: when
@@ -854,6 +902,121 @@ mod tests {
         rt.block_on(w.close());
         let after = w.call_blocking(|_, _| Ok::<_, OutboxError>(()));
         assert_eq!(after.unwrap_err(), OutboxError::Closed);
+    }
+
+    /// Counts its runs: an unheard hook.
+    fn counted() -> (Arc<AtomicUsize>, Option<Unheard>) {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let hook_runs = runs.clone();
+        let hook: Unheard = Box::new(move || {
+            hook_runs.fetch_add(1, Ordering::SeqCst);
+        });
+        (runs, Some(hook))
+    }
+
+    /// A held job's signals: it has begun; it may go on.
+    struct Held {
+        begun: mpsc::Receiver<()>,
+        go: mpsc::Sender<()>,
+    }
+
+    /// A job that says when it has begun, then waits for `go` (or fails if
+    /// `refuse`), inserting `v`.
+    fn held_job(
+        v: i64,
+        refuse: bool,
+    ) -> (
+        Held,
+        impl FnOnce(&Connection, &Ctx) -> Result<i64, OutboxError> + Send + 'static,
+    ) {
+        let (begun_tx, begun) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        let f = move |conn: &Connection, _: &Ctx| {
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [v])?;
+            let _ = begun_tx.send(());
+            let _ = go_rx.recv_timeout(Duration::from_secs(30));
+            if refuse {
+                return Err(OutboxError::LockLost);
+            }
+            Ok(v)
+        };
+        (Held { begun, go }, f)
+    }
+
+    /// The caller stops waiting once its job has begun: the job commits
+    /// and, its result unheard, the hook runs once, on the writer thread.
+    /// Refused instead, nothing commits and the hook does not run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_committed_after_its_caller_left_runs_its_unheard_hook() {
+        let (_dir, w) = writer_with("", false);
+        for (v, refuse) in [(1, false), (2, true)] {
+            let (runs, hook) = counted();
+            let (Held { begun, go }, f) = held_job(v, refuse);
+            let mut call = Box::pin(w.call_unheard(f, hook));
+            assert!(futures::poll!(call.as_mut()).is_pending());
+            tokio::task::spawn_blocking(move || begun.recv().unwrap())
+                .await
+                .unwrap();
+            // Begun, and waiting: the caller leaves before the answer.
+            drop(call);
+            go.send(()).unwrap();
+            // The next job queues behind the held one: once it is answered,
+            // the held one has committed (or rolled back) and been replied to.
+            let seen = values(&w).await;
+            assert_eq!(seen.contains(&v), !refuse, "job {v}: {seen:?}");
+            assert_eq!(runs.load(Ordering::SeqCst), usize::from(!refuse), "job {v}");
+        }
+        // Heard: the hook never runs.
+        let (runs, hook) = counted();
+        let r: Result<i64, OutboxError> = w
+            .call_unheard(
+                |conn, _| Ok(conn.execute("INSERT INTO t (v) VALUES (3)", [])? as i64),
+                hook,
+            )
+            .await;
+        assert_eq!(r.unwrap(), 1);
+        assert_eq!(values(&w).await, [1, 3]);
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        w.close().await;
+    }
+
+    /// The result arrives, but the caller's future is dropped before it is
+    /// polled again: the hook runs there, once. A caller gone before its
+    /// job began gets no commit and no hook.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_answer_dropped_unread_runs_the_hook_and_a_job_never_begun_neither() {
+        let (_dir, w) = writer_with("", false);
+        let (runs, hook) = counted();
+        let mut call = Box::pin(w.call_unheard(
+            |conn, _| Ok::<_, OutboxError>(conn.execute("INSERT INTO t (v) VALUES (1)", [])?),
+            hook,
+        ));
+        // One poll sends the job; the next job's answer means it is done.
+        assert!(futures::poll!(call.as_mut()).is_pending());
+        assert_eq!(values(&w).await, [1]);
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "not until dropped");
+        drop(call);
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "run by the dropped caller");
+
+        // The writer is held by a first job while the second caller leaves.
+        let (Held { begun, go }, f) = held_job(2, false);
+        let mut first = Box::pin(w.call_unheard(f, None));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        tokio::task::spawn_blocking(move || begun.recv().unwrap())
+            .await
+            .unwrap();
+        let (runs, hook) = counted();
+        let mut second = Box::pin(w.call_unheard(
+            |conn, _| Ok::<_, OutboxError>(conn.execute("INSERT INTO t (v) VALUES (3)", [])?),
+            hook,
+        ));
+        assert!(futures::poll!(second.as_mut()).is_pending());
+        drop(second);
+        go.send(()).unwrap();
+        assert_eq!(first.await.unwrap(), 2);
+        assert_eq!(values(&w).await, [1, 2], "the abandoned job never ran");
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        w.close().await;
     }
 
     /// A writer whose commits are cheap (no fsync), so that the lone-commit
