@@ -5,12 +5,13 @@
 
 mod golden;
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use guardian_protocol::{Entity, Problem};
 use guardian_sync::breaker::{BreakerConfig, CircuitBreaker, TripPolicy};
 use guardian_sync::core::drain::{
-    DrainCommand, DrainConfig, DrainInput, DrainMachine, Env, Write, ACK_DELAY,
+    DrainCommand, DrainConfig, DrainInput, DrainMachine, Env, Published, Write, ACK_DELAY,
 };
 use guardian_sync::engine::SyncEvent;
 use guardian_sync::op::{OpKind, OpState, PendingOp, TxnRef};
@@ -81,6 +82,12 @@ struct Script {
     rng: StdRng,
     mono: Duration,
     lines: Vec<String>,
+    /// What each write in flight said its commit would publish.
+    published: HashMap<u64, Published>,
+    /// The same for the acks riding in the claim in flight.
+    claim_published: Option<Published>,
+    /// The machine said `finish` (and ignores what comes after).
+    finished: bool,
 }
 
 impl Script {
@@ -94,6 +101,9 @@ impl Script {
             rng: StdRng::seed_from_u64(7),
             mono: Duration::from_secs(100),
             lines: Vec::new(),
+            published: HashMap::new(),
+            claim_published: None,
+            finished: false,
         }
     }
 
@@ -111,9 +121,49 @@ impl Script {
             metrics: &self.metrics,
             rng: &mut self.rng,
         };
+        // A write's `published` is exactly what the machine publishes when
+        // it hears of the commit: the events first, in order, and the
+        // counters (the driver publishes the copy if it never hears).
+        let expected = match &input {
+            Some(DrainInput::Written { id }) => self.published.remove(id),
+            Some(DrainInput::Claimed { .. }) => self.claim_published.take(),
+            _ => None,
+        };
+        let counted: Vec<u64> = expected
+            .iter()
+            .flat_map(|p| &p.counters)
+            .map(|(c, _)| env.metrics.get(*c))
+            .collect();
         let commands = self.machine.step(input, &mut env);
+        if let Some(p) = expected.filter(|_| !self.finished) {
+            let emitted: Vec<&SyncEvent> = commands
+                .iter()
+                .map_while(|c| match c {
+                    DrainCommand::Emit(e) => Some(e),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                emitted,
+                p.events.iter().collect::<Vec<_>>(),
+                "published events"
+            );
+            for ((counter, n), before) in p.counters.iter().zip(counted) {
+                assert!(self.metrics.get(*counter) >= before + n, "{counter:?} +{n}");
+            }
+        }
         for c in &commands {
             self.lines.push(format!("-> {}", command_line(c)));
+            match c {
+                DrainCommand::Write { id, published, .. } => {
+                    self.published.insert(*id, published.clone());
+                }
+                DrainCommand::Claim { published, .. } => {
+                    self.claim_published = Some(published.clone());
+                }
+                DrainCommand::Finish(_) => self.finished = true,
+                _ => {}
+            }
         }
         commands
     }
@@ -181,7 +231,7 @@ fn command_line(c: &DrainCommand) -> String {
             format!("send {}", ops.join(", "))
         }
         DrainCommand::Fetch { op, .. } => format!("fetch {}", name(op)),
-        DrainCommand::Write { id, write } => format!("write {id}: {}", write_line(write)),
+        DrainCommand::Write { id, write, .. } => format!("write {id}: {}", write_line(write)),
         DrainCommand::Release(ids) => {
             format!("release {:?}", ids.iter().map(id_name).collect::<Vec<_>>())
         }
@@ -737,6 +787,7 @@ fn steady_flow(concurrency: usize, total: i64) -> Flow {
                 DrainCommand::Write {
                     id,
                     write: Write::Ack(acks),
+                    ..
                 } => {
                     flow.alone += 1;
                     flow.acked += acks.len();

@@ -291,6 +291,9 @@ pub enum DrainCommand {
         /// commit for both, and the claim sees the heads they make); empty
         /// for none. Their events wait for [`DrainInput::Claimed`].
         acks: Vec<(OpId, Ack)>,
+        /// What the acks' commit makes known (empty for none), should it
+        /// land unheard.
+        published: Published,
     },
     /// Send these ops: one request, or one batch where `deps[i]` is the
     /// index of op `i`'s predecessor in the unit; then answer
@@ -316,6 +319,8 @@ pub enum DrainCommand {
         id: WriteId,
         /// What to write.
         write: Write,
+        /// What its commit makes known, should it land unheard.
+        published: Published,
     },
     /// Release claimed, unsent ops now (nothing to answer).
     Release(Vec<OpId>),
@@ -418,6 +423,28 @@ impl Chain {
     }
 }
 
+/// What a write's commit makes known outside the drain: its events, in
+/// order, and its metrics. The machine publishes them on
+/// [`DrainInput::Written`]; a command carries a copy with its write so the
+/// driver can publish them itself if the commit lands after the drain was
+/// abandoned (a stop past its grace), when no `Written` comes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Published {
+    /// Events to emit.
+    pub events: Vec<SyncEvent>,
+    /// Counters to add to.
+    pub counters: Vec<(Counter, u64)>,
+    /// Request latencies to record.
+    pub latencies: Vec<Duration>,
+}
+
+impl Published {
+    /// Nothing to publish.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.counters.is_empty() && self.latencies.is_empty()
+    }
+}
+
 /// What a write's commit makes true: reported, counted and published only
 /// then.
 #[derive(Debug, Default)]
@@ -428,6 +455,16 @@ struct AfterWrite {
     latencies: Vec<Duration>,
     /// The ack group's write.
     flush: bool,
+}
+
+impl AfterWrite {
+    fn published(&self) -> Published {
+        Published {
+            events: self.events.clone(),
+            counters: self.counters.clone(),
+            latencies: self.latencies.clone(),
+        }
+    }
 }
 
 /// An applied op whose ack is not yet written.
@@ -753,12 +790,13 @@ impl DrainMachine {
                     self.stop = Some(DrainEnd::BreakerOpen);
                 }
             } else {
-                let acks = if !self.flushing && !self.acks.is_empty() {
+                let (acks, published) = if !self.flushing && !self.acks.is_empty() {
                     let (acks, after) = self.ack_group();
+                    let published = after.published();
                     self.claim_acks = Some(self.register(after));
-                    acks
+                    (acks, published)
                 } else {
-                    Vec::new()
+                    (Vec::new(), Published::default())
                 };
                 self.maybe_more = false;
                 self.claiming = true;
@@ -768,6 +806,7 @@ impl DrainMachine {
                     per_unit: cfg.per_unit,
                     chains: cfg.chains,
                     acks,
+                    published,
                 });
             }
         }
@@ -836,8 +875,13 @@ impl DrainMachine {
 
     /// Issues a write; `after` comes true when it commits.
     fn write(&mut self, write: Write, after: AfterWrite, out: &mut Vec<DrainCommand>) {
+        let published = after.published();
         let id = self.register(after);
-        out.push(DrainCommand::Write { id, write });
+        out.push(DrainCommand::Write {
+            id,
+            write,
+            published,
+        });
     }
 
     /// Books a write in flight: what its commit makes true, under a new id.

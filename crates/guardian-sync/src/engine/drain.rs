@@ -4,6 +4,7 @@
 //! decisions (what to send, what an outcome means, when to stop) are all the
 //! machine's.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -11,10 +12,10 @@ use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::watch;
 
 use crate::core::drain::{
-    DrainCommand, DrainConfig, DrainEnd, DrainInput, DrainMachine, Env, Write, ACK_DELAY,
+    DrainCommand, DrainConfig, DrainEnd, DrainInput, DrainMachine, Env, Published, Write, ACK_DELAY,
 };
 use crate::op::{Ack, Fence, OpId, PendingOp};
-use crate::outbox::ClaimShape;
+use crate::outbox::{ClaimShape, Fenced};
 use crate::transport::OpRequest;
 
 use super::{EngineError, Inner, SyncEvent};
@@ -62,7 +63,7 @@ impl Inner {
     /// lock is next acquired, with one attempt counted) and the machine
     /// finishes with the outcomes it already has written and published.
     pub(super) async fn step(
-        &self,
+        self: &Arc<Self>,
         fence: &Fence,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<DrainEnd, EngineError> {
@@ -99,7 +100,10 @@ impl Inner {
                         per_unit,
                         chains,
                         acks,
-                    } => claims.push(Box::pin(self.claim(fence, limit, per_unit, chains, acks))),
+                        published,
+                    } => claims.push(Box::pin(
+                        self.claim(fence, limit, per_unit, chains, acks, published),
+                    )),
                     DrainCommand::Send { unit, deps } => {
                         requests.push(Box::pin(self.send_unit(unit, deps)));
                     }
@@ -113,9 +117,13 @@ impl Inner {
                             })
                         }));
                     }
-                    DrainCommand::Write { id, write } => {
+                    DrainCommand::Write {
+                        id,
+                        write,
+                        published,
+                    } => {
                         writes.push(Box::pin(async move {
-                            self.write(fence, write).await?;
+                            self.write(fence, write, published).await?;
                             Ok(DrainInput::Written { id })
                         }));
                     }
@@ -192,16 +200,44 @@ impl Inner {
         machine.step(input, &mut env)
     }
 
+    /// The runner's outbox API for one write: if the write commits after
+    /// this drain was abandoned (a stop past its grace aborts it), what its
+    /// commit made known is published all the same, as the machine would
+    /// have on [`DrainInput::Written`]. Without that, an op could leave the
+    /// outbox with no `op_succeeded`.
+    fn fenced<'a>(self: &'a Arc<Self>, fence: &'a Fence, published: Published) -> Fenced<'a> {
+        let fenced = self.outbox.fenced(fence);
+        if published.is_empty() {
+            return fenced;
+        }
+        let inner = Arc::clone(self);
+        fenced.if_unheard(move || inner.publish(published))
+    }
+
+    /// Counts, records and emits what a write's commit made known.
+    fn publish(&self, published: Published) {
+        for (counter, n) in published.counters {
+            self.metrics.add(counter, n);
+        }
+        for latency in published.latencies {
+            self.metrics.record_latency(latency);
+        }
+        for event in published.events {
+            self.emit(event);
+        }
+    }
+
     /// Claims up to `limit` ready ops: lone heads, or each entity's head
     /// with its next ops behind it (up to a batch's worth of ops and bytes);
     /// writes `acks` first, in the same transaction.
     async fn claim(
-        &self,
+        self: &Arc<Self>,
         fence: &Fence,
         limit: usize,
         per_unit: usize,
         chains: bool,
         mut acks: Vec<(OpId, Ack)>,
+        published: Published,
     ) -> Result<DrainInput, EngineError> {
         self.rebase_after_clock_step(fence, &mut acks).await?;
         let shape = if chains {
@@ -214,8 +250,7 @@ impl Inner {
         };
         let now = self.clock.now_millis();
         let chains = self
-            .outbox
-            .fenced(fence)
+            .fenced(fence, published)
             .ack_then_claim(acks, limit, now, shape)
             .await?;
         Ok(DrainInput::Claimed {
@@ -290,38 +325,34 @@ impl Inner {
     }
 
     /// Carries out one fenced write.
-    async fn write(&self, fence: &Fence, write: Write) -> Result<(), EngineError> {
+    async fn write(
+        self: &Arc<Self>,
+        fence: &Fence,
+        write: Write,
+        published: Published,
+    ) -> Result<(), EngineError> {
+        let fenced = self.fenced(fence, published);
         match write {
-            Write::Ack(acks) => self.outbox.fenced(fence).ack_many(acks).await?,
+            Write::Ack(acks) => fenced.ack_many(acks).await?,
             Write::RetryAt { op_id, at, detail } => {
-                self.outbox
-                    .fenced(fence)
-                    .retry_later(op_id, at, &detail)
-                    .await?;
+                fenced.retry_later(op_id, at, &detail).await?;
             }
-            Write::Fail { op_id, error } => self.outbox.fenced(fence).fail(op_id, &error).await?,
+            Write::Fail { op_id, error } => fenced.fail(op_id, &error).await?,
             Write::Reconciled { op_id, reconciled } => {
-                self.outbox
-                    .fenced(fence)
-                    .reconciled(op_id, reconciled)
-                    .await?;
+                fenced.reconciled(op_id, reconciled).await?;
             }
-            Write::Release(ids) => self.outbox.fenced(fence).release_claimed(ids).await?,
+            Write::Release(ids) => fenced.release_claimed(ids).await?,
             Write::RetryTxnAt { op_ids, at, detail } => {
-                self.outbox
-                    .fenced(fence)
-                    .retry_later_many(op_ids, at, &detail)
-                    .await?;
+                fenced.retry_later_many(op_ids, at, &detail).await?;
             }
-            Write::FailTxn(failures) => self.outbox.fenced(fence).fail_many(failures).await?,
+            Write::FailTxn(failures) => fenced.fail_many(failures).await?,
             Write::ReconciledInTxn {
                 op_id,
                 reconciled,
                 others,
                 rebased,
             } => {
-                self.outbox
-                    .fenced(fence)
+                fenced
                     .reconciled_in_txn(op_id, reconciled, others, rebased)
                     .await?;
             }

@@ -303,7 +303,7 @@ impl Drop for AbortOnDrop {
 impl Inner {
     /// Delivers outcomes left from earlier, then steps until nothing is ready.
     async fn drain_steps(
-        &self,
+        self: &Arc<Self>,
         fence: &Fence,
         lost: &AtomicBool,
         stop: &mut watch::Receiver<bool>,
@@ -371,5 +371,104 @@ async fn heartbeat(
             }
             Err(e) => tracing::warn!("heartbeat failed (will retry): {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use futures::future::BoxFuture;
+    use serde_json::json;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::*;
+    use crate::core::outcome::{Outcome, Stored};
+    use crate::op::NewOp;
+    use crate::outbox::{Outbox, OutboxOptions};
+    use crate::transport::{Fetched, OpRequest, Transport};
+
+    type Held = (oneshot::Receiver<()>, std_mpsc::Sender<()>);
+
+    /// Applies every op; at its first send, holds the outbox's next commit
+    /// (the ack's) and hands the hold to the test.
+    #[derive(Debug)]
+    struct HoldsTheAck {
+        outbox: Outbox,
+        held: mpsc::UnboundedSender<Held>,
+    }
+
+    impl Transport for HoldsTheAck {
+        fn send<'a>(&'a self, _op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
+            let _ = self.held.send(self.outbox.hold_next_commit());
+            Box::pin(async {
+                Outcome::Applied {
+                    stored: Stored::AsSent { version: 1 },
+                    replayed: false,
+                }
+            })
+        }
+
+        fn fetch<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Fetched, Outcome>> {
+            unreachable!("no conflict here")
+        }
+    }
+
+    /// The app stops the runner while the ack of an applied op commits, and
+    /// the commit outlasts the grace: the drain is abandoned, the ack
+    /// commits after it, and the op's `op_succeeded` is published all the
+    /// same (before the fix it was lost: the op left the outbox unreported).
+    /// Paused time: the grace passes as soon as the runtime idles.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_that_commits_after_a_stop_past_the_grace_publishes_its_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let (outbox, _) = Outbox::open(path, OutboxOptions::default()).await.unwrap();
+        let (held_tx, mut held_rx) = mpsc::unbounded_channel();
+        let transport = Arc::new(HoldsTheAck {
+            outbox: outbox.clone(),
+            held: held_tx,
+        });
+        let engine = SyncEngine::builder()
+            .outbox(outbox.clone())
+            .transport(transport)
+            .build()
+            .await
+            .unwrap();
+        let op = NewOp::create("device", "d1", json!({"on": true}));
+        let op_id = engine.enqueue(op).await.unwrap().op_id;
+        let mut events = engine.events();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                engine
+                    .run(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            }
+        });
+        let (reached, go) = held_rx.recv().await.unwrap();
+        reached.await.unwrap();
+        stop.send(()).unwrap();
+        // The runner gives up on the drain at the grace; the ack is still
+        // being committed.
+        tokio::time::sleep(STOP_GRACE + Duration::from_millis(1)).await;
+        go.send(()).unwrap();
+        runner.await.unwrap().unwrap();
+        assert!(outbox.get(op_id).await.unwrap().is_none(), "acked");
+        let mut succeeded = 0;
+        while let Ok(event) = events.try_recv() {
+            if matches!(event, SyncEvent::OpSucceeded { op_id: id, .. } if id == op_id) {
+                succeeded += 1;
+            }
+        }
+        assert_eq!(succeeded, 1, "op_succeeded of the acked op");
+        assert_eq!(
+            engine.metrics().get(crate::telemetry::Counter::Succeeded),
+            1
+        );
+        outbox.close().await;
     }
 }

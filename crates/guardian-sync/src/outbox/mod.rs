@@ -689,6 +689,17 @@ impl Outbox {
         self.inner.writer.close().await;
     }
 
+    /// See `Writer::hold_next_commit`.
+    #[cfg(test)]
+    pub(crate) fn hold_next_commit(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        self.inner.writer.hold_next_commit()
+    }
+
     /// Validates and stores an op; returns once it is durable. Coalesces it
     /// into never-attempted ops of its entity when enabled. On error nothing
     /// in the outbox changed. A lone call may commit on the calling task's

@@ -87,6 +87,9 @@ struct Shared {
     lone_commit_us: AtomicU64,
     /// The connection's busy timeout, restored after an inline `BEGIN`.
     busy_timeout: Duration,
+    /// Holds a commit on cue, for tests of what happens meanwhile.
+    #[cfg(test)]
+    hold: hold::Hold,
 }
 
 impl Shared {
@@ -301,6 +304,8 @@ impl Writer {
             inline,
             lone_commit_us: AtomicU64::new(0),
             busy_timeout,
+            #[cfg(test)]
+            hold: hold::Hold::default(),
         });
         let (tx, rx) = mpsc::channel();
         let thread_shared = shared.clone();
@@ -321,6 +326,18 @@ impl Writer {
             return false;
         }
         true
+    }
+
+    /// Holds the writer thread's next group commit, its jobs run, until
+    /// `go` fires (or is dropped); `reached` fires when it is held.
+    #[cfg(test)]
+    pub(crate) fn hold_next_commit(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Receiver<()>,
+        std::sync::mpsc::Sender<()>,
+    ) {
+        self.shared.hold.next_commit()
     }
 
     /// Runs `f` in the next group commit and returns its result once committed.
@@ -770,6 +787,8 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
             .last_group
             .store(group.len().max(1), Ordering::Release);
         let ran = group.len();
+        #[cfg(test)]
+        shared.hold.before_commit();
         let ended = group.end();
         if lone && ran == 1 {
             shared.lone_commit_took(started.elapsed());
@@ -796,6 +815,38 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         // itself, so the writer never waits for it here.
         if let Some(db) = shared.try_db().as_deref_mut().and_then(Option::as_mut) {
             db.committed();
+        }
+    }
+}
+
+#[cfg(test)]
+mod hold {
+    use std::sync::{mpsc, Mutex, PoisonError};
+    use std::time::Duration;
+
+    use tokio::sync::oneshot;
+
+    type Armed = (oneshot::Sender<()>, mpsc::Receiver<()>);
+
+    /// A commit hold, armed for the writer thread's next group commit.
+    #[derive(Debug, Default)]
+    pub(super) struct Hold(Mutex<Option<Armed>>);
+
+    impl Hold {
+        pub(super) fn next_commit(&self) -> (oneshot::Receiver<()>, mpsc::Sender<()>) {
+            let (reached_tx, reached) = oneshot::channel();
+            let (go, go_rx) = mpsc::channel();
+            *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((reached_tx, go_rx));
+            (reached, go)
+        }
+
+        /// Bounded: a test that forgets to let go fails instead of hanging.
+        pub(super) fn before_commit(&self) {
+            let armed = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some((reached, go)) = armed {
+                let _ = reached.send(());
+                let _ = go.recv_timeout(Duration::from_secs(30));
+            }
         }
     }
 }

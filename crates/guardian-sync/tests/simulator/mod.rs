@@ -756,6 +756,7 @@ impl Sim {
                 per_unit,
                 chains,
                 acks,
+                ..
             } => {
                 let plan = {
                     let now = self.clock_now();
@@ -878,7 +879,7 @@ impl Sim {
                     result,
                 });
             }
-            DrainCommand::Write { id, write } => {
+            DrainCommand::Write { id, write, .. } => {
                 let dev = &self.devices[d];
                 let result = self.rt.block_on(async {
                     match write {
