@@ -237,9 +237,10 @@ impl Inner {
         per_unit: usize,
         chains: bool,
         mut acks: Vec<(OpId, Ack)>,
-        published: Published,
+        mut published: Published,
     ) -> Result<DrainInput, EngineError> {
-        self.rebase_after_clock_step(fence, &mut acks).await?;
+        self.rebase_after_clock_step(fence, &mut acks, &mut published)
+            .await?;
         let shape = if chains {
             ClaimShape::Chains {
                 max_chain: per_unit,
@@ -362,13 +363,14 @@ impl Inner {
 
     /// Carries out the [`ScheduleGuard`]'s plan before a claim. The claim's
     /// `acks` are written first when there is a plan, so the heads they
-    /// make are re-based and clamped too.
+    /// make are re-based and clamped too; `published` goes with them.
     ///
     /// [`ScheduleGuard`]: crate::core::clock_watch::ScheduleGuard
     async fn rebase_after_clock_step(
-        &self,
+        self: &Arc<Self>,
         fence: &Fence,
         acks: &mut Vec<(OpId, Ack)>,
+        published: &mut Published,
     ) -> Result<(), EngineError> {
         let now = self.clock.now_millis();
         let plan = self
@@ -377,8 +379,7 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .plan(now, self.clock.monotonic());
         if (plan.rebase.is_some() || plan.clamp) && !acks.is_empty() {
-            self.outbox
-                .fenced(fence)
+            self.fenced(fence, std::mem::take(published))
                 .ack_many(std::mem::take(acks))
                 .await?;
         }
