@@ -376,26 +376,23 @@ async fn heartbeat(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc as std_mpsc;
-
     use futures::future::BoxFuture;
+    use futures::FutureExt as _;
     use serde_json::json;
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
     use crate::core::outcome::{Outcome, Stored};
     use crate::op::NewOp;
-    use crate::outbox::{Outbox, OutboxOptions};
+    use crate::outbox::{HeldCommit, Outbox, OutboxOptions};
     use crate::transport::{Fetched, OpRequest, Transport};
-
-    type Held = (oneshot::Receiver<()>, std_mpsc::Sender<()>);
 
     /// Applies every op; at its first send, holds the outbox's next commit
     /// (the ack's) and hands the hold to the test.
     #[derive(Debug)]
     struct HoldsTheAck {
         outbox: Outbox,
-        held: mpsc::UnboundedSender<Held>,
+        held: mpsc::UnboundedSender<HeldCommit>,
     }
 
     impl Transport for HoldsTheAck {
@@ -439,16 +436,8 @@ mod tests {
         let op_id = engine.enqueue(op).await.unwrap().op_id;
         let mut events = engine.events();
         let (stop, stopped) = oneshot::channel::<()>();
-        let runner = tokio::spawn({
-            let engine = engine.clone();
-            async move {
-                engine
-                    .run(async {
-                        let _ = stopped.await;
-                    })
-                    .await
-            }
-        });
+        let run = engine.clone();
+        let runner = tokio::spawn(async move { run.run(stopped.map(drop)).await });
         let (reached, go) = held_rx.recv().await.unwrap();
         reached.await.unwrap();
         stop.send(()).unwrap();

@@ -61,6 +61,8 @@ pub use upcast::{UpcastFn, Upcasters};
 use crate::clock::{SharedClock, SystemClock};
 use crate::op::{Fence, NewOp, OpId, PendingOp, TxnOutcome};
 use guardian_sqlite::wal_prefill::WalPrefill;
+#[cfg(test)]
+pub(crate) use writer::HeldCommit;
 use writer::{Ctx, Writer};
 
 /// The newest on-disk schema version this build reads and writes.
@@ -691,12 +693,7 @@ impl Outbox {
 
     /// See `Writer::hold_next_commit`.
     #[cfg(test)]
-    pub(crate) fn hold_next_commit(
-        &self,
-    ) -> (
-        tokio::sync::oneshot::Receiver<()>,
-        std::sync::mpsc::Sender<()>,
-    ) {
+    pub(crate) fn hold_next_commit(&self) -> HeldCommit {
         self.inner.writer.hold_next_commit()
     }
 

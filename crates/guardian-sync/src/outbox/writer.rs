@@ -331,12 +331,7 @@ impl Writer {
     /// Holds the writer thread's next group commit, its jobs run, until
     /// `go` fires (or is dropped); `reached` fires when it is held.
     #[cfg(test)]
-    pub(crate) fn hold_next_commit(
-        &self,
-    ) -> (
-        tokio::sync::oneshot::Receiver<()>,
-        std::sync::mpsc::Sender<()>,
-    ) {
+    pub(crate) fn hold_next_commit(&self) -> HeldCommit {
         self.shared.hold.next_commit()
     }
 
@@ -819,6 +814,13 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
     }
 }
 
+/// A held commit's signals: `reached` (it is held) and `go`.
+#[cfg(test)]
+pub(crate) type HeldCommit = (
+    tokio::sync::oneshot::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+);
+
 #[cfg(test)]
 mod hold {
     use std::sync::{mpsc, Mutex, PoisonError};
@@ -833,7 +835,7 @@ mod hold {
     pub(super) struct Hold(Mutex<Option<Armed>>);
 
     impl Hold {
-        pub(super) fn next_commit(&self) -> (oneshot::Receiver<()>, mpsc::Sender<()>) {
+        pub(super) fn next_commit(&self) -> super::HeldCommit {
             let (reached_tx, reached) = oneshot::channel();
             let (go, go_rx) = mpsc::channel();
             *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((reached_tx, go_rx));
