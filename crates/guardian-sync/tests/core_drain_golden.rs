@@ -17,7 +17,7 @@ use guardian_sync::engine::SyncEvent;
 use guardian_sync::op::{OpKind, OpState, PendingOp, TxnRef};
 use guardian_sync::reconcile::{ReconcilePolicies, Reconciler};
 use guardian_sync::retry::RetryPolicy;
-use guardian_sync::telemetry::SyncMetrics;
+use guardian_sync::telemetry::{Counter, SyncMetrics};
 use guardian_sync::transport::{Outcome, RetryReason, Stored};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -134,6 +134,7 @@ impl Script {
             .flat_map(|p| &p.counters)
             .map(|(c, _)| env.metrics.get(*c))
             .collect();
+        let latencies = env.metrics.latency_summary().count;
         let commands = self.machine.step(input, &mut env);
         if let Some(p) = expected.filter(|_| !self.finished) {
             let emitted: Vec<&SyncEvent> = commands
@@ -149,16 +150,33 @@ impl Script {
                 "published events"
             );
             for ((counter, n), before) in p.counters.iter().zip(counted) {
-                assert!(self.metrics.get(*counter) >= before + n, "{counter:?} +{n}");
+                assert_eq!(self.metrics.get(*counter), before + n, "{counter:?} +{n}");
             }
+            assert_eq!(
+                self.metrics.latency_summary().count,
+                latencies + p.latencies.len() as u64,
+                "latencies recorded"
+            );
         }
         for c in &commands {
             self.lines.push(format!("-> {}", command_line(c)));
             match c {
-                DrainCommand::Write { id, published, .. } => {
+                DrainCommand::Write {
+                    id,
+                    published,
+                    write,
+                } => {
+                    if let Write::Ack(acks) = write {
+                        assert_succeeded(published, acks.len());
+                    }
                     self.published.insert(*id, published.clone());
                 }
-                DrainCommand::Claim { published, .. } => {
+                DrainCommand::Claim {
+                    published, acks, ..
+                } => {
+                    if !acks.is_empty() {
+                        assert_succeeded(published, acks.len());
+                    }
                     self.claim_published = Some(published.clone());
                 }
                 DrainCommand::Finish(_) => self.finished = true,
@@ -167,6 +185,23 @@ impl Script {
         }
         commands
     }
+}
+
+/// An ack write publishes one success per op: counted, timed and told.
+fn assert_succeeded(published: &Published, acks: usize) {
+    assert!(
+        published
+            .counters
+            .contains(&(Counter::Succeeded, acks as u64)),
+        "{published:?}"
+    );
+    assert_eq!(published.latencies.len(), acks);
+    let told = published
+        .events
+        .iter()
+        .filter(|e| matches!(e, SyncEvent::OpSucceeded { .. }))
+        .count();
+    assert_eq!(told, acks);
 }
 
 fn name(op: &PendingOp) -> String {

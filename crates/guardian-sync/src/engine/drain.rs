@@ -239,7 +239,8 @@ impl Inner {
         mut acks: Vec<(OpId, Ack)>,
         mut published: Published,
     ) -> Result<DrainInput, EngineError> {
-        self.rebase_after_clock_step(fence, &mut acks, &mut published)
+        let heard = self
+            .rebase_after_clock_step(fence, &mut acks, &mut published)
             .await?;
         let shape = if chains {
             ClaimShape::Chains {
@@ -254,6 +255,10 @@ impl Inner {
             .fenced(fence, published)
             .ack_then_claim(acks, limit, now, shape)
             .await?;
+        // The machine publishes them on `Claimed`, which it now gets.
+        if let Some(heard) = heard {
+            heard.disarm();
+        }
         Ok(DrainInput::Claimed {
             asked: limit,
             chains,
@@ -363,7 +368,9 @@ impl Inner {
 
     /// Carries out the [`ScheduleGuard`]'s plan before a claim. The claim's
     /// `acks` are written first when there is a plan, so the heads they
-    /// make are re-based and clamped too; `published` goes with them.
+    /// make are re-based and clamped too; `published` goes with them, and
+    /// once they are heard, the returned guard publishes it unless the
+    /// claim returns (the machine publishes it on `Claimed`).
     ///
     /// [`ScheduleGuard`]: crate::core::clock_watch::ScheduleGuard
     async fn rebase_after_clock_step(
@@ -371,17 +378,20 @@ impl Inner {
         fence: &Fence,
         acks: &mut Vec<(OpId, Ack)>,
         published: &mut Published,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<PublishOnDrop>, EngineError> {
         let now = self.clock.now_millis();
         let plan = self
             .schedule
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .plan(now, self.clock.monotonic());
+        let mut heard = None;
         if (plan.rebase.is_some() || plan.clamp) && !acks.is_empty() {
-            self.fenced(fence, std::mem::take(published))
+            let published = std::mem::take(published);
+            self.fenced(fence, published.clone())
                 .ack_many(std::mem::take(acks))
                 .await?;
+            heard = Some(PublishOnDrop(Some((Arc::clone(self), published))));
         }
         if let Some((after, step)) = plan.rebase {
             let moved = self
@@ -409,7 +419,7 @@ impl Inner {
                 );
             }
         }
-        Ok(())
+        Ok(heard)
     }
 
     /// Publishes settled optimistic outcomes (live, and those left undelivered
@@ -440,6 +450,24 @@ impl Inner {
                 });
             }
             self.outbox.mark_outcomes_delivered(ids).await?;
+        }
+    }
+}
+
+/// What a heard write made known, published when dropped unless disarmed:
+/// held while the machine has yet to hear of the write.
+struct PublishOnDrop(Option<(Arc<Inner>, Published)>);
+
+impl PublishOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PublishOnDrop {
+    fn drop(&mut self) {
+        if let Some((inner, published)) = self.0.take() {
+            inner.publish(published);
         }
     }
 }

@@ -382,22 +382,28 @@ mod tests {
     use tokio::sync::{mpsc, oneshot};
 
     use super::*;
+    use crate::clock::ManualClock;
     use crate::core::outcome::{Outcome, Stored};
     use crate::op::NewOp;
     use crate::outbox::{HeldCommit, Outbox, OutboxOptions};
     use crate::transport::{Fetched, OpRequest, Transport};
 
-    /// Applies every op; at its first send, holds the outbox's next commit
-    /// (the ack's) and hands the hold to the test.
+    /// Applies every op; at each send, holds the outbox's next commit with
+    /// an unheard hook (the ack's) and hands the hold to the test, after
+    /// stepping `clock`'s wall time a minute ahead if there is one.
     #[derive(Debug)]
     struct HoldsTheAck {
         outbox: Outbox,
         held: mpsc::UnboundedSender<HeldCommit>,
+        step: Option<Arc<ManualClock>>,
     }
 
     impl Transport for HoldsTheAck {
         fn send<'a>(&'a self, _op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
-            let _ = self.held.send(self.outbox.hold_next_commit());
+            if let Some(clock) = &self.step {
+                clock.jump_wall(60_000);
+            }
+            let _ = self.held.send(self.outbox.hold_next_commit(true));
             Box::pin(async {
                 Outcome::Applied {
                     stored: Stored::AsSent { version: 1 },
@@ -411,6 +417,89 @@ mod tests {
         }
     }
 
+    /// An engine over a new outbox whose transport holds acks (and steps
+    /// `clock` if given), one op enqueued, a runner started, and what the
+    /// test needs to stop it and check its events.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        outbox: Outbox,
+        engine: SyncEngine,
+        op_id: crate::op::OpId,
+        events: tokio::sync::broadcast::Receiver<SyncEvent>,
+        held: mpsc::UnboundedReceiver<HeldCommit>,
+        stop: oneshot::Sender<()>,
+        runner: tokio::task::JoinHandle<Result<RunReport, EngineError>>,
+    }
+
+    async fn rig(clock: Option<Arc<ManualClock>>) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = OutboxOptions::default();
+        if let Some(clock) = &clock {
+            options.clock = clock.clone();
+        }
+        let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), options)
+            .await
+            .unwrap();
+        let (held_tx, held) = mpsc::unbounded_channel();
+        let transport = Arc::new(HoldsTheAck {
+            outbox: outbox.clone(),
+            held: held_tx,
+            step: clock.clone(),
+        });
+        let mut builder = SyncEngine::builder()
+            .outbox(outbox.clone())
+            .transport(transport);
+        if let Some(clock) = clock {
+            builder = builder.clock(clock);
+        }
+        let engine = builder.build().await.unwrap();
+        let op = NewOp::create("device", "d1", json!({"on": true}));
+        let op_id = engine.enqueue(op).await.unwrap().op_id;
+        let events = engine.events();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = engine.clone();
+        let runner = tokio::spawn(async move { run.run(stopped.map(drop)).await });
+        Rig {
+            _dir: dir,
+            outbox,
+            engine,
+            op_id,
+            events,
+            held,
+            stop,
+            runner,
+        }
+    }
+
+    impl Rig {
+        /// Stops the runner and lets the grace pass (paused time: at once),
+        /// then lets `go` go and waits for the runner. Asserts the op was
+        /// acked and had its `op_succeeded` once.
+        async fn stop_past_the_grace(mut self, go: std::sync::mpsc::Sender<()>) {
+            self.stop.send(()).unwrap();
+            tokio::time::sleep(STOP_GRACE + Duration::from_millis(1)).await;
+            go.send(()).unwrap();
+            self.runner.await.unwrap().unwrap();
+            assert!(
+                self.outbox.get(self.op_id).await.unwrap().is_none(),
+                "acked"
+            );
+            let mut succeeded = 0;
+            while let Ok(event) = self.events.try_recv() {
+                if matches!(event, SyncEvent::OpSucceeded { op_id, .. } if op_id == self.op_id) {
+                    succeeded += 1;
+                }
+            }
+            assert_eq!(succeeded, 1, "op_succeeded of the acked op");
+            let counted = self
+                .engine
+                .metrics()
+                .get(crate::telemetry::Counter::Succeeded);
+            assert_eq!(counted, 1);
+            self.outbox.close().await;
+        }
+    }
+
     /// The app stops the runner while the ack of an applied op commits, and
     /// the commit outlasts the grace: the drain is abandoned, the ack
     /// commits after it, and the op's `op_succeeded` is published all the
@@ -418,46 +507,31 @@ mod tests {
     /// Paused time: the grace passes as soon as the runtime idles.
     #[tokio::test(start_paused = true)]
     async fn a_write_that_commits_after_a_stop_past_the_grace_publishes_its_events() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("outbox.db");
-        let (outbox, _) = Outbox::open(path, OutboxOptions::default()).await.unwrap();
-        let (held_tx, mut held_rx) = mpsc::unbounded_channel();
-        let transport = Arc::new(HoldsTheAck {
-            outbox: outbox.clone(),
-            held: held_tx,
-        });
-        let engine = SyncEngine::builder()
-            .outbox(outbox.clone())
-            .transport(transport)
-            .build()
-            .await
-            .unwrap();
-        let op = NewOp::create("device", "d1", json!({"on": true}));
-        let op_id = engine.enqueue(op).await.unwrap().op_id;
-        let mut events = engine.events();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let run = engine.clone();
-        let runner = tokio::spawn(async move { run.run(stopped.map(drop)).await });
-        let (reached, go) = held_rx.recv().await.unwrap();
+        let mut rig = rig(None).await;
+        let (reached, go) = rig.held.recv().await.unwrap();
         reached.await.unwrap();
-        stop.send(()).unwrap();
-        // The runner gives up on the drain at the grace; the ack is still
-        // being committed.
-        tokio::time::sleep(STOP_GRACE + Duration::from_millis(1)).await;
+        rig.stop_past_the_grace(go).await;
+    }
+
+    /// After a wall-clock step the claim's acks are committed on their own,
+    /// before the schedule is re-based: they are heard by the claim, not by
+    /// the machine. A stop past the grace while the re-base commits still
+    /// publishes their events (before the fix: the op acked, 0 events).
+    #[tokio::test(start_paused = true)]
+    async fn acks_heard_before_a_clock_step_rebase_keep_their_events_at_a_stop() {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let mut rig = rig(Some(clock)).await;
+        // Held: the acks' own commit. Hold the next (the re-base's), then
+        // let the acks go. Waiting in a blocking task keeps paused time
+        // from jumping ahead (to a heartbeat, whose commit would be held).
+        let (reached, go) = rig.held.recv().await.unwrap();
+        reached.await.unwrap();
+        let (reached, rebase) = rig.outbox.hold_next_commit(false);
         go.send(()).unwrap();
-        runner.await.unwrap().unwrap();
-        assert!(outbox.get(op_id).await.unwrap().is_none(), "acked");
-        let mut succeeded = 0;
-        while let Ok(event) = events.try_recv() {
-            if matches!(event, SyncEvent::OpSucceeded { op_id: id, .. } if id == op_id) {
-                succeeded += 1;
-            }
-        }
-        assert_eq!(succeeded, 1, "op_succeeded of the acked op");
-        assert_eq!(
-            engine.metrics().get(crate::telemetry::Counter::Succeeded),
-            1
-        );
-        outbox.close().await;
+        tokio::task::spawn_blocking(move || reached.blocking_recv())
+            .await
+            .unwrap()
+            .unwrap();
+        rig.stop_past_the_grace(rebase).await;
     }
 }

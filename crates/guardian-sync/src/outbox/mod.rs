@@ -693,8 +693,8 @@ impl Outbox {
 
     /// See `Writer::hold_next_commit`.
     #[cfg(test)]
-    pub(crate) fn hold_next_commit(&self) -> HeldCommit {
-        self.inner.writer.hold_next_commit()
+    pub(crate) fn hold_next_commit(&self, hooked_only: bool) -> HeldCommit {
+        self.inner.writer.hold_next_commit(hooked_only)
     }
 
     /// Validates and stores an op; returns once it is durable. Coalesces it

@@ -224,11 +224,15 @@ impl Db {
 /// hear it (see [`Writer::call_unheard`]).
 pub(crate) type Unheard = Box<dyn FnOnce() + Send>;
 
-/// Runs the hook, unless the other side already took it.
+/// Runs the hook, unless the other side already took it. A hook that
+/// panics is contained: on the writer thread it would leave the rest of
+/// its group unanswered.
 fn run_unheard(hook: Option<&Arc<Mutex<Option<Unheard>>>>) {
     let taken = hook.and_then(|h| h.lock().unwrap_or_else(PoisonError::into_inner).take());
     if let Some(hook) = taken {
-        hook();
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook)).is_err() {
+            tracing::error!("a hook for a write committed unheard panicked");
+        }
     }
 }
 
@@ -242,8 +246,13 @@ struct Waiting<T, E> {
 
 impl<T, E> Drop for Waiting<T, E> {
     fn drop(&mut self) {
-        if self.hook.is_some() && matches!(self.rx.try_recv(), Ok(Ok(_))) {
-            run_unheard(self.hook.as_ref());
+        if self.hook.is_some() {
+            // Closed first: a reply sent from now on fails, and the writer
+            // runs the hook; one sent before is read here.
+            self.rx.close();
+            if matches!(self.rx.try_recv(), Ok(Ok(_))) {
+                run_unheard(self.hook.as_ref());
+            }
         }
     }
 }
@@ -328,11 +337,12 @@ impl Writer {
         true
     }
 
-    /// Holds the writer thread's next group commit, its jobs run, until
-    /// `go` fires (or is dropped); `reached` fires when it is held.
+    /// Holds the writer thread's next group commit (only one with a job
+    /// that has an unheard hook, if `hooked_only`), its jobs run, until `go`
+    /// fires (or is dropped); `reached` fires when it is held.
     #[cfg(test)]
-    pub(crate) fn hold_next_commit(&self) -> HeldCommit {
-        self.shared.hold.next_commit()
+    pub(crate) fn hold_next_commit(&self, hooked_only: bool) -> HeldCommit {
+        self.shared.hold.next_commit(hooked_only)
     }
 
     /// Runs `f` in the next group commit and returns its result once committed.
@@ -364,6 +374,10 @@ impl Writer {
             // nothing it would have done with the result can happen now.
             if reply.is_closed() {
                 return (false, Box::new(drop) as Done);
+            }
+            #[cfg(test)]
+            if writer_hook.is_some() {
+                hold::hooked();
             }
             job(f, move |r| {
                 if let Err(Ok(_)) = reply.send(r) {
@@ -828,24 +842,42 @@ mod hold {
 
     use tokio::sync::oneshot;
 
-    type Armed = (oneshot::Sender<()>, mpsc::Receiver<()>);
+    type Armed = (bool, oneshot::Sender<()>, mpsc::Receiver<()>);
+
+    thread_local! {
+        /// The group being run on this thread has a job with a hook.
+        static HOOKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Marks the group being run as one with a hooked job.
+    pub(super) fn hooked() {
+        HOOKED.with(|h| h.set(true));
+    }
 
     /// A commit hold, armed for the writer thread's next group commit.
     #[derive(Debug, Default)]
     pub(super) struct Hold(Mutex<Option<Armed>>);
 
     impl Hold {
-        pub(super) fn next_commit(&self) -> super::HeldCommit {
+        pub(super) fn next_commit(&self, hooked_only: bool) -> super::HeldCommit {
             let (reached_tx, reached) = oneshot::channel();
             let (go, go_rx) = mpsc::channel();
-            *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some((reached_tx, go_rx));
+            *self.0.lock().unwrap_or_else(PoisonError::into_inner) =
+                Some((hooked_only, reached_tx, go_rx));
             (reached, go)
         }
 
         /// Bounded: a test that forgets to let go fails instead of hanging.
         pub(super) fn before_commit(&self) {
-            let armed = self.0.lock().unwrap_or_else(PoisonError::into_inner).take();
-            if let Some((reached, go)) = armed {
+            let hooked = HOOKED.with(|h| h.replace(false));
+            let armed = {
+                let mut armed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+                if armed.as_ref().is_some_and(|(only, ..)| *only && !hooked) {
+                    return;
+                }
+                armed.take()
+            };
+            if let Some((_, reached, go)) = armed {
                 let _ = reached.send(());
                 let _ = go.recv_timeout(Duration::from_secs(30));
             }
@@ -996,6 +1028,19 @@ mod tests {
         (Held { begun, go }, f)
     }
 
+    /// Calls with a held job inserting `v`, leaves once it has begun, then
+    /// lets it go on.
+    async fn abandon_once_begun(w: &Writer, v: i64, refuse: bool, hook: Option<Unheard>) {
+        let (Held { begun, go }, f) = held_job(v, refuse);
+        let mut call = Box::pin(w.call_unheard(f, hook));
+        assert!(futures::poll!(call.as_mut()).is_pending());
+        tokio::task::spawn_blocking(move || begun.recv().unwrap())
+            .await
+            .unwrap();
+        drop(call);
+        go.send(()).unwrap();
+    }
+
     /// The caller stops waiting once its job has begun: the job commits
     /// and, its result unheard, the hook runs once, on the writer thread.
     /// Refused instead, nothing commits and the hook does not run.
@@ -1004,21 +1049,16 @@ mod tests {
         let (_dir, w) = writer_with("", false);
         for (v, refuse) in [(1, false), (2, true)] {
             let (runs, hook) = counted();
-            let (Held { begun, go }, f) = held_job(v, refuse);
-            let mut call = Box::pin(w.call_unheard(f, hook));
-            assert!(futures::poll!(call.as_mut()).is_pending());
-            tokio::task::spawn_blocking(move || begun.recv().unwrap())
-                .await
-                .unwrap();
-            // Begun, and waiting: the caller leaves before the answer.
-            drop(call);
-            go.send(()).unwrap();
+            abandon_once_begun(&w, v, refuse, hook).await;
             // The next job queues behind the held one: once it is answered,
             // the held one has committed (or rolled back) and been replied to.
             let seen = values(&w).await;
             assert_eq!(seen.contains(&v), !refuse, "job {v}: {seen:?}");
             assert_eq!(runs.load(Ordering::SeqCst), usize::from(!refuse), "job {v}");
         }
+        // A hook that panics on the writer thread leaves the writer working.
+        abandon_once_begun(&w, 4, false, Some(Box::new(|| panic!("hook")))).await;
+        assert_eq!(values(&w).await, [1, 4], "the writer still answers");
         // Heard: the hook never runs.
         let (runs, hook) = counted();
         let r: Result<i64, OutboxError> = w
@@ -1028,7 +1068,7 @@ mod tests {
             )
             .await;
         assert_eq!(r.unwrap(), 1);
-        assert_eq!(values(&w).await, [1, 3]);
+        assert_eq!(values(&w).await, [1, 3, 4]);
         assert_eq!(runs.load(Ordering::SeqCst), 0);
         w.close().await;
     }
