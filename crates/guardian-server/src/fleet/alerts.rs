@@ -49,6 +49,11 @@ pub enum AlertRule {
     FleetHealth,
 }
 
+impl AlertRule {
+    /// The rules [`device_alerts`] evaluates, one alert per device each.
+    pub(crate) const PER_DEVICE: [Self; 3] = [Self::BreakerOpen, Self::Stalled, Self::DeadLetters];
+}
+
 /// A firing alert.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Alert {

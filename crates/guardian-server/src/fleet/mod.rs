@@ -76,9 +76,7 @@ fn make_room_fairly(
         return Err(Refused::Full);
     }
     let largest = largest.to_owned();
-    let oldest = devices
-        .iter()
-        .filter(|((t, _), _)| *t == largest)
+    let oldest = tenant_devices(devices, &largest)
         .min_by_key(|(_, d)| d.view.last_seen)
         .map(|(k, _)| k.clone());
     if let Some(k) = &oldest {
@@ -579,13 +577,9 @@ impl Fleet {
                 alerts::device_alerts(&d.view, &self.rules, now, &mut firing);
             }
             scope.extend(
-                [
-                    AlertRule::BreakerOpen,
-                    AlertRule::Stalled,
-                    AlertRule::DeadLetters,
-                ]
-                .into_iter()
-                .map(|rule| alerts::alert_key(rule, &key.0, Some(&key.1))),
+                AlertRule::PER_DEVICE
+                    .into_iter()
+                    .map(|rule| alerts::alert_key(rule, &key.0, Some(&key.1))),
             );
         }
         for t in tenants {
