@@ -122,27 +122,39 @@ impl SyncEngine {
     }
 
     /// Steps until nothing is ready now.
-    ///
-    /// The steps run as a task on the runtime, not inside the caller's
-    /// future: an app that drives the engine with `block_on` (as `gsync`
-    /// does) would otherwise run the drain loop on its own thread, and
-    /// every response and every request would cross threads to and from
-    /// the runtime's I/O tasks. Dropping this future (shutdown) aborts the
-    /// task at its next await; a write it may still issue is fenced by the
-    /// lock like any other.
     pub(super) async fn drain_ready(&self, session: &Session) -> Result<DrainReport, EngineError> {
+        let mut drain = self.spawn_drain(session);
+        let joined = drain.join().await;
+        self.joined(joined)
+    }
+
+    /// Starts the steps of [`Self::drain_ready`] as a task on the runtime,
+    /// not inside the caller's future: an app that drives the engine with
+    /// `block_on` (as `gsync` does) would otherwise run the drain loop on
+    /// its own thread, and every response and every request would cross
+    /// threads to and from the runtime's I/O tasks. Dropping the handle
+    /// aborts the task at its next await; a write it may still issue is
+    /// fenced by the lock like any other.
+    fn spawn_drain(&self, session: &Session) -> DrainTask {
         let inner = self.inner.clone();
         let fence = session.fence.clone();
         let lost = session.lost.clone();
         let mut stop = session.stop.subscribe();
-        let task = tokio::spawn(async move { inner.drain_steps(&fence, &lost, &mut stop).await });
-        let _abort = AbortOnDrop(task.abort_handle());
-        match task.await {
+        DrainTask(tokio::spawn(async move {
+            inner.drain_steps(&fence, &lost, &mut stop).await
+        }))
+    }
+
+    fn joined(
+        &self,
+        joined: Result<Result<DrainReport, EngineError>, tokio::task::JoinError>,
+    ) -> Result<DrainReport, EngineError> {
+        match joined {
             Ok(Err(EngineError::LockLost)) => Err(self.lock_lost()),
             Ok(result) => result,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             // Cancelled: only the runtime shutting down can do that while
-            // this future is still polled (`_abort` fires on drop).
+            // the handle is still held (it aborts only when dropped).
             Err(_) => Err(EngineError::from(crate::outbox::OutboxError::Closed)),
         }
     }
@@ -222,14 +234,13 @@ impl SyncEngine {
         let mut last_progress = inner.clock.monotonic();
         let mut stall_reported = false;
         loop {
-            let drain = self.drain_ready(session);
-            tokio::pin!(drain);
+            let mut drain = self.spawn_drain(session);
             let drained = tokio::select! {
                 () = shutdown.as_mut() => {
                     session.stop.send_replace(true);
-                    return match tokio::time::timeout(STOP_GRACE, drain).await {
-                        Ok(drained) => {
-                            report.drain.add(&drained?);
+                    return match tokio::time::timeout(STOP_GRACE, drain.join()).await {
+                        Ok(joined) => {
+                            report.drain.add(&self.joined(joined)?);
                             Ok(())
                         }
                         Err(_) => {
@@ -237,11 +248,12 @@ impl SyncEngine {
                                 "stopped before the outcomes received were written; \
                                  their ops are sent again by the next runner"
                             );
+                            drain.cancel().await;
                             Ok(())
                         }
                     };
                 }
-                r = &mut drain => r?,
+                joined = drain.join() => self.joined(joined)?,
             };
             // Progress means an op left the queue or was reconciled; a retry
             // is not progress (an endless retry loop is exactly a stall).
@@ -288,6 +300,33 @@ impl SyncEngine {
                 () = tokio::time::sleep(wait.max(Duration::from_millis(1))) => {}
             }
         }
+    }
+}
+
+/// A drain running as a task; aborted when dropped.
+struct DrainTask(tokio::task::JoinHandle<Result<DrainReport, EngineError>>);
+
+impl DrainTask {
+    /// Waits for the drain to end. Cancel-safe: the task goes on.
+    async fn join(&mut self) -> Result<Result<DrainReport, EngineError>, tokio::task::JoinError> {
+        (&mut self.0).await
+    }
+
+    /// Aborts the drain and waits, at most [`STOP_GRACE`] again, until the
+    /// runtime has dropped it: dropping its outbox calls publishes what
+    /// their commits made known ([`crate::outbox::Fenced::if_unheard`]),
+    /// and that must happen before the runner returns, not after.
+    async fn cancel(mut self) {
+        self.0.abort();
+        if tokio::time::timeout(STOP_GRACE, &mut self.0).await.is_err() {
+            tracing::warn!("the stopped drain was not dropped within the grace");
+        }
+    }
+}
+
+impl Drop for DrainTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -533,5 +572,132 @@ mod tests {
             .unwrap()
             .unwrap();
         rig.stop_past_the_grace(rebase).await;
+    }
+
+    /// Answers `a` at once, holding the outbox's next commit with an unheard
+    /// hook (its ack's); never answers `b`, whose request blocks when
+    /// dropped until the test lets it go.
+    #[derive(Debug)]
+    struct BlocksADrop {
+        outbox: Outbox,
+        held: mpsc::UnboundedSender<HeldCommit>,
+        blocking: std::sync::Mutex<Option<SlowDrop>>,
+    }
+
+    /// A request that never completes and, dropped, says so and then
+    /// blocks until `resume` fires or is dropped (bounded all the same).
+    #[derive(Debug)]
+    struct SlowDrop {
+        dropping: Option<oneshot::Sender<()>>,
+        resume: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl std::future::Future for SlowDrop {
+        type Output = Outcome;
+        fn poll(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Outcome> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl Drop for SlowDrop {
+        fn drop(&mut self) {
+            if let Some(dropping) = self.dropping.take() {
+                let _ = dropping.send(());
+            }
+            let _ = self.resume.recv_timeout(Duration::from_secs(10));
+        }
+    }
+
+    impl Transport for BlocksADrop {
+        fn send<'a>(&'a self, op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
+            if op.entity_id == "b" {
+                if let Some(slow) = self.blocking.lock().unwrap().take() {
+                    return Box::pin(slow);
+                }
+                return Box::pin(std::future::pending());
+            }
+            let _ = self.held.send(self.outbox.hold_next_commit(true));
+            Box::pin(async {
+                Outcome::Applied {
+                    stored: Stored::AsSent { version: 1 },
+                    replayed: false,
+                }
+            })
+        }
+
+        fn fetch<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Fetched, Outcome>> {
+            unreachable!("no conflict here")
+        }
+    }
+
+    /// A stop past the grace aborts the drain; its requests and writes are
+    /// dropped by the runtime, and dropping a write whose commit was not
+    /// heard publishes its events. The runner returns only once that drop
+    /// is done: an app that stops listening when `run` returns misses
+    /// nothing (before the fix, `run` returned while the drop still ran).
+    /// Real time on two workers: the blocked drop holds one of them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_runner_returns_after_its_abandoned_drain_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), OutboxOptions::default())
+            .await
+            .unwrap();
+        let (held_tx, mut held) = mpsc::unbounded_channel();
+        let (dropping_tx, dropping) = oneshot::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel();
+        let transport = Arc::new(BlocksADrop {
+            outbox: outbox.clone(),
+            held: held_tx,
+            blocking: std::sync::Mutex::new(Some(SlowDrop {
+                dropping: Some(dropping_tx),
+                resume: resume_rx,
+            })),
+        });
+        let engine = SyncEngine::builder()
+            .outbox(outbox.clone())
+            .transport(transport)
+            .build()
+            .await
+            .unwrap();
+        let a = engine
+            .enqueue(NewOp::create("device", "a", json!({"on": true})))
+            .await
+            .unwrap()
+            .op_id;
+        engine
+            .enqueue(NewOp::create("device", "b", json!({"on": true})))
+            .await
+            .unwrap();
+        let mut events = engine.events();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = engine.clone();
+        let mut runner = tokio::spawn(async move { run.run(stopped.map(drop)).await });
+        // `a`'s ack is held; the stop makes the drain drop `b`'s request,
+        // which blocks; then the ack commits, unheard by the blocked drain.
+        let (reached, go) = held.recv().await.unwrap();
+        reached.await.unwrap();
+        stop.send(()).unwrap();
+        dropping.await.unwrap();
+        go.send(()).unwrap();
+        let early =
+            tokio::time::timeout(STOP_GRACE + Duration::from_millis(500), &mut runner).await;
+        assert!(
+            early.is_err(),
+            "the runner returned while its abandoned drain was still being dropped"
+        );
+        drop(resume);
+        runner.await.unwrap().unwrap();
+        assert!(outbox.get(a).await.unwrap().is_none(), "a acked");
+        let mut succeeded = 0;
+        while let Ok(event) = events.try_recv() {
+            if matches!(event, SyncEvent::OpSucceeded { op_id, .. } if op_id == a) {
+                succeeded += 1;
+            }
+        }
+        assert_eq!(succeeded, 1, "op_succeeded of the acked op, once");
+        outbox.close().await;
     }
 }
