@@ -477,6 +477,10 @@ async fn carry(
     cut: Arc<AtomicBool>,
     done: Arc<AtomicUsize>,
 ) {
+    // Messages are written one at a time: with Nagle's algorithm each
+    // would wait for the peer's delayed ACK.
+    let _ = client.set_nodelay(true);
+    let _ = up.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (ur, uw) = up.into_split();
     let swallow = Arc::new(AtomicBool::new(false));
