@@ -23,7 +23,7 @@ mod pg;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -379,6 +379,18 @@ async fn columns(c: &tokio_postgres::Client, table: &str) -> Vec<String> {
 }
 
 /// The pid of the one backend of `db` waiting for a lock, once there is one.
+/// How many backends wait on a lock now.
+async fn lock_waiters(c: &tokio_postgres::Client) -> usize {
+    c.query(
+        "SELECT pid FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .len()
+}
+
 async fn lock_waiter(c: &tokio_postgres::Client) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -406,15 +418,58 @@ async fn lock_waiter(c: &tokio_postgres::Client) -> i32 {
 // ---------------------------------------------------------------------------
 
 /// A TCP proxy in front of PostgreSQL that can stop forwarding (a database
-/// that stops answering, with every connection still open) and can cut
+/// that stops answering, with every connection still open), can cut
 /// one connection right after the server answered its `COMMIT` (the commit
-/// happened; the client never hears of it).
+/// happened; the client never hears of it), and can end the connection
+/// that next begins a transaction, or every one open, before the server
+/// sees their next message (see [`KillSwitch`]).
 struct Proxy {
     addr: SocketAddr,
     frozen: watch::Sender<bool>,
     cut_next_commit: Arc<AtomicBool>,
     commits_cut: Arc<AtomicUsize>,
+    kill: Arc<KillSwitch>,
     task: JoinHandle<()>,
+}
+
+/// How the proxy ends a connection, as a backend terminated while it
+/// idled in the pool looks to the client: the `FATAL` error PostgreSQL
+/// sends then, or just the socket closed.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum Kill {
+    Fatal = 1,
+    Closed = 2,
+}
+
+/// Which connections end, before the server sees their next message: the
+/// next `left` to begin a transaction, and any opened before
+/// `doomed_below` (connections are numbered as accepted); how, and how
+/// many did.
+#[derive(Default)]
+struct KillSwitch {
+    how: AtomicU8,
+    left: AtomicUsize,
+    doomed_below: AtomicUsize,
+    opened: AtomicUsize,
+    done: AtomicUsize,
+}
+
+impl KillSwitch {
+    /// How to end connection `conn` at a message (`begins` a
+    /// transaction or not), if at all.
+    fn take(&self, conn: usize, begins: bool) -> Option<u8> {
+        if conn >= self.doomed_below.load(Ordering::SeqCst) {
+            if !begins {
+                return None;
+            }
+            self.left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .ok()?;
+        }
+        self.done.fetch_add(1, Ordering::SeqCst);
+        Some(self.how.load(Ordering::SeqCst))
+    }
 }
 
 impl Drop for Proxy {
@@ -430,12 +485,18 @@ impl Proxy {
         let (frozen_tx, frozen_rx) = watch::channel(frozen);
         let cut_next_commit = Arc::new(AtomicBool::new(false));
         let commits_cut = Arc::new(AtomicUsize::new(0));
-        let (cut, done) = (Arc::clone(&cut_next_commit), Arc::clone(&commits_cut));
+        let kill = Arc::new(KillSwitch::default());
+        let faults = Faults {
+            cut: Arc::clone(&cut_next_commit),
+            done: Arc::clone(&commits_cut),
+            kill: Arc::clone(&kill),
+        };
         let task = tokio::spawn(async move {
             // Dropped (every connection aborted) with this task.
             let mut conns = JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                let (rx, cut, done) = (frozen_rx.clone(), Arc::clone(&cut), Arc::clone(&done));
+                let (rx, faults) = (frozen_rx.clone(), faults.clone());
+                let conn = faults.kill.opened.fetch_add(1, Ordering::SeqCst);
                 conns.spawn(async move {
                     let Ok(Ok(up)) =
                         tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(upstream))
@@ -443,7 +504,7 @@ impl Proxy {
                     else {
                         return;
                     };
-                    carry(client, up, rx, cut, done).await;
+                    carry(client, up, rx, faults, conn).await;
                 });
             }
         });
@@ -452,8 +513,29 @@ impl Proxy {
             frozen: frozen_tx,
             cut_next_commit,
             commits_cut,
+            kill,
             task,
         }
+    }
+
+    /// Ends the connections that send the next `n` `START TRANSACTION`s,
+    /// as `kill`.
+    fn kill_begins(&self, kill: Kill, n: usize) {
+        self.kill.how.store(kill as u8, Ordering::SeqCst);
+        self.kill.left.store(n, Ordering::SeqCst);
+    }
+
+    /// Ends every connection open now at its next message, as `kill`: a
+    /// database restarted under the pool. Returns how many.
+    fn kill_open(&self, kill: Kill) -> usize {
+        self.kill.how.store(kill as u8, Ordering::SeqCst);
+        let open = self.kill.opened.load(Ordering::SeqCst);
+        self.kill.doomed_below.store(open, Ordering::SeqCst);
+        open
+    }
+
+    fn killed(&self) -> usize {
+        self.kill.done.load(Ordering::SeqCst)
     }
 
     /// `db`'s URL through this proxy.
@@ -470,12 +552,20 @@ impl Proxy {
     }
 }
 
+/// The proxy's fault switches, shared by its connections.
+#[derive(Clone)]
+struct Faults {
+    cut: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    kill: Arc<KillSwitch>,
+}
+
 async fn carry(
     client: TcpStream,
     up: TcpStream,
     frozen: watch::Receiver<bool>,
-    cut: Arc<AtomicBool>,
-    done: Arc<AtomicUsize>,
+    faults: Faults,
+    conn: usize,
 ) {
     // Messages are written one at a time: with Nagle's algorithm each
     // would wait for the peer's delayed ACK.
@@ -483,15 +573,21 @@ async fn carry(
     let _ = up.set_nodelay(true);
     let (cr, cw) = client.into_split();
     let (ur, uw) = up.into_split();
+    // Both directions write to the client: the server's answers, and a
+    // `FATAL` error the proxy makes up.
+    let cw = Arc::new(tokio::sync::Mutex::new(cw));
     let swallow = Arc::new(AtomicBool::new(false));
     let mut to_server = tokio::spawn(pump(
         cr,
-        uw,
+        Arc::new(tokio::sync::Mutex::new(uw)),
         true,
         frozen.clone(),
         Direction::ToServer {
-            cut,
+            cut: faults.cut,
             swallow: Arc::clone(&swallow),
+            kill: faults.kill,
+            conn,
+            client: Arc::clone(&cw),
         },
     ));
     let mut to_client = tokio::spawn(pump(
@@ -499,7 +595,10 @@ async fn carry(
         cw,
         false,
         frozen,
-        Direction::ToClient { swallow, done },
+        Direction::ToClient {
+            swallow,
+            done: faults.done,
+        },
     ));
     tokio::select! {
         _ = &mut to_server => {}
@@ -513,6 +612,9 @@ enum Direction {
     ToServer {
         cut: Arc<AtomicBool>,
         swallow: Arc<AtomicBool>,
+        kill: Arc<KillSwitch>,
+        conn: usize,
+        client: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     },
     ToClient {
         swallow: Arc<AtomicBool>,
@@ -534,9 +636,29 @@ async fn read_message(from: &mut OwnedReadHalf, typed: bool) -> std::io::Result<
     Ok(msg)
 }
 
+/// The `ErrorResponse` of a backend terminated by an administrator.
+fn fatal_terminated() -> Vec<u8> {
+    let mut fields = Vec::new();
+    for (code, text) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "57P01"),
+        (b'M', "terminating connection due to administrator command"),
+    ] {
+        fields.push(code);
+        fields.extend_from_slice(text.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut msg = vec![b'E'];
+    msg.extend_from_slice(&u32::try_from(fields.len() + 4).unwrap().to_be_bytes());
+    msg.extend_from_slice(&fields);
+    msg
+}
+
 async fn pump(
     mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
+    to: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     startup: bool,
     mut frozen: watch::Receiver<bool>,
     dir: Direction,
@@ -552,7 +674,23 @@ async fn pump(
             return;
         }
         match &dir {
-            Direction::ToServer { cut, swallow } => {
+            Direction::ToServer {
+                cut,
+                swallow,
+                kill,
+                conn,
+                client,
+            } => {
+                if was_typed {
+                    let begins = msg[0] == b'Q' && msg[5..].starts_with(b"START TRANSACTION");
+                    if let Some(how) = kill.take(*conn, begins) {
+                        if how == Kill::Fatal as u8 {
+                            let _ = client.lock().await.write_all(&fatal_terminated()).await;
+                        }
+                        // Both directions end: the client sees its socket close.
+                        return;
+                    }
+                }
                 if was_typed
                     && msg[0] == b'Q'
                     && msg[5..].starts_with(b"COMMIT")
@@ -574,7 +712,7 @@ async fn pump(
                 }
             }
         }
-        if to.write_all(&msg).await.is_err() {
+        if to.lock().await.write_all(&msg).await.is_err() {
             return;
         }
     }
@@ -1126,6 +1264,167 @@ async fn the_request_after_a_killed_one_is_not_failed_by_its_dead_connection() {
         locker.batch_execute("ROLLBACK").await.unwrap();
         assert_eq!(next.status, 201, "round {round}: {}", next.text);
     }
+}
+
+/// A write handed a pooled connection whose backend PostgreSQL had just
+/// terminated (the pool's check sees the socket open until the client
+/// reads the `FATAL` error or the close) fails at `START TRANSACTION`,
+/// before any of its work reached the database: it is tried once more on
+/// another connection, not answered 500. Single ops, a batch and an
+/// atomic transaction, each way the kill shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_handed_a_just_killed_connection_is_tried_on_another() {
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let proxy = Proxy::start(upstream(&db), false).await;
+    let s = serve(builder(), &proxy.url(&db)).await;
+    let http = reqwest::Client::new();
+    let mut killed = 0;
+    for (round, kill) in [Kill::Fatal, Kill::Closed].into_iter().enumerate() {
+        proxy.kill_begins(kill, 1);
+        let r = send(create(
+            &http,
+            &s,
+            TOKEN,
+            &format!("a{round}"),
+            &json!({"n": 1}),
+            &format!("ka{round}"),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(r.status, 201, "round {round}: {}", r.text);
+        killed += 1;
+        assert_eq!(proxy.killed(), killed);
+
+        proxy.kill_begins(kill, 1);
+        let ops = json!([
+            {"op": "create", "type": "device", "id": format!("b{round}"), "data": {"n": 1}, "idempotency_key": format!("kb{round}")},
+            {"op": "update", "type": "device", "id": format!("a{round}"), "data": {"n": 2}, "if_match": 1, "idempotency_key": format!("kb2{round}")},
+        ]);
+        let r = send(batch(&http, &s, &ops)).await.unwrap();
+        assert_eq!(r.status, 200, "round {round}: {}", r.text);
+        let statuses: Vec<_> = r.body["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["status"].as_u64().unwrap())
+            .collect();
+        assert_eq!(statuses, [201, 200], "round {round}: {}", r.text);
+        killed += 1;
+        assert_eq!(proxy.killed(), killed);
+
+        proxy.kill_begins(kill, 1);
+        let txn = json!({"transaction_key": format!("t{round}"), "ops": [
+            {"op": "create", "type": "device", "id": format!("c{round}"), "data": {"n": 1}, "idempotency_key": format!("kc{round}")},
+            {"op": "update", "type": "device", "id": format!("b{round}"), "data": {"n": 2}, "if_match": 1, "idempotency_key": format!("kc2{round}")},
+        ]});
+        let r = send(
+            http.post(format!("{}/v1/transactions", s.url()))
+                .bearer_auth(TOKEN)
+                .json(&txn),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (r.status, r.body["committed"].as_bool()),
+            (200, Some(true)),
+            "round {round}: {}",
+            r.text
+        );
+        killed += 1;
+        assert_eq!(proxy.killed(), killed);
+    }
+    // Each op applied once, in order.
+    let after = rows(&c, "acme").await;
+    assert_eq!(
+        after.applied,
+        ["ka0", "kb0", "kb20", "kc0", "kc20", "ka1", "kb1", "kb21", "kc1", "kc21"]
+    );
+    assert_eq!(after.cursors, (1..=10).collect::<Vec<i64>>());
+    drop(s);
+}
+
+/// PostgreSQL restarted under a full pool: every pooled connection is
+/// dead at once. As many concurrent writes each find theirs dead at
+/// `START TRANSACTION` and need a fresh one, and may be handed another
+/// dead one first: the dead ones must leave the pool before the next is
+/// taken, or the writes wait on each other for a place until the pool's
+/// wait times out. Then the same for reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_on_a_full_pool_of_dead_connections_each_get_a_fresh_one() {
+    const WRITES: usize = 16;
+    let db = pg::PgDb::create();
+    let c = sql(&db.url()).await;
+    let proxy = Proxy::start(upstream(&db), false).await;
+    let s = serve(builder(), &proxy.url(&db)).await;
+    let http = reqwest::Client::new();
+    let r = send(create(&http, &s, TOKEN, "d", &json!({}), "kd"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text);
+    let writes = |round: &'static str| {
+        let http = &http;
+        let s = &s;
+        (0..WRITES).map(move |i| {
+            send(create(
+                http,
+                s,
+                TOKEN,
+                &format!("{round}{i}"),
+                &json!({"n": i}),
+                &format!("{round}{i}"),
+            ))
+        })
+    };
+    // Fill the pool: the tenant's lock, held here, keeps every write
+    // waiting on a connection of its own.
+    let locker = sql(&db.url()).await;
+    locker.batch_execute("BEGIN").await.unwrap();
+    locker
+        .execute(
+            "SELECT 1 FROM guardian_tenants WHERE tenant = 'acme' FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let filling = tokio::spawn(futures::future::join_all(writes("fill")));
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            lock_waiters(&c).await >= WRITES
+        })
+        .await,
+        "the pool did not fill"
+    );
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    for r in filling.await.unwrap() {
+        assert_eq!(r.unwrap().status, 201);
+    }
+    // Every connection open now dies at its next transaction.
+    assert!(proxy.kill_open(Kill::Fatal) >= WRITES);
+    for (i, r) in futures::future::join_all(writes("w"))
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let r = r.unwrap();
+        assert_eq!(r.status, 201, "write {i}: {}", r.text);
+    }
+    assert!(proxy.killed() >= WRITES, "{}", proxy.killed());
+    assert_eq!(rows(&c, "acme").await.applied.len(), 1 + 2 * WRITES);
+    // Again, for reads: the pool is full of the fresh connections now.
+    let killed = proxy.killed();
+    assert!(proxy.kill_open(Kill::Closed) >= WRITES);
+    let reads = (0..WRITES).map(|i| send(get(&http, &s, TOKEN, &format!("w{i}"))));
+    for (i, r) in futures::future::join_all(reads)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let r = r.unwrap();
+        assert_eq!(r.status, 200, "read {i}: {}", r.text);
+    }
+    assert!(proxy.killed() > killed);
+    drop(s);
 }
 
 /// The same for an atomic transaction: killed mid-way, nothing of it

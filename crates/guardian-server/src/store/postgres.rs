@@ -184,7 +184,7 @@ impl PgInner {
     /// Applies one request's work in one transaction and, once it is
     /// committed, broadcasts its changes to this instance's sessions.
     async fn apply(&self, tenant: Arc<str>, work: Work) -> Result<WorkDone, StoreError> {
-        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let mut client = Some(self.pool.get().await.map_err(pool_error)?);
         // Statements are cut by `statement_timeout`; this also bounds a
         // database that stopped answering altogether.
         let limit = self.opts.request_timeout.saturating_mul(2);
@@ -196,7 +196,10 @@ impl PgInner {
                     limit.as_millis()
                 )))
             });
-        let (results, changes) = settle(client, done)?;
+        let (results, changes) = match client {
+            Some(client) => settle(client, done)?,
+            None => done?,
+        };
         if !changes.is_empty() {
             // No receiver is fine. Concurrent requests of one tenant may
             // broadcast out of cursor order: sessions fill gaps from the feed.
@@ -210,13 +213,43 @@ impl PgInner {
         Ok(results)
     }
 
+    /// Begins a transaction on `client` and applies `inputs` in it. A
+    /// connection found dead at `START TRANSACTION` (PostgreSQL ended it
+    /// while it idled in the pool; none of the work reached the database)
+    /// is closed, and the work begins on another: up to once per pooled
+    /// connection and once more, as after a restart all are dead. Leaves
+    /// `client` empty only if no other could be had.
     async fn transact(
         &self,
-        client: &mut Object,
+        client: &mut Option<Object>,
         t: &str,
         inputs: Work,
     ) -> Result<(WorkDone, Vec<Change>), StoreError> {
-        let tx = client.transaction().await?;
+        let mut dead_ones = 0;
+        loop {
+            if client.is_none() {
+                *client = Some(self.pool.get().await.map_err(pool_error)?);
+            }
+            if let Some(c) = client.as_mut() {
+                match c.transaction().await {
+                    Ok(tx) => return self.write(tx, t, inputs).await,
+                    Err(e) if dead(&e) && dead_ones < POOL_SIZE => dead_ones += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if let Some(c) = client.take() {
+                drop(Object::take(c));
+            }
+        }
+    }
+
+    /// Applies `inputs` in `tx`, under the tenant's lock, and commits.
+    async fn write(
+        &self,
+        tx: deadpool_postgres::Transaction<'_>,
+        t: &str,
+        inputs: Work,
+    ) -> Result<(WorkDone, Vec<Change>), StoreError> {
         let bound = tx.prepare_cached(BOUND_STATEMENTS_SQL).await?;
         let lock = tx.prepare_cached(LOCK_TENANT_SQL).await?;
         let ms = statement_ms(self.opts.request_timeout);
@@ -270,24 +303,25 @@ impl PgInner {
         Ok((results, changes))
     }
 
-    /// Runs the read `f` on a pooled connection and, if that connection
-    /// turns out dead (PostgreSQL closed it while it idled in the pool, a
-    /// moment before the pool could see it), once more on another: a read
-    /// has no effect to repeat.
+    /// Runs the read `f` on a pooled connection and, while that connection
+    /// turns out dead, on another, as [`Self::transact`] begins a write: a
+    /// read has no effect to repeat.
     async fn read<'a, T>(
         &'a self,
         f: impl Fn(Object) -> BoxFuture<'a, (Object, Result<T, StoreError>)>,
     ) -> Result<T, StoreError> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let (client, r) = f(client).await;
-        let dead = matches!(&r, Err(StoreError::Postgres(e)) if e.is_closed() || ends_session(e));
-        if !dead {
-            return settle(client, r);
+        let mut dead_ones = 0;
+        loop {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let (client, r) = f(client).await;
+            let gone = matches!(&r, Err(StoreError::Postgres(e)) if dead(e));
+            if !gone || dead_ones == POOL_SIZE {
+                return settle(client, r);
+            }
+            dead_ones += 1;
+            // Closed (out of the pool) before the next is taken.
+            drop(settle(client, r));
         }
-        drop(settle(client, r));
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let (client, r) = f(client).await;
-        settle(client, r)
     }
 
     async fn get(
@@ -607,6 +641,11 @@ pub(super) fn describe(e: &tokio_postgres::Error) -> String {
         (None, Some(cause)) => format!("{e}: {cause}"),
         (None, None) => e.to_string(),
     }
+}
+
+/// Whether the connection is gone: closed, or its session ended.
+fn dead(e: &tokio_postgres::Error) -> bool {
+    e.is_closed() || ends_session(e)
 }
 
 /// Whether `e` ends the session: PostgreSQL closes the connection after
