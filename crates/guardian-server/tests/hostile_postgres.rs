@@ -247,6 +247,16 @@ fn batch(http: &reqwest::Client, s: &RunningServer, ops: &Value) -> reqwest::Req
         .json(&json!({"ops": ops}))
 }
 
+/// The statuses of a batch answer's results, in order.
+fn statuses(r: &Resp) -> Vec<u64> {
+    r.body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["status"].as_u64().unwrap())
+        .collect()
+}
+
 /// Every change of `token`'s feed, in the order served.
 async fn whole_feed(http: &reqwest::Client, s: &RunningServer, token: &str) -> Vec<Value> {
     let mut out = Vec::new();
@@ -1196,13 +1206,7 @@ async fn a_batch_killed_mid_way_leaves_nothing_and_its_retry_applies_once() {
     assert_eq!(rows(&c, "acme").await, before, "half a batch stayed");
     let r = until_not_5xx(|| batch(&http, &s, &ops)).await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let statuses: Vec<u64> = r.body["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x["status"].as_u64().unwrap())
-        .collect();
-    assert_eq!(statuses, [201, 201, 200, 201]);
+    assert_eq!(statuses(&r), [201, 201, 200, 201]);
     let after = rows(&c, "acme").await;
     assert_eq!(after.applied, ["kc", "ka", "kb", "kc2", "kd"]);
     assert_eq!(after.cursors, [1, 2, 3, 4, 5]);
@@ -1303,13 +1307,7 @@ async fn a_write_handed_a_just_killed_connection_is_tried_on_another() {
         ]);
         let r = send(batch(&http, &s, &ops)).await.unwrap();
         assert_eq!(r.status, 200, "round {round}: {}", r.text);
-        let statuses: Vec<_> = r.body["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["status"].as_u64().unwrap())
-            .collect();
-        assert_eq!(statuses, [201, 200], "round {round}: {}", r.text);
+        assert_eq!(statuses(&r), [201, 200], "round {round}: {}", r.text);
         killed += 1;
         assert_eq!(proxy.killed(), killed);
 

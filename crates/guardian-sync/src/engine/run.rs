@@ -574,13 +574,11 @@ mod tests {
         rig.stop_past_the_grace(rebase).await;
     }
 
-    /// Answers `a` at once, holding the outbox's next commit with an unheard
-    /// hook (its ack's); never answers `b`, whose request blocks when
-    /// dropped until the test lets it go.
+    /// Answers `a` as [`HoldsTheAck`] does; never answers `b`, whose
+    /// request blocks when dropped until the test lets it go.
     #[derive(Debug)]
     struct BlocksADrop {
-        outbox: Outbox,
-        held: mpsc::UnboundedSender<HeldCommit>,
+        acks: HoldsTheAck,
         blocking: std::sync::Mutex<Option<SlowDrop>>,
     }
 
@@ -619,13 +617,7 @@ mod tests {
                 }
                 return Box::pin(std::future::pending());
             }
-            let _ = self.held.send(self.outbox.hold_next_commit(true));
-            Box::pin(async {
-                Outcome::Applied {
-                    stored: Stored::AsSent { version: 1 },
-                    replayed: false,
-                }
-            })
+            self.acks.send(op)
         }
 
         fn fetch<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Fetched, Outcome>> {
@@ -649,8 +641,11 @@ mod tests {
         let (dropping_tx, dropping) = oneshot::channel();
         let (resume, resume_rx) = std::sync::mpsc::channel();
         let transport = Arc::new(BlocksADrop {
-            outbox: outbox.clone(),
-            held: held_tx,
+            acks: HoldsTheAck {
+                outbox: outbox.clone(),
+                held: held_tx,
+                step: None,
+            },
             blocking: std::sync::Mutex::new(Some(SlowDrop {
                 dropping: Some(dropping_tx),
                 resume: resume_rx,
