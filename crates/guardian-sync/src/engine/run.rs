@@ -171,9 +171,10 @@ impl SyncEngine {
     /// On shutdown, requests in flight are abandoned (their ops stay
     /// `in_flight` and are re-sent with the same key by the next runner),
     /// outcomes already received are written and their events published
-    /// (for at most `STOP_GRACE`; a write not begun by then is not made),
-    /// and the lock is released (which waits for another connection's
-    /// write at most the outbox's busy timeout). Returns
+    /// (for at most `STOP_GRACE`; a write not begun by then is not made,
+    /// and the aborted drain is dropped, within as long again, before
+    /// this returns), and the lock is released (which waits for another
+    /// connection's write at most the outbox's busy timeout). Returns
     /// [`EngineError::LockLost`] if another runner took the lock over.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport, EngineError> {
         self.run_inner(shutdown, false).await
