@@ -104,9 +104,7 @@ impl Inner {
                     } => claims.push(Box::pin(
                         self.claim(fence, limit, per_unit, chains, acks, published),
                     )),
-                    DrainCommand::Send { unit, deps } => {
-                        requests.push(Box::pin(self.send_unit(unit, deps)));
-                    }
+                    DrainCommand::Send { unit, deps } => requests.push(self.request(unit, deps)),
                     DrainCommand::Fetch { op, latency } => {
                         fetches.push(Box::pin(async move {
                             let result = self.transport.fetch(&op.entity_type, &op.entity_id).await;
@@ -263,6 +261,23 @@ impl Inner {
             asked: limit,
             chains,
         })
+    }
+
+    /// A unit's request as the drain polls it. With more than one request
+    /// in flight it runs as a task of its own, so its client work
+    /// (serializing, the exchange, classifying the answer) runs on any
+    /// worker instead of queueing behind every other answer in the drain's
+    /// task. A lone request stays inline: a task would add two wake-ups to
+    /// each of its round trips.
+    fn request(self: &Arc<Self>, unit: Vec<PendingOp>, deps: Vec<Option<usize>>) -> Step<'_> {
+        if self.concurrency > 1 {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let inner = Arc::clone(self);
+                let task = runtime.spawn(async move { inner.send_unit(unit, deps).await });
+                return Box::pin(RequestTask(task).joined());
+            }
+        }
+        Box::pin(self.send_unit(unit, deps))
     }
 
     /// Sends a unit: one request per op, or one batch request.
@@ -451,6 +466,28 @@ impl Inner {
             }
             self.outbox.mark_outcomes_delivered(ids).await?;
         }
+    }
+}
+
+/// A request running as a task of its own, aborted when dropped as an
+/// inline one would be (a stop drops the requests in flight).
+struct RequestTask(tokio::task::JoinHandle<Result<DrainInput, EngineError>>);
+
+impl RequestTask {
+    async fn joined(mut self) -> Result<DrainInput, EngineError> {
+        match (&mut self.0).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Cancelled: only the runtime shutting down can do that while
+            // the handle is held.
+            Err(_) => Err(EngineError::from(crate::outbox::OutboxError::Closed)),
+        }
+    }
+}
+
+impl Drop for RequestTask {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -631,7 +631,9 @@ mod tests {
     /// heard publishes its events. The runner returns only once that drop
     /// is done: an app that stops listening when `run` returns misses
     /// nothing (before the fix, `run` returned while the drop still ran).
-    /// Real time on two workers: the blocked drop holds one of them.
+    /// Real time on two workers: the blocked drop holds one of them. One
+    /// request at a time, so the blocked drop is the drain's own (a request
+    /// among several runs as a task of its own, dropped apart).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_runner_returns_after_its_abandoned_drain_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
@@ -655,6 +657,7 @@ mod tests {
         let engine = SyncEngine::builder()
             .outbox(outbox.clone())
             .transport(transport)
+            .concurrency(1)
             .build()
             .await
             .unwrap();
@@ -694,6 +697,91 @@ mod tests {
             }
         }
         assert_eq!(succeeded, 1, "op_succeeded of the acked op, once");
+        outbox.close().await;
+    }
+
+    /// Never answers; says when each request is sent, and when it is
+    /// dropped.
+    #[derive(Debug)]
+    struct Hangs {
+        sent: mpsc::UnboundedSender<()>,
+        dropped: mpsc::UnboundedSender<()>,
+    }
+
+    struct SaysWhenDropped(mpsc::UnboundedSender<()>);
+
+    impl Drop for SaysWhenDropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    impl Transport for Hangs {
+        fn send<'a>(&'a self, _op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
+            let _ = self.sent.send(());
+            let dropped = SaysWhenDropped(self.dropped.clone());
+            Box::pin(async move {
+                let _dropped = dropped;
+                std::future::pending().await
+            })
+        }
+
+        fn fetch<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Fetched, Outcome>> {
+            unreachable!("no conflict here")
+        }
+    }
+
+    /// Requests in flight together run as tasks of their own; a stop drops
+    /// them all the same, so none is left running after the runner
+    /// returns (each would hold a connection, and its ops, for good).
+    #[tokio::test]
+    async fn a_stop_ends_the_requests_that_run_as_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), OutboxOptions::default())
+            .await
+            .unwrap();
+        let (sent_tx, mut sent) = mpsc::unbounded_channel();
+        let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
+        let engine = SyncEngine::builder()
+            .outbox(outbox.clone())
+            .transport(Arc::new(Hangs {
+                sent: sent_tx,
+                dropped: dropped_tx,
+            }))
+            .concurrency(2)
+            .build()
+            .await
+            .unwrap();
+        for id in ["a", "b"] {
+            engine
+                .enqueue(NewOp::create("device", id, json!({"on": true})))
+                .await
+                .unwrap();
+        }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let run = engine.clone();
+        let runner = tokio::spawn(async move { run.run(stopped.map(drop)).await });
+        for _ in 0..2 {
+            sent.recv().await.unwrap();
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(STOP_GRACE, runner)
+            .await
+            .expect("the runner stops within the grace")
+            .unwrap()
+            .unwrap();
+        for _ in 0..2 {
+            tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+                .await
+                .expect("a request still runs after the runner returned")
+                .unwrap();
+        }
+        let stats = outbox.stats().await.unwrap();
+        assert_eq!(
+            stats.pending + stats.in_flight,
+            2,
+            "both ops wait for the next run"
+        );
         outbox.close().await;
     }
 }
