@@ -11,6 +11,9 @@ pub(crate) enum BodyError {
     Network(#[from] reqwest::Error),
 }
 
+/// Most bytes reserved for a body on its announced length, before any arrive.
+const PREALLOCATED: usize = 64 << 10;
+
 /// Reads `response`'s body, refusing it as soon as it would exceed `max`
 /// bytes: by its `Content-Length` before reading, or chunk by chunk, so a
 /// hostile server cannot make the client buffer more than `max`.
@@ -18,13 +21,14 @@ pub(crate) async fn read_bounded(
     mut response: reqwest::Response,
     max: usize,
 ) -> Result<Vec<u8>, BodyError> {
-    if response
+    let announced = response
         .content_length()
-        .is_some_and(|n| usize::try_from(n).map_or(true, |n| n > max))
-    {
+        .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+    if announced.is_some_and(|n| n > max) {
         return Err(BodyError::TooLarge(max));
     }
-    let mut body = Vec::new();
+    // A small answer lands without regrowing; a lying length costs no more.
+    let mut body = Vec::with_capacity(announced.unwrap_or(0).min(PREALLOCATED));
     while let Some(chunk) = response.chunk().await? {
         if body.len().saturating_add(chunk.len()) > max {
             return Err(BodyError::TooLarge(max));

@@ -168,24 +168,35 @@ impl HttpTransport {
         })
     }
 
-    /// The request for `op`, its data already serialized as `data`.
-    fn mutation(&self, op: &OpRequest, data: &RawValue, token: &str) -> reqwest::RequestBuilder {
+    /// The request for `op`, its body already serialized (none for a delete).
+    fn mutation(
+        &self,
+        op: &OpRequest,
+        body: Option<&MutationBody>,
+        token: &str,
+    ) -> reqwest::RequestBuilder {
         let builder = match op.kind {
-            MutationKind::Create => self
-                .client
-                .post(self.url(&["v1", "entities", &op.entity_type]))
-                .json(&CreateBody {
-                    id: &op.entity_id,
-                    data,
-                }),
-            MutationKind::Update => self
-                .client
-                .put(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
-                .json(&UpdateBody { data }),
+            MutationKind::Create => {
+                self.client
+                    .post(self.url(&["v1", "entities", &op.entity_type]))
+            }
+            MutationKind::Update => {
+                self.client
+                    .put(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
+            }
             MutationKind::Delete => {
                 self.client
                     .delete(self.url(&["v1", "entities", &op.entity_type, &op.entity_id]))
             }
+        };
+        let builder = match body {
+            Some(body) => builder
+                .header(
+                    h::CONTENT_TYPE,
+                    h::HeaderValue::from_static("application/json"),
+                )
+                .body(body.bytes.clone()),
+            None => builder,
         };
         let builder = builder
             .bearer_auth(token)
@@ -199,19 +210,42 @@ impl HttpTransport {
     }
 }
 
-/// [`guardian_protocol::CreateRequest`] serialized from borrowed parts
-/// (byte for byte the same JSON, so idempotency fingerprints match; no
-/// copy of the payload per send).
-#[derive(serde::Serialize)]
-struct CreateBody<'a> {
-    id: &'a str,
-    data: &'a RawValue,
+/// A single op's body, serialized once for every attempt: byte for byte
+/// [`guardian_protocol::CreateRequest`] or
+/// [`guardian_protocol::UpdateRequest`], so idempotency fingerprints
+/// match. `data` is where the op's data lies in it: what an answer that
+/// stored it unchanged echoes.
+struct MutationBody {
+    bytes: bytes::Bytes,
+    data: std::ops::Range<usize>,
 }
 
-/// [`guardian_protocol::UpdateRequest`] serialized from a borrowed payload.
-#[derive(serde::Serialize)]
-struct UpdateBody<'a> {
-    data: &'a RawValue,
+impl MutationBody {
+    /// `None` for a delete, which has no body.
+    fn of(op: &OpRequest) -> Result<Option<Self>, Outcome> {
+        let mut body = Vec::with_capacity(op.entity_id.len() + 256);
+        match op.kind {
+            MutationKind::Create => {
+                body.extend_from_slice(br#"{"id":"#);
+                serde_json::to_writer(&mut body, &op.entity_id).map_err(|e| unserializable(&e))?;
+                body.extend_from_slice(br#","data":"#);
+            }
+            MutationKind::Update => body.extend_from_slice(br#"{"data":"#),
+            MutationKind::Delete => return Ok(None),
+        }
+        let start = body.len();
+        serde_json::to_writer(&mut body, &op.payload).map_err(|e| unserializable(&e))?;
+        let data = start..body.len();
+        body.push(b'}');
+        Ok(Some(Self {
+            bytes: body.into(),
+            data,
+        }))
+    }
+
+    fn data(&self) -> Option<&str> {
+        std::str::from_utf8(self.bytes.get(self.data.clone())?).ok()
+    }
 }
 
 struct Response {
@@ -279,11 +313,14 @@ fn network_outcome(e: &reqwest::Error) -> Outcome {
 impl Transport for HttpTransport {
     fn send<'a>(&'a self, op: &'a OpRequest) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            let data = match serialized(&op.payload) {
-                Ok(data) => data,
+            let body = match MutationBody::of(op) {
+                Ok(body) => body,
                 Err(outcome) => return outcome,
             };
-            match self.exchange(|token| self.mutation(op, &data, token)).await {
+            match self
+                .exchange(|token| self.mutation(op, body.as_ref(), token))
+                .await
+            {
                 Ok(r) => classify_mutation_of(
                     op.kind,
                     r.status.as_u16(),
@@ -293,7 +330,7 @@ impl Transport for HttpTransport {
                     Some(Sent {
                         entity_type: &op.entity_type,
                         entity_id: &op.entity_id,
-                        data: (op.kind != MutationKind::Delete).then(|| data.get()),
+                        data: body.as_ref().and_then(MutationBody::data),
                     }),
                 ),
                 Err(outcome) => outcome,
@@ -443,17 +480,19 @@ impl Transport for HttpTransport {
     }
 }
 
-/// An op's data serialized once: the body of every attempt, and what an
-/// answer that stored it unchanged echoes.
+/// An op's data serialized once: in a batch, what an answer that stored it
+/// unchanged echoes.
 fn serialized(payload: &serde_json::Value) -> Result<Box<RawValue>, Outcome> {
-    serde_json::value::to_raw_value(payload).map_err(|e| {
-        // Not reachable for a `Value`; handled as reqwest's own
-        // serialization failure was.
-        Outcome::network(
-            RetryReason::Network,
-            format!("cannot serialize the request: {e}"),
-        )
-    })
+    serde_json::value::to_raw_value(payload).map_err(|e| unserializable(&e))
+}
+
+/// Not reachable for a `Value`; handled as reqwest's own serialization
+/// failure was.
+fn unserializable(e: &serde_json::Error) -> Outcome {
+    Outcome::network(
+        RetryReason::Network,
+        format!("cannot serialize the request: {e}"),
+    )
 }
 
 /// Each op's data [`serialized`] (`None` for a delete).
@@ -655,7 +694,7 @@ mod tests {
 
     use super::{
         batch_ops, classify_results, sent_data, transaction_outcomes, BatchAnswer, BatchBody,
-        CreateBody, TransactionAnswer, TransactionBody, UpdateBody,
+        MutationBody, TransactionAnswer, TransactionBody,
     };
     use crate::core::classify::classify_mutation;
     use crate::transport::{OpRequest, Outcome, Stored};
@@ -849,30 +888,34 @@ mod tests {
         );
     }
 
-    /// The borrowed bodies are byte for byte the protocol's: a retry by
+    /// A single op's body is byte for byte the protocol's: a retry by
     /// this build of an op first sent by an older one must replay, not
     /// mismatch its idempotency fingerprint.
     #[test]
-    fn borrowed_bodies_serialize_like_the_protocol_types() {
+    fn single_op_bodies_serialize_like_the_protocol_types() {
         let data =
             json!({"on": true, "level": 7, "room": "kitchen", "nested": {"b": [1, 2], "a": null}});
+        let request = |kind| OpRequest {
+            entity_id: "lamp \"1\"\n".into(),
+            payload: data.clone(),
+            ..op(kind, "x", None)
+        };
         let create = CreateRequest {
-            id: "lamp-1".into(),
+            id: "lamp \"1\"\n".into(),
             data: data.clone(),
         };
-        let raw = serde_json::value::to_raw_value(&data).unwrap();
-        let borrowed = CreateBody {
-            id: "lamp-1",
-            data: &raw,
-        };
-        assert_eq!(
-            serde_json::to_vec(&borrowed).unwrap(),
-            serde_json::to_vec(&create).unwrap()
-        );
         let update = UpdateRequest { data: data.clone() };
-        assert_eq!(
-            serde_json::to_vec(&UpdateBody { data: &raw }).unwrap(),
-            serde_json::to_vec(&update).unwrap()
-        );
+        let raw = serde_json::to_string(&data).unwrap();
+        for (kind, expected) in [
+            (MutationKind::Create, serde_json::to_vec(&create).unwrap()),
+            (MutationKind::Update, serde_json::to_vec(&update).unwrap()),
+        ] {
+            let body = MutationBody::of(&request(kind)).unwrap().unwrap();
+            assert_eq!(body.bytes.as_ref(), expected.as_slice(), "{kind:?}");
+            assert_eq!(body.data(), Some(raw.as_str()), "{kind:?}");
+        }
+        assert!(MutationBody::of(&request(MutationKind::Delete))
+            .unwrap()
+            .is_none());
     }
 }
