@@ -636,10 +636,7 @@ mod tests {
     /// among several runs as a task of its own, dropped apart).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stopped_runner_returns_after_its_abandoned_drain_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), OutboxOptions::default())
-            .await
-            .unwrap();
+        let (_dir, outbox) = fresh_outbox().await;
         let (held_tx, mut held) = mpsc::unbounded_channel();
         let (dropping_tx, dropping) = oneshot::channel();
         let (resume, resume_rx) = std::sync::mpsc::channel();
@@ -700,6 +697,15 @@ mod tests {
         outbox.close().await;
     }
 
+    /// An outbox of its own, in a temp dir that lives as long as the guard.
+    async fn fresh_outbox() -> (tempfile::TempDir, Outbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), OutboxOptions::default())
+            .await
+            .unwrap();
+        (dir, outbox)
+    }
+
     /// Never answers; says when each request is sent, and when it is
     /// dropped.
     #[derive(Debug)]
@@ -736,10 +742,7 @@ mod tests {
     /// returns (each would hold a connection, and its ops, for good).
     #[tokio::test]
     async fn a_stop_ends_the_requests_that_run_as_tasks() {
-        let dir = tempfile::tempdir().unwrap();
-        let (outbox, _) = Outbox::open(dir.path().join("outbox.db"), OutboxOptions::default())
-            .await
-            .unwrap();
+        let (_dir, outbox) = fresh_outbox().await;
         let (sent_tx, mut sent) = mpsc::unbounded_channel();
         let (dropped_tx, mut dropped) = mpsc::unbounded_channel();
         let engine = SyncEngine::builder()
