@@ -18,6 +18,7 @@ use crate::op::{Ack, Fence, OpId, PendingOp};
 use crate::outbox::{ClaimShape, Fenced};
 use crate::transport::OpRequest;
 
+use super::task::{self, Owned};
 use super::{EngineError, Inner, SyncEvent};
 
 type Step<'a> = BoxFuture<'a, Result<DrainInput, EngineError>>;
@@ -273,8 +274,11 @@ impl Inner {
         if self.concurrency > 1 {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let inner = Arc::clone(self);
-                let task = runtime.spawn(async move { inner.send_unit(unit, deps).await });
-                return Box::pin(RequestTask(task).joined());
+                // Aborted when dropped, as an inline request would be (a
+                // stop drops the requests in flight).
+                let mut task =
+                    Owned::spawn_on(&runtime, async move { inner.send_unit(unit, deps).await });
+                return Box::pin(async move { task::outcome(task.join().await) });
             }
         }
         Box::pin(self.send_unit(unit, deps))
@@ -466,28 +470,6 @@ impl Inner {
             }
             self.outbox.mark_outcomes_delivered(ids).await?;
         }
-    }
-}
-
-/// A request running as a task of its own, aborted when dropped as an
-/// inline one would be (a stop drops the requests in flight).
-struct RequestTask(tokio::task::JoinHandle<Result<DrainInput, EngineError>>);
-
-impl RequestTask {
-    async fn joined(mut self) -> Result<DrainInput, EngineError> {
-        match (&mut self.0).await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Cancelled: only the runtime shutting down can do that while
-            // the handle is held.
-            Err(_) => Err(EngineError::from(crate::outbox::OutboxError::Closed)),
-        }
-    }
-}
-
-impl Drop for RequestTask {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -11,6 +11,7 @@ mod drain;
 mod export;
 mod once;
 mod run;
+mod task;
 
 pub use crate::core::drain::{BatchConfig, DrainReport};
 pub use crate::core::events::{ConflictOutcome, SyncEvent};

@@ -11,6 +11,7 @@ use tokio::sync::{watch, Mutex as AsyncMutex};
 use crate::lock::{Acquired, ProcessingLock};
 use crate::op::Fence;
 
+use super::task::{self, Owned};
 use super::{EngineError, Inner, SyncEngine, SyncEvent};
 use crate::core::drain::{DrainEnd, DrainReport};
 
@@ -140,22 +141,16 @@ impl SyncEngine {
         let fence = session.fence.clone();
         let lost = session.lost.clone();
         let mut stop = session.stop.subscribe();
-        DrainTask(tokio::spawn(async move {
-            inner.drain_steps(&fence, &lost, &mut stop).await
-        }))
+        Owned::spawn(async move { inner.drain_steps(&fence, &lost, &mut stop).await })
     }
 
     fn joined(
         &self,
         joined: Result<Result<DrainReport, EngineError>, tokio::task::JoinError>,
     ) -> Result<DrainReport, EngineError> {
-        match joined {
-            Ok(Err(EngineError::LockLost)) => Err(self.lock_lost()),
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            // Cancelled: only the runtime shutting down can do that while
-            // the handle is still held (it aborts only when dropped).
-            Err(_) => Err(EngineError::from(crate::outbox::OutboxError::Closed)),
+        match task::outcome(joined) {
+            Err(EngineError::LockLost) => Err(self.lock_lost()),
+            result => result,
         }
     }
 
@@ -211,10 +206,11 @@ impl SyncEngine {
             }
         };
         // Telemetry runs beside the drain while this runner holds the lock.
-        let _export = self.inner.telemetry.is_some().then(|| {
-            let task = tokio::spawn(super::export::export_loop(self.inner.clone()));
-            AbortOnDrop(task.abort_handle())
-        });
+        let _export = self
+            .inner
+            .telemetry
+            .is_some()
+            .then(|| Owned::spawn(super::export::export_loop(self.inner.clone())));
         let result = self
             .drive(&session, &mut shutdown, until_empty, &mut report)
             .await;
@@ -249,7 +245,15 @@ impl SyncEngine {
                                 "stopped before the outcomes received were written; \
                                  their ops are sent again by the next runner"
                             );
-                            drain.cancel().await;
+                            // Dropping the drain's outbox calls publishes
+                            // what their commits made known
+                            // (`Fenced::if_unheard`): before `run`
+                            // returns, not after.
+                            if !drain.cancel(STOP_GRACE).await {
+                                tracing::warn!(
+                                    "the stopped drain was not dropped within the grace"
+                                );
+                            }
                             Ok(())
                         }
                     };
@@ -305,40 +309,7 @@ impl SyncEngine {
 }
 
 /// A drain running as a task; aborted when dropped.
-struct DrainTask(tokio::task::JoinHandle<Result<DrainReport, EngineError>>);
-
-impl DrainTask {
-    /// Waits for the drain to end. Cancel-safe: the task goes on.
-    async fn join(&mut self) -> Result<Result<DrainReport, EngineError>, tokio::task::JoinError> {
-        (&mut self.0).await
-    }
-
-    /// Aborts the drain and waits, at most [`STOP_GRACE`] again, until the
-    /// runtime has dropped it: dropping its outbox calls publishes what
-    /// their commits made known ([`crate::outbox::Fenced::if_unheard`]),
-    /// and that must happen before the runner returns, not after.
-    async fn cancel(mut self) {
-        self.0.abort();
-        if tokio::time::timeout(STOP_GRACE, &mut self.0).await.is_err() {
-            tracing::warn!("the stopped drain was not dropped within the grace");
-        }
-    }
-}
-
-impl Drop for DrainTask {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+type DrainTask = Owned<Result<DrainReport, EngineError>>;
 
 impl Inner {
     /// Delivers outcomes left from earlier, then steps until nothing is ready.
