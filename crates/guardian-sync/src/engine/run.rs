@@ -31,7 +31,7 @@ pub(super) struct Session {
     lock: Arc<AsyncMutex<ProcessingLock>>,
     fence: Fence,
     lost: Arc<AtomicBool>,
-    beat: tokio::task::JoinHandle<()>,
+    beat: Owned<()>,
     /// Turned true when the app stops the runner: the drain sends nothing
     /// more and finishes writing what it received.
     stop: watch::Sender<bool>,
@@ -48,7 +48,7 @@ impl Session {
     }
 
     pub(super) async fn release(self) {
-        self.beat.abort();
+        drop(self.beat);
         if let Err(e) = self.lock.lock().await.release().await {
             tracing::warn!("releasing the processing lock failed: {e}");
         }
@@ -96,7 +96,7 @@ impl SyncEngine {
                 });
                 let lock = Arc::new(AsyncMutex::new(lock));
                 let lost = Arc::new(AtomicBool::new(false));
-                let beat = tokio::spawn(heartbeat(lock.clone(), lost.clone(), self.inner.clone()));
+                let beat = Owned::spawn(heartbeat(lock.clone(), lost.clone(), self.inner.clone()));
                 Ok(Ok(Session {
                     lock,
                     fence,
@@ -755,6 +755,51 @@ mod tests {
             stats.pending + stats.in_flight,
             2,
             "both ops wait for the next run"
+        );
+        outbox.close().await;
+    }
+
+    /// An app may drop a running `run` future instead of using its
+    /// shutdown. The heartbeat must end with it: a beat left running keeps
+    /// the lock fresh for good, and no other runner could ever take it.
+    #[tokio::test]
+    async fn dropping_a_running_runner_stops_its_heartbeat() {
+        let (_dir, outbox) = fresh_outbox().await;
+        let (sent_tx, mut sent) = mpsc::unbounded_channel();
+        let (dropped_tx, _dropped) = mpsc::unbounded_channel();
+        let beat = Duration::from_millis(20);
+        let engine = SyncEngine::builder()
+            .outbox(outbox.clone())
+            .transport(Arc::new(Hangs {
+                sent: sent_tx,
+                dropped: dropped_tx,
+            }))
+            .lock(crate::lock::LockConfig {
+                heartbeat_interval: beat,
+                stale_after: Duration::from_secs(1),
+            })
+            .build()
+            .await
+            .unwrap();
+        engine
+            .enqueue(NewOp::create("device", "a", json!({"on": true})))
+            .await
+            .unwrap();
+        let run = engine.clone();
+        let runner = tokio::spawn(async move { run.run(std::future::pending()).await });
+        // The lock is held and the drain waits on the request.
+        sent.recv().await.unwrap();
+        runner.abort();
+        assert!(runner.await.unwrap_err().is_cancelled());
+        let beats = || async { outbox.lock_read().await.unwrap().unwrap().heartbeat };
+        let before = beats().await;
+        // Ten intervals: a beat left running would add about ten. One may
+        // still land, begun before the abort.
+        tokio::time::sleep(beat * 10).await;
+        let after = beats().await;
+        assert!(
+            after <= before + 1,
+            "the heartbeat went on after its runner was dropped: {before} -> {after}"
         );
         outbox.close().await;
     }
