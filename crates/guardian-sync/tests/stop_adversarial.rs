@@ -179,6 +179,19 @@ fn builder(dir: &tempfile::TempDir, probe: &Arc<Probe>, owner: &str) -> SyncEngi
         .owner_id(owner)
 }
 
+/// An engine for a stop that must come after the drain has its answer:
+/// one request in flight runs inside the drain's task, so the answer the
+/// probe reports is in the drain's hands before the stop. A request run as
+/// a task of its own (at higher concurrency) may still be returning it, and
+/// a stop drops it.
+async fn answered_in_the_drain(dir: &tempfile::TempDir, probe: &Arc<Probe>) -> SyncEngine {
+    builder(dir, probe, "runner-a")
+        .concurrency(1)
+        .build()
+        .await
+        .unwrap()
+}
+
 async fn enqueue_devices(engine: &SyncEngine, n: usize) -> Vec<OpId> {
     let mut ids = Vec::new();
     for i in 0..n {
@@ -491,7 +504,7 @@ async fn stop_while_write_lock_held(hold: Duration) -> HeldStop {
         mut seen,
     } = rig(Faults::default(), TOKEN).await;
     probe.sends.shut();
-    let engine = builder(&dir, &probe, "runner-a").build().await.unwrap();
+    let engine = answered_in_the_drain(&dir, &probe).await;
     let op = enqueue_devices(&engine, 1).await[0];
     let mut events = engine.events();
     let (stop, runner) = spawn_run(&engine);
@@ -835,7 +848,7 @@ async fn a_lock_lost_during_the_stop_writes_nothing_and_is_bounded() {
         mut seen,
     } = rig(Faults::default(), TOKEN).await;
     probe.sends.shut();
-    let engine = builder(&dir, &probe, "runner-a").build().await.unwrap();
+    let engine = answered_in_the_drain(&dir, &probe).await;
     let op = enqueue_devices(&engine, 1).await[0];
     let mut events = engine.events();
     let (stop, runner) = spawn_run(&engine);
