@@ -70,7 +70,8 @@ pub(crate) fn find<T>(
     columns: &str,
     read: impl Fn(&Row<'_>) -> rusqlite::Result<T>,
 ) -> rusqlite::Result<Option<T>> {
-    let text = id.to_string();
+    let mut buf = Uuid::encode_buffer();
+    let text: &str = id.hyphenated().encode_lower(&mut buf);
     if let Some(seq) = position(id) {
         let found = conn
             .prepare_cached(&format!(

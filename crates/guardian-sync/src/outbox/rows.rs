@@ -119,6 +119,17 @@ fn json<T: serde::de::DeserializeOwned>(row: &Row<'_>, idx: usize) -> rusqlite::
     serde_json::from_str(text(row, idx)?).map_err(|e| bad(idx, e.to_string()))
 }
 
+/// A JSON list column; most rows hold `[]`, read without the parser.
+fn json_list<T: serde::de::DeserializeOwned>(
+    row: &Row<'_>,
+    idx: usize,
+) -> rusqlite::Result<Vec<T>> {
+    match text(row, idx)? {
+        "[]" => Ok(Vec::new()),
+        t => serde_json::from_str(t).map_err(|e| bad(idx, e.to_string())),
+    }
+}
+
 fn opt_json<T: serde::de::DeserializeOwned>(
     row: &Row<'_>,
     idx: usize,
@@ -156,7 +167,7 @@ pub(crate) fn read_op(row: &Row<'_>) -> rusqlite::Result<PendingOp> {
             .map(|v| u64::try_from(v).map_err(|_| bad(8, "negative version")))
             .transpose()?,
         chained: row.get(9)?,
-        txn_tokens: json(row, 10)?,
+        txn_tokens: json_list(row, 10)?,
         envelope_version: unsigned(row, 11)?,
         state: OpState::parse(state).ok_or_else(|| bad(12, format!("unknown state {state:?}")))?,
         attempts: unsigned(row, 13)?,
@@ -166,7 +177,7 @@ pub(crate) fn read_op(row: &Row<'_>) -> rusqlite::Result<PendingOp> {
         updated_at: row.get(17)?,
         coalesced_count: unsigned(row, 18)?,
         reconciliations: unsigned(row, 19)?,
-        history: json::<Vec<HistoryEntry>>(row, 20)?,
+        history: json_list::<HistoryEntry>(row, 20)?,
         txn: opt_json(row, 21)?,
         depends_on: opt_json(row, 22)?.unwrap_or_default(),
     })

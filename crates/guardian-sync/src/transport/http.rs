@@ -57,6 +57,10 @@ pub enum TransportBuildError {
     Client(#[from] reqwest::Error),
 }
 
+// Typed once: a name given as text is parsed again on every request.
+const IDEMPOTENCY_KEY: h::HeaderName = h::HeaderName::from_static(header::IDEMPOTENCY_KEY);
+const IDEMPOTENT_REPLAYED: h::HeaderName = h::HeaderName::from_static(header::IDEMPOTENT_REPLAYED);
+
 /// Wire protocol v1 over HTTP.
 ///
 /// Never follows redirects (a mutation must not be replayed somewhere else),
@@ -141,15 +145,14 @@ impl HttpTransport {
     async fn round_trip(&self, request: reqwest::RequestBuilder) -> Result<Response, Outcome> {
         let response = request.send().await.map_err(|e| network_outcome(&e))?;
         let status = response.status();
-        let header_str = |name: &str| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let retry_after = header_str(h::RETRY_AFTER.as_str());
-        let replayed = header_str(header::IDEMPOTENT_REPLAYED).is_some_and(|v| v == "true");
+        let headers = response.headers();
+        let retry_after = headers
+            .get(h::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let replayed = headers
+            .get(IDEMPOTENT_REPLAYED)
+            .is_some_and(|v| v.as_bytes() == b"true");
         let body = match read_bounded(response, self.max_response_bytes).await {
             Ok(body) => body,
             Err(BodyError::TooLarge(_)) => {
@@ -200,7 +203,7 @@ impl HttpTransport {
         };
         let builder = builder
             .bearer_auth(token)
-            .header(header::IDEMPOTENCY_KEY, &op.idempotency_key);
+            .header(IDEMPOTENCY_KEY, &op.idempotency_key);
         match (op.kind, op.if_match) {
             (MutationKind::Update | MutationKind::Delete, Some(v)) => {
                 builder.header(h::IF_MATCH, format!("\"{v}\""))
