@@ -97,13 +97,16 @@ fn breaker_name(state: &BreakerState) -> BreakerStateName {
 
 impl Inner {
     async fn telemetry_snapshot(&self, seq: u64) -> TelemetrySnapshot {
+        // A failed count is best effort too: zeros rather than no snapshot.
+        // Read before the rest, which is all read after this one wait: the
+        // drain may ack ops meanwhile, and a snapshot read on both sides of
+        // it showed ops succeeded with no last sync.
+        let stats = self.outbox.stats().await.unwrap_or_default();
         let (last_failures, last_sync_at) = (
             self.export.notes().failures.to_vec(),
             self.export.last_sync_at(),
         );
         let now = self.clock.now_millis();
-        // A failed count is best effort too: zeros rather than no snapshot.
-        let stats = self.outbox.stats().await.unwrap_or_default();
         let latency = self.metrics.latency_summary();
         let has_latency = latency.count > 0;
         let breaker = breaker_name(&self.breaker().state());
