@@ -1477,3 +1477,75 @@ async fn a_running_engine_drains_blocking_enqueues_from_a_thread() {
         assert_eq!((status, &body["data"]), (200, &json!({"i": i})));
     }
 }
+
+/// The HTTP transport, but its `panic_at`-th send panics.
+#[derive(Debug)]
+struct PanicsAt {
+    inner: guardian_sync::transport::HttpTransport,
+    sends: AtomicUsize,
+    panic_at: usize,
+}
+
+impl guardian_sync::transport::Transport for PanicsAt {
+    fn send<'a>(
+        &'a self,
+        op: &'a guardian_sync::transport::OpRequest,
+    ) -> BoxFuture<'a, guardian_sync::transport::Outcome> {
+        Box::pin(async move {
+            if self.sends.fetch_add(1, Ordering::SeqCst) + 1 == self.panic_at {
+                panic!("the app's transport failed an assertion");
+            }
+            self.inner.send(op).await
+        })
+    }
+    fn fetch<'a>(
+        &'a self,
+        ty: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<guardian_sync::transport::Fetched, guardian_sync::transport::Outcome>>
+    {
+        self.inner.fetch(ty, id)
+    }
+}
+
+/// A transport that panics with several requests in flight: the drain
+/// passes the panic on to its caller instead of waiting for an answer
+/// that will never come, and a later drain sends every op once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transport_panic_with_requests_in_flight_ends_the_drain() {
+    use futures::FutureExt as _;
+
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let transport = Arc::new(PanicsAt {
+        inner: guardian_sync::transport::HttpTransport::new(
+            &guardian_sync::transport::HttpTransportConfig::new(server.url()),
+            Arc::new(StaticToken::new(TOKEN)),
+        )
+        .unwrap(),
+        sends: AtomicUsize::new(0),
+        panic_at: 5,
+    });
+    let panicking = SyncEngine::builder()
+        .outbox_path(dir.path().join("outbox.db"))
+        .transport(transport)
+        .retry(fast_retry())
+        .concurrency(4)
+        .build()
+        .await
+        .unwrap();
+    enqueue_devices(&panicking, 20).await;
+    let run = std::panic::AssertUnwindSafe(panicking.run_until_empty()).catch_unwind();
+    let ended = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the drain waited for a request whose transport panicked");
+    assert!(ended.is_err(), "the transport's panic reaches the caller");
+    drop(panicking);
+
+    let engine = engine(&dir, &server).await;
+    drain(&engine).await;
+    let log = server.applied_log().await.unwrap();
+    assert_log_clean(&log);
+    let ids: std::collections::HashSet<&str> = log.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!((log.len(), ids.len()), (20, 20), "every op applied once");
+}

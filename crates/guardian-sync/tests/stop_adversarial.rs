@@ -181,9 +181,9 @@ fn builder(dir: &tempfile::TempDir, probe: &Arc<Probe>, owner: &str) -> SyncEngi
 
 /// An engine for a stop that must come after the drain has its answer:
 /// one request in flight runs inside the drain's task, so the answer the
-/// probe reports is in the drain's hands before the stop. A request run as
-/// a task of its own (at higher concurrency) may still be returning it, and
-/// a stop drops it.
+/// probe reports is in the drain's hands before the stop. A request on one
+/// of the drain's workers (at higher concurrency) may still be returning
+/// it, and a stop drops it.
 async fn answered_in_the_drain(dir: &tempfile::TempDir, probe: &Arc<Probe>) -> SyncEngine {
     builder(dir, probe, "runner-a")
         .concurrency(1)

@@ -4,12 +4,13 @@
 //! decisions (what to send, what an outcome means, when to stop) are all the
 //! machine's.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt as _};
 use futures::stream::{FuturesUnordered, StreamExt as _};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::core::drain::{
     DrainCommand, DrainConfig, DrainEnd, DrainInput, DrainMachine, Env, Published, Write, ACK_DELAY,
@@ -18,7 +19,7 @@ use crate::op::{Ack, Fence, OpId, PendingOp};
 use crate::outbox::{ClaimShape, Fenced};
 use crate::transport::OpRequest;
 
-use super::task::{self, Owned};
+use super::task::Owned;
 use super::{EngineError, Inner, SyncEvent};
 
 type Step<'a> = BoxFuture<'a, Result<DrainInput, EngineError>>;
@@ -56,6 +57,92 @@ impl<'a> Pending<'a> {
     }
 }
 
+/// A unit to send and its ops' dependencies (see [`DrainCommand::Send`]).
+type Unit = (Vec<PendingOp>, Vec<Option<usize>>);
+
+/// A request's result, or its panic, with the worker that sent it.
+type Sent = (usize, std::thread::Result<Result<DrainInput, EngineError>>);
+
+/// The drain's request tasks when more than one request may be in flight:
+/// each worker sends one unit at a time and then waits for the next, so
+/// a request costs two channel hand-offs instead of a task's spawn, boxing
+/// and join. Workers are started as needed, up to the most requests ever
+/// in flight at once, and aborted when dropped (a stop drops the requests
+/// in flight with them).
+struct Workers {
+    inner: Arc<Inner>,
+    /// One channel per worker; idle ones are listed in `idle`.
+    units: Vec<mpsc::UnboundedSender<Unit>>,
+    idle: Vec<usize>,
+    /// Units handed out and not yet answered.
+    busy: usize,
+    tasks: Vec<Owned<()>>,
+    results_tx: mpsc::UnboundedSender<Sent>,
+    results: mpsc::UnboundedReceiver<Sent>,
+}
+
+impl Workers {
+    fn new(inner: &Arc<Inner>) -> Self {
+        let (results_tx, results) = mpsc::unbounded_channel();
+        Self {
+            inner: Arc::clone(inner),
+            units: Vec::new(),
+            idle: Vec::new(),
+            busy: 0,
+            tasks: Vec::new(),
+            results_tx,
+            results,
+        }
+    }
+
+    /// Hands `unit` to an idle worker, or to a new one.
+    fn send(&mut self, unit: Vec<PendingOp>, deps: Vec<Option<usize>>) {
+        self.busy += 1;
+        let mut job = (unit, deps);
+        while let Some(worker) = self.idle.pop() {
+            match self.units[worker].send(job) {
+                Ok(()) => return,
+                // Its task ended (it only does so when its result could
+                // not be delivered); never reused.
+                Err(mpsc::error::SendError(back)) => job = back,
+            }
+        }
+        let worker = self.units.len();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let inner = Arc::clone(&self.inner);
+        let results = self.results_tx.clone();
+        self.tasks.push(Owned::spawn(async move {
+            while let Some((unit, deps)) = rx.recv().await {
+                // A transport's panic goes on in the drain, as it would
+                // inline; caught here, or the drain would wait for this
+                // result forever.
+                let result = AssertUnwindSafe(inner.send_unit(unit, deps))
+                    .catch_unwind()
+                    .await;
+                let panicked = result.is_err();
+                if results.send((worker, result)).is_err() || panicked {
+                    return;
+                }
+            }
+        }));
+        // Cannot fail: the task holds the receiver until this sender is gone.
+        let _ = tx.send(job);
+        self.units.push(tx);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.busy == 0
+    }
+
+    /// The next result; its worker is idle again.
+    async fn next(&mut self) -> Option<Result<DrainInput, EngineError>> {
+        let (worker, result) = self.results.recv().await?;
+        self.busy -= 1;
+        self.idle.push(worker);
+        Some(result.unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+    }
+}
+
 impl Inner {
     /// Drains everything ready now (see [`DrainMachine`]).
     ///
@@ -81,6 +168,13 @@ impl Inner {
         let mut writes = Pending::new();
         let mut fetches = Pending::new();
         let mut requests = Pending::new();
+        // A lone request stays inline: a worker would add two wake-ups to
+        // each of its round trips. More run on workers, so their client
+        // work (serializing, the exchange, classifying the answer) runs on
+        // any thread instead of queueing behind every other answer in the
+        // drain's task.
+        let pooled = self.concurrency > 1 && tokio::runtime::Handle::try_current().is_ok();
+        let mut workers = Workers::new(self);
         // One future for the whole drain, made once rather than at every
         // select; polled until it completes (a stop, or its sender gone).
         let mut listening = true;
@@ -105,7 +199,10 @@ impl Inner {
                     } => claims.push(Box::pin(
                         self.claim(fence, limit, per_unit, chains, acks, published),
                     )),
-                    DrainCommand::Send { unit, deps } => requests.push(self.request(unit, deps)),
+                    DrainCommand::Send { unit, deps } if pooled => workers.send(unit, deps),
+                    DrainCommand::Send { unit, deps } => {
+                        requests.push(Box::pin(self.send_unit(unit, deps)));
+                    }
                     DrainCommand::Fetch { op, latency } => {
                         fetches.push(Box::pin(async move {
                             let result = self.transport.fetch(&op.entity_type, &op.entity_id).await;
@@ -157,12 +254,14 @@ impl Inner {
                 biased;
                 Some(r) = writes.next(), if !writes.is_empty() => r,
                 Some(r) = fetches.next(), if !fetches.is_empty() => r,
+                Some(r) = workers.next(), if !workers.is_empty() => r,
                 Some(r) = requests.next(), if !requests.is_empty() => r,
                 // After the answers already in hand, which are recorded.
                 heard = &mut stopped, if listening => {
                     listening = false;
                     if heard.is_ok() {
                         requests = Pending::new();
+                        workers = Workers::new(self);
                         fetches = Pending::new();
                         input = Some(DrainInput::Stop);
                     }
@@ -262,26 +361,6 @@ impl Inner {
             asked: limit,
             chains,
         })
-    }
-
-    /// A unit's request as the drain polls it. With more than one request
-    /// in flight it runs as a task of its own, so its client work
-    /// (serializing, the exchange, classifying the answer) runs on any
-    /// worker instead of queueing behind every other answer in the drain's
-    /// task. A lone request stays inline: a task would add two wake-ups to
-    /// each of its round trips.
-    fn request(self: &Arc<Self>, unit: Vec<PendingOp>, deps: Vec<Option<usize>>) -> Step<'_> {
-        if self.concurrency > 1 {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let inner = Arc::clone(self);
-                // Aborted when dropped, as an inline request would be (a
-                // stop drops the requests in flight).
-                let mut task =
-                    Owned::spawn_on(&runtime, async move { inner.send_unit(unit, deps).await });
-                return Box::pin(async move { task::outcome(task.join().await) });
-            }
-        }
-        Box::pin(self.send_unit(unit, deps))
     }
 
     /// Sends a unit: one request per op, or one batch request.

@@ -16,14 +16,6 @@ impl<T: Send + 'static> Owned<T> {
     pub(super) fn spawn(future: impl Future<Output = T> + Send + 'static) -> Self {
         Self(tokio::spawn(future))
     }
-
-    /// Spawns `future` on `runtime`.
-    pub(super) fn spawn_on(
-        runtime: &tokio::runtime::Handle,
-        future: impl Future<Output = T> + Send + 'static,
-    ) -> Self {
-        Self(runtime.spawn(future))
-    }
 }
 
 impl<T> Owned<T> {
