@@ -102,8 +102,8 @@ impl Workers {
         while let Some(worker) = self.idle.pop() {
             match self.units[worker].send(job) {
                 Ok(()) => return,
-                // Its task ended (it only does so when its result could
-                // not be delivered); never reused.
+                // Its task ended (after a panic, which ends the drain
+                // too, or with the drain gone); never reused.
                 Err(mpsc::error::SendError(back)) => job = back,
             }
         }
