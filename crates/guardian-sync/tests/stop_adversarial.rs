@@ -390,7 +390,7 @@ async fn stop_cycle(
     events: &mut broadcast::Receiver<SyncEvent>,
     what: String,
     on_wire: usize,
-    trigger: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    trigger: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> bool {
     let before = in_outbox(engine).await;
     let (result, took) = run_stopped(engine, trigger).await;
@@ -473,12 +473,12 @@ async fn random_stops_lose_nothing_and_apply_each_op_once() {
             let k = *answered.borrow() + rng.below(if batch.is_some() { 6 } else { 60 }) as usize;
             let yields = rng.below(50);
             let idle_after = Duration::from_millis(300 + rng.below(300));
-            let trigger = Box::pin(async move {
+            let trigger = async move {
                 let _ = tokio::time::timeout(idle_after, answered.wait_for(|n| *n >= k)).await;
                 for _ in 0..yields {
                     tokio::task::yield_now().await;
                 }
-            });
+            };
             let what = format!("{what}, stop {cycle}");
             cuts +=
                 usize::from(stop_cycle(&engine, &dir, &mut events, what, on_wire, trigger).await);
@@ -489,12 +489,12 @@ async fn random_stops_lose_nothing_and_apply_each_op_once() {
             // they reach it). A stop once an ack was published cuts the
             // drain, as ops remain: the others stay queued.
             let mut published = engine.events();
-            let trigger = Box::pin(async move {
+            let trigger = async move {
                 while !matches!(
                     published.recv().await,
                     Ok(SyncEvent::OpSucceeded { .. }) | Err(_)
                 ) {}
-            });
+            };
             let what = format!("{what}, stop after an ack");
             cuts +=
                 usize::from(stop_cycle(&engine, &dir, &mut events, what, on_wire, trigger).await);

@@ -71,12 +71,11 @@ type Sent = (usize, std::thread::Result<Result<DrainInput, EngineError>>);
 /// in flight with them).
 struct Workers {
     inner: Arc<Inner>,
-    /// One channel per worker; idle ones are listed in `idle`.
-    units: Vec<mpsc::UnboundedSender<Unit>>,
+    /// Each worker's channel and task; idle ones are listed in `idle`.
+    workers: Vec<(mpsc::UnboundedSender<Unit>, Owned<()>)>,
     idle: Vec<usize>,
     /// Units handed out and not yet answered.
     busy: usize,
-    tasks: Vec<Owned<()>>,
     results_tx: mpsc::UnboundedSender<Sent>,
     results: mpsc::UnboundedReceiver<Sent>,
 }
@@ -86,10 +85,9 @@ impl Workers {
         let (results_tx, results) = mpsc::unbounded_channel();
         Self {
             inner: Arc::clone(inner),
-            units: Vec::new(),
+            workers: Vec::new(),
             idle: Vec::new(),
             busy: 0,
-            tasks: Vec::new(),
             results_tx,
             results,
         }
@@ -100,18 +98,18 @@ impl Workers {
         self.busy += 1;
         let mut job = (unit, deps);
         while let Some(worker) = self.idle.pop() {
-            match self.units[worker].send(job) {
+            match self.workers[worker].0.send(job) {
                 Ok(()) => return,
                 // Its task ended (after a panic, which ends the drain
                 // too, or with the drain gone); never reused.
                 Err(mpsc::error::SendError(back)) => job = back,
             }
         }
-        let worker = self.units.len();
+        let worker = self.workers.len();
         let (tx, mut rx) = mpsc::unbounded_channel();
         let inner = Arc::clone(&self.inner);
         let results = self.results_tx.clone();
-        self.tasks.push(Owned::spawn(async move {
+        let task = Owned::spawn(async move {
             while let Some((unit, deps)) = rx.recv().await {
                 // A transport's panic goes on in the drain, as it would
                 // inline; caught here, or the drain would wait for this
@@ -124,10 +122,10 @@ impl Workers {
                     return;
                 }
             }
-        }));
+        });
         // Cannot fail: the task holds the receiver until this sender is gone.
         let _ = tx.send(job);
-        self.units.push(tx);
+        self.workers.push((tx, task));
     }
 
     fn is_empty(&self) -> bool {
@@ -173,7 +171,7 @@ impl Inner {
         // work (serializing, the exchange, classifying the answer) runs on
         // any thread instead of queueing behind every other answer in the
         // drain's task.
-        let pooled = self.concurrency > 1 && tokio::runtime::Handle::try_current().is_ok();
+        let pooled = self.concurrency > 1;
         let mut workers = Workers::new(self);
         // One future for the whole drain, made once rather than at every
         // select; polled until it completes (a stop, or its sender gone).
