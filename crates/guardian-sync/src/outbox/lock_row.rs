@@ -140,3 +140,41 @@ pub(crate) fn release(conn: &Connection, fence: &Fence) -> Result<(), OutboxErro
         .execute([])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::outbox::{Outbox, OutboxOptions};
+
+    /// An acquire whose caller gave up once its write had begun (a runner
+    /// stopped while the outbox was busy) commits, and gives the lock back:
+    /// the row names no holder that will never beat. Heard, it keeps it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lock_taken_unheard_is_given_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _) = Outbox::open(dir.path().join("o.db"), OutboxOptions::default())
+            .await
+            .unwrap();
+        let (reached, go) = outbox.hold_next_commit(true);
+        let mut acquire = Box::pin(outbox.lock_acquire("runner-a", None));
+        assert!(futures::poll!(acquire.as_mut()).is_pending());
+        tokio::time::timeout(Duration::from_secs(30), reached)
+            .await
+            .expect("the acquire's commit was not held")
+            .unwrap();
+        drop(acquire);
+        go.send(()).unwrap();
+        // The give-back is queued while the held group is answered, so
+        // before any later group's answer: the second read comes after it.
+        outbox.lock_read().await.unwrap();
+        let row = outbox.lock_read().await.unwrap().unwrap();
+        assert_eq!((row.owner.as_str(), row.epoch), ("", 1), "{row:?}");
+        let fence = outbox.lock_acquire("runner-a", None).await.unwrap();
+        assert_eq!(fence.map(|f| f.epoch()), Some(2));
+        outbox.lock_read().await.unwrap();
+        let row = outbox.lock_read().await.unwrap().unwrap();
+        assert_eq!((row.owner.as_str(), row.epoch), ("runner-a", 2), "{row:?}");
+        outbox.close().await;
+    }
+}

@@ -39,7 +39,7 @@ mod upcast;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -63,7 +63,7 @@ use crate::op::{Fence, NewOp, OpId, PendingOp, TxnOutcome};
 use guardian_sqlite::wal_prefill::WalPrefill;
 #[cfg(test)]
 pub(crate) use writer::HeldCommit;
-use writer::{Ctx, Writer};
+use writer::{Ctx, Unheard, Writer};
 
 /// The newest on-disk schema version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
@@ -801,6 +801,9 @@ impl Outbox {
     /// `expect = (epoch, heartbeat)` as the caller saw it when judging it
     /// stale. On success the previous holder's in-flight ops go back to
     /// pending in the same transaction (that holder is gone).
+    ///
+    /// Safe to drop: a write not yet begun is not made, and a lock taken by
+    /// a write its caller no longer hears is given back.
     pub async fn lock_acquire(
         &self,
         owner: &str,
@@ -818,16 +821,36 @@ impl Outbox {
         os_file: Option<String>,
     ) -> Result<Option<Fence>, OutboxError> {
         let owner = owner.to_owned();
+        // Taken but never heard (the caller gave up, e.g. a runner stopped
+        // while the outbox was busy): given back, or the row would name a
+        // holder that never beats until it is judged stale.
+        let taken: Arc<Mutex<Option<Fence>>> = Arc::default();
+        let (noted, writer) = (taken.clone(), self.inner.writer.detached());
+        let give_back: Unheard = Box::new(move || {
+            let fence = noted.lock().unwrap_or_else(PoisonError::into_inner).take();
+            if let Some(fence) = fence {
+                writer.run("giving back a lock taken unheard", move |conn, _| {
+                    match lock_row::release(conn, &fence) {
+                        Err(OutboxError::LockLost) => Ok(()),
+                        other => other,
+                    }
+                });
+            }
+        });
         self.inner
             .writer
-            .call(move |conn, ctx| {
-                let fence = lock_row::acquire(conn, &owner, expect, ctx.now())?;
-                if fence.is_some() {
-                    lock_row::note_os_file(conn, os_file.as_deref())?;
-                    requeue_in_flight(conn, ctx.now())?;
-                }
-                Ok::<_, OutboxError>(fence)
-            })
+            .call_unheard(
+                move |conn, ctx| {
+                    let fence = lock_row::acquire(conn, &owner, expect, ctx.now())?;
+                    if let Some(f) = &fence {
+                        lock_row::note_os_file(conn, os_file.as_deref())?;
+                        requeue_in_flight(conn, ctx.now())?;
+                        *taken.lock().unwrap_or_else(PoisonError::into_inner) = Some(f.clone());
+                    }
+                    Ok::<_, OutboxError>(fence)
+                },
+                Some(give_back),
+            )
             .await
     }
 

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::error::{JobError, StorageError};
+use super::error::{JobError, OutboxError, StorageError};
 use crate::clock::SharedClock;
 use guardian_sqlite::wal_prefill::WalPrefill;
 
@@ -282,6 +282,43 @@ where
     })
 }
 
+/// Hands a job to the writer thread; false once it has stopped.
+fn send(tx: &mpsc::Sender<Msg>, shared: &Shared, job: Job) -> bool {
+    shared.queued.fetch_add(1, Ordering::AcqRel);
+    if tx.send(Msg::Job(job)).is_err() {
+        shared.queued.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    true
+}
+
+/// Queues writes that no caller waits for (see [`Writer::detached`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Detached {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl Detached {
+    /// Runs `f` in a coming group commit with no caller to answer: a write
+    /// that must be made although whoever needed it is gone (undoing one
+    /// whose result was never heard). A failure, or a closed outbox, is
+    /// logged as `what` failing.
+    pub(crate) fn run<F>(&self, what: &'static str, f: F)
+    where
+        F: FnOnce(&Connection, &Ctx) -> Result<(), OutboxError> + Send + 'static,
+    {
+        let job = job(f, move |r: Result<(), OutboxError>| {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "{what} failed");
+            }
+        });
+        if !send(&self.tx, &self.shared, job) {
+            tracing::warn!("{what} failed: the outbox is closed");
+        }
+    }
+}
+
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -329,12 +366,15 @@ impl Writer {
 
     /// Hands a job to the writer thread.
     fn send(&self, job: Job) -> bool {
-        self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Msg::Job(job)).is_err() {
-            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            return false;
+        send(&self.tx, &self.shared, job)
+    }
+
+    /// A handle that queues writes no caller waits for.
+    pub(crate) fn detached(&self) -> Detached {
+        Detached {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
         }
-        true
     }
 
     /// Holds the writer thread's next group commit (only one with a job
