@@ -10,6 +10,9 @@ use guardian_sync::transport::{StaticToken, TokenProvider};
 pub(crate) const TOKEN: &str = "bench-token";
 pub(crate) const TENANT: &str = "bench";
 
+/// See [`Config::near_runs`].
+pub(crate) const NEAR_FACTOR: usize = 4;
+
 /// Sizes and switches read from the environment.
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -49,6 +52,13 @@ impl Config {
                 .map_or_else(|_| workspace.join("BENCHMARKS.md"), PathBuf::from),
             workspace,
         }
+    }
+
+    /// Runs of the rows that sit near their target (§1's steady rows, §2's
+    /// per-op rows over loopback): one run of them swings by ±0.1, so they
+    /// get [`NEAR_FACTOR`] times as many runs as the rest.
+    pub(crate) fn near_runs(&self) -> usize {
+        self.runs * NEAR_FACTOR
     }
 
     pub(crate) fn wants(&self, scenario: &str) -> bool {

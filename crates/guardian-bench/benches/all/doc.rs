@@ -121,7 +121,8 @@ pub(crate) fn render(config: &Config, info: &RunInfo, sections: &[Section]) -> S
          are hand-written (`analysis.md`, `folded.md` beside it) and included as they are.\n\n\
          - Run: {}, {machine}; load average {} at start, {} at the end ({:.1} min). Shared \
          machine: ratios are the robust part.\n\
-         - {} runs per scenario, sides interleaved: figures are medians, ratios medians of \
+         - {} runs per scenario ({} of the rows near a target: §1's steady rows, §2's per-op \
+         rows over loopback), sides interleaved: figures are medians, ratios medians of \
          per-run ratios.\n\
          - Durable everywhere: `synchronous=FULL`, WAL (an `fsync` per commit), or \
          `fdatasync` per record, on ext4.\n",
@@ -135,6 +136,7 @@ pub(crate) fn render(config: &Config, info: &RunInfo, sections: &[Section]) -> S
         load(info.load_after),
         info.minutes,
         config.runs,
+        config.near_runs(),
     );
     out.push_str(
         "\n## Summary\n\nA miss names its entry in the analysis; one without is not yet \

@@ -374,8 +374,20 @@ pub(crate) fn run(config: &Config) -> Section {
             targets: Vec::new(),
         };
     }
-    for run in 0..config.runs {
-        eprintln!("drain: run {}/{}", run + 1, config.runs);
+    // The per-op rows sit near their target: they get more runs than the
+    // rest (not in the A/B mode, whose script runs its own sets).
+    let runs = if per_op_only {
+        config.runs
+    } else {
+        config.near_runs()
+    };
+    for run in 0..runs {
+        eprintln!("drain: run {}/{runs}", run + 1);
+        // Each run's loopback rows get a new server: the in-memory store
+        // slows as it grows (bare c=16 fell from ~19k to ~14k ops/s over
+        // 20 runs), which would raise later runs' ratios.
+        let fresh = Server::start();
+        let url = fresh.url();
         rt.block_on(async {
             let p = |k: usize| format!("r{run}k{k}");
             let mut cpu = Vec::new();
@@ -387,6 +399,9 @@ pub(crate) fn run(config: &Config) -> Section {
             cpu.push(last_cpu());
             s[2].push(engine(&url, n16, 16, None, Synchronous::Full, &p(2)).await);
             cpu.push(last_cpu());
+            if run >= config.runs {
+                return;
+            }
             if per_op_only {
                 eprintln!(
                     "  engine c=1: {}\n  bare c=1: {}\n  bare c=16: {}\n  engine c=16: {}",
@@ -415,6 +430,7 @@ pub(crate) fn run(config: &Config) -> Section {
             w[3].push(engine(&wurl, nwb, 16, Some(BATCH), Synchronous::Full, &p(13)).await);
             w[4].push(bare_batched(&wurl, nwb, BATCH, &p(14)).await);
         });
+        fresh.stop();
     }
     drop(link);
     drop(link_rt);

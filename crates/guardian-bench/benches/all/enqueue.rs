@@ -320,6 +320,18 @@ pub(crate) fn run(config: &Config) -> Section {
         s[16].push(ours_threads(&rt, n, 1, warm, Synchronous::Off));
         s[17].push(ours_threads(&rt, n, WRITERS, warm, Synchronous::Off));
     }
+    // The steady rows sit near their targets: more runs of them alone.
+    for run in config.runs..config.near_runs() {
+        eprintln!("enqueue: steady run {}/{}", run + 1, config.near_runs());
+        let warm = config.size(WARM_UP, 300);
+        s[8].push(ours(&rt, n, 1, warm));
+        s[10].push(bare_sqlite(n, 1, warm));
+        s[11].push(bare_sqlite_indexed(n, warm));
+        s[9].push(ours(&rt, n, WRITERS, warm));
+        let full = Synchronous::Full;
+        s[14].push(ours_threads(&rt, n, 1, warm, full));
+        s[15].push(ours_threads(&rt, n, WRITERS, warm, full));
+    }
     let mut table = Table::new([
         "side",
         "ops/s: median (min – max)",
