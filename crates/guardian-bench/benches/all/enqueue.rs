@@ -296,41 +296,43 @@ pub(crate) fn run(config: &Config) -> Section {
     ];
     let mut s: Vec<Samples> = vec![Samples::new(); names.len()];
     let record_bytes = record("raw", 0).len();
-    for run in 0..config.runs {
-        eprintln!("enqueue: run {}/{}", run + 1, config.runs);
-        s[0].push(ours(&rt, n, 1, 0));
-        s[2].push(bare_sqlite(n, 1, 0));
-        s[4].push(queue_file(n, 1));
-        s[6].push(raw_fdatasync(n, 1));
-        s[1].push(ours(&rt, n, WRITERS, 0));
-        s[3].push(bare_sqlite(n, WRITERS, 0));
-        s[5].push(queue_file(n, WRITERS));
-        s[7].push(raw_fdatasync(n, WRITERS));
+    // The steady rows sit near their targets: runs past `config.runs`
+    // measure them alone.
+    for run in 0..config.near_runs() {
+        let all = run < config.runs;
+        eprintln!(
+            "enqueue: run {}/{}{}",
+            run + 1,
+            config.near_runs(),
+            if all { "" } else { " (steady rows)" }
+        );
+        if all {
+            s[0].push(ours(&rt, n, 1, 0));
+            s[2].push(bare_sqlite(n, 1, 0));
+            s[4].push(queue_file(n, 1));
+            s[6].push(raw_fdatasync(n, 1));
+            s[1].push(ours(&rt, n, WRITERS, 0));
+            s[3].push(bare_sqlite(n, WRITERS, 0));
+            s[5].push(queue_file(n, WRITERS));
+            s[7].push(raw_fdatasync(n, WRITERS));
+        }
         let warm = config.size(WARM_UP, 300);
         s[8].push(ours(&rt, n, 1, warm));
         s[10].push(bare_sqlite(n, 1, warm));
         s[11].push(bare_sqlite_indexed(n, warm));
         s[9].push(ours(&rt, n, WRITERS, warm));
         let full = Synchronous::Full;
-        s[12].push(ours_threads(&rt, n, 1, 0, full));
-        s[13].push(ours_threads(&rt, n, WRITERS, 0, full));
+        if all {
+            s[12].push(ours_threads(&rt, n, 1, 0, full));
+            s[13].push(ours_threads(&rt, n, WRITERS, 0, full));
+        }
         s[14].push(ours_threads(&rt, n, 1, warm, full));
         s[15].push(ours_threads(&rt, n, WRITERS, warm, full));
-        // Without fsync: what a group costs besides its commit's sync.
-        s[16].push(ours_threads(&rt, n, 1, warm, Synchronous::Off));
-        s[17].push(ours_threads(&rt, n, WRITERS, warm, Synchronous::Off));
-    }
-    // The steady rows sit near their targets: more runs of them alone.
-    for run in config.runs..config.near_runs() {
-        eprintln!("enqueue: steady run {}/{}", run + 1, config.near_runs());
-        let warm = config.size(WARM_UP, 300);
-        s[8].push(ours(&rt, n, 1, warm));
-        s[10].push(bare_sqlite(n, 1, warm));
-        s[11].push(bare_sqlite_indexed(n, warm));
-        s[9].push(ours(&rt, n, WRITERS, warm));
-        let full = Synchronous::Full;
-        s[14].push(ours_threads(&rt, n, 1, warm, full));
-        s[15].push(ours_threads(&rt, n, WRITERS, warm, full));
+        if all {
+            // Without fsync: what a group costs besides its commit's sync.
+            s[16].push(ours_threads(&rt, n, 1, warm, Synchronous::Off));
+            s[17].push(ours_threads(&rt, n, WRITERS, warm, Synchronous::Off));
+        }
     }
     let mut table = Table::new([
         "side",
