@@ -384,8 +384,8 @@ pub(crate) fn run(config: &Config) -> Section {
     for run in 0..runs {
         eprintln!("drain: run {}/{runs}", run + 1);
         // Each run's loopback rows get a new server: the in-memory store
-        // slows as it grows (bare c=16 fell from ~19k to ~14k ops/s over
-        // 20 runs), which would raise later runs' ratios.
+        // slows as it grows, which raises later runs' ratios (see the
+        // analysis header).
         let fresh = Server::start();
         let url = fresh.url();
         rt.block_on(async {
