@@ -825,11 +825,11 @@ impl Outbox {
         // while the outbox was busy): given back, or the row would name a
         // holder that never beats until it is judged stale.
         let taken: Arc<Mutex<Option<Fence>>> = Arc::default();
-        let (noted, writer) = (taken.clone(), self.inner.writer.detached());
+        let (noted, writer) = (taken.clone(), self.inner.writer.clone());
         let give_back: Unheard = Box::new(move || {
             let fence = noted.lock().unwrap_or_else(PoisonError::into_inner).take();
             if let Some(fence) = fence {
-                writer.run("giving back a lock taken unheard", move |conn, _| {
+                writer.run_detached("giving back a lock taken unheard", move |conn, _| {
                     match lock_row::release(conn, &fence) {
                         Err(OutboxError::LockLost) => Ok(()),
                         other => other,

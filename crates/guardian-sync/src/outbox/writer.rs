@@ -60,8 +60,8 @@ enum Msg {
 /// Most jobs committed together; bounds the latency of the first one.
 const MAX_GROUP: usize = 4096;
 
-/// Handle to the writer thread.
-#[derive(Debug)]
+/// Handle to the writer thread; clones share it.
+#[derive(Debug, Clone)]
 pub(crate) struct Writer {
     tx: mpsc::Sender<Msg>,
     shared: Arc<Shared>,
@@ -282,43 +282,6 @@ where
     })
 }
 
-/// Hands a job to the writer thread; false once it has stopped.
-fn send(tx: &mpsc::Sender<Msg>, shared: &Shared, job: Job) -> bool {
-    shared.queued.fetch_add(1, Ordering::AcqRel);
-    if tx.send(Msg::Job(job)).is_err() {
-        shared.queued.fetch_sub(1, Ordering::AcqRel);
-        return false;
-    }
-    true
-}
-
-/// Queues writes that no caller waits for (see [`Writer::detached`]).
-#[derive(Debug, Clone)]
-pub(crate) struct Detached {
-    tx: mpsc::Sender<Msg>,
-    shared: Arc<Shared>,
-}
-
-impl Detached {
-    /// Runs `f` in a coming group commit with no caller to answer: a write
-    /// that must be made although whoever needed it is gone (undoing one
-    /// whose result was never heard). A failure, or a closed outbox, is
-    /// logged as `what` failing.
-    pub(crate) fn run<F>(&self, what: &'static str, f: F)
-    where
-        F: FnOnce(&Connection, &Ctx) -> Result<(), OutboxError> + Send + 'static,
-    {
-        let job = job(f, move |r: Result<(), OutboxError>| {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "{what} failed");
-            }
-        });
-        if !send(&self.tx, &self.shared, job) {
-            tracing::warn!("{what} failed: the outbox is closed");
-        }
-    }
-}
-
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -366,14 +329,29 @@ impl Writer {
 
     /// Hands a job to the writer thread.
     fn send(&self, job: Job) -> bool {
-        send(&self.tx, &self.shared, job)
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(Msg::Job(job)).is_err() {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
     }
 
-    /// A handle that queues writes no caller waits for.
-    pub(crate) fn detached(&self) -> Detached {
-        Detached {
-            tx: self.tx.clone(),
-            shared: self.shared.clone(),
+    /// Runs `f` in a coming group commit with no caller to answer: a write
+    /// that must be made although whoever needed it is gone (undoing one
+    /// whose result was never heard). A failure, or a closed outbox, is
+    /// logged as `what` failing.
+    pub(crate) fn run_detached<F>(&self, what: &'static str, f: F)
+    where
+        F: FnOnce(&Connection, &Ctx) -> Result<(), OutboxError> + Send + 'static,
+    {
+        let job = job(f, move |r: Result<(), OutboxError>| {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "{what} failed");
+            }
+        });
+        if !self.send(job) {
+            tracing::warn!("{what} failed: the outbox is closed");
         }
     }
 
