@@ -163,9 +163,6 @@ impl SyncEngine {
     /// Runs until `shutdown` completes: waits for the lock, drains, sleeps
     /// until the next op is due or a new one is enqueued, and repeats.
     ///
-    /// A shutdown before the lock is taken returns at once, with nothing
-    /// taken, even while an attempt waits for a busy outbox.
-    ///
     /// On shutdown, requests in flight are abandoned (their ops stay
     /// `in_flight` and are re-sent with the same key by the next runner),
     /// outcomes already received are written and their events published
@@ -194,16 +191,10 @@ impl SyncEngine {
         let mut lock = self.new_lock();
         // Wait for the lock.
         let session = loop {
-            // Raced against the shutdown: on a busy outbox an attempt waits
-            // up to the busy timeout. Dropped, it writes nothing if its
-            // write had not begun, and gives the lock back if it was taken
-            // unheard (`Outbox::lock_acquire`).
-            let attempt = tokio::select! {
-                biased;
-                () = &mut shutdown => return Ok(report),
-                attempt = self.try_session(lock, &mut report) => attempt,
-            };
-            match attempt? {
+            // Not raced against the shutdown: an attempt dropped as it
+            // commits would leave the lock taken with no one to release it.
+            // On a busy outbox it waits at most the busy timeout.
+            match self.try_session(lock, &mut report).await? {
                 Ok(session) => break session,
                 Err((l, retry_in)) => {
                     lock = l;
