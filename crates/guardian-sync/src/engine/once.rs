@@ -11,7 +11,14 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use super::run::RunReport;
+use super::run::{Attempt, RunReport};
+use crate::outbox::OutboxReader;
+
+/// The least time a pass's attempt for the lock waits for an outbox another
+/// connection keeps busy, however little of the budget is left: another
+/// process's ordinary write is over well within it, so a pass with no
+/// budget still gets its one try.
+const LOCK_ATTEMPT_MIN: Duration = Duration::from_secs(1);
 use super::{EngineError, SyncEngine, SyncEvent};
 
 /// Why a [`SyncEngine::run_once`] pass stopped.
@@ -26,7 +33,9 @@ pub enum OnceStop {
     Remaining,
     /// The server refused the token; nothing more is sent with it.
     AuthRefused,
-    /// Another runner held the processing lock for the whole wait budget.
+    /// Another runner held the processing lock for the whole wait budget,
+    /// or another connection kept the outbox busy that long (at least
+    /// `LOCK_ATTEMPT_MIN`, 1 s).
     LockHeld,
 }
 
@@ -119,8 +128,10 @@ impl SyncEngine {
     ///
     /// `max_wait` bounds the time spent waiting with nothing to send,
     /// measured on the engine's clock; sending is never cut short. A wait
-    /// that would outlast what is left of it is not started. The pass stops
-    /// at once when the server refuses the token. Unlike
+    /// that would outlast what is left of it is not started; an attempt for
+    /// the lock on a busy outbox is given up when the budget runs out, but
+    /// not before 1 s. The pass stops at once when the server refuses the
+    /// token. Unlike
     /// [`run_until_empty`](Self::run_until_empty) it never waits forever.
     pub async fn run_once(&self, max_wait: Duration) -> Result<OnceReport, EngineError> {
         let inner = &self.inner;
@@ -129,32 +140,25 @@ impl SyncEngine {
         let mut waited = Duration::ZERO;
         let mut lock = self.new_lock();
         let session = loop {
-            match self.try_session(lock, &mut report).await? {
-                Ok(session) => break session,
-                Err((l, retry_in)) => {
-                    let left = max_wait.saturating_sub(waited);
-                    if left.is_zero() {
-                        let holder = inner
-                            .outbox
-                            .lock_read()
-                            .await?
-                            .map(|row| row.owner)
-                            .filter(|owner| !owner.is_empty());
-                        let stats = inner.outbox.stats().await?;
-                        return Ok(OnceReport {
-                            stop: OnceStop::LockHeld,
-                            run: report,
-                            remaining: stats.pending + stats.in_flight,
-                            next_attempt_at: stats.next_attempt_at,
-                            last_error: None,
-                            lock_holder: holder,
-                            waited_ms: millis(waited),
-                        });
-                    }
-                    lock = l;
-                    waited += self.sleep(retry_in.min(left)).await;
-                }
+            // An attempt on a busy outbox gives up when the budget runs
+            // out, but never sooner than LOCK_ATTEMPT_MIN after it began.
+            let limit = max_wait.saturating_sub(waited).max(LOCK_ATTEMPT_MIN);
+            let began = inner.clock.monotonic();
+            let attempt = self
+                .try_session_until(lock, &mut report, tokio::time::sleep(limit))
+                .await?;
+            waited += inner.clock.monotonic().saturating_sub(began);
+            let (l, retry_in) = match attempt {
+                Attempt::Held(session) => break session,
+                Attempt::Stopped => return self.lock_held(report, waited).await,
+                Attempt::Busy(l, retry_in) => (l, retry_in),
+            };
+            let left = max_wait.saturating_sub(waited);
+            if left.is_zero() {
+                return self.lock_held(report, waited).await;
             }
+            lock = *l;
+            waited += self.sleep(retry_in.min(left)).await;
         };
         let mut last_error = None;
         let result = self
@@ -188,6 +192,37 @@ impl SyncEngine {
             next_attempt_at: stats.next_attempt_at.filter(|_| remaining > 0),
             last_error,
             lock_holder: None,
+            waited_ms: millis(waited),
+        })
+    }
+
+    /// The report of a pass that never held the lock. Read through a
+    /// read-only view, which never waits for another connection's write:
+    /// the outbox's own connection would wait for a busy database again.
+    async fn lock_held(&self, run: RunReport, waited: Duration) -> Result<OnceReport, EngineError> {
+        let path = self.inner.outbox.path().to_path_buf();
+        let viewed = tokio::task::spawn_blocking(move || {
+            let view = OutboxReader::open(&path).ok()?;
+            Some((view.lock_read(), view.stats()))
+        })
+        .await
+        .ok()
+        .flatten();
+        let (row, stats) = match viewed {
+            Some((row, stats)) => (row?, stats?),
+            // No view (the path was moved away, say): through the outbox.
+            None => (
+                self.inner.outbox.lock_read().await?,
+                self.inner.outbox.stats().await?,
+            ),
+        };
+        Ok(OnceReport {
+            stop: OnceStop::LockHeld,
+            run,
+            remaining: stats.pending + stats.in_flight,
+            next_attempt_at: stats.next_attempt_at,
+            last_error: None,
+            lock_holder: row.map(|row| row.owner).filter(|owner| !owner.is_empty()),
             waited_ms: millis(waited),
         })
     }

@@ -10,6 +10,7 @@ use tokio::sync::{watch, Mutex as AsyncMutex};
 
 use crate::lock::{Acquired, ProcessingLock};
 use crate::op::Fence;
+use crate::outbox::Ticket;
 
 use super::task::{self, Owned};
 use super::{EngineError, Inner, SyncEngine, SyncEvent};
@@ -24,6 +25,17 @@ pub struct RunReport {
     pub acquisitions: u64,
     /// Of those, takeovers from another owner.
     pub takeovers: u64,
+}
+
+/// How an attempt for the lock raced against a stop ended.
+pub(super) enum Attempt {
+    /// The lock is ours.
+    Held(Session),
+    /// Another runner holds it (or the outbox stayed busy): try again after
+    /// this long.
+    Busy(Box<ProcessingLock>, Duration),
+    /// The stop came first; no lock is held.
+    Stopped,
 }
 
 /// A held lock with its heartbeat task; dropping it stops the beat.
@@ -66,14 +78,16 @@ impl SyncEngine {
         )
     }
 
-    /// Tries the lock once; on success starts the heartbeat.
+    /// Tries the lock once, its writes under `ticket` if given; on success
+    /// starts the heartbeat.
     pub(super) async fn try_session(
         &self,
         lock: ProcessingLock,
         report: &mut RunReport,
+        ticket: Option<&Ticket>,
     ) -> Result<Result<Session, (ProcessingLock, Duration)>, EngineError> {
         let mut lock = lock;
-        match lock.try_acquire().await? {
+        match lock.try_acquire_under(ticket).await? {
             Acquired::No { retry_in } => Ok(Err((lock, retry_in))),
             Acquired::Yes {
                 fence,
@@ -108,13 +122,49 @@ impl SyncEngine {
         }
     }
 
+    /// [`try_session`](Self::try_session), unless `stop` completes first:
+    /// then the attempt's writes are withdrawn, so that a stop never waits
+    /// out a busy outbox (another process mid-write, or frozen), and
+    /// `Stopped` comes back with no lock held. A write of the attempt
+    /// already under way holds the database and ends soon: it is awaited,
+    /// and a lock it took is released before this returns.
+    pub(super) async fn try_session_until(
+        &self,
+        lock: ProcessingLock,
+        report: &mut RunReport,
+        stop: impl Future<Output = ()>,
+    ) -> Result<Attempt, EngineError> {
+        let ticket = Ticket::default();
+        let attempt = self.try_session(lock, report, Some(&ticket));
+        tokio::pin!(attempt, stop);
+        let outcome = tokio::select! {
+            biased;
+            () = &mut stop => {
+                // Withdrawn with nothing running or unheard: dropped, the
+                // attempt holds no lock and writes nothing more.
+                if !ticket.withdraw() {
+                    if let Ok(Ok(session)) = attempt.await {
+                        session.release().await;
+                    }
+                }
+                None
+            }
+            r = &mut attempt => Some(r),
+        };
+        Ok(match outcome.transpose()? {
+            None => Attempt::Stopped,
+            Some(Ok(session)) => Attempt::Held(session),
+            Some(Err((lock, retry_in))) => Attempt::Busy(Box::new(lock), retry_in),
+        })
+    }
+
     /// Drains what is ready now, once, then releases the lock.
     ///
     /// Fails with [`EngineError::LockHeld`] when a live runner holds the lock.
     /// Ops in backoff are left for later; see [`SyncEngine::run_until_empty`].
     pub async fn drain_once(&self) -> Result<DrainReport, EngineError> {
         let mut report = RunReport::default();
-        let Ok(session) = self.try_session(self.new_lock(), &mut report).await? else {
+        let Ok(session) = self.try_session(self.new_lock(), &mut report, None).await? else {
             return Err(EngineError::LockHeld);
         };
         let result = self.drain_ready(&session).await;
@@ -169,7 +219,9 @@ impl SyncEngine {
     /// (for at most `STOP_GRACE`; a write not begun by then is not made,
     /// and the aborted drain is dropped, within as long again, before
     /// this returns), and the lock is released (which waits for another
-    /// connection's write at most the outbox's busy timeout). Returns
+    /// connection's write at most the outbox's busy timeout). A shutdown
+    /// while the runner still tries for the lock returns at once, even on
+    /// an outbox another process keeps busy. Returns
     /// [`EngineError::LockLost`] if another runner took the lock over.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport, EngineError> {
         self.run_inner(shutdown, false).await
@@ -191,13 +243,14 @@ impl SyncEngine {
         let mut lock = self.new_lock();
         // Wait for the lock.
         let session = loop {
-            // Not raced against the shutdown: an attempt dropped as it
-            // commits would leave the lock taken with no one to release it.
-            // On a busy outbox it waits at most the busy timeout.
-            match self.try_session(lock, &mut report).await? {
-                Ok(session) => break session,
-                Err((l, retry_in)) => {
-                    lock = l;
+            match self
+                .try_session_until(lock, &mut report, shutdown.as_mut())
+                .await?
+            {
+                Attempt::Held(session) => break session,
+                Attempt::Stopped => return Ok(report),
+                Attempt::Busy(l, retry_in) => {
+                    lock = *l;
                     tokio::select! {
                         () = &mut shutdown => return Ok(report),
                         () = tokio::time::sleep(retry_in) => {}
@@ -706,6 +759,47 @@ mod tests {
         fn fetch<'a>(&'a self, _: &'a str, _: &'a str) -> BoxFuture<'a, Result<Fetched, Outcome>> {
             unreachable!("no conflict here")
         }
+    }
+
+    /// A stop that comes while the lock attempt's write is committing
+    /// cannot withdraw it: `run` waits for it, and releases the lock it took
+    /// before returning (an attempt dropped there would give the lock back
+    /// later, from the writer, after `run` returned).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_during_the_lock_attempts_commit_releases_what_it_took() {
+        let (dir, outbox) = fresh_outbox().await;
+        let (sent_tx, _sent) = mpsc::unbounded_channel();
+        let (dropped_tx, _dropped) = mpsc::unbounded_channel();
+        let engine = SyncEngine::builder()
+            .outbox(outbox.clone())
+            .transport(Arc::new(Hangs {
+                sent: sent_tx,
+                dropped: dropped_tx,
+            }))
+            .build()
+            .await
+            .unwrap();
+        // The acquire is the first write with an unheard hook.
+        let (reached, go) = outbox.hold_next_commit(true);
+        // The stop fires once the acquire's commit is held, and lets it go:
+        // its answer then waits, unread, for the attempt to be polled.
+        let stop = async move {
+            reached.await.unwrap();
+            go.send(()).unwrap();
+        };
+        let report = tokio::time::timeout(Duration::from_secs(30), engine.run(stop))
+            .await
+            .expect("the runner did not stop")
+            .unwrap();
+        assert_eq!(report.acquisitions, 1, "{report:?}");
+        let conn = rusqlite::Connection::open(dir.path().join("outbox.db")).unwrap();
+        let (owner, epoch): (String, u64) = conn
+            .query_row("SELECT owner, epoch FROM lock WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((owner.as_str(), epoch), ("", 1), "held when run returned");
+        outbox.close().await;
     }
 
     /// Requests in flight together run as tasks of their own; a stop drops

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::clock::SharedClock;
 use crate::op::Fence;
-use crate::outbox::{Outbox, OutboxError};
+use crate::outbox::{Outbox, OutboxError, Ticket};
 
 use super::{Judgement, LockConfig, LockView, StalenessObserver};
 
@@ -163,7 +163,19 @@ impl ProcessingLock {
     /// Taking it increments the epoch, so the previous holder's writes are
     /// refused from now on.
     pub async fn try_acquire(&mut self) -> Result<Acquired, LockError> {
-        match self.try_acquire_inner().await {
+        self.try_acquire_under(None).await
+    }
+
+    /// [`try_acquire`](Self::try_acquire), its writes under `ticket` if
+    /// given: withdrawn, they are not made and a wait for a busy outbox
+    /// ends. The fence comes back from the acquire's answer with no await
+    /// between, so an attempt dropped after a successful withdrawal holds
+    /// none.
+    pub(crate) async fn try_acquire_under(
+        &mut self,
+        ticket: Option<&Ticket>,
+    ) -> Result<Acquired, LockError> {
+        match self.try_acquire_inner(ticket).await {
             // Another process holds the database inside a transaction past
             // the busy timeout (e.g. a holder frozen mid-write): the lock is
             // held as far as we can tell; look again later.
@@ -177,9 +189,9 @@ impl ProcessingLock {
         }
     }
 
-    async fn try_acquire_inner(&mut self) -> Result<Acquired, LockError> {
+    async fn try_acquire_inner(&mut self, ticket: Option<&Ticket>) -> Result<Acquired, LockError> {
         let os = self.try_os_lock();
-        let (row, holder_os_file) = self.outbox.lock_read_with_os_file().await?;
+        let (row, holder_os_file) = self.outbox.lock_read_with_os_file(ticket).await?;
         // Obtaining an OS lock proves the holder's process gone only if it
         // is the very file the holder recorded: a lock file deleted and
         // created again, or another path's, proves nothing, and the
@@ -237,7 +249,7 @@ impl ProcessingLock {
         let os_file = self.os_lock.as_ref().map(|(_, id)| id.clone());
         match self
             .outbox
-            .lock_acquire_noting(&self.owner, Some((epoch, heartbeat)), os_file)
+            .lock_acquire_noting(&self.owner, Some((epoch, heartbeat)), os_file, ticket)
             .await?
         {
             Some(fence) => {

@@ -65,7 +65,11 @@ impl Fenced<'_> {
         T: Send + 'static,
         F: FnOnce(&Connection, &Ctx) -> Result<T, OutboxError> + Send + 'static,
     {
-        self.outbox.inner.writer.call_unheard(f, self.unheard).await
+        self.outbox
+            .inner
+            .writer
+            .call_unheard(f, self.unheard, None)
+            .await
     }
 
     /// Claims up to `limit` ready ops (due by `now_ms`, head of their

@@ -63,6 +63,7 @@ use crate::op::{Fence, NewOp, OpId, PendingOp, TxnOutcome};
 use guardian_sqlite::wal_prefill::WalPrefill;
 #[cfg(test)]
 pub(crate) use writer::HeldCommit;
+pub(crate) use writer::Ticket;
 use writer::{Ctx, Unheard, Writer};
 
 /// The newest on-disk schema version this build reads and writes.
@@ -809,16 +810,18 @@ impl Outbox {
         owner: &str,
         expect: Option<(u64, u64)>,
     ) -> Result<Option<Fence>, OutboxError> {
-        self.lock_acquire_noting(owner, expect, None).await
+        self.lock_acquire_noting(owner, expect, None, None).await
     }
 
     /// [`Outbox::lock_acquire`], recording in the same transaction the
-    /// identity of the OS lock file the new holder keeps (`None`: none).
+    /// identity of the OS lock file the new holder keeps (`None`: none),
+    /// under `ticket` if given (see [`Ticket`]).
     pub(crate) async fn lock_acquire_noting(
         &self,
         owner: &str,
         expect: Option<(u64, u64)>,
         os_file: Option<String>,
+        ticket: Option<&Ticket>,
     ) -> Result<Option<Fence>, OutboxError> {
         let owner = owner.to_owned();
         // Taken but never heard (the caller gave up, e.g. a runner stopped
@@ -850,18 +853,24 @@ impl Outbox {
                     Ok::<_, OutboxError>(fence)
                 },
                 Some(give_back),
+                ticket,
             )
             .await
     }
 
     /// The lock row and the identity of the OS lock file its holder keeps,
-    /// read together.
+    /// read together, under `ticket` if given.
     pub(crate) async fn lock_read_with_os_file(
         &self,
+        ticket: Option<&Ticket>,
     ) -> Result<(Option<LockRow>, Option<String>), OutboxError> {
         self.inner
             .writer
-            .call(|conn, _| Ok::<_, OutboxError>((lock_row::read(conn)?, lock_row::os_file(conn)?)))
+            .call_unheard(
+                |conn, _| Ok::<_, OutboxError>((lock_row::read(conn)?, lock_row::os_file(conn)?)),
+                None,
+                ticket,
+            )
             .await
     }
 

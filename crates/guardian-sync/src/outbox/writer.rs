@@ -18,7 +18,7 @@
 //! Concurrent enqueuers thus share one fsync, and no op is acknowledged
 //! before it is durable.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,8 @@ type Done = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 type Job = Box<dyn FnOnce(Option<(&Connection, &Ctx)>) -> (bool, Done) + Send>;
 
 enum Msg {
-    Job(Job),
+    /// A job, and the ticket it was sent under, if any.
+    Job(Job, Option<Ticket>),
     /// Run the after-commit work (a WAL fill step) that a commit on an
     /// async caller's thread left to the writer.
     Maintain,
@@ -242,6 +243,8 @@ fn run_unheard(hook: Option<&Arc<Mutex<Option<Unheard>>>>) {
 struct Waiting<T, E> {
     rx: oneshot::Receiver<Result<T, E>>,
     hook: Option<Arc<Mutex<Option<Unheard>>>>,
+    /// The job's ticket, told once its result is read or never will be.
+    ticket: Option<Ticket>,
 }
 
 impl<T, E> Drop for Waiting<T, E> {
@@ -253,6 +256,76 @@ impl<T, E> Drop for Waiting<T, E> {
             if matches!(self.rx.try_recv(), Ok(Ok(_))) {
                 run_unheard(self.hook.as_ref());
             }
+        }
+        if let Some(t) = &self.ticket {
+            t.heard();
+        }
+    }
+}
+
+/// Lets a caller take back the writes it queued: a runner that stops while
+/// its attempt for the lock waits on an outbox another connection keeps
+/// busy. The writer begins a job sent under the ticket only by marking it
+/// running, and the caller marks it heard once the result is read; so a
+/// withdrawal either finds nothing running and nothing unread, and no job
+/// under the ticket commits from then on, or finds one that does and
+/// must be awaited. One call at a time under a ticket.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Ticket(Arc<AtomicU8>);
+
+const OPEN: u8 = 0;
+const RUNNING: u8 = 1;
+/// Withdrawn while a job ran: `WITHDRAWN` once its result is heard.
+const WITHDRAWING: u8 = 2;
+const WITHDRAWN: u8 = 3;
+
+impl Ticket {
+    /// Withdraws every job under the ticket not yet begun, and every later
+    /// one. True when none is running or unheard: nothing of the caller's
+    /// commits from now on, and it may drop its calls. False when one is:
+    /// it will be answered, and its caller must await that answer.
+    pub(crate) fn withdraw(&self) -> bool {
+        loop {
+            match self
+                .0
+                .compare_exchange(OPEN, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) | Err(WITHDRAWN) => return true,
+                Err(RUNNING) => {
+                    let marked = self.0.compare_exchange(
+                        RUNNING,
+                        WITHDRAWING,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                    // Heard meanwhile (back to open): try again.
+                    if marked.is_ok() {
+                        return false;
+                    }
+                }
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn withdrawn(&self) -> bool {
+        self.0.load(Ordering::Acquire) >= WITHDRAWING
+    }
+
+    /// The writer begins a job under the ticket; false if it is withdrawn.
+    fn start(&self) -> bool {
+        self.0
+            .compare_exchange(OPEN, RUNNING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The running job's result is read, or never will be.
+    fn heard(&self) {
+        let back = self
+            .0
+            .compare_exchange(RUNNING, OPEN, Ordering::AcqRel, Ordering::Acquire);
+        if back == Err(WITHDRAWING) {
+            self.0.store(WITHDRAWN, Ordering::Release);
         }
     }
 }
@@ -285,7 +358,7 @@ where
 impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Msg::Job(_) => "Job",
+            Msg::Job(..) => "Job",
             Msg::Maintain => "Maintain",
             Msg::Close(_) => "Close",
         })
@@ -328,9 +401,9 @@ impl Writer {
     }
 
     /// Hands a job to the writer thread.
-    fn send(&self, job: Job) -> bool {
+    fn send(&self, job: Job, ticket: Option<Ticket>) -> bool {
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Msg::Job(job)).is_err() {
+        if self.tx.send(Msg::Job(job, ticket)).is_err() {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
@@ -350,7 +423,7 @@ impl Writer {
                 tracing::warn!(error = %e, "{what} failed");
             }
         });
-        if !self.send(job) {
+        if !self.send(job, None) {
             tracing::warn!("{what} failed: the outbox is closed");
         }
     }
@@ -370,14 +443,21 @@ impl Writer {
         E: JobError,
         F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
     {
-        self.call_unheard(f, None).await
+        self.call_unheard(f, None, None).await
     }
 
     /// [`call`](Self::call); and if the job commits but its caller stopped
     /// waiting once the job had begun (so the result is never heard),
     /// `unheard` runs instead, once: on the writer thread, or wherever the
-    /// caller's future is dropped with the result already in hand.
-    pub(crate) async fn call_unheard<T, E, F>(&self, f: F, unheard: Option<Unheard>) -> Result<T, E>
+    /// caller's future is dropped with the result already in hand. Under a
+    /// `ticket`, the job is not begun once the ticket is withdrawn, and a
+    /// wait for another connection's write lock ends when it is.
+    pub(crate) async fn call_unheard<T, E, F>(
+        &self,
+        f: F,
+        unheard: Option<Unheard>,
+        ticket: Option<&Ticket>,
+    ) -> Result<T, E>
     where
         T: Send + 'static,
         E: JobError,
@@ -386,11 +466,12 @@ impl Writer {
         let (reply, rx) = oneshot::channel::<Result<T, E>>();
         let hook = unheard.map(|h| Arc::new(Mutex::new(Some(h))));
         let writer_hook = hook.clone();
+        let writer_ticket = ticket.cloned();
         let job: Job = Box::new(move |env| {
             // A caller that gave up before the job's turn (a drain aborted
             // at a stop, an enqueue under a timeout) is not written for:
             // nothing it would have done with the result can happen now.
-            if reply.is_closed() {
+            if reply.is_closed() || writer_ticket.as_ref().is_some_and(|t| !t.start()) {
                 return (false, Box::new(drop) as Done);
             }
             #[cfg(test)]
@@ -403,10 +484,14 @@ impl Writer {
                 }
             })(env)
         });
-        if !self.send(job) {
+        if !self.send(job, ticket.cloned()) {
             return Err(E::closed());
         }
-        let mut waiting = Waiting { rx, hook };
+        let mut waiting = Waiting {
+            rx,
+            hook,
+            ticket: ticket.cloned(),
+        };
         let r = (&mut waiting.rx).await;
         waiting.hook = None;
         r.unwrap_or_else(|_| Err(E::closed()))
@@ -522,7 +607,7 @@ impl Writer {
                 drop(guard);
             }
             None => {
-                if !self.send(job) {
+                if !self.send(job, None) {
                     return Err(E::closed());
                 }
             }
@@ -582,6 +667,41 @@ fn begin(conn: &Connection) -> rusqlite::Result<()> {
         control(conn, "ROLLBACK")?;
     }
     control(conn, "BEGIN IMMEDIATE")
+}
+
+/// Longest pause between tries of [`begin_unless_withdrawn`]: how late it
+/// may notice a withdrawal.
+const WITHDRAWN_POLL: Duration = Duration::from_millis(20);
+
+/// [`begin`], waiting for another connection's write lock as SQLite's busy
+/// timeout would, but by polling, so that the wait ends once `ticket` is
+/// withdrawn (`None`). SQLite's own busy handler cannot be told to stop.
+fn begin_unless_withdrawn(
+    conn: &Connection,
+    ticket: &Ticket,
+    busy_timeout: Duration,
+) -> Option<rusqlite::Result<()>> {
+    let started = Instant::now();
+    let _ = conn.busy_timeout(Duration::ZERO);
+    let mut pause = Duration::from_millis(1);
+    let began = loop {
+        if ticket.withdrawn() {
+            break None;
+        }
+        match begin(conn) {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+                let left = busy_timeout.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    break Some(Err(e));
+                }
+                std::thread::sleep(pause.min(left));
+                pause = (pause * 2).min(WITHDRAWN_POLL);
+            }
+            other => break Some(other),
+        }
+    };
+    let _ = conn.busy_timeout(busy_timeout);
+    began
 }
 
 /// One group commit in progress: the transaction begins with its first
@@ -644,6 +764,25 @@ impl<'a> Group<'a> {
             let _ = control(conn, "RELEASE job");
         }
         self.dones.push(done);
+    }
+
+    /// [`run`](Self::run) for a job sent under `ticket`: if it begins the
+    /// group's transaction, a busy database is waited for (up to
+    /// `busy_timeout`) only while the ticket stands. A wait it ends is its
+    /// own, not the group's: the next job begins afresh.
+    fn run_under(&mut self, job: Job, ticket: &Ticket, busy_timeout: Duration) {
+        if self.began.is_none() {
+            match begin_unless_withdrawn(self.conn, ticket, busy_timeout) {
+                Some(began) => self.began = Some(began),
+                None => {
+                    // Withdrawn: the job sees it and writes nothing.
+                    let (_, done) = job(None);
+                    done(Ok(()));
+                    return;
+                }
+            }
+        }
+        self.run(job);
     }
 
     fn len(&self) -> usize {
@@ -737,7 +876,7 @@ fn next_message(rx: &mpsc::Receiver<Msg>, poll: bool) -> Option<Msg> {
 
 /// Counts a job as taken off the queue.
 fn taken(shared: &Shared, msg: Msg) -> Msg {
-    if matches!(msg, Msg::Job(_)) {
+    if matches!(msg, Msg::Job(..)) {
         shared.queued.fetch_sub(1, Ordering::AcqRel);
     }
     msg
@@ -755,7 +894,7 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         let Some(db) = guard.as_mut() else {
             // Closed (by an earlier close request): nothing runs any more.
             match first {
-                Msg::Job(job) => job(None).1(Ok(())),
+                Msg::Job(job, _) => job(None).1(Ok(())),
                 Msg::Maintain => {}
                 Msg::Close(reply) => {
                     let _ = reply.send(());
@@ -774,8 +913,11 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         // request taken is answered once the connection is closed.
         // A maintenance request needs no job: `committed` below runs it.
         let run_msg = |msg: Msg, group: &mut Group<'_>| match msg {
-            Msg::Job(job) => {
-                group.run(job);
+            Msg::Job(job, ticket) => {
+                match ticket {
+                    Some(t) => group.run_under(job, &t, shared.busy_timeout),
+                    None => group.run(job),
+                }
                 None
             }
             Msg::Maintain => None,
@@ -1050,7 +1192,7 @@ mod tests {
     /// lets it go on.
     async fn abandon_once_begun(w: &Writer, v: i64, refuse: bool, hook: Option<Unheard>) {
         let (Held { begun, go }, f) = held_job(v, refuse);
-        let mut call = Box::pin(w.call_unheard(f, hook));
+        let mut call = Box::pin(w.call_unheard(f, hook, None));
         assert!(futures::poll!(call.as_mut()).is_pending());
         tokio::task::spawn_blocking(move || begun.recv().unwrap())
             .await
@@ -1083,6 +1225,7 @@ mod tests {
             .call_unheard(
                 |conn, _| Ok(conn.execute("INSERT INTO t (v) VALUES (3)", [])? as i64),
                 hook,
+                None,
             )
             .await;
         assert_eq!(r.unwrap(), 1);
@@ -1101,6 +1244,7 @@ mod tests {
         let mut call = Box::pin(w.call_unheard(
             |conn, _| Ok::<_, OutboxError>(conn.execute("INSERT INTO t (v) VALUES (1)", [])?),
             hook,
+            None,
         ));
         // One poll sends the job; the next job's answer means it is done.
         assert!(futures::poll!(call.as_mut()).is_pending());
@@ -1111,7 +1255,7 @@ mod tests {
 
         // The writer is held by a first job while the second caller leaves.
         let (Held { begun, go }, f) = held_job(2, false);
-        let mut first = Box::pin(w.call_unheard(f, None));
+        let mut first = Box::pin(w.call_unheard(f, None, None));
         assert!(futures::poll!(first.as_mut()).is_pending());
         tokio::task::spawn_blocking(move || begun.recv().unwrap())
             .await
@@ -1120,6 +1264,7 @@ mod tests {
         let mut second = Box::pin(w.call_unheard(
             |conn, _| Ok::<_, OutboxError>(conn.execute("INSERT INTO t (v) VALUES (3)", [])?),
             hook,
+            None,
         ));
         assert!(futures::poll!(second.as_mut()).is_pending());
         drop(second);
@@ -1297,6 +1442,46 @@ mod tests {
         assert!(!workers.block_on(inline_insert(&w, 1)).unwrap());
         assert_eq!(workers.block_on(values(&w)), [1]);
         workers.block_on(w.close());
+    }
+
+    /// A job under a ticket that waits for another connection's write lock
+    /// stops waiting once the ticket is withdrawn, and writes nothing; a
+    /// job sent behind it begins afresh and commits once the lock is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_withdrawn_ticket_ends_its_jobs_wait_for_a_busy_database() {
+        let (dir, w) = writer();
+        let path = dir.path().join("w.db");
+        let (locked_tx, locked) = std::sync::mpsc::channel();
+        let (free, freed) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let conn = Connection::open(path).unwrap();
+            conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+            locked_tx.send(()).unwrap();
+            let _ = freed.recv();
+            conn.execute_batch("ROLLBACK").unwrap();
+        });
+        locked.recv().unwrap();
+        let insert = |v: i64| {
+            move |conn: &Connection, _: &Ctx| {
+                Ok::<_, OutboxError>(conn.execute("INSERT INTO t (v) VALUES (?1)", [v])?)
+            }
+        };
+        let ticket = Ticket::default();
+        let mut first = Box::pin(w.call_unheard(insert(1), None, Some(&ticket)));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        let behind = w.clone();
+        let second = tokio::spawn(async move { behind.call(insert(2)).await });
+        assert!(ticket.withdraw(), "nothing under the ticket ran");
+        // Well within the busy timeout (60 s), with the lock still held.
+        let given_up = tokio::time::timeout(Duration::from_secs(30), first)
+            .await
+            .expect("the withdrawn job still waited for the lock");
+        assert_eq!(given_up.unwrap_err(), OutboxError::Closed);
+        free.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(second.await.unwrap().unwrap(), 1);
+        assert_eq!(values(&w).await, [2]);
+        w.close().await;
     }
 
     /// A group of one runs without a savepoint: a refused lone job is undone
