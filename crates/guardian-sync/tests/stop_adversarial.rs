@@ -600,22 +600,34 @@ async fn a_stop_past_the_grace_returns_within_the_grace_and_the_busy_timeout() {
     );
 }
 
-/// A runner trying for the lock while another connection holds the
-/// outbox's write lock (another process mid-write, or frozen) is stopped
-/// while it waits: its attempt is withdrawn, so it returns at once, having
-/// taken no lock and left none behind, and the next runner applies the op
-/// once. Before, it waited out the other connection (4 s here).
+/// An engine with `n` ops queued, on an outbox whose write lock another
+/// connection (another process mid-write, or frozen) holds for 4 s.
+async fn busy_outbox(n: usize) -> (Rig, SyncEngine, std::thread::JoinHandle<()>) {
+    let rig = rig(Faults::default(), TOKEN).await;
+    let engine = builder(&rig.dir, &rig.probe, "runner-a")
+        .build()
+        .await
+        .unwrap();
+    enqueue_devices(&engine, n).await;
+    let peer = hold_write_lock(&rig.dir, Duration::from_secs(4));
+    (rig, engine, peer)
+}
+
+/// Once the busy peer lets go: no lock was left taken, and the next runner
+/// applies the `n` ops once.
+async fn after_busy(rig: &Rig, engine: &SyncEngine, peer: std::thread::JoinHandle<()>, n: usize) {
+    peer.join().unwrap();
+    assert_eq!(lock_owner(&rig.dir), "", "a lock was left taken");
+    drain_rest(engine).await;
+    assert_applied_once(&rig.server, n, "after the busy outbox").await;
+}
+
+/// A runner trying for the lock on a busy outbox is stopped while it
+/// waits: its attempt is withdrawn, so it returns at once, having taken no
+/// lock and left none behind. Before, it waited out the other connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_trying_for_the_lock_on_a_busy_outbox_is_prompt() {
-    let Rig {
-        server,
-        dir,
-        probe,
-        seen: _,
-    } = rig(Faults::default(), TOKEN).await;
-    let engine = builder(&dir, &probe, "runner-a").build().await.unwrap();
-    enqueue_devices(&engine, 1).await;
-    let peer = hold_write_lock(&dir, Duration::from_secs(4));
+    let (rig, engine, peer) = busy_outbox(1).await;
     // A stop at a point in time, not on a condition: whether the attempt
     // has begun to wait by then or not, the stop must be prompt. Measured
     // from the start: a stop future polled late would fire late.
@@ -634,27 +646,16 @@ async fn a_stop_while_trying_for_the_lock_on_a_busy_outbox_is_prompt() {
         "stopped at {stop_at:?}, returned at {took:?}, while the outbox was busy"
     );
     assert_eq!(report.acquisitions, 0, "{report:?}");
-    peer.join().unwrap();
-    assert_eq!(lock_owner(&dir), "", "a lock was left taken");
-    drain_rest(&engine).await;
-    assert_applied_once(&server, 1, "after the busy stop").await;
+    after_busy(&rig, &engine, peer, 1).await;
 }
 
-/// A pass with no wait budget on an outbox another connection keeps busy
-/// ends after its attempt's least wait (1 s), not after the busy timeout
-/// three times over (the attempt, then the report's two reads), and says
-/// that the lock is held and how many ops wait.
+/// A pass with no wait budget on a busy outbox ends after its attempt's
+/// least wait (1 s), not after the busy timeout three times over (the
+/// attempt, then the report's two reads), and says that the lock is held
+/// and how many ops wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_on_a_busy_outbox_ends_within_its_budget() {
-    let Rig {
-        server,
-        dir,
-        probe,
-        seen: _,
-    } = rig(Faults::default(), TOKEN).await;
-    let engine = builder(&dir, &probe, "runner-a").build().await.unwrap();
-    enqueue_devices(&engine, 2).await;
-    let peer = hold_write_lock(&dir, Duration::from_secs(4));
+    let (rig, engine, peer) = busy_outbox(2).await;
     let started = Instant::now();
     let once = tokio::time::timeout(Duration::from_secs(30), engine.run_once(Duration::ZERO))
         .await
@@ -668,10 +669,7 @@ async fn a_pass_on_a_busy_outbox_ends_within_its_budget() {
         took < Duration::from_secs(1) + MARGIN,
         "the pass took {took:?} on a busy outbox"
     );
-    peer.join().unwrap();
-    assert_eq!(lock_owner(&dir), "", "a lock was left taken");
-    drain_rest(&engine).await;
-    assert_applied_once(&server, 2, "after the busy pass").await;
+    after_busy(&rig, &engine, peer, 2).await;
 }
 
 /// A transaction whose answer (committed at the server) is held when the
