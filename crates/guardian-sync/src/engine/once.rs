@@ -14,10 +14,12 @@ use tokio::sync::broadcast;
 use super::run::{Attempt, RunReport};
 use crate::outbox::OutboxReader;
 
-/// The least time a pass's attempt for the lock waits for an outbox another
-/// connection keeps busy, however little of the budget is left: another
-/// process's ordinary write is over well within it, so a pass with no
-/// budget still gets its one try.
+/// The least time a pass's attempt for the lock may take (waiting for an
+/// outbox another connection keeps busy, or behind the outbox's own
+/// writes), however little of the budget is left: another process's
+/// ordinary write is over well within it, so a pass with no budget still
+/// gets its one try. Timed by tokio: under paused time it runs out as soon
+/// as the runtime idles, waiting for the writer thread.
 const LOCK_ATTEMPT_MIN: Duration = Duration::from_secs(1);
 use super::{EngineError, SyncEngine, SyncEvent};
 
@@ -34,8 +36,9 @@ pub enum OnceStop {
     /// The server refused the token; nothing more is sent with it.
     AuthRefused,
     /// Another runner held the processing lock for the whole wait budget,
-    /// or another connection kept the outbox busy that long (at least
-    /// `LOCK_ATTEMPT_MIN`, 1 s).
+    /// or an attempt to take it did not end within the budget (at least
+    /// 1 s): another connection kept the outbox busy, or its own writes
+    /// were that slow.
     LockHeld,
 }
 
@@ -149,8 +152,10 @@ impl SyncEngine {
                 .await?;
             waited += inner.clock.monotonic().saturating_sub(began);
             let (l, retry_in) = match attempt {
-                Attempt::Held(session) => break session,
-                Attempt::Stopped => return self.lock_held(report, waited).await,
+                // The budget ran out as a write of the attempt took the
+                // lock: the pass goes on with it.
+                Attempt::Held(session) | Attempt::Stopped(Some(session)) => break session,
+                Attempt::Stopped(None) => return self.lock_held(report, waited).await,
                 Attempt::Busy(l, retry_in) => (l, retry_in),
             };
             let left = max_wait.saturating_sub(waited);
@@ -202,12 +207,16 @@ impl SyncEngine {
     async fn lock_held(&self, run: RunReport, waited: Duration) -> Result<OnceReport, EngineError> {
         let path = self.inner.outbox.path().to_path_buf();
         let viewed = tokio::task::spawn_blocking(move || {
-            let view = OutboxReader::open(&path).ok()?;
+            let view = OutboxReader::open(&path)
+                .map_err(|e| tracing::warn!("no read-only view for the report: {e}"))
+                .ok()?;
             Some((view.lock_read(), view.stats()))
         })
         .await
-        .ok()
-        .flatten();
+        .unwrap_or_else(|e| {
+            tracing::warn!("the report's read-only view failed: {e}");
+            None
+        });
         let (row, stats) = match viewed {
             Some((row, stats)) => (row?, stats?),
             // No view (the path was moved away, say): through the outbox.

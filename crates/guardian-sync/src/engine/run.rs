@@ -10,7 +10,7 @@ use tokio::sync::{watch, Mutex as AsyncMutex};
 
 use crate::lock::{Acquired, ProcessingLock};
 use crate::op::Fence;
-use crate::outbox::Ticket;
+use crate::outbox::{OutboxError, Ticket};
 
 use super::task::{self, Owned};
 use super::{EngineError, Inner, SyncEngine, SyncEvent};
@@ -34,8 +34,9 @@ pub(super) enum Attempt {
     /// Another runner holds it (or the outbox stayed busy): try again after
     /// this long.
     Busy(Box<ProcessingLock>, Duration),
-    /// The stop came first; no lock is held.
-    Stopped,
+    /// The stop came first. With a session: a write of the attempt was
+    /// under way and took the lock all the same.
+    Stopped(Option<Session>),
 }
 
 /// A held lock with its heartbeat task; dropping it stops the beat.
@@ -87,6 +88,9 @@ impl SyncEngine {
         ticket: Option<&Ticket>,
     ) -> Result<Result<Session, (ProcessingLock, Duration)>, EngineError> {
         let mut lock = lock;
+        // No await from the acquire's answer to this function's return: an
+        // attempt withdrawn with nothing unheard (see `try_session_until`)
+        // then holds no fence when it is dropped.
         match lock.try_acquire_under(ticket).await? {
             Acquired::No { retry_in } => Ok(Err((lock, retry_in))),
             Acquired::Yes {
@@ -123,11 +127,10 @@ impl SyncEngine {
     }
 
     /// [`try_session`](Self::try_session), unless `stop` completes first:
-    /// then the attempt's writes are withdrawn, so that a stop never waits
-    /// out a busy outbox (another process mid-write, or frozen), and
-    /// `Stopped` comes back with no lock held. A write of the attempt
-    /// already under way holds the database and ends soon: it is awaited,
-    /// and a lock it took is released before this returns.
+    /// then the attempt's writes are withdrawn, so that a stop does not
+    /// wait out a busy outbox (another process mid-write, or frozen). A
+    /// write of the attempt already under way holds the database and ends
+    /// soon: it is awaited, and a lock it took comes back in `Stopped`.
     pub(super) async fn try_session_until(
         &self,
         lock: ProcessingLock,
@@ -142,19 +145,23 @@ impl SyncEngine {
             () = &mut stop => {
                 // Withdrawn with nothing running or unheard: dropped, the
                 // attempt holds no lock and writes nothing more.
-                if !ticket.withdraw() {
-                    if let Ok(Ok(session)) = attempt.await {
-                        session.release().await;
-                    }
+                if ticket.withdraw() {
+                    return Ok(Attempt::Stopped(None));
                 }
-                None
+                return Ok(Attempt::Stopped(match attempt.await {
+                    Ok(Ok(session)) => Some(session),
+                    Ok(Err(_)) | Err(EngineError::Outbox(OutboxError::Closed)) => None,
+                    Err(e) => {
+                        tracing::warn!("the lock attempt a stop cut short failed: {e}");
+                        None
+                    }
+                }));
             }
-            r = &mut attempt => Some(r),
+            r = &mut attempt => r,
         };
-        Ok(match outcome.transpose()? {
-            None => Attempt::Stopped,
-            Some(Ok(session)) => Attempt::Held(session),
-            Some(Err((lock, retry_in))) => Attempt::Busy(Box::new(lock), retry_in),
+        Ok(match outcome? {
+            Ok(session) => Attempt::Held(session),
+            Err((lock, retry_in)) => Attempt::Busy(Box::new(lock), retry_in),
         })
     }
 
@@ -220,8 +227,9 @@ impl SyncEngine {
     /// and the aborted drain is dropped, within as long again, before
     /// this returns), and the lock is released (which waits for another
     /// connection's write at most the outbox's busy timeout). A shutdown
-    /// while the runner still tries for the lock returns at once, even on
-    /// an outbox another process keeps busy. Returns
+    /// while the runner still tries for the lock does not wait for an
+    /// outbox another process keeps busy; a write of the attempt already
+    /// under way is awaited, and a lock it took released. Returns
     /// [`EngineError::LockLost`] if another runner took the lock over.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport, EngineError> {
         self.run_inner(shutdown, false).await
@@ -248,7 +256,12 @@ impl SyncEngine {
                 .await?
             {
                 Attempt::Held(session) => break session,
-                Attempt::Stopped => return Ok(report),
+                Attempt::Stopped(session) => {
+                    if let Some(session) = session {
+                        session.release().await;
+                    }
+                    return Ok(report);
+                }
                 Attempt::Busy(l, retry_in) => {
                     lock = *l;
                     tokio::select! {
@@ -761,6 +774,18 @@ mod tests {
         }
     }
 
+    /// An engine on `outbox` whose requests never end (none is sent here).
+    async fn idle_engine(outbox: &Outbox) -> SyncEngine {
+        let (sent, _) = mpsc::unbounded_channel();
+        let (dropped, _) = mpsc::unbounded_channel();
+        SyncEngine::builder()
+            .outbox(outbox.clone())
+            .transport(Arc::new(Hangs { sent, dropped }))
+            .build()
+            .await
+            .unwrap()
+    }
+
     /// A stop that comes while the lock attempt's write is committing
     /// cannot withdraw it: `run` waits for it, and releases the lock it took
     /// before returning (an attempt dropped there would give the lock back
@@ -768,17 +793,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_during_the_lock_attempts_commit_releases_what_it_took() {
         let (dir, outbox) = fresh_outbox().await;
-        let (sent_tx, _sent) = mpsc::unbounded_channel();
-        let (dropped_tx, _dropped) = mpsc::unbounded_channel();
-        let engine = SyncEngine::builder()
-            .outbox(outbox.clone())
-            .transport(Arc::new(Hangs {
-                sent: sent_tx,
-                dropped: dropped_tx,
-            }))
-            .build()
-            .await
-            .unwrap();
+        let engine = idle_engine(&outbox).await;
         // The acquire is the first write with an unheard hook.
         let (reached, go) = outbox.hold_next_commit(true);
         // The stop fires once the acquire's commit is held, and lets it go:
@@ -799,6 +814,33 @@ mod tests {
             })
             .unwrap();
         assert_eq!((owner.as_str(), epoch), ("", 1), "held when run returned");
+        outbox.close().await;
+    }
+
+    /// `run_once`'s budget runs out while the acquire's write commits: the
+    /// lock it takes is kept for the pass, which ends empty, instead of
+    /// being released and reported as held by nobody.
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_keeps_a_lock_taken_as_its_budget_ran_out() {
+        let (_dir, outbox) = fresh_outbox().await;
+        let engine = idle_engine(&outbox).await;
+        let (reached, go) = outbox.hold_next_commit(true);
+        let pass = engine.clone();
+        let pass = tokio::spawn(async move { pass.run_once(Duration::ZERO).await });
+        // Waiting in a blocking task keeps paused time from jumping ahead
+        // before the acquire's commit is held.
+        tokio::task::spawn_blocking(move || reached.blocking_recv())
+            .await
+            .unwrap()
+            .unwrap();
+        // Past the attempt's least wait (1 s): the budget runs out while
+        // the commit is held, and the pass sees it before it is let go.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::task::yield_now().await;
+        go.send(()).unwrap();
+        let once = pass.await.unwrap().unwrap();
+        assert_eq!(once.stop, crate::engine::OnceStop::Empty, "{once:?}");
+        assert_eq!(once.run.acquisitions, 1, "{once:?}");
         outbox.close().await;
     }
 

@@ -436,6 +436,13 @@ impl Writer {
         self.shared.hold.next_commit(hooked_only)
     }
 
+    /// Fires when a job under a ticket next finds the database busy, as it
+    /// begins to wait.
+    #[cfg(test)]
+    pub(crate) fn when_busy(&self) -> oneshot::Receiver<()> {
+        self.shared.hold.next_busy()
+    }
+
     /// Runs `f` in the next group commit and returns its result once committed.
     pub(crate) async fn call<T, E, F>(&self, f: F) -> Result<T, E>
     where
@@ -463,15 +470,28 @@ impl Writer {
         E: JobError,
         F: FnOnce(&Connection, &Ctx) -> Result<T, E> + Send + 'static,
     {
+        // Withdrawn already: not even queued, where it could wait behind
+        // another caller's wait for a busy database.
+        if ticket.is_some_and(Ticket::withdrawn) {
+            return Err(E::closed());
+        }
         let (reply, rx) = oneshot::channel::<Result<T, E>>();
         let hook = unheard.map(|h| Arc::new(Mutex::new(Some(h))));
         let writer_hook = hook.clone();
         let writer_ticket = ticket.cloned();
         let job: Job = Box::new(move |env| {
+            if writer_ticket.as_ref().is_some_and(|t| !t.start()) {
+                return (false, Box::new(drop) as Done);
+            }
             // A caller that gave up before the job's turn (a drain aborted
             // at a stop, an enqueue under a timeout) is not written for:
             // nothing it would have done with the result can happen now.
-            if reply.is_closed() || writer_ticket.as_ref().is_some_and(|t| !t.start()) {
+            // Checked after the start, so a caller gone meanwhile either
+            // finds the job running or leaves it to be skipped here.
+            if reply.is_closed() {
+                if let Some(t) = &writer_ticket {
+                    t.heard();
+                }
                 return (false, Box::new(drop) as Done);
             }
             #[cfg(test)]
@@ -679,8 +699,9 @@ const WITHDRAWN_POLL: Duration = Duration::from_millis(20);
 fn begin_unless_withdrawn(
     conn: &Connection,
     ticket: &Ticket,
-    busy_timeout: Duration,
+    shared: &Shared,
 ) -> Option<rusqlite::Result<()>> {
+    let busy_timeout = shared.busy_timeout;
     let started = Instant::now();
     let _ = conn.busy_timeout(Duration::ZERO);
     let mut pause = Duration::from_millis(1);
@@ -694,6 +715,8 @@ fn begin_unless_withdrawn(
                 if left.is_zero() {
                     break Some(Err(e));
                 }
+                #[cfg(test)]
+                shared.hold.found_busy();
                 std::thread::sleep(pause.min(left));
                 pause = (pause * 2).min(WITHDRAWN_POLL);
             }
@@ -768,11 +791,11 @@ impl<'a> Group<'a> {
 
     /// [`run`](Self::run) for a job sent under `ticket`: if it begins the
     /// group's transaction, a busy database is waited for (up to
-    /// `busy_timeout`) only while the ticket stands. A wait it ends is its
+    /// the busy timeout) only while the ticket stands. A wait it ends is its
     /// own, not the group's: the next job begins afresh.
-    fn run_under(&mut self, job: Job, ticket: &Ticket, busy_timeout: Duration) {
+    fn run_under(&mut self, job: Job, ticket: &Ticket, shared: &Shared) {
         if self.began.is_none() {
-            match begin_unless_withdrawn(self.conn, ticket, busy_timeout) {
+            match begin_unless_withdrawn(self.conn, ticket, shared) {
                 Some(began) => self.began = Some(began),
                 None => {
                     // Withdrawn: the job sees it and writes nothing.
@@ -915,7 +938,7 @@ fn run(shared: &Shared, rx: &mpsc::Receiver<Msg>) {
         let run_msg = |msg: Msg, group: &mut Group<'_>| match msg {
             Msg::Job(job, ticket) => {
                 match ticket {
-                    Some(t) => group.run_under(job, &t, shared.busy_timeout),
+                    Some(t) => group.run_under(job, &t, shared),
                     None => group.run(job),
                 }
                 None
@@ -1014,24 +1037,45 @@ mod hold {
         HOOKED.with(|h| h.set(true));
     }
 
-    /// A commit hold, armed for the writer thread's next group commit.
+    /// A commit hold, armed for the writer thread's next group commit; and
+    /// who to tell when a ticketed job next finds the database busy.
     #[derive(Debug, Default)]
-    pub(super) struct Hold(Mutex<Option<Armed>>);
+    pub(super) struct Hold {
+        armed: Mutex<Option<Armed>>,
+        busy: Mutex<Option<oneshot::Sender<()>>>,
+    }
 
     impl Hold {
         pub(super) fn next_commit(&self, hooked_only: bool) -> super::HeldCommit {
             let (reached_tx, reached) = oneshot::channel();
             let (go, go_rx) = mpsc::channel();
-            *self.0.lock().unwrap_or_else(PoisonError::into_inner) =
+            *self.armed.lock().unwrap_or_else(PoisonError::into_inner) =
                 Some((hooked_only, reached_tx, go_rx));
             (reached, go)
+        }
+
+        pub(super) fn next_busy(&self) -> oneshot::Receiver<()> {
+            let (tx, rx) = oneshot::channel();
+            *self.busy.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+            rx
+        }
+
+        pub(super) fn found_busy(&self) {
+            let told = self
+                .busy
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(tx) = told {
+                let _ = tx.send(());
+            }
         }
 
         /// Bounded: a test that forgets to let go fails instead of hanging.
         pub(super) fn before_commit(&self) {
             let hooked = HOOKED.with(|h| h.replace(false));
             let armed = {
-                let mut armed = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut armed = self.armed.lock().unwrap_or_else(PoisonError::into_inner);
                 if armed.as_ref().is_some_and(|(only, ..)| *only && !hooked) {
                     return;
                 }
@@ -1467,16 +1511,31 @@ mod tests {
             }
         };
         let ticket = Ticket::default();
+        let busy = w.when_busy();
         let mut first = Box::pin(w.call_unheard(insert(1), None, Some(&ticket)));
         assert!(futures::poll!(first.as_mut()).is_pending());
         let behind = w.clone();
         let second = tokio::spawn(async move { behind.call(insert(2)).await });
+        // Withdrawn while it waits, not before it began to.
+        tokio::time::timeout(Duration::from_secs(30), busy)
+            .await
+            .expect("the job never found the database busy")
+            .unwrap();
         assert!(ticket.withdraw(), "nothing under the ticket ran");
         // Well within the busy timeout (60 s), with the lock still held.
         let given_up = tokio::time::timeout(Duration::from_secs(30), first)
             .await
             .expect("the withdrawn job still waited for the lock");
         assert_eq!(given_up.unwrap_err(), OutboxError::Closed);
+        // A later call under it is refused at once, not queued behind the
+        // second job's wait.
+        let refused = tokio::time::timeout(
+            Duration::from_secs(30),
+            w.call_unheard(insert(3), None, Some(&ticket)),
+        )
+        .await
+        .expect("a call under a withdrawn ticket was queued");
+        assert_eq!(refused.unwrap_err(), OutboxError::Closed);
         free.send(()).unwrap();
         holder.join().unwrap();
         assert_eq!(second.await.unwrap().unwrap(), 1);
