@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use guardian_sync::clock::{Clock, SystemClock};
 use guardian_sync::op::{NewOp, OpId, PendingOp};
 use guardian_sync::outbox::{
-    EnqueueError, Enqueued, ListFilter, Outbox, OutboxOptions, Synchronous,
+    EnqueueError, Enqueued, ListFilter, OpenError, Outbox, OutboxOptions, Synchronous,
 };
 use serde_json::json;
 use tokio::runtime::{Builder, Runtime};
@@ -536,6 +536,35 @@ fn a_write_lock_held_past_the_busy_timeout_fails_every_path_as_busy() {
     let after = rt.block_on(outbox.enqueue(op("after"))).unwrap();
     rt.block_on(outbox.close());
     assert_eq!(stored(&path), BTreeSet::from([after.op_id]));
+}
+
+/// Opening an outbox whose write lock another connection holds past the
+/// busy timeout fails as busy after one wait, not two (the WAL check and
+/// the start-up each waited out the busy timeout), and stores nothing.
+#[test]
+fn an_open_under_a_foreign_write_lock_fails_as_busy_after_one_wait() {
+    const BUSY: Duration = Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    let rt = workers(2);
+    // Open, so the WAL has frames for the open below to check.
+    let outbox = open(&rt, &path, options());
+    let kept = rt.block_on(outbox.enqueue(op("kept"))).unwrap();
+    let lock = ForeignLock::take(&path);
+    let started = Instant::now();
+    let second = rt.block_on(Outbox::open(&path, options().busy_timeout(BUSY)));
+    let took = started.elapsed();
+    match second {
+        Err(OpenError::Storage(e)) if e.is_busy() => {}
+        other => panic!("expected busy, got {:?}", other.map(|_| ())),
+    }
+    assert!(
+        took < BUSY + BUSY / 2,
+        "the open took {took:?} with a busy timeout of {BUSY:?}"
+    );
+    lock.release();
+    rt.block_on(outbox.close());
+    assert_eq!(stored(&path), BTreeSet::from([kept.op_id]));
 }
 
 /// Runs an async enqueue on `rt` (a runtime whose blocking would stall every

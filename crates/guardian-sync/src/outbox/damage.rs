@@ -343,32 +343,49 @@ fn file_head(path: &Path) -> Vec<u8> {
 /// `scan::wal_break`) while holding the database's write lock, so the WAL
 /// is read between writes. The probe connection does not checkpoint on
 /// close: a checkpoint would copy only the frames before the damage into
-/// the file and then drop the WAL with the commits after it. `None` if
-/// there is no WAL, no break, or the lock or the file cannot be had (the
-/// open that follows reports that).
-pub(crate) fn wal_break_locked(path: &Path, busy_timeout: std::time::Duration) -> Option<String> {
+/// the file and then drop the WAL with the commits after it. `Ok(None)` if
+/// there is no WAL, no break, or the file cannot be had (the open that
+/// follows reports that). Busy past `busy_timeout` (another connection
+/// holds the write lock) is an error: the open would only wait for the
+/// same lock again.
+pub(crate) fn wal_break_locked(
+    path: &Path,
+    busy_timeout: std::time::Duration,
+) -> rusqlite::Result<Option<String>> {
     let wal = with_suffix(path, "-wal");
     if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
-        return None;
+        return Ok(None);
     }
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .ok()?;
-    conn.set_db_config(
-        rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-        true,
-    )
-    .ok()?;
-    conn.busy_timeout(busy_timeout).ok()?;
-    conn.execute_batch("BEGIN IMMEDIATE").ok()?;
+    let probe = || -> Option<Connection> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .ok()?;
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .ok()?;
+        conn.busy_timeout(busy_timeout).ok()?;
+        Some(conn)
+    };
+    let Some(conn) = probe() else {
+        return Ok(None);
+    };
+    match conn.execute_batch("BEGIN IMMEDIATE") {
+        Ok(()) => {}
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
+            return Err(e)
+        }
+        Err(_) => return Ok(None),
+    }
     let page_size = scan::db_page_size(&file_head(path));
     let found = std::fs::read(&wal)
         .ok()
         .and_then(|bytes| scan::wal_break(&bytes, page_size));
     let _ = conn.execute_batch("ROLLBACK");
-    found
+    Ok(found)
 }
 
 /// [`wal_break_locked`] for a reader, which cannot take the write lock

@@ -503,7 +503,8 @@ fn open_conn(
     // Every open for writing (a runner, an enqueue, a repair) looks for
     // WAL commits SQLite would ignore, before anything writes: the first
     // write would overwrite them.
-    let wal_break = damage::wal_break_locked(path, options.busy_timeout);
+    let wal_break = damage::wal_break_locked(path, options.busy_timeout)
+        .map_err(|e| OpenError::Storage(e.into()))?;
     let prepared = match wal_break {
         Some(reason) => Err(Prep::Damaged(reason)),
         None => prepare_conn(path, options, &mut report),
