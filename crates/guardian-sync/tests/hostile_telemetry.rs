@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Once, PoisonError};
 use std::time::{Duration, Instant};
 
 use guardian_server::{RunningServer, ServerBuilder};
-use guardian_sync::engine::{EngineError, RunReport, SyncEngine};
+use guardian_sync::engine::{EngineError, RunReport, SyncEngine, SyncEvent};
 use guardian_sync::op::{NewOp, OpState};
 use guardian_sync::outbox::ListFilter;
 use guardian_sync::telemetry::TelemetryConfig;
@@ -538,9 +538,17 @@ async fn a_stop_returns_promptly_while_an_export_hangs() {
     };
     let engine = engine(&dir, &server.url(), config).await;
     create(&engine, "n1").await;
+    let mut events = engine.events();
     let runner = start(&engine);
     let asked = fake.wait(secs(5), |l| l.count(T) >= 1).await;
     assert!(asked, "no telemetry request within 5 s");
+    // The op drains beside the hung export: the stop waits for its
+    // success, or the count below would race the drain.
+    tokio::time::timeout(secs(5), async {
+        while !matches!(events.recv().await, Ok(SyncEvent::OpSucceeded { .. })) {}
+    })
+    .await
+    .expect("the op was not applied within 5 s");
     let stopped_in = runner.stop().await;
     assert!(stopped_in < secs(1), "run() took {stopped_in:?} to stop");
     let closed = fake.wait(secs(2), |l| l.closed >= 1).await;
