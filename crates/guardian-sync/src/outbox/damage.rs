@@ -375,9 +375,7 @@ pub(crate) fn wal_break_locked(
     };
     match conn.execute_batch("BEGIN IMMEDIATE") {
         Ok(()) => {}
-        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
-            return Err(e)
-        }
+        Err(e) if super::error::is_busy(&e) => return Err(e),
         Err(_) => return Ok(None),
     }
     let page_size = scan::db_page_size(&file_head(path));

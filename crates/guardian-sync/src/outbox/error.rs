@@ -74,13 +74,9 @@ impl Eq for StorageError {}
 
 impl From<rusqlite::Error> for StorageError {
     fn from(e: rusqlite::Error) -> Self {
-        let busy = matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-        );
         if is_corrupt(&e) {
             Self::Corrupt(Arc::new(e))
-        } else if busy {
+        } else if is_busy(&e) {
             Self::Busy(Arc::new(e))
         } else {
             Self::Sqlite(Arc::new(e))
@@ -92,6 +88,14 @@ impl From<serde_json::Error> for StorageError {
     fn from(e: serde_json::Error) -> Self {
         Self::Json(Arc::new(e))
     }
+}
+
+/// True when another connection held the database past the busy timeout.
+pub(crate) fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 /// True for errors meaning the file is damaged rather than busy or full.

@@ -571,10 +571,7 @@ impl Writer {
         // Another connection (another process) may hold the write lock:
         // waiting for it here would block this worker for up to the busy
         // timeout, so a busy database goes to the writer thread, which waits.
-        let _ = db.conn.busy_timeout(Duration::ZERO);
-        let began = begin(&db.conn);
-        let _ = db.conn.busy_timeout(sh.busy_timeout);
-        if began.is_err() {
+        if begin_without_waiting(&db.conn, sh.busy_timeout).is_err() {
             return Err(f);
         }
         let slot: Slot<T, E> = Arc::new(Mutex::new(None));
@@ -701,28 +698,33 @@ fn begin_unless_withdrawn(
     ticket: &Ticket,
     shared: &Shared,
 ) -> Option<rusqlite::Result<()>> {
-    let busy_timeout = shared.busy_timeout;
     let started = Instant::now();
-    let _ = conn.busy_timeout(Duration::ZERO);
     let mut pause = Duration::from_millis(1);
-    let began = loop {
+    loop {
         if ticket.withdrawn() {
-            break None;
+            return None;
         }
-        match begin(conn) {
-            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {
-                let left = busy_timeout.saturating_sub(started.elapsed());
+        match begin_without_waiting(conn, shared.busy_timeout) {
+            Err(e) if super::error::is_busy(&e) => {
+                let left = shared.busy_timeout.saturating_sub(started.elapsed());
                 if left.is_zero() {
-                    break Some(Err(e));
+                    return Some(Err(e));
                 }
                 #[cfg(test)]
                 shared.hold.found_busy();
                 std::thread::sleep(pause.min(left));
                 pause = (pause * 2).min(WITHDRAWN_POLL);
             }
-            other => break Some(other),
+            other => return Some(other),
         }
-    };
+    }
+}
+
+/// [`begin`] once, failing at once if another connection holds the write
+/// lock; the connection's `busy_timeout` is restored after.
+fn begin_without_waiting(conn: &Connection, busy_timeout: Duration) -> rusqlite::Result<()> {
+    let _ = conn.busy_timeout(Duration::ZERO);
+    let began = begin(conn);
     let _ = conn.busy_timeout(busy_timeout);
     began
 }
