@@ -279,6 +279,42 @@ async fn a_lock_held_by_a_live_runner_exits_6() {
     assert_clean(&out);
 }
 
+/// An outbox another process keeps busy as the pass opens it (here a
+/// connection holding its write lock) stops the pass after the busy
+/// timeout like a held lock, with status 6 and the queue counted, and
+/// touches nothing: once the lock is let go, a pass delivers every op.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_kept_busy_as_it_opens_exits_6() {
+    let server = server(Faults::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    enqueue(&outbox, 2).await;
+    let holder = rusqlite::Connection::open(&outbox).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let out = gsync(
+        &outbox,
+        &run_once(&server.url(), TOKEN, &["--max-wait", "0s"]),
+    )
+    .await;
+    holder.execute_batch("ROLLBACK").unwrap();
+    drop(holder);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    let line = last_line(&out);
+    assert!(
+        line.starts_with("gsync: the outbox stayed busy: another process held its write lock"),
+        "{line}"
+    );
+    assert!(line.contains("2 op(s) wait for it"), "{line}");
+    assert_clean(&out);
+    let out = gsync(&outbox, &run_once(&server.url(), TOKEN, &[])).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        last_line(&out).starts_with("done: queue empty; 2 succeeded"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_through_a_v1_url_exits_4() {
     let server = server(Faults::default()).await;

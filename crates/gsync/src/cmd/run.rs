@@ -9,9 +9,10 @@ use anyhow::Context;
 use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::clock::{Clock as _, SystemClock};
 use guardian_sync::engine::{
-    BatchConfig, EngineError, OnceReport, OnceStop, SyncEngine, SyncEvent,
+    BatchConfig, BuildError, EngineError, OnceReport, OnceStop, SyncEngine, SyncEvent,
 };
 use guardian_sync::lock::LockConfig;
+use guardian_sync::outbox::{OpenError, OutboxOptions, OutboxReader};
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::telemetry::TelemetryConfig;
 use guardian_sync::transport::{check_token, StaticToken};
@@ -183,7 +184,13 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
             ..BatchConfig::default()
         }),
     };
-    let engine = builder.build().await?;
+    let engine = match builder.build().await {
+        Ok(engine) => engine,
+        Err(BuildError::Open(OpenError::Storage(e))) if args.once && e.is_busy() => {
+            return Err(busy_at_open(&global.outbox).await.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let interactive = std::io::stderr().is_terminal() && !global.json && !args.events;
     let progress = if interactive {
         // Counting the queue costs O(queue); only a terminal user needs it.
@@ -276,7 +283,7 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
         Finished::Once(once) => {
             let now = SystemClock::new().now_millis();
             let breaker_open = engine.breaker_retry_in().is_some();
-            let verdict = verdict(&once, args.max_wait, breaker_open, now);
+            let verdict = verdict(&once, breaker_open, now);
             if global.json {
                 println!(
                     "{}",
@@ -322,12 +329,7 @@ enum Finished {
 /// One pass can stop for several reasons at once; the status names the one
 /// that asks most of the user: a lock held (nothing was tried), a refused
 /// token, ops moved to the failed list, then ops left for a later pass.
-fn verdict(
-    once: &OnceReport,
-    max_wait: Duration,
-    breaker_open: bool,
-    now_ms: i64,
-) -> Option<Stopped> {
+fn verdict(once: &OnceReport, breaker_open: bool, now_ms: i64) -> Option<Stopped> {
     let d = &once.run.drain;
     let tally = format!(
         "this pass: {} succeeded, {} failed, {} retried",
@@ -359,15 +361,7 @@ fn verdict(
         OnceStop::LockHeld => (
             LOCK_HELD,
             "lock_held",
-            format!(
-                "another runner holds the processing lock{} (waited {}); {} op(s) wait for it",
-                once.lock_holder
-                    .as_deref()
-                    .map(|h| format!(" ({h})"))
-                    .unwrap_or_default(),
-                humantime::format_duration(max_wait),
-                once.remaining
-            ),
+            lock_held_line(once.lock_holder.as_deref(), once.waited_ms, once.remaining),
         ),
         OnceStop::AuthRefused => (
             AUTH_REFUSED,
@@ -390,6 +384,45 @@ fn verdict(
         _ => return None,
     };
     Some(Stopped { code, kind, reason })
+}
+
+/// Why a pass could not take the processing lock. With no holder in the
+/// lock row, no runner held it: another process kept the outbox's write
+/// lock, or held the lock file as it took or gave up the row.
+fn lock_held_line(holder: Option<&str>, waited_ms: u64, remaining: u64) -> String {
+    let why = holder.map_or_else(
+        || "could not take the processing lock: another process was writing to the outbox or taking the lock".to_owned(),
+        |h| format!("another runner holds the processing lock ({h})"),
+    );
+    let tenths = f64::from(u32::try_from(waited_ms / 100).unwrap_or(u32::MAX));
+    format!(
+        "{why} (waited {:.1}s); {remaining} op(s) wait for it",
+        tenths / 10.0
+    )
+}
+
+/// The verdict of a pass whose outbox stayed busy past the busy timeout as
+/// it opened: like a held lock, nothing was tried and a later pass may go.
+/// The queue is counted through a read-only view, which a writer does not
+/// block.
+async fn busy_at_open(path: &std::path::Path) -> Stopped {
+    let path = path.to_path_buf();
+    let counted = tokio::task::spawn_blocking(move || {
+        let stats = OutboxReader::open(&path).ok()?.stats().ok()?;
+        Some(stats.pending + stats.in_flight)
+    })
+    .await
+    .ok()
+    .flatten();
+    let waiting = counted.map_or_else(String::new, |n| format!("; {n} op(s) wait for it"));
+    Stopped {
+        code: LOCK_HELD,
+        kind: "lock_held",
+        reason: format!(
+            "the outbox stayed busy: another process held its write lock for {} as it opened{waiting}",
+            humantime::format_duration(OutboxOptions::default().busy_timeout)
+        ),
+    }
 }
 
 /// Redraws the progress line on a steady tick, so the clock, the rate and
@@ -501,4 +534,21 @@ fn report_event(event: &SyncEvent, json: bool, progress: Option<&Mutex<Progress>
         other => serde_json::to_string(other).unwrap_or_default(),
     };
     eprintln!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lock_held_line;
+
+    #[test]
+    fn a_held_lock_names_its_holder_and_a_busy_outbox_says_so() {
+        assert_eq!(
+            lock_held_line(Some("runner-1"), 1_049, 2),
+            "another runner holds the processing lock (runner-1) (waited 1.0s); 2 op(s) wait for it"
+        );
+        assert_eq!(
+            lock_held_line(None, 30_000, 0),
+            "could not take the processing lock: another process was writing to the outbox or taking the lock (waited 30.0s); 0 op(s) wait for it"
+        );
+    }
 }
