@@ -41,8 +41,9 @@ pub struct SalvageReport {
     /// (quarantined) with the reason, so nothing readable is dropped.
     #[serde(default)]
     pub ops_quarantined: u64,
-    /// Ranges of positions (`seq`, inclusive) that could not be read at all;
-    /// they may have held ops (or been empty). Empty when the scan was clean.
+    /// Ranges of positions (`seq`, inclusive) that could not be read at all,
+    /// by SQLite or by the page scan; they may have held ops (or been
+    /// empty). Empty when the scan was clean.
     pub unreadable_seq_ranges: Vec<(i64, i64)>,
     /// True if SQLite could not read the `ops` table at all (its rows may
     /// still have been found by the scan, see `ops_found_by_scan`).
@@ -699,6 +700,7 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
     if found.wal_break.is_some() && found.complete && sql_complete {
         remove_deleted_later(new, &ids, report);
     }
+    drop_recovered(new, report);
     recount(new, report);
     found.max_rowid.max(found.seq_mark)
 }
@@ -737,6 +739,32 @@ fn remove_deleted_later(
             Err(e) => note(report, format!("op {seq}: deleted later, not removed: {e}")),
         }
     }
+}
+
+/// Takes the positions whose ops the scan found out of
+/// `unreadable_seq_ranges`, which then name only what may be lost.
+fn drop_recovered(new: &Connection, report: &mut SalvageReport) {
+    let mut left = Vec::new();
+    for &(first, last) in &report.unreadable_seq_ranges {
+        let found: rusqlite::Result<Vec<i64>> = new
+            .prepare_cached("SELECT seq FROM ops WHERE seq BETWEEN ?1 AND ?2 ORDER BY seq")
+            .and_then(|mut s| s.query_map([first, last], |r| r.get(0))?.collect());
+        let Ok(found) = found else {
+            left.push((first, last));
+            continue;
+        };
+        let mut from = first;
+        for seq in found {
+            if seq > from {
+                left.push((from, seq - 1));
+            }
+            from = seq.saturating_add(1);
+        }
+        if from <= last {
+            left.push((from, last));
+        }
+    }
+    report.unreadable_seq_ranges = left;
 }
 
 /// Counts the copied ops again after the scan replaced or removed some.

@@ -40,7 +40,7 @@ pub(crate) struct Scan {
     pub rows: Vec<FoundRow>,
     /// Table leaf pages decoded.
     pub leaf_pages: u64,
-    /// Cells that did not decode (a damaged cell or overflow chain).
+    /// Cells that did not decode (a damaged cell, overflow chain or record).
     pub bad_cells: u64,
     /// The first WAL frame (1-based) whose checksum fails while an intact
     /// commit follows it, if any.
@@ -670,6 +670,19 @@ fn cell(pages: &Pages<'_>, page: &[u8], at: usize) -> Option<(i64, Vec<u8>)> {
     Some((rowid as i64, payload))
 }
 
+/// The body length of a value of serial type `t`; `None` for the reserved
+/// types.
+fn serial_len(t: u64) -> Option<usize> {
+    match t {
+        0 | 8 | 9 => Some(0),
+        1..=4 => usize::try_from(t).ok(),
+        5 => Some(6),
+        6 | 7 => Some(8),
+        10 | 11 => None,
+        _ => usize::try_from((t - 12) / 2).ok(),
+    }
+}
+
 /// Decodes a record into its values; text that is not UTF-8 is kept as a
 /// blob, as salvage's SQL path keeps it.
 fn record(p: &[u8]) -> Option<Vec<SqlValue>> {
@@ -691,45 +704,60 @@ fn record(p: &[u8]) -> Option<Vec<SqlValue>> {
     let mut body = hlen;
     let mut values = Vec::with_capacity(types.len());
     for t in types {
-        let int = |len: usize| -> Option<i64> {
-            let b = p.get(body..body + len)?;
-            let mut v: i64 = if b[0] & 0x80 != 0 { -1 } else { 0 };
+        let len = serial_len(t)?;
+        let b = p.get(body..body.checked_add(len)?)?;
+        let int = || -> i64 {
+            let mut v: i64 = if b.first().is_some_and(|x| x & 0x80 != 0) {
+                -1
+            } else {
+                0
+            };
             for &x in b {
                 v = (v << 8) | i64::from(x);
             }
-            Some(v)
+            v
         };
-        let (value, len) = match t {
-            0 => (SqlValue::Null, 0),
-            1..=4 => (SqlValue::Integer(int(t as usize)?), t as usize),
-            5 => (SqlValue::Integer(int(6)?), 6),
-            6 => (SqlValue::Integer(int(8)?), 8),
-            7 => {
-                let b = p.get(body..body + 8)?;
-                let bits = u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-                (SqlValue::Real(f64::from_bits(bits)), 8)
-            }
-            8 => (SqlValue::Integer(0), 0),
-            9 => (SqlValue::Integer(1), 0),
-            10 | 11 => return None,
-            _ => {
-                let len = usize::try_from((t - 12) / 2).ok()?;
-                let b = p.get(body..body.checked_add(len)?)?;
-                let v = if t % 2 == 0 {
-                    SqlValue::Blob(b.to_vec())
-                } else {
-                    match std::str::from_utf8(b) {
-                        Ok(s) => SqlValue::Text(s.to_owned()),
-                        Err(_) => SqlValue::Blob(b.to_vec()),
-                    }
-                };
-                (v, len)
-            }
+        let value = match t {
+            0 => SqlValue::Null,
+            1..=6 => SqlValue::Integer(int()),
+            7 => SqlValue::Real(f64::from_bits(u64::from_be_bytes(b.try_into().ok()?))),
+            8 => SqlValue::Integer(0),
+            9 => SqlValue::Integer(1),
+            _ if t % 2 == 0 => SqlValue::Blob(b.to_vec()),
+            _ => match std::str::from_utf8(b) {
+                Ok(s) => SqlValue::Text(s.to_owned()),
+                Err(_) => SqlValue::Blob(b.to_vec()),
+            },
         };
         values.push(value);
         body += len;
     }
     Some(values)
+}
+
+/// An op row's record whose first byte, the header size, is damaged. The
+/// header size is redundant: the serial types must account for the whole
+/// payload. So the types are read from the second byte on, and where they
+/// end with an op row's number of columns and a body that fills the rest
+/// exactly, the record is decoded with that header size. An op row's
+/// header is under 128 bytes, so its size took one byte.
+fn record_resized(p: &[u8]) -> Option<Vec<SqlValue>> {
+    let mut at = 1;
+    let mut body: usize = 0;
+    let mut columns = 0;
+    while at < p.len().min(0x80) && columns < OP_COLUMNS_V6 {
+        let (t, k) = varint(p, at)?;
+        at += k;
+        body = body.checked_add(serial_len(t)?)?;
+        columns += 1;
+        let fits = at.checked_add(body) == Some(p.len());
+        if fits && OP_COLUMN_COUNTS.contains(&columns) && at < 0x80 {
+            let mut fixed = p.to_vec();
+            fixed[0] = u8::try_from(at).ok()?;
+            return record(&fixed);
+        }
+    }
+    None
 }
 
 /// Columns of an op row before schema 4 (no checksum), in schema 4, in
@@ -739,6 +767,7 @@ const OP_COLUMNS_V3: usize = 22;
 const OP_COLUMNS_V4: usize = 23;
 const OP_COLUMNS_V5: usize = 25;
 const OP_COLUMNS_V6: usize = 26;
+const OP_COLUMN_COUNTS: [usize; 4] = [OP_COLUMNS_V3, OP_COLUMNS_V4, OP_COLUMNS_V5, OP_COLUMNS_V6];
 /// The `is_head` column, rebuilt by salvage and not copied.
 const IS_HEAD: usize = 13;
 
@@ -752,7 +781,7 @@ fn is_uuid(v: &SqlValue) -> bool {
 /// (or an integer), and an op id or an idempotency key that is a UUID (so a
 /// row damaged in one of them is still recognised, and quarantined).
 fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
-    if ![OP_COLUMNS_V3, OP_COLUMNS_V4, OP_COLUMNS_V5, OP_COLUMNS_V6].contains(&values.len()) {
+    if !OP_COLUMN_COUNTS.contains(&values.len()) {
         return None;
     }
     if values.len() == OP_COLUMNS_V6 {
@@ -847,13 +876,20 @@ pub(crate) fn scan(db: &[u8], wal: Option<&[u8]>) -> Scan {
         };
         out.leaf_pages += 1;
         for (rowid, payload) in cells {
-            let Some(values) = record(&payload) else {
-                continue;
+            let decoded = record(&payload);
+            let undecoded = decoded.is_none();
+            let row = match decoded {
+                Some(values) => match small_row(rowid, values, &mut out) {
+                    Some(values) => op_row(rowid, values),
+                    None => continue,
+                },
+                None => None,
             };
-            let Some(values) = small_row(rowid, values, &mut out) else {
-                continue;
-            };
-            let Some(values) = op_row(rowid, values) else {
+            // A record that does not decode, or decodes as no op row, may
+            // be an op row with a damaged header size.
+            let resized = || record_resized(&payload).and_then(|v| op_row(rowid, v));
+            let Some(values) = row.or_else(resized) else {
+                out.bad_cells += u64::from(undecoded);
                 continue;
             };
             out.max_rowid = out.max_rowid.max(rowid);
@@ -910,6 +946,47 @@ mod tests {
             ]
         );
         assert_eq!(record(&p[..p.len() - 1]), None);
+    }
+
+    /// A 22-column record shaped like an op row of schema 3: the rowid
+    /// alias, two UUIDs, then small integers.
+    fn op_like_record() -> (Vec<u8>, Vec<SqlValue>) {
+        let id = "0b9d8a4e-8d3c-4b57-9a3e-3f7f6b1c2d4e";
+        let mut header = vec![0u8, 85, 85];
+        header.extend(std::iter::repeat_n(1u8, OP_COLUMNS_V3 - 3));
+        let mut p = vec![u8::try_from(header.len() + 1).unwrap()];
+        p.extend_from_slice(&header);
+        p.extend_from_slice(id.as_bytes());
+        p.extend_from_slice(id.as_bytes());
+        p.extend((0..OP_COLUMNS_V3 - 3).map(|i| u8::try_from(i).unwrap()));
+        let mut values = vec![
+            SqlValue::Null,
+            SqlValue::Text(id.into()),
+            SqlValue::Text(id.into()),
+        ];
+        values.extend((0..OP_COLUMNS_V3 - 3).map(|i| SqlValue::Integer(i64::try_from(i).unwrap())));
+        (p, values)
+    }
+
+    #[test]
+    fn an_op_record_with_a_damaged_header_size_is_read_again() {
+        let (p, values) = op_like_record();
+        assert_eq!(record(&p).as_ref(), Some(&values));
+        for flip in [0x82u8, 0x01, 0x40, 0x1b] {
+            let mut bad = p.clone();
+            bad[0] ^= flip;
+            assert_ne!(record(&bad).as_ref(), Some(&values), "flip {flip:#x}");
+            assert_eq!(
+                record_resized(&bad).as_ref(),
+                Some(&values),
+                "flip {flip:#x}"
+            );
+        }
+        // A record of another shape, or with a damaged type, is not guessed.
+        assert_eq!(record_resized(&p[..p.len() - 1]), None);
+        let mut bad = p.clone();
+        bad[2] = 87;
+        assert_eq!(record_resized(&bad), None);
     }
 
     /// A WAL header for 512-byte pages (checksums big- or little-endian)
