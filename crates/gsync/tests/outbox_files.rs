@@ -339,11 +339,23 @@ async fn a_damaged_wal_frame_is_salvaged_by_the_next_enqueue() {
         .filter(|(p, _)| !p.to_string_lossy().ends_with("-shm"))
         .collect();
     assert_eq!(after, before, "check changed files");
+    // With --json the warning is one JSON object on one line.
     let (_, err) = expect(
         &path,
-        &["enqueue", "create", "thing", "after", r#"{"n":1}"#],
+        &[
+            "--json",
+            "enqueue",
+            "create",
+            "thing",
+            "after",
+            r#"{"n":1}"#,
+        ],
         0,
     );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let warning: Value = serde_json::from_str(&err).unwrap();
+    assert_eq!(warning["warning"]["kind"], "salvaged", "{err}");
+    let err = warning["warning"]["message"].as_str().unwrap();
     assert!(err.contains("damaged") && err.contains("WAL"), "{err}");
     assert!(err.contains("salvaged 20 ops"), "{err}");
     expect(&path, &["check"], 0);

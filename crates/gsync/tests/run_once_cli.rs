@@ -218,6 +218,67 @@ async fn a_server_answering_garbage_exits_3() {
     assert_clean(&out);
 }
 
+/// A server's refusal quoting line breaks and terminal escapes: they must
+/// not reach the terminal or split a line (each event line, the last
+/// line, and the failed op's row in `gsync ops`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_control_characters_never_reach_the_output() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hostile = tokio::spawn(async move {
+        let body = serde_json::json!({
+            "type": "urn:x:\nbad",
+            "title": "t",
+            "status": 422,
+            "detail": "line one\nline two\r\n\u{1b}[1mbold\u{1b}[0m\u{7}",
+        })
+        .to_string();
+        let answer = format!(
+            "HTTP/1.1 422 Unprocessable Entity\r\ncontent-type: application/problem+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        // Bounded: a pass makes a handful of requests.
+        for _ in 0..200 {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let _ = socket.write_all(answer.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    enqueue(&outbox, 1).await;
+    let out = gsync(
+        &outbox,
+        &run_once(&url, TOKEN, &["--max-wait", "1s", "--batch", "0"]),
+    )
+    .await;
+    hostile.abort();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(!err.contains('\r') && !err.contains('\u{7}'), "{err:?}");
+    for line in err.lines() {
+        assert!(
+            line.starts_with("failed ") || line.starts_with("gsync: ") || line.starts_with("lock "),
+            "a line split off: {line:?} in {err:?}"
+        );
+    }
+    assert!(last_line(&out).contains("\\u{1b}[1mbold"), "{err:?}");
+    assert_clean(&out);
+    let ops = gsync(&outbox, &["ops", "--state", "failed"]).await;
+    let table = String::from_utf8_lossy(&ops.stdout).into_owned();
+    assert!(
+        !table.contains('\u{1b}') && !table.contains('\r') && table.lines().count() == 2,
+        "{table:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_held_by_a_live_runner_exits_6() {
     let server = server(Faults::default()).await;

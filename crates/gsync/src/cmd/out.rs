@@ -44,8 +44,7 @@ impl std::error::Error for Stopped {}
 pub(crate) fn one_line(e: &anyhow::Error) -> String {
     let mut text = String::new();
     for cause in e.chain() {
-        let part = cause.to_string();
-        let part = part.split_whitespace().collect::<Vec<_>>().join(" ");
+        let part = flat(&cause.to_string());
         if part.is_empty() || text.contains(&part) {
             continue;
         }
@@ -55,6 +54,26 @@ pub(crate) fn one_line(e: &anyhow::Error) -> String {
         text.push_str(&part);
     }
     text
+}
+
+/// `text` on one line: each run of white space becomes one space.
+pub(crate) fn flat(text: &str) -> String {
+    printable(&text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// `text` without control characters, which a server's or a damaged
+/// file's text may carry to a terminal: a line break or tab becomes a
+/// space, any other is written as an escape (`\u{1b}`).
+pub(crate) fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\r' | '\t' => out.push(' '),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Writes to standard output (what `println!` and `print!` expand to).
@@ -114,6 +133,16 @@ mod tests {
             one_line(&e),
             "cannot enqueue: cannot write: database or disk is full"
         );
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_breaks_become_spaces() {
+        let e = anyhow::anyhow!("line one\nline two\r\n\u{1b}[1mbold\u{1b}[0m\u{7}");
+        assert_eq!(
+            one_line(&e),
+            "line one line two \\u{1b}[1mbold\\u{1b}[0m\\u{7}"
+        );
+        assert_eq!(printable("a\tb  c\u{9b}"), "a b  c\\u{9b}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use guardian_sync::retry::{clamp_due, RetryPolicy};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::out::{flat, printable};
 use crate::Global;
 
 /// Outbox commands.
@@ -186,7 +187,12 @@ pub(crate) fn run(global: &Global, command: Command) -> anyhow::Result<()> {
     rt.block_on(run_async(global, command))
 }
 
-async fn open(path: &Path, create: bool, coalesce: bool) -> anyhow::Result<Outbox> {
+async fn open(
+    global: &Global,
+    path: &Path,
+    create: bool,
+    coalesce: bool,
+) -> anyhow::Result<Outbox> {
     if !create && !path.exists() {
         bail!(
             "no outbox at {} (pass --outbox PATH or set GSYNC_OUTBOX)",
@@ -197,7 +203,7 @@ async fn open(path: &Path, create: bool, coalesce: bool) -> anyhow::Result<Outbo
     let (outbox, report) = Outbox::open(path, options)
         .await
         .with_context(|| format!("cannot open outbox {}", path.display()))?;
-    warn_about(&report);
+    warn_about(&report, global.json);
     Ok(outbox)
 }
 
@@ -213,30 +219,77 @@ fn open_read_only(path: &Path) -> anyhow::Result<OutboxReader> {
     })
 }
 
-fn warn_about(report: &OpenReport) {
+/// Warns on stderr of what opening the outbox repaired: one line, or with
+/// `--json` one JSON object (`{"warning":{"kind","message"}}`).
+fn warn_about(report: &OpenReport, json: bool) {
+    let mut warnings = Vec::new();
     if let Some(s) = &report.salvage {
-        eprintln!(
-            "gsync: warning: the outbox was damaged ({}); moved to {}, salvaged {} ops ({} quarantined to failed, {} unreadable{})",
-            s.reason,
-            s.moved_to.display(),
-            s.ops_saved,
-            s.ops_quarantined,
-            s.ops_unreadable,
-            if s.ops_found_by_scan > 0 {
-                format!(", {} found by the page scan", s.ops_found_by_scan)
-            } else if s.ops_table_lost {
-                ", ops table lost".to_owned()
-            } else {
-                String::new()
-            }
-        );
+        let lost = match s.unreadable_seq_ranges.as_slice() {
+            [] => String::new(),
+            ranges => format!(
+                "; unreadable, ops there may be lost: seq {}",
+                seq_ranges(ranges)
+            ),
+        };
+        warnings.push((
+            "salvaged",
+            format!(
+                "the outbox was damaged ({}); moved to {}, salvaged {} ops ({} quarantined to failed, {} unreadable{}){lost}",
+                s.reason,
+                s.moved_to.display(),
+                s.ops_saved,
+                s.ops_quarantined,
+                s.ops_unreadable,
+                if s.ops_found_by_scan > 0 {
+                    format!(", {} found by the page scan", s.ops_found_by_scan)
+                } else if s.ops_table_lost {
+                    ", ops table lost".to_owned()
+                } else {
+                    String::new()
+                }
+            ),
+        ));
     }
     if report.upcast_failed > 0 {
-        eprintln!(
-            "gsync: warning: {} ops could not be upcast and were moved to failed",
-            report.upcast_failed
-        );
+        warnings.push((
+            "upcast_failed",
+            format!(
+                "{} ops could not be upcast and were moved to failed",
+                report.upcast_failed
+            ),
+        ));
     }
+    for (kind, message) in warnings {
+        let message = flat(&message);
+        if json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"warning": {"kind": kind, "message": message}})
+            );
+        } else {
+            eprintln!("gsync: warning: {message}");
+        }
+    }
+}
+
+/// Position ranges as `3, 7-9`, the first few of them.
+fn seq_ranges(ranges: &[(i64, i64)]) -> String {
+    const SHOWN: usize = 5;
+    let mut parts: Vec<String> = ranges
+        .iter()
+        .take(SHOWN)
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect();
+    if ranges.len() > SHOWN {
+        parts.push(format!("and {} more ranges", ranges.len() - SHOWN));
+    }
+    parts.join(", ")
 }
 
 fn parse_json(what: &str, text: &str) -> anyhow::Result<Value> {
@@ -347,7 +400,7 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Retry(args) => {
-            let outbox = open(path, false, true).await?;
+            let outbox = open(global, path, false, true).await?;
             let n = if args.all_failed {
                 outbox.retry_all_failed().await?
             } else if let Some(id) = args.op_id {
@@ -363,12 +416,12 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             report(global, "retried", &serde_json::json!({ "retried": n }))
         }
         Command::Discard { op_id } => {
-            let outbox = open(path, false, true).await?;
+            let outbox = open(global, path, false, true).await?;
             let op = outbox.discard(op_id).await?;
             report(global, "discarded", &op)
         }
         Command::Cancel { op_id } => {
-            let outbox = open(path, false, true).await?;
+            let outbox = open(global, path, false, true).await?;
             let op = outbox.cancel(op_id).await?;
             report(global, "cancelled", &op)
         }
@@ -378,7 +431,7 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
                 let (outbox, opened, check) = Outbox::repair(path, options)
                     .await
                     .with_context(|| format!("cannot repair outbox {}", path.display()))?;
-                warn_about(&opened);
+                warn_about(&opened, global.json);
                 outbox.close().await;
                 if global.json {
                     let mut v = serde_json::to_value(&check)?;
@@ -413,13 +466,13 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
 
 fn print_check(check: &CheckReport, repaired: bool) {
     for p in &check.problems {
-        println!("problem: {p}");
+        println!("problem: {}", flat(p));
     }
     if check.reindexed {
         println!("indexes rebuilt");
     }
     for u in &check.unreadable_ops {
-        println!("{}", unreadable_line(u));
+        println!("{}", flat(&unreadable_line(u)));
     }
     match (check.ok, repaired) {
         (true, _) if check.problems.is_empty() && check.unreadable_ops.is_empty() => {
@@ -501,7 +554,7 @@ async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
     op.base_version = args.base_version;
     op.txn_token = args.txn_token;
     op.depends_on = args.depends_on;
-    let outbox = open(&global.outbox, true, !args.no_coalesce).await?;
+    let outbox = open(global, &global.outbox, true, !args.no_coalesce).await?;
     let done = outbox.enqueue(op).await?;
     if global.json {
         return print_json(&done);
@@ -570,7 +623,7 @@ fn read_transaction(file: &Path) -> anyhow::Result<Vec<NewOp>> {
 
 async fn enqueue_transaction(global: &Global, file: &Path) -> anyhow::Result<()> {
     let ops = read_transaction(file)?;
-    let outbox = open(&global.outbox, true, true).await?;
+    let outbox = open(global, &global.outbox, true, true).await?;
     let done = outbox
         .enqueue_transaction(ops)
         .await
@@ -664,7 +717,7 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
             op.coalesced_count,
             op.reconciliations,
             txn,
-            cut(op.last_error.as_deref().unwrap_or(""), 60)
+            cut(&printable(op.last_error.as_deref().unwrap_or("")), 60)
         );
         println!("{}", line.trim_end());
         if !op.depends_on.is_empty() {
@@ -677,7 +730,7 @@ fn print_table(ops: &[Result<PendingOp, UnreadableOp>]) {
                 "",
                 h.event,
                 age(now - h.at),
-                cut(&h.detail, 100)
+                cut(&printable(&h.detail), 100)
             );
         }
     }

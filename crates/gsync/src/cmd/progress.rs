@@ -177,6 +177,8 @@ pub(crate) fn short_reason(reason: &str) -> String {
     if reason.starts_with("timed out") {
         return "timed out".to_owned();
     }
+    let reason = super::out::flat(reason);
+    let reason = reason.as_str();
     let last = reason.rsplit(": ").next().unwrap_or(reason).trim();
     let status = reason
         .split_whitespace()

@@ -533,7 +533,8 @@ fn report_event(event: &SyncEvent, json: bool, progress: Option<&Mutex<Progress>
         } => format!("stalled {pending} pending, no progress for {stalled_for_ms} ms"),
         other => serde_json::to_string(other).unwrap_or_default(),
     };
-    eprintln!("{line}");
+    // Errors and reasons quote the server's text.
+    eprintln!("{}", super::out::printable(&line));
 }
 
 #[cfg(test)]

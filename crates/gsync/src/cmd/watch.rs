@@ -26,6 +26,7 @@ use guardian_sync::realtime::{
 use guardian_sync::transport::{check_token, StaticToken};
 use serde_json::json;
 
+use super::out::flat;
 use crate::Global;
 
 /// Arguments of `gsync watch`.
@@ -136,12 +137,13 @@ fn print_message(message: &RealtimeMessage, json: bool) {
         (RealtimeMessage::Change { change }, true) => {
             println!("{}", json!({"event": "change", "change": change}));
         }
+        // The server's text is printed without its control characters.
         (RealtimeMessage::Change { change }, false) => println!(
             "#{} {} {}/{} v{} {}",
             change.cursor,
             change.op.as_str(),
-            change.entity_type,
-            change.id,
+            flat(&change.entity_type),
+            flat(&change.id),
             change.version,
             change.data
         ),
@@ -154,7 +156,7 @@ fn print_message(message: &RealtimeMessage, json: bool) {
             "!! resync: the feed no longer holds changes after {}; refetch everything (continuing after {}): {}",
             r.stale_cursor.map_or_else(|| "-".to_owned(), |c| c.to_string()),
             r.resume_cursor,
-            r.reason
+            flat(&r.reason)
         ),
         (other, _) => eprintln!("-- unknown message at cursor {}", other.cursor()),
     }
