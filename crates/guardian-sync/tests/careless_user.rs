@@ -334,6 +334,42 @@ async fn a_payload_too_deep_to_read_back_is_refused_at_enqueue() {
     outbox.close().await;
 }
 
+/// A base version over `i64::MAX` cannot be stored: it was clamped to
+/// `i64::MAX` and later sent as an `If-Match` the app never gave. Refused
+/// at enqueue, alone or in a transaction, storing nothing; `i64::MAX`
+/// itself is kept exactly.
+#[tokio::test]
+async fn a_base_version_too_large_to_store_is_refused_not_altered() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let (outbox, _) = Outbox::open(&path, opts()).await.unwrap();
+    let max = u64::try_from(i64::MAX).unwrap();
+    let update =
+        |id: &str, v: u64| NewOp::update("thing", id, json!({"n": 1})).with_base_version(v);
+    let done = outbox.enqueue(update("kept", max)).await.unwrap();
+    for v in [max + 1, u64::MAX] {
+        let result = outbox.enqueue(update("over", v)).await;
+        assert!(
+            matches!(result, Err(EnqueueError::BaseVersionTooLarge(got)) if got == v),
+            "{v}: {result:?}"
+        );
+        let result = outbox
+            .enqueue_transaction(vec![
+                NewOp::create("thing", "first", json!({"n": 1})),
+                update("over", v),
+            ])
+            .await;
+        assert!(
+            matches!(result, Err(EnqueueError::BaseVersionTooLarge(got)) if got == v),
+            "{v} in a transaction: {result:?}"
+        );
+    }
+    let ops = outbox.list(ListFilter::default()).await.unwrap();
+    assert_eq!(ops.len(), 1);
+    assert_eq!((ops[0].op_id, ops[0].base_version), (done.op_id, Some(max)));
+    outbox.close().await;
+}
+
 /// The ops of [`build`], by op id: what was enqueued.
 type Enqueued = BTreeMap<OpId, (String, String, Value, Option<u64>)>;
 

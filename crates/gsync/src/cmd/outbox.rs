@@ -82,7 +82,7 @@ pub(crate) struct EnqueueArgs {
     #[arg(long, value_name = "JSON")]
     base: Option<String>,
     /// The server version the change was made against (sent as If-Match).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(..=i64::MAX.unsigned_abs()))]
     base_version: Option<u64>,
     /// Optimistic-update transaction token.
     #[arg(long, value_name = "TOKEN")]

@@ -196,6 +196,10 @@ pub(crate) fn prepare(
             max: MAX_TRANSACTION_OPS,
         });
     }
+    let base_version = op
+        .base_version
+        .map(|v| i64::try_from(v).map_err(|_| EnqueueError::BaseVersionTooLarge(v)))
+        .transpose()?;
     let op_id = Uuid::now_v7();
     Ok(Prepared {
         depends_on: op.depends_on,
@@ -205,7 +209,7 @@ pub(crate) fn prepare(
         entity_id: op.entity_id,
         payload,
         base,
-        base_version: rows::version_to_sql(op.base_version),
+        base_version,
         txn_token: op.txn_token,
         envelope_version: op.envelope_version.unwrap_or(current_envelope),
         op_id,

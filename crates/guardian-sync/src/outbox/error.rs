@@ -216,6 +216,10 @@ pub enum EnqueueError {
     /// The transaction token is empty or longer than 256 bytes.
     #[error("transaction token must be 1 to 256 bytes")]
     InvalidTxnToken,
+    /// The base version is over `i64::MAX`, the largest the outbox stores
+    /// (and the reference server counts to).
+    #[error("base version {0} is over the largest one stored, {max}", max = i64::MAX)]
+    BaseVersionTooLarge(u64),
     /// An atomic transaction must have 1 to `max` ops.
     #[error("a transaction must have 1 to {max} ops, got {count}")]
     TransactionSize {
