@@ -29,6 +29,16 @@ use serde_json::Value;
 /// Version of the wire protocol described by this crate.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The reference server's default limit on a request body, in bytes: the
+/// largest entity data it then accepts, and so (one change per realtime
+/// message) about the largest realtime message it sends.
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+
+/// Bytes of entity data a feed page holds before it ends: the change that
+/// crosses the bound is the page's last, so a page's data stays under this
+/// plus one entity. Realtime backlogs page the same way.
+pub const FEED_PAGE_DATA_BYTES: usize = 4 << 20;
+
 /// HTTP header names used by the protocol (lower case, as `http` wants them).
 pub mod header {
     /// Carries the client-chosen idempotency key of a mutation.

@@ -115,7 +115,7 @@ impl ServerBuilder {
                 idempotency_retention: Duration::from_secs(24 * 3600),
                 feed_retention: Duration::from_secs(7 * 24 * 3600),
                 purge_interval: Duration::from_secs(60),
-                body_limit: 1024 * 1024,
+                body_limit: guardian_protocol::DEFAULT_BODY_LIMIT,
                 body_budget: 256 * 1024 * 1024,
                 max_batch_ops: 1000,
                 request_timeout: Duration::from_secs(30),

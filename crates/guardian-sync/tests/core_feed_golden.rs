@@ -316,3 +316,54 @@ fn a_feed_that_went_back_or_skips_cursors_is_a_resync() {
         ",
     );
 }
+
+/// A session lost at once, before delivering anything or answering a ping
+/// (a message over the client's limits ends every session there), does
+/// not reset the reconnect backoff, or reconnects would come in a tight
+/// loop; one whose server answered a ping was sound, and does.
+#[test]
+fn only_a_session_of_use_resets_the_backoff() {
+    let mut m = FeedMachine::new(Some(1), 100);
+    let mut s = Script { lines: Vec::new() };
+    s.record("connected", m.connected());
+    s.record("hello 6", m.hello(6));
+    s.record(
+        "session lost",
+        m.session_ended(SessionEnd::Lost("message too long".into())),
+    );
+    s.record("connected", m.connected());
+    m.answered();
+    s.record(
+        "session lost after a pong",
+        m.session_ended(SessionEnd::Lost("reset".into())),
+    );
+    s.record("connected", m.connected());
+    m.answered();
+    s.record("malformed change", m.malformed_change("not JSON"));
+    s.record(
+        "session broken after a pong",
+        m.session_ended(SessionEnd::Broken("not JSON".into())),
+    );
+    s.check(
+        r"
+        <- connected
+        -> state connected
+        <- hello 6
+        <- session lost
+        -> state disconnected
+        <- connected
+        -> count reconnect
+        -> state connected
+        <- session lost after a pong
+        -> reset backoff
+        -> state disconnected
+        <- connected
+        -> count reconnect
+        -> state connected
+        <- malformed change
+        -> end session (a change frame does not parse: not JSON)
+        <- session broken after a pong
+        -> state disconnected
+        ",
+    );
+}

@@ -483,6 +483,50 @@ async fn a_polled_410_resyncs_and_polls_on_while_the_websocket_is_refused() {
 /// A first start with no saved cursor (`StartFrom::Latest`) behind a proxy
 /// that refuses WebSockets follows the feed by polling from its head: what
 /// was there before the start is not delivered, what comes after is.
+/// Six entities of the largest data the server takes by default (a page
+/// after the first holds ~5 MB, each change is a ~1 MB message): a client
+/// with the default limits reads them all, over the WebSocket and by
+/// polling. With limits below the server's (the old defaults, 256 KiB
+/// messages and 4 MiB poll bodies) it stayed at the first change for
+/// good, reconnecting the WebSocket several times a second.
+#[tokio::test]
+async fn entities_as_large_as_the_server_takes_reach_a_default_client() {
+    let server = server().await;
+    let http = reqwest::Client::new();
+    let big = "y".repeat(guardian_protocol::DEFAULT_BODY_LIMIT - 1000);
+    for i in 0..6 {
+        let data = if i == 0 {
+            json!({"a": 1})
+        } else {
+            json!({"s": big})
+        };
+        let resp = http
+            .post(format!("{}/v1/entities/note", server.url()))
+            .bearer_auth(TOKEN)
+            .header("idempotency-key", uuid::Uuid::new_v4().to_string())
+            .json(&json!({ "id": format!("n{i}"), "data": data }))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{}", resp.status());
+    }
+    let proxy = Proxy::start(server.addr()).await;
+    proxy.cut();
+    for websocket in [true, false] {
+        let mut cfg = RealtimeConfig::new(server.url(), Arc::new(StaticToken::new(TOKEN)));
+        cfg.start_from = StartFrom::After(0);
+        cfg.poll_interval = Duration::from_millis(50);
+        if !websocket {
+            cfg.realtime_url = Some(proxy.url());
+        }
+        let service = RealtimeService::start(cfg).await.unwrap();
+        let mut messages = service.messages().unwrap();
+        let got = expect_cursors(&mut messages, 1, 6).await;
+        assert_eq!(got[5].data["s"].as_str().map(str::len), Some(big.len()));
+        service.shutdown().await;
+    }
+}
+
 #[tokio::test]
 async fn a_first_start_follows_the_feed_by_polling_when_websockets_are_refused() {
     let server = server().await;

@@ -59,7 +59,7 @@ pub(crate) struct Args {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "7d")]
     feed_retention: Duration,
     /// Largest request body in bytes.
-    #[arg(long, default_value_t = 1024 * 1024)]
+    #[arg(long, default_value_t = guardian_protocol::DEFAULT_BODY_LIMIT)]
     body_limit: usize,
     /// Most bytes of request bodies held at once, all requests together.
     #[arg(long, default_value_t = 256 * 1024 * 1024)]

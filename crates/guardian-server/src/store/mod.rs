@@ -320,11 +320,11 @@ pub(crate) struct StoreOptions {
     pub(crate) hooks: Arc<dyn StoreHooks>,
 }
 
-/// Bytes of entity data a feed page holds before it ends (the change that
-/// crosses the bound is the page's last): a page as long as a client may
-/// ask for, of the largest entities, would otherwise be read into memory
-/// whole, for one request or one realtime backlog page.
-pub(crate) const PAGE_MAX_DATA_BYTES: usize = 4 << 20;
+/// The feed page bound ([`guardian_protocol::FEED_PAGE_DATA_BYTES`]): a
+/// page as long as a client may ask for, of the largest entities, would
+/// otherwise be read into memory whole, for one request or one realtime
+/// backlog page.
+pub(crate) const PAGE_MAX_DATA_BYTES: usize = guardian_protocol::FEED_PAGE_DATA_BYTES;
 
 /// One storage implementation. Every method is one unit of work against
 /// the database; [`Backend::apply`] is one atomic commit per request (or per

@@ -191,6 +191,9 @@ struct Session {
     /// Something was delivered (or a baseline set): the session was of use,
     /// even if it then broke the protocol.
     progressed: bool,
+    /// The server answered a ping: the connection stayed sound for a ping
+    /// interval at least.
+    answered: bool,
 }
 
 /// Longest server-supplied text kept in a [`Resync`] or a log line, in
@@ -283,6 +286,13 @@ impl FeedMachine {
         out
     }
 
+    /// The server answered a ping of the session.
+    pub fn answered(&mut self) {
+        if let Some(s) = &mut self.session {
+            s.answered = true;
+        }
+    }
+
     /// A WebSocket attempt or session ended.
     pub fn session_ended(&mut self, end: SessionEnd) -> Vec<FeedCommand> {
         let mut out = Vec::new();
@@ -293,9 +303,14 @@ impl FeedMachine {
             }
             SessionEnd::Expired(reason) => self.begin_resync(&reason),
         }
-        // A server that breaks the protocol at once on every connection
-        // must not reset the backoff, or it would make a tight loop.
-        if self.session.take().is_some_and(|s| s.progressed || !broken) {
+        // A session must have been of use to reset the backoff: one that
+        // ends at once every time (the protocol broken, or a message the
+        // client cannot take) would otherwise make a tight loop.
+        if self
+            .session
+            .take()
+            .is_some_and(|s| s.progressed || (s.answered && !broken))
+        {
             out.push(FeedCommand::ResetBackoff);
         }
         if matches!(

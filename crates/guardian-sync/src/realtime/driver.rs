@@ -237,9 +237,16 @@ impl Driver {
                 }
                 frame = stream.next() => {
                     // Any frame proves the peer alive, not only a pong.
-                    dead_at = None;
+                    if dead_at.take().is_some() {
+                        self.feed.answered();
+                    }
                     match frame {
                         None => return Ok(SessionEnd::Lost("closed".to_owned())),
+                        Some(Err(e @ tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                            // Every session would end at the same message.
+                            tracing::warn!(error = %e, "a realtime message over this client's limits (max_frame_size, max_message_size)");
+                            return Ok(SessionEnd::Lost(e.to_string()));
+                        }
                         Some(Err(e)) => return Ok(SessionEnd::Lost(e.to_string())),
                         Some(Ok(Message::Text(text))) => {
                             if let Some(reason) = self.on_text(text.as_str()).await? {

@@ -138,11 +138,14 @@ pub struct RealtimeConfig {
     pub connect_timeout: Duration,
     /// Limit on one poll request.
     pub http_timeout: Duration,
-    /// Largest WebSocket frame accepted (bytes).
+    /// Largest WebSocket frame accepted (bytes). The reference server sends
+    /// each change as one message in one frame.
     pub max_frame_size: usize,
-    /// Largest WebSocket message accepted (bytes).
+    /// Largest WebSocket message accepted (bytes): at least the largest
+    /// change the server sends, or the session ends at it every time.
     pub max_message_size: usize,
-    /// Largest poll response body accepted (bytes).
+    /// Largest poll response body accepted (bytes): at least the server's
+    /// largest feed page, or polling stops at it.
     pub max_poll_body: usize,
     /// `limit` of each poll request (1..=1000).
     pub page_size: usize,
@@ -153,8 +156,11 @@ pub struct RealtimeConfig {
 impl RealtimeConfig {
     /// Defaults: reconnect backoff 500 ms doubling to 30 s, 10 attempts then
     /// probes every 60 s; ping every 15 s, dead after 10 s of silence; poll
-    /// every 30 s; frames ≤ 64 KiB, messages ≤ 256 KiB, poll bodies ≤ 4 MiB,
-    /// pages of 100; cursor in memory, starting at the server's latest.
+    /// every 30 s; frames and messages up to twice the reference server's
+    /// default body limit (2 MiB), poll bodies up to twice its feed page
+    /// bound (8 MiB), so every change it accepts with its defaults can be
+    /// read; pages of 100; cursor in memory, starting at the server's
+    /// latest.
     pub fn new(base_url: impl Into<String>, tokens: Arc<dyn TokenProvider>) -> Self {
         Self {
             base_url: base_url.into(),
@@ -172,9 +178,9 @@ impl RealtimeConfig {
             poll_interval: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             http_timeout: Duration::from_secs(30),
-            max_frame_size: 64 * 1024,
-            max_message_size: 256 * 1024,
-            max_poll_body: 4 * 1024 * 1024,
+            max_frame_size: 2 * guardian_protocol::DEFAULT_BODY_LIMIT,
+            max_message_size: 2 * guardian_protocol::DEFAULT_BODY_LIMIT,
+            max_poll_body: 2 * guardian_protocol::FEED_PAGE_DATA_BYTES,
             page_size: 100,
             channel_capacity: 1024,
         }
