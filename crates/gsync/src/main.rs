@@ -28,7 +28,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cmd::out::{one_line, Stopped, FAILURE};
+use crate::cmd::out::{one_line, Stopped, FAILURE, USAGE};
 
 /// Command-line tool for guardian-sync.
 #[derive(Debug, Parser)]
@@ -115,7 +115,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         let _ = e.print();
-        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(USAGE));
     }
     let line = if matches!(
         e.kind(),
@@ -149,7 +149,7 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         .skip(1)
         .take_while(|a| a != "--")
         .any(|a| a == "--json");
-    report(json, "usage", message, 2)
+    report(json, "usage", message, USAGE)
 }
 
 /// Logs go to stderr, without colours off a terminal. By default the outbox

@@ -137,17 +137,18 @@ fn bad_input_and_usage_errors() {
     fails(&db, &["ops", "--state", "weird"], 2);
     fails(&db, &["retry"], 2);
     fails(&db, &["cancel", "not-a-uuid"], 2);
-    // Refused input exits 1 with a clear line and stores nothing.
-    let err = fails(&db, &["enqueue", "create", "Device", "d1", "{}"], 1);
+    // Values refused once parsed are usage errors too: exit 2 with a clear
+    // line, and nothing is stored.
+    let err = fails(&db, &["enqueue", "create", "Device", "d1", "{}"], 2);
     assert!(err.contains("invalid entity type"), "{err}");
-    let err = fails(&db, &["enqueue", "create", "device", "d1", "[1]"], 1);
+    let err = fails(&db, &["enqueue", "create", "device", "d1", "[1]"], 2);
     assert!(err.contains("must be a JSON object"), "{err}");
-    let err = fails(&db, &["enqueue", "create", "device", "d1", "{oops"], 1);
+    let err = fails(&db, &["enqueue", "create", "device", "d1", "{oops"], 2);
     assert!(err.contains("not valid JSON"), "{err}");
-    fails(&db, &["enqueue", "delete", "device", "d1", "{}"], 1);
+    fails(&db, &["enqueue", "delete", "device", "d1", "{}"], 2);
     // Ids that could not route (dot segments) are refused the same way.
     for id in [".", ".."] {
-        let err = fails(&db, &["enqueue", "update", "device", id, "{}"], 1);
+        let err = fails(&db, &["enqueue", "update", "device", id, "{}"], 2);
         assert!(err.contains("invalid entity id"), "{err}");
     }
     assert_eq!(json(&db, &["status"])["pending"], 0);

@@ -158,13 +158,48 @@ async fn a_token_no_header_can_carry_is_a_one_line_error() {
     let outbox = dir.path().join("outbox.db");
     for token in ["sec ret", "sec\tret"] {
         let out = gsync(&outbox, &run_once("http://127.0.0.1:9", token, &[])).await;
-        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         let err = stderr(&out);
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.starts_with("gsync: --token (GSYNC_TOKEN)"), "{err}");
         assert!(!err.contains("sec"), "the token was quoted: {err}");
         assert_clean(&out);
     }
+    assert!(!outbox.exists(), "nothing was created");
+}
+
+/// Option values refused once parsed are usage errors, exit 2 like those
+/// clap refuses, on one line, before the outbox is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn option_values_refused_once_parsed_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    for extra in [
+        &["--heartbeat", "0s"][..],
+        &["--heartbeat", "2m"],
+        &["--retry-base", "0s"],
+        &["--breaker-threshold", "0"],
+        &["--telemetry-interval", "1ns"],
+        &["--telemetry-url", "nope"],
+        &["--concurrency", "99999999999999999999"],
+    ] {
+        let out = gsync(&outbox, &run_once("http://127.0.0.1:9", TOKEN, extra)).await;
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+        assert_clean(&out);
+    }
+    let out = gsync(&outbox, &run_once("not a url", TOKEN, &[])).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = gsync(
+        &outbox,
+        &run_once("http://127.0.0.1:9", TOKEN, &["--heartbeat", "0s"]),
+    )
+    .await;
+    assert!(
+        stderr(&out).contains("must be above zero and at most half the staleness threshold"),
+        "{}",
+        stderr(&out)
+    );
     assert!(!outbox.exists(), "nothing was created");
 }
 

@@ -7,6 +7,10 @@ use std::io::Write as _;
 /// Exit status: an error of gsync or of its input (clap's usage errors
 /// exit with 2, unchanged).
 pub(crate) const FAILURE: u8 = 1;
+/// Exit status of a usage error: arguments that do not parse, or values
+/// gsync refuses once they do (a zero interval, a bad URL, an invalid
+/// entity type, a payload that is not JSON).
+pub(crate) const USAGE: u8 = 2;
 /// Exit status of `run --once`: ops remain (due after `--max-wait`, or
 /// blocked behind a failed op).
 pub(crate) const OPS_REMAIN: u8 = 3;
@@ -37,6 +41,15 @@ impl fmt::Display for Stopped {
 }
 
 impl std::error::Error for Stopped {}
+
+/// A usage error (status 2) saying `e` on one line.
+pub(crate) fn usage(e: impl Into<anyhow::Error>) -> Stopped {
+    Stopped {
+        code: USAGE,
+        kind: "usage",
+        reason: one_line(&e.into()),
+    }
+}
 
 /// An error and its causes on one line, each cause said once: many errors
 /// already repeat their source's text in their own message, and printing

@@ -9,14 +9,14 @@ use anyhow::{bail, Context};
 use guardian_sync::clock::{Clock, SystemClock};
 use guardian_sync::op::{NewOp, OpId, OpState, PendingOp};
 use guardian_sync::outbox::{
-    CheckReport, ListFilter, OpenError, OpenReport, Outbox, OutboxOptions, OutboxReader,
-    UnreadableOp, MAX_TRANSACTION_OPS,
+    CheckReport, EnqueueError, ListFilter, OpenError, OpenReport, Outbox, OutboxOptions,
+    OutboxReader, UnreadableOp, MAX_TRANSACTION_OPS,
 };
 use guardian_sync::retry::{clamp_due, RetryPolicy};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::out::{flat, printable};
+use super::out::{flat, printable, usage};
 use crate::Global;
 
 /// Outbox commands.
@@ -535,10 +535,8 @@ fn new_op(
     })
 }
 
-async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
-    if let Some(file) = &args.txn {
-        return enqueue_transaction(global, file).await;
-    }
+/// The op the arguments of a single `enqueue` describe.
+fn op_of_args(args: &EnqueueArgs) -> anyhow::Result<NewOp> {
     let (Some(kind), Some(entity_type), Some(id)) = (args.kind, &args.entity_type, &args.id) else {
         bail!("give KIND TYPE ID, or --txn FILE");
     };
@@ -552,10 +550,24 @@ async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
         op.base = Some(parse_json("--base", b)?);
     }
     op.base_version = args.base_version;
-    op.txn_token = args.txn_token;
-    op.depends_on = args.depends_on;
+    op.txn_token.clone_from(&args.txn_token);
+    op.depends_on.clone_from(&args.depends_on);
+    Ok(op)
+}
+
+async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.txn {
+        return enqueue_transaction(global, file).await;
+    }
+    let op = op_of_args(&args).map_err(usage)?;
     let outbox = open(global, &global.outbox, true, !args.no_coalesce).await?;
-    let done = outbox.enqueue(op).await?;
+    let done = outbox.enqueue(op).await.map_err(|e| match e {
+        EnqueueError::Storage(_)
+        | EnqueueError::OutcomeUnknown { .. }
+        | EnqueueError::Closed
+        | EnqueueError::DependencyFailed { .. } => anyhow::Error::new(e),
+        invalid => usage(invalid).into(),
+    })?;
     if global.json {
         return print_json(&done);
     }

@@ -15,10 +15,10 @@ use guardian_sync::lock::LockConfig;
 use guardian_sync::outbox::{OpenError, OutboxOptions, OutboxReader};
 use guardian_sync::retry::RetryPolicy;
 use guardian_sync::telemetry::TelemetryConfig;
-use guardian_sync::transport::{check_token, StaticToken};
+use guardian_sync::transport::{check_token, StaticToken, TransportBuildError};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::out::{Stopped, AUTH_REFUSED, DEAD_LETTERED, LOCK_HELD, OPS_REMAIN};
+use super::out::{usage, Stopped, AUTH_REFUSED, DEAD_LETTERED, LOCK_HELD, OPS_REMAIN};
 use super::progress::{Progress, Waiting};
 use crate::Global;
 
@@ -141,26 +141,31 @@ impl Args {
 }
 
 pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
-    check_token(&args.token).context("--token (GSYNC_TOKEN)")?;
+    check_token(&args.token)
+        .context("--token (GSYNC_TOKEN)")
+        .map_err(usage)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(drain(global, args))
 }
 
 async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
-    let lock = LockConfig::new(args.heartbeat, args.stale_after)?;
-    let telemetry = args.telemetry()?;
+    let lock = LockConfig::new(args.heartbeat, args.stale_after).map_err(usage)?;
+    let telemetry = args.telemetry().map_err(usage)?;
     let mut builder = SyncEngine::builder()
         .outbox_path(&global.outbox)
         .server(&args.server)
         .token_provider(Arc::new(StaticToken::new(args.token.clone())))
         .lock(lock)
-        .retry(RetryPolicy::new(
-            args.retry_base,
-            2.0,
-            args.retry_cap,
-            args.max_attempts,
-            RetryPolicy::default().max_retry_after(),
-        )?)
+        .retry(
+            RetryPolicy::new(
+                args.retry_base,
+                2.0,
+                args.retry_cap,
+                args.max_attempts,
+                RetryPolicy::default().max_retry_after(),
+            )
+            .map_err(usage)?,
+        )
         .breaker(BreakerConfig {
             policy: args
                 .breaker_threshold
@@ -189,6 +194,12 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
         Err(BuildError::Open(OpenError::Storage(e))) if args.once && e.is_busy() => {
             return Err(busy_at_open(&global.outbox).await.into());
         }
+        Err(
+            e @ (BuildError::Breaker(_)
+            | BuildError::Telemetry(_)
+            | BuildError::ZeroConcurrency
+            | BuildError::Transport(TransportBuildError::BadUrl { .. })),
+        ) => return Err(usage(e).into()),
         Err(e) => return Err(e.into()),
     };
     let interactive = std::io::stderr().is_terminal() && !global.json && !args.events;

@@ -61,7 +61,9 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
-    check_token(&args.token).context("--token (GSYNC_TOKEN)")?;
+    check_token(&args.token)
+        .context("--token (GSYNC_TOKEN)")
+        .map_err(super::out::usage)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(watch(global, args))
 }

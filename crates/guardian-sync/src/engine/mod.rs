@@ -320,15 +320,6 @@ impl SyncEngineBuilder {
             t.validate()?;
         }
         let clock = self.clock.unwrap_or_else(SystemClock::shared);
-        let outbox = match (self.outbox, self.outbox_path) {
-            (Some(o), _) => o,
-            (None, Some(path)) => {
-                let mut options = self.outbox_options.unwrap_or_default();
-                options.clock = clock.clone();
-                Outbox::open(&path, options).await?.0
-            }
-            (None, None) => return Err(BuildError::NoOutbox),
-        };
         let mut telemetry = None;
         let transport: Arc<dyn Transport> = match (self.transport, self.server, self.tokens) {
             (Some(t), _, _) => t,
@@ -346,6 +337,16 @@ impl SyncEngineBuilder {
             _ => return Err(BuildError::NoTransport),
         };
         let breaker = CircuitBreaker::new(self.breaker)?;
+        // Opened last: a configuration refused above creates no file.
+        let outbox = match (self.outbox, self.outbox_path) {
+            (Some(o), _) => o,
+            (None, Some(path)) => {
+                let mut options = self.outbox_options.unwrap_or_default();
+                options.clock = clock.clone();
+                Outbox::open(&path, options).await?.0
+            }
+            (None, None) => return Err(BuildError::NoOutbox),
+        };
         let batch = match self.batch {
             Batching::On(b) => Some(b),
             Batching::Auto if transport.native_batch() => Some(BatchConfig::default()),

@@ -48,7 +48,7 @@ impl Default for LockConfig {
 
 /// An invalid [`LockConfig`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("lock staleness ({stale_after:?}) must be at least twice the heartbeat interval ({heartbeat_interval:?})")]
+#[error("the lock heartbeat interval ({heartbeat_interval:?}) must be above zero and at most half the staleness threshold ({stale_after:?})")]
 pub struct LockConfigError {
     /// The heartbeat interval given.
     pub heartbeat_interval: Duration,
