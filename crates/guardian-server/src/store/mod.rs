@@ -19,6 +19,7 @@ mod postgres;
 mod schema;
 mod sqlite;
 mod transaction;
+mod write_queue;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

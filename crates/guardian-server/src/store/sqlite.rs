@@ -6,7 +6,6 @@
 //! order equal to cursor order: changes are published after the commit while
 //! the connection is still held.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use futures::FutureExt;
@@ -18,6 +17,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::apply::{apply_work, KeptResponse, RowWrite, WriteTx};
 use super::entities::Row;
 use super::idempotency::StoredResponse as Stored;
+use super::write_queue::{Queued, WriteQueue};
 use super::{
     applied, entities, feed, idempotency, lock, schema, to_i64, Answer, AppliedMutation, Backend,
     Cutoff, Feed, FeedEvent, FeedRefusal, MutationInput, OpOutcome, PurgeReport, Storage,
@@ -30,7 +30,7 @@ struct Inner {
     conn: Mutex<Connection>,
     opts: StoreOptions,
     changes_tx: broadcast::Sender<FeedEvent>,
-    writes: Mutex<WriteQueue>,
+    writes: Mutex<WriteQueue<WriteJob>>,
     /// Preallocates a database file's WAL after the first commits (nothing
     /// to do in memory); only the writer uses it.
     prefill: Mutex<WalPrefill>,
@@ -49,12 +49,13 @@ struct WriteJob {
 /// every mutation waits for.
 type Reply = (Result<WorkDone, StoreError>, Option<FeedEvent>);
 
-/// Mutation requests waiting for the writer, and whether a writer is
-/// running (at most one: it drains the queue, then stops).
-#[derive(Debug, Default)]
-struct WriteQueue {
-    jobs: VecDeque<WriteJob>,
-    writer_active: bool,
+impl Queued for WriteJob {
+    fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+    fn ops(&self) -> usize {
+        self.inputs.len()
+    }
 }
 
 /// A group commit takes queued requests up to this many ops (at least one
@@ -158,7 +159,7 @@ impl SqliteStore {
         };
         let start_writer = {
             let mut q = lock(&self.inner.writes);
-            q.jobs.push_back(job);
+            q.push(job);
             !std::mem::replace(&mut q.writer_active, true)
         };
         if start_writer {
@@ -307,7 +308,7 @@ impl Drop for WriterGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
             let mut q = lock(&self.0.writes);
-            q.jobs.clear();
+            q.clear();
             q.writer_active = false;
         }
     }
@@ -320,20 +321,11 @@ fn write_loop(inner: &Inner) {
     loop {
         let group = {
             let mut q = lock(&inner.writes);
-            if q.jobs.is_empty() {
+            if q.is_empty() {
                 q.writer_active = false;
                 return;
             }
-            let mut group = Vec::new();
-            let mut ops = 0;
-            while let Some(job) = q.jobs.front() {
-                if !group.is_empty() && ops + job.inputs.len() > GROUP_MAX_OPS {
-                    break;
-                }
-                ops += job.inputs.len();
-                group.extend(q.jobs.pop_front());
-            }
-            group
+            q.take_group(GROUP_MAX_OPS)
         };
         let mut conn = lock(&inner.conn);
         commit_group(&mut conn, inner, group);
