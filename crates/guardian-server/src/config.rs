@@ -226,12 +226,13 @@ impl ServerBuilder {
         self
     }
 
-    /// Most bytes of request bodies held at once, all requests together
-    /// (default 256 MiB: the concurrency limit times the default body
-    /// limit). Bodies are read before a request takes a concurrency slot,
-    /// so this, not that limit, bounds their memory; a body that would
-    /// cross it gets 503 `unavailable` with `Retry-After`. At least the
-    /// body limit.
+    /// Most bytes of request bodies and unsent large answers held at once,
+    /// all requests together (default 256 MiB: the concurrency limit times
+    /// the default body limit). Bodies are read before a request takes a
+    /// concurrency slot, so this, not that limit, bounds their memory; a
+    /// body that would cross it gets 503 `unavailable` with `Retry-After`,
+    /// and so does an answer of 64 KiB or more it cannot hold until sent.
+    /// At least the body limit.
     #[must_use]
     pub fn body_budget(mut self, bytes: usize) -> Self {
         self.config.body_budget = bytes;

@@ -61,7 +61,8 @@ pub(crate) struct Args {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = guardian_protocol::DEFAULT_BODY_LIMIT)]
     body_limit: usize,
-    /// Most bytes of request bodies held at once, all requests together.
+    /// Most bytes of request bodies and unsent large answers held at once,
+    /// all requests together.
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
     body_budget: usize,
     /// Most ops per batch.

@@ -5,6 +5,8 @@
 
 use std::sync::Arc;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
@@ -115,6 +117,8 @@ fn too_many(why: &str, wait: std::time::Duration) -> Response {
 ///    client sending its body slowly holds only its own connection, never
 ///    one of the slots every tenant shares.
 /// 3. A concurrency slot, held while the request is handled.
+/// 4. A large answer holds its size of the same budget until it is sent
+///    ([`hold_answer`]).
 pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
         if let Err(wait) = state.rate.check(tenant) {
@@ -135,10 +139,80 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     if let Some(phase) = parts.extensions.get::<RequestPhase>() {
         phase.reach(Phase::Handling);
     }
-    let Ok(_permit) = state.concurrency.acquire().await else {
+    let Ok(permit) = state.concurrency.acquire().await else {
         return ApiError::internal("the server is shutting down").into_response();
     };
-    next.run(Request::from_parts(parts, body)).await
+    let resp = next.run(Request::from_parts(parts, body)).await;
+    drop(permit);
+    hold_answer(resp, &state.body_budget)
+}
+
+/// Answers this large or larger hold their size of the body budget until
+/// they are sent.
+const HELD_ANSWER_BYTES: u64 = 64 * 1024;
+
+/// Holds a large answer's bytes in the body budget until its body is
+/// dropped (sent, or its connection gone): a client that never reads
+/// would otherwise pin its answers, megabytes each for feed pages, for the
+/// write-stall bound, however many connections it opens. An answer the
+/// budget cannot hold is dropped for a 503 with `Retry-After`; a mutation's
+/// retry under the same idempotency key is answered by replay.
+fn hold_answer(resp: Response, budget: &Arc<Semaphore>) -> Response {
+    let Some(size) = resp
+        .body()
+        .size_hint()
+        .exact()
+        .filter(|&n| n >= HELD_ANSWER_BYTES)
+    else {
+        return resp;
+    };
+    let held = u32::try_from(size)
+        .ok()
+        .and_then(|n| Arc::clone(budget).try_acquire_many_owned(n).ok());
+    let Some(permit) = held else {
+        return ApiError::new(
+            problem_type::UNAVAILABLE,
+            503,
+            "Service unavailable",
+            "the server holds as many unsent answers as it may; retry (a mutation is replayed by its idempotency key)",
+        )
+        .with_header(header::RETRY_AFTER, "1")
+        .into_response();
+    };
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(
+        parts,
+        Body::new(HeldBody {
+            body,
+            _permit: permit,
+        }),
+    )
+}
+
+/// An answer's body and the budget it holds, given back when it is dropped.
+struct HeldBody {
+    body: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HttpBody for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// Middleware of the admin and dashboard routes: an address that failed the
@@ -239,4 +313,42 @@ pub(crate) fn access_log() -> AccessLog {
         .on_body_chunk(())
         .on_eos(())
         .on_failure(DefaultOnFailure::new().level(Level::DEBUG))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(len: usize) -> Response {
+        Response::new(Body::from(vec![b'x'; len]))
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_holds_the_budget_until_its_body_is_dropped() {
+        let budget = Arc::new(Semaphore::new(300 * 1024));
+        // Small answers hold nothing.
+        let small = hold_answer(answer(1000), &budget);
+        assert_eq!(budget.available_permits(), 300 * 1024);
+        let first = hold_answer(answer(200 * 1024), &budget);
+        assert_eq!(first.status(), StatusCode::OK);
+        assert_eq!(first.body().size_hint().exact(), Some(200 * 1024));
+        assert_eq!(budget.available_permits(), 100 * 1024);
+        // No room for a second: refused, and its bytes are not kept.
+        let second = hold_answer(answer(200 * 1024), &budget);
+        assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(second.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(budget.available_permits(), 100 * 1024);
+        // Sent whole, the first gives its share back.
+        let sent = axum::body::to_bytes(first.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        assert_eq!(sent.len(), 200 * 1024);
+        assert_eq!(budget.available_permits(), 300 * 1024);
+        // Dropped unsent (the connection gone), the same.
+        let third = hold_answer(answer(250 * 1024), &budget);
+        assert_eq!(budget.available_permits(), 50 * 1024);
+        drop(third);
+        assert_eq!(budget.available_permits(), 300 * 1024);
+        drop(small);
+    }
 }
