@@ -34,6 +34,7 @@ pub(crate) struct ServerConfig {
     pub(crate) purge_interval: Duration,
     pub(crate) body_limit: usize,
     pub(crate) body_budget: usize,
+    pub(crate) answer_budget: usize,
     pub(crate) max_batch_ops: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) concurrency_limit: usize,
@@ -117,6 +118,7 @@ impl ServerBuilder {
                 purge_interval: Duration::from_secs(60),
                 body_limit: guardian_protocol::DEFAULT_BODY_LIMIT,
                 body_budget: 256 * 1024 * 1024,
+                answer_budget: 256 * 1024 * 1024,
                 max_batch_ops: 1000,
                 request_timeout: Duration::from_secs(30),
                 concurrency_limit: 256,
@@ -226,16 +228,28 @@ impl ServerBuilder {
         self
     }
 
-    /// Most bytes of request bodies and unsent large answers held at once,
-    /// all requests together (default 256 MiB: the concurrency limit times
-    /// the default body limit). Bodies are read before a request takes a
-    /// concurrency slot, so this, not that limit, bounds their memory; a
-    /// body that would cross it gets 503 `unavailable` with `Retry-After`,
-    /// and so does an answer of 64 KiB or more it cannot hold until sent.
-    /// At least the body limit.
+    /// Most bytes of request bodies held at once, all requests together
+    /// (default 256 MiB: the concurrency limit times the default body
+    /// limit). Bodies are read before a request takes a concurrency slot,
+    /// so this, not that limit, bounds their memory; a body that would
+    /// cross it gets 503 `unavailable` with `Retry-After`. At least the
+    /// body limit.
     #[must_use]
     pub fn body_budget(mut self, bytes: usize) -> Self {
         self.config.body_budget = bytes;
+        self
+    }
+
+    /// Most bytes of feed pages and large answers held at once (default
+    /// 256 MiB): a feed read or realtime backlog reserves its page's
+    /// largest size before reading it and holds it while it is sent, and
+    /// an answer of 64 KiB or more holds its size until sent (503 with
+    /// `Retry-After` when it cannot). Apart from the body budget, so
+    /// clients that stall their reads never keep a write out. At least the
+    /// largest page (the feed page bound plus the body limit).
+    #[must_use]
+    pub fn answer_budget(mut self, bytes: usize) -> Self {
+        self.config.answer_budget = bytes;
         self
     }
 
@@ -376,6 +390,11 @@ impl ServerBuilder {
         if c.body_budget < c.body_limit {
             return bad("the body budget must be at least the body limit");
         }
+        if c.answer_budget < guardian_protocol::FEED_PAGE_DATA_BYTES.saturating_add(c.body_limit) {
+            return bad(
+                "the answer budget must hold the largest feed page (4 MiB plus the body limit)",
+            );
+        }
         if c.max_batch_ops == 0 {
             return bad("max batch ops must be positive");
         }
@@ -464,5 +483,13 @@ mod tests {
         let b = |budget| ServerBuilder::new().body_limit(1000).body_budget(budget);
         assert!(b(999).validate().is_err());
         assert!(b(1000).validate().is_ok());
+    }
+
+    #[test]
+    fn the_answer_budget_holds_the_largest_page() {
+        let page = guardian_protocol::FEED_PAGE_DATA_BYTES + 1000;
+        let b = |budget| ServerBuilder::new().body_limit(1000).answer_budget(budget);
+        assert!(b(page - 1).validate().is_err());
+        assert!(b(page).validate().is_ok());
     }
 }

@@ -102,6 +102,9 @@ impl ServerBuilder {
             body_budget: Arc::new(Semaphore::new(
                 config.body_budget.min(Semaphore::MAX_PERMITS),
             )),
+            answer_budget: Arc::new(Semaphore::new(
+                config.answer_budget.min(Semaphore::MAX_PERMITS),
+            )),
             shutdown: shutdown_rx.clone(),
             kick: Arc::new(watch::Sender::new(0)),
             config,

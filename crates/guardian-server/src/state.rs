@@ -52,6 +52,9 @@ pub(crate) struct Shared {
     pub(crate) concurrency: Arc<Semaphore>,
     /// Bytes of request bodies that may be held at once (one permit a byte).
     pub(crate) body_budget: Arc<Semaphore>,
+    /// Bytes of feed pages and large answers held at once (see
+    /// `ServerBuilder::answer_budget`).
+    pub(crate) answer_budget: Arc<Semaphore>,
     /// Becomes true when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Bumped to close every realtime session (admin route, tests).

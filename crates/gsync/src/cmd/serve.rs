@@ -61,10 +61,12 @@ pub(crate) struct Args {
     /// Largest request body in bytes.
     #[arg(long, default_value_t = guardian_protocol::DEFAULT_BODY_LIMIT)]
     body_limit: usize,
-    /// Most bytes of request bodies and unsent large answers held at once,
-    /// all requests together.
+    /// Most bytes of request bodies held at once, all requests together.
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
     body_budget: usize,
+    /// Most bytes of feed pages and large answers held at once.
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    answer_budget: usize,
     /// Most ops per batch.
     #[arg(long, default_value_t = 1000)]
     max_batch_ops: usize,
@@ -266,6 +268,7 @@ impl Args {
             .feed_retention(self.feed_retention)
             .body_limit(self.body_limit)
             .body_budget(self.body_budget)
+            .answer_budget(self.answer_budget)
             .max_batch_ops(self.max_batch_ops)
             .request_timeout(self.request_timeout)
             .concurrency_limit(self.concurrency_limit)

@@ -56,6 +56,23 @@ pub(crate) fn since_fingerprint(
         .map_err(|e| ApiError::bad_request(format!("{SINCE_FINGERPRINT_PARAM}: {e}")))
 }
 
+/// Reserves a feed page's largest size (the page bound plus one entity)
+/// from the answer budget, waiting for it. A page is held whole in memory
+/// (its rows, then its JSON or frames) before and while it is sent, so
+/// this bounds the pages held at once, by answers and by realtime
+/// backlogs; callers wait within their own time bound. `None` once the
+/// server is shutting down.
+pub(crate) async fn reserve_page(state: &AppState) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let most = guardian_protocol::FEED_PAGE_DATA_BYTES.saturating_add(state.config.body_limit);
+    let reserve = u32::try_from(most)
+        .unwrap_or(u32::MAX)
+        .min(u32::try_from(state.config.answer_budget).unwrap_or(u32::MAX));
+    std::sync::Arc::clone(&state.answer_budget)
+        .acquire_many_owned(reserve)
+        .await
+        .ok()
+}
+
 /// Reads changes after a cursor.
 #[utoipa::path(
     get,
@@ -90,6 +107,9 @@ pub(crate) async fn changes(
     if limit == 0 {
         return ApiError::bad_request("limit must be at least 1").into_response();
     }
+    let Some(_reserved) = reserve_page(&state).await else {
+        return ApiError::internal("the server is shutting down").into_response();
+    };
     match state
         .store
         .changes(tenant.0, since.unwrap_or(0), holds, limit.min(MAX_LIMIT))

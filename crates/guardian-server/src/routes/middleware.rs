@@ -117,8 +117,8 @@ fn too_many(why: &str, wait: std::time::Duration) -> Response {
 ///    client sending its body slowly holds only its own connection, never
 ///    one of the slots every tenant shares.
 /// 3. A concurrency slot, held while the request is handled.
-/// 4. A large answer holds its size of the same budget until it is sent
-///    ([`hold_answer`]).
+/// 4. A large answer holds its size of the answer budget until it is
+///    sent ([`hold_answer`]).
 pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
         if let Err(wait) = state.rate.check(tenant) {
@@ -144,14 +144,14 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     };
     let resp = next.run(Request::from_parts(parts, body)).await;
     drop(permit);
-    hold_answer(resp, &state.body_budget)
+    hold_answer(resp, &state.answer_budget)
 }
 
-/// Answers this large or larger hold their size of the body budget until
-/// they are sent.
+/// Answers this large or larger hold their size of the answer budget
+/// until they are sent.
 const HELD_ANSWER_BYTES: u64 = 64 * 1024;
 
-/// Holds a large answer's bytes in the body budget until its body is
+/// Holds a large answer's bytes in the answer budget until its body is
 /// dropped (sent, or its connection gone): a client that never reads
 /// would otherwise pin its answers, megabytes each for feed pages, for the
 /// write-stall bound, however many connections it opens. An answer the

@@ -269,6 +269,11 @@ impl Session {
     /// Sends every stored change after `last_sent`.
     async fn backfill(&mut self, sink: &mut Bounded) -> Result<(), End> {
         loop {
+            // Held while the page is sent: a peer that does not read keeps
+            // the page in memory up to the send bound.
+            let Some(_reserved) = super::changes::reserve_page(&self.state).await else {
+                return Err(End::Close(GOING_AWAY, "server shutting down"));
+            };
             let page = match self
                 .state
                 .store
