@@ -310,7 +310,8 @@ fn enqueue_txn_stores_one_transaction_and_ops_shows_it() {
     assert_eq!(json(&db, &["status"])["pending"], 4);
 }
 
-/// A bad `--txn` file is refused whole: one line, exit 1, nothing stored.
+/// A bad `--txn` file is refused whole: one line, exit 2 (1 when it cannot
+/// be read), nothing stored.
 #[test]
 fn enqueue_txn_refuses_a_bad_file_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -363,7 +364,10 @@ fn enqueue_txn_refuses_a_bad_file_and_stores_nothing() {
         ),
     ];
     for (file, expected) in &cases {
-        let err = fails(&db, &["enqueue", "--txn", file.to_str().unwrap()], 1);
+        // A file that cannot be read is a failure; one that says the wrong
+        // thing is a usage error, as the same op given as arguments is.
+        let code = if *expected == "cannot read" { 1 } else { 2 };
+        let err = fails(&db, &["enqueue", "--txn", file.to_str().unwrap()], code);
         assert!(err.contains(expected), "{}: {err}", file.display());
         assert_eq!(err.lines().count(), 1, "{err}");
     }
@@ -380,7 +384,7 @@ fn enqueue_txn_refuses_a_bad_file_and_stores_nothing() {
     fails(
         &fresh,
         &["enqueue", "--txn", cases[4].0.to_str().unwrap()],
-        1,
+        2,
     );
     assert!(!fresh.exists());
     // --txn takes no op on the command line (a usage error).

@@ -117,8 +117,8 @@ impl ServerBuilder {
                 feed_retention: Duration::from_secs(7 * 24 * 3600),
                 purge_interval: Duration::from_secs(60),
                 body_limit: guardian_protocol::DEFAULT_BODY_LIMIT,
-                body_budget: 256 * 1024 * 1024,
-                answer_budget: 256 * 1024 * 1024,
+                body_budget: DEFAULT_BODY_BUDGET,
+                answer_budget: DEFAULT_ANSWER_BUDGET,
                 max_batch_ops: 1000,
                 request_timeout: Duration::from_secs(30),
                 concurrency_limit: 256,
@@ -240,13 +240,14 @@ impl ServerBuilder {
         self
     }
 
-    /// Most bytes of feed pages and large answers held at once (default
-    /// 256 MiB): a feed read or realtime backlog reserves its page's
-    /// largest size before reading it and holds it while it is sent, and
-    /// an answer of 64 KiB or more holds its size until sent (503 with
-    /// `Retry-After` when it cannot). Apart from the body budget, so
-    /// clients that stall their reads never keep a write out. At least the
-    /// largest page (the feed page bound plus the body limit).
+    /// Most bytes of feed pages held at once (default 256 MiB): a feed read
+    /// reserves its page's largest size before reading it (503 with
+    /// `Retry-After` when it cannot, without waiting) and holds what its
+    /// answer needs until the answer is sent; a realtime backlog page
+    /// waits for its reservation (within the request timeout) and holds it
+    /// while its frames are sent. Apart from the body budget and taken by
+    /// reads only, so clients that stall their reads keep no write out.
+    /// At least the largest page (the feed page bound plus the body limit).
     #[must_use]
     pub fn answer_budget(mut self, bytes: usize) -> Self {
         self.config.answer_budget = bytes;
@@ -390,10 +391,8 @@ impl ServerBuilder {
         if c.body_budget < c.body_limit {
             return bad("the body budget must be at least the body limit");
         }
-        if c.answer_budget < guardian_protocol::FEED_PAGE_DATA_BYTES.saturating_add(c.body_limit) {
-            return bad(
-                "the answer budget must hold the largest feed page (4 MiB plus the body limit)",
-            );
+        if c.answer_budget < largest_page(c.body_limit) {
+            return bad("the answer budget must hold the largest feed page (the page bound plus the body limit)");
         }
         if c.max_batch_ops == 0 {
             return bad("max batch ops must be positive");
@@ -441,6 +440,18 @@ impl ServerBuilder {
 /// lines in logs and tokens files).
 fn tenant_name_ok(tenant: &str) -> bool {
     !tenant.is_empty() && !tenant.chars().any(char::is_control)
+}
+
+/// Default of [`ServerBuilder::body_budget`].
+pub const DEFAULT_BODY_BUDGET: usize = 256 * 1024 * 1024;
+
+/// Default of [`ServerBuilder::answer_budget`].
+pub const DEFAULT_ANSWER_BUDGET: usize = 256 * 1024 * 1024;
+
+/// The most bytes of entity data one feed page can hold: the page bound,
+/// plus the entity that crosses it (at most the body limit).
+pub(crate) fn largest_page(body_limit: usize) -> usize {
+    guardian_protocol::FEED_PAGE_DATA_BYTES.saturating_add(body_limit)
 }
 
 #[cfg(test)]

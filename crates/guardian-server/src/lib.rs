@@ -48,7 +48,7 @@ mod server;
 mod state;
 mod store;
 
-pub use config::{BindError, RateLimit, ServerBuilder};
+pub use config::{BindError, RateLimit, ServerBuilder, DEFAULT_ANSWER_BUDGET, DEFAULT_BODY_BUDGET};
 pub use faults::{Faults, FaultsError, RetryAfter, RetryAfterForm};
 pub use fleet::alerts::AlertRules;
 pub use fleet::FleetLimits;

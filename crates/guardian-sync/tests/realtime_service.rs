@@ -480,9 +480,6 @@ async fn a_polled_410_resyncs_and_polls_on_while_the_websocket_is_refused() {
     service.shutdown().await;
 }
 
-/// A first start with no saved cursor (`StartFrom::Latest`) behind a proxy
-/// that refuses WebSockets follows the feed by polling from its head: what
-/// was there before the start is not delivered, what comes after is.
 /// Six entities of the largest data the server takes by default (a page
 /// after the first holds ~5 MB, each change is a ~1 MB message): a client
 /// with the default limits reads them all, over the WebSocket and by
@@ -527,6 +524,9 @@ async fn entities_as_large_as_the_server_takes_reach_a_default_client() {
     }
 }
 
+/// A first start with no saved cursor (`StartFrom::Latest`) behind a proxy
+/// that refuses WebSockets follows the feed by polling from its head: what
+/// was there before the start is not delivered, what comes after is.
 #[tokio::test]
 async fn a_first_start_follows_the_feed_by_polling_when_websockets_are_refused() {
     let server = server().await;

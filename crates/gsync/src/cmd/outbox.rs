@@ -535,6 +535,18 @@ fn new_op(
     })
 }
 
+/// An enqueue's error: what the input made the outbox refuse is a usage
+/// error (status 2), a failure of the outbox is not.
+fn refused(e: EnqueueError) -> anyhow::Error {
+    match e {
+        EnqueueError::Storage(_)
+        | EnqueueError::OutcomeUnknown { .. }
+        | EnqueueError::Closed
+        | EnqueueError::DependencyFailed { .. } => anyhow::Error::new(e),
+        invalid => usage(invalid).into(),
+    }
+}
+
 /// The op the arguments of a single `enqueue` describe.
 fn op_of_args(args: &EnqueueArgs) -> anyhow::Result<NewOp> {
     let (Some(kind), Some(entity_type), Some(id)) = (args.kind, &args.entity_type, &args.id) else {
@@ -561,13 +573,7 @@ async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
     }
     let op = op_of_args(&args).map_err(usage)?;
     let outbox = open(global, &global.outbox, true, !args.no_coalesce).await?;
-    let done = outbox.enqueue(op).await.map_err(|e| match e {
-        EnqueueError::Storage(_)
-        | EnqueueError::OutcomeUnknown { .. }
-        | EnqueueError::Closed
-        | EnqueueError::DependencyFailed { .. } => anyhow::Error::new(e),
-        invalid => usage(invalid).into(),
-    })?;
+    let done = outbox.enqueue(op).await.map_err(refused)?;
     if global.json {
         return print_json(&done);
     }
@@ -603,7 +609,13 @@ fn read_transaction(file: &Path) -> anyhow::Result<Vec<NewOp>> {
     } else {
         std::fs::read_to_string(file).with_context(|| format!("cannot read {name}"))?
     };
-    let Value::Array(entries) = parse_json(&name, &text)? else {
+    ops_of_text(&name, &text).map_err(|e| usage(e).into())
+}
+
+/// The ops a transaction's text names, each checked as `enqueue` checks
+/// its arguments.
+fn ops_of_text(name: &str, text: &str) -> anyhow::Result<Vec<NewOp>> {
+    let Value::Array(entries) = parse_json(name, text)? else {
         bail!("{name} must hold a JSON array of ops");
     };
     if entries.is_empty() || entries.len() > MAX_TRANSACTION_OPS {
@@ -639,7 +651,7 @@ async fn enqueue_transaction(global: &Global, file: &Path) -> anyhow::Result<()>
     let done = outbox
         .enqueue_transaction(ops)
         .await
-        .context("cannot enqueue the transaction")?;
+        .map_err(|e| refused(e).context("cannot enqueue the transaction"))?;
     if global.json {
         return print_json(&done);
     }

@@ -62,10 +62,10 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = guardian_protocol::DEFAULT_BODY_LIMIT)]
     body_limit: usize,
     /// Most bytes of request bodies held at once, all requests together.
-    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, default_value_t = guardian_server::DEFAULT_BODY_BUDGET)]
     body_budget: usize,
-    /// Most bytes of feed pages and large answers held at once.
-    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    /// Most bytes of feed pages held at once, all reads together.
+    #[arg(long, default_value_t = guardian_server::DEFAULT_ANSWER_BUDGET)]
     answer_budget: usize,
     /// Most ops per batch.
     #[arg(long, default_value_t = 1000)]

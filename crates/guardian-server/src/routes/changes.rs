@@ -56,21 +56,11 @@ pub(crate) fn since_fingerprint(
         .map_err(|e| ApiError::bad_request(format!("{SINCE_FINGERPRINT_PARAM}: {e}")))
 }
 
-/// Reserves a feed page's largest size (the page bound plus one entity)
-/// from the answer budget, waiting for it. A page is held whole in memory
-/// (its rows, then its JSON or frames) before and while it is sent, so
-/// this bounds the pages held at once, by answers and by realtime
-/// backlogs; callers wait within their own time bound. `None` once the
-/// server is shutting down.
-pub(crate) async fn reserve_page(state: &AppState) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let most = guardian_protocol::FEED_PAGE_DATA_BYTES.saturating_add(state.config.body_limit);
-    let reserve = u32::try_from(most)
-        .unwrap_or(u32::MAX)
-        .min(u32::try_from(state.config.answer_budget).unwrap_or(u32::MAX));
-    std::sync::Arc::clone(&state.answer_budget)
-        .acquire_many_owned(reserve)
-        .await
-        .ok()
+/// The permits a feed page reserves from the answer budget: its largest
+/// size ([`crate::config::largest_page`]), within the budget.
+pub(crate) fn page_permits(state: &AppState) -> u32 {
+    let most = crate::config::largest_page(state.config.body_limit).min(state.config.answer_budget);
+    u32::try_from(most).unwrap_or(u32::MAX)
 }
 
 /// Reads changes after a cursor.
@@ -107,15 +97,28 @@ pub(crate) async fn changes(
     if limit == 0 {
         return ApiError::bad_request("limit must be at least 1").into_response();
     }
-    let Some(_reserved) = reserve_page(&state).await else {
-        return ApiError::internal("the server is shutting down").into_response();
+    // A page is built whole in memory (its rows, then its JSON) before a
+    // byte of it is sent: its largest size is reserved first, or the read
+    // is refused at once (waiting would hold a concurrency slot that
+    // writes need).
+    let Ok(reserved) =
+        std::sync::Arc::clone(&state.answer_budget).try_acquire_many_owned(page_permits(&state))
+    else {
+        return ApiError::new(
+            guardian_protocol::problem_type::UNAVAILABLE,
+            503,
+            "Service unavailable",
+            "the server holds as many feed pages as it may; retry",
+        )
+        .with_header(axum::http::header::RETRY_AFTER, "1")
+        .into_response();
     };
     match state
         .store
         .changes(tenant.0, since.unwrap_or(0), holds, limit.min(MAX_LIMIT))
         .await
     {
-        Ok(Ok(page)) => Json(page).into_response(),
+        Ok(Ok(page)) => super::middleware::hold_reserved(Json(page).into_response(), reserved),
         Ok(Err(refusal)) => ApiError::from(&refusal).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "feed read failed");

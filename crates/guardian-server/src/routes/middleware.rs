@@ -117,8 +117,8 @@ fn too_many(why: &str, wait: std::time::Duration) -> Response {
 ///    client sending its body slowly holds only its own connection, never
 ///    one of the slots every tenant shares.
 /// 3. A concurrency slot, held while the request is handled.
-/// 4. A large answer holds its size of the answer budget until it is
-///    sent ([`hold_answer`]).
+/// 4. A large answer to a read holds its size of the answer budget until
+///    it is sent ([`hold_answer`]).
 pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
         if let Err(wait) = state.rate.check(tenant) {
@@ -142,9 +142,17 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     let Ok(permit) = state.concurrency.acquire().await else {
         return ApiError::internal("the server is shutting down").into_response();
     };
+    let read = parts.method == axum::http::Method::GET;
     let resp = next.run(Request::from_parts(parts, body)).await;
     drop(permit);
-    hold_answer(resp, &state.answer_budget)
+    // A mutation's answer is not held: refusing it after the write, or
+    // making a write wait for readers' memory, would let stalled readers
+    // keep writes out.
+    if read && resp.extensions().get::<Held>().is_none() {
+        hold_answer(resp, &state.answer_budget)
+    } else {
+        resp
+    }
 }
 
 /// Answers this large or larger hold their size of the answer budget
@@ -187,6 +195,37 @@ fn hold_answer(resp: Response, budget: &Arc<Semaphore>) -> Response {
             _permit: permit,
         }),
     )
+}
+
+/// Marks an answer whose body already holds its budget.
+#[derive(Debug, Clone, Copy)]
+struct Held;
+
+/// An answer built under a reservation (a feed page): it keeps what its
+/// body needs of the reservation until it is sent, and gives the rest back
+/// now. Handing the reservation over, instead of releasing it and taking
+/// the answer's size again, means an answer already built is never
+/// refused.
+pub(crate) fn hold_reserved(resp: Response, mut reserved: OwnedSemaphorePermit) -> Response {
+    let size = resp
+        .body()
+        .size_hint()
+        .exact()
+        .and_then(|n| usize::try_from(n).ok());
+    let kept = match size {
+        Some(n) if n < reserved.num_permits() => reserved.split(n),
+        _ => Some(reserved),
+    };
+    let (mut parts, body) = resp.into_parts();
+    parts.extensions.insert(Held);
+    let body = match kept {
+        Some(permit) => Body::new(HeldBody {
+            body,
+            _permit: permit,
+        }),
+        None => body,
+    };
+    Response::from_parts(parts, body)
 }
 
 /// An answer's body and the budget it holds, given back when it is dropped.
@@ -350,5 +389,21 @@ mod tests {
         drop(third);
         assert_eq!(budget.available_permits(), 300 * 1024);
         drop(small);
+    }
+
+    #[tokio::test]
+    async fn a_reserved_answer_keeps_what_it_needs_and_is_never_refused() {
+        let budget = Arc::new(Semaphore::new(300 * 1024));
+        let reserved = Arc::clone(&budget).try_acquire_many_owned(250 * 1024).unwrap();
+        let other = Arc::clone(&budget).try_acquire_many_owned(50 * 1024).unwrap();
+        // The budget is full, yet the reserved answer goes out, keeping
+        // only its own size.
+        let resp = hold_reserved(answer(100 * 1024), reserved);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.extensions().get::<Held>().is_some());
+        assert_eq!(budget.available_permits(), 150 * 1024);
+        drop(other);
+        drop(resp);
+        assert_eq!(budget.available_permits(), 300 * 1024);
     }
 }

@@ -32,6 +32,8 @@ use crate::store::FeedEvent;
 const PAGE: usize = 500;
 /// Close code "going away" (RFC 6455 §7.4.1).
 const GOING_AWAY: u16 = 1001;
+/// Close code: the server is overloaded; the client may try again later.
+const TRY_AGAIN_LATER: u16 = 1013;
 /// Close code "policy violation", used for a cursor that expired mid-session.
 const POLICY: u16 = 1008;
 
@@ -270,9 +272,15 @@ impl Session {
     async fn backfill(&mut self, sink: &mut Bounded) -> Result<(), End> {
         loop {
             // Held while the page is sent: a peer that does not read keeps
-            // the page in memory up to the send bound.
-            let Some(_reserved) = super::changes::reserve_page(&self.state).await else {
-                return Err(End::Close(GOING_AWAY, "server shutting down"));
+            // the page in memory up to the send bound. Waited for within
+            // the request timeout (deaf to shutdown meanwhile), then the
+            // client is told to come back later.
+            let permits = super::changes::page_permits(&self.state);
+            let reserving = Arc::clone(&self.state.answer_budget).acquire_many_owned(permits);
+            let Ok(Ok(_reserved)) =
+                tokio::time::timeout(self.state.config.request_timeout, reserving).await
+            else {
+                return Err(End::Close(TRY_AGAIN_LATER, "server busy; try again later"));
             };
             let page = match self
                 .state

@@ -237,7 +237,7 @@ impl Driver {
                 }
                 frame = stream.next() => {
                     // Any frame proves the peer alive, not only a pong.
-                    if dead_at.take().is_some() {
+                    if dead_at.take().is_some() && matches!(frame, Some(Ok(_))) {
                         self.feed.answered();
                     }
                     match frame {
