@@ -188,13 +188,7 @@ fn hold_answer(resp: Response, budget: &Arc<Semaphore>) -> Response {
         .into_response();
     };
     let (parts, body) = resp.into_parts();
-    Response::from_parts(
-        parts,
-        Body::new(HeldBody {
-            body,
-            _permit: permit,
-        }),
-    )
+    Response::from_parts(parts, Body::new(HeldBody::new(body, permit)))
 }
 
 /// Marks an answer whose body already holds its budget.
@@ -219,19 +213,36 @@ pub(crate) fn hold_reserved(resp: Response, mut reserved: OwnedSemaphorePermit) 
     let (mut parts, body) = resp.into_parts();
     parts.extensions.insert(Held);
     let body = match kept {
-        Some(permit) => Body::new(HeldBody {
-            body,
-            _permit: permit,
-        }),
+        Some(permit) => Body::new(HeldBody::new(body, permit)),
         None => body,
     };
     Response::from_parts(parts, body)
 }
 
 /// An answer's body and the budget it holds, given back when it is dropped.
+/// The body is handed to hyper a slice at a time: hyper takes the next
+/// slice only once its write buffer has room, so the body, and with it the
+/// budget, lasts until the answer is nearly sent. Handed over whole, it
+/// was dropped at once while its bytes still waited in hyper's buffer for
+/// a client that does not read.
 struct HeldBody {
     body: Body,
+    /// What the inner body gave and is not yet handed on.
+    pending: bytes::Bytes,
     _permit: OwnedSemaphorePermit,
+}
+
+/// The largest slice of a held answer handed to hyper at once.
+const HELD_SLICE: usize = 64 * 1024;
+
+impl HeldBody {
+    fn new(body: Body, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            body,
+            pending: bytes::Bytes::new(),
+            _permit: permit,
+        }
+    }
 }
 
 impl HttpBody for HeldBody {
@@ -242,15 +253,41 @@ impl HttpBody for HeldBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        use std::task::Poll;
+        loop {
+            if !self.pending.is_empty() {
+                let n = self.pending.len().min(HELD_SLICE);
+                let slice = self.pending.split_to(n);
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(slice))));
+            }
+            match std::pin::Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => self.pending = data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                other => return other,
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.pending.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        let inner = self.body.size_hint();
+        let pending = u64::try_from(self.pending.len()).unwrap_or(u64::MAX);
+        match inner.exact() {
+            Some(n) => hyper::body::SizeHint::with_exact(n.saturating_add(pending)),
+            None => {
+                let mut hint = hyper::body::SizeHint::new();
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(pending));
+                }
+                hint.set_lower(inner.lower().saturating_add(pending));
+                hint
+            }
+        }
     }
 }
 
@@ -377,11 +414,19 @@ mod tests {
         assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(second.headers()[header::RETRY_AFTER], "1");
         assert_eq!(budget.available_permits(), 100 * 1024);
-        // Sent whole, the first gives its share back.
-        let sent = axum::body::to_bytes(first.into_body(), usize::MAX)
-            .await
-            .unwrap();
-        assert_eq!(sent.len(), 200 * 1024);
+        // Handed on a slice at a time, it holds its share until the last.
+        let mut stream = first.into_body().into_data_stream();
+        let mut sent = 0;
+        while let Some(slice) = futures::StreamExt::next(&mut stream).await {
+            let slice = slice.unwrap();
+            assert!(slice.len() <= HELD_SLICE);
+            sent += slice.len();
+            if sent < 200 * 1024 {
+                assert_eq!(budget.available_permits(), 100 * 1024, "released at {sent}");
+            }
+        }
+        assert_eq!(sent, 200 * 1024);
+        drop(stream);
         assert_eq!(budget.available_permits(), 300 * 1024);
         // Dropped unsent (the connection gone), the same.
         let third = hold_answer(answer(250 * 1024), &budget);
@@ -394,8 +439,12 @@ mod tests {
     #[tokio::test]
     async fn a_reserved_answer_keeps_what_it_needs_and_is_never_refused() {
         let budget = Arc::new(Semaphore::new(300 * 1024));
-        let reserved = Arc::clone(&budget).try_acquire_many_owned(250 * 1024).unwrap();
-        let other = Arc::clone(&budget).try_acquire_many_owned(50 * 1024).unwrap();
+        let reserved = Arc::clone(&budget)
+            .try_acquire_many_owned(250 * 1024)
+            .unwrap();
+        let other = Arc::clone(&budget)
+            .try_acquire_many_owned(50 * 1024)
+            .unwrap();
         // The budget is full, yet the reserved answer goes out, keeping
         // only its own size.
         let resp = hold_reserved(answer(100 * 1024), reserved);
