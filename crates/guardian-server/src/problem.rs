@@ -66,6 +66,17 @@ impl ApiError {
         Self::new(problem_type::INTERNAL, 500, "Internal server error", detail)
     }
 
+    /// 503 `unavailable` with `Retry-After: 1`: a budget is full for now.
+    pub(crate) fn busy(detail: impl Into<String>) -> Self {
+        Self::new(
+            problem_type::UNAVAILABLE,
+            503,
+            "Service unavailable",
+            detail,
+        )
+        .with_header(header::RETRY_AFTER, "1")
+    }
+
     /// 410 `cursor-expired`, carrying the feed's latest cursor (`head`)
     /// where the client rejoins after refetching its state.
     pub(crate) fn cursor_expired(detail: impl Into<String>, head: u64) -> Self {
@@ -310,13 +321,9 @@ pub(crate) async fn read_body(
         if let Some(budget) = budget.filter(|_| !piece.is_empty()) {
             let share = u32::try_from(piece.len()).map_err(|_| too_large())?;
             let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(share) else {
-                return Err(ApiError::new(
-                    problem_type::UNAVAILABLE,
-                    503,
-                    "Service unavailable",
+                return Err(ApiError::busy(
                     "the server holds as many request bodies as it may; nothing was applied",
                 )
-                .with_header(header::RETRY_AFTER, "1")
                 .with_header(header::CONNECTION, "close"));
             };
             match &mut held {

@@ -104,14 +104,8 @@ pub(crate) async fn changes(
     let Ok(reserved) =
         std::sync::Arc::clone(&state.answer_budget).try_acquire_many_owned(page_permits(&state))
     else {
-        return ApiError::new(
-            guardian_protocol::problem_type::UNAVAILABLE,
-            503,
-            "Service unavailable",
-            "the server holds as many feed pages as it may; retry",
-        )
-        .with_header(axum::http::header::RETRY_AFTER, "1")
-        .into_response();
+        return ApiError::busy("the server holds as many feed pages as it may; retry")
+            .into_response();
     };
     match state
         .store

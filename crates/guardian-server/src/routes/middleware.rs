@@ -5,14 +5,13 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
 use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use guardian_protocol::problem_type;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
@@ -161,10 +160,9 @@ const HELD_ANSWER_BYTES: u64 = 64 * 1024;
 
 /// Holds a large answer's bytes in the answer budget until its body is
 /// dropped (sent, or its connection gone): a client that never reads
-/// would otherwise pin its answers, megabytes each for feed pages, for the
-/// write-stall bound, however many connections it opens. An answer the
-/// budget cannot hold is dropped for a 503 with `Retry-After`; a mutation's
-/// retry under the same idempotency key is answered by replay.
+/// would otherwise pin its answers for the write-stall bound, however many
+/// connections it opens. An answer the budget cannot hold is dropped for a
+/// 503 with `Retry-After`.
 fn hold_answer(resp: Response, budget: &Arc<Semaphore>) -> Response {
     let Some(size) = resp
         .body()
@@ -177,29 +175,22 @@ fn hold_answer(resp: Response, budget: &Arc<Semaphore>) -> Response {
     let held = u32::try_from(size)
         .ok()
         .and_then(|n| Arc::clone(budget).try_acquire_many_owned(n).ok());
-    let Some(permit) = held else {
-        return ApiError::new(
-            problem_type::UNAVAILABLE,
-            503,
-            "Service unavailable",
-            "the server holds as many unsent answers as it may; retry (a mutation is replayed by its idempotency key)",
-        )
-        .with_header(header::RETRY_AFTER, "1")
-        .into_response();
-    };
-    let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, Body::new(HeldBody::new(body, permit)))
+    match held {
+        Some(permit) => hold_reserved(resp, permit),
+        None => ApiError::busy("the server holds as many unsent answers as it may; retry")
+            .into_response(),
+    }
 }
 
 /// Marks an answer whose body already holds its budget.
 #[derive(Debug, Clone, Copy)]
 struct Held;
 
-/// An answer built under a reservation (a feed page): it keeps what its
-/// body needs of the reservation until it is sent, and gives the rest back
-/// now. Handing the reservation over, instead of releasing it and taking
-/// the answer's size again, means an answer already built is never
-/// refused.
+/// An answer and a permit taken for it (a feed page's reservation, or its
+/// own size): it keeps what its body needs of the permit until it is
+/// sent, and gives the rest back now. Handing a reservation over, instead
+/// of releasing it and taking the answer's size again, means an answer
+/// already built is never refused.
 pub(crate) fn hold_reserved(resp: Response, mut reserved: OwnedSemaphorePermit) -> Response {
     let size = resp
         .body()
