@@ -704,3 +704,77 @@ async fn a_damaged_record_header_loses_no_op_or_says_which_it_lost() {
     assert_eq!(s.unreadable_seq_ranges, vec![(3, 3)], "{s:?}");
     outbox.close().await;
 }
+
+/// A WAL frame damaged inside a row's sealed bytes, with an intact commit
+/// after it: the frame holds a newer version of an op (a later write to
+/// a column the seal does not cover), and its payload has one letter
+/// changed, so the row still has an op's shape. Salvage used to put that
+/// version in place of the intact copy SQLite read, and the op then
+/// failed its seal. The damaged version is not taken; the intact newer
+/// version in the later commit is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_newer_version_does_not_replace_an_intact_row() {
+    let live_dir = tempfile::tempdir().unwrap();
+    let live = live_dir.path().join("o.db");
+    let (outbox, _) = Outbox::open(&live, opts()).await.unwrap();
+    // About two ops to a page: the first and the last are on different
+    // pages, so each update below writes its own frame.
+    let letters = ["q", "w", "e", "r", "t"];
+    let mut payloads = Vec::new();
+    for (i, l) in letters.iter().enumerate() {
+        let payload = json!({"i": i, "pad": l.repeat(1500)});
+        payloads.push(payload.clone());
+        outbox
+            .enqueue(NewOp::create("thing", format!("ent-{i}"), payload))
+            .await
+            .unwrap();
+    }
+    outbox.close().await;
+    let conn = Connection::open(&live).unwrap();
+    conn.execute_batch(
+        "PRAGMA wal_checkpoint(TRUNCATE); PRAGMA wal_autocheckpoint = 0;
+         UPDATE ops SET last_error = 'first' WHERE seq = 1;
+         UPDATE ops SET last_error = 'last' WHERE seq = 5;",
+    )
+    .unwrap();
+    // The image, taken while the connection is open (its close would
+    // checkpoint the WAL away).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    std::fs::copy(&live, &path).unwrap();
+    let mut wal = std::fs::read(live_dir.path().join("o.db-wal")).unwrap();
+    drop(conn);
+
+    let frames = wal_frames(&wal);
+    let run = "q".repeat(64);
+    let (bad, at) = frames
+        .iter()
+        .enumerate()
+        .find_map(|(i, f)| {
+            let image = &wal[f.1..f.1 + PAGE];
+            image
+                .windows(run.len())
+                .position(|w| w == run.as_bytes())
+                .map(|at| (i, f.1 + at))
+        })
+        .expect("a frame holds the first op's new version");
+    assert!(bad + 1 < frames.len(), "no commit after the damaged frame");
+    wal[at + 32] = b'x';
+    std::fs::write(path.with_extension("db-wal"), &wal).unwrap();
+
+    let (outbox, report, check) = Outbox::repair(&path, opts()).await.unwrap();
+    let s = report.salvage.expect("the damaged WAL is salvaged");
+    assert!(s.reason.contains("WAL"), "{s:?}");
+    assert_eq!((s.ops_saved, s.ops_quarantined), (5, 0), "{s:?}");
+    assert!(check.ok, "{check:?}");
+    let listed = outbox.list(ListFilter::default()).await.unwrap();
+    assert_eq!(listed.len(), 5);
+    for (op, want) in listed.iter().zip(&payloads) {
+        assert_eq!(op.state, guardian_sync::op::OpState::Pending, "{op:?}");
+        assert_eq!(&op.payload, want, "op {}", op.entity_id);
+    }
+    // The intact later commit's version was taken.
+    assert_eq!(listed[4].last_error.as_deref(), Some("last"));
+    assert_eq!(listed[0].last_error, None);
+    outbox.close().await;
+}

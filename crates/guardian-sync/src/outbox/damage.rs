@@ -673,9 +673,13 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
             )
             .is_ok();
         if present {
-            // A newer version replaces the copy, unless it is itself
-            // damaged (a damaged frame) and the copy is not.
-            if !row.past_break || !op_row_valid(&row.values[..OP_COPY_COLUMNS.len()]) {
+            // A newer version replaces the copy only if it is whole: a
+            // damaged frame can hold a row of valid shape whose sealed
+            // bytes changed, and the copy SQLite read is intact.
+            if !row.past_break
+                || !op_row_valid(&row.values[..OP_COPY_COLUMNS.len()])
+                || !seal_intact(&row.values, from)
+            {
                 continue;
             }
             if let Err(e) = new.execute(
@@ -703,6 +707,13 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
     drop_recovered(new, report);
     recount(new, report);
     found.max_rowid.max(found.seq_mark)
+}
+
+/// True if a found row's sealed fields match the seal it carries, which
+/// is of the form `from` (see [`copy_scanned`]).
+fn seal_intact(values: &[SqlValue], from: Seal) -> bool {
+    let refs: Vec<ValueRef<'_>> = values.iter().map(ValueRef::from).collect();
+    rows::values_match_seal(&refs, from)
 }
 
 /// An op id as a set key (a damaged one may not be text).

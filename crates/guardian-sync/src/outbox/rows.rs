@@ -73,17 +73,29 @@ impl UnreadableOp {
 /// True if the fields `seal` covers of a row read with
 /// [`OP_COLUMNS_SEALED`] match its stored seal.
 fn seal_matches(row: &Row<'_>, seal: Seal) -> rusqlite::Result<bool> {
+    let mut values = [ValueRef::Null; CHECKSUM_COLUMN + 1];
+    for i in SEALED_COLUMNS.into_iter().chain([CHECKSUM_COLUMN]) {
+        values[i] = row.get_ref(i)?;
+    }
+    Ok(values_match_seal(&values, seal))
+}
+
+/// [`seal_matches`] over the values of a row in [`OP_COLUMNS_SEALED`]'s
+/// order, as salvage holds them; false if any is missing.
+pub(crate) fn values_match_seal(values: &[ValueRef<'_>], seal: Seal) -> bool {
+    let Some(&stored) = values.get(CHECKSUM_COLUMN) else {
+        return false;
+    };
     let mut fields = [ValueRef::Null; super::schema::SEALED];
     for (i, f) in fields.iter_mut().enumerate() {
         // Op id to base, txn, depends_on, base_version, chained (if set).
-        *f = match row.get_ref(SEALED_COLUMNS[i])? {
+        *f = match values[SEALED_COLUMNS[i]] {
             ValueRef::Integer(0) if i == SEALED_COLUMNS.len() - 1 => ValueRef::Null,
             v => v,
         };
     }
     let fields = &fields[..seal.fields()];
-    Ok(matches!(row.get_ref(CHECKSUM_COLUMN)?,
-        ValueRef::Integer(c) if c == super::schema::op_checksum(fields)))
+    matches!(stored, ValueRef::Integer(c) if c == super::schema::op_checksum(fields))
 }
 
 /// Decodes a row read with [`OP_COLUMNS_SEALED`] (or, if `seal` is
