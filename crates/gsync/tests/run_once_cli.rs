@@ -612,6 +612,49 @@ async fn a_closed_stdout_ends_quietly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
 
+/// Output that cannot be written (`/dev/full`) after a change is made is
+/// a warning naming the change, with status 0: a script retrying on a
+/// failure would otherwise store the op twice. A read-only command still
+/// fails with status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_is_not_reported_as_failed_when_its_output_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox.db");
+    // `output()` would pipe standard output; spawned, it keeps /dev/full.
+    async fn into_full(mut cmd: tokio::process::Command) -> std::process::Output {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full");
+        cmd.stdout(full.unwrap()).stderr(Stdio::piped());
+        cmd.spawn().unwrap().wait_with_output().await.unwrap()
+    }
+    for (json, id) in [(false, "a"), (true, "b")] {
+        let mut args = vec!["enqueue", "create", "thing", id, "{\"x\":1}"];
+        if json {
+            args.insert(0, "--json");
+        }
+        let out = tokio::time::timeout(DEADLINE, into_full(command(&outbox, &args)))
+            .await
+            .expect("gsync hung");
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("was stored"), "{err}");
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&err).unwrap();
+            assert_eq!(v["warning"]["kind"], "output_lost", "{err}");
+        } else {
+            assert!(err.starts_with("gsync: warning: op "), "{err}");
+        }
+    }
+    let listed = command(&outbox, &["--json", "ops"]).output().await.unwrap();
+    let ops: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(ops.len(), 2, "each enqueue stored its op once");
+    let out = tokio::time::timeout(DEADLINE, into_full(command(&outbox, &["ops"])))
+        .await
+        .expect("gsync hung");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("cannot write to standard output"));
+}
+
 /// `serve --json` announces its address as JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_json_prints_its_listening_line_as_json() {

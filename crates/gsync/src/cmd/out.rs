@@ -89,14 +89,34 @@ pub(crate) fn printable(text: &str) -> String {
     out
 }
 
+/// The change a command has made, once it has (see [`made`]).
+static MADE: std::sync::Mutex<Option<Made>> = std::sync::Mutex::new(None);
+
+/// A change made, in words, and whether warnings are JSON.
+struct Made {
+    what: String,
+    json: bool,
+}
+
+/// Records that the command has made its change (`what`, e.g. "op … was
+/// stored"): from here on, output that cannot be written is a warning
+/// and the status stays 0, since the exit status says whether the change
+/// was made and a script retrying on a failure would make it twice.
+pub(crate) fn made(what: String, json: bool) {
+    if let Ok(mut made) = MADE.lock() {
+        *made = Some(Made { what, json });
+    }
+}
+
 /// Writes to standard output (what `println!` and `print!` expand to).
 ///
 /// A reader that went away (a closed pipe) ends the process at once with
 /// status 0, as it would for a program killed by SIGPIPE, minus the noise:
 /// nothing is left to say to anybody. Any other write error ends it with
-/// one line and status 1. Only read-only output and event lines are
-/// printed this way; a runner ended here releases its lock through the OS
-/// like a killed one.
+/// one line and status 1, or, once a change is [`made`], with a warning
+/// naming it and status 0. Only read-only output, event lines and the
+/// results of changes are printed this way; a runner ended here releases
+/// its lock through the OS like a killed one.
 pub(crate) fn write(args: fmt::Arguments<'_>) {
     let mut out = std::io::stdout().lock();
     let result = out.write_fmt(args).and_then(|()| out.flush());
@@ -104,8 +124,22 @@ pub(crate) fn write(args: fmt::Arguments<'_>) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
-        eprintln!("gsync: cannot write to standard output: {e}");
-        std::process::exit(i32::from(FAILURE));
+        let made = MADE.lock().ok().and_then(|mut m| m.take());
+        let Some(Made { what, json }) = made else {
+            eprintln!("gsync: cannot write to standard output: {e}");
+            std::process::exit(i32::from(FAILURE));
+        };
+        let message = flat(&format!(
+            "{what}, but its result could not be written to standard output: {e}"
+        ));
+        if json {
+            let warning =
+                serde_json::json!({"warning": {"kind": "output_lost", "message": message}});
+            eprintln!("{warning}");
+        } else {
+            eprintln!("gsync: warning: {message}");
+        }
+        std::process::exit(0);
     }
 }
 

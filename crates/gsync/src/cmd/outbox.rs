@@ -16,7 +16,7 @@ use guardian_sync::retry::{clamp_due, RetryPolicy};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::out::{flat, printable, usage};
+use super::out::{self, flat, printable, usage};
 use crate::Global;
 
 /// Outbox commands.
@@ -413,16 +413,19 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             } else {
                 bail!("give an op id or --all-failed");
             };
+            out::made(format!("{n} op(s) were retried"), global.json);
             report(global, "retried", &serde_json::json!({ "retried": n }))
         }
         Command::Discard { op_id } => {
             let outbox = open(global, path, false, true).await?;
             let op = outbox.discard(op_id).await?;
+            out::made(format!("op {op_id} was discarded"), global.json);
             report(global, "discarded", &op)
         }
         Command::Cancel { op_id } => {
             let outbox = open(global, path, false, true).await?;
             let op = outbox.cancel(op_id).await?;
+            out::made(format!("op {op_id} was cancelled"), global.json);
             report(global, "cancelled", &op)
         }
         Command::Check(args) => {
@@ -574,6 +577,7 @@ async fn enqueue(global: &Global, args: EnqueueArgs) -> anyhow::Result<()> {
     let op = op_of_args(&args).map_err(usage)?;
     let outbox = open(global, &global.outbox, true, !args.no_coalesce).await?;
     let done = outbox.enqueue(op).await.map_err(refused)?;
+    out::made(format!("op {} was stored", done.op_id), global.json);
     if global.json {
         return print_json(&done);
     }
@@ -652,6 +656,14 @@ async fn enqueue_transaction(global: &Global, file: &Path) -> anyhow::Result<()>
         .enqueue_transaction(ops)
         .await
         .map_err(|e| refused(e).context("cannot enqueue the transaction"))?;
+    out::made(
+        format!(
+            "transaction {} ({} ops) was stored",
+            done.txn_id,
+            done.ops.len()
+        ),
+        global.json,
+    );
     if global.json {
         return print_json(&done);
     }
