@@ -387,19 +387,26 @@ async fn an_outbox_kept_busy_as_it_opens_exits_6() {
     enqueue(&outbox, 2).await;
     let holder = rusqlite::Connection::open(&outbox).unwrap();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = Instant::now();
     let out = gsync(
         &outbox,
         &run_once(&server.url(), TOKEN, &["--max-wait", "0s"]),
     )
     .await;
+    let took = started.elapsed();
     holder.execute_batch("ROLLBACK").unwrap();
     drop(holder);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
     let line = last_line(&out);
+    // `--max-wait 0s` bounds the open's wait to the pass's one attempt at
+    // the lock (1 s), not the 5 s busy timeout.
     assert!(
-        line.starts_with("gsync: the outbox stayed busy: another process held its write lock"),
+        line.starts_with(
+            "gsync: the outbox stayed busy: another process held its write lock for 1s as it opened"
+        ),
         "{line}"
     );
+    assert!(took < Duration::from_secs(5), "the open waited {took:?}");
     assert!(line.contains("2 op(s) wait for it"), "{line}");
     assert_clean(&out);
     let out = gsync(&outbox, &run_once(&server.url(), TOKEN, &[])).await;

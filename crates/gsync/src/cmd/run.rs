@@ -10,6 +10,7 @@ use guardian_sync::breaker::{BreakerConfig, TripPolicy};
 use guardian_sync::clock::{Clock as _, SystemClock};
 use guardian_sync::engine::{
     BatchConfig, BuildError, EngineError, OnceReport, OnceStop, SyncEngine, SyncEvent,
+    LOCK_ATTEMPT_MIN,
 };
 use guardian_sync::lock::LockConfig;
 use guardian_sync::outbox::{OpenError, OutboxOptions, OutboxReader};
@@ -151,8 +152,10 @@ pub(crate) fn run(global: &Global, args: Args) -> anyhow::Result<()> {
 async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
     let lock = LockConfig::new(args.heartbeat, args.stale_after).map_err(usage)?;
     let telemetry = args.telemetry().map_err(usage)?;
+    let open_wait = open_wait(&args);
     let mut builder = SyncEngine::builder()
         .outbox_path(&global.outbox)
+        .outbox_options(OutboxOptions::default().open_timeout(open_wait))
         .server(&args.server)
         .token_provider(Arc::new(StaticToken::new(args.token.clone())))
         .lock(lock)
@@ -192,7 +195,7 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
     let engine = match builder.build().await {
         Ok(engine) => engine,
         Err(BuildError::Open(OpenError::Storage(e))) if args.once && e.is_busy() => {
-            return Err(busy_at_open(&global.outbox).await.into());
+            return Err(busy_at_open(&global.outbox, open_wait).await.into());
         }
         Err(
             e @ (BuildError::Breaker(_)
@@ -412,11 +415,24 @@ fn lock_held_line(holder: Option<&str>, waited_ms: u64, remaining: u64) -> Strin
     )
 }
 
+/// How long opening the outbox waits for another process's write lock: the
+/// busy timeout, or for `--once` its `--max-wait` if that is shorter (but
+/// at least the pass's one attempt at the lock).
+fn open_wait(args: &Args) -> Duration {
+    let busy = OutboxOptions::default().busy_timeout;
+    if args.once {
+        args.max_wait
+            .clamp(LOCK_ATTEMPT_MIN, busy.max(LOCK_ATTEMPT_MIN))
+    } else {
+        busy
+    }
+}
+
 /// The verdict of a pass whose outbox stayed busy past the busy timeout as
 /// it opened: like a held lock, nothing was tried and a later pass may go.
 /// The queue is counted through a read-only view, which a writer does not
 /// block.
-async fn busy_at_open(path: &std::path::Path) -> Stopped {
+async fn busy_at_open(path: &std::path::Path, waited: Duration) -> Stopped {
     let path = path.to_path_buf();
     let counted = tokio::task::spawn_blocking(move || {
         let stats = OutboxReader::open(&path).ok()?.stats().ok()?;
@@ -431,7 +447,7 @@ async fn busy_at_open(path: &std::path::Path) -> Stopped {
         kind: "lock_held",
         reason: format!(
             "the outbox stayed busy: another process held its write lock for {} as it opened{waiting}",
-            humantime::format_duration(OutboxOptions::default().busy_timeout)
+            humantime::format_duration(waited)
         ),
     }
 }

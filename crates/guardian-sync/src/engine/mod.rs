@@ -15,7 +15,7 @@ mod task;
 
 pub use crate::core::drain::{BatchConfig, DrainReport};
 pub use crate::core::events::{ConflictOutcome, SyncEvent};
-pub use once::{OnceReport, OnceStop};
+pub use once::{OnceReport, OnceStop, LOCK_ATTEMPT_MIN};
 pub use run::{RunReport, RUNNER_STATUS_KEY};
 
 use std::path::PathBuf;

@@ -20,7 +20,7 @@ use crate::outbox::OutboxReader;
 /// ordinary write is over well within it, so a pass with no budget still
 /// gets its one try. Timed by tokio: under paused time it runs out as soon
 /// as the runtime idles, waiting for the writer thread.
-const LOCK_ATTEMPT_MIN: Duration = Duration::from_secs(1);
+pub const LOCK_ATTEMPT_MIN: Duration = Duration::from_secs(1);
 use super::{EngineError, SyncEngine, SyncEvent};
 
 /// Why a [`SyncEngine::run_once`] pass stopped.

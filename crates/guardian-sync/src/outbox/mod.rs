@@ -99,6 +99,12 @@ pub struct OutboxOptions {
     pub synchronous: Synchronous,
     /// How long to wait for another connection's write lock (default 5 s).
     pub busy_timeout: Duration,
+    /// How long opening waits for another connection's write lock, at each
+    /// step of the open that takes it (default: `busy_timeout`). The open
+    /// outbox then waits `busy_timeout`: a caller with a short budget
+    /// (`gsync run --once --max-wait`) is not held at the open for longer,
+    /// yet its writes still wait out an app's ordinary commit.
+    pub open_timeout: Option<Duration>,
     /// Largest accepted payload (and base), serialized (default 1 MiB).
     pub max_payload_bytes: usize,
     /// Time source for stored timestamps.
@@ -139,6 +145,7 @@ impl Default for OutboxOptions {
         Self {
             synchronous: Synchronous::Full,
             busy_timeout: Duration::from_secs(5),
+            open_timeout: None,
             max_payload_bytes: 1 << 20,
             clock: SystemClock::shared(),
             coalesce: true,
@@ -164,6 +171,17 @@ impl OutboxOptions {
     pub fn busy_timeout(mut self, d: Duration) -> Self {
         self.busy_timeout = d;
         self
+    }
+    /// Sets how long opening waits for a write lock (see
+    /// [`OutboxOptions::open_timeout`]).
+    #[must_use]
+    pub fn open_timeout(mut self, d: Duration) -> Self {
+        self.open_timeout = Some(d);
+        self
+    }
+    /// How long each step of the open waits for a write lock.
+    fn open_wait(&self) -> Duration {
+        self.open_timeout.unwrap_or(self.busy_timeout)
     }
     /// Sets the payload size limit.
     #[must_use]
@@ -424,7 +442,7 @@ fn prepare_conn(
     if let Some(reason) = damage::header_damage(path).map_err(io)? {
         return Err(Prep::Damaged(reason));
     }
-    let mut conn = schema::connect(path, options.synchronous, options.busy_timeout)?;
+    let mut conn = schema::connect(path, options.synchronous, options.open_wait())?;
     report.migrated_from = schema::migrate(&mut conn)?;
     probe(&conn)?;
     // A garbled schema fails only later reads, with an error SQLite does
@@ -503,7 +521,7 @@ fn open_conn(
     // Every open for writing (a runner, an enqueue, a repair) looks for
     // WAL commits SQLite would ignore, before anything writes: the first
     // write would overwrite them.
-    let wal_break = damage::wal_break_locked(path, options.busy_timeout)
+    let wal_break = damage::wal_break_locked(path, options.open_wait())
         .map_err(|e| OpenError::Storage(e.into()))?;
     let prepared = match wal_break {
         Some(reason) => Err(Prep::Damaged(reason)),
@@ -531,7 +549,7 @@ fn open_conn(
     guardian_sqlite::create_private(path)
         .map_err(|e| salvage_failed(format!("cannot create a fresh file: {e}")))?;
     let salvage = {
-        let mut fresh = schema::connect(path, options.synchronous, options.busy_timeout)
+        let mut fresh = schema::connect(path, options.synchronous, options.open_wait())
             .map_err(|e| salvage_failed(e.to_string()))?;
         schema::migrate(&mut fresh).map_err(|e| salvage_failed(e.to_string()))?;
         damage::salvage_into(&aside, &fresh, reason)
@@ -558,6 +576,7 @@ fn open_conn(
 }
 
 fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbox, OpenError> {
+    conn.busy_timeout(options.busy_timeout)?;
     let ctx = Ctx {
         clock: options.clock.clone(),
         max_payload_bytes: options.max_payload_bytes,
