@@ -567,6 +567,48 @@ fn an_open_under_a_foreign_write_lock_fails_as_busy_after_one_wait() {
     assert_eq!(stored(&path), BTreeSet::from([kept.op_id]));
 }
 
+/// An open timeout shorter than the busy timeout bounds only the open:
+/// under a foreign write lock the open fails as busy after it, and the
+/// opened outbox's own writes still wait out a foreign commit for the
+/// whole busy timeout.
+#[test]
+fn an_open_timeout_bounds_the_open_and_not_later_writes() {
+    const OPEN: Duration = Duration::from_millis(300);
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    let rt = workers(2);
+    let first = open(&rt, &path, options());
+    rt.block_on(first.close());
+    let short = || options().busy_timeout(HANG).open_timeout(OPEN);
+
+    let lock = ForeignLock::take(&path);
+    let started = Instant::now();
+    match rt.block_on(Outbox::open(&path, short())) {
+        Err(OpenError::Storage(e)) if e.is_busy() => {}
+        other => panic!("expected busy, got {:?}", other.map(|_| ())),
+    }
+    let took = started.elapsed();
+    assert!(
+        took < HANG / 2,
+        "the open waited {took:?}, not its {OPEN:?}"
+    );
+    lock.release();
+
+    let outbox = open(&rt, &path, short());
+    let lock = ForeignLock::take(&path);
+    let (o, (tx, rx)) = (outbox.clone(), mpsc::channel());
+    rt.spawn(async move { tx.send(o.enqueue(op("after")).await).unwrap() });
+    // Held well past the open timeout: the enqueue waits for it.
+    std::thread::sleep(OPEN * 3);
+    lock.release();
+    let done = rx
+        .recv_timeout(HANG)
+        .unwrap()
+        .expect("stored after the release");
+    rt.block_on(outbox.close());
+    assert_eq!(stored(&path), BTreeSet::from([done.op_id]));
+}
+
 /// Runs an async enqueue on `rt` (a runtime whose blocking would stall every
 /// task) under another connection's write lock: its one thread keeps
 /// running other tasks, and the enqueue commits after the release.
