@@ -652,9 +652,18 @@ async fn a_change_made_is_not_reported_as_failed_when_its_output_is_lost() {
             assert!(err.starts_with("gsync: warning: op "), "{err}");
         }
     }
+    // Stderr on the same full disk (`> log 2>&1`): still status 0, no panic.
+    let mut both = command(&outbox, &["enqueue", "create", "thing", "c", "{}"]);
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full");
+    both.stdout(full().unwrap()).stderr(full().unwrap());
+    let status = tokio::time::timeout(DEADLINE, both.status())
+        .await
+        .expect("gsync hung")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
     let listed = command(&outbox, &["--json", "ops"]).output().await.unwrap();
     let ops: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
-    assert_eq!(ops.len(), 2, "each enqueue stored its op once");
+    assert_eq!(ops.len(), 3, "each enqueue stored its op once");
     let out = tokio::time::timeout(DEADLINE, into_full(command(&outbox, &["ops"])))
         .await
         .expect("gsync hung");

@@ -126,19 +126,25 @@ pub(crate) fn write(args: fmt::Arguments<'_>) {
         }
         let made = MADE.lock().ok().and_then(|mut m| m.take());
         let Some(Made { what, json }) = made else {
-            eprintln!("gsync: cannot write to standard output: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "gsync: cannot write to standard output: {e}"
+            );
             std::process::exit(i32::from(FAILURE));
         };
         let message = flat(&format!(
             "{what}, but its result could not be written to standard output: {e}"
         ));
-        if json {
+        // Stderr may be on the same full disk: its failure must not turn
+        // the change made into a panic's status.
+        let mut err = std::io::stderr().lock();
+        let _ = if json {
             let warning =
                 serde_json::json!({"warning": {"kind": "output_lost", "message": message}});
-            eprintln!("{warning}");
+            writeln!(err, "{warning}")
         } else {
-            eprintln!("gsync: warning: {message}");
-        }
+            writeln!(err, "gsync: warning: {message}")
+        };
         std::process::exit(0);
     }
 }

@@ -409,6 +409,7 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
                 // op itself, should a runner fail another op meanwhile).
                 let before = outbox.stats().await?.failed;
                 outbox.retry_failed(id).await?;
+                out::made(format!("op {id} was retried"), global.json);
                 before.saturating_sub(outbox.stats().await?.failed).max(1)
             } else {
                 bail!("give an op id or --all-failed");
