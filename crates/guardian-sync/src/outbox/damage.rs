@@ -586,6 +586,11 @@ fn op_insert(from: Seal) -> String {
 const QUARANTINE_REASON: &str =
     "quarantined: damaged row found by salvage (its values do not make an op)";
 
+/// The reason written on an op row found in a damaged WAL frame of a file
+/// without seals.
+const UNVERIFIED_REASON: &str =
+    "quarantined: row found by salvage in a damaged WAL frame, with no seal to check it";
+
 /// Files larger than this are not read whole by the scan (it holds the
 /// file and its WAL in memory); salvage then relies on SQLite alone.
 const SCAN_MAX_BYTES: u64 = 1 << 30;
@@ -673,13 +678,20 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
             )
             .is_ok();
         if present {
+            if !row.past_break {
+                continue;
+            }
             // A newer version replaces the copy only if it is whole: a
             // damaged frame can hold a row of valid shape whose sealed
             // bytes changed, and the copy SQLite read is intact.
-            if !row.past_break
+            if row.unverified
                 || !op_row_valid(&row.values[..OP_COPY_COLUMNS.len()])
                 || !seal_intact(&row.values, from)
             {
+                note(
+                    report,
+                    format!("op {seq}: its newer version past the WAL break is damaged; the older copy is kept"),
+                );
                 continue;
             }
             if let Err(e) = new.execute(
@@ -691,7 +703,10 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
             }
         }
         report.ops_found_by_scan += u64::from(!present);
-        copy_row(new, &insert, seq, Some(row.values), report);
+        // Nothing vouches for a row of a damaged frame without its own
+        // seal: it is kept, but in the failed list, never sent as it is.
+        let quarantine = row.unverified.then_some(UNVERIFIED_REASON);
+        copy_row(new, &insert, seq, Some(row.values), quarantine, report);
     }
     if let (false, Some(lock)) = (report.lock_saved, found.lock) {
         let copied = new.execute(
@@ -710,10 +725,12 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
 }
 
 /// True if a found row's sealed fields match the seal it carries, which
-/// is of the form `from` (see [`copy_scanned`]).
+/// is of the form `from` (see [`copy_scanned`]), or of this schema's form:
+/// a file migrated to it in its WAL still has the older version in its
+/// header.
 fn seal_intact(values: &[SqlValue], from: Seal) -> bool {
     let refs: Vec<ValueRef<'_>> = values.iter().map(ValueRef::from).collect();
-    rows::values_match_seal(&refs, from)
+    rows::values_match_seal(&refs, from) || rows::values_match_seal(&refs, Seal::Full)
 }
 
 /// An op id as a set key (a damaged one may not be text).
@@ -933,7 +950,7 @@ fn scan_from(
                     _ => pos,
                 };
                 end.first_read.get_or_insert(seq);
-                copy_row(new, insert, seq, values.ok(), report);
+                copy_row(new, insert, seq, values.ok(), None, report);
                 pos = seq.saturating_add(1);
             }
             Err(e) => {
@@ -952,16 +969,21 @@ fn copy_row(
     insert: &str,
     seq: i64,
     values: Option<Vec<SqlValue>>,
+    quarantine: Option<&str>,
     report: &mut SalvageReport,
 ) {
     let Some(mut v) = values else {
         report.ops_unreadable += 1;
         return;
     };
-    let valid = op_row_valid(&v[..OP_COPY_COLUMNS.len()]);
-    if !valid {
+    let reason = match quarantine {
+        Some(reason) => Some(reason),
+        None => (!op_row_valid(&v[..OP_COPY_COLUMNS.len()])).then_some(QUARANTINE_REASON),
+    };
+    let valid = reason.is_none();
+    if let Some(reason) = reason {
         v[12] = SqlValue::Text("failed".into());
-        v[15] = SqlValue::Text(QUARANTINE_REASON.into());
+        v[15] = SqlValue::Text(reason.into());
     }
     match new.execute(insert, rusqlite::params_from_iter(v)) {
         Ok(1) if valid => report.ops_saved += 1,

@@ -31,6 +31,10 @@ pub(crate) struct FoundRow {
     /// The row came from a WAL frame SQLite itself does not read (after a
     /// damaged frame): it is newer than what SQLite shows of the file.
     pub past_break: bool,
+    /// The row came from a WAL frame whose checksum fails and carried no
+    /// seal of its own (a file from before the seals): the seal it has was
+    /// computed from possibly damaged bytes and vouches for nothing.
+    pub unverified: bool,
 }
 
 /// What the scan found.
@@ -460,11 +464,13 @@ pub(crate) fn db_page_size(header: &[u8]) -> u32 {
     }
 }
 
-/// A page image and whether it comes from past a WAL break.
+/// A page image, whether it comes from past a WAL break, and whether it is
+/// a WAL frame whose checksum fails.
 #[derive(Clone, Copy)]
 struct Image<'a> {
     data: &'a [u8],
     past_break: bool,
+    damaged: bool,
 }
 
 /// The newest image of every page (see the module comment).
@@ -501,6 +507,7 @@ impl<'a> Pages<'a> {
                     Image {
                         data,
                         past_break: false,
+                        damaged: false,
                     },
                 );
             }
@@ -523,6 +530,7 @@ impl<'a> Pages<'a> {
                     Image {
                         data,
                         past_break: bad.is_some_and(|b| i >= b),
+                        damaged: !f.intact,
                     },
                 );
             }
@@ -780,6 +788,13 @@ fn is_uuid(v: &SqlValue) -> bool {
 /// shape of an op row: 22, 23, 25 or 26 columns, the rowid alias stored as NULL
 /// (or an integer), and an op id or an idempotency key that is a UUID (so a
 /// row damaged in one of them is still recognised, and quarantined).
+/// [`op_row`], and whether the record carried a seal of its own (schema 4
+/// on) rather than one computed here.
+fn sealed_op_row(rowid: i64, values: Vec<SqlValue>) -> Option<(Vec<SqlValue>, bool)> {
+    let sealed = values.len() >= OP_COLUMNS_V4;
+    op_row(rowid, values).map(|v| (v, sealed))
+}
+
 fn op_row(rowid: i64, mut values: Vec<SqlValue>) -> Option<Vec<SqlValue>> {
     if !OP_COLUMN_COUNTS.contains(&values.len()) {
         return None;
@@ -864,7 +879,7 @@ pub(crate) fn scan(db: &[u8], wal: Option<&[u8]>) -> Scan {
     let pages = Pages::new(db, wal, &mut out.wal_break);
     // Newest first per op id: an image past the break beats one SQLite
     // shows; between images of the same age, the higher page wins (any).
-    let mut by_id: HashMap<String, (bool, Vec<SqlValue>)> = HashMap::new();
+    let mut by_id: HashMap<String, FoundRow> = HashMap::new();
     let mut numbers: Vec<u32> = pages.images.keys().copied().collect();
     numbers.sort_unstable();
     for n in numbers {
@@ -880,15 +895,15 @@ pub(crate) fn scan(db: &[u8], wal: Option<&[u8]>) -> Scan {
             let undecoded = decoded.is_none();
             let row = match decoded {
                 Some(values) => match small_row(rowid, values, &mut out) {
-                    Some(values) => op_row(rowid, values),
+                    Some(values) => sealed_op_row(rowid, values),
                     None => continue,
                 },
                 None => None,
             };
             // A record that does not decode, or decodes as no op row, may
             // be an op row with a damaged header size.
-            let resized = || record_resized(&payload).and_then(|v| op_row(rowid, v));
-            let Some(values) = row.or_else(resized) else {
+            let resized = || record_resized(&payload).and_then(|v| sealed_op_row(rowid, v));
+            let Some((values, sealed)) = row.or_else(resized) else {
                 out.bad_cells += u64::from(undecoded);
                 continue;
             };
@@ -897,19 +912,21 @@ pub(crate) fn scan(db: &[u8], wal: Option<&[u8]>) -> Scan {
                 SqlValue::Text(s) => s.clone(),
                 other => format!("{other:?}@{rowid}"),
             };
+            let found = FoundRow {
+                values,
+                past_break: img.past_break,
+                unverified: img.damaged && !sealed,
+            };
             match by_id.get(&key) {
-                Some((past, _)) if *past && !img.past_break => {}
+                Some(had) if had.past_break && !img.past_break => {}
                 _ => {
-                    by_id.insert(key, (img.past_break, values));
+                    by_id.insert(key, found);
                 }
             }
         }
     }
     out.complete = out.bad_cells == 0 && !pages.damaged_image;
-    out.rows = by_id
-        .into_values()
-        .map(|(past_break, values)| FoundRow { values, past_break })
-        .collect();
+    out.rows = by_id.into_values().collect();
     out
 }
 
