@@ -677,3 +677,65 @@ fn edge_numbers_in_flags_are_answered_or_refused_in_one_line() {
     let last = err.trim_end().lines().last().unwrap_or_default();
     assert!(last.starts_with("gsync: 1 op(s) remain"), "{err}");
 }
+
+/// A salvage without room for what it writes (a file size limit stands in
+/// for a full disk: the work copy, the fresh file's set-up or its inserts
+/// fail) is undone: one line says nothing was changed, the damaged file
+/// is back in place byte for byte and nothing else is left. It used to
+/// leave an empty or partial outbox in the file's place, which a later
+/// repair called "ok". With room, the repair saves every op.
+#[test]
+fn a_salvage_without_room_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let pad = "a".repeat(2000);
+    for i in 0..20 {
+        ok(
+            &path,
+            &[
+                "enqueue",
+                "create",
+                "c",
+                &format!("c{i}"),
+                &format!("{{\"v\":\"{pad}\"}}"),
+            ],
+        );
+    }
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    let mut damaged = std::fs::read(&path).unwrap();
+    damaged[0] = b'X';
+    std::fs::write(&path, &damaged).unwrap();
+    // KiB: too little for the fresh file's set-up, then room for the work
+    // copy but not for every insert.
+    for limit in ["64", "200", "400"] {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(r#"trap "" XFSZ; ulimit -f "$1"; exec "$0" --outbox "$2" check --repair"#)
+            .arg(env!("CARGO_BIN_EXE_gsync"))
+            .arg(limit)
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "limit {limit}: {err}");
+        assert_eq!(err.lines().count(), 1, "limit {limit}: {err}");
+        assert!(err.contains("nothing was changed"), "limit {limit}: {err}");
+        assert!(
+            std::fs::read(&path).unwrap() == damaged,
+            "limit {limit}: the file changed"
+        );
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "o.db" && n != "o.db.lock")
+            .collect();
+        assert!(names.is_empty(), "limit {limit}: left {names:?}");
+    }
+    ok(&path, &["check", "--repair"]);
+    assert_eq!(json(&path, &["ops"]).as_array().unwrap().len(), 20);
+}

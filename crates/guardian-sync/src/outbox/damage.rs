@@ -66,6 +66,41 @@ pub struct SalvageReport {
     pub lock_saved: bool,
     /// Errors met on the way (first few).
     pub notes: Vec<String>,
+    /// The first write to the fresh file that failed for a reason of the
+    /// disk, not of the row (full, read-only, I/O): the salvage is then
+    /// incomplete and is undone (see [`SalvageReport::write_failure`]).
+    #[serde(skip)]
+    write_failed: Option<String>,
+}
+
+impl SalvageReport {
+    /// Why the salvage could not write what it read, if it could not.
+    pub(crate) fn write_failure(&self) -> Option<&str> {
+        self.write_failed.as_deref()
+    }
+}
+
+/// Notes a failed write to the fresh file; one the disk made fail (not
+/// the row's values) marks the whole salvage as failed.
+fn write_error(report: &mut SalvageReport, what: &str, e: &rusqlite::Error) {
+    use rusqlite::ErrorCode as C;
+    let disk = matches!(
+        e.sqlite_error_code(),
+        Some(
+            C::DiskFull
+                | C::SystemIoFailure
+                | C::ReadOnly
+                | C::CannotOpen
+                | C::OutOfMemory
+                | C::DatabaseBusy
+                | C::DatabaseLocked
+                | C::PermissionDenied
+        )
+    );
+    if disk && report.write_failed.is_none() {
+        report.write_failed = Some(format!("{what}: {e}"));
+    }
+    note(report, format!("{what}: {e}"));
 }
 
 /// Result of [`Outbox::check`](super::Outbox::check) and
@@ -475,6 +510,26 @@ pub(crate) fn move_aside(path: &Path, now_ms: i64) -> std::io::Result<PathBuf> {
     Ok(aside)
 }
 
+/// Undoes [`move_aside`] after a salvage that could not finish: removes
+/// the fresh file the salvage created at `path` (and its side files), then
+/// renames the damaged file and its WAL and shared-memory files back.
+pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
+    for ext in ["-wal", "-shm", "-journal", ""] {
+        match std::fs::remove_file(with_suffix(path, ext)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    std::fs::rename(aside, path)?;
+    for ext in ["-wal", "-shm"] {
+        let from = with_suffix(aside, ext);
+        if from.exists() {
+            std::fs::rename(&from, with_suffix(path, ext))?;
+        }
+    }
+    Ok(())
+}
+
 const OP_COPY_COLUMNS: &[&str] = &[
     "seq",
     "op_id",
@@ -698,7 +753,7 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
                 "DELETE FROM ops WHERE op_id = ?1 AND foreign_id = 1",
                 [&op_id],
             ) {
-                note(report, format!("op {seq}: newer version not copied: {e}"));
+                write_error(report, &format!("op {seq}: newer version not copied"), &e);
                 continue;
             }
         }
@@ -997,7 +1052,7 @@ fn copy_row(
         }
         Err(e) => {
             report.ops_unreadable += 1;
-            note(report, format!("op {seq} not copied: {e}"));
+            write_error(report, &format!("op {seq} not copied"), &e);
         }
     }
 }
@@ -1054,15 +1109,13 @@ fn copy_small(old: &Connection, new: &Connection, report: &mut SalvageReport) {
                         note(report, format!("a damaged {table} row was not copied"));
                         continue;
                     }
-                    if new
-                        .execute(&insert, rusqlite::params_from_iter(values))
-                        .is_ok()
-                    {
-                        match table {
+                    match new.execute(&insert, rusqlite::params_from_iter(values)) {
+                        Ok(_) => match table {
                             "meta" => report.meta_saved += 1,
                             "lock" => report.lock_saved = true,
                             _ => report.outcomes_saved += 1,
-                        }
+                        },
+                        Err(e) => write_error(report, &format!("a {table} row not copied"), &e),
                     }
                 }
                 Ok(None) => break,
@@ -1099,14 +1152,16 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         outcomes_saved: 0,
         lock_saved: false,
         notes: Vec::new(),
+        write_failed: None,
     };
     // Read from a working copy: the moved file stays exactly as it was,
     // and the copy's header can be repaired (see `work_copy`).
     let copy = match work_copy(aside) {
         Ok(c) => c,
         Err(e) => {
-            report.ops_table_lost = true;
-            note(&mut report, format!("cannot copy the moved file: {e}"));
+            // Without room for the copy nothing can be read: not a loss of
+            // the file's ops, a salvage that cannot run here.
+            report.write_failed = Some(format!("cannot copy the moved file: {e}"));
             return report;
         }
     };
@@ -1147,12 +1202,12 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
         "UPDATE ops_seq_mark SET deleted_max = max(deleted_max, ?1) WHERE id = 1",
         [taken],
     ) {
-        note(&mut report, format!("marking old positions failed: {e}"));
+        write_error(&mut report, "marking old positions failed", &e);
     }
     // The runner that held the old file is gone from this one: the lock is
     // free (its epoch is kept, so fences keep increasing).
     if let Err(e) = fresh.execute("UPDATE lock SET owner = '' WHERE id = 1", []) {
-        note(&mut report, format!("freeing the lock failed: {e}"));
+        write_error(&mut report, "freeing the lock failed", &e);
     }
     if report.ops_saved + report.ops_quarantined > 0 {
         // Heads and in-flight state are rebuilt from scratch below.
@@ -1166,15 +1221,12 @@ pub(crate) fn salvage_into(aside: &Path, fresh: &Connection, reason: String) -> 
                  SELECT DISTINCT envelope_version FROM ops;",
         );
         if let Err(e) = fix {
-            note(&mut report, format!("rebuilding heads failed: {e}"));
+            write_error(&mut report, "rebuilding heads failed", &e);
         }
         // Gated ops get their heads from the gate, which also fails a
         // transaction that lost ops: it is never sent in part.
         if let Err(e) = super::gate::refresh(fresh, wall_ms()) {
-            note(
-                &mut report,
-                format!("rebuilding transaction gates failed: {e}"),
-            );
+            write_error(&mut report, "rebuilding transaction gates failed", &e);
         }
     }
     report

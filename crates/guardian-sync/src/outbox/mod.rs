@@ -546,14 +546,33 @@ fn open_conn(
     };
     let aside = damage::move_aside(path, options.clock.now_millis())
         .map_err(|e| salvage_failed(format!("cannot move it aside: {e}")))?;
-    guardian_sqlite::create_private(path)
-        .map_err(|e| salvage_failed(format!("cannot create a fresh file: {e}")))?;
-    let salvage = {
-        let mut fresh = schema::connect(path, options.synchronous, options.open_wait())
-            .map_err(|e| salvage_failed(e.to_string()))?;
-        schema::migrate(&mut fresh).map_err(|e| salvage_failed(e.to_string()))?;
-        damage::salvage_into(&aside, &fresh, reason)
+    // A salvage that cannot write all it read (a full disk) is undone: a
+    // partial copy in the file's place would pass for the whole outbox.
+    let undo = |why: String| match damage::move_back(path, &aside) {
+        Ok(()) => salvage_failed(format!(
+            "{why}; nothing was changed (the damaged file is back in place)"
+        )),
+        Err(e) => salvage_failed(format!(
+            "{why}; moving the damaged file back failed too ({e}): it is at {}",
+            aside.display()
+        )),
     };
+    let fresh = guardian_sqlite::create_private(path)
+        .map_err(|e| format!("cannot create a fresh file: {e}"))
+        .and_then(|_| {
+            let mut fresh = schema::connect(path, options.synchronous, options.open_wait())
+                .map_err(|e| format!("cannot open the fresh file: {e}"))?;
+            schema::migrate(&mut fresh)
+                .map_err(|e| format!("cannot set up the fresh file: {e}"))?;
+            Ok(fresh)
+        });
+    let salvage = match fresh {
+        Ok(fresh) => damage::salvage_into(&aside, &fresh, reason),
+        Err(why) => return Err(undo(why)),
+    };
+    if let Some(why) = salvage.write_failure() {
+        return Err(undo(format!("cannot write the salvaged copy: {why}")));
+    }
     let mut again = OpenReport::default();
     let conn = match prepare_conn(path, options, &mut again) {
         Ok(conn) => conn,
