@@ -512,7 +512,9 @@ pub(crate) fn move_aside(path: &Path, now_ms: i64) -> std::io::Result<PathBuf> {
 
 /// Undoes [`move_aside`] after a salvage that could not finish: removes
 /// the fresh file the salvage created at `path` (and its side files), then
-/// renames the damaged file and its WAL and shared-memory files back.
+/// puts the damaged file and its WAL and shared-memory files back under
+/// their names, each only where no file has appeared meanwhile (a link,
+/// then the aside name removed): another process's file is never replaced.
 pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
     for ext in ["-wal", "-shm", "-journal", ""] {
         match std::fs::remove_file(with_suffix(path, ext)) {
@@ -520,11 +522,11 @@ pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
             _ => {}
         }
     }
-    std::fs::rename(aside, path)?;
-    for ext in ["-wal", "-shm"] {
+    for ext in ["", "-wal", "-shm"] {
         let from = with_suffix(aside, ext);
-        if from.exists() {
-            std::fs::rename(&from, with_suffix(path, ext))?;
+        if ext.is_empty() || from.exists() {
+            std::fs::hard_link(&from, with_suffix(path, ext))?;
+            std::fs::remove_file(&from)?;
         }
     }
     Ok(())

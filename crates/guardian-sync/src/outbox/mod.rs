@@ -557,15 +557,24 @@ fn open_conn(
             aside.display()
         )),
     };
-    let fresh = guardian_sqlite::create_private(path)
-        .map_err(|e| format!("cannot create a fresh file: {e}"))
-        .and_then(|_| {
-            let mut fresh = schema::connect(path, options.synchronous, options.open_wait())
-                .map_err(|e| format!("cannot open the fresh file: {e}"))?;
-            schema::migrate(&mut fresh)
-                .map_err(|e| format!("cannot set up the fresh file: {e}"))?;
-            Ok(fresh)
-        });
+    let fresh = match guardian_sqlite::create_private(path) {
+        Ok(true) => Ok(()),
+        // Not ours to fill, nor to remove: the damaged file stays aside.
+        Ok(false) => {
+            return Err(salvage_failed(format!(
+                "another process created {} during the salvage; the damaged file is at {}",
+                path.display(),
+                aside.display()
+            )))
+        }
+        Err(e) => Err(format!("cannot create a fresh file: {e}")),
+    };
+    let fresh = fresh.and_then(|()| {
+        let mut fresh = schema::connect(path, options.synchronous, options.open_wait())
+            .map_err(|e| format!("cannot open the fresh file: {e}"))?;
+        schema::migrate(&mut fresh).map_err(|e| format!("cannot set up the fresh file: {e}"))?;
+        Ok(fresh)
+    });
     let salvage = match fresh {
         Ok(fresh) => damage::salvage_into(&aside, &fresh, reason),
         Err(why) => return Err(undo(why)),
