@@ -84,19 +84,18 @@ impl SalvageReport {
 /// the row's values) marks the whole salvage as failed.
 fn write_error(report: &mut SalvageReport, what: &str, e: &rusqlite::Error) {
     use rusqlite::ErrorCode as C;
-    let disk = matches!(
-        e.sqlite_error_code(),
-        Some(
-            C::DiskFull
-                | C::SystemIoFailure
-                | C::ReadOnly
-                | C::CannotOpen
-                | C::OutOfMemory
-                | C::DatabaseBusy
-                | C::DatabaseLocked
-                | C::PermissionDenied
-        )
-    );
+    let disk = super::error::is_busy(e)
+        || matches!(
+            e.sqlite_error_code(),
+            Some(
+                C::DiskFull
+                    | C::SystemIoFailure
+                    | C::ReadOnly
+                    | C::CannotOpen
+                    | C::OutOfMemory
+                    | C::PermissionDenied
+            )
+        );
     if disk && report.write_failed.is_none() {
         report.write_failed = Some(format!("{what}: {e}"));
     }
@@ -787,7 +786,8 @@ fn copy_scanned(aside: &Path, new: &Connection, report: &mut SalvageReport) -> i
 /// header.
 fn seal_intact(values: &[SqlValue], from: Seal) -> bool {
     let refs: Vec<ValueRef<'_>> = values.iter().map(ValueRef::from).collect();
-    rows::values_match_seal(&refs, from) || rows::values_match_seal(&refs, Seal::Full)
+    rows::values_match_seal(&refs, from)
+        || (from != Seal::Full && rows::values_match_seal(&refs, Seal::Full))
 }
 
 /// An op id as a set key (a damaged one may not be text).
