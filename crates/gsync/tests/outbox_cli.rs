@@ -739,3 +739,144 @@ fn a_salvage_without_room_changes_nothing() {
     ok(&path, &["check", "--repair"]);
     assert_eq!(json(&path, &["ops"]).as_array().unwrap().len(), 20);
 }
+
+/// Every file in `dir` but the given names.
+fn others(dir: &Path, keep: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A damaged outbox of `txns` × 100 ops of 1 KiB at `path`; its bytes.
+fn damaged_outbox(path: &Path, txns: usize) -> Vec<u8> {
+    let dir = path.parent().unwrap();
+    let pad = "b".repeat(1000);
+    for t in 0..txns {
+        let ops: Vec<Value> = (0..100)
+            .map(|i| serde_json::json!({"op": "create", "type": "c", "id": format!("c{t}-{i}"), "data": {"v": pad}}))
+            .collect();
+        let file = txn_file(dir, "ops.json", &Value::Array(ops));
+        ok(path, &["enqueue", "--txn", file.to_str().unwrap()]);
+        std::fs::remove_file(file).unwrap();
+    }
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    let mut damaged = std::fs::read(path).unwrap();
+    damaged[0] = b'X';
+    std::fs::write(path, &damaged).unwrap();
+    damaged
+}
+
+/// A salvage killed (SIGKILL) at any point leaves nothing a later open
+/// takes for the outbox: a read-only command says the salvage was
+/// interrupted, and the next repair puts the damaged file back and saves
+/// every op. It used to leave the fresh file, partly filled, in the
+/// outbox's place, and the next repair called it sound.
+#[test]
+fn a_salvage_killed_at_any_point_loses_no_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let damaged = damaged_outbox(&path, 15);
+    // An uninterrupted repair's length, to spread the kills over it.
+    let probe = tempfile::tempdir().unwrap();
+    let probe_path = probe.path().join("o.db");
+    std::fs::write(&probe_path, &damaged).unwrap();
+    let started = std::time::Instant::now();
+    ok(&probe_path, &["check", "--repair"]);
+    let whole = started.elapsed();
+    assert_eq!(
+        json(&probe_path, &["ops", "--limit", "5000"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1500
+    );
+    let mut interrupted = 0;
+    for k in 1..=12u32 {
+        for name in others(dir.path(), &[]) {
+            std::fs::remove_file(dir.path().join(name)).unwrap();
+        }
+        std::fs::write(&path, &damaged).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gsync"))
+            .arg("--outbox")
+            .arg(&path)
+            .args(["check", "--repair"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(whole * k / 13);
+        let _ = child.kill();
+        child.wait().unwrap();
+        let read = gsync(&path, &["--json", "ops", "--limit", "5000"]);
+        let err = String::from_utf8_lossy(&read.stderr);
+        if read.status.success() {
+            let ops: Value = serde_json::from_slice(&read.stdout).unwrap();
+            assert_eq!(
+                ops.as_array().unwrap().len(),
+                1500,
+                "kill {k}: a partial outbox"
+            );
+        } else if err.contains("interrupted") {
+            interrupted += 1;
+        } else {
+            assert!(err.contains("damaged"), "kill {k}: {err}");
+        }
+        ok(&path, &["check", "--repair"]);
+        assert_eq!(
+            json(&path, &["ops", "--limit", "5000"])
+                .as_array()
+                .unwrap()
+                .len(),
+            1500,
+            "kill {k}"
+        );
+        let left = others(dir.path(), &["o.db", "o.db.lock"]);
+        assert!(
+            left.len() == 1 && left[0].starts_with("o.db.corrupt-"),
+            "kill {k}: {left:?}"
+        );
+    }
+    eprintln!("{interrupted} of 12 kills interrupted a salvage");
+    assert!(interrupted > 0, "no kill landed inside a salvage");
+}
+
+/// A file at the salvage record's name that is not one (here a directory)
+/// is never touched: an intact outbox opens as usual, and a damaged one is
+/// not salvaged (one line says why; nothing changed).
+#[test]
+fn a_foreign_file_at_the_salvage_record_name_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    ok(&path, &["enqueue", "create", "c", "c1", "{}"]);
+    std::fs::create_dir(dir.path().join("o.db.salvaging")).unwrap();
+    std::fs::write(dir.path().join("o.db.salvaging/keep"), b"mine").unwrap();
+    ok(&path, &["enqueue", "create", "c", "c2", "{}"]);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
+    let mut damaged = std::fs::read(&path).unwrap();
+    damaged[0] = b'X';
+    std::fs::write(&path, &damaged).unwrap();
+    let err = fails(&path, &["check", "--repair"], 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    assert!(std::fs::read(&path).unwrap() == damaged);
+    assert_eq!(
+        std::fs::read(dir.path().join("o.db.salvaging/keep")).unwrap(),
+        b"mine"
+    );
+    assert_eq!(
+        others(dir.path(), &["o.db", "o.db.lock", "o.db.salvaging"]),
+        Vec::<String>::new()
+    );
+}

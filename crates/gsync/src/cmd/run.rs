@@ -197,6 +197,17 @@ async fn drain(global: &Global, args: Args) -> anyhow::Result<()> {
         Err(BuildError::Open(OpenError::Storage(e))) if args.once && e.is_busy() => {
             return Err(busy_at_open(&global.outbox, open_wait).await.into());
         }
+        Err(BuildError::Open(OpenError::SalvageUnderWay { .. })) if args.once => {
+            return Err(Stopped {
+                code: LOCK_HELD,
+                kind: "lock_held",
+                reason: format!(
+                    "another process was salvaging the damaged outbox for all of {}",
+                    humantime::format_duration(open_wait)
+                ),
+            }
+            .into());
+        }
         Err(
             e @ (BuildError::Breaker(_)
             | BuildError::Telemetry(_)

@@ -494,26 +494,45 @@ pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Moves the damaged file (and its WAL and shared-memory files) aside.
-pub(crate) fn move_aside(path: &Path, now_ms: i64) -> std::io::Result<PathBuf> {
-    let aside = with_suffix(path, &format!(".corrupt-{now_ms}"));
-    std::fs::rename(path, &aside)?;
+/// A name beside `path` to move the damaged file to, `<name>.corrupt-<ms>`,
+/// with `-<n>` added while that is taken: a rename would replace a file
+/// an earlier salvage moved in the same millisecond (or under a fixed
+/// clock).
+pub(crate) fn aside_path(path: &Path, now_ms: i64) -> PathBuf {
+    let taken = |p: &Path| {
+        ["", "-wal", "-shm"]
+            .iter()
+            .any(|ext| std::fs::symlink_metadata(with_suffix(p, ext)).is_ok())
+    };
+    let first = with_suffix(path, &format!(".corrupt-{now_ms}"));
+    let mut aside = first.clone();
+    let mut n = 1u32;
+    while taken(&aside) {
+        aside = with_suffix(&first, &format!("-{n}"));
+        n += 1;
+    }
+    aside
+}
+
+/// Moves the damaged file (and its WAL and shared-memory files) to
+/// `aside`: the side files first, so a main file found at `aside` after a
+/// kill means every file at `path` came later (see `salvage_mark`).
+pub(crate) fn move_aside(path: &Path, aside: &Path) -> std::io::Result<()> {
     for ext in ["-wal", "-shm"] {
         let from = with_suffix(path, ext);
         if from.exists() {
             // Keep the WAL beside the moved file under SQLite's naming, so
             // opening the moved file reads its last commits too.
-            std::fs::rename(&from, with_suffix(&aside, ext))?;
+            std::fs::rename(&from, with_suffix(aside, ext))?;
         }
     }
-    Ok(aside)
+    std::fs::rename(path, aside)
 }
 
 /// Undoes [`move_aside`] after a salvage that could not finish: removes
 /// the fresh file the salvage created at `path` (and its side files), then
 /// puts the damaged file and its WAL and shared-memory files back under
-/// their names, each only where no file has appeared meanwhile (a link,
-/// then the aside name removed): another process's file is never replaced.
+/// their names (see [`put_back_one`]).
 pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
     for ext in ["-wal", "-shm", "-journal", ""] {
         match std::fs::remove_file(with_suffix(path, ext)) {
@@ -521,14 +540,26 @@ pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
             _ => {}
         }
     }
-    for ext in ["", "-wal", "-shm"] {
+    for ext in ["-wal", "-shm", ""] {
         let from = with_suffix(aside, ext);
         if ext.is_empty() || from.exists() {
-            std::fs::hard_link(&from, with_suffix(path, ext))?;
-            std::fs::remove_file(&from)?;
+            put_back_one(&from, &with_suffix(path, ext))?;
         }
     }
     Ok(())
+}
+
+/// Moves `from` to `to` only where no file has appeared meanwhile: a link,
+/// then the old name removed, so another process's file is never replaced.
+/// Where the file system has no links (vfat, some FUSE mounts), a rename
+/// after checking `to` is free.
+pub(crate) fn put_back_one(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::hard_link(from, to) {
+        Ok(()) => std::fs::remove_file(from),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
+        Err(e) if std::fs::symlink_metadata(to).is_ok() => Err(e),
+        Err(_) => std::fs::rename(from, to),
+    }
 }
 
 const OP_COPY_COLUMNS: &[&str] = &[

@@ -137,6 +137,21 @@ pub enum OpenError {
         /// What went wrong.
         reason: String,
     },
+    /// Another process is salvaging the damaged outbox file; nothing was
+    /// touched. Try again when it is done.
+    #[error("another process is salvaging outbox {path}; try again when it is done")]
+    SalvageUnderWay {
+        /// The outbox path.
+        path: PathBuf,
+    },
+    /// A read-only open found a salvage that a killed process left
+    /// unfinished: the file at the path may be partial. Any open for
+    /// writing puts the damaged file back and salvages it again.
+    #[error("a salvage of outbox {path} was interrupted; finish it with `gsync check --repair` (or any open for writing)")]
+    SalvageInterrupted {
+        /// The outbox path.
+        path: PathBuf,
+    },
     /// Nothing is at the path (a read-only open creates nothing).
     #[error("no outbox at {path}")]
     Missing {

@@ -33,6 +33,7 @@ mod outcomes;
 mod reader;
 mod rows;
 mod runner;
+mod salvage_mark;
 mod scan;
 mod schema;
 mod upcast;
@@ -488,6 +489,35 @@ fn open_conn(
         path: path.to_path_buf(),
         source,
     };
+    // Before anything else looks at the path: a salvage killed midway left
+    // a partial file there, which only the damaged one may replace.
+    let mut foreign_mark = None;
+    let put_back = match salvage_mark::settle(path, options.open_wait()) {
+        Ok(salvage_mark::Settled::Nothing) => None,
+        Ok(salvage_mark::Settled::PutBack(aside)) => {
+            tracing::warn!(
+                path = %path.display(),
+                "a salvage of this outbox was interrupted; the damaged file is back, salvaging again"
+            );
+            Some(aside)
+        }
+        Err(salvage_mark::MarkError::UnderWay) => {
+            return Err(OpenError::SalvageUnderWay {
+                path: path.to_path_buf(),
+            })
+        }
+        // Only a salvage needs the record's name: refused there.
+        Err(salvage_mark::MarkError::NotOurs(why)) => {
+            foreign_mark = Some(why);
+            None
+        }
+        Err(salvage_mark::MarkError::Failed(reason)) => {
+            return Err(OpenError::SalvageFailed {
+                path: path.to_path_buf(),
+                reason,
+            })
+        }
+    };
     // Only a regular file can be a second name of an outbox; a directory's
     // link count says nothing (it is refused below as not ours).
     if let Some(meta) = std::fs::metadata(path)
@@ -544,28 +574,61 @@ fn open_conn(
         path: path.to_path_buf(),
         reason,
     };
-    let aside = damage::move_aside(path, options.clock.now_millis())
-        .map_err(|e| salvage_failed(format!("cannot move it aside: {e}")))?;
+    if let Some(why) = foreign_mark {
+        return Err(salvage_failed(format!(
+            "cannot record the salvage: {why}; nothing was changed"
+        )));
+    }
+    let aside = damage::aside_path(path, options.clock.now_millis());
+    let mut mark = salvage_mark::Mark::begin(path, &aside).map_err(|e| match e {
+        salvage_mark::MarkError::UnderWay => OpenError::SalvageUnderWay {
+            path: path.to_path_buf(),
+        },
+        salvage_mark::MarkError::NotOurs(why) | salvage_mark::MarkError::Failed(why) => {
+            salvage_failed(format!("{why}; nothing was changed"))
+        }
+    })?;
+    if let Err(e) = damage::move_aside(path, &aside) {
+        let why = format!("cannot move it aside: {e}");
+        return Err(match salvage_mark::put_back(path, &aside, false) {
+            Ok(()) => {
+                let _ = mark.finish();
+                salvage_failed(format!("{why}; nothing was changed"))
+            }
+            // The record stays: the next open puts the rest back.
+            Err(e) => salvage_failed(format!("{why}; {e}")),
+        });
+    }
     // A salvage that cannot write all it read (a full disk) is undone: a
     // partial copy in the file's place would pass for the whole outbox.
-    let undo = |why: String| match damage::move_back(path, &aside) {
-        Ok(()) => salvage_failed(format!(
-            "{why}; nothing was changed (the damaged file is back in place)"
-        )),
+    let undo = |mark: Option<salvage_mark::Mark>, why: String| match damage::move_back(path, &aside)
+    {
+        Ok(()) => {
+            if let Some(mark) = mark {
+                let _ = mark.finish();
+            }
+            salvage_failed(format!(
+                "{why}; nothing was changed (the damaged file is back in place)"
+            ))
+        }
+        // The record stays, so the next open puts the damaged file back.
         Err(e) => salvage_failed(format!(
             "{why}; moving the damaged file back failed too ({e}): it is at {}",
             aside.display()
         )),
     };
     let fresh = match guardian_sqlite::create_private(path) {
-        Ok(true) => Ok(()),
+        Ok(true) => mark
+            .fresh_created()
+            .map_err(|e| format!("cannot record the salvage: {e}")),
         // Not ours to fill, nor to remove: the damaged file stays aside.
         Ok(false) => {
+            let _ = mark.finish();
             return Err(salvage_failed(format!(
                 "another process created {} during the salvage; the damaged file is at {}",
                 path.display(),
                 aside.display()
-            )))
+            )));
         }
         Err(e) => Err(format!("cannot create a fresh file: {e}")),
     };
@@ -575,12 +638,26 @@ fn open_conn(
         schema::migrate(&mut fresh).map_err(|e| format!("cannot set up the fresh file: {e}"))?;
         Ok(fresh)
     });
-    let salvage = match fresh {
+    let mut salvage = match fresh {
         Ok(fresh) => damage::salvage_into(&aside, &fresh, reason),
-        Err(why) => return Err(undo(why)),
+        Err(why) => return Err(undo(Some(mark), why)),
     };
     if let Some(why) = salvage.write_failure() {
-        return Err(undo(format!("cannot write the salvaged copy: {why}")));
+        return Err(undo(
+            Some(mark),
+            format!("cannot write the salvaged copy: {why}"),
+        ));
+    }
+    // Only now may anything write to the fresh file: while the record is
+    // there, the next open would remove it.
+    if let Err(e) = mark.finish() {
+        return Err(undo(None, format!("cannot end the salvage's record: {e}")));
+    }
+    if let Some(earlier) = put_back {
+        salvage.notes.push(format!(
+            "an earlier salvage of this file was interrupted; its damaged file {} was put back and salvaged again",
+            earlier.display()
+        ));
     }
     let mut again = OpenReport::default();
     let conn = match prepare_conn(path, options, &mut again) {

@@ -44,6 +44,13 @@ impl OutboxReader {
             path: path.clone(),
             source,
         };
+        // The file at the path may be a salvage's partial copy; a record
+        // that is not ours only matters to a salvage.
+        match super::salvage_mark::look(&path) {
+            Ok(Some(true)) => return Err(OpenError::SalvageUnderWay { path }),
+            Ok(Some(false)) => return Err(OpenError::SalvageInterrupted { path }),
+            Ok(None) | Err(_) => {}
+        }
         match ident::classify(&path).map_err(io)? {
             Identity::Missing => return Err(OpenError::Missing { path }),
             Identity::Empty => {
