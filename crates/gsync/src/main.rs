@@ -74,6 +74,7 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     logging::init(log_default(&cli.command));
+    let on_outbox = matches!(cli.command, Command::Outbox(_) | Command::Run(_));
     let result = match cli.command {
         Command::Outbox(c) => cmd::outbox::run(&cli.global, c),
         Command::Serve(args) => cmd::serve::run(&cli.global, *args),
@@ -89,8 +90,37 @@ fn main() -> ExitCode {
                 Some(stopped) => (stopped.code, stopped.kind),
                 None => (FAILURE, "error"),
             };
-            report(cli.global.json, kind, &one_line(&e), code)
+            let mut message = one_line(&e);
+            if on_outbox {
+                message.push_str(&disk_full_hint(&message, &cli.global.outbox));
+            }
+            report(cli.global.json, kind, &message, code)
         }
+    }
+}
+
+/// "; the disk holding <dir> is full" when SQLite's message says I/O
+/// failed or the disk is full and the outbox's file system has (almost) no
+/// room: its own words for both ("disk I/O error" from mapping a
+/// shared-memory file, say) do not tell the user what to do.
+fn disk_full_hint(message: &str, outbox: &std::path::Path) -> String {
+    if !message.contains("disk I/O error") && !message.contains("database or disk is full") {
+        return String::new();
+    }
+    let dir = match outbox.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    match nix::sys::statvfs::statvfs(dir) {
+        // Less than one 64 KiB write: SQLite's next page or WAL frame, or
+        // its shared-memory file, cannot be written.
+        Ok(fs) if fs.blocks_available().saturating_mul(fs.fragment_size()) < 65_536 => {
+            format!(
+                "; the disk holding {} is full: free some space and try again",
+                dir.display()
+            )
+        }
+        _ => String::new(),
     }
 }
 

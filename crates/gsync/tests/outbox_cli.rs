@@ -880,3 +880,66 @@ fn a_foreign_file_at_the_salvage_record_name_is_left_alone() {
         Vec::<String>::new()
     );
 }
+
+/// A tmpfs of `size` mounted at `at`, unmounted when dropped.
+struct Mounted(std::path::PathBuf);
+
+impl Mounted {
+    /// None where this process may not mount (not root, a container).
+    fn tmpfs(at: &Path, size: &str) -> Option<Self> {
+        let done = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        done.success().then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// On a full disk SQLite's own words ("disk I/O error … xShmMap", left by
+/// an earlier failed open's 3-byte shared-memory file) do not say what is
+/// wrong: every outbox command's error line adds that the disk is full.
+/// Needs a file system to fill: a 1 MiB tmpfs, where mounting is allowed.
+#[test]
+fn errors_on_a_full_disk_say_the_disk_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(_mounted) = Mounted::tmpfs(dir.path(), "1m") else {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    };
+    let path = dir.path().join("o.db");
+    for i in 0..5 {
+        ok(&path, &["enqueue", "create", "c", &format!("c{i}"), "{}"]);
+    }
+    let fill_path = dir.path().join("fill");
+    {
+        use std::io::Write;
+        let mut fill = std::fs::File::create(&fill_path).unwrap();
+        let block = vec![0u8; 1024];
+        while fill.write_all(&block).is_ok() {}
+    }
+    for args in [
+        &["enqueue", "create", "c", "full", "{}"][..],
+        &["status"][..],
+        &["ops"][..],
+    ] {
+        let err = fails(&path, args, 1);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains("is full: free some space"), "{args:?}: {err}");
+    }
+    std::fs::remove_file(&fill_path).unwrap();
+    assert_eq!(json(&path, &["ops"]).as_array().unwrap().len(), 5);
+}
