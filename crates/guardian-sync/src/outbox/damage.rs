@@ -531,8 +531,9 @@ pub(crate) fn move_aside(path: &Path, aside: &Path) -> std::io::Result<()> {
 
 /// Undoes [`move_aside`] after a salvage that could not finish: removes
 /// the fresh file the salvage created at `path` (and its side files), then
-/// puts the damaged file and its WAL and shared-memory files back under
-/// their names (see [`put_back_one`]).
+/// puts the damaged file back, then its WAL and shared-memory files (see
+/// [`put_back_one`]). The main file goes first: while it is still aside,
+/// every file at `path` is the salvage's (`salvage_mark::put_back`).
 pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
     for ext in ["-wal", "-shm", "-journal", ""] {
         match std::fs::remove_file(with_suffix(path, ext)) {
@@ -540,7 +541,7 @@ pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
             _ => {}
         }
     }
-    for ext in ["-wal", "-shm", ""] {
+    for ext in ["", "-wal", "-shm"] {
         let from = with_suffix(aside, ext);
         if ext.is_empty() || from.exists() {
             put_back_one(&from, &with_suffix(path, ext))?;

@@ -147,7 +147,7 @@ pub enum OpenError {
     /// A read-only open found a salvage that a killed process left
     /// unfinished: the file at the path may be partial. Any open for
     /// writing puts the damaged file back and salvages it again.
-    #[error("a salvage of outbox {path} was interrupted; finish it with `gsync check --repair` (or any open for writing)")]
+    #[error("a salvage of outbox {path} was interrupted; any open for writing finishes it (`Outbox::open`, `gsync check --repair`)")]
     SalvageInterrupted {
         /// The outbox path.
         path: PathBuf,

@@ -485,6 +485,26 @@ fn open_conn(
     options: &OutboxOptions,
     repair: bool,
 ) -> Result<(Connection, OpenReport, Option<CheckReport>), OpenError> {
+    // A salvage another process began after this open settled the record
+    // moves the file this open has just opened: open again after it (a
+    // few times; each waits at most the open timeout).
+    for _ in 0..3 {
+        let opened = open_conn_once(path, options, repair)?;
+        if salvage_mark::look(path).is_ok_and(|l| l == salvage_mark::Look::Clear) {
+            return Ok(opened);
+        }
+    }
+    Err(OpenError::SalvageUnderWay {
+        path: path.to_path_buf(),
+    })
+}
+
+/// [`open_conn`], once.
+fn open_conn_once(
+    path: &Path,
+    options: &OutboxOptions,
+    repair: bool,
+) -> Result<(Connection, OpenReport, Option<CheckReport>), OpenError> {
     let io = |source| OpenError::Io {
         path: path.to_path_buf(),
         source,
@@ -497,7 +517,7 @@ fn open_conn(
         Ok(salvage_mark::Settled::PutBack(aside)) => {
             tracing::warn!(
                 path = %path.display(),
-                "a salvage of this outbox was interrupted; the damaged file is back, salvaging again"
+                "a salvage of this outbox was interrupted; the damaged file is back in place"
             );
             Some(aside)
         }
@@ -511,7 +531,9 @@ fn open_conn(
             foreign_mark = Some(why);
             None
         }
-        Err(salvage_mark::MarkError::Failed(reason)) => {
+        Err(
+            salvage_mark::MarkError::Failed(reason) | salvage_mark::MarkError::Unreadable(reason),
+        ) => {
             return Err(OpenError::SalvageFailed {
                 path: path.to_path_buf(),
                 reason,
@@ -584,7 +606,9 @@ fn open_conn(
         salvage_mark::MarkError::UnderWay => OpenError::SalvageUnderWay {
             path: path.to_path_buf(),
         },
-        salvage_mark::MarkError::NotOurs(why) | salvage_mark::MarkError::Failed(why) => {
+        salvage_mark::MarkError::NotOurs(why)
+        | salvage_mark::MarkError::Failed(why)
+        | salvage_mark::MarkError::Unreadable(why) => {
             salvage_failed(format!("{why}; nothing was changed"))
         }
     })?;
@@ -592,7 +616,7 @@ fn open_conn(
         let why = format!("cannot move it aside: {e}");
         return Err(match salvage_mark::put_back(path, &aside, false) {
             Ok(()) => {
-                let _ = mark.finish();
+                mark.finish_or_log();
                 salvage_failed(format!("{why}; nothing was changed"))
             }
             // The record stays: the next open puts the rest back.
@@ -605,7 +629,7 @@ fn open_conn(
     {
         Ok(()) => {
             if let Some(mark) = mark {
-                let _ = mark.finish();
+                mark.finish_or_log();
             }
             salvage_failed(format!(
                 "{why}; nothing was changed (the damaged file is back in place)"
@@ -621,11 +645,12 @@ fn open_conn(
         Ok(true) => mark
             .fresh_created()
             .map_err(|e| format!("cannot record the salvage: {e}")),
-        // Not ours to fill, nor to remove: the damaged file stays aside.
+        // Not ours to fill, nor to remove: the damaged file stays aside,
+        // and the record stays so that no open takes that file for the
+        // outbox until it is moved away.
         Ok(false) => {
-            let _ = mark.finish();
             return Err(salvage_failed(format!(
-                "another process created {} during the salvage; the damaged file is at {}",
+                "another process created {} during the salvage; move that file away and open again to put the damaged file ({}) back",
                 path.display(),
                 aside.display()
             )));
@@ -650,8 +675,11 @@ fn open_conn(
     }
     // Only now may anything write to the fresh file: while the record is
     // there, the next open would remove it.
-    if let Err(e) = mark.finish() {
-        return Err(undo(None, format!("cannot end the salvage's record: {e}")));
+    if let Err((mark, e)) = mark.finish() {
+        return Err(undo(
+            Some(mark),
+            format!("cannot end the salvage's record: {e}"),
+        ));
     }
     if let Some(earlier) = put_back {
         salvage.notes.push(format!(

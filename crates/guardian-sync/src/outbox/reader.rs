@@ -44,13 +44,8 @@ impl OutboxReader {
             path: path.clone(),
             source,
         };
-        // The file at the path may be a salvage's partial copy; a record
-        // that is not ours only matters to a salvage.
-        match super::salvage_mark::look(&path) {
-            Ok(Some(true)) => return Err(OpenError::SalvageUnderWay { path }),
-            Ok(Some(false)) => return Err(OpenError::SalvageInterrupted { path }),
-            Ok(None) | Err(_) => {}
-        }
+        // The file at the path may be a salvage's partial copy.
+        salvage_clear(&path)?;
         match ident::classify(&path).map_err(io)? {
             Identity::Missing => return Err(OpenError::Missing { path }),
             Identity::Empty => {
@@ -94,6 +89,8 @@ impl OutboxReader {
                 supported: schema::SCHEMA_VERSION,
             });
         }
+        // A salvage that began while this opened may have moved the file.
+        salvage_clear(&path)?;
         Ok(Self { conn, path, schema })
     }
 
@@ -181,4 +178,18 @@ impl OutboxReader {
 fn seal_now(conn: &rusqlite::Connection) -> rusqlite::Result<schema::Seal> {
     let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     Ok(schema::Seal::of(version))
+}
+
+/// Refuses a path whose salvage runs now or was interrupted.
+fn salvage_clear(path: &Path) -> Result<(), OpenError> {
+    use super::salvage_mark::{look, Look, MarkError};
+    let path = path.to_path_buf();
+    match look(&path) {
+        Ok(Look::Clear) => Ok(()),
+        Ok(Look::UnderWay) | Err(MarkError::UnderWay) => Err(OpenError::SalvageUnderWay { path }),
+        Ok(Look::Interrupted) => Err(OpenError::SalvageInterrupted { path }),
+        Err(
+            MarkError::NotOurs(reason) | MarkError::Failed(reason) | MarkError::Unreadable(reason),
+        ) => Err(OpenError::SalvageFailed { path, reason }),
+    }
 }

@@ -4,39 +4,47 @@
 //! open took it for the whole outbox. The record names the moved file and
 //! whether the fresh one was created; it is locked (an OS file lock) while
 //! its salvage runs and removed when the salvage ends either way. An open
-//! that finds it unlocked puts the damaged file back and salvages again; one
-//! that finds it locked waits for the salvage to end.
+//! that finds it unlocked puts the damaged file back; one that finds it
+//! locked waits for the salvage to end.
 //!
-//! Who may remove the record: its salvage, or a process holding its lock
-//! that has checked the name still leads to the file it locked. Its salvage
-//! moves nothing before it holds the lock on the file the name leads to, so
-//! a record is never removed under a live salvage.
+//! A record appears whole and already locked: it is written, synced and
+//! locked under a temporary name, then linked to its name. So a record that
+//! can be locked is one whose salvage is gone, and only a holder of its
+//! lock, having checked the name still leads to the file it locked, removes
+//! it.
 
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::damage::with_suffix;
 
 /// The record's first line; its version says how to read the rest.
-const HEADER: &str = "guardian-sync salvage 1\n";
+const HEADER: &[u8] = b"guardian-sync salvage 1\n";
+/// What every version's first line starts with.
+const HEADER_ANY: &[u8] = b"guardian-sync salvage ";
 /// The line that names the moved file.
-const ASIDE: &str = "aside ";
-/// The line written once the fresh file exists.
-const FRESH: &str = "fresh\n";
+const ASIDE: &[u8] = b"aside ";
+/// The line appended once the fresh file exists.
+const FRESH: &[u8] = b"fresh\n";
 /// A record is a few lines; anything longer is not one of ours.
-const MAX_LEN: u64 = 4096;
+const MAX_LEN: u64 = 8192;
 /// How often to look again while another process salvages.
 const POLL: Duration = Duration::from_millis(20);
+/// A temporary record older than this was left by a killed process (a live
+/// one links it within milliseconds).
+const STALE_TEMP: Duration = Duration::from_secs(10);
 
 /// `<outbox>.salvaging`.
-pub(crate) fn mark_path(path: &Path) -> PathBuf {
+fn mark_path(path: &Path) -> PathBuf {
     with_suffix(path, ".salvaging")
 }
 
-/// Why a record could not be created, or an interrupted salvage finished.
+/// Why a record could not be created, or an interrupted salvage settled.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum MarkError {
     /// Another process is salvaging this outbox now.
@@ -45,7 +53,11 @@ pub(crate) enum MarkError {
     /// A file at the record's name is not a record of ours: left alone.
     #[error("{0}")]
     NotOurs(String),
-    /// Putting the damaged file back failed; the text says where it is.
+    /// A record of ours this build cannot read (a newer version's, or
+    /// damaged): nothing may open the outbox until someone looks.
+    #[error("{0}")]
+    Unreadable(String),
+    /// A file operation failed; the text says what and where things are.
     #[error("{0}")]
     Failed(String),
 }
@@ -62,65 +74,77 @@ impl Mark {
     /// to `aside` and salvaged.
     pub(crate) fn begin(path: &Path, aside: &Path) -> Result<Self, MarkError> {
         let mark = mark_path(path);
-        let io = |what: &str, e: std::io::Error| {
-            MarkError::Failed(format!("cannot {what} {}: {e}", mark.display()))
+        let name = aside.file_name().unwrap_or_default().as_bytes();
+        if name.contains(&b'\n') {
+            return Err(MarkError::Failed(format!(
+                "cannot record a salvage of {}: its name holds a line break",
+                path.display()
+            )));
+        }
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let temp = with_suffix(&mark, &format!(".{}-{nanos}", std::process::id()));
+        let failed = |what: &str, e: std::io::Error| {
+            MarkError::Failed(format!("cannot {what} {}: {e}", temp.display()))
         };
-        let mut file = match OpenOptions::new()
+        let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .mode(0o600)
-            // A symlink at the record's name is not a record.
             .custom_flags(libc::O_NOFOLLOW)
-            .open(&mark)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(MarkError::UnderWay)
-            }
-            Err(e) => return Err(io("create", e)),
-        };
-        match file.try_lock() {
-            Ok(()) => {}
-            // Another open judged the empty record stale and holds it.
-            Err(TryLockError::WouldBlock) => return Err(MarkError::UnderWay),
-            Err(TryLockError::Error(e)) => {
-                let _ = std::fs::remove_file(&mark);
-                return Err(io("lock", e));
-            }
-        }
-        let name = aside
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let written = file
-            .write_all(format!("{HEADER}{ASIDE}{name}\n").as_bytes())
+            .open(&temp)
+            .map_err(|e| failed("create", e))?;
+        let mut text = HEADER.to_vec();
+        text.extend_from_slice(ASIDE);
+        text.extend_from_slice(name);
+        text.push(b'\n');
+        let ready = file
+            .try_lock()
+            .map_err(std::io::Error::from)
+            .and_then(|()| file.write_all(&text))
             .and_then(|()| file.sync_all());
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&mark);
-            return Err(io("write", e));
+        if let Err(e) = ready {
+            let _ = std::fs::remove_file(&temp);
+            return Err(failed("write", e));
         }
+        let linked = match std::fs::hard_link(&temp, &mark) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(MarkError::UnderWay),
+            // A file system without links: a rename where nothing is yet.
+            Err(_) if std::fs::symlink_metadata(&mark).is_ok() => Err(MarkError::UnderWay),
+            Err(_) => std::fs::rename(&temp, &mark).map_err(|e| failed("rename", e)),
+        };
+        let _ = std::fs::remove_file(&temp);
+        linked?;
         sync_dir(&mark);
-        // Before we locked it, another open may have removed the empty
-        // record as stale (and may have made its own): then it is not ours.
-        if !same_file(&file, &mark) {
-            return Err(MarkError::UnderWay);
-        }
         Ok(Self { file, path: mark })
     }
 
     /// Records that the fresh file at the outbox path is the salvage's own:
     /// an interrupted salvage's cleanup may remove it.
     pub(crate) fn fresh_created(&mut self) -> std::io::Result<()> {
-        self.file.write_all(FRESH.as_bytes())?;
+        self.file.write_all(FRESH)?;
         self.file.sync_all()
     }
 
-    /// Ends the salvage's record (it succeeded, or was undone).
-    pub(crate) fn finish(self) -> std::io::Result<()> {
-        std::fs::remove_file(&self.path)?;
+    /// Ends the salvage's record (it succeeded, or was undone). On failure
+    /// the record (and its lock) is handed back.
+    pub(crate) fn finish(self) -> Result<(), (Self, std::io::Error)> {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            return Err((self, e));
+        }
         sync_dir(&self.path);
         Ok(())
+    }
+
+    /// [`Mark::finish`], where a failure only leaves a record the next open
+    /// settles: logged.
+    pub(crate) fn finish_or_log(self) {
+        if let Err((mark, e)) = self.finish() {
+            tracing::warn!(record = %mark.path.display(), "cannot remove the salvage record: {e}");
+        }
     }
 }
 
@@ -135,64 +159,61 @@ fn same_file(file: &File, path: &Path) -> bool {
 /// Makes a created or removed name durable; best effort (some file
 /// systems cannot sync a directory).
 fn sync_dir(path: &Path) {
-    if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
     }
 }
 
-/// What a record says.
+/// What a record says: the damaged file went to `aside`; `fresh` once the
+/// fresh file was created.
 #[derive(Debug, PartialEq, Eq)]
-enum Record {
-    /// Cut short before its salvage moved anything.
-    Torn,
-    /// The damaged file went to `aside`; `fresh` once the fresh file was
-    /// created.
-    Moved { aside: String, fresh: bool },
+struct Record {
+    aside: OsString,
+    fresh: bool,
 }
 
-/// Reads a record, or says why it is not one of ours. `outbox_name` is the
-/// outbox file's name: the moved file's name must start with it.
-fn parse(text: &[u8], outbox_name: &str) -> Result<Record, String> {
-    let not_ours = || "it is not a salvage record of guardian-sync".to_string();
-    let text = std::str::from_utf8(text).map_err(|_| not_ours())?;
+/// Reads a record. `outbox_name` is the outbox file's name: the moved
+/// file's name must start with it.
+fn parse(text: &[u8], outbox_name: &[u8]) -> Result<Record, MarkError> {
+    let unreadable = |why: &str| MarkError::Unreadable(why.to_string());
     let Some(rest) = text.strip_prefix(HEADER) else {
-        // The record is written in one call before anything moves: a
-        // prefix of it is one cut short by a kill.
-        return if HEADER.starts_with(text) {
-            Ok(Record::Torn)
+        // A record is linked to its name whole, after it is synced: one
+        // cut short is damaged, not an earlier step of a salvage.
+        return if text.starts_with(HEADER_ANY) {
+            Err(unreadable("a newer version's or a damaged salvage record"))
         } else {
-            Err(not_ours())
+            Err(MarkError::NotOurs(
+                "it is not a salvage record of guardian-sync".into(),
+            ))
         };
     };
-    let Some((line, rest)) = rest.split_once('\n') else {
-        return if rest.is_empty() || rest.starts_with(ASIDE) || ASIDE.starts_with(rest) {
-            Ok(Record::Torn)
-        } else {
-            Err(not_ours())
-        };
+    let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+        return Err(unreadable("a damaged salvage record"));
     };
-    let aside = line.strip_prefix(ASIDE).ok_or_else(not_ours)?;
+    let (line, rest) = (&rest[..end], &rest[end + 1..]);
+    let aside = line
+        .strip_prefix(ASIDE)
+        .ok_or_else(|| unreadable("a damaged salvage record"))?;
     let suffix = aside
         .strip_prefix(outbox_name)
-        .and_then(|s| s.strip_prefix(".corrupt-"))
-        .ok_or_else(not_ours)?;
-    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
-        return Err(not_ours());
+        .and_then(|s| s.strip_prefix(b".corrupt-".as_slice()))
+        .ok_or_else(|| unreadable("a salvage record naming another file"))?;
+    if suffix.is_empty() || !suffix.iter().all(|b| b.is_ascii_digit() || *b == b'-') {
+        return Err(unreadable("a salvage record naming another file"));
     }
+    // The fresh line is appended after the fresh file is created: any part
+    // of it means the file at the path is the salvage's.
     let fresh = match rest {
-        "" => false,
-        FRESH => true,
-        _ => return Err(not_ours()),
+        [] => false,
+        r if FRESH.starts_with(r) => true,
+        _ => return Err(unreadable("a damaged salvage record")),
     };
-    Ok(Record::Moved {
-        aside: aside.to_string(),
+    Ok(Record {
+        aside: OsString::from_vec(aside.to_vec()),
         fresh,
     })
 }
@@ -211,11 +232,9 @@ pub(crate) enum Settled {
 /// in another process to end, and undoes one that was interrupted.
 pub(crate) fn settle(path: &Path, wait: Duration) -> Result<Settled, MarkError> {
     let mark = mark_path(path);
+    remove_stale_temps(&mark);
     let started = Instant::now();
-    let outbox_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let outbox_name = path.file_name().unwrap_or_default().as_bytes();
     loop {
         let Some(mut file) = open_record(&mark)? else {
             return Ok(Settled::Nothing);
@@ -240,78 +259,180 @@ pub(crate) fn settle(path: &Path, wait: Duration) -> Result<Settled, MarkError> 
         if !same_file(&file, &mark) {
             continue;
         }
-        let mut text = Vec::new();
-        (&mut file)
-            .take(MAX_LEN + 1)
-            .read_to_end(&mut text)
-            .map_err(|e| MarkError::Failed(format!("cannot read {}: {e}", mark.display())))?;
-        let record = parse(&text, &outbox_name)
-            .map_err(|why| MarkError::NotOurs(format!("{}: {why}", mark.display())))?;
-        let settled = match record {
-            Record::Torn => Settled::Nothing,
-            Record::Moved { aside, fresh } => {
-                let aside = path.with_file_name(aside);
-                put_back(path, &aside, fresh)?;
-                // The killed salvage's working copy, named after the
-                // moved file, is ours too.
-                for ext in ["", "-wal", "-shm", "-journal"] {
-                    let _ = std::fs::remove_file(with_suffix(&aside, &format!(".salvage{ext}")));
-                }
-                Settled::PutBack(aside)
-            }
-        };
+        let text = read_record(&mut file, &mark)?;
+        let Record { aside, fresh } = parse(&text, outbox_name).map_err(|e| at(&mark, e))?;
+        let aside = path.with_file_name(aside);
+        put_back(path, &aside, fresh).map_err(|e| at(&mark, e))?;
+        // The killed salvage's working copy, named after the moved file, is
+        // ours too.
+        for ext in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(with_suffix(&aside, &format!(".salvage{ext}")));
+        }
         std::fs::remove_file(&mark)
             .map_err(|e| MarkError::Failed(format!("cannot remove {}: {e}", mark.display())))?;
         sync_dir(&mark);
-        return Ok(settled);
+        return Ok(Settled::PutBack(aside));
+    }
+}
+
+/// Names the record in an error about it.
+fn at(mark: &Path, e: MarkError) -> MarkError {
+    match e {
+        MarkError::NotOurs(why) => MarkError::NotOurs(format!("{}: {why}", mark.display())),
+        MarkError::Unreadable(why) => MarkError::Unreadable(format!(
+            "{} is {why}; nothing was opened or changed (look at it, and at the outbox's .corrupt- files, before removing it)",
+            mark.display()
+        )),
+        other => other,
+    }
+}
+
+fn read_record(file: &mut File, mark: &Path) -> Result<Vec<u8>, MarkError> {
+    let mut text = Vec::new();
+    file.take(MAX_LEN + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| MarkError::Failed(format!("cannot read {}: {e}", mark.display())))?;
+    Ok(text)
+}
+
+/// Removes temporary records (`<record>.<pid>-<ns>`) a killed process left
+/// before linking them: unlocked, and older than any live one.
+fn remove_stale_temps(mark: &Path) {
+    let (Some(dir), Some(name)) = (mark.parent(), mark.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut prefix = name.as_bytes().to_vec();
+    prefix.push(b'.');
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let entry_name = entry.file_name();
+        let Some(tail) = entry_name.as_bytes().strip_prefix(prefix.as_slice()) else {
+            continue;
+        };
+        if tail.is_empty() || !tail.iter().all(|b| b.is_ascii_digit() || *b == b'-') {
+            continue;
+        }
+        let temp = entry.path();
+        let Ok(file) = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&temp)
+        else {
+            continue;
+        };
+        let old = file
+            .metadata()
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMP);
+        if old && file.try_lock().is_ok() && same_file(&file, &temp) {
+            let _ = std::fs::remove_file(&temp);
+        }
     }
 }
 
 /// Opens the record for reading and locking, if there is one; refuses
 /// anything at its name that is not a regular file.
 fn open_record(mark: &Path) -> Result<Option<File>, MarkError> {
+    let not_ours = || {
+        MarkError::NotOurs(format!(
+            "{}: it is not a salvage record of guardian-sync",
+            mark.display()
+        ))
+    };
     match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        // A symlink at the record's name is not a record, and a FIFO there
+        // must not block the open.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(mark)
     {
         Ok(f) => match f.metadata() {
             Ok(m) if m.is_file() && m.len() <= MAX_LEN => Ok(Some(f)),
-            Ok(_) => Err(MarkError::NotOurs(format!(
-                "{}: it is not a salvage record of guardian-sync",
-                mark.display()
-            ))),
+            Ok(_) => Err(not_ours()),
             Err(e) => Err(MarkError::Failed(format!(
                 "cannot read {}: {e}",
                 mark.display()
             ))),
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(MarkError::NotOurs(format!("{}: {e}", mark.display()))),
+        Err(_) => Err(not_ours()),
     }
 }
 
-/// Read-only: is a salvage of `path` under way (true) or interrupted
-/// (false)? `None` when there is no record.
-pub(crate) fn look(path: &Path) -> Result<Option<bool>, MarkError> {
-    let Some(file) = open_record(&mark_path(path))? else {
-        return Ok(None);
+/// What a read-only open finds at the record's name.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Look {
+    /// No record of ours.
+    Clear,
+    /// A salvage runs now.
+    UnderWay,
+    /// A salvage was killed; an open for writing settles it.
+    Interrupted,
+}
+
+/// Read-only: is a salvage of `path` under way or interrupted? Changes
+/// nothing. A record this build cannot read is an error.
+pub(crate) fn look(path: &Path) -> Result<Look, MarkError> {
+    let mark = mark_path(path);
+    let mut file = match open_record(&mark) {
+        Ok(Some(f)) => f,
+        Ok(None) | Err(MarkError::NotOurs(_)) => return Ok(Look::Clear),
+        Err(e) => return Err(e),
     };
     match file.try_lock_shared() {
-        Ok(()) => Ok(Some(false)),
-        Err(TryLockError::WouldBlock) => Ok(Some(true)),
-        Err(TryLockError::Error(e)) => Err(MarkError::Failed(format!(
-            "cannot lock {}: {e}",
-            mark_path(path).display()
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => return Ok(Look::UnderWay),
+        Err(TryLockError::Error(e)) => {
+            return Err(MarkError::Failed(format!(
+                "cannot lock {}: {e}",
+                mark.display()
+            )))
+        }
+    }
+    let text = read_record(&mut file, &mark)?;
+    match parse(&text, path.file_name().unwrap_or_default().as_bytes()) {
+        Err(MarkError::NotOurs(_)) => Ok(Look::Clear),
+        Ok(Record { aside, .. }) => {
+            moved_outbox(&path.with_file_name(aside)).map_err(|e| at(&mark, e))?;
+            Ok(Look::Interrupted)
+        }
+        Err(e) => Err(at(&mark, e)),
+    }
+}
+
+/// Only an outbox file goes back in the outbox's place: a record naming
+/// another file was not written by a salvage.
+fn moved_outbox(aside: &Path) -> Result<(), MarkError> {
+    match super::ident::classify(aside) {
+        Ok(super::ident::Identity::Ours | super::ident::Identity::Missing) => Ok(()),
+        _ => Err(MarkError::Unreadable(format!(
+            "a salvage record naming {}, which is not a moved outbox file",
+            aside.display()
         ))),
     }
 }
 
-/// Puts the files moved to `aside` back at `path`: the WAL and
-/// shared-memory files are moved before the main file, so a main file still
-/// at `aside` means every file at `path` is the salvage's (removed only if
-/// the record says it created them, or if empty), and a main file not moved
-/// means only side files may need to come back.
+/// Puts the files moved to `aside` back at `path`. [`damage::move_aside`]
+/// moves the side files before the main file, and
+/// [`damage::move_back`] removes everything at `path` and then puts the
+/// main file back before the side files. So a main file still at `aside`
+/// means every file at `path` is the salvage's (removed only if the record
+/// says it created them, or if empty, or if it is a link to the moved file
+/// itself), and a main file not at `aside` means only side files still at
+/// `aside` need to come back.
+///
+/// [`damage::move_aside`]: super::damage::move_aside
+/// [`damage::move_back`]: super::damage::move_back
 pub(crate) fn put_back(path: &Path, aside: &Path, fresh: bool) -> Result<(), MarkError> {
     let failed = |e: std::io::Error| {
         MarkError::Failed(format!(
@@ -319,12 +440,13 @@ pub(crate) fn put_back(path: &Path, aside: &Path, fresh: bool) -> Result<(), Mar
             aside.display()
         ))
     };
-    if aside.exists() {
+    if std::fs::symlink_metadata(aside).is_ok() {
+        moved_outbox(aside)?;
         let at_path = std::fs::symlink_metadata(path).ok();
         // A link made by an earlier, interrupted put-back is not a new file.
         let half_done = at_path
             .as_ref()
-            .zip(std::fs::metadata(aside).ok())
+            .zip(std::fs::symlink_metadata(aside).ok())
             .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
         let created = fresh
             || half_done
@@ -333,7 +455,7 @@ pub(crate) fn put_back(path: &Path, aside: &Path, fresh: bool) -> Result<(), Mar
                 .is_some_and(|m| m.is_file() && m.len() == 0);
         if at_path.is_some() && !created {
             return Err(MarkError::Failed(format!(
-                "another process created {} during an interrupted salvage; the damaged file is at {}",
+                "a salvage was interrupted and another process then created {}; move that file away and open again to put the damaged file ({}) back",
                 path.display(),
                 aside.display()
             )));
@@ -342,7 +464,7 @@ pub(crate) fn put_back(path: &Path, aside: &Path, fresh: bool) -> Result<(), Mar
     } else {
         for ext in ["-wal", "-shm"] {
             let from = with_suffix(aside, ext);
-            if from.exists() {
+            if std::fs::symlink_metadata(&from).is_ok() {
                 super::damage::put_back_one(&from, &with_suffix(path, ext)).map_err(failed)?;
             }
         }
@@ -354,37 +476,158 @@ pub(crate) fn put_back(path: &Path, aside: &Path, fresh: bool) -> Result<(), Mar
 mod tests {
     use super::*;
 
+    fn record(lines: &[&[u8]]) -> Vec<u8> {
+        lines.concat()
+    }
+
+    /// What a kill left, made from the damaged file and its WAL.
+    type Kill = fn(&Path, &Path);
+
+    fn wal(p: &Path) -> PathBuf {
+        with_suffix(p, "-wal")
+    }
+
     #[test]
     fn a_record_is_read_back_and_anything_else_is_not_ours() {
-        let full = format!("{HEADER}{ASIDE}o.db.corrupt-17\n");
+        let full = record(&[HEADER, b"aside o.db.corrupt-17\n"]);
+        let moved = |fresh| Record {
+            aside: "o.db.corrupt-17".into(),
+            fresh,
+        };
+        let o = b"o.db".to_vec();
+        assert_eq!(parse(&full, &o).ok(), Some(moved(false)));
+        for tail in [&b"fresh\n"[..], b"fr", b"f"] {
+            assert_eq!(parse(&record(&[&full, tail]), &o).ok(), Some(moved(true)));
+        }
+        for foreign in [&b""[..], b"guardian", b"hello\n", &[0xff, 0xfe]] {
+            assert!(
+                matches!(parse(foreign, &o), Err(MarkError::NotOurs(_))),
+                "{foreign:?}"
+            );
+        }
+        for unreadable in [
+            record(&[b"guardian-sync salvage 2\n", b"aside o.db.corrupt-1\n"]),
+            record(&[HEADER, b"aside ../x.corrupt-1\n"]),
+            record(&[HEADER, b"aside o.db\n"]),
+            record(&[HEADER, b"aside o.db.corrupt-\n"]),
+            record(&[HEADER, b"aside o.db.corrupt-1/x\n"]),
+            record(&[HEADER, b"aside other.db.corrupt-1\n"]),
+            record(&[HEADER, b"nonsense\n"]),
+            HEADER.to_vec(),
+            record(&[HEADER, b"aside o.db.corr"]),
+            record(&[&full, b"more\n"]),
+            record(&[&full, b"\0\0\0"]),
+        ] {
+            assert!(
+                matches!(parse(&unreadable, &o), Err(MarkError::Unreadable(_))),
+                "{unreadable:?}"
+            );
+        }
+        // Names are bytes: not UTF-8 is fine.
+        let odd = b"o\xff.db".to_vec();
+        let text = record(&[HEADER, b"aside o\xff.db.corrupt-5\n"]);
         assert_eq!(
-            parse(full.as_bytes(), "o.db"),
-            Ok(Record::Moved {
-                aside: "o.db.corrupt-17".into(),
+            parse(&text, &odd).ok(),
+            Some(Record {
+                aside: OsString::from_vec(b"o\xff.db.corrupt-5".to_vec()),
                 fresh: false
             })
         );
-        assert_eq!(
-            parse(format!("{full}{FRESH}").as_bytes(), "o.db"),
-            Ok(Record::Moved {
-                aside: "o.db.corrupt-17".into(),
-                fresh: true
-            })
-        );
-        for torn in ["", "guardian", HEADER, &format!("{HEADER}as")] {
-            assert_eq!(parse(torn.as_bytes(), "o.db"), Ok(Record::Torn), "{torn:?}");
+    }
+
+    /// The states a kill can leave, built by hand: settling each puts the
+    /// damaged file and its WAL back, byte for byte, and removes what the
+    /// salvage made.
+    #[test]
+    fn every_state_a_kill_leaves_settles_to_the_damaged_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let aside = dir.path().join("o.db.corrupt-9");
+        let write = |p: &Path, b: &[u8]| std::fs::write(p, b).unwrap();
+        let read = |p: &Path| std::fs::read(p).ok();
+        let rec = record(&[HEADER, b"aside o.db.corrupt-9\n", FRESH]);
+        let cases: [(&str, Kill); 5] = [
+            // Killed during move_aside: the WAL moved, the main file not.
+            ("wal moved", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+            }),
+            // Killed while filling the fresh file.
+            ("filling", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+                std::fs::rename(p, a).unwrap();
+                std::fs::write(p, b"fresh").unwrap();
+                std::fs::write(wal(p), b"fresh wal").unwrap();
+            }),
+            // Killed in move_back after the fresh files were removed.
+            ("fresh removed", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+                std::fs::rename(p, a).unwrap();
+            }),
+            // Killed in move_back between linking the main file and
+            // removing its moved name.
+            ("main linked", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+                std::fs::rename(p, a).unwrap();
+                std::fs::hard_link(a, p).unwrap();
+            }),
+            // Killed in move_back after the main file, before the WAL.
+            ("main back", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+            }),
+        ];
+        // Damaged past SQLite's reading (no header), still an outbox by its
+        // page layout and statements (see `ident::classify`).
+        let mut damaged = vec![0u8; 1024];
+        damaged[100] = 0x0D;
+        let text = b"CREATE TABLE txn_outcomes; idempotency_key  TEXT";
+        damaged[200..200 + text.len()].copy_from_slice(text);
+        let damaged = damaged.as_slice();
+        for (name, kill) in cases {
+            write(&path, damaged);
+            write(&wal(&path), b"damaged wal");
+            kill(&path, &aside);
+            write(&mark_path(&path), &rec);
+            assert_eq!(
+                settle(&path, Duration::ZERO).ok(),
+                Some(Settled::PutBack(aside.clone())),
+                "{name}"
+            );
+            assert_eq!(read(&path).as_deref(), Some(damaged), "{name}");
+            assert_eq!(
+                read(&wal(&path)).as_deref(),
+                Some(&b"damaged wal"[..]),
+                "{name}"
+            );
+            for gone in [aside.clone(), wal(&aside), mark_path(&path)] {
+                assert!(read(&gone).is_none(), "{name}: {gone:?} is left");
+            }
         }
-        for other in [
-            "hello\n".to_string(),
-            format!("{HEADER}aside ../x.corrupt-1\n"),
-            format!("{HEADER}aside o.db\n"),
-            format!("{HEADER}aside o.db.corrupt-\n"),
-            format!("{HEADER}aside o.db.corrupt-1/x\n"),
-            format!("{HEADER}aside other.db.corrupt-1\n"),
-            format!("{full}more\n"),
-        ] {
-            assert!(parse(other.as_bytes(), "o.db").is_err(), "{other:?}");
-        }
-        assert!(parse(&[0xff, 0xfe], "o.db").is_err());
+    }
+
+    /// A record locked by a live salvage is waited for, then reported;
+    /// never removed.
+    #[test]
+    fn a_live_salvage_is_waited_for_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        std::fs::write(&path, b"damaged").unwrap();
+        let aside = dir.path().join("o.db.corrupt-1");
+        let mark = Mark::begin(&path, &aside).unwrap();
+        assert!(matches!(
+            settle(&path, Duration::from_millis(50)),
+            Err(MarkError::UnderWay)
+        ));
+        assert_eq!(look(&path).ok(), Some(Look::UnderWay));
+        assert!(matches!(
+            Mark::begin(&path, &aside),
+            Err(MarkError::UnderWay)
+        ));
+        mark.finish().map_err(|(_, e)| e).unwrap();
+        assert_eq!(settle(&path, Duration::ZERO).ok(), Some(Settled::Nothing));
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.map(|e| e.file_name()))
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
     }
 }
