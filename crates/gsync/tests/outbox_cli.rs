@@ -732,7 +732,7 @@ fn a_salvage_without_room_changes_nothing() {
         let names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n != "o.db" && n != "o.db.lock")
+            .filter(|n| n != "o.db" && n != "o.db.lock" && n != "o.db.writers")
             .collect();
         assert!(names.is_empty(), "limit {limit}: left {names:?}");
     }
@@ -839,7 +839,7 @@ fn a_salvage_killed_at_any_point_loses_no_op() {
             1500,
             "kill {k}"
         );
-        let left = others(dir.path(), &["o.db", "o.db.lock"]);
+        let left = others(dir.path(), &["o.db", "o.db.lock", "o.db.writers"]);
         assert!(
             left.len() == 1 && left[0].starts_with("o.db.corrupt-"),
             "kill {k}: {left:?}"
@@ -882,7 +882,10 @@ fn a_foreign_file_at_the_salvage_record_name_is_left_alone() {
         b"mine"
     );
     assert_eq!(
-        others(dir.path(), &["o.db", "o.db.lock", "o.db.salvaging"]),
+        others(
+            dir.path(),
+            &["o.db", "o.db.lock", "o.db.writers", "o.db.salvaging"]
+        ),
         Vec::<String>::new()
     );
 }

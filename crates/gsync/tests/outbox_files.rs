@@ -97,7 +97,7 @@ fn no_temp_files(dir: &Path) {
     for e in std::fs::read_dir(dir).unwrap() {
         let n = e.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
-            ["o.db", "o.db-wal", "o.db-shm", "o.db.lock"].contains(&n.as_str())
+            ["o.db", "o.db-wal", "o.db-shm", "o.db.lock", "o.db.writers"].contains(&n.as_str())
                 || n.starts_with("o.db.corrupt-"),
             "unexpected file {n}"
         );

@@ -127,7 +127,11 @@ async fn drain(outbox: &Outbox) -> Vec<OpId> {
 fn no_temp_files(dir: &Path) {
     for n in names(dir) {
         assert!(
-            n == "o.db" || n == "o.db-wal" || n == "o.db-shm" || n.starts_with("o.db.corrupt-"),
+            n == "o.db"
+                || n == "o.db-wal"
+                || n == "o.db-shm"
+                || n == "o.db.writers"
+                || n.starts_with("o.db.corrupt-"),
             "unexpected file {n} in {:?}",
             names(dir)
         );
@@ -385,6 +389,33 @@ async fn salvage_recovers_every_op_past_header_damage_and_drains() {
             no_temp_files(dir.path());
         }
     }
+}
+
+/// A salvage never moves a file another open outbox may write (its writes
+/// would land in the moved file, after the salvage read it): a repair
+/// while another handle has the file open is refused and changes nothing;
+/// once that handle is closed, the repair saves every op.
+#[tokio::test]
+async fn a_salvage_never_moves_a_file_another_writer_has_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    build(&path, 5).await;
+    let (holder, _) = Outbox::open(&path, opts()).await.unwrap();
+    patch_at(&path, 0, b"XQLite");
+    let before = snapshot(dir.path());
+    let short = opts().open_timeout(std::time::Duration::from_millis(200));
+    let err = Outbox::repair(&path, short.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, OpenError::SalvageFailed { reason, .. } if reason.contains("another process has it open")),
+        "{err}"
+    );
+    assert!(snapshot(dir.path()) == before, "{:?}", names(dir.path()));
+    holder.close().await;
+    let (outbox, report, _) = Outbox::repair(&path, short).await.unwrap();
+    assert_eq!(report.salvage.map(|s| s.ops_saved), Some(5));
+    assert_eq!(outbox.stats().await.unwrap().pending, 5);
+    outbox.close().await;
+    no_temp_files(dir.path());
 }
 
 /// Root page of an index or table, read before the damage.

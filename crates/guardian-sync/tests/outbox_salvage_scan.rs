@@ -125,6 +125,7 @@ fn no_temp_files(dir: &Path) {
                 || n == "o.db-wal"
                 || n == "o.db-shm"
                 || n == "o.db.lock"
+                || n == "o.db.writers"
                 || n.starts_with("o.db.corrupt-"),
             "unexpected file {n}"
         );

@@ -38,6 +38,7 @@ mod scan;
 mod schema;
 mod upcast;
 mod writer;
+mod writers;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -267,6 +268,8 @@ pub struct Outbox {
 #[derive(Debug)]
 struct Inner {
     writer: Writer,
+    /// Held (shared) until this outbox is closed: see `writers.rs`.
+    writers: Mutex<Option<writers::Writers>>,
     path: PathBuf,
     max_payload_bytes: usize,
     envelope_version: u32,
@@ -472,8 +475,8 @@ fn prepare_conn(
 }
 
 fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenReport), OpenError> {
-    let (conn, report, _) = open_conn(path, options, false)?;
-    Ok((spawn(path, options, conn)?, report))
+    let (conn, report, _, writers) = open_conn(path, options, false)?;
+    Ok((spawn(path, options, conn, writers)?, report))
 }
 
 /// Opens (creating, migrating, salvaging) the outbox's connection. With
@@ -484,27 +487,66 @@ fn open_conn(
     path: &Path,
     options: &OutboxOptions,
     repair: bool,
-) -> Result<(Connection, OpenReport, Option<CheckReport>), OpenError> {
-    // A salvage another process began after this open settled the record
-    // moves the file this open has just opened: open again after it (a
-    // few times; each waits at most the open timeout).
-    for _ in 0..3 {
-        let opened = open_conn_once(path, options, repair)?;
-        if salvage_mark::look(path).is_ok_and(|l| l == salvage_mark::Look::Clear) {
-            return Ok(opened);
+) -> Result<
+    (
+        Connection,
+        OpenReport,
+        Option<CheckReport>,
+        writers::Writers,
+    ),
+    OpenError,
+> {
+    // The writers' lock file is made only beside an outbox (or nothing).
+    if let Ok(ident::Identity::NotOurs(reason)) = ident::classify(path) {
+        return Err(OpenError::NotAnOutbox {
+            path: path.to_path_buf(),
+            reason,
+        });
+    }
+    let under_way = || OpenError::SalvageUnderWay {
+        path: path.to_path_buf(),
+    };
+    let mut writers =
+        writers::Writers::shared(path, options.open_wait()).map_err(|_| under_way())?;
+    let mut exclusive = false;
+    loop {
+        match open_conn_once(path, options, repair, exclusive)? {
+            Once::Opened(conn, report, check) => {
+                if exclusive {
+                    writers.share();
+                }
+                return Ok((conn, *report, check, writers));
+            }
+            Once::Salvage if !exclusive => {
+                writers.exclusive(options.open_wait()).map_err(|_| {
+                    OpenError::SalvageFailed {
+                        path: path.to_path_buf(),
+                        reason: "another process has it open, and a salvage moves the file: close it there, then open again; nothing was changed".into(),
+                    }
+                })?;
+                // Another process may have salvaged it meanwhile: look again.
+                exclusive = true;
+            }
+            Once::Salvage => return Err(under_way()),
         }
     }
-    Err(OpenError::SalvageUnderWay {
-        path: path.to_path_buf(),
-    })
 }
 
-/// [`open_conn`], once.
+/// What one pass of [`open_conn_once`] came to.
+enum Once {
+    Opened(Connection, Box<OpenReport>, Option<CheckReport>),
+    /// The file must be salvaged, which needs the writers' lock alone.
+    Salvage,
+}
+
+/// [`open_conn`], once; salvages only when `exclusive` (it holds the
+/// writers' lock alone).
 fn open_conn_once(
     path: &Path,
     options: &OutboxOptions,
     repair: bool,
-) -> Result<(Connection, OpenReport, Option<CheckReport>), OpenError> {
+    exclusive: bool,
+) -> Result<Once, OpenError> {
     let io = |source| OpenError::Io {
         path: path.to_path_buf(),
         source,
@@ -580,9 +622,11 @@ fn open_conn_once(
         None => prepare_conn(path, options, &mut report),
     };
     let reason = match prepared {
-        Ok(conn) if !repair => return Ok((conn, report, None)),
+        Ok(conn) if !repair => return Ok(Once::Opened(conn, Box::new(report), None)),
         Ok(conn) => match damage::check(&conn, options.clock.now_millis()) {
-            Ok(check) if check.structure_ok() => return Ok((conn, report, Some(check))),
+            Ok(check) if check.structure_ok() => {
+                return Ok(Once::Opened(conn, Box::new(report), Some(check)))
+            }
             Ok(check) => format!("integrity check: {}", check.remaining.join("; ")),
             Err(e) if error::is_corrupt(&e) => e.to_string(),
             Err(e) => return Err(e.into()),
@@ -591,6 +635,9 @@ fn open_conn_once(
         Err(Prep::Suspect(_, e)) if !repair => return Err(e),
         Err(Prep::Damaged(reason) | Prep::Suspect(reason, _)) => reason,
     };
+    if !exclusive {
+        return Ok(Once::Salvage);
+    }
     tracing::error!(path = %path.display(), %reason, "outbox file is damaged; salvaging");
     let salvage_failed = |reason: String| OpenError::SalvageFailed {
         path: path.to_path_buf(),
@@ -705,10 +752,15 @@ fn open_conn_once(
     } else {
         None
     };
-    Ok((conn, report, check))
+    Ok(Once::Opened(conn, Box::new(report), check))
 }
 
-fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbox, OpenError> {
+fn spawn(
+    path: &Path,
+    options: &OutboxOptions,
+    conn: Connection,
+    writers: writers::Writers,
+) -> Result<Outbox, OpenError> {
     conn.busy_timeout(options.busy_timeout)?;
     let ctx = Ctx {
         clock: options.clock.clone(),
@@ -729,6 +781,7 @@ fn spawn(path: &Path, options: &OutboxOptions, conn: Connection) -> Result<Outbo
     Ok(Outbox {
         inner: Arc::new(Inner {
             writer,
+            writers: Mutex::new(Some(writers)),
             path: path.to_path_buf(),
             max_payload_bytes: options.max_payload_bytes,
             envelope_version: options.envelope_version,
@@ -805,10 +858,10 @@ impl Outbox {
     ) -> Result<(Self, OpenReport, CheckReport), OpenError> {
         let path = path.as_ref().to_path_buf();
         tokio::task::spawn_blocking(move || {
-            let (conn, report, check) = open_conn(&path, &options, true)?;
+            let (conn, report, check, writers) = open_conn(&path, &options, true)?;
             let check = check
                 .unwrap_or_else(|| CheckReport::new(Vec::new(), false, Vec::new(), Vec::new()));
-            Ok((spawn(&path, &options, conn)?, report, check))
+            Ok((spawn(&path, &options, conn, writers)?, report, check))
         })
         .await
         .map_err(|e| OpenError::Thread(std::io::Error::other(e.to_string())))?
@@ -843,6 +896,12 @@ impl Outbox {
     /// clone fail with `Closed`.
     pub async fn close(&self) {
         self.inner.writer.close().await;
+        // Closed: a salvage may now move the file.
+        self.inner
+            .writers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
     }
 
     /// See `Writer::hold_next_commit`.

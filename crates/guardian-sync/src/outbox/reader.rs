@@ -44,7 +44,10 @@ impl OutboxReader {
             path: path.clone(),
             source,
         };
-        // The file at the path may be a salvage's partial copy.
+        // Held until the open has read what it checks: a salvage cannot
+        // begin meanwhile. A killed salvage's partial copy needs the record.
+        let _reading = super::writers::reading(&path, READ_WAIT)
+            .map_err(|_| OpenError::SalvageUnderWay { path: path.clone() })?;
         salvage_clear(&path)?;
         match ident::classify(&path).map_err(io)? {
             Identity::Missing => return Err(OpenError::Missing { path }),
@@ -89,8 +92,6 @@ impl OutboxReader {
                 supported: schema::SCHEMA_VERSION,
             });
         }
-        // A salvage that began while this opened may have moved the file.
-        salvage_clear(&path)?;
         Ok(Self { conn, path, schema })
     }
 
@@ -179,6 +180,9 @@ fn seal_now(conn: &rusqlite::Connection) -> rusqlite::Result<schema::Seal> {
     let version: u32 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     Ok(schema::Seal::of(version))
 }
+
+/// How long a read-only open waits for a salvage under way.
+const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Refuses a path whose salvage runs now or was interrupted.
 fn salvage_clear(path: &Path) -> Result<(), OpenError> {
