@@ -6,7 +6,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::damage::with_suffix;
@@ -29,7 +29,7 @@ pub(crate) struct Held;
 impl Writers {
     /// A shared hold, waiting up to `wait` for a salvage to end.
     pub(crate) fn shared(path: &Path, wait: Duration) -> Result<Self, Held> {
-        let name = with_suffix(path, ".writers");
+        let name = lock_name(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -74,6 +74,13 @@ impl Writers {
     }
 }
 
+/// `<outbox>.writers`, named after the resolved path (as the processing
+/// lock is): every name of one file (a symlink, `..`) shares one lock.
+fn lock_name(path: &Path) -> PathBuf {
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    with_suffix(&resolved, ".writers")
+}
+
 /// Tries `lock` until it succeeds or `wait` has passed.
 fn poll(wait: Duration, lock: impl Fn() -> Result<(), TryLockError>) -> Result<(), Held> {
     let started = Instant::now();
@@ -94,7 +101,7 @@ pub(crate) fn reading(path: &Path, wait: Duration) -> Result<Option<File>, Held>
     let Ok(file) = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(with_suffix(path, ".writers"))
+        .open(lock_name(path))
     else {
         return Ok(None);
     };
