@@ -701,13 +701,7 @@ fn a_salvage_without_room_changes_nothing() {
             ],
         );
     }
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
-        .unwrap();
-    let mut damaged = std::fs::read(&path).unwrap();
-    damaged[0] = b'X';
-    std::fs::write(&path, &damaged).unwrap();
+    let damaged = damage_first_byte(&path);
     // KiB: too little for the fresh file's set-up, then room for the work
     // copy but not for every insert.
     for limit in ["64", "200", "400"] {
@@ -763,6 +757,12 @@ fn damaged_outbox(path: &Path, txns: usize) -> Vec<u8> {
         ok(path, &["enqueue", "--txn", file.to_str().unwrap()]);
         std::fs::remove_file(file).unwrap();
     }
+    damage_first_byte(path)
+}
+
+/// Checkpoints the outbox at `path` into its file and breaks the file's
+/// first byte (SQLite's magic); the damaged bytes.
+fn damage_first_byte(path: &Path) -> Vec<u8> {
     rusqlite::Connection::open(path)
         .unwrap()
         .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -866,13 +866,7 @@ fn a_foreign_file_at_the_salvage_record_name_is_left_alone() {
     std::fs::remove_file(&record).unwrap();
     std::fs::create_dir(&record).unwrap();
     std::fs::write(record.join("keep"), b"mine").unwrap();
-    rusqlite::Connection::open(&path)
-        .unwrap()
-        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
-        .unwrap();
-    let mut damaged = std::fs::read(&path).unwrap();
-    damaged[0] = b'X';
-    std::fs::write(&path, &damaged).unwrap();
+    let damaged = damage_first_byte(&path);
     let err = fails(&path, &["check", "--repair"], 1);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("nothing was changed"), "{err}");
