@@ -901,7 +901,7 @@ fn a_fifo_or_a_planted_record_cannot_hang_or_steer_an_open() {
     std::fs::write(&planted, b"not an outbox").unwrap();
     std::fs::write(
         &record,
-        b"guardian-sync salvage 1\naside o.db.corrupt-123\nfresh\n",
+        b"guardian-sync salvage 1\naside o.db.corrupt-123\nfresh 1\n",
     )
     .unwrap();
     let before = std::fs::read(&path).unwrap();
@@ -982,4 +982,33 @@ fn errors_on_a_full_disk_say_the_disk_is_full() {
     eprintln!("{hinted} of 2 reads failed on the full disk, each with the hint");
     std::fs::remove_file(&fill_path).unwrap();
     assert_eq!(json(&path, &["ops"]).as_array().unwrap().len(), 5);
+}
+
+/// Through a symlink, a repair salvages the file the link leads to and
+/// keeps the link: it used to move the link aside and leave a regular
+/// file in its place, the damaged outbox still where the link had led.
+#[test]
+fn a_salvage_through_a_symlink_salvages_the_file_and_keeps_the_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("o.db");
+    let link = dir.path().join("a.db");
+    damaged_outbox(&real, 2);
+    std::os::unix::fs::symlink("o.db", &link).unwrap();
+    ok(&link, &["check", "--repair"]);
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        json(&real, &["ops", "--limit", "500"])
+            .as_array()
+            .unwrap()
+            .len(),
+        200
+    );
+    let moved = others(dir.path(), &["o.db", "a.db", "o.db.lock", "o.db.writers"]);
+    assert!(
+        moved.len() == 1 && moved[0].starts_with("o.db.corrupt-"),
+        "{moved:?}"
+    );
 }

@@ -406,7 +406,7 @@ async fn a_salvage_never_moves_a_file_another_writer_has_open() {
     let short = opts().open_timeout(std::time::Duration::from_millis(200));
     let err = Outbox::repair(&path, short.clone()).await.unwrap_err();
     assert!(
-        matches!(&err, OpenError::SalvageFailed { reason, .. } if reason.contains("another process has it open")),
+        matches!(&err, OpenError::SalvageFailed { reason, .. } if reason.contains("it is open elsewhere")),
         "{err}"
     );
     assert!(snapshot(dir.path()) == before, "{:?}", names(dir.path()));

@@ -550,6 +550,15 @@ pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// True if both paths name one file.
+fn same_inode(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// Moves `from` to `to` only where no file has appeared meanwhile: a link,
 /// then the old name removed, so another process's file is never replaced.
 /// Where the file system has no links (vfat, some FUSE mounts), a rename
@@ -557,6 +566,8 @@ pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
 pub(crate) fn put_back_one(from: &Path, to: &Path) -> std::io::Result<()> {
     match std::fs::hard_link(from, to) {
         Ok(()) => std::fs::remove_file(from),
+        // Linked by an earlier put-back killed before it removed `from`.
+        Err(_) if same_inode(from, to) => std::fs::remove_file(from),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(e),
         Err(e) if std::fs::symlink_metadata(to).is_ok() => Err(e),
         Err(_) => std::fs::rename(from, to),

@@ -32,6 +32,18 @@ const MAGIC: &[u8; 16] = b"SQLite format 3\0";
 /// Statements only an outbox's schema holds (as stored in `sqlite_master`).
 const SIGNATURES: [&[u8]; 2] = [b"CREATE TABLE txn_outcomes", b"idempotency_key  TEXT"];
 
+/// `path`, or the file it leads to when it is a symlink (other spellings
+/// name the same directory entry and are kept as given, so messages show
+/// what the user typed).
+pub(crate) fn through_link(path: &Path) -> std::path::PathBuf {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
 /// Looks at `path` without writing anything.
 pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     let meta = match std::fs::metadata(path) {

@@ -268,8 +268,6 @@ pub struct Outbox {
 #[derive(Debug)]
 struct Inner {
     writer: Writer,
-    /// Held (shared) until this outbox is closed: see `writers.rs`.
-    writers: Mutex<Option<writers::Writers>>,
     path: PathBuf,
     max_payload_bytes: usize,
     envelope_version: u32,
@@ -496,38 +494,65 @@ fn open_conn(
     ),
     OpenError,
 > {
+    // Through a symlink, every file operation below names the file itself:
+    // a salvage must move the outbox, not the link, and its record must be
+    // found through every name.
+    let resolved = ident::through_link(path);
+    let path = resolved.as_path();
     // The writers' lock file is made only beside an outbox (or nothing).
-    if let Ok(ident::Identity::NotOurs(reason)) = ident::classify(path) {
-        return Err(OpenError::NotAnOutbox {
-            path: path.to_path_buf(),
-            reason,
-        });
+    match ident::classify(path) {
+        Ok(ident::Identity::NotOurs(reason)) => {
+            return Err(OpenError::NotAnOutbox {
+                path: path.to_path_buf(),
+                reason,
+            })
+        }
+        Err(source) => {
+            return Err(OpenError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Ok(_) => {}
     }
     let under_way = || OpenError::SalvageUnderWay {
         path: path.to_path_buf(),
     };
+    let refused = |reason: String| OpenError::SalvageFailed {
+        path: path.to_path_buf(),
+        reason,
+    };
     let mut writers =
         writers::Writers::shared(path, options.open_wait()).map_err(|_| under_way())?;
     let mut exclusive = false;
+    let mut looked_again = false;
     loop {
         match open_conn_once(path, options, repair, exclusive)? {
             Once::Opened(conn, report, check) => {
                 if exclusive {
-                    writers.share();
+                    writers.share(options.open_wait());
                 }
                 return Ok((conn, *report, check, writers));
             }
-            Once::Salvage if !exclusive => {
-                writers.exclusive(options.open_wait()).map_err(|_| {
-                    OpenError::SalvageFailed {
-                        path: path.to_path_buf(),
-                        reason: "another process has it open, and a salvage moves the file: close it there, then open again; nothing was changed".into(),
-                    }
-                })?;
-                // Another process may have salvaged it meanwhile: look again.
-                exclusive = true;
-            }
-            Once::Salvage => return Err(under_way()),
+            Once::Salvage if exclusive => return Err(under_way()),
+            Once::Salvage => match writers.exclusive(options.open_wait()) {
+                // Another process may have salvaged it meanwhile: look
+                // again from the start.
+                Ok(()) => exclusive = true,
+                // The other open may be a salvage that has just ended.
+                Err(writers::Refused::OthersOpen) if !looked_again => looked_again = true,
+                Err(writers::Refused::OthersOpen) => {
+                    return Err(refused(
+                        "it is open elsewhere (another process, or another handle in this one), and a salvage moves the file: close it there, then open again; nothing was changed".into(),
+                    ))
+                }
+                Err(writers::Refused::Salvaging) => return Err(under_way()),
+                Err(writers::Refused::Unusable(why)) => {
+                    return Err(refused(format!(
+                        "{why}: a salvage needs that lock (fix its owner or move it away when no process has the outbox open); nothing was changed"
+                    )))
+                }
+            },
         }
     }
 }
@@ -661,7 +686,7 @@ fn open_conn_once(
     })?;
     if let Err(e) = damage::move_aside(path, &aside) {
         let why = format!("cannot move it aside: {e}");
-        return Err(match salvage_mark::put_back(path, &aside, false) {
+        return Err(match salvage_mark::put_back(path, &aside, None) {
             Ok(()) => {
                 mark.finish_or_log();
                 salvage_failed(format!("{why}; nothing was changed"))
@@ -690,7 +715,7 @@ fn open_conn_once(
     };
     let fresh = match guardian_sqlite::create_private(path) {
         Ok(true) => mark
-            .fresh_created()
+            .fresh_created(path)
             .map_err(|e| format!("cannot record the salvage: {e}")),
         // Not ours to fill, nor to remove: the damaged file stays aside,
         // and the record stays so that no open takes that file for the
@@ -776,12 +801,12 @@ fn spawn(
         prefill,
         options.commit_on_caller,
         options.busy_timeout,
+        Some(writers),
     )
     .map_err(OpenError::Thread)?;
     Ok(Outbox {
         inner: Arc::new(Inner {
             writer,
-            writers: Mutex::new(Some(writers)),
             path: path.to_path_buf(),
             max_payload_bytes: options.max_payload_bytes,
             envelope_version: options.envelope_version,
@@ -896,12 +921,6 @@ impl Outbox {
     /// clone fail with `Closed`.
     pub async fn close(&self) {
         self.inner.writer.close().await;
-        // Closed: a salvage may now move the file.
-        self.inner
-            .writers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
     }
 
     /// See `Writer::hold_next_commit`.

@@ -39,7 +39,9 @@ impl OutboxReader {
     /// [`Outbox::repair`](super::Outbox::repair)) and a newer schema.
     /// Blocking: a few small reads.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
-        let path = path.as_ref().to_path_buf();
+        // Through a symlink, the file itself: a salvage's record is named
+        // after it.
+        let path = super::ident::through_link(path.as_ref());
         let io = |source| OpenError::Io {
             path: path.clone(),
             source,
@@ -92,6 +94,10 @@ impl OutboxReader {
                 supported: schema::SCHEMA_VERSION,
             });
         }
+        // A salvage that began while this opened (no writers' lock file
+        // yet to wait on) may have let it read a half-filled file: its
+        // record is there until the salvage is complete.
+        salvage_clear(&path)?;
         Ok(Self { conn, path, schema })
     }
 

@@ -29,8 +29,8 @@ const HEADER: &[u8] = b"guardian-sync salvage 1\n";
 const HEADER_ANY: &[u8] = b"guardian-sync salvage ";
 /// The line that names the moved file.
 const ASIDE: &[u8] = b"aside ";
-/// The line appended once the fresh file exists.
-const FRESH: &[u8] = b"fresh\n";
+/// The line appended once the fresh file exists, with its inode number.
+const FRESH: &[u8] = b"fresh ";
 /// A record is a few lines; anything longer is not one of ours.
 const MAX_LEN: u64 = 8192;
 /// How often to look again while another process salvages.
@@ -100,12 +100,11 @@ impl Mark {
         text.extend_from_slice(ASIDE);
         text.extend_from_slice(name);
         text.push(b'\n');
-        let ready = file
-            .try_lock()
-            .map_err(std::io::Error::from)
-            .and_then(|()| file.write_all(&text))
-            .and_then(|()| file.sync_all());
-        if let Err(e) = ready {
+        if let Err(e) = file.try_lock() {
+            let _ = std::fs::remove_file(&temp);
+            return Err(failed("lock", std::io::Error::from(e)));
+        }
+        if let Err(e) = file.write_all(&text).and_then(|()| file.sync_all()) {
             let _ = std::fs::remove_file(&temp);
             return Err(failed("write", e));
         }
@@ -122,10 +121,15 @@ impl Mark {
         Ok(Self { file, path: mark })
     }
 
-    /// Records that the fresh file at the outbox path is the salvage's own:
-    /// an interrupted salvage's cleanup may remove it.
-    pub(crate) fn fresh_created(&mut self) -> std::io::Result<()> {
-        self.file.write_all(FRESH)?;
+    /// Records that the fresh file now at `path` is the salvage's own: an
+    /// interrupted salvage's cleanup may remove that file (that inode), and
+    /// no other.
+    pub(crate) fn fresh_created(&mut self, path: &Path) -> std::io::Result<()> {
+        let ino = std::fs::symlink_metadata(path)?.ino();
+        let mut line = FRESH.to_vec();
+        line.extend_from_slice(ino.to_string().as_bytes());
+        line.push(b'\n');
+        self.file.write_all(&line)?;
         self.file.sync_all()
     }
 
@@ -168,12 +172,13 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// What a record says: the damaged file went to `aside`; `fresh` once the
-/// fresh file was created.
+/// What a record says: the damaged file went to `aside`; `fresh` is the
+/// inode number of the fresh file once it was created (`None` before, or
+/// if that line was cut short).
 #[derive(Debug, PartialEq, Eq)]
 struct Record {
     aside: OsString,
-    fresh: bool,
+    fresh: Option<u64>,
 }
 
 /// Reads a record. `outbox_name` is the outbox file's name: the moved
@@ -205,11 +210,18 @@ fn parse(text: &[u8], outbox_name: &[u8]) -> Result<Record, MarkError> {
     if suffix.is_empty() || !suffix.iter().all(|b| b.is_ascii_digit() || *b == b'-') {
         return Err(unreadable("a salvage record naming another file"));
     }
-    // The fresh line is appended after the fresh file is created: any part
-    // of it means the file at the path is the salvage's.
-    let fresh = match rest {
-        [] => false,
-        r if FRESH.starts_with(r) => true,
+    // A fresh line cut short names no file: the file at the path is then
+    // removed only if it is empty.
+    let digits = |d: &[u8]| !d.is_empty() && d.iter().all(u8::is_ascii_digit);
+    let fresh = match rest.strip_prefix(FRESH) {
+        _ if rest.is_empty() || FRESH.starts_with(rest) => None,
+        Some([number @ .., b'\n']) if digits(number) => {
+            let number = std::str::from_utf8(number)
+                .ok()
+                .and_then(|n| n.parse().ok());
+            Some(number.ok_or_else(|| unreadable("a damaged salvage record"))?)
+        }
+        Some(number) if number.iter().all(u8::is_ascii_digit) => None,
         _ => return Err(unreadable("a damaged salvage record")),
     };
     Ok(Record {
@@ -316,17 +328,30 @@ fn remove_stale_temps(mark: &Path) {
         let Some(tail) = entry_name.as_bytes().strip_prefix(prefix.as_slice()) else {
             continue;
         };
-        if tail.is_empty() || !tail.iter().all(|b| b.is_ascii_digit() || *b == b'-') {
-            continue;
+        // Exactly `<pid>-<ns>`, as `Mark::begin` names them.
+        let numbers = |n: &[u8]| !n.is_empty() && n.iter().all(u8::is_ascii_digit);
+        match tail.iter().position(|&b| b == b'-') {
+            Some(i) if numbers(&tail[..i]) && numbers(&tail[i + 1..]) => {}
+            _ => continue,
         }
         let temp = entry.path();
-        let Ok(file) = OpenOptions::new()
+        let Ok(mut file) = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&temp)
         else {
             continue;
         };
+        // Empty (killed before writing) or a record: nothing else is ours.
+        let mut head = Vec::new();
+        let ours = (&mut file)
+            .take(HEADER.len() as u64)
+            .read_to_end(&mut head)
+            .is_ok()
+            && (head.is_empty() || head == HEADER);
+        if !ours {
+            continue;
+        }
         let old = file
             .metadata()
             .ok()
@@ -427,13 +452,13 @@ fn moved_outbox(aside: &Path) -> Result<(), MarkError> {
 /// [`damage::move_back`] removes everything at `path` and then puts the
 /// main file back before the side files. So a main file still at `aside`
 /// means every file at `path` is the salvage's (removed only if the record
-/// says it created them, or if empty, or if it is a link to the moved file
+/// names its inode, or if empty, or if it is a link to the moved file
 /// itself), and a main file not at `aside` means only side files still at
 /// `aside` need to come back.
 ///
 /// [`damage::move_aside`]: super::damage::move_aside
 /// [`damage::move_back`]: super::damage::move_back
-pub(crate) fn put_back(path: &Path, aside: &Path, fresh: bool) -> Result<(), MarkError> {
+pub(crate) fn put_back(path: &Path, aside: &Path, fresh: Option<u64>) -> Result<(), MarkError> {
     let failed = |e: std::io::Error| {
         MarkError::Failed(format!(
             "cannot put the damaged file back ({e}): it is at {}",
@@ -448,11 +473,10 @@ pub(crate) fn put_back(path: &Path, aside: &Path, fresh: bool) -> Result<(), Mar
             .as_ref()
             .zip(std::fs::symlink_metadata(aside).ok())
             .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
-        let created = fresh
-            || half_done
+        let created = half_done
             || at_path
                 .as_ref()
-                .is_some_and(|m| m.is_file() && m.len() == 0);
+                .is_some_and(|m| fresh == Some(m.ino()) || (m.is_file() && m.len() == 0));
         if at_path.is_some() && !created {
             return Err(MarkError::Failed(format!(
                 "a salvage was interrupted and another process then created {}; move that file away and open again to put the damaged file ({}) back",
@@ -495,9 +519,14 @@ mod tests {
             fresh,
         };
         let o = b"o.db".to_vec();
-        assert_eq!(parse(&full, &o).ok(), Some(moved(false)));
-        for tail in [&b"fresh\n"[..], b"fr", b"f"] {
-            assert_eq!(parse(&record(&[&full, tail]), &o).ok(), Some(moved(true)));
+        assert_eq!(parse(&full, &o).ok(), Some(moved(None)));
+        assert_eq!(
+            parse(&record(&[&full, b"fresh 42\n"]), &o).ok(),
+            Some(moved(Some(42)))
+        );
+        // Cut short: names no file.
+        for tail in [&b"fr"[..], b"f", b"fresh ", b"fresh 4"] {
+            assert_eq!(parse(&record(&[&full, tail]), &o).ok(), Some(moved(None)));
         }
         for foreign in [&b""[..], b"guardian", b"hello\n", &[0xff, 0xfe]] {
             assert!(
@@ -516,6 +545,9 @@ mod tests {
             HEADER.to_vec(),
             record(&[HEADER, b"aside o.db.corr"]),
             record(&[&full, b"more\n"]),
+            record(&[&full, b"fresh \n"]),
+            record(&[&full, b"fresh x\n"]),
+            record(&[&full, b"fresh 1\nfresh 2\n"]),
             record(&[&full, b"\0\0\0"]),
         ] {
             assert!(
@@ -530,7 +562,7 @@ mod tests {
             parse(&text, &odd).ok(),
             Some(Record {
                 aside: OsString::from_vec(b"o\xff.db.corrupt-5".to_vec()),
-                fresh: false
+                fresh: None
             })
         );
     }
@@ -545,8 +577,7 @@ mod tests {
         let aside = dir.path().join("o.db.corrupt-9");
         let write = |p: &Path, b: &[u8]| std::fs::write(p, b).unwrap();
         let read = |p: &Path| std::fs::read(p).ok();
-        let rec = record(&[HEADER, b"aside o.db.corrupt-9\n", FRESH]);
-        let cases: [(&str, Kill); 5] = [
+        let cases: [(&str, Kill); 6] = [
             // Killed during move_aside: the WAL moved, the main file not.
             ("wal moved", |p, a| {
                 std::fs::rename(wal(p), wal(a)).unwrap();
@@ -570,6 +601,12 @@ mod tests {
                 std::fs::rename(p, a).unwrap();
                 std::fs::hard_link(a, p).unwrap();
             }),
+            // Killed between linking the WAL back and removing its moved
+            // name.
+            ("wal linked", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+                std::fs::hard_link(wal(a), wal(p)).unwrap();
+            }),
             // Killed in move_back after the main file, before the WAL.
             ("main back", |p, a| {
                 std::fs::rename(wal(p), wal(a)).unwrap();
@@ -586,6 +623,13 @@ mod tests {
             write(&path, damaged);
             write(&wal(&path), b"damaged wal");
             kill(&path, &aside);
+            // The record names the fresh file where there is one.
+            let mut rec = record(&[HEADER, b"aside o.db.corrupt-9\n"]);
+            if aside.exists() {
+                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                    rec.extend_from_slice(format!("fresh {}\n", m.ino()).as_bytes());
+                }
+            }
             write(&mark_path(&path), &rec);
             assert_eq!(
                 settle(&path, Duration::ZERO).ok(),
@@ -602,6 +646,30 @@ mod tests {
                 assert!(read(&gone).is_none(), "{name}: {gone:?} is left");
             }
         }
+    }
+
+    /// A record (planted, or restored from a backup) whose fresh file is
+    /// not the file at the path never removes that file.
+    #[test]
+    fn a_record_never_removes_a_file_it_did_not_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let mut outbox = vec![0u8; 1024];
+        outbox[100] = 0x0D;
+        let text = b"CREATE TABLE txn_outcomes; idempotency_key  TEXT";
+        outbox[200..200 + text.len()].copy_from_slice(text);
+        std::fs::write(&path, &outbox).unwrap();
+        std::fs::write(dir.path().join("o.db.corrupt-5"), &outbox).unwrap();
+        let other = std::fs::symlink_metadata(&path).unwrap().ino() + 1;
+        let rec = format!("guardian-sync salvage 1\naside o.db.corrupt-5\nfresh {other}\n");
+        std::fs::write(mark_path(&path), rec).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        assert!(matches!(
+            settle(&path, Duration::ZERO),
+            Err(MarkError::Failed(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(dir.path().join("o.db.corrupt-5").exists());
     }
 
     /// A record locked by a live salvage is waited for, then reported;

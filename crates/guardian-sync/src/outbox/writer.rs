@@ -210,6 +210,9 @@ impl<T, E: JobError> Drop for BlockingReply<T, E> {
 struct Db {
     conn: Connection,
     prefill: Option<WalPrefill>,
+    /// Released only after the connection is closed (fields drop in
+    /// order): SQLite's close still writes the file and removes its WAL.
+    _writers: Option<super::writers::Writers>,
 }
 
 impl Db {
@@ -376,9 +379,14 @@ impl Writer {
         prefill: Option<WalPrefill>,
         inline: bool,
         busy_timeout: Duration,
+        writers: Option<super::writers::Writers>,
     ) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            db: Mutex::new(Some(Db { conn, prefill })),
+            db: Mutex::new(Some(Db {
+                conn,
+                prefill,
+                _writers: writers,
+            })),
             ctx,
             queued: AtomicUsize::new(0),
             last_group: AtomicUsize::new(1),
@@ -1115,7 +1123,10 @@ mod tests {
         conn.busy_timeout(BUSY).unwrap();
         conn.execute_batch(&format!("{setup} CREATE TABLE t (v INTEGER)"))
             .unwrap();
-        (dir, Writer::spawn(conn, ctx(), None, inline, BUSY).unwrap())
+        (
+            dir,
+            Writer::spawn(conn, ctx(), None, inline, BUSY, None).unwrap(),
+        )
     }
 
     fn writer() -> (tempfile::TempDir, Writer) {

@@ -1,11 +1,15 @@
 //! `<outbox>.writers`: every open for writing holds a shared OS lock on it
-//! for the life of its outbox, and a salvage holds it exclusively. So a
-//! salvage never moves a file another process is writing (its writes would
+//! until its connection is closed, and a salvage holds it exclusively. So a
+//! salvage never moves a file another open is writing (its writes would
 //! land in the moved file, after the salvage read it), and no open sees a
 //! salvage's half-filled fresh file.
+//!
+//! Writers go on where the lock cannot be used (something else at its
+//! name, a file system without locks); a salvage does not: it needs the
+//! lock really held alone.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,23 +18,33 @@ use super::damage::with_suffix;
 /// How often to try again while the lock is held the other way.
 const POLL: Duration = Duration::from_millis(20);
 
-/// One open's hold on the writers' lock. Holds nothing where the file
-/// cannot be used (a file system without locks, something else at its
-/// name): the salvage record still covers a killed salvage there.
+/// One open's hold on the writers' lock.
 #[derive(Debug)]
 pub(crate) struct Writers {
+    name: PathBuf,
+    /// The lock file, if it could be opened.
     file: Option<File>,
+    /// Why the lock cannot be used here, if it cannot.
+    unusable: Option<String>,
 }
 
-/// The lock was held the other way for all of the wait.
+/// Why [`Writers::exclusive`] failed.
 #[derive(Debug)]
-pub(crate) struct Held;
+pub(crate) enum Refused {
+    /// Other opens kept it for all of the wait; the shared hold is back.
+    OthersOpen,
+    /// A salvage holds it now (the shared hold could not be taken back).
+    Salvaging,
+    /// The lock cannot be used here: the reason.
+    Unusable(String),
+}
 
 impl Writers {
-    /// A shared hold, waiting up to `wait` for a salvage to end.
-    pub(crate) fn shared(path: &Path, wait: Duration) -> Result<Self, Held> {
+    /// A shared hold, waiting up to `wait` for a salvage to end; `Err`
+    /// when one held it exclusively for all of the wait.
+    pub(crate) fn shared(path: &Path, wait: Duration) -> Result<Self, Refused> {
         let name = lock_name(path);
-        let file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -38,58 +52,84 @@ impl Writers {
             .mode(0o600)
             // Never follow a link, never block on a FIFO planted there.
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&name)
-            .ok()
-            .filter(|f| f.metadata().is_ok_and(|m| m.is_file()));
-        let Some(file) = file else {
-            tracing::debug!(file = %name.display(), "the writers' lock cannot be used here");
-            return Ok(Self { file: None });
+            .open(&name);
+        let mut hold = Self {
+            name,
+            file: None,
+            unusable: None,
         };
-        poll(wait, || file.try_lock_shared())?;
-        Ok(Self { file: Some(file) })
+        match opened {
+            Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => hold.file = Some(f),
+            Ok(_) => hold.unusable = Some("it is not a regular file".into()),
+            Err(e) => hold.unusable = Some(e.to_string()),
+        }
+        hold.take_shared(wait)?;
+        Ok(hold)
     }
 
-    /// Trades the shared hold for an exclusive one, waiting up to `wait`
-    /// for every other writer to close the outbox. On failure the shared
-    /// hold is taken again (waiting as long).
-    pub(crate) fn exclusive(&mut self, wait: Duration) -> Result<(), Held> {
+    /// Takes the shared lock; where locks fail, notes why and goes on.
+    fn take_shared(&mut self, wait: Duration) -> Result<(), Refused> {
         let Some(file) = &self.file else {
             return Ok(());
         };
+        match poll(wait, || file.try_lock_shared()) {
+            Err(Refused::Unusable(why)) => {
+                self.unusable = Some(why);
+                Ok(())
+            }
+            Err(_) => Err(Refused::Salvaging),
+            Ok(()) => Ok(()),
+        }
+    }
+
+    /// Trades the shared hold for an exclusive one, waiting up to `wait`
+    /// for every other open to close. On `OthersOpen` the shared hold is
+    /// back.
+    pub(crate) fn exclusive(&mut self, wait: Duration) -> Result<(), Refused> {
+        if let Some(why) = &self.unusable {
+            return Err(Refused::Unusable(format!(
+                "cannot lock {}: {why}",
+                self.name.display()
+            )));
+        }
+        let Some(file) = &self.file else {
+            return Err(Refused::Unusable(format!(
+                "cannot lock {}",
+                self.name.display()
+            )));
+        };
         let _ = file.unlock();
-        let got = poll(wait, || file.try_lock());
-        if got.is_err() {
-            poll(wait, || file.try_lock_shared())?;
+        match poll(wait, || file.try_lock()) {
+            // Someone removed the lock file: opens since lock another one,
+            // which this hold cannot see.
+            Ok(()) if !same_file(file, &self.name) => {
+                let _ = file.unlock();
+                Err(Refused::Unusable(format!(
+                    "{} was removed or replaced while the outbox was open",
+                    self.name.display()
+                )))
+            }
+            Ok(()) => Ok(()),
+            Err(Refused::Unusable(why)) => Err(Refused::Unusable(format!(
+                "cannot lock {}: {why}",
+                self.name.display()
+            ))),
+            Err(_) => match poll(wait, || file.try_lock_shared()) {
+                Ok(()) => Err(Refused::OthersOpen),
+                Err(_) => Err(Refused::Salvaging),
+            },
         }
-        got
     }
 
-    /// Back to a shared hold after a salvage.
-    pub(crate) fn share(&mut self) {
+    /// Back to a shared hold after a salvage. Linux converts a lock by
+    /// dropping it first, so another salvage could take it in between (and
+    /// find nothing to salvage): waits up to `wait`, then goes on without
+    /// the hold, logged, rather than wait for good.
+    pub(crate) fn share(&mut self, wait: Duration) {
         if let Some(file) = &self.file {
-            // A conversion: only another salvage could take the lock
-            // between, and it finds nothing to salvage.
-            let _ = file.lock_shared();
-        }
-    }
-}
-
-/// `<outbox>.writers`, named after the resolved path (as the processing
-/// lock is): every name of one file (a symlink, `..`) shares one lock.
-fn lock_name(path: &Path) -> PathBuf {
-    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    with_suffix(&resolved, ".writers")
-}
-
-/// Tries `lock` until it succeeds or `wait` has passed.
-fn poll(wait: Duration, lock: impl Fn() -> Result<(), TryLockError>) -> Result<(), Held> {
-    let started = Instant::now();
-    loop {
-        match lock() {
-            // An error: locks unsupported here, as if there were no file.
-            Ok(()) | Err(TryLockError::Error(_)) => return Ok(()),
-            Err(TryLockError::WouldBlock) if started.elapsed() < wait => std::thread::sleep(POLL),
-            Err(TryLockError::WouldBlock) => return Err(Held),
+            if poll(wait, || file.try_lock_shared()).is_err() {
+                tracing::warn!(file = %self.name.display(), "cannot keep the writers' lock");
+            }
         }
     }
 }
@@ -97,7 +137,7 @@ fn poll(wait: Duration, lock: impl Fn() -> Result<(), TryLockError>) -> Result<(
 /// For a read-only open: a shared hold on the writers' lock if its file
 /// exists (nothing is created), so the read never meets a salvage's
 /// half-filled file; `Err` while a salvage holds it for all of `wait`.
-pub(crate) fn reading(path: &Path, wait: Duration) -> Result<Option<File>, Held> {
+pub(crate) fn reading(path: &Path, wait: Duration) -> Result<Option<File>, Refused> {
     let Ok(file) = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -108,6 +148,38 @@ pub(crate) fn reading(path: &Path, wait: Duration) -> Result<Option<File>, Held>
     if !file.metadata().is_ok_and(|m| m.is_file()) {
         return Ok(None);
     }
-    poll(wait, || file.try_lock_shared())?;
-    Ok(Some(file))
+    match poll(wait, || file.try_lock_shared()) {
+        Ok(()) => Ok(Some(file)),
+        Err(Refused::Unusable(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `<outbox>.writers`, named after the resolved path (as the processing
+/// lock is): every name of one file (a symlink, `..`) shares one lock.
+fn lock_name(path: &Path) -> PathBuf {
+    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    with_suffix(&resolved, ".writers")
+}
+
+/// True if `path` still names the file `file` has open.
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Tries `lock` until it succeeds or `wait` has passed (`OthersOpen`);
+/// an error other than "held" is `Unusable`.
+fn poll(wait: Duration, lock: impl Fn() -> Result<(), TryLockError>) -> Result<(), Refused> {
+    let started = Instant::now();
+    loop {
+        match lock() {
+            Ok(()) => return Ok(()),
+            Err(TryLockError::WouldBlock) if started.elapsed() < wait => std::thread::sleep(POLL),
+            Err(TryLockError::WouldBlock) => return Err(Refused::OthersOpen),
+            Err(TryLockError::Error(e)) => return Err(Refused::Unusable(e.to_string())),
+        }
+    }
 }
