@@ -99,7 +99,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// "; the disk holding <dir> is full" when SQLite's message says I/O
+/// `"; the disk holding <dir> is full"` when SQLite's message says I/O
 /// failed or the disk is full and the outbox's file system has (almost) no
 /// room: its own words for both ("disk I/O error" from mapping a
 /// shared-memory file, say) do not tell the user what to do.
