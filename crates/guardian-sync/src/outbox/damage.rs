@@ -551,12 +551,24 @@ pub(crate) fn move_back(path: &Path, aside: &Path) -> std::io::Result<()> {
 }
 
 /// True if both paths name one file.
-fn same_inode(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
+pub(crate) fn same_inode(a: &Path, b: &Path) -> bool {
     match (std::fs::symlink_metadata(a), std::fs::symlink_metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        (Ok(a), Ok(b)) => same_identity(&a, &b),
         _ => false,
     }
+}
+
+/// True if `path` still names the file `file` has open.
+pub(crate) fn same_file(file: &std::fs::File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => same_identity(&a, &b),
+        _ => false,
+    }
+}
+
+fn same_identity(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
 }
 
 /// Moves `from` to `to` only where no file has appeared meanwhile: a link,

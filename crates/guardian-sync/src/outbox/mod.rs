@@ -588,24 +588,12 @@ fn open_conn_once(
             );
             Some(aside)
         }
-        Err(salvage_mark::MarkError::UnderWay) => {
-            return Err(OpenError::SalvageUnderWay {
-                path: path.to_path_buf(),
-            })
-        }
         // Only a salvage needs the record's name: refused there.
         Err(salvage_mark::MarkError::NotOurs(why)) => {
             foreign_mark = Some(why);
             None
         }
-        Err(
-            salvage_mark::MarkError::Failed(reason) | salvage_mark::MarkError::Unreadable(reason),
-        ) => {
-            return Err(OpenError::SalvageFailed {
-                path: path.to_path_buf(),
-                reason,
-            })
-        }
+        Err(e) => return Err(e.at_open(path)),
     };
     // Only a regular file can be a second name of an outbox; a directory's
     // link count says nothing (it is refused below as not ours).
@@ -675,14 +663,8 @@ fn open_conn_once(
     }
     let aside = damage::aside_path(path, options.clock.now_millis());
     let mut mark = salvage_mark::Mark::begin(path, &aside).map_err(|e| match e {
-        salvage_mark::MarkError::UnderWay => OpenError::SalvageUnderWay {
-            path: path.to_path_buf(),
-        },
-        salvage_mark::MarkError::NotOurs(why)
-        | salvage_mark::MarkError::Failed(why)
-        | salvage_mark::MarkError::Unreadable(why) => {
-            salvage_failed(format!("{why}; nothing was changed"))
-        }
+        salvage_mark::MarkError::UnderWay => e.at_open(path),
+        other => salvage_failed(format!("{other}; nothing was changed")),
     })?;
     if let Err(e) = damage::move_aside(path, &aside) {
         let why = format!("cannot move it aside: {e}");

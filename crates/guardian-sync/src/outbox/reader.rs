@@ -192,14 +192,15 @@ const READ_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Refuses a path whose salvage runs now or was interrupted.
 fn salvage_clear(path: &Path) -> Result<(), OpenError> {
-    use super::salvage_mark::{look, Look, MarkError};
-    let path = path.to_path_buf();
-    match look(&path) {
+    use super::salvage_mark::{look, Look};
+    match look(path) {
         Ok(Look::Clear) => Ok(()),
-        Ok(Look::UnderWay) | Err(MarkError::UnderWay) => Err(OpenError::SalvageUnderWay { path }),
-        Ok(Look::Interrupted) => Err(OpenError::SalvageInterrupted { path }),
-        Err(
-            MarkError::NotOurs(reason) | MarkError::Failed(reason) | MarkError::Unreadable(reason),
-        ) => Err(OpenError::SalvageFailed { path, reason }),
+        Ok(Look::UnderWay) => Err(OpenError::SalvageUnderWay {
+            path: path.to_path_buf(),
+        }),
+        Ok(Look::Interrupted) => Err(OpenError::SalvageInterrupted {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(e.at_open(path)),
     }
 }

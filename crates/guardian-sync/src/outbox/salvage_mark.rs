@@ -21,7 +21,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::damage::with_suffix;
+use super::damage::{same_file, same_inode, with_suffix};
 
 /// The record's first line; its version says how to read the rest.
 const HEADER: &[u8] = b"guardian-sync salvage 1\n";
@@ -81,6 +81,9 @@ impl Mark {
                 path.display()
             )));
         }
+        // Only a salvage makes temporary records: its start is where a
+        // killed one's are cleared, not every open's.
+        remove_stale_temps(&mark);
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -152,22 +155,18 @@ impl Mark {
     }
 }
 
-/// True if `path` still names the file `file` has open.
-fn same_file(file: &File, path: &Path) -> bool {
-    match (file.metadata(), std::fs::symlink_metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
+/// The directory holding `path` (`.` for a bare name).
+fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
     }
 }
 
 /// Makes a created or removed name durable; best effort (some file
 /// systems cannot sync a directory).
 fn sync_dir(path: &Path) {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if let Ok(d) = File::open(dir) {
+    if let Ok(d) = File::open(dir_of(path)) {
         let _ = d.sync_all();
     }
 }
@@ -230,6 +229,19 @@ fn parse(text: &[u8], outbox_name: &[u8]) -> Result<Record, MarkError> {
     })
 }
 
+impl MarkError {
+    /// As an open's error about the outbox at `path`.
+    pub(crate) fn at_open(self, path: &Path) -> super::OpenError {
+        let path = path.to_path_buf();
+        match self {
+            Self::UnderWay => super::OpenError::SalvageUnderWay { path },
+            Self::NotOurs(reason) | Self::Unreadable(reason) | Self::Failed(reason) => {
+                super::OpenError::SalvageFailed { path, reason }
+            }
+        }
+    }
+}
+
 /// What [`settle`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settled {
@@ -244,7 +256,6 @@ pub(crate) enum Settled {
 /// in another process to end, and undoes one that was interrupted.
 pub(crate) fn settle(path: &Path, wait: Duration) -> Result<Settled, MarkError> {
     let mark = mark_path(path);
-    remove_stale_temps(&mark);
     let started = Instant::now();
     let outbox_name = path.file_name().unwrap_or_default().as_bytes();
     loop {
@@ -310,14 +321,10 @@ fn read_record(file: &mut File, mark: &Path) -> Result<Vec<u8>, MarkError> {
 /// Removes temporary records (`<record>.<pid>-<ns>`) a killed process left
 /// before linking them: unlocked, and older than any live one.
 fn remove_stale_temps(mark: &Path) {
-    let (Some(dir), Some(name)) = (mark.parent(), mark.file_name()) else {
+    let Some(name) = mark.file_name() else {
         return;
     };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
+    let dir = dir_of(mark);
     let mut prefix = name.as_bytes().to_vec();
     prefix.push(b'.');
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -469,10 +476,7 @@ pub(crate) fn put_back(path: &Path, aside: &Path, fresh: Option<u64>) -> Result<
         moved_outbox(aside)?;
         let at_path = std::fs::symlink_metadata(path).ok();
         // A link made by an earlier, interrupted put-back is not a new file.
-        let half_done = at_path
-            .as_ref()
-            .zip(std::fs::symlink_metadata(aside).ok())
-            .is_some_and(|(a, b)| a.dev() == b.dev() && a.ino() == b.ino());
+        let half_done = same_inode(path, aside);
         let created = half_done
             || at_path
                 .as_ref()

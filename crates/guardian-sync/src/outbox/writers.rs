@@ -9,11 +9,11 @@
 //! lock really held alone.
 
 use std::fs::{File, OpenOptions, TryLockError};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::damage::with_suffix;
+use super::damage::{same_file, with_suffix};
 
 /// How often to try again while the lock is held the other way.
 const POLL: Duration = Duration::from_millis(20);
@@ -160,14 +160,6 @@ pub(crate) fn reading(path: &Path, wait: Duration) -> Result<Option<File>, Refus
 fn lock_name(path: &Path) -> PathBuf {
     let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     with_suffix(&resolved, ".writers")
-}
-
-/// True if `path` still names the file `file` has open.
-fn same_file(file: &File, path: &Path) -> bool {
-    match (file.metadata(), std::fs::symlink_metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
 }
 
 /// Tries `lock` until it succeeds or `wait` has passed (`OthersOpen`);
