@@ -564,14 +564,10 @@ fn derived_id(ns: u64, seq: i64) -> uuid::Uuid {
     uuid::Uuid::from_u128(v)
 }
 
-fn namespace(path: &Path) -> u64 {
-    let conn = Connection::open(path).unwrap();
-    let ns: String = conn
-        .query_row("SELECT value FROM meta WHERE key = 'op_id_ns'", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    u64::from_str_radix(&ns, 16).unwrap()
+/// The namespace an id of `derived_id`'s layout was made under.
+fn namespace_of(id: uuid::Uuid) -> u64 {
+    let v = id.as_u128();
+    u64::try_from((((v >> 80) & ((1 << 48) - 1)) << 12) | ((v >> 64) & 0xfff)).unwrap()
 }
 
 /// Enqueues one op into a new outbox at `path`, closes it, and runs `sql`
@@ -593,22 +589,22 @@ async fn one_op_then(
 
 /// An op's id names its position; a row whose id does not (moved by
 /// another tool, here by hand, and marked foreign as such rows are) is
-/// still found, claimed and acknowledged by id; and a new op whose derived
-/// id such a row holds gets an id of its own instead.
+/// still found, claimed and acknowledged by id; a later open giving that
+/// position again gives another id; and a new op whose derived id a foreign
+/// row holds gets an id of its own instead.
 #[tokio::test]
 async fn ids_name_positions_and_other_ids_still_work() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ids.db");
     let clock = ManualClock::new(T0);
-    // Moved below position 1, so the next op gets position 1 again and
-    // would derive this row's id.
+    // Moved below position 1, so the next op gets position 1 again.
     let x = one_op_then(
         &path,
         &clock,
         "UPDATE ops SET seq = 0, foreign_id = 1 WHERE seq = 1",
     )
     .await;
-    assert_eq!((x.seq, x.op_id), (1, derived_id(namespace(&path), 1)));
+    assert_eq!((x.seq, x.op_id), (1, derived_id(namespace_of(x.op_id), 1)));
 
     let (outbox, _) = Outbox::open(&path, opts(&clock)).await.unwrap();
     assert_eq!(outbox.get(x.op_id).await.unwrap().unwrap().seq, 0);
@@ -621,15 +617,39 @@ async fn ids_name_positions_and_other_ids_still_work() {
     assert_eq!(outbox.get(b.op_id).await.unwrap().unwrap().seq, 1);
     assert_eq!(outbox.get(x.op_id).await.unwrap().unwrap().seq, 0);
 
-    // Both go through claim and ack by id.
+    // Another tool plants a foreign row holding the id this open derives
+    // for the next position.
+    let planted = derived_id(namespace_of(b.op_id), 2);
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "INSERT INTO ops (seq, op_id, idempotency_key, kind, entity_type, entity_id, \
+             payload, envelope_version, state, next_attempt_at, created_at, updated_at, \
+             foreign_id) VALUES (-1, ?1, ?1, 'create', 'device', 'planted', '{}', 1, 'failed', \
+             0, 0, 0, 1)",
+            [planted.to_string()],
+        )
+        .unwrap();
+    let c = outbox
+        .enqueue(NewOp::create("device", "c", json!({"n": 3})))
+        .await
+        .unwrap();
+    assert_eq!(c.seq, 2);
+    assert_ne!(
+        c.op_id, planted,
+        "a derived id a foreign row holds is not given"
+    );
+    assert_eq!(outbox.get(c.op_id).await.unwrap().unwrap().seq, 2);
+
+    // All go through claim and ack by id.
     let fence = outbox.lock_acquire("r", None).await.unwrap().unwrap();
     let claimed = outbox.fenced(&fence).claim_ready(10, T0).await.unwrap();
     let ids: Vec<_> = claimed.iter().map(|o| o.op_id).collect();
-    assert_eq!(ids, [x.op_id, b.op_id]);
+    assert_eq!(ids, [x.op_id, b.op_id, c.op_id]);
     for id in ids {
         outbox.fenced(&fence).ack(id, Ack::default()).await.unwrap();
     }
-    assert!(outbox.list(ListFilter::default()).await.unwrap().is_empty());
+    assert_eq!(outbox.stats().await.unwrap().pending, 0);
     outbox.close().await;
 }
 

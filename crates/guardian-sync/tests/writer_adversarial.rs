@@ -17,6 +17,7 @@ use guardian_sync::clock::{Clock, SystemClock};
 use guardian_sync::op::{NewOp, OpId, PendingOp};
 use guardian_sync::outbox::{
     EnqueueError, Enqueued, ListFilter, OpenError, Outbox, OutboxOptions, Synchronous,
+    UnknownChange,
 };
 use serde_json::json;
 use tokio::runtime::{Builder, Runtime};
@@ -782,26 +783,8 @@ fn fill_the_disk(path: &Path) {
         .map(|_| rx.recv_timeout(HANG).expect("every caller is answered"))
         .collect();
 
-    // Room again: raise this process's soft limit back to its hard limit.
-    let pid = std::process::id().to_string();
-    let hard = std::process::Command::new("prlimit")
-        .args([
-            "--pid",
-            &pid,
-            "--fsize",
-            "--output=HARD",
-            "--noheadings",
-            "--raw",
-        ])
-        .output()
-        .unwrap();
-    assert!(hard.status.success());
-    let hard = String::from_utf8(hard.stdout).unwrap();
-    let raised = std::process::Command::new("prlimit")
-        .args(["--pid", &pid, &format!("--fsize={}:", hard.trim())])
-        .status()
-        .unwrap();
-    assert!(raised.success());
+    // Room again.
+    file_size_limit(None);
     let o = outbox.clone();
     let on_thread = std::thread::spawn(move || o.enqueue_blocking(op("after-thread")));
     answers.push(("after-thread".into(), on_thread.join().unwrap()));
@@ -826,7 +809,8 @@ fn fill_the_disk(path: &Path) {
 
 /// A disk that fills mid-storm (a file size limit on the process) and then
 /// frees up: no acknowledged op is lost, no op refused before its commit is
-/// stored, an unknown outcome is either, and every path commits again.
+/// stored, an unknown outcome is either (and its id is no other op's), and
+/// every path commits again.
 #[test]
 fn a_disk_that_fills_and_frees_loses_no_acknowledged_op() {
     if let Some(path) = std::env::var_os(FULL_DISK_CHILD) {
@@ -838,30 +822,12 @@ fn a_disk_that_fills_and_frees_loses_no_acknowledged_op() {
     rt.block_on(open(&rt, &path, options()).close());
     // Room for the file and some 96 KiB of log: a few dozen commits.
     let blocks = (std::fs::metadata(&path).unwrap().len() + 96 * 1024) / 512;
-    // A write past the limit then fails (EFBIG) instead of killing the process.
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "trap '' XFSZ; ulimit -S -f {blocks}; exec \"$0\" \"$@\""
-        ))
-        .arg(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "a_disk_that_fills_and_frees_loses_no_acknowledged_op",
-        ])
-        .args(["--nocapture", "--test-threads=1"])
-        .env(FULL_DISK_CHILD, &path)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    let (exited_tx, exited) = mpsc::channel();
-    std::thread::spawn(move || exited_tx.send(child.wait().unwrap()).unwrap());
-    let Ok(status) = exited.recv_timeout(HANG * 2) else {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        panic!("the child process hung");
-    };
-    assert!(status.success(), "the child failed: {status}");
+    run_child(
+        "a_disk_that_fills_and_frees_loses_no_acknowledged_op",
+        FULL_DISK_CHILD,
+        &path,
+        &format!("ulimit -S -f {blocks}"),
+    );
 
     let results = std::fs::read_to_string(path.with_extension("results")).unwrap();
     let stored: BTreeMap<String, String> = stored_ops(&path)
@@ -882,7 +848,15 @@ fn a_disk_that_fills_and_frees_loses_no_acknowledged_op() {
                 Some(rest),
                 "{tag} acked"
             ),
-            "unknown" => assert!(stored.get(tag).is_none_or(|id| id == rest), "{tag}"),
+            // The caller looks for the id it was given: if its op is not
+            // there, no other op may hold that id.
+            "unknown" => match stored.get(tag) {
+                Some(id) => assert_eq!(id, rest, "{tag}"),
+                None => assert!(
+                    !stored.values().any(|id| id == rest),
+                    "{tag}: its unknown outcome named {rest}, which a later op holds"
+                ),
+            },
             _ => assert!(
                 !stored.contains_key(tag),
                 "{tag} refused ({rest}) but stored"
@@ -904,6 +878,180 @@ fn a_disk_that_fills_and_frees_loses_no_acknowledged_op() {
             "{tag} after the disk freed up"
         );
     }
+}
+
+/// Runs this binary's test `name` in a child process with `key` set to
+/// `path`, after `limits` (shell); a write past a file size limit then
+/// fails with EFBIG instead of killing the child (SIGXFSZ ignored).
+fn run_child(name: &str, key: &str, path: &Path, limits: &str) {
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; {limits}; exec \"$0\" \"$@\""))
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(key, path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let (exited_tx, exited) = mpsc::channel();
+    std::thread::spawn(move || exited_tx.send(child.wait().unwrap()).unwrap());
+    let Ok(status) = exited.recv_timeout(HANG * 2) else {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        panic!("the child process hung");
+    };
+    assert!(status.success(), "the child failed: {status}");
+}
+
+/// Sets this process's soft limit on file size to `bytes`, or back to its
+/// hard limit (`None`).
+fn file_size_limit(bytes: Option<u64>) {
+    let pid = std::process::id().to_string();
+    let soft = match bytes {
+        Some(b) => b.to_string(),
+        None => {
+            let hard = std::process::Command::new("prlimit")
+                .args([
+                    "--pid",
+                    &pid,
+                    "--fsize",
+                    "--output=HARD",
+                    "--noheadings",
+                    "--raw",
+                ])
+                .output()
+                .unwrap();
+            assert!(hard.status.success());
+            String::from_utf8(hard.stdout).unwrap().trim().to_owned()
+        }
+    };
+    let set = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, &format!("--fsize={soft}:")])
+        .status()
+        .unwrap();
+    assert!(set.success());
+}
+
+/// Set for the unknown-outcome test's child process: the outbox's path.
+const UNKNOWN_OUTCOME_CHILD: &str = "GUARDIAN_WRITER_ADVERSARIAL_UNKNOWN_OUTCOME";
+
+/// Big CREATEs under a file size limit until one's commit fails: its error.
+fn until_a_commit_fails(rt: &Runtime, outbox: &Outbox, path: &Path, tag: &str) -> EnqueueError {
+    let wal = path.with_extension("db-wal");
+    let used = std::fs::metadata(path).unwrap().len()
+        + std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    file_size_limit(Some(used + 64 * 1024));
+    let big = "x".repeat(20_000);
+    for k in 0..100 {
+        let op = NewOp::create("lamp", format!("{tag}{k}"), json!({ "big": big }));
+        if let Err(e) = rt.block_on(outbox.enqueue(op)) {
+            return e;
+        }
+    }
+    panic!("no commit failed under the limit");
+}
+
+/// The unknown-outcome test's child: every answer is checked here.
+fn unknown_outcomes(path: &Path) {
+    let rt = one_thread();
+    let outbox = open(&rt, path, options());
+    let a = rt
+        .block_on(outbox.enqueue(NewOp::create("lamp", "a", json!({ "v": 1 }))))
+        .unwrap();
+    let EnqueueError::OutcomeUnknown {
+        op_id: lost,
+        change: UnknownChange::New,
+        ..
+    } = until_a_commit_fails(&rt, &outbox, path, "big")
+    else {
+        panic!("a failed commit's outcome is unknown");
+    };
+    // Less room than any commit needs (the log ends past it).
+    file_size_limit(Some(4096));
+    let merge = rt
+        .block_on(outbox.enqueue(NewOp::update("lamp", "a", json!({ "v": 2 }))))
+        .unwrap_err();
+    assert!(
+        matches!(merge, EnqueueError::OutcomeUnknown { op_id, change: UnknownChange::MergedInto, .. } if op_id == a.op_id),
+        "{merge:?}"
+    );
+    let text = merge.to_string();
+    assert!(
+        text.contains(&format!(
+            "merged into queued op {}: stored if that op's data is the change's",
+            a.op_id
+        )),
+        "{text}"
+    );
+    let cancel = rt
+        .block_on(outbox.enqueue(NewOp::delete("lamp", "a")))
+        .unwrap_err();
+    assert!(
+        matches!(cancel, EnqueueError::OutcomeUnknown { op_id, change: UnknownChange::Cancels, .. } if op_id == a.op_id),
+        "{cancel:?}"
+    );
+    let text = cancel.to_string();
+    assert!(
+        text.contains(&format!(
+            "it cancels queued op {}: stored if that op is gone",
+            a.op_id
+        )),
+        "{text}"
+    );
+    file_size_limit(None);
+    rt.block_on(outbox.close());
+
+    // Another open takes the failed op's position, under an id of its own.
+    let outbox = open(&rt, path, options());
+    let later = rt.block_on(outbox.enqueue(op("later"))).unwrap();
+    assert_eq!(
+        later.seq,
+        i64::try_from(lost.as_u128() & ((1 << 62) - 1)).unwrap(),
+        "the failed op's position is free"
+    );
+    assert_ne!(later.op_id, lost, "another open gave the failed op's id");
+    let found = rt.block_on(outbox.get(a.op_id)).unwrap().unwrap();
+    assert_eq!(
+        found.payload,
+        json!({ "v": 1 }),
+        "the failed merge changed nothing"
+    );
+
+    // The same open never gives a failed op's position again.
+    let EnqueueError::OutcomeUnknown { op_id: lost, .. } =
+        until_a_commit_fails(&rt, &outbox, path, "again")
+    else {
+        panic!("a failed commit's outcome is unknown");
+    };
+    file_size_limit(None);
+    let after = rt.block_on(outbox.enqueue(op("after"))).unwrap();
+    assert_ne!(
+        after.op_id, lost,
+        "the same open gave the failed op's id again"
+    );
+    rt.block_on(outbox.close());
+}
+
+/// A commit that fails names the op to look at and what to look for: a new
+/// op's id, the queued op a change was merged into (which exists either
+/// way), or the CREATE a DELETE cancels. And that id never names another
+/// op: neither the next op of the same open nor one of a later open, which
+/// takes the failed op's position. The error used to name the merged-into
+/// op as if it were new, and the next op got the failed op's id, so a
+/// caller looking for it found a stranger.
+#[test]
+fn an_unknown_outcome_names_what_to_look_for_and_no_other_op() {
+    if let Some(path) = std::env::var_os(UNKNOWN_OUTCOME_CHILD) {
+        return unknown_outcomes(Path::new(&path));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = db(&dir);
+    run_child(
+        "an_unknown_outcome_names_what_to_look_for_and_no_other_op",
+        UNKNOWN_OUTCOME_CHILD,
+        &path,
+        "true",
+    );
 }
 
 /// A clock that panics at its next reading once armed: an app's bug.

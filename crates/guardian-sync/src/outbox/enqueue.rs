@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::error::EnqueueError;
+use super::error::{EnqueueError, UnknownChange};
 use super::writer::Ctx;
 use super::{op_ids, outcomes, rows, schema, upcast};
 use crate::coalesce::{self, Decision, TailOp};
@@ -81,9 +81,9 @@ pub(crate) struct Prepared {
     /// The id it gets if its position cannot name it (see `op_ids`), and
     /// the id an annihilating DELETE reports.
     op_id: OpId,
-    /// The id it was last stored under, for an error whose outcome is
-    /// unknown (the commit may have happened): set by [`apply`].
-    stored_id: Arc<Mutex<OpId>>,
+    /// Where it was last put, for an error whose outcome is unknown (the
+    /// commit may have happened): set by [`apply`].
+    stored: Arc<Mutex<Stored>>,
     key: Uuid,
     /// Ops it waits for, as given (some may be settled by the time it is stored).
     depends_on: Vec<OpId>,
@@ -161,6 +161,13 @@ pub(crate) fn check_depth(value: &Value) -> Result<(), EnqueueError> {
     }
 }
 
+/// Where an enqueue put its change (see [`UnknownChange`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stored {
+    pub(crate) op_id: OpId,
+    pub(crate) change: UnknownChange,
+}
+
 /// Validates `op` without touching the outbox.
 pub(crate) fn prepare(
     op: NewOp,
@@ -213,30 +220,47 @@ pub(crate) fn prepare(
         txn_token: op.txn_token,
         envelope_version: op.envelope_version.unwrap_or(current_envelope),
         op_id,
-        stored_id: Arc::new(Mutex::new(op_id)),
+        stored: Arc::new(Mutex::new(Stored {
+            op_id,
+            change: UnknownChange::New,
+        })),
         key: Uuid::new_v4(),
     })
 }
 
 impl Prepared {
-    /// Where the id the op was stored under will be, for reporting an
-    /// unknown outcome after the job has run.
-    pub(crate) fn stored_id(&self) -> Arc<Mutex<OpId>> {
-        Arc::clone(&self.stored_id)
+    /// Where the op was put will be here, for reporting an unknown outcome
+    /// after the job has run.
+    pub(crate) fn stored(&self) -> Arc<Mutex<Stored>> {
+        Arc::clone(&self.stored)
     }
 
-    fn stored_as(&self, id: OpId) {
+    fn stored_as(&self, done: &Enqueued) {
+        let stored = match &done.coalesced {
+            Some(Coalesced::MergedInto { op_id, .. }) => Stored {
+                op_id: *op_id,
+                change: UnknownChange::MergedInto,
+            },
+            Some(Coalesced::Annihilated { removed }) => Stored {
+                op_id: removed.first().map_or(done.op_id, |r| r.op_id),
+                change: UnknownChange::Cancels,
+            },
+            Some(Coalesced::ReplacedUpdates { .. }) | None => Stored {
+                op_id: done.op_id,
+                change: UnknownChange::New,
+            },
+        };
         *self
-            .stored_id
+            .stored
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = id;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = stored;
     }
 
     /// Stores (or coalesces) it: [`apply`] as a writer job.
     pub(crate) fn apply(&self, conn: &Connection, ctx: &Ctx) -> Result<Enqueued, EnqueueError> {
         let gated = !self.depends_on.is_empty();
         let done = apply(conn, ctx, self)?;
-        self.stored_as(done.op_id);
+        self.stored_as(&done);
         if gated {
             super::gate::refresh(conn, ctx.now())?;
         }
@@ -281,7 +305,7 @@ pub(crate) fn apply_transaction(
     let mut out = Vec::with_capacity(ops.len());
     for p in ops {
         let done = apply(conn, ctx, p)?;
-        p.stored_as(done.op_id);
+        p.stored_as(&done);
         out.push(done);
     }
     super::gate::refresh(conn, ctx.now())?;
@@ -361,7 +385,7 @@ struct Inherit {
 #[allow(clippy::too_many_arguments)]
 fn insert(
     conn: &Connection,
-    ns: u64,
+    ctx: &Ctx,
     p: &Prepared,
     inherit: Option<&Inherit>,
     chained: bool,
@@ -390,14 +414,18 @@ fn insert(
     );
     // The new position is above every live op and every op ever deleted
     // while newest (`ops_seq_mark.deleted_max`, kept by a trigger): FIFO
-    // order holds and no position is reused, without a counter write per insert.
-    let seq: i64 = conn
+    // order holds and no position is reused, without a counter write per
+    // insert. Nor is one that a rolled-back commit gave an op (the floor).
+    let stored: i64 = conn
         .prepare_cached(
             "SELECT max(coalesce((SELECT max(seq) FROM ops), 0), \
              coalesce((SELECT deleted_max FROM ops_seq_mark WHERE id = 1), 0)) + 1",
         )?
         .query_row([], |r| r.get(0))?;
-    let derived = op_ids::derive(ns, seq);
+    let seq = stored.max(ctx.seq_floor.load(std::sync::atomic::Ordering::Acquire));
+    ctx.seq_floor
+        .fetch_max(seq.saturating_add(1), std::sync::atomic::Ordering::AcqRel);
+    let derived = op_ids::derive(ctx.op_id_ns, seq);
     let mut id = derived.unwrap_or(p.op_id);
     let mut op_id = &*id.hyphenated().encode_lower(&mut id_buf);
     // A foreign row already holding the derived id would make it name two
@@ -512,7 +540,7 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
         let has_active = !tail(conn, p, true)?.is_empty();
         let (seq, op_id) = insert(
             conn,
-            ctx.op_id_ns,
+            ctx,
             p,
             None,
             has_active,
@@ -532,16 +560,7 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
     let has_active = !tail.is_empty();
     match coalesce::decide(&tail, p.kind, ctx.coalesce) {
         Decision::Insert => {
-            let (seq, op_id) = insert(
-                conn,
-                ctx.op_id_ns,
-                p,
-                None,
-                has_active,
-                !has_active,
-                None,
-                now,
-            )?;
+            let (seq, op_id) = insert(conn, ctx, p, None, has_active, !has_active, None, now)?;
             Ok(Enqueued {
                 op_id,
                 idempotency_key: p.key,
@@ -614,16 +633,8 @@ pub(crate) fn apply(conn: &Connection, ctx: &Ctx, p: &Prepared) -> Result<Enqueu
                     outcomes::drop_one(conn, t)?;
                 }
             }
-            let (seq, op_id) = insert(
-                conn,
-                ctx.op_id_ns,
-                p,
-                inherit.as_ref(),
-                has_active,
-                false,
-                None,
-                now,
-            )?;
+            let (seq, op_id) =
+                insert(conn, ctx, p, inherit.as_ref(), has_active, false, None, now)?;
             rows::recompute_head(conn, &p.entity_type, &p.entity_id)?;
             Ok(Enqueued {
                 op_id,

@@ -261,20 +261,55 @@ pub enum EnqueueError {
     /// SQLite failed before the commit; the op was not stored.
     #[error(transparent)]
     Storage(#[from] StorageError),
-    /// The commit itself failed: the op may or may not be stored (it can
-    /// reappear at the next open). Do not enqueue the change again blindly:
-    /// look for `op_id` with [`Outbox::get`](super::Outbox::get) after
-    /// reopening, or the change may be applied twice under two keys.
-    #[error("the commit failed and the op may or may not be stored (op {op_id}); check before enqueueing again: {source}")]
+    /// The commit itself failed: the change may or may not be stored (it
+    /// can reappear at the next open). Do not enqueue it again blindly, or
+    /// it may be applied twice under two keys: look at `op_id` with
+    /// [`Outbox::get`](super::Outbox::get) as `change` says.
+    #[error("the commit failed and {}; check before enqueueing again: {source}", change.what(op_id))]
     OutcomeUnknown {
-        /// The id the op has if it was stored.
+        /// The op to look at.
         op_id: OpId,
+        /// What the enqueue did to it, and so what to look for.
+        change: UnknownChange,
         /// The storage failure.
         source: StorageError,
     },
     /// The outbox was closed.
     #[error("the outbox is closed")]
     Closed,
+}
+
+/// What an enqueue whose commit failed did to the op it names
+/// ([`EnqueueError::OutcomeUnknown`]), and so how to tell whether it is
+/// stored. A position given to an op in a commit that failed is never given
+/// to another op by the same open outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UnknownChange {
+    /// A new op: stored if an op with that id exists.
+    New,
+    /// Coalesced into a queued op, which exists either way: stored if that
+    /// op's data is the change's.
+    MergedInto,
+    /// A DELETE that cancels a queued, never-sent CREATE (and its updates):
+    /// stored if that op is gone.
+    Cancels,
+}
+
+impl UnknownChange {
+    fn what(self, op_id: &OpId) -> String {
+        match self {
+            Self::New => format!("the op may or may not be stored (op {op_id})"),
+            Self::MergedInto => format!(
+                "the change may or may not be stored (merged into queued op {op_id}: \
+                 stored if that op's data is the change's)"
+            ),
+            Self::Cancels => format!(
+                "the change may or may not be stored (it cancels queued op {op_id}: stored \
+                 if that op is gone)"
+            ),
+        }
+    }
 }
 
 /// Why an outbox call other than open/enqueue failed.

@@ -51,7 +51,7 @@ use serde_json::Value;
 pub use app::{ListFilter, NextDue, Stats};
 pub use damage::{CheckReport, SalvageReport};
 pub use enqueue::{Coalesced, Enqueued, EnqueuedTransaction, RemovedOp, MAX_TRANSACTION_OPS};
-pub use error::{EnqueueError, OpenError, OutboxError, StorageError};
+pub use error::{EnqueueError, OpenError, OutboxError, StorageError, UnknownChange};
 pub use fenced::Fenced;
 pub use lock_row::LockRow;
 pub use outcomes::OutcomeRecord;
@@ -773,7 +773,8 @@ fn spawn(
         clock: options.clock.clone(),
         max_payload_bytes: options.max_payload_bytes,
         coalesce: options.coalesce,
-        op_id_ns: op_ids::namespace(&conn)?,
+        op_id_ns: op_ids::namespace(),
+        seq_floor: std::sync::atomic::AtomicI64::new(0),
     };
     let prefill = (options.preallocate_wal && options.synchronous != Synchronous::Off)
         .then(|| WalPrefill::new("outbox", &conn, options.busy_timeout, u64::MAX));
@@ -800,40 +801,40 @@ fn spawn(
 /// the op's fate unknown: say so, with the id it has if it was stored.
 /// [`outcome`] for a transaction, named by its first op.
 fn transaction_outcome(
-    first: Option<Arc<Mutex<OpId>>>,
+    first: Option<Arc<Mutex<enqueue::Stored>>>,
     result: Result<EnqueuedTransaction, EnqueueError>,
 ) -> Result<EnqueuedTransaction, EnqueueError> {
     match (result, first) {
         (Err(EnqueueError::Storage(source)), Some(stored)) if source.is_outcome_unknown() => {
-            Err(EnqueueError::OutcomeUnknown {
-                op_id: stored_id(&stored),
-                source,
-            })
+            Err(unknown(&stored, source))
         }
         (other, _) => other,
     }
 }
 
 fn outcome(
-    stored: &Mutex<OpId>,
+    stored: &Mutex<enqueue::Stored>,
     result: Result<Enqueued, EnqueueError>,
 ) -> Result<Enqueued, EnqueueError> {
     match result {
         Err(EnqueueError::Storage(source)) if source.is_outcome_unknown() => {
-            Err(EnqueueError::OutcomeUnknown {
-                op_id: stored_id(stored),
-                source,
-            })
+            Err(unknown(stored, source))
         }
         other => other,
     }
 }
 
-/// The id an op was last stored under (see `enqueue::Prepared::stored_id`).
-fn stored_id(stored: &Mutex<OpId>) -> OpId {
-    *stored
+/// The unknown outcome of the change last stored as `stored` (see
+/// `enqueue::Prepared::stored`).
+fn unknown(stored: &Mutex<enqueue::Stored>, source: StorageError) -> EnqueueError {
+    let stored = *stored
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    EnqueueError::OutcomeUnknown {
+        op_id: stored.op_id,
+        change: stored.change,
+        source,
+    }
 }
 
 impl Outbox {
@@ -917,7 +918,7 @@ impl Outbox {
     /// worker thread (see [`OutboxOptions::commit_on_caller`]).
     pub async fn enqueue(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
         let p = self.prepare(op)?;
-        let stored = p.stored_id();
+        let stored = p.stored();
         outcome(
             &stored,
             self.inner
@@ -939,7 +940,7 @@ impl Outbox {
     /// executor's thread, use [`enqueue`](Self::enqueue) there.
     pub fn enqueue_blocking(&self, op: NewOp) -> Result<Enqueued, EnqueueError> {
         let p = self.prepare(op)?;
-        let stored = p.stored_id();
+        let stored = p.stored();
         outcome(
             &stored,
             self.inner.writer.call_blocking(move |c, x| p.apply(c, x)),
@@ -956,7 +957,7 @@ impl Outbox {
         ops: Vec<NewOp>,
     ) -> Result<EnqueuedTransaction, EnqueueError> {
         let (txn_id, prepared) = self.prepare_transaction(ops)?;
-        let first = prepared.first().map(enqueue::Prepared::stored_id);
+        let first = prepared.first().map(enqueue::Prepared::stored);
         let result = self
             .inner
             .writer
@@ -972,7 +973,7 @@ impl Outbox {
         ops: Vec<NewOp>,
     ) -> Result<EnqueuedTransaction, EnqueueError> {
         let (txn_id, prepared) = self.prepare_transaction(ops)?;
-        let first = prepared.first().map(enqueue::Prepared::stored_id);
+        let first = prepared.first().map(enqueue::Prepared::stored);
         let result = self
             .inner
             .writer

@@ -1,11 +1,13 @@
 //! Op ids derived from positions (schema 6).
 //!
-//! An enqueued op's id is a version-8 UUID made of the file's random
-//! namespace (60 bits, `meta.op_id_ns`) and the op's position `seq` (the
-//! low 62 bits), so finding an op by id is a primary-key lookup and `ops`
-//! keeps no index of ids: one b-tree less to write per enqueue and per ack.
-//! Positions are never reused, so ids are not either; the namespace keeps
-//! ids of different files (a salvaged file's, another device's) apart.
+//! An enqueued op's id is a version-8 UUID made of a random namespace (60
+//! bits) and the op's position `seq` (the low 62 bits), so finding an op by
+//! id is a primary-key lookup and `ops` keeps no index of ids: one b-tree
+//! less to write per enqueue and per ack. Each open draws its namespace
+//! ([`namespace`]), so two opens never derive the same id, even for a
+//! position reused after a commit that failed (the failed enqueue's caller
+//! was told that id and looks for it); within one open no position is
+//! given twice (`Ctx::seq_floor`).
 //!
 //! A row whose id does not name its own position is "foreign"
 //! (`foreign_id = 1`, the column's default): rows from before schema 6,
@@ -43,24 +45,10 @@ pub(crate) fn position(id: OpId) -> Option<i64> {
     i64::try_from(id.as_u128() & SEQ_MASK).ok()
 }
 
-/// The file's namespace for new ids: `meta.op_id_ns` (16 hex digits), or,
-/// when that row is missing or unreadable (a damaged or hand-edited file),
-/// a new random one written there. Lookups never depend on it.
-pub(crate) fn namespace(conn: &Connection) -> rusqlite::Result<u64> {
-    let stored: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'op_id_ns'", [], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    if let Some(ns) = stored.and_then(|s| u64::from_str_radix(&s, 16).ok()) {
-        return Ok(ns);
-    }
-    let ns = rand::random::<u64>();
-    conn.execute(
-        "INSERT OR REPLACE INTO meta (key, value) VALUES ('op_id_ns', ?1)",
-        [format!("{ns:016x}")],
-    )?;
-    Ok(ns)
+/// A namespace for the ids one open gives. Not stored: lookups read the
+/// id a row holds and never derive one.
+pub(crate) fn namespace() -> u64 {
+    rand::random()
 }
 
 /// `columns` of the op with this id, read by `read`, if it is stored.

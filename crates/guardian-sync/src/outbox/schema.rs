@@ -217,7 +217,8 @@ END;
 /// position (every row before this version, and rows salvaged or written
 /// by other tools: the column's default) carry `foreign_id = 1` and are
 /// found, and kept unique, through the partial index `ops_foreign_id`.
-/// `meta.op_id_ns` is the file's random namespace for new ids.
+/// `meta.op_id_ns` was the file's random namespace for new ids; each open
+/// now draws its own, and the row is no longer read.
 const V6: &str = r"
 CREATE TABLE ops_v6 (
     seq              INTEGER PRIMARY KEY,

@@ -37,6 +37,11 @@ pub(crate) struct Ctx {
     pub(crate) coalesce: bool,
     /// The file's namespace for new op ids (see `op_ids`).
     pub(crate) op_id_ns: u64,
+    /// Lowest position a new op may take: one past every position this
+    /// process gave an op, committed or not. A commit whose outcome is
+    /// unknown named its op's id to the caller, who looks for it: a later
+    /// op must never hold that id.
+    pub(crate) seq_floor: std::sync::atomic::AtomicI64,
 }
 
 impl Ctx {
@@ -1110,6 +1115,7 @@ mod tests {
             max_payload_bytes: 0,
             coalesce: false,
             op_id_ns: 0,
+            seq_floor: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
