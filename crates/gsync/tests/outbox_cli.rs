@@ -773,6 +773,66 @@ fn damage_first_byte(path: &Path) -> Vec<u8> {
     damaged
 }
 
+/// A salvage is refused while another process has the outbox open, even
+/// after someone removed the writers' lock file under it: a repair used to
+/// lock a fresh one, move the file from under a running `gsync run`, and
+/// that runner's next writes went to the moved file (an op was lost).
+#[test]
+fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() {
+    use std::io::{BufRead, Seek, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    for i in 0..20 {
+        ok(&path, &["enqueue", "create", "c", &format!("c{i}"), "{}"]);
+    }
+    let mut runner = Command::new(env!("CARGO_BIN_EXE_gsync"))
+        .arg("--outbox")
+        .arg(&path)
+        .args(["run", "--server", &dead_url(), "--token", "t"])
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = runner.stderr.take().unwrap();
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("lock") && line.contains("acquired") {
+                let _ = locked_tx.send(());
+            }
+        }
+    });
+    locked
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the runner took the lock");
+
+    std::fs::remove_file(dir.path().join("o.db.writers")).unwrap();
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.seek(std::io::SeekFrom::Start(0)).unwrap();
+    file.write_all(b"X").unwrap();
+    drop(file);
+    let damaged = std::fs::read(&path).unwrap();
+    let err = fails(&path, &["check", "--repair"], 1);
+    assert!(err.contains("open elsewhere"), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        damaged,
+        "the file was changed"
+    );
+    let moved = others(
+        dir.path(),
+        &["o.db", "o.db-wal", "o.db-shm", "o.db.lock", "o.db.writers"],
+    );
+    assert!(moved.is_empty(), "{moved:?}");
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+}
+
 /// A salvage killed (SIGKILL) at any point leaves nothing a later open
 /// takes for the outbox: a read-only command says the salvage was
 /// interrupted, and the next repair puts the damaged file back and saves

@@ -21,6 +21,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// One open's hold on the writers' lock.
 #[derive(Debug)]
 pub(crate) struct Writers {
+    /// The outbox file, resolved.
+    db: PathBuf,
     name: PathBuf,
     /// The lock file, if it could be opened.
     file: Option<File>,
@@ -43,7 +45,8 @@ impl Writers {
     /// A shared hold, waiting up to `wait` for a salvage to end; `Err`
     /// when one held it exclusively for all of the wait.
     pub(crate) fn shared(path: &Path, wait: Duration) -> Result<Self, Refused> {
-        let name = lock_name(path);
+        let db = resolved(path);
+        let name = with_suffix(&db, ".writers");
         let opened = OpenOptions::new()
             .read(true)
             .write(true)
@@ -54,6 +57,7 @@ impl Writers {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&name);
         let mut hold = Self {
+            db,
             name,
             file: None,
             unusable: None,
@@ -99,7 +103,18 @@ impl Writers {
             )));
         };
         let _ = file.unlock();
-        match poll(wait, || file.try_lock()) {
+        // The lock alone, and no other process with the file open through
+        // SQLite: that also finds a writer whose lock file was removed, or
+        // one that never took the lock (an older build, another tool).
+        let alone = || {
+            file.try_lock()?;
+            if sqlite_open_elsewhere(&self.db) {
+                let _ = file.unlock();
+                return Err(TryLockError::WouldBlock);
+            }
+            Ok(())
+        };
+        match poll(wait, alone) {
             // Someone removed the lock file: opens since lock another one,
             // which this hold cannot see.
             Ok(()) if !same_file(file, &self.name) => {
@@ -158,8 +173,45 @@ pub(crate) fn reading(path: &Path, wait: Duration) -> Result<Option<File>, Refus
 /// `<outbox>.writers`, named after the resolved path (as the processing
 /// lock is): every name of one file (a symlink, `..`) shares one lock.
 fn lock_name(path: &Path) -> PathBuf {
-    let resolved = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    with_suffix(&resolved, ".writers")
+    with_suffix(&resolved(path), ".writers")
+}
+
+fn resolved(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Whether another process has `db` open through SQLite: while open, every
+/// connection holds POSIX read locks on the file's lock range and on its
+/// `-shm` file, listed in `/proc/locks` with the holder's pid. Read there
+/// rather than probed, as opening and closing a descriptor of the file
+/// would drop this process's own SQLite locks on it. Where that table is
+/// missing (not Linux) nothing is known: false.
+fn sqlite_open_elsewhere(db: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(table) = std::fs::read_to_string("/proc/locks") else {
+        return false;
+    };
+    let ids: Vec<String> = [db.to_path_buf(), with_suffix(db, "-shm")]
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| {
+            // st_dev's major and minor (glibc's encoding), as the table
+            // prints them.
+            let dev = m.dev();
+            let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+            let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+            format!("{major:02x}:{minor:02x}:{}", m.ino())
+        })
+        .collect();
+    let me = std::process::id().to_string();
+    // "1: POSIX  ADVISORY  READ 4242 fe:00:1234 1073741826 1073742335";
+    // a waiter's line has "->" after the number and holds nothing.
+    table.lines().any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.get(1) == Some(&"POSIX")
+            && f.get(5).is_some_and(|id| ids.iter().any(|i| i == id))
+            && f.get(4) != Some(&me.as_str())
+    })
 }
 
 /// Tries `lock` until it succeeds or `wait` has passed (`OthersOpen`);
