@@ -833,6 +833,81 @@ fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() 
     runner.wait().unwrap();
 }
 
+/// What is not a regular file where SQLite opens a side file of the
+/// outbox (a FIFO, a directory, a link) refuses every open at once, in one
+/// line that names it, and is left alone. With a FIFO at `-journal` an
+/// open used to wait on it for good (whenever the file's first page was
+/// still only in the log, SQLite read the schema to identify it).
+#[test]
+fn an_odd_side_file_is_refused_at_once_and_left_alone() {
+    let logs = tempfile::tempdir().unwrap();
+    for (suffix, kind) in [
+        ("-journal", "a FIFO"),
+        ("-wal", "a directory"),
+        ("-shm", "a symbolic link"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        ok(&path, &["enqueue", "create", "c", "a", "{}"]);
+        let side = dir.path().join(format!("o.db{suffix}"));
+        // A clean close may keep its (empty) log and shared memory.
+        let _ = std::fs::remove_file(&side);
+        match kind {
+            "a FIFO" => assert!(Command::new("mkfifo")
+                .arg(&side)
+                .status()
+                .unwrap()
+                .success()),
+            "a directory" => std::fs::create_dir(&side).unwrap(),
+            _ => std::os::unix::fs::symlink("elsewhere", &side).unwrap(),
+        }
+        for args in [
+            &["enqueue", "create", "c", "b", "{}"][..],
+            &["check", "--repair"],
+            &["status"],
+        ] {
+            let log = logs.path().join("stderr");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_gsync"))
+                .arg("--outbox")
+                .arg(&path)
+                .args(args)
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let (exited_tx, exited) = std::sync::mpsc::channel();
+            std::thread::spawn(move || exited_tx.send(child.wait().unwrap()).unwrap());
+            let Ok(status) = exited.recv_timeout(std::time::Duration::from_secs(30)) else {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("{suffix}: {args:?} waited on {kind}");
+            };
+            let err = std::fs::read_to_string(&log).unwrap();
+            assert_eq!(status.code(), Some(1), "{suffix}: {args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains(&format!("o.db{suffix} is {kind}")) && err.contains("move it away"),
+                "{err}"
+            );
+        }
+        let t = std::fs::symlink_metadata(&side).unwrap().file_type();
+        assert!(!t.is_file(), "{suffix}: replaced by a file");
+        let moved = others(
+            dir.path(),
+            &[
+                "o.db",
+                "o.db.writers",
+                "o.db-wal",
+                "o.db-shm",
+                "o.db-journal",
+            ],
+        );
+        assert!(moved.is_empty(), "{suffix}: {moved:?}");
+    }
+}
+
 /// A salvage killed (SIGKILL) at any point leaves nothing a later open
 /// takes for the outbox: a read-only command says the salvage was
 /// interrupted, and the next repair puts the damaged file back and saves

@@ -44,8 +44,44 @@ pub(crate) fn through_link(path: &Path) -> std::path::PathBuf {
     }
 }
 
-/// Looks at `path` without writing anything.
+/// A file beside the outbox that SQLite opens (`-journal`, `-wal`, `-shm`)
+/// but that is not a regular file: SQLite would wait for good on a FIFO
+/// there, or fail without saying why. What is there, to refuse the open.
+fn odd_side_file(path: &Path) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    for suffix in ["-journal", "-wal", "-shm"] {
+        let side = super::damage::with_suffix(path, suffix);
+        let Ok(meta) = std::fs::symlink_metadata(&side) else {
+            continue;
+        };
+        let t = meta.file_type();
+        let kind = if t.is_file() {
+            continue;
+        } else if t.is_symlink() {
+            "a symbolic link"
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else {
+            "not a regular file"
+        };
+        return Some(format!(
+            "{} is {kind}, not a file SQLite made: move it away; nothing was changed",
+            side.display()
+        ));
+    }
+    None
+}
+
+/// Looks at `path` without writing anything. An odd side file (see
+/// [`odd_side_file`]) is an error: SQLite, here or in the open after,
+/// would wait on it.
 pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
+    let beside = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Some(reason) = odd_side_file(&beside) {
+        return Err(std::io::Error::other(reason));
+    }
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Identity::Missing),
