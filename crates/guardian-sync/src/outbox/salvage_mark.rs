@@ -17,7 +17,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -87,7 +87,7 @@ impl Mark {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let temp = with_suffix(&mark, &format!(".{}-{nanos}", std::process::id()));
+        let temp = with_suffix(&mark, &format!(".{}-{nanos:020}", std::process::id()));
         let failed = |what: &str, e: std::io::Error| {
             MarkError::Failed(format!("cannot {what} {}: {e}", temp.display()))
         };
@@ -318,8 +318,10 @@ fn read_record(file: &mut File, mark: &Path) -> Result<Vec<u8>, MarkError> {
     Ok(text)
 }
 
-/// Removes temporary records (`<record>.<pid>-<ns>`) a killed process left
-/// before linking them: unlocked, and older than any live one.
+/// Removes temporary records (`<record>.<pid>-<ns>`, the nanoseconds in 20
+/// digits, mode 0600) a killed process left before linking them: unlocked,
+/// and older than any live one. A name of another form (a date, a user's
+/// notes) is not ours.
 fn remove_stale_temps(mark: &Path) {
     let Some(name) = mark.file_name() else {
         return;
@@ -336,9 +338,13 @@ fn remove_stale_temps(mark: &Path) {
             continue;
         };
         // Exactly `<pid>-<ns>`, as `Mark::begin` names them.
-        let numbers = |n: &[u8]| !n.is_empty() && n.iter().all(u8::is_ascii_digit);
+        let digits = |n: &[u8]| n.iter().all(u8::is_ascii_digit);
         match tail.iter().position(|&b| b == b'-') {
-            Some(i) if numbers(&tail[..i]) && numbers(&tail[i + 1..]) => {}
+            Some(i)
+                if (1..=10).contains(&i)
+                    && digits(&tail[..i])
+                    && tail.len() - i - 1 == 20
+                    && digits(&tail[i + 1..]) => {}
             _ => continue,
         }
         let temp = entry.path();
@@ -362,7 +368,7 @@ fn remove_stale_temps(mark: &Path) {
         let old = file
             .metadata()
             .ok()
-            .filter(std::fs::Metadata::is_file)
+            .filter(|m| m.is_file() && m.permissions().mode() & 0o7777 == 0o600)
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.elapsed().ok())
             .is_some_and(|age| age > STALE_TEMP);
@@ -513,6 +519,40 @@ mod tests {
 
     fn wal(p: &Path) -> PathBuf {
         with_suffix(p, "-wal")
+    }
+
+    /// Only a killed salvage's own temporary record is cleared: a name of
+    /// another form (a date, a user's notes, even with a record's first
+    /// line) or another mode is not ours. A date-like name used to pass.
+    #[test]
+    fn only_temporary_records_of_the_exact_form_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = mark_path(&dir.path().join("o.db"));
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        let ours = format!("{}.4242-{:020}", mark.display(), 17_u64);
+        let make = |name: &str, text: &[u8], mode: u32| {
+            std::fs::write(name, text).unwrap();
+            let f = std::fs::File::options().write(true).open(name).unwrap();
+            f.set_modified(old).unwrap();
+            f.set_permissions(std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        };
+        make(&ours, b"", 0o600);
+        let keep = [
+            format!("{}.2024-01", mark.display()),
+            format!("{}.20240101-1200", mark.display()),
+            format!("{}.4242-{:020}", mark.display(), 18_u64),
+            format!("{}.4242-{:019}", mark.display(), 19_u64),
+        ];
+        make(&keep[0], b"", 0o600);
+        make(&keep[1], &record(&[HEADER, b"my notes, keep!\n"]), 0o600);
+        make(&keep[2], b"", 0o644);
+        make(&keep[3], b"", 0o600);
+        remove_stale_temps(&mark);
+        assert!(!Path::new(&ours).exists(), "a killed salvage's temp stays");
+        for k in &keep {
+            assert!(Path::new(k).exists(), "{k} was removed");
+        }
     }
 
     #[test]
