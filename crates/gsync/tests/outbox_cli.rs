@@ -908,6 +908,35 @@ fn an_odd_side_file_is_refused_at_once_and_left_alone() {
     }
 }
 
+/// An outbox file with a second name (a hard link) is refused by every
+/// command, read-only ones too, and no lock file is made beside the other
+/// name. A read through a link made during a salvage used to list the
+/// half-filled fresh file as the whole outbox: the salvage's record is
+/// named after the first name.
+#[test]
+fn a_hard_linked_outbox_is_refused_by_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    ok(&path, &["enqueue", "create", "c", "a", "{}"]);
+    let hard = dir.path().join("hard.db");
+    std::fs::hard_link(&path, &hard).unwrap();
+    for name in [&hard, &path] {
+        for args in [
+            &["status"][..],
+            &["ops"],
+            &["check"],
+            &["enqueue", "create", "c", "b", "{}"],
+        ] {
+            let err = fails(name, args, 1);
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            assert!(err.contains("has 2 hard links"), "{args:?}: {err}");
+        }
+    }
+    assert!(!dir.path().join("hard.db.writers").exists());
+    std::fs::remove_file(&hard).unwrap();
+    assert_eq!(json(&path, &["ops"]).as_array().unwrap().len(), 1);
+}
+
 /// A salvage killed (SIGKILL) at any point leaves nothing a later open
 /// takes for the outbox: a read-only command says the salvage was
 /// interrupted, and the next repair puts the damaged file back and saves

@@ -472,6 +472,26 @@ fn prepare_conn(
     Ok(conn)
 }
 
+/// Refuses an outbox file with other names (hard links): its salvage
+/// record and writers' lock are named after one of them, so an open by
+/// another would miss them. Only a regular file can be a second name; a
+/// directory's link count says nothing (it is refused as not ours).
+pub(crate) fn one_name(path: &Path) -> Result<(), OpenError> {
+    if let Some(meta) = std::fs::metadata(path)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+    {
+        let links = std::os::unix::fs::MetadataExt::nlink(&meta);
+        if links > 1 {
+            return Err(OpenError::HardLinked {
+                path: path.to_path_buf(),
+                links,
+            });
+        }
+    }
+    Ok(())
+}
+
 fn open_blocking(path: &Path, options: &OutboxOptions) -> Result<(Outbox, OpenReport), OpenError> {
     let (conn, report, _, writers) = open_conn(path, options, false)?;
     Ok((spawn(path, options, conn, writers)?, report))
@@ -522,6 +542,8 @@ fn open_conn(
         path: path.to_path_buf(),
         reason,
     };
+    // Before the lock file is made beside this name.
+    one_name(path)?;
     let mut writers =
         writers::Writers::shared(path, options.open_wait()).map_err(|_| under_way())?;
     let mut exclusive = false;
@@ -595,20 +617,7 @@ fn open_conn_once(
         }
         Err(e) => return Err(e.at_open(path)),
     };
-    // Only a regular file can be a second name of an outbox; a directory's
-    // link count says nothing (it is refused below as not ours).
-    if let Some(meta) = std::fs::metadata(path)
-        .ok()
-        .filter(std::fs::Metadata::is_file)
-    {
-        let links = std::os::unix::fs::MetadataExt::nlink(&meta);
-        if links > 1 {
-            return Err(OpenError::HardLinked {
-                path: path.to_path_buf(),
-                links,
-            });
-        }
-    }
+    one_name(path)?;
     // Decided before anything is written: a path that is not ours is never
     // moved, replaced or written to.
     let created = match ident::classify(path).map_err(io)? {

@@ -48,6 +48,7 @@ impl OutboxReader {
         };
         // Held until the open has read what it checks: a salvage cannot
         // begin meanwhile. A killed salvage's partial copy needs the record.
+        super::one_name(&path)?;
         let _reading = super::writers::reading(&path, READ_WAIT)
             .map_err(|_| OpenError::SalvageUnderWay { path: path.clone() })?;
         salvage_clear(&path)?;
