@@ -74,14 +74,22 @@ fn odd_side_file(path: &Path) -> Option<String> {
     None
 }
 
-/// Looks at `path` without writing anything. An odd side file (see
-/// [`odd_side_file`]) is an error: SQLite, here or in the open after,
-/// would wait on it.
+/// Looks at `path` without writing anything. Beside an odd side file (see
+/// [`odd_side_file`]) SQLite would wait on it or fail, here or in the open
+/// after: the file is told from its bytes alone, and unless it is not ours
+/// that is an error.
 pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     let beside = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    if let Some(reason) = odd_side_file(&beside) {
-        return Err(std::io::Error::other(reason));
+    let odd = odd_side_file(&beside);
+    match (identify(path, odd.is_none())?, odd) {
+        (Identity::NotOurs(reason), _) => Ok(Identity::NotOurs(reason)),
+        (_, Some(reason)) => Err(std::io::Error::other(reason)),
+        (identity, None) => Ok(identity),
     }
+}
+
+/// [`classify`]; reads the schema through SQLite only if `through_sqlite`.
+fn identify(path: &Path, through_sqlite: bool) -> std::io::Result<Identity> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Identity::Missing),
@@ -133,7 +141,7 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
         // killed before its first commit): there is nothing to lose, and
         // refusing it would leave the outbox stuck for good. A view or a
         // trigger without a table, or a user_version, is someone's.
-        match schema(path) {
+        match through_sqlite.then(|| schema(path)).flatten() {
             Some(s) if s.is_empty() => return Ok(Identity::Empty),
             Some(s) if are_ours(&s.tables) => return Ok(Identity::Ours),
             Some(_) => {
@@ -152,6 +160,15 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
         && std::fs::File::open(path)?.read_exact(&mut page1).is_ok()
         && matches!(page1[100], 0x05 | 0x0D);
     if btree && contains_signatures(path)? {
+        return Ok(Identity::Ours);
+    }
+    // Read without SQLite, a new file's schema may still be only in its WAL.
+    let wal = super::damage::with_suffix(path, "-wal");
+    if sqlite
+        && !through_sqlite
+        && std::fs::symlink_metadata(&wal).is_ok_and(|m| m.is_file())
+        && contains_signatures(&wal)?
+    {
         return Ok(Identity::Ours);
     }
     Ok(Identity::NotOurs(if sqlite {
