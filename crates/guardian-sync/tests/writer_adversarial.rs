@@ -968,35 +968,27 @@ fn unknown_outcomes(path: &Path) {
     };
     // Less room than any commit needs (the log ends past it).
     file_size_limit(Some(4096));
-    let merge = rt
-        .block_on(outbox.enqueue(NewOp::update("lamp", "a", json!({ "v": 2 }))))
-        .unwrap_err();
-    assert!(
-        matches!(merge, EnqueueError::OutcomeUnknown { op_id, change: UnknownChange::MergedInto, .. } if op_id == a.op_id),
-        "{merge:?}"
+    let unknown = |op: NewOp, change: UnknownChange, says: &str| {
+        let e = rt.block_on(outbox.enqueue(op)).unwrap_err();
+        assert!(
+            matches!(&e, EnqueueError::OutcomeUnknown { op_id, change: c, .. } if *op_id == a.op_id && *c == change),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("{says} {}: stored if", a.op_id)),
+            "{text}"
+        );
+    };
+    unknown(
+        NewOp::update("lamp", "a", json!({ "v": 2 })),
+        UnknownChange::MergedInto,
+        "merged into queued op",
     );
-    let text = merge.to_string();
-    assert!(
-        text.contains(&format!(
-            "merged into queued op {}: stored if that op's data is the change's",
-            a.op_id
-        )),
-        "{text}"
-    );
-    let cancel = rt
-        .block_on(outbox.enqueue(NewOp::delete("lamp", "a")))
-        .unwrap_err();
-    assert!(
-        matches!(cancel, EnqueueError::OutcomeUnknown { op_id, change: UnknownChange::Cancels, .. } if op_id == a.op_id),
-        "{cancel:?}"
-    );
-    let text = cancel.to_string();
-    assert!(
-        text.contains(&format!(
-            "it cancels queued op {}: stored if that op is gone",
-            a.op_id
-        )),
-        "{text}"
+    unknown(
+        NewOp::delete("lamp", "a"),
+        UnknownChange::Cancels,
+        "it cancels queued op",
     );
     file_size_limit(None);
     rt.block_on(outbox.close());
