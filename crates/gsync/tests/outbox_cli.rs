@@ -774,9 +774,10 @@ fn damage_first_byte(path: &Path) -> Vec<u8> {
 }
 
 /// A salvage is refused while another process has the outbox open, even
-/// after someone removed the writers' lock file under it: a repair used to
-/// lock a fresh one, move the file from under a running `gsync run`, and
-/// that runner's next writes went to the moved file (an op was lost).
+/// after someone removed the writers' lock file under it, or before that
+/// process locked anything: a repair used to lock a fresh lock file, move
+/// the file from under a running `gsync run`, and that runner's next
+/// writes went to the moved file (an op was lost).
 #[test]
 fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() {
     use std::io::{BufRead, Seek, Write};
@@ -831,6 +832,25 @@ fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() 
     assert!(moved.is_empty(), "{moved:?}");
     runner.kill().unwrap();
     runner.wait().unwrap();
+
+    // A process with the file open but no lock on it yet (here `sleep`
+    // reading it as its input; SQLite locks only at the first statement).
+    let mut holder = Command::new("sleep")
+        .arg("60")
+        .stdin(std::fs::File::open(&path).unwrap())
+        .spawn()
+        .unwrap();
+    let err = fails(&path, &["check", "--repair"], 1);
+    assert!(err.contains("open elsewhere"), "{err}");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        damaged,
+        "the file was changed"
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    ok(&path, &["check", "--repair"]);
+    assert_eq!(json(&path, &["ops"]).as_array().unwrap().len(), 20);
 }
 
 /// What is not a regular file where SQLite opens a side file of the

@@ -108,7 +108,7 @@ impl Writers {
         // one that never took the lock (an older build, another tool).
         let alone = || {
             file.try_lock()?;
-            if sqlite_open_elsewhere(&self.db) {
+            if open_elsewhere(&self.db) {
                 let _ = file.unlock();
                 return Err(TryLockError::WouldBlock);
             }
@@ -180,37 +180,74 @@ fn resolved(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
-/// Whether another process has `db` open through SQLite: while open, every
-/// connection holds POSIX read locks on the file's lock range and on its
-/// `-shm` file, listed in `/proc/locks` with the holder's pid. Read there
-/// rather than probed, as opening and closing a descriptor of the file
-/// would drop this process's own SQLite locks on it. Where that table is
-/// missing (not Linux) nothing is known: false.
-fn sqlite_open_elsewhere(db: &Path) -> bool {
+/// Whether another process has `db`, its `-wal` or its `-shm` open: a
+/// descriptor of it (`/proc/<pid>/fd`, as `fuser` looks; a process that
+/// opened the file but has not locked it yet), or SQLite's POSIX locks on
+/// it (`/proc/locks`, for processes whose descriptors this one may not
+/// list). Never probed through a descriptor of this process: closing one
+/// would drop this process's own SQLite locks on the file. Where `/proc`
+/// is missing (not Linux) nothing is known: false.
+fn open_elsewhere(db: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
+    let files: Vec<(u64, u64)> = [
+        db.to_path_buf(),
+        with_suffix(db, "-wal"),
+        with_suffix(db, "-shm"),
+    ]
+    .iter()
+    .filter_map(|f| std::fs::metadata(f).ok())
+    .map(|m| (m.dev(), m.ino()))
+    .collect();
+    let me = std::process::id().to_string();
+    described_elsewhere(&files, &me) || locked_elsewhere(&files, &me)
+}
+
+/// Whether a process other than `me` has a descriptor of one of `files`.
+fn described_elsewhere(files: &[(u64, u64)], me: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let pid = p.file_name();
+        let pid = pid.to_string_lossy();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            return false;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            return false;
+        };
+        fds.flatten().any(|fd| {
+            // Follows the descriptor's link to the file it has open.
+            std::fs::metadata(fd.path()).is_ok_and(|m| files.contains(&(m.dev(), m.ino())))
+        })
+    })
+}
+
+/// Whether a process other than `me` holds a POSIX lock on one of `files`
+/// (every SQLite connection keeps read locks on its database and `-shm`
+/// while open), from `/proc/locks`.
+fn locked_elsewhere(files: &[(u64, u64)], me: &str) -> bool {
     let Ok(table) = std::fs::read_to_string("/proc/locks") else {
         return false;
     };
-    let ids: Vec<String> = [db.to_path_buf(), with_suffix(db, "-shm")]
+    let ids: Vec<String> = files
         .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| {
+        .map(|&(dev, ino)| {
             // st_dev's major and minor (glibc's encoding), as the table
             // prints them.
-            let dev = m.dev();
             let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
             let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-            format!("{major:02x}:{minor:02x}:{}", m.ino())
+            format!("{major:02x}:{minor:02x}:{ino}")
         })
         .collect();
-    let me = std::process::id().to_string();
     // "1: POSIX  ADVISORY  READ 4242 fe:00:1234 1073741826 1073742335";
     // a waiter's line has "->" after the number and holds nothing.
     table.lines().any(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         f.get(1) == Some(&"POSIX")
             && f.get(5).is_some_and(|id| ids.iter().any(|i| i == id))
-            && f.get(4) != Some(&me.as_str())
+            && f.get(4) != Some(&me)
     })
 }
 
