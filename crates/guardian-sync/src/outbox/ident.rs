@@ -82,10 +82,25 @@ pub(crate) fn classify(path: &Path) -> std::io::Result<Identity> {
     let beside = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let odd = odd_side_file(&beside);
     match (identify(path, odd.is_none())?, odd) {
+        // A database in WAL mode may keep its schema in the WAL alone,
+        // which cannot be read beside an odd side file: undecided.
+        (Identity::NotOurs(_), Some(reason)) if wal_mode(&beside) => {
+            Err(std::io::Error::other(reason))
+        }
         (Identity::NotOurs(reason), _) => Ok(Identity::NotOurs(reason)),
         (_, Some(reason)) => Err(std::io::Error::other(reason)),
         (identity, None) => Ok(identity),
     }
+}
+
+/// Whether the header names a SQLite database in WAL mode (its read and
+/// write versions are 2).
+fn wal_mode(path: &Path) -> bool {
+    let mut header = [0u8; 20];
+    std::fs::File::open(path).is_ok_and(|mut f| f.read_exact(&mut header).is_ok())
+        && header.starts_with(MAGIC)
+        && header[18] == 2
+        && header[19] == 2
 }
 
 /// [`classify`]; reads the schema through SQLite only if `through_sqlite`.
