@@ -189,22 +189,26 @@ fn resolved(path: &Path) -> PathBuf {
 /// is missing (not Linux) nothing is known: false.
 fn open_elsewhere(db: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let files: Vec<(u64, u64)> = [
+    let names = [
         db.to_path_buf(),
         with_suffix(db, "-wal"),
         with_suffix(db, "-shm"),
-    ]
-    .iter()
-    .filter_map(|f| std::fs::metadata(f).ok())
-    .map(|m| (m.dev(), m.ino()))
-    .collect();
+    ];
+    let files: Vec<(u64, u64)> = names
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
     let me = std::process::id().to_string();
-    described_elsewhere(&files, &me) || locked_elsewhere(&files, &me)
+    described_elsewhere(&names, &me) || locked_elsewhere(&files, &me)
 }
 
-/// Whether a process other than `me` has a descriptor of one of `files`.
-fn described_elsewhere(files: &[(u64, u64)], me: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
+/// Whether a process other than `me` has a descriptor of one of `names`
+/// (resolved paths). Compared by the path the kernel keeps for each
+/// descriptor, never by following it: a stat through another process's
+/// descriptor can wait for good on a file system that does not answer.
+/// An outbox has one name (hard links are refused), so its path is enough.
+fn described_elsewhere(names: &[PathBuf], me: &str) -> bool {
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return false;
     };
@@ -217,10 +221,8 @@ fn described_elsewhere(files: &[(u64, u64)], me: &str) -> bool {
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
             return false;
         };
-        fds.flatten().any(|fd| {
-            // Follows the descriptor's link to the file it has open.
-            std::fs::metadata(fd.path()).is_ok_and(|m| files.contains(&(m.dev(), m.ino())))
-        })
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| names.contains(&target)))
     })
 }
 
