@@ -773,22 +773,13 @@ fn damage_first_byte(path: &Path) -> Vec<u8> {
     damaged
 }
 
-/// A salvage is refused while another process has the outbox open, even
-/// after someone removed the writers' lock file under it, or before that
-/// process locked anything: a repair used to lock a fresh lock file, move
-/// the file from under a running `gsync run`, and that runner's next
-/// writes went to the moved file (an op was lost).
-#[test]
-fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() {
-    use std::io::{BufRead, Seek, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("o.db");
-    for i in 0..20 {
-        ok(&path, &["enqueue", "create", "c", &format!("c{i}"), "{}"]);
-    }
+/// A `gsync run` on `path` against a port where nothing listens (so it
+/// keeps the outbox open, retrying), returned once it holds the lock.
+fn holding_runner(path: &Path) -> std::process::Child {
+    use std::io::BufRead;
     let mut runner = Command::new(env!("CARGO_BIN_EXE_gsync"))
         .arg("--outbox")
-        .arg(&path)
+        .arg(path)
         .args(["run", "--server", &dead_url(), "--token", "t"])
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
@@ -811,6 +802,48 @@ fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() 
     locked
         .recv_timeout(std::time::Duration::from_secs(30))
         .expect("the runner took the lock");
+    runner
+}
+
+/// `status` says when the lock's holder has exited without releasing it
+/// (killed, or its release failed): the row alone read like a live runner
+/// until the stale threshold, though the next runner takes over at once.
+#[test]
+fn status_says_when_the_lock_holder_has_exited() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    ok(&path, &["enqueue", "create", "c", "a", "{}"]);
+    let mut runner = holding_runner(&path);
+    let live = ok(&path, &["status"]);
+    assert!(
+        live.contains("held by") && !live.contains("exited"),
+        "{live}"
+    );
+    assert_eq!(json(&path, &["status"])["lock"]["holder_alive"], true);
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    let gone = ok(&path, &["status"]);
+    assert!(
+        gone.contains("its process has exited (nothing holds its lock file)"),
+        "{gone}"
+    );
+    assert_eq!(json(&path, &["status"])["lock"]["holder_alive"], false);
+}
+
+/// A salvage is refused while another process has the outbox open, even
+/// after someone removed the writers' lock file under it, or before that
+/// process locked anything: a repair used to lock a fresh lock file, move
+/// the file from under a running `gsync run`, and that runner's next
+/// writes went to the moved file (an op was lost).
+#[test]
+fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() {
+    use std::io::{Seek, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    for i in 0..20 {
+        ok(&path, &["enqueue", "create", "c", &format!("c{i}"), "{}"]);
+    }
+    let mut runner = holding_runner(&path);
 
     std::fs::remove_file(dir.path().join("o.db.writers")).unwrap();
     let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

@@ -14,6 +14,7 @@ pub mod error;
 pub mod lock;
 pub mod op;
 pub mod optimistic;
+mod os_locks;
 pub mod outbox;
 pub mod realtime;
 pub mod telemetry;

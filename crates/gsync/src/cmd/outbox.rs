@@ -313,12 +313,19 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             // ahead of this one is not shown as hours away.
             stats.next_attempt_at = outbox.next_attempt(now, RetryPolicy::default().horizon())?;
             let lock = outbox.lock_read()?;
+            let holder_alive = match &lock {
+                Some(l) if !l.owner.is_empty() => outbox.lock_holder_alive()?,
+                _ => None,
+            };
             let runner: Option<Value> = outbox
                 .meta_get(guardian_sync::engine::RUNNER_STATUS_KEY)?
                 .and_then(|s| serde_json::from_str(&s).ok());
             if global.json {
                 let mut v = serde_json::to_value(&stats)?;
                 v["lock"] = serde_json::to_value(&lock)?;
+                if let Some(l) = v["lock"].as_object_mut() {
+                    l.insert("holder_alive".into(), serde_json::to_value(holder_alive)?);
+                }
                 let mut runner = runner.unwrap_or(Value::Null);
                 if !args.metrics {
                     if let Some(r) = runner.as_object_mut() {
@@ -351,10 +358,15 @@ async fn run_async(global: &Global, command: Command) -> anyhow::Result<()> {
             );
             match &lock {
                 Some(l) if !l.owner.is_empty() => println!(
-                    "lock:         held by {} (epoch {}, last beat {} ago)",
+                    "lock:         held by {} (epoch {}, last beat {} ago){}",
                     l.owner,
                     l.epoch,
-                    age(now - l.beat_at)
+                    age(now - l.beat_at),
+                    if holder_alive == Some(false) {
+                        "; its process has exited (nothing holds its lock file): the next runner takes over at once"
+                    } else {
+                        ""
+                    }
                 ),
                 Some(l) => println!("lock:         free (epoch {})", l.epoch),
                 None => println!("lock:         never taken"),

@@ -133,6 +133,30 @@ impl OutboxReader {
         Ok(lock_row::read(&self.conn)?)
     }
 
+    /// Whether the process of the lock's holder still runs, judged by the
+    /// OS lock it keeps on `<outbox>.lock`, the very file (device and
+    /// inode) it recorded; `None` when that is not known: no file recorded
+    /// (released, or a file system without locks), or no lock table to
+    /// read (not Linux). A holder that exited without releasing the row
+    /// (a kill, a failed release) reads `Some(false)`, and the next runner
+    /// takes over at once.
+    pub fn lock_holder_alive(&self) -> Result<Option<bool>, OutboxError> {
+        let Some(recorded) = lock_row::os_file(&self.conn)? else {
+            return Ok(None);
+        };
+        let Some((dev, ino)) = recorded
+            .split_once(':')
+            .and_then(|(d, i)| Some((d.parse::<u64>().ok()?, i.parse::<u64>().ok()?)))
+        else {
+            return Ok(None);
+        };
+        Ok(crate::os_locks::held(
+            &[crate::os_locks::table_id(dev, ino)],
+            "FLOCK",
+            None,
+        ))
+    }
+
     /// A meta value (e.g. the realtime cursor, the runner's status).
     pub fn meta_get(&self, key: &str) -> Result<Option<String>, OutboxError> {
         app::meta_get(&self.conn, key)

@@ -228,29 +228,13 @@ fn described_elsewhere(names: &[PathBuf], me: &str) -> bool {
 
 /// Whether a process other than `me` holds a POSIX lock on one of `files`
 /// (every SQLite connection keeps read locks on its database and `-shm`
-/// while open), from `/proc/locks`.
+/// while open).
 fn locked_elsewhere(files: &[(u64, u64)], me: &str) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/locks") else {
-        return false;
-    };
     let ids: Vec<String> = files
         .iter()
-        .map(|&(dev, ino)| {
-            // st_dev's major and minor (glibc's encoding), as the table
-            // prints them.
-            let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-            let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-            format!("{major:02x}:{minor:02x}:{ino}")
-        })
+        .map(|&(dev, ino)| crate::os_locks::table_id(dev, ino))
         .collect();
-    // "1: POSIX  ADVISORY  READ 4242 fe:00:1234 1073741826 1073742335";
-    // a waiter's line has "->" after the number and holds nothing.
-    table.lines().any(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        f.get(1) == Some(&"POSIX")
-            && f.get(5).is_some_and(|id| ids.iter().any(|i| i == id))
-            && f.get(4) != Some(&me)
-    })
+    crate::os_locks::held(&ids, "POSIX", Some(me)).unwrap_or(false)
 }
 
 /// Tries `lock` until it succeeds or `wait` has passed (`OthersOpen`);
