@@ -102,9 +102,12 @@ fn main() -> ExitCode {
 /// `"; the disk holding <dir> is full"` when SQLite's message says I/O
 /// failed or the disk is full and the outbox's file system has (almost) no
 /// room: its own words for both ("disk I/O error" from mapping a
-/// shared-memory file, say) do not tell the user what to do.
+/// shared-memory file, say) do not tell the user what to do. SQLite's
+/// "full" with room found now (the failed write's log was removed since,
+/// or a file size limit stopped it) says so in the past.
 fn disk_full_hint(message: &str, outbox: &std::path::Path) -> String {
-    if !message.contains("disk I/O error") && !message.contains("database or disk is full") {
+    let full = message.contains("database or disk is full");
+    if !full && !message.contains("disk I/O error") {
         return String::new();
     }
     let dir = match outbox.parent() {
@@ -120,6 +123,11 @@ fn disk_full_hint(message: &str, outbox: &std::path::Path) -> String {
                 dir.display()
             )
         }
+        _ if full => format!(
+            "; the disk holding {} was full when it was written (or a file size limit \
+             stopped the write): free some space and try again",
+            dir.display()
+        ),
         _ => String::new(),
     }
 }
