@@ -6,18 +6,23 @@ use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
 
-fn gsync(outbox: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gsync"))
-        .arg("--outbox")
+/// `gsync --outbox <outbox> <args>`, free of this process's settings for
+/// it, with no input.
+fn command(outbox: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gsync"));
+    c.arg("--outbox")
         .arg(outbox)
         .args(args)
         .env_remove("GSYNC_OUTBOX")
         .env_remove("RUST_LOG")
         .env("RUST_BACKTRACE", "1")
         .env("GSYNC_TOKEN", "t")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .stdin(Stdio::null());
+    c
+}
+
+fn gsync(outbox: &Path, args: &[&str]) -> Output {
+    command(outbox, args).output().unwrap()
 }
 
 fn ok(outbox: &Path, args: &[&str]) -> String {
@@ -777,12 +782,7 @@ fn damage_first_byte(path: &Path) -> Vec<u8> {
 /// keeps the outbox open, retrying), returned once it holds the lock.
 fn holding_runner(path: &Path) -> std::process::Child {
     use std::io::BufRead;
-    let mut runner = Command::new(env!("CARGO_BIN_EXE_gsync"))
-        .arg("--outbox")
-        .arg(path)
-        .args(["run", "--server", &dead_url(), "--token", "t"])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
+    let mut runner = command(path, &["run", "--server", &dead_url(), "--token", "t"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -920,12 +920,7 @@ fn an_odd_side_file_is_refused_at_once_and_left_alone() {
             &["status"],
         ] {
             let log = logs.path().join("stderr");
-            let mut child = Command::new(env!("CARGO_BIN_EXE_gsync"))
-                .arg("--outbox")
-                .arg(&path)
-                .args(args)
-                .env_remove("RUST_LOG")
-                .stdin(Stdio::null())
+            let mut child = command(&path, args)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
@@ -1020,12 +1015,7 @@ fn a_salvage_killed_at_any_point_loses_no_op() {
             std::fs::remove_file(dir.path().join(name)).unwrap();
         }
         std::fs::write(&path, &damaged).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gsync"))
-            .arg("--outbox")
-            .arg(&path)
-            .args(["check", "--repair"])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
+        let mut child = command(&path, &["check", "--repair"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
