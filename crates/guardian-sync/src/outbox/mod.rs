@@ -563,11 +563,7 @@ fn open_conn(
                 Ok(()) => exclusive = true,
                 // The other open may be a salvage that has just ended.
                 Err(writers::Refused::OthersOpen) if !looked_again => looked_again = true,
-                Err(writers::Refused::OthersOpen) => {
-                    return Err(refused(
-                        "it is open elsewhere (another process, or another handle in this one), and a salvage moves the file: close it there, then open again; nothing was changed".into(),
-                    ))
-                }
+                Err(writers::Refused::OthersOpen) => return Err(refused(OPEN_ELSEWHERE.into())),
                 Err(writers::Refused::Salvaging) => return Err(under_way()),
                 Err(writers::Refused::Unusable(why)) => {
                     return Err(refused(format!(
@@ -578,6 +574,9 @@ fn open_conn(
         }
     }
 }
+
+/// Why a salvage is refused while the outbox is open elsewhere.
+const OPEN_ELSEWHERE: &str = "it is open elsewhere (another process, or another handle in this one), and a salvage moves the file: close it there, then open again; nothing was changed";
 
 /// What one pass of [`open_conn_once`] came to.
 enum Once {
@@ -675,6 +674,12 @@ fn open_conn_once(
         salvage_mark::MarkError::UnderWay => e.at_open(path),
         other => salvage_failed(format!("{other}; nothing was changed")),
     })?;
+    // Looked for once more just before the move: a process that opened
+    // the file since the lock was won (not gsync's: those take the lock).
+    if writers::open_elsewhere(path) {
+        mark.finish_or_log();
+        return Err(salvage_failed(OPEN_ELSEWHERE.into()));
+    }
     if let Err(e) = damage::move_aside(path, &aside) {
         let why = format!("cannot move it aside: {e}");
         return Err(match salvage_mark::put_back(path, &aside, None) {

@@ -139,15 +139,16 @@ impl Mark {
     /// Ends the salvage's record (it succeeded, or was undone). On failure
     /// the record (and its lock) is handed back.
     pub(crate) fn finish(self) -> Result<(), (Self, std::io::Error)> {
-        match std::fs::remove_file(&self.path) {
-            // Someone removed it: the end it stands for (no record, the
-            // fresh file whole) is reached all the same. Undoing instead
-            // would remove a fresh file others may have written to since.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tracing::warn!(record = %self.path.display(), "the salvage record was removed by someone else");
-            }
-            Err(e) => return Err((self, e)),
-            Ok(()) => {}
+        // Someone removed or replaced it: the end it stands for (no record,
+        // the fresh file whole) is reached all the same. Undoing instead
+        // would remove a fresh file others may have written to since, and
+        // a file put at its name is not ours to remove.
+        if !same_file(&self.file, &self.path) {
+            tracing::warn!(record = %self.path.display(), "the salvage record was removed or replaced by someone else");
+            return Ok(());
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            return Err((self, e));
         }
         sync_dir(&self.path);
         Ok(())
@@ -723,19 +724,30 @@ mod tests {
         assert!(dir.path().join("o.db.corrupt-5").exists());
     }
 
-    /// A record someone removed while the salvage ran ends it all the
-    /// same: the salvage used to undo itself then, removing a fresh file
-    /// that another open, finding no record, had written an op to.
+    /// A record someone removed or replaced while the salvage ran ends it
+    /// all the same, and a file put at its name stays: the salvage used to
+    /// undo itself on a removed record, removing a fresh file that another
+    /// open, finding no record, had written an op to, and to remove what
+    /// was put there.
     #[test]
-    fn a_record_removed_by_someone_else_ends_the_salvage() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("o.db");
-        std::fs::write(&path, b"fresh").unwrap();
-        let mark = Mark::begin(&path, &dir.path().join("o.db.corrupt-1")).unwrap();
-        std::fs::remove_file(mark_path(&path)).unwrap();
-        mark.finish().map_err(|(_, e)| e).unwrap();
-        assert_eq!(settle(&path, Duration::ZERO).ok(), Some(Settled::Nothing));
-        assert_eq!(std::fs::read(&path).unwrap(), b"fresh");
+    fn a_record_removed_or_replaced_by_someone_else_ends_the_salvage() {
+        for replace in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("o.db");
+            std::fs::write(&path, b"fresh").unwrap();
+            let mark = Mark::begin(&path, &dir.path().join("o.db.corrupt-1")).unwrap();
+            std::fs::remove_file(mark_path(&path)).unwrap();
+            if replace {
+                std::fs::write(mark_path(&path), b"my notes").unwrap();
+            }
+            mark.finish().map_err(|(_, e)| e).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), b"fresh");
+            if replace {
+                assert_eq!(std::fs::read(mark_path(&path)).unwrap(), b"my notes");
+            } else {
+                assert_eq!(settle(&path, Duration::ZERO).ok(), Some(Settled::Nothing));
+            }
+        }
     }
 
     /// A record locked by a live salvage is waited for, then reported;

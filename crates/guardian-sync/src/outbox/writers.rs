@@ -187,7 +187,7 @@ fn resolved(path: &Path) -> PathBuf {
 /// list). Never probed through a descriptor of this process: closing one
 /// would drop this process's own SQLite locks on the file. Where `/proc`
 /// is missing (not Linux) nothing is known: false.
-fn open_elsewhere(db: &Path) -> bool {
+pub(crate) fn open_elsewhere(db: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let names = [
         db.to_path_buf(),
