@@ -35,6 +35,7 @@ pub(crate) struct ServerConfig {
     pub(crate) body_limit: usize,
     pub(crate) body_budget: usize,
     pub(crate) answer_budget: usize,
+    pub(crate) tenant_share_percent: u8,
     pub(crate) max_batch_ops: usize,
     pub(crate) request_timeout: Duration,
     pub(crate) concurrency_limit: usize,
@@ -119,6 +120,7 @@ impl ServerBuilder {
                 body_limit: guardian_protocol::DEFAULT_BODY_LIMIT,
                 body_budget: DEFAULT_BODY_BUDGET,
                 answer_budget: DEFAULT_ANSWER_BUDGET,
+                tenant_share_percent: DEFAULT_TENANT_SHARE_PERCENT,
                 max_batch_ops: 1000,
                 request_timeout: Duration::from_secs(30),
                 concurrency_limit: 256,
@@ -251,6 +253,17 @@ impl ServerBuilder {
     #[must_use]
     pub fn answer_budget(mut self, bytes: usize) -> Self {
         self.config.answer_budget = bytes;
+        self
+    }
+
+    /// Most of the body budget and of the answer budget one tenant may
+    /// hold at once, in percent of each (default 50; 100: no share), and
+    /// never less than one body of the body limit and one largest page:
+    /// one tenant's stalled clients then leave the rest to the others.
+    /// From 1 to 100.
+    #[must_use]
+    pub fn tenant_share(mut self, percent: u8) -> Self {
+        self.config.tenant_share_percent = percent;
         self
     }
 
@@ -394,6 +407,9 @@ impl ServerBuilder {
         if c.answer_budget < largest_page(c.body_limit) {
             return bad("the answer budget must hold the largest feed page (the page bound plus the body limit)");
         }
+        if !(1..=100).contains(&c.tenant_share_percent) {
+            return bad("the tenant share is a percentage from 1 to 100");
+        }
         if c.max_batch_ops == 0 {
             return bad("max batch ops must be positive");
         }
@@ -448,6 +464,19 @@ pub const DEFAULT_BODY_BUDGET: usize = 256 * 1024 * 1024;
 /// Default of [`ServerBuilder::answer_budget`].
 pub const DEFAULT_ANSWER_BUDGET: usize = 256 * 1024 * 1024;
 
+/// Default of [`ServerBuilder::tenant_share`], in percent.
+pub const DEFAULT_TENANT_SHARE_PERCENT: u8 = 50;
+
+impl ServerConfig {
+    /// The part of `budget` one tenant may hold: its percentage, and at
+    /// least `unit` (what one request needs).
+    pub(crate) fn tenant_share(&self, budget: usize, unit: usize) -> usize {
+        let part = budget / 100 * usize::from(self.tenant_share_percent)
+            + budget % 100 * usize::from(self.tenant_share_percent) / 100;
+        part.max(unit)
+    }
+}
+
 /// The most bytes of entity data one feed page can hold: the page bound,
 /// plus the entity that crosses it (at most the body limit).
 pub(crate) fn largest_page(body_limit: usize) -> usize {
@@ -494,6 +523,23 @@ mod tests {
         let b = |budget| ServerBuilder::new().body_limit(1000).body_budget(budget);
         assert!(b(999).validate().is_err());
         assert!(b(1000).validate().is_ok());
+    }
+
+    #[test]
+    fn a_tenants_share_is_a_percentage_and_at_least_one_request() {
+        let share = |percent| ServerBuilder::new().tenant_share(percent);
+        assert!(share(0).validate().is_err());
+        assert!(share(101).validate().is_err());
+        assert!(share(1).validate().is_ok() && share(100).validate().is_ok());
+        let c = share(50).config;
+        assert_eq!(c.tenant_share(1000, 10), 500);
+        assert_eq!(
+            c.tenant_share(usize::MAX, 10),
+            usize::MAX / 2,
+            "no overflow"
+        );
+        assert_eq!(c.tenant_share(1000, 800), 800, "one body or page at least");
+        assert_eq!(share(100).config.tenant_share(999, 1), 999);
     }
 
     #[test]

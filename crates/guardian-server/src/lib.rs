@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 mod auth;
+mod budget;
 pub mod clock;
 mod config;
 mod conn;
@@ -48,7 +49,10 @@ mod server;
 mod state;
 mod store;
 
-pub use config::{BindError, RateLimit, ServerBuilder, DEFAULT_ANSWER_BUDGET, DEFAULT_BODY_BUDGET};
+pub use config::{
+    BindError, RateLimit, ServerBuilder, DEFAULT_ANSWER_BUDGET, DEFAULT_BODY_BUDGET,
+    DEFAULT_TENANT_SHARE_PERCENT,
+};
 pub use faults::{Faults, FaultsError, RetryAfter, RetryAfterForm};
 pub use fleet::alerts::AlertRules;
 pub use fleet::FleetLimits;

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use crate::budget::{Budget, Hold};
 use axum::body::Body;
 use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
@@ -15,7 +16,6 @@ use axum::response::{IntoResponse, Response};
 use guardian_protocol::{problem_type, Entity, Problem, PROBLEM_CONTENT_TYPE};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::store::{FeedRefusal, Refusal, StoreError};
 
@@ -293,11 +293,11 @@ pub(crate) async fn read_body(
     headers: &axum::http::HeaderMap,
     body: Body,
     limit: usize,
-    budget: Option<&Arc<Semaphore>>,
-) -> Result<(bytes::Bytes, Option<OwnedSemaphorePermit>), ApiError> {
+    budget: Option<(&Budget, Option<&Arc<str>>)>,
+) -> Result<(bytes::Bytes, Option<Hold>), ApiError> {
     use futures::StreamExt;
     let too_large = || ApiError::too_large(format!("the body is larger than {limit} bytes"));
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut held: Option<Hold> = None;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -318,9 +318,9 @@ pub(crate) async fn read_body(
         if len > limit {
             return Err(too_large());
         }
-        if let Some(budget) = budget.filter(|_| !piece.is_empty()) {
+        if let Some((budget, tenant)) = budget.filter(|_| !piece.is_empty()) {
             let share = u32::try_from(piece.len()).map_err(|_| too_large())?;
-            let Ok(permit) = Arc::clone(budget).try_acquire_many_owned(share) else {
+            let Some(permit) = budget.try_take(tenant, share) else {
                 return Err(ApiError::busy(
                     "the server holds as many request bodies as it may; nothing was applied",
                 )

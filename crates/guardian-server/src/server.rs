@@ -13,6 +13,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 use tower::ServiceExt as _;
 
+use crate::budget::Budget;
 use crate::config::{BindError, ServerBuilder};
 use crate::conn::{killable, ConnLimits};
 use crate::faults::{FaultInjector, Faults, FaultsError};
@@ -99,12 +100,17 @@ impl ServerBuilder {
             rate: Arc::new(RateLimiter::new(config.rate_limit)),
             lockout: AuthLockout::default(),
             concurrency: Arc::new(Semaphore::new(config.concurrency_limit)),
-            body_budget: Arc::new(Semaphore::new(
-                config.body_budget.min(Semaphore::MAX_PERMITS),
-            )),
-            answer_budget: Arc::new(Semaphore::new(
-                config.answer_budget.min(Semaphore::MAX_PERMITS),
-            )),
+            body_budget: Budget::new(
+                config.body_budget,
+                config.tenant_share(config.body_budget, config.body_limit),
+            ),
+            answer_budget: Budget::new(
+                config.answer_budget,
+                config.tenant_share(
+                    config.answer_budget,
+                    crate::config::largest_page(config.body_limit),
+                ),
+            ),
             shutdown: shutdown_rx.clone(),
             kick: Arc::new(watch::Sender::new(0)),
             config,

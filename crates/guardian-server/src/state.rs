@@ -7,6 +7,7 @@ use axum::extract::FromRef;
 use tokio::sync::{watch, Semaphore};
 
 use crate::auth::Digest;
+use crate::budget::Budget;
 use crate::config::ServerConfig;
 use crate::faults::FaultInjector;
 use crate::fleet::webhook::Webhook;
@@ -50,11 +51,11 @@ pub(crate) struct Shared {
     /// Addresses that failed the admin token too often.
     pub(crate) lockout: AuthLockout,
     pub(crate) concurrency: Arc<Semaphore>,
-    /// Bytes of request bodies that may be held at once (one permit a byte).
-    pub(crate) body_budget: Arc<Semaphore>,
+    /// Bytes of request bodies that may be held at once.
+    pub(crate) body_budget: Budget,
     /// Bytes of feed pages and large answers held at once (see
     /// `ServerBuilder::answer_budget`).
-    pub(crate) answer_budget: Arc<Semaphore>,
+    pub(crate) answer_budget: Budget,
     /// Becomes true when the server shuts down.
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Bumped to close every realtime session (admin route, tests).

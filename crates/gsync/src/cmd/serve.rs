@@ -67,6 +67,11 @@ pub(crate) struct Args {
     /// Most bytes of feed pages held at once, all reads together.
     #[arg(long, default_value_t = guardian_server::DEFAULT_ANSWER_BUDGET)]
     answer_budget: usize,
+    /// Most of the body budget and of the answer budget one tenant may
+    /// hold at once, in percent (100: no share).
+    #[arg(long, default_value_t = guardian_server::DEFAULT_TENANT_SHARE_PERCENT,
+          value_parser = clap::value_parser!(u8).range(1..=100))]
+    tenant_share: u8,
     /// Most ops per batch.
     #[arg(long, default_value_t = 1000)]
     max_batch_ops: usize,
@@ -269,6 +274,7 @@ impl Args {
             .body_limit(self.body_limit)
             .body_budget(self.body_budget)
             .answer_budget(self.answer_budget)
+            .tenant_share(self.tenant_share)
             .max_batch_ops(self.max_batch_ops)
             .request_timeout(self.request_timeout)
             .concurrency_limit(self.concurrency_limit)

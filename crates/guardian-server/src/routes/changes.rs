@@ -59,7 +59,7 @@ pub(crate) fn since_fingerprint(
 /// The permits a feed page reserves from the answer budget: its largest
 /// size ([`crate::config::largest_page`]), within the budget.
 pub(crate) fn page_permits(state: &AppState) -> u32 {
-    let most = crate::config::largest_page(state.config.body_limit).min(state.config.answer_budget);
+    let most = crate::config::largest_page(state.config.body_limit).min(state.answer_budget.most());
     u32::try_from(most).unwrap_or(u32::MAX)
 }
 
@@ -101,8 +101,9 @@ pub(crate) async fn changes(
     // byte of it is sent: its largest size is reserved first, or the read
     // is refused at once (waiting would hold a concurrency slot that
     // writes need).
-    let Ok(reserved) =
-        std::sync::Arc::clone(&state.answer_budget).try_acquire_many_owned(page_permits(&state))
+    let Some(reserved) = state
+        .answer_budget
+        .try_take(Some(&tenant.0), page_permits(&state))
     else {
         return ApiError::busy("the server holds as many feed pages as it may; retry")
             .into_response();

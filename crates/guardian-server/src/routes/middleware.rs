@@ -11,13 +11,13 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use guardian_protocol::problem_type;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::classify::{ServerErrorsAsFailures, SharedClassifier};
 use tower_http::trace::{DefaultOnFailure, DefaultOnResponse, TraceLayer};
 use tower_http::LatencyUnit;
 use tracing::{Level, Span};
 
 use crate::auth::{bearer, digest, Tenant};
+use crate::budget::{Budget, Hold};
 use crate::conn::ConnInfo;
 use crate::limits::{Phase, RequestPhase};
 use crate::problem::{outcome_unknown, read_body, ApiError};
@@ -119,7 +119,8 @@ fn too_many(why: &str, wait: std::time::Duration) -> Response {
 /// 4. A large answer to a read holds its size of the answer budget until
 ///    it is sent ([`hold_answer`]).
 pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if let Some(Tenant(tenant)) = req.extensions().get::<Tenant>() {
+    let tenant = req.extensions().get::<Tenant>().map(|t| Arc::clone(&t.0));
+    if let Some(tenant) = &tenant {
         if let Err(wait) = state.rate.check(tenant) {
             state.metrics.rate_limited();
             return too_many("rate limit exceeded", wait);
@@ -129,7 +130,7 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     let (body, _held) = if body.size_hint().exact() == Some(0) {
         (body, None)
     } else {
-        let budget = Some(&state.body_budget);
+        let budget = Some((&state.body_budget, tenant.as_ref()));
         match read_body(&parts.headers, body, state.config.body_limit, budget).await {
             Ok((bytes, held)) => (Body::from(bytes), held),
             Err(e) => return e.into_response(),
@@ -148,7 +149,7 @@ pub(crate) async fn admit(State(state): State<AppState>, req: Request, next: Nex
     // making a write wait for readers' memory, would let stalled readers
     // keep writes out.
     if read && resp.extensions().get::<Held>().is_none() {
-        hold_answer(resp, &state.answer_budget)
+        hold_answer(resp, &state.answer_budget, tenant.as_ref())
     } else {
         resp
     }
@@ -163,7 +164,7 @@ const HELD_ANSWER_BYTES: u64 = 64 * 1024;
 /// would otherwise pin its answers for the write-stall bound, however many
 /// connections it opens. An answer the budget cannot hold is dropped for a
 /// 503 with `Retry-After`.
-fn hold_answer(resp: Response, budget: &Arc<Semaphore>) -> Response {
+fn hold_answer(resp: Response, budget: &Budget, tenant: Option<&Arc<str>>) -> Response {
     let Some(size) = resp
         .body()
         .size_hint()
@@ -174,7 +175,7 @@ fn hold_answer(resp: Response, budget: &Arc<Semaphore>) -> Response {
     };
     let held = u32::try_from(size)
         .ok()
-        .and_then(|n| Arc::clone(budget).try_acquire_many_owned(n).ok());
+        .and_then(|n| budget.try_take(tenant, n));
     match held {
         Some(permit) => hold_reserved(resp, permit),
         None => ApiError::busy("the server holds as many unsent answers as it may; retry")
@@ -191,14 +192,14 @@ struct Held;
 /// sent, and gives the rest back now. Handing a reservation over, instead
 /// of releasing it and taking the answer's size again, means an answer
 /// already built is never refused.
-pub(crate) fn hold_reserved(resp: Response, mut reserved: OwnedSemaphorePermit) -> Response {
+pub(crate) fn hold_reserved(resp: Response, mut reserved: Hold) -> Response {
     let size = resp
         .body()
         .size_hint()
         .exact()
         .and_then(|n| usize::try_from(n).ok());
     let kept = match size {
-        Some(n) if n < reserved.num_permits() => reserved.split(n),
+        Some(n) if n < reserved.len() => reserved.split(n),
         _ => Some(reserved),
     };
     let (mut parts, body) = resp.into_parts();
@@ -220,18 +221,18 @@ struct HeldBody {
     body: Body,
     /// What the inner body gave and is not yet handed on.
     pending: bytes::Bytes,
-    _permit: OwnedSemaphorePermit,
+    _hold: Hold,
 }
 
 /// The largest slice of a held answer handed to hyper at once.
 const HELD_SLICE: usize = 64 * 1024;
 
 impl HeldBody {
-    fn new(body: Body, permit: OwnedSemaphorePermit) -> Self {
+    fn new(body: Body, hold: Hold) -> Self {
         Self {
             body,
             pending: bytes::Bytes::new(),
-            _permit: permit,
+            _hold: hold,
         }
     }
 }
@@ -392,19 +393,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_answer_holds_the_budget_until_its_body_is_dropped() {
-        let budget = Arc::new(Semaphore::new(300 * 1024));
+        let budget = Budget::new(300 * 1024, 300 * 1024);
+        let hold_answer = |resp| hold_answer(resp, &budget, None);
         // Small answers hold nothing.
-        let small = hold_answer(answer(1000), &budget);
-        assert_eq!(budget.available_permits(), 300 * 1024);
-        let first = hold_answer(answer(200 * 1024), &budget);
+        let small = hold_answer(answer(1000));
+        assert_eq!(budget.available(), 300 * 1024);
+        let first = hold_answer(answer(200 * 1024));
         assert_eq!(first.status(), StatusCode::OK);
         assert_eq!(first.body().size_hint().exact(), Some(200 * 1024));
-        assert_eq!(budget.available_permits(), 100 * 1024);
+        assert_eq!(budget.available(), 100 * 1024);
         // No room for a second: refused, and its bytes are not kept.
-        let second = hold_answer(answer(200 * 1024), &budget);
+        let second = hold_answer(answer(200 * 1024));
         assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(second.headers()[header::RETRY_AFTER], "1");
-        assert_eq!(budget.available_permits(), 100 * 1024);
+        assert_eq!(budget.available(), 100 * 1024);
         // Handed on a slice at a time, it holds its share until the last.
         let mut stream = first.into_body().into_data_stream();
         let mut sent = 0;
@@ -413,37 +415,33 @@ mod tests {
             assert!(slice.len() <= HELD_SLICE);
             sent += slice.len();
             if sent < 200 * 1024 {
-                assert_eq!(budget.available_permits(), 100 * 1024, "released at {sent}");
+                assert_eq!(budget.available(), 100 * 1024, "released at {sent}");
             }
         }
         assert_eq!(sent, 200 * 1024);
         drop(stream);
-        assert_eq!(budget.available_permits(), 300 * 1024);
+        assert_eq!(budget.available(), 300 * 1024);
         // Dropped unsent (the connection gone), the same.
-        let third = hold_answer(answer(250 * 1024), &budget);
-        assert_eq!(budget.available_permits(), 50 * 1024);
+        let third = hold_answer(answer(250 * 1024));
+        assert_eq!(budget.available(), 50 * 1024);
         drop(third);
-        assert_eq!(budget.available_permits(), 300 * 1024);
+        assert_eq!(budget.available(), 300 * 1024);
         drop(small);
     }
 
     #[tokio::test]
     async fn a_reserved_answer_keeps_what_it_needs_and_is_never_refused() {
-        let budget = Arc::new(Semaphore::new(300 * 1024));
-        let reserved = Arc::clone(&budget)
-            .try_acquire_many_owned(250 * 1024)
-            .unwrap();
-        let other = Arc::clone(&budget)
-            .try_acquire_many_owned(50 * 1024)
-            .unwrap();
+        let budget = Budget::new(300 * 1024, 300 * 1024);
+        let reserved = budget.try_take(None, 250 * 1024).unwrap();
+        let other = budget.try_take(None, 50 * 1024).unwrap();
         // The budget is full, yet the reserved answer goes out, keeping
         // only its own size.
         let resp = hold_reserved(answer(100 * 1024), reserved);
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(resp.extensions().get::<Held>().is_some());
-        assert_eq!(budget.available_permits(), 150 * 1024);
+        assert_eq!(budget.available(), 150 * 1024);
         drop(other);
         drop(resp);
-        assert_eq!(budget.available_permits(), 300 * 1024);
+        assert_eq!(budget.available(), 300 * 1024);
     }
 }

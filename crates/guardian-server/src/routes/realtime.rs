@@ -276,8 +276,8 @@ impl Session {
             // the request timeout (deaf to shutdown meanwhile), then the
             // client is told to come back later.
             let permits = super::changes::page_permits(&self.state);
-            let reserving = Arc::clone(&self.state.answer_budget).acquire_many_owned(permits);
-            let Ok(Ok(_reserved)) =
+            let reserving = self.state.answer_budget.take(Some(&self.tenant), permits);
+            let Ok(Some(_reserved)) =
                 tokio::time::timeout(self.state.config.request_timeout, reserving).await
             else {
                 return Err(End::Close(TRY_AGAIN_LATER, "server busy; try again later"));

@@ -7,7 +7,7 @@ use guardian_server::{Faults, RateLimit};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::common::{builder, start, OTHER_TOKEN};
+use crate::common::{builder, start, OTHER_TOKEN, TOKEN};
 
 #[tokio::test]
 async fn bodies_over_the_limit_are_413() {
@@ -399,4 +399,93 @@ async fn a_trusted_proxy_is_not_held_to_the_per_peer_cap() {
         answers[2], "",
         "the third connection of an untrusted address was served"
     );
+}
+
+/// One tenant's bodies hold at most its share of the body budget (half by
+/// default): its next body is refused while another tenant's still fits.
+#[tokio::test]
+async fn one_tenants_bodies_leave_the_rest_of_the_body_budget_to_others() {
+    let h = start(builder().body_limit(1000).body_budget(2000).faults(Faults {
+        latency_ms: 1000,
+        ..Faults::default()
+    }))
+    .await;
+    // An ~800-byte body, held while its request waits in the handler.
+    let first = h.create_req("device", "a", json!({"x": "y".repeat(760)}), "ka");
+    let first = tokio::spawn(async move { first.send().await.unwrap().status().as_u16() });
+    tokio::time::timeout(Duration::from_secs(10), h.server.wait_in_flight(1))
+        .await
+        .expect("the first request never reached its handler");
+    let body = |id: &str| json!({"id": id, "data": {"x": "y".repeat(260)}});
+    let r = h
+        .send(
+            h.req(Method::POST, "/v1/entities/device")
+                .header("idempotency-key", "kb")
+                .json(&body("b")),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.problem_type()),
+        (503, problem_type::UNAVAILABLE),
+        "past the tenant's share"
+    );
+    let other = h.as_token(OTHER_TOKEN);
+    let req = other
+        .req(Method::POST, "/v1/entities/device")
+        .header("idempotency-key", "kc")
+        .json(&json!({"id": "c", "data": {"x": "y".repeat(760)}}));
+    assert_eq!(other.send(req).await.status, 201, "within the budget");
+    assert_eq!(first.await.unwrap(), 201);
+}
+
+/// Feed readers of one tenant that never read their answers hold at most
+/// its share of the answer budget (half by default): that tenant's reads
+/// are refused while another tenant's are still served. Without the
+/// share, they held the whole budget until their send bound.
+#[tokio::test]
+async fn one_tenants_stalled_feed_readers_leave_the_answer_budget_to_others() {
+    use tokio::io::AsyncWriteExt as _;
+    let largest = guardian_protocol::FEED_PAGE_DATA_BYTES + guardian_protocol::DEFAULT_BODY_LIMIT;
+    let h = start(builder().answer_budget(3 * largest)).await;
+    // Five of these pass a page's 4 MiB bound: each page is ~4.5 MB.
+    h.create_large_docs(6).await;
+    let page = format!(
+        "GET /v1/changes?since=0&limit=1000 HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {TOKEN}\r\n\r\n"
+    );
+    // Four connections, each asking for pages it never reads: without the
+    // share three of them hold the budget, past room for one more page.
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(h.server.addr())
+            .await
+            .unwrap();
+        s.write_all(page.repeat(30).as_bytes()).await.unwrap();
+        stuck.push(s);
+    }
+    // Polled: nothing signals a held answer. Bounded by the deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = h.changes(0, 1).await;
+        if r.status == 503 {
+            assert_eq!(r.problem_type(), problem_type::UNAVAILABLE);
+            break;
+        }
+        assert_eq!(r.status, 200);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled readers never filled the tenant's share"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let other = h.as_token(OTHER_TOKEN);
+    let r = other
+        .send(other.req(Method::GET, "/v1/changes?since=0&limit=1"))
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "another tenant's read is served: {:?}",
+        r.body
+    );
+    drop(stuck);
 }
