@@ -843,6 +843,12 @@ fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() 
     for i in 0..20 {
         ok(&path, &["enqueue", "create", "c", &format!("c{i}"), "{}"]);
     }
+    // The header into the file, so that the byte broken below is its
+    // first: left in the WAL, the file could still be empty then.
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
     let mut runner = holding_runner(&path);
 
     std::fs::remove_file(dir.path().join("o.db.writers")).unwrap();
@@ -851,6 +857,11 @@ fn a_salvage_never_moves_a_file_open_in_another_process_without_its_lock_file() 
     file.write_all(b"X").unwrap();
     drop(file);
     let damaged = std::fs::read(&path).unwrap();
+    assert!(
+        damaged.len() >= 4096,
+        "a whole page, not {} bytes",
+        damaged.len()
+    );
     let refused_unchanged = || {
         let err = fails(&path, &["check", "--repair"], 1);
         assert!(err.contains("open elsewhere"), "{err}");
