@@ -500,7 +500,7 @@ pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// clock).
 pub(crate) fn aside_path(path: &Path, now_ms: i64) -> PathBuf {
     let taken = |p: &Path| {
-        ["", "-wal", "-shm"]
+        ["", "-wal", "-shm", ".salvage", FILLING]
             .iter()
             .any(|ext| std::fs::symlink_metadata(with_suffix(p, ext)).is_ok())
     };
@@ -512,6 +512,39 @@ pub(crate) fn aside_path(path: &Path, now_ms: i64) -> PathBuf {
         n += 1;
     }
     aside
+}
+
+/// What a salvage's fresh file is named after the moved file while it is
+/// filled (see [`filling_path`]).
+const FILLING: &str = ".fresh";
+
+/// Where a salvage fills its fresh file, `<aside>.fresh`, before linking
+/// it into the outbox's place whole. Named after the moved file (a name
+/// no other salvage uses), so it is the salvage's own, as its working copy
+/// `<aside>.salvage` is.
+pub(crate) fn filling_path(aside: &Path) -> PathBuf {
+    with_suffix(aside, FILLING)
+}
+
+/// Removes the files a salvage names after the moved file: its working
+/// copy, and the fresh file it created (inode `fresh`) if that was not
+/// linked into place, each with its side files. A file at the fresh
+/// file's name with another inode is someone else's: left alone, with its
+/// side files.
+pub(crate) fn remove_salvage_files(aside: &Path, fresh: Option<u64>) {
+    use std::os::unix::fs::MetadataExt;
+    let remove = |base: &str| {
+        for ext in ["-wal", "-shm", "-journal", ""] {
+            let _ = std::fs::remove_file(with_suffix(aside, &format!("{base}{ext}")));
+        }
+    };
+    remove(".salvage");
+    let filling = filling_path(aside);
+    match (fresh, std::fs::symlink_metadata(&filling)) {
+        (Some(ino), Ok(m)) if m.ino() == ino => remove(FILLING),
+        (Some(_), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => remove(FILLING),
+        _ => {}
+    }
 }
 
 /// Moves the damaged file (and its WAL and shared-memory files) to

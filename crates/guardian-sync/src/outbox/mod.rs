@@ -691,11 +691,19 @@ fn open_conn_once(
             Err(e) => salvage_failed(format!("{why}; {e}")),
         });
     }
+    // Filled under a name of its own and linked into the outbox's place
+    // whole: at that place a half-filled file could take an enqueue (were
+    // the record and the writers' lock file removed meanwhile), whose
+    // position an original op then could not be copied to.
+    let filling = damage::filling_path(&aside);
+    // The fresh file's inode, once created and recorded.
+    let fresh_ino = std::cell::Cell::new(None);
     // A salvage that cannot write all it read (a full disk) is undone: a
     // partial copy in the file's place would pass for the whole outbox.
     let undo = |mark: Option<salvage_mark::Mark>, why: String| match damage::move_back(path, &aside)
     {
         Ok(()) => {
+            damage::remove_salvage_files(&aside, fresh_ino.get());
             if let Some(mark) = mark {
                 mark.finish_or_log();
             }
@@ -709,30 +717,40 @@ fn open_conn_once(
             aside.display()
         )),
     };
-    let fresh = match guardian_sqlite::create_private(path) {
-        Ok(true) => mark
-            .fresh_created(path)
-            .map_err(|e| format!("cannot record the salvage: {e}")),
-        // Not ours to fill, nor to remove: the damaged file stays aside,
-        // and the record stays so that no open takes that file for the
-        // outbox until it is moved away.
-        Ok(false) => {
-            return Err(salvage_failed(format!(
-                "another process created {} during the salvage; move that file away and open again to put the damaged file ({}) back",
-                path.display(),
-                aside.display()
-            )));
+    let fresh = match guardian_sqlite::create_private(&filling) {
+        Ok(true) => {
+            use std::os::unix::fs::MetadataExt;
+            let recorded = mark.fresh_created(&filling);
+            fresh_ino.set(std::fs::symlink_metadata(&filling).ok().map(|m| m.ino()));
+            recorded.map_err(|e| format!("cannot record the salvage: {e}"))
         }
+        // `aside_path` chose a name beside which none was: someone made it
+        // since, and it is not ours to fill or remove.
+        Ok(false) => Err(format!(
+            "another process created {} during the salvage",
+            filling.display()
+        )),
         Err(e) => Err(format!("cannot create a fresh file: {e}")),
     };
     let fresh = fresh.and_then(|()| {
-        let mut fresh = schema::connect(path, options.synchronous, options.open_wait())
+        let mut fresh = schema::connect(&filling, options.synchronous, options.open_wait())
             .map_err(|e| format!("cannot open the fresh file: {e}"))?;
         schema::migrate(&mut fresh).map_err(|e| format!("cannot set up the fresh file: {e}"))?;
         Ok(fresh)
     });
     let mut salvage = match fresh {
-        Ok(fresh) => damage::salvage_into(&aside, &fresh, reason),
+        Ok(fresh) => {
+            let salvage = damage::salvage_into(&aside, &fresh, reason);
+            match close_filled(fresh) {
+                Ok(()) => salvage,
+                Err(e) => {
+                    return Err(undo(
+                        Some(mark),
+                        format!("cannot finish the fresh file: {e}"),
+                    ))
+                }
+            }
+        }
         Err(why) => return Err(undo(Some(mark), why)),
     };
     if let Some(why) = salvage.write_failure() {
@@ -741,6 +759,29 @@ fn open_conn_once(
             format!("cannot write the salvaged copy: {why}"),
         ));
     }
+    #[cfg(test)]
+    tests::FILLED.with(|hook| hook.take().map(|f| f(path, &filling)));
+    // Linked, never renamed over: a file someone put at the outbox's name
+    // meanwhile is not replaced.
+    if let Err(e) = damage::put_back_one(&filling, path) {
+        if std::fs::symlink_metadata(path).is_ok() && !damage::same_inode(path, &filling) {
+            // Not ours to remove: the damaged file stays aside, and the
+            // record stays so that no open takes that file for the outbox
+            // until it is moved away.
+            drop(mark);
+            return Err(salvage_failed(format!(
+                "another process created {} during the salvage; move that file away and open again to put the damaged file ({}) back",
+                path.display(),
+                aside.display()
+            )));
+        }
+        return Err(undo(
+            Some(mark),
+            format!("cannot move the fresh file into place: {e}"),
+        ));
+    }
+    damage::remove_salvage_files(&aside, fresh_ino.get());
+    salvage_mark::sync_dir(path);
     // Only now may anything write to the fresh file: while the record is
     // there, the next open would remove it.
     if let Err((mark, e)) = mark.finish() {
@@ -774,6 +815,18 @@ fn open_conn_once(
         None
     };
     Ok(Once::Opened(conn, Box::new(report), check))
+}
+
+/// Closes a salvage's filled fresh file with every commit in the file
+/// itself: it is linked into place without its WAL.
+fn close_filled(conn: Connection) -> Result<(), String> {
+    let busy: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if busy != 0 {
+        return Err("another process has it open".into());
+    }
+    conn.close().map_err(|(_, e)| e.to_string())
 }
 
 fn spawn(
@@ -1281,6 +1334,101 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Run by a salvage on this thread once its fresh file is filled and
+    /// closed, before it is linked into place (outbox path, the fresh
+    /// file's own path).
+    type Filled = Box<dyn FnOnce(&Path, &Path)>;
+
+    thread_local! {
+        pub(super) static FILLED: std::cell::Cell<Option<Filled>> =
+            const { std::cell::Cell::new(None) };
+    }
+
+    /// An outbox at `path` with `n` ops, its first byte broken after a
+    /// checkpoint (so the file holds every page): a repair salvages it.
+    fn damaged_outbox(path: &Path, n: usize) {
+        let (outbox, _) = open_blocking(path, &OutboxOptions::default()).unwrap();
+        for i in 0..n {
+            let op = NewOp::create("t", format!("e{i}"), serde_json::json!({"i": i}));
+            outbox.enqueue_blocking(op).unwrap();
+        }
+        drop(outbox);
+        Connection::open(path)
+            .unwrap()
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[0] = b'X';
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn ops_in(path: &Path) -> i64 {
+        Connection::open(path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM ops", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// The fresh file is filled under its own name and appears at the
+    /// outbox's name whole: a half-filled file there once took an enqueue
+    /// (its record and the writers' lock file removed by someone), whose
+    /// position an original op then could not be copied to.
+    #[test]
+    fn a_salvage_fills_its_fresh_file_away_from_the_outbox_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        damaged_outbox(&path, 30);
+        let seen = std::rc::Rc::new(std::cell::Cell::new(false));
+        let saw = std::rc::Rc::clone(&seen);
+        FILLED.with(|hook| {
+            hook.set(Some(Box::new(move |path: &Path, filling: &Path| {
+                assert!(
+                    std::fs::symlink_metadata(path).is_err(),
+                    "a file at the outbox's name"
+                );
+                assert_eq!(ops_in(filling), 30, "filled whole first");
+                saw.set(true);
+            })));
+        });
+        let (conn, report, _, _) = open_conn(&path, &OutboxOptions::default(), true).unwrap();
+        assert!(seen.get(), "the salvage ran");
+        assert_eq!(report.salvage.map(|s| s.ops_saved), Some(30));
+        drop(conn);
+        assert_eq!(ops_in(&path), 30);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.contains(".fresh") || n.contains(".salvag"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A file another process put at the outbox's name while the fresh one
+    /// was filled is never replaced nor removed; once it is moved away,
+    /// the next open puts the damaged file back and salvages it again.
+    #[test]
+    fn a_file_put_at_the_outbox_name_during_a_salvage_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        damaged_outbox(&path, 5);
+        FILLED.with(|hook| {
+            hook.set(Some(Box::new(|path: &Path, _: &Path| {
+                std::fs::write(path, b"theirs").unwrap();
+            })));
+        });
+        let err = open_conn(&path, &OutboxOptions::default(), true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another process created"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
+        std::fs::remove_file(&path).unwrap();
+        let (conn, report, _, _) = open_conn(&path, &OutboxOptions::default(), true).unwrap();
+        assert_eq!(report.salvage.map(|s| s.ops_saved), Some(5));
+        drop(conn);
+        assert_eq!(ops_in(&path), 5);
+    }
 
     fn plan(conn: &Connection, sql: &str) -> String {
         let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();

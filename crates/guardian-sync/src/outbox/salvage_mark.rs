@@ -173,7 +173,7 @@ fn dir_of(path: &Path) -> &Path {
 
 /// Makes a created or removed name durable; best effort (some file
 /// systems cannot sync a directory).
-fn sync_dir(path: &Path) {
+pub(crate) fn sync_dir(path: &Path) {
     if let Ok(d) = File::open(dir_of(path)) {
         let _ = d.sync_all();
     }
@@ -294,11 +294,9 @@ pub(crate) fn settle(path: &Path, wait: Duration) -> Result<Settled, MarkError> 
         let Record { aside, fresh } = parse(&text, outbox_name).map_err(|e| at(&mark, e))?;
         let aside = path.with_file_name(aside);
         put_back(path, &aside, fresh).map_err(|e| at(&mark, e))?;
-        // The killed salvage's working copy, named after the moved file, is
-        // ours too.
-        for ext in ["", "-wal", "-shm", "-journal"] {
-            let _ = std::fs::remove_file(with_suffix(&aside, &format!(".salvage{ext}")));
-        }
+        // The killed salvage's working copy and unlinked fresh file, named
+        // after the moved file, are ours too.
+        super::damage::remove_salvage_files(&aside, fresh);
         std::fs::remove_file(&mark)
             .map_err(|e| MarkError::Failed(format!("cannot remove {}: {e}", mark.display())))?;
         sync_dir(&mark);
@@ -629,13 +627,32 @@ mod tests {
         let aside = dir.path().join("o.db.corrupt-9");
         let write = |p: &Path, b: &[u8]| std::fs::write(p, b).unwrap();
         let read = |p: &Path| std::fs::read(p).ok();
-        let cases: [(&str, Kill); 6] = [
+        let filling = |a: &Path| super::super::damage::filling_path(a);
+        let cases: [(&str, Kill); 8] = [
             // Killed during move_aside: the WAL moved, the main file not.
             ("wal moved", |p, a| {
                 std::fs::rename(wal(p), wal(a)).unwrap();
             }),
-            // Killed while filling the fresh file.
+            // Killed while filling the fresh file under its own name.
             ("filling", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+                std::fs::rename(p, a).unwrap();
+                let f = super::super::damage::filling_path(a);
+                std::fs::write(&f, b"fresh").unwrap();
+                std::fs::write(wal(&f), b"fresh wal").unwrap();
+            }),
+            // Killed between linking the filled file into place and
+            // removing its own name.
+            ("fresh linked", |p, a| {
+                std::fs::rename(wal(p), wal(a)).unwrap();
+                std::fs::rename(p, a).unwrap();
+                let f = super::super::damage::filling_path(a);
+                std::fs::write(&f, b"fresh").unwrap();
+                std::fs::hard_link(&f, p).unwrap();
+            }),
+            // Killed after the fresh file was linked into place (or, before
+            // fresh files were filled under their own name, while filling).
+            ("linked", |p, a| {
                 std::fs::rename(wal(p), wal(a)).unwrap();
                 std::fs::rename(p, a).unwrap();
                 std::fs::write(p, b"fresh").unwrap();
@@ -678,7 +695,9 @@ mod tests {
             // The record names the fresh file where there is one.
             let mut rec = record(&[HEADER, b"aside o.db.corrupt-9\n"]);
             if aside.exists() {
-                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                let fresh = std::fs::symlink_metadata(&path)
+                    .or_else(|_| std::fs::symlink_metadata(filling(&aside)));
+                if let Ok(m) = fresh {
                     rec.extend_from_slice(format!("fresh {}\n", m.ino()).as_bytes());
                 }
             }
@@ -694,7 +713,11 @@ mod tests {
                 Some(&b"damaged wal"[..]),
                 "{name}"
             );
-            for gone in [aside.clone(), wal(&aside), mark_path(&path)] {
+            let made = [filling(&aside), wal(&filling(&aside))];
+            for gone in [aside.clone(), wal(&aside), mark_path(&path)]
+                .into_iter()
+                .chain(made)
+            {
                 assert!(read(&gone).is_none(), "{name}: {gone:?} is left");
             }
         }
@@ -722,6 +745,21 @@ mod tests {
         ));
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(dir.path().join("o.db.corrupt-5").exists());
+        // Nor a file at the fresh file's own name that it did not create.
+        std::fs::remove_file(&path).unwrap();
+        let theirs = dir.path().join("o.db.corrupt-5.fresh");
+        std::fs::write(&theirs, b"theirs").unwrap();
+        std::fs::write(wal(&theirs), b"their wal").unwrap();
+        let other = std::fs::symlink_metadata(&theirs).unwrap().ino() + 1;
+        let rec = format!("guardian-sync salvage 1\naside o.db.corrupt-5\nfresh {other}\n");
+        std::fs::write(mark_path(&path), rec).unwrap();
+        assert_eq!(
+            settle(&path, Duration::ZERO).ok(),
+            Some(Settled::PutBack(dir.path().join("o.db.corrupt-5")))
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(std::fs::read(&theirs).unwrap(), b"theirs");
+        assert_eq!(std::fs::read(wal(&theirs)).unwrap(), b"their wal");
     }
 
     /// A record someone removed or replaced while the salvage ran ends it
