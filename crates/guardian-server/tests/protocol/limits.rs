@@ -7,7 +7,7 @@ use guardian_server::{Faults, RateLimit};
 use reqwest::Method;
 use serde_json::json;
 
-use crate::common::{builder, start, OTHER_TOKEN, TOKEN};
+use crate::common::{builder, start, Harness, OTHER_TOKEN, TOKEN};
 
 #[tokio::test]
 async fn bodies_over_the_limit_are_413() {
@@ -303,23 +303,35 @@ async fn a_body_slower_than_the_request_timeout_is_408() {
     assert_eq!(h.server.in_flight(), 0);
 }
 
+/// A server with 1000-byte bodies, `budget` bytes of them at once and a
+/// second of latency, holding one ~800-byte body of the first tenant in
+/// its handler; the handle answers that request's status.
+async fn holding_a_body(budget: usize) -> (Harness, tokio::task::JoinHandle<u16>) {
+    let h = start(
+        builder()
+            .body_limit(1000)
+            .body_budget(budget)
+            .faults(Faults {
+                latency_ms: 1000,
+                ..Faults::default()
+            }),
+    )
+    .await;
+    let first = h.create_req("device", "a", json!({"x": "y".repeat(760)}), "ka");
+    let first = tokio::spawn(async move { first.send().await.unwrap().status().as_u16() });
+    tokio::time::timeout(Duration::from_secs(10), h.server.wait_in_flight(1))
+        .await
+        .expect("the first request never reached its handler");
+    (h, first)
+}
+
 /// Bodies held at once share a byte budget: a body that would cross it is
 /// refused with 503 (retry), and a body's share comes back once its
 /// request is answered. Bodies are read before a concurrency slot is
 /// taken, so without the budget only the connection caps bound them.
 #[tokio::test]
 async fn bodies_beyond_the_body_budget_wait_their_turn_with_503() {
-    let h = start(builder().body_limit(1000).body_budget(1000).faults(Faults {
-        latency_ms: 1000,
-        ..Faults::default()
-    }))
-    .await;
-    // An ~800-byte body, held while its request waits in the handler.
-    let first = h.create_req("device", "a", json!({"x": "y".repeat(760)}), "ka");
-    let first = tokio::spawn(async move { first.send().await.unwrap().status().as_u16() });
-    tokio::time::timeout(Duration::from_secs(10), h.server.wait_in_flight(1))
-        .await
-        .expect("the first request never reached its handler");
+    let (h, first) = holding_a_body(1000).await;
     let other = h.as_token(OTHER_TOKEN);
     let req = other
         .req(Method::POST, "/v1/entities/device")
@@ -405,17 +417,7 @@ async fn a_trusted_proxy_is_not_held_to_the_per_peer_cap() {
 /// default): its next body is refused while another tenant's still fits.
 #[tokio::test]
 async fn one_tenants_bodies_leave_the_rest_of_the_body_budget_to_others() {
-    let h = start(builder().body_limit(1000).body_budget(2000).faults(Faults {
-        latency_ms: 1000,
-        ..Faults::default()
-    }))
-    .await;
-    // An ~800-byte body, held while its request waits in the handler.
-    let first = h.create_req("device", "a", json!({"x": "y".repeat(760)}), "ka");
-    let first = tokio::spawn(async move { first.send().await.unwrap().status().as_u16() });
-    tokio::time::timeout(Duration::from_secs(10), h.server.wait_in_flight(1))
-        .await
-        .expect("the first request never reached its handler");
+    let (h, first) = holding_a_body(2000).await;
     let body = |id: &str| json!({"id": id, "data": {"x": "y".repeat(260)}});
     let r = h
         .send(
