@@ -500,9 +500,11 @@ pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// clock).
 pub(crate) fn aside_path(path: &Path, now_ms: i64) -> PathBuf {
     let taken = |p: &Path| {
-        ["", "-wal", "-shm", ".salvage", FILLING]
-            .iter()
-            .any(|ext| std::fs::symlink_metadata(with_suffix(p, ext)).is_ok())
+        ["", ".salvage", FILLING].iter().any(|base| {
+            ["", "-wal", "-shm", "-journal"].iter().any(|ext| {
+                std::fs::symlink_metadata(with_suffix(p, &format!("{base}{ext}"))).is_ok()
+            })
+        })
     };
     let first = with_suffix(path, &format!(".corrupt-{now_ms}"));
     let mut aside = first.clone();
@@ -528,11 +530,13 @@ pub(crate) fn filling_path(aside: &Path) -> PathBuf {
 
 /// Removes the files a salvage names after the moved file: its working
 /// copy, and the fresh file it created (inode `fresh`) if that was not
-/// linked into place, each with its side files. A file at the fresh
-/// file's name with another inode is someone else's: left alone, with its
-/// side files.
+/// moved into place, each with its side files. A file at the fresh file's
+/// name with another inode is someone else's: left alone, with its side
+/// files. With no inode recorded (killed between creating the file and
+/// recording it), only an empty private file there is taken for the
+/// salvage's.
 pub(crate) fn remove_salvage_files(aside: &Path, fresh: Option<u64>) {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let remove = |base: &str| {
         for ext in ["-wal", "-shm", "-journal", ""] {
             let _ = std::fs::remove_file(with_suffix(aside, &format!("{base}{ext}")));
@@ -543,6 +547,11 @@ pub(crate) fn remove_salvage_files(aside: &Path, fresh: Option<u64>) {
     match (fresh, std::fs::symlink_metadata(&filling)) {
         (Some(ino), Ok(m)) if m.ino() == ino => remove(FILLING),
         (Some(_), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => remove(FILLING),
+        (None, Ok(m))
+            if m.is_file() && m.len() == 0 && m.permissions().mode() & 0o7777 == 0o600 =>
+        {
+            let _ = std::fs::remove_file(&filling);
+        }
         _ => {}
     }
 }
@@ -604,11 +613,43 @@ fn same_identity(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
     a.dev() == b.dev() && a.ino() == b.ino()
 }
 
-/// Moves `from` to `to` only where no file has appeared meanwhile: a link,
-/// then the old name removed, so another process's file is never replaced.
-/// Where the file system has no links (vfat, some FUSE mounts), a rename
-/// after checking `to` is free.
+/// Renames `from` to `to` in one step unless something is at `to`
+/// (`AlreadyExists`): no moment with both names, which every open refuses
+/// as a hard-linked outbox. `Ok(false)` where the system or file system
+/// cannot (then nothing was done).
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<bool> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::errno::Errno;
+        use nix::fcntl::{renameat2, RenameFlags};
+        match renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => Ok(true),
+            Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(std::io::Error::from_raw_os_error(e as i32)),
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = (from, to);
+        Ok(false)
+    }
+}
+
+/// Moves `from` to `to` only where no file has appeared meanwhile, so
+/// another process's file is never replaced: a rename that refuses to
+/// replace ([`rename_noreplace`]), else a link and then the old name
+/// removed. Where the file system has neither (vfat, some FUSE mounts), a
+/// rename after checking `to` is free.
 pub(crate) fn put_back_one(from: &Path, to: &Path) -> std::io::Result<()> {
+    match rename_noreplace(from, to) {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        // Linked by an earlier put-back killed before it removed `from`.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && same_inode(from, to) => {
+            return std::fs::remove_file(from)
+        }
+        Err(e) => return Err(e),
+    }
     match std::fs::hard_link(from, to) {
         Ok(()) => std::fs::remove_file(from),
         // Linked by an earlier put-back killed before it removed `from`.

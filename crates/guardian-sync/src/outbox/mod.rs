@@ -696,33 +696,83 @@ fn open_conn_once(
     // the record and the writers' lock file removed meanwhile), whose
     // position an original op then could not be copied to.
     let filling = damage::filling_path(&aside);
-    // The fresh file's inode, once created and recorded.
-    let fresh_ino = std::cell::Cell::new(None);
+    // The fresh file, held open from its creation until it is in place:
+    // its inode cannot be reused meanwhile, so a file is the salvage's if
+    // and only if it is this one. Closed before the outbox is opened at
+    // its place (closing a descriptor drops the process's POSIX locks on
+    // the file, SQLite's too).
+    let fresh_file = std::cell::OnceCell::<std::fs::File>::new();
+    let is_fresh = |p: &Path| fresh_file.get().is_some_and(|f| damage::same_file(f, p));
+    let fresh_ino = || {
+        use std::os::unix::fs::MetadataExt;
+        fresh_file
+            .get()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| m.ino())
+    };
+    // What to do about a file another process put at the outbox's name
+    // during the salvage: never the salvage's to replace or remove.
+    let someone_created = |mark: salvage_mark::Mark, what: String| {
+        let intact = mark.intact();
+        // The record stays, so that no open takes that file for the outbox
+        // and the next one, once it is moved away, puts the damaged back.
+        drop(mark);
+        salvage_failed(if intact {
+            format!(
+                "{what}; another process created {} during the salvage: move that file away and open again to put the damaged file ({}) back",
+                path.display(),
+                aside.display()
+            )
+        } else {
+            format!(
+                "{what}; another process created {} during the salvage, and the salvage's record was removed: the damaged file is at {}",
+                path.display(),
+                aside.display()
+            )
+        })
+    };
     // A salvage that cannot write all it read (a full disk) is undone: a
     // partial copy in the file's place would pass for the whole outbox.
-    let undo = |mark: Option<salvage_mark::Mark>, why: String| match damage::move_back(path, &aside)
-    {
-        Ok(()) => {
-            damage::remove_salvage_files(&aside, fresh_ino.get());
-            if let Some(mark) = mark {
-                mark.finish_or_log();
-            }
-            salvage_failed(format!(
-                "{why}; nothing was changed (the damaged file is back in place)"
-            ))
+    let undo = |mark: salvage_mark::Mark, why: String| {
+        // Until the fresh file is moved into place nothing at the path is
+        // the salvage's.
+        if std::fs::symlink_metadata(path).is_ok() && !is_fresh(path) {
+            return someone_created(mark, why);
         }
-        // The record stays, so the next open puts the damaged file back.
-        Err(e) => salvage_failed(format!(
-            "{why}; moving the damaged file back failed too ({e}): it is at {}",
-            aside.display()
-        )),
+        match damage::move_back(path, &aside) {
+            Ok(()) => {
+                damage::remove_salvage_files(&aside, fresh_ino());
+                mark.finish_or_log();
+                salvage_failed(format!(
+                    "{why}; nothing was changed (the damaged file is back in place)"
+                ))
+            }
+            // The record stays, so the next open puts the damaged file back.
+            Err(e) => salvage_failed(format!(
+                "{why}; moving the damaged file back failed too ({e}): it is at {}",
+                aside.display()
+            )),
+        }
     };
     let fresh = match guardian_sqlite::create_private(&filling) {
         Ok(true) => {
-            use std::os::unix::fs::MetadataExt;
+            use std::os::unix::fs::OpenOptionsExt;
+            let held = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&filling);
             let recorded = mark.fresh_created(&filling);
-            fresh_ino.set(std::fs::symlink_metadata(&filling).ok().map(|m| m.ino()));
-            recorded.map_err(|e| format!("cannot record the salvage: {e}"))
+            match held {
+                Ok(file) if damage::same_file(&file, &filling) => {
+                    let _ = fresh_file.set(file);
+                    recorded.map_err(|e| format!("cannot record the salvage: {e}"))
+                }
+                Ok(_) => Err(format!(
+                    "another process replaced the fresh file {}",
+                    filling.display()
+                )),
+                Err(e) => Err(format!("cannot open the fresh file: {e}")),
+            }
         }
         // `aside_path` chose a name beside which none was: someone made it
         // since, and it is not ours to fill or remove.
@@ -743,53 +793,46 @@ fn open_conn_once(
             let salvage = damage::salvage_into(&aside, &fresh, reason);
             match close_filled(fresh) {
                 Ok(()) => salvage,
-                Err(e) => {
-                    return Err(undo(
-                        Some(mark),
-                        format!("cannot finish the fresh file: {e}"),
-                    ))
-                }
+                Err(e) => return Err(undo(mark, format!("cannot finish the fresh file: {e}"))),
             }
         }
-        Err(why) => return Err(undo(Some(mark), why)),
+        Err(why) => return Err(undo(mark, why)),
     };
     if let Some(why) = salvage.write_failure() {
-        return Err(undo(
-            Some(mark),
-            format!("cannot write the salvaged copy: {why}"),
-        ));
+        return Err(undo(mark, format!("cannot write the salvaged copy: {why}")));
     }
     #[cfg(test)]
     tests::FILLED.with(|hook| hook.take().map(|f| f(path, &filling)));
-    // Linked, never renamed over: a file someone put at the outbox's name
-    // meanwhile is not replaced.
-    if let Err(e) = damage::put_back_one(&filling, path) {
-        if std::fs::symlink_metadata(path).is_ok() && !damage::same_inode(path, &filling) {
-            // Not ours to remove: the damaged file stays aside, and the
-            // record stays so that no open takes that file for the outbox
-            // until it is moved away.
-            drop(mark);
-            return Err(salvage_failed(format!(
-                "another process created {} during the salvage; move that file away and open again to put the damaged file ({}) back",
-                path.display(),
-                aside.display()
-            )));
-        }
+    // The file moved into place must be the one filled: someone may have
+    // put another at its name meanwhile.
+    if !is_fresh(&filling) {
         return Err(undo(
-            Some(mark),
-            format!("cannot move the fresh file into place: {e}"),
+            mark,
+            format!(
+                "another process replaced the fresh file {}",
+                filling.display()
+            ),
         ));
     }
-    damage::remove_salvage_files(&aside, fresh_ino.get());
+    // Never over a file: one someone put at the outbox's name meanwhile is
+    // not replaced.
+    if let Err(e) = damage::put_back_one(&filling, path) {
+        return Err(undo(
+            mark,
+            format!(
+                "cannot move the salvaged copy ({}) into place: {e}",
+                filling.display()
+            ),
+        ));
+    }
+    damage::remove_salvage_files(&aside, fresh_ino());
     salvage_mark::sync_dir(path);
     // Only now may anything write to the fresh file: while the record is
     // there, the next open would remove it.
     if let Err((mark, e)) = mark.finish() {
-        return Err(undo(
-            Some(mark),
-            format!("cannot end the salvage's record: {e}"),
-        ));
+        return Err(undo(mark, format!("cannot end the salvage's record: {e}")));
     }
+    drop(fresh_file);
     if let Some(earlier) = put_back {
         salvage.notes.push(format!(
             "an earlier salvage of this file was interrupted; its damaged file {} was put back and salvaged again",
@@ -1402,6 +1445,54 @@ mod tests {
             .filter(|n| n.contains(".fresh") || n.contains(".salvag"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// A fresh file someone replaced while it was filled is not moved into
+    /// place, and a file put at the outbox's name meanwhile stays where it
+    /// is: the salvage's undo used to remove whatever was at that name.
+    #[test]
+    fn a_replaced_fresh_file_is_not_moved_in_and_nothing_of_theirs_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        damaged_outbox(&path, 5);
+        let damaged = std::fs::read(&path).unwrap();
+        for put_at_path in [false, true] {
+            let theirs = dir.path().join("theirs");
+            FILLED.with(|hook| {
+                hook.set(Some(Box::new(move |path: &Path, filling: &Path| {
+                    std::fs::write(&theirs, b"theirs").unwrap();
+                    std::fs::rename(&theirs, filling).unwrap();
+                    if put_at_path {
+                        std::fs::write(path, b"at the path").unwrap();
+                    }
+                })));
+            });
+            let err = open_conn(&path, &OutboxOptions::default(), true)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("replaced the fresh file"), "{err}");
+            let fresh: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.to_string_lossy().ends_with(".fresh"))
+                .collect();
+            assert_eq!(fresh.len(), 1, "{fresh:?}");
+            assert_eq!(std::fs::read(&fresh[0]).unwrap(), b"theirs");
+            std::fs::remove_file(&fresh[0]).unwrap();
+            if put_at_path {
+                assert!(err.contains("another process created"), "{err}");
+                assert_eq!(std::fs::read(&path).unwrap(), b"at the path");
+                std::fs::remove_file(&path).unwrap();
+            } else {
+                assert!(err.contains("nothing was changed"), "{err}");
+                assert_eq!(std::fs::read(&path).unwrap(), damaged);
+            }
+        }
+        let (conn, report, _, _) = open_conn(&path, &OutboxOptions::default(), true).unwrap();
+        assert_eq!(report.salvage.map(|s| s.ops_saved), Some(5));
+        drop(conn);
+        assert_eq!(ops_in(&path), 5);
     }
 
     /// A file another process put at the outbox's name while the fresh one

@@ -136,6 +136,12 @@ impl Mark {
         self.file.sync_all()
     }
 
+    /// Whether the record is still at its name (no one removed or
+    /// replaced it).
+    pub(crate) fn intact(&self) -> bool {
+        same_file(&self.file, &self.path)
+    }
+
     /// Ends the salvage's record (it succeeded, or was undone). On failure
     /// the record (and its lock) is handed back.
     pub(crate) fn finish(self) -> Result<(), (Self, std::io::Error)> {
@@ -143,7 +149,7 @@ impl Mark {
         // the fresh file whole) is reached all the same. Undoing instead
         // would remove a fresh file others may have written to since, and
         // a file put at its name is not ours to remove.
-        if !same_file(&self.file, &self.path) {
+        if !self.intact() {
             tracing::warn!(record = %self.path.display(), "the salvage record was removed or replaced by someone else");
             return Ok(());
         }
@@ -760,6 +766,45 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert_eq!(std::fs::read(&theirs).unwrap(), b"theirs");
         assert_eq!(std::fs::read(wal(&theirs)).unwrap(), b"their wal");
+    }
+
+    /// A salvage killed between creating its fresh file and recording it
+    /// leaves an empty private file: removed; anything else there stays.
+    #[test]
+    fn an_unrecorded_fresh_file_is_removed_only_if_empty_and_private() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.db");
+        let aside = dir.path().join("o.db.corrupt-7");
+        let fresh = super::super::damage::filling_path(&aside);
+        let mut outbox = vec![0u8; 1024];
+        outbox[100] = 0x0D;
+        let text = b"CREATE TABLE txn_outcomes; idempotency_key  TEXT";
+        outbox[200..200 + text.len()].copy_from_slice(text);
+        let cases: [(&[u8], u32, bool); 3] = [
+            (b"", 0o600, true),
+            (b"", 0o644, false),
+            (b"x", 0o600, false),
+        ];
+        for (bytes, mode, removed) in cases {
+            std::fs::write(&aside, &outbox).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&fresh)
+                .unwrap();
+            std::fs::write(&fresh, bytes).unwrap();
+            let rec = "guardian-sync salvage 1\naside o.db.corrupt-7\n";
+            std::fs::write(mark_path(&path), rec).unwrap();
+            assert_eq!(
+                settle(&path, Duration::ZERO).ok(),
+                Some(Settled::PutBack(aside.clone()))
+            );
+            assert_eq!(fresh.exists(), !removed, "{bytes:?} {mode:o}");
+            let _ = std::fs::remove_file(&fresh);
+            std::fs::remove_file(&path).unwrap();
+        }
     }
 
     /// A record someone removed or replaced while the salvage ran ends it
