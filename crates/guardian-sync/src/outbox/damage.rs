@@ -437,14 +437,15 @@ struct WorkCopy(PathBuf);
 
 impl Drop for WorkCopy {
     fn drop(&mut self) {
-        for f in [
-            with_suffix(&self.0, "-wal"),
-            with_suffix(&self.0, "-shm"),
-            with_suffix(&self.0, "-journal"),
-            self.0.clone(),
-        ] {
-            let _ = std::fs::remove_file(f);
-        }
+        remove_with_side_files(&self.0);
+    }
+}
+
+/// Removes a database file of the salvage's own and its side files, the
+/// side files first; what cannot be removed stays.
+fn remove_with_side_files(file: &Path) {
+    for ext in ["-wal", "-shm", "-journal", ""] {
+        let _ = std::fs::remove_file(with_suffix(file, ext));
     }
 }
 
@@ -455,7 +456,7 @@ impl Drop for WorkCopy {
 /// one instead of the whole file being refused.
 fn work_copy(aside: &Path) -> std::io::Result<WorkCopy> {
     use std::io::{Read, Seek, SeekFrom, Write};
-    let copy = WorkCopy(with_suffix(aside, ".salvage"));
+    let copy = WorkCopy(with_suffix(aside, WORK_COPY));
     drop(WorkCopy(copy.0.clone()));
     std::fs::copy(aside, &copy.0)?;
     let wal = with_suffix(aside, "-wal");
@@ -500,7 +501,7 @@ pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 /// clock).
 pub(crate) fn aside_path(path: &Path, now_ms: i64) -> PathBuf {
     let taken = |p: &Path| {
-        ["", ".salvage", FILLING].iter().any(|base| {
+        ["", WORK_COPY, FILLING].iter().any(|base| {
             ["", "-wal", "-shm", "-journal"].iter().any(|ext| {
                 std::fs::symlink_metadata(with_suffix(p, &format!("{base}{ext}"))).is_ok()
             })
@@ -520,6 +521,10 @@ pub(crate) fn aside_path(path: &Path, now_ms: i64) -> PathBuf {
 /// filled (see [`filling_path`]).
 const FILLING: &str = ".fresh";
 
+/// What a salvage's working copy is named after the moved file (see
+/// [`work_copy`]).
+const WORK_COPY: &str = ".salvage";
+
 /// Where a salvage fills its fresh file, `<aside>.fresh`, before linking
 /// it into the outbox's place whole. Named after the moved file (a name
 /// no other salvage uses), so it is the salvage's own, as its working copy
@@ -537,16 +542,13 @@ pub(crate) fn filling_path(aside: &Path) -> PathBuf {
 /// salvage's.
 pub(crate) fn remove_salvage_files(aside: &Path, fresh: Option<u64>) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let remove = |base: &str| {
-        for ext in ["-wal", "-shm", "-journal", ""] {
-            let _ = std::fs::remove_file(with_suffix(aside, &format!("{base}{ext}")));
-        }
-    };
-    remove(".salvage");
+    remove_with_side_files(&with_suffix(aside, WORK_COPY));
     let filling = filling_path(aside);
     match (fresh, std::fs::symlink_metadata(&filling)) {
-        (Some(ino), Ok(m)) if m.ino() == ino => remove(FILLING),
-        (Some(_), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => remove(FILLING),
+        (Some(ino), Ok(m)) if m.ino() == ino => remove_with_side_files(&filling),
+        (Some(_), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            remove_with_side_files(&filling);
+        }
         (None, Ok(m))
             if m.is_file() && m.len() == 0 && m.permissions().mode() & 0o7777 == 0o600 =>
         {

@@ -1406,6 +1406,24 @@ mod tests {
         std::fs::write(path, bytes).unwrap();
     }
 
+    /// A repair of `path` with `hook` run between the fill and the move;
+    /// it must fail: its error, as text.
+    fn repair_failing_with(path: &Path, hook: Filled) -> String {
+        FILLED.with(|h| h.set(Some(hook)));
+        open_conn(path, &OutboxOptions::default(), true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    }
+
+    /// A repair of `path` salvages `n` ops, and they are in its file.
+    fn repair_salvages(path: &Path, n: u64) {
+        let (conn, report, _, _) = open_conn(path, &OutboxOptions::default(), true).unwrap();
+        assert_eq!(report.salvage.map(|s| s.ops_saved), Some(n));
+        drop(conn);
+        assert_eq!(ops_in(path), i64::try_from(n).unwrap());
+    }
+
     fn ops_in(path: &Path) -> i64 {
         Connection::open(path)
             .unwrap()
@@ -1434,11 +1452,8 @@ mod tests {
                 saw.set(true);
             })));
         });
-        let (conn, report, _, _) = open_conn(&path, &OutboxOptions::default(), true).unwrap();
+        repair_salvages(&path, 30);
         assert!(seen.get(), "the salvage ran");
-        assert_eq!(report.salvage.map(|s| s.ops_saved), Some(30));
-        drop(conn);
-        assert_eq!(ops_in(&path), 30);
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -1458,19 +1473,16 @@ mod tests {
         let damaged = std::fs::read(&path).unwrap();
         for put_at_path in [false, true] {
             let theirs = dir.path().join("theirs");
-            FILLED.with(|hook| {
-                hook.set(Some(Box::new(move |path: &Path, filling: &Path| {
+            let err = repair_failing_with(
+                &path,
+                Box::new(move |path: &Path, filling: &Path| {
                     std::fs::write(&theirs, b"theirs").unwrap();
                     std::fs::rename(&theirs, filling).unwrap();
                     if put_at_path {
                         std::fs::write(path, b"at the path").unwrap();
                     }
-                })));
-            });
-            let err = open_conn(&path, &OutboxOptions::default(), true)
-                .map(|_| ())
-                .unwrap_err()
-                .to_string();
+                }),
+            );
             assert!(err.contains("replaced the fresh file"), "{err}");
             let fresh: Vec<_> = std::fs::read_dir(dir.path())
                 .unwrap()
@@ -1489,10 +1501,7 @@ mod tests {
                 assert_eq!(std::fs::read(&path).unwrap(), damaged);
             }
         }
-        let (conn, report, _, _) = open_conn(&path, &OutboxOptions::default(), true).unwrap();
-        assert_eq!(report.salvage.map(|s| s.ops_saved), Some(5));
-        drop(conn);
-        assert_eq!(ops_in(&path), 5);
+        repair_salvages(&path, 5);
     }
 
     /// A file another process put at the outbox's name while the fresh one
@@ -1503,22 +1512,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.db");
         damaged_outbox(&path, 5);
-        FILLED.with(|hook| {
-            hook.set(Some(Box::new(|path: &Path, _: &Path| {
-                std::fs::write(path, b"theirs").unwrap();
-            })));
-        });
-        let err = open_conn(&path, &OutboxOptions::default(), true)
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        let err = repair_failing_with(
+            &path,
+            Box::new(|path: &Path, _: &Path| std::fs::write(path, b"theirs").unwrap()),
+        );
         assert!(err.contains("another process created"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), b"theirs");
         std::fs::remove_file(&path).unwrap();
-        let (conn, report, _, _) = open_conn(&path, &OutboxOptions::default(), true).unwrap();
-        assert_eq!(report.salvage.map(|s| s.ops_saved), Some(5));
-        drop(conn);
-        assert_eq!(ops_in(&path), 5);
+        repair_salvages(&path, 5);
     }
 
     fn plan(conn: &Connection, sql: &str) -> String {
